@@ -2,7 +2,7 @@
 //!
 //! Every decoder of untrusted bytes checks the input length against one of these constants
 //! *before* it allocates or parses anything, and every decoded message is then checked field
-//! by field ([`crate::Validate`]). Sites can lower the job limits (see
+//! by field ([`crate::SignedMessage::validate`]). Sites can lower the job limits (see
 //! [`crate::job::JobLimits`]); they can never raise the wire limits, because peers would drop
 //! their messages.
 
