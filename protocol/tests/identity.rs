@@ -1,5 +1,7 @@
 //! Key files and the libp2p PeerId of a node key.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
 use hashgrid_protocol::*;
 use std::os::unix::fs::PermissionsExt;
 

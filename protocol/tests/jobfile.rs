@@ -1,5 +1,7 @@
 //! The TOML job file: good files parse, bad ones fail with a message that names the problem.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
 use hashgrid_protocol::*;
 use std::path::Path;
 

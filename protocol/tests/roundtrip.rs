@@ -1,6 +1,8 @@
 //! Every message round-trips through the canonical encoding and through JSON, and through
 //! `Signed<T>` sign → encode → decode → verify.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
 mod common;
 use common::*;
 use hashgrid_protocol::*;

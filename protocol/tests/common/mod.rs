@@ -1,5 +1,6 @@
 //! Proptest strategies for every protocol message (shared by the protocol's test files).
 #![allow(dead_code, unreachable_pub, missing_docs)]
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 use hashgrid_protocol::*;
 use proptest::collection::vec;
