@@ -42,6 +42,7 @@ pub mod jobfile;
 pub mod limits;
 pub mod messages;
 pub mod money;
+pub mod receipt;
 pub mod signed;
 pub mod time;
 pub mod validate;
@@ -59,6 +60,10 @@ pub use messages::{
     PaymentProof, Receipt, Requirements, SettlementMethod, VerifiedGossip,
 };
 pub use money::Msat;
+pub use receipt::{
+    ChainAuditor, ReceiptError, ReceiptFile, check_against_agreement, check_outputs,
+    verify_receipt_file,
+};
 pub use signed::{
     BadNetwork, Bytes, Countersignable, Countersigned, Network, PROTOCOL_VERSION, Signed,
     SignedError, SignedMessage,
