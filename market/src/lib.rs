@@ -5,3 +5,5 @@
 //!
 //! Not built yet: this crate is a placeholder in the workspace so that the dependency
 //! direction (node → market → protocol) is fixed from the start.
+
+pub mod settlement;
