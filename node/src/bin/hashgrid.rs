@@ -1,9 +1,18 @@
-//! `hashgrid`: the buyer CLI. Today: inspect job files offline.
+//! `hashgrid`: the buyer CLI. Today: inspect job files and verify receipts, offline.
+//!
+//! Exit codes: 0 ok; 1 other errors; 2 bad input (unreadable or malformed files);
+//! 5 verification failed (a signature, a countersignature or an output hash is wrong).
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use hashgrid_protocol::{JobLimits, load_job_file};
 use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Exit code for bad input: a file that cannot be read or parsed.
+const EXIT_BAD_INPUT: u8 = 2;
+/// Exit code for a failed verification.
+const EXIT_VERIFY_FAILED: u8 = 5;
 
 #[derive(Parser)]
 #[command(
@@ -21,6 +30,27 @@ enum Command {
     /// Job files.
     #[command(subcommand)]
     Job(JobCommand),
+    /// Receipts.
+    #[command(subcommand)]
+    Receipt(ReceiptCommand),
+}
+
+#[derive(Subcommand)]
+enum ReceiptCommand {
+    /// Verify a receipt file offline: the provider's signature, the buyer's countersignature,
+    /// and (with --outputs) that each output file hashes to the receipt's id.
+    ///
+    /// Example: hashgrid receipt verify receipts/3f2a.json --outputs out/
+    Verify {
+        /// The receipt file (JSON).
+        file: PathBuf,
+        /// A directory with the outputs as `<name>.bin`, to check against the receipt.
+        #[arg(long)]
+        outputs: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -37,10 +67,121 @@ enum JobCommand {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Job(JobCommand::Inspect { file, json }) => {
+    let result = match cli.command {
+        Command::Job(cmd) => job(cmd),
+        Command::Receipt(ReceiptCommand::Verify {
+            file,
+            outputs,
+            json,
+        }) => return receipt_verify(&file, outputs.as_deref(), json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_BAD_INPUT)
+        }
+    }
+}
+
+fn receipt_verify(
+    file: &std::path::Path,
+    outputs: Option<&std::path::Path>,
+    json: bool,
+) -> ExitCode {
+    use hashgrid_protocol::{ReceiptError, check_outputs, verify_receipt_file};
+    let bytes = match std::fs::read(file) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", file.display());
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    let fail = |e: &ReceiptError| {
+        let code = match e {
+            ReceiptError::Format(_) => EXIT_BAD_INPUT,
+            _ => EXIT_VERIFY_FAILED,
+        };
+        eprintln!("error: {}: {e}", file.display());
+        ExitCode::from(code)
+    };
+    let (rf, receipt) = match verify_receipt_file(&bytes) {
+        Ok(v) => v,
+        Err(e) => return fail(&e),
+    };
+    if let Some(dir) = outputs {
+        let mut got = std::collections::BTreeMap::new();
+        for o in &receipt.outputs {
+            let path = dir.join(format!("{}.bin", o.name));
+            match std::fs::read(&path) {
+                Ok(b) => {
+                    got.insert(o.name.clone(), b);
+                }
+                Err(e) => {
+                    eprintln!(
+                        "error: output `{}`: cannot read {}: {e}",
+                        o.name,
+                        path.display()
+                    );
+                    return ExitCode::from(EXIT_VERIFY_FAILED);
+                }
+            }
+        }
+        if let Err(e) = check_outputs(&receipt, &got) {
+            return fail(&e);
+        }
+    }
+    if json {
+        let out = serde_json::json!({
+            "valid": true,
+            "network": rf.network.as_str(),
+            "receipt_id": rf.receipt.id().to_string(),
+            "outputs_checked": outputs.is_some(),
+            "receipt": receipt,
+        });
+        println!("{out}");
+    } else {
+        println!(
+            "valid receipt {} on network {}",
+            rf.receipt.id(),
+            rf.network
+        );
+        println!("  job       {}", receipt.job_id);
+        println!("  provider  {} (signed)", receipt.provider);
+        println!("  buyer     {} (countersigned)", receipt.buyer);
+        println!(
+            "  adapter   {} ({:?})",
+            receipt.adapter.name, receipt.adapter.backend
+        );
+        println!(
+            "  gpu time  {} µs, charge {}",
+            receipt.gpu_time_us, receipt.charge
+        );
+        println!(
+            "  chain     #{} after {:?}",
+            receipt.chain_seq,
+            receipt.prev_receipt.map(|p| p.to_string())
+        );
+        for o in &receipt.outputs {
+            let checked = if outputs.is_some() {
+                "  ✓ matches"
+            } else {
+                ""
+            };
+            println!(
+                "  output    {:<12} {:>10} bytes  {}{checked}",
+                o.name, o.bytes, o.id
+            );
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn job(cmd: JobCommand) -> anyhow::Result<()> {
+    match cmd {
+        JobCommand::Inspect { file, json } => {
             let job = load_job_file(&file, &JobLimits::default())?;
             if json {
                 let out = serde_json::json!({
