@@ -1,0 +1,1012 @@
+//! The order book and matching engine.
+//!
+//! # Priority
+//! Asks are served best price first (lowest `price`), then earliest, then by the reputation
+//! of the provider (highest first, through [`Reputation`]), then by arrival order in this book.
+//! Bids are served highest `max_price` first, then earliest, then reputation, then arrival.
+//! "Earliest" is the time the order entered *this* book (the `now` passed to
+//! [`OrderBook::submit_ask`] / [`OrderBook::submit_bid`], in ms), not the `created_at` the
+//! owner signed: a peer could backdate its own timestamp to jump the queue, but not our clock.
+//! Orders that arrive in the same millisecond tie on time, and reputation breaks the tie.
+//! A replacement (higher `seq`) is a new arrival and loses its old time priority.
+//!
+//! # Fills
+//! A fill is always at the ask's price: providers set prices, a bid's `max_price` is a limit.
+//! Fills are partial across orders with several units; what is left of the incoming order
+//! rests in the book. The same owner key never trades with itself (its orders are skipped,
+//! not cancelled). The same sequence of calls always gives the same fills.
+//!
+//! # Indexing
+//! Asks live in buckets keyed by (region, backend, memory tier, GFLOP/s tier), each ordered by
+//! priority, plus one global priority index. A bid whose constraints leave few buckets merges
+//! just those (k-way, lazily, stopping at its price limit); a bid that allows most of the
+//! book walks the global index, where almost every ask qualifies. Resting bids are bucketed by
+//! (region or any, backend or any, memory-floor tier, GFLOP/s-floor tier), so an incoming ask
+//! merges only the buckets whose bids it could serve.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+
+use hashgrid_protocol::limits::{MAX_CLOCK_SKEW_MS, MAX_TTL_MS};
+use hashgrid_protocol::{Ask, Backend, Bid, Cancel, Msat, OrderRef, PublicKey, Requirements};
+
+/// Most live orders (asks plus bids) one book holds; beyond this new orders are refused.
+/// 1,000,000 orders of about 0.5 KiB is ~0.5 GiB: the bound is there so that a flood of valid
+/// orders cannot exhaust a node's memory, far above what a real network posts.
+pub const MAX_ORDERS: usize = 1_000_000;
+
+/// Most remembered sequence numbers of orders that left the book (filled or cancelled), so
+/// that a late copy of an old order cannot come back. Oldest-expiring are forgotten first.
+pub const MAX_RETIRED: usize = 1_000_000;
+
+/// How long the book remembers an order that left it (filled or cancelled): the longest any
+/// version of it could still be live. An order lives at most [`MAX_TTL_MS`] after it was
+/// created, and was created at most [`MAX_CLOCK_SKEW_MS`] ahead of our clock, so no copy of an
+/// order older than a cancel can still be valid after this long.
+pub const REMEMBER_MS: u64 = MAX_TTL_MS + MAX_CLOCK_SKEW_MS;
+
+/// Most distinct region names a book interns. Regions are a handful of names per network.
+pub const MAX_REGIONS: usize = 4096;
+
+/// When a bid allows more than this many non-empty ask buckets, matching walks the global
+/// price index instead of merging buckets: past this point nearly every ask qualifies and a
+/// k-way merge costs more than it saves.
+const GLOBAL_SCAN_BUCKETS: usize = 12;
+
+/// The reputation of order owners, supplied by the node. Higher is better. It only breaks
+/// ties between orders at the same price that arrived in the same millisecond.
+pub trait Reputation {
+    /// The score of `owner`.
+    fn score(&self, owner: &PublicKey) -> i64;
+}
+
+/// Every owner has the same reputation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoReputation;
+
+impl Reputation for NoReputation {
+    fn score(&self, _: &PublicKey) -> i64 {
+        0
+    }
+}
+
+impl<F: Fn(&PublicKey) -> i64> Reputation for F {
+    fn score(&self, owner: &PublicKey) -> i64 {
+        self(owner)
+    }
+}
+
+/// One trade: `units` of the ask sold to the bid at the ask's price.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fill {
+    /// The ask.
+    pub ask: OrderRef,
+    /// The ask's sequence number.
+    pub ask_seq: u64,
+    /// The bid.
+    pub bid: OrderRef,
+    /// The bid's sequence number.
+    pub bid_seq: u64,
+    /// Units traded.
+    pub units: u32,
+    /// Price in msat per GPU-second (the ask's).
+    pub price: Msat,
+}
+
+/// Why the book refused an order or cancel.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BookError {
+    /// A newer (or the same) version of this order was seen already.
+    #[error("stale order: sequence {seq} is not newer than {latest}")]
+    Stale {
+        /// The sequence number received.
+        seq: u64,
+        /// The newest seen.
+        latest: u64,
+    },
+    /// The order expired before it arrived.
+    #[error("order expired")]
+    Expired,
+    /// The order has no units.
+    #[error("order has no units")]
+    NoUnits,
+    /// The book is full.
+    #[error("book is full ({MAX_ORDERS} orders)")]
+    Full,
+    /// Too many distinct regions.
+    #[error("too many distinct regions ({MAX_REGIONS})")]
+    TooManyRegions,
+}
+
+/// Which side an order is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Side {
+    /// A provider's ask.
+    Ask,
+    /// A buyer's bid.
+    Bid,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct BucketKey {
+    region: u16,
+    backend: u8,
+    mem_tier: u8,
+    flops_tier: u8,
+}
+
+/// Where resting bids are indexed: a region (or any), a backend (or any), and the tiers of
+/// the bid's memory and GFLOP/s floors. An ask can only serve bids in buckets whose region
+/// and backend are its own or "any" and whose tiers are at most its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct BidBucket {
+    region: Option<u16>,
+    backend: Option<u8>,
+    mem_tier: u8,
+    flops_tier: u8,
+}
+
+/// (price, time, arrival): ascending = best ask first.
+type AskPrio = (u64, u64, u64);
+/// (Reverse(max_price), time, arrival): ascending = best bid first.
+type BidPrio = (Reverse<u64>, u64, u64);
+
+#[derive(Debug, Clone)]
+struct AskEntry {
+    ask: Ask,
+    remaining: u32,
+    time: u64,
+    arrival: u64,
+    bucket: BucketKey,
+}
+
+impl AskEntry {
+    fn prio(&self) -> AskPrio {
+        (self.ask.price.0, self.time, self.arrival)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct BidEntry {
+    bid: Bid,
+    remaining: u32,
+    time: u64,
+    arrival: u64,
+    /// The buckets this bid is indexed in (one per allowed region × backend).
+    buckets: Vec<BidBucket>,
+}
+
+impl BidEntry {
+    fn prio(&self) -> BidPrio {
+        (Reverse(self.bid.max_price.0), self.time, self.arrival)
+    }
+}
+
+/// An ask as the book holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestingAsk {
+    /// The ask as signed.
+    pub ask: Ask,
+    /// Units not yet filled in this book.
+    pub remaining: u32,
+}
+
+/// A bid as the book holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestingBid {
+    /// The bid as signed.
+    pub bid: Bid,
+    /// Units not yet filled in this book.
+    pub remaining: u32,
+}
+
+/// How to sort offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OfferSort {
+    /// Lowest price per GPU-second first (then priority).
+    #[default]
+    Price,
+    /// Lowest price per GFLOP/s of measured matmul throughput first.
+    PricePerGflop,
+}
+
+/// A query for the CLI's `offers` table.
+#[derive(Debug, Clone, Default)]
+pub struct OfferQuery {
+    /// What the GPU must meet.
+    pub requirements: Requirements,
+    /// Highest price per GPU-second, if any.
+    pub max_price: Option<Msat>,
+    /// The sort order.
+    pub sort: OfferSort,
+    /// Most offers returned (0 = no limit).
+    pub limit: usize,
+}
+
+/// Offers in one region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RegionDepth {
+    /// Number of asks.
+    pub asks: usize,
+    /// Units on offer.
+    pub units: u64,
+    /// Lowest price.
+    pub best_price: Option<Msat>,
+}
+
+/// The filter an ask must pass to serve a bid (or a query), with regions interned.
+struct AskFilter {
+    max_price: u64,
+    /// `None` = any region; `Some(ids)` = only these (empty: nothing matches).
+    regions: Option<Vec<u16>>,
+    backends: Option<Vec<u8>>,
+    min_mem: u64,
+    min_mflops: u64,
+    min_seconds: u32,
+    exclude: Option<PublicKey>,
+    now: u64,
+}
+
+impl AskFilter {
+    fn bucket_ok(&self, k: &BucketKey) -> bool {
+        self.regions.as_ref().is_none_or(|r| r.contains(&k.region))
+            && self
+                .backends
+                .as_ref()
+                .is_none_or(|b| b.contains(&k.backend))
+            && k.mem_tier >= tier(self.min_mem)
+            && k.flops_tier >= tier(self.min_mflops)
+    }
+
+    fn accepts(&self, e: &AskEntry) -> bool {
+        let a = &e.ask;
+        e.remaining > 0
+            && a.price.0 <= self.max_price
+            && a.expires_at.0 > self.now
+            && a.gpu.memory_bytes >= self.min_mem
+            && a.gpu.bench.matmul_mflops >= self.min_mflops
+            && a.max_seconds >= self.min_seconds
+            && self.exclude != Some(a.provider)
+            && self.bucket_ok(&e.bucket)
+    }
+}
+
+/// Capability tier: floor(log4(x)), so tiers are coarse (a factor of 4 apart).
+fn tier(x: u64) -> u8 {
+    if x == 0 {
+        0
+    } else {
+        ((63 - x.leading_zeros()) / 2) as u8 + 1
+    }
+}
+
+fn backend_id(b: Backend) -> u8 {
+    match b {
+        Backend::Vulkan => 0,
+        Backend::Metal => 1,
+        Backend::Dx12 => 2,
+        Backend::Gl => 3,
+        Backend::BrowserWebGpu => 4,
+        Backend::Other => 5,
+    }
+}
+
+/// The order book: every live ask and bid, indexed for matching.
+#[derive(Debug, Default)]
+pub struct OrderBook {
+    asks: HashMap<OrderRef, AskEntry>,
+    bids: HashMap<OrderRef, BidEntry>,
+    ask_buckets: BTreeMap<BucketKey, BTreeMap<AskPrio, OrderRef>>,
+    ask_global: BTreeMap<AskPrio, OrderRef>,
+    /// Resting bids by bucket.
+    bid_index: BTreeMap<BidBucket, BTreeMap<BidPrio, OrderRef>>,
+    expiry: BTreeMap<(u64, u64), (Side, OrderRef)>,
+    /// Orders that left the book: (highest seq, remember until, key in `retired_by_until`).
+    retired: HashMap<OrderRef, (u64, u64, u64)>,
+    retired_by_until: BTreeMap<(u64, u64), OrderRef>,
+    regions: HashMap<String, u16>,
+    region_names: Vec<String>,
+    arrival: u64,
+}
+
+impl OrderBook {
+    /// An empty book.
+    pub fn new() -> OrderBook {
+        OrderBook::default()
+    }
+
+    /// Live asks.
+    pub fn ask_count(&self) -> usize {
+        self.asks.len()
+    }
+
+    /// Live bids.
+    pub fn bid_count(&self) -> usize {
+        self.bids.len()
+    }
+
+    /// A live ask.
+    pub fn ask(&self, r: &OrderRef) -> Option<RestingAsk> {
+        self.asks.get(r).map(|e| RestingAsk {
+            ask: e.ask.clone(),
+            remaining: e.remaining,
+        })
+    }
+
+    /// A live bid.
+    pub fn bid(&self, r: &OrderRef) -> Option<RestingBid> {
+        self.bids.get(r).map(|e| RestingBid {
+            bid: e.bid.clone(),
+            remaining: e.remaining,
+        })
+    }
+
+    fn region_id(&self, name: &str) -> Option<u16> {
+        self.regions.get(name).copied()
+    }
+
+    fn intern(&mut self, name: &str) -> Result<u16, BookError> {
+        if let Some(id) = self.regions.get(name) {
+            return Ok(*id);
+        }
+        if self.region_names.len() >= MAX_REGIONS {
+            return Err(BookError::TooManyRegions);
+        }
+        let id = self.region_names.len() as u16;
+        self.region_names.push(name.to_owned());
+        self.regions.insert(name.to_owned(), id);
+        Ok(id)
+    }
+
+    fn check_new(
+        &self,
+        r: &OrderRef,
+        seq: u64,
+        live_seq: Option<u64>,
+        units: u32,
+        expires: u64,
+        now: u64,
+    ) -> Result<(), BookError> {
+        if let Some(latest) = live_seq.filter(|&l| seq <= l) {
+            return Err(BookError::Stale { seq, latest });
+        }
+        if let Some(&(latest, ..)) = self.retired.get(r).filter(|(l, ..)| seq <= *l) {
+            return Err(BookError::Stale { seq, latest });
+        }
+        if units == 0 {
+            return Err(BookError::NoUnits);
+        }
+        if expires <= now {
+            return Err(BookError::Expired);
+        }
+        if live_seq.is_none() && self.asks.len() + self.bids.len() >= MAX_ORDERS {
+            return Err(BookError::Full);
+        }
+        Ok(())
+    }
+
+    fn next_arrival(&mut self) -> u64 {
+        self.arrival += 1;
+        self.arrival
+    }
+
+    /// Adds (or replaces, by higher `seq`) an ask and matches it against resting bids.
+    /// Returns the fills; what is left rests in the book.
+    pub fn submit_ask(
+        &mut self,
+        ask: Ask,
+        now_ms: u64,
+        rep: &dyn Reputation,
+    ) -> Result<Vec<Fill>, BookError> {
+        let r = ask.order_ref();
+        let live = self.asks.get(&r).map(|e| e.ask.seq);
+        self.check_new(&r, ask.seq, live, ask.units, ask.expires_at.0, now_ms)?;
+        let region = self.intern(&ask.region)?;
+        if live.is_some() {
+            self.remove_ask(&r);
+        }
+        let arrival = self.next_arrival();
+        let bucket = BucketKey {
+            region,
+            backend: backend_id(ask.gpu.backend),
+            mem_tier: tier(ask.gpu.memory_bytes),
+            flops_tier: tier(ask.gpu.bench.matmul_mflops),
+        };
+        let mut entry = AskEntry {
+            remaining: ask.units,
+            ask,
+            time: now_ms,
+            arrival,
+            bucket,
+        };
+        // Match against resting bids, best first.
+        let plan = self.plan_for_ask(&entry, region, now_ms, rep);
+        let mut fills = Vec::new();
+        for (bid_ref, units) in plan {
+            let Some(b) = self.bids.get_mut(&bid_ref) else {
+                continue;
+            };
+            b.remaining -= units;
+            entry.remaining -= units;
+            fills.push(Fill {
+                ask: r,
+                ask_seq: entry.ask.seq,
+                bid: bid_ref,
+                bid_seq: b.bid.seq,
+                units,
+                price: entry.ask.price,
+            });
+            if b.remaining == 0 {
+                self.retire_bid(&bid_ref);
+            }
+        }
+        if entry.remaining > 0 {
+            let prio = entry.prio();
+            self.ask_buckets.entry(bucket).or_default().insert(prio, r);
+            self.ask_global.insert(prio, r);
+            self.expiry
+                .insert((entry.ask.expires_at.0, arrival), (Side::Ask, r));
+            self.asks.insert(r, entry);
+        } else {
+            self.remember(r, entry.ask.seq, now_ms.saturating_add(REMEMBER_MS));
+        }
+        Ok(fills)
+    }
+
+    /// Adds (or replaces, by higher `seq`) a bid and matches it against resting asks.
+    /// Returns the fills; what is left rests in the book.
+    pub fn submit_bid(
+        &mut self,
+        bid: Bid,
+        now_ms: u64,
+        rep: &dyn Reputation,
+    ) -> Result<Vec<Fill>, BookError> {
+        let r = bid.order_ref();
+        let live = self.bids.get(&r).map(|e| e.bid.seq);
+        self.check_new(&r, bid.seq, live, bid.units, bid.expires_at.0, now_ms)?;
+        let mut regions: Vec<Option<u16>> = Vec::new();
+        if bid.requirements.regions.is_empty() {
+            regions.push(None);
+        } else {
+            for name in &bid.requirements.regions {
+                let id = Some(self.intern(name)?);
+                if !regions.contains(&id) {
+                    regions.push(id);
+                }
+            }
+        }
+        let mut backends: Vec<Option<u8>> = Vec::new();
+        if bid.requirements.backends.is_empty() {
+            backends.push(None);
+        } else {
+            for b in &bid.requirements.backends {
+                let id = Some(backend_id(*b));
+                if !backends.contains(&id) {
+                    backends.push(id);
+                }
+            }
+        }
+        let (mem_tier, flops_tier) = (
+            tier(bid.requirements.min_memory_bytes),
+            tier(bid.requirements.min_mflops),
+        );
+        let buckets: Vec<BidBucket> = regions
+            .iter()
+            .flat_map(|&region| {
+                backends.iter().map(move |&backend| BidBucket {
+                    region,
+                    backend,
+                    mem_tier,
+                    flops_tier,
+                })
+            })
+            .collect();
+        if live.is_some() {
+            self.remove_bid(&r);
+        }
+        let arrival = self.next_arrival();
+        let mut entry = BidEntry {
+            remaining: bid.units,
+            bid,
+            time: now_ms,
+            arrival,
+            buckets,
+        };
+        let filter = self.filter_for_bid(&entry.bid, now_ms);
+        let plan = self.plan_asks(&filter, entry.remaining, 0, rep);
+        let mut fills = Vec::new();
+        for (ask_ref, units) in plan {
+            let Some(a) = self.asks.get_mut(&ask_ref) else {
+                continue;
+            };
+            a.remaining -= units;
+            entry.remaining -= units;
+            fills.push(Fill {
+                ask: ask_ref,
+                ask_seq: a.ask.seq,
+                bid: r,
+                bid_seq: entry.bid.seq,
+                units,
+                price: a.ask.price,
+            });
+            if a.remaining == 0 {
+                self.retire_ask(&ask_ref);
+            }
+        }
+        if entry.remaining > 0 {
+            let prio = entry.prio();
+            for b in &entry.buckets {
+                self.bid_index.entry(*b).or_default().insert(prio, r);
+            }
+            self.expiry
+                .insert((entry.bid.expires_at.0, arrival), (Side::Bid, r));
+            self.bids.insert(r, entry);
+        } else {
+            self.remember(r, entry.bid.seq, now_ms.saturating_add(REMEMBER_MS));
+        }
+        Ok(fills)
+    }
+
+    /// Applies a cancel: removes the order if the cancel is newer than it, and remembers the
+    /// cancel so that older copies of the order cannot enter later. Returns the side of the
+    /// order removed, if one was live.
+    pub fn cancel(&mut self, c: &Cancel, now_ms: u64) -> Result<Option<Side>, BookError> {
+        let r = OrderRef {
+            owner: c.owner,
+            order_id: c.order_id,
+        };
+        let live = self
+            .asks
+            .get(&r)
+            .map(|e| (Side::Ask, e.ask.seq, e.ask.expires_at.0))
+            .or_else(|| {
+                self.bids
+                    .get(&r)
+                    .map(|e| (Side::Bid, e.bid.seq, e.bid.expires_at.0))
+            });
+        if let Some((_, seq, _)) = live.filter(|&(_, seq, _)| c.seq <= seq) {
+            return Err(BookError::Stale {
+                seq: c.seq,
+                latest: seq,
+            });
+        }
+        let until = live
+            .map_or(0, |l| l.2)
+            .max(c.expires_at.0)
+            .max(now_ms.saturating_add(REMEMBER_MS));
+        let removed = match live {
+            Some((Side::Ask, ..)) => {
+                self.remove_ask(&r);
+                Some(Side::Ask)
+            }
+            Some((Side::Bid, ..)) => {
+                self.remove_bid(&r);
+                Some(Side::Bid)
+            }
+            None => None,
+        };
+        self.remember(r, c.seq, until);
+        Ok(removed)
+    }
+
+    /// Drops every order that expired at or before `now_ms` (and forgets retired orders that
+    /// can no longer come back). Returns the orders dropped, in expiry order.
+    pub fn expire(&mut self, now_ms: u64) -> Vec<(Side, OrderRef)> {
+        let mut out = Vec::new();
+        while let Some((&(at, arrival), &(side, r))) = self.expiry.first_key_value() {
+            if at > now_ms {
+                break;
+            }
+            self.expiry.remove(&(at, arrival));
+            match side {
+                Side::Ask => {
+                    if let Some(e) = self.asks.remove(&r) {
+                        self.unindex_ask(&r, &e);
+                    }
+                }
+                Side::Bid => {
+                    if let Some(e) = self.bids.remove(&r) {
+                        self.unindex_bid(&r, &e);
+                    }
+                }
+            }
+            out.push((side, r));
+        }
+        while let Some((&(until, n), &r)) = self.retired_by_until.first_key_value() {
+            if until > now_ms {
+                break;
+            }
+            self.retired_by_until.remove(&(until, n));
+            if self
+                .retired
+                .get(&r)
+                .is_some_and(|&(_, u, k)| (u, k) == (until, n))
+            {
+                self.retired.remove(&r);
+            }
+        }
+        out
+    }
+
+    fn remember(&mut self, r: OrderRef, seq: u64, until: u64) {
+        if let Some((old_seq, old_until, old_n)) = self.retired.get(&r).copied() {
+            if old_seq >= seq {
+                return;
+            }
+            self.retired_by_until.remove(&(old_until, old_n));
+            self.retired.remove(&r);
+        }
+        if self.retired.len() >= MAX_RETIRED
+            && let Some((_, victim)) = self.retired_by_until.pop_first()
+        {
+            self.retired.remove(&victim);
+        }
+        self.arrival += 1;
+        self.retired.insert(r, (seq, until, self.arrival));
+        self.retired_by_until.insert((until, self.arrival), r);
+    }
+
+    fn retire_ask(&mut self, r: &OrderRef) {
+        if let Some(e) = self.asks.remove(r) {
+            self.unindex_ask(r, &e);
+            self.expiry.remove(&(e.ask.expires_at.0, e.arrival));
+            self.remember(*r, e.ask.seq, e.time.saturating_add(REMEMBER_MS));
+        }
+    }
+
+    fn retire_bid(&mut self, r: &OrderRef) {
+        if let Some(e) = self.bids.remove(r) {
+            self.unindex_bid(r, &e);
+            self.expiry.remove(&(e.bid.expires_at.0, e.arrival));
+            self.remember(*r, e.bid.seq, e.time.saturating_add(REMEMBER_MS));
+        }
+    }
+
+    fn remove_ask(&mut self, r: &OrderRef) {
+        if let Some(e) = self.asks.remove(r) {
+            self.unindex_ask(r, &e);
+            self.expiry.remove(&(e.ask.expires_at.0, e.arrival));
+        }
+    }
+
+    fn remove_bid(&mut self, r: &OrderRef) {
+        if let Some(e) = self.bids.remove(r) {
+            self.unindex_bid(r, &e);
+            self.expiry.remove(&(e.bid.expires_at.0, e.arrival));
+        }
+    }
+
+    fn unindex_ask(&mut self, _r: &OrderRef, e: &AskEntry) {
+        let prio = e.prio();
+        self.ask_global.remove(&prio);
+        if let Some(b) = self.ask_buckets.get_mut(&e.bucket) {
+            b.remove(&prio);
+            if b.is_empty() {
+                self.ask_buckets.remove(&e.bucket);
+            }
+        }
+    }
+
+    fn unindex_bid(&mut self, _r: &OrderRef, e: &BidEntry) {
+        let prio = e.prio();
+        for k in &e.buckets {
+            if let Some(b) = self.bid_index.get_mut(k) {
+                b.remove(&prio);
+                if b.is_empty() {
+                    self.bid_index.remove(k);
+                }
+            }
+        }
+    }
+
+    fn filter_for_bid(&self, bid: &Bid, now_ms: u64) -> AskFilter {
+        self.filter(
+            &bid.requirements,
+            bid.max_price.0,
+            bid.max_seconds,
+            Some(bid.buyer),
+            now_ms,
+        )
+    }
+
+    fn filter(
+        &self,
+        req: &Requirements,
+        max_price: u64,
+        min_seconds: u32,
+        exclude: Option<PublicKey>,
+        now_ms: u64,
+    ) -> AskFilter {
+        AskFilter {
+            max_price,
+            regions: (!req.regions.is_empty()).then(|| {
+                req.regions
+                    .iter()
+                    .filter_map(|n| self.region_id(n))
+                    .collect()
+            }),
+            backends: (!req.backends.is_empty())
+                .then(|| req.backends.iter().map(|b| backend_id(*b)).collect()),
+            min_mem: req.min_memory_bytes,
+            min_mflops: req.min_mflops,
+            min_seconds,
+            exclude,
+            now: now_ms,
+        }
+    }
+
+    /// Visits qualifying asks in priority order (price, time, arrival) until `visit` says stop.
+    fn scan_asks<'a>(&'a self, f: &AskFilter, mut visit: impl FnMut(&'a AskEntry) -> bool) {
+        let hi = (f.max_price, u64::MAX, u64::MAX);
+        let buckets: Vec<&BTreeMap<AskPrio, OrderRef>> = self
+            .ask_buckets
+            .iter()
+            .filter(|(k, _)| f.bucket_ok(k))
+            .map(|(_, v)| v)
+            .collect();
+        let mut check = |r: &OrderRef| -> bool {
+            match self.asks.get(r) {
+                Some(e) if f.accepts(e) => visit(e),
+                _ => true,
+            }
+        };
+        if buckets.len() > GLOBAL_SCAN_BUCKETS {
+            for (_, r) in self.ask_global.range(..=hi) {
+                if !check(r) {
+                    return;
+                }
+            }
+            return;
+        }
+        let mut iters: Vec<_> = buckets.iter().map(|b| b.range(..=hi)).collect();
+        let mut heap = BinaryHeap::with_capacity(iters.len());
+        for (i, it) in iters.iter_mut().enumerate() {
+            if let Some((p, r)) = it.next() {
+                heap.push(Reverse((*p, i, *r)));
+            }
+        }
+        while let Some(Reverse((_, i, r))) = heap.pop() {
+            if !check(&r) {
+                return;
+            }
+            if let Some((p, r)) = iters[i].next() {
+                heap.push(Reverse((*p, i, *r)));
+            }
+        }
+    }
+
+    /// Plans which asks serve `want` units, honouring the reputation tie-break within groups
+    /// of equal (price, time). `limit` > 0 caps the number of asks instead of units.
+    fn plan_asks(
+        &self,
+        f: &AskFilter,
+        want: u32,
+        limit: usize,
+        rep: &dyn Reputation,
+    ) -> Vec<(OrderRef, u32)> {
+        let mut plan = Vec::new();
+        let mut left = want;
+        let mut group: Vec<(i64, u64, OrderRef, u32)> = Vec::new();
+        let mut group_key = None;
+        let flush = |group: &mut Vec<(i64, u64, OrderRef, u32)>,
+                     plan: &mut Vec<(OrderRef, u32)>,
+                     left: &mut u32| {
+            group.sort_by_key(|&(score, arrival, _, _)| (Reverse(score), arrival));
+            for &(_, _, r, rem) in group.iter() {
+                if limit > 0 {
+                    if plan.len() < limit {
+                        plan.push((r, rem));
+                    }
+                } else if *left > 0 {
+                    let take = rem.min(*left);
+                    *left -= take;
+                    plan.push((r, take));
+                }
+            }
+            group.clear();
+        };
+        self.scan_asks(f, |e| {
+            let key = (e.ask.price.0, e.time);
+            if group_key != Some(key) {
+                flush(&mut group, &mut plan, &mut left);
+                let done = if limit > 0 {
+                    plan.len() >= limit
+                } else {
+                    left == 0
+                };
+                if done {
+                    return false;
+                }
+                group_key = Some(key);
+            }
+            group.push((
+                rep.score(&e.ask.provider),
+                e.arrival,
+                e.ask.order_ref(),
+                e.remaining,
+            ));
+            true
+        });
+        flush(&mut group, &mut plan, &mut left);
+        plan
+    }
+
+    fn plan_for_ask(
+        &self,
+        a: &AskEntry,
+        region: u16,
+        now_ms: u64,
+        rep: &dyn Reputation,
+    ) -> Vec<(OrderRef, u32)> {
+        let ask = &a.ask;
+        let accepts = |e: &BidEntry| {
+            let b = &e.bid;
+            e.remaining > 0
+                && b.expires_at.0 > now_ms
+                && b.buyer != ask.provider
+                && b.max_seconds <= ask.max_seconds
+                && b.requirements.min_memory_bytes <= ask.gpu.memory_bytes
+                && b.requirements.min_mflops <= ask.gpu.bench.matmul_mflops
+                && (b.requirements.backends.is_empty()
+                    || b.requirements.backends.contains(&ask.gpu.backend))
+        };
+        let hi = (Reverse(ask.price.0), u64::MAX, u64::MAX);
+        let (backend, mem_tier, flops_tier) =
+            (a.bucket.backend, a.bucket.mem_tier, a.bucket.flops_tier);
+        let mut iters: Vec<_> = self
+            .bid_index
+            .iter()
+            .filter(|(k, _)| {
+                k.region.is_none_or(|r| r == region)
+                    && k.backend.is_none_or(|b| b == backend)
+                    && k.mem_tier <= mem_tier
+                    && k.flops_tier <= flops_tier
+            })
+            .map(|(_, m)| m.range(..=hi))
+            .collect();
+        let mut heap = BinaryHeap::new();
+        for (i, it) in iters.iter_mut().enumerate() {
+            if let Some((p, r)) = it.next() {
+                heap.push(Reverse((*p, i, *r)));
+            }
+        }
+        let mut plan = Vec::new();
+        let mut left = a.remaining;
+        let mut group: Vec<(i64, u64, OrderRef, u32)> = Vec::new();
+        let mut group_key = None;
+        let flush = |group: &mut Vec<(i64, u64, OrderRef, u32)>,
+                     plan: &mut Vec<(OrderRef, u32)>,
+                     left: &mut u32| {
+            group.sort_by_key(|&(score, arrival, _, _)| (Reverse(score), arrival));
+            for &(_, _, r, rem) in group.iter() {
+                if *left > 0 {
+                    let take = rem.min(*left);
+                    *left -= take;
+                    plan.push((r, take));
+                }
+            }
+            group.clear();
+        };
+        while let Some(Reverse((p, i, r))) = heap.pop() {
+            if let Some((p2, r2)) = iters[i].next() {
+                heap.push(Reverse((*p2, i, *r2)));
+            }
+            let Some(e) = self.bids.get(&r) else { continue };
+            if !accepts(e) {
+                continue;
+            }
+            let key = (p.0, p.1);
+            if group_key != Some(key) {
+                flush(&mut group, &mut plan, &mut left);
+                if left == 0 {
+                    break;
+                }
+                group_key = Some(key);
+            }
+            group.push((rep.score(&e.bid.buyer), e.arrival, r, e.remaining));
+        }
+        flush(&mut group, &mut plan, &mut left);
+        plan
+    }
+
+    /// The asks that could serve `bid` now, best first, without changing the book: what a
+    /// buyer's node proposes to, in order (DESIGN.md "Matching"). At most `limit` asks.
+    pub fn candidates(
+        &self,
+        bid: &Bid,
+        now_ms: u64,
+        rep: &dyn Reputation,
+        limit: usize,
+    ) -> Vec<RestingAsk> {
+        let f = self.filter_for_bid(bid, now_ms);
+        self.plan_asks(&f, 0, limit.max(1), rep)
+            .into_iter()
+            .filter_map(|(r, _)| self.ask(&r))
+            .collect()
+    }
+
+    /// Offers for the CLI: asks meeting the query, sorted as asked.
+    pub fn offers(&self, q: &OfferQuery, now_ms: u64) -> Vec<RestingAsk> {
+        let f = self.filter(
+            &q.requirements,
+            q.max_price.map_or(u64::MAX, |m| m.0),
+            0,
+            None,
+            now_ms,
+        );
+        let limit = if q.limit == 0 { usize::MAX } else { q.limit };
+        let mut out = Vec::new();
+        match q.sort {
+            OfferSort::Price => self.scan_asks(&f, |e| {
+                out.push(RestingAsk {
+                    ask: e.ask.clone(),
+                    remaining: e.remaining,
+                });
+                out.len() < limit
+            }),
+            OfferSort::PricePerGflop => {
+                let mut all: Vec<&AskEntry> = Vec::new();
+                self.scan_asks(&f, |e| {
+                    all.push(e);
+                    true
+                });
+                // price / mflops ascending, compared exactly by cross-multiplying; an ask with
+                // no measured throughput sorts last.
+                all.sort_by(|a, b| {
+                    let (pa, fa) = (
+                        u128::from(a.ask.price.0),
+                        u128::from(a.ask.gpu.bench.matmul_mflops),
+                    );
+                    let (pb, fb) = (
+                        u128::from(b.ask.price.0),
+                        u128::from(b.ask.gpu.bench.matmul_mflops),
+                    );
+                    (fa == 0)
+                        .cmp(&(fb == 0))
+                        .then((pa * fb).cmp(&(pb * fa)))
+                        .then(a.prio().cmp(&b.prio()))
+                });
+                out.extend(all.into_iter().take(limit).map(|e| RestingAsk {
+                    ask: e.ask.clone(),
+                    remaining: e.remaining,
+                }));
+            }
+        }
+        out
+    }
+
+    /// Depth per region for asks meeting `req` (any price).
+    pub fn depth(&self, req: &Requirements, now_ms: u64) -> BTreeMap<String, RegionDepth> {
+        let f = self.filter(req, u64::MAX, 0, None, now_ms);
+        let mut out: BTreeMap<String, RegionDepth> = BTreeMap::new();
+        self.scan_asks(&f, |e| {
+            let d = out.entry(e.ask.region.clone()).or_default();
+            d.asks += 1;
+            d.units += u64::from(e.remaining);
+            d.best_price = Some(d.best_price.map_or(e.ask.price, |p| p.min(e.ask.price)));
+            true
+        });
+        out
+    }
+
+    /// All live asks in priority order.
+    pub fn asks(&self) -> Vec<RestingAsk> {
+        self.ask_global
+            .values()
+            .filter_map(|r| self.ask(r))
+            .collect()
+    }
+
+    /// All live bids in priority order (a bid allowing several regions appears once).
+    pub fn bids(&self) -> Vec<RestingBid> {
+        let mut all: Vec<&BidEntry> = self.bids.values().collect();
+        all.sort_by_key(|e| e.prio());
+        all.into_iter()
+            .map(|e| RestingBid {
+                bid: e.bid.clone(),
+                remaining: e.remaining,
+            })
+            .collect()
+    }
+}
