@@ -180,7 +180,11 @@ fn run(resting: usize, ops: usize, seed: u64) -> RunResult {
     let mut w = Workload::new(seed);
     let mut book = OrderBook::new();
     let mut now = 1_000_000u64;
-    for _ in 0..resting {
+    for i in 0..resting {
+        // Orders reach a node over time (gossip), a few per millisecond.
+        if i % 10 == 0 {
+            now += 1;
+        }
         let a = w.ask(now);
         book.submit_ask(a, now, &NoReputation)
             .expect("fill the book");

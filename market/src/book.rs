@@ -48,11 +48,6 @@ pub const REMEMBER_MS: u64 = MAX_TTL_MS + MAX_CLOCK_SKEW_MS;
 /// Most distinct region names a book interns. Regions are a handful of names per network.
 pub const MAX_REGIONS: usize = 4096;
 
-/// When a bid allows more than this many non-empty ask buckets, matching walks the global
-/// price index instead of merging buckets: past this point nearly every ask qualifies and a
-/// k-way merge costs more than it saves.
-const GLOBAL_SCAN_BUCKETS: usize = 12;
-
 /// The reputation of order owners, supplied by the node. Higher is better. It only breaks
 /// ties between orders at the same price that arrived in the same millisecond.
 pub trait Reputation {
@@ -249,6 +244,15 @@ struct AskFilter {
 }
 
 impl AskFilter {
+    /// Whether every bucket passes: then the global index, where nearly every ask qualifies,
+    /// is cheaper than a k-way merge of all buckets.
+    fn unconstrained(&self) -> bool {
+        self.regions.is_none()
+            && self.backends.is_none()
+            && tier(self.min_mem) == 0
+            && tier(self.min_mflops) == 0
+    }
+
     fn bucket_ok(&self, k: &BucketKey) -> bool {
         self.regions.as_ref().is_none_or(|r| r.contains(&k.region))
             && self
@@ -272,13 +276,22 @@ impl AskFilter {
     }
 }
 
-/// Capability tier: floor(log4(x)), so tiers are coarse (a factor of 4 apart).
+/// Capability tier: quarter-octaves, floor(4·log2(x)) + 1 (0 for 0), so tiers are a factor
+/// of about 1.19 apart. Fine tiers keep the one bucket a threshold falls inside (whose asks
+/// are checked one by one) small; every tier above it qualifies whole.
 fn tier(x: u64) -> u8 {
     if x == 0 {
-        0
-    } else {
-        ((63 - x.leading_zeros()) / 2) as u8 + 1
+        return 0;
     }
+    let msb = 63 - x.leading_zeros();
+    // The two bits after the most significant one: which quarter of the octave.
+    let quarter = if msb >= 2 {
+        (x >> (msb - 2)) & 0b11
+    } else {
+        (x << (2 - msb)) & 0b11
+    };
+    // At most 63·4 + 3 + 1 = 256 for x near 2^64: saturate into the top tier.
+    u8::try_from(msb * 4 + quarter as u32 + 1).unwrap_or(u8::MAX)
 }
 
 fn backend_id(b: Backend) -> u8 {
@@ -739,19 +752,13 @@ impl OrderBook {
     /// Visits qualifying asks in priority order (price, time, arrival) until `visit` says stop.
     fn scan_asks<'a>(&'a self, f: &AskFilter, mut visit: impl FnMut(&'a AskEntry) -> bool) {
         let hi = (f.max_price, u64::MAX, u64::MAX);
-        let buckets: Vec<&BTreeMap<AskPrio, OrderRef>> = self
-            .ask_buckets
-            .iter()
-            .filter(|(k, _)| f.bucket_ok(k))
-            .map(|(_, v)| v)
-            .collect();
         let mut check = |r: &OrderRef| -> bool {
             match self.asks.get(r) {
                 Some(e) if f.accepts(e) => visit(e),
                 _ => true,
             }
         };
-        if buckets.len() > GLOBAL_SCAN_BUCKETS {
+        if f.unconstrained() {
             for (_, r) in self.ask_global.range(..=hi) {
                 if !check(r) {
                     return;
@@ -759,7 +766,12 @@ impl OrderBook {
             }
             return;
         }
-        let mut iters: Vec<_> = buckets.iter().map(|b| b.range(..=hi)).collect();
+        let mut iters: Vec<_> = self
+            .ask_buckets
+            .iter()
+            .filter(|(k, _)| f.bucket_ok(k))
+            .map(|(_, b)| b.range(..=hi))
+            .collect();
         let mut heap = BinaryHeap::with_capacity(iters.len());
         for (i, it) in iters.iter_mut().enumerate() {
             if let Some((p, r)) = it.next() {

@@ -10,6 +10,9 @@ use hashgrid_protocol::*;
 use proptest::prelude::*;
 use std::collections::HashMap;
 
+/// Live (order, remaining units) of each side, sorted.
+type BookState = (Vec<(OrderRef, u32)>, Vec<(OrderRef, u32)>);
+
 fn owner(i: u8) -> PublicKey {
     static KEYS: std::sync::OnceLock<Vec<PublicKey>> = std::sync::OnceLock::new();
     KEYS.get_or_init(|| {
@@ -384,7 +387,7 @@ impl Model {
         self.retired.retain(|_, v| v.1 > now);
     }
 
-    fn state(&self) -> (Vec<(OrderRef, u32)>, Vec<(OrderRef, u32)>) {
+    fn state(&self) -> BookState {
         let mut a: Vec<_> = self.asks.iter().map(|a| (a.0.order_ref(), a.1)).collect();
         let mut b: Vec<_> = self.bids.iter().map(|b| (b.0.order_ref(), b.1)).collect();
         a.sort();
@@ -393,7 +396,7 @@ impl Model {
     }
 }
 
-fn engine_state(book: &OrderBook) -> (Vec<(OrderRef, u32)>, Vec<(OrderRef, u32)>) {
+fn engine_state(book: &OrderBook) -> BookState {
     let mut a: Vec<_> = book
         .asks()
         .into_iter()
