@@ -92,13 +92,21 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_local(file: &std::path::Path, out: Option<&std::path::Path>, json: bool) -> anyhow::Result<()> {
+fn run_local(
+    file: &std::path::Path,
+    out: Option<&std::path::Path>,
+    json: bool,
+) -> anyhow::Result<()> {
     use hashgrid_node::executor::{ExecConfig, Executor};
     let config = ExecConfig::default();
     let job = load_job_file(file, &config.limits)?;
     let exec = Executor::start(config)?;
     let adapter = exec.profile().name.clone();
-    eprintln!("adapter {adapter} ({:?}, {})", exec.profile().backend, exec.profile().driver);
+    eprintln!(
+        "adapter {adapter} ({:?}, {})",
+        exec.profile().backend,
+        exec.profile().driver
+    );
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .context("starting the runtime")?;
@@ -107,14 +115,20 @@ fn run_local(file: &std::path::Path, out: Option<&std::path::Path>, json: bool) 
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         for o in &result.outputs {
             let path = dir.join(format!("{}.bin", o.name));
-            std::fs::write(&path, &o.bytes).with_context(|| format!("writing {}", path.display()))?;
+            std::fs::write(&path, &o.bytes)
+                .with_context(|| format!("writing {}", path.display()))?;
         }
     }
     if json {
         let outputs: std::collections::BTreeMap<_, _> = result
             .outputs
             .iter()
-            .map(|o| (o.name.clone(), serde_json::json!({ "blake3": o.id.to_string(), "bytes": o.bytes.len() })))
+            .map(|o| {
+                (
+                    o.name.clone(),
+                    serde_json::json!({ "blake3": o.id.to_string(), "bytes": o.bytes.len() }),
+                )
+            })
             .collect();
         let passes: Vec<_> = result
             .passes
@@ -134,9 +148,17 @@ fn run_local(file: &std::path::Path, out: Option<&std::path::Path>, json: bool) 
         for (i, p) in result.passes.iter().enumerate() {
             println!("pass {}   {:<16} {:>10.3} ms", i + 1, p.entry, p.gpu_ms);
         }
-        println!("gpu      {:.3} ms (wall {:.3} ms)", result.gpu_ms, result.wall_ms);
+        println!(
+            "gpu      {:.3} ms (wall {:.3} ms)",
+            result.gpu_ms, result.wall_ms
+        );
         for o in &result.outputs {
-            println!("output   {:<12} {:>12} bytes  {}", o.name, o.bytes.len(), o.id);
+            println!(
+                "output   {:<12} {:>12} bytes  {}",
+                o.name,
+                o.bytes.len(),
+                o.id
+            );
         }
     }
     Ok(())

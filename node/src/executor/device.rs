@@ -36,12 +36,13 @@ impl GpuDevice {
             required_limits: adapter.limits(),
             ..Default::default()
         };
-        let (device, queue) = super::adapter::block_on(adapter.request_device(&desc))?.map_err(
-            |e| ExecError::Device {
-                adapter: adapter.get_info().name,
-                reason: e.to_string(),
-            },
-        )?;
+        let (device, queue) =
+            super::adapter::block_on(adapter.request_device(&desc))?.map_err(|e| {
+                ExecError::Device {
+                    adapter: adapter.get_info().name,
+                    reason: e.to_string(),
+                }
+            })?;
         let uncaptured = Arc::new(Mutex::new(Vec::new()));
         let sink = uncaptured.clone();
         // wgpu's default handler panics; record the error and fail the job instead.
@@ -253,10 +254,9 @@ impl GpuDevice {
             .collect();
         for s in &all {
             let tx = tx.clone();
-            s.slice(..)
-                .map_async(wgpu::MapMode::Read, move |r| {
-                    let _ = tx.send(r.is_ok());
-                });
+            s.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+                let _ = tx.send(r.is_ok());
+            });
         }
         let remaining = limit.saturating_sub(started.elapsed());
         match self.device.poll(wgpu::PollType::Wait {
@@ -323,8 +323,7 @@ impl GpuDevice {
                     .enumerate()
                     .map(|(i, p)| PassTiming {
                         entry: p.entry.clone(),
-                        gpu_ms: ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period
-                            / 1e6,
+                        gpu_ms: ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period / 1e6,
                     })
                     .collect()
             }

@@ -66,7 +66,9 @@ pub enum ExecError {
         message: String,
     },
     /// The job ran past its wall-clock limit and was stopped; the device was replaced.
-    #[error("job timed out after {limit_ms} ms (limit max_job_ms); its device was abandoned and replaced")]
+    #[error(
+        "job timed out after {limit_ms} ms (limit max_job_ms); its device was abandoned and replaced"
+    )]
     Timeout {
         /// The limit it ran past.
         limit_ms: u64,

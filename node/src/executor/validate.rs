@@ -144,7 +144,11 @@ pub(crate) fn check_job(
             message,
         };
         let Some(ep_index) = module.entry_points.iter().position(|e| e.name == p.entry) else {
-            let names: Vec<&str> = module.entry_points.iter().map(|e| e.name.as_str()).collect();
+            let names: Vec<&str> = module
+                .entry_points
+                .iter()
+                .map(|e| e.name.as_str())
+                .collect();
             return Err(berr(format!(
                 "entry point {:?} not found; the shader has {names:?}",
                 p.entry
