@@ -77,12 +77,12 @@ impl GpuDevice {
         key: ([u8; 32], String),
         wgsl: &str,
     ) -> Result<wgpu::ComputePipeline, ExecError> {
-        if let Some(i) = self.pipelines.iter().position(|(k, _)| *k == key) {
-            if let Some(entry) = self.pipelines.remove(i) {
-                let p = entry.1.clone();
-                self.pipelines.push_back(entry);
-                return Ok(p);
-            }
+        if let Some(i) = self.pipelines.iter().position(|(k, _)| *k == key)
+            && let Some(entry) = self.pipelines.remove(i)
+        {
+            let p = entry.1.clone();
+            self.pipelines.push_back(entry);
+            return Ok(p);
         }
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let module = self

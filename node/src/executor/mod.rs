@@ -13,6 +13,7 @@
 //! kill it. Device errors are handled the same way.
 
 mod adapter;
+pub mod bench;
 mod device;
 mod error;
 mod queue;
@@ -127,7 +128,7 @@ struct Shared {
 
 struct Handle {
     shared: Arc<Shared>,
-    profile: GpuProfile,
+    profile: Mutex<GpuProfile>,
     gpu_limits: GpuLimits,
     limits: JobLimits,
 }
@@ -148,7 +149,7 @@ pub struct Executor {
 impl std::fmt::Debug for Executor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Executor")
-            .field("adapter", &self.h.profile.name)
+            .field("adapter", &self.profile().name)
             .finish()
     }
 }
@@ -185,15 +186,27 @@ impl Executor {
             h: Arc::new(Handle {
                 shared,
                 gpu_limits: profile.limits,
-                profile,
+                profile: Mutex::new(profile),
                 limits: config.limits.min(JobLimits::default()),
             }),
         })
     }
 
-    /// The adapter as advertised (with `bench` zero until [`Executor::set_benchmark`]).
-    pub fn profile(&self) -> &GpuProfile {
-        &self.h.profile
+    /// The adapter as advertised (with `bench` zero until [`bench::cached`] or
+    /// [`Executor::set_benchmark`]).
+    pub fn profile(&self) -> GpuProfile {
+        match self.h.profile.lock() {
+            Ok(p) => p.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Records a measured benchmark in the profile.
+    pub fn set_benchmark(&self, bench: Benchmark) {
+        match self.h.profile.lock() {
+            Ok(mut p) => p.bench = bench,
+            Err(p) => p.into_inner().bench = bench,
+        }
     }
 
     /// The job limits in force.
