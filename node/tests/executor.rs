@@ -532,3 +532,60 @@ fn full_queue_is_refused() {
         queued.await.expect("task").expect("queued job runs");
     });
 }
+
+#[test]
+fn profile_and_cached_benchmark() {
+    use hashgrid_node::executor::{AdapterChoice, bench, list_adapters};
+    let adapters = list_adapters().expect("enumerate");
+    assert!(
+        !adapters.is_empty(),
+        "no adapter: install mesa-vulkan-drivers"
+    );
+    let exec = start(ExecConfig {
+        adapter: AdapterChoice::Index(0),
+        ..ExecConfig::default()
+    });
+    let p = exec.profile();
+    assert_eq!(p.name, adapters[0].name);
+    assert!(p.limits.max_buffer_size > 0 && p.memory_bytes == p.limits.max_buffer_size);
+    let by_name = start(ExecConfig {
+        adapter: AdapterChoice::Name(p.name[..3].to_uppercase()),
+        ..ExecConfig::default()
+    });
+    assert!(
+        by_name
+            .profile()
+            .name
+            .to_lowercase()
+            .contains(&p.name[..3].to_lowercase())
+    );
+    let missing = Executor::start(ExecConfig {
+        adapter: AdapterChoice::Name("no such adapter".into()),
+        ..ExecConfig::default()
+    });
+    assert!(matches!(missing, Err(ExecError::NoAdapter(_))));
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = hashgrid_node::DataDir::new(dir.path());
+    let rt = rt();
+    let b = rt
+        .block_on(bench::cached(&exec, &data.bench_cache_path()))
+        .expect("benchmark");
+    assert!(b.matmul_mflops > 0 && b.copy_mbps > 0, "{b:?}");
+    assert_eq!(exec.profile().bench, b);
+    // Second start: read from the cache, not re-measured (the file's value comes back).
+    let cache: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.bench_cache_path()).expect("cache file"))
+            .expect("json");
+    assert_eq!(
+        cache[bench::cache_key(&p)]["matmul_mflops"],
+        b.matmul_mflops
+    );
+    let planted =
+        serde_json::json!({ bench::cache_key(&p): { "matmul_mflops": 7, "copy_mbps": 9 } });
+    std::fs::write(data.bench_cache_path(), planted.to_string()).expect("write");
+    let again = rt
+        .block_on(bench::cached(&by_name, &data.bench_cache_path()))
+        .expect("cached");
+    assert_eq!((again.matmul_mflops, again.copy_mbps), (7, 9));
+}
