@@ -168,7 +168,10 @@ impl Executor {
             peak: AtomicUsize::new(0),
             devices_replaced: AtomicUsize::new(0),
         });
-        let limit = Duration::from_millis(config.limits.max_job_ms);
+        // Site config can only lower the protocol's limits.
+        let limits = config.limits.min(JobLimits::default());
+        // Counted from when a worker starts the job, not from when it was queued.
+        let limit = Duration::from_millis(limits.max_job_ms);
         for i in 0..config.max_concurrent.max(1) {
             let dev = GpuDevice::open(&adapter, config.pipeline_cache)?;
             let shared = shared.clone();
@@ -187,7 +190,7 @@ impl Executor {
                 shared,
                 gpu_limits: profile.limits,
                 profile: Mutex::new(profile),
-                limits: config.limits.min(JobLimits::default()),
+                limits,
             }),
         })
     }
