@@ -63,12 +63,12 @@ pub(crate) fn check_job(
     gpu: &GpuLimits,
 ) -> Result<CheckedJob, ExecError> {
     spec.validate(limits)?;
-    for p in &spec.passes {
+    for (i, p) in spec.passes.iter().enumerate() {
         for (axis, &n) in p.workgroups.iter().enumerate() {
             if n > gpu.max_compute_workgroups_per_dimension {
                 return Err(ExecError::Limit(format!(
-                    "pass {}:{} dispatches {n} workgroups on axis {axis}, over the adapter's limit of {}",
-                    p.entry, p.shader, gpu.max_compute_workgroups_per_dimension
+                    "pass {i} ({}) dispatches {n} workgroups on axis {axis}, over the adapter's limit of {}",
+                    p.entry, gpu.max_compute_workgroups_per_dimension
                 )));
             }
         }
