@@ -38,6 +38,11 @@ impl DataDir {
         self.root.join("identity.key")
     }
 
+    /// The executor's benchmark cache: JSON, adapter key -> measured benchmark.
+    pub fn bench_cache_path(&self) -> PathBuf {
+        self.root.join("bench-cache.json")
+    }
+
     /// Loads the node's key, creating it (and the data dir) on first start.
     pub fn load_or_create_identity(&self) -> Result<Keypair, KeyFileError> {
         Keypair::load_or_generate(&self.identity_path())

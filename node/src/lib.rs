@@ -13,5 +13,7 @@
 //! ```
 
 pub mod datadir;
+pub mod executor;
 
 pub use datadir::DataDir;
+pub use executor::{ExecConfig, ExecError, Executor, JobOutput};

@@ -1,4 +1,5 @@
-//! `hashgrid`: the buyer CLI. Today: inspect job files and verify receipts, offline.
+//! `hashgrid`: the buyer CLI. Today: inspect job files, run them on this machine's GPU, and
+//! verify receipts, all without a network.
 //!
 //! Exit codes: 0 ok; 1 other errors; 2 bad input (unreadable or malformed files);
 //! 5 verification failed (a signature, a countersignature or an output hash is wrong).
@@ -33,6 +34,19 @@ enum Command {
     /// Receipts.
     #[command(subcommand)]
     Receipt(ReceiptCommand),
+    /// Run a job file on this machine's GPU adapter, without any network.
+    ///
+    /// Example: hashgrid run-local examples/kernels/saxpy/job.toml --json
+    RunLocal {
+        /// The job file (TOML).
+        file: PathBuf,
+        /// Write each output buffer to DIR/<name>.bin.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Print one JSON object on stdout (logs go to stderr).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -71,6 +85,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Job(cmd) => job(cmd),
+        Command::RunLocal { file, out, json } => run_local(&file, out.as_deref(), json),
         Command::Receipt(ReceiptCommand::Verify {
             file,
             outputs,
@@ -214,6 +229,78 @@ fn job(cmd: JobCommand) -> anyhow::Result<()> {
                     );
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+fn run_local(
+    file: &std::path::Path,
+    out: Option<&std::path::Path>,
+    json: bool,
+) -> anyhow::Result<()> {
+    use hashgrid_node::executor::{ExecConfig, Executor};
+    let config = ExecConfig::default();
+    let job = load_job_file(file, &config.limits)?;
+    let exec = Executor::start(config)?;
+    let adapter = exec.profile().name.clone();
+    eprintln!(
+        "adapter {adapter} ({:?}, {})",
+        exec.profile().backend,
+        exec.profile().driver
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .context("starting the runtime")?;
+    let result = rt.block_on(exec.run("local", job.spec, job.inputs))?;
+    if let Some(dir) = out {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for o in &result.outputs {
+            let path = dir.join(format!("{}.bin", o.name));
+            std::fs::write(&path, &o.bytes)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    if json {
+        let outputs: std::collections::BTreeMap<_, _> = result
+            .outputs
+            .iter()
+            .map(|o| {
+                (
+                    o.name.clone(),
+                    serde_json::json!({ "blake3": o.id.to_string(), "bytes": o.bytes.len() }),
+                )
+            })
+            .collect();
+        let passes: Vec<_> = result
+            .passes
+            .iter()
+            .map(|p| serde_json::json!({ "entry": p.entry, "gpu_ms": p.gpu_ms }))
+            .collect();
+        let v = serde_json::json!({
+            "adapter": adapter,
+            "outputs": outputs,
+            "passes": passes,
+            "gpu_ms": result.gpu_ms,
+            "wall_ms": result.wall_ms,
+        });
+        println!("{}", serde_json::to_string(&v).context("encoding JSON")?);
+    } else {
+        println!("adapter  {adapter}");
+        for (i, p) in result.passes.iter().enumerate() {
+            println!("pass {}   {:<16} {:>10.3} ms", i + 1, p.entry, p.gpu_ms);
+        }
+        println!(
+            "gpu      {:.3} ms (wall {:.3} ms)",
+            result.gpu_ms, result.wall_ms
+        );
+        for o in &result.outputs {
+            println!(
+                "output   {:<12} {:>12} bytes  {}",
+                o.name,
+                o.bytes.len(),
+                o.id
+            );
         }
     }
     Ok(())

@@ -1,0 +1,161 @@
+//! Executor benchmarks on this machine's adapter:
+//! `cargo bench -p hashgrid-node --bench executor -- [--json]`.
+//!
+//! Reports matmul GFLOP/s at 512 and 1024, per-dispatch overhead (an empty kernel), upload and
+//! readback GB/s, and each job's overhead: wall time beyond the sum of its kernel times, next
+//! to the goal of 1 ms plus host memory-bandwidth time for its bytes. Medians of RUNS runs.
+
+use std::time::Instant;
+
+use anyhow::Context;
+use hashgrid_node::executor::bench::{
+    BenchJob, Data, copy_job, matmul_job, median_run, single_pass_job,
+};
+use hashgrid_node::executor::{ExecConfig, Executor, JobOutput};
+
+/// Timed runs per figure (after one warm-up); the median is reported.
+const RUNS: usize = 5;
+
+/// Bytes moved by the upload and readback figures: 64 MiB.
+const TRANSFER_BYTES: u64 = 64 << 20;
+
+const EMPTY_WGSL: &str = "
+@group(0) @binding(0) var<storage, read_write> o: array<u32>;
+@compute @workgroup_size(1)
+fn main() { o[0] = o[0] + 1u; }";
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+async fn wall_median(exec: &Executor, job: &BenchJob) -> anyhow::Result<(f64, JobOutput)> {
+    exec.run("bench", job.0.clone(), job.1.clone()).await?;
+    let mut walls = Vec::new();
+    let mut last = None;
+    for _ in 0..RUNS {
+        let t = Instant::now();
+        let out = exec.run("bench", job.0.clone(), job.1.clone()).await?;
+        walls.push(t.elapsed().as_secs_f64() * 1e3);
+        last = Some(out);
+    }
+    Ok((median(walls), last.context("no runs")?))
+}
+
+fn main() -> anyhow::Result<()> {
+    let json = std::env::args().any(|a| a == "--json");
+    let exec = Executor::start(ExecConfig::default())?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let profile = exec.profile();
+    let mut r = serde_json::Map::new();
+    r.insert("adapter".into(), profile.name.clone().into());
+    r.insert("driver".into(), profile.driver.clone().into());
+    // Host memory bandwidth: the goal's "memory-bandwidth time for its bytes".
+    let host = vec![7u8; TRANSFER_BYTES as usize];
+    let mut dst = vec![1u8; TRANSFER_BYTES as usize];
+    let mut copies = Vec::new();
+    for _ in 0..RUNS {
+        let t = Instant::now();
+        dst.copy_from_slice(std::hint::black_box(&host));
+        std::hint::black_box(&mut dst);
+        copies.push(2.0 * TRANSFER_BYTES as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    let host_gbps = median(copies);
+    drop((host, dst));
+    r.insert("host_memcpy_gbps".into(), host_gbps.into());
+    rt.block_on(async {
+        // 1024 takes ~9 s per run on lavapipe: 3 runs; the pipeline is warm from 512.
+        for (n, runs) in [(512u32, RUNS), (1024, 3)] {
+            let job = matmul_job(n);
+            if n == 512 {
+                exec.run("bench", job.0.clone(), job.1.clone()).await?;
+            }
+            let out = median_run(&exec, &job, runs).await?;
+            let gflops = 2.0 * f64::from(n).powi(3) / (out.gpu_ms * 1e-3) / 1e9;
+            r.insert(format!("matmul_{n}_gflops"), gflops.into());
+            r.insert(format!("matmul_{n}_gpu_ms"), out.gpu_ms.into());
+        }
+        // Per-dispatch overhead: 101 passes of an empty kernel vs 1, wall time per extra pass.
+        let one = single_pass_job(
+            "empty",
+            EMPTY_WGSL,
+            vec![("o", Data::Zeroed(4), true)],
+            [1, 1, 1],
+        );
+        let mut many = one.clone();
+        let pass = many.0.passes[0].clone();
+        many.0.passes = vec![pass; 101];
+        let (w1, o1) = wall_median(&exec, &one).await?;
+        let (w101, _) = wall_median(&exec, &many).await?;
+        r.insert(
+            "dispatch_overhead_us".into(),
+            ((w101 - w1) / 100.0 * 1e3).into(),
+        );
+        r.insert("empty_job_wall_ms".into(), w1.into());
+        r.insert(
+            "empty_job_overhead_ms".into(),
+            (o1.wall_ms - o1.gpu_ms).into(),
+        );
+        // Upload: a 64 MiB input the kernel does not touch; readback: a 64 MiB output.
+        let up = single_pass_job(
+            "upload",
+            EMPTY_WGSL,
+            vec![
+                ("o", Data::Zeroed(4), true),
+                (
+                    "big",
+                    Data::Bytes(vec![1u8; TRANSFER_BYTES as usize]),
+                    false,
+                ),
+            ],
+            [1, 1, 1],
+        );
+        let mut up = up;
+        up.0.passes[0].bindings.truncate(1);
+        let (wu, _) = wall_median(&exec, &up).await?;
+        let down = single_pass_job(
+            "readback",
+            EMPTY_WGSL,
+            vec![("o", Data::Zeroed(TRANSFER_BYTES), true)],
+            [1, 1, 1],
+        );
+        let (wd, od) = wall_median(&exec, &down).await?;
+        r.insert(
+            "upload_gbps".into(),
+            (TRANSFER_BYTES as f64 / ((wu - w1) * 1e-3) / 1e9).into(),
+        );
+        r.insert(
+            "readback_gbps".into(),
+            (TRANSFER_BYTES as f64 / ((wd - w1) * 1e-3) / 1e9).into(),
+        );
+        // Overhead goal on the 16 MiB copy job: in + out bytes on the host at memcpy speed.
+        let cp = copy_job(16 << 20);
+        let (_, oc) = wall_median(&exec, &cp).await?;
+        let bytes = 2.0 * (16u64 << 20) as f64;
+        let goal_ms = 1.0 + bytes / (host_gbps * 1e9) * 1e3;
+        r.insert(
+            "copy16m_overhead_ms".into(),
+            (oc.wall_ms - oc.gpu_ms).into(),
+        );
+        r.insert("copy16m_goal_ms".into(), goal_ms.into());
+        r.insert(
+            "readback64m_overhead_ms".into(),
+            (od.wall_ms - od.gpu_ms).into(),
+        );
+        r.insert(
+            "readback64m_goal_ms".into(),
+            (1.0 + TRANSFER_BYTES as f64 / (host_gbps * 1e9) * 1e3).into(),
+        );
+        anyhow::Ok(())
+    })?;
+    if json {
+        println!("{}", serde_json::Value::Object(r));
+    } else {
+        for (k, v) in &r {
+            println!("{k:<26} {v}");
+        }
+    }
+    Ok(())
+}

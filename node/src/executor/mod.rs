@@ -1,0 +1,312 @@
+//! The GPU executor: runs [`JobSpec`]s as wgpu compute passes, safely and measurably.
+//!
+//! [`Executor::start`] picks an adapter and starts `max_concurrent` worker threads, each with
+//! its own wgpu device on that adapter. [`Executor::run`] checks a job completely before it
+//! queues (limits, naga parse/validation, binding reflection, input hashes), then queues it
+//! fairly (round-robin across buyers, FIFO within one, at most `queue_depth` waiting) and
+//! resolves when a worker has run it and read its outputs back.
+//!
+//! Timeouts: wgpu cannot abort a dispatch. A job past `max_job_ms` is reported as
+//! [`ExecError::Timeout`] and its device is abandoned (destroyed and dropped on a detached
+//! thread); the worker opens a fresh device on the same adapter for the next job. On lavapipe
+//! the abandoned shader keeps a CPU core busy until it finishes; real GPUs' driver watchdogs
+//! kill it. Device errors are handled the same way.
+
+mod adapter;
+pub mod bench;
+mod device;
+mod error;
+mod queue;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use hashgrid_protocol::{Benchmark, ContentId, GpuLimits, GpuProfile, JobLimits, JobSpec};
+use tokio::sync::oneshot;
+
+pub use adapter::{AdapterChoice, list_adapters};
+pub use error::ExecError;
+
+use device::GpuDevice;
+use queue::FairQueue;
+use validate::CheckedJob;
+
+/// Default most jobs running at once on one adapter. One keeps jobs from competing for the
+/// GPU (and their timings honest); sites with large GPUs can raise it.
+pub const DEFAULT_MAX_CONCURRENT: usize = 1;
+
+/// Default most jobs waiting. Beyond this, [`Executor::run`] fails fast with
+/// [`ExecError::QueueFull`] rather than letting memory (input blobs) pile up.
+pub const DEFAULT_QUEUE_DEPTH: usize = 64;
+
+/// Default compiled pipelines kept per device. Pipeline creation costs milliseconds (tens on
+/// lavapipe), so repeat jobs reuse them; 64 covers a model's worth of distinct kernels.
+pub const DEFAULT_PIPELINE_CACHE: usize = 64;
+
+/// Executor configuration. Every field has a documented default.
+#[derive(Debug, Clone)]
+pub struct ExecConfig {
+    /// Which adapter to use (default: the best one).
+    pub adapter: AdapterChoice,
+    /// Job limits; a site can only lower them below [`JobLimits::default`].
+    pub limits: JobLimits,
+    /// Most jobs running at once ([`DEFAULT_MAX_CONCURRENT`]).
+    pub max_concurrent: usize,
+    /// Most jobs waiting ([`DEFAULT_QUEUE_DEPTH`]).
+    pub queue_depth: usize,
+    /// Pipelines cached per device ([`DEFAULT_PIPELINE_CACHE`]).
+    pub pipeline_cache: usize,
+    /// Memory to advertise, in bytes; wgpu cannot report VRAM, so without this the profile
+    /// says the adapter's `max_buffer_size`.
+    pub memory_bytes: Option<u64>,
+}
+
+impl Default for ExecConfig {
+    fn default() -> Self {
+        ExecConfig {
+            adapter: AdapterChoice::Best,
+            limits: JobLimits::default(),
+            max_concurrent: DEFAULT_MAX_CONCURRENT,
+            queue_depth: DEFAULT_QUEUE_DEPTH,
+            pipeline_cache: DEFAULT_PIPELINE_CACHE,
+            memory_bytes: None,
+        }
+    }
+}
+
+/// Time of one pass, from GPU timestamp queries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PassTiming {
+    /// The pass's entry point.
+    pub entry: String,
+    /// GPU time in milliseconds.
+    pub gpu_ms: f64,
+}
+
+/// One output buffer, read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputBuffer {
+    /// Buffer name.
+    pub name: String,
+    /// blake3 of `bytes`.
+    pub id: ContentId,
+    /// The contents (exactly the buffer's declared size).
+    pub bytes: Vec<u8>,
+}
+
+/// What a job produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobOutput {
+    /// Output buffers, in buffer order.
+    pub outputs: Vec<OutputBuffer>,
+    /// Per-pass GPU times; empty when the adapter has no timestamp queries.
+    pub passes: Vec<PassTiming>,
+    /// Sum of pass times, or the wall time from submit to completion without timestamps.
+    pub gpu_ms: f64,
+    /// Wall time on the worker: buffers, pipelines, passes, readback and hashing.
+    pub wall_ms: f64,
+}
+
+struct Pending {
+    spec: JobSpec,
+    checked: CheckedJob,
+    inputs: BTreeMap<ContentId, Vec<u8>>,
+    reply: oneshot::Sender<Result<JobOutput, ExecError>>,
+}
+
+struct Shared {
+    queue: Mutex<FairQueue<Pending>>,
+    ready: Condvar,
+    shutdown: std::sync::atomic::AtomicBool,
+    running: AtomicUsize,
+    peak: AtomicUsize,
+    devices_replaced: AtomicUsize,
+}
+
+struct Handle {
+    shared: Arc<Shared>,
+    profile: Mutex<GpuProfile>,
+    gpu_limits: GpuLimits,
+    limits: JobLimits,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        self.shared.ready.notify_all();
+    }
+}
+
+/// A cheap, cloneable handle to the executor. Workers stop when the last handle is dropped.
+#[derive(Clone)]
+pub struct Executor {
+    h: Arc<Handle>,
+}
+
+impl std::fmt::Debug for Executor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executor")
+            .field("adapter", &self.profile().name)
+            .finish()
+    }
+}
+
+impl Executor {
+    /// Opens the configured adapter and starts the workers. Blocking (opens devices); call it
+    /// before or outside the async runtime, or in `spawn_blocking`.
+    pub fn start(config: ExecConfig) -> Result<Executor, ExecError> {
+        let adapter = adapter::select_adapter(&config.adapter)?;
+        let profile = adapter::profile(&adapter, config.memory_bytes, Benchmark::default());
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(FairQueue::new(config.queue_depth.max(1))),
+            ready: Condvar::new(),
+            shutdown: false.into(),
+            running: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+            devices_replaced: AtomicUsize::new(0),
+        });
+        // Site config can only lower the protocol's limits.
+        let limits = config.limits.min(JobLimits::default());
+        // Counted from when a worker starts the job, not from when it was queued.
+        let limit = Duration::from_millis(limits.max_job_ms);
+        for i in 0..config.max_concurrent.max(1) {
+            let dev = GpuDevice::open(&adapter, config.pipeline_cache)?;
+            let shared = shared.clone();
+            let adapter = adapter.clone();
+            let cache = config.pipeline_cache;
+            std::thread::Builder::new()
+                .name(format!("hashgrid-gpu-{i}"))
+                .spawn(move || worker(shared, adapter, dev, cache, limit))
+                .map_err(|e| ExecError::Device {
+                    adapter: profile.name.clone(),
+                    reason: format!("could not start a worker thread: {e}"),
+                })?;
+        }
+        Ok(Executor {
+            h: Arc::new(Handle {
+                shared,
+                gpu_limits: profile.limits,
+                profile: Mutex::new(profile),
+                limits,
+            }),
+        })
+    }
+
+    /// The adapter as advertised (with `bench` zero until [`bench::cached`] or
+    /// [`Executor::set_benchmark`]).
+    pub fn profile(&self) -> GpuProfile {
+        match self.h.profile.lock() {
+            Ok(p) => p.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Records a measured benchmark in the profile.
+    pub fn set_benchmark(&self, bench: Benchmark) {
+        match self.h.profile.lock() {
+            Ok(mut p) => p.bench = bench,
+            Err(p) => p.into_inner().bench = bench,
+        }
+    }
+
+    /// The job limits in force.
+    pub fn limits(&self) -> &JobLimits {
+        &self.h.limits
+    }
+
+    /// Checks a job without running it: the same checks [`Executor::run`] does first.
+    pub fn check(
+        &self,
+        spec: &JobSpec,
+        inputs: &BTreeMap<ContentId, Vec<u8>>,
+    ) -> Result<(), ExecError> {
+        validate::check_job(spec, inputs, &self.h.limits, &self.h.gpu_limits).map(|_| ())
+    }
+
+    /// Checks `spec`, queues it for `buyer` and resolves with its outputs.
+    pub async fn run(
+        &self,
+        buyer: &str,
+        spec: JobSpec,
+        inputs: BTreeMap<ContentId, Vec<u8>>,
+    ) -> Result<JobOutput, ExecError> {
+        let checked = validate::check_job(&spec, &inputs, &self.h.limits, &self.h.gpu_limits)?;
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut q = self
+                .h
+                .shared
+                .queue
+                .lock()
+                .map_err(|_| ExecError::Shutdown)?;
+            let pending = Pending {
+                spec,
+                checked,
+                inputs,
+                reply: tx,
+            };
+            if q.push(buyer, pending).is_err() {
+                return Err(ExecError::QueueFull(q.len()));
+            }
+        }
+        self.h.shared.ready.notify_one();
+        rx.await.map_err(|_| ExecError::Shutdown)?
+    }
+
+    /// Most jobs that have run at once since start.
+    pub fn peak_concurrency(&self) -> usize {
+        self.h.shared.peak.load(Ordering::SeqCst)
+    }
+
+    /// Devices replaced after a timeout or device error since start.
+    pub fn devices_replaced(&self) -> usize {
+        self.h.shared.devices_replaced.load(Ordering::SeqCst)
+    }
+}
+
+fn worker(
+    shared: Arc<Shared>,
+    adapter: wgpu::Adapter,
+    mut dev: GpuDevice,
+    cache: usize,
+    limit: Duration,
+) {
+    loop {
+        let job = {
+            let Ok(mut q) = shared.queue.lock() else {
+                return;
+            };
+            loop {
+                if shared.shutdown.load(Ordering::SeqCst) {
+                    return;
+                }
+                if let Some(j) = q.pop() {
+                    break j;
+                }
+                q = match shared.ready.wait(q) {
+                    Ok(q) => q,
+                    Err(_) => return,
+                };
+            }
+        };
+        let now = shared.running.fetch_add(1, Ordering::SeqCst) + 1;
+        shared.peak.fetch_max(now, Ordering::SeqCst);
+        let result = dev.run(&job.spec, &job.checked, &job.inputs, Instant::now(), limit);
+        shared.running.fetch_sub(1, Ordering::SeqCst);
+        if matches!(result, Err(ExecError::Timeout { .. } | ExecError::Gpu(_))) {
+            shared.devices_replaced.fetch_add(1, Ordering::SeqCst);
+            // Open the replacement first so a failure leaves the old one in place.
+            match GpuDevice::open(&adapter, cache) {
+                Ok(fresh) => std::mem::replace(&mut dev, fresh).abandon(),
+                Err(e) => {
+                    let _ = job.reply.send(Err(e));
+                    continue;
+                }
+            }
+        }
+        let _ = job.reply.send(result);
+    }
+}

@@ -1,0 +1,277 @@
+//! Checking a job before it runs: limits, naga parse and validation, binding reflection, input
+//! hashes. Everything a job can get wrong is caught here, so the GPU only sees valid work.
+
+use std::collections::{BTreeMap, HashMap};
+
+use hashgrid_protocol::{BufferInit, ContentId, GpuLimits, JobLimits, JobSpec};
+use naga::{AddressSpace, ShaderStage};
+
+use super::ExecError;
+
+/// How a pass binds a buffer, as the shader declares it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BindKind {
+    /// `var<storage, read>`.
+    StorageRead,
+    /// `var<storage, read_write>`.
+    StorageReadWrite,
+    /// `var<uniform>`.
+    Uniform,
+}
+
+impl BindKind {
+    fn describe(self) -> &'static str {
+        match self {
+            BindKind::StorageRead => "var<storage, read>",
+            BindKind::StorageReadWrite => "var<storage, read_write>",
+            BindKind::Uniform => "var<uniform>",
+        }
+    }
+}
+
+/// A pass after validation: the bindings the entry point uses, with their kinds.
+#[derive(Debug, Clone)]
+pub(crate) struct CheckedPass {
+    /// (binding number, buffer index) for every binding the entry point uses.
+    pub(crate) bindings: Vec<(u32, usize)>,
+}
+
+/// A job after validation.
+#[derive(Debug, Clone)]
+pub(crate) struct CheckedJob {
+    /// blake3 of each shader's WGSL, the pipeline cache key with the entry point.
+    pub(crate) shader_hashes: Vec<[u8; 32]>,
+    /// Per pass.
+    pub(crate) passes: Vec<CheckedPass>,
+    /// Allocation size of each buffer (its size rounded up to 16 bytes: storage bindings need a
+    /// multiple of 4 and uniform ones 16). Outputs are trimmed back on readback.
+    pub(crate) alloc_sizes: Vec<u64>,
+}
+
+/// Rounding for buffer allocations: uniform buffers need sizes in multiples of 16.
+const BUFFER_ALIGN: u64 = 16;
+
+fn round_up(n: u64, to: u64) -> u64 {
+    n.div_ceil(to).saturating_mul(to)
+}
+
+/// Checks `spec` against `limits`, the adapter's `gpu` limits, its shaders and `inputs`.
+pub(crate) fn check_job(
+    spec: &JobSpec,
+    inputs: &BTreeMap<ContentId, Vec<u8>>,
+    limits: &JobLimits,
+    gpu: &GpuLimits,
+) -> Result<CheckedJob, ExecError> {
+    spec.validate(limits)?;
+    for (i, p) in spec.passes.iter().enumerate() {
+        for (axis, &n) in p.workgroups.iter().enumerate() {
+            if n > gpu.max_compute_workgroups_per_dimension {
+                return Err(ExecError::Limit(format!(
+                    "pass {i} ({}) dispatches {n} workgroups on axis {axis}, over the adapter's limit of {}",
+                    p.entry, gpu.max_compute_workgroups_per_dimension
+                )));
+            }
+        }
+    }
+    let mut alloc_sizes = Vec::with_capacity(spec.buffers.len());
+    for b in &spec.buffers {
+        let alloc = round_up(b.size, BUFFER_ALIGN);
+        if alloc > gpu.max_buffer_size {
+            return Err(ExecError::Limit(format!(
+                "buffer {:?} is {} bytes, over the adapter's max_buffer_size of {}",
+                b.name, b.size, gpu.max_buffer_size
+            )));
+        }
+        if let BufferInit::Blob(id) = &b.init {
+            let Some(bytes) = inputs.get(id) else {
+                return Err(ExecError::Input {
+                    buffer: b.name.clone(),
+                    message: format!("input blob {id} was not supplied"),
+                });
+            };
+            let got = ContentId::of(bytes);
+            if got != *id {
+                return Err(ExecError::Input {
+                    buffer: b.name.clone(),
+                    message: format!(
+                        "input bytes hash to {got}, not the declared {id}: the blob is corrupt or the wrong file"
+                    ),
+                });
+            }
+            if bytes.len() as u64 != b.size {
+                return Err(ExecError::Input {
+                    buffer: b.name.clone(),
+                    message: format!("input is {} bytes, the spec says {}", bytes.len(), b.size),
+                });
+            }
+        }
+        alloc_sizes.push(alloc);
+    }
+
+    let mut modules = Vec::with_capacity(spec.shaders.len());
+    let mut shader_hashes = Vec::with_capacity(spec.shaders.len());
+    for s in &spec.shaders {
+        let module = naga::front::wgsl::parse_str(&s.wgsl).map_err(|e| {
+            let loc = e.location(&s.wgsl);
+            ExecError::Parse {
+                file: s.name.clone(),
+                line: loc.map_or(0, |l| l.line_number),
+                column: loc.map_or(0, |l| l.line_position),
+                message: e.emit_to_string(&s.wgsl).trim().to_string(),
+            }
+        })?;
+        let info = naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::default(),
+        )
+        .validate(&module)
+        .map_err(|e| ExecError::Shader {
+            file: s.name.clone(),
+            message: e.emit_to_string(&s.wgsl).trim().to_string(),
+        })?;
+        modules.push((module, info));
+        shader_hashes.push(*blake3::hash(s.wgsl.as_bytes()).as_bytes());
+    }
+
+    let mut passes = Vec::with_capacity(spec.passes.len());
+    for (pi, p) in spec.passes.iter().enumerate() {
+        let shader = &spec.shaders[p.shader as usize];
+        let (module, info) = &modules[p.shader as usize];
+        let berr = |message: String| ExecError::Binding {
+            pass: pi,
+            file: shader.name.clone(),
+            entry: p.entry.clone(),
+            message,
+        };
+        let Some(ep_index) = module.entry_points.iter().position(|e| e.name == p.entry) else {
+            let names: Vec<&str> = module
+                .entry_points
+                .iter()
+                .map(|e| e.name.as_str())
+                .collect();
+            return Err(berr(format!(
+                "entry point {:?} not found; the shader has {names:?}",
+                p.entry
+            )));
+        };
+        let ep = &module.entry_points[ep_index];
+        if ep.stage != ShaderStage::Compute {
+            return Err(berr(format!(
+                "entry point {:?} is not a @compute entry point",
+                p.entry
+            )));
+        }
+        let invocations: u32 = ep.workgroup_size.iter().product();
+        if invocations > gpu.max_compute_invocations_per_workgroup {
+            return Err(berr(format!(
+                "@workgroup_size has {invocations} invocations, over the adapter's limit of {}",
+                gpu.max_compute_invocations_per_workgroup
+            )));
+        }
+        let fi = info.get_entry_point(ep_index);
+        // Declared group-0 resources: binding -> (kind, minimum size, used by this entry).
+        let mut declared: HashMap<u32, (BindKind, u64, bool)> = HashMap::new();
+        for (h, g) in module.global_variables.iter() {
+            let Some(rb) = &g.binding else { continue };
+            let used = !fi[h].is_empty();
+            let kind = match g.space {
+                AddressSpace::Uniform => BindKind::Uniform,
+                AddressSpace::Storage { access } => {
+                    if access.contains(naga::StorageAccess::STORE) {
+                        BindKind::StorageReadWrite
+                    } else {
+                        BindKind::StorageRead
+                    }
+                }
+                _ => {
+                    if used {
+                        return Err(berr(format!(
+                            "@group({}) @binding({}) is a texture or sampler; jobs bind buffers only",
+                            rb.group, rb.binding
+                        )));
+                    }
+                    continue;
+                }
+            };
+            if rb.group != 0 {
+                if used {
+                    return Err(berr(format!(
+                        "@group({}) @binding({}) is used, but jobs bind only @group(0)",
+                        rb.group, rb.binding
+                    )));
+                }
+                continue;
+            }
+            let min = u64::from(module.types[g.ty].inner.size(module.to_ctx()));
+            declared.insert(rb.binding, (kind, min, used));
+        }
+        let mut bindings = Vec::new();
+        // buffer index -> (binding, kind) of its first use in this pass.
+        let mut seen: HashMap<u32, (u32, BindKind)> = HashMap::new();
+        for b in &p.bindings {
+            let buf = &spec.buffers[b.buffer as usize];
+            let Some(&(kind, min, used)) = declared.get(&b.binding) else {
+                return Err(berr(format!(
+                    "binding {} (buffer {:?}) is not declared as @group(0) @binding({}) in the shader: remove it from the pass",
+                    b.binding, buf.name, b.binding
+                )));
+            };
+            if buf.size < min {
+                return Err(berr(format!(
+                    "binding {} (buffer {:?}) is {} bytes, but the shader's {} type needs at least {min}",
+                    b.binding,
+                    buf.name,
+                    buf.size,
+                    kind.describe()
+                )));
+            }
+            let alloc = alloc_sizes[b.buffer as usize];
+            let max = match kind {
+                BindKind::Uniform => gpu.max_uniform_buffer_binding_size,
+                _ => gpu.max_storage_buffer_binding_size,
+            };
+            if alloc > max {
+                return Err(berr(format!(
+                    "binding {} (buffer {:?}) is {} bytes, over the adapter's {} binding limit of {max}",
+                    b.binding,
+                    buf.name,
+                    buf.size,
+                    kind.describe()
+                )));
+            }
+            // The job spec names no kinds, so the shader decides; what can conflict is one buffer
+            // bound twice in a pass where one binding writes (WebGPU forbids a writable storage
+            // usage alongside any other usage of the same buffer in one dispatch).
+            if used {
+                if let Some(&(other, other_kind)) = seen.get(&b.buffer)
+                    && (kind == BindKind::StorageReadWrite
+                        || other_kind == BindKind::StorageReadWrite)
+                {
+                    return Err(berr(format!(
+                        "buffer {:?} is bound at binding {other} as {} and at binding {} as {}: a buffer written in a pass cannot be bound twice in it; use a separate buffer",
+                        buf.name,
+                        other_kind.describe(),
+                        b.binding,
+                        kind.describe()
+                    )));
+                }
+                seen.entry(b.buffer).or_insert((b.binding, kind));
+                bindings.push((b.binding, b.buffer as usize));
+            }
+        }
+        for (&n, &(kind, _, used)) in &declared {
+            if used && !p.bindings.iter().any(|b| b.binding == n) {
+                return Err(berr(format!(
+                    "the shader uses @group(0) @binding({n}) ({}) but the pass does not bind it: add `{n} = \"<buffer>\"` to the pass's bindings",
+                    kind.describe()
+                )));
+            }
+        }
+        passes.push(CheckedPass { bindings });
+    }
+    Ok(CheckedJob {
+        shader_hashes,
+        passes,
+        alloc_sizes,
+    })
+}

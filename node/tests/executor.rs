@@ -1,0 +1,591 @@
+//! Executor tests on whatever adapter the machine has (lavapipe in CI). With no adapter at all
+//! they fail: CI installs Mesa's lavapipe.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use hashgrid_node::executor::{ExecConfig, ExecError, Executor, JobOutput};
+use hashgrid_protocol::{
+    Binding, BufferInit, BufferSpec, ContentId, JobLimits, JobSpec, LoadedJob, PassSpec,
+    ShaderSource, load_job_file,
+};
+
+fn kernel(name: &str) -> LoadedJob {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/kernels")
+        .join(name)
+        .join("job.toml");
+    load_job_file(&path, &JobLimits::default()).expect("reference job file loads")
+}
+
+fn start(config: ExecConfig) -> Executor {
+    Executor::start(config).expect("a wgpu adapter (install mesa-vulkan-drivers for lavapipe)")
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn run(exec: &Executor, job: LoadedJob) -> Result<JobOutput, ExecError> {
+    rt().block_on(exec.run("buyer", job.spec, job.inputs))
+}
+
+fn input_f32(job: &LoadedJob, buffer: &str) -> Vec<f32> {
+    input_bytes(job, buffer)
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn input_u32(job: &LoadedJob, buffer: &str) -> Vec<u32> {
+    input_bytes(job, buffer)
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn input_bytes(job: &LoadedJob, buffer: &str) -> Vec<u8> {
+    let b = job
+        .spec
+        .buffers
+        .iter()
+        .find(|b| b.name == buffer)
+        .expect("buffer");
+    match &b.init {
+        BufferInit::Blob(id) => job.inputs[id].clone(),
+        BufferInit::Zeroed => vec![0; b.size as usize],
+    }
+}
+
+fn output_f32(out: &JobOutput, name: &str) -> Vec<f32> {
+    let o = out.outputs.iter().find(|o| o.name == name).expect("output");
+    assert_eq!(
+        o.id,
+        ContentId::of(&o.bytes),
+        "output id is the blake3 of its bytes"
+    );
+    o.bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// Float results must satisfy |gpu - cpu| <= abs + rel * scale, where `scale` is the magnitude
+/// the result is computed from (see each test for why its bound holds).
+fn assert_close(gpu: &[f32], cpu: &[f64], scale: &[f64], abs: f64, rel: f64, what: &str) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: length");
+    for (i, ((&g, &c), &s)) in gpu.iter().zip(cpu).zip(scale).enumerate() {
+        let err = (f64::from(g) - c).abs();
+        assert!(
+            err <= abs + rel * s,
+            "{what}[{i}]: gpu {g} cpu {c} error {err} over {abs} + {rel}*{s}"
+        );
+    }
+}
+
+#[test]
+fn saxpy_matches_cpu() {
+    let exec = start(ExecConfig::default());
+    let job = kernel("saxpy");
+    let (x, y, a) = (
+        input_f32(&job, "x"),
+        input_f32(&job, "y"),
+        input_f32(&job, "params")[0],
+    );
+    let out = run(&exec, job).expect("saxpy runs");
+    let cpu: Vec<f64> = x
+        .iter()
+        .zip(&y)
+        .map(|(&x, &y)| f64::from(a) * f64::from(x) + f64::from(y))
+        .collect();
+    let scale: Vec<f64> = x
+        .iter()
+        .zip(&y)
+        .map(|(&x, &y)| (f64::from(a) * f64::from(x)).abs() + f64::from(y).abs())
+        .collect();
+    // One multiply and one add (or an fma): at most 2 roundings of half an ulp (2^-24) each.
+    assert_close(
+        &output_f32(&out, "out"),
+        &cpu,
+        &scale,
+        0.0,
+        2.0 * f64::from(f32::EPSILON),
+        "saxpy",
+    );
+    assert_eq!(out.passes.len(), 1);
+    assert!(out.gpu_ms > 0.0 && out.wall_ms >= out.gpu_ms * 0.5);
+}
+
+#[test]
+fn matmul_matches_cpu() {
+    let exec = start(ExecConfig::default());
+    let job = kernel("matmul");
+    let dims = input_u32(&job, "dims");
+    let (m, n, k) = (dims[0] as usize, dims[1] as usize, dims[2] as usize);
+    let (a, b) = (input_f32(&job, "a"), input_f32(&job, "b"));
+    let out = run(&exec, job).expect("matmul runs");
+    let mut cpu = vec![0f64; m * n];
+    let mut scale = vec![0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            for l in 0..k {
+                let p = f64::from(a[i * k + l]) * f64::from(b[l * n + j]);
+                cpu[i * n + j] += p;
+                scale[i * n + j] += p.abs();
+            }
+        }
+    }
+    // A K-term f32 dot product in any order errs by at most K * eps * sum|a_i b_i|.
+    assert_close(
+        &output_f32(&out, "c"),
+        &cpu,
+        &scale,
+        0.0,
+        k as f64 * f64::from(f32::EPSILON),
+        "matmul",
+    );
+}
+
+#[test]
+fn reduction_matches_cpu() {
+    let exec = start(ExecConfig::default());
+    let job = kernel("reduce");
+    let v = input_f32(&job, "values");
+    let out = run(&exec, job).expect("reduce runs");
+    assert_eq!(out.passes.len(), 2, "two passes timed");
+    let cpu: f64 = v.iter().map(|&x| f64::from(x)).sum();
+    let scale: f64 = v.iter().map(|&x| f64::from(x).abs()).sum();
+    // Tree summation of n terms errs by at most log2(n) * eps * sum|x|; 13 levels for 4096.
+    assert_close(
+        &output_f32(&out, "sum"),
+        &[cpu],
+        &[scale],
+        0.0,
+        13.0 * f64::from(f32::EPSILON),
+        "sum",
+    );
+}
+
+#[test]
+fn softmax_matches_cpu() {
+    let exec = start(ExecConfig::default());
+    let job = kernel("softmax");
+    let x = input_f32(&job, "x");
+    let out = run(&exec, job).expect("softmax runs");
+    let cols = 64;
+    let mut cpu = Vec::new();
+    for row in x.chunks(cols) {
+        let m = row.iter().fold(f64::MIN, |m, &v| m.max(f64::from(v)));
+        let e: Vec<f64> = row.iter().map(|&v| (f64::from(v) - m).exp()).collect();
+        let s: f64 = e.iter().sum();
+        cpu.extend(e.iter().map(|v| v / s));
+    }
+    let gpu = output_f32(&out, "y");
+    // WGSL allows exp an error of 3 + 2|x| ulp; with |x - max| <= 11 that is 25 ulp (3e-6
+    // relative), plus 64-term summation and a division: 1e-5 relative, 1e-7 absolute for the
+    // tiny probabilities.
+    assert_close(&gpu, &cpu, &cpu, 1e-7, 1e-5, "softmax");
+    for row in gpu.chunks(cols) {
+        let s: f32 = row.iter().sum();
+        assert!((s - 1.0).abs() < 1e-5, "row sums to {s}");
+    }
+}
+
+fn pcg(v: u32) -> u32 {
+    let state = v.wrapping_mul(747_796_405).wrapping_add(2_891_336_453);
+    let word = ((state >> ((state >> 28) + 4)) ^ state).wrapping_mul(277_803_737);
+    (word >> 22) ^ word
+}
+
+fn mix_cpu(seeds: &[u32]) -> Vec<u8> {
+    seeds
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &s)| {
+            let mut h = s ^ i as u32;
+            for r in 0..16 {
+                h = pcg(h ^ r);
+            }
+            h.to_le_bytes()
+        })
+        .collect()
+}
+
+#[test]
+fn integer_mix_matches_cpu_exactly() {
+    let exec = start(ExecConfig::default());
+    let job = kernel("mix");
+    let expected = mix_cpu(&input_u32(&job, "seeds"));
+    let out = run(&exec, job).expect("mix runs");
+    assert_eq!(out.outputs[0].bytes, expected);
+    assert_eq!(out.outputs[0].id, ContentId::of(&expected));
+}
+
+fn rejected(job: LoadedJob, limits: JobLimits) -> String {
+    let exec = start(ExecConfig {
+        limits,
+        ..ExecConfig::default()
+    });
+    match run(&exec, job) {
+        Ok(_) => panic!("job should have been rejected"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn bad_wgsl_names_file_line_and_column() {
+    let mut job = kernel("saxpy");
+    job.spec.shaders[0].wgsl = job.spec.shaders[0]
+        .wgsl
+        .replace("params.x * x[i]", "params.x * x[i] +* 1");
+    let e = rejected(job, JobLimits::default());
+    assert!(e.starts_with("saxpy.wgsl:11:"), "{e}");
+}
+
+#[test]
+fn missing_binding_is_rejected() {
+    let mut job = kernel("saxpy");
+    job.spec.passes[0].bindings.retain(|b| b.binding != 1);
+    let e = rejected(job, JobLimits::default());
+    assert!(
+        e.contains("@binding(1)") && e.contains("does not bind it"),
+        "{e}"
+    );
+}
+
+#[test]
+fn undeclared_binding_and_missing_entry_are_rejected() {
+    let mut job = kernel("saxpy");
+    job.spec.passes[0].bindings.push(Binding {
+        binding: 7,
+        buffer: 0,
+    });
+    let e = rejected(job, JobLimits::default());
+    assert!(e.contains("binding 7") && e.contains("not declared"), "{e}");
+    let mut job = kernel("saxpy");
+    job.spec.passes[0].entry = "nope".into();
+    let e = rejected(job, JobLimits::default());
+    assert!(e.contains("entry point \"nope\" not found"), "{e}");
+}
+
+#[test]
+fn conflicting_binding_kinds_are_rejected() {
+    // The output buffer bound both as the read_write `out` and as the `params` uniform.
+    let mut job = kernel("saxpy");
+    let out = job
+        .spec
+        .buffers
+        .iter()
+        .position(|b| b.name == "out")
+        .expect("out") as u32;
+    for b in &mut job.spec.passes[0].bindings {
+        if b.binding == 3 {
+            b.buffer = out;
+        }
+    }
+    let e = rejected(job, JobLimits::default());
+    assert!(
+        e.contains("var<storage, read_write>") && e.contains("var<uniform>"),
+        "{e}"
+    );
+}
+
+#[test]
+fn uniform_smaller_than_its_type_is_rejected() {
+    let mut job = kernel("saxpy");
+    let x = job
+        .spec
+        .buffers
+        .iter()
+        .position(|b| b.name == "x")
+        .expect("x");
+    job.spec.shaders[0].wgsl = job.spec.shaders[0]
+        .wgsl
+        .replace(
+            "var<uniform> params: vec4<f32>",
+            "var<uniform> params: array<vec4<f32>, 1024>",
+        )
+        .replace("params.x", "params[0].x");
+    job.spec.passes[0].bindings.iter_mut().for_each(|b| {
+        if b.binding == 3 {
+            b.buffer = x as u32
+        }
+    });
+    let e = rejected(job, JobLimits::default());
+    assert!(e.contains("needs at least 16384"), "{e}");
+}
+
+#[test]
+fn blob_hash_mismatch_is_rejected() {
+    let mut job = kernel("saxpy");
+    let id = *job.inputs.keys().next().expect("an input");
+    job.inputs.get_mut(&id).expect("blob")[0] ^= 1;
+    let e = rejected(job, JobLimits::default());
+    assert!(
+        e.contains("hash to") && e.contains("not the declared"),
+        "{e}"
+    );
+}
+
+#[test]
+fn every_limit_is_enforced_before_running() {
+    let l = JobLimits::default();
+    let e = rejected(
+        kernel("matmul"),
+        JobLimits {
+            max_buffer_bytes: 8192,
+            ..l
+        },
+    );
+    assert!(e.contains("limit"), "buffer bytes: {e}");
+    let e = rejected(
+        kernel("matmul"),
+        JobLimits {
+            max_job_bytes: 40_000,
+            ..l
+        },
+    );
+    assert!(e.contains("limit"), "job bytes: {e}");
+    let e = rejected(kernel("reduce"), JobLimits { max_passes: 1, ..l });
+    assert!(e.contains("2 passes"), "passes: {e}");
+    let e = rejected(
+        kernel("mix"),
+        JobLimits {
+            max_workgroups_per_dim: 32,
+            ..l
+        },
+    );
+    assert!(e.contains("limit"), "workgroups per dim: {e}");
+    let e = rejected(
+        kernel("matmul"),
+        JobLimits {
+            max_workgroups_per_dispatch: 8,
+            ..l
+        },
+    );
+    assert!(e.contains("limit"), "workgroups per dispatch: {e}");
+}
+
+/// A shader whose invocations each run `n.x` PCG rounds, over `workgroups` workgroups of 64.
+/// Lavapipe (gallivm) silently caps a loop at 65535 iterations, so the work scales with the
+/// dispatch instead: about 5 ms of CPU per workgroup on lavapipe, so 200 workgroups run ~1 s,
+/// well past a 300 ms limit but short enough that the abandoned work frees its CPU soon.
+fn spin_job(workgroups: u32) -> LoadedJob {
+    let wgsl = "
+@group(0) @binding(0) var<storage, read_write> out: array<u32>;
+@group(0) @binding(1) var<uniform> n: vec4<u32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) id: vec3<u32>) {
+    var h = id.x;
+    for (var i = 0u; i < n.x; i++) {
+        let s = (h ^ i) * 747796405u + 2891336453u;
+        h = ((s >> ((s >> 28u) + 4u)) ^ s) * 277803737u;
+    }
+    if (h == 0xffffffffu) {
+        out[0] = h;
+    }
+}";
+    let nbytes: Vec<u8> = [60_000u32, 0, 0, 0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let id = ContentId::of(&nbytes);
+    LoadedJob {
+        spec: JobSpec {
+            name: "spin".into(),
+            buffers: vec![
+                BufferSpec {
+                    name: "out".into(),
+                    size: 4,
+                    init: BufferInit::Zeroed,
+                    output: true,
+                },
+                BufferSpec {
+                    name: "n".into(),
+                    size: 16,
+                    init: BufferInit::Blob(id),
+                    output: false,
+                },
+            ],
+            shaders: vec![ShaderSource {
+                name: "spin.wgsl".into(),
+                wgsl: wgsl.into(),
+            }],
+            passes: vec![PassSpec {
+                shader: 0,
+                entry: "main".into(),
+                workgroups: [workgroups, 1, 1],
+                bindings: vec![
+                    Binding {
+                        binding: 0,
+                        buffer: 0,
+                    },
+                    Binding {
+                        binding: 1,
+                        buffer: 1,
+                    },
+                ],
+            }],
+        },
+        inputs: BTreeMap::from([(id, nbytes)]),
+    }
+}
+
+#[test]
+fn timeout_then_next_job_runs() {
+    let exec = start(ExecConfig {
+        limits: JobLimits {
+            max_job_ms: 300,
+            ..JobLimits::default()
+        },
+        ..ExecConfig::default()
+    });
+    let t = Instant::now();
+    let e = run(&exec, spin_job(200)).expect_err("spins past 300 ms");
+    assert!(matches!(e, ExecError::Timeout { limit_ms: 300 }), "{e}");
+    assert!(
+        t.elapsed().as_millis() < 3000,
+        "reported promptly: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(exec.devices_replaced(), 1);
+    // wgpu cannot abort a dispatch: lavapipe finishes the abandoned ~1 s of work first, and it
+    // runs work from all devices on the same CPU threads, so later jobs wait behind it (real
+    // GPUs' driver watchdogs kill it). Let it drain, then the same executor serves the next
+    // job correctly on its fresh device, within the same 300 ms limit.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // The same executor serves the next job correctly on its fresh device.
+    let job = kernel("mix");
+    let expected = mix_cpu(&input_u32(&job, "seeds"));
+    let out = run(&exec, job).expect("next job runs");
+    assert_eq!(out.outputs[0].bytes, expected);
+}
+
+#[test]
+fn many_buyers_run_fairly_within_the_concurrency_cap() {
+    let exec = start(ExecConfig {
+        max_concurrent: 2,
+        ..ExecConfig::default()
+    });
+    let job = kernel("mix");
+    let expected = mix_cpu(&input_u32(&job, "seeds"));
+    let rt = rt();
+    let results = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for buyer in 0..3 {
+            for _ in 0..4 {
+                let exec = exec.clone();
+                let job = kernel("mix");
+                tasks.push(tokio::spawn(async move {
+                    exec.run(&format!("buyer-{buyer}"), job.spec, job.inputs)
+                        .await
+                }));
+            }
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.expect("task"));
+        }
+        out
+    });
+    assert_eq!(results.len(), 12);
+    for r in results {
+        assert_eq!(r.expect("job runs").outputs[0].bytes, expected);
+    }
+    let peak = exec.peak_concurrency();
+    assert!((1..=2).contains(&peak), "peak concurrency {peak}");
+}
+
+#[test]
+fn full_queue_is_refused() {
+    let exec = start(ExecConfig {
+        queue_depth: 1,
+        ..ExecConfig::default()
+    });
+    let rt = rt();
+    rt.block_on(async {
+        // Occupy the only worker (~0.5 s), then one job fits the queue and the next does not.
+        let busy = {
+            let exec = exec.clone();
+            let job = spin_job(100);
+            tokio::spawn(async move { exec.run("a", job.spec, job.inputs).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let queued = {
+            let exec = exec.clone();
+            let job = kernel("mix");
+            tokio::spawn(async move { exec.run("b", job.spec, job.inputs).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let job = kernel("mix");
+        let refused = exec.run("c", job.spec, job.inputs).await;
+        assert!(
+            matches!(refused, Err(ExecError::QueueFull(1))),
+            "{refused:?}"
+        );
+        busy.await.expect("task").expect("spin job runs");
+        queued.await.expect("task").expect("queued job runs");
+    });
+}
+
+#[test]
+fn profile_and_cached_benchmark() {
+    use hashgrid_node::executor::{AdapterChoice, bench, list_adapters};
+    let adapters = list_adapters().expect("enumerate");
+    assert!(
+        !adapters.is_empty(),
+        "no adapter: install mesa-vulkan-drivers"
+    );
+    let exec = start(ExecConfig {
+        adapter: AdapterChoice::Index(0),
+        ..ExecConfig::default()
+    });
+    let p = exec.profile();
+    assert_eq!(p.name, adapters[0].name);
+    assert!(p.limits.max_buffer_size > 0 && p.memory_bytes == p.limits.max_buffer_size);
+    let by_name = start(ExecConfig {
+        adapter: AdapterChoice::Name(p.name[..3].to_uppercase()),
+        ..ExecConfig::default()
+    });
+    assert!(
+        by_name
+            .profile()
+            .name
+            .to_lowercase()
+            .contains(&p.name[..3].to_lowercase())
+    );
+    let missing = Executor::start(ExecConfig {
+        adapter: AdapterChoice::Name("no such adapter".into()),
+        ..ExecConfig::default()
+    });
+    assert!(matches!(missing, Err(ExecError::NoAdapter(_))));
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = hashgrid_node::DataDir::new(dir.path());
+    let rt = rt();
+    let b = rt
+        .block_on(bench::cached(&exec, &data.bench_cache_path()))
+        .expect("benchmark");
+    assert!(b.matmul_mflops > 0 && b.copy_mbps > 0, "{b:?}");
+    assert_eq!(exec.profile().bench, b);
+    // Second start: read from the cache, not re-measured (the file's value comes back).
+    let cache: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.bench_cache_path()).expect("cache file"))
+            .expect("json");
+    assert_eq!(
+        cache[bench::cache_key(&p)]["matmul_mflops"],
+        b.matmul_mflops
+    );
+    let planted =
+        serde_json::json!({ bench::cache_key(&p): { "matmul_mflops": 7, "copy_mbps": 9 } });
+    std::fs::write(data.bench_cache_path(), planted.to_string()).expect("write");
+    let again = rt
+        .block_on(bench::cached(&by_name, &data.bench_cache_path()))
+        .expect("cached");
+    assert_eq!((again.matmul_mflops, again.copy_mbps), (7, 9));
+}
