@@ -47,3 +47,4 @@ pub use event::NodeEvent;
 #[cfg(feature = "testing")]
 pub use node::RawTopic;
 pub use node::{AskSpec, BidSpec, Node, NodeBuilder, NodeHandle};
+pub use libp2p::{Multiaddr, PeerId};

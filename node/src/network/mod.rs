@@ -40,20 +40,21 @@
 //! can race the expiry), authors over the rate limit (the relay is not to blame) and a full
 //! book.
 
+pub mod sync;
 pub mod validate;
+
+pub use sync::{SyncCodec, SyncRequest, SyncResponse};
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
-use hashgrid_protocol::GossipMessage;
 use hashgrid_protocol::limits::MAX_GOSSIP_BYTES;
 use libp2p::gossipsub::{self, PeerScoreParams, PeerScoreThresholds, TopicScoreParams};
 use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{StreamProtocol, connection_limits, identify, kad, mdns, ping};
-use serde::{Deserialize, Serialize};
 
 /// Room for the gossipsub envelope (protobuf framing, topic, source, sequence number,
 /// libp2p signature and key) around an application message of [`MAX_GOSSIP_BYTES`].
@@ -99,20 +100,6 @@ pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/hashgrid/sync/1"
 /// The identify protocol version string.
 pub const IDENTIFY_PROTOCOL: &str = "/hashgrid/id/1.0.0";
 
-/// A request for the peer's current book.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SyncRequest {
-    /// Most messages wanted (the responder caps it at [`MAX_SYNC_MESSAGES`]).
-    pub max: u32,
-}
-
-/// The signed messages a peer holds; each is re-verified on receipt like gossip.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SyncResponse {
-    /// Capacity ads, asks and bids, as their authors signed them.
-    pub messages: Vec<GossipMessage>,
-}
-
 /// The composed libp2p behaviour.
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
@@ -122,7 +109,7 @@ pub(crate) struct Behaviour {
     pub(crate) identify: identify::Behaviour,
     pub(crate) ping: ping::Behaviour,
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
-    pub(crate) sync: request_response::cbor::Behaviour<SyncRequest, SyncResponse>,
+    pub(crate) sync: request_response::Behaviour<SyncCodec>,
 }
 
 /// Settings the behaviour is built from.
@@ -168,10 +155,8 @@ impl Behaviour {
             None
         };
 
-        let sync = request_response::cbor::Behaviour::with_codec(
-            request_response::cbor::codec::Codec::default()
-                .set_request_size_maximum(MAX_SYNC_REQUEST_BYTES)
-                .set_response_size_maximum(MAX_SYNC_RESPONSE_BYTES),
+        let sync = request_response::Behaviour::with_codec(
+            SyncCodec,
             [(SYNC_PROTOCOL, ProtocolSupport::Full)],
             request_response::Config::default().with_request_timeout(SYNC_REQUEST_TIMEOUT),
         );
