@@ -473,14 +473,52 @@ fn libp2p_keypair(key: &Keypair) -> Result<libp2p::identity::Keypair, StartError
 }
 
 fn listen_error(addr: &Multiaddr, e: &libp2p::TransportError<std::io::Error>) -> StartError {
-    if let libp2p::TransportError::Other(io) = e
-        && io.kind() == std::io::ErrorKind::AddrInUse
-    {
+    // The io error is wrapped by the transport stack (OrTransport, boxing): walk the chain.
+    let mut reasons = Vec::new();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = match e {
+        libp2p::TransportError::Other(io) => Some(io),
+        libp2p::TransportError::MultiaddrNotSupported(_) => None,
+    };
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::AddrInUse {
+                return StartError::AddrInUse { addr: addr.clone() };
+            }
+            if let Some(inner) = io.get_ref() {
+                cur = Some(inner);
+                let s = inner.to_string();
+                if !s.is_empty() {
+                    reasons.push(s);
+                }
+                continue;
+            }
+        }
+        if let Some(libp2p::TransportError::Other(io)) =
+            err.downcast_ref::<libp2p::TransportError<std::io::Error>>()
+        {
+            cur = Some(io);
+            continue;
+        }
+        let s = err.to_string();
+        if !s.is_empty() {
+            reasons.push(s);
+        }
+        cur = err.source();
+    }
+    // Some layers only keep the OS error's text; recognise the OS messages for EADDRINUSE
+    // (Linux, macOS) and WSAEADDRINUSE (Windows).
+    if reasons.iter().any(|r| {
+        r.contains("Address already in use") || r.contains("Only one usage of each socket address")
+    }) {
         return StartError::AddrInUse { addr: addr.clone() };
     }
     StartError::Listen {
         addr: addr.clone(),
-        reason: e.to_string(),
+        reason: if reasons.is_empty() {
+            e.to_string()
+        } else {
+            reasons.join(": ")
+        },
     }
 }
 
