@@ -33,11 +33,13 @@
 //! ```
 
 pub mod book;
+pub mod config;
 pub mod datadir;
 pub mod error;
 pub mod event;
 pub mod network;
 pub mod node;
+pub mod site;
 pub mod store;
 
 pub use book::{BookSnapshot, OrderKind, RemoveReason};
@@ -47,4 +49,5 @@ pub use event::NodeEvent;
 #[cfg(feature = "testing")]
 pub use node::RawTopic;
 pub use node::{AskSpec, BidSpec, Node, NodeBuilder, NodeHandle};
+pub use store::OwnOrder;
 pub use libp2p::{Multiaddr, PeerId};

@@ -352,6 +352,7 @@ impl NodeBuilder {
         // Listen, and wait until every listener has an address (or failed).
         let mut pending = HashMap::new();
         for addr in &self.listen {
+            probe_port(addr)?;
             match swarm.listen_on(addr.clone()) {
                 Ok(id) => {
                     pending.insert(id, addr.clone());
@@ -472,6 +473,45 @@ fn libp2p_keypair(key: &Keypair) -> Result<libp2p::identity::Keypair, StartError
         .map_err(|e| StartError::Network(format!("identity: {e}")))
 }
 
+/// libp2p's TCP listeners set `SO_REUSEPORT`, so a second node could silently share a port
+/// with the first (and the kernel would split connections between them). Binding the port
+/// once without it first turns that into a clear [`StartError::AddrInUse`].
+fn probe_port(addr: &Multiaddr) -> Result<(), StartError> {
+    let mut ip = None;
+    let mut tcp = None;
+    let mut udp = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::Ip4(a) => ip = Some(std::net::IpAddr::V4(a)),
+            Protocol::Ip6(a) => ip = Some(std::net::IpAddr::V6(a)),
+            Protocol::Tcp(port) => tcp = Some(port),
+            Protocol::Udp(port) => udp = Some(port),
+            _ => {}
+        }
+    }
+    let Some(ip) = ip else { return Ok(()) };
+    let in_use = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            StartError::AddrInUse { addr: addr.clone() }
+        } else {
+            StartError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            }
+        }
+    };
+    match (tcp, udp) {
+        (Some(port), _) if port != 0 => {
+            std::net::TcpListener::bind((ip, port)).map_err(in_use)?;
+        }
+        (None, Some(port)) if port != 0 => {
+            std::net::UdpSocket::bind((ip, port)).map_err(in_use)?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 fn listen_error(addr: &Multiaddr, e: &libp2p::TransportError<std::io::Error>) -> StartError {
     // The io error is wrapped by the transport stack (OrTransport, boxing): walk the chain.
     let mut reasons = Vec::new();
@@ -550,6 +590,7 @@ enum Command {
     Cancel(u64, oneshot::Sender<Result<(), NodeError>>),
     Book(oneshot::Sender<BookSnapshot>),
     Peers(oneshot::Sender<Vec<PeerId>>),
+    OwnOrders(oneshot::Sender<Vec<OwnOrder>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     PeerScore(PeerId, oneshot::Sender<Option<f64>>),
     Dial(Multiaddr, oneshot::Sender<Result<(), NodeError>>),
@@ -632,6 +673,36 @@ impl NodeHandle {
     /// publishes a signed `Cancel`.
     pub async fn cancel(&self, order_id: u64) -> Result<(), NodeError> {
         self.request(|r| Command::Cancel(order_id, r)).await?
+    }
+
+    /// This node's own live orders (as stored; the announced copies carry a fresh sequence
+    /// number and expiry), ordered by order id.
+    pub async fn own_orders(&self) -> Result<Vec<OwnOrder>, NodeError> {
+        self.request(Command::OwnOrders).await
+    }
+
+    /// Makes this node's asks exactly `wanted`: keeps own asks equal to a wanted one (same
+    /// GPU, units, price and longest job; they keep their order ids), cancels the others and
+    /// posts what is missing. A restarted site with an unchanged config keeps its orders.
+    pub async fn set_asks(&self, wanted: &[AskSpec]) -> Result<Vec<OrderRef>, NodeError> {
+        let mut missing: Vec<AskSpec> = wanted.to_vec();
+        let mut kept = Vec::new();
+        for order in self.own_orders().await? {
+            let OwnOrder::Ask(a) = order else { continue };
+            let same = |s: &AskSpec| {
+                s.gpu == a.gpu && s.units == a.units && s.price == a.price && s.max_seconds == a.max_seconds
+            };
+            if let Some(i) = missing.iter().position(same) {
+                missing.remove(i);
+                kept.push(a.order_ref());
+            } else {
+                self.cancel(a.order_id).await?;
+            }
+        }
+        for spec in missing {
+            kept.push(self.post_ask(spec).await?);
+        }
+        Ok(kept)
     }
 
     /// A snapshot of this node's view of the book.
@@ -770,6 +841,11 @@ impl NodeLoop {
             }
             Command::Book(r) => {
                 let _ = r.send(self.book.snapshot());
+            }
+            Command::OwnOrders(r) => {
+                let mut orders: Vec<OwnOrder> = self.own.values().cloned().collect();
+                orders.sort_by_key(OwnOrder::order_id);
+                let _ = r.send(orders);
             }
             Command::Peers(r) => {
                 let _ = r.send(self.swarm.connected_peers().copied().collect());
