@@ -119,7 +119,10 @@ pub async fn wait_for_peers(node: &NodeHandle, n: usize, timeout: Duration) -> a
             return Ok(());
         }
         if start.elapsed() > timeout {
-            bail!("node {} has fewer than {n} peers after {timeout:?}", node.peer_id());
+            bail!(
+                "node {} has fewer than {n} peers after {timeout:?}",
+                node.peer_id()
+            );
         }
         tokio::time::sleep(POLL).await;
     }

@@ -205,7 +205,11 @@ impl Book {
 
     /// Applies a cancel (already verified by the caller): removes the order if the cancel's
     /// sequence number is higher than the order's, and remembers the cancel until it expires.
-    pub fn cancel(&mut self, signed: Signed<Cancel>, cancel: Cancel) -> Result<BookChange, BookReject> {
+    pub fn cancel(
+        &mut self,
+        signed: Signed<Cancel>,
+        cancel: Cancel,
+    ) -> Result<BookChange, BookReject> {
         let _ = signed;
         let order = OrderRef {
             owner: cancel.owner,
@@ -294,8 +298,16 @@ impl Book {
         self.capacity
             .values()
             .map(|e| GossipMessage::Capacity(e.signed.clone()))
-            .chain(self.asks.values().map(|e| GossipMessage::Ask(e.signed.clone())))
-            .chain(self.bids.values().map(|e| GossipMessage::Bid(e.signed.clone())))
+            .chain(
+                self.asks
+                    .values()
+                    .map(|e| GossipMessage::Ask(e.signed.clone())),
+            )
+            .chain(
+                self.bids
+                    .values()
+                    .map(|e| GossipMessage::Bid(e.signed.clone())),
+            )
             .take(max)
             .collect()
     }
@@ -358,11 +370,20 @@ mod tests {
         let (s, a) = ask(&key, 1, 5, now);
         assert!(matches!(book.insert_ask(s, a), Ok(BookChange::Added(..))));
         let (s, a) = ask(&key, 1, 4, now);
-        assert!(matches!(book.insert_ask(s, a), Err(BookReject::Stale { .. })));
+        assert!(matches!(
+            book.insert_ask(s, a),
+            Err(BookReject::Stale { .. })
+        ));
         let (s, a) = ask(&key, 1, 5, now);
-        assert!(matches!(book.insert_ask(s, a), Err(BookReject::Duplicate { .. })));
+        assert!(matches!(
+            book.insert_ask(s, a),
+            Err(BookReject::Duplicate { .. })
+        ));
         let (s, a) = ask(&key, 1, 6, now);
-        assert!(matches!(book.insert_ask(s, a), Ok(BookChange::Replaced(..))));
+        assert!(matches!(
+            book.insert_ask(s, a),
+            Ok(BookChange::Replaced(..))
+        ));
         assert_eq!(book.snapshot().asks[0].seq, 6);
 
         let (s, c) = cancel(&key, 1, 7, now);
@@ -370,7 +391,10 @@ mod tests {
         assert!(book.snapshot().asks.is_empty());
         // A late copy of the cancelled order does not come back.
         let (s, a) = ask(&key, 1, 6, now);
-        assert!(matches!(book.insert_ask(s, a), Err(BookReject::Cancelled { .. })));
+        assert!(matches!(
+            book.insert_ask(s, a),
+            Err(BookReject::Cancelled { .. })
+        ));
 
         let (s, a) = ask(&key, 2, 1, now);
         book.insert_ask(s, a).unwrap();

@@ -337,7 +337,10 @@ impl SiteConfig {
             )
             .region(self.region.clone())
             .mdns(self.mdns)
-            .units(self.units.saturating_mul(u32::try_from(self.gpus.len()).unwrap_or(u32::MAX)))
+            .units(
+                self.units
+                    .saturating_mul(u32::try_from(self.gpus.len()).unwrap_or(u32::MAX)),
+            )
             .settlement(self.settlement.clone())
             .order_ttl(Duration::from_secs(self.order_ttl_secs))
             .gpu_profiles(self.gpus.iter().map(GpuConfig::profile).collect());

@@ -15,13 +15,17 @@ pub enum StartError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// The address is already in use.
-    #[error("{addr}: address already in use: pass --listen with another port (or stop the other process)")]
+    #[error(
+        "{addr}: address already in use: pass --listen with another port (or stop the other process)"
+    )]
     AddrInUse {
         /// The address.
         addr: Multiaddr,
     },
     /// Listening failed for another reason.
-    #[error("cannot listen on {addr}: {reason}: pass --listen with an address of this host, e.g. /ip4/0.0.0.0/tcp/4001")]
+    #[error(
+        "cannot listen on {addr}: {reason}: pass --listen with an address of this host, e.g. /ip4/0.0.0.0/tcp/4001"
+    )]
     Listen {
         /// The address.
         addr: Multiaddr,

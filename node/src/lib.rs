@@ -46,8 +46,8 @@ pub use book::{BookSnapshot, OrderKind, RemoveReason};
 pub use datadir::DataDir;
 pub use error::{NodeError, StartError};
 pub use event::NodeEvent;
+pub use libp2p::{Multiaddr, PeerId};
 #[cfg(feature = "testing")]
 pub use node::RawTopic;
 pub use node::{AskSpec, BidSpec, Node, NodeBuilder, NodeHandle};
 pub use store::OwnOrder;
-pub use libp2p::{Multiaddr, PeerId};

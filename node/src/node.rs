@@ -41,6 +41,7 @@ use libp2p::{Multiaddr, PeerId, Swarm, identify, kad, mdns, noise, tcp, yamux};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::DataDir;
 use crate::book::{Book, BookChange, BookReject, BookSnapshot, RemoveReason};
 use crate::error::{NodeError, StartError};
 use crate::event::NodeEvent;
@@ -50,7 +51,6 @@ use crate::network::{
     peer_score_params,
 };
 use crate::store::{OwnOrder, Store};
-use crate::DataDir;
 
 /// Commands queued from handles to the swarm task. Handles wait for the reply, so a small
 /// queue is enough; a full queue makes callers wait (back-pressure), never drops.
@@ -287,7 +287,10 @@ impl NodeBuilder {
                 self.order_ttl
             )));
         }
-        if self.heartbeat.is_zero() || self.sweep_interval.is_zero() || self.kad_walk_interval.is_zero() {
+        if self.heartbeat.is_zero()
+            || self.sweep_interval.is_zero()
+            || self.kad_walk_interval.is_zero()
+        {
             return Err(StartError::Config("intervals must be non-zero".into()));
         }
         hashgrid_protocol::validate::check_str(
@@ -330,7 +333,10 @@ impl NodeBuilder {
             )
             .map_err(|e| StartError::Network(format!("tcp: {e}")))?
             .with_quic()
-            .with_behaviour(|k| Behaviour::new(k, &settings).map_err(Box::<dyn std::error::Error + Send + Sync>::from))
+            .with_behaviour(|k| {
+                Behaviour::new(k, &settings)
+                    .map_err(Box::<dyn std::error::Error + Send + Sync>::from)
+            })
             .map_err(|e| StartError::Network(e.to_string()))?
             .with_swarm_config(|c| {
                 c.with_idle_connection_timeout(crate::network::IDLE_CONNECTION_TIMEOUT)
@@ -344,8 +350,7 @@ impl NodeBuilder {
             gs.subscribe(t)
                 .map_err(|e| StartError::Network(format!("subscribe: {e}")))?;
         }
-        let (params, thresholds) =
-            peer_score_params(&[capacity_topic.hash(), orders_topic.hash()]);
+        let (params, thresholds) = peer_score_params(&[capacity_topic.hash(), orders_topic.hash()]);
         gs.with_peer_score(params, thresholds)
             .map_err(StartError::Network)?;
 
@@ -690,7 +695,10 @@ impl NodeHandle {
         for order in self.own_orders().await? {
             let OwnOrder::Ask(a) = order else { continue };
             let same = |s: &AskSpec| {
-                s.gpu == a.gpu && s.units == a.units && s.price == a.price && s.max_seconds == a.max_seconds
+                s.gpu == a.gpu
+                    && s.units == a.units
+                    && s.price == a.price
+                    && s.max_seconds == a.max_seconds
             };
             if let Some(i) = missing.iter().position(same) {
                 missing.remove(i);
@@ -735,7 +743,8 @@ impl NodeHandle {
     /// only (cargo feature `testing`).
     #[cfg(feature = "testing")]
     pub async fn publish_raw(&self, topic: RawTopic, data: Vec<u8>) -> Result<(), NodeError> {
-        self.request(|r| Command::PublishRaw(topic, data, r)).await?
+        self.request(|r| Command::PublishRaw(topic, data, r))
+            .await?
     }
 
     /// Shuts the node down in the documented order and waits until it has stopped. Other
@@ -863,7 +872,10 @@ impl NodeLoop {
             }
             Command::Dial(addr, r) => {
                 if let Some(Protocol::P2p(peer)) = addr.iter().last() {
-                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
                 }
                 let res = self
                     .swarm
@@ -1032,10 +1044,10 @@ impl NodeLoop {
 
     /// Announces the capacity ad (providers only) and every live own order.
     fn announce_all(&mut self) {
-        if !self.settings.gpus.is_empty() {
-            if let Err(e) = self.announce_capacity() {
-                warn!(error = %e, "cannot announce capacity");
-            }
+        if !self.settings.gpus.is_empty()
+            && let Err(e) = self.announce_capacity()
+        {
+            warn!(error = %e, "cannot announce capacity");
         }
         let orders: Vec<OwnOrder> = self.own.values().cloned().collect();
         if let Err(e) = self.announce_orders(&orders) {
@@ -1168,7 +1180,7 @@ impl NodeLoop {
             .validator
             .check_bytes(topic, &message.data, Timestamp::now(), true);
         let acceptance = match verdict {
-            Verdict::Accept(msg, verified) => match self.fold(msg, verified) {
+            Verdict::Accept(accepted) => match self.fold(accepted.0, accepted.1) {
                 Ok(()) => MessageAcceptance::Accept,
                 Err(BookReject::Stale { .. } | BookReject::Cancelled { .. }) => {
                     self.reject(from, "stale copy of a replaced or cancelled order".into());
@@ -1205,8 +1217,8 @@ impl NodeLoop {
         let mut added = 0usize;
         for msg in resp.messages.into_iter().take(MAX_SYNC_MESSAGES) {
             match self.validator.check_message(msg, now, false) {
-                Verdict::Accept(msg, verified) => {
-                    if self.fold(msg, verified).is_ok() {
+                Verdict::Accept(accepted) => {
+                    if self.fold(accepted.0, accepted.1).is_ok() {
                         added += 1;
                     }
                 }
@@ -1219,12 +1231,10 @@ impl NodeLoop {
 
     fn on_swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
         match ev {
-            SwarmEvent::NewListenAddr { address, .. } => {
-                if !self.listen_addrs.contains(&address) {
-                    info!(addr = %with_peer(&address, self.peer_id), "listening");
-                    self.listen_addrs.push(address.clone());
-                    self.emit(NodeEvent::Listening(with_peer(&address, self.peer_id)));
-                }
+            SwarmEvent::NewListenAddr { address, .. } if !self.listen_addrs.contains(&address) => {
+                info!(addr = %with_peer(&address, self.peer_id), "listening");
+                self.listen_addrs.push(address.clone());
+                self.emit(NodeEvent::Listening(with_peer(&address, self.peer_id)));
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.retain(|a| *a != address);
@@ -1309,16 +1319,20 @@ impl NodeLoop {
                     if peer == self.peer_id {
                         continue;
                     }
-                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
                     if !self.swarm.is_connected(&peer) {
                         let _ = self.swarm.dial(addr);
                     }
                 }
             }
-            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed { result, .. }) => {
-                if let kad::QueryResult::GetClosestPeers(Ok(ok)) = result {
-                    debug!(found = ok.peers.len(), "random walk done");
-                }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                result: kad::QueryResult::GetClosestPeers(Ok(ok)),
+                ..
+            }) => {
+                debug!(found = ok.peers.len(), "random walk done");
             }
             _ => {}
         }

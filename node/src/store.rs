@@ -113,12 +113,12 @@ impl Store {
 
     fn counter(&self, key: &[u8]) -> Result<u64, StoreError> {
         Ok(match self.meta.get(key)? {
-            Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| {
-                StoreError::Corrupt {
+            Some(v) => {
+                u64::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::Corrupt {
                     tree: TREE_META,
                     reason: "counter is not 8 bytes".into(),
-                }
-            })?),
+                })?)
+            }
             None => 0,
         })
     }

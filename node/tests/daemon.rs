@@ -1,6 +1,8 @@
 //! The `hashgrid-node run` daemon: logs its addresses with the PeerId, offers the asks of its
 //! pricing policy to the network, stops cleanly on SIGTERM, and refuses a taken port clearly.
 
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns: a failed unwrap is a failed test
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -43,7 +45,9 @@ fn wait_line(rx: &mpsc::Receiver<String>, pred: impl Fn(&str) -> bool) -> String
     let deadline = Instant::now() + LIMIT;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx.recv_timeout(left).expect("expected log line did not come");
+        let line = rx
+            .recv_timeout(left)
+            .expect("expected log line did not come");
         if pred(&line) {
             return line;
         }
@@ -110,10 +114,19 @@ async fn daemon_offers_priced_asks_and_stops_on_sigterm() {
         assert!(Instant::now() < deadline, "the daemon's ask never arrived");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!((ask.price, ask.units, ask.region.as_str()), (Msat(450), 3, "eu-north"));
+    assert_eq!(
+        (ask.price, ask.units, ask.region.as_str()),
+        (Msat(450), 3, "eu-north")
+    );
 
     let pid = child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     wait_line(&rx, |l| l.contains("node stopped"));
     assert!(wait_exit(&mut child).success());
 

@@ -34,7 +34,11 @@ fn measure<R>(f: impl FnOnce() -> R) -> (R, usize, usize) {
     ARMED.store(true, Ordering::SeqCst);
     let r = f();
     ARMED.store(false, Ordering::SeqCst);
-    (r, LARGEST.load(Ordering::SeqCst), COUNT.load(Ordering::SeqCst))
+    (
+        r,
+        LARGEST.load(Ordering::SeqCst),
+        COUNT.load(Ordering::SeqCst),
+    )
 }
 
 fn varint(mut v: u64, out: &mut Vec<u8>) {
@@ -65,7 +69,10 @@ fn hostile_inputs_allocate_little() {
     lying.extend_from_slice(&[0u8; 12]);
     let (r, largest, _) = measure(|| GossipMessage::decode(&lying));
     assert!(matches!(r, Err(DecodeError::Malformed { .. })), "{r:?}");
-    assert!(largest < 4096, "largest allocation {largest} bytes for a 20-byte input");
+    assert!(
+        largest < 4096,
+        "largest allocation {largest} bytes for a 20-byte input"
+    );
 
     // 3. A job spec claiming 2^32 buffers: serde preallocates at most 1 MiB however large the
     //    claim, and the decoder fails at the first missing byte.

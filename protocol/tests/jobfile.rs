@@ -58,10 +58,16 @@ fn good_job_file_parses() {
     let names: Vec<_> = spec.buffers.iter().map(|b| b.name.as_str()).collect();
     assert_eq!(names, ["counts", "out", "params", "signed", "x"]);
     let out = &spec.buffers[1];
-    assert_eq!((out.size, out.output, &out.init), (4096, true, &BufferInit::Zeroed));
+    assert_eq!(
+        (out.size, out.output, &out.init),
+        (4096, true, &BufferInit::Zeroed)
+    );
     let x = &spec.buffers[4];
     assert_eq!(x.size, 8);
-    assert_eq!(x.init, BufferInit::Blob(ContentId::of(&[1, 0, 0, 0, 2, 0, 0, 0])));
+    assert_eq!(
+        x.init,
+        BufferInit::Blob(ContentId::of(&[1, 0, 0, 0, 2, 0, 0, 0]))
+    );
     let params = &spec.buffers[2];
     let bytes: Vec<u8> = [2.0f32, 0.5].iter().flat_map(|f| f.to_le_bytes()).collect();
     assert_eq!(params.init, BufferInit::Blob(ContentId::of(&bytes)));
@@ -75,9 +81,18 @@ fn good_job_file_parses() {
     assert_eq!(
         spec.passes[0].bindings,
         vec![
-            Binding { binding: 0, buffer: 1 },
-            Binding { binding: 1, buffer: 4 },
-            Binding { binding: 2, buffer: 2 }
+            Binding {
+                binding: 0,
+                buffer: 1
+            },
+            Binding {
+                binding: 1,
+                buffer: 4
+            },
+            Binding {
+                binding: 2,
+                buffer: 2
+            }
         ]
     );
     // Reordering the TOML does not change the spec id.
@@ -115,7 +130,10 @@ fn unreadable_file_is_named() {
     assert!(e.contains("missing.bin"), "{e}");
     assert!(e.contains("No such file"), "{e}");
 
-    let job = GOOD.replace("shader = \"k.wgsl\"\nentry", "shader = \"nope.wgsl\"\nentry");
+    let job = GOOD.replace(
+        "shader = \"k.wgsl\"\nentry",
+        "shader = \"nope.wgsl\"\nentry",
+    );
     let e = err(&job);
     assert!(e.contains("[[pass]] 1 shader"), "{e}");
     assert!(e.contains("nope.wgsl"), "{e}");
@@ -123,14 +141,19 @@ fn unreadable_file_is_named() {
     // A directory where a file should be.
     let (dir, path) = setup(&GOOD.replace("x.bin", "sub"));
     std::fs::create_dir(dir.path().join("sub")).unwrap();
-    let e = load_job_file(&path, &JobLimits::default()).unwrap_err().to_string();
+    let e = load_job_file(&path, &JobLimits::default())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("[buffers] `x` file"), "{e}");
 
     // The job file itself.
     let e = load_job_file(Path::new("/nonexistent/job.toml"), &JobLimits::default())
         .unwrap_err()
         .to_string();
-    assert!(e.contains("/nonexistent/job.toml") && e.contains("cannot read"), "{e}");
+    assert!(
+        e.contains("/nonexistent/job.toml") && e.contains("cannot read"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -168,7 +191,10 @@ fn limits_are_enforced() {
         ..JobLimits::default()
     };
     let e = load_job_file(&path, &tight).unwrap_err().to_string();
-    assert!(e.contains("\"out\" is 4096 bytes, over the limit of 1024"), "{e}");
+    assert!(
+        e.contains("\"out\" is 4096 bytes, over the limit of 1024"),
+        "{e}"
+    );
 
     let tight = JobLimits {
         max_passes: 1,
@@ -197,7 +223,10 @@ fn limits_are_enforced() {
         ..JobLimits::default()
     };
     let e = load_job_file(&path, &tight).unwrap_err().to_string();
-    assert!(e.contains("`x` file") && e.contains("over the limit"), "{e}");
+    assert!(
+        e.contains("`x` file") && e.contains("over the limit"),
+        "{e}"
+    );
 
     let e = err(&GOOD.replace("workgroups = [4]", "workgroups = [4, 0, 1]"));
     assert!(e.contains("zero dimension"), "{e}");
@@ -205,7 +234,10 @@ fn limits_are_enforced() {
     assert!(e.contains("1 to 3 numbers"), "{e}");
     let e = err(&GOOD.replace("workgroups = [4]", "workgroups = [4, 1, 1, 1]"));
     assert!(e.contains("1 to 3 numbers"), "{e}");
-    let e = err(&GOOD.replace("bindings = { 0 = \"out\" }", "bindings = { 0 = \"out\", \"00\" = \"x\" }"));
+    let e = err(&GOOD.replace(
+        "bindings = { 0 = \"out\" }",
+        "bindings = { 0 = \"out\", \"00\" = \"x\" }",
+    ));
     assert!(e.contains("binding 0 is given twice"), "{e}");
 }
 

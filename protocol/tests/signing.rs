@@ -9,7 +9,6 @@ fn net() -> Network {
     Network::test()
 }
 
-
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(32))]
 
@@ -88,8 +87,11 @@ fn wrong_message_kind_fails() {
         as_ad.verify(&net()),
         Err(SignedError::BadSignature { kind: "capacity" })
     );
-    let as_bid =
-        Signed::<Bid>::from_parts(signed.body_bytes().to_vec(), signed.signer(), signed.signature());
+    let as_bid = Signed::<Bid>::from_parts(
+        signed.body_bytes().to_vec(),
+        signed.signer(),
+        signed.signature(),
+    );
     assert_eq!(
         as_bid.verify(&net()),
         Err(SignedError::BadSignature { kind: "bid" })
@@ -106,8 +108,14 @@ fn signer_must_be_author() {
     let a = Agreement {
         buyer: buyer.public(),
         provider: provider.public(),
-        bid: OrderRef { owner: buyer.public(), order_id: 1 },
-        ask: OrderRef { owner: provider.public(), order_id: 1 },
+        bid: OrderRef {
+            owner: buyer.public(),
+            order_id: 1,
+        },
+        ask: OrderRef {
+            owner: provider.public(),
+            order_id: 1,
+        },
         units: 1,
         price: Msat(10),
         max_seconds: 60,

@@ -87,7 +87,11 @@ async fn run_once(nodes: &[NodeHandle], provider: usize, price: u64) -> anyhow::
     arrivals.sort();
     let need = (nodes.len() * 95).div_ceil(100);
     if arrivals.len() < need {
-        bail!("ask reached only {} of {} nodes", arrivals.len(), nodes.len());
+        bail!(
+            "ask reached only {} of {} nodes",
+            arrivals.len(),
+            nodes.len()
+        );
     }
     Ok(arrivals[need - 1])
 }
@@ -149,7 +153,10 @@ async fn main() -> anyhow::Result<()> {
                 )
             })
             .collect();
-        println!("{{\"benchmark\":\"propagation\",\"results\":[{}]}}", out.join(","));
+        println!(
+            "{{\"benchmark\":\"propagation\",\"results\":[{}]}}",
+            out.join(",")
+        );
     }
     Ok(())
 }

@@ -5,9 +5,7 @@
 use std::time::{Duration, Instant};
 
 use hashgrid_node::{NodeEvent, NodeHandle, RawTopic};
-use hashgrid_protocol::{
-    Ask, GossipMessage, Keypair, Msat, Network, Signature, Signed, Timestamp,
-};
+use hashgrid_protocol::{Ask, GossipMessage, Keypair, Msat, Network, Signature, Signed, Timestamp};
 use hashgrid_tests::{
     addr_of, ask_spec, gpu, test_builder, test_network, wait_for_book, wait_for_peers,
 };
@@ -83,7 +81,9 @@ async fn bad_messages_are_rejected_and_cost_score() -> anyhow::Result<()> {
         wait_for_book(n, REJECT_TIMEOUT, "the real ask", |b| b.has_ask(&real)).await?;
     }
 
-    let bad = test_builder(&[a_addr, addr_of(&provider).await?]).start().await?;
+    let bad = test_builder(&[a_addr, addr_of(&provider).await?])
+        .start()
+        .await?;
     wait_for_peers(&bad, 2, REJECT_TIMEOUT).await?;
     let bad_id = bad.peer_id();
     let mut events_a = honest_a.events();
@@ -103,13 +103,20 @@ async fn bad_messages_are_rejected_and_cost_score() -> anyhow::Result<()> {
         .encode()
     };
     let other_net = Network::new("other").expect("valid");
-    let wrong_network =
-        GossipMessage::Ask(Signed::sign(&evil, &other_net, &ask_by(&evil, 2, 1, now, 60_000)))
-            .encode();
+    let wrong_network = GossipMessage::Ask(Signed::sign(
+        &evil,
+        &other_net,
+        &ask_by(&evil, 2, 1, now, 60_000),
+    ))
+    .encode();
     let expired = {
         let created = Timestamp(now.0 - 120_000);
-        GossipMessage::Ask(Signed::sign(&evil, &net, &ask_by(&evil, 3, 1, created, 60_000)))
-            .encode()
+        GossipMessage::Ask(Signed::sign(
+            &evil,
+            &net,
+            &ask_by(&evil, 3, 1, created, 60_000),
+        ))
+        .encode()
     };
     let oversized = {
         let mut a = ask_by(&evil, 4, 1, now, 60_000);
@@ -160,7 +167,10 @@ async fn bad_messages_are_rejected_and_cost_score() -> anyhow::Result<()> {
         assert!(score < 0.0, "attacker score is {score}");
     }
     // An honest peer keeps a non-negative score.
-    let honest_score = honest_a.peer_score(provider.peer_id()).await?.unwrap_or(0.0);
+    let honest_score = honest_a
+        .peer_score(provider.peer_id())
+        .await?
+        .unwrap_or(0.0);
     assert!(honest_score >= 0.0, "honest score is {honest_score}");
 
     for n in [bad, honest_a, provider] {

@@ -39,7 +39,11 @@ async fn restarted_node_keeps_identity_and_reannounces_its_asks() -> anyhow::Res
     wait_for_book(&other, LIMIT, "the ask to expire", |b| !b.has_ask(&kept)).await?;
 
     let second = provider().start().await?;
-    assert_eq!(second.peer_id(), peer_id, "the PeerId must survive a restart");
+    assert_eq!(
+        second.peer_id(),
+        peer_id,
+        "the PeerId must survive a restart"
+    );
     wait_for_book(&other, LIMIT, "the ask to come back", |b| b.has_ask(&kept)).await?;
     // The cancelled ask stays cancelled.
     assert!(!other.book().await?.has_ask(&dropped));
@@ -63,6 +67,9 @@ async fn taken_port_is_a_clear_error() -> anyhow::Result<()> {
         .expect_err("the port is taken");
     assert!(matches!(err, StartError::AddrInUse { .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.contains("already in use") && msg.contains("--listen"), "{msg}");
+    assert!(
+        msg.contains("already in use") && msg.contains("--listen"),
+        "{msg}"
+    );
     Ok(())
 }

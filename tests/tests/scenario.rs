@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use hashgrid_node::NodeHandle;
 use hashgrid_protocol::OrderRef;
-use hashgrid_tests::{
-    addr_of, ask_spec, gpu, test_builder, wait_for_book, wait_for_peers};
+use hashgrid_tests::{addr_of, ask_spec, gpu, test_builder, wait_for_book, wait_for_peers};
 
 /// The bound: every provider's ask is in every node's book within 5 s.
 const PROPAGATION_LIMIT: Duration = Duration::from_secs(5);
@@ -67,7 +66,10 @@ async fn ten_nodes_share_a_signed_expiring_book() -> anyhow::Result<()> {
     // Every provider posts one ask; all six are in all ten books within 5 s.
     let mut asks = Vec::new();
     for (i, p) in nodes.iter().take(PROVIDERS).enumerate() {
-        asks.push(p.post_ask(ask_spec(&format!("gpu-{i}"), 100 + i as u64)).await?);
+        asks.push(
+            p.post_ask(ask_spec(&format!("gpu-{i}"), 100 + i as u64))
+                .await?,
+        );
     }
     let want: BTreeSet<OrderRef> = asks.iter().copied().collect();
     let t = all_books(&nodes, "all six asks", |have| want.is_subset(have)).await?;
@@ -83,7 +85,10 @@ async fn ten_nodes_share_a_signed_expiring_book() -> anyhow::Result<()> {
     // A cancelled ask disappears from every book.
     nodes[0].cancel(asks[0].order_id).await?;
     let cancelled = asks[0];
-    all_books(&nodes, "cancelled ask gone", |have| !have.contains(&cancelled)).await?;
+    all_books(&nodes, "cancelled ask gone", |have| {
+        !have.contains(&cancelled)
+    })
+    .await?;
     assert!(
         nodes[0].cancel(asks[0].order_id).await.is_err(),
         "cancelling twice must fail"
@@ -107,9 +112,12 @@ async fn ten_nodes_share_a_signed_expiring_book() -> anyhow::Result<()> {
     let expected = asks_of(&rest[1].book().await?);
     assert_eq!(expected.len(), PROVIDERS - 2);
     let late = test_builder(&[addrs[3].clone()]).start().await?;
-    let t = wait_for_book(&late, PROPAGATION_LIMIT, "whole book on the late node", |b| {
-        asks_of(b) == expected && b.capacity.len() == PROVIDERS - 1
-    })
+    let t = wait_for_book(
+        &late,
+        PROPAGATION_LIMIT,
+        "whole book on the late node",
+        |b| asks_of(b) == expected && b.capacity.len() == PROVIDERS - 1,
+    )
     .await?;
     println!("late joiner had the whole book after {t:?}");
 

@@ -9,7 +9,11 @@ use hashgrid_protocol::Network;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "hashgrid-node", version, about = "hashgrid site daemon: sell GPU capacity")]
+#[command(
+    name = "hashgrid-node",
+    version,
+    about = "hashgrid site daemon: sell GPU capacity"
+)]
 struct Cli {
     /// Data directory (default: $XDG_DATA_HOME/hashgrid).
     #[arg(long, global = true, env = "HASHGRID_DATA_DIR")]
@@ -87,7 +91,16 @@ async fn main() -> anyhow::Result<()> {
             let key = dir.load_or_create_identity()?;
             println!("{}", key.peer_id());
         }
-        Command::Run { config, network, listen, bootstrap, region, price, units, no_mdns } => {
+        Command::Run {
+            config,
+            network,
+            listen,
+            bootstrap,
+            region,
+            price,
+            units,
+            no_mdns,
+        } => {
             let file = match &config {
                 Some(path) => SiteConfig::load(path)?,
                 None => SiteConfig::default(),

@@ -44,7 +44,7 @@ pub enum TopicKind {
 #[derive(Debug)]
 pub(crate) enum Verdict {
     /// Valid: fold it into the book and forward it.
-    Accept(GossipMessage, VerifiedGossip),
+    Accept(Box<(GossipMessage, VerifiedGossip)>),
     /// Harmless but not useful (duplicate, just expired, author over its rate): drop it
     /// without penalty.
     Ignore(String),
@@ -127,7 +127,10 @@ impl Validator {
                 kind,
                 source: ValidationError::Expired { expires_at, now },
             }) if now.since(expires_at) < EXPIRED_GRACE_MS => {
-                return Verdict::Ignore(format!("{kind}: expired {} ms ago", now.since(expires_at)));
+                return Verdict::Ignore(format!(
+                    "{kind}: expired {} ms ago",
+                    now.since(expires_at)
+                ));
             }
             Err(e) => return Verdict::Reject(e.to_string()),
         };
@@ -145,7 +148,7 @@ impl Validator {
             },
         };
         match seq_check {
-            Ok(()) => Verdict::Accept(msg, verified),
+            Ok(()) => Verdict::Accept(Box::new((msg, verified))),
             Err(ValidationError::Replayed { seq, latest }) if seq == latest => {
                 Verdict::Ignore(format!("duplicate of sequence {seq}"))
             }

@@ -8,7 +8,11 @@ use proptest::prelude::*;
 /// The 256 test keys, derived once (key derivation is a scalar multiplication).
 fn keys() -> &'static [Keypair] {
     static KEYS: std::sync::OnceLock<Vec<Keypair>> = std::sync::OnceLock::new();
-    KEYS.get_or_init(|| (0..=255u8).map(|s| Keypair::from_secret_bytes([s; 32])).collect())
+    KEYS.get_or_init(|| {
+        (0..=255u8)
+            .map(|s| Keypair::from_secret_bytes([s; 32]))
+            .collect()
+    })
 }
 
 pub fn key(seed: u8) -> Keypair {
@@ -17,7 +21,11 @@ pub fn key(seed: u8) -> Keypair {
 
 /// The test key whose public half is `pk`.
 pub fn signer_of(pk: PublicKey) -> Keypair {
-    keys().iter().find(|k| k.public() == pk).expect("a test key").clone()
+    keys()
+        .iter()
+        .find(|k| k.public() == pk)
+        .expect("a test key")
+        .clone()
 }
 
 pub fn arb_pk() -> impl Strategy<Value = PublicKey> {
