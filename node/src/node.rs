@@ -596,6 +596,7 @@ enum Command {
     Book(oneshot::Sender<BookSnapshot>),
     Peers(oneshot::Sender<Vec<PeerId>>),
     OwnOrders(oneshot::Sender<Vec<OwnOrder>>),
+    GossipPeers(oneshot::Sender<Vec<PeerId>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     PeerScore(PeerId, oneshot::Sender<Option<f64>>),
     Dial(Multiaddr, oneshot::Sender<Result<(), NodeError>>),
@@ -721,6 +722,12 @@ impl NodeHandle {
     /// Peers with at least one open connection.
     pub async fn peers(&self) -> Result<Vec<PeerId>, NodeError> {
         self.request(Command::Peers).await
+    }
+
+    /// Peers known to be subscribed to this network's `orders` topic: those a publish reaches
+    /// directly.
+    pub async fn gossip_peers(&self) -> Result<Vec<PeerId>, NodeError> {
+        self.request(Command::GossipPeers).await
     }
 
     /// The gossipsub score this node gives `peer` (`None` if it is not known to gossipsub).
@@ -850,6 +857,18 @@ impl NodeLoop {
             }
             Command::Book(r) => {
                 let _ = r.send(self.book.snapshot());
+            }
+            Command::GossipPeers(r) => {
+                let topic = self.orders_topic.hash();
+                let peers = self
+                    .swarm
+                    .behaviour()
+                    .gossipsub
+                    .all_peers()
+                    .filter(|(_, topics)| topics.contains(&&topic))
+                    .map(|(p, _)| *p)
+                    .collect();
+                let _ = r.send(peers);
             }
             Command::OwnOrders(r) => {
                 let mut orders: Vec<OwnOrder> = self.own.values().cloned().collect();

@@ -85,6 +85,16 @@ async fn bad_messages_are_rejected_and_cost_score() -> anyhow::Result<()> {
         .start()
         .await?;
     wait_for_peers(&bad, 2, REJECT_TIMEOUT).await?;
+    // Publish only once the attacker knows both honest nodes subscribe to the orders topic, so
+    // each bad message reaches both directly.
+    let deadline = Instant::now() + REJECT_TIMEOUT;
+    while bad.gossip_peers().await?.len() < 2 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "attacker never saw both subscriptions"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let bad_id = bad.peer_id();
     let mut events_a = honest_a.events();
     let mut events_p = provider.events();
