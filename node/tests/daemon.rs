@@ -18,8 +18,20 @@ fn network() -> Network {
     Network::new("daemon-test").unwrap()
 }
 
+/// The daemon process, killed if the test fails before it exits.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Spawns the daemon and forwards its stderr lines.
-fn spawn(args: &[&str]) -> (Child, mpsc::Receiver<String>) {
+fn spawn(args: &[&str]) -> (Daemon, mpsc::Receiver<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_hashgrid-node"))
         .args(args)
         .env("RUST_LOG", "info")
@@ -38,7 +50,7 @@ fn spawn(args: &[&str]) -> (Child, mpsc::Receiver<String>) {
             }
         }
     });
-    (child, rx)
+    (Daemon(child), rx)
 }
 
 fn wait_line(rx: &mpsc::Receiver<String>, pred: impl Fn(&str) -> bool) -> String {
@@ -54,7 +66,7 @@ fn wait_line(rx: &mpsc::Receiver<String>, pred: impl Fn(&str) -> bool) -> String
     }
 }
 
-fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+fn wait_exit(Daemon(child): &mut Daemon) -> std::process::ExitStatus {
     let deadline = Instant::now() + LIMIT;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -119,7 +131,7 @@ async fn daemon_offers_priced_asks_and_stops_on_sigterm() {
         (Msat(450), 3, "eu-north")
     );
 
-    let pid = child.id().to_string();
+    let pid = child.0.id().to_string();
     assert!(
         Command::new("kill")
             .args(["-TERM", &pid])

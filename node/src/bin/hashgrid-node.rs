@@ -80,7 +80,7 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,libp2p_gossipsub=warn".into()),
+                .unwrap_or_else(|_| "info,libp2p_gossipsub=warn,libp2p_kad=error".into()),
         )
         .with_writer(std::io::stderr)
         .init();
