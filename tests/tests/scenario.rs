@@ -4,8 +4,8 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use hashgrid_node::NodeHandle;
-use hashgrid_protocol::OrderRef;
+use hashgrid_node::{BidSpec, NodeHandle};
+use hashgrid_protocol::{Msat, OrderRef, Requirements};
 use hashgrid_tests::{addr_of, ask_spec, gpu, test_builder, wait_for_book, wait_for_peers};
 
 /// The bound: every provider's ask is in every node's book within 5 s.
@@ -80,6 +80,23 @@ async fn ten_nodes_share_a_signed_expiring_book() -> anyhow::Result<()> {
             b.capacity.len() == PROVIDERS
         })
         .await?;
+    }
+
+    // A buyer's bid travels the same way.
+    let bid = nodes[NODES - 1]
+        .post_bid(BidSpec {
+            units: 2,
+            requirements: Requirements {
+                min_memory_bytes: 16 << 30,
+                regions: vec!["us-east".into()],
+                ..Requirements::default()
+            },
+            max_price: Msat(150),
+            max_seconds: 600,
+        })
+        .await?;
+    for n in &nodes {
+        wait_for_book(n, PROPAGATION_LIMIT, "the bid", |b| b.has_bid(&bid)).await?;
     }
 
     // A cancelled ask disappears from every book.
