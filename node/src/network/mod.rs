@@ -60,6 +60,11 @@ use libp2p::{StreamProtocol, connection_limits, identify, kad, mdns, ping};
 /// libp2p signature and key) around an application message of [`MAX_GOSSIP_BYTES`].
 pub const GOSSIP_FRAME_OVERHEAD: usize = 4 * 1024;
 
+/// Delay before the first gossipsub heartbeat. The libp2p default (5 s) leaves a fresh node
+/// without a mesh for 5 s: messages it receives in that time are validated but forwarded to
+/// nobody. 100 ms forms the mesh as soon as the first peers' subscriptions are known.
+pub const HEARTBEAT_INITIAL_DELAY: Duration = Duration::from_millis(100);
+
 /// How long after its expiry a message is *ignored* rather than *rejected*: an honest relay
 /// may forward a message that expires while in flight. 10 s covers propagation and skew.
 pub const EXPIRED_GRACE_MS: u64 = 10_000;
@@ -126,6 +131,7 @@ impl Behaviour {
         let peer_id = key.public().to_peer_id();
         let gossip_config = gossipsub::ConfigBuilder::default()
             .heartbeat_interval(settings.heartbeat)
+            .heartbeat_initial_delay(HEARTBEAT_INITIAL_DELAY.min(settings.heartbeat))
             .validation_mode(gossipsub::ValidationMode::Strict)
             .validate_messages()
             .max_transmit_size(MAX_GOSSIP_BYTES + GOSSIP_FRAME_OVERHEAD)
