@@ -782,6 +782,17 @@ struct NodeLoop {
     settings: NodeBuilder,
 }
 
+/// What a queued own message is about: the ad (`None`) or an order id. Cancels share the
+/// order's key, so a queued re-announcement never follows its cancel.
+fn queue_key(msg: &GossipMessage) -> Option<u64> {
+    match msg {
+        GossipMessage::Capacity(_) => None,
+        GossipMessage::Ask(s) => s.decode_unverified().ok().map(|a| a.order_id),
+        GossipMessage::Bid(s) => s.decode_unverified().ok().map(|b| b.order_id),
+        GossipMessage::Cancel(s) => s.decode_unverified().ok().map(|c| c.order_id),
+    }
+}
+
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -1011,11 +1022,7 @@ impl NodeLoop {
         let msg = GossipMessage::Cancel(signed.clone());
         self.fold_own(msg.clone(), VerifiedGossip::Cancel(cancel));
         // A queued re-announcement of the cancelled order must not go out after the cancel.
-        self.unpublished.retain(|m| match m {
-            GossipMessage::Ask(s) => s.decode_unverified().map(|a| a.order_id) != Ok(order_id),
-            GossipMessage::Bid(s) => s.decode_unverified().map(|b| b.order_id) != Ok(order_id),
-            _ => true,
-        });
+        self.unpublished.retain(|m| queue_key(m) != Some(order_id));
         self.publish(msg);
         Ok(())
     }
@@ -1123,6 +1130,10 @@ impl NodeLoop {
             Err(gossipsub::PublishError::Duplicate) => {}
             Err(e) => {
                 debug!(error = %e, "publish failed; will retry");
+                // A newer copy of the same order or ad supersedes a queued one: sending both
+                // could deliver the older one last, which peers reject as a replay.
+                let key = queue_key(&msg);
+                self.unpublished.retain(|m| queue_key(m) != key);
                 if self.unpublished.len() >= MAX_UNPUBLISHED {
                     self.unpublished.remove(0);
                 }
