@@ -1,5 +1,6 @@
 //! A node restarted with the same data dir keeps its PeerId and re-announces the asks it still
-//! offers (not the cancelled ones); a taken port gives a clear error.
+//! offers (not the cancelled ones), reconnecting to the peers it remembers; a taken port gives
+//! a clear error.
 
 use std::time::Duration;
 
@@ -18,14 +19,14 @@ async fn restarted_node_keeps_identity_and_reannounces_its_asks() -> anyhow::Res
     let dir = tempfile::tempdir()?;
     let other = test_builder(&[]).start().await?;
     let other_addr = addr_of(&other).await?;
-    let provider = || {
-        test_builder(std::slice::from_ref(&other_addr))
+    let provider = |bootstrap: &[hashgrid_node::Multiaddr]| {
+        test_builder(bootstrap)
             .data_dir(dir.path())
             .gpu_profiles(vec![gpu("restart-gpu")])
             .order_ttl(TTL)
     };
 
-    let first = provider().start().await?;
+    let first = provider(std::slice::from_ref(&other_addr)).start().await?;
     let peer_id = first.peer_id();
     let kept = first.post_ask(ask_spec("restart-gpu", 10)).await?;
     let dropped = first.post_ask(ask_spec("restart-gpu", 20)).await?;
@@ -38,7 +39,8 @@ async fn restarted_node_keeps_identity_and_reannounces_its_asks() -> anyhow::Res
     // While the provider is down its ask expires from the other book.
     wait_for_book(&other, LIMIT, "the ask to expire", |b| !b.has_ask(&kept)).await?;
 
-    let second = provider().start().await?;
+    // No bootstrap peer this time: the node dials the peers it remembers in its store.
+    let second = provider(&[]).start().await?;
     assert_eq!(
         second.peer_id(),
         peer_id,
