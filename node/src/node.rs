@@ -448,6 +448,9 @@ impl NodeBuilder {
             events: events.clone(),
             listen_addrs: listen_addrs.clone(),
             synced: HashSet::new(),
+            bad_sync: HashMap::new(),
+            #[cfg(feature = "testing")]
+            serve_in_sync: Vec::new(),
             settings: self,
         };
         for a in &listen_addrs {
@@ -602,6 +605,8 @@ enum Command {
     Dial(Multiaddr, oneshot::Sender<Result<(), NodeError>>),
     #[cfg(feature = "testing")]
     PublishRaw(RawTopic, Vec<u8>, oneshot::Sender<Result<(), NodeError>>),
+    #[cfg(feature = "testing")]
+    ServeInSync(Vec<GossipMessage>, oneshot::Sender<()>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -754,6 +759,13 @@ impl NodeHandle {
             .await?
     }
 
+    /// Adds `messages`, unchecked, to every sync response this node serves (replacing earlier
+    /// ones). For bad-input tests only (cargo feature `testing`).
+    #[cfg(feature = "testing")]
+    pub async fn serve_in_sync(&self, messages: Vec<GossipMessage>) -> Result<(), NodeError> {
+        self.request(|r| Command::ServeInSync(messages, r)).await
+    }
+
     /// Shuts the node down in the documented order and waits until it has stopped. Other
     /// handles get [`NodeError::Stopped`] afterwards. Returns at once if it already stopped.
     pub async fn shutdown(&self) {
@@ -779,6 +791,12 @@ struct NodeLoop {
     listen_addrs: Vec<Multiaddr>,
     /// Peers whose book was requested during their current connection.
     synced: HashSet<PeerId>,
+    /// Invalid messages each connected peer put in its sync responses (feeds the P5
+    /// application score; forgotten when the peer disconnects).
+    bad_sync: HashMap<PeerId, u32>,
+    /// Extra, unchecked messages served in sync responses (testing hook).
+    #[cfg(feature = "testing")]
+    serve_in_sync: Vec<GossipMessage>,
     settings: NodeBuilder,
 }
 
@@ -927,6 +945,11 @@ impl NodeLoop {
                     .map(|_| ())
                     .map_err(|e| NodeError::Publish(e.to_string()));
                 let _ = r.send(res);
+            }
+            #[cfg(feature = "testing")]
+            Command::ServeInSync(msgs, r) => {
+                self.serve_in_sync = msgs;
+                let _ = r.send(());
             }
             Command::Shutdown(_) => {} // handled in `run`
         }
@@ -1253,7 +1276,16 @@ impl NodeLoop {
                     }
                 }
                 Verdict::Ignore(_) => {}
-                Verdict::Reject(reason) => self.reject(from, format!("sync response: {reason}")),
+                Verdict::Reject(reason) => {
+                    self.reject(from, format!("sync response: {reason}"));
+                    let n = self.bad_sync.entry(from).or_insert(0);
+                    *n = n.saturating_add(1);
+                    let score = -f64::from(*n).powi(2);
+                    self.swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .set_application_score(&from, score);
+                }
             }
         }
         debug!(%from, total, added, "book sync");
@@ -1294,6 +1326,7 @@ impl NodeLoop {
                 ..
             } => {
                 self.synced.remove(&peer_id);
+                self.bad_sync.remove(&peer_id);
                 debug!(peer = %peer_id, "disconnected");
                 self.emit(NodeEvent::PeerDisconnected(peer_id));
             }
@@ -1315,9 +1348,11 @@ impl NodeLoop {
                         request, channel, ..
                     } => {
                         let max = (request.max as usize).min(MAX_SYNC_MESSAGES);
-                        let resp = SyncResponse {
-                            messages: self.book.signed_messages(max),
-                        };
+                        #[allow(unused_mut)]
+                        let mut messages = self.book.signed_messages(max);
+                        #[cfg(feature = "testing")]
+                        messages.extend(self.serve_in_sync.iter().cloned());
+                        let resp = SyncResponse { messages };
                         // Err: the peer went away; nothing to do.
                         let _ = self.swarm.behaviour_mut().sync.send_response(channel, resp);
                     }

@@ -188,3 +188,45 @@ async fn bad_messages_are_rejected_and_cost_score() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poisoned_sync_responses_are_rejected_and_cost_score() -> anyhow::Result<()> {
+    let net = test_network();
+    let evil = Keypair::from_secret_bytes([77; 32]);
+    let now = Timestamp::now();
+    let bad = test_builder(&[]).start().await?;
+    let good_ask = Signed::sign(&evil, &net, &ask_by(&evil, 1, 1, now, 60_000));
+    let mut sig = good_ask.signature().0;
+    sig[5] ^= 0x40;
+    let forged = GossipMessage::Ask(Signed::from_parts(
+        good_ask.body_bytes().to_vec(),
+        good_ask.signer(),
+        Signature(sig),
+    ));
+    let other_net = Network::new("other").expect("valid");
+    let wrong_network = GossipMessage::Ask(Signed::sign(
+        &evil,
+        &other_net,
+        &ask_by(&evil, 2, 1, now, 60_000),
+    ));
+    bad.serve_in_sync(vec![forged, wrong_network]).await?;
+
+    // An honest node connecting to the bad node syncs from it first thing.
+    let honest = test_builder(&[]).start().await?;
+    let mut events = honest.events();
+    honest.dial(addr_of(&bad).await?).await?;
+    for _ in 0..2 {
+        let reason = next_rejection(&mut events, bad.peer_id()).await?;
+        assert!(reason.starts_with("sync response: "), "{reason}");
+        assert!(reason.contains("bad signature"), "{reason}");
+    }
+    assert!(honest.book().await?.asks.is_empty());
+    let score = honest.peer_score(bad.peer_id()).await?.unwrap_or(0.0);
+    assert!(
+        score < 0.0,
+        "a peer serving forged orders has score {score}"
+    );
+    honest.shutdown().await;
+    bad.shutdown().await;
+    Ok(())
+}

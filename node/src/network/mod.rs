@@ -27,7 +27,7 @@
 //! | P3, P3b (mesh delivery rate, mesh failure) | 0 (off) | sparse traffic: a quiet honest peer must not lose score |
 //! | P4 `invalid_message_deliveries_weight` | -1.0 | applied to the *square* of the count: 1 invalid message costs 1 (a clock-skewed honest peer survives), 4 put a peer below the gossip threshold, 8 below the publish threshold, 9 graylist it |
 //! | P4 `invalid_message_deliveries_decay` | decays to 1% in 1 hour | misbehaviour is remembered for a long time |
-//! | P5 app-specific | 0 (off) | |
+//! | P5 app-specific | weight 1.0; set to minus the square of the number of invalid messages a peer put in its `/hashgrid/sync/1` responses | a sync response is not gossip, so gossipsub cannot count its invalid entries; this makes poisoning the book through sync cost the same as through gossip |
 //! | P6 IP colocation | -5.0 above 10 peers per IP, loopback whitelisted | a sybil farm on one address loses score; local tests and several nodes on one host are allowed |
 //! | P7 behaviour penalty | -10.0 above 6, decay to 1% in 10 min | gossipsub protocol misbehaviour (e.g. broken promises) |
 //! | thresholds gossip / publish / graylist | -10 / -50 / -80 | the libp2p defaults, matching the P4 steps above |
@@ -230,7 +230,7 @@ pub fn peer_score_params(
             .map(|t| (t.clone(), topic_score_params()))
             .collect(),
         topic_score_cap: 20.0,
-        app_specific_weight: 0.0,
+        app_specific_weight: 1.0,
         ip_colocation_factor_weight: -5.0,
         ip_colocation_factor_threshold: 10.0,
         ip_colocation_factor_whitelist: whitelist,
