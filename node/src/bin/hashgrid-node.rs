@@ -30,6 +30,8 @@ enum Command {
     Id,
     /// Run the site node until SIGINT/SIGTERM.
     ///
+    /// Settings: flags override the config file, which overrides the defaults.
+    ///
     /// Example: hashgrid-node run --config site.toml --listen /ip4/0.0.0.0/tcp/4001
     Run {
         /// TOML config file (every key optional; see examples/site.toml).
