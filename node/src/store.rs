@@ -133,11 +133,12 @@ impl Store {
         Ok(seq)
     }
 
-    /// A fresh order id (never reused by this node). Flushed before it is returned.
+    /// A fresh order id. Not flushed on its own: the caller stores the order with
+    /// [`Store::put_own_order`], whose flush covers both; an id lost in a crash before that
+    /// was never announced, so reusing it is harmless.
     pub fn next_order_id(&self) -> Result<u64, StoreError> {
         let id = self.counter(KEY_LAST_ORDER_ID)?.saturating_add(1);
         self.meta.insert(KEY_LAST_ORDER_ID, &id.to_be_bytes())?;
-        self.db.flush()?;
         Ok(id)
     }
 
