@@ -1,1 +1,129 @@
-//! Workspace-level scenario tests live in `tests/tests/`; this library is empty.
+//! Workspace-level scenario tests live in `tests/tests/`, the propagation benchmark in
+//! `tests/benches/`. This library is their shared harness: start real nodes in one process on
+//! loopback and wait (with timeouts, never blind sleeps) for what a user would notice.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use hashgrid_node::{AskSpec, BookSnapshot, Node, NodeBuilder, NodeHandle};
+use hashgrid_protocol::{Backend, Benchmark, DeviceType, GpuLimits, GpuProfile, Msat, Network};
+
+/// Logs to stderr when `RUST_LOG` is set (e.g. `RUST_LOG=hashgrid_node=debug`).
+pub fn init_tracing() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+}
+
+/// The private network all scenario tests run on.
+pub fn test_network() -> Network {
+    Network::new("scenario").expect("valid network name")
+}
+
+/// Gossipsub heartbeat for in-process tests: ten times the default so meshes form quickly.
+pub const TEST_HEARTBEAT: Duration = Duration::from_millis(100);
+
+/// Expiry sweep interval for tests: expired orders leave books within 200 ms.
+pub const TEST_SWEEP: Duration = Duration::from_millis(200);
+
+/// How often [`wait_for_book`] polls a node's book.
+pub const POLL: Duration = Duration::from_millis(20);
+
+/// A GPU profile for tests.
+pub fn gpu(name: &str) -> GpuProfile {
+    GpuProfile {
+        name: name.into(),
+        vendor: 0x10de,
+        device: 0x2330,
+        backend: Backend::Vulkan,
+        device_type: DeviceType::DiscreteGpu,
+        driver: "test".into(),
+        memory_bytes: 80 << 30,
+        limits: GpuLimits::default(),
+        bench: Benchmark {
+            matmul_mflops: 50_000_000,
+            copy_mbps: 2_000_000,
+        },
+    }
+}
+
+/// An ask for one unit of `gpu(name)`.
+pub fn ask_spec(name: &str, price: u64) -> AskSpec {
+    AskSpec {
+        gpu: gpu(name),
+        units: 1,
+        price: Msat(price),
+        max_seconds: 3600,
+    }
+}
+
+/// A builder for a loopback test node: test network, `/ip4/127.0.0.1/tcp/0`, no mDNS, fast
+/// heartbeat and sweep, bootstrapping to `bootstrap`.
+pub fn test_builder(bootstrap: &[hashgrid_node::Multiaddr]) -> NodeBuilder {
+    let mut b = Node::builder()
+        .network(test_network())
+        .listen("/ip4/127.0.0.1/tcp/0".parse().expect("valid multiaddr"))
+        .mdns(false)
+        .heartbeat(TEST_HEARTBEAT)
+        .sweep_interval(TEST_SWEEP);
+    for a in bootstrap {
+        b = b.bootstrap(a.clone());
+    }
+    b
+}
+
+/// The first listen address of `node` (with `/p2p/<PeerId>`).
+pub async fn addr_of(node: &NodeHandle) -> anyhow::Result<hashgrid_node::Multiaddr> {
+    node.listen_addrs()
+        .await?
+        .into_iter()
+        .next()
+        .context("node has no listen address")
+}
+
+/// Polls `node`'s book until `pred` holds; returns how long it took, or fails after `timeout`
+/// with `what` and the last snapshot.
+pub async fn wait_for_book(
+    node: &NodeHandle,
+    timeout: Duration,
+    what: &str,
+    mut pred: impl FnMut(&BookSnapshot) -> bool,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    loop {
+        let book = node.book().await?;
+        if pred(&book) {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > timeout {
+            bail!(
+                "timed out after {timeout:?} waiting for {what} on node {}: book has {} asks, {} bids, {} ads",
+                node.peer_id(),
+                book.asks.len(),
+                book.bids.len(),
+                book.capacity.len()
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Waits until `node` has at least `n` connected peers.
+pub async fn wait_for_peers(node: &NodeHandle, n: usize, timeout: Duration) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        if node.peers().await?.len() >= n {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            bail!(
+                "node {} has fewer than {n} peers after {timeout:?}",
+                node.peer_id()
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}

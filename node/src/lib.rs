@@ -1,19 +1,55 @@
 //! # hashgrid-node
 //!
 //! The node library that the `hashgrid-node` site daemon and the `hashgrid` buyer CLI are thin
-//! wrappers around. Today it holds the data-dir layout and identity handling; the network
-//! (issue 5), executor (issue 3), job lifecycle (issue 6) and wallet (issue 8) are built on it.
+//! wrappers around: a libp2p node ([`Node::builder`] → [`NodeHandle`]) that gossips signed,
+//! expiring capacity ads and orders, validates everything it hears, and keeps its own view of
+//! the order book; a sled store for its own orders and known peers; and the site config
+//! with its declarative pricing policy.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use hashgrid_node::Node;
+//! let dir = tempfile::tempdir()?;
+//! let node = Node::builder()
+//!     .network(hashgrid_protocol::Network::test())
+//!     .data_dir(dir.path())
+//!     .listen("/ip4/127.0.0.1/tcp/0".parse()?)
+//!     .mdns(false)
+//!     .start()
+//!     .await?;
+//! let book = node.book().await?;
+//! assert!(book.asks.is_empty());
+//! node.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! The data-dir layout keeps the identity stable across restarts:
 //!
 //! ```
 //! let dir = tempfile::tempdir().unwrap();
 //! let paths = hashgrid_node::DataDir::new(dir.path());
 //! let key = paths.load_or_create_identity().unwrap();
-//! // The same key again on the next start: the PeerId is stable.
 //! assert_eq!(paths.load_or_create_identity().unwrap().peer_id(), key.peer_id());
 //! ```
 
+pub mod book;
+pub mod config;
 pub mod datadir;
+pub mod error;
+pub mod event;
 pub mod executor;
+pub mod network;
+pub mod node;
+pub mod site;
+pub mod store;
 
+pub use book::{BookSnapshot, OrderKind, RemoveReason};
 pub use datadir::DataDir;
+pub use error::{NodeError, StartError};
+pub use event::NodeEvent;
 pub use executor::{ExecConfig, ExecError, Executor, JobOutput};
+pub use libp2p::{Multiaddr, PeerId};
+#[cfg(feature = "testing")]
+pub use node::RawTopic;
+pub use node::{AskSpec, BidSpec, Node, NodeBuilder, NodeHandle};
+pub use store::OwnOrder;

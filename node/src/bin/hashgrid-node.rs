@@ -1,8 +1,11 @@
-//! `hashgrid-node`: the site daemon. Today it manages the node identity; `run` arrives with the
-//! network (issue 5).
+//! `hashgrid-node`: the site daemon. `id` prints the node's PeerId; `run` starts the node from
+//! a TOML config (flags > file > defaults; see examples/site.toml) until SIGINT or SIGTERM.
 
 use clap::{Parser, Subcommand};
 use hashgrid_node::DataDir;
+use hashgrid_node::config::{Overrides, SiteConfig};
+use hashgrid_node::{Multiaddr, site};
+use hashgrid_protocol::Network;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -25,15 +28,96 @@ enum Command {
     ///
     /// Example: hashgrid-node id --data-dir /var/lib/hashgrid
     Id,
+    /// Run the site node until SIGINT/SIGTERM.
+    ///
+    /// Settings: flags override the config file, which overrides the defaults.
+    ///
+    /// Example: hashgrid-node run --config site.toml --listen /ip4/0.0.0.0/tcp/4001
+    Run {
+        /// TOML config file (every key optional; see examples/site.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Network to join: main, test, or a private testnet name.
+        #[arg(long)]
+        network: Option<Network>,
+        /// Listen address (repeatable; replaces the config's list).
+        #[arg(long, value_name = "MULTIADDR")]
+        listen: Vec<Multiaddr>,
+        /// Bootstrap peer, ideally with /p2p/<PeerId> (repeatable; replaces the config's list).
+        #[arg(long, value_name = "MULTIADDR")]
+        bootstrap: Vec<Multiaddr>,
+        /// Region of this site, e.g. us-east.
+        #[arg(long)]
+        region: Option<String>,
+        /// One flat price in msat per GPU-second (replaces the config's pricing policy).
+        #[arg(long)]
+        price: Option<u64>,
+        /// GPU units offered per GPU.
+        #[arg(long)]
+        units: Option<u32>,
+        /// Disable mDNS discovery on the local network.
+        #[arg(long)]
+        no_mdns: bool,
+    },
 }
 
-fn main() -> anyhow::Result<()> {
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} },
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,libp2p_gossipsub=warn,libp2p_kad=error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
-    let dir = DataDir::new(cli.data_dir.unwrap_or_else(DataDir::default_root));
     match cli.command {
         Command::Id => {
+            let dir = DataDir::new(cli.data_dir.unwrap_or_else(DataDir::default_root));
             let key = dir.load_or_create_identity()?;
             println!("{}", key.peer_id());
+        }
+        Command::Run {
+            config,
+            network,
+            listen,
+            bootstrap,
+            region,
+            price,
+            units,
+            no_mdns,
+        } => {
+            let file = match &config {
+                Some(path) => SiteConfig::load(path)?,
+                None => SiteConfig::default(),
+            };
+            let overrides = Overrides {
+                data_dir: cli.data_dir,
+                network,
+                listen,
+                bootstrap,
+                region,
+                price,
+                units,
+                no_mdns,
+            };
+            site::run_site(file.apply(overrides), shutdown_signal()).await?;
         }
     }
     Ok(())

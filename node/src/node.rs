@@ -1,0 +1,1405 @@
+//! [`Node`], [`NodeBuilder`] and [`NodeHandle`]: one task owns the libp2p `Swarm` and runs a
+//! `select!` loop over swarm events, commands from handles, and timers (re-announcement,
+//! expiry sweep, publish retry, Kademlia random walk). Handles are cheap clones that send
+//! `Command { .., reply: oneshot::Sender }` over a bounded channel.
+//!
+//! # Book sync for late joiners
+//! Two mechanisms, both documented in docs/ARCHITECTURE.md:
+//! - **Direct sync**: on the first connection to a peer, the node sends it a
+//!   `/hashgrid/sync/1` request and folds the answer (the exact signed messages the peer holds,
+//!   each re-verified like gossip) into its book. A late joiner has the whole book as soon as
+//!   its first connection is up (milliseconds on a LAN).
+//! - **Re-announcement**: every node re-signs and re-publishes its own live orders and its
+//!   capacity ad every `order_ttl / 3` with a fresh sequence number and expiry, so orders
+//!   survive lost messages and expire a TTL after their owner vanished.
+//!
+//! # Shutdown order
+//! [`NodeHandle::shutdown`] (or dropping the last handle):
+//! 1. stop accepting commands: the command channel is closed and queued commands are answered
+//!    with [`NodeError::Stopped`];
+//! 2. publish nothing more: the loop exits, so no timer fires again;
+//! 3. flush the store;
+//! 4. close the swarm: dropping it closes every listener and connection;
+//! 5. answer the shutdown call. Nothing else runs in the background: the swarm task was the
+//!    only task.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use hashgrid_protocol::{
+    Ask, Bid, Cancel, CapacityAd, GossipMessage, GpuProfile, Keypair, Msat, Network, OrderRef,
+    PublicKey, Requirements, SettlementMethod, Signed, Timestamp, VerifiedGossip,
+};
+use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, TopicHash};
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response;
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId, Swarm, identify, kad, mdns, noise, tcp, yamux};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::DataDir;
+use crate::book::{Book, BookChange, BookReject, BookSnapshot, RemoveReason};
+use crate::error::{NodeError, StartError};
+use crate::event::NodeEvent;
+use crate::network::validate::{TopicKind, Validator, Verdict};
+use crate::network::{
+    Behaviour, BehaviourEvent, BehaviourSettings, MAX_SYNC_MESSAGES, SyncRequest, SyncResponse,
+    peer_score_params,
+};
+use crate::store::{OwnOrder, Store};
+
+/// Commands queued from handles to the swarm task. Handles wait for the reply, so a small
+/// queue is enough; a full queue makes callers wait (back-pressure), never drops.
+pub const COMMAND_QUEUE: usize = 64;
+
+/// Events buffered per subscriber. A subscriber that falls further behind loses the oldest
+/// events (it sees `RecvError::Lagged`); the node never blocks on a slow subscriber.
+pub const EVENT_QUEUE: usize = 1024;
+
+/// Default lifetime of this node's orders and capacity ad. Ten minutes: a vanished provider's
+/// asks leave every book within ten minutes, and re-announcing every TTL/3 costs one message
+/// per order per 200 s.
+pub const DEFAULT_ORDER_TTL: Duration = Duration::from_secs(600);
+
+/// Shortest order TTL accepted (tests use a few seconds; below 1 s the re-announcement
+/// interval would approach gossip latency).
+pub const MIN_ORDER_TTL: Duration = Duration::from_secs(1);
+
+/// Default gossipsub heartbeat (mesh maintenance and gossip emission): the libp2p default.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// How often expired orders are swept from the book. One second: an expired order is gone
+/// within a second of its expiry.
+pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How often unpublished own messages are retried: right after start, gossipsub has no
+/// subscribed peers yet and publishing fails with `NoPeersSubscribedToTopic`.
+pub const PUBLISH_RETRY_INTERVAL: Duration = Duration::from_millis(200);
+
+/// How often the node looks up a random key in the DHT to discover more peers.
+pub const DEFAULT_KAD_WALK_INTERVAL: Duration = Duration::from_secs(30);
+
+/// How long `start` waits for its listeners to report an address.
+pub const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most live orders of its own one node may hold (each is re-announced every TTL/3).
+pub const MAX_OWN_ORDERS: usize = 256;
+
+/// Most messages waiting for a retry of a failed publish (newest kept).
+pub const MAX_UNPUBLISHED: usize = 2 * MAX_OWN_ORDERS + 1;
+
+/// Most known peers dialled at start from the store.
+pub const MAX_KNOWN_PEER_DIALS: usize = 16;
+
+/// Entry point of the node library.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use hashgrid_node::Node;
+/// let node = Node::builder()
+///     .network(hashgrid_protocol::Network::test())
+///     .listen("/ip4/0.0.0.0/tcp/4001".parse()?)
+///     .start()
+///     .await?;
+/// println!("{:?}", node.listen_addrs().await?);
+/// node.shutdown().await;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Node;
+
+impl Node {
+    /// A builder with the defaults (network `main`, no data dir: a fresh in-memory identity
+    /// and store, no listen addresses, mDNS on).
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder::default()
+    }
+}
+
+/// What a provider sells in one ask (the node fills in its key, order id, sequence number,
+/// region and lifetime).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AskSpec {
+    /// The GPU offered.
+    pub gpu: GpuProfile,
+    /// Units offered.
+    pub units: u32,
+    /// Msat per GPU-second.
+    pub price: Msat,
+    /// Longest job accepted, in seconds.
+    pub max_seconds: u32,
+}
+
+/// What a buyer wants in one bid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BidSpec {
+    /// Units wanted.
+    pub units: u32,
+    /// Requirements on the GPU.
+    pub requirements: Requirements,
+    /// Highest msat per GPU-second.
+    pub max_price: Msat,
+    /// Longest run, in seconds.
+    pub max_seconds: u32,
+}
+
+/// Configures and starts a node. Every setting has a documented default.
+#[derive(Debug, Clone)]
+pub struct NodeBuilder {
+    network: Network,
+    data_dir: Option<PathBuf>,
+    keypair: Option<Keypair>,
+    listen: Vec<Multiaddr>,
+    bootstrap: Vec<Multiaddr>,
+    region: String,
+    mdns: bool,
+    gpus: Vec<GpuProfile>,
+    units: u32,
+    settlement: Vec<SettlementMethod>,
+    order_ttl: Duration,
+    heartbeat: Duration,
+    sweep_interval: Duration,
+    kad_walk_interval: Duration,
+}
+
+impl Default for NodeBuilder {
+    fn default() -> Self {
+        NodeBuilder {
+            network: Network::main(),
+            data_dir: None,
+            keypair: None,
+            listen: Vec::new(),
+            bootstrap: Vec::new(),
+            region: "unknown".into(),
+            mdns: true,
+            gpus: Vec::new(),
+            units: 1,
+            settlement: vec![SettlementMethod::Ledger],
+            order_ttl: DEFAULT_ORDER_TTL,
+            heartbeat: DEFAULT_HEARTBEAT,
+            sweep_interval: DEFAULT_SWEEP_INTERVAL,
+            kad_walk_interval: DEFAULT_KAD_WALK_INTERVAL,
+        }
+    }
+}
+
+impl NodeBuilder {
+    /// The network to join (default `main`).
+    pub fn network(mut self, network: Network) -> Self {
+        self.network = network;
+        self
+    }
+
+    /// The data dir: identity key and store live there (default: none, an in-memory store
+    /// and the key from [`NodeBuilder::keypair`] or a fresh one; nothing survives a restart).
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.data_dir = Some(dir.into());
+        self
+    }
+
+    /// Uses this key instead of the data dir's key file.
+    pub fn keypair(mut self, key: Keypair) -> Self {
+        self.keypair = Some(key);
+        self
+    }
+
+    /// Adds a listen address, e.g. `/ip4/0.0.0.0/tcp/4001` or `/ip4/0.0.0.0/udp/4001/quic-v1`.
+    pub fn listen(mut self, addr: Multiaddr) -> Self {
+        self.listen.push(addr);
+        self
+    }
+
+    /// Adds a bootstrap peer (with `/p2p/<PeerId>` it also seeds the DHT).
+    pub fn bootstrap(mut self, addr: Multiaddr) -> Self {
+        self.bootstrap.push(addr);
+        self
+    }
+
+    /// The region this node's asks and ad name (default `unknown`).
+    pub fn region(mut self, region: impl Into<String>) -> Self {
+        self.region = region.into();
+        self
+    }
+
+    /// mDNS discovery on the local network (default on).
+    pub fn mdns(mut self, on: bool) -> Self {
+        self.mdns = on;
+        self
+    }
+
+    /// Makes the node a provider advertising these GPUs in its capacity ad (default: none, a
+    /// buyer-only node that publishes no ad). The executor integration will fill these from
+    /// the local adapter.
+    pub fn gpu_profiles(mut self, gpus: Vec<GpuProfile>) -> Self {
+        self.gpus = gpus;
+        self
+    }
+
+    /// GPU units this provider offers in total (default 1).
+    pub fn units(mut self, units: u32) -> Self {
+        self.units = units;
+        self
+    }
+
+    /// Settlement methods advertised (default ledger).
+    pub fn settlement(mut self, methods: Vec<SettlementMethod>) -> Self {
+        self.settlement = methods;
+        self
+    }
+
+    /// Lifetime of this node's orders and ad; they are re-announced every third of it
+    /// (default [`DEFAULT_ORDER_TTL`], at least [`MIN_ORDER_TTL`]).
+    pub fn order_ttl(mut self, ttl: Duration) -> Self {
+        self.order_ttl = ttl;
+        self
+    }
+
+    /// Gossipsub heartbeat (default [`DEFAULT_HEARTBEAT`]; tests use less).
+    pub fn heartbeat(mut self, every: Duration) -> Self {
+        self.heartbeat = every;
+        self
+    }
+
+    /// How often expired orders are swept (default [`DEFAULT_SWEEP_INTERVAL`]).
+    pub fn sweep_interval(mut self, every: Duration) -> Self {
+        self.sweep_interval = every;
+        self
+    }
+
+    /// How often the DHT random walk runs (default [`DEFAULT_KAD_WALK_INTERVAL`]).
+    pub fn kad_walk_interval(mut self, every: Duration) -> Self {
+        self.kad_walk_interval = every;
+        self
+    }
+
+    /// Starts the node: loads or creates its identity, opens its store, listens, dials the
+    /// bootstrap and known peers, and re-announces the orders it still offers.
+    pub async fn start(self) -> Result<NodeHandle, StartError> {
+        if self.order_ttl < MIN_ORDER_TTL
+            || self.order_ttl.as_millis() > u128::from(hashgrid_protocol::limits::MAX_TTL_MS)
+        {
+            return Err(StartError::Config(format!(
+                "order TTL {:?} must be between {MIN_ORDER_TTL:?} and 24 h",
+                self.order_ttl
+            )));
+        }
+        if self.heartbeat.is_zero()
+            || self.sweep_interval.is_zero()
+            || self.kad_walk_interval.is_zero()
+        {
+            return Err(StartError::Config("intervals must be non-zero".into()));
+        }
+        hashgrid_protocol::validate::check_str(
+            "region",
+            &self.region,
+            hashgrid_protocol::limits::MAX_REGION_LEN,
+        )
+        .map_err(|e| StartError::Config(e.to_string()))?;
+
+        let (key, store) = match &self.data_dir {
+            Some(dir) => {
+                let dir = DataDir::new(dir);
+                let key = match &self.keypair {
+                    Some(k) => k.clone(),
+                    None => dir.load_or_create_identity()?,
+                };
+                (key, Store::open(&dir.root().join("store"))?)
+            }
+            None => {
+                let key = match &self.keypair {
+                    Some(k) => k.clone(),
+                    None => Keypair::generate()?,
+                };
+                (key, Store::temporary()?)
+            }
+        };
+        let libp2p_key = libp2p_keypair(&key)?;
+        let peer_id = libp2p_key.public().to_peer_id();
+        let span = info_span!("node", peer = %short_peer(&peer_id));
+        let settings = BehaviourSettings {
+            heartbeat: self.heartbeat,
+            mdns: self.mdns,
+        };
+        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(libp2p_key)
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| StartError::Network(format!("tcp: {e}")))?
+            .with_quic()
+            .with_behaviour(|k| {
+                Behaviour::new(k, &settings)
+                    .map_err(Box::<dyn std::error::Error + Send + Sync>::from)
+            })
+            .map_err(|e| StartError::Network(e.to_string()))?
+            .with_swarm_config(|c| {
+                c.with_idle_connection_timeout(crate::network::IDLE_CONNECTION_TIMEOUT)
+            })
+            .build();
+
+        let capacity_topic = IdentTopic::new(self.network.topic("capacity"));
+        let orders_topic = IdentTopic::new(self.network.topic("orders"));
+        let gs = &mut swarm.behaviour_mut().gossipsub;
+        for t in [&capacity_topic, &orders_topic] {
+            gs.subscribe(t)
+                .map_err(|e| StartError::Network(format!("subscribe: {e}")))?;
+        }
+        let (params, thresholds) = peer_score_params(&[capacity_topic.hash(), orders_topic.hash()]);
+        gs.with_peer_score(params, thresholds)
+            .map_err(StartError::Network)?;
+
+        // Listen, and wait until every listener has an address (or failed).
+        let mut pending = HashMap::new();
+        for addr in &self.listen {
+            probe_port(addr)?;
+            match swarm.listen_on(addr.clone()) {
+                Ok(id) => {
+                    pending.insert(id, addr.clone());
+                }
+                Err(e) => return Err(listen_error(addr, &e)),
+            }
+        }
+        let mut listen_addrs = Vec::new();
+        let wait = async {
+            while !pending.is_empty() {
+                match swarm.select_next_some().await {
+                    SwarmEvent::NewListenAddr {
+                        listener_id,
+                        address,
+                    } => {
+                        pending.remove(&listener_id);
+                        listen_addrs.push(address);
+                    }
+                    SwarmEvent::ListenerClosed {
+                        listener_id,
+                        reason: Err(e),
+                        ..
+                    }
+                    | SwarmEvent::ListenerError {
+                        listener_id,
+                        error: e,
+                    } => {
+                        if let Some(addr) = pending.remove(&listener_id) {
+                            return Err(StartError::Listen {
+                                addr,
+                                reason: e.to_string(),
+                            });
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Ok(())
+        };
+        tokio::time::timeout(LISTEN_TIMEOUT, wait)
+            .await
+            .map_err(|_| StartError::ListenTimeout(LISTEN_TIMEOUT))??;
+        for a in &listen_addrs {
+            let full = with_peer(a, peer_id);
+            span.in_scope(|| info!(addr = %full, "listening"));
+        }
+
+        // Dial bootstrap peers and peers met before.
+        let known = store.known_peers()?;
+        for addr in &self.bootstrap {
+            dial_addr(&mut swarm, addr.clone());
+        }
+        for (peer, addrs) in known.into_iter().take(MAX_KNOWN_PEER_DIALS) {
+            if peer == peer_id {
+                continue;
+            }
+            for a in &addrs {
+                swarm.behaviour_mut().kad.add_address(&peer, a.clone());
+            }
+            let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .build();
+            if let Err(e) = swarm.dial(opts) {
+                span.in_scope(|| debug!(%peer, error = %e, "dial of known peer failed"));
+            }
+        }
+
+        let own: HashMap<u64, OwnOrder> = store
+            .own_orders()?
+            .into_iter()
+            .map(|o| (o.order_id(), o))
+            .collect();
+        let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
+        let (events, _) = broadcast::channel(EVENT_QUEUE);
+        let mut state = NodeLoop {
+            swarm,
+            key: key.clone(),
+            public: key.public(),
+            peer_id,
+            network: self.network.clone(),
+            store,
+            book: Book::new(),
+            validator: Validator::new(self.network.clone()),
+            own,
+            unpublished: Vec::new(),
+            capacity_topic,
+            orders_topic,
+            events: events.clone(),
+            listen_addrs: listen_addrs.clone(),
+            synced: HashSet::new(),
+            bad_sync: HashMap::new(),
+            #[cfg(feature = "testing")]
+            serve_in_sync: Vec::new(),
+            settings: self,
+        };
+        for a in &listen_addrs {
+            let _ = events.send(NodeEvent::Listening(with_peer(a, peer_id)));
+        }
+        if !state.own.is_empty() {
+            span.in_scope(|| info!(orders = state.own.len(), "re-announcing stored orders"));
+        }
+        // First announcement of the ad and of stored orders (queued until peers subscribe).
+        state.announce_all();
+        tokio::spawn(state.run(cmd_rx).instrument(span));
+        Ok(NodeHandle {
+            inner: Arc::new(Inner {
+                peer_id,
+                public: key.public(),
+                cmd: cmd_tx,
+                events,
+            }),
+        })
+    }
+}
+
+/// The node key as a libp2p identity. The protocol crate's `Keypair::to_libp2p` targets
+/// libp2p-identity 0.2 while libp2p 0.57 uses 0.3, so the 32-byte secret is converted here
+/// (the PeerId is the same).
+fn libp2p_keypair(key: &Keypair) -> Result<libp2p::identity::Keypair, StartError> {
+    libp2p::identity::Keypair::ed25519_from_bytes(key.secret_bytes())
+        .map_err(|e| StartError::Network(format!("identity: {e}")))
+}
+
+/// libp2p's TCP listeners set `SO_REUSEPORT`, so a second node could silently share a port
+/// with the first (and the kernel would split connections between them). Binding the port
+/// once without it first turns that into a clear [`StartError::AddrInUse`].
+fn probe_port(addr: &Multiaddr) -> Result<(), StartError> {
+    let mut ip = None;
+    let mut tcp = None;
+    let mut udp = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::Ip4(a) => ip = Some(std::net::IpAddr::V4(a)),
+            Protocol::Ip6(a) => ip = Some(std::net::IpAddr::V6(a)),
+            Protocol::Tcp(port) => tcp = Some(port),
+            Protocol::Udp(port) => udp = Some(port),
+            _ => {}
+        }
+    }
+    let Some(ip) = ip else { return Ok(()) };
+    let in_use = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            StartError::AddrInUse { addr: addr.clone() }
+        } else {
+            StartError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            }
+        }
+    };
+    match (tcp, udp) {
+        (Some(port), _) if port != 0 => {
+            std::net::TcpListener::bind((ip, port)).map_err(in_use)?;
+        }
+        (None, Some(port)) if port != 0 => {
+            std::net::UdpSocket::bind((ip, port)).map_err(in_use)?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn listen_error(addr: &Multiaddr, e: &libp2p::TransportError<std::io::Error>) -> StartError {
+    // The io error is wrapped by the transport stack (OrTransport, boxing): walk the chain.
+    let mut reasons = Vec::new();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = match e {
+        libp2p::TransportError::Other(io) => Some(io),
+        libp2p::TransportError::MultiaddrNotSupported(_) => None,
+    };
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::AddrInUse {
+                return StartError::AddrInUse { addr: addr.clone() };
+            }
+            if let Some(inner) = io.get_ref() {
+                cur = Some(inner);
+                let s = inner.to_string();
+                if !s.is_empty() {
+                    reasons.push(s);
+                }
+                continue;
+            }
+        }
+        if let Some(libp2p::TransportError::Other(io)) =
+            err.downcast_ref::<libp2p::TransportError<std::io::Error>>()
+        {
+            cur = Some(io);
+            continue;
+        }
+        let s = err.to_string();
+        if !s.is_empty() {
+            reasons.push(s);
+        }
+        cur = err.source();
+    }
+    // Some layers only keep the OS error's text; recognise the OS messages for EADDRINUSE
+    // (Linux, macOS) and WSAEADDRINUSE (Windows).
+    if reasons.iter().any(|r| {
+        r.contains("Address already in use") || r.contains("Only one usage of each socket address")
+    }) {
+        return StartError::AddrInUse { addr: addr.clone() };
+    }
+    StartError::Listen {
+        addr: addr.clone(),
+        reason: if reasons.is_empty() {
+            e.to_string()
+        } else {
+            reasons.join(": ")
+        },
+    }
+}
+
+fn dial_addr(swarm: &mut Swarm<Behaviour>, addr: Multiaddr) {
+    if let Some(Protocol::P2p(peer)) = addr.iter().last() {
+        swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+    }
+    if let Err(e) = swarm.dial(addr.clone()) {
+        warn!(%addr, error = %e, "cannot dial bootstrap peer");
+    }
+}
+
+fn with_peer(addr: &Multiaddr, peer: PeerId) -> Multiaddr {
+    if matches!(addr.iter().last(), Some(Protocol::P2p(_))) {
+        addr.clone()
+    } else {
+        addr.clone().with(Protocol::P2p(peer))
+    }
+}
+
+fn short_peer(p: &PeerId) -> String {
+    let s = p.to_string();
+    s[s.len().saturating_sub(8)..].to_string()
+}
+
+enum Command {
+    PostAsk(AskSpec, oneshot::Sender<Result<OrderRef, NodeError>>),
+    PostBid(BidSpec, oneshot::Sender<Result<OrderRef, NodeError>>),
+    Cancel(u64, oneshot::Sender<Result<(), NodeError>>),
+    Book(oneshot::Sender<BookSnapshot>),
+    Peers(oneshot::Sender<Vec<PeerId>>),
+    OwnOrders(oneshot::Sender<Vec<OwnOrder>>),
+    GossipPeers(oneshot::Sender<Vec<PeerId>>),
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    PeerScore(PeerId, oneshot::Sender<Option<f64>>),
+    Dial(Multiaddr, oneshot::Sender<Result<(), NodeError>>),
+    #[cfg(feature = "testing")]
+    PublishRaw(RawTopic, Vec<u8>, oneshot::Sender<Result<(), NodeError>>),
+    #[cfg(feature = "testing")]
+    ServeInSync(Vec<GossipMessage>, oneshot::Sender<()>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// Which topic [`NodeHandle::publish_raw`] publishes on (testing only).
+#[cfg(feature = "testing")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RawTopic {
+    /// The `capacity` topic.
+    Capacity,
+    /// The `orders` topic.
+    Orders,
+}
+
+struct Inner {
+    peer_id: PeerId,
+    public: PublicKey,
+    cmd: mpsc::Sender<Command>,
+    events: broadcast::Sender<NodeEvent>,
+}
+
+/// A cheap, cloneable handle to a running node. When the last handle is dropped, the node
+/// shuts down (see the module docs for the order).
+#[derive(Clone)]
+pub struct NodeHandle {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for NodeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NodeHandle({})", self.inner.peer_id)
+    }
+}
+
+impl NodeHandle {
+    async fn request<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .cmd
+            .send(make(tx))
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// This node's libp2p `PeerId` (derived from its ed25519 key).
+    pub fn peer_id(&self) -> PeerId {
+        self.inner.peer_id
+    }
+
+    /// This node's public key (signs its orders and receipts).
+    pub fn public_key(&self) -> PublicKey {
+        self.inner.public
+    }
+
+    /// The addresses the node listens on, each ending in `/p2p/<PeerId>` (dialable as is).
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NodeError> {
+        self.request(Command::ListenAddrs).await
+    }
+
+    /// Signs, stores (flushed) and publishes an ask; returns its identity. The ask is
+    /// re-announced until it is cancelled, also after a restart with the same data dir.
+    pub async fn post_ask(&self, spec: AskSpec) -> Result<OrderRef, NodeError> {
+        self.request(|r| Command::PostAsk(spec, r)).await?
+    }
+
+    /// Signs, stores (flushed) and publishes a bid; returns its identity.
+    pub async fn post_bid(&self, spec: BidSpec) -> Result<OrderRef, NodeError> {
+        self.request(|r| Command::PostBid(spec, r)).await?
+    }
+
+    /// Cancels one of this node's orders: forgets it (flushed), removes it from the book and
+    /// publishes a signed `Cancel`.
+    pub async fn cancel(&self, order_id: u64) -> Result<(), NodeError> {
+        self.request(|r| Command::Cancel(order_id, r)).await?
+    }
+
+    /// This node's own live orders (as stored; the announced copies carry a fresh sequence
+    /// number and expiry), ordered by order id.
+    pub async fn own_orders(&self) -> Result<Vec<OwnOrder>, NodeError> {
+        self.request(Command::OwnOrders).await
+    }
+
+    /// Makes this node's asks exactly `wanted`: keeps own asks equal to a wanted one (same
+    /// GPU, units, price and longest job; they keep their order ids), cancels the others and
+    /// posts what is missing. A restarted site with an unchanged config keeps its orders.
+    pub async fn set_asks(&self, wanted: &[AskSpec]) -> Result<Vec<OrderRef>, NodeError> {
+        let mut missing: Vec<AskSpec> = wanted.to_vec();
+        let mut kept = Vec::new();
+        for order in self.own_orders().await? {
+            let OwnOrder::Ask(a) = order else { continue };
+            let same = |s: &AskSpec| {
+                s.gpu == a.gpu
+                    && s.units == a.units
+                    && s.price == a.price
+                    && s.max_seconds == a.max_seconds
+            };
+            if let Some(i) = missing.iter().position(same) {
+                missing.remove(i);
+                kept.push(a.order_ref());
+            } else {
+                self.cancel(a.order_id).await?;
+            }
+        }
+        for spec in missing {
+            kept.push(self.post_ask(spec).await?);
+        }
+        Ok(kept)
+    }
+
+    /// A snapshot of this node's view of the book.
+    pub async fn book(&self) -> Result<BookSnapshot, NodeError> {
+        self.request(Command::Book).await
+    }
+
+    /// Peers with at least one open connection.
+    pub async fn peers(&self) -> Result<Vec<PeerId>, NodeError> {
+        self.request(Command::Peers).await
+    }
+
+    /// Peers known to be subscribed to this network's `orders` topic: those a publish reaches
+    /// directly.
+    pub async fn gossip_peers(&self) -> Result<Vec<PeerId>, NodeError> {
+        self.request(Command::GossipPeers).await
+    }
+
+    /// The gossipsub score this node gives `peer` (`None` if it is not known to gossipsub).
+    pub async fn peer_score(&self, peer: PeerId) -> Result<Option<f64>, NodeError> {
+        self.request(|r| Command::PeerScore(peer, r)).await
+    }
+
+    /// Dials an address (with `/p2p/<PeerId>` it is also added to the DHT).
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), NodeError> {
+        self.request(|r| Command::Dial(addr, r)).await?
+    }
+
+    /// Subscribes to the node's events. A subscriber more than [`EVENT_QUEUE`] events behind
+    /// loses the oldest ones.
+    pub fn events(&self) -> broadcast::Receiver<NodeEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Publishes raw bytes on a topic, bypassing signing and validation. For bad-input tests
+    /// only (cargo feature `testing`).
+    #[cfg(feature = "testing")]
+    pub async fn publish_raw(&self, topic: RawTopic, data: Vec<u8>) -> Result<(), NodeError> {
+        self.request(|r| Command::PublishRaw(topic, data, r))
+            .await?
+    }
+
+    /// Adds `messages`, unchecked, to every sync response this node serves (replacing earlier
+    /// ones). For bad-input tests only (cargo feature `testing`).
+    #[cfg(feature = "testing")]
+    pub async fn serve_in_sync(&self, messages: Vec<GossipMessage>) -> Result<(), NodeError> {
+        self.request(|r| Command::ServeInSync(messages, r)).await
+    }
+
+    /// Shuts the node down in the documented order and waits until it has stopped. Other
+    /// handles get [`NodeError::Stopped`] afterwards. Returns at once if it already stopped.
+    pub async fn shutdown(&self) {
+        let _ = self.request(Command::Shutdown).await;
+    }
+}
+
+struct NodeLoop {
+    swarm: Swarm<Behaviour>,
+    key: Keypair,
+    public: PublicKey,
+    peer_id: PeerId,
+    network: Network,
+    store: Store,
+    book: Book,
+    validator: Validator,
+    own: HashMap<u64, OwnOrder>,
+    /// Own messages whose publish failed, retried every [`PUBLISH_RETRY_INTERVAL`].
+    unpublished: Vec<GossipMessage>,
+    capacity_topic: IdentTopic,
+    orders_topic: IdentTopic,
+    events: broadcast::Sender<NodeEvent>,
+    listen_addrs: Vec<Multiaddr>,
+    /// Peers whose book was requested during their current connection.
+    synced: HashSet<PeerId>,
+    /// Invalid messages each connected peer put in its sync responses (feeds the P5
+    /// application score; forgotten when the peer disconnects).
+    bad_sync: HashMap<PeerId, u32>,
+    /// Extra, unchecked messages served in sync responses (testing hook).
+    #[cfg(feature = "testing")]
+    serve_in_sync: Vec<GossipMessage>,
+    settings: NodeBuilder,
+}
+
+/// What a queued own message is about: the ad (`None`) or an order id. Cancels share the
+/// order's key, so a queued re-announcement never follows its cancel.
+fn queue_key(msg: &GossipMessage) -> Option<u64> {
+    match msg {
+        GossipMessage::Capacity(_) => None,
+        GossipMessage::Ask(s) => s.decode_unverified().ok().map(|a| a.order_id),
+        GossipMessage::Bid(s) => s.decode_unverified().ok().map(|b| b.order_id),
+        GossipMessage::Cancel(s) => s.decode_unverified().ok().map(|c| c.order_id),
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl NodeLoop {
+    fn emit(&self, ev: NodeEvent) {
+        // Err only means nobody is subscribed.
+        let _ = self.events.send(ev);
+    }
+
+    async fn run(mut self, mut cmd_rx: mpsc::Receiver<Command>) {
+        let reannounce_every = self.settings.order_ttl / 3;
+        let mut reannounce = tokio::time::interval_at(
+            tokio::time::Instant::now() + reannounce_every,
+            reannounce_every,
+        );
+        let mut sweep = tokio::time::interval(self.settings.sweep_interval);
+        let mut retry = tokio::time::interval(PUBLISH_RETRY_INTERVAL);
+        let mut walk = tokio::time::interval(self.settings.kad_walk_interval);
+        for t in [&mut reannounce, &mut sweep, &mut retry, &mut walk] {
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
+        let shutdown_reply = loop {
+            tokio::select! {
+                ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
+                cmd = cmd_rx.recv() => match cmd {
+                    None => break None,
+                    Some(Command::Shutdown(reply)) => break Some(reply),
+                    Some(cmd) => self.on_command(cmd),
+                },
+                _ = reannounce.tick() => self.announce_all(),
+                _ = sweep.tick() => self.sweep(),
+                _ = retry.tick(), if !self.unpublished.is_empty() => self.retry_publish(),
+                _ = walk.tick() => {
+                    self.swarm.behaviour_mut().kad.get_closest_peers(PeerId::random());
+                }
+            }
+        };
+        // 1. Stop accepting commands; answer the queued ones.
+        cmd_rx.close();
+        while let Ok(cmd) = cmd_rx.try_recv() {
+            if let Command::Shutdown(r) = cmd {
+                let _ = r.send(());
+            }
+            // Other replies are dropped: their callers see NodeError::Stopped.
+        }
+        // 2. Nothing more is published: the loop and its timers are gone.
+        // 3. Flush the store.
+        if let Err(e) = self.store.flush() {
+            warn!(error = %e, "store flush at shutdown failed");
+        }
+        // 4. Close the swarm (listeners and connections).
+        let NodeLoop { swarm, store, .. } = self;
+        drop(swarm);
+        drop(store);
+        info!("node stopped");
+        // 5. Answer the shutdown call.
+        if let Some(r) = shutdown_reply {
+            let _ = r.send(());
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::PostAsk(spec, r) => {
+                let _ = r.send(self.post_ask(spec));
+            }
+            Command::PostBid(spec, r) => {
+                let _ = r.send(self.post_bid(spec));
+            }
+            Command::Cancel(id, r) => {
+                let _ = r.send(self.cancel(id));
+            }
+            Command::Book(r) => {
+                let _ = r.send(self.book.snapshot());
+            }
+            Command::GossipPeers(r) => {
+                let topic = self.orders_topic.hash();
+                let peers = self
+                    .swarm
+                    .behaviour()
+                    .gossipsub
+                    .all_peers()
+                    .filter(|(_, topics)| topics.contains(&&topic))
+                    .map(|(p, _)| *p)
+                    .collect();
+                let _ = r.send(peers);
+            }
+            Command::OwnOrders(r) => {
+                let mut orders: Vec<OwnOrder> = self.own.values().cloned().collect();
+                orders.sort_by_key(OwnOrder::order_id);
+                let _ = r.send(orders);
+            }
+            Command::Peers(r) => {
+                let _ = r.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::ListenAddrs(r) => {
+                let addrs = self
+                    .listen_addrs
+                    .iter()
+                    .map(|a| with_peer(a, self.peer_id))
+                    .collect();
+                let _ = r.send(addrs);
+            }
+            Command::PeerScore(p, r) => {
+                let _ = r.send(self.swarm.behaviour().gossipsub.peer_score(&p));
+            }
+            Command::Dial(addr, r) => {
+                if let Some(Protocol::P2p(peer)) = addr.iter().last() {
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
+                }
+                let res = self
+                    .swarm
+                    .dial(addr)
+                    .map_err(|e| NodeError::Dial(e.to_string()));
+                let _ = r.send(res);
+            }
+            #[cfg(feature = "testing")]
+            Command::PublishRaw(topic, data, r) => {
+                let t = match topic {
+                    RawTopic::Capacity => self.capacity_topic.clone(),
+                    RawTopic::Orders => self.orders_topic.clone(),
+                };
+                let res = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(t, data)
+                    .map(|_| ())
+                    .map_err(|e| NodeError::Publish(e.to_string()));
+                let _ = r.send(res);
+            }
+            #[cfg(feature = "testing")]
+            Command::ServeInSync(msgs, r) => {
+                self.serve_in_sync = msgs;
+                let _ = r.send(());
+            }
+            Command::Shutdown(_) => {} // handled in `run`
+        }
+    }
+
+    fn now_and_expiry(&self) -> (Timestamp, Timestamp) {
+        let now = Timestamp::now();
+        (now, now.plus_ms(ms(self.settings.order_ttl)))
+    }
+
+    fn check_room(&self) -> Result<(), NodeError> {
+        if self.own.len() >= MAX_OWN_ORDERS {
+            return Err(NodeError::TooManyOrders(MAX_OWN_ORDERS));
+        }
+        Ok(())
+    }
+
+    fn post_ask(&mut self, spec: AskSpec) -> Result<OrderRef, NodeError> {
+        self.check_room()?;
+        let (now, expires_at) = self.now_and_expiry();
+        let ask = Ask {
+            provider: self.public,
+            order_id: 0,
+            seq: 0,
+            units: spec.units,
+            price: spec.price,
+            gpu: spec.gpu,
+            region: self.settings.region.clone(),
+            max_seconds: spec.max_seconds,
+            created_at: now,
+            expires_at,
+        };
+        // Check the structure before spending an order id.
+        let probe = Signed::sign(&self.key, &self.network, &ask);
+        probe
+            .verify(&self.network)
+            .map_err(|e| NodeError::InvalidOrder(e.to_string()))?;
+        let order_id = self.store.next_order_id()?;
+        let order = OwnOrder::Ask(Ask { order_id, ..ask });
+        self.store.put_own_order(&order)?;
+        self.own.insert(order_id, order.clone());
+        self.announce_orders(&[order])?;
+        Ok(OrderRef {
+            owner: self.public,
+            order_id,
+        })
+    }
+
+    fn post_bid(&mut self, spec: BidSpec) -> Result<OrderRef, NodeError> {
+        self.check_room()?;
+        let (now, expires_at) = self.now_and_expiry();
+        let bid = Bid {
+            buyer: self.public,
+            order_id: 0,
+            seq: 0,
+            units: spec.units,
+            requirements: spec.requirements,
+            max_price: spec.max_price,
+            max_seconds: spec.max_seconds,
+            created_at: now,
+            expires_at,
+        };
+        let probe = Signed::sign(&self.key, &self.network, &bid);
+        probe
+            .verify(&self.network)
+            .map_err(|e| NodeError::InvalidOrder(e.to_string()))?;
+        let order_id = self.store.next_order_id()?;
+        let order = OwnOrder::Bid(Bid { order_id, ..bid });
+        self.store.put_own_order(&order)?;
+        self.own.insert(order_id, order.clone());
+        self.announce_orders(&[order])?;
+        Ok(OrderRef {
+            owner: self.public,
+            order_id,
+        })
+    }
+
+    fn cancel(&mut self, order_id: u64) -> Result<(), NodeError> {
+        if !self.own.contains_key(&order_id) {
+            return Err(NodeError::UnknownOrder(order_id));
+        }
+        self.store.remove_own_order(order_id)?;
+        self.own.remove(&order_id);
+        let (now, expires_at) = self.now_and_expiry();
+        let cancel = Cancel {
+            owner: self.public,
+            order_id,
+            seq: self.store.next_seq(now.0)?,
+            created_at: now,
+            expires_at,
+        };
+        let signed = Signed::sign(&self.key, &self.network, &cancel);
+        let msg = GossipMessage::Cancel(signed.clone());
+        self.fold_own(msg.clone(), VerifiedGossip::Cancel(cancel));
+        // A queued re-announcement of the cancelled order must not go out after the cancel.
+        self.unpublished.retain(|m| queue_key(m) != Some(order_id));
+        self.publish(msg);
+        Ok(())
+    }
+
+    /// Re-signs `orders` with one fresh sequence number and expiry, folds and publishes them.
+    fn announce_orders(&mut self, orders: &[OwnOrder]) -> Result<(), NodeError> {
+        if orders.is_empty() {
+            return Ok(());
+        }
+        let (now, expires_at) = self.now_and_expiry();
+        let seq = self.store.next_seq(now.0)?;
+        for order in orders {
+            let (msg, verified) = match order {
+                OwnOrder::Ask(a) => {
+                    let a = Ask {
+                        seq,
+                        created_at: now,
+                        expires_at,
+                        region: self.settings.region.clone(),
+                        ..a.clone()
+                    };
+                    (
+                        GossipMessage::Ask(Signed::sign(&self.key, &self.network, &a)),
+                        VerifiedGossip::Ask(a),
+                    )
+                }
+                OwnOrder::Bid(b) => {
+                    let b = Bid {
+                        seq,
+                        created_at: now,
+                        expires_at,
+                        ..b.clone()
+                    };
+                    (
+                        GossipMessage::Bid(Signed::sign(&self.key, &self.network, &b)),
+                        VerifiedGossip::Bid(b),
+                    )
+                }
+            };
+            self.fold_own(msg.clone(), verified);
+            self.publish(msg);
+        }
+        Ok(())
+    }
+
+    /// Announces the capacity ad (providers only) and every live own order.
+    fn announce_all(&mut self) {
+        if !self.settings.gpus.is_empty()
+            && let Err(e) = self.announce_capacity()
+        {
+            warn!(error = %e, "cannot announce capacity");
+        }
+        let orders: Vec<OwnOrder> = self.own.values().cloned().collect();
+        if let Err(e) = self.announce_orders(&orders) {
+            warn!(error = %e, "cannot re-announce orders");
+        }
+    }
+
+    fn announce_capacity(&mut self) -> Result<(), NodeError> {
+        let (now, expires_at) = self.now_and_expiry();
+        let addrs = self
+            .listen_addrs
+            .iter()
+            .take(hashgrid_protocol::limits::MAX_ADDRS_PER_AD)
+            .map(|a| with_peer(a, self.peer_id).to_string())
+            .collect();
+        let ad = CapacityAd {
+            provider: self.public,
+            region: self.settings.region.clone(),
+            gpus: self.settings.gpus.clone(),
+            units_total: self.settings.units,
+            units_free: self.settings.units,
+            settlement: self.settings.settlement.clone(),
+            addrs,
+            seq: self.store.next_seq(now.0)?,
+            created_at: now,
+            expires_at,
+        };
+        let signed = Signed::sign(&self.key, &self.network, &ad);
+        signed
+            .verify(&self.network)
+            .map_err(|e| NodeError::InvalidOrder(format!("capacity ad: {e}")))?;
+        let msg = GossipMessage::Capacity(signed);
+        self.fold_own(msg.clone(), VerifiedGossip::Capacity(ad));
+        self.publish(msg);
+        Ok(())
+    }
+
+    fn topic_for(&self, msg: &GossipMessage) -> IdentTopic {
+        match msg {
+            GossipMessage::Capacity(_) => self.capacity_topic.clone(),
+            _ => self.orders_topic.clone(),
+        }
+    }
+
+    fn publish(&mut self, msg: GossipMessage) {
+        let topic = self.topic_for(&msg);
+        match self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(topic, msg.encode())
+        {
+            Ok(_) => {}
+            Err(gossipsub::PublishError::Duplicate) => {}
+            Err(e) => {
+                debug!(error = %e, "publish failed; will retry");
+                // A newer copy of the same order or ad supersedes a queued one: sending both
+                // could deliver the older one last, which peers reject as a replay.
+                let key = queue_key(&msg);
+                self.unpublished.retain(|m| queue_key(m) != key);
+                if self.unpublished.len() >= MAX_UNPUBLISHED {
+                    self.unpublished.remove(0);
+                }
+                self.unpublished.push(msg);
+            }
+        }
+    }
+
+    fn retry_publish(&mut self) {
+        let now = Timestamp::now();
+        let queued = std::mem::take(&mut self.unpublished);
+        for msg in queued {
+            // Messages that expired while waiting are not worth sending.
+            if msg.verify(&self.network, now).is_ok() {
+                self.publish(msg);
+            }
+        }
+    }
+
+    fn fold_own(&mut self, msg: GossipMessage, verified: VerifiedGossip) {
+        self.validator.record_own(&verified);
+        let _ = self.fold(msg, verified);
+    }
+
+    /// Folds a verified message into the book and reports the change as an event.
+    fn fold(&mut self, msg: GossipMessage, verified: VerifiedGossip) -> Result<(), BookReject> {
+        let change = match (msg, verified) {
+            (GossipMessage::Ask(s), VerifiedGossip::Ask(a)) => self.book.insert_ask(s, a)?,
+            (GossipMessage::Bid(s), VerifiedGossip::Bid(b)) => self.book.insert_bid(s, b)?,
+            (GossipMessage::Cancel(s), VerifiedGossip::Cancel(c)) => self.book.cancel(s, c)?,
+            (GossipMessage::Capacity(s), VerifiedGossip::Capacity(c)) => {
+                self.book.insert_capacity(s, c)?
+            }
+            // `verify` returns the variant of the message it verified.
+            _ => return Ok(()),
+        };
+        match change {
+            BookChange::Added(kind, order) => self.emit(NodeEvent::OrderAdded { kind, order }),
+            BookChange::Cancelled(kind, order) => self.emit(NodeEvent::OrderRemoved {
+                kind,
+                order,
+                reason: RemoveReason::Cancelled,
+            }),
+            BookChange::Capacity(p) => self.emit(NodeEvent::CapacityUpdated(p)),
+            BookChange::Replaced(..) | BookChange::CancelRecorded(_) => {}
+        }
+        Ok(())
+    }
+
+    fn sweep(&mut self) {
+        for (kind, order) in self.book.expire(Timestamp::now()) {
+            debug!(?kind, order = order.order_id, owner = %order.owner.short(), "order expired");
+            self.emit(NodeEvent::OrderRemoved {
+                kind,
+                order,
+                reason: RemoveReason::Expired,
+            });
+        }
+    }
+
+    fn topic_kind(&self, hash: &TopicHash) -> TopicKind {
+        if *hash == self.capacity_topic.hash() {
+            TopicKind::Capacity
+        } else if *hash == self.orders_topic.hash() {
+            TopicKind::Orders
+        } else {
+            TopicKind::Unknown
+        }
+    }
+
+    fn on_gossip(&mut self, from: PeerId, id: gossipsub::MessageId, message: gossipsub::Message) {
+        let topic = self.topic_kind(&message.topic);
+        let verdict = self
+            .validator
+            .check_bytes(topic, &message.data, Timestamp::now(), true);
+        let acceptance = match verdict {
+            Verdict::Accept(accepted) => match self.fold(accepted.0, accepted.1) {
+                Ok(()) => MessageAcceptance::Accept,
+                Err(BookReject::Stale { .. } | BookReject::Cancelled { .. }) => {
+                    self.reject(from, "stale copy of a replaced or cancelled order".into());
+                    MessageAcceptance::Reject
+                }
+                Err(e) => {
+                    debug!(%from, reason = %e, "gossip ignored");
+                    MessageAcceptance::Ignore
+                }
+            },
+            Verdict::Ignore(reason) => {
+                debug!(%from, %reason, "gossip ignored");
+                MessageAcceptance::Ignore
+            }
+            Verdict::Reject(reason) => {
+                self.reject(from, reason);
+                MessageAcceptance::Reject
+            }
+        };
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .report_message_validation_result(&id, &from, acceptance);
+    }
+
+    fn reject(&self, from: PeerId, reason: String) {
+        info!(%from, %reason, "message rejected");
+        self.emit(NodeEvent::MessageRejected { from, reason });
+    }
+
+    fn on_sync_response(&mut self, from: PeerId, resp: SyncResponse) {
+        let now = Timestamp::now();
+        let total = resp.messages.len();
+        let mut added = 0usize;
+        for msg in resp.messages.into_iter().take(MAX_SYNC_MESSAGES) {
+            match self.validator.check_message(msg, now, false) {
+                Verdict::Accept(accepted) => {
+                    if self.fold(accepted.0, accepted.1).is_ok() {
+                        added += 1;
+                    }
+                }
+                Verdict::Ignore(_) => {}
+                Verdict::Reject(reason) => {
+                    self.reject(from, format!("sync response: {reason}"));
+                    let n = self.bad_sync.entry(from).or_insert(0);
+                    *n = n.saturating_add(1);
+                    let score = -f64::from(*n).powi(2);
+                    self.swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .set_application_score(&from, score);
+                }
+            }
+        }
+        debug!(%from, total, added, "book sync");
+    }
+
+    fn on_swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        match ev {
+            SwarmEvent::NewListenAddr { address, .. } if !self.listen_addrs.contains(&address) => {
+                info!(addr = %with_peer(&address, self.peer_id), "listening");
+                self.listen_addrs.push(address.clone());
+                self.emit(NodeEvent::Listening(with_peer(&address, self.peer_id)));
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs.retain(|a| *a != address);
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                num_established,
+                endpoint,
+                ..
+            } => {
+                if num_established.get() == 1 {
+                    debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                    self.emit(NodeEvent::PeerConnected(peer_id));
+                }
+                if self.synced.insert(peer_id) {
+                    self.swarm.behaviour_mut().sync.send_request(
+                        &peer_id,
+                        SyncRequest {
+                            max: MAX_SYNC_MESSAGES as u32,
+                        },
+                    );
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                self.synced.remove(&peer_id);
+                self.bad_sync.remove(&peer_id);
+                debug!(peer = %peer_id, "disconnected");
+                self.emit(NodeEvent::PeerDisconnected(peer_id));
+            }
+            SwarmEvent::Behaviour(ev) => self.on_behaviour_event(ev),
+            _ => {}
+        }
+    }
+
+    fn on_behaviour_event(&mut self, ev: BehaviourEvent) {
+        match ev {
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            }) => self.on_gossip(propagation_source, message_id, message),
+            BehaviourEvent::Sync(request_response::Event::Message { peer, message, .. }) => {
+                match message {
+                    request_response::Message::Request {
+                        request, channel, ..
+                    } => {
+                        let max = (request.max as usize).min(MAX_SYNC_MESSAGES);
+                        #[allow(unused_mut)]
+                        let mut messages = self.book.signed_messages(max);
+                        #[cfg(feature = "testing")]
+                        messages.extend(self.serve_in_sync.iter().cloned());
+                        let resp = SyncResponse { messages };
+                        // Err: the peer went away; nothing to do.
+                        let _ = self.swarm.behaviour_mut().sync.send_response(channel, resp);
+                    }
+                    request_response::Message::Response { response, .. } => {
+                        self.on_sync_response(peer, response)
+                    }
+                }
+            }
+            BehaviourEvent::Sync(request_response::Event::OutboundFailure {
+                peer, error, ..
+            }) => {
+                debug!(%peer, %error, "book sync request failed");
+            }
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                if info.protocols.contains(&crate::network::KAD_PROTOCOL) {
+                    for a in &info.listen_addrs {
+                        self.swarm
+                            .behaviour_mut()
+                            .kad
+                            .add_address(&peer_id, a.clone());
+                    }
+                }
+                if let Err(e) = self.store.put_peer_addrs(&peer_id, &info.listen_addrs) {
+                    warn!(error = %e, "cannot store peer addresses");
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                for (peer, addr) in found {
+                    if peer == self.peer_id {
+                        continue;
+                    }
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
+                    if !self.swarm.is_connected(&peer) {
+                        let _ = self.swarm.dial(addr);
+                    }
+                }
+            }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                result: kad::QueryResult::GetClosestPeers(Ok(ok)),
+                ..
+            }) => {
+                debug!(found = ok.peers.len(), "random walk done");
+            }
+            _ => {}
+        }
+    }
+}

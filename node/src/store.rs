@@ -1,0 +1,247 @@
+//! The node's sled store in its data dir: its own live orders (so a restarted node
+//! re-announces what it still offers), the last sequence number it signed, and the addresses
+//! of peers it has met (so it can rejoin without bootstrap peers).
+//!
+//! The identity itself is the key file next to the store ([`crate::DataDir::identity_path`]).
+//! Writes that matter (an order posted or cancelled, a sequence number used) are flushed
+//! before the operation is acknowledged to the caller.
+
+use std::path::Path;
+
+use hashgrid_protocol::{Ask, Bid};
+use libp2p::{Multiaddr, PeerId};
+use serde::{Deserialize, Serialize};
+
+/// Most addresses remembered per peer.
+pub const MAX_ADDRS_PER_PEER: usize = 8;
+
+/// Most peers whose addresses are remembered (older entries beyond this are not added).
+pub const MAX_KNOWN_PEERS: usize = 1024;
+
+/// A stored order of this node's own (the unsigned body; it is re-signed with a fresh
+/// sequence number and expiry at every re-announcement).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OwnOrder {
+    /// An ask.
+    Ask(Ask),
+    /// A bid.
+    Bid(Bid),
+}
+
+impl OwnOrder {
+    /// The owner's order id.
+    pub fn order_id(&self) -> u64 {
+        match self {
+            OwnOrder::Ask(a) => a.order_id,
+            OwnOrder::Bid(b) => b.order_id,
+        }
+    }
+}
+
+/// Opening or using the store failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// sled failed (disk full, permissions, or another process holds the store).
+    #[error(
+        "store {path}: {source} (is another hashgrid-node running with this data dir? pass --data-dir with another directory)"
+    )]
+    Open {
+        /// The store directory.
+        path: String,
+        /// The underlying error.
+        source: sled::Error,
+    },
+    /// A read or write failed.
+    #[error("store: {0}")]
+    Io(#[from] sled::Error),
+    /// A stored record does not decode (corrupted or written by an incompatible version).
+    #[error("store: corrupted record in tree {tree}: {reason}")]
+    Corrupt {
+        /// The tree.
+        tree: &'static str,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// The sled store (cheap to clone: sled handles are reference counted).
+#[derive(Clone, Debug)]
+pub struct Store {
+    db: sled::Db,
+    own_orders: sled::Tree,
+    peers: sled::Tree,
+    meta: sled::Tree,
+}
+
+const TREE_OWN_ORDERS: &str = "own_orders";
+const TREE_PEERS: &str = "peers";
+const TREE_META: &str = "meta";
+const KEY_LAST_SEQ: &[u8] = b"last_seq";
+const KEY_LAST_ORDER_ID: &[u8] = b"last_order_id";
+
+impl Store {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            // Small cache: the store holds a few own orders and peer addresses.
+            .cache_capacity(4 * 1024 * 1024)
+            .open()
+            .map_err(|source| StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
+        Ok(Store {
+            own_orders: db.open_tree(TREE_OWN_ORDERS)?,
+            peers: db.open_tree(TREE_PEERS)?,
+            meta: db.open_tree(TREE_META)?,
+            db,
+        })
+    }
+
+    /// A store in memory only (for nodes without a data dir); nothing survives a restart.
+    pub fn temporary() -> Result<Store, StoreError> {
+        let db = sled::Config::new().temporary(true).open()?;
+        Ok(Store {
+            own_orders: db.open_tree(TREE_OWN_ORDERS)?,
+            peers: db.open_tree(TREE_PEERS)?,
+            meta: db.open_tree(TREE_META)?,
+            db,
+        })
+    }
+
+    fn counter(&self, key: &[u8]) -> Result<u64, StoreError> {
+        Ok(match self.meta.get(key)? {
+            Some(v) => {
+                u64::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                    tree: TREE_META,
+                    reason: "counter is not 8 bytes".into(),
+                })?)
+            }
+            None => 0,
+        })
+    }
+
+    /// The next sequence number: higher than any this node signed before and at least
+    /// `floor` (the caller passes the clock in ms, so a lost store still yields fresh numbers).
+    /// Flushed before it is returned.
+    pub fn next_seq(&self, floor: u64) -> Result<u64, StoreError> {
+        let seq = self.counter(KEY_LAST_SEQ)?.saturating_add(1).max(floor);
+        self.meta.insert(KEY_LAST_SEQ, &seq.to_be_bytes())?;
+        self.db.flush()?;
+        Ok(seq)
+    }
+
+    /// A fresh order id. Not flushed on its own: the caller stores the order with
+    /// [`Store::put_own_order`], whose flush covers both; an id lost in a crash before that
+    /// was never announced, so reusing it is harmless.
+    pub fn next_order_id(&self) -> Result<u64, StoreError> {
+        let id = self.counter(KEY_LAST_ORDER_ID)?.saturating_add(1);
+        self.meta.insert(KEY_LAST_ORDER_ID, &id.to_be_bytes())?;
+        Ok(id)
+    }
+
+    /// Records (or replaces) one of this node's orders, flushed.
+    pub fn put_own_order(&self, order: &OwnOrder) -> Result<(), StoreError> {
+        let bytes = postcard::to_stdvec(order).map_err(|e| StoreError::Corrupt {
+            tree: TREE_OWN_ORDERS,
+            reason: e.to_string(),
+        })?;
+        self.own_orders
+            .insert(order.order_id().to_be_bytes(), bytes)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Forgets one of this node's orders (cancelled or expired), flushed. Returns it.
+    pub fn remove_own_order(&self, order_id: u64) -> Result<Option<OwnOrder>, StoreError> {
+        let old = self.own_orders.remove(order_id.to_be_bytes())?;
+        self.db.flush()?;
+        old.map(|v| decode_order(&v)).transpose()
+    }
+
+    /// This node's stored orders.
+    pub fn own_orders(&self) -> Result<Vec<OwnOrder>, StoreError> {
+        self.own_orders
+            .iter()
+            .values()
+            .map(|v| decode_order(&v?))
+            .collect()
+    }
+
+    /// Remembers `addrs` for `peer` (at most [`MAX_ADDRS_PER_PEER`]). Not flushed: losing
+    /// a peer address on a crash costs nothing but a slower rejoin.
+    pub fn put_peer_addrs(&self, peer: &PeerId, addrs: &[Multiaddr]) -> Result<(), StoreError> {
+        let key = peer.to_bytes();
+        if !self.peers.contains_key(&key)? && self.peers.len() >= MAX_KNOWN_PEERS {
+            return Ok(());
+        }
+        let addrs: Vec<String> = addrs
+            .iter()
+            .take(MAX_ADDRS_PER_PEER)
+            .map(|a| a.to_string())
+            .collect();
+        let bytes = postcard::to_stdvec(&addrs).map_err(|e| StoreError::Corrupt {
+            tree: TREE_PEERS,
+            reason: e.to_string(),
+        })?;
+        self.peers.insert(key, bytes)?;
+        Ok(())
+    }
+
+    /// Peers met before, with their addresses (undecodable entries are skipped).
+    pub fn known_peers(&self) -> Result<Vec<(PeerId, Vec<Multiaddr>)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.peers.iter() {
+            let (k, v) = item?;
+            let Ok(peer) = PeerId::from_bytes(&k) else {
+                continue;
+            };
+            let Ok(addrs) = postcard::from_bytes::<Vec<String>>(&v) else {
+                continue;
+            };
+            let addrs = addrs.iter().filter_map(|a| a.parse().ok()).collect();
+            out.push((peer, addrs));
+        }
+        Ok(out)
+    }
+
+    /// Writes everything to disk.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+fn decode_order(bytes: &[u8]) -> Result<OwnOrder, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
+        tree: TREE_OWN_ORDERS,
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_and_peers_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let peer = PeerId::random();
+        {
+            let s = Store::open(&path).unwrap();
+            assert_eq!(s.next_seq(10).unwrap(), 10);
+            assert_eq!(s.next_seq(0).unwrap(), 11);
+            assert_eq!(s.next_order_id().unwrap(), 1);
+            s.put_peer_addrs(&peer, &["/ip4/127.0.0.1/tcp/1".parse().unwrap()])
+                .unwrap();
+            s.flush().unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.next_seq(0).unwrap(), 12);
+        assert_eq!(s.next_order_id().unwrap(), 2);
+        assert_eq!(s.known_peers().unwrap()[0].0, peer);
+    }
+}

@@ -1,0 +1,77 @@
+//! A node restarted with the same data dir keeps its PeerId and re-announces the asks it still
+//! offers (not the cancelled ones), reconnecting to the peers it remembers; a taken port gives
+//! a clear error.
+
+use std::time::Duration;
+
+use hashgrid_node::StartError;
+use hashgrid_tests::{addr_of, ask_spec, gpu, test_builder, wait_for_book};
+
+/// Bound on every wait in this test.
+const LIMIT: Duration = Duration::from_secs(5);
+
+/// Short TTL so the stopped provider's asks leave the other book before it comes back.
+const TTL: Duration = Duration::from_secs(2);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_node_keeps_identity_and_reannounces_its_asks() -> anyhow::Result<()> {
+    hashgrid_tests::init_tracing();
+    let dir = tempfile::tempdir()?;
+    let other = test_builder(&[]).start().await?;
+    let other_addr = addr_of(&other).await?;
+    let provider = |bootstrap: &[hashgrid_node::Multiaddr]| {
+        test_builder(bootstrap)
+            .data_dir(dir.path())
+            .gpu_profiles(vec![gpu("restart-gpu")])
+            .order_ttl(TTL)
+    };
+
+    let first = provider(std::slice::from_ref(&other_addr)).start().await?;
+    let peer_id = first.peer_id();
+    let kept = first.post_ask(ask_spec("restart-gpu", 10)).await?;
+    let dropped = first.post_ask(ask_spec("restart-gpu", 20)).await?;
+    first.cancel(dropped.order_id).await?;
+    wait_for_book(&other, LIMIT, "the kept ask", |b| {
+        b.has_ask(&kept) && !b.has_ask(&dropped)
+    })
+    .await?;
+    first.shutdown().await;
+    // While the provider is down its ask expires from the other book.
+    wait_for_book(&other, LIMIT, "the ask to expire", |b| !b.has_ask(&kept)).await?;
+
+    // No bootstrap peer this time: the node dials the peers it remembers in its store.
+    let second = provider(&[]).start().await?;
+    assert_eq!(
+        second.peer_id(),
+        peer_id,
+        "the PeerId must survive a restart"
+    );
+    wait_for_book(&other, LIMIT, "the ask to come back", |b| b.has_ask(&kept)).await?;
+    // The cancelled ask stays cancelled.
+    assert!(!other.book().await?.has_ask(&dropped));
+    assert!(second.book().await?.has_ask(&kept));
+
+    second.shutdown().await;
+    other.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn taken_port_is_a_clear_error() -> anyhow::Result<()> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let err = hashgrid_node::Node::builder()
+        .network(hashgrid_tests::test_network())
+        .mdns(false)
+        .listen(format!("/ip4/127.0.0.1/tcp/{port}").parse()?)
+        .start()
+        .await
+        .expect_err("the port is taken");
+    assert!(matches!(err, StartError::AddrInUse { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("already in use") && msg.contains("--listen"),
+        "{msg}"
+    );
+    Ok(())
+}
