@@ -26,10 +26,22 @@ pub(crate) fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, ExecEr
     Ok(rt.block_on(f))
 }
 
-fn instance() -> wgpu::Instance {
+fn instance(backends: wgpu::Backends) -> wgpu::Instance {
     let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
-    desc.backends = wgpu::Backends::all();
+    desc.backends = backends;
     wgpu::Instance::new(desc)
+}
+
+/// The adapters on the primary backends (Vulkan, Metal, DX12), or, only when there are none,
+/// on OpenGL. Probing GL means probing EGL and a display, which is slow and noisy on headless
+/// machines that have a perfectly good Vulkan driver (lavapipe included).
+fn enumerate() -> Result<Vec<wgpu::Adapter>, ExecError> {
+    let primary =
+        block_on(instance(wgpu::Backends::PRIMARY).enumerate_adapters(wgpu::Backends::PRIMARY))?;
+    if !primary.is_empty() {
+        return Ok(primary);
+    }
+    block_on(instance(wgpu::Backends::GL).enumerate_adapters(wgpu::Backends::GL))
 }
 
 fn rank(t: wgpu::DeviceType) -> u8 {
@@ -42,17 +54,15 @@ fn rank(t: wgpu::DeviceType) -> u8 {
     }
 }
 
-/// Every adapter on every backend compiled in, in enumeration order.
+/// Every adapter on the primary backends (Vulkan, Metal, DX12), in enumeration order; the
+/// OpenGL adapters when there are none.
 pub fn list_adapters() -> Result<Vec<wgpu::AdapterInfo>, ExecError> {
-    let inst = instance();
-    let adapters = block_on(inst.enumerate_adapters(wgpu::Backends::all()))?;
-    Ok(adapters.iter().map(|a| a.get_info()).collect())
+    Ok(enumerate()?.iter().map(|a| a.get_info()).collect())
 }
 
 /// Opens the adapter `choice` names.
 pub(crate) fn select_adapter(choice: &AdapterChoice) -> Result<wgpu::Adapter, ExecError> {
-    let inst = instance();
-    let mut adapters = block_on(inst.enumerate_adapters(wgpu::Backends::all()))?;
+    let mut adapters = enumerate()?;
     if adapters.is_empty() {
         return Err(ExecError::NoAdapter(String::new()));
     }
