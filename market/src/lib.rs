@@ -1,7 +1,7 @@
 //! # hashgrid-market
 //!
 //! The pure, deterministic heart of the exchange: the order book and matching engine
-//! ([`book`]), charges ([`charge`]) and settlement bookkeeping ([`settlement`]). No tokio, no
+//! ([`book`]), charges ([`charge`](mod@charge)) and settlement bookkeeping ([`settlement`]). No tokio, no
 //! network, no clock of its own: time is passed in.
 //!
 //! ```

@@ -178,8 +178,16 @@ pub struct SiteConfig {
     pub order_ttl_secs: u64,
     /// Settlement methods accepted (default `["ledger"]`).
     pub settlement: Vec<SettlementMethod>,
-    /// The GPUs sold (default none: the node only relays and keeps the book).
+    /// The GPUs sold, as declared. When empty and `detect_gpu` is on, the daemon sells this
+    /// machine's adapter as the executor reports and benchmarks it.
     pub gpus: Vec<GpuConfig>,
+    /// With no `[[gpus]]`, detect the local GPU adapter (wgpu), benchmark it once (cached in
+    /// the data dir) and sell it; a machine without one is an error that says how to install
+    /// lavapipe. `false` (or `--no-gpu`) runs a relay-only node. Default true.
+    pub detect_gpu: bool,
+    /// GPU profiles detected at start-up (filled in by the daemon, never read from the file).
+    #[serde(skip)]
+    pub detected: Vec<GpuProfile>,
     /// The pricing policy.
     pub pricing: Pricing,
 }
@@ -205,6 +213,8 @@ impl Default for SiteConfig {
             order_ttl_secs: DEFAULT_ORDER_TTL.as_secs(),
             settlement: vec![SettlementMethod::Ledger],
             gpus: Vec::new(),
+            detect_gpu: true,
+            detected: Vec::new(),
             pricing: Pricing::default(),
         }
     }
@@ -229,6 +239,8 @@ pub struct Overrides {
     pub units: Option<u32>,
     /// `--no-mdns`.
     pub no_mdns: bool,
+    /// `--no-gpu`: do not detect or sell a local GPU (relay-only unless `[[gpus]]` are given).
+    pub no_gpu: bool,
 }
 
 impl SiteConfig {
@@ -280,6 +292,9 @@ impl SiteConfig {
         if o.no_mdns {
             self.mdns = false;
         }
+        if o.no_gpu {
+            self.detect_gpu = false;
+        }
         self
     }
 
@@ -310,18 +325,24 @@ impl SiteConfig {
         Ok(())
     }
 
-    /// The asks this site offers: one per GPU entry, priced by the policy.
+    /// The GPUs this site sells: the declared `[[gpus]]`, else the detected adapters.
+    pub fn gpu_profiles(&self) -> Vec<GpuProfile> {
+        if self.gpus.is_empty() {
+            self.detected.clone()
+        } else {
+            self.gpus.iter().map(GpuConfig::profile).collect()
+        }
+    }
+
+    /// The asks this site offers: one per GPU, priced by the policy.
     pub fn asks(&self) -> Vec<AskSpec> {
-        self.gpus
-            .iter()
-            .map(|g| {
-                let gpu = g.profile();
-                AskSpec {
-                    price: self.pricing.price_for(&gpu, &self.region),
-                    gpu,
-                    units: self.units,
-                    max_seconds: self.max_job_seconds,
-                }
+        self.gpu_profiles()
+            .into_iter()
+            .map(|gpu| AskSpec {
+                price: self.pricing.price_for(&gpu, &self.region),
+                gpu,
+                units: self.units,
+                max_seconds: self.max_job_seconds,
             })
             .collect()
     }
@@ -339,11 +360,11 @@ impl SiteConfig {
             .mdns(self.mdns)
             .units(
                 self.units
-                    .saturating_mul(u32::try_from(self.gpus.len()).unwrap_or(u32::MAX)),
+                    .saturating_mul(u32::try_from(self.gpu_profiles().len()).unwrap_or(u32::MAX)),
             )
             .settlement(self.settlement.clone())
             .order_ttl(Duration::from_secs(self.order_ttl_secs))
-            .gpu_profiles(self.gpus.iter().map(GpuConfig::profile).collect());
+            .gpu_profiles(self.gpu_profiles());
         for a in &self.listen {
             b = b.listen(a.clone());
         }

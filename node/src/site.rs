@@ -7,6 +7,7 @@ use tracing::info;
 
 use crate::config::{ConfigError, SiteConfig};
 use crate::error::{NodeError, StartError};
+use crate::executor::{ExecConfig, ExecError, Executor, bench};
 
 /// Running the site daemon failed.
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +22,26 @@ pub enum SiteError {
     /// The node failed while running.
     #[error(transparent)]
     Node(#[from] NodeError),
+    /// No GPU could be opened or benchmarked (the message says how to install lavapipe; or run
+    /// with `--no-gpu` for a relay-only node).
+    #[error("{0} (or pass --no-gpu to run a relay-only node)")]
+    Gpu(#[from] ExecError),
+}
+
+/// Opens this machine's best GPU adapter and benchmarks it (cached per adapter in the data dir).
+async fn detect_gpu(config: &SiteConfig) -> Result<Executor, SiteError> {
+    let exec = tokio::task::spawn_blocking(|| Executor::start(ExecConfig::default()))
+        .await
+        .map_err(|e| ExecError::NoAdapter(format!(" (adapter probe failed: {e})")))??;
+    let dir = crate::DataDir::new(
+        config
+            .data_dir
+            .clone()
+            .unwrap_or_else(crate::DataDir::default_root),
+    );
+    let b = bench::cached(&exec, &dir.bench_cache_path()).await?;
+    exec.set_benchmark(b);
+    Ok(exec)
 }
 
 /// Starts the node, offers the configured asks (keeping unchanged ones from the last run),
@@ -29,7 +50,18 @@ pub async fn run_site(
     config: SiteConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), SiteError> {
+    let mut config = config;
     config.check()?;
+    // Kept alive while the node runs: the executor is what the GPU work will run on.
+    let _executor = if config.gpus.is_empty() && config.detect_gpu {
+        let exec = detect_gpu(&config).await?;
+        let p = exec.profile();
+        info!(adapter = %p.name, backend = ?p.backend, matmul_mflops = p.bench.matmul_mflops, copy_mbps = p.bench.copy_mbps, "GPU detected");
+        config.detected = vec![p];
+        Some(exec)
+    } else {
+        None
+    };
     let node = config.builder().start().await?;
     info!(peer_id = %node.peer_id(), network = %config.network, region = %config.region, "node started");
     for addr in node.listen_addrs().await? {
@@ -40,7 +72,9 @@ pub async fn run_site(
         info!(order = order.order_id, gpu = %spec.gpu.name, units = spec.units, price_msat = spec.price.0, "offering");
     }
     if asks.is_empty() {
-        info!("no [[gpus]] configured: relaying gossip and keeping the book only");
+        info!(
+            "no GPU to sell (--no-gpu or detect_gpu = false): relaying gossip and keeping the book only"
+        );
     }
     shutdown.await;
     info!("shutting down");

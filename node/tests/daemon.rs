@@ -175,3 +175,56 @@ fn id_is_stable() {
     assert!(first.starts_with("12D3"));
     assert_eq!(id(dir.path()), first);
 }
+
+/// With no `[[gpus]]`, the daemon detects this machine's adapter (lavapipe in CI), benchmarks
+/// it, caches the benchmark in the data dir, and sells it: the ask that arrives names the real
+/// adapter and carries the measured throughput.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_sells_the_detected_gpu() {
+    let peer = Node::builder()
+        .network(network())
+        .mdns(false)
+        .listen("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+        .start()
+        .await
+        .unwrap();
+    let boot = peer.listen_addrs().await.unwrap()[0].to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (mut child, rx) = spawn(&[
+        "run",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--network",
+        "daemon-test",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--bootstrap",
+        &boot,
+        "--price",
+        "42",
+        "--no-mdns",
+    ]);
+    let line = wait_line(&rx, |l| l.contains("GPU detected"));
+    assert!(line.contains("matmul_mflops"), "{line}");
+    let deadline = Instant::now() + LIMIT;
+    let ask = loop {
+        let book = peer.book().await.unwrap();
+        if let Some(a) = book.asks.first() {
+            break a.clone();
+        }
+        assert!(Instant::now() < deadline, "the daemon's ask never arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(ask.price, Msat(42));
+    assert!(!ask.gpu.name.is_empty());
+    assert!(ask.gpu.bench.matmul_mflops > 0, "{:?}", ask.gpu.bench);
+    assert!(ask.gpu.limits.max_buffer_size > 0, "{:?}", ask.gpu.limits);
+    assert!(
+        data.join("bench-cache.json").exists(),
+        "benchmark cached in the data dir"
+    );
+    let pid = child.0.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(wait_exit(&mut child).success());
+}

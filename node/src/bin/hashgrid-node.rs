@@ -58,6 +58,9 @@ enum Command {
         /// Disable mDNS discovery on the local network.
         #[arg(long)]
         no_mdns: bool,
+        /// Do not detect and sell this machine's GPU (relay-only unless [[gpus]] are configured).
+        #[arg(long)]
+        no_gpu: bool,
     },
 }
 
@@ -102,6 +105,7 @@ async fn main() -> anyhow::Result<()> {
             price,
             units,
             no_mdns,
+            no_gpu,
         } => {
             let file = match &config {
                 Some(path) => SiteConfig::load(path)?,
@@ -116,6 +120,7 @@ async fn main() -> anyhow::Result<()> {
                 price,
                 units,
                 no_mdns,
+                no_gpu,
             };
             site::run_site(file.apply(overrides), shutdown_signal()).await?;
         }
