@@ -40,7 +40,7 @@ enum Command {
     RunLocal {
         /// The job file (TOML).
         file: PathBuf,
-        /// Write each output buffer to DIR/<name>.bin.
+        /// Write each output buffer to `DIR/<name>.bin`.
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
         /// Print one JSON object on stdout (logs go to stderr).
