@@ -305,6 +305,81 @@ fn backend_id(b: Backend) -> u8 {
     }
 }
 
+/// Turns a stream of candidate orders, in priority order without reputation, into a plan:
+/// candidates tied on (price, time) are collected and reordered by reputation (highest first,
+/// then arrival) before units are taken. Shared by both sides of the book.
+struct Planner {
+    plan: Vec<(OrderRef, u32)>,
+    /// Units still wanted (unit mode).
+    left: u32,
+    /// Most orders wanted (count mode, for queries); 0 = unit mode.
+    limit: usize,
+    group: Vec<(i64, u64, OrderRef, u32)>,
+    group_key: Option<(u64, u64)>,
+}
+
+impl Planner {
+    fn units(want: u32) -> Planner {
+        Planner {
+            plan: Vec::new(),
+            left: want,
+            limit: 0,
+            group: Vec::new(),
+            group_key: None,
+        }
+    }
+
+    fn orders(limit: usize) -> Planner {
+        Planner {
+            limit: limit.max(1),
+            ..Planner::units(0)
+        }
+    }
+
+    fn done(&self) -> bool {
+        if self.limit > 0 {
+            self.plan.len() >= self.limit
+        } else {
+            self.left == 0
+        }
+    }
+
+    fn flush(&mut self) {
+        self.group
+            .sort_by_key(|&(score, arrival, _, _)| (Reverse(score), arrival));
+        for &(_, _, r, rem) in &self.group {
+            if self.limit > 0 {
+                if self.plan.len() < self.limit {
+                    self.plan.push((r, rem));
+                }
+            } else if self.left > 0 {
+                let take = rem.min(self.left);
+                self.left -= take;
+                self.plan.push((r, take));
+            }
+        }
+        self.group.clear();
+    }
+
+    /// Offers the next candidate; returns false once the plan is complete (stop scanning).
+    fn offer(&mut self, key: (u64, u64), score: i64, arrival: u64, r: OrderRef, rem: u32) -> bool {
+        if self.group_key != Some(key) {
+            self.flush();
+            if self.done() {
+                return false;
+            }
+            self.group_key = Some(key);
+        }
+        self.group.push((score, arrival, r, rem));
+        true
+    }
+
+    fn finish(mut self) -> Vec<(OrderRef, u32)> {
+        self.flush();
+        self.plan
+    }
+}
+
 /// The order book: every live ask and bid, indexed for matching.
 #[derive(Debug, Default)]
 pub struct OrderBook {
@@ -797,51 +872,21 @@ impl OrderBook {
         limit: usize,
         rep: &dyn Reputation,
     ) -> Vec<(OrderRef, u32)> {
-        let mut plan = Vec::new();
-        let mut left = want;
-        let mut group: Vec<(i64, u64, OrderRef, u32)> = Vec::new();
-        let mut group_key = None;
-        let flush = |group: &mut Vec<(i64, u64, OrderRef, u32)>,
-                     plan: &mut Vec<(OrderRef, u32)>,
-                     left: &mut u32| {
-            group.sort_by_key(|&(score, arrival, _, _)| (Reverse(score), arrival));
-            for &(_, _, r, rem) in group.iter() {
-                if limit > 0 {
-                    if plan.len() < limit {
-                        plan.push((r, rem));
-                    }
-                } else if *left > 0 {
-                    let take = rem.min(*left);
-                    *left -= take;
-                    plan.push((r, take));
-                }
-            }
-            group.clear();
+        let mut planner = if limit > 0 {
+            Planner::orders(limit)
+        } else {
+            Planner::units(want)
         };
         self.scan_asks(f, |e| {
-            let key = (e.ask.price.0, e.time);
-            if group_key != Some(key) {
-                flush(&mut group, &mut plan, &mut left);
-                let done = if limit > 0 {
-                    plan.len() >= limit
-                } else {
-                    left == 0
-                };
-                if done {
-                    return false;
-                }
-                group_key = Some(key);
-            }
-            group.push((
+            planner.offer(
+                (e.ask.price.0, e.time),
                 rep.score(&e.ask.provider),
                 e.arrival,
                 e.ask.order_ref(),
                 e.remaining,
-            ));
-            true
+            )
         });
-        flush(&mut group, &mut plan, &mut left);
-        plan
+        planner.finish()
     }
 
     fn plan_for_ask(
@@ -883,43 +928,25 @@ impl OrderBook {
                 heap.push(Reverse((*p, i, *r)));
             }
         }
-        let mut plan = Vec::new();
-        let mut left = a.remaining;
-        let mut group: Vec<(i64, u64, OrderRef, u32)> = Vec::new();
-        let mut group_key = None;
-        let flush = |group: &mut Vec<(i64, u64, OrderRef, u32)>,
-                     plan: &mut Vec<(OrderRef, u32)>,
-                     left: &mut u32| {
-            group.sort_by_key(|&(score, arrival, _, _)| (Reverse(score), arrival));
-            for &(_, _, r, rem) in group.iter() {
-                if *left > 0 {
-                    let take = rem.min(*left);
-                    *left -= take;
-                    plan.push((r, take));
-                }
-            }
-            group.clear();
-        };
+        let mut planner = Planner::units(a.remaining);
         while let Some(Reverse((p, i, r))) = heap.pop() {
             if let Some((p2, r2)) = iters[i].next() {
                 heap.push(Reverse((*p2, i, *r2)));
             }
             let Some(e) = self.bids.get(&r) else { continue };
-            if !accepts(e) {
-                continue;
+            if accepts(e)
+                && !planner.offer(
+                    (p.0.0, p.1),
+                    rep.score(&e.bid.buyer),
+                    e.arrival,
+                    r,
+                    e.remaining,
+                )
+            {
+                break;
             }
-            let key = (p.0, p.1);
-            if group_key != Some(key) {
-                flush(&mut group, &mut plan, &mut left);
-                if left == 0 {
-                    break;
-                }
-                group_key = Some(key);
-            }
-            group.push((rep.score(&e.bid.buyer), e.arrival, r, e.remaining));
         }
-        flush(&mut group, &mut plan, &mut left);
-        plan
+        planner.finish()
     }
 
     /// The asks that could serve `bid` now, best first, without changing the book: what a
