@@ -10,6 +10,11 @@
 //! Orders that arrive in the same millisecond tie on time, and reputation breaks the tie.
 //! A replacement (higher `seq`) is a new arrival and loses its old time priority.
 //!
+//! # Order ids
+//! An owner's order ids are one space across both sides: `Cancel` names `(owner, order_id)`
+//! without a side, so an owner must not use the same id for an ask and a bid (the node takes
+//! both from one counter). A cancel removes whichever live order has that id.
+//!
 //! # Fills
 //! A fill is always at the ask's price: providers set prices, a bid's `max_price` is a limit.
 //! Fills are partial across orders with several units; what is left of the incoming order
