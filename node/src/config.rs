@@ -102,8 +102,8 @@ impl Pricing {
     }
 }
 
-/// A GPU this site sells, as written in the config (until the executor reports the local
-/// adapters itself).
+/// A GPU this site sells, declared in the config; when none are declared the daemon sells the
+/// adapter it detects (see [`SiteConfig::detect_gpu`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GpuConfig {

@@ -232,8 +232,8 @@ impl NodeBuilder {
     }
 
     /// Makes the node a provider advertising these GPUs in its capacity ad (default: none, a
-    /// buyer-only node that publishes no ad). The executor integration will fill these from
-    /// the local adapter.
+    /// buyer-only node that publishes no ad). The site daemon fills these from the detected
+    /// adapter (`SiteConfig::detect_gpu`) or the config's `[[gpus]]`.
     pub fn gpu_profiles(mut self, gpus: Vec<GpuProfile>) -> Self {
         self.gpus = gpus;
         self
