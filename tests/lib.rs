@@ -127,3 +127,50 @@ pub async fn wait_for_peers(node: &NodeHandle, n: usize, timeout: Duration) -> a
         tokio::time::sleep(POLL).await;
     }
 }
+
+/// Starts a provider on loopback that runs jobs on this machine's adapter (lavapipe in CI),
+/// advertising it with `memory_gib` of memory, and offers one unit at `price` msat per
+/// GPU-second. `lie` makes it a dishonest provider.
+pub async fn start_provider(
+    bootstrap: &[hashgrid_node::Multiaddr],
+    price: u64,
+    memory_gib: u64,
+    lie: Option<hashgrid_node::jobs::Lie>,
+) -> anyhow::Result<NodeHandle> {
+    use hashgrid_node::{ExecConfig, Executor};
+    let exec = tokio::task::spawn_blocking(move || {
+        Executor::start(ExecConfig {
+            memory_bytes: Some(memory_gib << 30),
+            max_concurrent: 1,
+            ..ExecConfig::default()
+        })
+    })
+    .await??;
+    let profile = exec.profile();
+    let mut b = test_builder(bootstrap)
+        .region("us-east")
+        .gpu_profiles(vec![profile.clone()])
+        .units(1)
+        .executor(exec);
+    if let Some(l) = lie {
+        b = b.lie(l);
+    }
+    let node = b.start().await?;
+    node.post_ask(AskSpec {
+        gpu: profile,
+        units: 1,
+        price: Msat(price),
+        max_seconds: 600,
+    })
+    .await?;
+    Ok(node)
+}
+
+/// Waits until `node`'s book holds at least `n` asks.
+pub async fn wait_for_asks(node: &NodeHandle, n: usize) -> anyhow::Result<()> {
+    wait_for_book(node, Duration::from_secs(10), &format!("{n} asks"), |b| {
+        b.asks.len() >= n
+    })
+    .await
+    .map(|_| ())
+}

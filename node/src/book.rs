@@ -283,6 +283,16 @@ impl Book {
         removed
     }
 
+    /// The live asks, ordered by owner and order id.
+    pub fn asks(&self) -> impl Iterator<Item = &Ask> {
+        self.asks.values().map(|e| &e.body)
+    }
+
+    /// A provider's live capacity ad.
+    pub fn capacity(&self, provider: &PublicKey) -> Option<&CapacityAd> {
+        self.capacity.get(provider).map(|e| &e.body)
+    }
+
     /// The current view.
     pub fn snapshot(&self) -> BookSnapshot {
         BookSnapshot {

@@ -65,6 +65,12 @@ pub enum NodeError {
     /// Publishing raw bytes failed (testing hook).
     #[error("publish failed: {0}")]
     Publish(String),
+    /// The job is invalid (checked before any network traffic).
+    #[error("invalid job: {0}")]
+    InvalidJob(String),
+    /// No job with this id was submitted by this node.
+    #[error("no job {0} in this node's store")]
+    UnknownJob(hashgrid_protocol::ContentId),
     /// Dialling failed.
     #[error("dial failed: {0}")]
     Dial(String),

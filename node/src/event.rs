@@ -33,6 +33,10 @@ pub enum NodeEvent {
     },
     /// A provider's capacity ad was added or replaced.
     CapacityUpdated(PublicKey),
+    /// A job this node submitted changed state.
+    Job(crate::jobs::JobUpdate),
+    /// Something happened to a job this node serves as a provider.
+    Provider(crate::jobs::ProviderEvent),
     /// A message was refused as invalid and its sender penalised.
     MessageRejected {
         /// The peer that sent it to us (not necessarily its author).

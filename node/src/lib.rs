@@ -38,6 +38,7 @@ pub mod datadir;
 pub mod error;
 pub mod event;
 pub mod executor;
+pub mod jobs;
 pub mod network;
 pub mod node;
 pub mod site;
@@ -48,6 +49,9 @@ pub use datadir::DataDir;
 pub use error::{NodeError, StartError};
 pub use event::NodeEvent;
 pub use executor::{ExecConfig, ExecError, Executor, JobOutput};
+pub use jobs::{
+    FailKind, JobOptions, JobRecord, JobResult, JobState, JobUpdate, ProviderEvent, Submission,
+};
 pub use libp2p::{Multiaddr, PeerId};
 #[cfg(feature = "testing")]
 pub use node::RawTopic;

@@ -50,7 +50,15 @@ use crate::network::{
     Behaviour, BehaviourEvent, BehaviourSettings, MAX_SYNC_MESSAGES, SyncRequest, SyncResponse,
     peer_score_params,
 };
-use crate::store::{OwnOrder, Store};
+use crate::executor::Executor;
+use crate::jobs::buyer::{BuyerCtx, BuyerJob, Candidate};
+use crate::jobs::provider::{Answer, Internal, Provider, chunk_of};
+use crate::jobs::{JobOptions, JobRecord, JobResult, JobState, Submission};
+use crate::store::{JobTree, OwnOrder, Store};
+use hashgrid_protocol::ContentId;
+use hashgrid_protocol::exchange::{
+    BlobReply, BlobRequest, JobMessage, JobReply, NegotiateReply, Propose,
+};
 
 /// Commands queued from handles to the swarm task. Handles wait for the reply, so a small
 /// queue is enough; a full queue makes callers wait (back-pressure), never drops.
@@ -164,6 +172,10 @@ pub struct NodeBuilder {
     heartbeat: Duration,
     sweep_interval: Duration,
     kad_walk_interval: Duration,
+    executor: Option<Executor>,
+    down_for: Duration,
+    #[cfg(feature = "testing")]
+    lie: Option<crate::jobs::Lie>,
 }
 
 impl Default for NodeBuilder {
@@ -183,6 +195,10 @@ impl Default for NodeBuilder {
             heartbeat: DEFAULT_HEARTBEAT,
             sweep_interval: DEFAULT_SWEEP_INTERVAL,
             kad_walk_interval: DEFAULT_KAD_WALK_INTERVAL,
+            executor: None,
+            down_for: crate::jobs::DEFAULT_DOWN_FOR,
+            #[cfg(feature = "testing")]
+            lie: None,
         }
     }
 }
@@ -273,6 +289,28 @@ impl NodeBuilder {
     /// How often the DHT random walk runs (default [`DEFAULT_KAD_WALK_INTERVAL`]).
     pub fn kad_walk_interval(mut self, every: Duration) -> Self {
         self.kad_walk_interval = every;
+        self
+    }
+
+    /// Serves jobs on this executor: the node answers proposals against its own asks and runs
+    /// dispatched jobs (default: none, the node rejects proposals).
+    pub fn executor(mut self, exec: Executor) -> Self {
+        self.executor = Some(exec);
+        self
+    }
+
+    /// How long this node, as a buyer, avoids a provider that failed one of its jobs
+    /// (default [`crate::jobs::DEFAULT_DOWN_FOR`]).
+    pub fn provider_down_for(mut self, d: Duration) -> Self {
+        self.down_for = d;
+        self
+    }
+
+    /// Makes this provider lie in its receipts (bad-provider tests only; cargo feature
+    /// `testing`).
+    #[cfg(feature = "testing")]
+    pub fn lie(mut self, lie: crate::jobs::Lie) -> Self {
+        self.lie = Some(lie);
         self
     }
 
@@ -432,6 +470,33 @@ impl NodeBuilder {
             .collect();
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
         let (events, _) = broadcast::channel(EVENT_QUEUE);
+        let (internal_tx, internal_rx) = mpsc::channel(INTERNAL_QUEUE);
+        #[allow(unused_mut)]
+        let mut provider = Provider::new(
+            self.executor.clone(),
+            key.clone(),
+            self.network.clone(),
+            store.clone(),
+            events.clone(),
+            internal_tx,
+            self.units,
+        )?;
+        #[cfg(feature = "testing")]
+        {
+            provider.lie = self.lie;
+        }
+        // Jobs this node submitted before a restart cannot resume (their inputs were in
+        // memory): fail them so nobody waits for them.
+        for mut rec in store.all::<JobRecord>(JobTree::BuyerJobs)? {
+            if !rec.state.is_terminal() {
+                rec.state = JobState::Failed {
+                    kind: crate::jobs::FailKind::Interrupted,
+                    reason: "this node stopped before the job finished; submit it again".into(),
+                };
+                store.put(JobTree::BuyerJobs, rec.id.as_bytes(), &rec)?;
+            }
+        }
+        store.flush()?;
         let mut state = NodeLoop {
             swarm,
             key: key.clone(),
@@ -451,6 +516,14 @@ impl NodeBuilder {
             bad_sync: HashMap::new(),
             #[cfg(feature = "testing")]
             serve_in_sync: Vec::new(),
+            provider,
+            internal_rx,
+            cmd_weak: cmd_tx.downgrade(),
+            pending_negotiate: HashMap::new(),
+            pending_job: HashMap::new(),
+            pending_blob: HashMap::new(),
+            served: HashMap::new(),
+            down: HashMap::new(),
             settings: self,
         };
         for a in &listen_addrs {
@@ -461,11 +534,16 @@ impl NodeBuilder {
         }
         // First announcement of the ad and of stored orders (queued until peers subscribe).
         state.announce_all();
+        let state_network = state.network.clone();
+        let state_store = state.store.clone();
         tokio::spawn(state.run(cmd_rx).instrument(span));
         Ok(NodeHandle {
             inner: Arc::new(Inner {
                 peer_id,
                 public: key.public(),
+                key,
+                network: state_network,
+                store: state_store,
                 cmd: cmd_tx,
                 events,
             }),
@@ -592,7 +670,19 @@ fn short_peer(p: &PeerId) -> String {
     s[s.len().saturating_sub(8)..].to_string()
 }
 
-enum Command {
+pub(crate) enum Command {
+    Negotiate(
+        PeerId,
+        Vec<Multiaddr>,
+        Box<Propose>,
+        oneshot::Sender<Result<NegotiateReply, String>>,
+    ),
+    Job(PeerId, JobMessage, oneshot::Sender<Result<JobReply, String>>),
+    Blob(PeerId, BlobRequest, oneshot::Sender<Result<BlobReply, String>>),
+    Candidates(Box<Bid>, Vec<PublicKey>, oneshot::Sender<Vec<Candidate>>),
+    MarkDown(PublicKey, oneshot::Sender<()>),
+    ServeBlobs(PeerId, Vec<(ContentId, Arc<Vec<u8>>)>, oneshot::Sender<()>),
+    UnserveBlobs(Vec<ContentId>, oneshot::Sender<()>),
     PostAsk(AskSpec, oneshot::Sender<Result<OrderRef, NodeError>>),
     PostBid(BidSpec, oneshot::Sender<Result<OrderRef, NodeError>>),
     Cancel(u64, oneshot::Sender<Result<(), NodeError>>),
@@ -623,8 +713,70 @@ pub enum RawTopic {
 struct Inner {
     peer_id: PeerId,
     public: PublicKey,
+    key: Keypair,
+    network: Network,
+    store: Store,
     cmd: mpsc::Sender<Command>,
     events: broadcast::Sender<NodeEvent>,
+}
+
+/// Messages from job tasks waiting for the node's task.
+pub const INTERNAL_QUEUE: usize = 256;
+
+/// A job task's line to the node's task: requests to peers and book lookups.
+#[derive(Clone)]
+pub(crate) struct Net {
+    tx: mpsc::Sender<Command>,
+}
+
+impl Net {
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, String> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| "the node has stopped".to_string())?;
+        rx.await.map_err(|_| "the node has stopped".to_string())
+    }
+
+    pub(crate) async fn negotiate(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        p: Propose,
+    ) -> Result<NegotiateReply, String> {
+        self.call(|r| Command::Negotiate(peer, addrs, Box::new(p), r))
+            .await?
+    }
+
+    pub(crate) async fn job(&self, peer: PeerId, m: JobMessage) -> Result<JobReply, String> {
+        self.call(|r| Command::Job(peer, m, r)).await?
+    }
+
+    pub(crate) async fn blob(&self, peer: PeerId, req: BlobRequest) -> Result<BlobReply, String> {
+        self.call(|r| Command::Blob(peer, req, r)).await?
+    }
+
+    pub(crate) async fn candidates(
+        &self,
+        bid: Bid,
+        excluded: Vec<PublicKey>,
+    ) -> Result<Vec<Candidate>, String> {
+        self.call(|r| Command::Candidates(Box::new(bid), excluded, r))
+            .await
+    }
+
+    pub(crate) async fn mark_down(&self, p: PublicKey) {
+        let _ = self.call(|r| Command::MarkDown(p, r)).await;
+    }
+
+    pub(crate) async fn serve_blobs(&self, peer: PeerId, blobs: Vec<(ContentId, Arc<Vec<u8>>)>) {
+        let _ = self.call(|r| Command::ServeBlobs(peer, blobs, r)).await;
+    }
+
+    pub(crate) async fn unserve_blobs(&self, ids: Vec<ContentId>) {
+        let _ = self.call(|r| Command::UnserveBlobs(ids, r)).await;
+    }
 }
 
 /// A cheap, cloneable handle to a running node. When the last handle is dropped, the node
@@ -766,11 +918,123 @@ impl NodeHandle {
         self.request(|r| Command::ServeInSync(messages, r)).await
     }
 
+    /// Submits a job to the market and returns its id at once; the job runs in the
+    /// background (follow it with [`NodeHandle::events`] or [`NodeHandle::wait`]). The job
+    /// is checked first ([`crate::executor::check_offline`]): invalid WGSL, bindings, limits
+    /// or inputs fail here, before any network traffic.
+    pub async fn submit(&self, sub: Submission) -> Result<ContentId, NodeError> {
+        crate::executor::check_offline(&sub.spec, Some(&sub.inputs))
+            .map_err(|e| NodeError::InvalidJob(e.to_string()))?;
+        check_options(&sub.options)?;
+        let now = Timestamp::now();
+        let spec_id = sub.spec.id();
+        let mut seed = Vec::with_capacity(80);
+        seed.extend_from_slice(&self.inner.public.0);
+        seed.extend_from_slice(spec_id.as_bytes());
+        seed.extend_from_slice(&now.0.to_be_bytes());
+        seed.extend_from_slice(&self.inner.store.next_order_id()?.to_be_bytes());
+        let id = ContentId::of(&seed);
+        let record = JobRecord {
+            id,
+            name: sub.spec.name.clone(),
+            spec_id,
+            submitted_at: now,
+            state: JobState::Matching,
+            provider: None,
+            attempts: Vec::new(),
+            receipt: None,
+            finished_at: None,
+        };
+        self.inner
+            .store
+            .put(JobTree::BuyerJobs, id.as_bytes(), &record)?;
+        self.inner.store.flush()?;
+        let ctx = BuyerCtx {
+            net: Net {
+                tx: self.inner.cmd.clone(),
+            },
+            key: self.inner.key.clone(),
+            network: self.inner.network.clone(),
+            store: self.inner.store.clone(),
+            events: self.inner.events.clone(),
+        };
+        tokio::spawn(BuyerJob::new(ctx, sub, record).run().in_current_span());
+        Ok(id)
+    }
+
+    /// A submitted job's record, from the store.
+    pub fn job(&self, id: &ContentId) -> Result<Option<JobRecord>, NodeError> {
+        Ok(self.inner.store.get(JobTree::BuyerJobs, id.as_bytes())?)
+    }
+
+    /// Every job this node submitted, oldest first.
+    pub fn jobs(&self) -> Result<Vec<JobRecord>, NodeError> {
+        let mut all: Vec<JobRecord> = self.inner.store.all(JobTree::BuyerJobs)?;
+        all.sort_by_key(|r| r.submitted_at);
+        Ok(all)
+    }
+
+    /// A finished job's verified outputs and record; `None` while it runs or if it failed
+    /// (see [`NodeHandle::job`] for its state).
+    pub fn result(&self, id: &ContentId) -> Result<Option<JobResult>, NodeError> {
+        let Some(record) = self.job(id)? else {
+            return Ok(None);
+        };
+        let Some(receipt) = record
+            .receipt
+            .as_ref()
+            .and_then(|r| r.signed.decode_unverified().ok())
+        else {
+            return Ok(None);
+        };
+        let mut outputs = std::collections::BTreeMap::new();
+        for o in &receipt.outputs {
+            let Some(bytes) = self.inner.store.blob(&o.id)? else {
+                return Err(NodeError::Store(crate::store::StoreError::Corrupt {
+                    tree: "blobs",
+                    reason: format!("output {} of job {id} is missing", o.name),
+                }));
+            };
+            outputs.insert(o.name.clone(), bytes.to_vec());
+        }
+        Ok(Some(JobResult { record, outputs }))
+    }
+
+    /// Waits until a submitted job finishes and returns its final record.
+    pub async fn wait(&self, id: &ContentId) -> Result<JobRecord, NodeError> {
+        let mut events = self.events();
+        loop {
+            match self.job(id)? {
+                Some(r) if r.state.is_terminal() => return Ok(r),
+                Some(_) => {}
+                None => return Err(NodeError::UnknownJob(*id)),
+            }
+            loop {
+                match events.recv().await {
+                    Ok(NodeEvent::Job(u)) if u.job == *id && u.state.is_terminal() => break,
+                    Ok(_) => {}
+                    // Lagged: re-read the store.
+                    Err(broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(broadcast::error::RecvError::Closed) => return Err(NodeError::Stopped),
+                }
+            }
+        }
+    }
+
     /// Shuts the node down in the documented order and waits until it has stopped. Other
     /// handles get [`NodeError::Stopped`] afterwards. Returns at once if it already stopped.
     pub async fn shutdown(&self) {
         let _ = self.request(Command::Shutdown).await;
     }
+}
+
+fn check_options(o: &JobOptions) -> Result<(), NodeError> {
+    if o.units == 0 || o.max_seconds == 0 {
+        return Err(NodeError::InvalidJob(
+            "units and max_seconds must be at least 1".into(),
+        ));
+    }
+    Ok(())
 }
 
 struct NodeLoop {
@@ -797,6 +1061,20 @@ struct NodeLoop {
     /// Extra, unchecked messages served in sync responses (testing hook).
     #[cfg(feature = "testing")]
     serve_in_sync: Vec<GossipMessage>,
+    /// The provider side of the job lifecycle.
+    provider: Provider,
+    internal_rx: mpsc::Receiver<Internal>,
+    /// Weak, so the node still stops when the last handle is dropped.
+    cmd_weak: mpsc::WeakSender<Command>,
+    pending_negotiate:
+        HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<NegotiateReply, String>>>,
+    pending_job: HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<JobReply, String>>>,
+    pending_blob:
+        HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<BlobReply, String>>>,
+    /// Input blobs this node (as a buyer) serves, and the provider allowed to fetch each.
+    served: HashMap<ContentId, (Arc<Vec<u8>>, PeerId)>,
+    /// Providers that failed this node's jobs, and until when they are avoided.
+    down: HashMap<PublicKey, tokio::time::Instant>,
     settings: NodeBuilder,
 }
 
@@ -841,8 +1119,16 @@ impl NodeLoop {
                     Some(Command::Shutdown(reply)) => break Some(reply),
                     Some(cmd) => self.on_command(cmd),
                 },
+                Some(msg) = self.internal_rx.recv() => {
+                    let answers = self.provider.on_internal(msg);
+                    self.answer(answers);
+                }
                 _ = reannounce.tick() => self.announce_all(),
-                _ = sweep.tick() => self.sweep(),
+                _ = sweep.tick() => {
+                    self.sweep();
+                    let answers = self.provider.tick();
+                    self.answer(answers);
+                }
                 _ = retry.tick(), if !self.unpublished.is_empty() => self.retry_publish(),
                 _ = walk.tick() => {
                     self.swarm.behaviour_mut().kad.get_closest_peers(PeerId::random());
@@ -873,8 +1159,99 @@ impl NodeLoop {
         }
     }
 
+    fn answer(&mut self, answers: Vec<Answer>) {
+        for (channel, reply) in answers {
+            // Err: the buyer went away; it polls again or re-matches.
+            let _ = self.swarm.behaviour_mut().job.send_response(channel, reply);
+        }
+    }
+
+    fn is_down(&self, p: &PublicKey) -> bool {
+        self.down
+            .get(p)
+            .is_some_and(|until| *until > tokio::time::Instant::now())
+    }
+
+    /// The asks that could serve `bid`, best first (the market engine's order), without
+    /// excluded or down providers, each with its provider's advertised addresses.
+    fn candidates(&self, bid: &Bid, excluded: &[PublicKey]) -> Vec<Candidate> {
+        use hashgrid_market::{NoReputation, OrderBook};
+        let now = Timestamp::now().0;
+        let mut book = OrderBook::new();
+        for ask in self.book.asks() {
+            if excluded.contains(&ask.provider) || self.is_down(&ask.provider) {
+                continue;
+            }
+            // Only asks go in: nothing can match, the engine only ranks them.
+            let _ = book.submit_ask(ask.clone(), now, &NoReputation);
+        }
+        book.candidates(bid, now, &NoReputation, crate::jobs::MAX_PROPOSALS_PER_ATTEMPT)
+            .into_iter()
+            .filter(|r| r.remaining >= bid.units)
+            .filter_map(|r| {
+                let peer = crate::jobs::peer_of(&r.ask.provider)?;
+                let addrs = self
+                    .book
+                    .capacity(&r.ask.provider)
+                    .map(|ad| ad.addrs.iter().filter_map(|a| a.parse().ok()).collect())
+                    .unwrap_or_default();
+                Some(Candidate {
+                    ask: r.ask,
+                    peer,
+                    addrs,
+                })
+            })
+            .collect()
+    }
+
+    fn net(&self) -> Option<Net> {
+        self.cmd_weak.upgrade().map(|tx| Net { tx })
+    }
+
     fn on_command(&mut self, cmd: Command) {
         match cmd {
+            Command::Negotiate(peer, addrs, propose, r) => {
+                if peer == self.peer_id {
+                    let _ = r.send(Err("cannot trade with itself".into()));
+                    return;
+                }
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .negotiate
+                    .send_request_with_addresses(&peer, *propose, addrs);
+                self.pending_negotiate.insert(id, r);
+            }
+            Command::Job(peer, msg, r) => {
+                let id = self.swarm.behaviour_mut().job.send_request(&peer, msg);
+                self.pending_job.insert(id, r);
+            }
+            Command::Blob(peer, req, r) => {
+                let id = self.swarm.behaviour_mut().blob.send_request(&peer, req);
+                self.pending_blob.insert(id, r);
+            }
+            Command::Candidates(bid, excluded, r) => {
+                let _ = r.send(self.candidates(&bid, &excluded));
+            }
+            Command::MarkDown(p, r) => {
+                let until = tokio::time::Instant::now() + self.settings.down_for;
+                self.down.insert(p, until);
+                let now = tokio::time::Instant::now();
+                self.down.retain(|_, u| *u > now);
+                let _ = r.send(());
+            }
+            Command::ServeBlobs(peer, blobs, r) => {
+                for (id, bytes) in blobs {
+                    self.served.insert(id, (bytes, peer));
+                }
+                let _ = r.send(());
+            }
+            Command::UnserveBlobs(ids, r) => {
+                for id in ids {
+                    self.served.remove(&id);
+                }
+                let _ = r.send(());
+            }
             Command::PostAsk(spec, r) => {
                 let _ = r.send(self.post_ask(spec));
             }
@@ -1361,6 +1738,9 @@ impl NodeLoop {
                     }
                 }
             }
+            BehaviourEvent::Negotiate(ev) => self.on_negotiate_event(ev),
+            BehaviourEvent::Job(ev) => self.on_job_event(ev),
+            BehaviourEvent::Blob(ev) => self.on_blob_event(ev),
             BehaviourEvent::Sync(request_response::Event::OutboundFailure {
                 peer, error, ..
             }) => {
@@ -1400,6 +1780,145 @@ impl NodeLoop {
                 debug!(found = ok.peers.len(), "random walk done");
             }
             _ => {}
+        }
+    }
+}
+
+/// Handlers of the direct job protocols.
+impl NodeLoop {
+    fn own_ask(&self, order_id: u64) -> Option<Ask> {
+        match self.own.get(&order_id) {
+            Some(OwnOrder::Ask(a)) => Some(Ask {
+                region: self.settings.region.clone(),
+                ..a.clone()
+            }),
+            _ => None,
+        }
+    }
+
+    fn on_negotiate_event(
+        &mut self,
+        ev: request_response::Event<Propose, NegotiateReply>,
+    ) {
+        match ev {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    let ask = self.own_ask(request.ask.order_id);
+                    let reply = self.provider.on_propose(peer, request, ask);
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .negotiate
+                        .send_response(channel, reply);
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(r) = self.pending_negotiate.remove(&request_id) {
+                        let _ = r.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                request_id, error, ..
+            } => {
+                if let Some(r) = self.pending_negotiate.remove(&request_id) {
+                    let _ = r.send(Err(error.to_string()));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "inbound proposal failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn on_job_event(&mut self, ev: request_response::Event<JobMessage, JobReply>) {
+        match ev {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    let reply = match request {
+                        JobMessage::Dispatch(d) => match self.net() {
+                            Some(net) => self.provider.on_dispatch(peer, *d, &net),
+                            None => JobReply::Refused("the node is stopping".into()),
+                        },
+                        JobMessage::Await { agreement, seen } => {
+                            match self.provider.on_await(peer, agreement, seen, channel) {
+                                Some(answer) => self.answer(vec![answer]),
+                                None => {}
+                            }
+                            return;
+                        }
+                        JobMessage::Countersign(cs) => self.provider.on_countersign(peer, cs),
+                        JobMessage::Dispute { agreement, reason } => {
+                            self.provider.on_dispute(peer, agreement, reason)
+                        }
+                    };
+                    let _ = self.swarm.behaviour_mut().job.send_response(channel, reply);
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(r) = self.pending_job.remove(&request_id) {
+                        let _ = r.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                request_id, error, ..
+            } => {
+                if let Some(r) = self.pending_job.remove(&request_id) {
+                    let _ = r.send(Err(error.to_string()));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "inbound job request failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn on_blob_event(&mut self, ev: request_response::Event<BlobRequest, BlobReply>) {
+        match ev {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    let reply = match self.served.get(&request.id) {
+                        Some((bytes, allowed)) if *allowed == peer => chunk_of(bytes, &request),
+                        _ => self
+                            .provider
+                            .serve_blob(peer, &request)
+                            .unwrap_or(BlobReply::NotFound),
+                    };
+                    let _ = self.swarm.behaviour_mut().blob.send_response(channel, reply);
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(r) = self.pending_blob.remove(&request_id) {
+                        let _ = r.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                request_id, error, ..
+            } => {
+                if let Some(r) = self.pending_blob.remove(&request_id) {
+                    let _ = r.send(Err(error.to_string()));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "inbound blob request failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
         }
     }
 }

@@ -52,17 +52,32 @@ pub async fn run_site(
 ) -> Result<(), SiteError> {
     let mut config = config;
     config.check()?;
-    // Kept alive while the node runs: the executor is what the GPU work will run on.
-    let _executor = if config.gpus.is_empty() && config.detect_gpu {
+    // The executor runs the jobs this site sells.
+    let executor = if config.gpus.is_empty() && config.detect_gpu {
         let exec = detect_gpu(&config).await?;
         let p = exec.profile();
         info!(adapter = %p.name, backend = ?p.backend, matmul_mflops = p.bench.matmul_mflops, copy_mbps = p.bench.copy_mbps, "GPU detected");
         config.detected = vec![p];
         Some(exec)
+    } else if !config.gpus.is_empty() && config.detect_gpu {
+        // Declared [[gpus]] are advertised as written; jobs still run on this machine's GPU.
+        let exec = tokio::task::spawn_blocking(|| Executor::start(ExecConfig::default()))
+            .await
+            .map_err(|e| ExecError::NoAdapter(format!(" (adapter probe failed: {e})")))??;
+        Some(exec)
     } else {
+        if !config.gpus.is_empty() {
+            tracing::warn!(
+                "advertising [[gpus]] with --no-gpu: no GPU runs jobs here, so every proposal is rejected"
+            );
+        }
         None
     };
-    let node = config.builder().start().await?;
+    let mut builder = config.builder();
+    if let Some(exec) = executor {
+        builder = builder.executor(exec);
+    }
+    let node = builder.start().await?;
     info!(peer_id = %node.peer_id(), network = %config.network, region = %config.region, "node started");
     for addr in node.listen_addrs().await? {
         info!(%addr, "listening");

@@ -2,14 +2,18 @@
 //! re-announces what it still offers), the last sequence number it signed, and the addresses
 //! of peers it has met (so it can rejoin without bootstrap peers).
 //!
+//! The job lifecycle keeps its state machines here too ([`JobTree`]): submitted jobs, accepted
+//! jobs, the provider's receipt chain, countersigned receipts and output blobs.
+//!
 //! The identity itself is the key file next to the store ([`crate::DataDir::identity_path`]).
 //! Writes that matter (an order posted or cancelled, a sequence number used) are flushed
 //! before the operation is acknowledged to the caller.
 
 use std::path::Path;
 
-use hashgrid_protocol::{Ask, Bid};
+use hashgrid_protocol::{Ask, Bid, ContentId};
 use libp2p::{Multiaddr, PeerId};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Most addresses remembered per peer.
@@ -72,6 +76,44 @@ pub struct Store {
     own_orders: sled::Tree,
     peers: sled::Tree,
     meta: sled::Tree,
+    trees: JobTrees,
+}
+
+/// The trees of the job lifecycle.
+#[derive(Clone, Debug)]
+struct JobTrees {
+    buyer_jobs: sled::Tree,
+    provider_jobs: sled::Tree,
+    receipts: sled::Tree,
+    countersigned: sled::Tree,
+    blobs: sled::Tree,
+}
+
+/// A tree of the job lifecycle (see [`Store`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobTree {
+    /// Buyer side: jobs this node submitted, by job id.
+    BuyerJobs,
+    /// Provider side: jobs this node accepted, by agreement id.
+    ProviderJobs,
+    /// Provider side: the receipts this node signed, by chain position (its receipt chain).
+    Receipts,
+    /// Provider side: receipts the buyer countersigned, by chain position.
+    Countersigned,
+    /// Blobs: a buyer's received outputs; a provider's outputs until the buyer has them.
+    Blobs,
+}
+
+impl JobTree {
+    fn name(self) -> &'static str {
+        match self {
+            JobTree::BuyerJobs => "buyer_jobs",
+            JobTree::ProviderJobs => "provider_jobs",
+            JobTree::Receipts => "receipts",
+            JobTree::Countersigned => "countersigned",
+            JobTree::Blobs => "blobs",
+        }
+    }
 }
 
 const TREE_OWN_ORDERS: &str = "own_orders";
@@ -92,10 +134,22 @@ impl Store {
                 path: path.display().to_string(),
                 source,
             })?;
+        Store::with_db(db)
+    }
+
+    fn with_db(db: sled::Db) -> Result<Store, StoreError> {
+        let tree = |t: JobTree| db.open_tree(t.name());
         Ok(Store {
             own_orders: db.open_tree(TREE_OWN_ORDERS)?,
             peers: db.open_tree(TREE_PEERS)?,
             meta: db.open_tree(TREE_META)?,
+            trees: JobTrees {
+                buyer_jobs: tree(JobTree::BuyerJobs)?,
+                provider_jobs: tree(JobTree::ProviderJobs)?,
+                receipts: tree(JobTree::Receipts)?,
+                countersigned: tree(JobTree::Countersigned)?,
+                blobs: tree(JobTree::Blobs)?,
+            },
             db,
         })
     }
@@ -103,12 +157,66 @@ impl Store {
     /// A store in memory only (for nodes without a data dir); nothing survives a restart.
     pub fn temporary() -> Result<Store, StoreError> {
         let db = sled::Config::new().temporary(true).open()?;
-        Ok(Store {
-            own_orders: db.open_tree(TREE_OWN_ORDERS)?,
-            peers: db.open_tree(TREE_PEERS)?,
-            meta: db.open_tree(TREE_META)?,
-            db,
-        })
+        Store::with_db(db)
+    }
+
+    fn tree(&self, t: JobTree) -> &sled::Tree {
+        match t {
+            JobTree::BuyerJobs => &self.trees.buyer_jobs,
+            JobTree::ProviderJobs => &self.trees.provider_jobs,
+            JobTree::Receipts => &self.trees.receipts,
+            JobTree::Countersigned => &self.trees.countersigned,
+            JobTree::Blobs => &self.trees.blobs,
+        }
+    }
+
+    /// Writes a postcard record into a job tree. Not flushed: callers flush (with
+    /// [`Store::flush`]) before they acknowledge anything that depends on it.
+    pub fn put<T: Serialize>(&self, t: JobTree, key: &[u8], value: &T) -> Result<(), StoreError> {
+        let bytes = postcard::to_stdvec(value).map_err(|e| StoreError::Corrupt {
+            tree: t.name(),
+            reason: e.to_string(),
+        })?;
+        self.tree(t).insert(key, bytes)?;
+        Ok(())
+    }
+
+    /// Reads a postcard record from a job tree.
+    pub fn get<T: DeserializeOwned>(&self, t: JobTree, key: &[u8]) -> Result<Option<T>, StoreError> {
+        self.tree(t)
+            .get(key)?
+            .map(|v| decode(t, &v))
+            .transpose()
+    }
+
+    /// Every record of a job tree, in key order.
+    pub fn all<T: DeserializeOwned>(&self, t: JobTree) -> Result<Vec<T>, StoreError> {
+        self.tree(t).iter().values().map(|v| decode(t, &v?)).collect()
+    }
+
+    /// The last record of a job tree (in key order).
+    pub fn last<T: DeserializeOwned>(&self, t: JobTree) -> Result<Option<T>, StoreError> {
+        self.tree(t)
+            .last()?
+            .map(|(_, v)| decode(t, &v))
+            .transpose()
+    }
+
+    /// Stores raw blob bytes under their id (not flushed).
+    pub fn put_blob(&self, id: &ContentId, bytes: &[u8]) -> Result<(), StoreError> {
+        self.trees.blobs.insert(id.as_bytes(), bytes)?;
+        Ok(())
+    }
+
+    /// Raw blob bytes by id.
+    pub fn blob(&self, id: &ContentId) -> Result<Option<sled::IVec>, StoreError> {
+        Ok(self.trees.blobs.get(id.as_bytes())?)
+    }
+
+    /// Forgets a blob (not flushed).
+    pub fn remove_blob(&self, id: &ContentId) -> Result<(), StoreError> {
+        self.trees.blobs.remove(id.as_bytes())?;
+        Ok(())
     }
 
     fn counter(&self, key: &[u8]) -> Result<u64, StoreError> {
@@ -212,6 +320,13 @@ impl Store {
         self.db.flush()?;
         Ok(())
     }
+}
+
+fn decode<T: DeserializeOwned>(t: JobTree, bytes: &[u8]) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt {
+        tree: t.name(),
+        reason: e.to_string(),
+    })
 }
 
 fn decode_order(bytes: &[u8]) -> Result<OwnOrder, StoreError> {

@@ -35,6 +35,7 @@
 //! ```
 
 pub mod codec;
+pub mod exchange;
 pub mod id;
 pub mod identity;
 pub mod job;

@@ -62,6 +62,20 @@ enum Command {
         #[arg(long)]
         no_gpu: bool,
     },
+    /// Audit this site's receipt chain (the node must be stopped: it holds the store).
+    ///
+    /// Checks every receipt's signature and chain link and every countersignature; prints
+    /// the chain's length, head and charges. Exit code 5 if the chain is broken.
+    ///
+    /// Example: hashgrid-node receipts --data-dir /var/lib/hashgrid --network main --json
+    Receipts {
+        /// The network the receipts were signed for.
+        #[arg(long, default_value = "main")]
+        network: Network,
+        /// Print JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 async fn shutdown_signal() {
@@ -95,6 +109,31 @@ async fn main() -> anyhow::Result<()> {
             let dir = DataDir::new(cli.data_dir.unwrap_or_else(DataDir::default_root));
             let key = dir.load_or_create_identity()?;
             println!("{}", key.peer_id());
+        }
+        Command::Receipts { network, json } => {
+            let dir = DataDir::new(cli.data_dir.unwrap_or_else(DataDir::default_root));
+            let key = dir.load_or_create_identity()?;
+            let store = hashgrid_node::store::Store::open(&dir.root().join("store"))?;
+            match hashgrid_node::jobs::audit_receipts(&store, key.public(), &network) {
+                Ok(report) if json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Ok(r) => {
+                    println!(
+                        "{} receipts in an unbroken chain, {} countersigned",
+                        r.receipts, r.countersigned
+                    );
+                    if let Some(h) = r.head {
+                        println!("head: {h}");
+                    }
+                    println!(
+                        "charged: {} msat ({} msat countersigned)",
+                        r.total_charged_msat, r.countersigned_msat
+                    );
+                }
+                Err(e) => {
+                    eprintln!("error: the receipt chain does not verify: {e}");
+                    std::process::exit(5);
+                }
+            }
         }
         Command::Run {
             config,

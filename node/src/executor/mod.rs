@@ -77,6 +77,18 @@ impl Default for ExecConfig {
     }
 }
 
+/// Checks a job the way a provider will, without a GPU: structure, the default job limits,
+/// WGSL (naga parse and validation), entry points and bindings against the WebGPU default
+/// adapter limits, and (when given) that the inputs hash to their ids. A buyer runs this
+/// before any network traffic; a job that passes may still exceed a particular adapter.
+pub fn check_offline(
+    spec: &JobSpec,
+    inputs: Option<&BTreeMap<ContentId, Vec<u8>>>,
+) -> Result<(), ExecError> {
+    let gpu = adapter::gpu_limits(&wgpu::Limits::default());
+    validate::check_job(spec, inputs, &JobLimits::default(), &gpu).map(|_| ())
+}
+
 /// Time of one pass, from GPU timestamp queries.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PassTiming {
@@ -223,7 +235,13 @@ impl Executor {
         spec: &JobSpec,
         inputs: &BTreeMap<ContentId, Vec<u8>>,
     ) -> Result<(), ExecError> {
-        validate::check_job(spec, inputs, &self.h.limits, &self.h.gpu_limits).map(|_| ())
+        validate::check_job(spec, Some(inputs), &self.h.limits, &self.h.gpu_limits).map(|_| ())
+    }
+
+    /// Checks a job's spec without its inputs (WGSL, bindings, sizes, this adapter's limits):
+    /// what a provider checks before it agrees to run a job.
+    pub fn check_spec(&self, spec: &JobSpec) -> Result<(), ExecError> {
+        validate::check_job(spec, None, &self.h.limits, &self.h.gpu_limits).map(|_| ())
     }
 
     /// Checks `spec`, queues it for `buyer` and resolves with its outputs.
@@ -233,7 +251,7 @@ impl Executor {
         spec: JobSpec,
         inputs: BTreeMap<ContentId, Vec<u8>>,
     ) -> Result<JobOutput, ExecError> {
-        let checked = validate::check_job(&spec, &inputs, &self.h.limits, &self.h.gpu_limits)?;
+        let checked = validate::check_job(&spec, Some(&inputs), &self.h.limits, &self.h.gpu_limits)?;
         let (tx, rx) = oneshot::channel();
         {
             let mut q = self

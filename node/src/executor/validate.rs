@@ -58,7 +58,7 @@ fn round_up(n: u64, to: u64) -> u64 {
 /// Checks `spec` against `limits`, the adapter's `gpu` limits, its shaders and `inputs`.
 pub(crate) fn check_job(
     spec: &JobSpec,
-    inputs: &BTreeMap<ContentId, Vec<u8>>,
+    inputs: Option<&BTreeMap<ContentId, Vec<u8>>>,
     limits: &JobLimits,
     gpu: &GpuLimits,
 ) -> Result<CheckedJob, ExecError> {
@@ -82,7 +82,7 @@ pub(crate) fn check_job(
                 b.name, b.size, gpu.max_buffer_size
             )));
         }
-        if let BufferInit::Blob(id) = &b.init {
+        if let (BufferInit::Blob(id), Some(inputs)) = (&b.init, inputs) {
             let Some(bytes) = inputs.get(id) else {
                 return Err(ExecError::Input {
                     buffer: b.name.clone(),

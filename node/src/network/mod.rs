@@ -40,6 +40,7 @@
 //! can race the expiry), authors over the rate limit (the relay is not to blame) and a full
 //! book.
 
+pub mod exchange;
 pub mod sync;
 pub mod validate;
 
@@ -102,6 +103,52 @@ pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/hashgrid/kad/1.0.
 /// The book-sync protocol.
 pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/hashgrid/sync/1");
 
+/// The negotiation protocol (propose → agreement or reject).
+pub const NEGOTIATE_PROTOCOL: StreamProtocol = StreamProtocol::new("/hashgrid/negotiate/1");
+
+/// The job protocol (dispatch, progress, receipt).
+pub const JOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/hashgrid/job/1");
+
+/// The blob protocol (chunked transfer of inputs and outputs by blake3 id).
+pub const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/hashgrid/blob/1");
+
+/// How long a proposal may take (the provider answers at once: it validates and signs).
+pub const NEGOTIATE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a job request may take. A long poll ([`hashgrid_protocol::exchange::JobMessage::Await`])
+/// is answered within [`AWAIT_HOLD`], well inside this.
+pub const JOB_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a provider holds a long poll before answering with the unchanged status.
+pub const AWAIT_HOLD: Duration = Duration::from_secs(10);
+
+/// How long one blob chunk may take (1 MiB even over a slow link).
+pub const BLOB_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The codec of `/hashgrid/negotiate/1`.
+pub type NegotiateCodec = exchange::ExchangeCodec<
+    hashgrid_protocol::exchange::Propose,
+    hashgrid_protocol::exchange::NegotiateReply,
+    { hashgrid_protocol::exchange::MAX_NEGOTIATE_REQUEST },
+    { hashgrid_protocol::exchange::MAX_NEGOTIATE_REPLY },
+>;
+
+/// The codec of `/hashgrid/job/1`.
+pub type JobCodec = exchange::ExchangeCodec<
+    hashgrid_protocol::exchange::JobMessage,
+    hashgrid_protocol::exchange::JobReply,
+    { hashgrid_protocol::exchange::MAX_JOB_REQUEST },
+    { hashgrid_protocol::exchange::MAX_JOB_REPLY },
+>;
+
+/// The codec of `/hashgrid/blob/1`.
+pub type BlobCodec = exchange::ExchangeCodec<
+    hashgrid_protocol::exchange::BlobRequest,
+    hashgrid_protocol::exchange::BlobReply,
+    { hashgrid_protocol::exchange::MAX_BLOB_REQUEST },
+    { hashgrid_protocol::exchange::MAX_BLOB_REPLY },
+>;
+
 /// The identify protocol version string.
 pub const IDENTIFY_PROTOCOL: &str = "/hashgrid/id/1.0.0";
 
@@ -115,6 +162,9 @@ pub(crate) struct Behaviour {
     pub(crate) ping: ping::Behaviour,
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
     pub(crate) sync: request_response::Behaviour<SyncCodec>,
+    pub(crate) negotiate: request_response::Behaviour<NegotiateCodec>,
+    pub(crate) job: request_response::Behaviour<JobCodec>,
+    pub(crate) blob: request_response::Behaviour<BlobCodec>,
 }
 
 /// Settings the behaviour is built from.
@@ -167,6 +217,22 @@ impl Behaviour {
             request_response::Config::default().with_request_timeout(SYNC_REQUEST_TIMEOUT),
         );
 
+        let direct = |p: StreamProtocol, timeout: Duration| {
+            (
+                [(p, ProtocolSupport::Full)],
+                request_response::Config::default()
+                    .with_request_timeout(timeout)
+                    // Long polls from many buyers are parked at once.
+                    .with_max_concurrent_streams(1024),
+            )
+        };
+        let (p, c) = direct(NEGOTIATE_PROTOCOL, NEGOTIATE_TIMEOUT);
+        let negotiate = request_response::Behaviour::with_codec(NegotiateCodec::default(), p, c);
+        let (p, c) = direct(JOB_PROTOCOL, JOB_REQUEST_TIMEOUT);
+        let job = request_response::Behaviour::with_codec(JobCodec::default(), p, c);
+        let (p, c) = direct(BLOB_PROTOCOL, BLOB_REQUEST_TIMEOUT);
+        let blob = request_response::Behaviour::with_codec(BlobCodec::default(), p, c);
+
         Ok(Behaviour {
             limits: connection_limits::Behaviour::new(
                 connection_limits::ConnectionLimits::default()
@@ -184,6 +250,9 @@ impl Behaviour {
             ping: ping::Behaviour::default(),
             mdns: Toggle::from(mdns),
             sync,
+            negotiate,
+            job,
+            blob,
         })
     }
 }

@@ -1,0 +1,491 @@
+//! The buyer side of the job lifecycle: one task per submitted job, talking to the node's task
+//! through [`Net`] (see the module docs of [`super`] for the steps).
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hashgrid_protocol::exchange::{
+    Dispatch, InlineBlob, JobMessage, JobReply, JobStatus, MAX_INLINE_BYTES,
+    NegotiateReply, Propose,
+};
+use hashgrid_protocol::{
+    Agreement, Ask, Bid, Bytes, ContentId, Keypair, Msat, Network, PublicKey, Receipt, Signed,
+    Timestamp, check_against_agreement, check_outputs,
+};
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::broadcast;
+use tracing::{debug, info, warn};
+
+use super::provider::fetch_blob;
+use super::{
+    Attempt, DEADLINE_GRACE, FailKind, JobRecord, JobState, JobUpdate, MAX_PROPOSALS_PER_ATTEMPT,
+    Submission,
+};
+use crate::event::NodeEvent;
+use crate::node::Net;
+use crate::store::{JobTree, Store};
+
+/// An ask the buyer may propose to, with the provider's advertised addresses.
+#[derive(Debug, Clone)]
+pub(crate) struct Candidate {
+    pub(crate) ask: Ask,
+    pub(crate) peer: PeerId,
+    pub(crate) addrs: Vec<Multiaddr>,
+}
+
+/// What the buyer's task needs from its node.
+#[derive(Clone)]
+pub(crate) struct BuyerCtx {
+    pub(crate) net: Net,
+    pub(crate) key: Keypair,
+    pub(crate) network: Network,
+    pub(crate) store: Store,
+    pub(crate) events: broadcast::Sender<NodeEvent>,
+}
+
+enum Failure {
+    /// The provider failed us: try another.
+    Provider(String),
+    /// The provider's receipt or outputs did not verify: dispute, try another.
+    Lie(String),
+    /// Our side failed (store): stop.
+    Local(FailKind, String),
+}
+
+pub(crate) struct BuyerJob {
+    ctx: BuyerCtx,
+    sub: Submission,
+    record: JobRecord,
+}
+
+impl BuyerJob {
+    pub(crate) fn new(ctx: BuyerCtx, sub: Submission, record: JobRecord) -> BuyerJob {
+        BuyerJob { ctx, sub, record }
+    }
+
+    fn set(&mut self, state: JobState, provider: Option<PublicKey>) {
+        self.record.state = state.clone();
+        self.record.provider = provider;
+        if state.is_terminal() {
+            self.record.finished_at = Some(Timestamp::now());
+        }
+        // Intermediate states are not flushed: after a crash the job is failed as interrupted
+        // either way. Terminal states are flushed by the caller.
+        if let Err(e) = self.ctx.store.put(
+            JobTree::BuyerJobs,
+            self.record.id.as_bytes(),
+            &self.record,
+        ) {
+            warn!(error = %e, "cannot store the job's state");
+        }
+        let _ = self.ctx.events.send(NodeEvent::Job(JobUpdate {
+            job: self.record.id,
+            state,
+            provider,
+        }));
+    }
+
+    /// Runs the job to the end and records the outcome (flushed).
+    pub(crate) async fn run(mut self) {
+        let outcome = self.attempts().await;
+        let state = match outcome {
+            Ok(()) => JobState::Done,
+            Err((kind, reason)) => {
+                info!(job = %self.record.id.short(), ?kind, %reason, "job failed");
+                JobState::Failed { kind, reason }
+            }
+        };
+        let provider = self.record.provider;
+        self.record.state = state.clone();
+        self.record.finished_at = Some(Timestamp::now());
+        let res = self
+            .ctx
+            .store
+            .put(JobTree::BuyerJobs, self.record.id.as_bytes(), &self.record)
+            .and_then(|()| self.ctx.store.flush());
+        if let Err(e) = res {
+            warn!(error = %e, "cannot store the job's outcome");
+        }
+        let _ = self.ctx.events.send(NodeEvent::Job(JobUpdate {
+            job: self.record.id,
+            state,
+            provider,
+        }));
+    }
+
+    fn bid(&self, now: Timestamp) -> Result<Signed<Bid>, String> {
+        let o = &self.sub.options;
+        let bid = Bid {
+            buyer: self.ctx.key.public(),
+            order_id: self.ctx.store.next_order_id().map_err(|e| e.to_string())?,
+            seq: now.0,
+            units: o.units,
+            requirements: o.requirements.clone(),
+            max_price: o.max_price.unwrap_or(Msat(u64::MAX)),
+            max_seconds: o.max_seconds,
+            created_at: now,
+            expires_at: now.plus_ms(hashgrid_protocol::limits::MAX_TTL_MS / 24),
+        };
+        let signed = Signed::sign(&self.ctx.key, &self.ctx.network, &bid);
+        signed
+            .verify(&self.ctx.network)
+            .map_err(|e| format!("invalid bid: {e}"))?;
+        Ok(signed)
+    }
+
+    async fn attempts(&mut self) -> Result<(), (FailKind, String)> {
+        let bid = self
+            .bid(Timestamp::now())
+            .map_err(|e| (FailKind::Invalid, e))?;
+        let bid_body = bid
+            .decode_unverified()
+            .map_err(|e| (FailKind::Invalid, e.to_string()))?;
+        let max_attempts = self.sub.options.max_attempts.max(1);
+        let mut excluded: HashSet<PublicKey> = HashSet::new();
+        let mut failures = 0u32;
+        let mut last: Option<(FailKind, String)> = None;
+        let mut refusals: Vec<String> = Vec::new();
+        loop {
+            if failures >= max_attempts {
+                let (kind, reason) = last.unwrap_or((FailKind::ProviderFailed, String::new()));
+                return Err((
+                    kind,
+                    format!("{failures} providers failed the job; the last: {reason}"),
+                ));
+            }
+            self.set(JobState::Matching, None);
+            let cands = self
+                .ctx
+                .net
+                .candidates(bid_body.clone(), excluded.iter().copied().collect())
+                .await
+                .map_err(|e| (FailKind::Interrupted, e))?;
+            if cands.is_empty() {
+                return Err(match last {
+                    Some((kind, reason)) => (
+                        kind,
+                        format!("no other provider to try after: {reason}"),
+                    ),
+                    None if refusals.is_empty() => (
+                        FailKind::NoMatch,
+                        "no ask in the book meets the requirements within the price; raise the price limit, relax the requirements, or wait for offers".into(),
+                    ),
+                    None => (
+                        FailKind::NoMatch,
+                        format!("every matching provider refused: {}", refusals.join("; ")),
+                    ),
+                });
+            }
+            let mut agreed = None;
+            for c in cands.into_iter().take(MAX_PROPOSALS_PER_ATTEMPT) {
+                match self.propose(&c, &bid).await {
+                    Ok(a) => {
+                        agreed = Some((c, a));
+                        break;
+                    }
+                    Err(reason) => {
+                        debug!(provider = %c.ask.provider.short(), %reason, "proposal refused");
+                        excluded.insert(c.ask.provider);
+                        refusals.push(format!("{}: {reason}", c.ask.provider.short()));
+                        self.record.attempts.push(Attempt {
+                            provider: c.ask.provider,
+                            agreement: None,
+                            outcome: format!("refused: {reason}"),
+                        });
+                    }
+                }
+            }
+            let Some((cand, signed)) = agreed else {
+                continue;
+            };
+            let provider = cand.ask.provider;
+            let peer = cand.peer;
+            let agreement_id = signed.id();
+            let outcome = self.execute(&cand, signed).await;
+            let (kind, reason) = match outcome {
+                Ok(()) => {
+                    self.note(provider, agreement_id, "done".into());
+                    return Ok(());
+                }
+                Err(Failure::Local(kind, reason)) => return Err((kind, reason)),
+                Err(Failure::Provider(reason)) => (FailKind::ProviderFailed, reason),
+                Err(Failure::Lie(reason)) => {
+                    let msg = JobMessage::Dispute {
+                        agreement: agreement_id,
+                        reason: reason.clone(),
+                    };
+                    // Best effort: the provider may be gone.
+                    let _ = self.ctx.net.job(peer, msg).await;
+                    (FailKind::Verification, reason)
+                }
+            };
+            warn!(job = %self.record.id.short(), provider = %provider.short(), %reason, "provider failed; re-matching");
+            self.note(provider, agreement_id, reason.clone());
+            failures += 1;
+            excluded.insert(provider);
+            self.ctx.net.mark_down(provider).await;
+            last = Some((kind, reason));
+        }
+    }
+
+    fn note(&mut self, provider: PublicKey, agreement: ContentId, outcome: String) {
+        if let Some(a) = self
+            .record
+            .attempts
+            .iter_mut()
+            .rev()
+            .find(|a| a.agreement == Some(agreement))
+        {
+            a.outcome = outcome;
+        } else {
+            self.record.attempts.push(Attempt {
+                provider,
+                agreement: Some(agreement),
+                outcome,
+            });
+        }
+    }
+
+    async fn propose(&self, c: &Candidate, bid: &Signed<Bid>) -> Result<Signed<Agreement>, String> {
+        let nonce = u64::from_le_bytes(*self.record.id.as_bytes().first_chunk().unwrap_or(&[0; 8]))
+            ^ (self.record.attempts.len() as u64);
+        let propose = Propose {
+            bid: bid.clone(),
+            ask: c.ask.order_ref(),
+            units: self.sub.options.units,
+            price: c.ask.price,
+            max_seconds: self.sub.options.max_seconds,
+            spec: self.sub.spec.clone(),
+            nonce,
+        };
+        let peer = c.peer;
+        match self
+            .ctx
+            .net
+            .negotiate(peer, c.addrs.clone(), propose.clone())
+            .await?
+        {
+            NegotiateReply::Reject(r) => Err(format!("{:?}: {}", r.reason, r.detail)),
+            NegotiateReply::Agreed(signed) => {
+                let a = signed
+                    .verify(&self.ctx.network)
+                    .map_err(|e| format!("agreement does not verify: {e}"))?;
+                let ok = a.provider == c.ask.provider
+                    && a.buyer == self.ctx.key.public()
+                    && a.ask == propose.ask
+                    && a.units == propose.units
+                    && a.price == propose.price
+                    && a.max_seconds == propose.max_seconds
+                    && a.spec_id == self.record.spec_id
+                    && a.nonce == nonce
+                    && hashgrid_market::max_charge(a.price, a.units, a.max_seconds)
+                        == Some(a.max_charge);
+                if !ok {
+                    return Err("the agreement's terms differ from the proposal".into());
+                }
+                Ok(signed)
+            }
+        }
+    }
+
+    async fn execute(&mut self, c: &Candidate, signed: Signed<Agreement>) -> Result<(), Failure> {
+        let provider = c.ask.provider;
+        let peer = c.peer;
+        let agreement = signed
+            .decode_unverified()
+            .map_err(|e| Failure::Provider(e.to_string()))?;
+        let agreement_id = signed.id();
+        let countersigned = signed.countersign(&self.ctx.key, &self.ctx.network);
+        self.record.attempts.push(Attempt {
+            provider,
+            agreement: Some(agreement_id),
+            outcome: "agreed".into(),
+        });
+        self.set(JobState::Agreed, Some(provider));
+
+        // Small inputs inline, the rest served to this provider over /hashgrid/blob/1.
+        let mut inline = Vec::new();
+        let mut served = Vec::new();
+        let mut budget = MAX_INLINE_BYTES;
+        for (id, bytes) in &self.sub.inputs {
+            if bytes.len() <= budget {
+                budget -= bytes.len();
+                inline.push(InlineBlob {
+                    id: *id,
+                    bytes: Bytes(bytes.clone()),
+                });
+            } else {
+                served.push((*id, Arc::new(bytes.clone())));
+            }
+        }
+        let served_ids: Vec<ContentId> = served.iter().map(|(i, _)| *i).collect();
+        if !served.is_empty() {
+            self.ctx.net.serve_blobs(peer, served).await;
+        }
+        let result = self
+            .dispatch_and_wait(peer, &agreement, agreement_id, countersigned, inline)
+            .await;
+        if !served_ids.is_empty() {
+            self.ctx.net.unserve_blobs(served_ids).await;
+        }
+        let (receipt, inline_outputs) = result?;
+        self.set(JobState::Downloading, Some(provider));
+        let (body, outputs) = self
+            .verify(peer, &agreement, agreement_id, &receipt, inline_outputs)
+            .await?;
+        // Store outputs and the countersigned receipt (flushed), then tell the provider.
+        let cs = receipt.countersign(&self.ctx.key, &self.ctx.network);
+        let store = &self.ctx.store;
+        let res = (|| {
+            for rec in &body.outputs {
+                if let Some(bytes) = outputs.get(&rec.name) {
+                    store.put_blob(&rec.id, bytes)?;
+                }
+            }
+            self.record.receipt = Some(cs.clone());
+            self.record.state = JobState::Done;
+            self.record.finished_at = Some(Timestamp::now());
+            store.put(JobTree::BuyerJobs, self.record.id.as_bytes(), &self.record)?;
+            store.flush()
+        })();
+        if let Err(e) = res {
+            return Err(Failure::Local(FailKind::Interrupted, format!("buyer store: {e}")));
+        }
+        match self.ctx.net.job(peer, JobMessage::Countersign(cs)).await {
+            Ok(JobReply::Ack) => {}
+            other => {
+                // The receipt is ours either way; the provider can ask again (settlement).
+                debug!(?other, "provider did not acknowledge the countersignature");
+            }
+        }
+        info!(job = %self.record.id.short(), provider = %provider.short(), charge_msat = body.charge.0, "job done, receipt countersigned");
+        Ok(())
+    }
+
+    async fn dispatch_and_wait(
+        &mut self,
+        peer: PeerId,
+        agreement: &Agreement,
+        agreement_id: ContentId,
+        countersigned: hashgrid_protocol::Countersigned<Agreement>,
+        inline: Vec<InlineBlob>,
+    ) -> Result<(Signed<Receipt>, Vec<InlineBlob>), Failure> {
+        let provider = agreement.provider;
+        self.set(JobState::Uploading, Some(provider));
+        let dispatch = Dispatch {
+            job_id: self.record.id,
+            agreement: countersigned,
+            spec: self.sub.spec.clone(),
+            inputs: inline,
+        };
+        let deadline = Instant::now()
+            + Duration::from_secs(u64::from(agreement.max_seconds))
+            + DEADLINE_GRACE;
+        let mut reply = self
+            .ctx
+            .net
+            .job(peer, JobMessage::Dispatch(Box::new(dispatch)))
+            .await
+            .map_err(|e| Failure::Provider(format!("dispatch: {e}")))?;
+        let mut errors = 0u32;
+        loop {
+            let status = match reply {
+                JobReply::Status(s) => s,
+                JobReply::Refused(r) => return Err(Failure::Provider(format!("refused: {r}"))),
+                JobReply::Ack => return Err(Failure::Provider("unexpected reply".into())),
+            };
+            let seen = status.phase();
+            match status {
+                JobStatus::Queued => self.set(JobState::Queued, Some(provider)),
+                JobStatus::Fetching => self.set(JobState::Uploading, Some(provider)),
+                JobStatus::Running => self.set(JobState::Running, Some(provider)),
+                JobStatus::Done { receipt, outputs } => return Ok((receipt, outputs)),
+                JobStatus::Failed { reason } => {
+                    return Err(Failure::Provider(format!("the job failed: {reason}")));
+                }
+                JobStatus::Unknown => {
+                    return Err(Failure::Provider(
+                        "the provider lost the job (it restarted)".into(),
+                    ));
+                }
+            }
+            loop {
+                if Instant::now() > deadline {
+                    return Err(Failure::Provider(format!(
+                        "no result within the agreed {} s",
+                        agreement.max_seconds
+                    )));
+                }
+                let msg = JobMessage::Await {
+                    agreement: agreement_id,
+                    seen,
+                };
+                match self.ctx.net.job(peer, msg).await {
+                    Ok(r) => {
+                        reply = r;
+                        errors = 0;
+                        break;
+                    }
+                    Err(e) => {
+                        errors += 1;
+                        if errors >= 3 {
+                            return Err(Failure::Provider(format!("provider unreachable: {e}")));
+                        }
+                        tokio::time::sleep(Duration::from_millis(200 * u64::from(errors))).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Checks the receipt against the agreement and the outputs against the receipt.
+    async fn verify(
+        &self,
+        peer: PeerId,
+        agreement: &Agreement,
+        agreement_id: ContentId,
+        receipt: &Signed<Receipt>,
+        inline: Vec<InlineBlob>,
+    ) -> Result<(Receipt, BTreeMap<String, Vec<u8>>), Failure> {
+        let lie = |s: String| Failure::Lie(s);
+        let r = receipt
+            .verify(&self.ctx.network)
+            .map_err(|e| lie(format!("receipt signature: {e}")))?;
+        if r.job_id != self.record.id {
+            return Err(lie("the receipt names another job".into()));
+        }
+        check_against_agreement(&r, agreement_id, agreement).map_err(|e| lie(e.to_string()))?;
+        if r.inputs != self.sub.spec.input_ids() {
+            return Err(lie("the receipt's inputs are not the job's".into()));
+        }
+        let expected: Vec<(&str, u64)> = self
+            .sub
+            .spec
+            .buffers
+            .iter()
+            .filter(|b| b.output)
+            .map(|b| (b.name.as_str(), b.size))
+            .collect();
+        let named: Vec<(&str, u64)> = r.outputs.iter().map(|o| (o.name.as_str(), o.bytes)).collect();
+        if named != expected {
+            return Err(lie(format!(
+                "the receipt's outputs {named:?} are not the job's outputs {expected:?}"
+            )));
+        }
+        let mut by_id: BTreeMap<ContentId, Vec<u8>> =
+            inline.into_iter().map(|b| (b.id, b.bytes.0)).collect();
+        let mut outputs = BTreeMap::new();
+        for o in &r.outputs {
+            let bytes = match by_id.remove(&o.id) {
+                Some(b) => b,
+                None => fetch_blob(&self.ctx.net, peer, o.id, o.bytes)
+                    .await
+                    .map_err(|e| lie(format!("output `{}`: {e}", o.name)))?,
+            };
+            outputs.insert(o.name.clone(), bytes);
+        }
+        check_outputs(&r, &outputs).map_err(|e| lie(e.to_string()))?;
+        Ok((r, outputs))
+    }
+}

@@ -1,0 +1,342 @@
+//! The job lifecycle between real nodes: negotiate, dispatch, execute, receipt.
+//!
+//! # Buyer side ([`crate::NodeHandle::submit`])
+//! 1. The job is checked locally ([`crate::executor::check_offline`]): bad WGSL, bindings or
+//!    input files fail before any network traffic.
+//! 2. **Match**: the buyer signs a bid and ranks the asks in its book with the market engine
+//!    ([`hashgrid_market::OrderBook::candidates`]: price, then earliest, then reputation),
+//!    skipping providers it has marked down.
+//! 3. **Negotiate** (`/hashgrid/negotiate/1`): it proposes to the best ask; the provider
+//!    re-checks its free units, the terms and the job (naga validation against its adapter) and
+//!    signs an [`Agreement`](hashgrid_protocol::Agreement) or rejects; rejected → next ask.
+//! 4. **Dispatch** (`/hashgrid/job/1`): the countersigned agreement, the spec and the inputs
+//!    up to [`MAX_INLINE_BYTES`](hashgrid_protocol::exchange::MAX_INLINE_BYTES) inline; the
+//!    provider fetches larger inputs over `/hashgrid/blob/1` in chunks, hashing them as they
+//!    arrive and refusing any that does not hash to its id.
+//! 5. **Progress**: a long poll (`Await`) answered on every phase change (queued, fetching,
+//!    running, done) or every [`AWAIT_HOLD`](crate::network::AWAIT_HOLD).
+//! 6. **Receipt**: the provider signs a receipt chained to its previous one; the buyer fetches
+//!    large outputs by id, checks the signature, the job and agreement ids, the charge against
+//!    the agreement, and every output's hash and size, then stores outputs and the
+//!    countersigned receipt (flushed) and sends the countersignature back. Anything wrong →
+//!    `Dispute`, nothing countersigned, the provider marked down, and the job re-matched.
+//!
+//! A provider that disconnects, loses the job (restart) or passes the agreed time is marked
+//! down for [`DEFAULT_DOWN_FOR`] and the job re-matched, at most
+//! [`JobOptions::max_attempts`] times.
+//!
+//! # Provider side
+//! The node's task answers proposals and dispatches; jobs run on the [`crate::Executor`]
+//! given to [`crate::NodeBuilder::executor`] in spawned tasks. Every state change the buyer
+//! relies on is flushed to sled before it is acknowledged: an accepted dispatch before the
+//! `Queued` answer, a signed receipt (with its outputs) before any status names it, a
+//! countersignature before the `Ack`. After a crash, jobs that were queued or running are
+//! failed (the buyer re-matches them); signed receipts, the chain head and undelivered
+//! outputs are all still there.
+
+pub(crate) mod buyer;
+pub(crate) mod provider;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use hashgrid_protocol::{
+    ContentId, Countersigned, JobSpec, Msat, PublicKey, Receipt, Requirements, Timestamp,
+};
+use serde::{Deserialize, Serialize};
+
+/// How long a buyer avoids a provider that failed it (disconnected, lost a job, timed out,
+/// or sent a receipt that did not verify).
+pub const DEFAULT_DOWN_FOR: Duration = Duration::from_secs(600);
+
+/// How long a provider holds units for an agreement that has not been dispatched yet.
+pub const AGREEMENT_TTL_MS: u64 = 30_000;
+
+/// Extra time a buyer waits beyond the agreed run time (queueing, transfers) before it gives
+/// up on a provider.
+pub const DEADLINE_GRACE: Duration = Duration::from_secs(30);
+
+/// Default most providers a job is run on before it fails.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+
+/// Most asks proposed to per attempt (rejections move on to the next).
+pub const MAX_PROPOSALS_PER_ATTEMPT: usize = 16;
+
+/// Blob chunk requests in flight at once per transfer.
+pub const BLOB_WINDOW: usize = 4;
+
+/// The libp2p identity of a key (`None` for bytes that are not an ed25519 point; keys inside
+/// verified messages always are).
+pub(crate) fn peer_of(pk: &PublicKey) -> Option<libp2p::PeerId> {
+    pk.try_to_peer_id().ok()
+}
+
+/// What a buyer asks of the market for one job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobOptions {
+    /// GPU units wanted (default 1).
+    pub units: u32,
+    /// Highest price in msat per GPU-second (default: any).
+    pub max_price: Option<Msat>,
+    /// Longest run in seconds (default 60); also the cap on the charge.
+    pub max_seconds: u32,
+    /// Requirements on the GPU (default: none).
+    pub requirements: Requirements,
+    /// Most providers tried after an agreement failed (default [`DEFAULT_MAX_ATTEMPTS`]).
+    pub max_attempts: u32,
+}
+
+impl Default for JobOptions {
+    fn default() -> Self {
+        JobOptions {
+            units: 1,
+            max_price: None,
+            max_seconds: 60,
+            requirements: Requirements::default(),
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+        }
+    }
+}
+
+/// Why a job failed, for callers that act on it (the CLI maps these to exit codes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailKind {
+    /// The job or its inputs are invalid.
+    Invalid,
+    /// No ask in the book meets the requirements within the price (or every provider
+    /// refused).
+    NoMatch,
+    /// Providers agreed but failed (disconnected, lost the job, timed out, errored).
+    ProviderFailed,
+    /// A provider's receipt or outputs did not verify.
+    Verification,
+    /// This node stopped or restarted before the job finished.
+    Interrupted,
+}
+
+/// Where a submitted job is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobState {
+    /// Looking for a provider.
+    Matching,
+    /// A provider signed an agreement; the buyer countersigned it.
+    Agreed,
+    /// Handing the job and its inputs to the provider.
+    Uploading,
+    /// Accepted by the provider, waiting for the GPU.
+    Queued,
+    /// Running on the provider's GPU.
+    Running,
+    /// Receiving and verifying outputs.
+    Downloading,
+    /// Done: outputs verified, receipt countersigned and stored.
+    Done,
+    /// Failed.
+    Failed {
+        /// The class of failure.
+        kind: FailKind,
+        /// What happened, and what to do next.
+        reason: String,
+    },
+}
+
+impl JobState {
+    /// Whether the job has finished (done or failed).
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, JobState::Done | JobState::Failed { .. })
+    }
+}
+
+/// One try of a job on one provider.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// The provider.
+    pub provider: PublicKey,
+    /// The agreement, when one was signed.
+    pub agreement: Option<ContentId>,
+    /// What happened.
+    pub outcome: String,
+}
+
+/// A submitted job as the buyer's store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// The job id (named by the receipt).
+    pub id: ContentId,
+    /// The job's name.
+    pub name: String,
+    /// The spec's id.
+    pub spec_id: ContentId,
+    /// When it was submitted.
+    pub submitted_at: Timestamp,
+    /// Where it is.
+    pub state: JobState,
+    /// The provider running (or that ran) it.
+    pub provider: Option<PublicKey>,
+    /// Providers tried, in order.
+    pub attempts: Vec<Attempt>,
+    /// The countersigned receipt, once done.
+    pub receipt: Option<Countersigned<Receipt>>,
+    /// When it finished.
+    pub finished_at: Option<Timestamp>,
+}
+
+/// A finished job's verified outputs with its record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobResult {
+    /// The record (state [`JobState::Done`], with the countersigned receipt).
+    pub record: JobRecord,
+    /// The output buffers by name, each verified against the receipt.
+    pub outputs: BTreeMap<String, Vec<u8>>,
+}
+
+/// A job's progress, reported as [`crate::NodeEvent::Job`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobUpdate {
+    /// The job.
+    pub job: ContentId,
+    /// Its new state.
+    pub state: JobState,
+    /// The provider involved, if any.
+    pub provider: Option<PublicKey>,
+}
+
+/// What happened to a job this node serves, reported as [`crate::NodeEvent::Provider`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProviderEvent {
+    /// This node signed an agreement.
+    Agreed {
+        /// The agreement.
+        agreement: ContentId,
+        /// The buyer.
+        buyer: PublicKey,
+    },
+    /// A proposal was rejected.
+    Rejected {
+        /// The buyer.
+        buyer: PublicKey,
+        /// Why.
+        reason: String,
+    },
+    /// A job was dispatched and accepted.
+    Accepted {
+        /// The agreement.
+        agreement: ContentId,
+    },
+    /// A job started on the GPU.
+    Running {
+        /// The agreement.
+        agreement: ContentId,
+    },
+    /// A job finished and its receipt was signed and stored.
+    Finished {
+        /// The agreement.
+        agreement: ContentId,
+        /// The receipt's id.
+        receipt: ContentId,
+        /// Its position in this provider's chain.
+        chain_seq: u64,
+        /// The charge.
+        charge: Msat,
+    },
+    /// A job failed (nothing is charged).
+    Failed {
+        /// The agreement.
+        agreement: ContentId,
+        /// Why.
+        reason: String,
+    },
+    /// The buyer countersigned the receipt.
+    Countersigned {
+        /// The agreement.
+        agreement: ContentId,
+        /// The receipt's id.
+        receipt: ContentId,
+    },
+    /// The buyer refused the receipt.
+    Disputed {
+        /// The agreement.
+        agreement: ContentId,
+        /// The buyer's reason.
+        reason: String,
+    },
+}
+
+/// A job to submit: the spec and its input blobs by id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submission {
+    /// The job.
+    pub spec: JobSpec,
+    /// Input blobs by id (every [`hashgrid_protocol::BufferInit::Blob`] of the spec).
+    pub inputs: BTreeMap<ContentId, Vec<u8>>,
+    /// Market terms.
+    pub options: JobOptions,
+}
+
+/// A receipt verification lie a test provider tells (cargo feature `testing`).
+#[cfg(feature = "testing")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lie {
+    /// Sends outputs that do not hash to the ids in its receipt.
+    WrongOutput,
+    /// Signs the receipt with another key.
+    ForeignKey,
+    /// Charges more than the agreement allows.
+    Overcharge,
+}
+
+/// A provider's receipt chain as its store holds it, audited.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChainReport {
+    /// Receipts signed (the chain's length).
+    pub receipts: u64,
+    /// Receipts the buyer countersigned.
+    pub countersigned: u64,
+    /// The chain head's id.
+    pub head: Option<ContentId>,
+    /// Sum of all charges, in msat.
+    pub total_charged_msat: u64,
+    /// Sum of countersigned charges, in msat (what settlement can claim).
+    pub countersigned_msat: u64,
+}
+
+/// Reads a provider's receipts from its store and checks that they form one unbroken chain
+/// signed by `provider` on `network`, and that every countersigned copy matches its receipt.
+pub fn audit_receipts(
+    store: &crate::store::Store,
+    provider: PublicKey,
+    network: &hashgrid_protocol::Network,
+) -> Result<ChainReport, String> {
+    use crate::store::JobTree;
+    use hashgrid_protocol::{ChainAuditor, Signed};
+    let receipts: Vec<Signed<Receipt>> = store.all(JobTree::Receipts).map_err(|e| e.to_string())?;
+    let mut audit = ChainAuditor::new(provider, network.clone());
+    for r in &receipts {
+        audit.push(r).map_err(|e| e.to_string())?;
+    }
+    let mut countersigned = 0u64;
+    let mut countersigned_msat = 0u64;
+    let all: Vec<Countersigned<Receipt>> =
+        store.all(JobTree::Countersigned).map_err(|e| e.to_string())?;
+    for cs in all {
+        let r = cs.verify(network).map_err(|e| e.to_string())?;
+        let ours = receipts.get(usize::try_from(r.chain_seq).map_err(|e| e.to_string())?);
+        if ours != Some(&cs.signed) {
+            return Err(format!(
+                "countersigned receipt {} is not the receipt signed at chain position {}",
+                cs.id(),
+                r.chain_seq
+            ));
+        }
+        countersigned += 1;
+        countersigned_msat = countersigned_msat.saturating_add(r.charge.0);
+    }
+    Ok(ChainReport {
+        receipts: audit.len(),
+        countersigned,
+        head: audit.head(),
+        total_charged_msat: audit.total_charged().0,
+        countersigned_msat,
+    })
+}

@@ -1,0 +1,881 @@
+//! The provider side of the job lifecycle, driven by the node's task: proposals, dispatches,
+//! long polls, receipts and countersignatures. Jobs run in spawned tasks that report back over
+//! [`Internal`] messages.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use hashgrid_market::charge::{charge_us, max_charge};
+use hashgrid_protocol::exchange::{
+    BlobReply, BlobRequest, Dispatch, InlineBlob, JobPhase, JobReply, JobStatus, MAX_INLINE_BYTES,
+    NegotiateReply, Propose, Reject, RejectReason,
+};
+use hashgrid_protocol::{
+    Agreement, Ask, Bytes, ContentId, Countersigned, JobSpec, Keypair, Network, OutputRecord,
+    PublicKey, Receipt, Signed, Timestamp,
+};
+use hashgrid_protocol::limits::MAX_CHUNK_BYTES;
+use libp2p::PeerId;
+use libp2p::request_response::ResponseChannel;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, mpsc};
+use tracing::{debug, info, warn};
+
+use super::{AGREEMENT_TTL_MS, ProviderEvent};
+use crate::event::NodeEvent;
+use crate::executor::{ExecError, Executor, JobOutput};
+use crate::network::AWAIT_HOLD;
+use crate::node::Net;
+use crate::store::{JobTree, Store, StoreError};
+
+/// An accepted job as the provider's store keeps it (by agreement id).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ProviderJobRecord {
+    /// The agreement id.
+    pub agreement_id: ContentId,
+    /// The countersigned agreement.
+    pub agreement: Countersigned<Agreement>,
+    /// The buyer's job id.
+    pub job_id: ContentId,
+    /// Where the job is.
+    pub phase: JobPhase,
+    /// Position of its receipt in this provider's chain, once signed.
+    pub receipt_seq: Option<u64>,
+    /// Output blob ids (kept until the buyer countersigns).
+    pub outputs: Vec<ContentId>,
+    /// Why it failed, or the buyer's dispute.
+    pub failure: Option<String>,
+    /// Whether the buyer countersigned the receipt.
+    pub countersigned: bool,
+}
+
+/// Messages from job tasks to the node's task.
+#[derive(Debug)]
+pub(crate) enum Internal {
+    Phase(ContentId, JobPhase),
+    Finished {
+        agreement: ContentId,
+        started_at: Timestamp,
+        finished_at: Timestamp,
+        result: Result<JobOutput, String>,
+    },
+}
+
+struct Reservation {
+    units: u32,
+    expires_at: Timestamp,
+}
+
+struct Active {
+    units: u32,
+    agreement: Agreement,
+    job_id: ContentId,
+    inputs: Vec<ContentId>,
+    phase: JobPhase,
+}
+
+struct Waiter {
+    channel: ResponseChannel<JobReply>,
+    seen: JobPhase,
+    deadline: Instant,
+}
+
+/// A reply to send on a parked or fresh job request channel.
+pub(crate) type Answer = (ResponseChannel<JobReply>, JobReply);
+
+pub(crate) struct Provider {
+    executor: Option<Executor>,
+    key: Keypair,
+    network: Network,
+    store: Store,
+    events: broadcast::Sender<NodeEvent>,
+    internal: mpsc::Sender<Internal>,
+    units_total: u32,
+    reservations: HashMap<ContentId, Reservation>,
+    active: HashMap<ContentId, Active>,
+    waiters: HashMap<ContentId, Vec<Waiter>>,
+    /// Output blobs not yet countersigned, and the peer allowed to fetch them.
+    outputs_for: HashMap<ContentId, PeerId>,
+    next_seq: u64,
+    prev: Option<ContentId>,
+    #[cfg(feature = "testing")]
+    pub(crate) lie: Option<super::Lie>,
+}
+
+fn reject(reason: RejectReason, detail: impl Into<String>) -> NegotiateReply {
+    NegotiateReply::Reject(Reject {
+        reason,
+        detail: detail.into(),
+    })
+}
+
+impl Provider {
+    /// Loads the receipt chain head and fails jobs a crash interrupted.
+    pub(crate) fn new(
+        executor: Option<Executor>,
+        key: Keypair,
+        network: Network,
+        store: Store,
+        events: broadcast::Sender<NodeEvent>,
+        internal: mpsc::Sender<Internal>,
+        units_total: u32,
+    ) -> Result<Provider, StoreError> {
+        let (next_seq, prev) = match store.last::<Signed<Receipt>>(JobTree::Receipts)? {
+            Some(last) => {
+                let r = last.decode_unverified().map_err(|e| StoreError::Corrupt {
+                    tree: "receipts",
+                    reason: e.to_string(),
+                })?;
+                (r.chain_seq + 1, Some(last.id()))
+            }
+            None => (0, None),
+        };
+        let mut outputs_for = HashMap::new();
+        let mut failed = 0usize;
+        for mut rec in store.all::<ProviderJobRecord>(JobTree::ProviderJobs)? {
+            match rec.phase {
+                JobPhase::Done => {
+                    if !rec.countersigned {
+                        let buyer = rec.agreement.signed.decode_unverified().map(|a| a.buyer);
+                        if let Some(b) = buyer.ok().and_then(|b| super::peer_of(&b)) {
+                            for o in &rec.outputs {
+                                outputs_for.insert(*o, b);
+                            }
+                        }
+                    }
+                }
+                JobPhase::Failed | JobPhase::Unknown => {}
+                JobPhase::Queued | JobPhase::Fetching | JobPhase::Running => {
+                    rec.phase = JobPhase::Failed;
+                    rec.failure = Some("the provider restarted while the job was running".into());
+                    store.put(JobTree::ProviderJobs, rec.agreement_id.as_bytes(), &rec)?;
+                    failed += 1;
+                }
+            }
+        }
+        if failed > 0 {
+            store.flush()?;
+            warn!(
+                jobs = failed,
+                "failed jobs interrupted by the last shutdown; their buyers re-match them"
+            );
+        }
+        if next_seq > 0 {
+            info!(receipts = next_seq, "receipt chain loaded");
+        }
+        Ok(Provider {
+            executor,
+            key,
+            network,
+            store,
+            events,
+            internal,
+            units_total,
+            reservations: HashMap::new(),
+            active: HashMap::new(),
+            waiters: HashMap::new(),
+            outputs_for,
+            next_seq,
+            prev,
+            #[cfg(feature = "testing")]
+            lie: None,
+        })
+    }
+
+    fn emit(&self, ev: ProviderEvent) {
+        let _ = self.events.send(NodeEvent::Provider(ev));
+    }
+
+    fn free_units(&self) -> u32 {
+        let used: u64 = self
+            .reservations
+            .values()
+            .map(|r| u64::from(r.units))
+            .chain(self.active.values().map(|a| u64::from(a.units)))
+            .sum();
+        u32::try_from(u64::from(self.units_total).saturating_sub(used)).unwrap_or(0)
+    }
+
+    /// Answers a proposal. `ask` is this node's live ask named by the proposal, if any.
+    pub(crate) fn on_propose(&mut self, peer: PeerId, p: Propose, ask: Option<Ask>) -> NegotiateReply {
+        let reply = self.negotiate(peer, &p, ask);
+        match &reply {
+            NegotiateReply::Reject(r) => {
+                debug!(%peer, reason = ?r.reason, detail = %r.detail, "proposal rejected");
+                if let Ok(b) = p.bid.decode_unverified() {
+                    self.emit(ProviderEvent::Rejected {
+                        buyer: b.buyer,
+                        reason: r.detail.clone(),
+                    });
+                }
+            }
+            NegotiateReply::Agreed(s) => {
+                if let Ok(a) = s.decode_unverified() {
+                    self.emit(ProviderEvent::Agreed {
+                        agreement: s.id(),
+                        buyer: a.buyer,
+                    });
+                }
+            }
+        }
+        reply
+    }
+
+    fn negotiate(&mut self, peer: PeerId, p: &Propose, ask: Option<Ask>) -> NegotiateReply {
+        let Some(exec) = &self.executor else {
+            return reject(RejectReason::NotAProvider, "this node sells no GPU time");
+        };
+        let now = Timestamp::now();
+        let bid = match p.bid.verify(&self.network) {
+            Ok(b) => b,
+            Err(e) => return reject(RejectReason::BadBid, format!("bid: {e}")),
+        };
+        if super::peer_of(&bid.buyer) != Some(peer) {
+            return reject(RejectReason::BadBid, "the bid is not signed by the requesting peer");
+        }
+        if bid.expires_at <= now {
+            return reject(RejectReason::BadBid, "the bid has expired");
+        }
+        let Some(ask) = ask.filter(|a| a.order_ref() == p.ask) else {
+            return reject(
+                RejectReason::UnknownAsk,
+                format!("order {} is not a live ask of this provider", p.ask.order_id),
+            );
+        };
+        if p.price != ask.price || p.price > bid.max_price {
+            return reject(
+                RejectReason::Terms,
+                format!(
+                    "price {} must be the ask's {} and within the bid's {}",
+                    p.price, ask.price, bid.max_price
+                ),
+            );
+        }
+        if p.units == 0 || p.units > ask.units || p.units > bid.units {
+            return reject(RejectReason::Terms, format!("{} units: not within the ask and bid", p.units));
+        }
+        if p.max_seconds == 0 || p.max_seconds > ask.max_seconds || p.max_seconds > bid.max_seconds {
+            return reject(
+                RejectReason::Terms,
+                format!("{} s is not within the ask's {} s and the bid", p.max_seconds, ask.max_seconds),
+            );
+        }
+        if !bid.requirements.accepts(&ask.gpu, &ask.region) {
+            return reject(RejectReason::Terms, "the bid's requirements do not accept this GPU");
+        }
+        let free = self.free_units();
+        if p.units > free {
+            return reject(
+                RejectReason::NoCapacity,
+                format!("{} units wanted, {free} free", p.units),
+            );
+        }
+        if let Err(e) = exec.check_spec(&p.spec) {
+            return reject(RejectReason::InvalidJob, e.to_string());
+        }
+        let Some(cap) = max_charge(p.price, p.units, p.max_seconds) else {
+            return reject(RejectReason::Terms, "the maximum charge overflows");
+        };
+        let agreement = Agreement {
+            buyer: bid.buyer,
+            provider: self.key.public(),
+            bid: bid.order_ref(),
+            ask: p.ask,
+            units: p.units,
+            price: p.price,
+            max_seconds: p.max_seconds,
+            max_charge: cap,
+            spec_id: p.spec.id(),
+            nonce: p.nonce,
+            created_at: now,
+            expires_at: now.plus_ms(AGREEMENT_TTL_MS),
+        };
+        let signed = Signed::sign(&self.key, &self.network, &agreement);
+        self.reservations.insert(
+            signed.id(),
+            Reservation {
+                units: p.units,
+                expires_at: agreement.expires_at,
+            },
+        );
+        NegotiateReply::Agreed(signed)
+    }
+
+    /// Accepts a dispatch: checks it, persists the job (flushed) and starts it.
+    pub(crate) fn on_dispatch(&mut self, peer: PeerId, d: Dispatch, cmd: &Net) -> JobReply {
+        match self.dispatch(peer, d, cmd) {
+            Ok(reply) => reply,
+            Err(reason) => {
+                debug!(%peer, %reason, "dispatch refused");
+                JobReply::Refused(reason)
+            }
+        }
+    }
+
+    fn dispatch(&mut self, peer: PeerId, d: Dispatch, cmd: &Net) -> Result<JobReply, String> {
+        let Some(exec) = self.executor.clone() else {
+            return Err("this node sells no GPU time".into());
+        };
+        let agreement = d
+            .agreement
+            .verify(&self.network)
+            .map_err(|e| format!("agreement: {e}"))?;
+        let id = d.agreement.id();
+        if agreement.provider != self.key.public() {
+            return Err("the agreement is not with this provider".into());
+        }
+        if super::peer_of(&agreement.buyer) != Some(peer) {
+            return Err("the agreement's buyer is not the requesting peer".into());
+        }
+        if self.active.contains_key(&id) || self.record(&id).ok().flatten().is_some() {
+            // A repeated dispatch (the buyer did not see our answer): report the status.
+            return Ok(JobReply::Status(self.status(&id)));
+        }
+        let Some(res) = self.reservations.get(&id) else {
+            return Err("unknown or expired agreement; propose again".into());
+        };
+        if res.expires_at <= Timestamp::now() {
+            return Err("the agreement expired before dispatch; propose again".into());
+        }
+        if d.spec.id() != agreement.spec_id {
+            return Err("the spec is not the one agreed".into());
+        }
+        let inline_total: usize = d.inputs.iter().map(|b| b.bytes.0.len()).sum();
+        if inline_total > MAX_INLINE_BYTES {
+            return Err(format!("{inline_total} inline bytes is over {MAX_INLINE_BYTES}"));
+        }
+        let record = ProviderJobRecord {
+            agreement_id: id,
+            agreement: d.agreement.clone(),
+            job_id: d.job_id,
+            phase: JobPhase::Queued,
+            receipt_seq: None,
+            outputs: Vec::new(),
+            failure: None,
+            countersigned: false,
+        };
+        self.store
+            .put(JobTree::ProviderJobs, id.as_bytes(), &record)
+            .and_then(|()| self.store.flush())
+            .map_err(|e| format!("provider store: {e}"))?;
+        let units = res.units;
+        self.reservations.remove(&id);
+        self.active.insert(
+            id,
+            Active {
+                units,
+                agreement: agreement.clone(),
+                job_id: d.job_id,
+                inputs: d.spec.input_ids(),
+                phase: JobPhase::Queued,
+            },
+        );
+        self.emit(ProviderEvent::Accepted { agreement: id });
+        let task = RunTask {
+            exec,
+            net: cmd.clone(),
+            internal: self.internal.clone(),
+            agreement: id,
+            buyer: peer,
+            spec: d.spec,
+            inline: d.inputs,
+        };
+        tokio::spawn(task.run());
+        Ok(JobReply::Status(JobStatus::Queued))
+    }
+
+    fn record(&self, id: &ContentId) -> Result<Option<ProviderJobRecord>, StoreError> {
+        self.store.get(JobTree::ProviderJobs, id.as_bytes())
+    }
+
+    /// The status of a job, from memory or the store.
+    pub(crate) fn status(&self, id: &ContentId) -> JobStatus {
+        if let Some(a) = self.active.get(id) {
+            return match a.phase {
+                JobPhase::Fetching => JobStatus::Fetching,
+                JobPhase::Running => JobStatus::Running,
+                _ => JobStatus::Queued,
+            };
+        }
+        let rec = match self.record(id) {
+            Ok(Some(r)) => r,
+            Ok(None) => return JobStatus::Unknown,
+            Err(e) => {
+                warn!(error = %e, "cannot read a job record");
+                return JobStatus::Unknown;
+            }
+        };
+        match rec.phase {
+            JobPhase::Done => match self.done_status(&rec) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "cannot read a receipt");
+                    JobStatus::Unknown
+                }
+            },
+            JobPhase::Failed => JobStatus::Failed {
+                reason: rec.failure.unwrap_or_else(|| "failed".into()),
+            },
+            _ => JobStatus::Unknown,
+        }
+    }
+
+    fn done_status(&self, rec: &ProviderJobRecord) -> Result<JobStatus, StoreError> {
+        let seq = rec.receipt_seq.unwrap_or(u64::MAX);
+        let Some(receipt) = self
+            .store
+            .get::<Signed<Receipt>>(JobTree::Receipts, &seq.to_be_bytes())?
+        else {
+            return Ok(JobStatus::Unknown);
+        };
+        let mut outputs = Vec::new();
+        let mut inline = 0usize;
+        if !rec.countersigned {
+            for id in &rec.outputs {
+                if let Some(bytes) = self.store.blob(id)?
+                    && inline + bytes.len() <= MAX_INLINE_BYTES
+                {
+                    inline += bytes.len();
+                    outputs.push(InlineBlob {
+                        id: *id,
+                        bytes: Bytes(bytes.to_vec()),
+                    });
+                }
+            }
+        }
+        Ok(JobStatus::Done { receipt, outputs })
+    }
+
+    fn buyer_of(&self, id: &ContentId) -> Option<PublicKey> {
+        if let Some(a) = self.active.get(id) {
+            return Some(a.agreement.buyer);
+        }
+        let rec = self.record(id).ok().flatten()?;
+        rec.agreement.signed.decode_unverified().ok().map(|a| a.buyer)
+    }
+
+    /// A long poll: answered now if the phase differs from `seen`, else parked.
+    pub(crate) fn on_await(
+        &mut self,
+        peer: PeerId,
+        id: ContentId,
+        seen: JobPhase,
+        channel: ResponseChannel<JobReply>,
+    ) -> Option<Answer> {
+        if self.buyer_of(&id).and_then(|b| super::peer_of(&b)) != Some(peer) {
+            return Some((channel, JobReply::Status(JobStatus::Unknown)));
+        }
+        let status = self.status(&id);
+        if status.phase() != seen || status.phase() == JobPhase::Unknown {
+            return Some((channel, JobReply::Status(status)));
+        }
+        self.waiters.entry(id).or_default().push(Waiter {
+            channel,
+            seen,
+            deadline: Instant::now() + AWAIT_HOLD,
+        });
+        None
+    }
+
+    fn wake(&mut self, id: &ContentId) -> Vec<Answer> {
+        let Some(ws) = self.waiters.remove(id) else {
+            return Vec::new();
+        };
+        let status = self.status(id);
+        let mut out = Vec::new();
+        let mut keep = Vec::new();
+        for w in ws {
+            if status.phase() != w.seen {
+                out.push((w.channel, JobReply::Status(status.clone())));
+            } else {
+                keep.push(w);
+            }
+        }
+        if !keep.is_empty() {
+            self.waiters.insert(*id, keep);
+        }
+        out
+    }
+
+    /// Answers long polls held past [`AWAIT_HOLD`] and releases expired reservations.
+    pub(crate) fn tick(&mut self) -> Vec<Answer> {
+        let now = Timestamp::now();
+        self.reservations.retain(|_, r| r.expires_at > now);
+        let instant = Instant::now();
+        let due: Vec<ContentId> = self
+            .waiters
+            .iter()
+            .filter(|(_, ws)| ws.iter().any(|w| w.deadline <= instant))
+            .map(|(id, _)| *id)
+            .collect();
+        let mut out = Vec::new();
+        for id in due {
+            let status = self.status(&id);
+            let Some(ws) = self.waiters.remove(&id) else {
+                continue;
+            };
+            let (now_due, keep): (Vec<Waiter>, Vec<Waiter>) =
+                ws.into_iter().partition(|w| w.deadline <= instant);
+            for w in now_due {
+                out.push((w.channel, JobReply::Status(status.clone())));
+            }
+            if !keep.is_empty() {
+                self.waiters.insert(id, keep);
+            }
+        }
+        out
+    }
+
+    /// A job task reported progress or its end.
+    pub(crate) fn on_internal(&mut self, msg: Internal) -> Vec<Answer> {
+        match msg {
+            Internal::Phase(id, phase) => {
+                if let Some(a) = self.active.get_mut(&id) {
+                    a.phase = phase;
+                    if phase == JobPhase::Running {
+                        self.emit(ProviderEvent::Running { agreement: id });
+                    }
+                }
+                self.wake(&id)
+            }
+            Internal::Finished {
+                agreement,
+                started_at,
+                finished_at,
+                result,
+            } => {
+                let Some(active) = self.active.remove(&agreement) else {
+                    return Vec::new();
+                };
+                let outcome = match result {
+                    Ok(out) => self.sign_receipt(agreement, &active, started_at, finished_at, out),
+                    Err(e) => Err(e),
+                };
+                if let Err(reason) = outcome {
+                    warn!(agreement = %agreement.short(), %reason, "job failed");
+                    if let Err(e) = self.fail(agreement, &reason) {
+                        warn!(error = %e, "cannot record a failed job");
+                    }
+                    self.emit(ProviderEvent::Failed { agreement, reason });
+                }
+                self.wake(&agreement)
+            }
+        }
+    }
+
+    fn fail(&self, id: ContentId, reason: &str) -> Result<(), StoreError> {
+        if let Some(mut rec) = self.record(&id)? {
+            rec.phase = JobPhase::Failed;
+            rec.failure = Some(reason.to_string());
+            self.store.put(JobTree::ProviderJobs, id.as_bytes(), &rec)?;
+            self.store.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Signs the receipt, chained to the previous one, and stores it with the outputs
+    /// (flushed) before any status names it.
+    fn sign_receipt(
+        &mut self,
+        id: ContentId,
+        active: &Active,
+        started_at: Timestamp,
+        finished_at: Timestamp,
+        out: JobOutput,
+    ) -> Result<(), String> {
+        let a = &active.agreement;
+        // GPU time in whole µs, rounded up; never zero for a job that ran.
+        let gpu_time_us = ((out.gpu_ms * 1000.0).ceil() as u64).max(1);
+        #[allow(unused_mut)]
+        let mut charge = charge_us(a.price, a.units, gpu_time_us, a.max_charge);
+        let records: Vec<OutputRecord> = out
+            .outputs
+            .iter()
+            .map(|o| OutputRecord {
+                name: o.name.clone(),
+                id: o.id,
+                bytes: o.bytes.len() as u64,
+            })
+            .collect();
+        #[allow(unused_mut)]
+        let mut blobs: Vec<(ContentId, Vec<u8>)> =
+            out.outputs.into_iter().map(|o| (o.id, o.bytes)).collect();
+        #[allow(unused_mut)]
+        let mut signer = self.key.clone();
+        #[cfg(feature = "testing")]
+        match self.lie {
+            Some(super::Lie::WrongOutput) => {
+                if let Some((_, b)) = blobs.first_mut()
+                    && let Some(x) = b.first_mut()
+                {
+                    *x ^= 0xff;
+                }
+            }
+            Some(super::Lie::ForeignKey) => {
+                signer = Keypair::generate().map_err(|e| e.to_string())?;
+            }
+            Some(super::Lie::Overcharge) => {
+                charge = hashgrid_protocol::Msat(a.max_charge.0.saturating_add(1));
+            }
+            None => {}
+        }
+        let receipt = Receipt {
+            job_id: active.job_id,
+            agreement_id: id,
+            buyer: a.buyer,
+            provider: self.key.public(),
+            spec_id: a.spec_id,
+            inputs: active.inputs.clone(),
+            outputs: records,
+            adapter: self
+                .executor
+                .as_ref()
+                .map(Executor::profile)
+                .ok_or("no executor")?,
+            started_at,
+            finished_at,
+            gpu_time_us,
+            charge,
+            chain_seq: self.next_seq,
+            prev_receipt: self.prev,
+        };
+        let signed = Signed::sign(&signer, &self.network, &receipt);
+        let store_err = |e: StoreError| format!("provider store: {e}");
+        for (bid, bytes) in &blobs {
+            self.store.put_blob(bid, bytes).map_err(store_err)?;
+        }
+        self.store
+            .put(JobTree::Receipts, &receipt.chain_seq.to_be_bytes(), &signed)
+            .map_err(store_err)?;
+        let mut rec = self
+            .record(&id)
+            .map_err(store_err)?
+            .ok_or("job record vanished")?;
+        rec.phase = JobPhase::Done;
+        rec.receipt_seq = Some(receipt.chain_seq);
+        rec.outputs = blobs.iter().map(|(i, _)| *i).collect();
+        self.store
+            .put(JobTree::ProviderJobs, id.as_bytes(), &rec)
+            .map_err(store_err)?;
+        self.store.flush().map_err(store_err)?;
+        self.next_seq += 1;
+        self.prev = Some(signed.id());
+        for (bid, _) in &blobs {
+            if let Some(p) = super::peer_of(&a.buyer) {
+                self.outputs_for.insert(*bid, p);
+            }
+        }
+        info!(agreement = %id.short(), chain_seq = receipt.chain_seq, charge_msat = receipt.charge.0, gpu_us = gpu_time_us, "receipt signed");
+        self.emit(ProviderEvent::Finished {
+            agreement: id,
+            receipt: signed.id(),
+            chain_seq: receipt.chain_seq,
+            charge: receipt.charge,
+        });
+        Ok(())
+    }
+
+    /// The buyer countersigned a receipt: verify, store (flushed), then acknowledge.
+    pub(crate) fn on_countersign(&mut self, peer: PeerId, cs: Countersigned<Receipt>) -> JobReply {
+        let r = match cs.verify(&self.network) {
+            Ok(r) => r,
+            Err(e) => return JobReply::Refused(format!("countersigned receipt: {e}")),
+        };
+        if super::peer_of(&r.buyer) != Some(peer) {
+            return JobReply::Refused("not countersigned by the requesting peer".into());
+        }
+        let mut rec = match self.record(&r.agreement_id) {
+            Ok(Some(rec)) => rec,
+            Ok(None) => return JobReply::Refused("unknown job".into()),
+            Err(e) => return JobReply::Refused(format!("provider store: {e}")),
+        };
+        let ours = self
+            .store
+            .get::<Signed<Receipt>>(JobTree::Receipts, &r.chain_seq.to_be_bytes());
+        if !matches!(&ours, Ok(Some(s)) if *s == cs.signed) {
+            return JobReply::Refused("that is not the receipt this provider signed".into());
+        }
+        if rec.countersigned {
+            return JobReply::Ack;
+        }
+        rec.countersigned = true;
+        let res = (|| {
+            self.store
+                .put(JobTree::Countersigned, &r.chain_seq.to_be_bytes(), &cs)?;
+            for o in &rec.outputs {
+                // The buyer has verified and stored them.
+                self.store.remove_blob(o)?;
+            }
+            self.store
+                .put(JobTree::ProviderJobs, r.agreement_id.as_bytes(), &rec)?;
+            self.store.flush()
+        })();
+        if let Err(e) = res {
+            return JobReply::Refused(format!("provider store: {e}"));
+        }
+        for o in &rec.outputs {
+            self.outputs_for.remove(o);
+        }
+        self.emit(ProviderEvent::Countersigned {
+            agreement: r.agreement_id,
+            receipt: cs.id(),
+        });
+        JobReply::Ack
+    }
+
+    /// The buyer refused a receipt: recorded, reported, acknowledged.
+    pub(crate) fn on_dispute(&mut self, peer: PeerId, id: ContentId, reason: String) -> JobReply {
+        if self.buyer_of(&id).and_then(|b| super::peer_of(&b)) != Some(peer) {
+            return JobReply::Refused("unknown job".into());
+        }
+        let reason: String = reason.chars().take(1024).collect();
+        warn!(agreement = %id.short(), %reason, "the buyer disputes a receipt");
+        if let Ok(Some(mut rec)) = self.record(&id) {
+            rec.failure = Some(format!("disputed by the buyer: {reason}"));
+            let _ = self
+                .store
+                .put(JobTree::ProviderJobs, id.as_bytes(), &rec)
+                .and_then(|()| self.store.flush());
+        }
+        self.emit(ProviderEvent::Disputed { agreement: id, reason });
+        JobReply::Ack
+    }
+
+    /// Serves a chunk of an output blob to the buyer it belongs to.
+    pub(crate) fn serve_blob(&self, peer: PeerId, req: &BlobRequest) -> Option<BlobReply> {
+        if self.outputs_for.get(&req.id) != Some(&peer) {
+            return None;
+        }
+        let bytes = self.store.blob(&req.id).ok().flatten()?;
+        Some(chunk_of(&bytes, req))
+    }
+}
+
+/// The reply to `req` from a blob's bytes.
+pub(crate) fn chunk_of(bytes: &[u8], req: &BlobRequest) -> BlobReply {
+    let total = bytes.len() as u64;
+    let start = req.offset.min(total) as usize;
+    let len = (req.len as usize).min(MAX_CHUNK_BYTES);
+    let end = start.saturating_add(len).min(bytes.len());
+    BlobReply::Chunk {
+        total,
+        bytes: Bytes(bytes[start..end].to_vec()),
+    }
+}
+
+/// Fetches a blob of `size` bytes from `peer` in chunks ([`super::BLOB_WINDOW`] in flight),
+/// hashing it as it arrives; fails unless it is exactly `size` bytes hashing to `id`.
+pub(crate) async fn fetch_blob(net: &Net, peer: PeerId, id: ContentId, size: u64) -> Result<Vec<u8>, String> {
+    use futures::StreamExt;
+    let chunk = MAX_CHUNK_BYTES as u64;
+    let offsets: Vec<u64> = (0..size.div_ceil(chunk)).map(|i| i * chunk).collect();
+    let mut hasher = blake3::Hasher::new();
+    let mut out = Vec::with_capacity(usize::try_from(size).map_err(|e| e.to_string())?);
+    let mut replies = futures::stream::iter(offsets.into_iter().map(|offset| {
+        let req = BlobRequest {
+            id,
+            offset,
+            len: chunk.min(size - offset) as u32,
+        };
+        net.blob(peer, req)
+    }))
+    .buffered(super::BLOB_WINDOW);
+    while let Some(reply) = replies.next().await {
+        match reply? {
+            BlobReply::Chunk { total, bytes } => {
+                if total != size {
+                    return Err(format!("blob {id} is {total} bytes at the peer, expected {size}"));
+                }
+                let want = chunk.min(size - out.len() as u64);
+                if bytes.0.len() as u64 != want {
+                    return Err(format!("blob {id}: short chunk at offset {}", out.len()));
+                }
+                hasher.update(&bytes.0);
+                out.extend_from_slice(&bytes.0);
+            }
+            BlobReply::NotFound => return Err(format!("the peer does not serve blob {id}")),
+        }
+    }
+    let got = ContentId(*hasher.finalize().as_bytes());
+    if got != id {
+        return Err(format!("blob hashes to {got}, not {id}"));
+    }
+    Ok(out)
+}
+
+struct RunTask {
+    exec: Executor,
+    net: Net,
+    internal: mpsc::Sender<Internal>,
+    agreement: ContentId,
+    buyer: PeerId,
+    spec: JobSpec,
+    inline: Vec<InlineBlob>,
+}
+
+impl RunTask {
+    async fn run(self) {
+        let agreement = self.agreement;
+        let internal = self.internal.clone();
+        let started_at = Timestamp::now();
+        let result = self.execute().await;
+        let finished_at = Timestamp::now();
+        let msg = Internal::Finished {
+            agreement,
+            started_at: result.as_ref().map_or(started_at, |(s, _)| *s),
+            finished_at,
+            result: result.map(|(_, o)| o),
+        };
+        // Err: the node stopped; the job is failed at the next start.
+        let _ = internal.send(msg).await;
+    }
+
+    async fn execute(self) -> Result<(Timestamp, JobOutput), String> {
+        let mut inputs: BTreeMap<ContentId, Vec<u8>> = BTreeMap::new();
+        for b in self.inline {
+            let got = ContentId::of(&b.bytes.0);
+            if got != b.id {
+                return Err(format!("inline input hashes to {got}, not {}", b.id));
+            }
+            inputs.insert(b.id, b.bytes.0);
+        }
+        let missing: Vec<(ContentId, u64)> = self
+            .spec
+            .buffers
+            .iter()
+            .filter_map(|b| match b.init {
+                hashgrid_protocol::BufferInit::Blob(id) if !inputs.contains_key(&id) => {
+                    Some((id, b.size))
+                }
+                _ => None,
+            })
+            .collect();
+        if !missing.is_empty() {
+            let _ = self
+                .internal
+                .send(Internal::Phase(self.agreement, JobPhase::Fetching))
+                .await;
+            for (id, size) in missing {
+                if inputs.contains_key(&id) {
+                    continue;
+                }
+                let bytes = fetch_blob(&self.net, self.buyer, id, size)
+                    .await
+                    .map_err(|e| format!("input {id}: {e}"))?;
+                inputs.insert(id, bytes);
+            }
+        }
+        let _ = self
+            .internal
+            .send(Internal::Phase(self.agreement, JobPhase::Running))
+            .await;
+        let started = Timestamp::now();
+        let buyer = self.buyer.to_string();
+        let out = self
+            .exec
+            .run(&buyer, self.spec, inputs)
+            .await
+            .map_err(|e: ExecError| e.to_string())?;
+        Ok((started, out))
+    }
+}

@@ -1,0 +1,239 @@
+//! The direct (request-response) messages between a buyer's node and a provider's node
+//! (DESIGN.md "Messages"):
+//!
+//! - `/hashgrid/negotiate/1`: [`Propose`] → [`NegotiateReply`] (a provider-signed
+//!   [`Agreement`] or a [`Reject`]).
+//! - `/hashgrid/job/1`: [`JobMessage`] → [`JobReply`]: dispatch a job under a countersigned
+//!   agreement, wait for its progress (long poll), countersign or reject its receipt.
+//! - `/hashgrid/blob/1`: [`BlobRequest`] → [`BlobReply`]: fetch a blob by its blake3 id in
+//!   chunks (inputs and outputs too large to travel inline).
+//!
+//! Every message is postcard-encoded and read up to its protocol's size limit before it is
+//! decoded. The signed parts (bid, agreement, receipt) are verified by the receiver; nothing
+//! here is trusted because of the connection it arrived on, except that the peer's identity
+//! (its `PeerId`, authenticated by noise) must be the party the message claims to speak for.
+
+use serde::{Deserialize, Serialize};
+
+use crate::id::ContentId;
+use crate::job::JobSpec;
+use crate::limits::{MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES};
+use crate::messages::{Agreement, Bid, OrderRef, Receipt};
+use crate::money::Msat;
+use crate::signed::{Bytes, Countersigned, Signed};
+
+/// Most bytes of blobs carried inline in one [`Dispatch`] or [`JobStatus::Done`]; larger
+/// inputs and outputs are fetched over `/hashgrid/blob/1` in [`MAX_CHUNK_BYTES`] chunks.
+pub const MAX_INLINE_BYTES: usize = 1024 * 1024;
+
+/// Framing allowance on top of the payload limits (signatures, ids, lengths).
+pub const EXCHANGE_OVERHEAD: usize = 64 * 1024;
+
+/// Largest `/hashgrid/negotiate/1` request: a spec of [`MAX_MESSAGE_BYTES`] plus the bid.
+pub const MAX_NEGOTIATE_REQUEST: usize = MAX_MESSAGE_BYTES + EXCHANGE_OVERHEAD;
+/// Largest `/hashgrid/negotiate/1` reply (an agreement or a reject).
+pub const MAX_NEGOTIATE_REPLY: usize = EXCHANGE_OVERHEAD;
+/// Largest `/hashgrid/job/1` request: a dispatch with its spec and inline inputs.
+pub const MAX_JOB_REQUEST: usize = MAX_MESSAGE_BYTES + MAX_INLINE_BYTES + EXCHANGE_OVERHEAD;
+/// Largest `/hashgrid/job/1` reply: a receipt with inline outputs.
+pub const MAX_JOB_REPLY: usize = MAX_MESSAGE_BYTES + MAX_INLINE_BYTES + EXCHANGE_OVERHEAD;
+/// Largest `/hashgrid/blob/1` request.
+pub const MAX_BLOB_REQUEST: usize = 1024;
+/// Largest `/hashgrid/blob/1` reply: one chunk.
+pub const MAX_BLOB_REPLY: usize = MAX_CHUNK_BYTES + 1024;
+
+/// The buyer asks a provider to run a job under one of its asks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Propose {
+    /// The buyer's bid, signed by the buyer (its key must be the requesting peer's).
+    pub bid: Signed<Bid>,
+    /// The provider's ask being taken.
+    pub ask: OrderRef,
+    /// Units wanted (at most the ask's and the bid's).
+    pub units: u32,
+    /// Price in msat per GPU-second: the ask's price (fills are at the ask price).
+    pub price: Msat,
+    /// Longest run, in seconds.
+    pub max_seconds: u32,
+    /// The job, so the provider can validate it (WGSL, limits) before agreeing.
+    pub spec: JobSpec,
+    /// Makes the agreement unique.
+    pub nonce: u64,
+}
+
+/// Why a provider refused a proposal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum RejectReason {
+    /// The ask is not a live ask of this provider (cancelled, expired, replaced).
+    UnknownAsk,
+    /// Not enough free units right now.
+    NoCapacity,
+    /// Price, units or duration do not match the ask or the bid.
+    Terms,
+    /// The bid is invalid or not signed by the requesting peer.
+    BadBid,
+    /// The job fails validation (WGSL, bindings, limits).
+    InvalidJob,
+    /// The buyer is over its credit limit with this provider.
+    CreditLimit,
+    /// This node sells no GPU time.
+    NotAProvider,
+}
+
+/// A provider's refusal, with a reason a person can act on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reject {
+    /// The class of refusal.
+    pub reason: RejectReason,
+    /// Details.
+    pub detail: String,
+}
+
+/// The provider's answer to a [`Propose`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NegotiateReply {
+    /// Accepted: the agreement, signed by the provider, for the buyer to countersign.
+    Agreed(Signed<Agreement>),
+    /// Refused.
+    Reject(Reject),
+}
+
+/// A blob carried inline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InlineBlob {
+    /// blake3 of `bytes` (checked by the receiver).
+    pub id: ContentId,
+    /// The bytes.
+    pub bytes: Bytes,
+}
+
+/// The buyer hands the job to the provider under a countersigned agreement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dispatch {
+    /// The buyer's id of the job (the receipt names it).
+    pub job_id: ContentId,
+    /// The agreement, signed by the provider and countersigned by the buyer.
+    pub agreement: Countersigned<Agreement>,
+    /// The job (its id must be the agreement's `spec_id`).
+    pub spec: JobSpec,
+    /// Small inputs inline; the rest the provider fetches from the buyer by id.
+    pub inputs: Vec<InlineBlob>,
+}
+
+/// A job's state as the provider reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobPhase {
+    /// The provider knows no such job.
+    Unknown,
+    /// Accepted, waiting for inputs or the GPU.
+    Queued,
+    /// Fetching input blobs from the buyer.
+    Fetching,
+    /// Running on the GPU.
+    Running,
+    /// Finished: a receipt is ready.
+    Done,
+    /// Failed (see the reason).
+    Failed,
+}
+
+/// A job's state with what goes with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobStatus {
+    /// The provider knows no such job (never dispatched, or forgotten).
+    Unknown,
+    /// Accepted, waiting.
+    Queued,
+    /// Fetching inputs.
+    Fetching,
+    /// Running.
+    Running,
+    /// Finished: the signed receipt, and the outputs small enough to travel inline (the rest
+    /// are fetched by id over `/hashgrid/blob/1`).
+    Done {
+        /// The provider's signed receipt.
+        receipt: Signed<Receipt>,
+        /// Inline outputs.
+        outputs: Vec<InlineBlob>,
+    },
+    /// The job failed; nothing is charged.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl JobStatus {
+    /// The phase this status is in.
+    pub fn phase(&self) -> JobPhase {
+        match self {
+            JobStatus::Unknown => JobPhase::Unknown,
+            JobStatus::Queued => JobPhase::Queued,
+            JobStatus::Fetching => JobPhase::Fetching,
+            JobStatus::Running => JobPhase::Running,
+            JobStatus::Done { .. } => JobPhase::Done,
+            JobStatus::Failed { .. } => JobPhase::Failed,
+        }
+    }
+}
+
+/// A request on `/hashgrid/job/1` (buyer → provider).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobMessage {
+    /// Run this job. Answered once the provider has durably accepted it (or refused).
+    Dispatch(Box<Dispatch>),
+    /// Long poll: answered as soon as the job's phase differs from `seen`, or after a while
+    /// with the current status.
+    Await {
+        /// The agreement the job runs under.
+        agreement: ContentId,
+        /// The phase the buyer last saw.
+        seen: JobPhase,
+    },
+    /// The buyer accepts the receipt: its countersigned copy.
+    Countersign(Countersigned<Receipt>),
+    /// The buyer refuses the receipt (outputs do not match, wrong signer, overcharge).
+    Dispute {
+        /// The agreement the job ran under.
+        agreement: ContentId,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The answer on `/hashgrid/job/1`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobReply {
+    /// The job's status.
+    Status(JobStatus),
+    /// The request was refused.
+    Refused(String),
+    /// Recorded.
+    Ack,
+}
+
+/// A request for part of a blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobRequest {
+    /// The blob's blake3 id.
+    pub id: ContentId,
+    /// First byte wanted.
+    pub offset: u64,
+    /// Bytes wanted (the server sends at most [`MAX_CHUNK_BYTES`]).
+    pub len: u32,
+}
+
+/// The answer to a [`BlobRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlobReply {
+    /// Bytes from the requested offset.
+    Chunk {
+        /// The blob's total length.
+        total: u64,
+        /// The bytes.
+        bytes: Bytes,
+    },
+    /// This peer does not hold the blob, or will not serve it to the requester.
+    NotFound,
+}

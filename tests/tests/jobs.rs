@@ -1,0 +1,274 @@
+//! The job lifecycle between real nodes in one process (loopback, lavapipe in CI): a buyer's
+//! job goes to the cheapest provider that meets its requirements, runs, and comes back with a
+//! receipt anyone can verify; a provider stopped mid-job is replaced; lying providers are
+//! caught and never countersigned.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use hashgrid_node::jobs::{FailKind, JobOptions, JobState, Lie, ProviderEvent, Submission};
+use hashgrid_node::{NodeEvent, NodeHandle};
+use hashgrid_protocol::{
+    BufferInit, JobLimits, ReceiptFile, Requirements, check_outputs, load_job_file,
+    verify_receipt_file,
+};
+use hashgrid_tests::{addr_of, start_provider, test_builder, test_network, wait_for_asks};
+
+const JOB_LIMIT: Duration = Duration::from_secs(60);
+
+fn saxpy() -> (Submission, Vec<f32>) {
+    let path = hashgrid_examples::kernels_dir().join("saxpy/job.toml");
+    let job = load_job_file(&path, &JobLimits::default()).unwrap();
+    let input = |name: &str| -> Vec<f32> {
+        let b = job.spec.buffers.iter().find(|b| b.name == name).unwrap();
+        let BufferInit::Blob(id) = b.init else {
+            panic!("{name} is an input")
+        };
+        job.inputs[&id]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    let (x, y, a) = (input("x"), input("y"), input("params")[0]);
+    let cpu = x.iter().zip(&y).map(|(x, y)| a * x + y).collect();
+    (
+        Submission {
+            spec: job.spec,
+            inputs: job.inputs,
+            options: JobOptions::default(),
+        },
+        cpu,
+    )
+}
+
+fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// A matmul long enough (hundreds of ms on lavapipe) to stop its provider while it runs.
+fn slow_job() -> Submission {
+    let (spec, inputs) = hashgrid_node::executor::bench::matmul_job(256);
+    Submission {
+        spec,
+        inputs,
+        options: JobOptions::default(),
+    }
+}
+
+async fn buyer(boot: &[hashgrid_node::Multiaddr]) -> NodeHandle {
+    test_builder(boot)
+        .region("us-east")
+        .start()
+        .await
+        .unwrap()
+}
+
+async fn wait(node: &NodeHandle, job: &hashgrid_protocol::ContentId) -> hashgrid_node::JobRecord {
+    tokio::time::timeout(JOB_LIMIT, node.wait(job))
+        .await
+        .expect("the job finishes in time")
+        .unwrap()
+}
+
+/// Drains provider events seen so far.
+fn provider_events(rx: &mut tokio::sync::broadcast::Receiver<NodeEvent>) -> Vec<ProviderEvent> {
+    let mut out = Vec::new();
+    while let Ok(ev) = rx.try_recv() {
+        if let NodeEvent::Provider(p) = ev {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_runs_on_the_cheapest_provider_that_meets_the_requirements() {
+    hashgrid_tests::init_tracing();
+    // The cheapest provider advertises 1 GiB, under the job's 4 GiB requirement.
+    let small = start_provider(&[], 50, 1, None).await.unwrap();
+    let boot = [addr_of(&small).await.unwrap()];
+    let mid = start_provider(&boot, 100, 8, None).await.unwrap();
+    let dear = start_provider(&boot, 200, 8, None).await.unwrap();
+    let b = buyer(&boot).await;
+    wait_for_asks(&b, 3).await.unwrap();
+    let mut mid_events = mid.events();
+
+    let (mut sub, cpu) = saxpy();
+    sub.options.requirements = Requirements {
+        min_memory_bytes: 4 << 30,
+        ..Requirements::default()
+    };
+    let id = b.submit(sub.clone()).await.unwrap();
+    let rec = wait(&b, &id).await;
+    assert_eq!(rec.state, JobState::Done, "{:?}", rec.attempts);
+    assert_eq!(rec.provider, Some(mid.public_key()));
+
+    // Outputs equal the CPU reference.
+    let result = b.result(&id).unwrap().unwrap();
+    assert_eq!(f32s(&result.outputs["out"]), cpu);
+
+    // The countersigned receipt verifies offline, from its file, with the outputs.
+    let cs = rec.receipt.clone().unwrap();
+    let file = ReceiptFile {
+        network: test_network(),
+        receipt: cs,
+    };
+    let (_, receipt) = verify_receipt_file(file.to_json().as_bytes()).unwrap();
+    check_outputs(&receipt, &result.outputs).unwrap();
+    assert_eq!(receipt.provider, mid.public_key());
+    assert_eq!(receipt.buyer, b.public_key());
+    assert_eq!(receipt.spec_id, sub.spec.id());
+    assert_eq!(receipt.chain_seq, 0);
+    // price × units × GPU time, rounded up to the msat.
+    assert_eq!(
+        u128::from(receipt.charge.0),
+        (100u128 * u128::from(receipt.gpu_time_us)).div_ceil(1_000_000)
+    );
+
+    // The provider saw the countersignature.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let evs = provider_events(&mut mid_events);
+        if evs
+            .iter()
+            .any(|e| matches!(e, ProviderEvent::Countersigned { .. }))
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no countersignature");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for n in [b, small, mid, dear] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_stopped_mid_job_is_replaced_and_only_one_receipt_is_countersigned() {
+    hashgrid_tests::init_tracing();
+    let first = start_provider(&[], 50, 8, None).await.unwrap();
+    let boot = [addr_of(&first).await.unwrap()];
+    let second = start_provider(&boot, 80, 8, None).await.unwrap();
+    let b = buyer(&boot).await;
+    wait_for_asks(&b, 2).await.unwrap();
+    let mut first_events = first.events();
+    let mut second_events = second.events();
+
+    let id = b.submit(slow_job()).await.unwrap();
+    // Stop the cheapest provider as soon as the job runs on it.
+    let stopper = {
+        let first = first.clone();
+        tokio::spawn(async move {
+            loop {
+                match first_events.recv().await {
+                    Ok(NodeEvent::Provider(ProviderEvent::Running { .. })) => break,
+                    Ok(NodeEvent::Provider(ProviderEvent::Finished { .. })) => {
+                        panic!("the job finished before the provider could be stopped")
+                    }
+                    Ok(_) => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            first.shutdown().await;
+        })
+    };
+    let rec = wait(&b, &id).await;
+    stopper.await.unwrap();
+    assert_eq!(rec.state, JobState::Done, "{:?}", rec.attempts);
+    assert_eq!(rec.provider, Some(second.public_key()));
+    assert_eq!(rec.attempts.len(), 2, "{:?}", rec.attempts);
+    assert_eq!(rec.attempts[0].provider, first.public_key());
+    let receipt = rec.receipt.unwrap().verify(&test_network()).unwrap();
+    assert_eq!(receipt.provider, second.public_key());
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let countersigned = provider_events(&mut second_events)
+        .iter()
+        .filter(|e| matches!(e, ProviderEvent::Countersigned { .. }))
+        .count();
+    assert_eq!(countersigned, 1);
+    b.shutdown().await;
+    second.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lying_providers_are_rejected_and_never_countersigned() {
+    hashgrid_tests::init_tracing();
+    let liars = [Lie::WrongOutput, Lie::ForeignKey, Lie::Overcharge];
+    let first = start_provider(&[], 10, 8, Some(liars[0])).await.unwrap();
+    let boot = [addr_of(&first).await.unwrap()];
+    let mut providers = vec![first];
+    for (i, lie) in liars.iter().enumerate().skip(1) {
+        providers.push(
+            start_provider(&boot, 10 + i as u64, 8, Some(*lie))
+                .await
+                .unwrap(),
+        );
+    }
+    let mut events: Vec<_> = providers.iter().map(|p| p.events()).collect();
+    let b = buyer(&boot).await;
+    wait_for_asks(&b, 3).await.unwrap();
+
+    let (sub, _) = saxpy();
+    let id = b.submit(sub).await.unwrap();
+    let rec = wait(&b, &id).await;
+    let JobState::Failed { kind, reason } = &rec.state else {
+        panic!("a job served only by liars must fail: {rec:?}");
+    };
+    assert_eq!(*kind, FailKind::Verification, "{reason}");
+    assert!(rec.receipt.is_none());
+    assert_eq!(rec.attempts.len(), 3, "{:?}", rec.attempts);
+    let outcomes: Vec<&str> = rec.attempts.iter().map(|a| a.outcome.as_str()).collect();
+    // Tried cheapest first: wrong output, foreign key, overcharge.
+    assert!(outcomes[0].contains("hashes to"), "{outcomes:?}");
+    assert!(outcomes[1].contains("signature"), "{outcomes:?}");
+    assert!(outcomes[2].contains("over the agreed maximum"), "{outcomes:?}");
+    assert!(b.result(&id).unwrap().is_none());
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (p, rx) in providers.iter().zip(&mut events) {
+        let evs = provider_events(rx);
+        assert!(
+            evs.iter()
+                .any(|e| matches!(e, ProviderEvent::Disputed { .. })),
+            "{evs:?}"
+        );
+        assert!(
+            !evs.iter()
+                .any(|e| matches!(e, ProviderEvent::Countersigned { .. })),
+            "{evs:?}"
+        );
+        p.shutdown().await;
+    }
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_jobs_and_unmatched_prices_fail_clearly() {
+    hashgrid_tests::init_tracing();
+    let p = start_provider(&[], 100, 8, None).await.unwrap();
+    let boot = [addr_of(&p).await.unwrap()];
+    let b = buyer(&boot).await;
+    wait_for_asks(&b, 1).await.unwrap();
+
+    // Invalid WGSL is refused by submit itself, before any traffic.
+    let (mut bad, _) = saxpy();
+    bad.spec.shaders[0].wgsl.push_str("\nfn broken( {");
+    let err = b.submit(bad).await.unwrap_err().to_string();
+    assert!(err.contains("saxpy.wgsl"), "{err}");
+
+    // Nobody sells under 10 msat/s.
+    let (mut cheap, _) = saxpy();
+    cheap.options.max_price = Some(hashgrid_protocol::Msat(10));
+    let id = b.submit(cheap).await.unwrap();
+    let rec = wait(&b, &id).await;
+    assert!(
+        matches!(&rec.state, JobState::Failed { kind: FailKind::NoMatch, .. }),
+        "{rec:?}"
+    );
+    b.shutdown().await;
+    p.shutdown().await;
+}
