@@ -71,6 +71,9 @@ pub enum NodeError {
     /// No job with this id was submitted by this node.
     #[error("no job {0} in this node's store")]
     UnknownJob(hashgrid_protocol::ContentId),
+    /// A request to a peer failed (testing hooks).
+    #[error("request failed: {0}")]
+    Request(String),
     /// Dialling failed.
     #[error("dial failed: {0}")]
     Dial(String),

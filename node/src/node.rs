@@ -45,15 +45,15 @@ use crate::DataDir;
 use crate::book::{Book, BookChange, BookReject, BookSnapshot, RemoveReason};
 use crate::error::{NodeError, StartError};
 use crate::event::NodeEvent;
+use crate::executor::Executor;
+use crate::jobs::buyer::{BuyerCtx, BuyerJob, Candidate};
+use crate::jobs::provider::{Answer, Internal, Provider, chunk_of};
+use crate::jobs::{JobOptions, JobRecord, JobResult, JobState, Submission};
 use crate::network::validate::{TopicKind, Validator, Verdict};
 use crate::network::{
     Behaviour, BehaviourEvent, BehaviourSettings, MAX_SYNC_MESSAGES, SyncRequest, SyncResponse,
     peer_score_params,
 };
-use crate::executor::Executor;
-use crate::jobs::buyer::{BuyerCtx, BuyerJob, Candidate};
-use crate::jobs::provider::{Answer, Internal, Provider, chunk_of};
-use crate::jobs::{JobOptions, JobRecord, JobResult, JobState, Submission};
 use crate::store::{JobTree, OwnOrder, Store};
 use hashgrid_protocol::ContentId;
 use hashgrid_protocol::exchange::{
@@ -488,7 +488,11 @@ impl NodeBuilder {
         // Jobs this node submitted before a restart cannot resume (their inputs were in
         // memory): fail them so nobody waits for them.
         for mut rec in store.all::<JobRecord>(JobTree::BuyerJobs)? {
-            if !rec.state.is_terminal() {
+            if !rec.state.is_terminal() && rec.receipt.is_some() {
+                // Verified and countersigned before the stop: done.
+                rec.state = JobState::Done;
+                store.put(JobTree::BuyerJobs, rec.id.as_bytes(), &rec)?;
+            } else if !rec.state.is_terminal() {
                 rec.state = JobState::Failed {
                     kind: crate::jobs::FailKind::Interrupted,
                     reason: "this node stopped before the job finished; submit it again".into(),
@@ -677,8 +681,16 @@ pub(crate) enum Command {
         Box<Propose>,
         oneshot::Sender<Result<NegotiateReply, String>>,
     ),
-    Job(PeerId, JobMessage, oneshot::Sender<Result<JobReply, String>>),
-    Blob(PeerId, BlobRequest, oneshot::Sender<Result<BlobReply, String>>),
+    Job(
+        PeerId,
+        JobMessage,
+        oneshot::Sender<Result<JobReply, String>>,
+    ),
+    Blob(
+        PeerId,
+        BlobRequest,
+        oneshot::Sender<Result<BlobReply, String>>,
+    ),
     Candidates(Box<Bid>, Vec<PublicKey>, oneshot::Sender<Vec<Candidate>>),
     MarkDown(PublicKey, oneshot::Sender<()>),
     ServeBlobs(PeerId, Vec<(ContentId, Arc<Vec<u8>>)>, oneshot::Sender<()>),
@@ -1021,6 +1033,55 @@ impl NodeHandle {
         }
     }
 
+    /// Sends a raw proposal to `peer` (bad-input tests only; cargo feature `testing`).
+    #[cfg(feature = "testing")]
+    pub async fn raw_propose(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        p: Propose,
+    ) -> Result<NegotiateReply, NodeError> {
+        self.net()
+            .negotiate(peer, addrs, p)
+            .await
+            .map_err(NodeError::Request)
+    }
+
+    /// Sends a raw job request to `peer` (bad-input tests only; cargo feature `testing`).
+    #[cfg(feature = "testing")]
+    pub async fn raw_job(&self, peer: PeerId, m: JobMessage) -> Result<JobReply, NodeError> {
+        self.net().job(peer, m).await.map_err(NodeError::Request)
+    }
+
+    /// Sends a raw blob request to `peer` (bad-input tests only; cargo feature `testing`).
+    #[cfg(feature = "testing")]
+    pub async fn raw_blob(&self, peer: PeerId, r: BlobRequest) -> Result<BlobReply, NodeError> {
+        self.net().blob(peer, r).await.map_err(NodeError::Request)
+    }
+
+    /// Signs a message body with this node's key (bad-input tests only; cargo feature
+    /// `testing`).
+    #[cfg(feature = "testing")]
+    pub fn sign<T: hashgrid_protocol::SignedMessage>(&self, body: &T) -> Signed<T> {
+        Signed::sign(&self.inner.key, &self.inner.network, body)
+    }
+
+    /// Countersigns with this node's key (bad-input tests only; cargo feature `testing`).
+    #[cfg(feature = "testing")]
+    pub fn countersign<T: hashgrid_protocol::Countersignable>(
+        &self,
+        s: &Signed<T>,
+    ) -> hashgrid_protocol::Countersigned<T> {
+        s.countersign(&self.inner.key, &self.inner.network)
+    }
+
+    #[cfg(feature = "testing")]
+    fn net(&self) -> Net {
+        Net {
+            tx: self.inner.cmd.clone(),
+        }
+    }
+
     /// Shuts the node down in the documented order and waits until it has stopped. Other
     /// handles get [`NodeError::Stopped`] afterwards. Returns at once if it already stopped.
     pub async fn shutdown(&self) {
@@ -1066,9 +1127,12 @@ struct NodeLoop {
     internal_rx: mpsc::Receiver<Internal>,
     /// Weak, so the node still stops when the last handle is dropped.
     cmd_weak: mpsc::WeakSender<Command>,
-    pending_negotiate:
-        HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<NegotiateReply, String>>>,
-    pending_job: HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<JobReply, String>>>,
+    pending_negotiate: HashMap<
+        request_response::OutboundRequestId,
+        oneshot::Sender<Result<NegotiateReply, String>>,
+    >,
+    pending_job:
+        HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<JobReply, String>>>,
     pending_blob:
         HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<BlobReply, String>>>,
     /// Input blobs this node (as a buyer) serves, and the provider allowed to fetch each.
@@ -1185,23 +1249,28 @@ impl NodeLoop {
             // Only asks go in: nothing can match, the engine only ranks them.
             let _ = book.submit_ask(ask.clone(), now, &NoReputation);
         }
-        book.candidates(bid, now, &NoReputation, crate::jobs::MAX_PROPOSALS_PER_ATTEMPT)
-            .into_iter()
-            .filter(|r| r.remaining >= bid.units)
-            .filter_map(|r| {
-                let peer = crate::jobs::peer_of(&r.ask.provider)?;
-                let addrs = self
-                    .book
-                    .capacity(&r.ask.provider)
-                    .map(|ad| ad.addrs.iter().filter_map(|a| a.parse().ok()).collect())
-                    .unwrap_or_default();
-                Some(Candidate {
-                    ask: r.ask,
-                    peer,
-                    addrs,
-                })
+        book.candidates(
+            bid,
+            now,
+            &NoReputation,
+            crate::jobs::MAX_PROPOSALS_PER_ATTEMPT,
+        )
+        .into_iter()
+        .filter(|r| r.remaining >= bid.units)
+        .filter_map(|r| {
+            let peer = crate::jobs::peer_of(&r.ask.provider)?;
+            let addrs = self
+                .book
+                .capacity(&r.ask.provider)
+                .map(|ad| ad.addrs.iter().filter_map(|a| a.parse().ok()).collect())
+                .unwrap_or_default();
+            Some(Candidate {
+                ask: r.ask,
+                peer,
+                addrs,
             })
-            .collect()
+        })
+        .collect()
     }
 
     fn net(&self) -> Option<Net> {
@@ -1796,10 +1865,7 @@ impl NodeLoop {
         }
     }
 
-    fn on_negotiate_event(
-        &mut self,
-        ev: request_response::Event<Propose, NegotiateReply>,
-    ) {
+    fn on_negotiate_event(&mut self, ev: request_response::Event<Propose, NegotiateReply>) {
         match ev {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
@@ -1897,7 +1963,11 @@ impl NodeLoop {
                             .serve_blob(peer, &request)
                             .unwrap_or(BlobReply::NotFound),
                     };
-                    let _ = self.swarm.behaviour_mut().blob.send_response(channel, reply);
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .blob
+                        .send_response(channel, reply);
                 }
                 request_response::Message::Response {
                     request_id,

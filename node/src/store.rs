@@ -182,24 +182,26 @@ impl Store {
     }
 
     /// Reads a postcard record from a job tree.
-    pub fn get<T: DeserializeOwned>(&self, t: JobTree, key: &[u8]) -> Result<Option<T>, StoreError> {
-        self.tree(t)
-            .get(key)?
-            .map(|v| decode(t, &v))
-            .transpose()
+    pub fn get<T: DeserializeOwned>(
+        &self,
+        t: JobTree,
+        key: &[u8],
+    ) -> Result<Option<T>, StoreError> {
+        self.tree(t).get(key)?.map(|v| decode(t, &v)).transpose()
     }
 
     /// Every record of a job tree, in key order.
     pub fn all<T: DeserializeOwned>(&self, t: JobTree) -> Result<Vec<T>, StoreError> {
-        self.tree(t).iter().values().map(|v| decode(t, &v?)).collect()
+        self.tree(t)
+            .iter()
+            .values()
+            .map(|v| decode(t, &v?))
+            .collect()
     }
 
     /// The last record of a job tree (in key order).
     pub fn last<T: DeserializeOwned>(&self, t: JobTree) -> Result<Option<T>, StoreError> {
-        self.tree(t)
-            .last()?
-            .map(|(_, v)| decode(t, &v))
-            .transpose()
+        self.tree(t).last()?.map(|(_, v)| decode(t, &v)).transpose()
     }
 
     /// Stores raw blob bytes under their id (not flushed).

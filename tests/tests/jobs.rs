@@ -59,11 +59,7 @@ fn slow_job() -> Submission {
 }
 
 async fn buyer(boot: &[hashgrid_node::Multiaddr]) -> NodeHandle {
-    test_builder(boot)
-        .region("us-east")
-        .start()
-        .await
-        .unwrap()
+    test_builder(boot).region("us-east").start().await.unwrap()
 }
 
 async fn wait(node: &NodeHandle, job: &hashgrid_protocol::ContentId) -> hashgrid_node::JobRecord {
@@ -138,7 +134,10 @@ async fn job_runs_on_the_cheapest_provider_that_meets_the_requirements() {
         {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "no countersignature");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no countersignature"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for n in [b, small, mid, dear] {
@@ -225,7 +224,10 @@ async fn lying_providers_are_rejected_and_never_countersigned() {
     // Tried cheapest first: wrong output, foreign key, overcharge.
     assert!(outcomes[0].contains("hashes to"), "{outcomes:?}");
     assert!(outcomes[1].contains("signature"), "{outcomes:?}");
-    assert!(outcomes[2].contains("over the agreed maximum"), "{outcomes:?}");
+    assert!(
+        outcomes[2].contains("over the agreed maximum"),
+        "{outcomes:?}"
+    );
     assert!(b.result(&id).unwrap().is_none());
 
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -266,9 +268,44 @@ async fn invalid_jobs_and_unmatched_prices_fail_clearly() {
     let id = b.submit(cheap).await.unwrap();
     let rec = wait(&b, &id).await;
     assert!(
-        matches!(&rec.state, JobState::Failed { kind: FailKind::NoMatch, .. }),
+        matches!(
+            &rec.state,
+            JobState::Failed {
+                kind: FailKind::NoMatch,
+                ..
+            }
+        ),
         "{rec:?}"
     );
+    b.shutdown().await;
+    p.shutdown().await;
+}
+
+/// Inputs and outputs over one message travel over `/hashgrid/blob/1` in chunks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_inputs_and_outputs_travel_in_verified_chunks() {
+    hashgrid_tests::init_tracing();
+    let p = start_provider(&[], 100, 8, None).await.unwrap();
+    let boot = [addr_of(&p).await.unwrap()];
+    let b = buyer(&boot).await;
+    wait_for_asks(&b, 1).await.unwrap();
+    // 3 MiB in, 3 MiB out: over the 1 MiB inline budget and three chunks each way.
+    let (spec, inputs) = hashgrid_node::executor::bench::copy_job(3 << 20);
+    let input = inputs.values().next().unwrap().clone();
+    let id = b
+        .submit(Submission {
+            spec,
+            inputs,
+            options: JobOptions::default(),
+        })
+        .await
+        .unwrap();
+    let rec = wait(&b, &id).await;
+    assert_eq!(rec.state, JobState::Done, "{:?}", rec.attempts);
+    let result = b.result(&id).unwrap().unwrap();
+    let out = result.outputs.values().next().unwrap();
+    assert_eq!(out.len(), 3 << 20);
+    assert_eq!(*out, input, "a copy kernel returns its input");
     b.shutdown().await;
     p.shutdown().await;
 }

@@ -251,7 +251,8 @@ impl Executor {
         spec: JobSpec,
         inputs: BTreeMap<ContentId, Vec<u8>>,
     ) -> Result<JobOutput, ExecError> {
-        let checked = validate::check_job(&spec, Some(&inputs), &self.h.limits, &self.h.gpu_limits)?;
+        let checked =
+            validate::check_job(&spec, Some(&inputs), &self.h.limits, &self.h.gpu_limits)?;
         let (tx, rx) = oneshot::channel();
         {
             let mut q = self

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hashgrid_protocol::exchange::{
-    Dispatch, InlineBlob, JobMessage, JobReply, JobStatus, MAX_INLINE_BYTES,
-    NegotiateReply, Propose,
+    Dispatch, InlineBlob, JobMessage, JobReply, JobStatus, MAX_INLINE_BYTES, NegotiateReply,
+    Propose,
 };
 use hashgrid_protocol::{
     Agreement, Ask, Bid, Bytes, ContentId, Keypair, Msat, Network, PublicKey, Receipt, Signed,
@@ -72,11 +72,11 @@ impl BuyerJob {
         }
         // Intermediate states are not flushed: after a crash the job is failed as interrupted
         // either way. Terminal states are flushed by the caller.
-        if let Err(e) = self.ctx.store.put(
-            JobTree::BuyerJobs,
-            self.record.id.as_bytes(),
-            &self.record,
-        ) {
+        if let Err(e) =
+            self.ctx
+                .store
+                .put(JobTree::BuyerJobs, self.record.id.as_bytes(), &self.record)
+        {
             warn!(error = %e, "cannot store the job's state");
         }
         let _ = self.ctx.events.send(NodeEvent::Job(JobUpdate {
@@ -343,14 +343,17 @@ impl BuyerJob {
                     store.put_blob(&rec.id, bytes)?;
                 }
             }
+            // Still `Downloading` until the provider has the countersignature; a restart
+            // finds the receipt and completes the record.
             self.record.receipt = Some(cs.clone());
-            self.record.state = JobState::Done;
-            self.record.finished_at = Some(Timestamp::now());
             store.put(JobTree::BuyerJobs, self.record.id.as_bytes(), &self.record)?;
             store.flush()
         })();
         if let Err(e) = res {
-            return Err(Failure::Local(FailKind::Interrupted, format!("buyer store: {e}")));
+            return Err(Failure::Local(
+                FailKind::Interrupted,
+                format!("buyer store: {e}"),
+            ));
         }
         match self.ctx.net.job(peer, JobMessage::Countersign(cs)).await {
             Ok(JobReply::Ack) => {}
@@ -379,9 +382,8 @@ impl BuyerJob {
             spec: self.sub.spec.clone(),
             inputs: inline,
         };
-        let deadline = Instant::now()
-            + Duration::from_secs(u64::from(agreement.max_seconds))
-            + DEADLINE_GRACE;
+        let deadline =
+            Instant::now() + Duration::from_secs(u64::from(agreement.max_seconds)) + DEADLINE_GRACE;
         let mut reply = self
             .ctx
             .net
@@ -467,7 +469,11 @@ impl BuyerJob {
             .filter(|b| b.output)
             .map(|b| (b.name.as_str(), b.size))
             .collect();
-        let named: Vec<(&str, u64)> = r.outputs.iter().map(|o| (o.name.as_str(), o.bytes)).collect();
+        let named: Vec<(&str, u64)> = r
+            .outputs
+            .iter()
+            .map(|o| (o.name.as_str(), o.bytes))
+            .collect();
         if named != expected {
             return Err(lie(format!(
                 "the receipt's outputs {named:?} are not the job's outputs {expected:?}"

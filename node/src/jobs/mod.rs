@@ -317,8 +317,9 @@ pub fn audit_receipts(
     }
     let mut countersigned = 0u64;
     let mut countersigned_msat = 0u64;
-    let all: Vec<Countersigned<Receipt>> =
-        store.all(JobTree::Countersigned).map_err(|e| e.to_string())?;
+    let all: Vec<Countersigned<Receipt>> = store
+        .all(JobTree::Countersigned)
+        .map_err(|e| e.to_string())?;
     for cs in all {
         let r = cs.verify(network).map_err(|e| e.to_string())?;
         let ours = receipts.get(usize::try_from(r.chain_seq).map_err(|e| e.to_string())?);

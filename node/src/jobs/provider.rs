@@ -10,11 +10,11 @@ use hashgrid_protocol::exchange::{
     BlobReply, BlobRequest, Dispatch, InlineBlob, JobPhase, JobReply, JobStatus, MAX_INLINE_BYTES,
     NegotiateReply, Propose, Reject, RejectReason,
 };
+use hashgrid_protocol::limits::MAX_CHUNK_BYTES;
 use hashgrid_protocol::{
     Agreement, Ask, Bytes, ContentId, Countersigned, JobSpec, Keypair, Network, OutputRecord,
     PublicKey, Receipt, Signed, Timestamp,
 };
-use hashgrid_protocol::limits::MAX_CHUNK_BYTES;
 use libp2p::PeerId;
 use libp2p::request_response::ResponseChannel;
 use serde::{Deserialize, Serialize};
@@ -197,7 +197,12 @@ impl Provider {
     }
 
     /// Answers a proposal. `ask` is this node's live ask named by the proposal, if any.
-    pub(crate) fn on_propose(&mut self, peer: PeerId, p: Propose, ask: Option<Ask>) -> NegotiateReply {
+    pub(crate) fn on_propose(
+        &mut self,
+        peer: PeerId,
+        p: Propose,
+        ask: Option<Ask>,
+    ) -> NegotiateReply {
         let reply = self.negotiate(peer, &p, ask);
         match &reply {
             NegotiateReply::Reject(r) => {
@@ -231,7 +236,10 @@ impl Provider {
             Err(e) => return reject(RejectReason::BadBid, format!("bid: {e}")),
         };
         if super::peer_of(&bid.buyer) != Some(peer) {
-            return reject(RejectReason::BadBid, "the bid is not signed by the requesting peer");
+            return reject(
+                RejectReason::BadBid,
+                "the bid is not signed by the requesting peer",
+            );
         }
         if bid.expires_at <= now {
             return reject(RejectReason::BadBid, "the bid has expired");
@@ -239,7 +247,10 @@ impl Provider {
         let Some(ask) = ask.filter(|a| a.order_ref() == p.ask) else {
             return reject(
                 RejectReason::UnknownAsk,
-                format!("order {} is not a live ask of this provider", p.ask.order_id),
+                format!(
+                    "order {} is not a live ask of this provider",
+                    p.ask.order_id
+                ),
             );
         };
         if p.price != ask.price || p.price > bid.max_price {
@@ -252,16 +263,26 @@ impl Provider {
             );
         }
         if p.units == 0 || p.units > ask.units || p.units > bid.units {
-            return reject(RejectReason::Terms, format!("{} units: not within the ask and bid", p.units));
-        }
-        if p.max_seconds == 0 || p.max_seconds > ask.max_seconds || p.max_seconds > bid.max_seconds {
             return reject(
                 RejectReason::Terms,
-                format!("{} s is not within the ask's {} s and the bid", p.max_seconds, ask.max_seconds),
+                format!("{} units: not within the ask and bid", p.units),
+            );
+        }
+        if p.max_seconds == 0 || p.max_seconds > ask.max_seconds || p.max_seconds > bid.max_seconds
+        {
+            return reject(
+                RejectReason::Terms,
+                format!(
+                    "{} s is not within the ask's {} s and the bid",
+                    p.max_seconds, ask.max_seconds
+                ),
             );
         }
         if !bid.requirements.accepts(&ask.gpu, &ask.region) {
-            return reject(RejectReason::Terms, "the bid's requirements do not accept this GPU");
+            return reject(
+                RejectReason::Terms,
+                "the bid's requirements do not accept this GPU",
+            );
         }
         let free = self.free_units();
         if p.units > free {
@@ -342,7 +363,9 @@ impl Provider {
         }
         let inline_total: usize = d.inputs.iter().map(|b| b.bytes.0.len()).sum();
         if inline_total > MAX_INLINE_BYTES {
-            return Err(format!("{inline_total} inline bytes is over {MAX_INLINE_BYTES}"));
+            return Err(format!(
+                "{inline_total} inline bytes is over {MAX_INLINE_BYTES}"
+            ));
         }
         let record = ProviderJobRecord {
             agreement_id: id,
@@ -451,7 +474,11 @@ impl Provider {
             return Some(a.agreement.buyer);
         }
         let rec = self.record(id).ok().flatten()?;
-        rec.agreement.signed.decode_unverified().ok().map(|a| a.buyer)
+        rec.agreement
+            .signed
+            .decode_unverified()
+            .ok()
+            .map(|a| a.buyer)
     }
 
     /// A long poll: answered now if the phase differs from `seen`, else parked.
@@ -737,7 +764,10 @@ impl Provider {
                 .put(JobTree::ProviderJobs, id.as_bytes(), &rec)
                 .and_then(|()| self.store.flush());
         }
-        self.emit(ProviderEvent::Disputed { agreement: id, reason });
+        self.emit(ProviderEvent::Disputed {
+            agreement: id,
+            reason,
+        });
         JobReply::Ack
     }
 
@@ -765,7 +795,12 @@ pub(crate) fn chunk_of(bytes: &[u8], req: &BlobRequest) -> BlobReply {
 
 /// Fetches a blob of `size` bytes from `peer` in chunks ([`super::BLOB_WINDOW`] in flight),
 /// hashing it as it arrives; fails unless it is exactly `size` bytes hashing to `id`.
-pub(crate) async fn fetch_blob(net: &Net, peer: PeerId, id: ContentId, size: u64) -> Result<Vec<u8>, String> {
+pub(crate) async fn fetch_blob(
+    net: &Net,
+    peer: PeerId,
+    id: ContentId,
+    size: u64,
+) -> Result<Vec<u8>, String> {
     use futures::StreamExt;
     let chunk = MAX_CHUNK_BYTES as u64;
     let offsets: Vec<u64> = (0..size.div_ceil(chunk)).map(|i| i * chunk).collect();
@@ -784,7 +819,9 @@ pub(crate) async fn fetch_blob(net: &Net, peer: PeerId, id: ContentId, size: u64
         match reply? {
             BlobReply::Chunk { total, bytes } => {
                 if total != size {
-                    return Err(format!("blob {id} is {total} bytes at the peer, expected {size}"));
+                    return Err(format!(
+                        "blob {id} is {total} bytes at the peer, expected {size}"
+                    ));
                 }
                 let want = chunk.min(size - out.len() as u64);
                 if bytes.0.len() as u64 != want {
