@@ -1914,9 +1914,10 @@ impl NodeLoop {
                             None => JobReply::Refused("the node is stopping".into()),
                         },
                         JobMessage::Await { agreement, seen } => {
-                            match self.provider.on_await(peer, agreement, seen, channel) {
-                                Some(answer) => self.answer(vec![answer]),
-                                None => {}
+                            if let Some(answer) =
+                                self.provider.on_await(peer, agreement, seen, channel)
+                            {
+                                self.answer(vec![answer]);
                             }
                             return;
                         }

@@ -1,0 +1,124 @@
+//! Submit → verified, countersigned receipt on loopback, minus the provider's GPU time:
+//! p50 and p99 over N small jobs (the reference saxpy), one buyer and three providers in one
+//! process, production gossip settings.
+//!
+//! `cargo bench -p hashgrid-tests --bench lifecycle -- [--json] [--jobs N]`
+//!
+//! Baseline in the same run: the same job run directly on an executor (`Executor::run`, what
+//! `hashgrid run-local` does), so the market's overhead can be read against local execution
+//! on the same machine and adapter. The GPU time subtracted is the one the receipt reports.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use hashgrid_node::jobs::{JobOptions, JobState, Submission};
+use hashgrid_node::{ExecConfig, Executor, Node};
+use hashgrid_protocol::{JobLimits, load_job_file};
+use hashgrid_tests::{addr_of, start_provider, test_network, wait_for_asks};
+
+/// Jobs before measuring (pipeline caches, connections).
+const WARM_UP_JOBS: usize = 10;
+
+fn saxpy() -> anyhow::Result<Submission> {
+    let path = hashgrid_examples::kernels_dir().join("saxpy/job.toml");
+    let job = load_job_file(&path, &JobLimits::default())?;
+    Ok(Submission {
+        spec: job.spec,
+        inputs: job.inputs,
+        options: JobOptions::default(),
+    })
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut json = false;
+    let mut jobs = 200usize;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--json" => json = true,
+            "--jobs" => jobs = args.next().context("--jobs N")?.parse()?,
+            "--bench" => {}
+            other => bail!("unknown argument {other}; use --json, --jobs N"),
+        }
+    }
+    let sub = saxpy()?;
+
+    // Baseline: the same job straight on an executor.
+    let exec = tokio::task::spawn_blocking(|| Executor::start(ExecConfig::default())).await??;
+    let adapter = exec.profile().name;
+    let mut local = Vec::new();
+    for i in 0..jobs + WARM_UP_JOBS {
+        let t = Instant::now();
+        exec.run("bench", sub.spec.clone(), sub.inputs.clone())
+            .await?;
+        if i >= WARM_UP_JOBS {
+            local.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    drop(exec);
+
+    let p1 = start_provider(&[], 100, 8, None).await?;
+    let boot = [addr_of(&p1).await?];
+    let p2 = start_provider(&boot, 120, 8, None).await?;
+    let p3 = start_provider(&boot, 140, 8, None).await?;
+    let buyer = Node::builder()
+        .network(test_network())
+        .listen("/ip4/127.0.0.1/tcp/0".parse()?)
+        .mdns(false)
+        .bootstrap(boot[0].clone())
+        .start()
+        .await?;
+    wait_for_asks(&buyer, 3).await?;
+
+    let (mut total, mut gpu, mut overhead) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..jobs + WARM_UP_JOBS {
+        let t = Instant::now();
+        let id = buyer.submit(sub.clone()).await?;
+        let rec = tokio::time::timeout(Duration::from_secs(60), buyer.wait(&id)).await??;
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        if rec.state != JobState::Done {
+            bail!("job {i} did not complete: {:?}", rec.state);
+        }
+        let receipt = rec
+            .receipt
+            .context("a done job has a receipt")?
+            .verify(&test_network())?;
+        let g = receipt.gpu_time_us as f64 / 1000.0;
+        if i >= WARM_UP_JOBS {
+            total.push(ms);
+            gpu.push(g);
+            overhead.push(ms - g);
+        }
+    }
+    for n in [&buyer, &p1, &p2, &p3] {
+        n.shutdown().await;
+    }
+    let r = |v: &mut Vec<f64>| (pct(v, 0.5), pct(v, 0.99));
+    let (t50, t99) = r(&mut total);
+    let (g50, g99) = r(&mut gpu);
+    let (o50, o99) = r(&mut overhead);
+    let (l50, l99) = r(&mut local);
+    if json {
+        println!(
+            "{{\"benchmark\":\"lifecycle\",\"adapter\":{adapter:?},\"jobs\":{jobs},\
+             \"submit_to_receipt_ms\":{{\"p50\":{t50:.3},\"p99\":{t99:.3}}},\
+             \"gpu_ms\":{{\"p50\":{g50:.3},\"p99\":{g99:.3}}},\
+             \"overhead_ms\":{{\"p50\":{o50:.3},\"p99\":{o99:.3}}},\
+             \"baseline_local_run_ms\":{{\"p50\":{l50:.3},\"p99\":{l99:.3}}}}}"
+        );
+    } else {
+        println!("{jobs} saxpy jobs on {adapter}, 1 buyer + 3 providers on loopback:");
+        println!("  submit → countersigned receipt  p50 {t50:.2} ms  p99 {t99:.2} ms");
+        println!("  provider GPU time (receipt)     p50 {g50:.2} ms  p99 {g99:.2} ms");
+        println!("  overhead (total − GPU time)     p50 {o50:.2} ms  p99 {o99:.2} ms");
+        println!("  baseline: local Executor::run   p50 {l50:.2} ms  p99 {l99:.2} ms");
+    }
+    Ok(())
+}
