@@ -54,7 +54,7 @@ use crate::network::{
     Behaviour, BehaviourEvent, BehaviourSettings, MAX_SYNC_MESSAGES, SyncRequest, SyncResponse,
     peer_score_params,
 };
-use crate::store::{JobTree, OwnOrder, Store};
+use crate::store::{JobTree, OwnOrder, Store, StoreError, StoreSlot};
 use hashgrid_protocol::ContentId;
 use hashgrid_protocol::exchange::{
     BlobReply, BlobRequest, JobMessage, JobReply, NegotiateReply, Propose,
@@ -528,6 +528,7 @@ impl NodeBuilder {
             pending_blob: HashMap::new(),
             served: HashMap::new(),
             down: HashMap::new(),
+            slot: None,
             settings: self,
         };
         for a in &listen_addrs {
@@ -539,7 +540,8 @@ impl NodeBuilder {
         // First announcement of the ad and of stored orders (queued until peers subscribe).
         state.announce_all();
         let state_network = state.network.clone();
-        let state_store = state.store.clone();
+        let slot = StoreSlot::new(state.store.clone());
+        state.slot = Some(slot.clone());
         tokio::spawn(state.run(cmd_rx).instrument(span));
         Ok(NodeHandle {
             inner: Arc::new(Inner {
@@ -547,7 +549,7 @@ impl NodeBuilder {
                 public: key.public(),
                 key,
                 network: state_network,
-                store: state_store,
+                store: slot,
                 cmd: cmd_tx,
                 events,
             }),
@@ -727,7 +729,7 @@ struct Inner {
     public: PublicKey,
     key: Keypair,
     network: Network,
-    store: Store,
+    store: StoreSlot,
     cmd: mpsc::Sender<Command>,
     events: broadcast::Sender<NodeEvent>,
 }
@@ -944,7 +946,7 @@ impl NodeHandle {
         seed.extend_from_slice(&self.inner.public.0);
         seed.extend_from_slice(spec_id.as_bytes());
         seed.extend_from_slice(&now.0.to_be_bytes());
-        seed.extend_from_slice(&self.inner.store.next_order_id()?.to_be_bytes());
+        seed.extend_from_slice(&self.store(|s| s.next_order_id())?.to_be_bytes());
         let id = ContentId::of(&seed);
         let record = JobRecord {
             id,
@@ -957,10 +959,10 @@ impl NodeHandle {
             receipt: None,
             finished_at: None,
         };
-        self.inner
-            .store
-            .put(JobTree::BuyerJobs, id.as_bytes(), &record)?;
-        self.inner.store.flush()?;
+        self.store(|s| {
+            s.put(JobTree::BuyerJobs, id.as_bytes(), &record)?;
+            s.flush()
+        })?;
         let ctx = BuyerCtx {
             net: Net {
                 tx: self.inner.cmd.clone(),
@@ -974,14 +976,21 @@ impl NodeHandle {
         Ok(id)
     }
 
+    fn store<T>(&self, f: impl FnOnce(&Store) -> Result<T, StoreError>) -> Result<T, NodeError> {
+        self.inner.store.with(f).map_err(|e| match e {
+            Some(e) => NodeError::Store(e),
+            None => NodeError::Stopped,
+        })
+    }
+
     /// A submitted job's record, from the store.
     pub fn job(&self, id: &ContentId) -> Result<Option<JobRecord>, NodeError> {
-        Ok(self.inner.store.get(JobTree::BuyerJobs, id.as_bytes())?)
+        self.store(|s| s.get(JobTree::BuyerJobs, id.as_bytes()))
     }
 
     /// Every job this node submitted, oldest first.
     pub fn jobs(&self) -> Result<Vec<JobRecord>, NodeError> {
-        let mut all: Vec<JobRecord> = self.inner.store.all(JobTree::BuyerJobs)?;
+        let mut all: Vec<JobRecord> = self.store(|s| s.all(JobTree::BuyerJobs))?;
         all.sort_by_key(|r| r.submitted_at);
         Ok(all)
     }
@@ -995,13 +1004,14 @@ impl NodeHandle {
         let Some(receipt) = record
             .receipt
             .as_ref()
+            .filter(|_| record.state == JobState::Done)
             .and_then(|r| r.signed.decode_unverified().ok())
         else {
             return Ok(None);
         };
         let mut outputs = std::collections::BTreeMap::new();
         for o in &receipt.outputs {
-            let Some(bytes) = self.inner.store.blob(&o.id)? else {
+            let Some(bytes) = self.store(|s| s.blob(&o.id))? else {
                 return Err(NodeError::Store(crate::store::StoreError::Corrupt {
                     tree: "blobs",
                     reason: format!("output {} of job {id} is missing", o.name),
@@ -1139,6 +1149,8 @@ struct NodeLoop {
     served: HashMap<ContentId, (Arc<Vec<u8>>, PeerId)>,
     /// Providers that failed this node's jobs, and until when they are avoided.
     down: HashMap<PublicKey, tokio::time::Instant>,
+    /// The handles' view of the store, closed at shutdown.
+    slot: Option<StoreSlot>,
     settings: NodeBuilder,
 }
 
@@ -1213,8 +1225,18 @@ impl NodeLoop {
             warn!(error = %e, "store flush at shutdown failed");
         }
         // 4. Close the swarm (listeners and connections).
-        let NodeLoop { swarm, store, .. } = self;
+        let NodeLoop {
+            swarm,
+            store,
+            provider,
+            slot,
+            ..
+        } = self;
         drop(swarm);
+        drop(provider);
+        if let Some(slot) = slot {
+            slot.close();
+        }
         drop(store);
         info!("node stopped");
         // 5. Answer the shutdown call.

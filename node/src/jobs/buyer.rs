@@ -24,7 +24,7 @@ use super::{
 };
 use crate::event::NodeEvent;
 use crate::node::Net;
-use crate::store::{JobTree, Store};
+use crate::store::{JobTree, StoreSlot};
 
 /// An ask the buyer may propose to, with the provider's advertised addresses.
 #[derive(Debug, Clone)]
@@ -40,7 +40,7 @@ pub(crate) struct BuyerCtx {
     pub(crate) net: Net,
     pub(crate) key: Keypair,
     pub(crate) network: Network,
-    pub(crate) store: Store,
+    pub(crate) store: StoreSlot,
     pub(crate) events: broadcast::Sender<NodeEvent>,
 }
 
@@ -72,12 +72,13 @@ impl BuyerJob {
         }
         // Intermediate states are not flushed: after a crash the job is failed as interrupted
         // either way. Terminal states are flushed by the caller.
-        if let Err(e) =
-            self.ctx
-                .store
-                .put(JobTree::BuyerJobs, self.record.id.as_bytes(), &self.record)
+        let rec = &self.record;
+        if let Err(e) = self
+            .ctx
+            .store
+            .with(|s| s.put(JobTree::BuyerJobs, rec.id.as_bytes(), rec))
         {
-            warn!(error = %e, "cannot store the job's state");
+            warn!(error = ?e, "cannot store the job's state");
         }
         let _ = self.ctx.events.send(NodeEvent::Job(JobUpdate {
             job: self.record.id,
@@ -99,13 +100,13 @@ impl BuyerJob {
         let provider = self.record.provider;
         self.record.state = state.clone();
         self.record.finished_at = Some(Timestamp::now());
-        let res = self
-            .ctx
-            .store
-            .put(JobTree::BuyerJobs, self.record.id.as_bytes(), &self.record)
-            .and_then(|()| self.ctx.store.flush());
+        let rec = &self.record;
+        let res = self.ctx.store.with(|s| {
+            s.put(JobTree::BuyerJobs, rec.id.as_bytes(), rec)?;
+            s.flush()
+        });
         if let Err(e) = res {
-            warn!(error = %e, "cannot store the job's outcome");
+            warn!(error = ?e, "cannot store the job's outcome (the node stopped?)");
         }
         let _ = self.ctx.events.send(NodeEvent::Job(JobUpdate {
             job: self.record.id,
@@ -118,7 +119,11 @@ impl BuyerJob {
         let o = &self.sub.options;
         let bid = Bid {
             buyer: self.ctx.key.public(),
-            order_id: self.ctx.store.next_order_id().map_err(|e| e.to_string())?,
+            order_id: self
+                .ctx
+                .store
+                .with(|s| s.next_order_id())
+                .map_err(|e| format!("store: {e:?}"))?,
             seq: now.0,
             units: o.units,
             requirements: o.requirements.clone(),
@@ -336,23 +341,25 @@ impl BuyerJob {
             .await?;
         // Store outputs and the countersigned receipt (flushed), then tell the provider.
         let cs = receipt.countersign(&self.ctx.key, &self.ctx.network);
-        let store = &self.ctx.store;
-        let res = (|| {
-            for rec in &body.outputs {
-                if let Some(bytes) = outputs.get(&rec.name) {
-                    store.put_blob(&rec.id, bytes)?;
+        // Still `Downloading` until the provider has the countersignature; a restart finds
+        // the receipt and completes the record.
+        self.record.receipt = Some(cs.clone());
+        let rec = &self.record;
+        let res = self.ctx.store.with(|store| {
+            for o in &body.outputs {
+                if let Some(bytes) = outputs.get(&o.name) {
+                    store.put_blob(&o.id, bytes)?;
                 }
             }
-            // Still `Downloading` until the provider has the countersignature; a restart
-            // finds the receipt and completes the record.
-            self.record.receipt = Some(cs.clone());
-            store.put(JobTree::BuyerJobs, self.record.id.as_bytes(), &self.record)?;
+            store.put(JobTree::BuyerJobs, rec.id.as_bytes(), rec)?;
             store.flush()
-        })();
+        });
         if let Err(e) = res {
+            self.record.receipt = None;
+            let why = e.map_or("the node stopped".to_string(), |e| e.to_string());
             return Err(Failure::Local(
                 FailKind::Interrupted,
-                format!("buyer store: {e}"),
+                format!("buyer store: {why}"),
             ));
         }
         match self.ctx.net.job(peer, JobMessage::Countersign(cs)).await {
