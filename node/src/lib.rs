@@ -33,6 +33,7 @@
 //! ```
 
 pub mod book;
+pub mod client;
 pub mod config;
 pub mod datadir;
 pub mod error;
@@ -49,6 +50,7 @@ pub use datadir::DataDir;
 pub use error::{NodeError, StartError};
 pub use event::NodeEvent;
 pub use executor::{ExecConfig, ExecError, Executor, JobOutput};
+pub use hashgrid_market::{OfferQuery, OfferSort};
 pub use jobs::{
     FailKind, JobOptions, JobRecord, JobResult, JobState, JobUpdate, ProviderEvent, Submission,
 };

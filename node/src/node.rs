@@ -550,6 +550,7 @@ impl NodeBuilder {
                 key,
                 network: state_network,
                 store: slot,
+                tasks: std::sync::Mutex::new(HashMap::new()),
                 cmd: cmd_tx,
                 events,
             }),
@@ -695,6 +696,7 @@ pub(crate) enum Command {
     ),
     Candidates(Box<Bid>, Vec<PublicKey>, oneshot::Sender<Vec<Candidate>>),
     MarkDown(PublicKey, oneshot::Sender<()>),
+    Offers(Box<hashgrid_market::OfferQuery>, oneshot::Sender<Vec<Ask>>),
     ServeBlobs(PeerId, Vec<(ContentId, Arc<Vec<u8>>)>, oneshot::Sender<()>),
     UnserveBlobs(Vec<ContentId>, oneshot::Sender<()>),
     PostAsk(AskSpec, oneshot::Sender<Result<OrderRef, NodeError>>),
@@ -730,6 +732,7 @@ struct Inner {
     key: Keypair,
     network: Network,
     store: StoreSlot,
+    tasks: std::sync::Mutex<HashMap<ContentId, tokio::task::AbortHandle>>,
     cmd: mpsc::Sender<Command>,
     events: broadcast::Sender<NodeEvent>,
 }
@@ -972,7 +975,11 @@ impl NodeHandle {
             store: self.inner.store.clone(),
             events: self.inner.events.clone(),
         };
-        tokio::spawn(BuyerJob::new(ctx, sub, record).run().in_current_span());
+        let task = tokio::spawn(BuyerJob::new(ctx, sub, record).run().in_current_span());
+        if let Ok(mut tasks) = self.inner.tasks.lock() {
+            tasks.retain(|_, t| !t.is_finished());
+            tasks.insert(id, task.abort_handle());
+        }
         Ok(id)
     }
 
@@ -985,41 +992,58 @@ impl NodeHandle {
 
     /// A submitted job's record, from the store.
     pub fn job(&self, id: &ContentId) -> Result<Option<JobRecord>, NodeError> {
-        self.store(|s| s.get(JobTree::BuyerJobs, id.as_bytes()))
+        self.store(|s| crate::jobs::read_job(s, id))
     }
 
     /// Every job this node submitted, oldest first.
     pub fn jobs(&self) -> Result<Vec<JobRecord>, NodeError> {
-        let mut all: Vec<JobRecord> = self.store(|s| s.all(JobTree::BuyerJobs))?;
-        all.sort_by_key(|r| r.submitted_at);
-        Ok(all)
+        self.store(crate::jobs::read_jobs)
     }
 
     /// A finished job's verified outputs and record; `None` while it runs or if it failed
     /// (see [`NodeHandle::job`] for its state).
     pub fn result(&self, id: &ContentId) -> Result<Option<JobResult>, NodeError> {
-        let Some(record) = self.job(id)? else {
-            return Ok(None);
-        };
-        let Some(receipt) = record
-            .receipt
-            .as_ref()
-            .filter(|_| record.state == JobState::Done)
-            .and_then(|r| r.signed.decode_unverified().ok())
-        else {
-            return Ok(None);
-        };
-        let mut outputs = std::collections::BTreeMap::new();
-        for o in &receipt.outputs {
-            let Some(bytes) = self.store(|s| s.blob(&o.id))? else {
-                return Err(NodeError::Store(crate::store::StoreError::Corrupt {
-                    tree: "blobs",
-                    reason: format!("output {} of job {id} is missing", o.name),
-                }));
-            };
-            outputs.insert(o.name.clone(), bytes.to_vec());
+        self.store(|s| crate::jobs::read_result(s, id))
+    }
+
+    /// Cancels a submitted job that has not finished: its task stops and the job is recorded
+    /// as failed ([`crate::jobs::FailKind::Interrupted`]). A provider already running it may
+    /// finish and sign a receipt, which is never countersigned (nothing is owed for it).
+    pub fn cancel_job(&self, id: &ContentId) -> Result<(), NodeError> {
+        if let Ok(mut tasks) = self.inner.tasks.lock()
+            && let Some(t) = tasks.remove(id)
+        {
+            t.abort();
         }
-        Ok(Some(JobResult { record, outputs }))
+        let Some(mut rec) = self.job(id)? else {
+            return Err(NodeError::UnknownJob(*id));
+        };
+        if rec.state.is_terminal() {
+            return Ok(());
+        }
+        rec.state = JobState::Failed {
+            kind: crate::jobs::FailKind::Interrupted,
+            reason: "cancelled".into(),
+        };
+        rec.finished_at = Some(Timestamp::now());
+        self.store(|s| {
+            s.put(JobTree::BuyerJobs, id.as_bytes(), &rec)?;
+            s.flush()
+        })?;
+        let _ = self
+            .inner
+            .events
+            .send(NodeEvent::Job(crate::jobs::JobUpdate {
+                job: *id,
+                state: rec.state,
+                provider: rec.provider,
+            }));
+        Ok(())
+    }
+
+    /// The live asks meeting `query`, sorted as asked (the market engine's `offers`).
+    pub async fn offers(&self, query: hashgrid_market::OfferQuery) -> Result<Vec<Ask>, NodeError> {
+        self.request(|r| Command::Offers(Box::new(query), r)).await
     }
 
     /// Waits until a submitted job finishes and returns its final record.
@@ -1323,6 +1347,15 @@ impl NodeLoop {
             }
             Command::Candidates(bid, excluded, r) => {
                 let _ = r.send(self.candidates(&bid, &excluded));
+            }
+            Command::Offers(q, r) => {
+                use hashgrid_market::{NoReputation, OrderBook};
+                let now = Timestamp::now().0;
+                let mut book = OrderBook::new();
+                for ask in self.book.asks() {
+                    let _ = book.submit_ask(ask.clone(), now, &NoReputation);
+                }
+                let _ = r.send(book.offers(&q, now).into_iter().map(|o| o.ask).collect());
             }
             Command::MarkDown(p, r) => {
                 let until = tokio::time::Instant::now() + self.settings.down_for;

@@ -341,3 +341,47 @@ pub fn audit_receipts(
         countersigned_msat,
     })
 }
+
+/// A submitted job's record from a buyer's store.
+pub fn read_job(
+    store: &crate::store::Store,
+    id: &ContentId,
+) -> Result<Option<JobRecord>, crate::store::StoreError> {
+    store.get(crate::store::JobTree::BuyerJobs, id.as_bytes())
+}
+
+/// Every job in a buyer's store, oldest first.
+pub fn read_jobs(store: &crate::store::Store) -> Result<Vec<JobRecord>, crate::store::StoreError> {
+    let mut all: Vec<JobRecord> = store.all(crate::store::JobTree::BuyerJobs)?;
+    all.sort_by_key(|r| r.submitted_at);
+    Ok(all)
+}
+
+/// A done job's outputs and record from a buyer's store (`None` unless it is done).
+pub fn read_result(
+    store: &crate::store::Store,
+    id: &ContentId,
+) -> Result<Option<JobResult>, crate::store::StoreError> {
+    let Some(record) = read_job(store, id)? else {
+        return Ok(None);
+    };
+    let Some(receipt) = record
+        .receipt
+        .as_ref()
+        .filter(|_| record.state == JobState::Done)
+        .and_then(|r| r.signed.decode_unverified().ok())
+    else {
+        return Ok(None);
+    };
+    let mut outputs = BTreeMap::new();
+    for o in &receipt.outputs {
+        let Some(bytes) = store.blob(&o.id)? else {
+            return Err(crate::store::StoreError::Corrupt {
+                tree: "blobs",
+                reason: format!("output {} of job {id} is missing", o.name),
+            });
+        };
+        outputs.insert(o.name.clone(), bytes.to_vec());
+    }
+    Ok(Some(JobResult { record, outputs }))
+}

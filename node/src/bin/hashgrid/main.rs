@@ -1,0 +1,579 @@
+//! `hashgrid`: the buyer CLI. It embeds the node library as a client (no GPU needed): find
+//! offers, submit jobs through the market and get verified outputs with countersigned
+//! receipts; list jobs and receipts from the local store; and, without any network, inspect
+//! job files, run them on this machine's GPU, and verify anyone's receipt.
+//!
+//! Machine output (`--json`) goes to stdout, logs and progress to stderr. Exit codes:
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | ok |
+//! | 1 | other error (network unreachable, store in use, I/O) |
+//! | 2 | bad input: unreadable or malformed file, invalid job (WGSL, bindings, limits), bad flag |
+//! | 3 | no match: no provider serves the job within the price and requirements |
+//! | 4 | provider failure: providers agreed but failed (disconnected, timed out, errored) |
+//! | 5 | verification failed: a signature, countersignature, charge or output hash is wrong |
+//! | 130 | cancelled with Ctrl-C |
+
+mod market;
+
+use anyhow::Context;
+use clap::{ArgAction, Parser, Subcommand, ValueEnum};
+use hashgrid_node::{Multiaddr, NodeError, OfferSort};
+use hashgrid_protocol::{JobLimits, Network, load_job_file};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Exit code for other errors.
+pub(crate) const EXIT_OTHER: u8 = 1;
+/// Exit code for bad input: a file that cannot be read or parsed, an invalid job, a bad flag.
+pub(crate) const EXIT_BAD_INPUT: u8 = 2;
+/// Exit code when no provider serves the job within the price and requirements.
+pub(crate) const EXIT_NO_MATCH: u8 = 3;
+/// Exit code when providers agreed but failed.
+pub(crate) const EXIT_PROVIDER_FAILED: u8 = 4;
+/// Exit code for a failed verification.
+pub(crate) const EXIT_VERIFY_FAILED: u8 = 5;
+/// Exit code after Ctrl-C.
+pub(crate) const EXIT_CANCELLED: u8 = 130;
+
+const EXIT_CODES: &str = "Exit codes: 0 ok, 1 other error, 2 bad input, 3 no match within the price, \
+4 provider failure, 5 verification failed, 130 cancelled.";
+
+/// An error with its exit code and what to do next.
+#[derive(Debug)]
+pub(crate) struct CliError {
+    pub(crate) code: u8,
+    pub(crate) message: String,
+    pub(crate) hint: String,
+}
+
+impl CliError {
+    pub(crate) fn bad_input(message: impl Into<String>, hint: impl Into<String>) -> CliError {
+        CliError {
+            code: EXIT_BAD_INPUT,
+            message: message.into(),
+            hint: hint.into(),
+        }
+    }
+
+    pub(crate) fn other(message: impl Into<String>, hint: impl Into<String>) -> CliError {
+        CliError {
+            code: EXIT_OTHER,
+            message: message.into(),
+            hint: hint.into(),
+        }
+    }
+
+    pub(crate) fn verify(message: impl Into<String>, hint: impl Into<String>) -> CliError {
+        CliError {
+            code: EXIT_VERIFY_FAILED,
+            message: message.into(),
+            hint: hint.into(),
+        }
+    }
+
+    pub(crate) fn node(e: NodeError) -> CliError {
+        CliError::other(
+            e.to_string(),
+            "run the command again; -v shows the node's logs",
+        )
+    }
+}
+
+impl From<anyhow::Error> for CliError {
+    fn from(e: anyhow::Error) -> CliError {
+        CliError::bad_input(format!("{e:#}"), "fix the file and run again")
+    }
+}
+
+/// Flags every command takes.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct Global {
+    /// Data directory: keys, config, jobs and receipts (default: $XDG_DATA_HOME/hashgrid/buyer).
+    #[arg(long, global = true, env = "HASHGRID_DATA_DIR")]
+    pub(crate) data_dir: Option<PathBuf>,
+    /// Network: main, test, or a private testnet's name (default: the config's, else main).
+    #[arg(long, global = true)]
+    pub(crate) network: Option<Network>,
+    /// A peer to join through, ideally ending in /p2p/<PeerId> (repeatable; adds to the config's).
+    #[arg(long, global = true, value_name = "MULTIADDR")]
+    pub(crate) bootstrap: Vec<Multiaddr>,
+    /// Machine output: JSON on stdout; logs and progress on stderr.
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
+    /// More logs on stderr (-v info, -vv debug).
+    #[arg(short, long, global = true, action = ArgAction::Count)]
+    pub(crate) verbose: u8,
+    /// No progress, only errors, on stderr.
+    #[arg(short, long, global = true)]
+    pub(crate) quiet: bool,
+}
+
+#[derive(Parser)]
+#[command(
+    name = "hashgrid",
+    version,
+    about = "hashgrid: buy GPU compute on a peer-to-peer market",
+    after_help = EXIT_CODES
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SortArg {
+    /// Lowest msat per GPU-second first.
+    Price,
+    /// Lowest msat per GPU-second per GFLOP/s of measured throughput first.
+    PricePerGflop,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create this buyer's key and config file; print the PeerId and where things are.
+    ///
+    /// Example: hashgrid init --network test --bootstrap /ip4/203.0.113.7/tcp/4001/p2p/12D3KooW...
+    Init {
+        /// Overwrite an existing config file with these flags.
+        #[arg(long)]
+        force: bool,
+    },
+    /// The live book: offers that meet the filters, after waiting briefly for the book to fill.
+    ///
+    /// Example: hashgrid offers --region us-east --min-memory 24 --sort price-per-gflop --limit 10
+    #[command(after_help = EXIT_CODES)]
+    Offers {
+        /// Only this region.
+        #[arg(long)]
+        region: Option<String>,
+        /// At least this much GPU memory, in GiB.
+        #[arg(long, value_name = "GiB")]
+        min_memory: Option<f64>,
+        /// At least this measured matmul throughput, in GFLOP/s.
+        #[arg(long, value_name = "X")]
+        min_gflops: Option<f64>,
+        /// At most this price, in msat per GPU-second.
+        #[arg(long, value_name = "MSAT")]
+        max_price: Option<u64>,
+        /// Sort order.
+        #[arg(long, value_enum, default_value = "price")]
+        sort: SortArg,
+        /// Most offers shown (0: all).
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Run a job through the market: validate it locally, match, agree, upload, run, download,
+    /// verify; write the outputs and the countersigned receipt. Ctrl-C cancels.
+    ///
+    /// Example: hashgrid submit examples/kernels/matmul/job.toml --max-price 200 --out out/
+    #[command(after_help = EXIT_CODES)]
+    Submit {
+        /// The job file (TOML).
+        file: PathBuf,
+        /// Highest price, in msat per GPU-second (default: any).
+        #[arg(long, value_name = "MSAT")]
+        max_price: Option<u64>,
+        /// Longest run, in seconds (also caps the charge).
+        #[arg(long, value_name = "S", default_value_t = 60)]
+        max_seconds: u32,
+        /// Only providers in this region.
+        #[arg(long)]
+        region: Option<String>,
+        /// At least this much GPU memory, in GiB.
+        #[arg(long, value_name = "GiB")]
+        min_memory: Option<f64>,
+        /// At least this measured matmul throughput, in GFLOP/s.
+        #[arg(long, value_name = "X")]
+        min_gflops: Option<f64>,
+        /// Write the outputs (`<name>.bin`) and `receipt.json` here.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Most providers tried if one fails.
+        #[arg(long, default_value_t = 3)]
+        attempts: u32,
+    },
+    /// Jobs submitted from this data dir, oldest first (from the local store).
+    ///
+    /// Example: hashgrid jobs --json
+    Jobs,
+    /// One job's state, provider, charge and attempts (id or unique prefix).
+    ///
+    /// Example: hashgrid status 5e702a81
+    Status {
+        /// Job id or a unique prefix.
+        job: String,
+    },
+    /// Write a done job's outputs and receipt to a directory (from the local store).
+    ///
+    /// Example: hashgrid result 5e702a81 --out out/
+    Result {
+        /// Job id or a unique prefix.
+        job: String,
+        /// Where to write `<name>.bin` and `receipt.json`.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// The countersigned receipts of this data dir's jobs; --verify checks every signature
+    /// and stored output again (exit 5 if any fails).
+    ///
+    /// Example: hashgrid receipts --verify
+    Receipts {
+        /// Verify signatures, countersignatures and stored outputs.
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Job files.
+    #[command(subcommand)]
+    Job(JobCommand),
+    /// Receipts (anyone's, offline).
+    #[command(subcommand)]
+    Receipt(ReceiptCommand),
+    /// Run a job file on this machine's GPU adapter, without any network.
+    ///
+    /// Example: hashgrid run-local examples/kernels/saxpy/job.toml --json
+    RunLocal {
+        /// The job file (TOML).
+        file: PathBuf,
+        /// Write each output buffer to `DIR/<name>.bin`.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReceiptCommand {
+    /// Verify a receipt file offline: the provider's signature, the buyer's countersignature,
+    /// and (with --outputs) that each output file hashes to the receipt's id.
+    ///
+    /// Example: hashgrid receipt verify receipts/3f2a.json --outputs out/
+    #[command(after_help = EXIT_CODES)]
+    Verify {
+        /// The receipt file (JSON).
+        file: PathBuf,
+        /// A directory with the outputs as `<name>.bin`, to check against the receipt.
+        #[arg(long)]
+        outputs: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobCommand {
+    /// Parse and check a job file and the files it names; print its spec id and buffers.
+    ///
+    /// Example: hashgrid job inspect examples/kernels/saxpy/job.toml
+    Inspect {
+        /// The job file (TOML).
+        file: PathBuf,
+    },
+}
+
+fn init_logs(g: &Global) {
+    let level = if g.quiet {
+        "error"
+    } else {
+        match g.verbose {
+            0 => "warn",
+            1 => "info,libp2p=warn",
+            _ => "debug",
+        }
+    };
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| level.to_string());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn rt() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::other(format!("cannot start the runtime: {e}"), ""))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let g = cli.global;
+    init_logs(&g);
+    let result: Result<(), CliError> = match cli.command {
+        Command::Init { force } => market::init(&g, force),
+        Command::Offers {
+            region,
+            min_memory,
+            min_gflops,
+            max_price,
+            sort,
+            limit,
+        } => rt().and_then(|rt| {
+            rt.block_on(market::offers(
+                &g,
+                market::OffersArgs {
+                    region,
+                    min_memory_gib: min_memory,
+                    min_gflops,
+                    max_price,
+                    sort: match sort {
+                        SortArg::Price => OfferSort::Price,
+                        SortArg::PricePerGflop => OfferSort::PricePerGflop,
+                    },
+                    limit,
+                },
+            ))
+        }),
+        Command::Submit {
+            file,
+            max_price,
+            max_seconds,
+            region,
+            min_memory,
+            min_gflops,
+            out,
+            attempts,
+        } => rt().and_then(|rt| {
+            rt.block_on(market::submit(
+                &g,
+                market::SubmitArgs {
+                    file,
+                    max_price,
+                    max_seconds,
+                    region,
+                    min_memory_gib: min_memory,
+                    min_gflops,
+                    out,
+                    attempts,
+                },
+            ))
+        }),
+        Command::Jobs => market::jobs(&g),
+        Command::Status { job } => market::status(&g, &job),
+        Command::Result { job, out } => market::result(&g, &job, &out),
+        Command::Receipts { verify } => market::receipts(&g, verify),
+        Command::Job(cmd) => job(cmd, g.json).map_err(CliError::from),
+        Command::RunLocal { file, out } => {
+            run_local(&file, out.as_deref(), g.json).map_err(CliError::from)
+        }
+        Command::Receipt(ReceiptCommand::Verify { file, outputs }) => {
+            return receipt_verify(&file, outputs.as_deref(), g.json);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", e.message);
+            if !e.hint.is_empty() {
+                eprintln!("hint: {}", e.hint);
+            }
+            ExitCode::from(e.code)
+        }
+    }
+}
+
+fn receipt_verify(
+    file: &std::path::Path,
+    outputs: Option<&std::path::Path>,
+    json: bool,
+) -> ExitCode {
+    use hashgrid_protocol::{ReceiptError, check_outputs, verify_receipt_file};
+    let bytes = match std::fs::read(file) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", file.display());
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    let fail = |e: &ReceiptError| {
+        let code = match e {
+            ReceiptError::Format(_) => EXIT_BAD_INPUT,
+            _ => EXIT_VERIFY_FAILED,
+        };
+        eprintln!("error: {}: {e}", file.display());
+        ExitCode::from(code)
+    };
+    let (rf, receipt) = match verify_receipt_file(&bytes) {
+        Ok(v) => v,
+        Err(e) => return fail(&e),
+    };
+    if let Some(dir) = outputs {
+        let mut got = std::collections::BTreeMap::new();
+        for o in &receipt.outputs {
+            let path = dir.join(format!("{}.bin", o.name));
+            match std::fs::read(&path) {
+                Ok(b) => {
+                    got.insert(o.name.clone(), b);
+                }
+                Err(e) => {
+                    eprintln!(
+                        "error: output `{}`: cannot read {}: {e}",
+                        o.name,
+                        path.display()
+                    );
+                    return ExitCode::from(EXIT_VERIFY_FAILED);
+                }
+            }
+        }
+        if let Err(e) = check_outputs(&receipt, &got) {
+            return fail(&e);
+        }
+    }
+    if json {
+        let out = serde_json::json!({
+            "valid": true,
+            "network": rf.network.as_str(),
+            "receipt_id": rf.receipt.id().to_string(),
+            "outputs_checked": outputs.is_some(),
+            "receipt": receipt,
+        });
+        println!("{out}");
+    } else {
+        println!(
+            "valid receipt {} on network {}",
+            rf.receipt.id(),
+            rf.network
+        );
+        println!("  job       {}", receipt.job_id);
+        println!("  provider  {} (signed)", receipt.provider);
+        println!("  buyer     {} (countersigned)", receipt.buyer);
+        println!(
+            "  adapter   {} ({:?})",
+            receipt.adapter.name, receipt.adapter.backend
+        );
+        println!(
+            "  gpu time  {} µs, charge {}",
+            receipt.gpu_time_us, receipt.charge
+        );
+        println!(
+            "  chain     #{} after {:?}",
+            receipt.chain_seq,
+            receipt.prev_receipt.map(|p| p.to_string())
+        );
+        for o in &receipt.outputs {
+            let checked = if outputs.is_some() {
+                "  ✓ matches"
+            } else {
+                ""
+            };
+            println!(
+                "  output    {:<12} {:>10} bytes  {}{checked}",
+                o.name, o.bytes, o.id
+            );
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn job(cmd: JobCommand, json: bool) -> anyhow::Result<()> {
+    match cmd {
+        JobCommand::Inspect { file } => {
+            let job = load_job_file(&file, &JobLimits::default())?;
+            if json {
+                let out = serde_json::json!({
+                    "spec_id": job.spec.id().to_string(),
+                    "spec": job.spec,
+                    "inputs": job.inputs.iter().map(|(id, b)| (id.to_string(), b.len())).collect::<std::collections::BTreeMap<_, _>>(),
+                });
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&out).context("encoding JSON")?
+                );
+            } else {
+                println!("job      {}", job.spec.name);
+                println!("spec id  {}", job.spec.id());
+                for b in &job.spec.buffers {
+                    let kind = match b.init {
+                        hashgrid_protocol::BufferInit::Zeroed => "zeroed".to_string(),
+                        hashgrid_protocol::BufferInit::Blob(id) => format!("input {}", id.short()),
+                    };
+                    let out = if b.output { " output" } else { "" };
+                    println!("buffer   {:<12} {:>12} bytes  {kind}{out}", b.name, b.size);
+                }
+                for (i, p) in job.spec.passes.iter().enumerate() {
+                    let shader = &job.spec.shaders[p.shader as usize].name;
+                    println!(
+                        "pass {}   {shader}:{} workgroups {:?}",
+                        i + 1,
+                        p.entry,
+                        p.workgroups
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run_local(
+    file: &std::path::Path,
+    out: Option<&std::path::Path>,
+    json: bool,
+) -> anyhow::Result<()> {
+    use hashgrid_node::executor::{ExecConfig, Executor};
+    let config = ExecConfig::default();
+    let job = load_job_file(file, &config.limits)?;
+    let exec = Executor::start(config)?;
+    let adapter = exec.profile().name.clone();
+    eprintln!(
+        "adapter {adapter} ({:?}, {})",
+        exec.profile().backend,
+        exec.profile().driver
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .context("starting the runtime")?;
+    let result = rt.block_on(exec.run("local", job.spec, job.inputs))?;
+    if let Some(dir) = out {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for o in &result.outputs {
+            let path = dir.join(format!("{}.bin", o.name));
+            std::fs::write(&path, &o.bytes)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    if json {
+        let outputs: std::collections::BTreeMap<_, _> = result
+            .outputs
+            .iter()
+            .map(|o| {
+                (
+                    o.name.clone(),
+                    serde_json::json!({ "blake3": o.id.to_string(), "bytes": o.bytes.len() }),
+                )
+            })
+            .collect();
+        let passes: Vec<_> = result
+            .passes
+            .iter()
+            .map(|p| serde_json::json!({ "entry": p.entry, "gpu_ms": p.gpu_ms }))
+            .collect();
+        let v = serde_json::json!({
+            "adapter": adapter,
+            "outputs": outputs,
+            "passes": passes,
+            "gpu_ms": result.gpu_ms,
+            "wall_ms": result.wall_ms,
+        });
+        println!("{}", serde_json::to_string(&v).context("encoding JSON")?);
+    } else {
+        println!("adapter  {adapter}");
+        for (i, p) in result.passes.iter().enumerate() {
+            println!("pass {}   {:<16} {:>10.3} ms", i + 1, p.entry, p.gpu_ms);
+        }
+        println!(
+            "gpu      {:.3} ms (wall {:.3} ms)",
+            result.gpu_ms, result.wall_ms
+        );
+        for o in &result.outputs {
+            println!(
+                "output   {:<12} {:>12} bytes  {}",
+                o.name,
+                o.bytes.len(),
+                o.id
+            );
+        }
+    }
+    Ok(())
+}

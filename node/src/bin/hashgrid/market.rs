@@ -1,0 +1,792 @@
+//! The commands that talk to the market (`init`, `offers`, `submit`) and those that read the
+//! local store (`jobs`, `status`, `result`, `receipts`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use hashgrid_node::client::ClientConfig;
+use hashgrid_node::jobs::{FailKind, JobOptions, JobRecord, JobState, Submission};
+use hashgrid_node::store::Store;
+use hashgrid_node::{DataDir, NodeEvent, NodeHandle, OfferQuery, OfferSort};
+use hashgrid_protocol::{
+    Ask, ContentId, JobLimits, Msat, Network, ReceiptFile, Requirements, check_outputs,
+    load_job_file,
+};
+
+use crate::{CliError, Global};
+
+/// Longest wait for the book to fill before `offers` prints or `submit` matches.
+const BOOK_WAIT: Duration = Duration::from_secs(5);
+
+/// The book counts as filled when no ask arrived for this long after the first peer.
+const BOOK_SETTLE: Duration = Duration::from_millis(400);
+
+/// Everything about the buyer's data dir and config, resolved from flags and the file.
+pub(crate) struct Client {
+    pub(crate) dir: DataDir,
+    pub(crate) config: ClientConfig,
+    pub(crate) network: Network,
+}
+
+impl Client {
+    pub(crate) fn resolve(g: &Global) -> Result<Client, CliError> {
+        let root = g
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| DataDir::default_root().join("buyer"));
+        let mut config = ClientConfig::load_or_default(&root)
+            .map_err(|e| CliError::bad_input(e.to_string(), "fix the config file or pass flags"))?;
+        if let Some(n) = &g.network {
+            config.network = n.as_str().to_string();
+        }
+        for b in &g.bootstrap {
+            config.bootstrap.push(b.to_string());
+        }
+        let network = config
+            .network()
+            .map_err(|e| CliError::bad_input(e.to_string(), "pass --network main|test|NAME"))?;
+        Ok(Client {
+            dir: DataDir::new(root),
+            config,
+            network,
+        })
+    }
+
+    fn store_path(&self) -> PathBuf {
+        self.dir.root().join("store")
+    }
+
+    /// Opens the store without starting the network (for the offline commands).
+    fn open_store(&self) -> Result<Store, CliError> {
+        if !self.store_path().exists() {
+            return Err(CliError::bad_input(
+                format!("no jobs in {}", self.dir.root().display()),
+                "submit a job first (hashgrid submit JOB.toml), or pass the --data-dir you used",
+            ));
+        }
+        Store::open(&self.store_path()).map_err(|e| {
+            CliError::other(
+                e.to_string(),
+                "close the other hashgrid process using this data dir",
+            )
+        })
+    }
+
+    /// Starts the buyer's node.
+    async fn start(&self) -> Result<NodeHandle, CliError> {
+        if self.config.bootstrap.is_empty() && !self.config.mdns {
+            return Err(CliError::bad_input(
+                "no way to find peers: no bootstrap peers and mDNS is off",
+                "pass --bootstrap MULTIADDR or add bootstrap = [...] to the config (hashgrid init --bootstrap ...)",
+            ));
+        }
+        let b = self
+            .config
+            .builder(self.dir.root())
+            .map_err(|e| CliError::bad_input(e.to_string(), "fix the config file"))?;
+        b.start().await.map_err(|e| {
+            CliError::other(
+                e.to_string(),
+                "check --data-dir (another hashgrid running?) and the network settings",
+            )
+        })
+    }
+}
+
+/// Waits until the book has settled: at least one peer, and no new ask for [`BOOK_SETTLE`];
+/// at most [`BOOK_WAIT`].
+async fn wait_for_book(node: &NodeHandle) -> Result<usize, CliError> {
+    let start = Instant::now();
+    let mut last = (0usize, Instant::now());
+    let mut connected: Option<Instant> = None;
+    loop {
+        let n = node.book().await.map_err(CliError::node)?.asks.len();
+        if connected.is_none() && !node.peers().await.map_err(CliError::node)?.is_empty() {
+            connected = Some(Instant::now());
+        }
+        if n != last.0 {
+            last = (n, Instant::now());
+        }
+        let settled = connected.is_some_and(|c| c.elapsed() >= BOOK_SETTLE)
+            && last.1.elapsed() >= BOOK_SETTLE;
+        if settled || start.elapsed() >= BOOK_WAIT {
+            if connected.is_none() {
+                return Err(CliError::other(
+                    format!("no peer reached in {BOOK_WAIT:?}"),
+                    "check the bootstrap addresses and that the peers are running",
+                ));
+            }
+            return Ok(n);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub(crate) fn init(g: &Global, force: bool) -> Result<(), CliError> {
+    let c = Client::resolve(g)?;
+    let root = c.dir.root();
+    std::fs::create_dir_all(root).map_err(|e| {
+        CliError::other(
+            format!("cannot create {}: {e}", root.display()),
+            "pass a writable --data-dir",
+        )
+    })?;
+    let path = ClientConfig::path(root);
+    let existed = path.exists();
+    if existed && !force && (g.network.is_some() || !g.bootstrap.is_empty()) {
+        return Err(CliError::bad_input(
+            format!("{} exists", path.display()),
+            "edit it, or run hashgrid init --force to overwrite it with these flags",
+        ));
+    }
+    if !existed || force {
+        std::fs::write(&path, c.config.to_toml()).map_err(|e| {
+            CliError::other(
+                format!("cannot write {}: {e}", path.display()),
+                "pass a writable --data-dir",
+            )
+        })?;
+    }
+    let key = c
+        .dir
+        .load_or_create_identity()
+        .map_err(|e| CliError::other(e.to_string(), "check the data dir's permissions"))?;
+    if g.json {
+        let v = serde_json::json!({
+            "peer_id": key.peer_id().to_string(),
+            "public_key": key.public().to_string(),
+            "data_dir": root,
+            "config": path,
+            "identity": c.dir.identity_path(),
+            "network": c.network.as_str(),
+        });
+        println!("{v}");
+    } else {
+        println!("peer id    {}", key.peer_id());
+        println!("data dir   {}", root.display());
+        println!(
+            "config     {}{}",
+            path.display(),
+            if existed && !force { " (kept)" } else { "" }
+        );
+        println!("identity   {} (0600)", c.dir.identity_path().display());
+        println!("network    {}", c.network);
+        if c.config.bootstrap.is_empty() {
+            println!(
+                "\nno bootstrap peers yet: add one with `hashgrid init --force --bootstrap MULTIADDR` or pass --bootstrap"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `offers` filters.
+pub(crate) struct OffersArgs {
+    pub(crate) region: Option<String>,
+    pub(crate) min_memory_gib: Option<f64>,
+    pub(crate) min_gflops: Option<f64>,
+    pub(crate) max_price: Option<u64>,
+    pub(crate) sort: OfferSort,
+    pub(crate) limit: usize,
+}
+
+fn requirements(
+    region: Option<&str>,
+    min_memory_gib: Option<f64>,
+    min_gflops: Option<f64>,
+) -> Result<Requirements, CliError> {
+    let non_neg = |v: f64, what: &str| {
+        if v.is_finite() && v >= 0.0 {
+            Ok(v)
+        } else {
+            Err(CliError::bad_input(
+                format!("{what} must be a number >= 0"),
+                "fix the flag",
+            ))
+        }
+    };
+    Ok(Requirements {
+        min_memory_bytes: match min_memory_gib {
+            Some(g) => (non_neg(g, "--min-memory")? * (1u64 << 30) as f64) as u64,
+            None => 0,
+        },
+        min_mflops: match min_gflops {
+            Some(g) => (non_neg(g, "--min-gflops")? * 1000.0) as u64,
+            None => 0,
+        },
+        regions: region.map(|r| vec![r.to_string()]).unwrap_or_default(),
+        backends: Vec::new(),
+    })
+}
+
+fn gflops(a: &Ask) -> f64 {
+    a.gpu.bench.matmul_mflops as f64 / 1000.0
+}
+
+/// msat per GPU-second per GFLOP/s (None without a measured throughput).
+fn price_per_gflop(a: &Ask) -> Option<f64> {
+    let g = gflops(a);
+    (g > 0.0).then(|| a.price.0 as f64 / g)
+}
+
+pub(crate) async fn offers(g: &Global, args: OffersArgs) -> Result<(), CliError> {
+    let c = Client::resolve(g)?;
+    let req = requirements(args.region.as_deref(), args.min_memory_gib, args.min_gflops)?;
+    let node = c.start().await?;
+    let seen = wait_for_book(&node).await;
+    let query = OfferQuery {
+        requirements: req,
+        max_price: args.max_price.map(Msat),
+        sort: args.sort,
+        limit: args.limit,
+    };
+    let result = match seen {
+        Ok(_) => node.offers(query).await.map_err(CliError::node),
+        Err(e) => Err(e),
+    };
+    node.shutdown().await;
+    let offers = result?;
+    if g.json {
+        let rows: Vec<_> = offers
+            .iter()
+            .map(|a| {
+                serde_json::json!({
+                    "provider": a.provider.to_string(),
+                    "peer_id": a.provider.try_to_peer_id().map(|p| p.to_string()).unwrap_or_default(),
+                    "order_id": a.order_id,
+                    "region": a.region,
+                    "gpu": a.gpu.name,
+                    "backend": format!("{:?}", a.gpu.backend),
+                    "memory_bytes": a.gpu.memory_bytes,
+                    "gflops": gflops(a),
+                    "units": a.units,
+                    "price_msat": a.price.0,
+                    "price_per_gflop_msat": price_per_gflop(a),
+                    "max_seconds": a.max_seconds,
+                    "expires_at": a.expires_at.0,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(rows));
+        return Ok(());
+    }
+    if offers.is_empty() {
+        println!("no offers match (the book may be empty; relax the filters or try again later)");
+        return Ok(());
+    }
+    println!(
+        "{:<10} {:<10} {:<34} {:>8} {:>9} {:>6} {:>12} {:>14}",
+        "PROVIDER", "REGION", "GPU", "MEM GiB", "GFLOP/s", "UNITS", "MSAT/GPU-s", "MSAT/GFLOP/s"
+    );
+    for a in &offers {
+        let mut gpu = a.gpu.name.clone();
+        if gpu.chars().count() > 34 {
+            gpu = gpu.chars().take(33).collect::<String>() + "…";
+        }
+        println!(
+            "{:<10} {:<10} {:<34} {:>8.1} {:>9.2} {:>6} {:>12} {:>14}",
+            a.provider.short(),
+            a.region,
+            gpu,
+            a.gpu.memory_bytes as f64 / (1u64 << 30) as f64,
+            gflops(a),
+            a.units,
+            a.price.0,
+            price_per_gflop(a).map_or("-".into(), |p| format!("{p:.2}")),
+        );
+    }
+    Ok(())
+}
+
+/// `submit` options.
+pub(crate) struct SubmitArgs {
+    pub(crate) file: PathBuf,
+    pub(crate) max_price: Option<u64>,
+    pub(crate) max_seconds: u32,
+    pub(crate) region: Option<String>,
+    pub(crate) min_memory_gib: Option<f64>,
+    pub(crate) min_gflops: Option<f64>,
+    pub(crate) out: Option<PathBuf>,
+    pub(crate) attempts: u32,
+}
+
+fn state_line(s: &JobState) -> &'static str {
+    match s {
+        JobState::Matching => "matching",
+        JobState::Agreed => "agreed",
+        JobState::Uploading => "uploading",
+        JobState::Queued => "queued",
+        JobState::Running => "running",
+        JobState::Downloading => "downloading",
+        JobState::Done => "verified",
+        JobState::Failed { .. } => "failed",
+    }
+}
+
+pub(crate) async fn submit(g: &Global, args: SubmitArgs) -> Result<(), CliError> {
+    // Everything local first: a bad file or bad WGSL never reaches the network.
+    let job = load_job_file(&args.file, &JobLimits::default())
+        .map_err(|e| CliError::bad_input(e.to_string(), "fix the job file and submit again"))?;
+    hashgrid_node::executor::check_offline(&job.spec, Some(&job.inputs))
+        .map_err(|e| CliError::bad_input(e.to_string(), "fix the job and submit again"))?;
+    if args.max_seconds == 0 || args.attempts == 0 {
+        return Err(CliError::bad_input(
+            "--max-seconds and --attempts must be at least 1",
+            "fix the flag",
+        ));
+    }
+    let req = requirements(args.region.as_deref(), args.min_memory_gib, args.min_gflops)?;
+    let c = Client::resolve(g)?;
+    let node = c.start().await?;
+    let outcome = run_submit(g, &c, &node, job, req, &args).await;
+    node.shutdown().await;
+    outcome
+}
+
+async fn run_submit(
+    g: &Global,
+    c: &Client,
+    node: &NodeHandle,
+    job: hashgrid_protocol::LoadedJob,
+    req: Requirements,
+    args: &SubmitArgs,
+) -> Result<(), CliError> {
+    let asks = wait_for_book(node).await?;
+    if !g.quiet {
+        eprintln!("book: {asks} asks from the network");
+    }
+    let sub = Submission {
+        spec: job.spec,
+        inputs: job.inputs,
+        options: JobOptions {
+            units: 1,
+            max_price: args.max_price.map(Msat),
+            max_seconds: args.max_seconds,
+            requirements: req,
+            max_attempts: args.attempts,
+        },
+    };
+    let mut events = node.events();
+    let started = Instant::now();
+    let id = node.submit(sub).await.map_err(|e| match e {
+        hashgrid_node::NodeError::InvalidJob(m) => {
+            CliError::bad_input(m, "fix the job and submit again")
+        }
+        e => CliError::node(e),
+    })?;
+    if !g.quiet {
+        eprintln!("job {id}");
+    }
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut last = None;
+    loop {
+        tokio::select! {
+            _ = &mut ctrl_c => {
+                node.cancel_job(&id).map_err(CliError::node)?;
+                return Err(CliError::cancelled(id));
+            }
+            ev = events.recv() => match ev {
+                Ok(NodeEvent::Job(u)) if u.job == id => {
+                    let line = state_line(&u.state);
+                    if !g.quiet && last != Some(line) && !matches!(u.state, JobState::Failed { .. }) {
+                        let who = u.provider.map(|p| format!(" {}", p.short())).unwrap_or_default();
+                        eprintln!("  {:>9.1} ms  {line}{who}", started.elapsed().as_secs_f64() * 1000.0);
+                    }
+                    last = Some(line);
+                    if u.state.is_terminal() {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    if node.job(&id).map_err(CliError::node)?.is_some_and(|r| r.state.is_terminal()) {
+                        break;
+                    }
+                }
+                Err(_) => return Err(CliError::other("the node stopped", "run the command again")),
+            }
+        }
+    }
+    let rec = node
+        .job(&id)
+        .map_err(CliError::node)?
+        .ok_or_else(|| CliError::other("the job vanished from the store", "run it again"))?;
+    if let JobState::Failed { kind, reason } = &rec.state {
+        return Err(CliError::job_failed(*kind, reason, &rec));
+    }
+    let result = node
+        .result(&id)
+        .map_err(CliError::node)?
+        .ok_or_else(|| CliError::other("the job's outputs are missing", "hashgrid status JOB"))?;
+    let saved = save_result(c, &rec, &result.outputs, args.out.as_deref())?;
+    print_done(g, &rec, &result.outputs, &saved, Some(started.elapsed()));
+    Ok(())
+}
+
+struct Saved {
+    receipt: PathBuf,
+    outputs: BTreeMap<String, PathBuf>,
+}
+
+/// Writes the receipt to `<data-dir>/receipts/<job>.json` (and `DIR/receipt.json`), and the
+/// outputs to `DIR/<name>.bin` when `out` is given.
+fn save_result(
+    c: &Client,
+    rec: &JobRecord,
+    outputs: &BTreeMap<String, Vec<u8>>,
+    out: Option<&Path>,
+) -> Result<Saved, CliError> {
+    let cs = rec
+        .receipt
+        .clone()
+        .ok_or_else(|| CliError::other("the job has no receipt", "hashgrid status JOB"))?;
+    let file = ReceiptFile {
+        network: c.network.clone(),
+        receipt: cs,
+    };
+    let io = |what: &Path, e: std::io::Error| {
+        CliError::other(
+            format!("cannot write {}: {e}", what.display()),
+            "pass a writable --out DIR",
+        )
+    };
+    let dir = c.dir.root().join("receipts");
+    std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+    let mut receipt = dir.join(format!("{}.json", rec.id));
+    std::fs::write(&receipt, file.to_json()).map_err(|e| io(&receipt, e))?;
+    let mut paths = BTreeMap::new();
+    if let Some(out) = out {
+        std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
+        for (name, bytes) in outputs {
+            let p = out.join(format!("{name}.bin"));
+            std::fs::write(&p, bytes).map_err(|e| io(&p, e))?;
+            paths.insert(name.clone(), p);
+        }
+        let p = out.join("receipt.json");
+        std::fs::write(&p, file.to_json()).map_err(|e| io(&p, e))?;
+        receipt = p;
+    }
+    Ok(Saved {
+        receipt,
+        outputs: paths,
+    })
+}
+
+fn print_done(
+    g: &Global,
+    rec: &JobRecord,
+    outputs: &BTreeMap<String, Vec<u8>>,
+    saved: &Saved,
+    elapsed: Option<Duration>,
+) {
+    let r = rec
+        .receipt
+        .as_ref()
+        .and_then(|cs| cs.signed.decode_unverified().ok());
+    let Some(r) = r else { return };
+    if g.json {
+        let outs: BTreeMap<_, _> = r
+            .outputs
+            .iter()
+            .map(|o| {
+                (
+                    o.name.clone(),
+                    serde_json::json!({
+                        "blake3": o.id.to_string(),
+                        "bytes": o.bytes,
+                        "file": saved.outputs.get(&o.name),
+                    }),
+                )
+            })
+            .collect();
+        let v = serde_json::json!({
+            "job": rec.id.to_string(),
+            "name": rec.name,
+            "state": "done",
+            "provider": r.provider.to_string(),
+            "charge_msat": r.charge.0,
+            "gpu_time_us": r.gpu_time_us,
+            "receipt_id": rec.receipt.as_ref().map(|c| c.id().to_string()),
+            "receipt_file": saved.receipt,
+            "outputs": outs,
+            "elapsed_ms": elapsed.map(|e| e.as_secs_f64() * 1000.0),
+        });
+        println!("{v}");
+        return;
+    }
+    println!("job       {}", rec.id);
+    println!("provider  {}", r.provider);
+    println!(
+        "charge    {} msat for {} µs of GPU time",
+        r.charge.0, r.gpu_time_us
+    );
+    for o in &r.outputs {
+        let file = saved
+            .outputs
+            .get(&o.name)
+            .map(|p| format!("  → {}", p.display()))
+            .unwrap_or_default();
+        let ok = if outputs.contains_key(&o.name) {
+            "✓"
+        } else {
+            "?"
+        };
+        println!(
+            "output    {:<12} {:>10} bytes  {} {ok}{file}",
+            o.name, o.bytes, o.id
+        );
+    }
+    println!("receipt   {}", saved.receipt.display());
+}
+
+/// Finds a job by id or unique id prefix.
+fn find_job(store: &Store, prefix: &str) -> Result<JobRecord, CliError> {
+    let all =
+        hashgrid_node::jobs::read_jobs(store).map_err(|e| CliError::other(e.to_string(), ""))?;
+    let p = prefix.to_ascii_lowercase();
+    let matches: Vec<JobRecord> = all
+        .into_iter()
+        .filter(|r| r.id.to_string().starts_with(&p))
+        .collect();
+    match matches.len() {
+        1 => Ok(matches.into_iter().next().unwrap_or_else(|| unreachable!())),
+        0 => Err(CliError::bad_input(
+            format!("no job {prefix} in this data dir"),
+            "list them with hashgrid jobs",
+        )),
+        n => Err(CliError::bad_input(
+            format!("{n} jobs start with {prefix}"),
+            "give more of the id",
+        )),
+    }
+}
+
+fn record_json(r: &JobRecord) -> serde_json::Value {
+    let receipt = r
+        .receipt
+        .as_ref()
+        .and_then(|c| c.signed.decode_unverified().ok());
+    let (state, kind, reason) = match &r.state {
+        JobState::Failed { kind, reason } => {
+            ("failed", Some(format!("{kind:?}")), Some(reason.clone()))
+        }
+        s => (state_line(s), None, None),
+    };
+    serde_json::json!({
+        "job": r.id.to_string(),
+        "name": r.name,
+        "spec_id": r.spec_id.to_string(),
+        "state": if state == "verified" { "done" } else { state },
+        "failure": kind,
+        "reason": reason,
+        "provider": r.provider.map(|p| p.to_string()),
+        "submitted_at": r.submitted_at.0,
+        "finished_at": r.finished_at.map(|t| t.0),
+        "charge_msat": receipt.as_ref().map(|x| x.charge.0),
+        "receipt_id": r.receipt.as_ref().map(|c| c.id().to_string()),
+        "attempts": r.attempts.iter().map(|a| serde_json::json!({
+            "provider": a.provider.to_string(),
+            "agreement": a.agreement.map(|x| x.to_string()),
+            "outcome": a.outcome,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub(crate) fn jobs(g: &Global) -> Result<(), CliError> {
+    let c = Client::resolve(g)?;
+    let store = c.open_store()?;
+    let all =
+        hashgrid_node::jobs::read_jobs(&store).map_err(|e| CliError::other(e.to_string(), ""))?;
+    if g.json {
+        println!(
+            "{}",
+            serde_json::Value::Array(all.iter().map(record_json).collect())
+        );
+        return Ok(());
+    }
+    if all.is_empty() {
+        println!("no jobs yet: hashgrid submit JOB.toml");
+        return Ok(());
+    }
+    println!(
+        "{:<14} {:<16} {:<10} {:<10} {:>12}",
+        "JOB", "NAME", "STATE", "PROVIDER", "CHARGE msat"
+    );
+    for r in &all {
+        let v = record_json(r);
+        println!(
+            "{:<14} {:<16} {:<10} {:<10} {:>12}",
+            &r.id.to_string()[..12],
+            r.name.chars().take(16).collect::<String>(),
+            v["state"].as_str().unwrap_or(""),
+            r.provider.map(|p| p.short()).unwrap_or_else(|| "-".into()),
+            v["charge_msat"]
+                .as_u64()
+                .map_or("-".into(), |m| m.to_string()),
+        );
+    }
+    Ok(())
+}
+
+pub(crate) fn status(g: &Global, job: &str) -> Result<(), CliError> {
+    let c = Client::resolve(g)?;
+    let store = c.open_store()?;
+    let r = find_job(&store, job)?;
+    let v = record_json(&r);
+    if g.json {
+        println!("{v}");
+        return Ok(());
+    }
+    println!("job        {}", r.id);
+    println!("name       {}", r.name);
+    println!("spec       {}", r.spec_id);
+    println!("state      {}", v["state"].as_str().unwrap_or(""));
+    if let JobState::Failed { kind, reason } = &r.state {
+        println!("failure    {kind:?}: {reason}");
+    }
+    if let Some(p) = r.provider {
+        println!("provider   {p}");
+    }
+    if let Some(m) = v["charge_msat"].as_u64() {
+        println!("charge     {m} msat");
+    }
+    for (i, a) in r.attempts.iter().enumerate() {
+        println!("attempt {}  {} {}", i + 1, a.provider.short(), a.outcome);
+    }
+    Ok(())
+}
+
+pub(crate) fn result(g: &Global, job: &str, out: &Path) -> Result<(), CliError> {
+    let c = Client::resolve(g)?;
+    let store = c.open_store()?;
+    let r = find_job(&store, job)?;
+    let Some(res) = hashgrid_node::jobs::read_result(&store, &r.id)
+        .map_err(|e| CliError::other(e.to_string(), ""))?
+    else {
+        return Err(CliError::bad_input(
+            format!("job {} is not done ({})", r.id, record_json(&r)["state"]),
+            "see hashgrid status JOB",
+        ));
+    };
+    let saved = save_result(&c, &res.record, &res.outputs, Some(out))?;
+    print_done(g, &res.record, &res.outputs, &saved, None);
+    Ok(())
+}
+
+pub(crate) fn receipts(g: &Global, verify: bool) -> Result<(), CliError> {
+    let c = Client::resolve(g)?;
+    let store = c.open_store()?;
+    let all =
+        hashgrid_node::jobs::read_jobs(&store).map_err(|e| CliError::other(e.to_string(), ""))?;
+    let mut rows = Vec::new();
+    let mut bad = 0usize;
+    for r in all.iter().filter(|r| r.receipt.is_some()) {
+        let Some(cs) = &r.receipt else { continue };
+        let check = if verify {
+            match cs.verify(&c.network) {
+                Ok(receipt) => {
+                    let outs = hashgrid_node::jobs::read_result(&store, &r.id)
+                        .ok()
+                        .flatten()
+                        .map(|x| x.outputs)
+                        .unwrap_or_default();
+                    match check_outputs(&receipt, &outs) {
+                        Ok(()) => Some(Ok(())),
+                        Err(e) => Some(Err(e.to_string())),
+                    }
+                }
+                Err(e) => Some(Err(e.to_string())),
+            }
+        } else {
+            None
+        };
+        if matches!(check, Some(Err(_))) {
+            bad += 1;
+        }
+        let body = cs.signed.decode_unverified().ok();
+        rows.push((r, cs.id(), body, check));
+    }
+    if g.json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|(r, id, body, check)| {
+                serde_json::json!({
+                    "job": r.id.to_string(),
+                    "receipt_id": id.to_string(),
+                    "provider": body.as_ref().map(|b| b.provider.to_string()),
+                    "chain_seq": body.as_ref().map(|b| b.chain_seq),
+                    "charge_msat": body.as_ref().map(|b| b.charge.0),
+                    "verified": check.as_ref().map(|c| c.is_ok()),
+                    "error": check.as_ref().and_then(|c| c.clone().err()),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(v));
+    } else if rows.is_empty() {
+        println!("no receipts yet");
+    } else {
+        println!(
+            "{:<14} {:<14} {:<10} {:>6} {:>12}  CHECK",
+            "JOB", "RECEIPT", "PROVIDER", "CHAIN", "CHARGE msat"
+        );
+        for (r, id, body, check) in &rows {
+            println!(
+                "{:<14} {:<14} {:<10} {:>6} {:>12}  {}",
+                &r.id.to_string()[..12],
+                &id.to_string()[..12],
+                body.as_ref().map_or("?".into(), |b| b.provider.short()),
+                body.as_ref()
+                    .map_or("?".into(), |b| b.chain_seq.to_string()),
+                body.as_ref().map_or("?".into(), |b| b.charge.0.to_string()),
+                match check {
+                    None => "-".to_string(),
+                    Some(Ok(())) => "✓ signatures and outputs".to_string(),
+                    Some(Err(e)) => format!("✗ {e}"),
+                }
+            );
+        }
+    }
+    if bad > 0 {
+        return Err(CliError::verify(
+            format!("{bad} receipts do not verify"),
+            "do not pay for them; report the provider",
+        ));
+    }
+    Ok(())
+}
+
+impl CliError {
+    pub(crate) fn job_failed(kind: FailKind, reason: &str, rec: &JobRecord) -> CliError {
+        let (code, hint) = match kind {
+            FailKind::Invalid => (crate::EXIT_BAD_INPUT, "fix the job and submit again"),
+            FailKind::NoMatch => (
+                crate::EXIT_NO_MATCH,
+                "raise --max-price, relax --region/--min-memory/--min-gflops, or look at hashgrid offers",
+            ),
+            FailKind::ProviderFailed => (
+                crate::EXIT_PROVIDER_FAILED,
+                "submit again (failed providers are avoided), or raise --attempts",
+            ),
+            FailKind::Verification => (
+                crate::EXIT_VERIFY_FAILED,
+                "nothing was countersigned or owed; submit again (the provider is avoided)",
+            ),
+            FailKind::Interrupted => (crate::EXIT_OTHER, "submit again"),
+        };
+        CliError {
+            code,
+            message: format!("job {} failed: {reason}", rec.id),
+            hint: hint.into(),
+        }
+    }
+
+    fn cancelled(id: ContentId) -> CliError {
+        CliError {
+            code: crate::EXIT_CANCELLED,
+            message: format!("job {id} cancelled"),
+            hint: "nothing is owed for it: its receipt, if any, is never countersigned".into(),
+        }
+    }
+}

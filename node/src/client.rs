@@ -1,0 +1,166 @@
+//! The buyer CLI's configuration: `<data-dir>/config.toml`, written by `hashgrid init`.
+//! Every key is optional; command-line flags override it (`--network`, `--bootstrap` adds to
+//! the list).
+//!
+//! ```toml
+//! network = "main"
+//! bootstrap = ["/dns4/seed.example.net/tcp/4001/p2p/12D3KooW..."]
+//! mdns = true
+//! listen = []
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use hashgrid_protocol::Network;
+use libp2p::Multiaddr;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ConfigError, MAX_CONFIG_BYTES};
+use crate::node::{Node, NodeBuilder};
+
+/// The config file's name inside the data dir.
+pub const CONFIG_FILE: &str = "config.toml";
+
+/// The buyer's settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientConfig {
+    /// The network: `main`, `test`, or a private testnet's name.
+    pub network: String,
+    /// Peers to join through (multiaddrs, ideally ending in `/p2p/<PeerId>`).
+    pub bootstrap: Vec<String>,
+    /// Find peers on the local network with mDNS.
+    pub mdns: bool,
+    /// Addresses to listen on (a buyer needs none: it dials out).
+    pub listen: Vec<String>,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            network: Network::main().as_str().to_string(),
+            bootstrap: Vec::new(),
+            mdns: true,
+            listen: Vec::new(),
+        }
+    }
+}
+
+impl ClientConfig {
+    /// The config file in `data_dir`.
+    pub fn path(data_dir: &Path) -> PathBuf {
+        data_dir.join(CONFIG_FILE)
+    }
+
+    /// Reads the config in `data_dir`, or the defaults if there is none.
+    pub fn load_or_default(data_dir: &Path) -> Result<ClientConfig, ConfigError> {
+        let path = Self::path(data_dir);
+        let meta = match std::fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(ClientConfig::default());
+            }
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        if meta.len() > MAX_CONFIG_BYTES {
+            return Err(ConfigError::TooLarge { path });
+        }
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let cfg: ClientConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Checks that every value parses.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        self.network()?;
+        self.bootstrap_addrs()?;
+        self.listen_addrs()?;
+        Ok(())
+    }
+
+    /// The network.
+    pub fn network(&self) -> Result<Network, ConfigError> {
+        Network::new(&self.network)
+            .map_err(|e| ConfigError::Invalid(format!("network {:?}: {e}", self.network)))
+    }
+
+    fn addrs(list: &[String], what: &str) -> Result<Vec<Multiaddr>, ConfigError> {
+        list.iter()
+            .map(|a| {
+                a.parse()
+                    .map_err(|e| ConfigError::Invalid(format!("{what} address {a:?}: {e}")))
+            })
+            .collect()
+    }
+
+    /// The bootstrap peers.
+    pub fn bootstrap_addrs(&self) -> Result<Vec<Multiaddr>, ConfigError> {
+        Self::addrs(&self.bootstrap, "bootstrap")
+    }
+
+    /// The listen addresses.
+    pub fn listen_addrs(&self) -> Result<Vec<Multiaddr>, ConfigError> {
+        Self::addrs(&self.listen, "listen")
+    }
+
+    /// The file's TOML text.
+    pub fn to_toml(&self) -> String {
+        // Plain strings, bools and lists always serialize.
+        let body = toml::to_string(self).unwrap_or_default();
+        format!(
+            "# hashgrid buyer config (written by `hashgrid init`; every key is optional).\n\
+             # Flags override it: --network, --bootstrap (adds to the list).\n{body}"
+        )
+    }
+
+    /// A node builder for a buyer with this config and data dir.
+    pub fn builder(&self, data_dir: &Path) -> Result<NodeBuilder, ConfigError> {
+        let mut b = Node::builder()
+            .network(self.network()?)
+            .data_dir(data_dir)
+            .mdns(self.mdns);
+        for a in self.bootstrap_addrs()? {
+            b = b.bootstrap(a);
+        }
+        for a in self.listen_addrs()? {
+            b = b.listen(a);
+        }
+        Ok(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_rejects_bad_values() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            ClientConfig::load_or_default(dir.path()).unwrap(),
+            ClientConfig::default()
+        );
+        let cfg = ClientConfig {
+            network: "demo".into(),
+            bootstrap: vec!["/ip4/127.0.0.1/tcp/4001".into()],
+            mdns: false,
+            listen: Vec::new(),
+        };
+        std::fs::write(ClientConfig::path(dir.path()), cfg.to_toml()).unwrap();
+        assert_eq!(ClientConfig::load_or_default(dir.path()).unwrap(), cfg);
+        std::fs::write(ClientConfig::path(dir.path()), "bootstrap = [\"nope\"]\n").unwrap();
+        let e = ClientConfig::load_or_default(dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nope"), "{e}");
+        std::fs::write(ClientConfig::path(dir.path()), "colour = 1\n").unwrap();
+        assert!(ClientConfig::load_or_default(dir.path()).is_err());
+    }
+}
