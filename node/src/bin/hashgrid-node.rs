@@ -102,6 +102,7 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,libp2p_gossipsub=warn,libp2p_kad=error".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(color())
         .init();
     let cli = Cli::parse();
     match cli.command {
@@ -165,4 +166,10 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Colours only on a terminal, and never with `NO_COLOR` set.
+fn color() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
 }

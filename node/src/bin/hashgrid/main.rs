@@ -285,6 +285,7 @@ fn init_logs(g: &Global) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
+        .with_ansi(color())
         .try_init();
 }
 
@@ -576,4 +577,10 @@ fn run_local(
         }
     }
     Ok(())
+}
+
+/// Colours only on a terminal, and never with `NO_COLOR` set.
+fn color() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
 }
