@@ -1,6 +1,619 @@
 //! # hashgrid-testnet
 //!
-//! Launches N real `hashgrid-node` processes across R regions on one machine, drives a workload
-//! and writes a report (issue 9).
+//! Launches N real `hashgrid-node run` processes (not threads) across R regions on one
+//! machine, each with its own data dir and loopback port; starts B buyers (in-process
+//! library nodes, what an integrator embeds) that submit J jobs drawn from the reference
+//! kernels; optionally SIGKILLs and restarts sites during the run; then stops everything and
+//! writes a report: book convergence, gossip propagation, match and submit → receipt
+//! latency, job outcomes, receipts verified against every provider's audited chain,
+//! settlement totals per buyer and provider (which must add up), and peak RSS per site.
 //!
-//! Not built yet: this crate only holds its place in the workspace.
+//! Settlement here is the ledger view: countersigned receipts are the IOUs, summed per
+//! counterparty on both sides (BTC settlement is issue 8).
+
+pub mod report;
+pub mod sites;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use hashgrid_node::jobs::{JobOptions, JobState, Submission};
+use hashgrid_node::{Node, NodeEvent, NodeHandle, OrderKind};
+use hashgrid_protocol::{JobLimits, LoadedJob, Network, PublicKey, Timestamp, load_job_file};
+use tracing::{info, warn};
+
+pub use report::Report;
+use sites::{Site, SiteSpec};
+
+/// Region names, assigned round-robin.
+pub const REGIONS: [&str; 8] = [
+    "us-east",
+    "eu-north",
+    "asia-east",
+    "sa-east",
+    "us-west",
+    "eu-west",
+    "asia-south",
+    "af-south",
+];
+
+/// The reference kernels the workload draws from.
+pub const KERNELS: [&str; 5] = ["saxpy", "matmul", "reduce", "softmax", "mix"];
+
+/// How often sites are considered for a kill when `kill_rate` > 0.
+pub const KILL_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How long a killed site stays down before it is restarted.
+pub const RESTART_AFTER: Duration = Duration::from_secs(1);
+
+/// How long the testnet waits for every book to hold every ask.
+pub const CONVERGENCE_LIMIT: Duration = Duration::from_secs(60);
+
+/// The testnet's settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Provider sites (processes).
+    pub sites: usize,
+    /// Regions the sites are spread over.
+    pub regions: usize,
+    /// Buyers (in-process nodes).
+    pub buyers: usize,
+    /// Jobs in total, spread over the buyers.
+    pub jobs: usize,
+    /// Longest run of the workload, in seconds (jobs not finished by then count as failed).
+    pub duration: Duration,
+    /// Fraction of the sites SIGKILLed (and restarted after [`RESTART_AFTER`]) every
+    /// [`KILL_INTERVAL`]; at least one per interval when above zero.
+    pub kill_rate: f64,
+    /// Requested inter-region latency (see [`latency_support`]).
+    pub latency_ms: u64,
+    /// The `hashgrid-node` binary.
+    pub node_binary: PathBuf,
+    /// Where site data dirs go (a temporary dir when `None`).
+    pub work_dir: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            sites: 8,
+            regions: 2,
+            buyers: 2,
+            jobs: 20,
+            duration: Duration::from_secs(60),
+            kill_rate: 0.0,
+            latency_ms: 0,
+            node_binary: PathBuf::from("hashgrid-node"),
+            work_dir: None,
+        }
+    }
+}
+
+/// Whether `--latency-ms` can be honoured here, and why not.
+pub fn latency_support() -> Result<(), String> {
+    Err(
+        "per-region network namespaces with netem delay are not implemented yet (they need root \
+         and iproute2); the testnet runs every site on the host's loopback without added latency"
+            .into(),
+    )
+}
+
+fn rng_seed() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        return Timestamp::now().0 | 1;
+    }
+    u64::from_le_bytes(b) | 1
+}
+
+/// A small xorshift generator (workload choices, kill victims; not for keys).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// One job's outcome, as the buyer saw it.
+#[derive(Debug, Clone)]
+pub struct JobOutcome {
+    /// The kernel.
+    pub kernel: String,
+    /// Whether it finished with verified outputs and a countersigned receipt.
+    pub ok: bool,
+    /// Why not.
+    pub error: Option<String>,
+    /// Providers tried beyond the first.
+    pub retries: usize,
+    /// Submit → agreement, ms.
+    pub match_ms: Option<f64>,
+    /// Submit → countersigned receipt, ms.
+    pub total_ms: f64,
+    /// GPU time from the receipt, ms.
+    pub gpu_ms: f64,
+    /// The receipt's id, provider and charge.
+    pub receipt: Option<(hashgrid_protocol::ContentId, PublicKey, u64)>,
+    /// Whether the receipt verified offline (signatures and stored outputs).
+    pub verified: bool,
+    /// The buyer.
+    pub buyer: PublicKey,
+}
+
+fn load_kernels() -> anyhow::Result<Vec<(String, LoadedJob)>> {
+    KERNELS
+        .iter()
+        .map(|k| {
+            let p = hashgrid_examples::kernels_dir().join(k).join("job.toml");
+            load_job_file(&p, &JobLimits::default())
+                .map(|j| (k.to_string(), j))
+                .with_context(|| format!("loading {}", p.display()))
+        })
+        .collect()
+}
+
+/// Stops every site on Ctrl-C as on any other exit: sites are dropped (killed) with the
+/// returned value or the error.
+pub async fn run(cfg: Config) -> anyhow::Result<Report> {
+    if cfg.sites == 0 || cfg.regions == 0 || cfg.buyers == 0 {
+        bail!("--sites, --regions and --buyers must be at least 1");
+    }
+    if cfg.regions > REGIONS.len() {
+        bail!("at most {} regions", REGIONS.len());
+    }
+    if !(0.0..=1.0).contains(&cfg.kill_rate) {
+        bail!("--kill-rate is a fraction of the sites, between 0 and 1");
+    }
+    let latency_note = if cfg.latency_ms > 0 {
+        let why = latency_support().err().unwrap_or_default();
+        warn!("--latency-ms {}: {why}", cfg.latency_ms);
+        Some(why)
+    } else {
+        None
+    };
+    let kernels = load_kernels()?;
+    let tmp;
+    let work: PathBuf = match &cfg.work_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => {
+            tmp = tempfile::Builder::new()
+                .prefix("hashgrid-testnet")
+                .tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let network_name = format!("testnet-{:x}", rng_seed() % 0xffff_ffff);
+    let network = Network::new(&network_name)?;
+    let mut rng = Rng(rng_seed());
+
+    // Identities, ports, prices.
+    let mut specs = Vec::new();
+    for i in 0..cfg.sites {
+        let data_dir = work.join(format!("site-{i:02}"));
+        std::fs::create_dir_all(&data_dir)?;
+        let peer_id = sites::create_identity(&cfg.node_binary, &data_dir)?;
+        specs.push(SiteSpec {
+            index: i,
+            region: REGIONS[i % cfg.regions].to_string(),
+            price: 50 + (i as u64 * 37) % 100,
+            units: 1 + (i % 3) as u32,
+            data_dir,
+            port: sites::free_port()?,
+            peer_id,
+        });
+    }
+
+    // Site 0 first: it benchmarks this machine's adapter once; the others reuse its cache
+    // (same machine, same adapter) instead of benchmarking 40 times.
+    let started = Instant::now();
+    let seed_addr = specs[0].addr();
+    let mut running: Vec<Site> = Vec::new();
+    running.push(Site::start(
+        &cfg.node_binary,
+        specs[0].clone(),
+        &network_name,
+        Vec::new(),
+    )?);
+    let cache = specs[0].data_dir.join("bench-cache.json");
+    let t = Instant::now();
+    while !cache.exists() {
+        if !running[0].running() {
+            bail!(
+                "site 0 exited; see {}",
+                specs[0].data_dir.join("node.log").display()
+            );
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            bail!("site 0 did not benchmark its GPU within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Buyers join through site 0 and watch their books fill.
+    let arrivals: Arc<Mutex<Vec<f64>>> = Arc::default();
+    let mut buyers = Vec::new();
+    for _ in 0..cfg.buyers {
+        let b = Node::builder()
+            .network(network.clone())
+            .listen("/ip4/127.0.0.1/tcp/0".parse()?)
+            .mdns(false)
+            .bootstrap(seed_addr.parse()?)
+            .provider_down_for(Duration::from_secs(5))
+            .start()
+            .await?;
+        spawn_arrival_watch(&b, arrivals.clone());
+        buyers.push(b);
+    }
+
+    for spec in specs.iter().skip(1) {
+        std::fs::copy(&cache, spec.data_dir.join("bench-cache.json"))?;
+        let mut boot = vec![seed_addr.clone()];
+        if spec.index > 1 {
+            boot.push(specs[rng.below(spec.index - 1) + 1].addr());
+        }
+        running.push(Site::start(
+            &cfg.node_binary,
+            spec.clone(),
+            &network_name,
+            boot,
+        )?);
+    }
+    let launched = started.elapsed();
+    info!(sites = cfg.sites, ?launched, "sites launched");
+
+    // Convergence: every buyer's book holds one ask per site.
+    let t = Instant::now();
+    let convergence = loop {
+        let mut all = true;
+        for b in &buyers {
+            let book = b.book().await?;
+            let owners: std::collections::HashSet<PublicKey> =
+                book.asks.iter().map(|a| a.provider).collect();
+            if owners.len() < cfg.sites {
+                all = false;
+                break;
+            }
+        }
+        if all {
+            break started.elapsed();
+        }
+        if t.elapsed() > CONVERGENCE_LIMIT {
+            bail!("books did not converge within {CONVERGENCE_LIMIT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let convergence_after_launch = convergence.saturating_sub(launched);
+    info!(?convergence, "every book holds every ask");
+
+    // The workload, with the killer alongside.
+    let stop_killing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sites = Arc::new(tokio::sync::Mutex::new(running));
+    let killer = (cfg.kill_rate > 0.0).then(|| {
+        tokio::spawn(kill_loop(
+            sites.clone(),
+            cfg.kill_rate,
+            stop_killing.clone(),
+            Rng(rng_seed()),
+        ))
+    });
+    let deadline = Instant::now() + cfg.duration;
+    let mut tasks = Vec::new();
+    for (bi, b) in buyers.iter().enumerate() {
+        let n = cfg.jobs / cfg.buyers + usize::from(bi < cfg.jobs % cfg.buyers);
+        let mut picks = Vec::new();
+        for _ in 0..n {
+            let (name, job) = &kernels[rng.below(kernels.len())];
+            picks.push((name.clone(), job.clone()));
+        }
+        tasks.push(tokio::spawn(buyer_loop(
+            b.clone(),
+            picks,
+            network.clone(),
+            deadline,
+        )));
+    }
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.extend(t.await?);
+    }
+    stop_killing.store(true, std::sync::atomic::Ordering::SeqCst);
+    let kills = match killer {
+        Some(k) => k.await??,
+        None => 0,
+    };
+
+    // Stop everything; then audit every provider's chain from its store.
+    for b in &buyers {
+        b.shutdown().await;
+    }
+    let mut sites = Arc::try_unwrap(sites)
+        .map_err(|_| anyhow::anyhow!("the kill task still holds the sites"))?
+        .into_inner();
+    let mut site_reports = Vec::new();
+    for s in &mut sites {
+        let clean = s.stop()?;
+        let chain = audit_site(&cfg.node_binary, &s.spec.data_dir, &network_name);
+        site_reports.push(report::SiteReport {
+            index: s.spec.index,
+            region: s.spec.region.clone(),
+            price_msat: s.spec.price,
+            units: s.spec.units,
+            kills: s.kills,
+            peak_rss_kib: s.peak_rss_kib,
+            clean_exit: clean,
+            chain,
+            provider: String::new(),
+        });
+    }
+    let leftover = sites.iter_mut().map(|s| s.running()).filter(|r| *r).count();
+    let arrivals = arrivals.lock().map(|a| a.clone()).unwrap_or_default();
+    let keys = site_keys(&sites);
+    drop(sites);
+    Ok(report::build(report::Inputs {
+        cfg: &cfg,
+        network: network_name,
+        convergence,
+        convergence_after_launch,
+        arrivals,
+        outcomes,
+        sites: site_reports,
+        keys,
+        kills,
+        leftover,
+        latency_note,
+        work_dir: cfg.work_dir.clone(),
+    }))
+}
+
+/// The provider key of each site (from its identity file), by index.
+fn site_keys(sites: &[Site]) -> HashMap<usize, PublicKey> {
+    sites
+        .iter()
+        .filter_map(|s| {
+            let dir = hashgrid_node::DataDir::new(&s.spec.data_dir);
+            Some((s.spec.index, dir.load_or_create_identity().ok()?.public()))
+        })
+        .collect()
+}
+
+/// `hashgrid-node receipts --json` on a stopped site.
+fn audit_site(binary: &Path, dir: &Path, network: &str) -> Result<serde_json::Value, String> {
+    let out = std::process::Command::new(binary)
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["receipts", "--network", network, "--json"])
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+}
+
+/// Records, for each ask a buyer learns of, how long after its signing it arrived.
+fn spawn_arrival_watch(node: &NodeHandle, into: Arc<Mutex<Vec<f64>>>) {
+    let mut events = node.events();
+    let node = node.clone();
+    tokio::spawn(async move {
+        loop {
+            match events.recv().await {
+                Ok(NodeEvent::OrderAdded {
+                    kind: OrderKind::Ask,
+                    order,
+                }) => {
+                    let now = Timestamp::now().0;
+                    let Ok(book) = node.book().await else { return };
+                    if let Some(a) = book.asks.iter().find(|a| a.order_ref() == order)
+                        && let Ok(mut v) = into.lock()
+                    {
+                        v.push(now.saturating_sub(a.created_at.0) as f64);
+                    }
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => return,
+            }
+        }
+    });
+}
+
+async fn kill_loop(
+    sites: Arc<tokio::sync::Mutex<Vec<Site>>>,
+    rate: f64,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    mut rng: Rng,
+) -> anyhow::Result<u32> {
+    let mut kills = 0u32;
+    loop {
+        let t = Instant::now();
+        while t.elapsed() < KILL_INTERVAL {
+            if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                return Ok(kills);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut guard = sites.lock().await;
+        let n = guard.len();
+        let victims = ((rate * n as f64).round() as usize).clamp(1, n);
+        let mut chosen = Vec::new();
+        while chosen.len() < victims {
+            let i = rng.below(n);
+            if !chosen.contains(&i) {
+                chosen.push(i);
+            }
+        }
+        for &i in &chosen {
+            info!(site = i, "SIGKILL");
+            guard[i].kill()?;
+            kills += 1;
+        }
+        drop(guard);
+        tokio::time::sleep(RESTART_AFTER).await;
+        let mut guard = sites.lock().await;
+        for &i in &chosen {
+            guard[i].restart()?;
+        }
+    }
+}
+
+async fn buyer_loop(
+    node: NodeHandle,
+    jobs: Vec<(String, LoadedJob)>,
+    network: Network,
+    deadline: Instant,
+) -> Vec<JobOutcome> {
+    let mut out = Vec::new();
+    for (kernel, job) in jobs {
+        out.push(run_one(&node, kernel, job, &network, deadline).await);
+    }
+    out
+}
+
+async fn run_one(
+    node: &NodeHandle,
+    kernel: String,
+    job: LoadedJob,
+    network: &Network,
+    deadline: Instant,
+) -> JobOutcome {
+    let mut o = JobOutcome {
+        kernel,
+        ok: false,
+        error: None,
+        retries: 0,
+        match_ms: None,
+        total_ms: 0.0,
+        gpu_ms: 0.0,
+        receipt: None,
+        verified: false,
+        buyer: node.public_key(),
+    };
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        o.error = Some("the run's --duration was over before it started".into());
+        return o;
+    }
+    let mut events = node.events();
+    let t = Instant::now();
+    let sub = Submission {
+        spec: job.spec,
+        inputs: job.inputs,
+        options: JobOptions {
+            max_attempts: 8,
+            ..JobOptions::default()
+        },
+    };
+    let id = match node.submit(sub).await {
+        Ok(id) => id,
+        Err(e) => {
+            o.error = Some(e.to_string());
+            return o;
+        }
+    };
+    let wait = async {
+        loop {
+            match events.recv().await {
+                Ok(NodeEvent::Job(u)) if u.job == id => {
+                    if u.state == JobState::Agreed && o.match_ms.is_none() {
+                        o.match_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
+                    }
+                    if u.state.is_terminal() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    if node
+                        .job(&id)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|r| r.state.is_terminal())
+                    {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    };
+    if tokio::time::timeout(left, wait).await.is_err() {
+        let _ = node.cancel_job(&id);
+        o.error = Some("not finished within --duration".into());
+        return o;
+    }
+    o.total_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let rec = match node.job(&id) {
+        Ok(Some(r)) => r,
+        other => {
+            o.error = Some(format!("record: {other:?}"));
+            return o;
+        }
+    };
+    o.retries = rec
+        .attempts
+        .iter()
+        .filter(|a| a.agreement.is_some())
+        .count()
+        .saturating_sub(1);
+    if let JobState::Failed { reason, .. } = &rec.state {
+        o.error = Some(reason.clone());
+        return o;
+    }
+    let Some(cs) = rec.receipt.clone() else {
+        o.error = Some("done without a receipt".into());
+        return o;
+    };
+    // Offline verification: signatures, then the stored outputs against the receipt.
+    let verified = cs.verify(network).ok().and_then(|r| {
+        let res = node.result(&id).ok().flatten()?;
+        hashgrid_protocol::check_outputs(&r, &res.outputs)
+            .ok()
+            .map(|()| r)
+    });
+    if let Some(r) = verified {
+        o.gpu_ms = r.gpu_time_us as f64 / 1000.0;
+        o.receipt = Some((cs.id(), r.provider, r.charge.0));
+        o.verified = true;
+        o.ok = true;
+    } else {
+        o.error = Some("the receipt did not verify offline".into());
+    }
+    o
+}
+
+/// Writes the JSON report and the SVG chart next to it (`FILE` and `FILE` with `.svg`).
+pub fn write_report(report: &Report, json: &Path) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = json.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(json, serde_json::to_string_pretty(report)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    let svg = json.with_extension("svg");
+    std::fs::write(&svg, report::svg(report))
+        .with_context(|| format!("writing {}", svg.display()))?;
+    Ok(svg)
+}
+
+/// Sums per key.
+pub(crate) fn sum_by<K: Ord + Clone>(items: impl Iterator<Item = (K, u64)>) -> BTreeMap<K, u64> {
+    let mut m = BTreeMap::new();
+    for (k, v) in items {
+        *m.entry(k).or_insert(0u64) += v;
+    }
+    m
+}

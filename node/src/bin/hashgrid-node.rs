@@ -43,7 +43,7 @@ enum Command {
         /// Listen address (repeatable; replaces the config's list).
         #[arg(long, value_name = "MULTIADDR")]
         listen: Vec<Multiaddr>,
-        /// Bootstrap peer, ideally with /p2p/<PeerId> (repeatable; replaces the config's list).
+        /// Bootstrap peer, ideally with /p2p/PEER_ID (repeatable; replaces the config's list).
         #[arg(long, value_name = "MULTIADDR")]
         bootstrap: Vec<Multiaddr>,
         /// Region of this site, e.g. us-east.

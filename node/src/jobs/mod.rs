@@ -299,6 +299,8 @@ pub struct ChainReport {
     pub total_charged_msat: u64,
     /// Sum of countersigned charges, in msat (what settlement can claim).
     pub countersigned_msat: u64,
+    /// Every receipt's id, in chain order.
+    pub receipt_ids: Vec<ContentId>,
 }
 
 /// Reads a provider's receipts from its store and checks that they form one unbroken chain
@@ -312,8 +314,10 @@ pub fn audit_receipts(
     use hashgrid_protocol::{ChainAuditor, Signed};
     let receipts: Vec<Signed<Receipt>> = store.all(JobTree::Receipts).map_err(|e| e.to_string())?;
     let mut audit = ChainAuditor::new(provider, network.clone());
+    let mut receipt_ids = Vec::with_capacity(receipts.len());
     for r in &receipts {
         audit.push(r).map_err(|e| e.to_string())?;
+        receipt_ids.push(r.id());
     }
     let mut countersigned = 0u64;
     let mut countersigned_msat = 0u64;
@@ -339,6 +343,7 @@ pub fn audit_receipts(
         head: audit.head(),
         total_charged_msat: audit.total_charged().0,
         countersigned_msat,
+        receipt_ids,
     })
 }
 

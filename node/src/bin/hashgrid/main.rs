@@ -96,7 +96,7 @@ pub(crate) struct Global {
     /// Network: main, test, or a private testnet's name (default: the config's, else main).
     #[arg(long, global = true)]
     pub(crate) network: Option<Network>,
-    /// A peer to join through, ideally ending in /p2p/<PeerId> (repeatable; adds to the config's).
+    /// A peer to join through, ideally ending in /p2p/PEER_ID (repeatable; adds to the config's).
     #[arg(long, global = true, value_name = "MULTIADDR")]
     pub(crate) bootstrap: Vec<Multiaddr>,
     /// Machine output: JSON on stdout; logs and progress on stderr.

@@ -1,0 +1,223 @@
+//! The site processes: real `hashgrid-node run` daemons, each with its own data dir and
+//! loopback port, killed (SIGKILL) and restarted on demand, stopped (SIGTERM) at the end, and
+//! never left behind: every child is killed when its [`Site`] is dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// How long a site may take to stop after SIGTERM before it is killed.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Finds a workspace binary next to this executable (`target/<profile>/`).
+pub fn find_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the testnet binary")?;
+    let mut dirs = Vec::new();
+    if let Some(d) = exe.parent() {
+        dirs.push(d.to_path_buf());
+        // Test binaries live in target/<profile>/deps.
+        if let Some(p) = d.parent() {
+            dirs.push(p.to_path_buf());
+        }
+    }
+    for d in dirs {
+        let p = d.join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    bail!(
+        "cannot find the `{name}` binary next to {}; build it first: cargo build --release -p hashgrid-node",
+        exe.display()
+    )
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; the site binds it right after).
+pub fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// How one site is run.
+#[derive(Debug, Clone)]
+pub struct SiteSpec {
+    /// Index (0-based).
+    pub index: usize,
+    /// Its region.
+    pub region: String,
+    /// Price, msat per GPU-second.
+    pub price: u64,
+    /// Units offered.
+    pub units: u32,
+    /// Its data dir.
+    pub data_dir: PathBuf,
+    /// Its loopback port.
+    pub port: u16,
+    /// Its PeerId.
+    pub peer_id: String,
+}
+
+impl SiteSpec {
+    /// Its dialable address.
+    pub fn addr(&self) -> String {
+        format!("/ip4/127.0.0.1/tcp/{}/p2p/{}", self.port, self.peer_id)
+    }
+}
+
+/// A running (or killed) site process.
+pub struct Site {
+    /// How it runs.
+    pub spec: SiteSpec,
+    child: Option<Child>,
+    bootstrap: Vec<String>,
+    network: String,
+    binary: PathBuf,
+    /// Times it was killed.
+    pub kills: u32,
+    /// Highest resident set size seen, in KiB (VmHWM over all its incarnations).
+    pub peak_rss_kib: u64,
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Creates the site's identity and returns its PeerId.
+pub fn create_identity(binary: &Path, data_dir: &Path) -> anyhow::Result<String> {
+    let out = Command::new(binary)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("id")
+        .output()
+        .context("running hashgrid-node id")?;
+    if !out.status.success() {
+        bail!(
+            "hashgrid-node id failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+impl Site {
+    /// Starts a site.
+    pub fn start(
+        binary: &Path,
+        spec: SiteSpec,
+        network: &str,
+        bootstrap: Vec<String>,
+    ) -> anyhow::Result<Site> {
+        let mut s = Site {
+            spec,
+            child: None,
+            bootstrap,
+            network: network.to_string(),
+            binary: binary.to_path_buf(),
+            kills: 0,
+            peak_rss_kib: 0,
+        };
+        s.spawn()?;
+        Ok(s)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::File::create(self.spec.data_dir.join("node.log"))
+            .context("creating the site's log")?;
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("--data-dir")
+            .arg(&self.spec.data_dir)
+            .args(["run", "--network", &self.network, "--listen"])
+            .arg(format!("/ip4/127.0.0.1/tcp/{}", self.spec.port))
+            .args(["--region", &self.spec.region, "--price"])
+            .arg(self.spec.price.to_string())
+            .arg("--units")
+            .arg(self.spec.units.to_string())
+            .arg("--no-mdns");
+        for b in &self.bootstrap {
+            cmd.args(["--bootstrap", b]);
+        }
+        let child = cmd
+            .env("RUST_LOG", "info,libp2p=warn")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting site {}", self.spec.index))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Its process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether it is running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Samples its peak RSS (Linux: VmHWM from /proc).
+    pub fn sample_rss(&mut self) {
+        let Some(pid) = self.pid() else { return };
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            return;
+        };
+        for line in status.lines() {
+            if let Some(v) = line.strip_prefix("VmHWM:") {
+                let kib = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+                self.peak_rss_kib = self.peak_rss_kib.max(kib);
+            }
+        }
+    }
+
+    /// SIGKILL (no chance to flush or say goodbye).
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        self.sample_rss();
+        if let Some(mut c) = self.child.take() {
+            c.kill().context("SIGKILL")?;
+            c.wait().context("reaping a killed site")?;
+            self.kills += 1;
+        }
+        Ok(())
+    }
+
+    /// Starts it again on the same data dir and port.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        if self.child.is_none() {
+            self.spawn()?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then waits for a clean exit (killed after [`STOP_TIMEOUT`]). Returns whether it
+    /// exited cleanly.
+    pub fn stop(&mut self) -> anyhow::Result<bool> {
+        self.sample_rss();
+        let Some(mut c) = self.child.take() else {
+            return Ok(true);
+        };
+        let pid = c.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            if let Some(status) = c.try_wait()? {
+                return Ok(status.success());
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
