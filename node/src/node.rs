@@ -527,6 +527,7 @@ impl NodeBuilder {
             pending_job: HashMap::new(),
             pending_blob: HashMap::new(),
             served: HashMap::new(),
+            served_to: crate::jobs::BlobHolders::default(),
             down: HashMap::new(),
             slot: None,
             settings: self,
@@ -698,7 +699,7 @@ pub(crate) enum Command {
     MarkDown(PublicKey, oneshot::Sender<()>),
     Offers(Box<hashgrid_market::OfferQuery>, oneshot::Sender<Vec<Ask>>),
     ServeBlobs(PeerId, Vec<(ContentId, Arc<Vec<u8>>)>, oneshot::Sender<()>),
-    UnserveBlobs(Vec<ContentId>, oneshot::Sender<()>),
+    UnserveBlobs(PeerId, Vec<ContentId>, oneshot::Sender<()>),
     PostAsk(AskSpec, oneshot::Sender<Result<OrderRef, NodeError>>),
     PostBid(BidSpec, oneshot::Sender<Result<OrderRef, NodeError>>),
     Cancel(u64, oneshot::Sender<Result<(), NodeError>>),
@@ -791,8 +792,8 @@ impl Net {
         let _ = self.call(|r| Command::ServeBlobs(peer, blobs, r)).await;
     }
 
-    pub(crate) async fn unserve_blobs(&self, ids: Vec<ContentId>) {
-        let _ = self.call(|r| Command::UnserveBlobs(ids, r)).await;
+    pub(crate) async fn unserve_blobs(&self, peer: PeerId, ids: Vec<ContentId>) {
+        let _ = self.call(|r| Command::UnserveBlobs(peer, ids, r)).await;
     }
 }
 
@@ -1170,7 +1171,9 @@ struct NodeLoop {
     pending_blob:
         HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<BlobReply, String>>>,
     /// Input blobs this node (as a buyer) serves, and the provider allowed to fetch each.
-    served: HashMap<ContentId, (Arc<Vec<u8>>, PeerId)>,
+    served: HashMap<ContentId, Arc<Vec<u8>>>,
+    /// Which provider may fetch which served blob, per job.
+    served_to: crate::jobs::BlobHolders,
     /// Providers that failed this node's jobs, and until when they are avoided.
     down: HashMap<PublicKey, tokio::time::Instant>,
     /// The handles' view of the store, closed at shutdown.
@@ -1366,13 +1369,16 @@ impl NodeLoop {
             }
             Command::ServeBlobs(peer, blobs, r) => {
                 for (id, bytes) in blobs {
-                    self.served.insert(id, (bytes, peer));
+                    self.served.insert(id, bytes);
+                    self.served_to.add(id, peer);
                 }
                 let _ = r.send(());
             }
-            Command::UnserveBlobs(ids, r) => {
+            Command::UnserveBlobs(peer, ids, r) => {
                 for id in ids {
-                    self.served.remove(&id);
+                    if self.served_to.release(&id, &peer) {
+                        self.served.remove(&id);
+                    }
                 }
                 let _ = r.send(());
             }
@@ -2013,7 +2019,9 @@ impl NodeLoop {
                     request, channel, ..
                 } => {
                     let reply = match self.served.get(&request.id) {
-                        Some((bytes, allowed)) if *allowed == peer => chunk_of(bytes, &request),
+                        Some(bytes) if self.served_to.allows(&request.id, &peer) => {
+                            chunk_of(bytes, &request)
+                        }
                         _ => self
                             .provider
                             .serve_blob(peer, &request)

@@ -332,7 +332,7 @@ impl BuyerJob {
             .dispatch_and_wait(peer, &agreement, agreement_id, countersigned, inline)
             .await;
         if !served_ids.is_empty() {
-            self.ctx.net.unserve_blobs(served_ids).await;
+            self.ctx.net.unserve_blobs(peer, served_ids).await;
         }
         let (receipt, inline_outputs) = result?;
         self.set(JobState::Downloading, Some(provider));

@@ -390,3 +390,40 @@ pub fn read_result(
     }
     Ok(Some(JobResult { record, outputs }))
 }
+
+/// Who may fetch which blob, counted per job: blobs are content-addressed, so two jobs (of
+/// the same or different peers) can share one; a blob is released only when no job needs it.
+#[derive(Debug, Default)]
+pub(crate) struct BlobHolders(
+    std::collections::HashMap<ContentId, std::collections::HashMap<libp2p::PeerId, usize>>,
+);
+
+impl BlobHolders {
+    /// One more job of `peer` needs `id`.
+    pub(crate) fn add(&mut self, id: ContentId, peer: libp2p::PeerId) {
+        *self.0.entry(id).or_default().entry(peer).or_insert(0) += 1;
+    }
+
+    /// One job of `peer` no longer needs `id`; true when no job needs it any more.
+    pub(crate) fn release(&mut self, id: &ContentId, peer: &libp2p::PeerId) -> bool {
+        let Some(peers) = self.0.get_mut(id) else {
+            return true;
+        };
+        if let Some(n) = peers.get_mut(peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                peers.remove(peer);
+            }
+        }
+        if peers.is_empty() {
+            self.0.remove(id);
+            return true;
+        }
+        false
+    }
+
+    /// Whether `peer` may fetch `id`.
+    pub(crate) fn allows(&self, id: &ContentId, peer: &libp2p::PeerId) -> bool {
+        self.0.get(id).is_some_and(|p| p.contains_key(peer))
+    }
+}

@@ -95,7 +95,7 @@ pub(crate) struct Provider {
     active: HashMap<ContentId, Active>,
     waiters: HashMap<ContentId, Vec<Waiter>>,
     /// Output blobs not yet countersigned, and the peer allowed to fetch them.
-    outputs_for: HashMap<ContentId, PeerId>,
+    outputs_for: super::BlobHolders,
     next_seq: u64,
     prev: Option<ContentId>,
     #[cfg(feature = "testing")]
@@ -130,7 +130,7 @@ impl Provider {
             }
             None => (0, None),
         };
-        let mut outputs_for = HashMap::new();
+        let mut outputs_for = super::BlobHolders::default();
         let mut failed = 0usize;
         for mut rec in store.all::<ProviderJobRecord>(JobTree::ProviderJobs)? {
             match rec.phase {
@@ -139,7 +139,7 @@ impl Provider {
                         let buyer = rec.agreement.signed.decode_unverified().map(|a| a.buyer);
                         if let Some(b) = buyer.ok().and_then(|b| super::peer_of(&b)) {
                             for o in &rec.outputs {
-                                outputs_for.insert(*o, b);
+                                outputs_for.add(*o, b);
                             }
                         }
                     }
@@ -689,7 +689,7 @@ impl Provider {
         self.prev = Some(signed.id());
         for (bid, _) in &blobs {
             if let Some(p) = super::peer_of(&a.buyer) {
-                self.outputs_for.insert(*bid, p);
+                self.outputs_for.add(*bid, p);
             }
         }
         info!(agreement = %id.short(), chain_seq = receipt.chain_seq, charge_msat = receipt.charge.0, gpu_us = gpu_time_us, "receipt signed");
@@ -726,11 +726,17 @@ impl Provider {
             return JobReply::Ack;
         }
         rec.countersigned = true;
+        // The buyer has verified and stored the outputs; drop those no other job needs.
+        let unused: Vec<ContentId> = rec
+            .outputs
+            .iter()
+            .filter(|o| self.outputs_for.release(o, &peer))
+            .copied()
+            .collect();
         let res = (|| {
             self.store
                 .put(JobTree::Countersigned, &r.chain_seq.to_be_bytes(), &cs)?;
-            for o in &rec.outputs {
-                // The buyer has verified and stored them.
+            for o in &unused {
                 self.store.remove_blob(o)?;
             }
             self.store
@@ -739,9 +745,6 @@ impl Provider {
         })();
         if let Err(e) = res {
             return JobReply::Refused(format!("provider store: {e}"));
-        }
-        for o in &rec.outputs {
-            self.outputs_for.remove(o);
         }
         self.emit(ProviderEvent::Countersigned {
             agreement: r.agreement_id,
@@ -773,7 +776,7 @@ impl Provider {
 
     /// Serves a chunk of an output blob to the buyer it belongs to.
     pub(crate) fn serve_blob(&self, peer: PeerId, req: &BlobRequest) -> Option<BlobReply> {
-        if self.outputs_for.get(&req.id) != Some(&peer) {
+        if !self.outputs_for.allows(&req.id, &peer) {
             return None;
         }
         let bytes = self.store.blob(&req.id).ok().flatten()?;
@@ -914,5 +917,128 @@ impl RunTask {
             .await
             .map_err(|e: ExecError| e.to_string())?;
         Ok((started, out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hashgrid_protocol::{Msat, OrderRef};
+
+    fn agreement(buyer: &Keypair, provider: &Keypair, nonce: u64) -> Agreement {
+        let now = Timestamp::now();
+        Agreement {
+            buyer: buyer.public(),
+            provider: provider.public(),
+            bid: OrderRef {
+                owner: buyer.public(),
+                order_id: 1,
+            },
+            ask: OrderRef {
+                owner: provider.public(),
+                order_id: 1,
+            },
+            units: 1,
+            price: Msat(100),
+            max_seconds: 60,
+            max_charge: Msat(6000),
+            spec_id: ContentId::of(b"spec"),
+            nonce,
+            created_at: now,
+            expires_at: now.plus_ms(60_000),
+        }
+    }
+
+    /// Two buyers' jobs produced the same output blob; the first countersignature must not
+    /// delete it while the second job still needs it.
+    #[test]
+    fn a_shared_output_survives_the_first_countersignature() {
+        let net = Network::test();
+        let store = Store::temporary().unwrap();
+        let pk = Keypair::generate().unwrap();
+        let (b1, b2) = (Keypair::generate().unwrap(), Keypair::generate().unwrap());
+        let (events, _) = broadcast::channel(16);
+        let (tx, _rx) = mpsc::channel(4);
+        let mut p =
+            Provider::new(None, pk.clone(), net.clone(), store.clone(), events, tx, 1).unwrap();
+        let output = b"the same output".to_vec();
+        let out_id = ContentId::of(&output);
+        store.put_blob(&out_id, &output).unwrap();
+        let mut signed_receipts = Vec::new();
+        for (seq, buyer) in [&b1, &b2].into_iter().enumerate() {
+            let a = Signed::sign(&pk, &net, &agreement(buyer, &pk, seq as u64));
+            let receipt = Receipt {
+                job_id: ContentId::of(&[seq as u8]),
+                agreement_id: a.id(),
+                buyer: buyer.public(),
+                provider: pk.public(),
+                spec_id: ContentId::of(b"spec"),
+                inputs: Vec::new(),
+                outputs: vec![OutputRecord {
+                    name: "out".into(),
+                    id: out_id,
+                    bytes: output.len() as u64,
+                }],
+                adapter: hashgrid_protocol::GpuProfile {
+                    name: "test".into(),
+                    vendor: 0,
+                    device: 0,
+                    backend: hashgrid_protocol::Backend::Vulkan,
+                    device_type: hashgrid_protocol::DeviceType::Cpu,
+                    driver: String::new(),
+                    memory_bytes: 1,
+                    limits: Default::default(),
+                    bench: Default::default(),
+                },
+                started_at: Timestamp::now(),
+                finished_at: Timestamp::now(),
+                gpu_time_us: 1,
+                charge: Msat(1),
+                chain_seq: seq as u64,
+                prev_receipt: signed_receipts.last().map(|s: &Signed<Receipt>| s.id()),
+            };
+            let signed = Signed::sign(&pk, &net, &receipt);
+            store
+                .put(JobTree::Receipts, &(seq as u64).to_be_bytes(), &signed)
+                .unwrap();
+            let rec = ProviderJobRecord {
+                agreement_id: a.id(),
+                agreement: a.countersign(buyer, &net),
+                job_id: receipt.job_id,
+                phase: JobPhase::Done,
+                receipt_seq: Some(seq as u64),
+                outputs: vec![out_id],
+                failure: None,
+                countersigned: false,
+            };
+            store
+                .put(JobTree::ProviderJobs, a.id().as_bytes(), &rec)
+                .unwrap();
+            p.outputs_for.add(out_id, buyer.public().to_peer_id());
+            signed_receipts.push(signed);
+        }
+        let req = BlobRequest {
+            id: out_id,
+            offset: 0,
+            len: 1024,
+        };
+        let (peer1, peer2) = (b1.public().to_peer_id(), b2.public().to_peer_id());
+        let cs1 = signed_receipts[0].countersign(&b1, &net);
+        assert_eq!(p.on_countersign(peer1, cs1), JobReply::Ack);
+        assert!(
+            store.blob(&out_id).unwrap().is_some(),
+            "still needed by job 2"
+        );
+        assert!(p.serve_blob(peer1, &req).is_none(), "job 1 is settled");
+        assert!(matches!(
+            p.serve_blob(peer2, &req),
+            Some(BlobReply::Chunk { .. })
+        ));
+        let cs2 = signed_receipts[1].countersign(&b2, &net);
+        assert_eq!(p.on_countersign(peer2, cs2), JobReply::Ack);
+        assert!(
+            store.blob(&out_id).unwrap().is_none(),
+            "no job needs it any more"
+        );
     }
 }
