@@ -1868,6 +1868,13 @@ impl NodeLoop {
                     }
                 }
             }
+            // A peer subscribed: messages queued for lack of subscribers can go out now
+            // rather than at the next retry tick.
+            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { .. })
+                if !self.unpublished.is_empty() =>
+            {
+                self.retry_publish();
+            }
             BehaviourEvent::Negotiate(ev) => self.on_negotiate_event(ev),
             BehaviourEvent::Job(ev) => self.on_job_event(ev),
             BehaviourEvent::Blob(ev) => self.on_blob_event(ev),

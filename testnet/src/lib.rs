@@ -43,8 +43,14 @@ pub const REGIONS: [&str; 8] = [
 /// The reference kernels the workload draws from.
 pub const KERNELS: [&str; 5] = ["saxpy", "matmul", "reduce", "softmax", "mix"];
 
-/// How often sites are considered for a kill when `kill_rate` > 0.
-pub const KILL_INTERVAL: Duration = Duration::from_secs(10);
+/// How often sites are killed when `kill_rate` > 0.
+pub const KILL_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Share of `duration` over which job submissions are spread (the rest lets the last finish).
+pub const SUBMIT_SPREAD: f64 = 0.75;
+
+/// How long after `duration` unfinished jobs are still waited for before they count as failed.
+pub const GRACE: Duration = Duration::from_secs(60);
 
 /// How long a killed site stays down before it is restarted.
 pub const RESTART_AFTER: Duration = Duration::from_secs(1);
@@ -63,7 +69,8 @@ pub struct Config {
     pub buyers: usize,
     /// Jobs in total, spread over the buyers.
     pub jobs: usize,
-    /// Longest run of the workload, in seconds (jobs not finished by then count as failed).
+    /// Length of the workload: submissions are spread over its first [`SUBMIT_SPREAD`]; jobs
+    /// not finished [`GRACE`] after it count as failed.
     pub duration: Duration,
     /// Fraction of the sites SIGKILLed (and restarted after [`RESTART_AFTER`]) every
     /// [`KILL_INTERVAL`]; at least one per interval when above zero.
@@ -273,6 +280,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
             boot,
         )?);
     }
+    // Each buyer also dials a few sites, as a real buyer configures several bootstrap peers.
+    for b in &buyers {
+        for _ in 0..3.min(cfg.sites) {
+            let _ = b.dial(specs[rng.below(cfg.sites)].addr().parse()?).await;
+        }
+    }
     let launched = started.elapsed();
     info!(sites = cfg.sites, ?launched, "sites launched");
 
@@ -311,25 +324,25 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
             Rng(rng_seed()),
         ))
     });
-    let deadline = Instant::now() + cfg.duration;
+    let workload_start = Instant::now();
+    let deadline = workload_start + cfg.duration + GRACE;
+    let spacing = cfg.duration.mul_f64(SUBMIT_SPREAD) / u32::try_from(cfg.jobs.max(1))?;
     let mut tasks = Vec::new();
-    for (bi, b) in buyers.iter().enumerate() {
-        let n = cfg.jobs / cfg.buyers + usize::from(bi < cfg.jobs % cfg.buyers);
-        let mut picks = Vec::new();
-        for _ in 0..n {
-            let (name, job) = &kernels[rng.below(kernels.len())];
-            picks.push((name.clone(), job.clone()));
-        }
-        tasks.push(tokio::spawn(buyer_loop(
-            b.clone(),
-            picks,
-            network.clone(),
-            deadline,
-        )));
+    for j in 0..cfg.jobs {
+        let b = buyers[j % cfg.buyers].clone();
+        let (name, job) = kernels[rng.below(kernels.len())].clone();
+        // Half the jobs want a particular region (buyers care where their data goes).
+        let region = (rng.below(2) == 0).then(|| REGIONS[rng.below(cfg.regions)].to_string());
+        let at = workload_start + spacing * u32::try_from(j)?;
+        let network = network.clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until(at.into()).await;
+            run_one(&b, name, job, region, &network, deadline).await
+        }));
     }
     let mut outcomes = Vec::new();
     for t in tasks {
-        outcomes.extend(t.await?);
+        outcomes.push(t.await?);
     }
     stop_killing.store(true, std::sync::atomic::Ordering::SeqCst);
     let kills = match killer {
@@ -471,23 +484,11 @@ async fn kill_loop(
     }
 }
 
-async fn buyer_loop(
-    node: NodeHandle,
-    jobs: Vec<(String, LoadedJob)>,
-    network: Network,
-    deadline: Instant,
-) -> Vec<JobOutcome> {
-    let mut out = Vec::new();
-    for (kernel, job) in jobs {
-        out.push(run_one(&node, kernel, job, &network, deadline).await);
-    }
-    out
-}
-
 async fn run_one(
     node: &NodeHandle,
     kernel: String,
     job: LoadedJob,
+    region: Option<String>,
     network: &Network,
     deadline: Instant,
 ) -> JobOutcome {
@@ -505,7 +506,7 @@ async fn run_one(
     };
     let left = deadline.saturating_duration_since(Instant::now());
     if left.is_zero() {
-        o.error = Some("the run's --duration was over before it started".into());
+        o.error = Some("the run's deadline passed before it started".into());
         return o;
     }
     let mut events = node.events();
@@ -515,6 +516,10 @@ async fn run_one(
         inputs: job.inputs,
         options: JobOptions {
             max_attempts: 8,
+            requirements: hashgrid_protocol::Requirements {
+                regions: region.into_iter().collect(),
+                ..Default::default()
+            },
             ..JobOptions::default()
         },
     };
@@ -553,7 +558,7 @@ async fn run_one(
     };
     if tokio::time::timeout(left, wait).await.is_err() {
         let _ = node.cancel_job(&id);
-        o.error = Some("not finished within --duration".into());
+        o.error = Some("not finished within --duration plus the grace period".into());
         return o;
     }
     o.total_ms = t.elapsed().as_secs_f64() * 1000.0;

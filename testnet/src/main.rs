@@ -33,10 +33,10 @@ struct Cli {
     /// Jobs in total, drawn from the reference kernels.
     #[arg(long, default_value_t = 20)]
     jobs: usize,
-    /// Longest time for the workload, in seconds.
-    #[arg(long, default_value_t = 120)]
+    /// Length of the workload in seconds: submissions are spread over its first 3/4.
+    #[arg(long, default_value_t = 60)]
     duration: u64,
-    /// Fraction of sites SIGKILLed (and restarted after 1 s) every 10 s.
+    /// Fraction of sites SIGKILLed (and restarted after 1 s) every 5 s (at least one).
     #[arg(long, default_value_t = 0.0)]
     kill_rate: f64,
     /// Delay between regions, in ms (needs network namespaces; says why when it cannot).

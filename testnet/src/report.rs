@@ -365,18 +365,26 @@ impl std::fmt::Display for Report {
     }
 }
 
-/// A histogram of submit → receipt latency as a small SVG.
+/// A histogram of submit → receipt latency as a small SVG, with logarithmic bins (the
+/// distribution is a tall peak of fast jobs and a long tail of retried ones).
 pub fn svg(r: &Report) -> String {
     let (w, h, left, bottom, top) = (640.0, 320.0, 50.0, 40.0, 30.0);
-    let v = &r.latencies_ms;
-    let max = v.iter().copied().fold(0.0f64, f64::max).max(1.0);
+    let v: Vec<f64> = r.latencies_ms.iter().map(|x| x.max(0.1)).collect();
+    let lo = v
+        .iter()
+        .copied()
+        .fold(f64::INFINITY, f64::min)
+        .min(1.0)
+        .log10();
+    let hi = v.iter().copied().fold(1.0f64, f64::max).log10() + 1e-9;
     let bins = 24usize;
-    let width = max / bins as f64;
+    let step = (hi - lo) / bins as f64;
     let mut counts = vec![0usize; bins];
-    for x in v {
-        let i = ((x / width) as usize).min(bins - 1);
+    for x in &v {
+        let i = (((x.log10() - lo) / step) as usize).min(bins - 1);
         counts[i] += 1;
     }
+    let edge = |i: usize| 10f64.powf(lo + step * i as f64);
     let peak = counts.iter().copied().max().unwrap_or(1).max(1) as f64;
     let plot_w = w - left - 10.0;
     let plot_h = h - bottom - top;
@@ -401,8 +409,8 @@ pub fn svg(r: &Report) -> String {
             s,
             r##"<rect x="{x:.1}" y="{y:.1}" width="{:.1}" height="{bh:.1}" fill="#3b7dd8"><title>{:.1}–{:.1} ms: {c}</title></rect>"##,
             (bw - 1.0).max(1.0),
-            i as f64 * width,
-            (i + 1) as f64 * width
+            edge(i),
+            edge(i + 1)
         );
     }
     let base = top + plot_h;
@@ -410,15 +418,17 @@ pub fn svg(r: &Report) -> String {
         s,
         r##"<line x1="{left}" y1="{base}" x2="{}" y2="{base}" stroke="black"/>
 <line x1="{left}" y1="{top}" x2="{left}" y2="{base}" stroke="black"/>
-<text x="{left}" y="{}">0</text>
-<text x="{}" y="{}" text-anchor="end">{max:.0} ms</text>
-<text x="{}" y="{}" text-anchor="middle">latency (ms)</text>
+<text x="{left}" y="{}">{:.1} ms</text>
+<text x="{}" y="{}" text-anchor="end">{:.0} ms</text>
+<text x="{}" y="{}" text-anchor="middle">latency (log scale)</text>
 <text x="12" y="{}" transform="rotate(-90 12 {})" text-anchor="middle">jobs ({} max per bin)</text>
 </svg>"##,
         left + plot_w,
         base + 14.0,
+        edge(0),
         left + plot_w,
         base + 14.0,
+        edge(bins),
         left + plot_w / 2.0,
         base + 30.0,
         top + plot_h / 2.0,

@@ -56,7 +56,7 @@ fn small_testnet_runs_every_job_and_balances() {
             "--jobs",
             "10",
         ])
-        .args(["--duration", "120"])
+        .args(["--duration", "8"])
         .arg("--node-binary")
         .arg(node_binary())
         .arg("--work-dir")
