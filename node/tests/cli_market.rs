@@ -240,3 +240,83 @@ async fn bad_jobs_fail_with_exit_2_before_any_network_traffic() {
 
     assert!(!data.join("store").exists(), "no node was started");
 }
+
+/// Ctrl-C during `submit` cancels the job cleanly: exit 130, and the job is recorded as
+/// cancelled (nothing is countersigned for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_cancels_a_running_submit() {
+    use std::io::{BufRead, BufReader};
+    let p = provider(50, None).await;
+    let boot = p.listen_addrs().await.unwrap()[0].to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("buyer");
+    // A job that runs for seconds on lavapipe: 64k invocations × 50k iterations.
+    let job = dir.path().join("slow");
+    std::fs::create_dir_all(&job).unwrap();
+    std::fs::write(
+        job.join("slow.wgsl"),
+        "@group(0) @binding(0) var<storage, read_write> out: array<f32>;\n\
+         @compute @workgroup_size(64)\n\
+         fn main(@builtin(global_invocation_id) id: vec3<u32>) {\n\
+           var acc = 0.0;\n\
+           for (var i = 0u; i < 50000u; i++) { acc = acc * 0.999 + f32(i ^ id.x); }\n\
+           out[id.x] = acc;\n\
+         }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        job.join("job.toml"),
+        "name = \"slow\"\n[buffers]\nout = { size = 262144, output = true }\n\
+         [[pass]]\nshader = \"slow.wgsl\"\nentry = \"main\"\nworkgroups = [1024, 1, 1]\n\
+         bindings = { 0 = \"out\" }\n",
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hashgrid"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--network", NET, "--bootstrap", &boot, "submit"])
+        .arg(job.join("job.toml"))
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let lines = tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        loop {
+            let line = rx
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .expect("submit never reached `running`");
+            let running = line.contains("running");
+            seen.push(line);
+            if running {
+                return (seen, rx);
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let (seen, rx) = lines;
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(exit.code(), Some(130), "{seen:?}");
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert!(rest.iter().any(|l| l.contains("cancelled")), "{rest:?}");
+    let v = json(&hashgrid(&data, &boot, &["jobs", "--json"]).await);
+    assert_eq!(v[0]["state"], "failed", "{v}");
+    assert_eq!(v[0]["reason"], "cancelled", "{v}");
+    assert!(v[0]["receipt_id"].is_null());
+    p.shutdown().await;
+}
