@@ -11,7 +11,8 @@
 //!   its first connection is up (milliseconds on a LAN).
 //! - **Re-announcement**: every node re-signs and re-publishes its own live orders and its
 //!   capacity ad every `order_ttl / 3` with a fresh sequence number and expiry, so orders
-//!   survive lost messages and expire a TTL after their owner vanished.
+//!   survive lost messages and expire a TTL after their owner vanished; and twice early on
+//!   ([`EARLY_REANNOUNCE_HEARTBEATS`]), once the gossipsub meshes have formed.
 //!
 //! # Shutdown order
 //! [`NodeHandle::shutdown`] (or dropping the last handle):
@@ -51,8 +52,8 @@ use crate::jobs::provider::{Answer, Internal, Provider, chunk_of};
 use crate::jobs::{JobOptions, JobRecord, JobResult, JobState, Submission};
 use crate::network::validate::{TopicKind, Validator, Verdict};
 use crate::network::{
-    Behaviour, BehaviourEvent, BehaviourSettings, MAX_SYNC_MESSAGES, SyncRequest, SyncResponse,
-    peer_score_params,
+    Behaviour, BehaviourEvent, BehaviourSettings, HEARTBEAT_INITIAL_DELAY, MAX_SYNC_MESSAGES,
+    SyncRequest, SyncResponse, peer_score_params,
 };
 use crate::store::{JobTree, OwnOrder, Store, StoreError, StoreSlot};
 use hashgrid_protocol::ContentId;
@@ -83,6 +84,12 @@ pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
 /// How often expired orders are swept from the book. One second: an expired order is gone
 /// within a second of its expiry.
 pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A node re-announces its ad and orders this many heartbeats after it starts (besides at
+/// start and every TTL/3): what a node publishes while it is in nobody's gossipsub mesh yet
+/// spreads only by IHAVE/IWANT gossip, a few heartbeats per hop; re-announcing once meshes have
+/// formed reaches every book in milliseconds. Two extra messages per order at start-up.
+pub const EARLY_REANNOUNCE_HEARTBEATS: [u32; 2] = [2, 5];
 
 /// How often unpublished own messages are retried: right after start, gossipsub has no
 /// subscribed peers yet and publishing fails with `NoPeersSubscribedToTopic`.
@@ -1214,6 +1221,14 @@ impl NodeLoop {
         for t in [&mut reannounce, &mut sweep, &mut retry, &mut walk] {
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         }
+        // Early re-announcements (see the module docs): after the first meshes have formed.
+        let hb = self.settings.heartbeat;
+        let started = tokio::time::Instant::now();
+        let mut early: std::collections::VecDeque<tokio::time::Instant> =
+            EARLY_REANNOUNCE_HEARTBEATS
+                .iter()
+                .map(|n| started + hb * *n + HEARTBEAT_INITIAL_DELAY)
+                .collect();
         let shutdown_reply = loop {
             tokio::select! {
                 ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
@@ -1227,6 +1242,10 @@ impl NodeLoop {
                     self.answer(answers);
                 }
                 _ = reannounce.tick() => self.announce_all(),
+                _ = tokio::time::sleep_until(early.front().copied().unwrap_or(started)), if !early.is_empty() => {
+                    early.pop_front();
+                    self.announce_all();
+                }
                 _ = sweep.tick() => {
                     self.sweep();
                     let answers = self.provider.tick();
