@@ -91,6 +91,11 @@ pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// formed reaches every book in milliseconds. Two extra messages per order at start-up.
 pub const EARLY_REANNOUNCE_HEARTBEATS: [u32; 2] = [2, 5];
 
+/// Anti-entropy: besides the sync on every new connection, a node pulls the book of one
+/// random connected peer this often, so a message that gossip did not deliver (published
+/// before the meshes formed, or lost) arrives anyway.
+pub const ANTI_ENTROPY_INTERVAL: Duration = Duration::from_secs(30);
+
 /// How often unpublished own messages are retried: right after start, gossipsub has no
 /// subscribed peers yet and publishing fails with `NoPeersSubscribedToTopic`.
 pub const PUBLISH_RETRY_INTERVAL: Duration = Duration::from_millis(200);
@@ -1218,7 +1223,17 @@ impl NodeLoop {
         let mut sweep = tokio::time::interval(self.settings.sweep_interval);
         let mut retry = tokio::time::interval(PUBLISH_RETRY_INTERVAL);
         let mut walk = tokio::time::interval(self.settings.kad_walk_interval);
-        for t in [&mut reannounce, &mut sweep, &mut retry, &mut walk] {
+        let mut entropy = tokio::time::interval_at(
+            tokio::time::Instant::now() + ANTI_ENTROPY_INTERVAL,
+            ANTI_ENTROPY_INTERVAL,
+        );
+        for t in [
+            &mut reannounce,
+            &mut sweep,
+            &mut retry,
+            &mut walk,
+            &mut entropy,
+        ] {
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         }
         // Early re-announcements (see the module docs): after the first meshes have formed.
@@ -1242,6 +1257,7 @@ impl NodeLoop {
                     self.answer(answers);
                 }
                 _ = reannounce.tick() => self.announce_all(),
+                _ = entropy.tick() => self.pull_random_peer(),
                 _ = tokio::time::sleep_until(early.front().copied().unwrap_or(started)), if !early.is_empty() => {
                     early.pop_front();
                     self.announce_all();
@@ -1289,6 +1305,22 @@ impl NodeLoop {
         if let Some(r) = shutdown_reply {
             let _ = r.send(());
         }
+    }
+
+    /// Pulls the book of one random connected peer (anti-entropy).
+    fn pull_random_peer(&mut self) {
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        if peers.is_empty() {
+            return;
+        }
+        let pick = usize::try_from(Timestamp::now().0 % peers.len() as u64).unwrap_or(0);
+        let peer = peers[pick];
+        self.swarm.behaviour_mut().sync.send_request(
+            &peer,
+            SyncRequest {
+                max: MAX_SYNC_MESSAGES as u32,
+            },
+        );
     }
 
     fn answer(&mut self, answers: Vec<Answer>) {

@@ -55,6 +55,9 @@ pub const GRACE: Duration = Duration::from_secs(60);
 /// How long a killed site stays down before it is restarted.
 pub const RESTART_AFTER: Duration = Duration::from_secs(1);
 
+/// Sites each buyer dials besides site 0.
+pub const BUYER_DIALS: usize = 5;
+
 /// How long the testnet waits for every book to hold every ask.
 pub const CONVERGENCE_LIMIT: Duration = Duration::from_secs(60);
 
@@ -252,7 +255,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     }
 
     // Buyers join through site 0 and watch their books fill.
-    let arrivals: Arc<Mutex<Vec<f64>>> = Arc::default();
+    let arrivals: Arc<Mutex<Vec<Arrival>>> = Arc::default();
     let mut buyers = Vec::new();
     for _ in 0..cfg.buyers {
         let b = Node::builder()
@@ -269,9 +272,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
 
     for spec in specs.iter().skip(1) {
         std::fs::copy(&cache, spec.data_dir.join("bench-cache.json"))?;
-        let mut boot = vec![seed_addr.clone()];
-        if spec.index > 1 {
-            boot.push(specs[rng.below(spec.index - 1) + 1].addr());
+        // Up to three earlier sites, chosen at random: a mesh-friendly random graph rather
+        // than a star around site 0 (a real site lists a few bootstrap peers).
+        let mut boot: Vec<String> = Vec::new();
+        for _ in 0..3 {
+            let a = specs[rng.below(spec.index)].addr();
+            if !boot.contains(&a) {
+                boot.push(a);
+            }
         }
         running.push(Site::start(
             &cfg.node_binary,
@@ -282,7 +290,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     }
     // Each buyer also dials a few sites, as a real buyer configures several bootstrap peers.
     for b in &buyers {
-        for _ in 0..3.min(cfg.sites) {
+        for _ in 0..BUYER_DIALS.min(cfg.sites) {
             let _ = b.dial(specs[rng.below(cfg.sites)].addr().parse()?).await;
         }
     }
@@ -311,6 +319,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let convergence_after_launch = convergence.saturating_sub(launched);
+    let converged_at = Timestamp::now().0;
+    // When each site's first ask was signed (the earliest version any buyer saw), and so the
+    // last of them: convergence counted from there is propagation only, without start-up.
+    let last_signed = {
+        let a = arrivals.lock().map(|a| a.clone()).unwrap_or_default();
+        let mut first: HashMap<PublicKey, u64> = HashMap::new();
+        for x in &a {
+            let e = first.entry(x.provider).or_insert(x.created_at);
+            *e = (*e).min(x.created_at);
+        }
+        first.values().copied().max().unwrap_or(converged_at)
+    };
+    let convergence_after_last_ask =
+        Duration::from_millis(converged_at.saturating_sub(last_signed));
     info!(?convergence, "every book holds every ask");
 
     // The workload, with the killer alongside.
@@ -374,7 +396,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         });
     }
     let leftover = sites.iter_mut().map(|s| s.running()).filter(|r| *r).count();
-    let arrivals = arrivals.lock().map(|a| a.clone()).unwrap_or_default();
+    let arrivals: Vec<f64> = arrivals
+        .lock()
+        .map(|a| a.iter().map(|x| x.delay_ms).collect())
+        .unwrap_or_default();
     let keys = site_keys(&sites);
     drop(sites);
     Ok(report::build(report::Inputs {
@@ -382,6 +407,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         network: network_name,
         convergence,
         convergence_after_launch,
+        convergence_after_last_ask,
         arrivals,
         outcomes,
         sites: site_reports,
@@ -418,8 +444,16 @@ fn audit_site(binary: &Path, dir: &Path, network: &str) -> Result<serde_json::Va
     serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
 }
 
+/// An ask arriving in a buyer's book for the first time.
+#[derive(Debug, Clone, Copy)]
+struct Arrival {
+    provider: PublicKey,
+    created_at: u64,
+    delay_ms: f64,
+}
+
 /// Records, for each ask a buyer learns of, how long after its signing it arrived.
-fn spawn_arrival_watch(node: &NodeHandle, into: Arc<Mutex<Vec<f64>>>) {
+fn spawn_arrival_watch(node: &NodeHandle, into: Arc<Mutex<Vec<Arrival>>>) {
     let mut events = node.events();
     let node = node.clone();
     tokio::spawn(async move {
@@ -434,7 +468,11 @@ fn spawn_arrival_watch(node: &NodeHandle, into: Arc<Mutex<Vec<f64>>>) {
                     if let Some(a) = book.asks.iter().find(|a| a.order_ref() == order)
                         && let Ok(mut v) = into.lock()
                     {
-                        v.push(now.saturating_sub(a.created_at.0) as f64);
+                        v.push(Arrival {
+                            provider: a.provider,
+                            created_at: a.created_at.0,
+                            delay_ms: now.saturating_sub(a.created_at.0) as f64,
+                        });
                     }
                 }
                 Ok(_) => {}
