@@ -11,6 +11,7 @@
 //! Settlement here is the ledger view: countersigned receipts are the IOUs, summed per
 //! counterparty on both sides (BTC settlement is issue 8).
 
+pub mod netns;
 pub mod report;
 pub mod sites;
 
@@ -102,13 +103,9 @@ impl Default for Config {
     }
 }
 
-/// Whether `--latency-ms` can be honoured here, and why not.
+/// Whether `--latency-ms` can be honoured here (root and iproute2), and why not.
 pub fn latency_support() -> Result<(), String> {
-    Err(
-        "per-region network namespaces with netem delay are not implemented yet (they need root \
-         and iproute2); the testnet runs every site on the host's loopback without added latency"
-            .into(),
-    )
+    netns::supported()
 }
 
 fn rng_seed() -> u64 {
@@ -186,12 +183,26 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     if !(0.0..=1.0).contains(&cfg.kill_rate) {
         bail!("--kill-rate is a fraction of the sites, between 0 and 1");
     }
-    let latency_note = if cfg.latency_ms > 0 {
-        let why = latency_support().err().unwrap_or_default();
-        warn!("--latency-ms {}: {why}", cfg.latency_ms);
-        Some(why)
+    let tag = format!("{:04x}", rng_seed() % 0xffff);
+    let (regions, latency_note) = if cfg.latency_ms > 0 {
+        match netns::Regions::setup(&tag, cfg.regions, cfg.latency_ms) {
+            Ok(r) => {
+                info!(
+                    latency_ms = cfg.latency_ms,
+                    "one network namespace per region, netem delay between them"
+                );
+                (Some(r), None)
+            }
+            Err(why) => {
+                warn!(
+                    "--latency-ms {}: cannot apply it ({why}); running on loopback without added latency",
+                    cfg.latency_ms
+                );
+                (None, Some(why))
+            }
+        }
     } else {
-        None
+        (None, None)
     };
     let kernels = load_kernels()?;
     let tmp;
@@ -217,13 +228,24 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         let data_dir = work.join(format!("site-{i:02}"));
         std::fs::create_dir_all(&data_dir)?;
         let peer_id = sites::create_identity(&cfg.node_binary, &data_dir)?;
+        let region = i % cfg.regions;
+        let (ip, ns, port) = match &regions {
+            Some(r) => (
+                r.add_site(region, i).map_err(anyhow::Error::msg)?,
+                Some(r.ns(region)),
+                4001,
+            ),
+            None => ("127.0.0.1".to_string(), None, sites::free_port()?),
+        };
         specs.push(SiteSpec {
             index: i,
-            region: REGIONS[i % cfg.regions].to_string(),
+            region: REGIONS[region].to_string(),
             price: 50 + (i as u64 * 37) % 100,
             units: 1 + (i % 3) as u32,
             data_dir,
-            port: sites::free_port()?,
+            ip,
+            ns,
+            port,
             peer_id,
         });
     }

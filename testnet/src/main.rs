@@ -39,7 +39,8 @@ struct Cli {
     /// Fraction of sites SIGKILLed (and restarted after 1 s) every 5 s (at least one).
     #[arg(long, default_value_t = 0.0)]
     kill_rate: f64,
-    /// Delay between regions, in ms (needs network namespaces; says why when it cannot).
+    /// Delay between regions, in ms: one network namespace per region with netem (needs root
+    /// and iproute2; otherwise says why and runs on loopback without it).
     #[arg(long, default_value_t = 0)]
     latency_ms: u64,
     /// Write the report as JSON here, and an SVG chart next to it.

@@ -284,6 +284,12 @@ impl std::fmt::Display for Report {
         )?;
         if let Some(n) = &self.latency_note {
             writeln!(f, "  latency: not applied: {n}")?;
+        } else if self.latency_ms > 0 {
+            writeln!(
+                f,
+                "  latency              {} ms between regions (a network namespace per region, netem)",
+                self.latency_ms
+            )?;
         }
         writeln!(
             f,

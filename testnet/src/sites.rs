@@ -53,7 +53,11 @@ pub struct SiteSpec {
     pub units: u32,
     /// Its data dir.
     pub data_dir: PathBuf,
-    /// Its loopback port.
+    /// Its address: 127.0.0.1, or its own address in its region's network namespace.
+    pub ip: String,
+    /// Its region's network namespace, when regional latency is on.
+    pub ns: Option<String>,
+    /// Its port.
     pub port: u16,
     /// Its PeerId.
     pub peer_id: String,
@@ -62,7 +66,7 @@ pub struct SiteSpec {
 impl SiteSpec {
     /// Its dialable address.
     pub fn addr(&self) -> String {
-        format!("/ip4/127.0.0.1/tcp/{}/p2p/{}", self.port, self.peer_id)
+        format!("/ip4/{}/tcp/{}/p2p/{}", self.ip, self.port, self.peer_id)
     }
 }
 
@@ -130,11 +134,19 @@ impl Site {
     fn spawn(&mut self) -> anyhow::Result<()> {
         let log = std::fs::File::create(self.spec.data_dir.join("node.log"))
             .context("creating the site's log")?;
-        let mut cmd = Command::new(&self.binary);
+        let mut cmd = match &self.spec.ns {
+            Some(ns) => {
+                // `ip netns exec` execs the binary: the child's pid is the node's.
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.binary);
+                c
+            }
+            None => Command::new(&self.binary),
+        };
         cmd.arg("--data-dir")
             .arg(&self.spec.data_dir)
             .args(["run", "--network", &self.network, "--listen"])
-            .arg(format!("/ip4/127.0.0.1/tcp/{}", self.spec.port))
+            .arg(format!("/ip4/{}/tcp/{}", self.spec.ip, self.spec.port))
             .args(["--region", &self.spec.region, "--price"])
             .arg(self.spec.price.to_string())
             .arg("--units")
