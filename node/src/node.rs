@@ -1182,14 +1182,10 @@ struct NodeLoop {
     internal_rx: mpsc::Receiver<Internal>,
     /// Weak, so the node still stops when the last handle is dropped.
     cmd_weak: mpsc::WeakSender<Command>,
-    pending_negotiate: HashMap<
-        request_response::OutboundRequestId,
-        oneshot::Sender<Result<NegotiateReply, String>>,
-    >,
-    pending_job:
-        HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<JobReply, String>>>,
-    pending_blob:
-        HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<BlobReply, String>>>,
+    /// Callers waiting for the answers to this node's outbound requests.
+    pending_negotiate: Pending<NegotiateReply>,
+    pending_job: Pending<JobReply>,
+    pending_blob: Pending<BlobReply>,
     /// Input blobs this node (as a buyer) serves, and the provider allowed to fetch each.
     served: HashMap<ContentId, Arc<Vec<u8>>>,
     /// Which provider may fetch which served blob, per job.
@@ -2009,132 +2005,101 @@ impl NodeLoop {
     }
 
     fn on_negotiate_event(&mut self, ev: request_response::Event<Propose, NegotiateReply>) {
-        match ev {
-            request_response::Event::Message { peer, message, .. } => match message {
-                request_response::Message::Request {
-                    request, channel, ..
-                } => {
-                    let ask = self.own_ask(request.ask.order_id);
-                    let reply = self.provider.on_propose(peer, request, ask);
-                    let _ = self
-                        .swarm
-                        .behaviour_mut()
-                        .negotiate
-                        .send_response(channel, reply);
-                }
-                request_response::Message::Response {
-                    request_id,
-                    response,
-                } => {
-                    if let Some(r) = self.pending_negotiate.remove(&request_id) {
-                        let _ = r.send(Ok(response));
-                    }
-                }
-            },
-            request_response::Event::OutboundFailure {
-                request_id, error, ..
-            } => {
-                if let Some(r) = self.pending_negotiate.remove(&request_id) {
-                    let _ = r.send(Err(error.to_string()));
-                }
-            }
-            request_response::Event::InboundFailure { peer, error, .. } => {
-                debug!(%peer, %error, "inbound proposal failed");
-            }
-            request_response::Event::ResponseSent { .. } => {}
-        }
+        let Some((peer, request, channel)) =
+            split_event(&mut self.pending_negotiate, ev, "proposal")
+        else {
+            return;
+        };
+        let ask = self.own_ask(request.ask.order_id);
+        let reply = self.provider.on_propose(peer, request, ask);
+        let _ = self
+            .swarm
+            .behaviour_mut()
+            .negotiate
+            .send_response(channel, reply);
     }
 
     fn on_job_event(&mut self, ev: request_response::Event<JobMessage, JobReply>) {
-        match ev {
-            request_response::Event::Message { peer, message, .. } => match message {
-                request_response::Message::Request {
-                    request, channel, ..
-                } => {
-                    let reply = match request {
-                        JobMessage::Dispatch(d) => match self.net() {
-                            Some(net) => self.provider.on_dispatch(peer, *d, &net),
-                            None => JobReply::Refused("the node is stopping".into()),
-                        },
-                        JobMessage::Await { agreement, seen } => {
-                            if let Some(answer) =
-                                self.provider.on_await(peer, agreement, seen, channel)
-                            {
-                                self.answer(vec![answer]);
-                            }
-                            return;
-                        }
-                        JobMessage::Countersign(cs) => self.provider.on_countersign(peer, cs),
-                        JobMessage::Dispute { agreement, reason } => {
-                            self.provider.on_dispute(peer, agreement, reason)
-                        }
-                    };
-                    let _ = self.swarm.behaviour_mut().job.send_response(channel, reply);
-                }
-                request_response::Message::Response {
-                    request_id,
-                    response,
-                } => {
-                    if let Some(r) = self.pending_job.remove(&request_id) {
-                        let _ = r.send(Ok(response));
-                    }
-                }
+        let Some((peer, request, channel)) = split_event(&mut self.pending_job, ev, "job request")
+        else {
+            return;
+        };
+        let reply = match request {
+            JobMessage::Dispatch(d) => match self.net() {
+                Some(net) => self.provider.on_dispatch(peer, *d, &net),
+                None => JobReply::Refused("the node is stopping".into()),
             },
-            request_response::Event::OutboundFailure {
-                request_id, error, ..
-            } => {
-                if let Some(r) = self.pending_job.remove(&request_id) {
-                    let _ = r.send(Err(error.to_string()));
+            JobMessage::Await { agreement, seen } => {
+                if let Some(answer) = self.provider.on_await(peer, agreement, seen, channel) {
+                    self.answer(vec![answer]);
                 }
+                return;
             }
-            request_response::Event::InboundFailure { peer, error, .. } => {
-                debug!(%peer, %error, "inbound job request failed");
+            JobMessage::Countersign(cs) => self.provider.on_countersign(peer, cs),
+            JobMessage::Dispute { agreement, reason } => {
+                self.provider.on_dispute(peer, agreement, reason)
             }
-            request_response::Event::ResponseSent { .. } => {}
-        }
+        };
+        let _ = self.swarm.behaviour_mut().job.send_response(channel, reply);
     }
 
     fn on_blob_event(&mut self, ev: request_response::Event<BlobRequest, BlobReply>) {
-        match ev {
-            request_response::Event::Message { peer, message, .. } => match message {
-                request_response::Message::Request {
-                    request, channel, ..
-                } => {
-                    let reply = match self.served.get(&request.id) {
-                        Some(bytes) if self.served_to.allows(&request.id, &peer) => {
-                            chunk_of(bytes, &request)
-                        }
-                        _ => self
-                            .provider
-                            .serve_blob(peer, &request)
-                            .unwrap_or(BlobReply::NotFound),
-                    };
-                    let _ = self
-                        .swarm
-                        .behaviour_mut()
-                        .blob
-                        .send_response(channel, reply);
-                }
-                request_response::Message::Response {
-                    request_id,
-                    response,
-                } => {
-                    if let Some(r) = self.pending_blob.remove(&request_id) {
-                        let _ = r.send(Ok(response));
-                    }
-                }
-            },
-            request_response::Event::OutboundFailure {
-                request_id, error, ..
+        let Some((peer, request, channel)) =
+            split_event(&mut self.pending_blob, ev, "blob request")
+        else {
+            return;
+        };
+        let reply = match self.served.get(&request.id) {
+            Some(bytes) if self.served_to.allows(&request.id, &peer) => chunk_of(bytes, &request),
+            _ => self
+                .provider
+                .serve_blob(peer, &request)
+                .unwrap_or(BlobReply::NotFound),
+        };
+        let _ = self
+            .swarm
+            .behaviour_mut()
+            .blob
+            .send_response(channel, reply);
+    }
+}
+
+type Pending<T> = HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<T, String>>>;
+
+/// Routes responses and failures of this node's outbound requests to their waiting callers and
+/// returns inbound requests for the caller to answer.
+fn split_event<Req, Resp>(
+    pending: &mut Pending<Resp>,
+    ev: request_response::Event<Req, Resp>,
+    what: &str,
+) -> Option<(PeerId, Req, request_response::ResponseChannel<Resp>)> {
+    match ev {
+        request_response::Event::Message { peer, message, .. } => match message {
+            request_response::Message::Request {
+                request, channel, ..
+            } => Some((peer, request, channel)),
+            request_response::Message::Response {
+                request_id,
+                response,
             } => {
-                if let Some(r) = self.pending_blob.remove(&request_id) {
-                    let _ = r.send(Err(error.to_string()));
+                if let Some(r) = pending.remove(&request_id) {
+                    let _ = r.send(Ok(response));
                 }
+                None
             }
-            request_response::Event::InboundFailure { peer, error, .. } => {
-                debug!(%peer, %error, "inbound blob request failed");
+        },
+        request_response::Event::OutboundFailure {
+            request_id, error, ..
+        } => {
+            if let Some(r) = pending.remove(&request_id) {
+                let _ = r.send(Err(error.to_string()));
             }
-            request_response::Event::ResponseSent { .. } => {}
+            None
         }
+        request_response::Event::InboundFailure { peer, error, .. } => {
+            debug!(%peer, %error, "inbound {what} failed");
+            None
+        }
+        request_response::Event::ResponseSent { .. } => None,
     }
 }

@@ -10,36 +10,28 @@ use std::process::Command;
 /// Prefix of the namespace and interface names.
 const PREFIX: &str = "hg";
 
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
+fn run(tool: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new(tool)
         .args(args)
         .output()
-        .map_err(|e| format!("cannot run ip: {e}"))?;
+        .map_err(|e| format!("cannot run {tool}: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
         Err(format!(
-            "ip {}: {}",
+            "{tool} {}: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         ))
     }
 }
 
+fn ip(args: &[&str]) -> Result<(), String> {
+    run("ip", args)
+}
+
 fn tc(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("tc")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run tc: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "tc {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    run("tc", args)
 }
 
 /// Whether this process can create namespaces: root, with `ip` and `tc` on the PATH.
@@ -110,17 +102,10 @@ impl Regions {
             tc(&[
                 "qdisc", "add", "dev", &host, "root", "netem", "delay", &half,
             ])?;
-            let out = Command::new("ip")
-                .args(["netns", "exec", &ns, "tc", "qdisc", "add", "dev", &inner])
-                .args(["root", "netem", "delay", &half])
-                .output()
-                .map_err(|e| e.to_string())?;
-            if !out.status.success() {
-                return Err(format!(
-                    "netem in {ns}: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
-            }
+            ip(&[
+                "netns", "exec", &ns, "tc", "qdisc", "add", "dev", &inner, "root", "netem",
+                "delay", &half,
+            ])?;
         }
         Ok(r)
     }

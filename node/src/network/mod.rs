@@ -212,7 +212,7 @@ impl Behaviour {
         };
 
         let sync = request_response::Behaviour::with_codec(
-            SyncCodec,
+            SyncCodec::default(),
             [(SYNC_PROTOCOL, ProtocolSupport::Full)],
             request_response::Config::default().with_request_timeout(SYNC_REQUEST_TIMEOUT),
         );
