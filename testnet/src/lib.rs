@@ -265,9 +265,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     let t = Instant::now();
     while !cache.exists() {
         if !running[0].running() {
+            // Quote the log: a temporary work dir is gone once we return.
+            let log =
+                std::fs::read_to_string(specs[0].data_dir.join("node.log")).unwrap_or_default();
+            let tail: Vec<&str> = log
+                .lines()
+                .filter(|l| !l.contains("XDG_RUNTIME_DIR"))
+                .collect();
             bail!(
-                "site 0 exited; see {}",
-                specs[0].data_dir.join("node.log").display()
+                "site 0 (hashgrid-node run) exited at start:\n{}",
+                tail[tail.len().saturating_sub(10)..].join("\n")
             );
         }
         if t.elapsed() > Duration::from_secs(120) {
