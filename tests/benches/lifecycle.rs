@@ -12,9 +12,36 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use hashgrid_node::jobs::{JobOptions, JobState, Submission};
-use hashgrid_node::{ExecConfig, Executor, Node};
+use hashgrid_node::{ExecConfig, Executor, Node, NodeEvent};
 use hashgrid_protocol::{JobLimits, load_job_file};
 use hashgrid_tests::{addr_of, start_provider, test_network, wait_for_asks};
+
+/// The states the buyer reports, and what the time up to each covers.
+const STAGES: [(&str, &str); 7] = [
+    ("matching", "submit: offline check, store, task start"),
+    ("agreed", "match + propose + agreement signed/verified"),
+    ("uploading", "countersign agreement"),
+    ("queued", "dispatch (inputs inline), provider flush"),
+    ("running", "provider queue → executor"),
+    (
+        "downloading",
+        "run + receipt signed and flushed + long poll",
+    ),
+    ("done", "verify, store (flush), countersign round trip"),
+];
+
+fn state_name(s: &JobState) -> &'static str {
+    match s {
+        JobState::Matching => "matching",
+        JobState::Agreed => "agreed",
+        JobState::Uploading => "uploading",
+        JobState::Queued => "queued",
+        JobState::Running => "running",
+        JobState::Downloading => "downloading",
+        JobState::Done => "done",
+        JobState::Failed { .. } => "failed",
+    }
+}
 
 /// Jobs before measuring (pipeline caches, connections).
 const WARM_UP_JOBS: usize = 10;
@@ -78,10 +105,32 @@ async fn main() -> anyhow::Result<()> {
     wait_for_asks(&buyer, 3).await?;
 
     let (mut total, mut gpu, mut overhead) = (Vec::new(), Vec::new(), Vec::new());
+    // Time of each stage, from the job's state changes as the buyer's node reports them.
+    let mut stages: Vec<Vec<f64>> = vec![Vec::new(); STAGES.len()];
     for i in 0..jobs + WARM_UP_JOBS {
+        let mut events = buyer.events();
         let t = Instant::now();
         let id = buyer.submit(sub.clone()).await?;
-        let rec = tokio::time::timeout(Duration::from_secs(60), buyer.wait(&id)).await??;
+        let mut at: Vec<(usize, f64)> = Vec::new();
+        let follow = async {
+            loop {
+                match events.recv().await {
+                    Ok(NodeEvent::Job(u)) if u.job == id => {
+                        if let Some(k) = STAGES.iter().position(|(s, _)| *s == state_name(&u.state))
+                        {
+                            at.push((k, t.elapsed().as_secs_f64() * 1000.0));
+                        }
+                        if u.state.is_terminal() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), follow).await?;
+        let rec = buyer.wait(&id).await?;
         let ms = t.elapsed().as_secs_f64() * 1000.0;
         if rec.state != JobState::Done {
             bail!("job {i} did not complete: {:?}", rec.state);
@@ -95,6 +144,12 @@ async fn main() -> anyhow::Result<()> {
             total.push(ms);
             gpu.push(g);
             overhead.push(ms - g);
+            // Each stage ends when the next state is reported.
+            let mut prev = 0.0;
+            for (k, when) in at {
+                stages[k].push(when - prev);
+                prev = when;
+            }
         }
     }
     for n in [&buyer, &p1, &p2, &p3] {
@@ -105,13 +160,29 @@ async fn main() -> anyhow::Result<()> {
     let (g50, g99) = r(&mut gpu);
     let (o50, o99) = r(&mut overhead);
     let (l50, l99) = r(&mut local);
+    let stage_p50: Vec<(String, f64)> = STAGES
+        .iter()
+        .zip(stages.iter_mut())
+        .map(|((_, what), v)| {
+            (
+                what.to_string(),
+                if v.is_empty() { 0.0 } else { pct(v, 0.5) },
+            )
+        })
+        .collect();
     if json {
+        let st: Vec<String> = stage_p50
+            .iter()
+            .map(|(w, v)| format!("{w:?}:{v:.3}"))
+            .collect();
+        let stages = st.join(",");
         println!(
             "{{\"benchmark\":\"lifecycle\",\"adapter\":{adapter:?},\"jobs\":{jobs},\
              \"submit_to_receipt_ms\":{{\"p50\":{t50:.3},\"p99\":{t99:.3}}},\
              \"gpu_ms\":{{\"p50\":{g50:.3},\"p99\":{g99:.3}}},\
              \"overhead_ms\":{{\"p50\":{o50:.3},\"p99\":{o99:.3}}},\
-             \"baseline_local_run_ms\":{{\"p50\":{l50:.3},\"p99\":{l99:.3}}}}}"
+             \"baseline_local_run_ms\":{{\"p50\":{l50:.3},\"p99\":{l99:.3}}},\
+             \"stages_p50_ms\":{{{stages}}}}}"
         );
     } else {
         println!("{jobs} saxpy jobs on {adapter}, 1 buyer + 3 providers on loopback:");
@@ -119,6 +190,10 @@ async fn main() -> anyhow::Result<()> {
         println!("  provider GPU time (receipt)     p50 {g50:.2} ms  p99 {g99:.2} ms");
         println!("  overhead (total − GPU time)     p50 {o50:.2} ms  p99 {o99:.2} ms");
         println!("  baseline: local Executor::run   p50 {l50:.2} ms  p99 {l99:.2} ms");
+        println!("  stages (p50), each ending when the buyer reports the next state:");
+        for (what, v) in &stage_p50 {
+            println!("    {what:<44} {v:.2} ms");
+        }
     }
     Ok(())
 }
