@@ -16,6 +16,9 @@ use hashgrid_protocol::{
     verify_receipt_file,
 };
 
+/// The sites' executors, shut down before the process exits.
+static EXECUTORS: std::sync::Mutex<Vec<Executor>> = std::sync::Mutex::new(Vec::new());
+
 struct Site {
     name: &'static str,
     region: &'static str,
@@ -61,6 +64,10 @@ async fn start_site(
     .await?
     .context("no GPU adapter: install Mesa's lavapipe (apt-get install -y mesa-vulkan-drivers)")?;
     let gpu = exec.profile();
+    EXECUTORS
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .push(exec.clone());
     let mut b = Node::builder()
         .network(net.clone())
         .listen("/ip4/127.0.0.1/tcp/0".parse()?)
@@ -225,5 +232,8 @@ async fn main() -> anyhow::Result<()> {
     for n in sites.iter().chain([&buyer]) {
         n.shutdown().await;
     }
+    // Release the GPU before the process exits.
+    let execs = std::mem::take(&mut *EXECUTORS.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+    tokio::task::spawn_blocking(move || execs.iter().for_each(Executor::shutdown)).await?;
     Ok(())
 }

@@ -74,8 +74,8 @@ pub async fn run_site(
         None
     };
     let mut builder = config.builder();
-    if let Some(exec) = executor {
-        builder = builder.executor(exec);
+    if let Some(exec) = &executor {
+        builder = builder.executor(exec.clone());
     }
     let node = builder.start().await?;
     info!(peer_id = %node.peer_id(), network = %config.network, region = %config.region, "node started");
@@ -94,5 +94,9 @@ pub async fn run_site(
     shutdown.await;
     info!("shutting down");
     node.shutdown().await;
+    // Release the GPU before the process exits (see `Executor::shutdown`).
+    if let Some(exec) = executor {
+        let _ = tokio::task::spawn_blocking(move || exec.shutdown()).await;
+    }
     Ok(())
 }

@@ -140,7 +140,8 @@ async fn daemon_offers_priced_asks_and_stops_on_sigterm() {
             .success()
     );
     wait_line(&rx, |l| l.contains("node stopped"));
-    assert!(wait_exit(&mut child).success());
+    let status = wait_exit(&mut child);
+    assert!(status.success(), "{status:?}");
 
     // Same data dir and port taken by the running peer: a clear error and a failing exit.
     let taken = boot.rsplit_once("/p2p/").unwrap().0.to_string();

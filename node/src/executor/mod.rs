@@ -136,6 +136,8 @@ struct Shared {
     running: AtomicUsize,
     peak: AtomicUsize,
     devices_replaced: AtomicUsize,
+    /// The worker threads, joined by [`Executor::shutdown`].
+    workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 struct Handle {
@@ -179,23 +181,28 @@ impl Executor {
             running: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
             devices_replaced: AtomicUsize::new(0),
+            workers: Mutex::new(Vec::new()),
         });
         // Site config can only lower the protocol's limits.
         let limits = config.limits.min(JobLimits::default());
         // Counted from when a worker starts the job, not from when it was queued.
         let limit = Duration::from_millis(limits.max_job_ms);
+        let shared_for_join = shared.clone();
         for i in 0..config.max_concurrent.max(1) {
             let dev = GpuDevice::open(&adapter, config.pipeline_cache)?;
             let shared = shared.clone();
             let adapter = adapter.clone();
             let cache = config.pipeline_cache;
-            std::thread::Builder::new()
+            let handle = std::thread::Builder::new()
                 .name(format!("hashgrid-gpu-{i}"))
                 .spawn(move || worker(shared, adapter, dev, cache, limit))
                 .map_err(|e| ExecError::Device {
                     adapter: profile.name.clone(),
                     reason: format!("could not start a worker thread: {e}"),
                 })?;
+            if let Ok(mut w) = shared_workers(&shared_for_join) {
+                w.push(handle);
+            }
         }
         Ok(Executor {
             h: Arc::new(Handle {
@@ -275,6 +282,22 @@ impl Executor {
         rx.await.map_err(|_| ExecError::Shutdown)?
     }
 
+    /// Stops the workers after the jobs they are running and waits until they have released
+    /// their devices. Blocking. Call it before the process exits: a GPU driver torn down by
+    /// `exit` while a worker still holds a device can crash the process. Queued jobs fail with
+    /// [`ExecError::Shutdown`]; other handles to this executor stop working.
+    pub fn shutdown(&self) {
+        self.h.shared.shutdown.store(true, Ordering::SeqCst);
+        self.h.shared.ready.notify_all();
+        let workers = match shared_workers(&self.h.shared) {
+            Ok(mut w) => std::mem::take(&mut *w),
+            Err(_) => return,
+        };
+        for w in workers {
+            let _ = w.join();
+        }
+    }
+
     /// Most jobs that have run at once since start.
     pub fn peak_concurrency(&self) -> usize {
         self.h.shared.peak.load(Ordering::SeqCst)
@@ -284,6 +307,12 @@ impl Executor {
     pub fn devices_replaced(&self) -> usize {
         self.h.shared.devices_replaced.load(Ordering::SeqCst)
     }
+}
+
+fn shared_workers(
+    shared: &Shared,
+) -> Result<std::sync::MutexGuard<'_, Vec<std::thread::JoinHandle<()>>>, ()> {
+    shared.workers.lock().map_err(|_| ())
 }
 
 fn worker(

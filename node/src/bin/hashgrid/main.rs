@@ -525,7 +525,10 @@ fn run_local(
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .context("starting the runtime")?;
-    let result = rt.block_on(exec.run("local", job.spec, job.inputs))?;
+    let result = rt.block_on(exec.run("local", job.spec, job.inputs));
+    // Release the GPU before the process exits (see `Executor::shutdown`).
+    exec.shutdown();
+    let result = result?;
     if let Some(dir) = out {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         for o in &result.outputs {
