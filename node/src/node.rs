@@ -812,8 +812,35 @@ impl Net {
         let _ = self.call(|r| Command::ServeBlobs(peer, blobs, r)).await;
     }
 
-    pub(crate) async fn unserve_blobs(&self, peer: PeerId, ids: Vec<ContentId>) {
-        let _ = self.call(|r| Command::UnserveBlobs(peer, ids, r)).await;
+    /// A guard that stops serving `ids` to `peer` when dropped (without waiting: dropping
+    /// happens in synchronous code, e.g. when a cancelled job's task is aborted).
+    pub(crate) fn unserve_on_drop(&self, peer: PeerId, ids: Vec<ContentId>) -> UnserveGuard {
+        UnserveGuard {
+            tx: self.tx.clone(),
+            peer,
+            ids,
+        }
+    }
+}
+
+/// See [`Net::unserve_on_drop`].
+pub(crate) struct UnserveGuard {
+    tx: mpsc::Sender<Command>,
+    peer: PeerId,
+    ids: Vec<ContentId>,
+}
+
+impl Drop for UnserveGuard {
+    fn drop(&mut self) {
+        if self.ids.is_empty() {
+            return;
+        }
+        let (reply, _) = oneshot::channel();
+        let ids = std::mem::take(&mut self.ids);
+        // A full queue (or a stopped node) leaves them served until the node stops.
+        let _ = self
+            .tx
+            .try_send(Command::UnserveBlobs(self.peer, ids, reply));
     }
 }
 

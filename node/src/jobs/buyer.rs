@@ -328,12 +328,11 @@ impl BuyerJob {
         if !served.is_empty() {
             self.ctx.net.serve_blobs(peer, served).await;
         }
+        // Unserved when the attempt ends, also if the job is cancelled (its task aborted).
+        let _served = self.ctx.net.unserve_on_drop(peer, served_ids);
         let result = self
             .dispatch_and_wait(peer, &agreement, agreement_id, countersigned, inline)
             .await;
-        if !served_ids.is_empty() {
-            self.ctx.net.unserve_blobs(peer, served_ids).await;
-        }
         let (receipt, inline_outputs) = result?;
         self.set(JobState::Downloading, Some(provider));
         let (body, outputs) = self
