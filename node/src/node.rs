@@ -1381,20 +1381,14 @@ impl NodeLoop {
     /// The asks that could serve `bid`, best first (the market engine's order), without
     /// excluded or down providers, each with its provider's advertised addresses.
     fn candidates(&self, bid: &Bid, excluded: &[PublicKey]) -> Vec<Candidate> {
-        use hashgrid_market::{NoReputation, OrderBook};
         let now = Timestamp::now().0;
-        let mut book = OrderBook::new();
-        for ask in self.book.asks() {
-            if excluded.contains(&ask.provider) || self.is_down(&ask.provider) {
-                continue;
-            }
-            // Only asks go in: nothing can match, the engine only ranks them.
-            let _ = book.submit_ask(ask.clone(), now, &NoReputation);
-        }
+        let book = self.ask_book(now, |a| {
+            excluded.contains(&a.provider) || self.is_down(&a.provider)
+        });
         book.candidates(
             bid,
             now,
-            &NoReputation,
+            &hashgrid_market::NoReputation,
             crate::jobs::MAX_PROPOSALS_PER_ATTEMPT,
         )
         .into_iter()
@@ -1413,6 +1407,16 @@ impl NodeLoop {
             })
         })
         .collect()
+    }
+
+    /// The live asks of this node's view, except those `skip` names, in the market engine for
+    /// ranking. Only asks go in, so nothing trades: the engine only orders them.
+    fn ask_book(&self, now: u64, skip: impl Fn(&Ask) -> bool) -> hashgrid_market::OrderBook {
+        let mut book = hashgrid_market::OrderBook::new();
+        for ask in self.book.asks().filter(|a| !skip(a)) {
+            let _ = book.submit_ask(ask.clone(), now, &hashgrid_market::NoReputation);
+        }
+        book
     }
 
     fn net(&self) -> Option<Net> {
@@ -1445,12 +1449,8 @@ impl NodeLoop {
                 let _ = r.send(self.candidates(&bid, &excluded));
             }
             Command::Offers(q, r) => {
-                use hashgrid_market::{NoReputation, OrderBook};
                 let now = Timestamp::now().0;
-                let mut book = OrderBook::new();
-                for ask in self.book.asks() {
-                    let _ = book.submit_ask(ask.clone(), now, &NoReputation);
-                }
+                let book = self.ask_book(now, |_| false);
                 let _ = r.send(book.offers(&q, now).into_iter().map(|o| o.ask).collect());
             }
             Command::MarkDown(p, r) => {

@@ -30,19 +30,6 @@ const STAGES: [(&str, &str); 7] = [
     ("done", "verify, store (flush), countersign round trip"),
 ];
 
-fn state_name(s: &JobState) -> &'static str {
-    match s {
-        JobState::Matching => "matching",
-        JobState::Agreed => "agreed",
-        JobState::Uploading => "uploading",
-        JobState::Queued => "queued",
-        JobState::Running => "running",
-        JobState::Downloading => "downloading",
-        JobState::Done => "done",
-        JobState::Failed { .. } => "failed",
-    }
-}
-
 /// Jobs before measuring (pipeline caches, connections).
 const WARM_UP_JOBS: usize = 10;
 
@@ -116,8 +103,7 @@ async fn main() -> anyhow::Result<()> {
             loop {
                 match events.recv().await {
                     Ok(NodeEvent::Job(u)) if u.job == id => {
-                        if let Some(k) = STAGES.iter().position(|(s, _)| *s == state_name(&u.state))
-                        {
+                        if let Some(k) = STAGES.iter().position(|(s, _)| *s == u.state.name()) {
                             at.push((k, t.elapsed().as_secs_f64() * 1000.0));
                         }
                         if u.state.is_terminal() {

@@ -141,6 +141,21 @@ pub enum JobState {
 }
 
 impl JobState {
+    /// A lowercase name: `matching`, `agreed`, `uploading`, `queued`, `running`,
+    /// `downloading`, `done` or `failed`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            JobState::Matching => "matching",
+            JobState::Agreed => "agreed",
+            JobState::Uploading => "uploading",
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Downloading => "downloading",
+            JobState::Done => "done",
+            JobState::Failed { .. } => "failed",
+        }
+    }
+
     /// Whether the job has finished (done or failed).
     pub fn is_terminal(&self) -> bool {
         matches!(self, JobState::Done | JobState::Failed { .. })

@@ -311,16 +311,11 @@ pub(crate) struct SubmitArgs {
     pub(crate) attempts: u32,
 }
 
+/// The progress display's word for a state: a done job is shown as verified.
 fn state_line(s: &JobState) -> &'static str {
     match s {
-        JobState::Matching => "matching",
-        JobState::Agreed => "agreed",
-        JobState::Uploading => "uploading",
-        JobState::Queued => "queued",
-        JobState::Running => "running",
-        JobState::Downloading => "downloading",
         JobState::Done => "verified",
-        JobState::Failed { .. } => "failed",
+        s => s.name(),
     }
 }
 
@@ -572,13 +567,13 @@ fn record_json(r: &JobRecord) -> serde_json::Value {
         JobState::Failed { kind, reason } => {
             ("failed", Some(format!("{kind:?}")), Some(reason.clone()))
         }
-        s => (state_line(s), None, None),
+        s => (s.name(), None, None),
     };
     serde_json::json!({
         "job": r.id.to_string(),
         "name": r.name,
         "spec_id": r.spec_id.to_string(),
-        "state": if state == "verified" { "done" } else { state },
+        "state": state,
         "failure": kind,
         "reason": reason,
         "provider": r.provider.map(|p| p.to_string()),
