@@ -44,6 +44,7 @@ pub mod network;
 pub mod node;
 pub mod site;
 pub mod store;
+pub mod wallet;
 
 pub use book::{BookSnapshot, OrderKind, RemoveReason};
 pub use datadir::DataDir;

@@ -1,0 +1,376 @@
+//! The part of Esplora's HTTP API that wallets use, served from a [`TestChain`]: lets the
+//! Esplora backend (and the `hashgrid wallet` commands) run against the in-process chain, with
+//! responses in Esplora's own JSON shapes (see Blockstream's `esplora/API.md`).
+//!
+//! Endpoints: `GET /blocks[/:height]`, `/blocks/tip/height`, `/blocks/tip/hash`,
+//! `/block-height/:height`, `/block/:hash/header`, `/block/:hash/status`,
+//! `/scripthash/:hash/txs[/chain/:last_txid]`, `/tx/:txid`, `/tx/:txid/raw`, `/tx/:txid/status`,
+//! `/tx/:txid/outspend/:vout`, `/fee-estimates`; `POST /tx`. One thread per connection,
+//! `Connection: close`; for tests and demos, not the internet.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bdk_wallet::bitcoin::{
+    BlockHash, OutPoint, Transaction, Txid,
+    consensus::encode::{deserialize_hex, serialize, serialize_hex},
+    hashes::{Hash, sha256},
+};
+use serde_json::{Value, json};
+
+use super::testchain::{ChainTx, TestChain};
+
+/// Confirmed transactions per page of `/scripthash/:hash/txs` (as Esplora).
+const PAGE: usize = 25;
+/// Largest request body accepted (a broadcast transaction, hex).
+const MAX_BODY: usize = 1 << 20;
+
+/// A running server; stops when dropped.
+#[derive(Debug)]
+pub struct EsploraServer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl EsploraServer {
+    /// Serves `chain` on `127.0.0.1` at a free port.
+    pub fn start(chain: Arc<TestChain>) -> std::io::Result<EsploraServer> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        std::thread::Builder::new()
+            .name("esplora-server".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    if stopping.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let Ok(conn) = conn else { continue };
+                    let chain = chain.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("esplora-conn".into())
+                        .spawn(move || serve(conn, &chain));
+                }
+            })?;
+        Ok(EsploraServer { addr, stop })
+    }
+
+    /// The base URL, e.g. `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for EsploraServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wake the accept loop.
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+struct Response {
+    status: u16,
+    content_type: &'static str,
+    body: Vec<u8>,
+}
+
+fn text(status: u16, s: impl Into<String>) -> Response {
+    Response {
+        status,
+        content_type: "text/plain",
+        body: s.into().into_bytes(),
+    }
+}
+
+fn json_ok(v: &Value) -> Response {
+    Response {
+        status: 200,
+        content_type: "application/json",
+        body: v.to_string().into_bytes(),
+    }
+}
+
+fn not_found() -> Response {
+    text(404, "Not Found")
+}
+
+fn serve(conn: TcpStream, chain: &TestChain) {
+    let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+    let Ok(read_half) = conn.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(read_half);
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).is_err() {
+        return;
+    }
+    let mut content_length = 0usize;
+    loop {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            content_length = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut parts = request_line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let response = if content_length > MAX_BODY {
+        text(413, "body too large")
+    } else {
+        let mut body = vec![0u8; content_length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        route(chain, method, path, &body)
+    };
+    let mut out = conn;
+    let head = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        response.status,
+        if response.status == 200 {
+            "OK"
+        } else {
+            "Error"
+        },
+        response.content_type,
+        response.body.len()
+    );
+    let _ = out.write_all(head.as_bytes());
+    let _ = out.write_all(&response.body);
+    let _ = out.flush();
+}
+
+fn route(chain: &TestChain, method: &str, path: &str, body: &[u8]) -> Response {
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (method, segs.as_slice()) {
+        ("POST", ["tx"]) => {
+            let hex = String::from_utf8_lossy(body);
+            match deserialize_hex::<Transaction>(hex.trim()) {
+                Err(e) => text(400, format!("TX decode failed: {e}")),
+                Ok(tx) => match chain.submit(&tx) {
+                    Ok(txid) => text(200, txid.to_string()),
+                    Err(e) => text(400, format!("sendrawtransaction RPC error: {e}")),
+                },
+            }
+        }
+        ("GET", ["blocks", "tip", "height"]) => text(200, chain.height().to_string()),
+        ("GET", ["blocks", "tip", "hash"]) => text(200, chain.tip().hash.to_string()),
+        ("GET", ["blocks"]) => blocks(chain, chain.height()),
+        ("GET", ["blocks", h]) => match h.parse() {
+            Ok(h) => blocks(chain, h),
+            Err(_) => text(400, "bad height"),
+        },
+        ("GET", ["block-height", h]) => match h.parse().ok().and_then(|h| chain.block(h)) {
+            Some(b) => text(200, b.block_hash().to_string()),
+            None => text(404, "Block not found"),
+        },
+        ("GET", ["block", hash, "header"]) => match find_block(chain, hash) {
+            Some((_, b)) => text(200, serialize_hex(&b.header)),
+            None => text(404, "Block not found"),
+        },
+        ("GET", ["block", hash, "status"]) => {
+            let v = match find_block(chain, hash) {
+                Some((h, _)) => json!({
+                    "in_best_chain": true,
+                    "height": h,
+                    "next_best": chain.block(h + 1).map(|b| b.block_hash().to_string()),
+                }),
+                None => json!({"in_best_chain": false}),
+            };
+            json_ok(&v)
+        }
+        ("GET", ["scripthash", hash, "txs"]) => script_txs(chain, hash, None),
+        ("GET", ["scripthash", hash, "txs", "chain", last]) => script_txs(chain, hash, Some(last)),
+        ("GET", ["tx", txid]) => with_tx(chain, txid, |t| json_ok(&tx_json(chain, t))),
+        ("GET", ["tx", txid, "raw"]) => with_tx(chain, txid, |t| Response {
+            status: 200,
+            content_type: "application/octet-stream",
+            body: serialize(&t.tx),
+        }),
+        ("GET", ["tx", txid, "hex"]) => with_tx(chain, txid, |t| text(200, serialize_hex(&t.tx))),
+        ("GET", ["tx", txid, "status"]) => with_tx(chain, txid, |t| json_ok(&status_json(t.block))),
+        ("GET", ["tx", txid, "outspend", vout]) => {
+            let (Ok(txid), Ok(vout)) = (Txid::from_str(txid), vout.parse::<u32>()) else {
+                return text(400, "bad outpoint");
+            };
+            let v = match chain.spender(&OutPoint::new(txid, vout)) {
+                Some((by, vin, block)) => json!({
+                    "spent": true, "txid": by.to_string(), "vin": vin, "status": status_json(block),
+                }),
+                None => json!({"spent": false}),
+            };
+            json_ok(&v)
+        }
+        ("GET", ["fee-estimates"]) => json_ok(&json!({"1": 2.0, "6": 1.0, "144": 1.0})),
+        _ => not_found(),
+    }
+}
+
+fn find_block(chain: &TestChain, hash: &str) -> Option<(u32, bdk_wallet::bitcoin::Block)> {
+    let hash = BlockHash::from_str(hash).ok()?;
+    (0..=chain.height()).rev().find_map(|h| {
+        chain
+            .block(h)
+            .filter(|b| b.block_hash() == hash)
+            .map(|b| (h, b))
+    })
+}
+
+fn blocks(chain: &TestChain, from: u32) -> Response {
+    let from = from.min(chain.height());
+    let list: Vec<Value> = (from.saturating_sub(9)..=from)
+        .rev()
+        .filter_map(|h| chain.block(h).map(|b| (h, b)))
+        .map(|(h, b)| {
+            json!({
+                "id": b.block_hash().to_string(),
+                "height": h,
+                "version": b.header.version.to_consensus(),
+                "timestamp": b.header.time,
+                "tx_count": b.txdata.len(),
+                "size": b.total_size(),
+                "weight": b.weight().to_wu(),
+                "merkle_root": b.header.merkle_root.to_string(),
+                "previousblockhash": (h > 0).then(|| b.header.prev_blockhash.to_string()),
+                "mediantime": b.header.time,
+                "nonce": b.header.nonce,
+                "bits": b.header.bits.to_consensus(),
+                "difficulty": 0.0,
+            })
+        })
+        .collect();
+    json_ok(&Value::Array(list))
+}
+
+fn with_tx(chain: &TestChain, txid: &str, f: impl FnOnce(&ChainTx) -> Response) -> Response {
+    match Txid::from_str(txid)
+        .ok()
+        .and_then(|t| chain.transaction(&t))
+    {
+        Some(t) => f(&t),
+        None => text(404, "Transaction not found"),
+    }
+}
+
+fn status_json(block: Option<(u32, BlockHash, u32)>) -> Value {
+    match block {
+        Some((h, hash, time)) => json!({
+            "confirmed": true, "block_height": h, "block_hash": hash.to_string(), "block_time": time,
+        }),
+        None => json!({"confirmed": false}),
+    }
+}
+
+fn tx_json(chain: &TestChain, t: &ChainTx) -> Value {
+    let tx = &t.tx;
+    let mut fee = 0i64;
+    let vin: Vec<Value> = tx
+        .input
+        .iter()
+        .map(|i| {
+            let coinbase = tx.is_coinbase();
+            let prevout = if coinbase {
+                Value::Null
+            } else {
+                chain
+                    .transaction(&i.previous_output.txid)
+                    .and_then(|p| p.tx.output.get(i.previous_output.vout as usize).cloned())
+                    .map_or(Value::Null, |o| {
+                        fee += o.value.to_sat() as i64;
+                        json!({"scriptpubkey": o.script_pubkey.to_hex_string(), "value": o.value.to_sat()})
+                    })
+            };
+            json!({
+                "txid": i.previous_output.txid.to_string(),
+                "vout": i.previous_output.vout,
+                "prevout": prevout,
+                "scriptsig": i.script_sig.to_hex_string(),
+                "witness": i.witness.iter().map(hex_of).collect::<Vec<_>>(),
+                "sequence": i.sequence.0,
+                "is_coinbase": coinbase,
+            })
+        })
+        .collect();
+    let vout: Vec<Value> = tx
+        .output
+        .iter()
+        .map(|o| {
+            fee -= o.value.to_sat() as i64;
+            json!({"scriptpubkey": o.script_pubkey.to_hex_string(), "value": o.value.to_sat()})
+        })
+        .collect();
+    json!({
+        "txid": tx.compute_txid().to_string(),
+        "version": tx.version.0,
+        "locktime": tx.lock_time.to_consensus_u32(),
+        "vin": vin,
+        "vout": vout,
+        "size": tx.total_size(),
+        "weight": tx.weight().to_wu(),
+        "fee": if tx.is_coinbase() { 0 } else { fee.max(0) },
+        "status": status_json(t.block),
+    })
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn script_txs(chain: &TestChain, scripthash: &str, last: Option<&str>) -> Response {
+    // The script is found by hashing every output script the chain has seen; fine for a test
+    // chain of a few hundred blocks.
+    let Some(script) = find_script(chain, scripthash) else {
+        return json_ok(&Value::Array(Vec::new()));
+    };
+    let history = chain.history(&script);
+    let (mempool, confirmed): (Vec<_>, Vec<_>) =
+        history.into_iter().partition(|t| t.block.is_none());
+    // Esplora: newest first; the first page has the mempool then 25 confirmed.
+    let confirmed: Vec<ChainTx> = confirmed.into_iter().rev().collect();
+    let page: Vec<&ChainTx> = match last {
+        None => mempool.iter().chain(confirmed.iter().take(PAGE)).collect(),
+        Some(last) => {
+            let Ok(last) = Txid::from_str(last) else {
+                return text(400, "bad txid");
+            };
+            let start = confirmed
+                .iter()
+                .position(|t| t.tx.compute_txid() == last)
+                .map_or(confirmed.len(), |p| p + 1);
+            confirmed.iter().skip(start).take(PAGE).collect()
+        }
+    };
+    json_ok(&Value::Array(
+        page.into_iter().map(|t| tx_json(chain, t)).collect(),
+    ))
+}
+
+fn find_script(chain: &TestChain, scripthash: &str) -> Option<bdk_wallet::bitcoin::ScriptBuf> {
+    let want = sha256::Hash::from_str(scripthash).ok()?;
+    let check = |tx: &Transaction| {
+        tx.output
+            .iter()
+            .find(|o| sha256::Hash::hash(o.script_pubkey.as_bytes()) == want)
+            .map(|o| o.script_pubkey.clone())
+    };
+    chain.mempool().iter().find_map(check).or_else(|| {
+        (0..=chain.height())
+            .rev()
+            .filter_map(|h| chain.block(h))
+            .find_map(|b| b.txdata.iter().find_map(check))
+    })
+}
