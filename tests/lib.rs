@@ -137,6 +137,17 @@ pub async fn start_provider(
     memory_gib: u64,
     lie: Option<hashgrid_node::jobs::Lie>,
 ) -> anyhow::Result<NodeHandle> {
+    start_provider_with(bootstrap, price, memory_gib, lie, |b| b).await
+}
+
+/// [`start_provider`] with more settings on the builder (data dir, settlement).
+pub async fn start_provider_with(
+    bootstrap: &[hashgrid_node::Multiaddr],
+    price: u64,
+    memory_gib: u64,
+    lie: Option<hashgrid_node::jobs::Lie>,
+    configure: impl FnOnce(NodeBuilder) -> NodeBuilder,
+) -> anyhow::Result<NodeHandle> {
     use hashgrid_node::{ExecConfig, Executor};
     let exec = tokio::task::spawn_blocking(move || {
         Executor::start(ExecConfig {
@@ -155,7 +166,7 @@ pub async fn start_provider(
     if let Some(l) = lie {
         b = b.lie(l);
     }
-    let node = b.start().await?;
+    let node = configure(b).start().await?;
     node.post_ask(AskSpec {
         gpu: profile,
         units: 1,

@@ -434,7 +434,8 @@ impl ProviderLedger {
         self.confirmations(id, confirmations, policy)
     }
 
-    /// The payment now has `confirmations`; moves Paid → Confirmed once the policy is met.
+    /// The payment now has `confirmations`; moves Paid → Confirmed once the policy is met, and
+    /// Confirmed → Paid when a reorganisation left it below the policy. Settled is final.
     pub fn confirmations(
         &mut self,
         id: ContentId,
@@ -453,6 +454,14 @@ impl ProviderLedger {
                     let outpoint = std::mem::take(outpoint);
                     inv.state = InvoiceState::Confirmed { outpoint };
                 }
+            }
+            // A reorganisation made the payment shallower than the policy again.
+            InvoiceState::Confirmed { outpoint } if confirmations < need => {
+                let outpoint = std::mem::take(outpoint);
+                inv.state = InvoiceState::Paid {
+                    outpoint,
+                    confirmations,
+                };
             }
             InvoiceState::Confirmed { .. } | InvoiceState::Settled { .. } => {}
             s => {

@@ -116,6 +116,20 @@ fn payment_lifecycle_with_underpayment_confirmations_and_reorg() {
         }
     );
 
+    // A reorg that leaves the payment in a shallower block: confirmed → paid, then confirmed
+    // again once it is deep enough.
+    let s = l.confirmations(inv_id(1), 1, &conf).unwrap();
+    assert!(matches!(
+        s,
+        InvoiceState::Paid {
+            confirmations: 1,
+            ..
+        }
+    ));
+    assert_eq!(l.earnings(&b).paid, Msat(150_000_000));
+    let s = l.confirmations(inv_id(1), 3, &conf).unwrap();
+    assert!(matches!(s, InvoiceState::Confirmed { .. }));
+
     // A reorg removes the payment: back to issued, payable again.
     l.payment_vanished(inv_id(1)).unwrap();
     assert_eq!(l.invoice(&inv_id(1)).unwrap().state, InvoiceState::Issued);

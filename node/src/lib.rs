@@ -42,6 +42,7 @@ pub mod executor;
 pub mod jobs;
 pub mod network;
 pub mod node;
+pub mod settle;
 pub mod site;
 pub mod store;
 pub mod wallet;
@@ -59,4 +60,7 @@ pub use libp2p::{Multiaddr, PeerId};
 #[cfg(feature = "testing")]
 pub use node::RawTopic;
 pub use node::{AskSpec, BidSpec, Node, NodeBuilder, NodeHandle};
+pub use settle::{
+    InInvoice, Onchain, OutInvoice, PayState, Position, SettleMode, SettlementConfig,
+};
 pub use store::OwnOrder;

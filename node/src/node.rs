@@ -55,10 +55,12 @@ use crate::network::{
     Behaviour, BehaviourEvent, BehaviourSettings, HEARTBEAT_INITIAL_DELAY, MAX_SYNC_MESSAGES,
     SyncRequest, SyncResponse, peer_score_params,
 };
+use crate::settle::{InInvoice, OutInvoice, Position, Settlement, SettlementConfig};
 use crate::store::{JobTree, OwnOrder, Store, StoreError, StoreSlot};
 use hashgrid_protocol::ContentId;
 use hashgrid_protocol::exchange::{
-    BlobReply, BlobRequest, JobMessage, JobReply, NegotiateReply, Propose,
+    BlobReply, BlobRequest, JobMessage, JobReply, NegotiateReply, Propose, SettleReply,
+    SettleRequest,
 };
 
 /// Commands queued from handles to the swarm task. Handles wait for the reply, so a small
@@ -194,6 +196,7 @@ pub struct NodeBuilder {
     kad_walk_interval: Duration,
     executor: Option<Executor>,
     down_for: Duration,
+    settle: SettlementConfig,
     #[cfg(feature = "testing")]
     lie: Option<crate::jobs::Lie>,
 }
@@ -217,6 +220,7 @@ impl Default for NodeBuilder {
             kad_walk_interval: DEFAULT_KAD_WALK_INTERVAL,
             executor: None,
             down_for: crate::jobs::DEFAULT_DOWN_FOR,
+            settle: SettlementConfig::default(),
             #[cfg(feature = "testing")]
             lie: None,
         }
@@ -323,6 +327,13 @@ impl NodeBuilder {
     /// (default [`crate::jobs::DEFAULT_DOWN_FOR`]).
     pub fn provider_down_for(mut self, d: Duration) -> Self {
         self.down_for = d;
+        self
+    }
+
+    /// How this node settles, as a provider and as a buyer (default: ledger mode with the
+    /// market's default invoice, confirmation and credit policies).
+    pub fn settle(mut self, cfg: SettlementConfig) -> Self {
+        self.settle = cfg;
         self
     }
 
@@ -505,6 +516,18 @@ impl NodeBuilder {
         {
             provider.lie = self.lie;
         }
+        let slot = StoreSlot::new(store.clone());
+        let settlement = Arc::new(
+            Settlement::open(
+                self.settle.clone(),
+                key.clone(),
+                self.network.clone(),
+                store.clone(),
+                slot.clone(),
+            )
+            .map_err(|e| StartError::Config(format!("settlement: {e}")))?,
+        );
+        provider.settlement = Some(settlement.clone());
         // Jobs this node submitted before a restart cannot resume (their inputs were in
         // memory): fail them so nobody waits for them.
         for mut rec in store.all::<JobRecord>(JobTree::BuyerJobs)? {
@@ -546,6 +569,9 @@ impl NodeBuilder {
             pending_negotiate: HashMap::new(),
             pending_job: HashMap::new(),
             pending_blob: HashMap::new(),
+            pending_settle: HashMap::new(),
+            settlement: settlement.clone(),
+            settle_task: None,
             served: HashMap::new(),
             served_to: crate::jobs::BlobHolders::default(),
             down: HashMap::new(),
@@ -561,7 +587,6 @@ impl NodeBuilder {
         // First announcement of the ad and of stored orders (queued until peers subscribe).
         state.announce_all();
         let state_network = state.network.clone();
-        let slot = StoreSlot::new(state.store.clone());
         state.slot = Some(slot.clone());
         tokio::spawn(state.run(cmd_rx).instrument(span));
         Ok(NodeHandle {
@@ -572,6 +597,7 @@ impl NodeBuilder {
                 network: state_network,
                 store: slot,
                 tasks: std::sync::Mutex::new(HashMap::new()),
+                settlement,
                 cmd: cmd_tx,
                 events,
             }),
@@ -715,6 +741,11 @@ pub(crate) enum Command {
         BlobRequest,
         oneshot::Sender<Result<BlobReply, String>>,
     ),
+    Settle(
+        PeerId,
+        SettleRequest,
+        oneshot::Sender<Result<SettleReply, String>>,
+    ),
     Candidates(Box<Bid>, Vec<PublicKey>, oneshot::Sender<Vec<Candidate>>),
     MarkDown(PublicKey, oneshot::Sender<()>),
     Offers(Box<hashgrid_market::OfferQuery>, oneshot::Sender<Vec<Ask>>),
@@ -754,6 +785,7 @@ struct Inner {
     network: Network,
     store: StoreSlot,
     tasks: std::sync::Mutex<HashMap<ContentId, tokio::task::AbortHandle>>,
+    settlement: Arc<Settlement>,
     cmd: mpsc::Sender<Command>,
     events: broadcast::Sender<NodeEvent>,
 }
@@ -789,6 +821,14 @@ impl Net {
 
     pub(crate) async fn job(&self, peer: PeerId, m: JobMessage) -> Result<JobReply, String> {
         self.call(|r| Command::Job(peer, m, r)).await?
+    }
+
+    pub(crate) async fn settle(
+        &self,
+        peer: PeerId,
+        req: SettleRequest,
+    ) -> Result<SettleReply, String> {
+        self.call(|r| Command::Settle(peer, req, r)).await?
     }
 
     pub(crate) async fn blob(&self, peer: PeerId, req: BlobRequest) -> Result<BlobReply, String> {
@@ -1022,6 +1062,7 @@ impl NodeHandle {
             network: self.inner.network.clone(),
             store: self.inner.store.clone(),
             events: self.inner.events.clone(),
+            settlement: self.inner.settlement.clone(),
         };
         let task = tokio::spawn(BuyerJob::new(ctx, sub, record).run().in_current_span());
         if let Ok(mut tasks) = self.inner.tasks.lock() {
@@ -1164,6 +1205,56 @@ impl NodeHandle {
         }
     }
 
+    /// Settlement positions per counterparty: what each owes this node as a buyer (by invoice
+    /// state) and what this node owes it for its own purchases.
+    pub fn positions(&self) -> std::collections::BTreeMap<PublicKey, Position> {
+        self.inner.settlement.positions()
+    }
+
+    /// Invoices this node issued as a provider, with the ledger's record of each.
+    pub fn invoices_issued(
+        &self,
+    ) -> Result<
+        Vec<(
+            OutInvoice,
+            Option<hashgrid_market::settlement::InvoiceRecord>,
+        )>,
+        NodeError,
+    > {
+        let out: Vec<OutInvoice> = self.store(|s| s.all(JobTree::InvoicesOut))?;
+        Ok(out
+            .into_iter()
+            .map(|o| {
+                let rec = self.inner.settlement.invoice_record(&o.invoice.id());
+                (o, rec)
+            })
+            .collect())
+    }
+
+    /// Invoices this node received as a buyer.
+    pub fn invoices_received(&self) -> Result<Vec<InInvoice>, NodeError> {
+        self.store(|s| s.all(JobTree::InvoicesIn))
+    }
+
+    /// Runs one settlement pass now (invoicing, chain checks, deliveries, payments) instead
+    /// of waiting for the next interval.
+    pub async fn settle_now(&self) {
+        let net = Net {
+            tx: self.inner.cmd.clone(),
+        };
+        self.inner.settlement.pass(&net).await;
+    }
+
+    /// This node's buyer wallet (on-chain mode with wallet keys).
+    pub fn wallet(&self) -> Option<Arc<std::sync::Mutex<crate::wallet::Wallet>>> {
+        self.inner.settlement.buyer_wallet()
+    }
+
+    /// The chain backend (on-chain mode).
+    pub fn chain(&self) -> Option<Arc<dyn crate::wallet::ChainSource>> {
+        self.inner.settlement.chain()
+    }
+
     /// Shuts the node down in the documented order and waits until it has stopped. Other
     /// handles get [`NodeError::Stopped`] afterwards. Returns at once if it already stopped.
     pub async fn shutdown(&self) {
@@ -1213,6 +1304,11 @@ struct NodeLoop {
     pending_negotiate: Pending<NegotiateReply>,
     pending_job: Pending<JobReply>,
     pending_blob: Pending<BlobReply>,
+    pending_settle: Pending<SettleReply>,
+    /// Settlement (ledger, invoices, wallets).
+    settlement: Arc<Settlement>,
+    /// The running settlement pass.
+    settle_task: Option<tokio::task::JoinHandle<()>>,
     /// Input blobs this node (as a buyer) serves, and the provider allowed to fetch each.
     served: HashMap<ContentId, Arc<Vec<u8>>>,
     /// Which provider may fetch which served blob, per job.
@@ -1259,7 +1355,10 @@ impl NodeLoop {
             ANTI_ENTROPY_FAST,
         );
         let mut entropy_slow = false;
+        let every = self.settlement.interval();
+        let mut settle_tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         for t in [
+            &mut settle_tick,
             &mut reannounce,
             &mut sweep,
             &mut retry,
@@ -1309,13 +1408,18 @@ impl NodeLoop {
                     let answers = self.provider.tick();
                     self.answer(answers);
                 }
+                _ = settle_tick.tick() => self.spawn_settle_pass(),
                 _ = retry.tick(), if !self.unpublished.is_empty() => self.retry_publish(),
                 _ = walk.tick() => {
                     self.swarm.behaviour_mut().kad.get_closest_peers(PeerId::random());
                 }
             }
         };
-        // 1. Stop accepting commands; answer the queued ones.
+        // 1. Stop accepting commands; answer the queued ones. A settlement pass in flight
+        // stops at its next await (every state it wrote was flushed as it went).
+        if let Some(t) = self.settle_task.take() {
+            t.abort();
+        }
         cmd_rx.close();
         while let Ok(cmd) = cmd_rx.try_recv() {
             if let Command::Shutdown(r) = cmd {
@@ -1334,10 +1438,12 @@ impl NodeLoop {
             store,
             provider,
             slot,
+            settlement,
             ..
         } = self;
         drop(swarm);
         drop(provider);
+        settlement.close();
         if let Some(slot) = slot {
             slot.close();
         }
@@ -1444,6 +1550,10 @@ impl NodeLoop {
             Command::Blob(peer, req, r) => {
                 let id = self.swarm.behaviour_mut().blob.send_request(&peer, req);
                 self.pending_blob.insert(id, r);
+            }
+            Command::Settle(peer, req, r) => {
+                let id = self.swarm.behaviour_mut().settle.send_request(&peer, req);
+                self.pending_settle.insert(id, r);
             }
             Command::Candidates(bid, excluded, r) => {
                 let _ = r.send(self.candidates(&bid, &excluded));
@@ -1976,6 +2086,7 @@ impl NodeLoop {
             BehaviourEvent::Negotiate(ev) => self.on_negotiate_event(ev),
             BehaviourEvent::Job(ev) => self.on_job_event(ev),
             BehaviourEvent::Blob(ev) => self.on_blob_event(ev),
+            BehaviourEvent::Settle(ev) => self.on_settle_event(ev),
             BehaviourEvent::Sync(request_response::Event::OutboundFailure {
                 peer, error, ..
             }) => {
@@ -2088,6 +2199,39 @@ impl NodeLoop {
             .behaviour_mut()
             .blob
             .send_response(channel, reply);
+    }
+}
+
+impl NodeLoop {
+    fn on_settle_event(&mut self, ev: request_response::Event<SettleRequest, SettleReply>) {
+        let Some((peer, request, channel)) =
+            split_event(&mut self.pending_settle, ev, "settle request")
+        else {
+            return;
+        };
+        let Some(tx) = self.cmd_weak.upgrade() else {
+            return;
+        };
+        let reply = self.settlement.on_request(peer, request, &Net { tx });
+        let _ = self
+            .swarm
+            .behaviour_mut()
+            .settle
+            .send_response(channel, reply);
+    }
+
+    /// Starts a settlement pass unless one is still running.
+    fn spawn_settle_pass(&mut self) {
+        if self.settle_task.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        let Some(tx) = self.cmd_weak.upgrade() else {
+            return;
+        };
+        let s = self.settlement.clone();
+        self.settle_task = Some(tokio::spawn(
+            async move { s.pass(&Net { tx }).await }.in_current_span(),
+        ));
     }
 }
 

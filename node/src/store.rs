@@ -46,6 +46,9 @@ impl OwnOrder {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
+    /// The node stopped; its store is closed.
+    #[error("the node has stopped; its store is closed")]
+    Closed,
     /// sled failed (disk full, permissions, or another process holds the store).
     #[error(
         "store {path}: {source} (is another hashgrid-node running with this data dir? pass --data-dir with another directory)"
@@ -87,6 +90,9 @@ struct JobTrees {
     receipts: sled::Tree,
     countersigned: sled::Tree,
     blobs: sled::Tree,
+    settle_log: sled::Tree,
+    invoices_out: sled::Tree,
+    invoices_in: sled::Tree,
 }
 
 /// A tree of the job lifecycle (see [`Store`]).
@@ -102,6 +108,12 @@ pub enum JobTree {
     Countersigned,
     /// Blobs: a buyer's received outputs; a provider's outputs until the buyer has them.
     Blobs,
+    /// Provider side: the settlement ledger's event log, by sequence.
+    SettleLog,
+    /// Provider side: invoices issued, by id.
+    InvoicesOut,
+    /// Buyer side: invoices received, by id.
+    InvoicesIn,
 }
 
 impl JobTree {
@@ -112,6 +124,9 @@ impl JobTree {
             JobTree::Receipts => "receipts",
             JobTree::Countersigned => "countersigned",
             JobTree::Blobs => "blobs",
+            JobTree::SettleLog => "settle_log",
+            JobTree::InvoicesOut => "invoices_out",
+            JobTree::InvoicesIn => "invoices_in",
         }
     }
 }
@@ -149,6 +164,9 @@ impl Store {
                 receipts: tree(JobTree::Receipts)?,
                 countersigned: tree(JobTree::Countersigned)?,
                 blobs: tree(JobTree::Blobs)?,
+                settle_log: tree(JobTree::SettleLog)?,
+                invoices_out: tree(JobTree::InvoicesOut)?,
+                invoices_in: tree(JobTree::InvoicesIn)?,
             },
             db,
         })
@@ -167,7 +185,32 @@ impl Store {
             JobTree::Receipts => &self.trees.receipts,
             JobTree::Countersigned => &self.trees.countersigned,
             JobTree::Blobs => &self.trees.blobs,
+            JobTree::SettleLog => &self.trees.settle_log,
+            JobTree::InvoicesOut => &self.trees.invoices_out,
+            JobTree::InvoicesIn => &self.trees.invoices_in,
         }
+    }
+
+    /// Every record of a tree keyed by big-endian `u64`, with its key, in order.
+    pub fn entries<T: DeserializeOwned>(&self, t: JobTree) -> Result<Vec<(u64, T)>, StoreError> {
+        self.tree(t)
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                let key = k.as_ref().try_into().map(u64::from_be_bytes).map_err(|_| {
+                    StoreError::Corrupt {
+                        tree: t.name(),
+                        reason: "key is not 8 bytes".into(),
+                    }
+                })?;
+                Ok((key, decode(t, &v)?))
+            })
+            .collect()
+    }
+
+    /// The sled tree holding the BDK wallet `name` (its change-set log).
+    pub fn wallet_tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        Ok(self.db.open_tree(format!("wallet_{name}"))?)
     }
 
     /// Writes a postcard record into a job tree. Not flushed: callers flush (with

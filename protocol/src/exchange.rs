@@ -237,3 +237,77 @@ pub enum BlobReply {
     /// This peer does not hold the blob, or will not serve it to the requester.
     NotFound,
 }
+
+/// Largest `/hashgrid/settle/1` request: a signed invoice (at most one message).
+pub const MAX_SETTLE_REQUEST: usize = MAX_MESSAGE_BYTES + EXCHANGE_OVERHEAD;
+/// Largest `/hashgrid/settle/1` reply.
+pub const MAX_SETTLE_REPLY: usize = EXCHANGE_OVERHEAD;
+
+/// A request on `/hashgrid/settle/1`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SettleRequest {
+    /// Provider → buyer: an invoice for countersigned receipts.
+    Invoice(Signed<crate::messages::Invoice>),
+    /// Buyer → provider: the invoice was paid by this output.
+    Proof(Signed<crate::messages::PaymentProof>),
+    /// Provider → buyer: the payment is confirmed under the provider's policy; the invoice is
+    /// settled.
+    Settled {
+        /// The invoice.
+        invoice_id: ContentId,
+        /// The payment, `txid:vout`.
+        outpoint: String,
+    },
+    /// Buyer → provider: where does this invoice stand?
+    Status {
+        /// The invoice.
+        invoice_id: ContentId,
+    },
+}
+
+/// Where an invoice stands, as the provider sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InvoiceStatus {
+    /// No such invoice for the asking buyer.
+    Unknown,
+    /// Not paid (yet). `seen_sat` is what the invoice's address has received so far (an
+    /// underpayment when non-zero); `problem` says what is wrong with a claimed payment.
+    Issued {
+        /// Received at the address so far.
+        seen_sat: u64,
+        /// Why a claimed payment does not count (e.g. it pays another address).
+        problem: Option<String>,
+    },
+    /// Paid, waiting for confirmations.
+    Paid {
+        /// The payment.
+        outpoint: String,
+        /// Confirmations so far.
+        confirmations: u32,
+        /// Confirmations required.
+        required: u32,
+    },
+    /// Confirmed (and being settled).
+    Confirmed {
+        /// The payment.
+        outpoint: String,
+    },
+    /// Settled.
+    Settled {
+        /// The payment.
+        outpoint: String,
+    },
+    /// Expired unpaid; its receipts are billed again.
+    Expired,
+}
+
+/// A reply on `/hashgrid/settle/1`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SettleReply {
+    /// Recorded (and flushed).
+    Ack,
+    /// Refused, with the reason.
+    Refused(String),
+    /// An invoice's status.
+    Status(InvoiceStatus),
+}

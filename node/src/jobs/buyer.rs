@@ -42,6 +42,7 @@ pub(crate) struct BuyerCtx {
     pub(crate) network: Network,
     pub(crate) store: StoreSlot,
     pub(crate) events: broadcast::Sender<NodeEvent>,
+    pub(crate) settlement: std::sync::Arc<crate::settle::Settlement>,
 }
 
 enum Failure {
@@ -361,6 +362,7 @@ impl BuyerJob {
                 format!("buyer store: {why}"),
             ));
         }
+        self.ctx.settlement.purchased(&body);
         match self.ctx.net.job(peer, JobMessage::Countersign(cs)).await {
             Ok(JobReply::Ack) => {}
             other => {

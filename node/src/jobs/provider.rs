@@ -98,6 +98,8 @@ pub(crate) struct Provider {
     outputs_for: super::BlobHolders,
     next_seq: u64,
     prev: Option<ContentId>,
+    /// Settlement: credit checks before agreements, accruals after countersignatures.
+    pub(crate) settlement: Option<std::sync::Arc<crate::settle::Settlement>>,
     #[cfg(feature = "testing")]
     pub(crate) lie: Option<super::Lie>,
 }
@@ -177,6 +179,7 @@ impl Provider {
             outputs_for,
             next_seq,
             prev,
+            settlement: None,
             #[cfg(feature = "testing")]
             lie: None,
         })
@@ -243,6 +246,11 @@ impl Provider {
         }
         if bid.expires_at <= now {
             return reject(RejectReason::BadBid, "the bid has expired");
+        }
+        if let Some(s) = &self.settlement
+            && let Err(denied) = s.check_credit(&bid.buyer)
+        {
+            return reject(RejectReason::CreditLimit, denied.to_string());
         }
         let Some(ask) = ask.filter(|a| a.order_ref() == p.ask) else {
             return reject(
@@ -745,6 +753,9 @@ impl Provider {
         })();
         if let Err(e) = res {
             return JobReply::Refused(format!("provider store: {e}"));
+        }
+        if let Some(s) = &self.settlement {
+            s.accrue(&cs.signed);
         }
         self.emit(ProviderEvent::Countersigned {
             agreement: r.agreement_id,

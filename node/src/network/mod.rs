@@ -112,6 +112,12 @@ pub const JOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/hashgrid/job/1");
 /// The blob protocol (chunked transfer of inputs and outputs by blake3 id).
 pub const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/hashgrid/blob/1");
 
+/// The settlement protocol (invoices, payment proofs, settlement notices).
+pub const SETTLE_PROTOCOL: StreamProtocol = StreamProtocol::new("/hashgrid/settle/1");
+
+/// How long a settlement request may take (answered from local state).
+pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// How long a proposal may take (the provider answers at once: it validates and signs).
 pub const NEGOTIATE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -149,6 +155,14 @@ pub type BlobCodec = exchange::ExchangeCodec<
     { hashgrid_protocol::exchange::MAX_BLOB_REPLY },
 >;
 
+/// The codec of `/hashgrid/settle/1`.
+pub type SettleCodec = exchange::ExchangeCodec<
+    hashgrid_protocol::exchange::SettleRequest,
+    hashgrid_protocol::exchange::SettleReply,
+    { hashgrid_protocol::exchange::MAX_SETTLE_REQUEST },
+    { hashgrid_protocol::exchange::MAX_SETTLE_REPLY },
+>;
+
 /// The identify protocol version string.
 pub const IDENTIFY_PROTOCOL: &str = "/hashgrid/id/1.0.0";
 
@@ -165,6 +179,7 @@ pub(crate) struct Behaviour {
     pub(crate) negotiate: request_response::Behaviour<NegotiateCodec>,
     pub(crate) job: request_response::Behaviour<JobCodec>,
     pub(crate) blob: request_response::Behaviour<BlobCodec>,
+    pub(crate) settle: request_response::Behaviour<SettleCodec>,
 }
 
 /// Settings the behaviour is built from.
@@ -232,6 +247,8 @@ impl Behaviour {
         let job = request_response::Behaviour::with_codec(JobCodec::default(), p, c);
         let (p, c) = direct(BLOB_PROTOCOL, BLOB_REQUEST_TIMEOUT);
         let blob = request_response::Behaviour::with_codec(BlobCodec::default(), p, c);
+        let (p, c) = direct(SETTLE_PROTOCOL, SETTLE_TIMEOUT);
+        let settle = request_response::Behaviour::with_codec(SettleCodec::default(), p, c);
 
         Ok(Behaviour {
             limits: connection_limits::Behaviour::new(
@@ -253,6 +270,7 @@ impl Behaviour {
             negotiate,
             job,
             blob,
+            settle,
         })
     }
 }

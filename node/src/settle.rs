@@ -1,0 +1,1230 @@
+//! Settlement between nodes (`/hashgrid/settle/1`): a provider's countersigned receipts accrue
+//! per buyer in the market's [`ProviderLedger`]; in `onchain` mode the provider issues signed
+//! invoices to a fresh payout address, the buyer's wallet pays them, and the provider's watch
+//! wallet follows the payment to confirmation (and back, on a reorganisation); in `ledger` mode
+//! receipts stay signed IOUs netted per counterparty. In both modes a buyer whose debt is over
+//! the credit policy gets `Reject { CreditLimit }` on its next proposal.
+//!
+//! Durability: the ledger is event-sourced (every transition is appended to a sled tree and
+//! flushed before it is acted on or acknowledged, and replayed at start); invoices on both
+//! sides are records in sled; a buyer records a payment transaction (flushed) *before* it
+//! broadcasts it, so a restart rebroadcasts the same transaction instead of paying twice.
+//!
+//! Rounding: receipts charge msat; an invoice bills whole sats, rounded down, and the sub-sat
+//! remainder stays accrued for the next invoice (see `hashgrid_market::settlement`).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+pub use hashgrid_market::settlement::{
+    ConfirmationPolicy, CreditPolicy, InvoicePolicy, InvoiceRecord, InvoiceState,
+};
+use hashgrid_market::settlement::{
+    CreditDenied, Earnings, InvoiceDraft, ProviderLedger, SettleError,
+};
+use hashgrid_protocol::exchange::{InvoiceStatus, SettleReply, SettleRequest};
+use hashgrid_protocol::{
+    ContentId, Invoice, InvoicePayment, Keypair, Msat, Network, PaymentProof, PublicKey, Receipt,
+    Signed, Timestamp,
+};
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+
+use crate::jobs::{JobRecord, peer_of};
+use crate::node::Net;
+use crate::store::{JobTree, Store, StoreError, StoreSlot};
+use crate::wallet::{BtcNetwork, ChainSource, Wallet, WalletError, WalletKeys, bip21, bitcoin};
+
+/// Default time between settlement passes (invoicing, chain checks, deliveries).
+pub const DEFAULT_SETTLE_INTERVAL: Duration = Duration::from_secs(30);
+/// Default fee rate of a buyer's payments, sat/vB.
+pub const DEFAULT_FEE_RATE_SAT_VB: u64 = 2;
+
+/// How a node settles.
+#[derive(Debug, Clone)]
+pub enum SettleMode {
+    /// Countersigned receipts are signed IOUs, netted per counterparty; no chain.
+    Ledger,
+    /// Invoices paid on chain.
+    Onchain(Onchain),
+}
+
+/// On-chain settlement settings.
+#[derive(Debug, Clone)]
+pub struct Onchain {
+    /// The Bitcoin network (mainnet only with an explicit opt-in, checked when built).
+    pub network: BtcNetwork,
+    /// Where the wallets sync and broadcast.
+    pub chain: Arc<dyn ChainSource>,
+    /// A provider's payout descriptor (public keys are enough: a watch-only wallet).
+    pub payout_descriptor: Option<String>,
+    /// A buyer's wallet keys (from `wallet.json`).
+    pub wallet: Option<WalletKeys>,
+}
+
+/// Settlement configuration.
+#[derive(Debug, Clone)]
+pub struct SettlementConfig {
+    /// Ledger or on-chain.
+    pub mode: SettleMode,
+    /// When accrued receipts become an invoice.
+    pub invoice: InvoicePolicy,
+    /// Confirmations by amount.
+    pub confirmations: ConfirmationPolicy,
+    /// Credit given to each buyer.
+    pub credit: CreditPolicy,
+    /// Time between settlement passes.
+    pub interval: Duration,
+    /// A buyer pays valid invoices without being asked.
+    pub auto_pay: bool,
+    /// Fee rate of a buyer's payments.
+    pub fee_rate_sat_vb: u64,
+}
+
+impl Default for SettlementConfig {
+    fn default() -> Self {
+        SettlementConfig {
+            mode: SettleMode::Ledger,
+            invoice: InvoicePolicy::default(),
+            confirmations: ConfirmationPolicy::default(),
+            credit: CreditPolicy::default(),
+            interval: DEFAULT_SETTLE_INTERVAL,
+            auto_pay: true,
+            fee_rate_sat_vb: DEFAULT_FEE_RATE_SAT_VB,
+        }
+    }
+}
+
+/// A ledger transition, as logged. Replaying the log rebuilds the ledger exactly.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum LedgerEvent {
+    Accrue {
+        receipt: ContentId,
+        buyer: PublicKey,
+        charge: Msat,
+        at: Timestamp,
+    },
+    Issue {
+        id: ContentId,
+        buyer: PublicKey,
+        receipts: Vec<ContentId>,
+        amount: Msat,
+        at: Timestamp,
+        ttl_ms: u64,
+    },
+    PaymentSeen {
+        id: ContentId,
+        outpoint: String,
+        paid_sat: u64,
+        confirmations: u32,
+        required: u32,
+    },
+    Confirmations {
+        id: ContentId,
+        confirmations: u32,
+        required: u32,
+    },
+    Vanished {
+        id: ContentId,
+    },
+    Settle {
+        id: ContentId,
+    },
+    Expire {
+        now: Timestamp,
+    },
+}
+
+fn apply(ledger: &mut ProviderLedger, ev: &LedgerEvent) -> Result<(), SettleError> {
+    let exactly = |required: u32| ConfirmationPolicy {
+        tiers: Vec::new(),
+        above: required,
+    };
+    match ev {
+        LedgerEvent::Accrue {
+            receipt,
+            buyer,
+            charge,
+            at,
+        } => ledger.accrue(*receipt, *buyer, *charge, *at),
+        LedgerEvent::Issue {
+            id,
+            buyer,
+            receipts,
+            amount,
+            at,
+            ttl_ms,
+        } => ledger.issue(
+            *id,
+            &InvoiceDraft {
+                buyer: *buyer,
+                receipts: receipts.clone(),
+                amount: *amount,
+            },
+            *at,
+            &InvoicePolicy {
+                ttl_ms: *ttl_ms,
+                ..InvoicePolicy::default()
+            },
+        ),
+        LedgerEvent::PaymentSeen {
+            id,
+            outpoint,
+            paid_sat,
+            confirmations,
+            required,
+        } => ledger
+            .payment_seen(
+                *id,
+                outpoint.clone(),
+                *paid_sat,
+                *confirmations,
+                &exactly(*required),
+            )
+            .map(|_| ()),
+        LedgerEvent::Confirmations {
+            id,
+            confirmations,
+            required,
+        } => ledger
+            .confirmations(*id, *confirmations, &exactly(*required))
+            .map(|_| ()),
+        LedgerEvent::Vanished { id } => ledger.payment_vanished(*id),
+        LedgerEvent::Settle { id } => ledger.settle(*id),
+        LedgerEvent::Expire { now } => {
+            ledger.expire(*now);
+            Ok(())
+        }
+    }
+}
+
+/// A provider's invoice, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutInvoice {
+    /// The signed invoice.
+    pub invoice: Signed<Invoice>,
+    /// Payout address index (on-chain invoices).
+    pub address_index: Option<u32>,
+    /// The buyer acknowledged it.
+    pub delivered: bool,
+    /// The buyer acknowledged the settlement notice.
+    pub settled_acked: bool,
+    /// Received at the address so far (sat), if less than due.
+    pub seen_sat: u64,
+    /// A payment the buyer claimed and what is wrong with it.
+    pub problem: Option<String>,
+}
+
+/// Where a received invoice stands on the buyer's side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PayState {
+    /// Accepted, not paid.
+    Unpaid,
+    /// Refused (not owed), with the reason.
+    Refused(String),
+    /// Superseded: expired unpaid and billed again in a later invoice.
+    Superseded,
+    /// A payment was signed and recorded; it is (re)broadcast until the provider sees it.
+    Paying {
+        /// The signed transaction.
+        tx: Vec<u8>,
+        /// Its id.
+        txid: String,
+        /// The output paying the invoice.
+        vout: u32,
+    },
+    /// The provider acknowledged the payment proof.
+    Paid {
+        /// The payment, `txid:vout`.
+        outpoint: String,
+    },
+    /// The provider confirmed and settled it.
+    Settled {
+        /// The payment, `txid:vout`.
+        outpoint: String,
+    },
+}
+
+impl PayState {
+    /// Short name for tables.
+    pub fn name(&self) -> &'static str {
+        match self {
+            PayState::Unpaid => "unpaid",
+            PayState::Refused(_) => "refused",
+            PayState::Superseded => "superseded",
+            PayState::Paying { .. } => "paying",
+            PayState::Paid { .. } => "paid",
+            PayState::Settled { .. } => "settled",
+        }
+    }
+
+    /// Whether the buyer still owes it.
+    pub fn is_unpaid(&self) -> bool {
+        matches!(self, PayState::Unpaid | PayState::Paying { .. })
+    }
+}
+
+/// An invoice a buyer received.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InInvoice {
+    /// The signed invoice.
+    pub invoice: Signed<Invoice>,
+    /// Where it stands.
+    pub state: PayState,
+    /// When it arrived.
+    pub received_at: Timestamp,
+}
+
+impl InInvoice {
+    /// The decoded body (verified when it was accepted).
+    pub fn body(&self) -> Option<Invoice> {
+        self.invoice.decode_unverified().ok()
+    }
+}
+
+/// One counterparty's position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Position {
+    /// What it owes this node as a buyer, by invoice state.
+    pub as_buyer: EarningsView,
+    /// What this node owes it for countersigned receipts (this node as buyer).
+    pub owed_to_it: Msat,
+}
+
+/// [`Earnings`] in a serialisable shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct EarningsView {
+    /// Accrued, not invoiced.
+    pub accrued: Msat,
+    /// Invoiced, unpaid.
+    pub invoiced: Msat,
+    /// Paid, not confirmed.
+    pub paid: Msat,
+    /// Confirmed.
+    pub confirmed: Msat,
+    /// Settled.
+    pub settled: Msat,
+}
+
+impl From<Earnings> for EarningsView {
+    fn from(e: Earnings) -> Self {
+        EarningsView {
+            accrued: e.accrued,
+            invoiced: e.invoiced,
+            paid: e.paid,
+            confirmed: e.confirmed,
+            settled: e.settled,
+        }
+    }
+}
+
+/// A settlement operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SettlementError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A wallet failed.
+    #[error(transparent)]
+    Wallet(#[from] WalletError),
+    /// The ledger refused a transition.
+    #[error(transparent)]
+    Ledger(#[from] SettleError),
+    /// The stored ledger log does not replay.
+    #[error("settlement log entry {0} does not replay: {1}")]
+    Replay(u64, String),
+}
+
+/// Reads the settlement view of a store (for commands that run while the node is stopped).
+pub fn earnings_from_store(
+    store: &Store,
+) -> Result<BTreeMap<PublicKey, Position>, SettlementError> {
+    let ledger = replay(store)?.0;
+    let mut out: BTreeMap<PublicKey, Position> = BTreeMap::new();
+    for b in ledger.buyers() {
+        out.entry(*b).or_default().as_buyer = ledger.earnings(b).into();
+    }
+    for (p, owed) in purchases(store)? {
+        out.entry(p).or_default().owed_to_it = owed;
+    }
+    Ok(out)
+}
+
+/// Invoices this node issued (provider side), with the ledger's state of each.
+pub fn issued_from_store(
+    store: &Store,
+) -> Result<Vec<(OutInvoice, Option<InvoiceRecord>)>, SettlementError> {
+    let ledger = replay(store)?.0;
+    Ok(store
+        .all::<OutInvoice>(JobTree::InvoicesOut)?
+        .into_iter()
+        .map(|o| {
+            let rec = ledger.invoice(&o.invoice.id()).cloned();
+            (o, rec)
+        })
+        .collect())
+}
+
+/// Invoices this node received (buyer side).
+pub fn received_from_store(store: &Store) -> Result<Vec<InInvoice>, SettlementError> {
+    Ok(store.all::<InInvoice>(JobTree::InvoicesIn)?)
+}
+
+fn replay(store: &Store) -> Result<(ProviderLedger, u64), SettlementError> {
+    let mut ledger = ProviderLedger::new();
+    let mut next = 0u64;
+    for (key, ev) in store.entries::<LedgerEvent>(JobTree::SettleLog)? {
+        apply(&mut ledger, &ev).map_err(|e| SettlementError::Replay(key, e.to_string()))?;
+        next = key + 1;
+    }
+    Ok((ledger, next))
+}
+
+/// Countersigned purchases by provider (this node as buyer), from the job records.
+fn purchases(store: &Store) -> Result<BTreeMap<PublicKey, Msat>, SettlementError> {
+    let mut out: BTreeMap<PublicKey, Msat> = BTreeMap::new();
+    for rec in store.all::<JobRecord>(JobTree::BuyerJobs)? {
+        if let Some(r) = rec
+            .receipt
+            .as_ref()
+            .and_then(|cs| cs.signed.decode_unverified().ok())
+        {
+            let e = out.entry(r.provider).or_insert(Msat::ZERO);
+            *e = Msat(e.0.saturating_add(r.charge.0));
+        }
+    }
+    Ok(out)
+}
+
+struct LedgerState {
+    ledger: ProviderLedger,
+    next_key: u64,
+}
+
+/// The node's settlement service, shared by the swarm task (credit checks, accruals, inbound
+/// requests) and the settlement task (invoicing, chain watching, deliveries, payments).
+pub(crate) struct Settlement {
+    cfg: SettlementConfig,
+    key: Keypair,
+    network: Network,
+    /// The node's store; closed (with the wallets) when the node stops, so its lock is free.
+    slot: StoreSlot,
+    state: Mutex<LedgerState>,
+    /// What this node owes each provider (countersigned receipts as buyer).
+    purchases: Mutex<BTreeMap<PublicKey, Msat>>,
+    payout: Mutex<Option<Arc<Mutex<Wallet>>>>,
+    wallet: Mutex<Option<Arc<Mutex<Wallet>>>>,
+    chain: Option<Arc<dyn ChainSource>>,
+}
+
+impl std::fmt::Debug for Settlement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settlement")
+            .field("mode", &self.cfg.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn outpoint_str(op: &bitcoin::OutPoint) -> String {
+    format!("{}:{}", op.txid, op.vout)
+}
+
+impl Settlement {
+    /// Replays the ledger and opens the wallets.
+    pub(crate) fn open(
+        cfg: SettlementConfig,
+        key: Keypair,
+        network: Network,
+        store: Store,
+        slot: StoreSlot,
+    ) -> Result<Settlement, SettlementError> {
+        let (ledger, next_key) = replay(&store)?;
+        let purchases = purchases(&store)?;
+        let (mut payout, mut wallet, mut chain) = (None, None, None);
+        if let SettleMode::Onchain(o) = &cfg.mode {
+            if let Some(d) = &o.payout_descriptor {
+                let w = Wallet::open(store.wallet_tree("payout")?, d, None, o.network)?;
+                payout = Some(Arc::new(Mutex::new(w)));
+            }
+            if let Some(k) = &o.wallet {
+                let w = Wallet::open(
+                    store.wallet_tree("buyer")?,
+                    &k.external,
+                    Some(&k.internal),
+                    o.network,
+                )?;
+                wallet = Some(Arc::new(Mutex::new(w)));
+            }
+            chain = Some(o.chain.clone());
+        }
+        let s = Settlement {
+            cfg,
+            key,
+            network,
+            slot,
+            state: Mutex::new(LedgerState { ledger, next_key }),
+            purchases: Mutex::new(purchases),
+            payout: Mutex::new(payout),
+            wallet: Mutex::new(wallet),
+            chain,
+        };
+        // A receipt countersigned just before a crash may not have reached the ledger.
+        for cs in store.all::<hashgrid_protocol::Countersigned<Receipt>>(JobTree::Countersigned)? {
+            s.accrue(&cs.signed);
+        }
+        Ok(s)
+    }
+
+    /// The store, while the node runs.
+    fn store(&self) -> Result<Store, StoreError> {
+        self.slot
+            .with(|s| Ok(s.clone()))
+            .map_err(|e| e.unwrap_or(StoreError::Closed))
+    }
+
+    /// Lets go of the store and the wallets (the node is stopping).
+    pub(crate) fn close(&self) {
+        lock(&self.payout).take();
+        lock(&self.wallet).take();
+    }
+
+    fn payout(&self) -> Option<Arc<Mutex<Wallet>>> {
+        lock(&self.payout).clone()
+    }
+
+    pub(crate) fn interval(&self) -> Duration {
+        self.cfg.interval
+    }
+
+    fn onchain(&self) -> bool {
+        matches!(self.cfg.mode, SettleMode::Onchain(_))
+    }
+
+    /// Applies a transition and logs it (flushed). Nothing is logged if it does not apply.
+    fn record(&self, ev: LedgerEvent) -> Result<(), SettlementError> {
+        let mut st = lock(&self.state);
+        let mut trial = st.ledger.clone();
+        apply(&mut trial, &ev)?;
+        let key = st.next_key;
+        self.store()?
+            .put(JobTree::SettleLog, &key.to_be_bytes(), &ev)?;
+        self.store()?.flush()?;
+        st.ledger = trial;
+        st.next_key = key + 1;
+        Ok(())
+    }
+
+    /// Whether `buyer` may open a new agreement now. In ledger mode the debt is netted against
+    /// what this node owes the buyer for its own purchases.
+    pub(crate) fn check_credit(&self, buyer: &PublicKey) -> Result<(), CreditDenied> {
+        let now = Timestamp::now();
+        let st = lock(&self.state);
+        if self.onchain() {
+            return st.ledger.check_credit(buyer, now, &self.cfg.credit);
+        }
+        let owed = st
+            .ledger
+            .earnings(buyer)
+            .outstanding()
+            .unwrap_or(Msat(u64::MAX));
+        let ours = lock(&self.purchases)
+            .get(buyer)
+            .copied()
+            .unwrap_or(Msat::ZERO);
+        let net = Msat(owed.0.saturating_sub(ours.0));
+        if net > self.cfg.credit.limit {
+            return Err(CreditDenied::OverLimit {
+                owed: net,
+                limit: self.cfg.credit.limit,
+            });
+        }
+        Ok(())
+    }
+
+    /// Provider side: a receipt was countersigned.
+    pub(crate) fn accrue(&self, receipt: &Signed<Receipt>) {
+        let Ok(r) = receipt.decode_unverified() else {
+            return;
+        };
+        let ev = LedgerEvent::Accrue {
+            receipt: receipt.id(),
+            buyer: r.buyer,
+            charge: r.charge,
+            at: Timestamp::now(),
+        };
+        match self.record(ev) {
+            Ok(()) | Err(SettlementError::Ledger(SettleError::DuplicateReceipt(_))) => {}
+            Err(e) => warn!(error = %e, "could not accrue a countersigned receipt"),
+        }
+    }
+
+    /// Buyer side: this node countersigned a receipt (it owes the provider).
+    pub(crate) fn purchased(&self, receipt: &Receipt) {
+        let mut p = lock(&self.purchases);
+        let e = p.entry(receipt.provider).or_insert(Msat::ZERO);
+        *e = Msat(e.0.saturating_add(receipt.charge.0));
+    }
+
+    /// Per-counterparty positions.
+    pub(crate) fn positions(&self) -> BTreeMap<PublicKey, Position> {
+        let st = lock(&self.state);
+        let mut out: BTreeMap<PublicKey, Position> = BTreeMap::new();
+        for b in st.ledger.buyers() {
+            out.entry(*b).or_default().as_buyer = st.ledger.earnings(b).into();
+        }
+        for (p, owed) in lock(&self.purchases).iter() {
+            out.entry(*p).or_default().owed_to_it = *owed;
+        }
+        out
+    }
+
+    /// The ledger's record of an invoice.
+    pub(crate) fn invoice_record(&self, id: &ContentId) -> Option<InvoiceRecord> {
+        lock(&self.state).ledger.invoice(id).cloned()
+    }
+
+    /// The buyer's wallet.
+    pub(crate) fn buyer_wallet(&self) -> Option<Arc<Mutex<Wallet>>> {
+        lock(&self.wallet).clone()
+    }
+
+    /// The chain backend.
+    pub(crate) fn chain(&self) -> Option<Arc<dyn ChainSource>> {
+        self.chain.clone()
+    }
+
+    // ---- inbound requests (answered on the swarm task: local reads and flushed writes) ----
+
+    pub(crate) fn on_request(
+        self: &Arc<Self>,
+        peer: PeerId,
+        req: SettleRequest,
+        net: &Net,
+    ) -> SettleReply {
+        match req {
+            SettleRequest::Invoice(s) => self.on_invoice(peer, s, net),
+            SettleRequest::Proof(p) => self.on_proof(peer, p),
+            SettleRequest::Settled {
+                invoice_id,
+                outpoint,
+            } => self.on_settled(peer, invoice_id, outpoint),
+            SettleRequest::Status { invoice_id } => {
+                SettleReply::Status(self.status_for(peer, &invoice_id))
+            }
+        }
+    }
+
+    fn status_for(&self, peer: PeerId, id: &ContentId) -> InvoiceStatus {
+        let Ok(Some(out)) = self
+            .store()
+            .and_then(|st| st.get::<OutInvoice>(JobTree::InvoicesOut, id.as_bytes()))
+        else {
+            return InvoiceStatus::Unknown;
+        };
+        let Some(rec) = self.invoice_record(id) else {
+            return InvoiceStatus::Unknown;
+        };
+        if peer_of(&rec.buyer) != Some(peer) {
+            return InvoiceStatus::Unknown;
+        }
+        let required = self.cfg.confirmations.required(rec.amount_sat());
+        match rec.state {
+            InvoiceState::Issued => InvoiceStatus::Issued {
+                seen_sat: out.seen_sat,
+                problem: out.problem,
+            },
+            InvoiceState::Paid {
+                outpoint,
+                confirmations,
+            } => InvoiceStatus::Paid {
+                outpoint,
+                confirmations,
+                required,
+            },
+            InvoiceState::Confirmed { outpoint } => InvoiceStatus::Confirmed { outpoint },
+            InvoiceState::Settled { outpoint } => InvoiceStatus::Settled { outpoint },
+            InvoiceState::Expired => InvoiceStatus::Expired,
+        }
+    }
+
+    /// Buyer side: an invoice arrives. Accepted only if it bills receipts this node
+    /// countersigned with that provider and, with every other invoice from it that is not
+    /// refused or superseded, does not exceed what they charged.
+    fn on_invoice(self: &Arc<Self>, peer: PeerId, s: Signed<Invoice>, net: &Net) -> SettleReply {
+        let inv = match s.verify(&self.network) {
+            Ok(i) => i,
+            Err(e) => return SettleReply::Refused(format!("invoice: {e}")),
+        };
+        if inv.buyer != self.key.public() {
+            return SettleReply::Refused("the invoice is not addressed to this node".into());
+        }
+        if peer_of(&inv.provider) != Some(peer) {
+            return SettleReply::Refused("the invoice is not signed by the sending peer".into());
+        }
+        let id = s.id();
+        if let Ok(Some(_)) = self
+            .store()
+            .and_then(|st| st.get::<InInvoice>(JobTree::InvoicesIn, id.as_bytes()))
+        {
+            return SettleReply::Ack;
+        }
+        match self.check_invoice(&inv) {
+            Ok(superseded) => {
+                let rec = InInvoice {
+                    invoice: s,
+                    state: PayState::Unpaid,
+                    received_at: Timestamp::now(),
+                };
+                let res = (|| {
+                    for mut old in superseded {
+                        old.state = PayState::Superseded;
+                        self.store()?.put(
+                            JobTree::InvoicesIn,
+                            old.invoice.id().as_bytes(),
+                            &old,
+                        )?;
+                    }
+                    self.store()?
+                        .put(JobTree::InvoicesIn, id.as_bytes(), &rec)?;
+                    self.store()?.flush()
+                })();
+                if let Err(e) = res {
+                    return SettleReply::Refused(format!("buyer store: {e}"));
+                }
+                info!(invoice = %id.short(), amount_msat = inv.amount.0, "invoice received");
+                if self.cfg.auto_pay && self.buyer_wallet().is_some() {
+                    let me = self.clone();
+                    let net = net.clone();
+                    tokio::spawn(async move { me.pay_invoice(id, &net).await });
+                }
+                SettleReply::Ack
+            }
+            Err(reason) => {
+                warn!(invoice = %id.short(), %reason, "invoice refused");
+                let rec = InInvoice {
+                    invoice: s,
+                    state: PayState::Refused(reason.clone()),
+                    received_at: Timestamp::now(),
+                };
+                let _ = self
+                    .store()
+                    .and_then(|st| st.put(JobTree::InvoicesIn, id.as_bytes(), &rec))
+                    .and_then(|()| self.store()?.flush());
+                SettleReply::Refused(reason)
+            }
+        }
+    }
+
+    /// Returns the earlier unpaid invoices this one re-bills (expired ones).
+    fn check_invoice(&self, inv: &Invoice) -> Result<Vec<InInvoice>, String> {
+        let mut charged: BTreeMap<ContentId, Msat> = BTreeMap::new();
+        let records = self
+            .store()
+            .and_then(|st| st.all::<JobRecord>(JobTree::BuyerJobs))
+            .map_err(|e| format!("buyer store: {e}"))?;
+        for rec in records {
+            if let Some(cs) = &rec.receipt
+                && let Ok(r) = cs.signed.decode_unverified()
+                && r.provider == inv.provider
+            {
+                charged.insert(cs.id(), r.charge);
+            }
+        }
+        for r in &inv.receipts {
+            if !charged.contains_key(r) {
+                return Err(format!(
+                    "receipt {} is not one this node countersigned with this provider",
+                    r.short()
+                ));
+            }
+        }
+        if inv.amount.0 % 1000 != 0 {
+            return Err("the amount is not a whole number of sats".into());
+        }
+        match (&inv.payment, self.onchain()) {
+            (InvoicePayment::Onchain { amount_sat, .. }, true)
+                if *amount_sat * 1000 == inv.amount.0 => {}
+            (InvoicePayment::Onchain { .. }, true) => {
+                return Err("the on-chain amount differs from the invoice amount".into());
+            }
+            (InvoicePayment::Ledger, false) => {}
+            _ => return Err("the invoice's payment method is not this node's".into()),
+        }
+        let now = Timestamp::now();
+        let mut committed = 0u64;
+        let mut superseded = Vec::new();
+        for old in self
+            .store()
+            .and_then(|st| st.all::<InInvoice>(JobTree::InvoicesIn))
+            .map_err(|e| format!("buyer store: {e}"))?
+        {
+            let Some(b) = old.body() else { continue };
+            if b.provider != inv.provider {
+                continue;
+            }
+            match old.state {
+                PayState::Refused(_) | PayState::Superseded => {}
+                PayState::Unpaid
+                    if b.expires_at <= now
+                        && b.receipts.iter().any(|r| inv.receipts.contains(r)) =>
+                {
+                    superseded.push(old);
+                }
+                _ => committed = committed.saturating_add(b.amount.0),
+            }
+        }
+        let total: u64 = charged.values().map(|m| m.0).sum();
+        if committed.saturating_add(inv.amount.0) > total {
+            return Err(format!(
+                "with earlier invoices it bills {} msat, more than the {} msat of countersigned receipts",
+                committed.saturating_add(inv.amount.0),
+                total
+            ));
+        }
+        Ok(superseded)
+    }
+
+    /// Provider side: a buyer says it paid. Recorded; the chain decides on the next pass.
+    fn on_proof(&self, peer: PeerId, s: Signed<PaymentProof>) -> SettleReply {
+        let proof = match s.verify(&self.network) {
+            Ok(p) => p,
+            Err(e) => return SettleReply::Refused(format!("payment proof: {e}")),
+        };
+        if peer_of(&proof.buyer) != Some(peer) || proof.provider != self.key.public() {
+            return SettleReply::Refused("the proof is not from this invoice's buyer".into());
+        }
+        let Ok(Some(mut out)) = self
+            .store()
+            .and_then(|st| st.get::<OutInvoice>(JobTree::InvoicesOut, proof.invoice_id.as_bytes()))
+        else {
+            return SettleReply::Status(InvoiceStatus::Unknown);
+        };
+        let claim = format!("{}:{}", proof.txid, proof.vout);
+        if out
+            .problem
+            .as_deref()
+            .is_none_or(|p| !p.starts_with(&claim))
+        {
+            out.problem = Some(format!("{claim} claimed, not yet seen"));
+            if let Err(e) = self
+                .store()
+                .and_then(|st| st.put(JobTree::InvoicesOut, proof.invoice_id.as_bytes(), &out))
+                .and_then(|()| self.store()?.flush())
+            {
+                return SettleReply::Refused(format!("provider store: {e}"));
+            }
+        }
+        SettleReply::Status(self.status_for(peer, &proof.invoice_id))
+    }
+
+    /// Buyer side: the provider settled an invoice.
+    fn on_settled(&self, peer: PeerId, id: ContentId, outpoint: String) -> SettleReply {
+        let Ok(Some(mut rec)) = self
+            .store()
+            .and_then(|st| st.get::<InInvoice>(JobTree::InvoicesIn, id.as_bytes()))
+        else {
+            return SettleReply::Refused("unknown invoice".into());
+        };
+        if rec.body().and_then(|b| peer_of(&b.provider)) != Some(peer) {
+            return SettleReply::Refused("unknown invoice".into());
+        }
+        rec.state = PayState::Settled { outpoint };
+        match self
+            .store()
+            .and_then(|st| st.put(JobTree::InvoicesIn, id.as_bytes(), &rec))
+            .and_then(|()| self.store()?.flush())
+        {
+            Ok(()) => SettleReply::Ack,
+            Err(e) => SettleReply::Refused(format!("buyer store: {e}")),
+        }
+    }
+
+    // ---- the settlement task ----
+
+    /// One pass: expire, invoice, watch the chain, deliver, pay.
+    pub(crate) async fn pass(self: &Arc<Self>, net: &Net) {
+        if let Err(e) = self.provider_pass(net).await {
+            warn!(error = %e, "settlement pass (provider side) failed");
+        }
+        if let Err(e) = self.buyer_pass(net).await {
+            warn!(error = %e, "settlement pass (buyer side) failed");
+        }
+    }
+
+    async fn provider_pass(self: &Arc<Self>, net: &Net) -> Result<(), SettlementError> {
+        let now = Timestamp::now();
+        let due_to_expire = lock(&self.state)
+            .ledger
+            .invoices()
+            .any(|(_, i)| i.state == InvoiceState::Issued && i.expires_at <= now);
+        if due_to_expire {
+            self.record(LedgerEvent::Expire { now })?;
+        }
+        let Some(payout) = self.payout() else {
+            return Ok(());
+        };
+        let Some(chain) = self.chain.clone() else {
+            return Ok(());
+        };
+        // Invoices the policy says are due.
+        let drafts = lock(&self.state).ledger.due(now, &self.cfg.invoice);
+        for d in drafts {
+            self.issue(&payout, d, now)?;
+        }
+        // Follow every open invoice's address on the chain.
+        let open: Vec<(ContentId, InvoiceRecord, OutInvoice)> = {
+            let st = lock(&self.state);
+            st.ledger
+                .invoices()
+                .filter(|(_, i)| !matches!(i.state, InvoiceState::Settled { .. }))
+                .filter_map(|(id, i)| {
+                    self.store()
+                        .ok()?
+                        .get::<OutInvoice>(JobTree::InvoicesOut, id.as_bytes())
+                        .ok()
+                        .flatten()
+                        .map(|o| (*id, i.clone(), o))
+                })
+                .collect()
+        };
+        if !open.is_empty() {
+            let p = payout.clone();
+            let c = chain.clone();
+            let synced = tokio::task::spawn_blocking(move || lock(&p).sync(&*c)).await;
+            match synced {
+                Ok(Ok(())) => {
+                    for (id, rec, out) in &open {
+                        self.watch(&payout, &chain, *id, rec, out.clone()).await?;
+                    }
+                }
+                Ok(Err(e)) => warn!(error = %e, "payout wallet sync failed"),
+                Err(e) => warn!(error = %e, "payout wallet sync panicked"),
+            }
+        }
+        // Deliveries: invoices the buyer has not acknowledged, settlements not yet told.
+        for mut out in self.store()?.all::<OutInvoice>(JobTree::InvoicesOut)? {
+            let id = out.invoice.id();
+            let Some(rec) = self.invoice_record(&id) else {
+                continue;
+            };
+            let Some(peer) = peer_of(&rec.buyer) else {
+                continue;
+            };
+            if !out.delivered && rec.state == InvoiceState::Issued {
+                match net
+                    .settle(peer, SettleRequest::Invoice(out.invoice.clone()))
+                    .await
+                {
+                    Ok(SettleReply::Ack) => {
+                        out.delivered = true;
+                        self.store()?
+                            .put(JobTree::InvoicesOut, id.as_bytes(), &out)?;
+                        self.store()?.flush()?;
+                    }
+                    Ok(other) => {
+                        warn!(invoice = %id.short(), reply = ?other, "buyer did not accept the invoice")
+                    }
+                    Err(e) => {
+                        debug!(invoice = %id.short(), error = %e, "invoice not delivered yet")
+                    }
+                }
+            }
+            if let InvoiceState::Confirmed { outpoint } = &rec.state {
+                let req = SettleRequest::Settled {
+                    invoice_id: id,
+                    outpoint: outpoint.clone(),
+                };
+                if let Ok(SettleReply::Ack) = net.settle(peer, req).await {
+                    self.record(LedgerEvent::Settle { id })?;
+                    out.settled_acked = true;
+                    self.store()?
+                        .put(JobTree::InvoicesOut, id.as_bytes(), &out)?;
+                    self.store()?.flush()?;
+                    info!(invoice = %id.short(), %outpoint, "invoice settled");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn issue(
+        &self,
+        payout: &Arc<Mutex<Wallet>>,
+        d: InvoiceDraft,
+        now: Timestamp,
+    ) -> Result<(), SettlementError> {
+        // The address index is persisted before the invoice exists: never reused.
+        let (index, address) = lock(payout).reveal_address()?;
+        let amount_sat = d.amount.0 / 1000;
+        let seq = self.store()?.next_seq(now.0)?;
+        let invoice = Invoice {
+            provider: self.key.public(),
+            buyer: d.buyer,
+            seq,
+            receipts: d.receipts.clone(),
+            amount: d.amount,
+            payment: InvoicePayment::Onchain {
+                address: address.to_string(),
+                amount_sat,
+            },
+            created_at: now,
+            expires_at: now.plus_ms(self.cfg.invoice.ttl_ms),
+        };
+        let signed = Signed::sign(&self.key, &self.network, &invoice);
+        let id = signed.id();
+        let out = OutInvoice {
+            invoice: signed,
+            address_index: Some(index),
+            delivered: false,
+            settled_acked: false,
+            seen_sat: 0,
+            problem: None,
+        };
+        self.store()?
+            .put(JobTree::InvoicesOut, id.as_bytes(), &out)?;
+        self.record(LedgerEvent::Issue {
+            id,
+            buyer: d.buyer,
+            receipts: d.receipts,
+            amount: d.amount,
+            at: now,
+            ttl_ms: self.cfg.invoice.ttl_ms,
+        })?;
+        info!(
+            invoice = %id.short(),
+            buyer = %d.buyer.short(),
+            uri = %bip21(&address.to_string(), amount_sat, &format!("hashgrid invoice {}", id.short())),
+            "invoice issued"
+        );
+        Ok(())
+    }
+
+    async fn watch(
+        &self,
+        payout: &Arc<Mutex<Wallet>>,
+        chain: &Arc<dyn ChainSource>,
+        id: ContentId,
+        rec: &InvoiceRecord,
+        mut out: OutInvoice,
+    ) -> Result<(), SettlementError> {
+        let Some(index) = out.address_index else {
+            return Ok(());
+        };
+        let (received, address) = {
+            let w = lock(payout);
+            let a = w.address_at(index);
+            (w.received_at(&a.script_pubkey()), a)
+        };
+        let total: u64 = received.iter().map(|r| r.amount_sat).sum();
+        let confs = received.iter().map(|r| r.confirmations).min().unwrap_or(0);
+        let required = self.cfg.confirmations.required(rec.amount_sat());
+        let paid_enough = total >= rec.amount_sat() && !received.is_empty();
+        match (&rec.state, paid_enough) {
+            (InvoiceState::Issued | InvoiceState::Expired, true) => {
+                let outpoint = outpoint_str(&received[0].outpoint);
+                match self.record(LedgerEvent::PaymentSeen {
+                    id,
+                    outpoint: outpoint.clone(),
+                    paid_sat: total,
+                    confirmations: confs,
+                    required,
+                }) {
+                    Ok(()) => {
+                        info!(invoice = %id.short(), %outpoint, confirmations = confs, "payment seen")
+                    }
+                    Err(e) => warn!(invoice = %id.short(), error = %e, "payment not applied"),
+                }
+                out.seen_sat = total;
+                out.problem = None;
+            }
+            (InvoiceState::Paid { .. } | InvoiceState::Confirmed { .. }, true) => {
+                self.record(LedgerEvent::Confirmations {
+                    id,
+                    confirmations: confs,
+                    required,
+                })?;
+            }
+            (InvoiceState::Paid { .. } | InvoiceState::Confirmed { .. }, false) => {
+                warn!(invoice = %id.short(), "payment left the chain (reorganised out or double-spent); invoice open again");
+                self.record(LedgerEvent::Vanished { id })?;
+                out.seen_sat = total;
+            }
+            (InvoiceState::Issued | InvoiceState::Expired, false) => {
+                if total > 0 && total != out.seen_sat {
+                    warn!(invoice = %id.short(), paid_sat = total, due_sat = rec.amount_sat(), "invoice underpaid");
+                }
+                out.seen_sat = total;
+                // A claimed payment that does not show up at the address: find out why.
+                if let Some(claim) = out.problem.clone().filter(|p| p.ends_with("not yet seen"))
+                    && let Some((txid, vout)) =
+                        claim.split_once(' ').and_then(|(op, _)| op.split_once(':'))
+                    && let (Ok(txid), Ok(vout)) =
+                        (txid.parse::<bitcoin::Txid>(), vout.parse::<usize>())
+                {
+                    let c = chain.clone();
+                    let tx = tokio::task::spawn_blocking(move || c.transaction(&txid))
+                        .await
+                        .ok()
+                        .and_then(|r| r.ok())
+                        .flatten();
+                    if let Some(tx) = tx {
+                        out.problem = Some(match tx.output.get(vout) {
+                            None => format!("{txid}:{vout} has no such output"),
+                            Some(o) if o.script_pubkey != address.script_pubkey() => format!(
+                                "{txid}:{vout} pays another address, not the invoice's {address}"
+                            ),
+                            Some(o) if o.value.to_sat() < rec.amount_sat() => format!(
+                                "{txid}:{vout} pays {} sat, {} sat are due",
+                                o.value.to_sat(),
+                                rec.amount_sat()
+                            ),
+                            Some(_) => claim.clone(),
+                        });
+                    }
+                }
+            }
+            _ => {}
+        }
+        self.store()?
+            .put(JobTree::InvoicesOut, id.as_bytes(), &out)?;
+        self.store()?.flush()?;
+        Ok(())
+    }
+
+    async fn buyer_pass(self: &Arc<Self>, net: &Net) -> Result<(), SettlementError> {
+        if self.buyer_wallet().is_none() {
+            return Ok(());
+        }
+        for rec in self.store()?.all::<InInvoice>(JobTree::InvoicesIn)? {
+            let id = rec.invoice.id();
+            match rec.state {
+                PayState::Unpaid if self.cfg.auto_pay => self.pay_invoice(id, net).await,
+                PayState::Paying { .. } => self.pay_invoice(id, net).await,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Pays an accepted invoice (or finishes paying it): sign and record the transaction
+    /// (flushed), broadcast it, send the proof. Safe to call again at any point.
+    pub(crate) async fn pay_invoice(self: &Arc<Self>, id: ContentId, net: &Net) {
+        if let Err(e) = self.try_pay(id, net).await {
+            warn!(invoice = %id.short(), error = %e, "paying the invoice failed; will retry");
+        }
+    }
+
+    async fn try_pay(self: &Arc<Self>, id: ContentId, net: &Net) -> Result<(), String> {
+        let (Some(wallet), Some(chain)) = (self.buyer_wallet(), self.chain.clone()) else {
+            return Err("no wallet".into());
+        };
+        let get = || {
+            self.store()
+                .map_err(|e| e.to_string())?
+                .get::<InInvoice>(JobTree::InvoicesIn, id.as_bytes())
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| "unknown invoice".to_string())
+        };
+        let rec = get()?;
+        let inv = rec.body().ok_or("undecodable invoice")?;
+        let InvoicePayment::Onchain {
+            address,
+            amount_sat,
+        } = inv.payment.clone()
+        else {
+            return Ok(());
+        };
+        let (tx, vout) = match &rec.state {
+            PayState::Unpaid => {
+                let fee = self.cfg.fee_rate_sat_vb;
+                let w = wallet.clone();
+                let c = chain.clone();
+                let made = tokio::task::spawn_blocking(move || -> Result<_, WalletError> {
+                    let mut w = lock(&w);
+                    w.sync(&*c)?;
+                    let to = w.parse_address(&address)?;
+                    let tx = w.pay(&to, amount_sat, fee)?;
+                    let vout = tx
+                        .output
+                        .iter()
+                        .position(|o| {
+                            o.script_pubkey == to.script_pubkey() && o.value.to_sat() == amount_sat
+                        })
+                        .unwrap_or(0) as u32;
+                    Ok((tx, vout))
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+                // Recorded before it is broadcast: a restart rebroadcasts, never pays twice.
+                let mut rec = get()?;
+                if rec.state != PayState::Unpaid {
+                    return Ok(());
+                }
+                rec.state = PayState::Paying {
+                    tx: bitcoin::consensus::encode::serialize(&made.0),
+                    txid: made.0.compute_txid().to_string(),
+                    vout: made.1,
+                };
+                self.store()
+                    .and_then(|st| {
+                        st.put(JobTree::InvoicesIn, id.as_bytes(), &rec)?;
+                        st.flush()
+                    })
+                    .map_err(|e| e.to_string())?;
+                made
+            }
+            PayState::Paying { tx, vout, .. } => {
+                let tx: bitcoin::Transaction =
+                    bitcoin::consensus::encode::deserialize(tx).map_err(|e| e.to_string())?;
+                (tx, *vout)
+            }
+            _ => return Ok(()),
+        };
+        let c = chain.clone();
+        let t = tx.clone();
+        tokio::task::spawn_blocking(move || c.broadcast(&t))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("broadcast: {e}"))?;
+        let txid = tx.compute_txid().to_string();
+        info!(invoice = %id.short(), %txid, amount_sat, "invoice paid");
+        let proof = PaymentProof {
+            invoice_id: id,
+            buyer: self.key.public(),
+            provider: inv.provider,
+            txid: txid.clone(),
+            vout,
+            amount_sat,
+            created_at: Timestamp::now(),
+        };
+        let signed = Signed::sign(&self.key, &self.network, &proof);
+        let peer = peer_of(&inv.provider).ok_or("bad provider key")?;
+        match net.settle(peer, SettleRequest::Proof(signed)).await {
+            Ok(SettleReply::Status(_) | SettleReply::Ack) => {
+                let mut rec = get()?;
+                if matches!(rec.state, PayState::Paying { .. }) {
+                    rec.state = PayState::Paid {
+                        outpoint: format!("{txid}:{vout}"),
+                    };
+                    self.store()
+                        .and_then(|st| {
+                            st.put(JobTree::InvoicesIn, id.as_bytes(), &rec)?;
+                            st.flush()
+                        })
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            }
+            Ok(SettleReply::Refused(r)) => Err(format!("provider refused the proof: {r}")),
+            Err(e) => Err(format!("proof not delivered: {e}")),
+        }
+    }
+}
