@@ -33,6 +33,9 @@ pub struct ClientConfig {
     pub mdns: bool,
     /// Addresses to listen on (a buyer needs none: it dials out).
     pub listen: Vec<String>,
+    /// How this buyer settles (default: ledger).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settle: Option<crate::settle::SettleSection>,
 }
 
 impl Default for ClientConfig {
@@ -42,6 +45,7 @@ impl Default for ClientConfig {
             bootstrap: Vec::new(),
             mdns: true,
             listen: Vec::new(),
+            settle: None,
         }
     }
 }
@@ -152,6 +156,7 @@ mod tests {
             bootstrap: vec!["/ip4/127.0.0.1/tcp/4001".into()],
             mdns: false,
             listen: Vec::new(),
+            settle: None,
         };
         std::fs::write(ClientConfig::path(dir.path()), cfg.to_toml()).unwrap();
         assert_eq!(ClientConfig::load_or_default(dir.path()).unwrap(), cfg);

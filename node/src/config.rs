@@ -190,6 +190,8 @@ pub struct SiteConfig {
     pub detected: Vec<GpuProfile>,
     /// The pricing policy.
     pub pricing: Pricing,
+    /// How this site settles: `[settle]` (default ledger).
+    pub settle: crate::settle::SettleSection,
 }
 
 impl Default for SiteConfig {
@@ -216,6 +218,7 @@ impl Default for SiteConfig {
             detect_gpu: true,
             detected: Vec::new(),
             pricing: Pricing::default(),
+            settle: crate::settle::SettleSection::default(),
         }
     }
 }
@@ -362,7 +365,15 @@ impl SiteConfig {
                 self.units
                     .saturating_mul(u32::try_from(self.gpu_profiles().len()).unwrap_or(u32::MAX)),
             )
-            .settlement(self.settlement.clone())
+            .settlement(
+                if self.settle.mode == crate::settle::SettleModeName::Onchain
+                    && self.settlement == [SettlementMethod::Ledger]
+                {
+                    vec![SettlementMethod::Onchain]
+                } else {
+                    self.settlement.clone()
+                },
+            )
             .order_ttl(Duration::from_secs(self.order_ttl_secs))
             .gpu_profiles(self.gpu_profiles());
         for a in &self.listen {

@@ -22,6 +22,9 @@ pub enum SiteError {
     /// The node failed while running.
     #[error(transparent)]
     Node(#[from] NodeError),
+    /// The settlement settings are invalid or the chain backend cannot be opened.
+    #[error("settlement: {0}")]
+    Settle(#[from] crate::wallet::WalletError),
     /// No GPU could be opened or benchmarked (the message says how to install lavapipe; or run
     /// with `--no-gpu` for a relay-only node).
     #[error("{0} (or pass --no-gpu to run a relay-only node)")]
@@ -73,7 +76,18 @@ pub async fn run_site(
         }
         None
     };
-    let mut builder = config.builder();
+    // Settlement: mainnet without the opt-in, a missing backend or a bad descriptor stop the
+    // start here, before anything is announced.
+    let settle = config.settle.to_config(None, None)?;
+    if let crate::settle::SettleMode::Onchain(o) = &settle.mode {
+        if o.payout_descriptor.is_none() {
+            return Err(SiteError::Settle(crate::wallet::WalletError::Config(
+                "[settle] mode = \"onchain\" needs payout_descriptor = \"tr(xpub…/0/*)\" (where buyers pay)".into(),
+            )));
+        }
+        info!(bitcoin = %o.network, chain = %o.chain.describe(), "settling on chain");
+    }
+    let mut builder = config.builder().settle(settle);
     if let Some(exec) = &executor {
         builder = builder.executor(exec.clone());
     }

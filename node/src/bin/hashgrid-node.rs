@@ -76,6 +76,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// What each buyer owes this site (the node must be stopped: it holds the store): accrued
+    /// (countersigned, not invoiced), invoiced, paid (unconfirmed), confirmed and settled, in
+    /// msat; and, netted, what this node owes it for its own purchases.
+    ///
+    /// Example: hashgrid-node earnings --data-dir /var/lib/hashgrid --json
+    Earnings {
+        /// Print JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The invoices this site issued, with their state and payment address (the node must be
+    /// stopped).
+    ///
+    /// Example: hashgrid-node invoices --unpaid
+    Invoices {
+        /// Only invoices not yet confirmed.
+        #[arg(long)]
+        unpaid: bool,
+        /// Print JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Installs the SIGINT/SIGTERM handlers now (a signal that arrives before the daemon awaits
@@ -153,6 +175,90 @@ async fn main() -> anyhow::Result<()> {
                 Err(e) => {
                     eprintln!("error: the receipt chain does not verify: {e}");
                     std::process::exit(5);
+                }
+            }
+        }
+        Command::Earnings { json } => {
+            let dir = DataDir::new(cli.data_dir.unwrap_or_else(DataDir::default_root));
+            let store = hashgrid_node::store::Store::open(&dir.root().join("store"))?;
+            let all = hashgrid_node::settle::earnings_from_store(&store)?;
+            if json {
+                let rows: Vec<_> = all
+                    .iter()
+                    .map(|(k, p)| serde_json::json!({"counterparty": k.to_string(), "as_buyer": p.as_buyer, "owed_to_it_msat": p.owed_to_it.0}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if all.is_empty() {
+                println!("no countersigned receipts yet");
+            } else {
+                println!(
+                    "{:<10} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14}",
+                    "BUYER", "ACCRUED", "INVOICED", "PAID", "CONFIRMED", "SETTLED", "WE OWE IT"
+                );
+                for (k, p) in &all {
+                    let e = p.as_buyer;
+                    println!(
+                        "{:<10} {:>14} {:>14} {:>14} {:>14} {:>14} {:>14}",
+                        k.short(),
+                        e.accrued.0,
+                        e.invoiced.0,
+                        e.paid.0,
+                        e.confirmed.0,
+                        e.settled.0,
+                        p.owed_to_it.0
+                    );
+                }
+                println!(
+                    "(msat; 1 sat = 1000 msat. Invoices bill whole sats; the rest stays accrued.)"
+                );
+            }
+        }
+        Command::Invoices { unpaid, json } => {
+            let dir = DataDir::new(cli.data_dir.unwrap_or_else(DataDir::default_root));
+            let store = hashgrid_node::store::Store::open(&dir.root().join("store"))?;
+            let mut rows = Vec::new();
+            for (out, rec) in hashgrid_node::settle::issued_from_store(&store)? {
+                let Ok(inv) = out.invoice.decode_unverified() else {
+                    continue;
+                };
+                let state = rec.map_or("unknown".to_string(), |r| format!("{:?}", r.state));
+                let open = state.starts_with("Issued") || state.starts_with("Paid");
+                if unpaid && !open {
+                    continue;
+                }
+                let (address, amount_sat) = match &inv.payment {
+                    hashgrid_protocol::InvoicePayment::Onchain {
+                        address,
+                        amount_sat,
+                    } => (address.clone(), *amount_sat),
+                    hashgrid_protocol::InvoicePayment::Ledger => {
+                        ("ledger".into(), inv.amount.0 / 1000)
+                    }
+                };
+                rows.push(serde_json::json!({
+                    "invoice": out.invoice.id().to_string(),
+                    "buyer": inv.buyer.to_string(),
+                    "amount_sat": amount_sat,
+                    "address": address,
+                    "state": state,
+                    "seen_sat": out.seen_sat,
+                    "problem": out.problem,
+                    "expires_at_ms": inv.expires_at.0,
+                }));
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if rows.is_empty() {
+                println!("no invoices");
+            } else {
+                for r in &rows {
+                    println!(
+                        "{}  {:>10} sat  {}  {}",
+                        &r["invoice"].as_str().unwrap_or("")[..12],
+                        r["amount_sat"],
+                        r["address"].as_str().unwrap_or(""),
+                        r["state"].as_str().unwrap_or("")
+                    );
                 }
             }
         }

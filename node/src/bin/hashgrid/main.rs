@@ -16,6 +16,7 @@
 //! | 130 | cancelled with Ctrl-C |
 
 mod market;
+mod wallet;
 
 use anyhow::Context;
 use clap::{ArgAction, Parser, Subcommand, ValueEnum};
@@ -226,6 +227,17 @@ enum Command {
         #[arg(long)]
         verify: bool,
     },
+    /// The buyer's Bitcoin wallet (on-chain settlement: `[settle] mode = "onchain"`).
+    #[command(subcommand)]
+    Wallet(WalletCommand),
+    /// Invoices providers sent this buyer, with their state (from the local store).
+    ///
+    /// Example: hashgrid invoices --unpaid
+    Invoices {
+        /// Only invoices not yet paid.
+        #[arg(long)]
+        unpaid: bool,
+    },
     /// Job files.
     #[command(subcommand)]
     Job(JobCommand),
@@ -241,6 +253,30 @@ enum Command {
         /// Write each output buffer to `DIR/<name>.bin`.
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum WalletCommand {
+    /// A fresh receive address (keys are created on first use, in DATA_DIR/wallet.json, 0600).
+    ///
+    /// Example: hashgrid wallet address
+    Address,
+    /// Sync with the chain backend and print the balance.
+    ///
+    /// Example: hashgrid wallet balance --json
+    Balance,
+    /// Pay AMOUNT sats to ADDRESS: build, sign and broadcast; prints the txid.
+    ///
+    /// Example: hashgrid wallet send tb1p... 25000 --fee-rate 3
+    Send {
+        /// Destination address (of the wallet's network).
+        address: String,
+        /// Amount in sats.
+        amount: u64,
+        /// Fee rate in sat/vB (default from the config, else 2).
+        #[arg(long)]
+        fee_rate: Option<u64>,
     },
 }
 
@@ -354,6 +390,14 @@ fn main() -> ExitCode {
         Command::Status { job } => market::status(&g, &job),
         Command::Result { job, out } => market::result(&g, &job, &out),
         Command::Receipts { verify } => market::receipts(&g, verify),
+        Command::Wallet(WalletCommand::Address) => wallet::address(&g),
+        Command::Wallet(WalletCommand::Balance) => wallet::balance(&g),
+        Command::Wallet(WalletCommand::Send {
+            address,
+            amount,
+            fee_rate,
+        }) => wallet::send(&g, &address, amount, fee_rate),
+        Command::Invoices { unpaid } => wallet::invoices(&g, unpaid),
         Command::Job(cmd) => job(cmd, g.json).map_err(CliError::from),
         Command::RunLocal { file, out } => {
             run_local(&file, out.as_deref(), g.json).map_err(CliError::from)

@@ -81,10 +81,18 @@ impl Client {
                 "pass --bootstrap MULTIADDR or add bootstrap = [...] to the config (hashgrid init --bootstrap ...)",
             ));
         }
-        let b = self
+        let mut b = self
             .config
             .builder(self.dir.root())
             .map_err(|e| CliError::bad_input(e.to_string(), "fix the config file"))?;
+        // Settlement: in on-chain mode the node pays valid invoices that arrive while it runs.
+        if let Some(section) = &self.config.settle {
+            let keys = crate::wallet::keys_for_node(self)?;
+            let cfg = section.to_config(keys, None).map_err(|e| {
+                CliError::bad_input(e.to_string(), "fix the [settle] section of the config file")
+            })?;
+            b = b.settle(cfg);
+        }
         b.start().await.map_err(|e| {
             CliError::other(
                 e.to_string(),
