@@ -745,7 +745,7 @@ impl Settlement {
                 ));
             }
         }
-        if inv.amount.0 % 1000 != 0 {
+        if !inv.amount.0.is_multiple_of(1000) {
             return Err("the amount is not a whole number of sats".into());
         }
         match (&inv.payment, self.onchain()) {

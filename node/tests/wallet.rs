@@ -113,7 +113,7 @@ fn tampered_signature_is_refused(esplora: bool) {
     assert!(e.to_string().contains("script"), "{e}");
     // Also a redirected output: the signature no longer covers the transaction.
     let mut tx2 = b.pay(&to, 50_000, 2).unwrap();
-    tx2.output[0].value = tx2.output[0].value + hashgrid_node::wallet::bitcoin::Amount::from_sat(1);
+    tx2.output[0].value += hashgrid_node::wallet::bitcoin::Amount::from_sat(1);
     assert!(env.backend.broadcast(&tx2).is_err());
     assert!(env.chain.mempool().is_empty());
     p.sync(&*env.backend).unwrap();
@@ -156,7 +156,7 @@ fn reorg_removes_payment(esplora: bool) {
         .reorg(
             1,
             &[pay.compute_txid()],
-            &[conflict.clone()],
+            std::slice::from_ref(&conflict),
             &ScriptBuf::new_op_return([4u8; 4]),
         )
         .unwrap();

@@ -266,7 +266,7 @@ fn with_tx(chain: &TestChain, txid: &str, f: impl FnOnce(&ChainTx) -> Response) 
     }
 }
 
-fn status_json(block: Option<(u32, BlockHash, u32)>) -> Value {
+fn status_json(block: Option<super::testchain::BlockPos>) -> Value {
     match block {
         Some((h, hash, time)) => json!({
             "confirmed": true, "block_height": h, "block_hash": hash.to_string(), "block_time": time,

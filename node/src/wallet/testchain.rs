@@ -388,13 +388,20 @@ fn verify_scripts(tx: &Transaction, spent: &[TxOut]) -> Result<(), TxReject> {
     Ok(())
 }
 
+/// Height, hash and time of a block.
+pub type BlockPos = (u32, BlockHash, u32);
+
+/// The transaction spending an output: its id, the input's index, and its block (`None` in
+/// the mempool).
+pub type Spender = (Txid, u32, Option<BlockPos>);
+
 /// A transaction as the chain knows it.
 #[derive(Debug, Clone)]
 pub struct ChainTx {
     /// The transaction.
     pub tx: Transaction,
     /// Height and hash of the block holding it, and the block's time; `None` in the mempool.
-    pub block: Option<(u32, BlockHash, u32)>,
+    pub block: Option<BlockPos>,
 }
 
 impl TestChain {
@@ -539,7 +546,7 @@ impl TestChain {
         let s = self.lock();
         let mut ours: HashSet<OutPoint> = HashSet::new();
         let mut out = Vec::new();
-        let mut consider = |tx: &Transaction, block: Option<(u32, BlockHash, u32)>| {
+        let mut consider = |tx: &Transaction, block: Option<BlockPos>| {
             let txid = tx.compute_txid();
             let mut hit = false;
             for (vout, o) in tx.output.iter().enumerate() {
@@ -571,10 +578,7 @@ impl TestChain {
 
     /// The output at `outpoint` and, if spent, the transaction spending it (in the chain or
     /// the mempool).
-    pub fn spender(
-        &self,
-        outpoint: &OutPoint,
-    ) -> Option<(Txid, u32, Option<(u32, BlockHash, u32)>)> {
+    pub fn spender(&self, outpoint: &OutPoint) -> Option<Spender> {
         let s = self.lock();
         for (h, block) in s.blocks.iter().enumerate() {
             for tx in &block.txdata {
