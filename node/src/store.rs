@@ -131,6 +131,9 @@ impl JobTree {
     }
 }
 
+/// How long [`Store::open`] waits for a lock that a just-closed store may still hold.
+const STORE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 const TREE_OWN_ORDERS: &str = "own_orders";
 const TREE_PEERS: &str = "peers";
 const TREE_META: &str = "meta";
@@ -140,16 +143,32 @@ const KEY_LAST_ORDER_ID: &[u8] = b"last_order_id";
 impl Store {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            // Small cache: the store holds a few own orders and peer addresses.
-            .cache_capacity(4 * 1024 * 1024)
-            .open()
-            .map_err(|source| StoreError::Open {
-                path: path.display().to_string(),
-                source,
-            })?;
-        Store::with_db(db)
+        // sled's background flusher can hold the file lock for a moment after the last handle
+        // of a closed store is dropped (a node restarted in the same process, a CLI command
+        // right after a daemon stopped): retry briefly before reporting the store as in use.
+        let deadline = std::time::Instant::now() + STORE_LOCK_WAIT;
+        loop {
+            let opened = sled::Config::new()
+                .path(path)
+                // Small cache: the store holds a few own orders and peer addresses.
+                .cache_capacity(4 * 1024 * 1024)
+                .open();
+            match opened {
+                Ok(db) => return Store::with_db(db),
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(source) => {
+                    return Err(StoreError::Open {
+                        path: path.display().to_string(),
+                        source,
+                    });
+                }
+            }
+        }
     }
 
     fn with_db(db: sled::Db) -> Result<Store, StoreError> {
