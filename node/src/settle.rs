@@ -508,17 +508,41 @@ impl Settlement {
     }
 
     /// Applies a transition and logs it (flushed). Nothing is logged if it does not apply.
+    ///
+    /// The market's transitions change nothing when they fail, so the event is applied in
+    /// place; if it cannot be logged, the ledger is rebuilt from the log, which stays the truth.
     fn record(&self, ev: LedgerEvent) -> Result<(), SettlementError> {
         let mut st = lock(&self.state);
-        let mut trial = st.ledger.clone();
-        apply(&mut trial, &ev)?;
+        apply(&mut st.ledger, &ev)?;
         let key = st.next_key;
-        self.store()?
-            .put(JobTree::SettleLog, &key.to_be_bytes(), &ev)?;
-        self.store()?.flush()?;
-        st.ledger = trial;
-        st.next_key = key + 1;
-        Ok(())
+        let logged = self.store().and_then(|store| {
+            store.put(JobTree::SettleLog, &key.to_be_bytes(), &ev)?;
+            store.flush()
+        });
+        match logged {
+            Ok(()) => {
+                st.next_key = key + 1;
+                Ok(())
+            }
+            Err(e) => {
+                if let Ok((ledger, next)) = self
+                    .store()
+                    .map_err(SettlementError::from)
+                    .and_then(|s| replay(&s))
+                {
+                    st.ledger = ledger;
+                    st.next_key = next;
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Writes one record and flushes it (before anything that depends on it is acknowledged).
+    fn save<T: Serialize>(&self, t: JobTree, id: &ContentId, value: &T) -> Result<(), StoreError> {
+        let store = self.store()?;
+        store.put(t, id.as_bytes(), value)?;
+        store.flush()
     }
 
     /// Whether `buyer` may open a new agreement now. In ledger mode the debt is netted against
@@ -691,9 +715,7 @@ impl Settlement {
                             &old,
                         )?;
                     }
-                    self.store()?
-                        .put(JobTree::InvoicesIn, id.as_bytes(), &rec)?;
-                    self.store()?.flush()
+                    self.save(JobTree::InvoicesIn, &id, &rec)
                 })();
                 if let Err(e) = res {
                     return SettleReply::Refused(format!("buyer store: {e}"));
@@ -713,10 +735,7 @@ impl Settlement {
                     state: PayState::Refused(reason.clone()),
                     received_at: Timestamp::now(),
                 };
-                let _ = self
-                    .store()
-                    .and_then(|st| st.put(JobTree::InvoicesIn, id.as_bytes(), &rec))
-                    .and_then(|()| self.store()?.flush());
+                let _ = self.save(JobTree::InvoicesIn, &id, &rec);
                 SettleReply::Refused(reason)
             }
         }
@@ -813,11 +832,7 @@ impl Settlement {
             .is_none_or(|p| !p.starts_with(&claim))
         {
             out.problem = Some(format!("{claim} claimed, not yet seen"));
-            if let Err(e) = self
-                .store()
-                .and_then(|st| st.put(JobTree::InvoicesOut, proof.invoice_id.as_bytes(), &out))
-                .and_then(|()| self.store()?.flush())
-            {
+            if let Err(e) = self.save(JobTree::InvoicesOut, &proof.invoice_id, &out) {
                 return SettleReply::Refused(format!("provider store: {e}"));
             }
         }
@@ -836,11 +851,7 @@ impl Settlement {
             return SettleReply::Refused("unknown invoice".into());
         }
         rec.state = PayState::Settled { outpoint };
-        match self
-            .store()
-            .and_then(|st| st.put(JobTree::InvoicesIn, id.as_bytes(), &rec))
-            .and_then(|()| self.store()?.flush())
-        {
+        match self.save(JobTree::InvoicesIn, &id, &rec) {
             Ok(()) => SettleReply::Ack,
             Err(e) => SettleReply::Refused(format!("buyer store: {e}")),
         }
@@ -924,9 +935,7 @@ impl Settlement {
                 {
                     Ok(SettleReply::Ack) => {
                         out.delivered = true;
-                        self.store()?
-                            .put(JobTree::InvoicesOut, id.as_bytes(), &out)?;
-                        self.store()?.flush()?;
+                        self.save(JobTree::InvoicesOut, &id, &out)?;
                     }
                     Ok(other) => {
                         warn!(invoice = %id.short(), reply = ?other, "buyer did not accept the invoice")
@@ -944,9 +953,7 @@ impl Settlement {
                 if let Ok(SettleReply::Ack) = net.settle(peer, req).await {
                     self.record(LedgerEvent::Settle { id })?;
                     out.settled_acked = true;
-                    self.store()?
-                        .put(JobTree::InvoicesOut, id.as_bytes(), &out)?;
-                    self.store()?.flush()?;
+                    self.save(JobTree::InvoicesOut, &id, &out)?;
                     info!(invoice = %id.short(), %outpoint, "invoice settled");
                 }
             }
@@ -1092,9 +1099,7 @@ impl Settlement {
             }
             _ => {}
         }
-        self.store()?
-            .put(JobTree::InvoicesOut, id.as_bytes(), &out)?;
-        self.store()?.flush()?;
+        self.save(JobTree::InvoicesOut, &id, &out)?;
         Ok(())
     }
 
@@ -1173,11 +1178,7 @@ impl Settlement {
                     txid: made.0.compute_txid().to_string(),
                     vout: made.1,
                 };
-                self.store()
-                    .and_then(|st| {
-                        st.put(JobTree::InvoicesIn, id.as_bytes(), &rec)?;
-                        st.flush()
-                    })
+                self.save(JobTree::InvoicesIn, &id, &rec)
                     .map_err(|e| e.to_string())?;
                 made
             }
@@ -1214,11 +1215,7 @@ impl Settlement {
                     rec.state = PayState::Paid {
                         outpoint: format!("{txid}:{vout}"),
                     };
-                    self.store()
-                        .and_then(|st| {
-                            st.put(JobTree::InvoicesIn, id.as_bytes(), &rec)?;
-                            st.flush()
-                        })
+                    self.save(JobTree::InvoicesIn, &id, &rec)
                         .map_err(|e| e.to_string())?;
                 }
                 Ok(())
