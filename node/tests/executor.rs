@@ -261,10 +261,7 @@ fn missing_binding_is_rejected() {
 #[test]
 fn undeclared_binding_and_missing_entry_are_rejected() {
     let mut job = kernel("saxpy");
-    job.spec.passes[0].bindings.push(Binding {
-        binding: 7,
-        buffer: 0,
-    });
+    job.spec.passes[0].bindings.push(Binding::whole(7, 0));
     let e = rejected(job, JobLimits::default());
     assert!(e.contains("binding 7") && e.contains("not declared"), "{e}");
     let mut job = kernel("saxpy");
@@ -420,17 +417,9 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {
                 shader: 0,
                 entry: "main".into(),
                 workgroups: [workgroups, 1, 1],
-                bindings: vec![
-                    Binding {
-                        binding: 0,
-                        buffer: 0,
-                    },
-                    Binding {
-                        binding: 1,
-                        buffer: 1,
-                    },
-                ],
+                bindings: vec![Binding::whole(0, 0), Binding::whole(1, 1)],
             }],
+            loops: Vec::new(),
         },
         inputs: BTreeMap::from([(id, nbytes)]),
     }
@@ -588,4 +577,164 @@ fn profile_and_cached_benchmark() {
         .block_on(bench::cached(&by_name, &data.bench_cache_path()))
         .expect("cached");
     assert_eq!((again.matmul_mflops, again.copy_mbps), (7, 9));
+}
+
+fn output_u32(out: &JobOutput, name: &str) -> Vec<u32> {
+    let o = out.outputs.iter().find(|o| o.name == name).expect("output");
+    o.bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+#[test]
+fn loop_counts_steps_stops_on_flag_and_streams() {
+    let exec = start(ExecConfig::default());
+    let job = kernel("countdown");
+    let updates = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = updates.clone();
+    let out = rt()
+        .block_on(exec.run_streaming(
+            "buyer",
+            job.spec,
+            job.inputs,
+            Some(Box::new(move |u| sink.lock().expect("lock").push(u))),
+        ))
+        .expect("loop job runs");
+    let squares = output_u32(&out, "squares");
+    // Steps 0..=9 ran; the stop flag was read after the chunk holding step 9 (steps 8..12),
+    // whose later iterations saw the flag and did nothing.
+    for s in 0..10u32 {
+        assert_eq!(squares[s as usize], s * s, "step {s}");
+    }
+    assert!(squares[10..].iter().all(|&v| v == 0), "{squares:?}");
+    assert_eq!(
+        out.iterations,
+        vec![12],
+        "stopped at the first check after the flag"
+    );
+    assert_eq!(output_u32(&out, "stop")[0], 1);
+    let updates = updates.lock().expect("lock");
+    let seen: Vec<u32> = updates.iter().map(|u| u.iterations).collect();
+    assert_eq!(seen, vec![4, 8, 12], "one update per check");
+    let first: Vec<u32> = updates[0].buffers[0]
+        .bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    assert_eq!(
+        &first[..5],
+        &[0, 1, 4, 9, 0],
+        "the first update holds steps 0..4"
+    );
+}
+
+#[test]
+fn loop_without_stop_runs_max_iters() {
+    let exec = start(ExecConfig::default());
+    let mut job = kernel("countdown");
+    job.spec.loops[0].stop = None;
+    job.spec.loops[0].max_iters = 7;
+    let out = run(&exec, job).expect("runs");
+    assert_eq!(out.iterations, vec![7]);
+    let squares = output_u32(&out, "squares");
+    assert_eq!(&squares[..8], &[0, 1, 4, 9, 16, 25, 36, 0]);
+}
+
+#[test]
+fn bound_ranges_see_only_their_bytes() {
+    // One 1024-byte buffer; the pass binds bytes 256..512 and writes its index into each u32.
+    let wgsl = "@group(0) @binding(0) var<storage, read_write> out: array<u32>;\n\
+                @compute @workgroup_size(64) fn main(@builtin(global_invocation_id) g: vec3<u32>) {\n\
+                if (g.x < arrayLength(&out)) { out[g.x] = g.x + 1u; } }";
+    let spec = JobSpec {
+        name: "range".into(),
+        buffers: vec![BufferSpec {
+            name: "out".into(),
+            size: 1024,
+            init: BufferInit::Zeroed,
+            output: true,
+        }],
+        shaders: vec![ShaderSource {
+            name: "range.wgsl".into(),
+            wgsl: wgsl.into(),
+        }],
+        passes: vec![PassSpec {
+            shader: 0,
+            entry: "main".into(),
+            workgroups: [2, 1, 1],
+            bindings: vec![Binding {
+                binding: 0,
+                buffer: 0,
+                range: Some(hashgrid_protocol::BufferRange {
+                    offset: 256,
+                    size: 256,
+                }),
+            }],
+        }],
+        loops: Vec::new(),
+    };
+    let exec = start(ExecConfig::default());
+    let out = run(
+        &exec,
+        LoadedJob {
+            spec,
+            inputs: BTreeMap::new(),
+        },
+    )
+    .expect("runs");
+    let v = output_u32(&out, "out");
+    assert!(v[..64].iter().all(|&x| x == 0));
+    assert_eq!(v[64..128], (1..=64).collect::<Vec<u32>>()[..]);
+    assert!(v[128..].iter().all(|&x| x == 0));
+}
+
+#[test]
+fn read_only_blobs_stay_resident_between_jobs() {
+    let exec = start(ExecConfig::default());
+    // 256 KiB of read-only input: over the resident threshold.
+    let data: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let id = ContentId::of(&data);
+    let wgsl = "@group(0) @binding(0) var<storage, read> w: array<u32>;\n\
+                @group(0) @binding(1) var<storage, read_write> out: array<u32>;\n\
+                @compute @workgroup_size(1) fn main() { out[0] = w[1000]; }";
+    let job = || LoadedJob {
+        spec: JobSpec {
+            name: "resident".into(),
+            buffers: vec![
+                BufferSpec {
+                    name: "w".into(),
+                    size: data.len() as u64,
+                    init: BufferInit::Blob(id),
+                    output: false,
+                },
+                BufferSpec {
+                    name: "out".into(),
+                    size: 4,
+                    init: BufferInit::Zeroed,
+                    output: true,
+                },
+            ],
+            shaders: vec![ShaderSource {
+                name: "r.wgsl".into(),
+                wgsl: wgsl.into(),
+            }],
+            passes: vec![PassSpec {
+                shader: 0,
+                entry: "main".into(),
+                workgroups: [1, 1, 1],
+                bindings: vec![Binding::whole(0, 0), Binding::whole(1, 1)],
+            }],
+            loops: Vec::new(),
+        },
+        inputs: BTreeMap::from([(id, data.clone())]),
+    };
+    let first = run(&exec, job()).expect("first");
+    assert_eq!(first.resident_hits, 0);
+    assert_eq!(first.uploaded_bytes, data.len() as u64);
+    let second = run(&exec, job()).expect("second");
+    assert_eq!(second.resident_hits, 1, "the weights were kept");
+    assert_eq!(second.uploaded_bytes, 0);
+    let want = u32::from_le_bytes([data[4000], data[4001], data[4002], data[4003]]);
+    assert_eq!(output_u32(&second, "out")[0], want);
 }

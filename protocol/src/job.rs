@@ -24,8 +24,27 @@ pub const DEFAULT_MAX_BUFFER_BYTES: u64 = 256 * 1024 * 1024;
 /// Default largest total of all buffers in one job: 1 GiB.
 pub const DEFAULT_MAX_JOB_BYTES: u64 = 1024 * 1024 * 1024;
 
-/// Default most passes in one job. Neural-network inference pipelines are tens of passes.
-pub const DEFAULT_MAX_PASSES: u32 = 256;
+/// Default most passes in one job (a loop body counts once). A compiled language model is about
+/// ten passes per layer plus a few: a 32-layer model with its prompt and sampling passes fits
+/// well inside 1024.
+pub const DEFAULT_MAX_PASSES: u32 = 1024;
+
+/// Default most dispatches one job may run in all, loop iterations counted: 2^22. Token
+/// generation runs a ~300-pass body once per token; 4096 tokens of a 32-layer model are about
+/// 1.4 million dispatches. The wall-clock limit bounds the time; this bounds the encoding work
+/// a spec can ask for before it runs.
+pub const DEFAULT_MAX_DISPATCHES: u64 = 1 << 22;
+
+/// Most loops in one job.
+pub const MAX_LOOPS: usize = 16;
+
+/// Most buffers one loop streams back while it runs.
+pub const MAX_STREAMED: usize = 8;
+
+/// Alignment of a bound buffer range's offset: WebGPU's `minStorageBufferOffsetAlignment` and
+/// `minUniformBufferOffsetAlignment` are at most 256 on every adapter, so a spec that uses
+/// multiples of 256 binds anywhere.
+pub const RANGE_ALIGN: u64 = 256;
 
 /// Default most workgroups in one dimension of a dispatch: WebGPU's guaranteed minimum.
 pub const DEFAULT_MAX_WORKGROUPS_PER_DIM: u32 = 65_535;
@@ -54,6 +73,8 @@ pub struct JobLimits {
     pub max_workgroups_per_dispatch: u64,
     /// Wall-clock limit for a whole job, in milliseconds.
     pub max_job_ms: u64,
+    /// Most dispatches in all, loop iterations counted.
+    pub max_dispatches: u64,
 }
 
 impl Default for JobLimits {
@@ -65,6 +86,7 @@ impl Default for JobLimits {
             max_workgroups_per_dim: DEFAULT_MAX_WORKGROUPS_PER_DIM,
             max_workgroups_per_dispatch: DEFAULT_MAX_WORKGROUPS_PER_DISPATCH,
             max_job_ms: DEFAULT_MAX_JOB_MS,
+            max_dispatches: DEFAULT_MAX_DISPATCHES,
         }
     }
 }
@@ -83,6 +105,7 @@ impl JobLimits {
                 .max_workgroups_per_dispatch
                 .min(other.max_workgroups_per_dispatch),
             max_job_ms: self.max_job_ms.min(other.max_job_ms),
+            max_dispatches: self.max_dispatches.min(other.max_dispatches),
         }
     }
 }
@@ -119,13 +142,64 @@ pub struct ShaderSource {
     pub wgsl: String,
 }
 
-/// `@group(0) @binding(binding)` is bound to `buffers[buffer]`.
+/// `@group(0) @binding(binding)` is bound to `buffers[buffer]`, or to a byte range of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Binding {
     /// The binding number in the shader.
     pub binding: u32,
     /// Index into [`JobSpec::buffers`].
     pub buffer: u32,
+    /// The bytes bound; `None` binds the whole buffer. Lets one buffer hold many tensors (a
+    /// model layer's weights, every layer's KV cache) that passes bind one at a time.
+    pub range: Option<BufferRange>,
+}
+
+impl Binding {
+    /// Binds the whole buffer.
+    pub fn whole(binding: u32, buffer: u32) -> Binding {
+        Binding {
+            binding,
+            buffer,
+            range: None,
+        }
+    }
+}
+
+/// A byte range of a buffer: `offset` a multiple of [`RANGE_ALIGN`], `size` a non-zero multiple
+/// of 4, inside the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct BufferRange {
+    /// First byte.
+    pub offset: u64,
+    /// Length in bytes.
+    pub size: u64,
+}
+
+/// A group of consecutive passes run up to `max_iters` times, e.g. one decoding step of a
+/// language model per iteration.
+///
+/// Before each iteration the executor writes the iteration number (a `u32`, from 0) into the
+/// first four bytes of `counter`, so shaders know the step. Every `check_every` iterations (and
+/// at the end) it reads `stop` back: a non-zero first `u32` ends the loop early (end of
+/// sequence), and the buffers in `stream` are read back and handed to the caller while the job
+/// goes on (tokens as they are generated). Passes before and after the loop run once.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LoopSpec {
+    /// Index of the body's first pass in [`JobSpec::passes`].
+    pub first: u32,
+    /// Passes in the body (at least 1).
+    pub len: u32,
+    /// Most iterations (at least 1).
+    pub max_iters: u32,
+    /// Buffer that receives the iteration number.
+    pub counter: Option<u32>,
+    /// Buffer whose first `u32`, when non-zero, stops the loop.
+    pub stop: Option<u32>,
+    /// Iterations between stop checks and stream readbacks (at least 1). Each check waits for
+    /// the GPU, so larger values trade latency for throughput.
+    pub check_every: u32,
+    /// Output buffers read back at every check.
+    pub stream: Vec<u32>,
 }
 
 /// One compute dispatch.
@@ -152,6 +226,8 @@ pub struct JobSpec {
     pub shaders: Vec<ShaderSource>,
     /// Passes, in order.
     pub passes: Vec<PassSpec>,
+    /// Loops over ranges of `passes`, in pass order, not overlapping.
+    pub loops: Vec<LoopSpec>,
 }
 
 /// A job spec breaks a structural rule or a limit.
@@ -296,6 +372,21 @@ impl JobSpec {
                         b.binding, b.buffer
                     )));
                 }
+                if let Some(r) = b.range {
+                    let size = self.buffers[b.buffer as usize].size;
+                    let ok = r.offset % RANGE_ALIGN == 0
+                        && r.size > 0
+                        && r.size % 4 == 0
+                        && r.offset
+                            .checked_add(r.size)
+                            .is_some_and(|end| end <= size.next_multiple_of(4));
+                    if !ok {
+                        return Err(JobSpecError::Reference(format!(
+                            "pass {pass_no}: binding {} binds bytes {}..+{} of buffer {:?} ({size} bytes): a range must start at a multiple of {RANGE_ALIGN}, have a non-zero size that is a multiple of 4, and lie inside the buffer",
+                            b.binding, r.offset, r.size, self.buffers[b.buffer as usize].name
+                        )));
+                    }
+                }
                 if pass.bindings[..i].iter().any(|o| o.binding == b.binding) {
                     return Err(JobSpecError::Reference(format!(
                         "pass {pass_no}: binding {} is bound twice",
@@ -327,6 +418,100 @@ impl JobSpec {
                     limits.max_workgroups_per_dispatch
                 )));
             }
+        }
+        self.validate_loops(limits)
+    }
+
+    /// Dispatches the job runs at most: passes outside loops once, loop bodies `max_iters`
+    /// times (saturating).
+    pub fn max_dispatches(&self) -> u64 {
+        let in_loops: u64 = self.loops.iter().map(|l| u64::from(l.len)).sum();
+        let once = (self.passes.len() as u64).saturating_sub(in_loops);
+        self.loops.iter().fold(once, |acc, l| {
+            acc.saturating_add(u64::from(l.len).saturating_mul(u64::from(l.max_iters)))
+        })
+    }
+
+    fn validate_loops(&self, limits: &JobLimits) -> Result<(), JobSpecError> {
+        let shape = |s: String| Err(JobSpecError::Shape(s));
+        if self.loops.len() > MAX_LOOPS {
+            return shape(format!(
+                "{} loops is over the limit of {MAX_LOOPS}",
+                self.loops.len()
+            ));
+        }
+        let mut next_free = 0u64;
+        for (i, l) in self.loops.iter().enumerate() {
+            let n = i + 1;
+            let first = u64::from(l.first);
+            let end = first + u64::from(l.len);
+            if l.len == 0 || end > self.passes.len() as u64 {
+                return shape(format!(
+                    "loop {n}: passes {}..{end} are not a non-empty range of the job's {} passes",
+                    l.first,
+                    self.passes.len()
+                ));
+            }
+            if first < next_free {
+                return shape(format!(
+                    "loop {n} starts at pass {} inside the previous loop: loops must be in pass order and not overlap",
+                    l.first
+                ));
+            }
+            next_free = end;
+            if l.max_iters == 0 {
+                return shape(format!("loop {n}: max_iters must be at least 1"));
+            }
+            if l.check_every == 0 {
+                return shape(format!("loop {n}: check_every must be at least 1"));
+            }
+            if l.stream.len() > MAX_STREAMED {
+                return shape(format!(
+                    "loop {n} streams {} buffers, over the limit of {MAX_STREAMED}",
+                    l.stream.len()
+                ));
+            }
+            for (what, buf) in [("counter", l.counter), ("stop", l.stop)] {
+                if let Some(b) = buf {
+                    match self.buffers.get(b as usize) {
+                        None => {
+                            return Err(JobSpecError::Reference(format!(
+                                "loop {n}: {what} buffer index {b} does not exist"
+                            )));
+                        }
+                        Some(spec) if spec.size < 4 => {
+                            return Err(JobSpecError::Size(format!(
+                                "loop {n}: {what} buffer {:?} must hold at least one u32",
+                                spec.name
+                            )));
+                        }
+                        Some(_) => {}
+                    }
+                }
+            }
+            for &b in &l.stream {
+                match self.buffers.get(b as usize) {
+                    None => {
+                        return Err(JobSpecError::Reference(format!(
+                            "loop {n}: streamed buffer index {b} does not exist"
+                        )));
+                    }
+                    Some(spec) if !spec.output => {
+                        return Err(JobSpecError::Reference(format!(
+                            "loop {n}: streamed buffer {:?} is not an output",
+                            spec.name
+                        )));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        let total = self.max_dispatches();
+        if total > limits.max_dispatches {
+            return Err(JobSpecError::Workgroups(format!(
+                "the job runs up to {total} dispatches, over the limit of {}",
+                limits.max_dispatches
+            )));
         }
         Ok(())
     }

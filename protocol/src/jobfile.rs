@@ -23,7 +23,8 @@ use std::path::{Path, PathBuf};
 
 use crate::id::ContentId;
 use crate::job::{
-    Binding, BufferInit, BufferSpec, JobLimits, JobSpec, JobSpecError, PassSpec, ShaderSource,
+    Binding, BufferInit, BufferSpec, JobLimits, JobSpec, JobSpecError, LoopSpec, PassSpec,
+    ShaderSource,
 };
 use crate::limits::{MAX_JOB_FILE_BYTES, MAX_SHADER_BYTES};
 
@@ -96,6 +97,14 @@ pub enum JobFileErrorKind {
         /// What is wrong.
         reason: String,
     },
+    /// A loop entry is wrong.
+    #[error("[[loop]] {index}: {reason}")]
+    Loop {
+        /// 1-based loop number.
+        index: usize,
+        /// What is wrong.
+        reason: String,
+    },
     /// The resulting spec breaks a limit or rule.
     #[error(transparent)]
     Spec(#[from] JobSpecError),
@@ -143,6 +152,26 @@ struct RawJob {
     buffers: BTreeMap<String, RawBuffer>,
     #[serde(default, rename = "pass")]
     passes: Vec<RawPass>,
+    #[serde(default, rename = "loop")]
+    loops: Vec<RawLoop>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLoop {
+    /// First and last pass of the body, 1-based and inclusive.
+    passes: [u32; 2],
+    max_iters: u32,
+    counter: Option<String>,
+    stop: Option<String>,
+    #[serde(default = "default_check_every")]
+    check_every: u32,
+    #[serde(default)]
+    stream: Vec<String>,
+}
+
+fn default_check_every() -> u32 {
+    1
 }
 
 #[derive(Deserialize)]
@@ -364,10 +393,7 @@ pub fn parse_job(
                     reason: format!("binding {binding} is given twice"),
                 }));
             }
-            bindings.push(Binding {
-                binding,
-                buffer: buffer as u32,
-            });
+            bindings.push(Binding::whole(binding, buffer as u32));
         }
         bindings.sort_by_key(|b| b.binding);
         passes.push(PassSpec {
@@ -378,11 +404,61 @@ pub fn parse_job(
         });
     }
 
+    let mut loops = Vec::with_capacity(raw.loops.len());
+    for (i, l) in raw.loops.iter().enumerate() {
+        let bad = |reason: String| {
+            fail(JobFileErrorKind::Loop {
+                index: i + 1,
+                reason,
+            })
+        };
+        let [first, last] = l.passes;
+        if first == 0 || last < first || last as usize > passes.len() {
+            return Err(bad(format!(
+                "passes = [{first}, {last}] must name the first and last pass of the body, 1-based, within the {} passes",
+                passes.len()
+            )));
+        }
+        let index_of = |key: &str, name: &str| {
+            raw.buffers
+                .keys()
+                .position(|k| k == name)
+                .map(|i| i as u32)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "{key} names buffer `{name}`, which is not in [buffers] (known: {})",
+                        Names(&raw.buffers)
+                    ))
+                })
+        };
+        let counter = l
+            .counter
+            .as_deref()
+            .map(|n| index_of("counter", n))
+            .transpose()?;
+        let stop = l.stop.as_deref().map(|n| index_of("stop", n)).transpose()?;
+        let stream = l
+            .stream
+            .iter()
+            .map(|n| index_of("stream", n))
+            .collect::<Result<Vec<_>, _>>()?;
+        loops.push(LoopSpec {
+            first: first - 1,
+            len: last - first + 1,
+            max_iters: l.max_iters,
+            counter,
+            stop,
+            check_every: l.check_every,
+            stream,
+        });
+    }
+
     let spec = JobSpec {
         name: raw.name,
         buffers,
         shaders,
         passes,
+        loops,
     };
     spec.validate(limits).map_err(|e| fail(e.into()))?;
     Ok(LoadedJob { spec, inputs })

@@ -52,7 +52,8 @@ pub use codec::DecodeError;
 pub use id::{ContentId, ParseIdError};
 pub use identity::{BadPublicKey, KeyFileError, Keypair, PublicKey, Signature};
 pub use job::{
-    Binding, BufferInit, BufferSpec, JobLimits, JobSpec, JobSpecError, PassSpec, ShaderSource,
+    Binding, BufferInit, BufferRange, BufferSpec, JobLimits, JobSpec, JobSpecError, LoopSpec,
+    PassSpec, ShaderSource,
 };
 pub use jobfile::{JobFileError, JobFileErrorKind, LoadedJob, load_job_file, parse_job};
 pub use messages::{

@@ -83,18 +83,9 @@ fn good_job_file_parses() {
     assert_eq!(
         spec.passes[0].bindings,
         vec![
-            Binding {
-                binding: 0,
-                buffer: 1
-            },
-            Binding {
-                binding: 1,
-                buffer: 4
-            },
-            Binding {
-                binding: 2,
-                buffer: 2
-            }
+            Binding::whole(0, 1),
+            Binding::whole(1, 4),
+            Binding::whole(2, 2)
         ]
     );
     // Reordering the TOML does not change the spec id.
@@ -247,4 +238,95 @@ fn limits_are_enforced() {
 fn no_passes_is_an_error() {
     let e = err("name = \"x\"\n[buffers]\nout = { size = 4, output = true }\n");
     assert!(e.contains("at least one [[pass]]"), "{e}");
+}
+
+const LOOPED: &str = r#"
+name = "loop"
+[buffers]
+step = { size = 4 }
+stop = { size = 4, output = true }
+out  = { size = 4096, output = true }
+[[pass]]
+shader = "k.wgsl"
+workgroups = [1]
+bindings = { 0 = "out" }
+[[pass]]
+shader = "k.wgsl"
+workgroups = [1]
+bindings = { 0 = "out" }
+[[pass]]
+shader = "k.wgsl"
+workgroups = [1]
+bindings = { 0 = "out" }
+[[loop]]
+passes = [2, 3]
+max_iters = 100
+counter = "step"
+stop = "stop"
+check_every = 8
+stream = ["out"]
+"#;
+
+#[test]
+fn loops_parse_with_names_resolved() {
+    let job = load(LOOPED).unwrap();
+    let l = &job.spec.loops[0];
+    assert_eq!((l.first, l.len, l.max_iters, l.check_every), (1, 2, 100, 8));
+    let name = |i: Option<u32>| job.spec.buffers[i.unwrap() as usize].name.clone();
+    assert_eq!(name(l.counter), "step");
+    assert_eq!(name(l.stop), "stop");
+    assert_eq!(name(l.stream.first().copied()), "out");
+    // One pass before the loop, two passes 100 times.
+    assert_eq!(job.spec.max_dispatches(), 201);
+}
+
+#[test]
+fn bad_loops_are_named() {
+    let e = err(&LOOPED.replace("passes = [2, 3]", "passes = [3, 4]"));
+    assert!(
+        e.contains("[[loop]] 1") && e.contains("within the 3 passes"),
+        "{e}"
+    );
+    let e = err(&LOOPED.replace("counter = \"step\"", "counter = \"nope\""));
+    assert!(e.contains("counter names buffer `nope`"), "{e}");
+    let e = err(&LOOPED.replace("max_iters = 100", "max_iters = 0"));
+    assert!(e.contains("max_iters must be at least 1"), "{e}");
+    let e = err(&LOOPED.replace("check_every = 8", "check_every = 0"));
+    assert!(e.contains("check_every"), "{e}");
+    let e = err(&LOOPED.replace("stream = [\"out\"]", "stream = [\"step\"]"));
+    assert!(e.contains("not an output"), "{e}");
+    let e = err(&LOOPED.replace("max_iters = 100", "max_iters = 4000000000"));
+    assert!(e.contains("dispatches, over the limit"), "{e}");
+    let two = format!("{LOOPED}\n[[loop]]\npasses = [3, 3]\nmax_iters = 2\n");
+    let e = err(&two);
+    assert!(e.contains("not overlap"), "{e}");
+}
+
+#[test]
+fn ranges_must_be_aligned_and_inside() {
+    let mut spec = load(GOOD).unwrap().spec;
+    let out = spec.buffers.iter().position(|b| b.name == "out").unwrap() as u32;
+    let set = |spec: &mut JobSpec, offset: u64, size: u64| {
+        spec.passes[1].bindings = vec![Binding {
+            binding: 0,
+            buffer: out,
+            range: Some(BufferRange { offset, size }),
+        }];
+    };
+    set(&mut spec, 256, 1024);
+    spec.validate(&JobLimits::default()).unwrap();
+    for (offset, size) in [
+        (100, 64),
+        (256, 0),
+        (256, 6),
+        (3840, 512),
+        (u64::MAX - 255, 256),
+    ] {
+        set(&mut spec, offset, size);
+        let e = spec
+            .validate(&JobLimits::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a range must start at a multiple of 256"), "{e}");
+    }
 }

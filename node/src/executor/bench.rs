@@ -79,10 +79,7 @@ pub fn single_pass_job(
         });
     }
     let bindings = (0..specs.len() as u32)
-        .map(|i| Binding {
-            binding: i,
-            buffer: i,
-        })
+        .map(|i| Binding::whole(i, i))
         .collect();
     let spec = JobSpec {
         name: name.into(),
@@ -97,6 +94,7 @@ pub fn single_pass_job(
             workgroups,
             bindings,
         }],
+        loops: Vec::new(),
     };
     (spec, inputs)
 }

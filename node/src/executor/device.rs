@@ -5,10 +5,32 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hashgrid_protocol::{BufferInit, ContentId, JobSpec};
+use hashgrid_protocol::{BufferInit, BufferRange, ContentId, JobSpec};
 
+use super::resident::Resident;
 use super::validate::CheckedJob;
-use super::{ExecError, JobOutput, OutputBuffer, PassTiming};
+use super::{
+    ExecError, JobOutput, OutputBuffer, PassTiming, StreamSink, StreamUpdate, StreamedBuffer,
+};
+
+/// Smallest blob kept resident between jobs: below this, uploading costs less than tracking.
+const RESIDENT_MIN_BYTES: u64 = 64 * 1024;
+
+/// What a job's buffers cost to set up.
+#[derive(Debug, Default)]
+struct UploadStats {
+    uploaded_bytes: u64,
+    resident_hits: u32,
+    resident_bytes: u64,
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    if let Some(s) = bytes.get(at..at + 8) {
+        a.copy_from_slice(s);
+    }
+    u64::from_le_bytes(a)
+}
 
 /// A device with its queue and pipeline cache. Replaced after a timeout or a device error.
 pub(crate) struct GpuDevice {
@@ -20,11 +42,17 @@ pub(crate) struct GpuDevice {
     /// (shader hash, entry) -> pipeline, most recently used last.
     pipelines: VecDeque<(([u8; 32], String), wgpu::ComputePipeline)>,
     cache_size: usize,
+    /// Read-only blob buffers kept for later jobs (model weights), LRU under a byte budget.
+    resident: Resident,
 }
 
 impl GpuDevice {
     /// Opens a device on `adapter` with the adapter's own limits.
-    pub(crate) fn open(adapter: &wgpu::Adapter, cache_size: usize) -> Result<Self, ExecError> {
+    pub(crate) fn open(
+        adapter: &wgpu::Adapter,
+        cache_size: usize,
+        resident_bytes: u64,
+    ) -> Result<Self, ExecError> {
         let timestamps = adapter.features().contains(wgpu::Features::TIMESTAMP_QUERY);
         let desc = wgpu::DeviceDescriptor {
             label: Some("hashgrid executor"),
@@ -58,6 +86,7 @@ impl GpuDevice {
             uncaptured,
             pipelines: VecDeque::new(),
             cache_size,
+            resident: Resident::new(resident_bytes),
         })
     }
 
@@ -113,23 +142,33 @@ impl GpuDevice {
         Ok(pipeline)
     }
 
-    /// Runs a checked job. `deadline` is when it must have finished. On `Timeout` or `Gpu`
-    /// errors the caller must abandon this device.
-    pub(crate) fn run(
+    /// Creates the job's buffers: zeroed, written from their blob, or (read-only blobs) taken
+    /// from the resident set, which keeps them for later jobs that name the same blob.
+    fn buffers(
         &mut self,
         spec: &JobSpec,
         checked: &CheckedJob,
         inputs: &BTreeMap<ContentId, Vec<u8>>,
-        started: Instant,
-        limit: Duration,
-    ) -> Result<JobOutput, ExecError> {
-        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        stats: &mut UploadStats,
+    ) -> Vec<wgpu::Buffer> {
         let usage = wgpu::BufferUsages::STORAGE
             | wgpu::BufferUsages::UNIFORM
             | wgpu::BufferUsages::COPY_SRC
             | wgpu::BufferUsages::COPY_DST;
         let mut buffers = Vec::with_capacity(spec.buffers.len());
-        for (b, &alloc) in spec.buffers.iter().zip(&checked.alloc_sizes) {
+        for (i, (b, &alloc)) in spec.buffers.iter().zip(&checked.alloc_sizes).enumerate() {
+            let shareable = matches!(b.init, BufferInit::Blob(_))
+                && !checked.written.get(i).copied().unwrap_or(true)
+                && b.size >= RESIDENT_MIN_BYTES;
+            if shareable
+                && let BufferInit::Blob(id) = &b.init
+                && let Some(buf) = self.resident.get(id)
+            {
+                stats.resident_hits += 1;
+                stats.resident_bytes += b.size;
+                buffers.push(buf);
+                continue;
+            }
             let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(&b.name),
                 size: alloc,
@@ -149,134 +188,63 @@ impl GpuDevice {
                     tail[..bytes.len() - aligned].copy_from_slice(&bytes[aligned..]);
                     self.queue.write_buffer(&buf, aligned as u64, &tail);
                 }
+                stats.uploaded_bytes += bytes.len() as u64;
+                if shareable {
+                    self.resident.insert(*id, buf.clone(), alloc);
+                }
             }
             buffers.push(buf);
         }
-        let mut pipelines = Vec::with_capacity(spec.passes.len());
-        for p in &spec.passes {
-            let key = (checked.shader_hashes[p.shader as usize], p.entry.clone());
-            pipelines.push(self.pipeline(key, &spec.shaders[p.shader as usize].wgsl)?);
+        buffers
+    }
+
+    fn bind_group(
+        &self,
+        pipeline: &wgpu::ComputePipeline,
+        bindings: &[(u32, usize, Option<BufferRange>)],
+        buffers: &[wgpu::Buffer],
+    ) -> Option<wgpu::BindGroup> {
+        if bindings.is_empty() {
+            return None;
         }
-        let n = spec.passes.len() as u32;
-        let queries = if self.timestamps {
-            let set = self.device.create_query_set(&wgpu::QuerySetDescriptor {
-                label: None,
-                ty: wgpu::QueryType::Timestamp,
-                count: 2 * n,
-            });
-            let resolve = self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: None,
-                size: 16 * u64::from(n),
-                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-                mapped_at_creation: false,
-            });
-            Some((set, resolve))
-        } else {
-            None
-        };
-        let mut enc = self
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
-        for (i, (p, cp)) in spec.passes.iter().zip(&checked.passes).enumerate() {
-            let pipeline = &pipelines[i];
-            let layout = pipeline.get_bind_group_layout(0);
-            let entries: Vec<wgpu::BindGroupEntry<'_>> = cp
-                .bindings
-                .iter()
-                .map(|&(binding, buf)| wgpu::BindGroupEntry {
-                    binding,
-                    resource: buffers[buf].as_entire_binding(),
-                })
-                .collect();
-            let bg = if entries.is_empty() {
-                None
-            } else {
-                Some(self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                    label: None,
-                    layout: &layout,
-                    entries: &entries,
-                }))
-            };
-            let tw = queries
-                .as_ref()
-                .map(|(set, _)| wgpu::ComputePassTimestampWrites {
-                    query_set: set,
-                    beginning_of_pass_write_index: Some(2 * i as u32),
-                    end_of_pass_write_index: Some(2 * i as u32 + 1),
-                });
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: None,
-                timestamp_writes: tw,
-            });
-            pass.set_pipeline(pipeline);
-            if let Some(bg) = &bg {
-                pass.set_bind_group(0, bg, &[]);
-            }
-            let [x, y, z] = p.workgroups;
-            pass.dispatch_workgroups(x, y, z);
-        }
-        let mut staging = Vec::new();
-        for (i, b) in spec.buffers.iter().enumerate() {
-            if !b.output {
-                continue;
-            }
-            let size = checked.alloc_sizes[i];
-            let s = self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: None,
-                size,
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
-            enc.copy_buffer_to_buffer(&buffers[i], 0, &s, 0, size);
-            staging.push((i, s));
-        }
-        let ts_staging = queries.as_ref().map(|(set, resolve)| {
-            enc.resolve_query_set(set, 0..2 * n, resolve, 0);
-            let s = self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: None,
-                size: 16 * u64::from(n),
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
-            enc.copy_buffer_to_buffer(resolve, 0, &s, 0, 16 * u64::from(n));
-            s
-        });
-        let submit_at = Instant::now();
-        self.queue.submit([enc.finish()]);
-        if let Some(e) = super::adapter::block_on(scope.pop())? {
-            return Err(ExecError::Gpu(e.to_string()));
-        }
-        let (tx, rx) = std::sync::mpsc::channel();
-        let all: Vec<&wgpu::Buffer> = staging
+        let layout = pipeline.get_bind_group_layout(0);
+        let entries: Vec<wgpu::BindGroupEntry<'_>> = bindings
             .iter()
-            .map(|(_, s)| s)
-            .chain(ts_staging.as_ref())
+            .map(|&(binding, buf, range)| wgpu::BindGroupEntry {
+                binding,
+                resource: match range {
+                    None => buffers[buf].as_entire_binding(),
+                    Some(r) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: &buffers[buf],
+                        offset: r.offset,
+                        size: wgpu::BufferSize::new(r.size),
+                    }),
+                },
+            })
             .collect();
-        for s in &all {
-            let tx = tx.clone();
-            s.slice(..).map_async(wgpu::MapMode::Read, move |r| {
-                let _ = tx.send(r.is_ok());
-            });
-        }
+        Some(self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &layout,
+            entries: &entries,
+        }))
+    }
+
+    /// Waits for everything submitted so far, within the job's time limit.
+    fn wait(&self, started: Instant, limit: Duration) -> Result<(), ExecError> {
         let remaining = limit.saturating_sub(started.elapsed());
         match self.device.poll(wgpu::PollType::Wait {
             submission_index: None,
             timeout: Some(remaining),
         }) {
-            Ok(_) => {}
-            Err(wgpu::PollError::Timeout) => {
-                return Err(ExecError::Timeout {
-                    limit_ms: limit.as_millis() as u64,
-                });
-            }
-            Err(e) => return Err(ExecError::Gpu(e.to_string())),
+            Ok(_) => Ok(()),
+            Err(wgpu::PollError::Timeout) => Err(ExecError::Timeout {
+                limit_ms: limit.as_millis() as u64,
+            }),
+            Err(e) => Err(ExecError::Gpu(e.to_string())),
         }
-        let wall_gpu = submit_at.elapsed();
-        for _ in &all {
-            if !rx.try_recv().unwrap_or(false) {
-                return Err(ExecError::Gpu("mapping a readback buffer failed".into()));
-            }
-        }
+    }
+
+    fn take_uncaptured(&self) -> Result<(), ExecError> {
         if let Ok(mut errs) = self.uncaptured.lock()
             && !errs.is_empty()
         {
@@ -284,52 +252,351 @@ impl GpuDevice {
             errs.clear();
             return Err(ExecError::Gpu(msg));
         }
-        let mut outputs = Vec::with_capacity(staging.len());
-        for (i, s) in &staging {
-            let b = &spec.buffers[*i];
+        Ok(())
+    }
+
+    /// Maps `bufs` (staging buffers with a pending copy already submitted), waits, and
+    /// returns their first `lens[i]` bytes, unmapping them again.
+    fn read_staging(
+        &self,
+        bufs: &[(&wgpu::Buffer, u64)],
+        started: Instant,
+        limit: Duration,
+    ) -> Result<Vec<Vec<u8>>, ExecError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for (s, _) in bufs {
+            let tx = tx.clone();
+            s.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+                let _ = tx.send(r.is_ok());
+            });
+        }
+        self.wait(started, limit)?;
+        for _ in bufs {
+            if !rx.try_recv().unwrap_or(false) {
+                return Err(ExecError::Gpu("mapping a readback buffer failed".into()));
+            }
+        }
+        self.take_uncaptured()?;
+        let mut out = Vec::with_capacity(bufs.len());
+        for (s, len) in bufs {
             let bytes = {
                 let view = s
                     .slice(..)
                     .get_mapped_range()
-                    .map_err(|e| ExecError::Gpu(format!("reading back {:?}: {e}", b.name)))?;
-                view[..b.size as usize].to_vec()
+                    .map_err(|e| ExecError::Gpu(format!("reading back: {e}")))?;
+                view[..*len as usize].to_vec()
             };
             s.unmap();
-            outputs.push(OutputBuffer {
-                name: b.name.clone(),
+            out.push(bytes);
+        }
+        Ok(out)
+    }
+
+    fn staging(&self, size: u64) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// Runs a checked job: passes outside loops once (each timed with timestamp queries when
+    /// the adapter has them), loop bodies in chunks of `check_every` iterations, each chunk one
+    /// submission followed by a read of the stop flag and the streamed buffers. On `Timeout`
+    /// or `Gpu` errors the caller must abandon this device.
+    pub(crate) fn run(
+        &mut self,
+        spec: &JobSpec,
+        checked: &CheckedJob,
+        inputs: &BTreeMap<ContentId, Vec<u8>>,
+        started: Instant,
+        limit: Duration,
+        stream: Option<&StreamSink>,
+    ) -> Result<JobOutput, ExecError> {
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let mut upload = UploadStats::default();
+        let buffers = self.buffers(spec, checked, inputs, &mut upload);
+        let mut pipelines = Vec::with_capacity(spec.passes.len());
+        for p in &spec.passes {
+            let key = (checked.shader_hashes[p.shader as usize], p.entry.clone());
+            pipelines.push(self.pipeline(key, &spec.shaders[p.shader as usize].wgsl)?);
+        }
+        let groups: Vec<Option<wgpu::BindGroup>> = pipelines
+            .iter()
+            .zip(&checked.passes)
+            .map(|(pl, cp)| self.bind_group(pl, &cp.bindings, &buffers))
+            .collect();
+        if let Some(e) = super::adapter::block_on(scope.pop())? {
+            return Err(ExecError::Gpu(e.to_string()));
+        }
+
+        // Passes outside loops get a timestamp pair each; each loop one pair, reused per chunk.
+        let in_loop = |i: usize| {
+            spec.loops
+                .iter()
+                .any(|l| i >= l.first as usize && i < (l.first + l.len) as usize)
+        };
+        let once: Vec<usize> = (0..spec.passes.len()).filter(|&i| !in_loop(i)).collect();
+        let n_queries = 2 * (once.len() as u32 + 1);
+        let queries = (self.timestamps && n_queries <= wgpu::QUERY_SET_MAX_QUERIES).then(|| {
+            let set = self.device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: None,
+                ty: wgpu::QueryType::Timestamp,
+                count: n_queries,
+            });
+            let resolve = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size: 8 * u64::from(n_queries),
+                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            let staging = self.staging(8 * u64::from(n_queries));
+            (set, resolve, staging)
+        });
+        // The loop's pair sits after the once-passes' pairs.
+        let loop_slot = 2 * once.len() as u32;
+        let period = f64::from(self.queue.get_timestamp_period());
+
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        let mut pass_times: Vec<PassTiming> = Vec::new();
+        let mut loop_gpu_ms = 0.0f64;
+        let mut loop_wall = Duration::ZERO;
+        let mut iterations = Vec::with_capacity(spec.loops.len());
+        let mut i = 0usize;
+        let mut once_slot = 0u32;
+        while i < spec.passes.len() {
+            if let Some((li, l)) = spec
+                .loops
+                .iter()
+                .enumerate()
+                .find(|(_, l)| l.first as usize == i)
+            {
+                let body = l.first as usize..(l.first + l.len) as usize;
+                let steps = l.counter.map(|_| {
+                    let bytes: Vec<u8> = (0..l.max_iters).flat_map(u32::to_le_bytes).collect();
+                    let b = self.device.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some("loop steps"),
+                        size: bytes.len() as u64,
+                        usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                        mapped_at_creation: false,
+                    });
+                    self.queue.write_buffer(&b, 0, &bytes);
+                    b
+                });
+                let stop_staging = l.stop.map(|_| self.staging(4));
+                let stream_staging: Vec<(usize, wgpu::Buffer)> = l
+                    .stream
+                    .iter()
+                    .map(|&b| (b as usize, self.staging(checked.alloc_sizes[b as usize])))
+                    .collect();
+                let mut done = 0u32;
+                while done < l.max_iters {
+                    let chunk_end = done.saturating_add(l.check_every).min(l.max_iters);
+                    for it in done..chunk_end {
+                        if let (Some(steps), Some(c)) = (&steps, l.counter) {
+                            enc.copy_buffer_to_buffer(
+                                steps,
+                                4 * u64::from(it),
+                                &buffers[c as usize],
+                                0,
+                                4,
+                            );
+                        }
+                        let first = it == done;
+                        let last = it + 1 == chunk_end;
+                        let tw = queries
+                            .as_ref()
+                            .filter(|_| first || last)
+                            .map(|(set, _, _)| wgpu::ComputePassTimestampWrites {
+                                query_set: set,
+                                beginning_of_pass_write_index: first.then_some(loop_slot),
+                                end_of_pass_write_index: last.then_some(loop_slot + 1),
+                            });
+                        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                            label: None,
+                            timestamp_writes: tw,
+                        });
+                        for pi in body.clone() {
+                            pass.set_pipeline(&pipelines[pi]);
+                            if let Some(bg) = &groups[pi] {
+                                pass.set_bind_group(0, bg, &[]);
+                            }
+                            let [x, y, z] = spec.passes[pi].workgroups;
+                            pass.dispatch_workgroups(x, y, z);
+                        }
+                    }
+                    let mut reads: Vec<(&wgpu::Buffer, u64)> = Vec::new();
+                    if let (Some(s), Some(b)) = (&stop_staging, l.stop) {
+                        enc.copy_buffer_to_buffer(&buffers[b as usize], 0, s, 0, 4);
+                        reads.push((s, 4));
+                    }
+                    for (b, s) in &stream_staging {
+                        enc.copy_buffer_to_buffer(&buffers[*b], 0, s, 0, checked.alloc_sizes[*b]);
+                        reads.push((s, spec.buffers[*b].size));
+                    }
+                    if let Some((set, resolve, staging)) = &queries {
+                        enc.resolve_query_set(set, loop_slot..loop_slot + 2, resolve, 0);
+                        enc.copy_buffer_to_buffer(resolve, 0, staging, 0, 16);
+                        reads.push((staging, 16));
+                    }
+                    let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+                    let submit_at = Instant::now();
+                    let full = std::mem::replace(
+                        &mut enc,
+                        self.device
+                            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                                label: None,
+                            }),
+                    );
+                    self.queue.submit([full.finish()]);
+                    if let Some(e) = super::adapter::block_on(scope.pop())? {
+                        return Err(ExecError::Gpu(e.to_string()));
+                    }
+                    let got = if reads.is_empty() {
+                        self.wait(started, limit)?;
+                        self.take_uncaptured()?;
+                        Vec::new()
+                    } else {
+                        self.read_staging(&reads, started, limit)?
+                    };
+                    loop_wall += submit_at.elapsed();
+                    done = chunk_end;
+                    let mut got = got.into_iter();
+                    let stopped = match l.stop {
+                        Some(_) => got.next().is_some_and(|b| b.iter().any(|&x| x != 0)),
+                        None => false,
+                    };
+                    let streamed: Vec<StreamedBuffer> = stream_staging
+                        .iter()
+                        .zip(got.by_ref())
+                        .map(|((b, _), bytes)| StreamedBuffer {
+                            name: spec.buffers[*b].name.clone(),
+                            bytes,
+                        })
+                        .collect();
+                    if queries.is_some()
+                        && let Some(ts) = got.next()
+                    {
+                        let t0 = u64_at(&ts, 0);
+                        let t1 = u64_at(&ts, 8);
+                        loop_gpu_ms += t1.saturating_sub(t0) as f64 * period / 1e6;
+                    }
+                    if let Some(sink) = stream
+                        && !streamed.is_empty()
+                    {
+                        sink(StreamUpdate {
+                            loop_index: li,
+                            iterations: done,
+                            buffers: streamed,
+                        });
+                    }
+                    if stopped {
+                        break;
+                    }
+                    if started.elapsed() > limit {
+                        return Err(ExecError::Timeout {
+                            limit_ms: limit.as_millis() as u64,
+                        });
+                    }
+                }
+                iterations.push(done);
+                pass_times.push(PassTiming {
+                    entry: format!("loop {} ({} passes × {done} iterations)", li + 1, l.len),
+                    gpu_ms: if queries.is_some() {
+                        loop_gpu_ms
+                    } else {
+                        loop_wall.as_secs_f64() * 1e3
+                    },
+                });
+                i = body.end;
+                continue;
+            }
+            let tw = queries
+                .as_ref()
+                .map(|(set, _, _)| wgpu::ComputePassTimestampWrites {
+                    query_set: set,
+                    beginning_of_pass_write_index: Some(2 * once_slot),
+                    end_of_pass_write_index: Some(2 * once_slot + 1),
+                });
+            once_slot += 1;
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: None,
+                timestamp_writes: tw,
+            });
+            pass.set_pipeline(&pipelines[i]);
+            if let Some(bg) = &groups[i] {
+                pass.set_bind_group(0, bg, &[]);
+            }
+            let [x, y, z] = spec.passes[i].workgroups;
+            pass.dispatch_workgroups(x, y, z);
+            drop(pass);
+            i += 1;
+        }
+
+        // Outputs, and the once-passes' timestamps.
+        let mut staging = Vec::new();
+        for (i, b) in spec.buffers.iter().enumerate() {
+            if !b.output {
+                continue;
+            }
+            let size = checked.alloc_sizes[i];
+            let s = self.staging(size);
+            enc.copy_buffer_to_buffer(&buffers[i], 0, &s, 0, size);
+            staging.push((i, s));
+        }
+        let ts_len = 16 * once.len() as u64;
+        if let Some((set, resolve, ts_staging)) = &queries
+            && !once.is_empty()
+        {
+            enc.resolve_query_set(set, 0..2 * once.len() as u32, resolve, 0);
+            enc.copy_buffer_to_buffer(resolve, 0, ts_staging, 0, ts_len);
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let submit_at = Instant::now();
+        self.queue.submit([enc.finish()]);
+        if let Some(e) = super::adapter::block_on(scope.pop())? {
+            return Err(ExecError::Gpu(e.to_string()));
+        }
+        let mut reads: Vec<(&wgpu::Buffer, u64)> = staging
+            .iter()
+            .map(|(i, s)| (s, spec.buffers[*i].size))
+            .collect();
+        let with_ts = !once.is_empty() && queries.is_some();
+        if let (true, Some((_, _, ts_staging))) = (with_ts, &queries) {
+            reads.push((ts_staging, ts_len));
+        }
+        let mut got = self.read_staging(&reads, started, limit)?;
+        let wall_gpu = submit_at.elapsed() + loop_wall;
+        let ts = if with_ts { got.pop() } else { None };
+        let outputs = staging
+            .iter()
+            .zip(got)
+            .map(|((i, _), bytes)| OutputBuffer {
+                name: spec.buffers[*i].name.clone(),
                 id: ContentId::of(&bytes),
                 bytes,
-            });
-        }
-        let passes = match &ts_staging {
-            Some(s) => {
-                let period = f64::from(self.queue.get_timestamp_period());
-                let ticks: Vec<u64> = {
-                    let view = s
-                        .slice(..)
-                        .get_mapped_range()
-                        .map_err(|e| ExecError::Gpu(format!("reading timestamps: {e}")))?;
-                    view.chunks_exact(8)
-                        .map(|c| {
-                            let mut a = [0u8; 8];
-                            a.copy_from_slice(c);
-                            u64::from_le_bytes(a)
-                        })
-                        .collect()
-                };
-                s.unmap();
-                spec.passes
-                    .iter()
-                    .enumerate()
-                    .map(|(i, p)| PassTiming {
-                        entry: p.entry.clone(),
-                        gpu_ms: ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period / 1e6,
-                    })
-                    .collect()
-            }
+            })
+            .collect();
+        let mut passes: Vec<PassTiming> = match &ts {
+            Some(ticks) => once
+                .iter()
+                .enumerate()
+                .map(|(k, &pi)| PassTiming {
+                    entry: spec.passes[pi].entry.clone(),
+                    gpu_ms: u64_at(ticks, 16 * k + 8).saturating_sub(u64_at(ticks, 16 * k)) as f64
+                        * period
+                        / 1e6,
+                })
+                .collect(),
             None => Vec::new(),
         };
-        let gpu_ms = if passes.is_empty() {
+        if queries.is_some() {
+            passes.extend(pass_times);
+        }
+        let gpu_ms = if queries.is_none() {
             wall_gpu.as_secs_f64() * 1e3
         } else {
             passes.iter().map(|p| p.gpu_ms).sum()
@@ -339,6 +606,10 @@ impl GpuDevice {
             passes,
             gpu_ms,
             wall_ms: started.elapsed().as_secs_f64() * 1e3,
+            iterations,
+            uploaded_bytes: upload.uploaded_bytes,
+            resident_hits: upload.resident_hits,
+            resident_bytes: upload.resident_bytes,
         })
     }
 }

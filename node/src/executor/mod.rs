@@ -17,6 +17,7 @@ pub mod bench;
 mod device;
 mod error;
 mod queue;
+mod resident;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -46,6 +47,11 @@ pub const DEFAULT_QUEUE_DEPTH: usize = 64;
 /// lavapipe), so repeat jobs reuse them; 64 covers a model's worth of distinct kernels.
 pub const DEFAULT_PIPELINE_CACHE: usize = 64;
 
+/// Default bytes of read-only blobs (model weights) kept on each device between jobs: 2 GiB.
+/// A second request for a model then uploads nothing; sites with large GPUs raise it, sites
+/// sharing a small one lower it (0 keeps nothing).
+pub const DEFAULT_RESIDENT_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+
 /// Executor configuration. Every field has a documented default.
 #[derive(Debug, Clone)]
 pub struct ExecConfig {
@@ -62,6 +68,8 @@ pub struct ExecConfig {
     /// Memory to advertise, in bytes; wgpu cannot report VRAM, so without this the profile
     /// says the adapter's `max_buffer_size`.
     pub memory_bytes: Option<u64>,
+    /// Bytes of read-only blobs kept resident per device ([`DEFAULT_RESIDENT_BYTES`]).
+    pub resident_bytes: u64,
 }
 
 impl Default for ExecConfig {
@@ -73,6 +81,7 @@ impl Default for ExecConfig {
             queue_depth: DEFAULT_QUEUE_DEPTH,
             pipeline_cache: DEFAULT_PIPELINE_CACHE,
             memory_bytes: None,
+            resident_bytes: DEFAULT_RESIDENT_BYTES,
         }
     }
 }
@@ -120,12 +129,45 @@ pub struct JobOutput {
     pub gpu_ms: f64,
     /// Wall time on the worker: buffers, pipelines, passes, readback and hashing.
     pub wall_ms: f64,
+    /// Iterations each loop ran, in loop order.
+    pub iterations: Vec<u32>,
+    /// Input bytes uploaded for this job.
+    pub uploaded_bytes: u64,
+    /// Input buffers served from the resident set instead of uploaded.
+    pub resident_hits: u32,
+    /// Bytes those resident buffers hold.
+    pub resident_bytes: u64,
 }
+
+/// One streamed buffer, read back while its loop runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamedBuffer {
+    /// Buffer name.
+    pub name: String,
+    /// Its contents at the check.
+    pub bytes: Vec<u8>,
+}
+
+/// What a loop's check read back: the streamed buffers after `iterations` iterations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamUpdate {
+    /// Which loop (index into [`JobSpec::loops`]).
+    pub loop_index: usize,
+    /// Iterations run so far.
+    pub iterations: u32,
+    /// The loop's streamed buffers.
+    pub buffers: Vec<StreamedBuffer>,
+}
+
+/// Receives stream updates on the GPU worker thread; it must not block (forward to a channel
+/// with `try_send`: every update carries the whole buffer, so a dropped one loses nothing).
+pub type StreamSink = dyn Fn(StreamUpdate) + Send + Sync;
 
 struct Pending {
     spec: JobSpec,
     checked: CheckedJob,
     inputs: BTreeMap<ContentId, Vec<u8>>,
+    stream: Option<Box<StreamSink>>,
     reply: oneshot::Sender<Result<JobOutput, ExecError>>,
 }
 
@@ -189,10 +231,10 @@ impl Executor {
         let limit = Duration::from_millis(limits.max_job_ms);
         let shared_for_join = shared.clone();
         for i in 0..config.max_concurrent.max(1) {
-            let dev = GpuDevice::open(&adapter, config.pipeline_cache)?;
+            let dev = GpuDevice::open(&adapter, config.pipeline_cache, config.resident_bytes)?;
             let shared = shared.clone();
             let adapter = adapter.clone();
-            let cache = config.pipeline_cache;
+            let cache = (config.pipeline_cache, config.resident_bytes);
             let handle = std::thread::Builder::new()
                 .name(format!("hashgrid-gpu-{i}"))
                 .spawn(move || worker(shared, adapter, dev, cache, limit))
@@ -258,6 +300,18 @@ impl Executor {
         spec: JobSpec,
         inputs: BTreeMap<ContentId, Vec<u8>>,
     ) -> Result<JobOutput, ExecError> {
+        self.run_streaming(buyer, spec, inputs, None).await
+    }
+
+    /// [`Executor::run`], handing each loop check's streamed buffers to `stream` while the job
+    /// runs (see [`hashgrid_protocol::LoopSpec`]).
+    pub async fn run_streaming(
+        &self,
+        buyer: &str,
+        spec: JobSpec,
+        inputs: BTreeMap<ContentId, Vec<u8>>,
+        stream: Option<Box<StreamSink>>,
+    ) -> Result<JobOutput, ExecError> {
         let checked =
             validate::check_job(&spec, Some(&inputs), &self.h.limits, &self.h.gpu_limits)?;
         let (tx, rx) = oneshot::channel();
@@ -272,6 +326,7 @@ impl Executor {
                 spec,
                 checked,
                 inputs,
+                stream,
                 reply: tx,
             };
             if q.push(buyer, pending).is_err() {
@@ -319,7 +374,7 @@ fn worker(
     shared: Arc<Shared>,
     adapter: wgpu::Adapter,
     mut dev: GpuDevice,
-    cache: usize,
+    cache: (usize, u64),
     limit: Duration,
 ) {
     loop {
@@ -342,12 +397,19 @@ fn worker(
         };
         let now = shared.running.fetch_add(1, Ordering::SeqCst) + 1;
         shared.peak.fetch_max(now, Ordering::SeqCst);
-        let result = dev.run(&job.spec, &job.checked, &job.inputs, Instant::now(), limit);
+        let result = dev.run(
+            &job.spec,
+            &job.checked,
+            &job.inputs,
+            Instant::now(),
+            limit,
+            job.stream.as_deref(),
+        );
         shared.running.fetch_sub(1, Ordering::SeqCst);
         if matches!(result, Err(ExecError::Timeout { .. } | ExecError::Gpu(_))) {
             shared.devices_replaced.fetch_add(1, Ordering::SeqCst);
             // Open the replacement first so a failure leaves the old one in place.
-            match GpuDevice::open(&adapter, cache) {
+            match GpuDevice::open(&adapter, cache.0, cache.1) {
                 Ok(fresh) => std::mem::replace(&mut dev, fresh).abandon(),
                 Err(e) => {
                     let _ = job.reply.send(Err(e));

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use hashgrid_protocol::{BufferInit, ContentId, GpuLimits, JobLimits, JobSpec};
+use hashgrid_protocol::{BufferInit, BufferRange, ContentId, GpuLimits, JobLimits, JobSpec};
 use naga::{AddressSpace, ShaderStage};
 
 use super::ExecError;
@@ -33,7 +33,7 @@ impl BindKind {
 #[derive(Debug, Clone)]
 pub(crate) struct CheckedPass {
     /// (binding number, buffer index) for every binding the entry point uses.
-    pub(crate) bindings: Vec<(u32, usize)>,
+    pub(crate) bindings: Vec<(u32, usize, Option<BufferRange>)>,
 }
 
 /// A job after validation.
@@ -46,6 +46,9 @@ pub(crate) struct CheckedJob {
     /// Allocation size of each buffer (its size rounded up to 16 bytes: storage bindings need a
     /// multiple of 4 and uniform ones 16). Outputs are trimmed back on readback.
     pub(crate) alloc_sizes: Vec<u64>,
+    /// Per buffer: whether a pass may write it. Read-only blob buffers can stay resident on
+    /// the device and serve later jobs that name the same blob.
+    pub(crate) written: Vec<bool>,
 }
 
 /// Rounding for buffer allocations: uniform buffers need sizes in multiples of 16.
@@ -133,6 +136,13 @@ pub(crate) fn check_job(
         shader_hashes.push(*blake3::hash(s.wgsl.as_bytes()).as_bytes());
     }
 
+    // Buffers some pass writes (or a loop counts into): never shared between jobs.
+    let mut written = vec![false; spec.buffers.len()];
+    for l in &spec.loops {
+        if let Some(c) = l.counter {
+            written[c as usize] = true;
+        }
+    }
     let mut passes = Vec::with_capacity(spec.passes.len());
     for (pi, p) in spec.passes.iter().enumerate() {
         let shader = &spec.shaders[p.shader as usize];
@@ -216,26 +226,32 @@ pub(crate) fn check_job(
                     b.binding, buf.name, b.binding
                 )));
             };
-            if buf.size < min {
+            let bound = b.range.map_or(buf.size, |r| r.size);
+            if bound < min {
                 return Err(berr(format!(
-                    "binding {} (buffer {:?}) is {} bytes, but the shader's {} type needs at least {min}",
+                    "binding {} (buffer {:?}) is {bound} bytes, but the shader's {} type needs at least {min}",
                     b.binding,
                     buf.name,
-                    buf.size,
                     kind.describe()
                 )));
             }
-            let alloc = alloc_sizes[b.buffer as usize];
+            if b.range.is_some() && kind == BindKind::Uniform && bound % BUFFER_ALIGN != 0 {
+                return Err(berr(format!(
+                    "binding {} (buffer {:?}) binds {bound} bytes as var<uniform>: a uniform range must be a multiple of {BUFFER_ALIGN} bytes",
+                    b.binding, buf.name
+                )));
+            }
+            let alloc = b.range.map_or(alloc_sizes[b.buffer as usize], |r| r.size);
             let max = match kind {
                 BindKind::Uniform => gpu.max_uniform_buffer_binding_size,
                 _ => gpu.max_storage_buffer_binding_size,
             };
             if alloc > max {
                 return Err(berr(format!(
-                    "binding {} (buffer {:?}) is {} bytes, over the adapter's {} binding limit of {max}",
+                    "binding {} (buffer {:?}) binds {} bytes, over the adapter's {} binding limit of {max}",
                     b.binding,
                     buf.name,
-                    buf.size,
+                    alloc,
                     kind.describe()
                 )));
             }
@@ -256,7 +272,10 @@ pub(crate) fn check_job(
                     )));
                 }
                 seen.entry(b.buffer).or_insert((b.binding, kind));
-                bindings.push((b.binding, b.buffer as usize));
+                bindings.push((b.binding, b.buffer as usize, b.range));
+                if kind == BindKind::StorageReadWrite {
+                    written[b.buffer as usize] = true;
+                }
             }
         }
         for (&n, &(kind, _, used)) in &declared {
@@ -273,5 +292,6 @@ pub(crate) fn check_job(
         shader_hashes,
         passes,
         alloc_sizes,
+        written,
     })
 }

@@ -191,8 +191,9 @@ prop_compose! {
             shaders: shaders.into_iter().map(|(name, wgsl)| ShaderSource { name, wgsl }).collect(),
             passes: passes.into_iter().map(|(entry, workgroups, b)| PassSpec {
                 shader: 0, entry, workgroups,
-                bindings: b.into_iter().map(|(binding, buffer)| Binding { binding, buffer }).collect(),
+                bindings: b.into_iter().map(|(binding, buffer)| Binding::whole(binding, buffer)).collect(),
             }).collect(),
+            loops: Vec::new(),
         }
     }
 }
