@@ -1,0 +1,932 @@
+//! A generation request → an ordinary hashgrid job.
+//!
+//! The weights become input blobs: the token embedding, the output projection (when not tied)
+//! and one blob per transformer block holding that block's tensors at 256-byte aligned offsets,
+//! each tensor's bytes exactly as in the GGUF file. Passes bind the tensor they need as a byte
+//! range of its block's buffer. The prompt is an input blob too, so a receipt binds weights,
+//! kernels, prompt and output.
+//!
+//! The whole decoder step is one loop body, run once per position: at step `s` it embeds token
+//! `tokens[s]`, runs every block (writing the KV cache at position `s`), and from the prompt's
+//! last position on computes the logits and samples `tokens[s + 1]`. The prompt is thus fed one
+//! position per iteration (the logits and sampling passes return at once until its end), and
+//! generation goes on without the host until the sampler sets the stop flag (an end-of-
+//! generation token or the token limit). The executor streams `tokens` and `status` back at
+//! every check, so text appears as it is generated.
+
+use std::collections::BTreeMap;
+
+use hashgrid_protocol::{
+    Binding, BufferInit, BufferRange, BufferSpec, ContentId, JobSpec, LoopSpec, PassSpec,
+    ShaderSource, job::RANGE_ALIGN,
+};
+
+use crate::kernels::{self, MAX_EOG, Matvec};
+use crate::model::{LlamaModel, ModelError, RopeStyle};
+use crate::quant::GgmlType;
+
+/// Iterations between the executor's checks of the stop flag (and streamed readbacks) unless
+/// the request says otherwise: every token, so text streams token by token. A check costs one
+/// GPU round trip, small next to a token's ~250 dispatches.
+pub const DEFAULT_CHECK_EVERY: u32 = 1;
+
+/// Most tokens one request may generate.
+pub const MAX_NEW_TOKENS: u32 = 32_768;
+
+/// How the next token is chosen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    /// 0 picks the most likely token (greedy); above 0 draws from the tempered distribution.
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0: all).
+    pub top_k: u32,
+    /// Keep the smallest set of most likely tokens whose probability reaches p (1: all).
+    pub top_p: f32,
+    /// Seed of the counter-based random numbers (with the position), so a run is reproducible.
+    pub seed: u32,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+/// A request to continue `prompt`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    /// Prompt token ids (at least one).
+    pub prompt: Vec<u32>,
+    /// Most tokens to generate.
+    pub max_new_tokens: u32,
+    /// Sampling settings.
+    pub sampling: Sampling,
+    /// Token ids that end generation (at most [`MAX_EOG`]).
+    pub eog: Vec<u32>,
+    /// Iterations between stop checks ([`DEFAULT_CHECK_EVERY`]).
+    pub check_every: u32,
+}
+
+/// Why a request cannot be compiled.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CompileError {
+    /// The model file is unusable.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The request is malformed.
+    #[error("{0}")]
+    Request(String),
+    /// Prompt and generation do not fit the model's context.
+    #[error(
+        "the prompt ({prompt} tokens) plus up to {max_new} new tokens is over the model's context of {ctx} tokens"
+    )]
+    Context {
+        /// Prompt tokens.
+        prompt: usize,
+        /// Requested new tokens.
+        max_new: u32,
+        /// The model's context length.
+        ctx: usize,
+    },
+}
+
+/// A tensor's place in its block's blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    offset: u64,
+    size: u64,
+    ty: GgmlType,
+}
+
+impl Slot {
+    fn range(&self) -> BufferRange {
+        BufferRange {
+            offset: self.offset,
+            size: self.size.next_multiple_of(4),
+        }
+    }
+}
+
+/// One block's tensors in its blob.
+#[derive(Debug, Clone)]
+struct BlockLayout {
+    attn_norm: Slot,
+    q: Slot,
+    k: Slot,
+    v: Slot,
+    /// `[bq | bk | bv]`, contiguous, when the model has biases.
+    bias: Option<Slot>,
+    o: Slot,
+    ffn_norm: Slot,
+    gate: Slot,
+    up: Slot,
+    down: Slot,
+}
+
+/// A weight blob: a name for people, its bytes and their content id.
+#[derive(Debug, Clone)]
+pub struct WeightBlob {
+    /// `token_embd`, `output`, `output_norm` or `blk.N`.
+    pub name: String,
+    /// blake3 of `bytes`.
+    pub id: ContentId,
+    /// The bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// A model's weights as job blobs, read from the file once and reused for every request.
+#[derive(Debug, Clone)]
+pub struct ModelWeights {
+    /// The blobs: `token_embd`, `output_norm`, `output` (when not tied), then `blk.0`….
+    pub blobs: Vec<WeightBlob>,
+    embd_ty: GgmlType,
+    output_ty: GgmlType,
+    blocks: Vec<BlockLayout>,
+}
+
+fn align(n: u64) -> u64 {
+    n.next_multiple_of(RANGE_ALIGN)
+}
+
+impl ModelWeights {
+    /// Reads every tensor of `model` from its file and lays the blobs out.
+    pub fn load(model: &LlamaModel) -> Result<ModelWeights, ModelError> {
+        let read = |name: &str| -> Result<(Vec<u8>, GgmlType), ModelError> {
+            let t = model.tensor(name)?;
+            Ok((model.gguf.read_tensor(t)?, t.ty))
+        };
+        let mut blobs = Vec::new();
+        let blob = |name: &str, mut bytes: Vec<u8>| {
+            bytes.resize(bytes.len().next_multiple_of(4), 0);
+            WeightBlob {
+                name: name.into(),
+                id: ContentId::of(&bytes),
+                bytes,
+            }
+        };
+        let (embd, embd_ty) = read("token_embd.weight")?;
+        blobs.push(blob("token_embd", embd));
+        let (norm, _) = read("output_norm.weight")?;
+        blobs.push(blob("output_norm", norm));
+        let output_ty = if model.config.tied_embeddings {
+            embd_ty
+        } else {
+            let (out, ty) = read("output.weight")?;
+            blobs.push(blob("output", out));
+            ty
+        };
+        let mut blocks = Vec::with_capacity(model.config.n_layers);
+        for l in 0..model.config.n_layers {
+            let mut bytes: Vec<u8> = Vec::new();
+            let mut put = |name: &str, packed: bool| -> Result<Slot, ModelError> {
+                let (data, ty) = read(&format!("blk.{l}.{name}"))?;
+                let offset = if packed {
+                    bytes.len() as u64
+                } else {
+                    align(bytes.len() as u64)
+                };
+                bytes.resize(offset as usize, 0);
+                bytes.extend_from_slice(&data);
+                Ok(Slot {
+                    offset,
+                    size: data.len() as u64,
+                    ty,
+                })
+            };
+            let attn_norm = put("attn_norm.weight", false)?;
+            let q = put("attn_q.weight", false)?;
+            let k = put("attn_k.weight", false)?;
+            let v = put("attn_v.weight", false)?;
+            let bias = if model.config.qkv_bias {
+                let bq = put("attn_q.bias", false)?;
+                let bk = put("attn_k.bias", true)?;
+                let bv = put("attn_v.bias", true)?;
+                Some(Slot {
+                    offset: bq.offset,
+                    size: bq.size + bk.size + bv.size,
+                    ty: GgmlType::F32,
+                })
+            } else {
+                None
+            };
+            let o = put("attn_output.weight", false)?;
+            let ffn_norm = put("ffn_norm.weight", false)?;
+            let gate = put("ffn_gate.weight", false)?;
+            let up = put("ffn_up.weight", false)?;
+            let down = put("ffn_down.weight", false)?;
+            let end = align(bytes.len() as u64);
+            bytes.resize(end as usize, 0);
+            blobs.push(blob(&format!("blk.{l}"), bytes));
+            blocks.push(BlockLayout {
+                attn_norm,
+                q,
+                k,
+                v,
+                bias,
+                o,
+                ffn_norm,
+                gate,
+                up,
+                down,
+            });
+        }
+        Ok(ModelWeights {
+            blobs,
+            embd_ty,
+            output_ty,
+            blocks,
+        })
+    }
+
+    /// Total bytes of all weight blobs.
+    pub fn total_bytes(&self) -> u64 {
+        self.blobs.iter().map(|b| b.bytes.len() as u64).sum()
+    }
+
+    fn blob(&self, name: &str) -> Option<&WeightBlob> {
+        self.blobs.iter().find(|b| b.name == name)
+    }
+}
+
+/// A compiled request: the job and its inputs.
+#[derive(Debug, Clone)]
+pub struct CompiledJob {
+    /// The job.
+    pub spec: JobSpec,
+    /// Its input blobs (weights, prompt, parameters) by id.
+    pub inputs: BTreeMap<ContentId, Vec<u8>>,
+    /// Prompt tokens.
+    pub n_prompt: usize,
+    /// Prompt plus the most new tokens.
+    pub max_total: usize,
+}
+
+/// Names of the output buffers a generation job returns.
+pub mod outputs {
+    /// `u32` per position: the prompt, then the generated tokens.
+    pub const TOKENS: &str = "tokens";
+    /// `[done, generated]` as `u32`s.
+    pub const STATUS: &str = "status";
+    /// `f32` per generated token: the top-1 minus top-2 logit at that step.
+    pub const MARGINS: &str = "margins";
+}
+
+/// What a generation job produced, read from its output buffers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// Generated token ids (the end-of-generation token included when one was sampled).
+    pub tokens: Vec<u32>,
+    /// Top-1 minus top-2 logit at each generated step.
+    pub margins: Vec<f32>,
+    /// Whether generation stopped (end of generation or the token limit).
+    pub done: bool,
+}
+
+fn u32s(bytes: &[u8]) -> impl Iterator<Item = u32> + '_ {
+    bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+}
+
+/// Reads generated tokens from `tokens` and `status` (and `margins` when given): the job's
+/// outputs or a streamed update. Never reads past what the buffers hold.
+pub fn read_generation(
+    n_prompt: usize,
+    tokens: &[u8],
+    status: &[u8],
+    margins: Option<&[u8]>,
+) -> Generation {
+    let mut st = u32s(status);
+    let done = st.next().unwrap_or(0) != 0;
+    let generated = st.next().unwrap_or(0) as usize;
+    let toks: Vec<u32> = u32s(tokens).skip(n_prompt).take(generated).collect();
+    let margins = margins
+        .map(|m| {
+            u32s(m)
+                .take(toks.len())
+                .map(f32::from_bits)
+                .collect::<Vec<f32>>()
+        })
+        .unwrap_or_default();
+    Generation {
+        tokens: toks,
+        margins,
+        done,
+    }
+}
+
+/// Builds a job: buffers by name, shaders deduplicated by text, parameters in 256-byte slots
+/// of one buffer, deduplicated.
+struct Builder {
+    buffers: Vec<BufferSpec>,
+    inputs: BTreeMap<ContentId, Vec<u8>>,
+    shaders: Vec<ShaderSource>,
+    shader_keys: Vec<String>,
+    passes: Vec<PassSpec>,
+    params: Vec<[u32; 64]>,
+    params_buf: u32,
+}
+
+impl Builder {
+    fn new() -> Builder {
+        Builder {
+            buffers: Vec::new(),
+            inputs: BTreeMap::new(),
+            shaders: Vec::new(),
+            shader_keys: Vec::new(),
+            passes: Vec::new(),
+            params: Vec::new(),
+            params_buf: 0,
+        }
+    }
+
+    fn zeroed(&mut self, name: &str, size: u64, output: bool) -> u32 {
+        self.buffers.push(BufferSpec {
+            name: name.into(),
+            size: size.max(4),
+            init: BufferInit::Zeroed,
+            output,
+        });
+        (self.buffers.len() - 1) as u32
+    }
+
+    fn blob(&mut self, name: &str, bytes: Vec<u8>, output: bool) -> u32 {
+        let id = ContentId::of(&bytes);
+        self.buffers.push(BufferSpec {
+            name: name.into(),
+            size: bytes.len() as u64,
+            init: BufferInit::Blob(id),
+            output,
+        });
+        self.inputs.entry(id).or_insert(bytes);
+        (self.buffers.len() - 1) as u32
+    }
+
+    fn shader(&mut self, key: &str, make: impl FnOnce() -> String) -> u32 {
+        if let Some(i) = self.shader_keys.iter().position(|k| k == key) {
+            return i as u32;
+        }
+        self.shader_keys.push(key.into());
+        self.shaders.push(ShaderSource {
+            name: format!("{key}.wgsl"),
+            wgsl: make(),
+        });
+        (self.shaders.len() - 1) as u32
+    }
+
+    /// The binding of a parameter slot holding `values`.
+    fn param(&mut self, binding: u32, values: &[u32]) -> Binding {
+        let mut slot = [0u32; 64];
+        for (s, v) in slot.iter_mut().zip(values) {
+            *s = *v;
+        }
+        let i = match self.params.iter().position(|p| *p == slot) {
+            Some(i) => i,
+            None => {
+                self.params.push(slot);
+                self.params.len() - 1
+            }
+        };
+        Binding {
+            binding,
+            buffer: self.params_buf,
+            range: Some(BufferRange {
+                offset: i as u64 * RANGE_ALIGN,
+                size: RANGE_ALIGN,
+            }),
+        }
+    }
+
+    fn pass(&mut self, shader: u32, entry: &str, groups: u64, mut bindings: Vec<Binding>) {
+        bindings.sort_by_key(|b| b.binding);
+        self.passes.push(PassSpec {
+            shader,
+            entry: entry.into(),
+            workgroups: [groups.max(1) as u32, 1, 1],
+            bindings,
+        });
+    }
+}
+
+fn whole(binding: u32, buffer: u32) -> Binding {
+    Binding::whole(binding, buffer)
+}
+
+fn ranged(binding: u32, buffer: u32, range: BufferRange) -> Binding {
+    Binding {
+        binding,
+        buffer,
+        range: Some(range),
+    }
+}
+
+fn groups(n: u64, per: u32) -> u64 {
+    n.div_ceil(u64::from(per))
+}
+
+/// Row bytes of a `cols`-wide row of `ty`.
+fn row_bytes(ty: GgmlType, cols: u64) -> u64 {
+    cols / ty.block_elems() as u64 * ty.block_bytes() as u64
+}
+
+/// Compiles `req` for `model` into a job whose inputs are `weights` and the request.
+pub fn compile_generate(
+    model: &LlamaModel,
+    weights: &ModelWeights,
+    req: &GenerateRequest,
+) -> Result<CompiledJob, CompileError> {
+    let c = &model.config;
+    let bad = |s: String| Err(CompileError::Request(s));
+    if req.prompt.is_empty() {
+        return bad("the prompt has no tokens".into());
+    }
+    if req.max_new_tokens == 0 || req.max_new_tokens > MAX_NEW_TOKENS {
+        return bad(format!(
+            "max new tokens must be 1 to {MAX_NEW_TOKENS}, not {}",
+            req.max_new_tokens
+        ));
+    }
+    if let Some(t) = req.prompt.iter().find(|&&t| t as usize >= c.vocab) {
+        return bad(format!(
+            "prompt token {t} is outside the vocabulary of {}",
+            c.vocab
+        ));
+    }
+    if req.eog.len() > MAX_EOG {
+        return bad(format!(
+            "{} end-of-generation tokens, at most {MAX_EOG}",
+            req.eog.len()
+        ));
+    }
+    let s = &req.sampling;
+    let temperature_ok = s.temperature.is_finite() && s.temperature >= 0.0;
+    let top_p_ok = s.top_p.is_finite() && s.top_p > 0.0 && s.top_p <= 1.0;
+    if !(temperature_ok && top_p_ok) {
+        return bad(format!(
+            "temperature must be ≥ 0 and top_p in (0, 1]; got {} and {}",
+            s.temperature, s.top_p
+        ));
+    }
+    let n_prompt = req.prompt.len();
+    let max_total = n_prompt + req.max_new_tokens as usize;
+    if max_total > c.ctx_len {
+        return Err(CompileError::Context {
+            prompt: n_prompt,
+            max_new: req.max_new_tokens,
+            ctx: c.ctx_len,
+        });
+    }
+    // KV rows per layer, a multiple of 64 so every layer's slice starts 256-aligned.
+    let ctx = max_total.next_multiple_of(64) as u64;
+    let (d, hd, ff, vocab) = (
+        c.d_model as u64,
+        c.head_dim as u64,
+        c.d_ff as u64,
+        c.vocab as u64,
+    );
+    let (nh, nkv) = (c.n_heads as u64, c.n_kv_heads as u64);
+    let qd = nh * hd;
+    let kvd = nkv * hd;
+    let qkv_len = qd + 2 * kvd;
+
+    let mut b = Builder::new();
+    // Parameters go in the first buffer; its contents are known at the end.
+    b.params_buf = b.zeroed("params", 4, false);
+    let step = b.zeroed("step", 16, false);
+    let mut prompt_bytes: Vec<u8> = req.prompt.iter().flat_map(|t| t.to_le_bytes()).collect();
+    prompt_bytes.resize(max_total * 4, 0);
+    let tokens = b.blob(outputs::TOKENS, prompt_bytes, true);
+    let status = b.zeroed(outputs::STATUS, 16, true);
+    let margins = b.zeroed(outputs::MARGINS, u64::from(req.max_new_tokens) * 4, true);
+    let x = b.zeroed("x", d * 4, false);
+    let xn = b.zeroed("xn", d * 4, false);
+    let qkv = b.zeroed("qkv", qkv_len * 4, false);
+    let att = b.zeroed("att", qd * 4, false);
+    let gate_up_fused = c.n_layers == 0
+        || weights
+            .blocks
+            .iter()
+            .all(|l| l.gate.ty == l.up.ty && l.up.offset == align(l.gate.offset + l.gate.size));
+    let ffh = b.zeroed("ffh", ff * 4, false);
+    let gu = (!gate_up_fused).then(|| b.zeroed("gate_up", 2 * ff * 4, false));
+    let logits = b.zeroed("logits", vocab * 4, false);
+    let kcache = b.zeroed("k_cache", c.n_layers as u64 * ctx * kvd * 4, false);
+    let vcache = b.zeroed("v_cache", c.n_layers as u64 * ctx * kvd * 4, false);
+    let scores = b.zeroed("scores", nh * ctx * 4, false);
+
+    let weight_buf = |b: &mut Builder, name: &str| -> Result<u32, CompileError> {
+        let w = weights.blob(name).ok_or_else(|| {
+            CompileError::Request(format!("weights have no blob {name:?}: reload the model"))
+        })?;
+        Ok(b.blob(name, w.bytes.clone(), false))
+    };
+    let embd = weight_buf(&mut b, "token_embd")?;
+    let out_norm = weight_buf(&mut b, "output_norm")?;
+    let output = if c.tied_embeddings {
+        embd
+    } else {
+        weight_buf(&mut b, "output")?
+    };
+
+    let f = |v: f32| v.to_bits();
+    let rms_params = [d as u32, f(c.rms_eps)];
+
+    // Embedding.
+    let sh = b.shader(&format!("embed_{}", weights.embd_ty.name()), || {
+        kernels::embed(weights.embd_ty)
+    });
+    let embd_rb = row_bytes(weights.embd_ty, d);
+    let p = b.param(3, &[d as u32, embd_rb as u32, vocab as u32]);
+    let be = kernels::quant::kernel_block_elems(weights.embd_ty);
+    b.pass(
+        sh,
+        "embed",
+        groups(d / be, kernels::ROWS_PER_GROUP),
+        vec![
+            whole(0, embd),
+            whole(1, tokens),
+            whole(2, x),
+            p,
+            whole(4, step),
+        ],
+    );
+
+    let rms_sh = b.shader("rmsnorm", kernels::rmsnorm);
+    let rope_sh = b.shader("rope_store", kernels::rope_store);
+    let attn_sh = b.shader("attention", kernels::attention);
+    for (l, lay) in weights.blocks.iter().enumerate() {
+        let blk = weight_buf(&mut b, &format!("blk.{l}"))?;
+        // attn_norm
+        let p = b.param(3, &rms_params);
+        b.pass(
+            rms_sh,
+            "rmsnorm",
+            1,
+            vec![
+                whole(0, x),
+                ranged(1, blk, lay.attn_norm.range()),
+                whole(2, xn),
+                p,
+            ],
+        );
+        // q, k, v: one dispatch when the three share a type.
+        let kind = if lay.bias.is_some() {
+            Matvec::Bias
+        } else {
+            Matvec::Plain
+        };
+        let segs = [(lay.q, qd), (lay.k, kvd), (lay.v, kvd)];
+        if lay.q.ty == lay.k.ty && lay.k.ty == lay.v.ty {
+            let ty = lay.q.ty;
+            let rb = row_bytes(ty, d);
+            let base = lay.q.offset;
+            let span = BufferRange {
+                offset: base,
+                size: (lay.v.offset + lay.v.size - base).next_multiple_of(4),
+            };
+            let mut pv = vec![qkv_len as u32, d as u32, rb as u32, 0, 3];
+            for (slot, rows) in segs {
+                pv.push(rows as u32);
+                pv.push((slot.offset - base) as u32);
+            }
+            let p = b.param(3, &pv);
+            let sh = b.shader(&format!("{}_{}", kind.entry(), ty.name()), || {
+                kernels::matvec(ty, kind)
+            });
+            let mut bind = vec![ranged(0, blk, span), whole(1, xn), whole(2, qkv), p];
+            if let Some(bias) = lay.bias {
+                bind.push(ranged(4, blk, bias.range()));
+            }
+            b.pass(
+                sh,
+                kind.entry(),
+                groups(qkv_len, kernels::ROWS_PER_GROUP),
+                bind,
+            );
+        } else {
+            let mut yoff = 0u64;
+            let mut boff = 0u64;
+            for (slot, rows) in segs {
+                let ty = slot.ty;
+                let rb = row_bytes(ty, d);
+                let p = b.param(
+                    3,
+                    &[
+                        rows as u32,
+                        d as u32,
+                        rb as u32,
+                        yoff as u32,
+                        1,
+                        rows as u32,
+                        0,
+                    ],
+                );
+                let sh = b.shader(&format!("{}_{}", kind.entry(), ty.name()), || {
+                    kernels::matvec(ty, kind)
+                });
+                let mut bind = vec![ranged(0, blk, slot.range()), whole(1, xn), whole(2, qkv), p];
+                if let Some(bias) = lay.bias {
+                    // The bias slice for this segment: F32 values at boff.
+                    let start = bias.offset + boff * 4;
+                    let aligned = start - start % RANGE_ALIGN;
+                    if aligned != start {
+                        return Err(CompileError::Request(
+                            "mixed-type q/k/v with biases at unaligned offsets are not supported"
+                                .into(),
+                        ));
+                    }
+                    bind.push(ranged(
+                        4,
+                        blk,
+                        BufferRange {
+                            offset: start,
+                            size: rows * 4,
+                        },
+                    ));
+                }
+                b.pass(
+                    sh,
+                    kind.entry(),
+                    groups(rows, kernels::ROWS_PER_GROUP),
+                    bind,
+                );
+                yoff += rows;
+                boff += rows;
+            }
+        }
+        // RoPE, KV cache append.
+        let kv_range = BufferRange {
+            offset: l as u64 * ctx * kvd * 4,
+            size: ctx * kvd * 4,
+        };
+        let neox = u32::from(c.rope_style == RopeStyle::Neox);
+        let p = b.param(
+            3,
+            &[
+                nh as u32,
+                nkv as u32,
+                hd as u32,
+                c.rope_dim as u32,
+                neox,
+                f(c.rope_base),
+            ],
+        );
+        b.pass(
+            rope_sh,
+            "rope_store",
+            groups((nh + nkv) * (hd / 2), kernels::ROWS_PER_GROUP),
+            vec![
+                whole(0, qkv),
+                ranged(1, kcache, kv_range),
+                ranged(2, vcache, kv_range),
+                p,
+                whole(4, step),
+            ],
+        );
+        // Attention.
+        let scale = 1.0 / (hd as f32).sqrt();
+        let p = b.param(5, &[nh as u32, nkv as u32, hd as u32, ctx as u32, f(scale)]);
+        b.pass(
+            attn_sh,
+            "attention",
+            nh,
+            vec![
+                whole(0, qkv),
+                ranged(1, kcache, kv_range),
+                ranged(2, vcache, kv_range),
+                whole(3, att),
+                whole(4, scores),
+                p,
+                whole(6, step),
+            ],
+        );
+        // x += Wo · att
+        matvec_add(&mut b, blk, lay.o, att, x, qd, d)?;
+        // ffn_norm
+        let p = b.param(3, &rms_params);
+        b.pass(
+            rms_sh,
+            "rmsnorm",
+            1,
+            vec![
+                whole(0, x),
+                ranged(1, blk, lay.ffn_norm.range()),
+                whole(2, xn),
+                p,
+            ],
+        );
+        // SwiGLU
+        if let Some(gu) = gu {
+            for (i, slot) in [lay.gate, lay.up].into_iter().enumerate() {
+                let ty = slot.ty;
+                let rb = row_bytes(ty, d);
+                let p = b.param(
+                    3,
+                    &[
+                        ff as u32,
+                        d as u32,
+                        rb as u32,
+                        (i as u64 * ff) as u32,
+                        1,
+                        ff as u32,
+                        0,
+                    ],
+                );
+                let sh = b.shader(&format!("matvec_{}", ty.name()), || {
+                    kernels::matvec(ty, Matvec::Plain)
+                });
+                b.pass(
+                    sh,
+                    "matvec",
+                    groups(ff, kernels::ROWS_PER_GROUP),
+                    vec![ranged(0, blk, slot.range()), whole(1, xn), whole(2, gu), p],
+                );
+            }
+            let sh = b.shader("silu_mul", kernels::silu_mul);
+            let p = b.param(2, &[ff as u32]);
+            b.pass(
+                sh,
+                "silu_mul",
+                groups(ff, kernels::ROWS_PER_GROUP),
+                vec![whole(0, gu), whole(1, ffh), p],
+            );
+        } else {
+            let ty = lay.gate.ty;
+            let rb = row_bytes(ty, d);
+            let span = BufferRange {
+                offset: lay.gate.offset,
+                size: (lay.up.offset + lay.up.size - lay.gate.offset).next_multiple_of(4),
+            };
+            let p = b.param(
+                3,
+                &[
+                    ff as u32,
+                    d as u32,
+                    rb as u32,
+                    0,
+                    2,
+                    ff as u32,
+                    0,
+                    ff as u32,
+                    (lay.up.offset - lay.gate.offset) as u32,
+                ],
+            );
+            let sh = b.shader(&format!("matvec_gateup_{}", ty.name()), || {
+                kernels::matvec(ty, Matvec::GateUp)
+            });
+            b.pass(
+                sh,
+                "matvec_gateup",
+                groups(ff, kernels::ROWS_PER_GROUP),
+                vec![ranged(0, blk, span), whole(1, xn), whole(2, ffh), p],
+            );
+        }
+        // x += Wd · h
+        matvec_add(&mut b, blk, lay.down, ffh, x, ff, d)?;
+    }
+
+    // Output norm, logits (from the prompt's last position on), sampling.
+    let p = b.param(3, &rms_params);
+    b.pass(
+        rms_sh,
+        "rmsnorm",
+        1,
+        vec![whole(0, x), whole(1, out_norm), whole(2, xn), p],
+    );
+    let oty = weights.output_ty;
+    let sh = b.shader(&format!("matvec_logits_{}", oty.name()), || {
+        kernels::matvec(oty, Matvec::Logits)
+    });
+    let p = b.param(
+        3,
+        &[
+            vocab as u32,
+            d as u32,
+            row_bytes(oty, d) as u32,
+            0,
+            1,
+            vocab as u32,
+            0,
+            0,
+            0,
+            0,
+            0,
+            n_prompt as u32,
+        ],
+    );
+    b.pass(
+        sh,
+        "matvec_logits",
+        groups(vocab, kernels::ROWS_PER_GROUP),
+        vec![
+            whole(0, output),
+            whole(1, xn),
+            whole(2, logits),
+            p,
+            whole(4, step),
+        ],
+    );
+    let sh = b.shader("sample", kernels::sample);
+    let mut sp = vec![
+        n_prompt as u32,
+        max_total as u32,
+        vocab as u32,
+        req.eog.len() as u32,
+    ];
+    let mut eog = [u32::MAX; MAX_EOG];
+    for (e, id) in eog.iter_mut().zip(&req.eog) {
+        *e = *id;
+    }
+    sp.extend_from_slice(&eog);
+    sp.extend_from_slice(&[f(s.temperature), s.top_k, f(s.top_p), s.seed]);
+    let p = b.param(4, &sp);
+    b.pass(
+        sh,
+        "sample",
+        1,
+        vec![
+            whole(0, logits),
+            whole(1, tokens),
+            whole(2, status),
+            whole(3, margins),
+            p,
+            whole(5, step),
+        ],
+    );
+
+    // The parameter buffer, now that every slot is known.
+    let params: Vec<u8> = b
+        .params
+        .iter()
+        .flat_map(|slot| slot.iter().flat_map(|v| v.to_le_bytes()))
+        .collect();
+    let pid = ContentId::of(&params);
+    let pb = &mut b.buffers[b.params_buf as usize];
+    pb.size = params.len() as u64;
+    pb.init = BufferInit::Blob(pid);
+    b.inputs.insert(pid, params);
+
+    let body = b.passes.len() as u32;
+    let spec = JobSpec {
+        name: format!("generate {}", model.name),
+        buffers: b.buffers,
+        shaders: b.shaders,
+        passes: b.passes,
+        loops: vec![LoopSpec {
+            first: 0,
+            len: body,
+            max_iters: (max_total - 1) as u32,
+            counter: Some(step),
+            stop: Some(status),
+            check_every: req.check_every.max(1),
+            stream: vec![tokens, status],
+        }],
+    };
+    Ok(CompiledJob {
+        spec,
+        inputs: b.inputs,
+        n_prompt,
+        max_total,
+    })
+}
+
+/// `y += W · x` for one weight slot of block buffer `blk`.
+fn matvec_add(
+    b: &mut Builder,
+    blk: u32,
+    slot: Slot,
+    x: u32,
+    y: u32,
+    cols: u64,
+    rows: u64,
+) -> Result<(), CompileError> {
+    let ty = slot.ty;
+    let p = b.param(
+        3,
+        &[
+            rows as u32,
+            cols as u32,
+            row_bytes(ty, cols) as u32,
+            0,
+            1,
+            rows as u32,
+            0,
+        ],
+    );
+    let sh = b.shader(&format!("matvec_add_{}", ty.name()), || {
+        kernels::matvec(ty, Matvec::Add)
+    });
+    b.pass(
+        sh,
+        "matvec_add",
+        groups(rows, kernels::ROWS_PER_GROUP),
+        vec![ranged(0, blk, slot.range()), whole(1, x), whole(2, y), p],
+    );
+    Ok(())
+}

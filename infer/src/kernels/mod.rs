@@ -1,0 +1,590 @@
+//! hashgrid's own WGSL kernels for decoder models, one small kernel per operation (like ggml),
+//! specialised per weight type by pasting in the block reader from [`quant`].
+//!
+//! Every kernel reads its shape from a `p: array<u32>` parameter slot and, where it depends on
+//! the position, the loop counter `step`. Values that steer a workgroup barrier go through
+//! `workgroupUniformLoad` so the kernels pass WGSL's uniformity analysis.
+//!
+//! | kernel | what it computes |
+//! |---|---|
+//! | `embed` | `x = dequant(embd[tokens[step]])` |
+//! | `rmsnorm` | `out = x / sqrt(mean(x²) + eps) · w` |
+//! | `matvec` | `y[yoff + r] = W_seg(r) · x (+ bias)` over up to three weight segments (fused q, k, v) |
+//! | `matvec_add` | `y[r] += W · x` (residual connections) |
+//! | `matvec_gateup` | `y[r] = silu(G · x) · (U · x)` (SwiGLU) |
+//! | `matvec_logits` | `matvec`, skipped during the prompt (no logits needed before its last token) |
+//! | `silu_mul` | `y[i] = silu(a[i]) · a[n + i]` (SwiGLU when gate and up differ in type) |
+//! | `rope_store` | RoPE on q and k at position `step`, k and v appended to the layer's KV cache |
+//! | `attention` | one workgroup per head: scores, softmax, weighted sum of V (grouped-query) |
+//! | `sample` | greedy or seeded top-k / top-p / temperature sampling; appends the token, stops on end of generation |
+
+pub mod quant;
+
+use crate::quant::GgmlType;
+
+/// Threads per workgroup of the row-parallel kernels.
+pub const ROWS_PER_GROUP: u32 = 64;
+
+/// Threads in the single workgroup of `rmsnorm` and `sample`.
+pub const REDUCE_THREADS: u32 = 256;
+
+/// Threads per attention workgroup (one workgroup per head).
+pub const ATTN_THREADS: u32 = 64;
+
+/// Most end-of-generation token ids `sample` checks.
+pub const MAX_EOG: usize = 8;
+
+/// The matvec flavours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Matvec {
+    /// `y[yoff + r] = W x`, up to three segments.
+    Plain,
+    /// `Plain` plus a bias vector.
+    Bias,
+    /// `y[r] += W x`.
+    Add,
+    /// `y[r] = silu(G x) · (U x)`.
+    GateUp,
+    /// `Plain`, skipped while `step + 1 < n_prompt`.
+    Logits,
+}
+
+impl Matvec {
+    /// The kernel's entry point name.
+    pub fn entry(self) -> &'static str {
+        match self {
+            Matvec::Plain => "matvec",
+            Matvec::Bias => "matvec_bias",
+            Matvec::Add => "matvec_add",
+            Matvec::GateUp => "matvec_gateup",
+            Matvec::Logits => "matvec_logits",
+        }
+    }
+}
+
+/// Parameter layout of the matvec kernels (u32 slots).
+/// `[rows_total, cols, row_bytes, yoff, nseg, r0, o0, r1, o1, r2, o2, n_prompt]`: segment `i`
+/// has `r_i` rows whose weights start at byte `o_i` of the bound range.
+pub fn matvec(ty: GgmlType, kind: Matvec) -> String {
+    let extra = match kind {
+        Matvec::Bias => "@group(0) @binding(4) var<storage, read> bias: array<f32>;\n",
+        Matvec::Logits => "@group(0) @binding(4) var<storage, read> step: array<u32>;\n",
+        _ => "",
+    };
+    let body = match kind {
+        Matvec::Plain => "y[p[3] + r] = row_dot(seg_off(r), cols);",
+        Matvec::Bias => "y[p[3] + r] = row_dot(seg_off(r), cols) + bias[r];",
+        Matvec::Add => "y[r] = y[r] + row_dot(seg_off(r), cols);",
+        Matvec::GateUp => {
+            "let g = row_dot(p[6] + r * p[2], cols);\n    let u = row_dot(p[8] + r * p[2], cols);\n    y[r] = g / (1.0 + exp(-g)) * u;"
+        }
+        Matvec::Logits => {
+            "if (step[0] + 1u < p[11]) {\n        return;\n    }\n    y[p[3] + r] = row_dot(seg_off(r), cols);"
+        }
+    };
+    format!(
+        r#"// {entry} over {ty} weights (hashgrid-infer).
+@group(0) @binding(0) var<storage, read> w: array<u32>;
+@group(0) @binding(1) var<storage, read> xv: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+@group(0) @binding(3) var<storage, read> p: array<u32>;
+{extra}{common}{blk}
+fn row_dot(rb: u32, cols: u32) -> f32 {{
+    var acc = 0.0;
+    let nb = cols / BE;
+    for (var b = 0u; b < nb; b++) {{
+        acc += blk_dot(rb + b * BB, b * BE);
+    }}
+    return acc;
+}}
+// Byte offset of row r's weights, across the segments.
+fn seg_off(r: u32) -> u32 {{
+    if (r < p[5] || p[4] < 2u) {{
+        return p[6] + r * p[2];
+    }}
+    if (r < p[5] + p[7] || p[4] < 3u) {{
+        return p[8] + (r - p[5]) * p[2];
+    }}
+    return p[10] + (r - p[5] - p[7]) * p[2];
+}}
+@compute @workgroup_size({rows})
+fn {entry}(@builtin(global_invocation_id) gid: vec3<u32>) {{
+    let r = gid.x;
+    if (r >= p[0]) {{
+        return;
+    }}
+    let cols = p[1];
+    {body}
+}}
+"#,
+        entry = kind.entry(),
+        ty = ty.name(),
+        common = quant::COMMON,
+        blk = quant::dot(ty),
+        rows = ROWS_PER_GROUP,
+    )
+}
+
+/// `embed`: `p = [d_model, row_bytes, vocab]`.
+pub fn embed(ty: GgmlType) -> String {
+    format!(
+        r#"// embed over {ty} rows (hashgrid-infer).
+@group(0) @binding(0) var<storage, read> w: array<u32>;
+@group(0) @binding(1) var<storage, read> tokens: array<u32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+@group(0) @binding(3) var<storage, read> p: array<u32>;
+@group(0) @binding(4) var<storage, read> step: array<u32>;
+{common}{blk}
+@compute @workgroup_size({rows})
+fn embed(@builtin(global_invocation_id) gid: vec3<u32>) {{
+    let b = gid.x;
+    if (b >= p[0] / BE) {{
+        return;
+    }}
+    var tok = tokens[step[0]];
+    if (tok >= p[2]) {{
+        tok = 0u;
+    }}
+    blk_deq(tok * p[1] + b * BB, b * BE);
+}}
+"#,
+        ty = ty.name(),
+        common = quant::COMMON,
+        blk = quant::deq(ty),
+        rows = ROWS_PER_GROUP,
+    )
+}
+
+/// `rmsnorm`: `p = [n, eps as f32 bits]`; one workgroup.
+pub fn rmsnorm() -> String {
+    format!(
+        r#"// rmsnorm (hashgrid-infer).
+@group(0) @binding(0) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> wn: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+@group(0) @binding(3) var<storage, read> p: array<u32>;
+var<workgroup> part: array<f32, {t}>;
+@compute @workgroup_size({t})
+fn rmsnorm(@builtin(local_invocation_index) lid: u32) {{
+    let n = p[0];
+    var s = 0.0;
+    for (var i = lid; i < n; i += {t}u) {{
+        s += x[i] * x[i];
+    }}
+    part[lid] = s;
+    workgroupBarrier();
+    for (var k = {half}u; k > 0u; k >>= 1u) {{
+        if (lid < k) {{
+            part[lid] += part[lid + k];
+        }}
+        workgroupBarrier();
+    }}
+    let scale = 1.0 / sqrt(part[0] / f32(n) + bitcast<f32>(p[1]));
+    for (var i = lid; i < n; i += {t}u) {{
+        out[i] = x[i] * scale * wn[i];
+    }}
+}}
+"#,
+        t = REDUCE_THREADS,
+        half = REDUCE_THREADS / 2,
+    )
+}
+
+/// `silu_mul`: `p = [n]`, `y[i] = silu(a[i]) · a[n + i]`.
+pub fn silu_mul() -> String {
+    format!(
+        r#"// silu_mul (hashgrid-infer).
+@group(0) @binding(0) var<storage, read> a: array<f32>;
+@group(0) @binding(1) var<storage, read_write> y: array<f32>;
+@group(0) @binding(2) var<storage, read> p: array<u32>;
+@compute @workgroup_size({rows})
+fn silu_mul(@builtin(global_invocation_id) gid: vec3<u32>) {{
+    let i = gid.x;
+    if (i >= p[0]) {{
+        return;
+    }}
+    let g = a[i];
+    y[i] = g / (1.0 + exp(-g)) * a[p[0] + i];
+}}
+"#,
+        rows = ROWS_PER_GROUP
+    )
+}
+
+/// `rope_store`: `p = [n_heads, n_kv, head_dim, rope_dim, neox, base as f32 bits]`.
+/// `qkv` holds q (n_heads · head_dim), then k and v (n_kv · head_dim each). One thread per
+/// pair of a head's dimensions, over the q and k heads.
+pub fn rope_store() -> String {
+    format!(
+        r#"// rope_store (hashgrid-infer).
+@group(0) @binding(0) var<storage, read_write> qkv: array<f32>;
+@group(0) @binding(1) var<storage, read_write> kc: array<f32>;
+@group(0) @binding(2) var<storage, read_write> vc: array<f32>;
+@group(0) @binding(3) var<storage, read> p: array<u32>;
+@group(0) @binding(4) var<storage, read> step: array<u32>;
+@compute @workgroup_size({rows})
+fn rope_store(@builtin(global_invocation_id) gid: vec3<u32>) {{
+    let nh = p[0];
+    let nkv = p[1];
+    let hd = p[2];
+    let half = hd / 2u;
+    let id = gid.x;
+    if (id >= (nh + nkv) * half) {{
+        return;
+    }}
+    let head = id / half;
+    let i = id % half;
+    let pos = step[0];
+    let rd = p[3];
+    var a = 2u * i;
+    var b = a + 1u;
+    var c = 1.0;
+    var s = 0.0;
+    if (i < rd / 2u) {{
+        if (p[4] != 0u) {{
+            a = i;
+            b = i + rd / 2u;
+        }}
+        // As ggml: theta_i = pos · scale^i with scale = base^(-2 / rope_dim), multiplied up.
+        let scale = pow(bitcast<f32>(p[5]), -2.0 / f32(rd));
+        var theta = f32(pos);
+        for (var k = 0u; k < i; k++) {{
+            theta *= scale;
+        }}
+        c = cos(theta);
+        s = sin(theta);
+    }}
+    let base = head * hd;
+    let x0 = qkv[base + a];
+    let x1 = qkv[base + b];
+    let y0 = x0 * c - x1 * s;
+    let y1 = x0 * s + x1 * c;
+    if (head < nh) {{
+        qkv[base + a] = y0;
+        qkv[base + b] = y1;
+        return;
+    }}
+    let g = head - nh;
+    let kvd = nkv * hd;
+    let row = pos * kvd + g * hd;
+    kc[row + a] = y0;
+    kc[row + b] = y1;
+    let vb = nh * hd + kvd + g * hd;
+    vc[row + 2u * i] = qkv[vb + 2u * i];
+    vc[row + 2u * i + 1u] = qkv[vb + 2u * i + 1u];
+}}
+"#,
+        rows = ROWS_PER_GROUP
+    )
+}
+
+/// `attention`: `p = [n_heads, n_kv, head_dim, ctx, scale as f32 bits]`; one workgroup per
+/// head; `sc` is scratch of `n_heads · ctx` floats.
+pub fn attention() -> String {
+    format!(
+        r#"// attention (hashgrid-infer).
+@group(0) @binding(0) var<storage, read> q: array<f32>;
+@group(0) @binding(1) var<storage, read> kc: array<f32>;
+@group(0) @binding(2) var<storage, read> vc: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<storage, read_write> sc: array<f32>;
+@group(0) @binding(5) var<storage, read> p: array<u32>;
+@group(0) @binding(6) var<storage, read> step: array<u32>;
+var<workgroup> red: array<f32, {t}>;
+@compute @workgroup_size({t})
+fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{
+    let nh = p[0];
+    let hd = p[2];
+    let ctx = p[3];
+    let scale = bitcast<f32>(p[4]);
+    let h = min(wid.x, nh - 1u);
+    let g = h / (nh / p[1]);
+    let kvd = p[1] * hd;
+    let pos = min(step[0], ctx - 1u);
+    let qb = h * hd;
+    let sb = h * ctx;
+    var mx = -3.0e38;
+    for (var t = lid; t <= pos; t += {t}u) {{
+        let kb = t * kvd + g * hd;
+        var s = 0.0;
+        for (var d = 0u; d < hd; d++) {{
+            s += q[qb + d] * kc[kb + d];
+        }}
+        s *= scale;
+        sc[sb + t] = s;
+        mx = max(mx, s);
+    }}
+    red[lid] = mx;
+    workgroupBarrier();
+    for (var k = {half}u; k > 0u; k >>= 1u) {{
+        if (lid < k) {{
+            red[lid] = max(red[lid], red[lid + k]);
+        }}
+        workgroupBarrier();
+    }}
+    let m = red[0];
+    workgroupBarrier();
+    var sum = 0.0;
+    for (var t = lid; t <= pos; t += {t}u) {{
+        let e = exp(sc[sb + t] - m);
+        sc[sb + t] = e;
+        sum += e;
+    }}
+    red[lid] = sum;
+    storageBarrier();
+    workgroupBarrier();
+    for (var k = {half}u; k > 0u; k >>= 1u) {{
+        if (lid < k) {{
+            red[lid] += red[lid + k];
+        }}
+        workgroupBarrier();
+    }}
+    let inv = 1.0 / red[0];
+    for (var d = lid; d < hd; d += {t}u) {{
+        var acc = 0.0;
+        for (var t = 0u; t <= pos; t++) {{
+            acc += sc[sb + t] * vc[t * kvd + g * hd + d];
+        }}
+        out[qb + d] = acc * inv;
+    }}
+}}
+"#,
+        t = ATTN_THREADS,
+        half = ATTN_THREADS / 2,
+    )
+}
+
+/// `sample`: `p = [n_prompt, max_total, vocab, n_eog, eog[8], temperature bits, top_k,
+/// top_p bits, seed]` (16 slots). At step `s ≥ n_prompt − 1` it picks token `s + 1`: the
+/// arg-max (lowest id on ties) when the temperature is 0, otherwise a draw from the top-k,
+/// then top-p (on the untempered distribution, as llama.cpp orders them), then tempered
+/// distribution, with a counter-based random number from (seed, step), so a run is
+/// reproducible anywhere. It records top1 − top2 of the raw logits in `margins` (how close the
+/// choice was) and sets `status = [done, generated]`.
+pub fn sample() -> String {
+    format!(
+        r#"// sample (hashgrid-infer).
+@group(0) @binding(0) var<storage, read> logits: array<f32>;
+@group(0) @binding(1) var<storage, read_write> tokens: array<u32>;
+@group(0) @binding(2) var<storage, read_write> status: array<u32>;
+@group(0) @binding(3) var<storage, read_write> margins: array<f32>;
+@group(0) @binding(4) var<storage, read> p: array<u32>;
+@group(0) @binding(5) var<storage, read> step: array<u32>;
+const T: u32 = {t}u;
+var<workgroup> v1: array<f32, {t}>;
+var<workgroup> v2: array<f32, {t}>;
+var<workgroup> i1: array<u32, {t}>;
+var<workgroup> acc: array<f32, {t}>;
+var<workgroup> ctl: u32;
+var<workgroup> pick: u32;
+
+fn reduce_sum(lid: u32, x: f32) -> f32 {{
+    acc[lid] = x;
+    workgroupBarrier();
+    for (var k = T / 2u; k > 0u; k >>= 1u) {{
+        if (lid < k) {{
+            acc[lid] += acc[lid + k];
+        }}
+        workgroupBarrier();
+    }}
+    let r = acc[0];
+    workgroupBarrier();
+    return r;
+}}
+
+// Mass of the logits at or above t, relative to exp(top - top) = 1.
+fn mass_above(lid: u32, t: f32, top: f32, n: u32) -> f32 {{
+    var s = 0.0;
+    for (var i = lid; i < n; i += T) {{
+        let l = logits[i];
+        if (l >= t) {{
+            s += exp(l - top);
+        }}
+    }}
+    return reduce_sum(lid, s);
+}}
+
+fn count_above(lid: u32, t: f32, n: u32) -> f32 {{
+    var c = 0.0;
+    for (var i = lid; i < n; i += T) {{
+        if (logits[i] >= t) {{
+            c += 1.0;
+        }}
+    }}
+    return reduce_sum(lid, c);
+}}
+
+// x as thread 0 sees it, uniform across the workgroup.
+fn uni(lid: u32, x: u32) -> u32 {{
+    if (lid == 0u) {{
+        ctl = x;
+    }}
+    return workgroupUniformLoad(&ctl);
+}}
+
+// PCG-style hash of (seed, step): a uniform float in [0, 1).
+fn rand01(seed: u32, s: u32) -> f32 {{
+    var h = seed * 747796405u + 2891336453u;
+    h ^= s * 2654435769u;
+    h = ((h >> ((h >> 28u) + 4u)) ^ h) * 277803737u;
+    h = (h >> 22u) ^ h;
+    h = h * 747796405u + 2891336453u;
+    h = ((h >> ((h >> 28u) + 4u)) ^ h) * 277803737u;
+    h = (h >> 22u) ^ h;
+    return f32(h >> 8u) / 16777216.0;
+}}
+
+@compute @workgroup_size({t})
+fn sample(@builtin(local_invocation_index) lid: u32) {{
+    let s = step[0];
+    if (lid == 0u) {{
+        ctl = select(0u, 1u, s + 1u >= p[0] && status[0] == 0u && s + 1u < p[1]);
+    }}
+    if (workgroupUniformLoad(&ctl) == 0u) {{
+        return;
+    }}
+    let n = p[2];
+    // Best, second best and arg-max (lowest id on ties) of this thread's share.
+    var b1 = -3.4e38;
+    var b2 = -3.4e38;
+    var bi = 0u;
+    var lo = 3.4e38;
+    for (var i = lid; i < n; i += T) {{
+        let l = logits[i];
+        if (l > b1) {{
+            b2 = b1;
+            b1 = l;
+            bi = i;
+        }} else if (l > b2) {{
+            b2 = l;
+        }}
+        lo = min(lo, l);
+    }}
+    v1[lid] = b1;
+    v2[lid] = b2;
+    i1[lid] = bi;
+    acc[lid] = lo;
+    workgroupBarrier();
+    for (var k = T / 2u; k > 0u; k >>= 1u) {{
+        if (lid < k) {{
+            let a1 = v1[lid];
+            let c1 = v1[lid + k];
+            if (c1 > a1 || (c1 == a1 && i1[lid + k] < i1[lid])) {{
+                v2[lid] = max(a1, v2[lid + k]);
+                v1[lid] = c1;
+                i1[lid] = i1[lid + k];
+            }} else {{
+                v2[lid] = max(v2[lid], c1);
+            }}
+            acc[lid] = min(acc[lid], acc[lid + k]);
+        }}
+        workgroupBarrier();
+    }}
+    let top = v1[0];
+    let second = v2[0];
+    let floor_l = acc[0];
+    if (lid == 0u) {{
+        pick = i1[0];
+        ctl = select(0u, 1u, bitcast<f32>(p[12]) > 0.0);
+    }}
+    if (workgroupUniformLoad(&ctl) != 0u) {{
+        let temp = bitcast<f32>(p[12]);
+        let top_k = p[13];
+        let top_p = bitcast<f32>(p[14]);
+        // top-k: the highest threshold that still keeps k logits.
+        var thr = floor_l;
+        if (uni(lid, select(0u, 1u, top_k > 0u && top_k < n)) != 0u) {{
+            var a = floor_l;
+            var b = top;
+            for (var it = 0u; it < 32u; it++) {{
+                let mid = 0.5 * (a + b);
+                if (count_above(lid, mid, n) >= f32(top_k)) {{
+                    a = mid;
+                }} else {{
+                    b = mid;
+                }}
+            }}
+            thr = a;
+        }}
+        // top-p: the highest threshold whose kept mass is still at least p.
+        if (uni(lid, select(0u, 1u, top_p > 0.0 && top_p < 1.0)) != 0u) {{
+            let z = mass_above(lid, thr, top, n);
+            var a = thr;
+            var b = top;
+            for (var it = 0u; it < 32u; it++) {{
+                let mid = 0.5 * (a + b);
+                if (mass_above(lid, mid, top, n) >= top_p * z) {{
+                    a = mid;
+                }} else {{
+                    b = mid;
+                }}
+            }}
+            thr = a;
+        }}
+        // Draw from the tempered distribution over the kept logits, scanning ids in order.
+        let chunk = (n + T - 1u) / T;
+        let start = min(lid * chunk, n);
+        let end = min(start + chunk, n);
+        var local = 0.0;
+        for (var i = start; i < end; i++) {{
+            let l = logits[i];
+            if (l >= thr) {{
+                local += exp((l - top) / temp);
+            }}
+        }}
+        acc[lid] = local;
+        workgroupBarrier();
+        // Inclusive prefix sum (Hillis-Steele).
+        for (var k = 1u; k < T; k <<= 1u) {{
+            var add = 0.0;
+            if (lid >= k) {{
+                add = acc[lid - k];
+            }}
+            workgroupBarrier();
+            acc[lid] += add;
+            workgroupBarrier();
+        }}
+        let total = acc[T - 1u];
+        let u = rand01(p[15], s) * total;
+        let before = acc[lid] - local;
+        if (u >= before && u < acc[lid] && local > 0.0) {{
+            var run = before;
+            var chosen = end;
+            for (var i = start; i < end; i++) {{
+                let l = logits[i];
+                if (l >= thr) {{
+                    run += exp((l - top) / temp);
+                    if (u < run) {{
+                        chosen = i;
+                        break;
+                    }}
+                }}
+            }}
+            if (chosen < end) {{
+                pick = chosen;
+            }}
+        }}
+        workgroupBarrier();
+    }}
+    if (lid == 0u) {{
+        let tok = pick;
+        tokens[s + 1u] = tok;
+        let g = s + 1u - p[0];
+        margins[g] = top - second;
+        status[1] = g + 1u;
+        var done = s + 2u >= p[1];
+        for (var e = 0u; e < min(p[3], {max_eog}u); e++) {{
+            if (tok == p[4u + e]) {{
+                done = true;
+            }}
+        }}
+        if (done) {{
+            status[0] = 1u;
+        }}
+    }}
+}}
+"#,
+        t = REDUCE_THREADS,
+        max_eog = MAX_EOG,
+    )
+}

