@@ -34,6 +34,8 @@ pub mod gguf;
 pub mod kernels;
 pub mod model;
 pub mod quant;
+pub mod template;
+pub mod tokenizer;
 
 pub use compile::{
     CompileError, CompiledJob, GenerateRequest, Generation, ModelWeights, Sampling,

@@ -357,3 +357,84 @@ impl TensorSpec {
         }
     }
 }
+
+impl LlamaModel {
+    /// The file's tokenizer fields, with llama.cpp's defaults where a key is absent.
+    pub fn vocab_spec(&self) -> Result<crate::tokenizer::VocabSpec, ModelError> {
+        use crate::tokenizer::{VocabKind, VocabSpec};
+        let gguf = &self.gguf;
+        let model = gguf.get_str("tokenizer.ggml.model")?;
+        let kind = match model {
+            "gpt2" => VocabKind::Bpe,
+            "llama" => VocabKind::Spm,
+            other => {
+                return Err(ModelError::Unsupported {
+                    file: self.path.clone(),
+                    message: format!(
+                        "tokenizer.ggml.model {other:?} is not supported (supported: gpt2, llama)"
+                    ),
+                });
+            }
+        };
+        let pre = gguf
+            .opt_str("tokenizer.ggml.pre")?
+            .unwrap_or("default")
+            .to_string();
+        let id = |k: &str| gguf.opt_u32(k);
+        // llama.cpp: SentencePiece vocabularies add BOS and a space prefix unless told
+        // otherwise; byte-level BPE adds neither (Llama 3 style files say so explicitly).
+        let spm = kind == VocabKind::Spm;
+        Ok(VocabSpec {
+            kind,
+            pre,
+            tokens: gguf
+                .get_str_array("tokenizer.ggml.tokens")?
+                .into_iter()
+                .map(str::to_string)
+                .collect(),
+            token_types: gguf
+                .opt_i32_array("tokenizer.ggml.token_type")?
+                .unwrap_or_default(),
+            scores: gguf
+                .opt_f32_array("tokenizer.ggml.scores")?
+                .unwrap_or_default(),
+            merges: gguf
+                .opt_str_array("tokenizer.ggml.merges")?
+                .unwrap_or_default()
+                .into_iter()
+                .map(str::to_string)
+                .collect(),
+            bos: id("tokenizer.ggml.bos_token_id")?,
+            eos: id("tokenizer.ggml.eos_token_id")?,
+            eot: id("tokenizer.ggml.eot_token_id")?,
+            unk: id("tokenizer.ggml.unknown_token_id")?,
+            pad: id("tokenizer.ggml.padding_token_id")?,
+            add_bos: gguf
+                .opt_bool("tokenizer.ggml.add_bos_token")?
+                .unwrap_or(spm),
+            add_eos: gguf
+                .opt_bool("tokenizer.ggml.add_eos_token")?
+                .unwrap_or(false),
+            add_space_prefix: gguf
+                .opt_bool("tokenizer.ggml.add_space_prefix")?
+                .unwrap_or(spm),
+        })
+    }
+
+    /// The model's tokenizer.
+    pub fn tokenizer(&self) -> Result<crate::tokenizer::Tokenizer, ModelError> {
+        let mut t = crate::tokenizer::Tokenizer::new(self.vocab_spec()?).map_err(|e| {
+            ModelError::Unsupported {
+                file: self.path.clone(),
+                message: format!("tokenizer: {e}"),
+            }
+        })?;
+        t.apply_model_name_quirks(&self.name);
+        Ok(t)
+    }
+
+    /// `tokenizer.chat_template`, when the file has one.
+    pub fn chat_template(&self) -> Result<Option<&str>, ModelError> {
+        Ok(self.gguf.opt_str("tokenizer.chat_template")?)
+    }
+}

@@ -598,7 +598,10 @@ fn loop_counts_steps_stops_on_flag_and_streams() {
             "buyer",
             job.spec,
             job.inputs,
-            Some(Box::new(move |u| sink.lock().expect("lock").push(u))),
+            Some(Box::new(move |u| {
+                sink.lock().expect("lock").push(u);
+                true
+            })),
         ))
         .expect("loop job runs");
     let squares = output_u32(&out, "squares");
@@ -737,4 +740,21 @@ fn read_only_blobs_stay_resident_between_jobs() {
     assert_eq!(second.uploaded_bytes, 0);
     let want = u32::from_le_bytes([data[4000], data[4001], data[4002], data[4003]]);
     assert_eq!(output_u32(&second, "out")[0], want);
+}
+
+#[test]
+fn a_stream_reader_can_end_the_loop() {
+    let exec = start(ExecConfig::default());
+    let mut job = kernel("countdown");
+    job.spec.loops[0].stop = None;
+    job.spec.loops[0].check_every = 2;
+    let out = rt()
+        .block_on(exec.run_streaming(
+            "buyer",
+            job.spec,
+            job.inputs,
+            Some(Box::new(|u| u.iterations < 6)),
+        ))
+        .expect("runs");
+    assert_eq!(out.iterations, vec![6], "ended at the check that said no");
 }

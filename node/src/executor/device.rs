@@ -484,16 +484,17 @@ impl GpuDevice {
                         let t1 = u64_at(&ts, 8);
                         loop_gpu_ms += t1.saturating_sub(t0) as f64 * period / 1e6;
                     }
+                    let mut wanted = true;
                     if let Some(sink) = stream
                         && !streamed.is_empty()
                     {
-                        sink(StreamUpdate {
+                        wanted = sink(StreamUpdate {
                             loop_index: li,
                             iterations: done,
                             buffers: streamed,
                         });
                     }
-                    if stopped {
+                    if stopped || !wanted {
                         break;
                     }
                     if started.elapsed() > limit {

@@ -161,7 +161,9 @@ pub struct StreamUpdate {
 
 /// Receives stream updates on the GPU worker thread; it must not block (forward to a channel
 /// with `try_send`: every update carries the whole buffer, so a dropped one loses nothing).
-pub type StreamSink = dyn Fn(StreamUpdate) + Send + Sync;
+/// Returning `false` ends the loop at this check, as if its stop flag were set: the caller no
+/// longer wants more (a reader went away, Ctrl-C).
+pub type StreamSink = dyn Fn(StreamUpdate) -> bool + Send + Sync;
 
 struct Pending {
     spec: JobSpec,

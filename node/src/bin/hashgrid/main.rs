@@ -15,6 +15,7 @@
 //! | 5 | verification failed: a signature, countersignature, charge or output hash is wrong |
 //! | 130 | cancelled with Ctrl-C |
 
+mod generate;
 mod market;
 mod wallet;
 
@@ -244,6 +245,44 @@ enum Command {
     /// Receipts (anyone's, offline).
     #[command(subcommand)]
     Receipt(ReceiptCommand),
+    /// Generate text with a GGUF language model, compiled to a job: on this machine's adapter
+    /// with --local (text streams as it is generated), else through the market.
+    ///
+    /// Example: hashgrid generate --model SmolLM2-135M-Instruct.Q4_1.gguf --prompt "What is Bitcoin?" --chat --local
+    #[command(after_help = EXIT_CODES)]
+    Generate {
+        /// The model (GGUF: llama, mistral or qwen2 architecture).
+        #[arg(long, value_name = "FILE.gguf")]
+        model: PathBuf,
+        /// The prompt.
+        #[arg(long)]
+        prompt: String,
+        /// Render the prompt as one user message through the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// Run on this machine's GPU adapter, without the market.
+        #[arg(long)]
+        local: bool,
+        /// Through the market: highest price, in msat per GPU-second (default: any).
+        #[arg(long, value_name = "MSAT")]
+        max_price: Option<u64>,
+        /// Through the market: longest run, in seconds (also caps the charge).
+        #[arg(long, value_name = "S", default_value_t = 60)]
+        max_seconds: u32,
+    },
+    /// Chat with a GGUF language model on this machine's adapter: each line is a user turn,
+    /// the history is kept; Ctrl-C stops a reply, an empty line or Ctrl-D quits.
+    ///
+    /// Example: hashgrid chat --model SmolLM2-135M-Instruct.Q4_1.gguf
+    Chat {
+        /// The model (GGUF).
+        #[arg(long, value_name = "FILE.gguf")]
+        model: PathBuf,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
     /// Run a job file on this machine's GPU adapter, without any network.
     ///
     /// Example: hashgrid run-local examples/kernels/saxpy/job.toml --json
@@ -254,6 +293,37 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
     },
+}
+
+/// Decoding settings shared by `generate` and `chat`.
+#[derive(clap::Args, Debug, Clone)]
+struct SamplingArgs {
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: u32,
+    /// 0 is greedy (the most likely token every step); above 0 samples.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Sample only among the K most likely tokens (0: all).
+    #[arg(long, default_value_t = 40)]
+    top_k: u32,
+    /// Sample only among the most likely tokens whose probability reaches P.
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Seed of the sampler (the same seed gives the same text).
+    #[arg(long, default_value_t = 0)]
+    seed: u32,
+}
+
+impl SamplingArgs {
+    fn sampling(&self) -> hashgrid_infer::Sampling {
+        hashgrid_infer::Sampling {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -399,6 +469,37 @@ fn main() -> ExitCode {
         }) => wallet::send(&g, &address, amount, fee_rate),
         Command::Invoices { unpaid } => wallet::invoices(&g, unpaid),
         Command::Job(cmd) => job(cmd, g.json).map_err(CliError::from),
+        Command::Generate {
+            model,
+            prompt,
+            chat,
+            sampling,
+            local,
+            max_price,
+            max_seconds,
+        } => rt().and_then(|rt| {
+            rt.block_on(generate::generate(
+                &g,
+                generate::GenerateArgs {
+                    model,
+                    prompt,
+                    chat,
+                    max_tokens: sampling.max_tokens,
+                    sampling: sampling.sampling(),
+                    local,
+                    max_price,
+                    max_seconds,
+                },
+            ))
+        }),
+        Command::Chat { model, sampling } => rt().and_then(|rt| {
+            rt.block_on(generate::chat(
+                &g,
+                &model,
+                sampling.max_tokens,
+                sampling.sampling(),
+            ))
+        }),
         Command::RunLocal { file, out } => {
             run_local(&file, out.as_deref(), g.json).map_err(CliError::from)
         }

@@ -74,7 +74,7 @@ impl Client {
     }
 
     /// Starts the buyer's node.
-    async fn start(&self) -> Result<NodeHandle, CliError> {
+    pub(crate) async fn start(&self) -> Result<NodeHandle, CliError> {
         if self.config.bootstrap.is_empty() && !self.config.mdns {
             return Err(CliError::bad_input(
                 "no way to find peers: no bootstrap peers and mDNS is off",
@@ -355,6 +355,29 @@ async fn run_submit(
     req: Requirements,
     args: &SubmitArgs,
 ) -> Result<(), CliError> {
+    let options = JobOptions {
+        units: 1,
+        max_price: args.max_price.map(Msat),
+        max_seconds: args.max_seconds,
+        requirements: req,
+        max_attempts: args.attempts,
+    };
+    let started = Instant::now();
+    let (rec, outputs) = submit_and_wait(g, node, job, options).await?;
+    let saved = save_result(c, &rec, &outputs, args.out.as_deref())?;
+    print_done(g, &rec, &outputs, &saved, Some(started.elapsed()));
+    Ok(())
+}
+
+/// Submits a checked job through `node`, shows its progress on stderr, and waits for its
+/// verified outputs (Ctrl-C cancels it). Returns the record (with the countersigned receipt)
+/// and the outputs by buffer name; the receipt is also written to the data dir.
+pub(crate) async fn submit_and_wait(
+    g: &Global,
+    node: &NodeHandle,
+    job: hashgrid_protocol::LoadedJob,
+    options: JobOptions,
+) -> Result<(JobRecord, BTreeMap<String, Vec<u8>>), CliError> {
     let asks = wait_for_book(node).await?;
     if !g.quiet {
         eprintln!("book: {asks} asks from the network");
@@ -362,13 +385,7 @@ async fn run_submit(
     let sub = Submission {
         spec: job.spec,
         inputs: job.inputs,
-        options: JobOptions {
-            units: 1,
-            max_price: args.max_price.map(Msat),
-            max_seconds: args.max_seconds,
-            requirements: req,
-            max_attempts: args.attempts,
-        },
+        options,
     };
     let mut events = node.events();
     let started = Instant::now();
@@ -423,19 +440,17 @@ async fn run_submit(
         .result(&id)
         .map_err(CliError::node)?
         .ok_or_else(|| CliError::other("the job's outputs are missing", "hashgrid status JOB"))?;
-    let saved = save_result(c, &rec, &result.outputs, args.out.as_deref())?;
-    print_done(g, &rec, &result.outputs, &saved, Some(started.elapsed()));
-    Ok(())
+    Ok((rec, result.outputs))
 }
 
-struct Saved {
-    receipt: PathBuf,
+pub(crate) struct Saved {
+    pub(crate) receipt: PathBuf,
     outputs: BTreeMap<String, PathBuf>,
 }
 
 /// Writes the receipt to `<data-dir>/receipts/<job>.json` (and `DIR/receipt.json`), and the
 /// outputs to `DIR/<name>.bin` when `out` is given.
-fn save_result(
+pub(crate) fn save_result(
     c: &Client,
     rec: &JobRecord,
     outputs: &BTreeMap<String, Vec<u8>>,

@@ -1,0 +1,459 @@
+//! `hashgrid generate` and `hashgrid chat`: a GGUF language model as a job, on this machine's
+//! adapter (`--local`) or through the market.
+//!
+//! The model file is checked, tokenized and compiled before any GPU or network work; a bad
+//! file is exit 2 naming the file and what is wrong. Locally, text streams to stdout as the
+//! job's token buffer streams back; Ctrl-C ends generation at the next token.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use hashgrid_infer::template::{ChatMessage, render_chat};
+use hashgrid_infer::tokenizer::{StreamDecoder, Tokenizer};
+use hashgrid_infer::{
+    CompiledJob, GenerateRequest, LlamaModel, ModelWeights, Sampling, compile::outputs,
+    compile_generate, kernels::MAX_EOG, read_generation,
+};
+use hashgrid_node::executor::{ExecConfig, Executor, StreamUpdate};
+use hashgrid_node::jobs::JobOptions;
+use hashgrid_protocol::{LoadedJob, Msat, Requirements};
+use tokio::sync::mpsc;
+
+use crate::market::{Client, submit_and_wait};
+use crate::{CliError, EXIT_CANCELLED, Global};
+
+/// What `generate` was asked.
+pub(crate) struct GenerateArgs {
+    pub(crate) model: PathBuf,
+    pub(crate) prompt: String,
+    pub(crate) chat: bool,
+    pub(crate) max_tokens: u32,
+    pub(crate) sampling: Sampling,
+    pub(crate) local: bool,
+    pub(crate) max_price: Option<u64>,
+    pub(crate) max_seconds: u32,
+}
+
+/// A model ready to serve prompts: checked, tokenizer built, weights read.
+pub(crate) struct Loaded {
+    model: LlamaModel,
+    tokenizer: Tokenizer,
+    weights: ModelWeights,
+    eog: Vec<u32>,
+}
+
+fn bad_model(path: &Path, e: impl std::fmt::Display) -> CliError {
+    CliError::bad_input(
+        format!("{e}"),
+        format!(
+            "{} must be a llama-family GGUF model (llama, mistral, qwen2) in F32, F16, Q8_0, Q4_0, Q4_1, Q4_K or Q6_K",
+            path.display()
+        ),
+    )
+}
+
+/// Opens and checks the model, builds its tokenizer and reads its weights.
+pub(crate) fn load(path: &Path) -> Result<Loaded, CliError> {
+    let model = LlamaModel::open(path).map_err(|e| bad_model(path, e))?;
+    let tokenizer = model.tokenizer().map_err(|e| bad_model(path, e))?;
+    let weights = ModelWeights::load(&model).map_err(|e| bad_model(path, e))?;
+    let eog: Vec<u32> = (0..tokenizer.vocab_size() as u32)
+        .filter(|&t| tokenizer.is_eog(t))
+        .take(MAX_EOG)
+        .collect();
+    Ok(Loaded {
+        model,
+        tokenizer,
+        weights,
+        eog,
+    })
+}
+
+impl Loaded {
+    /// Prompt token ids: the text as is, or rendered as the conversation through the model's
+    /// chat template (special tokens in the template are parsed; in plain text they are not).
+    pub(crate) fn prompt(
+        &self,
+        text: &str,
+        history: Option<&[ChatMessage]>,
+    ) -> Result<Vec<u32>, CliError> {
+        let Some(messages) = history else {
+            return Ok(self.tokenizer.encode(text, true, false));
+        };
+        let template = self
+            .model
+            .chat_template()
+            .map_err(|e| bad_model(self.model.path(), e))?
+            .ok_or_else(|| {
+                CliError::bad_input(
+                    format!(
+                        "{} has no chat template (tokenizer.chat_template)",
+                        self.model.path().display()
+                    ),
+                    "use a plain prompt without --chat",
+                )
+            })?;
+        let piece = |t: Option<u32>| {
+            t.and_then(|id| self.tokenizer.token_text(id))
+                .unwrap_or("")
+                .to_string()
+        };
+        let rendered = render_chat(
+            template,
+            messages,
+            true,
+            &piece(self.tokenizer.bos()),
+            &piece(self.tokenizer.eos()),
+        )
+        .map_err(|e| CliError::bad_input(format!("chat template: {e}"), "use a plain prompt"))?;
+        Ok(self.tokenizer.encode(&rendered, false, true))
+    }
+
+    fn compile(
+        &self,
+        prompt: Vec<u32>,
+        max_tokens: u32,
+        sampling: Sampling,
+    ) -> Result<CompiledJob, CliError> {
+        let room = self.model.config.ctx_len.saturating_sub(prompt.len());
+        compile_generate(
+            &self.model,
+            &self.weights,
+            &GenerateRequest {
+                prompt,
+                max_new_tokens: max_tokens.min(room as u32).max(1),
+                sampling,
+                eog: self.eog.clone(),
+                check_every: 1,
+            },
+        )
+        .map_err(|e| CliError::bad_input(e.to_string(), "shorten the prompt or lower --max-tokens"))
+    }
+}
+
+/// A finished generation.
+pub(crate) struct Generated {
+    tokens: Vec<u32>,
+    text: String,
+    first_token_ms: Option<f64>,
+    prompt_tps: Option<f64>,
+    decode_tps: Option<f64>,
+    market: Option<serde_json::Value>,
+    cancelled: bool,
+    finish: &'static str,
+}
+
+/// Runs `job` on this machine's adapter, printing text to stdout as it streams back (unless
+/// `quiet_text`), until done or `cancel` is set.
+pub(crate) async fn run_local(
+    exec: &Executor,
+    loaded: &Loaded,
+    job: CompiledJob,
+    print: bool,
+    cancel: Arc<AtomicBool>,
+) -> Result<Generated, CliError> {
+    let (tx, mut rx) = mpsc::channel::<(Instant, StreamUpdate)>(64);
+    let stop = cancel.clone();
+    let sink = Box::new(move |u: StreamUpdate| {
+        let _ = tx.try_send((Instant::now(), u));
+        !stop.load(Ordering::SeqCst)
+    });
+    let n_prompt = job.n_prompt;
+    let started = Instant::now();
+    let run = exec.run_streaming("local", job.spec, job.inputs, Some(sink));
+    tokio::pin!(run);
+    let mut dec = StreamDecoder::new(&loaded.tokenizer, true);
+    let mut shown = 0usize;
+    let mut first: Option<Instant> = None;
+    let mut last: Option<(Instant, usize)> = None;
+    let mut out = std::io::stdout();
+    let mut show = |tokens: &[u32], dec: &mut StreamDecoder<'_>, shown: &mut usize| {
+        for &t in &tokens[*shown..] {
+            let piece = dec.push(t);
+            if print && !piece.is_empty() {
+                let _ = out.write_all(piece.as_bytes());
+                let _ = out.flush();
+            }
+        }
+        *shown = tokens.len();
+    };
+    let result = loop {
+        tokio::select! {
+            r = &mut run => break r,
+            Some((at, u)) = rx.recv() => {
+                let get = |n: &str| u.buffers.iter().find(|b| b.name == n).map(|b| b.bytes.as_slice()).unwrap_or(&[]);
+                let g = read_generation(n_prompt, get(outputs::TOKENS), get(outputs::STATUS), None);
+                if !g.tokens.is_empty() {
+                    first.get_or_insert(at);
+                    last = Some((at, g.tokens.len()));
+                }
+                let visible: Vec<u32> = g.tokens.iter().copied().filter(|t| !loaded.eog.contains(t)).collect();
+                show(&visible, &mut dec, &mut shown);
+            }
+        }
+    };
+    let output = result.map_err(|e| {
+        CliError::other(
+            format!("the GPU job failed: {e}"),
+            "run with -v for details",
+        )
+    })?;
+    let get = |n: &str| {
+        output
+            .outputs
+            .iter()
+            .find(|o| o.name == n)
+            .map(|o| o.bytes.as_slice())
+            .unwrap_or(&[])
+    };
+    let g = read_generation(n_prompt, get(outputs::TOKENS), get(outputs::STATUS), None);
+    let visible: Vec<u32> = g
+        .tokens
+        .iter()
+        .copied()
+        .filter(|t| !loaded.eog.contains(t))
+        .collect();
+    show(&visible, &mut dec, &mut shown);
+    let tail = dec.finish();
+    if print && !tail.is_empty() {
+        let _ = std::io::stdout().write_all(tail.as_bytes());
+    }
+    let first_token_ms = first.map(|f| (f - started).as_secs_f64() * 1e3);
+    let decode_tps = match (first, last) {
+        (Some(f), Some((l, n))) if n > 1 && l > f => Some((n - 1) as f64 / (l - f).as_secs_f64()),
+        _ => None,
+    };
+    let cancelled = cancel.load(Ordering::SeqCst);
+    let finish = finish_reason(&g.tokens, &loaded.eog, cancelled);
+    Ok(Generated {
+        text: loaded.tokenizer.decode(&visible, true),
+        tokens: g.tokens,
+        first_token_ms,
+        prompt_tps: first_token_ms.map(|ms| n_prompt as f64 / (ms / 1e3)),
+        decode_tps,
+        market: None,
+        cancelled,
+        finish,
+    })
+}
+
+fn finish_reason(tokens: &[u32], eog: &[u32], cancelled: bool) -> &'static str {
+    if cancelled {
+        "cancelled"
+    } else if tokens.last().is_some_and(|t| eog.contains(t)) {
+        "stop"
+    } else {
+        "length"
+    }
+}
+
+/// Starts the local executor (blocking: opens the GPU).
+pub(crate) fn executor() -> Result<Executor, CliError> {
+    Executor::start(ExecConfig::default()).map_err(|e| {
+        CliError::other(
+            e.to_string(),
+            "install a Vulkan driver (apt-get install mesa-vulkan-drivers) or drop --local to use the market",
+        )
+    })
+}
+
+fn ctrl_c_flag() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            f.store(true, Ordering::SeqCst);
+        }
+    });
+    flag
+}
+
+/// `hashgrid generate`.
+pub(crate) async fn generate(g: &Global, a: GenerateArgs) -> Result<(), CliError> {
+    let loaded = load(&a.model)?;
+    let history = a
+        .chat
+        .then(|| vec![ChatMessage::new("user", a.prompt.clone())]);
+    let prompt = loaded.prompt(&a.prompt, history.as_deref())?;
+    let job = loaded.compile(prompt.clone(), a.max_tokens, a.sampling)?;
+    let print = !g.json;
+    let out = if a.local {
+        let exec = tokio::task::block_in_place(executor)?;
+        let cancel = ctrl_c_flag();
+        let r = run_local(&exec, &loaded, job, print, cancel).await;
+        exec.shutdown();
+        r?
+    } else {
+        run_market(g, &loaded, job, &a, print).await?
+    };
+    if print {
+        println!();
+    }
+    if g.json {
+        let mut v = serde_json::json!({
+            "model": loaded.model.name,
+            "prompt_tokens": prompt,
+            "tokens": out.tokens,
+            "text": out.text,
+            "finish_reason": out.finish,
+            "timings": {
+                "first_token_ms": out.first_token_ms,
+                "prompt_tokens_per_s": out.prompt_tps,
+                "decode_tokens_per_s": out.decode_tps,
+            },
+        });
+        if let (Some(m), Some(obj)) = (out.market, v.as_object_mut()) {
+            obj.insert("market".into(), m);
+        }
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else if !g.quiet {
+        let mut line = format!(
+            "[{} prompt + {} generated tokens",
+            prompt.len(),
+            out.tokens.len()
+        );
+        if let Some(t) = out.decode_tps {
+            line.push_str(&format!(", {t:.1} tokens/s"));
+        }
+        if let Some(ms) = out.first_token_ms {
+            line.push_str(&format!(", first token after {ms:.0} ms"));
+        }
+        eprintln!("{line}]");
+    }
+    if out.cancelled {
+        return Err(CliError {
+            code: EXIT_CANCELLED,
+            message: "cancelled".into(),
+            hint: String::new(),
+        });
+    }
+    Ok(())
+}
+
+/// Through the market: the compiled job is an ordinary job; its outputs come back verified
+/// with a countersigned receipt. (Text is printed when the job is done: streaming tokens over
+/// the network is the gateway's work.)
+async fn run_market(
+    g: &Global,
+    loaded: &Loaded,
+    job: CompiledJob,
+    a: &GenerateArgs,
+    print: bool,
+) -> Result<Generated, CliError> {
+    let c = Client::resolve(g)?;
+    let node = c.start().await?;
+    let n_prompt = job.n_prompt;
+    let started = Instant::now();
+    let options = JobOptions {
+        units: 1,
+        max_price: a.max_price.map(Msat),
+        max_seconds: a.max_seconds,
+        requirements: Requirements::default(),
+        max_attempts: 3,
+    };
+    let outcome = submit_and_wait(
+        g,
+        &node,
+        LoadedJob {
+            spec: job.spec,
+            inputs: job.inputs,
+        },
+        options,
+    )
+    .await;
+    node.shutdown().await;
+    let (rec, outputs) = outcome?;
+    let saved = crate::market::save_result(&c, &rec, &outputs, None)?;
+    let get = |n: &str| outputs.get(n).map(Vec::as_slice).unwrap_or(&[]);
+    let generation = read_generation(n_prompt, get(outputs::TOKENS), get(outputs::STATUS), None);
+    let visible: Vec<u32> = generation
+        .tokens
+        .iter()
+        .copied()
+        .filter(|t| !loaded.eog.contains(t))
+        .collect();
+    let text = loaded.tokenizer.decode(&visible, true);
+    if print {
+        print!("{text}");
+    }
+    let elapsed = started.elapsed();
+    let receipt = rec.receipt.as_ref();
+    let market = serde_json::json!({
+        "job": rec.id.to_string(),
+        "provider": rec.provider.map(|p| p.to_string()),
+        "charge_msat": receipt
+            .and_then(|c| c.signed.decode_unverified().ok())
+            .map(|r| r.charge.0),
+        "receipt_id": receipt.map(|r| r.id().to_string()),
+        "receipt_file": saved.receipt,
+        "wall_ms": elapsed.as_secs_f64() * 1e3,
+    });
+    Ok(Generated {
+        finish: finish_reason(&generation.tokens, &loaded.eog, false),
+        tokens: generation.tokens,
+        text,
+        first_token_ms: None,
+        prompt_tps: None,
+        decode_tps: Some(
+            visible.len() as f64 / elapsed.max(Duration::from_millis(1)).as_secs_f64(),
+        ),
+        market: Some(market),
+        cancelled: false,
+    })
+}
+
+/// `hashgrid chat`: a conversation on this machine's adapter; each line is a user turn, the
+/// whole history goes through the chat template, Ctrl-C stops a reply (twice quits), an empty
+/// line or end of input quits.
+pub(crate) async fn chat(
+    g: &Global,
+    model: &Path,
+    max_tokens: u32,
+    sampling: Sampling,
+) -> Result<(), CliError> {
+    let loaded = load(model)?;
+    let exec = tokio::task::block_in_place(executor)?;
+    let mut history: Vec<ChatMessage> = Vec::new();
+    let stdin = std::io::stdin();
+    if !g.quiet {
+        eprintln!(
+            "chatting with {} (an empty line or Ctrl-D quits; Ctrl-C stops a reply)",
+            loaded.model.name
+        );
+    }
+    let result = loop {
+        eprint!("> ");
+        let mut line = String::new();
+        match tokio::task::block_in_place(|| stdin.read_line(&mut line)) {
+            Ok(0) => break Ok(()),
+            Ok(_) => {}
+            Err(e) => break Err(CliError::other(format!("reading stdin: {e}"), "")),
+        }
+        let line = line.trim_end_matches(['\n', '\r']);
+        if line.is_empty() {
+            break Ok(());
+        }
+        history.push(ChatMessage::new("user", line));
+        let prompt = match loaded.prompt(line, Some(&history)) {
+            Ok(p) => p,
+            Err(e) => break Err(e),
+        };
+        let job = match loaded.compile(prompt, max_tokens, sampling) {
+            Ok(j) => j,
+            Err(e) => break Err(e),
+        };
+        let cancel = ctrl_c_flag();
+        match run_local(&exec, &loaded, job, true, cancel).await {
+            Ok(r) => {
+                println!();
+                history.push(ChatMessage::new("assistant", r.text));
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    exec.shutdown();
+    result
+}
