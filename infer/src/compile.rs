@@ -606,7 +606,7 @@ pub fn compile_generate(
             b.pass(
                 sh,
                 kind.entry(),
-                groups(qkv_len, kernels::ROWS_PER_GROUP),
+                groups(qkv_len, kernels::matvec_rows_per_group(kind)),
                 bind,
             );
         } else {
@@ -653,7 +653,7 @@ pub fn compile_generate(
                 b.pass(
                     sh,
                     kind.entry(),
-                    groups(rows, kernels::ROWS_PER_GROUP),
+                    groups(rows, kernels::matvec_rows_per_group(kind)),
                     bind,
                 );
                 yoff += rows;
@@ -744,7 +744,7 @@ pub fn compile_generate(
                 b.pass(
                     sh,
                     "matvec",
-                    groups(ff, kernels::ROWS_PER_GROUP),
+                    groups(ff, kernels::matvec_rows_per_group(Matvec::Plain)),
                     vec![ranged(0, blk, slot.range()), whole(1, xn), whole(2, gu), p],
                 );
             }
@@ -783,7 +783,7 @@ pub fn compile_generate(
             b.pass(
                 sh,
                 "matvec_gateup",
-                groups(ff, kernels::ROWS_PER_GROUP),
+                groups(ff, kernels::matvec_rows_per_group(Matvec::GateUp)),
                 vec![ranged(0, blk, span), whole(1, xn), whole(2, ffh), p],
             );
         }
@@ -823,7 +823,7 @@ pub fn compile_generate(
     b.pass(
         sh,
         "matvec_logits",
-        groups(vocab, kernels::ROWS_PER_GROUP),
+        groups(vocab, kernels::matvec_rows_per_group(Matvec::Logits)),
         vec![
             whole(0, output),
             whole(1, xn),
@@ -925,7 +925,7 @@ fn matvec_add(
     b.pass(
         sh,
         "matvec_add",
-        groups(rows, kernels::ROWS_PER_GROUP),
+        groups(rows, kernels::matvec_rows_per_group(Matvec::Add)),
         vec![ranged(0, blk, slot.range()), whole(1, x), whole(2, y), p],
     );
     Ok(())

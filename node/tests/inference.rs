@@ -40,6 +40,7 @@ fn output<'a>(out: &'a JobOutput, name: &str) -> &'a [u8] {
 
 #[derive(serde::Deserialize)]
 struct Fixture {
+    #[serde(default)]
     llama_cpp_version: String,
     prompts: Vec<FixturePrompt>,
 }
@@ -57,67 +58,121 @@ struct FixtureStep {
     gap: f32,
 }
 
-/// Where llama.cpp's top two logits were within this, accumulation order may legitimately flip
-/// the choice: compare up to there.
+/// Where the exact (float64) reference's top two logits are within this, f32 accumulation
+/// order may legitimately flip the choice: compare tokens up to and including there.
 const NEAR_TIE: f32 = 0.05;
 
+/// Against llama.cpp the bound is wider, measured rather than chosen: llama.cpp quantises the
+/// activations to 8 bits inside its quantised matmuls, and SmolLM2's activations reach |x| >
+/// 4000, so its own logits move by up to 0.76 from the exact values (0.67 just from switching
+/// its KV cache type). Tokens must agree up to its first top-2 gap below 0.5.
+const LLAMA_CPP_TIE: f32 = 0.5;
+
+/// Runs greedy generation for each fixture prompt and returns (tokens, margins) per prompt.
+fn run_fixture(
+    fixture: &Fixture,
+    limit: impl Fn(&FixturePrompt) -> usize,
+) -> Vec<(Vec<u32>, Vec<f32>)> {
+    let path = smollm2().expect("checked by the caller");
+    let model = LlamaModel::open(&path).unwrap();
+    let weights = ModelWeights::load(&model).unwrap();
+    let exec = executor();
+    let rt = rt();
+    fixture
+        .prompts
+        .iter()
+        .map(|p| {
+            let job = compile_generate(
+                &model,
+                &weights,
+                &GenerateRequest {
+                    prompt: p.prompt_tokens.clone(),
+                    max_new_tokens: limit(p).max(1) as u32,
+                    sampling: Sampling::default(),
+                    eog: vec![2],
+                    check_every: 8,
+                },
+            )
+            .unwrap();
+            let out = rt.block_on(exec.run("test", job.spec, job.inputs)).unwrap();
+            let g = read_generation(
+                job.n_prompt,
+                output(&out, "tokens"),
+                output(&out, "status"),
+                Some(output(&out, "margins")),
+            );
+            (g.tokens, g.margins)
+        })
+        .collect()
+}
+
+/// Steps to compare: those before the first whose gap is under `tie` (that step's token may
+/// legitimately flip).
+fn upto(p: &FixturePrompt, tie: f32) -> usize {
+    p.steps
+        .iter()
+        .position(|s| s.gap < tie)
+        .unwrap_or(p.generated.len())
+        .min(p.generated.len())
+}
+
 #[test]
-fn smollm2_greedy_matches_llama_cpp() {
-    let Some(path) = smollm2() else { return };
-    let fixture: Fixture = serde_json::from_str(include_str!(
+fn smollm2_greedy_matches_the_exact_reference_and_llama_cpp() {
+    if smollm2().is_none() {
+        return;
+    }
+    let exact: Fixture = serde_json::from_str(include_str!(
+        "../../infer/tests/fixtures/smollm2_f64_reference.json"
+    ))
+    .unwrap();
+    let llama: Fixture = serde_json::from_str(include_str!(
         "../../infer/tests/fixtures/smollm2_llamacpp.json"
     ))
     .unwrap();
-    let model = LlamaModel::open(&path).unwrap();
-    let weights = ModelWeights::load(&model).unwrap();
-    let exec = Executor::start(ExecConfig::default()).unwrap();
-    let rt = rt();
-    let mut compared = 0;
-    for p in &fixture.prompts {
-        // Up to and including the first near-tie (that token must still match; after it the
-        // sequences may diverge legitimately).
-        let upto = p
-            .steps
-            .iter()
-            .position(|s| s.gap < NEAR_TIE)
-            .map_or(p.generated.len(), |i| i + 1);
-        let job = compile_generate(
-            &model,
-            &weights,
-            &GenerateRequest {
-                prompt: p.prompt_tokens.clone(),
-                max_new_tokens: upto as u32,
-                sampling: Sampling::default(),
-                eog: vec![2],
-                check_every: 8,
-            },
-        )
-        .unwrap();
-        let out = rt.block_on(exec.run("test", job.spec, job.inputs)).unwrap();
-        let g = read_generation(
-            job.n_prompt,
-            output(&out, "tokens"),
-            output(&out, "status"),
-            Some(output(&out, "margins")),
-        );
-        let want = &p.generated[..upto.min(p.generated.len())];
-        let n = want.len().min(g.tokens.len());
-        eprintln!(
-            "{}: {} tokens compared (llama.cpp {}), gpu {:.0} ms",
-            p.name, n, fixture.llama_cpp_version, out.gpu_ms
-        );
+    // The same prompts, in the same order, in both fixtures.
+    for (a, b) in exact.prompts.iter().zip(&llama.prompts) {
+        assert_eq!((&a.name, &a.prompt_tokens), (&b.name, &b.prompt_tokens));
+    }
+    let got = run_fixture(&exact, |p| upto(p, NEAR_TIE) + 1);
+    let (mut exact_n, mut llama_n) = (0, 0);
+    let mut worst = 0f32;
+    for ((p, q), (tokens, margins)) in exact.prompts.iter().zip(&llama.prompts).zip(&got) {
+        let n = upto(p, NEAR_TIE);
         assert_eq!(
-            &g.tokens[..n],
-            &want[..n],
-            "{}: greedy tokens differ from llama.cpp's",
+            &tokens[..n.min(tokens.len())],
+            &p.generated[..n],
+            "{}: greedy tokens differ from the float64 reference",
             p.name
         );
-        assert!(n >= want.len().min(8), "{}: too few tokens ({n})", p.name);
-        compared += n;
+        // Our top-1 minus top-2 logit is the reference's, to f32 accuracy.
+        for (k, (m, s)) in margins.iter().zip(&p.steps).enumerate().take(n) {
+            let dev = (m - s.gap).abs();
+            worst = worst.max(dev);
+            assert!(
+                dev < 0.01,
+                "{} step {k}: margin {m} vs reference {}",
+                p.name,
+                s.gap
+            );
+        }
+        exact_n += n;
+        let m = upto(q, LLAMA_CPP_TIE).min(n);
+        assert_eq!(
+            &tokens[..m.min(tokens.len())],
+            &q.generated[..m],
+            "{}: greedy tokens differ from llama.cpp {}",
+            q.name,
+            llama.llama_cpp_version
+        );
+        llama_n += m;
     }
-    assert!(compared > 50, "compared {compared} tokens");
-    exec.shutdown();
-    let _ = BTreeMap::<u8, u8>::new();
+    eprintln!(
+        "{exact_n} tokens equal to the float64 reference (worst margin deviation {worst:.5}); \
+         {llama_n} equal to llama.cpp {} before its first top-2 gap under {LLAMA_CPP_TIE}",
+        llama.llama_cpp_version
+    );
+    assert!(exact_n >= 200, "compared {exact_n} tokens");
+    assert!(llama_n >= 20, "compared {llama_n} tokens with llama.cpp");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -299,7 +354,7 @@ fn matvec_every_type_and_segments_match_cpu() {
         let out = run_one(
             kernels::matvec(ty, Matvec::Plain),
             "matvec",
-            (rows as u32).div_ceil(64),
+            (rows as u32).div_ceil(kernels::matvec_rows_per_group(Matvec::Plain)),
             vec![
                 ("w", Init::Bytes(blob)),
                 ("x", f32s(&x)),

@@ -62,6 +62,25 @@ impl Matvec {
     }
 }
 
+/// Rows each matvec invocation computes (two gate and two up rows for `matvec_gateup`).
+/// On lavapipe a storage load costs about the same whatever its address and a loop iteration
+/// tens of cycles, so one invocation reads the activations once for four rows and runs one
+/// loop iteration per block for all four; on GPUs it is four independent dot products per
+/// thread, still coalescing poorly but far from the bottleneck at these sizes.
+pub const ROWS_PER_LANE: u32 = 4;
+
+/// Invocations per matvec workgroup: 32 × 4 rows = 128 rows per workgroup, enough workgroups
+/// for a 576-row matrix to spread over a few cores.
+pub const MATVEC_LANES: u32 = 32;
+
+/// Output rows per matvec workgroup for `kind` (the dispatch size is rows / this, rounded up).
+pub fn matvec_rows_per_group(kind: Matvec) -> u32 {
+    match kind {
+        Matvec::GateUp => MATVEC_LANES * ROWS_PER_LANE / 2,
+        _ => MATVEC_LANES * ROWS_PER_LANE,
+    }
+}
+
 /// Parameter layout of the matvec kernels (u32 slots).
 /// `[rows_total, cols, row_bytes, yoff, nseg, r0, o0, r1, o1, r2, o2, n_prompt]`: segment `i`
 /// has `r_i` rows whose weights start at byte `o_i` of the bound range.
@@ -71,29 +90,70 @@ pub fn matvec(ty: GgmlType, kind: Matvec) -> String {
         Matvec::Logits => "@group(0) @binding(4) var<storage, read> step: array<u32>;\n",
         _ => "",
     };
-    let body = match kind {
-        Matvec::Plain => "y[p[3] + r] = row_dot(seg_off(r), cols);",
-        Matvec::Bias => "y[p[3] + r] = row_dot(seg_off(r), cols) + bias[r];",
-        Matvec::Add => "y[r] = y[r] + row_dot(seg_off(r), cols);",
-        Matvec::GateUp => {
-            "let g = row_dot(p[6] + r * p[2], cols);\n    let u = row_dot(p[8] + r * p[2], cols);\n    y[r] = g / (1.0 + exp(-g)) * u;"
-        }
-        Matvec::Logits => {
-            "if (step[0] + 1u < p[11]) {\n        return;\n    }\n    y[p[3] + r] = row_dot(seg_off(r), cols);"
-        }
+    let store = |e: &str| match kind {
+        Matvec::Plain | Matvec::Logits => format!("y[p[3] + rk] = {e};"),
+        Matvec::Bias => format!("y[p[3] + rk] = {e} + bias[rk];"),
+        Matvec::Add => format!("y[rk] = y[rk] + {e};"),
+        Matvec::GateUp => String::new(),
+    };
+    let body = if kind == Matvec::GateUp {
+        // Lane computes rows r0, r0 + 1 of gate (segment 0) and of up (segment 1).
+        r#"let r0 = gid.x * 2u;
+    if (r0 >= p[0]) {
+        return;
+    }
+    let r1 = min(r0 + 1u, p[0] - 1u);
+    let a = row_dot4(vec4<u32>(p[6] + r0 * p[2], p[6] + r1 * p[2], p[8] + r0 * p[2], p[8] + r1 * p[2]), p[1]);
+    y[r0] = a.x / (1.0 + exp(-a.x)) * a.z;
+    if (r0 + 1u < p[0]) {
+        y[r0 + 1u] = a.y / (1.0 + exp(-a.y)) * a.w;
+    }"#
+        .to_string()
+    } else {
+        let skip = if kind == Matvec::Logits {
+            "if (step[0] + 1u < p[11]) {\n        return;\n    }\n    "
+        } else {
+            ""
+        };
+        format!(
+            r#"{skip}let r0 = gid.x * 4u;
+    if (r0 >= p[0]) {{
+        return;
+    }}
+    let last = p[0] - 1u;
+    let a = row_dot4(vec4<u32>(seg_off(r0), seg_off(min(r0 + 1u, last)), seg_off(min(r0 + 2u, last)), seg_off(min(r0 + 3u, last))), p[1]);
+    var rk = r0;
+    {s0}
+    rk = r0 + 1u;
+    if (rk <= last) {{
+        {s1}
+    }}
+    rk = r0 + 2u;
+    if (rk <= last) {{
+        {s2}
+    }}
+    rk = r0 + 3u;
+    if (rk <= last) {{
+        {s3}
+    }}"#,
+            s0 = store("a.x"),
+            s1 = store("a.y"),
+            s2 = store("a.z"),
+            s3 = store("a.w"),
+        )
     };
     format!(
-        r#"// {entry} over {ty} weights (hashgrid-infer).
+        r#"// {entry} over {ty} weights, four rows per invocation (hashgrid-infer).
 @group(0) @binding(0) var<storage, read> w: array<u32>;
 @group(0) @binding(1) var<storage, read> xv: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(3) var<storage, read> p: array<u32>;
-{extra}{common}{blk}
-fn row_dot(rb: u32, cols: u32) -> f32 {{
-    var acc = 0.0;
+{extra}{common}{blk}{blk4}
+fn row_dot4(rb: vec4<u32>, cols: u32) -> vec4<f32> {{
+    var acc = vec4<f32>(0.0);
     let nb = cols / BE;
     for (var b = 0u; b < nb; b++) {{
-        acc += blk_dot(rb + b * BB, b * BE);
+        acc += blk_dot4(rb + vec4<u32>(b * BB), b * BE);
     }}
     return acc;
 }}
@@ -107,13 +167,8 @@ fn seg_off(r: u32) -> u32 {{
     }}
     return p[10] + (r - p[5] - p[7]) * p[2];
 }}
-@compute @workgroup_size({rows})
+@compute @workgroup_size({lanes})
 fn {entry}(@builtin(global_invocation_id) gid: vec3<u32>) {{
-    let r = gid.x;
-    if (r >= p[0]) {{
-        return;
-    }}
-    let cols = p[1];
     {body}
 }}
 "#,
@@ -121,7 +176,8 @@ fn {entry}(@builtin(global_invocation_id) gid: vec3<u32>) {{
         ty = ty.name(),
         common = quant::COMMON,
         blk = quant::dot(ty),
-        rows = ROWS_PER_GROUP,
+        blk4 = quant::dot4(ty),
+        lanes = MATVEC_LANES,
     )
 }
 
