@@ -29,6 +29,7 @@
 //!
 //! [`JobSpec`]: hashgrid_protocol::JobSpec
 
+pub mod bert;
 pub mod compile;
 pub mod gguf;
 pub mod kernels;

@@ -838,3 +838,103 @@ fn sampling_is_seeded_and_respects_top_k_and_top_p() {
     let (tok, _, _) = sample_once(&logits, 0, 1, [t, 0, 0.0001f32.to_bits(), 42], &[]);
     assert_eq!(tok[1] as usize, order[0]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// all-MiniLM-L6-v2 sentence embeddings against a float64 reference and the published value.
+
+fn minilm() -> Option<PathBuf> {
+    match std::env::var("HASHGRID_MINILM") {
+        Ok(p) if Path::new(&p).join("model.safetensors").exists() => Some(PathBuf::from(p)),
+        _ => {
+            eprintln!(
+                "note: HASHGRID_MINILM is not set to the all-MiniLM-L6-v2 directory; skipping (.ci/run sets it)"
+            );
+            None
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct MiniLmFixture {
+    sentences: Vec<MiniLmSentence>,
+    pairs: Vec<MiniLmPair>,
+}
+
+#[derive(serde::Deserialize)]
+struct MiniLmSentence {
+    text: String,
+    ids: Vec<u32>,
+    embedding: Vec<f32>,
+}
+
+#[derive(serde::Deserialize)]
+struct MiniLmPair {
+    a: usize,
+    b: usize,
+    cosine: f64,
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
+    let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+#[test]
+fn minilm_embeddings_match_the_reference_and_published_similarity() {
+    use hashgrid_infer::bert::{BertModel, BertWeights, EMBEDDING, compile_embed};
+    let Some(dir) = minilm() else { return };
+    let fixture: MiniLmFixture = serde_json::from_str(include_str!(
+        "../../infer/tests/fixtures/minilm_reference.json"
+    ))
+    .unwrap();
+    let model = BertModel::open(&dir).unwrap();
+    let weights = BertWeights::load(&model).unwrap();
+    let exec = executor();
+    let rt = rt();
+    let mut got = Vec::new();
+    let mut worst = 1f64;
+    for s in &fixture.sentences {
+        let ids = model.encode(&s.text).unwrap();
+        assert_eq!(
+            ids, s.ids,
+            "{:?}: token ids differ from the tokenizers reference",
+            s.text
+        );
+        let job = compile_embed(&model, &weights, &ids).unwrap();
+        let out = rt.block_on(exec.run("test", job.spec, job.inputs)).unwrap();
+        let e = to_f32(output(&out, EMBEDDING));
+        let c = cosine(&e, &s.embedding);
+        worst = worst.min(c);
+        assert!(
+            c >= 0.9999,
+            "{:?}: cosine {c} to the float64 reference",
+            s.text
+        );
+        let norm: f32 = e.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "L2-normalised: {norm}");
+        got.push(e);
+    }
+    for p in &fixture.pairs {
+        let c = cosine(&got[p.a], &got[p.b]);
+        assert!(
+            (c - p.cosine).abs() < 1e-4,
+            "pair {}-{}: {c} vs {}",
+            p.a,
+            p.b,
+            p.cosine
+        );
+    }
+    // sentence-transformers' published similarity for this pair: 0.7553.
+    let published = cosine(&got[0], &got[1]);
+    assert_eq!(format!("{published:.4}"), "0.7553", "{published}");
+    eprintln!(
+        "{} sentences, worst cosine to the float64 reference {worst:.7}; published pair {published:.5}",
+        got.len()
+    );
+}

@@ -18,6 +18,7 @@
 //! | `attention` | one workgroup per head: scores, softmax, weighted sum of V (grouped-query) |
 //! | `sample` | greedy or seeded top-k / top-p / temperature sampling; appends the token, stops on end of generation |
 
+pub mod bert;
 pub mod quant;
 
 use crate::quant::GgmlType;
@@ -82,8 +83,10 @@ pub fn matvec_rows_per_group(kind: Matvec) -> u32 {
 }
 
 /// Parameter layout of the matvec kernels (u32 slots).
-/// `[rows_total, cols, row_bytes, yoff, nseg, r0, o0, r1, o1, r2, o2, n_prompt]`: segment `i`
-/// has `r_i` rows whose weights start at byte `o_i` of the bound range.
+/// `[rows_total, cols, row_bytes, yoff, nseg, r0, o0, r1, o1, r2, o2, n_prompt, y_stride]`:
+/// segment `i` has `r_i` rows whose weights start at byte `o_i` of the bound range. The
+/// dispatch's y dimension is the token: token `t` reads `x[t · cols..]` and writes
+/// `y[t · y_stride..]` (a batch of vectors through the same weights, as an encoder needs).
 pub fn matvec(ty: GgmlType, kind: Matvec) -> String {
     let extra = match kind {
         Matvec::Bias => "@group(0) @binding(4) var<storage, read> bias: array<f32>;\n",
@@ -91,9 +94,9 @@ pub fn matvec(ty: GgmlType, kind: Matvec) -> String {
         _ => "",
     };
     let store = |e: &str| match kind {
-        Matvec::Plain | Matvec::Logits => format!("y[p[3] + rk] = {e};"),
-        Matvec::Bias => format!("y[p[3] + rk] = {e} + bias[rk];"),
-        Matvec::Add => format!("y[rk] = y[rk] + {e};"),
+        Matvec::Plain | Matvec::Logits => format!("y[yb + rk] = {e};"),
+        Matvec::Bias => format!("y[yb + rk] = {e} + bias[rk];"),
+        Matvec::Add => format!("y[yb + rk] = y[yb + rk] + {e};"),
         Matvec::GateUp => String::new(),
     };
     let body = if kind == Matvec::GateUp {
@@ -103,10 +106,12 @@ pub fn matvec(ty: GgmlType, kind: Matvec) -> String {
         return;
     }
     let r1 = min(r0 + 1u, p[0] - 1u);
-    let a = row_dot4(vec4<u32>(p[6] + r0 * p[2], p[6] + r1 * p[2], p[8] + r0 * p[2], p[8] + r1 * p[2]), p[1]);
-    y[r0] = a.x / (1.0 + exp(-a.x)) * a.z;
+    let xb = gid.y * p[1];
+    let yb = gid.y * p[12];
+    let a = row_dot4(vec4<u32>(p[6] + r0 * p[2], p[6] + r1 * p[2], p[8] + r0 * p[2], p[8] + r1 * p[2]), p[1], xb);
+    y[yb + r0] = a.x / (1.0 + exp(-a.x)) * a.z;
     if (r0 + 1u < p[0]) {
-        y[r0 + 1u] = a.y / (1.0 + exp(-a.y)) * a.w;
+        y[yb + r0 + 1u] = a.y / (1.0 + exp(-a.y)) * a.w;
     }"#
         .to_string()
     } else {
@@ -121,7 +126,9 @@ pub fn matvec(ty: GgmlType, kind: Matvec) -> String {
         return;
     }}
     let last = p[0] - 1u;
-    let a = row_dot4(vec4<u32>(seg_off(r0), seg_off(min(r0 + 1u, last)), seg_off(min(r0 + 2u, last)), seg_off(min(r0 + 3u, last))), p[1]);
+    let xb = gid.y * p[1];
+    let yb = p[3] + gid.y * p[12];
+    let a = row_dot4(vec4<u32>(seg_off(r0), seg_off(min(r0 + 1u, last)), seg_off(min(r0 + 2u, last)), seg_off(min(r0 + 3u, last))), p[1], xb);
     var rk = r0;
     {s0}
     rk = r0 + 1u;
@@ -149,11 +156,11 @@ pub fn matvec(ty: GgmlType, kind: Matvec) -> String {
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(3) var<storage, read> p: array<u32>;
 {extra}{common}{blk}{blk4}
-fn row_dot4(rb: vec4<u32>, cols: u32) -> vec4<f32> {{
+fn row_dot4(rb: vec4<u32>, cols: u32, xb: u32) -> vec4<f32> {{
     var acc = vec4<f32>(0.0);
     let nb = cols / BE;
     for (var b = 0u; b < nb; b++) {{
-        acc += blk_dot4(rb + vec4<u32>(b * BB), b * BE);
+        acc += blk_dot4(rb + vec4<u32>(b * BB), xb + b * BE);
     }}
     return acc;
 }}

@@ -457,3 +457,146 @@ pub(crate) async fn chat(
     exec.shutdown();
     result
 }
+
+/// `hashgrid embed`: sentence embeddings (a BERT sentence-transformers directory), one job per
+/// text, on this machine's adapter (`--local`) or through the market; `--json` prints OpenAI's
+/// embeddings response.
+pub(crate) async fn embed(
+    g: &Global,
+    dir: &Path,
+    texts: &[String],
+    local: bool,
+    max_price: Option<u64>,
+) -> Result<(), CliError> {
+    use hashgrid_infer::bert::{BertModel, BertWeights, EMBEDDING, compile_embed};
+    if texts.is_empty() {
+        return Err(CliError::bad_input(
+            "no text to embed",
+            "pass the texts after --: hashgrid embed --model DIR -- \"first\" \"second\"",
+        ));
+    }
+    let bad = |e: hashgrid_infer::bert::BertError| {
+        CliError::bad_input(
+            e.to_string(),
+            format!(
+                "{} must be a sentence-transformers BERT directory (config.json, model.safetensors, tokenizer.json)",
+                dir.display()
+            ),
+        )
+    };
+    let model = BertModel::open(dir).map_err(bad)?;
+    let weights = BertWeights::load(&model).map_err(bad)?;
+    let mut jobs = Vec::with_capacity(texts.len());
+    let mut prompt_tokens = 0usize;
+    for t in texts {
+        let ids = model.encode(t).map_err(bad)?;
+        prompt_tokens += ids.len();
+        jobs.push(compile_embed(&model, &weights, &ids).map_err(bad)?);
+    }
+    let mut embeddings: Vec<Vec<f32>> = Vec::with_capacity(jobs.len());
+    let mut receipts = Vec::new();
+    let to_f32 = |b: &[u8]| -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    if local {
+        let exec = tokio::task::block_in_place(executor)?;
+        for job in jobs {
+            let out = exec
+                .run("local", job.spec, job.inputs)
+                .await
+                .map_err(|e| CliError::other(format!("the GPU job failed: {e}"), ""));
+            let out = match out {
+                Ok(o) => o,
+                Err(e) => {
+                    exec.shutdown();
+                    return Err(e);
+                }
+            };
+            let bytes = out
+                .outputs
+                .iter()
+                .find(|o| o.name == EMBEDDING)
+                .map(|o| o.bytes.as_slice())
+                .unwrap_or(&[]);
+            embeddings.push(to_f32(bytes));
+        }
+        exec.shutdown();
+    } else {
+        let c = Client::resolve(g)?;
+        let node = c.start().await?;
+        let mut outcome = Ok(());
+        for job in jobs {
+            let options = JobOptions {
+                units: 1,
+                max_price: max_price.map(Msat),
+                max_seconds: 60,
+                requirements: Requirements::default(),
+                max_attempts: 3,
+            };
+            match submit_and_wait(
+                g,
+                &node,
+                LoadedJob {
+                    spec: job.spec,
+                    inputs: job.inputs,
+                },
+                options,
+            )
+            .await
+            {
+                Ok((rec, outputs)) => {
+                    let saved = crate::market::save_result(&c, &rec, &outputs, None)?;
+                    embeddings.push(to_f32(
+                        outputs.get(EMBEDDING).map(Vec::as_slice).unwrap_or(&[]),
+                    ));
+                    receipts.push(serde_json::json!({
+                        "job": rec.id.to_string(),
+                        "provider": rec.provider.map(|p| p.to_string()),
+                        "receipt_id": rec.receipt.as_ref().map(|r| r.id().to_string()),
+                        "receipt_file": saved.receipt,
+                    }));
+                }
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            }
+        }
+        node.shutdown().await;
+        outcome?;
+    }
+    if g.json {
+        let data: Vec<serde_json::Value> = embeddings
+            .iter()
+            .enumerate()
+            .map(|(i, e)| serde_json::json!({"object": "embedding", "index": i, "embedding": e}))
+            .collect();
+        let mut v = serde_json::json!({
+            "object": "list",
+            "data": data,
+            "model": model.name,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+        });
+        if let (false, Some(obj)) = (receipts.is_empty(), v.as_object_mut()) {
+            obj.insert("market".into(), serde_json::Value::from(receipts));
+        }
+        println!("{}", serde_json::to_string(&v).unwrap_or_default());
+    } else {
+        for (t, e) in texts.iter().zip(&embeddings) {
+            let head: Vec<String> = e.iter().take(6).map(|v| format!("{v:.4}")).collect();
+            println!("{t:?}: [{}, … {} dims]", head.join(", "), e.len());
+        }
+        if embeddings.len() > 1 {
+            let cos = |a: &[f32], b: &[f32]| -> f32 { a.iter().zip(b).map(|(x, y)| x * y).sum() };
+            eprintln!("cosine similarity (embeddings are L2-normalised):");
+            for i in 0..embeddings.len() {
+                for j in i + 1..embeddings.len() {
+                    eprintln!("  {i}–{j}: {:.4}", cos(&embeddings[i], &embeddings[j]));
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -283,6 +283,26 @@ enum Command {
         #[command(flatten)]
         sampling: SamplingArgs,
     },
+    /// Sentence embeddings with a BERT sentence-transformers model (e.g. all-MiniLM-L6-v2),
+    /// one job per text: on this machine's adapter with --local, else through the market.
+    /// --json prints OpenAI's embeddings response.
+    ///
+    /// Example: hashgrid embed --model all-MiniLM-L6-v2/ --local --json -- "A man is eating food." "A man is eating bread."
+    #[command(after_help = EXIT_CODES)]
+    Embed {
+        /// The model directory (config.json, model.safetensors, tokenizer.json).
+        #[arg(long, value_name = "DIR")]
+        model: PathBuf,
+        /// Run on this machine's GPU adapter, without the market.
+        #[arg(long)]
+        local: bool,
+        /// Through the market: highest price, in msat per GPU-second (default: any).
+        #[arg(long, value_name = "MSAT")]
+        max_price: Option<u64>,
+        /// The texts.
+        #[arg(last = true, required = true)]
+        texts: Vec<String>,
+    },
     /// Run a job file on this machine's GPU adapter, without any network.
     ///
     /// Example: hashgrid run-local examples/kernels/saxpy/job.toml --json
@@ -500,6 +520,12 @@ fn main() -> ExitCode {
                 sampling.sampling(),
             ))
         }),
+        Command::Embed {
+            model,
+            local,
+            max_price,
+            texts,
+        } => rt().and_then(|rt| rt.block_on(generate::embed(&g, &model, &texts, local, max_price))),
         Command::RunLocal { file, out } => {
             run_local(&file, out.as_deref(), g.json).map_err(CliError::from)
         }
