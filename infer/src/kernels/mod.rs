@@ -63,16 +63,16 @@ impl Matvec {
     }
 }
 
-/// Rows each matvec invocation computes (two gate and two up rows for `matvec_gateup`).
-/// On lavapipe a storage load costs about the same whatever its address and a loop iteration
-/// tens of cycles, so one invocation reads the activations once for four rows and runs one
-/// loop iteration per block for all four; on GPUs it is four independent dot products per
-/// thread, still coalescing poorly but far from the bottleneck at these sizes.
-pub const ROWS_PER_LANE: u32 = 4;
+/// Rows each matvec invocation computes (half gate, half up rows for `matvec_gateup`). On
+/// lavapipe every storage load costs a few nanoseconds per lane whatever its address, and a
+/// block's 32 activations are 8 vector loads against 2–9 loads of weights: an invocation reads
+/// the activations once for all its rows. On GPUs these are independent dot products per
+/// thread, far from the bottleneck at these sizes.
+pub const ROWS_PER_LANE: u32 = 8;
 
-/// Invocations per matvec workgroup: 32 × 4 rows = 128 rows per workgroup, enough workgroups
-/// for a 576-row matrix to spread over a few cores.
-pub const MATVEC_LANES: u32 = 32;
+/// Invocations per matvec workgroup (16 × 8 rows = 128 rows per workgroup: a 576-row matrix
+/// is 5 workgroups, enough to spread over a few cores).
+pub const MATVEC_LANES: u32 = 16;
 
 /// Output rows per matvec workgroup for `kind` (the dispatch size is rows / this, rounded up).
 pub fn matvec_rows_per_group(kind: Matvec) -> u32 {
@@ -93,77 +93,86 @@ pub fn matvec(ty: GgmlType, kind: Matvec) -> String {
         Matvec::Logits => "@group(0) @binding(4) var<storage, read> step: array<u32>;\n",
         _ => "",
     };
-    let store = |e: &str| match kind {
-        Matvec::Plain | Matvec::Logits => format!("y[yb + rk] = {e};"),
-        Matvec::Bias => format!("y[yb + rk] = {e} + bias[rk];"),
-        Matvec::Add => format!("y[yb + rk] = y[yb + rk] + {e};"),
-        Matvec::GateUp => String::new(),
-    };
-    let body = if kind == Matvec::GateUp {
-        // Lane computes rows r0, r0 + 1 of gate (segment 0) and of up (segment 1).
-        r#"let r0 = gid.x * 2u;
-    if (r0 >= p[0]) {
-        return;
-    }
-    let r1 = min(r0 + 1u, p[0] - 1u);
-    let xb = gid.y * p[1];
-    let yb = gid.y * p[12];
-    let a = row_dot4(vec4<u32>(p[6] + r0 * p[2], p[6] + r1 * p[2], p[8] + r0 * p[2], p[8] + r1 * p[2]), p[1], xb);
-    y[yb + r0] = a.x / (1.0 + exp(-a.x)) * a.z;
-    if (r0 + 1u < p[0]) {
-        y[yb + r0 + 1u] = a.y / (1.0 + exp(-a.y)) * a.w;
-    }"#
-        .to_string()
+    let r = ROWS_PER_LANE as usize;
+    let fast = quant::row_fn(ty).is_some();
+    // Row offsets o0.. and accumulators a0...
+    let mut setup = String::new();
+    if kind == Matvec::GateUp {
+        let h = r / 2;
+        setup.push_str(&format!("let r0 = gid.x * {h}u;\n    if (r0 >= p[0]) {{\n        return;\n    }}\n    let last = p[0] - 1u;\n    let yb = gid.y * p[12];\n"));
+        for k in 0..h {
+            setup.push_str(&format!(
+                "    let o{k} = p[6] + min(r0 + {k}u, last) * p[2];\n"
+            ));
+            setup.push_str(&format!(
+                "    let o{} = p[8] + min(r0 + {k}u, last) * p[2];\n",
+                k + h
+            ));
+        }
     } else {
-        let skip = if kind == Matvec::Logits {
-            "if (step[0] + 1u < p[11]) {\n        return;\n    }\n    "
-        } else {
-            ""
-        };
-        format!(
-            r#"{skip}let r0 = gid.x * 4u;
-    if (r0 >= p[0]) {{
-        return;
-    }}
-    let last = p[0] - 1u;
-    let xb = gid.y * p[1];
-    let yb = p[3] + gid.y * p[12];
-    let a = row_dot4(vec4<u32>(seg_off(r0), seg_off(min(r0 + 1u, last)), seg_off(min(r0 + 2u, last)), seg_off(min(r0 + 3u, last))), p[1], xb);
-    var rk = r0;
-    {s0}
-    rk = r0 + 1u;
-    if (rk <= last) {{
-        {s1}
-    }}
-    rk = r0 + 2u;
-    if (rk <= last) {{
-        {s2}
-    }}
-    rk = r0 + 3u;
-    if (rk <= last) {{
-        {s3}
-    }}"#,
-            s0 = store("a.x"),
-            s1 = store("a.y"),
-            s2 = store("a.z"),
-            s3 = store("a.w"),
-        )
-    };
+        if kind == Matvec::Logits {
+            setup.push_str("if (step[0] + 1u < p[11]) {\n        return;\n    }\n    ");
+        }
+        setup.push_str(&format!("let r0 = gid.x * {r}u;\n    if (r0 >= p[0]) {{\n        return;\n    }}\n    let last = p[0] - 1u;\n    let yb = p[3] + gid.y * p[12];\n"));
+        for k in 0..r {
+            setup.push_str(&format!("    let o{k} = seg_off(min(r0 + {k}u, last));\n"));
+        }
+    }
+    setup.push_str("    let xb = gid.y * p[1];\n");
+    for k in 0..r {
+        setup.push_str(&format!("    var a{k} = 0.0;\n"));
+    }
+    // The loop over blocks.
+    let mut body = String::from(
+        "    let nb = p[1] / BE;\n    for (var b = 0u; b < nb; b++) {\n        let bo = b * BB;\n        let xo = xb + b * BE;\n",
+    );
+    if fast {
+        body.push_str("        let xi = xo >> 2u;\n");
+        for k in 0..8 {
+            body.push_str(&format!("        let x{k} = xv[xi + {k}u];\n"));
+        }
+        body.push_str("        let sx = hsum(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7);\n");
+        for k in 0..r {
+            body.push_str(&format!(
+                "        a{k} += wrow(o{k} + bo, x0, x1, x2, x3, x4, x5, x6, x7, sx);\n"
+            ));
+        }
+    } else {
+        for k in 0..r {
+            body.push_str(&format!("        a{k} += blk_dot(o{k} + bo, xo);\n"));
+        }
+    }
+    body.push_str("    }\n");
+    // Stores.
+    let mut store = String::new();
+    if kind == Matvec::GateUp {
+        let h = r / 2;
+        for k in 0..h {
+            store.push_str(&format!(
+                "    if (r0 + {k}u <= last) {{\n        y[yb + r0 + {k}u] = a{k} / (1.0 + exp(-a{k})) * a{};\n    }}\n",
+                k + h
+            ));
+        }
+    } else {
+        for k in 0..r {
+            let e = match kind {
+                Matvec::Plain | Matvec::Logits => format!("y[yb + rk] = a{k};"),
+                Matvec::Bias => format!("y[yb + rk] = a{k} + bias[rk];"),
+                Matvec::Add => format!("y[yb + rk] = y[yb + rk] + a{k};"),
+                Matvec::GateUp => String::new(),
+            };
+            store.push_str(&format!(
+                "    if (r0 + {k}u <= last) {{\n        let rk = r0 + {k}u;\n        {e}\n    }}\n"
+            ));
+        }
+    }
     format!(
-        r#"// {entry} over {ty} weights, four rows per invocation (hashgrid-infer).
+        r#"// {entry} over {ty} weights, {r} rows per invocation (hashgrid-infer).
 @group(0) @binding(0) var<storage, read> w: array<u32>;
 @group(0) @binding(1) var<storage, read> xv: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(3) var<storage, read> p: array<u32>;
-{extra}{common}{blk}{blk4}
-fn row_dot4(rb: vec4<u32>, cols: u32, xb: u32) -> vec4<f32> {{
-    var acc = vec4<f32>(0.0);
-    let nb = cols / BE;
-    for (var b = 0u; b < nb; b++) {{
-        acc += blk_dot4(rb + vec4<u32>(b * BB), xb + b * BE);
-    }}
-    return acc;
-}}
+{extra}{common}{blk}{row}
 // Byte offset of row r's weights, across the segments.
 fn seg_off(r: u32) -> u32 {{
     if (r < p[5] || p[4] < 2u) {{
@@ -176,14 +185,13 @@ fn seg_off(r: u32) -> u32 {{
 }}
 @compute @workgroup_size({lanes})
 fn {entry}(@builtin(global_invocation_id) gid: vec3<u32>) {{
-    {body}
-}}
+    {setup}{body}{store}}}
 "#,
         entry = kind.entry(),
         ty = ty.name(),
         common = quant::COMMON,
         blk = quant::dot(ty),
-        blk4 = quant::dot4(ty),
+        row = quant::row_fn(ty).unwrap_or(""),
         lanes = MATVEC_LANES,
     )
 }

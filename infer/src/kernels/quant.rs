@@ -249,15 +249,15 @@ fn blk_dot(bo: u32, xo: u32) -> f32 {
     }
 }
 
-/// Four rows' dot products with one block of activations: `blk_dot4(b, xo)` where `b` holds
-/// the four rows' block offsets. Q4_1 and Q8_0 (the formats of the common small models) read
-/// the activations once for all four rows with every load written out; the other types call
-/// `blk_dot` per row.
-pub fn dot4(ty: GgmlType) -> &'static str {
+/// For the formats of the common small models (Q4_1, Q8_0): `wrow(bo, x0..x7, sx)`, one row's
+/// block dot product with the block's 32 activations already loaded (`sx` their sum), every
+/// weight load written out. The matvec kernel loads the activations once per block for all its
+/// rows. Other types use `blk_dot` per row.
+pub fn row_fn(ty: GgmlType) -> Option<&'static str> {
     match ty {
-        GgmlType::Q4_1 => {
+        GgmlType::Q4_1 => Some(
             r#"
-fn q41_row(bo: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>, x4: vec4<f32>, x5: vec4<f32>, x6: vec4<f32>, x7: vec4<f32>, sx: f32) -> f32 {
+fn wrow(bo: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>, x4: vec4<f32>, x5: vec4<f32>, x6: vec4<f32>, x7: vec4<f32>, sx: f32) -> f32 {
     let b = bo >> 2u;
     let dm = f16x2(w[b]);
     let q0 = w[b + 1u];
@@ -268,31 +268,14 @@ fn q41_row(bo: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>, 
         + dot(nib_hi(q0), x4) + dot(nib_hi(q1), x5) + dot(nib_hi(q2), x6) + dot(nib_hi(q3), x7);
     return dm.x * acc + dm.y * sx;
 }
-fn blk_dot4(b: vec4<u32>, xo: u32) -> vec4<f32> {
-    let x4 = xo >> 2u;
-    let x0 = xv[x4];
-    let x1 = xv[x4 + 1u];
-    let x2 = xv[x4 + 2u];
-    let x3 = xv[x4 + 3u];
-    let x5 = xv[x4 + 5u];
-    let x6 = xv[x4 + 6u];
-    let x7 = xv[x4 + 7u];
-    let x4v = xv[x4 + 4u];
-    let sx = hsum(x0 + x1 + x2 + x3 + x4v + x5 + x6 + x7);
-    return vec4<f32>(
-        q41_row(b.x, x0, x1, x2, x3, x4v, x5, x6, x7, sx),
-        q41_row(b.y, x0, x1, x2, x3, x4v, x5, x6, x7, sx),
-        q41_row(b.z, x0, x1, x2, x3, x4v, x5, x6, x7, sx),
-        q41_row(b.w, x0, x1, x2, x3, x4v, x5, x6, x7, sx));
-}
-"#
-        }
+"#,
+        ),
         // The 34-byte block starts 4-aligned or 2 bytes past (tensors start 256-aligned and
         // blocks are 34 bytes), so its scale and 32 quants are nine aligned words, taken as
         // they are or shifted by a half-word: 9 loads instead of `ld`'s 18.
-        GgmlType::Q8_0 => {
+        GgmlType::Q8_0 => Some(
             r#"
-fn q80_row(bo: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>, x4: vec4<f32>, x5: vec4<f32>, x6: vec4<f32>, x7: vec4<f32>) -> f32 {
+fn wrow(bo: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>, x4: vec4<f32>, x5: vec4<f32>, x6: vec4<f32>, x7: vec4<f32>, sx: f32) -> f32 {
     let i = bo >> 2u;
     var d: f32;
     var q0: u32; var q1: u32; var q2: u32; var q3: u32; var q4: u32; var q5: u32; var q6: u32; var q7: u32;
@@ -309,44 +292,18 @@ fn q80_row(bo: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>, 
         q0 = w[i + 1u]; q1 = w[i + 2u]; q2 = w[i + 3u]; q3 = w[i + 4u];
         q4 = w[i + 5u]; q5 = w[i + 6u]; q6 = w[i + 7u]; q7 = w[i + 8u];
     } else {
-        return blk_dot_x(bo, x0, x1, x2, x3, x4, x5, x6, x7);
+        // Odd offsets (never produced by hashgrid's own layout): the general unaligned reads.
+        d = f16_at(bo);
+        q0 = ld(bo + 2u); q1 = ld(bo + 6u); q2 = ld(bo + 10u); q3 = ld(bo + 14u);
+        q4 = ld(bo + 18u); q5 = ld(bo + 22u); q6 = ld(bo + 26u); q7 = ld(bo + 30u);
     }
     let acc = dot(i8x4(q0), x0) + dot(i8x4(q1), x1) + dot(i8x4(q2), x2) + dot(i8x4(q3), x3)
         + dot(i8x4(q4), x4) + dot(i8x4(q5), x5) + dot(i8x4(q6), x6) + dot(i8x4(q7), x7);
     return d * acc;
 }
-// Odd byte offsets (never produced by hashgrid's own layout): the general unaligned reads.
-fn blk_dot_x(bo: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>, x4: vec4<f32>, x5: vec4<f32>, x6: vec4<f32>, x7: vec4<f32>) -> f32 {
-    let acc = dot(i8x4(ld(bo + 2u)), x0) + dot(i8x4(ld(bo + 6u)), x1) + dot(i8x4(ld(bo + 10u)), x2)
-        + dot(i8x4(ld(bo + 14u)), x3) + dot(i8x4(ld(bo + 18u)), x4) + dot(i8x4(ld(bo + 22u)), x5)
-        + dot(i8x4(ld(bo + 26u)), x6) + dot(i8x4(ld(bo + 30u)), x7);
-    return f16_at(bo) * acc;
-}
-fn blk_dot4(b: vec4<u32>, xo: u32) -> vec4<f32> {
-    let x4 = xo >> 2u;
-    let x0 = xv[x4];
-    let x1 = xv[x4 + 1u];
-    let x2 = xv[x4 + 2u];
-    let x3 = xv[x4 + 3u];
-    let x4v = xv[x4 + 4u];
-    let x5 = xv[x4 + 5u];
-    let x6 = xv[x4 + 6u];
-    let x7 = xv[x4 + 7u];
-    return vec4<f32>(
-        q80_row(b.x, x0, x1, x2, x3, x4v, x5, x6, x7),
-        q80_row(b.y, x0, x1, x2, x3, x4v, x5, x6, x7),
-        q80_row(b.z, x0, x1, x2, x3, x4v, x5, x6, x7),
-        q80_row(b.w, x0, x1, x2, x3, x4v, x5, x6, x7));
-}
-"#
-        }
-        _ => {
-            r#"
-fn blk_dot4(b: vec4<u32>, xo: u32) -> vec4<f32> {
-    return vec4<f32>(blk_dot(b.x, xo), blk_dot(b.y, xo), blk_dot(b.z, xo), blk_dot(b.w, xo));
-}
-"#
-        }
+"#,
+        ),
+        _ => None,
     }
 }
 
