@@ -35,6 +35,7 @@ pub mod gguf;
 pub mod kernels;
 pub mod model;
 pub mod quant;
+pub mod reference;
 pub mod template;
 pub mod tokenizer;
 

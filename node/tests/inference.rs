@@ -938,3 +938,163 @@ fn minilm_embeddings_match_the_reference_and_published_similarity() {
         got.len()
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Tiny random models, written by the test in every weight type, end to end on the GPU against
+// the CPU reference decoder.
+
+fn tiny_model(dir: &Path, ty: GgmlType, arch: &str, tied: bool, seed: u64) -> PathBuf {
+    use hashgrid_infer::gguf::{GgufWriter, Value};
+    let (d, ff, vocab, layers, nh, nkv, hd) = (256u64, 512u64, 320u64, 2usize, 4u32, 2u32, 64u64);
+    let mut rng = Rng(seed);
+    let mut g = GgufWriter::new();
+    let meta = |g: &mut GgufWriter, k: &str, v: Value| g.add_metadata(k, v).unwrap();
+    meta(&mut g, "general.architecture", Value::String(arch.into()));
+    meta(
+        &mut g,
+        &format!("{arch}.block_count"),
+        Value::U32(layers as u32),
+    );
+    meta(
+        &mut g,
+        &format!("{arch}.embedding_length"),
+        Value::U32(d as u32),
+    );
+    meta(
+        &mut g,
+        &format!("{arch}.feed_forward_length"),
+        Value::U32(ff as u32),
+    );
+    meta(
+        &mut g,
+        &format!("{arch}.attention.head_count"),
+        Value::U32(nh),
+    );
+    meta(
+        &mut g,
+        &format!("{arch}.attention.head_count_kv"),
+        Value::U32(nkv),
+    );
+    meta(&mut g, &format!("{arch}.context_length"), Value::U32(256));
+    meta(
+        &mut g,
+        &format!("{arch}.rope.freq_base"),
+        Value::F32(10_000.0),
+    );
+    meta(
+        &mut g,
+        &format!("{arch}.attention.layer_norm_rms_epsilon"),
+        Value::F32(1e-5),
+    );
+    let mut mat =
+        |g: &mut GgufWriter, name: &str, cols: u64, rows: u64, ty: GgmlType, scale: f32| {
+            let v: Vec<f32> = rng
+                .vec((cols * rows) as usize)
+                .iter()
+                .map(|x| x * scale)
+                .collect();
+            g.add_tensor_f32(name, &[cols, rows], ty, &v).unwrap();
+        };
+    let ones = |g: &mut GgufWriter, name: &str, n: u64| {
+        let v: Vec<f32> = (0..n).map(|i| 1.0 + 0.01 * (i % 7) as f32).collect();
+        g.add_tensor_f32(name, &[n], GgmlType::F32, &v).unwrap();
+    };
+    mat(&mut g, "token_embd.weight", d, vocab, ty, 1.0);
+    ones(&mut g, "output_norm.weight", d);
+    if !tied {
+        mat(&mut g, "output.weight", d, vocab, ty, 0.2);
+    }
+    let q = u64::from(nh) * hd;
+    let kv = u64::from(nkv) * hd;
+    for l in 0..layers {
+        let n = |s: &str| format!("blk.{l}.{s}");
+        ones(&mut g, &n("attn_norm.weight"), d);
+        mat(&mut g, &n("attn_q.weight"), d, q, ty, 0.15);
+        mat(&mut g, &n("attn_k.weight"), d, kv, ty, 0.15);
+        mat(&mut g, &n("attn_v.weight"), d, kv, ty, 0.15);
+        if arch == "qwen2" {
+            mat(&mut g, &n("attn_q.bias"), q, 1, GgmlType::F32, 0.1);
+            mat(&mut g, &n("attn_k.bias"), kv, 1, GgmlType::F32, 0.1);
+            mat(&mut g, &n("attn_v.bias"), kv, 1, GgmlType::F32, 0.1);
+        }
+        mat(&mut g, &n("attn_output.weight"), q, d, ty, 0.1);
+        ones(&mut g, &n("ffn_norm.weight"), d);
+        mat(&mut g, &n("ffn_gate.weight"), d, ff, ty, 0.1);
+        mat(&mut g, &n("ffn_up.weight"), d, ff, ty, 0.1);
+        mat(&mut g, &n("ffn_down.weight"), ff, d, ty, 0.1);
+    }
+    let path = dir.join(format!("tiny-{arch}-{}.gguf", ty.name()));
+    g.write_file(&path).unwrap();
+    path
+}
+
+#[test]
+fn tiny_models_of_every_type_match_the_cpu_reference() {
+    use hashgrid_infer::reference::{CpuModel, argmax};
+    let dir = tempfile::tempdir().unwrap();
+    let exec = executor();
+    let rt = rt();
+    for (i, ty) in GgmlType::ALL.into_iter().enumerate() {
+        for (arch, tied) in [("llama", i % 2 == 0), ("qwen2", i % 2 == 1)] {
+            let path = tiny_model(dir.path(), ty, arch, tied, 100 + i as u64);
+            let model = LlamaModel::open(&path).unwrap();
+            assert_eq!(model.config.qkv_bias, arch == "qwen2");
+            let weights = ModelWeights::load(&model).unwrap();
+            let prompt = vec![5u32, 77, 300, 12];
+            let n_new = 12usize;
+            // CPU: greedy with margins.
+            let mut cpu = CpuModel::new(model.config.clone(), &model).unwrap();
+            let mut toks = prompt.clone();
+            let mut margins = Vec::new();
+            for pos in 0..prompt.len() + n_new - 1 {
+                let logits = cpu.forward(toks[pos], pos).unwrap();
+                if pos + 1 >= prompt.len() {
+                    let best = argmax(&logits);
+                    let second = logits
+                        .iter()
+                        .enumerate()
+                        .filter(|(j, _)| *j as u32 != best)
+                        .map(|(_, v)| *v)
+                        .fold(f32::MIN, f32::max);
+                    margins.push(logits[best as usize] - second);
+                    toks.push(best);
+                }
+            }
+            let job = compile_generate(
+                &model,
+                &weights,
+                &GenerateRequest {
+                    prompt: prompt.clone(),
+                    max_new_tokens: n_new as u32,
+                    sampling: Sampling::default(),
+                    eog: Vec::new(),
+                    check_every: 4,
+                },
+            )
+            .unwrap();
+            let out = rt.block_on(exec.run("test", job.spec, job.inputs)).unwrap();
+            let g = read_generation(
+                job.n_prompt,
+                output(&out, "tokens"),
+                output(&out, "status"),
+                Some(output(&out, "margins")),
+            );
+            let what = format!("{arch} {ty:?} tied={tied}");
+            assert!(g.done, "{what}: stopped at the token limit");
+            // Tokens agree up to the first near-tie of the CPU reference.
+            let n = margins.iter().position(|m| *m < 1e-3).unwrap_or(n_new);
+            assert_eq!(
+                &g.tokens[..n],
+                &toks[prompt.len()..prompt.len() + n],
+                "{what}"
+            );
+            for (k, (got, want)) in g.margins.iter().zip(&margins).enumerate().take(n) {
+                let dev = (got - want).abs();
+                assert!(
+                    dev < 1e-3 * (1.0 + want.abs()),
+                    "{what} step {k}: {got} vs {want}"
+                );
+            }
+        }
+    }
+}
