@@ -2,7 +2,8 @@
 //!
 //! The weights become input blobs: the token embedding, the output projection (when not tied)
 //! and one blob per transformer block holding that block's tensors at 256-byte aligned offsets,
-//! each tensor's bytes exactly as in the GGUF file. Passes bind the tensor they need as a byte
+//! each tensor's bytes as in the GGUF file (Q8_0 and Q4_1 matrices rearranged row by row so the
+//! kernels read aligned 16-byte vectors: `kernels::quant::pack`). Passes bind the tensor they need as a byte
 //! range of its block's buffer. The prompt is an input blob too, so a receipt binds weights,
 //! kernels, prompt and output.
 //!
@@ -157,9 +158,16 @@ fn align(n: u64) -> u64 {
 impl ModelWeights {
     /// Reads every tensor of `model` from its file and lays the blobs out.
     pub fn load(model: &LlamaModel) -> Result<ModelWeights, ModelError> {
+        // Matrices of Q8_0 and Q4_1 are repacked for aligned vector loads (kernels::quant::pack);
+        // everything else keeps the file's bytes.
         let read = |name: &str| -> Result<(Vec<u8>, GgmlType), ModelError> {
             let t = model.tensor(name)?;
-            Ok((model.gguf.read_tensor(t)?, t.ty))
+            let bytes = model.gguf.read_tensor(t)?;
+            let bytes = match t.dims.as_slice() {
+                [cols, _, ..] => kernels::quant::pack(t.ty, &bytes, *cols),
+                _ => bytes,
+            };
+            Ok((bytes, t.ty))
         };
         let mut blobs = Vec::new();
         let blob = |name: &str, mut bytes: Vec<u8>| {
@@ -430,9 +438,9 @@ fn groups(n: u64, per: u32) -> u64 {
     n.div_ceil(u64::from(per))
 }
 
-/// Row bytes of a `cols`-wide row of `ty`.
+/// Row bytes of a `cols`-wide row of `ty` as the kernels read it (packed for Q8_0 and Q4_1).
 fn row_bytes(ty: GgmlType, cols: u64) -> u64 {
-    cols / ty.block_elems() as u64 * ty.block_bytes() as u64
+    kernels::quant::kernel_row_bytes(ty, cols)
 }
 
 /// Compiles `req` for `model` into a job whose inputs are `weights` and the request.

@@ -331,12 +331,12 @@ fn matvec_every_type_and_segments_match_cpu() {
         for &r in &segs {
             let (b, d) = quantized(ty, r, cols, &mut rng);
             offs.push(blob.len() as u32);
-            blob.extend_from_slice(&b);
+            blob.extend_from_slice(&kernels::quant::pack(ty, &b, cols as u64));
             blob = pad256(blob);
             deq_all.extend(d);
         }
         let rows: usize = segs.iter().sum();
-        let rb = (cols / ty.block_elems() * ty.block_bytes()) as u32;
+        let rb = kernels::quant::kernel_row_bytes(ty, cols as u64) as u32;
         let x = rng.vec(cols);
         let p = [
             rows as u32,
@@ -523,7 +523,8 @@ fn embed_every_type_reads_the_steps_token() {
     let (vocab, d) = (9usize, 512usize);
     for ty in GgmlType::ALL {
         let (w, deq) = quantized(ty, vocab, d, &mut rng);
-        let rb = (d / ty.block_elems() * ty.block_bytes()) as u32;
+        let w = kernels::quant::pack(ty, &w, d as u64);
+        let rb = kernels::quant::kernel_row_bytes(ty, d as u64) as u32;
         let be = kernels::quant::kernel_block_elems(ty) as u32;
         let out = run_one(
             kernels::embed(ty),

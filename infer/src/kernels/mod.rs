@@ -94,7 +94,7 @@ pub fn matvec(ty: GgmlType, kind: Matvec) -> String {
         _ => "",
     };
     let r = ROWS_PER_LANE as usize;
-    let fast = quant::row_fn(ty).is_some();
+    let packed = quant::is_packed(ty);
     // Row offsets o0.. and accumulators a0...
     let mut setup = String::new();
     if kind == Matvec::GateUp {
@@ -126,7 +126,7 @@ pub fn matvec(ty: GgmlType, kind: Matvec) -> String {
     let mut body = String::from(
         "    let nb = p[1] / BE;\n    for (var b = 0u; b < nb; b++) {\n        let bo = b * BB;\n        let xo = xb + b * BE;\n",
     );
-    if fast {
+    if packed {
         body.push_str("        let xi = xo >> 2u;\n");
         for k in 0..8 {
             body.push_str(&format!("        let x{k} = xv[xi + {k}u];\n"));
@@ -134,7 +134,7 @@ pub fn matvec(ty: GgmlType, kind: Matvec) -> String {
         body.push_str("        let sx = hsum(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7);\n");
         for k in 0..r {
             body.push_str(&format!(
-                "        a{k} += wrow(o{k} + bo, x0, x1, x2, x3, x4, x5, x6, x7, sx);\n"
+                "        a{k} += wrowp(o{k} >> 4u, b, nb, x0, x1, x2, x3, x4, x5, x6, x7, sx);\n"
             ));
         }
     } else {
@@ -166,13 +166,29 @@ pub fn matvec(ty: GgmlType, kind: Matvec) -> String {
             ));
         }
     }
+    let (w_decl, helpers, blk) = if packed {
+        (
+            "array<vec4<u32>>",
+            format!(
+                "{}\nconst BE: u32 = 32u;\nconst BB: u32 = 0u;\n",
+                quant::HELPERS
+            ),
+            quant::packed_row_fn(ty).unwrap_or(""),
+        )
+    } else {
+        (
+            "array<u32>",
+            format!("{}{}", quant::LOADS, quant::HELPERS),
+            quant::dot(ty),
+        )
+    };
     format!(
         r#"// {entry} over {ty} weights, {r} rows per invocation (hashgrid-infer).
-@group(0) @binding(0) var<storage, read> w: array<u32>;
+@group(0) @binding(0) var<storage, read> w: {w_decl};
 @group(0) @binding(1) var<storage, read> xv: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(3) var<storage, read> p: array<u32>;
-{extra}{common}{blk}{row}
+{extra}{common}{blk}
 // Byte offset of row r's weights, across the segments.
 fn seg_off(r: u32) -> u32 {{
     if (r < p[5] || p[4] < 2u) {{
@@ -189,15 +205,43 @@ fn {entry}(@builtin(global_invocation_id) gid: vec3<u32>) {{
 "#,
         entry = kind.entry(),
         ty = ty.name(),
-        common = quant::COMMON,
-        blk = quant::dot(ty),
-        row = quant::row_fn(ty).unwrap_or(""),
+        common = helpers,
         lanes = MATVEC_LANES,
     )
 }
 
-/// `embed`: `p = [d_model, row_bytes, vocab]`.
+/// `embed`: `p = [d_model, row_bytes, vocab]` (row bytes as the kernels read them:
+/// [`quant::kernel_row_bytes`]).
 pub fn embed(ty: GgmlType) -> String {
+    if quant::is_packed(ty) {
+        return format!(
+            r#"// embed over packed {ty} rows (hashgrid-infer).
+@group(0) @binding(0) var<storage, read> w: array<vec4<u32>>;
+@group(0) @binding(1) var<storage, read> tokens: array<u32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+@group(0) @binding(3) var<storage, read> p: array<u32>;
+@group(0) @binding(4) var<storage, read> step: array<u32>;
+{helpers}{deq}
+@compute @workgroup_size({rows})
+fn embed(@builtin(global_invocation_id) gid: vec3<u32>) {{
+    let b = gid.x;
+    let nb = p[0] / 32u;
+    if (b >= nb) {{
+        return;
+    }}
+    var tok = tokens[step[0]];
+    if (tok >= p[2]) {{
+        tok = 0u;
+    }}
+    wdeqp(tok * (p[1] >> 4u), b, nb, b * 32u);
+}}
+"#,
+            ty = ty.name(),
+            helpers = quant::HELPERS,
+            deq = quant::packed_deq_fn(ty).unwrap_or(""),
+            rows = ROWS_PER_GROUP,
+        );
+    }
     format!(
         r#"// embed over {ty} rows (hashgrid-infer).
 @group(0) @binding(0) var<storage, read> w: array<u32>;
@@ -220,7 +264,7 @@ fn embed(@builtin(global_invocation_id) gid: vec3<u32>) {{
 }}
 "#,
         ty = ty.name(),
-        common = quant::COMMON,
+        common = format!("{}{}", quant::LOADS, quant::HELPERS),
         blk = quant::deq(ty),
         rows = ROWS_PER_GROUP,
     )

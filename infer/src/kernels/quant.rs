@@ -14,8 +14,8 @@
 
 use crate::quant::GgmlType;
 
-/// Helpers every weight-reading kernel needs: the unaligned load and nibble/byte unpacking.
-pub const COMMON: &str = r#"
+/// The unaligned loads over `w: array<u32>` that the file-layout kernels need (with [`HELPERS`]).
+pub const LOADS: &str = r#"
 // The u32 at byte offset `o` of `w`, wherever it starts.
 fn ld(o: u32) -> u32 {
     let i = o >> 2u;
@@ -25,38 +25,9 @@ fn ld(o: u32) -> u32 {
     }
     return (w[i] >> s) | (w[i + 1u] << (32u - s));
 }
-// IEEE half → f32 in integer arithmetic (WGSL's unpack2x16float needs a capability that not
-// every adapter has). Subnormals are exact; inf/NaN (never in weights) read as 65536.
-fn f16(h: u32) -> f32 {
-    let a = h & 0x7FFFu;
-    let normal = bitcast<f32>((a << 13u) + 0x38000000u);
-    let v = select(normal, f32(a) * 5.9604644775390625e-8, a < 0x400u);
-    return select(v, -v, (h & 0x8000u) != 0u);
-}
-// Both halves of a u32: (low, high).
-fn f16x2(q: u32) -> vec2<f32> {
-    return vec2<f32>(f16(q & 0xFFFFu), f16(q >> 16u));
-}
 // The f16 at byte offset `o` (2-aligned).
 fn f16_at(o: u32) -> f32 {
     return f16(ld(o) & 0xFFFFu);
-}
-// The four low nibbles (bits 0-3 of each byte) as floats.
-fn nib_lo(q: u32) -> vec4<f32> {
-    return vec4<f32>(f32(q & 15u), f32((q >> 8u) & 15u), f32((q >> 16u) & 15u), f32((q >> 24u) & 15u));
-}
-// The four high nibbles (bits 4-7 of each byte).
-fn nib_hi(q: u32) -> vec4<f32> {
-    return vec4<f32>(f32((q >> 4u) & 15u), f32((q >> 12u) & 15u), f32((q >> 20u) & 15u), f32(q >> 28u));
-}
-// Four unsigned bytes.
-fn u8x4(q: u32) -> vec4<f32> {
-    return vec4<f32>(f32(q & 255u), f32((q >> 8u) & 255u), f32((q >> 16u) & 255u), f32(q >> 24u));
-}
-// Four signed bytes.
-fn i8x4(q: u32) -> vec4<f32> {
-    let v = vec4<i32>(bitcast<i32>(q << 24u), bitcast<i32>(q << 16u), bitcast<i32>(q << 8u), bitcast<i32>(q));
-    return vec4<f32>(v >> vec4<u32>(24u));
 }
 // The signed byte at byte offset `o`.
 fn i8_at(o: u32) -> f32 {
@@ -65,6 +36,36 @@ fn i8_at(o: u32) -> f32 {
 // The byte at byte offset `o`.
 fn u8_at(o: u32) -> u32 {
     return ld(o) & 255u;
+}
+// Four unsigned bytes.
+fn u8x4(q: u32) -> vec4<f32> {
+    return vec4<f32>(f32(q & 255u), f32((q >> 8u) & 255u), f32((q >> 16u) & 255u), f32(q >> 24u));
+}
+"#;
+
+/// Helpers every weight-reading kernel needs: f16 decoding and nibble/byte unpacking. They do
+/// not read `w`, so kernels over packed weights (`w: array<vec4<u32>>`) use them too.
+pub const HELPERS: &str = r#"
+// IEEE half → f32 in integer arithmetic (WGSL's unpack2x16float needs a capability that not
+// every adapter has). Subnormals are exact; inf/NaN (never in weights) read as 65536.
+fn f16(h: u32) -> f32 {
+    let a = h & 0x7FFFu;
+    let normal = bitcast<f32>((a << 13u) + 0x38000000u);
+    let v = select(normal, f32(a) * 5.9604644775390625e-8, a < 0x400u);
+    return select(v, -v, (h & 0x8000u) != 0u);
+}
+fn f16x2(q: u32) -> vec2<f32> {
+    return vec2<f32>(f16(q & 0xFFFFu), f16(q >> 16u));
+}
+fn nib_lo(q: u32) -> vec4<f32> {
+    return vec4<f32>(f32(q & 15u), f32((q >> 8u) & 15u), f32((q >> 16u) & 15u), f32((q >> 24u) & 15u));
+}
+fn nib_hi(q: u32) -> vec4<f32> {
+    return vec4<f32>(f32((q >> 4u) & 15u), f32((q >> 12u) & 15u), f32((q >> 20u) & 15u), f32(q >> 28u));
+}
+fn i8x4(q: u32) -> vec4<f32> {
+    let v = vec4<i32>(bitcast<i32>(q << 24u), bitcast<i32>(q << 16u), bitcast<i32>(q << 8u), bitcast<i32>(q));
+    return vec4<f32>(v >> vec4<u32>(24u));
 }
 fn hsum(v: vec4<f32>) -> f32 {
     return v.x + v.y + v.z + v.w;
@@ -249,64 +250,6 @@ fn blk_dot(bo: u32, xo: u32) -> f32 {
     }
 }
 
-/// For the formats of the common small models (Q4_1, Q8_0): `wrow(bo, x0..x7, sx)`, one row's
-/// block dot product with the block's 32 activations already loaded (`sx` their sum), every
-/// weight load written out. The matvec kernel loads the activations once per block for all its
-/// rows. Other types use `blk_dot` per row.
-pub fn row_fn(ty: GgmlType) -> Option<&'static str> {
-    match ty {
-        GgmlType::Q4_1 => Some(
-            r#"
-fn wrow(bo: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>, x4: vec4<f32>, x5: vec4<f32>, x6: vec4<f32>, x7: vec4<f32>, sx: f32) -> f32 {
-    let b = bo >> 2u;
-    let dm = f16x2(w[b]);
-    let q0 = w[b + 1u];
-    let q1 = w[b + 2u];
-    let q2 = w[b + 3u];
-    let q3 = w[b + 4u];
-    let acc = dot(nib_lo(q0), x0) + dot(nib_lo(q1), x1) + dot(nib_lo(q2), x2) + dot(nib_lo(q3), x3)
-        + dot(nib_hi(q0), x4) + dot(nib_hi(q1), x5) + dot(nib_hi(q2), x6) + dot(nib_hi(q3), x7);
-    return dm.x * acc + dm.y * sx;
-}
-"#,
-        ),
-        // The 34-byte block starts 4-aligned or 2 bytes past (tensors start 256-aligned and
-        // blocks are 34 bytes), so its scale and 32 quants are nine aligned words, taken as
-        // they are or shifted by a half-word: 9 loads instead of `ld`'s 18.
-        GgmlType::Q8_0 => Some(
-            r#"
-fn wrow(bo: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>, x4: vec4<f32>, x5: vec4<f32>, x6: vec4<f32>, x7: vec4<f32>, sx: f32) -> f32 {
-    let i = bo >> 2u;
-    var d: f32;
-    var q0: u32; var q1: u32; var q2: u32; var q3: u32; var q4: u32; var q5: u32; var q6: u32; var q7: u32;
-    if ((bo & 3u) == 0u) {
-        let w0 = w[i]; let w1 = w[i + 1u]; let w2 = w[i + 2u]; let w3 = w[i + 3u]; let w4 = w[i + 4u];
-        let w5 = w[i + 5u]; let w6 = w[i + 6u]; let w7 = w[i + 7u]; let w8 = w[i + 8u];
-        d = f16(w0 & 0xFFFFu);
-        q0 = (w0 >> 16u) | (w1 << 16u); q1 = (w1 >> 16u) | (w2 << 16u);
-        q2 = (w2 >> 16u) | (w3 << 16u); q3 = (w3 >> 16u) | (w4 << 16u);
-        q4 = (w4 >> 16u) | (w5 << 16u); q5 = (w5 >> 16u) | (w6 << 16u);
-        q6 = (w6 >> 16u) | (w7 << 16u); q7 = (w7 >> 16u) | (w8 << 16u);
-    } else if ((bo & 3u) == 2u) {
-        d = f16(w[i] >> 16u);
-        q0 = w[i + 1u]; q1 = w[i + 2u]; q2 = w[i + 3u]; q3 = w[i + 4u];
-        q4 = w[i + 5u]; q5 = w[i + 6u]; q6 = w[i + 7u]; q7 = w[i + 8u];
-    } else {
-        // Odd offsets (never produced by hashgrid's own layout): the general unaligned reads.
-        d = f16_at(bo);
-        q0 = ld(bo + 2u); q1 = ld(bo + 6u); q2 = ld(bo + 10u); q3 = ld(bo + 14u);
-        q4 = ld(bo + 18u); q5 = ld(bo + 22u); q6 = ld(bo + 26u); q7 = ld(bo + 30u);
-    }
-    let acc = dot(i8x4(q0), x0) + dot(i8x4(q1), x1) + dot(i8x4(q2), x2) + dot(i8x4(q3), x3)
-        + dot(i8x4(q4), x4) + dot(i8x4(q5), x5) + dot(i8x4(q6), x6) + dot(i8x4(q7), x7);
-    return d * acc;
-}
-"#,
-        ),
-        _ => None,
-    }
-}
-
 /// Block dequantisation for `ty` (needs `out`), used for embedding rows.
 pub fn deq(ty: GgmlType) -> &'static str {
     match ty {
@@ -438,5 +381,130 @@ pub fn kernel_block_elems(ty: GgmlType) -> u64 {
         GgmlType::F32 | GgmlType::F16 => 4,
         GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => 32,
         GgmlType::Q4_K | GgmlType::Q6_K => 256,
+    }
+}
+
+/// Whether hashgrid repacks `ty`'s matrices for the kernels (see [`pack`]).
+pub fn is_packed(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_1)
+}
+
+/// Bytes of one row of `cols` weights as the kernels read it: packed for [`is_packed`] types,
+/// else the file's own layout.
+pub fn kernel_row_bytes(ty: GgmlType, cols: u64) -> u64 {
+    let nb = cols / ty.block_elems() as u64;
+    match ty {
+        GgmlType::Q8_0 => nb * 32 + (nb * 2).next_multiple_of(16),
+        GgmlType::Q4_1 => nb * 16 + (nb * 4).next_multiple_of(16),
+        _ => nb * ty.block_bytes() as u64,
+    }
+}
+
+/// A matrix of `cols`-wide rows in the layout the kernels read. Q8_0 and Q4_1 are repacked so
+/// that every load is an aligned 16-byte vector (lavapipe charges per load, whatever its size,
+/// and a 34-byte Q8_0 block straddles words): each row becomes its blocks' quants back to back
+/// (Q8_0: 32 bytes a block, Q4_1: 16), then their scales (Q8_0: `d` as f16, Q4_1: `d, m` as
+/// two f16), padded to 16 bytes. The values are the file's, bit for bit: a deterministic
+/// rearrangement that anyone can redo from the GGUF. Other types are returned as they are.
+pub fn pack(ty: GgmlType, bytes: &[u8], cols: u64) -> Vec<u8> {
+    let (q, sc) = match ty {
+        GgmlType::Q8_0 => (32usize, 2usize),
+        GgmlType::Q4_1 => (16, 4),
+        _ => return bytes.to_vec(),
+    };
+    let bb = ty.block_bytes();
+    let nb = (cols / ty.block_elems() as u64) as usize;
+    let raw_row = nb * bb;
+    let stride = kernel_row_bytes(ty, cols) as usize;
+    let rows = bytes.len().checked_div(raw_row).unwrap_or(0);
+    let mut out = vec![0u8; rows * stride];
+    for (r, row) in bytes.chunks_exact(raw_row).enumerate() {
+        let dst = &mut out[r * stride..(r + 1) * stride];
+        for (b, blk) in row.chunks_exact(bb).enumerate() {
+            // Q8_0: [d: f16][qs: 32]; Q4_1: [d: f16][m: f16][qs: 16].
+            dst[b * q..(b + 1) * q].copy_from_slice(&blk[sc..]);
+            dst[nb * q + b * sc..nb * q + (b + 1) * sc].copy_from_slice(&blk[..sc]);
+        }
+    }
+    out
+}
+
+/// For packed types: `wrowp(ro, b, nb, x0..x7, sx)`, one row's dot product with block `b`'s
+/// activations, the row starting at vec4 index `ro` of `w: array<vec4<u32>>`.
+pub fn packed_row_fn(ty: GgmlType) -> Option<&'static str> {
+    match ty {
+        GgmlType::Q8_0 => Some(
+            r#"
+fn wrowp(ro: u32, b: u32, nb: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>, x4: vec4<f32>, x5: vec4<f32>, x6: vec4<f32>, x7: vec4<f32>, sx: f32) -> f32 {
+    let a = w[ro + 2u * b];
+    let c = w[ro + 2u * b + 1u];
+    let dw = w[ro + 2u * nb + (b >> 3u)][(b >> 1u) & 3u];
+    let d = f16((dw >> ((b & 1u) * 16u)) & 0xFFFFu);
+    let acc = dot(i8x4(a.x), x0) + dot(i8x4(a.y), x1) + dot(i8x4(a.z), x2) + dot(i8x4(a.w), x3)
+        + dot(i8x4(c.x), x4) + dot(i8x4(c.y), x5) + dot(i8x4(c.z), x6) + dot(i8x4(c.w), x7);
+    return d * acc;
+}
+"#,
+        ),
+        GgmlType::Q4_1 => Some(
+            r#"
+fn wrowp(ro: u32, b: u32, nb: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>, x4: vec4<f32>, x5: vec4<f32>, x6: vec4<f32>, x7: vec4<f32>, sx: f32) -> f32 {
+    let q = w[ro + b];
+    let dm = f16x2(w[ro + nb + (b >> 2u)][b & 3u]);
+    let acc = dot(nib_lo(q.x), x0) + dot(nib_lo(q.y), x1) + dot(nib_lo(q.z), x2) + dot(nib_lo(q.w), x3)
+        + dot(nib_hi(q.x), x4) + dot(nib_hi(q.y), x5) + dot(nib_hi(q.z), x6) + dot(nib_hi(q.w), x7);
+    return dm.x * acc + dm.y * sx;
+}
+"#,
+        ),
+        _ => None,
+    }
+}
+
+/// For packed types: `wdeqp(ro, b, nb, oo)` writes block `b` of the row at vec4 index `ro` to
+/// `out[oo..oo + 32]` (embedding lookups).
+pub fn packed_deq_fn(ty: GgmlType) -> Option<&'static str> {
+    match ty {
+        GgmlType::Q8_0 => Some(
+            r#"
+fn wdeqp(ro: u32, b: u32, nb: u32, oo: u32) {
+    let dw = w[ro + 2u * nb + (b >> 3u)][(b >> 1u) & 3u];
+    let d = f16((dw >> ((b & 1u) * 16u)) & 0xFFFFu);
+    for (var h = 0u; h < 2u; h++) {
+        let q = w[ro + 2u * b + h];
+        for (var k = 0u; k < 4u; k++) {
+            let v = i8x4(q[k]) * d;
+            let o = oo + 16u * h + 4u * k;
+            out[o] = v.x;
+            out[o + 1u] = v.y;
+            out[o + 2u] = v.z;
+            out[o + 3u] = v.w;
+        }
+    }
+}
+"#,
+        ),
+        GgmlType::Q4_1 => Some(
+            r#"
+fn wdeqp(ro: u32, b: u32, nb: u32, oo: u32) {
+    let q = w[ro + b];
+    let dm = f16x2(w[ro + nb + (b >> 2u)][b & 3u]);
+    for (var k = 0u; k < 4u; k++) {
+        let lo = nib_lo(q[k]) * dm.x + dm.y;
+        let hi = nib_hi(q[k]) * dm.x + dm.y;
+        let o = oo + 4u * k;
+        out[o] = lo.x;
+        out[o + 1u] = lo.y;
+        out[o + 2u] = lo.z;
+        out[o + 3u] = lo.w;
+        out[o + 16u] = hi.x;
+        out[o + 17u] = hi.y;
+        out[o + 18u] = hi.z;
+        out[o + 19u] = hi.w;
+    }
+}
+"#,
+        ),
+        _ => None,
     }
 }
