@@ -249,7 +249,7 @@ fn embed(@builtin(global_invocation_id) gid: vec3<u32>) {{
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
 @group(0) @binding(3) var<storage, read> p: array<u32>;
 @group(0) @binding(4) var<storage, read> step: array<u32>;
-{common}{blk}
+{loads}{helpers}{blk}
 @compute @workgroup_size({rows})
 fn embed(@builtin(global_invocation_id) gid: vec3<u32>) {{
     let b = gid.x;
@@ -264,7 +264,8 @@ fn embed(@builtin(global_invocation_id) gid: vec3<u32>) {{
 }}
 "#,
         ty = ty.name(),
-        common = format!("{}{}", quant::LOADS, quant::HELPERS),
+        loads = quant::LOADS,
+        helpers = quant::HELPERS,
         blk = quant::deq(ty),
         rows = ROWS_PER_GROUP,
     )
