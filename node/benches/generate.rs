@@ -1,6 +1,6 @@
 //! Token generation on this machine's adapter, against llama.cpp on the same machine:
 //! `cargo bench -p hashgrid-node --bench generate -- [--model FILE.gguf] [--prompt-tokens N]
-//! [--new-tokens N] [--runs N] [--profile] [--no-llama-cpp] [--json FILE]`.
+//! [--new-tokens N] [--runs N] [--check-every N] [--profile] [--no-llama-cpp] [--json FILE]`.
 //!
 //! Reports, as medians of `--runs` runs (after one warm-up that also makes the weights
 //! resident): time to first token, prompt tokens/s (prompt tokens over the time to the first
@@ -28,6 +28,7 @@ struct Args {
     new_tokens: u32,
     runs: usize,
     profile: bool,
+    check_every: u32,
     llama_cpp: bool,
     json: Option<PathBuf>,
 }
@@ -39,6 +40,7 @@ fn args() -> anyhow::Result<Args> {
         new_tokens: 64,
         runs: 3,
         profile: false,
+        check_every: 1,
         llama_cpp: true,
         json: None,
     };
@@ -51,6 +53,7 @@ fn args() -> anyhow::Result<Args> {
             "--new-tokens" => a.new_tokens = val()?.parse()?,
             "--runs" => a.runs = val()?.parse()?,
             "--profile" => a.profile = true,
+            "--check-every" => a.check_every = val()?.parse()?,
             "--no-llama-cpp" => a.llama_cpp = false,
             "--json" => a.json = Some(val()?.into()),
             "--bench" => {}
@@ -99,7 +102,7 @@ fn main() -> anyhow::Result<()> {
         sampling: Sampling::default(),
         // No end-of-generation token: always generate the full count.
         eog: Vec::new(),
-        check_every: 1,
+        check_every: a.check_every,
     };
     let job = compile_generate(&model, &weights, &req)?;
     let passes_per_token = job.spec.passes.len();
