@@ -11,12 +11,10 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use hashgrid_protocol::job::RANGE_ALIGN;
-use hashgrid_protocol::{
-    Binding, BufferInit, BufferRange, BufferSpec, ContentId, JobSpec, PassSpec, ShaderSource,
-};
+use hashgrid_protocol::{Binding, BufferRange, ContentId};
 use serde::Deserialize;
 
-use crate::compile::CompiledJob;
+use crate::compile::{Builder, CompiledJob, ranged, whole};
 use crate::kernels::{self, Matvec, bert as bk};
 use crate::quant::GgmlType;
 
@@ -453,7 +451,6 @@ pub struct BertWeights {
     blobs: Vec<(String, ContentId, Vec<u8>)>,
     /// Per layer: the slots of `LAYER_TENSORS`, with q/k/v packed so one range spans them.
     layers: Vec<Vec<Slot>>,
-    word_ty: GgmlType,
 }
 
 impl BertWeights {
@@ -537,11 +534,7 @@ impl BertWeights {
             push(&format!("layer.{l}"), bytes);
             layers.push(slots);
         }
-        Ok(BertWeights {
-            blobs,
-            layers,
-            word_ty,
-        })
+        Ok(BertWeights { blobs, layers })
     }
 
     fn blob(&self, name: &str) -> Option<&(String, ContentId, Vec<u8>)> {
@@ -551,9 +544,6 @@ impl BertWeights {
 
 /// The output buffer of an embedding job: `hidden_size` f32, L2-normalised.
 pub const EMBEDDING: &str = "embedding";
-
-/// Adds a pass: (shader, entry, workgroups x and y, bindings).
-type PassFn<'a> = dyn FnMut(u32, &str, [u64; 2], Vec<Binding>) + 'a;
 
 /// Compiles the embedding of `ids` (from [`BertModel::encode`]) into a job.
 pub fn compile_embed(
@@ -578,104 +568,33 @@ pub fn compile_embed(
     let (d, ff) = (c.hidden_size as u64, c.intermediate_size as u64);
     let nh = c.num_attention_heads as u64;
     let hd = d / nh;
-    let mut buffers: Vec<BufferSpec> = Vec::new();
-    let mut inputs = BTreeMap::new();
-    let mut params: Vec<[u32; 64]> = Vec::new();
-    let mut shaders: Vec<ShaderSource> = Vec::new();
-    let mut passes: Vec<PassSpec> = Vec::new();
-    let zeroed = |buffers: &mut Vec<BufferSpec>, name: &str, size: u64, output: bool| {
-        buffers.push(BufferSpec {
-            name: name.into(),
-            size,
-            init: BufferInit::Zeroed,
-            output,
-        });
-        (buffers.len() - 1) as u32
-    };
-    let blob = |buffers: &mut Vec<BufferSpec>,
-                inputs: &mut BTreeMap<ContentId, Vec<u8>>,
-                name: &str,
-                bytes: Vec<u8>| {
-        let id = ContentId::of(&bytes);
-        buffers.push(BufferSpec {
-            name: name.into(),
-            size: bytes.len() as u64,
-            init: BufferInit::Blob(id),
-            output: false,
-        });
-        inputs.entry(id).or_insert(bytes);
-        (buffers.len() - 1) as u32
-    };
-    let params_buf = zeroed(&mut buffers, "params", 4, false);
-    let out = zeroed(&mut buffers, EMBEDDING, d * 4, true);
-    let x = zeroed(&mut buffers, "x", n * d * 4, false);
-    let tmp = zeroed(&mut buffers, "tmp", n * d * 4, false);
-    let zero = zeroed(&mut buffers, "zero", n * d * 4, false);
-    let qkv = zeroed(&mut buffers, "qkv", n * 3 * d * 4, false);
-    let hbuf = zeroed(&mut buffers, "ffn", n * ff * 4, false);
-    let scores = zeroed(&mut buffers, "scores", nh * n * n * 4, false);
+    let mut b = Builder::new();
+    let out = b.zeroed(EMBEDDING, d * 4, true);
+    let x = b.zeroed("x", n * d * 4, false);
+    let tmp = b.zeroed("tmp", n * d * 4, false);
+    let zero = b.zeroed("zero", n * d * 4, false);
+    let qkv = b.zeroed("qkv", n * 3 * d * 4, false);
+    let hbuf = b.zeroed("ffn", n * ff * 4, false);
+    let scores = b.zeroed("scores", nh * n * n * 4, false);
     let id_bytes: Vec<u8> = ids.iter().flat_map(|t| t.to_le_bytes()).collect();
-    let ids_buf = blob(&mut buffers, &mut inputs, "ids", id_bytes);
-    let weight = |buffers: &mut Vec<BufferSpec>,
-                  inputs: &mut BTreeMap<ContentId, Vec<u8>>,
-                  name: &str|
-     -> Result<u32, BertError> {
-        let b = w
+    let ids_buf = b.blob("ids", id_bytes, false);
+    let weight = |b: &mut Builder, name: &str| -> Result<u32, BertError> {
+        let blob = w
             .blob(name)
             .ok_or_else(|| BertError::Input(format!("weights have no blob {name}")))?;
-        Ok(blob(buffers, inputs, name, b.2.clone()))
+        Ok(b.blob(name, blob.2.clone(), false))
     };
-    let word = weight(&mut buffers, &mut inputs, "word_embeddings")?;
-    let pos = weight(&mut buffers, &mut inputs, "position_embeddings")?;
-    let head = weight(&mut buffers, &mut inputs, "embeddings_head")?;
-    let mut param = |binding: u32, values: &[u32]| {
-        let mut slot = [0u32; 64];
-        for (s, v) in slot.iter_mut().zip(values) {
-            *s = *v;
-        }
-        let i = params.iter().position(|p| *p == slot).unwrap_or_else(|| {
-            params.push(slot);
-            params.len() - 1
-        });
-        Binding {
-            binding,
-            buffer: params_buf,
-            range: Some(BufferRange {
-                offset: i as u64 * RANGE_ALIGN,
-                size: RANGE_ALIGN,
-            }),
-        }
-    };
-    let mut shader = |key: &str, make: &dyn Fn() -> String| {
-        if let Some(i) = shaders.iter().position(|s| s.name == format!("{key}.wgsl")) {
-            return i as u32;
-        }
-        shaders.push(ShaderSource {
-            name: format!("{key}.wgsl"),
-            wgsl: make(),
-        });
-        (shaders.len() - 1) as u32
-    };
-    let mut pass = |shader: u32, entry: &str, wg: [u64; 2], mut bindings: Vec<Binding>| {
-        bindings.sort_by_key(|b| b.binding);
-        passes.push(PassSpec {
-            shader,
-            entry: entry.into(),
-            workgroups: [wg[0].max(1) as u32, wg[1].max(1) as u32, 1],
-            bindings,
-        });
-    };
-    let whole = Binding::whole;
-    let ranged = |binding, buffer, range| Binding {
-        binding,
-        buffer,
-        range: Some(range),
-    };
+    let word = weight(&mut b, "word_embeddings")?;
+    let pos = weight(&mut b, "position_embeddings")?;
+    let head = weight(&mut b, "embeddings_head")?;
     let eps = c.layer_norm_eps.to_bits();
-    // Embeddings: word + position + token type 0, then layer norm (no residual).
-    let sh = shader("bert_embed", &bk::embed);
-    let p = param(5, &[d as u32, n as u32, c.vocab_size as u32]);
-    pass(
+
+    // Embeddings: word + position + token type 0, then layer norm (no residual). The head blob
+    // is [token_type0 | ln.weight | ln.bias], d floats each; the layer norm's weight and bias go
+    // in as their own small buffers (d·4 bytes need not be 256-aligned).
+    let sh = b.shader("bert_embed", bk::embed);
+    let p = b.param(5, &[d as u32, n as u32, c.vocab_size as u32]);
+    b.pass_xy(
         sh,
         "bert_embed",
         [d.div_ceil(u64::from(bk::THREADS)), n],
@@ -688,108 +607,45 @@ pub fn compile_embed(
             p,
         ],
     );
-    // The head blob is [token_type0 | ln.weight | ln.bias], d floats each; the layer norm's
-    // weight and bias go in as their own small buffers (d·4 bytes need not be 256-aligned).
-    let ln_sh = shader("layernorm", &bk::layernorm);
-    let ln_head = {
-        let hb = w
-            .blob("embeddings_head")
-            .ok_or_else(|| BertError::Input("weights have no embeddings_head".into()))?;
-        let g = hb.2[(d * 4) as usize..(2 * d * 4) as usize].to_vec();
-        let b = hb.2[(2 * d * 4) as usize..(3 * d * 4) as usize].to_vec();
-        (
-            blob(&mut buffers, &mut inputs, "embeddings.ln.weight", g),
-            blob(&mut buffers, &mut inputs, "embeddings.ln.bias", b),
-        )
-    };
-    let p = param(4, &[d as u32, eps]);
-    pass(
-        ln_sh,
-        "layernorm",
-        [n, 1],
-        vec![
-            whole(0, x),
-            whole(1, zero),
-            whole(2, ln_head.0),
-            whole(3, ln_head.1),
-            p,
-        ],
+    let hb = w
+        .blob("embeddings_head")
+        .ok_or_else(|| BertError::Input("weights have no embeddings_head".into()))?;
+    let ln_w = b.blob(
+        "embeddings.ln.weight",
+        hb.2[(d * 4) as usize..(2 * d * 4) as usize].to_vec(),
+        false,
     );
-    let att_sh = shader("bert_attention", &bk::attention);
-    let gelu_sh = shader("gelu", &bk::gelu);
+    let ln_b = b.blob(
+        "embeddings.ln.bias",
+        hb.2[(2 * d * 4) as usize..(3 * d * 4) as usize].to_vec(),
+        false,
+    );
+    let ln_sh = b.shader("layernorm", bk::layernorm);
+    let layernorm = |b: &mut Builder, residual: u32, g: Binding, bias: Binding| {
+        let p = b.param(4, &[d as u32, eps]);
+        b.pass_xy(
+            ln_sh,
+            "layernorm",
+            [n, 1],
+            vec![whole(0, x), whole(1, residual), g, bias, p],
+        );
+    };
+    layernorm(&mut b, zero, whole(2, ln_w), whole(3, ln_b));
+
+    let att_sh = b.shader("bert_attention", bk::attention);
+    let gelu_sh = b.shader("gelu", bk::gelu);
     let scale = 1.0 / (hd as f32).sqrt();
+    let rows_per_group = u64::from(kernels::matvec_rows_per_group(Matvec::Bias));
     for (l, s) in w.layers.iter().enumerate() {
-        let lb = weight(&mut buffers, &mut inputs, &format!("layer.{l}"))?;
-        let ty = s[0].ty;
-        let rb = |cols: u64, ty: GgmlType| {
-            (cols / ty.block_elems() as u64 * ty.block_bytes() as u64) as u32
-        };
-        // q, k, v (one fused matvec over the packed weights, biases packed alike) → qkv[t].
-        let mv = shader(&format!("matvec_bias_{}", ty.name()), &|| {
-            kernels::matvec(ty, Matvec::Bias)
-        });
-        let span = BufferRange {
-            offset: s[0].offset,
-            size: (s[2].offset + s[2].size - s[0].offset).next_multiple_of(4),
-        };
-        let bspan = BufferRange {
-            offset: s[3].offset,
-            size: (s[5].offset + s[5].size - s[3].offset).next_multiple_of(4),
-        };
-        let p = param(
-            3,
-            &[
-                (3 * d) as u32,
-                d as u32,
-                rb(d, ty),
-                0,
-                3,
-                d as u32,
-                0,
-                d as u32,
-                (s[1].offset - s[0].offset) as u32,
-                d as u32,
-                (s[2].offset - s[0].offset) as u32,
-                0,
-                (3 * d) as u32,
-            ],
-        );
-        pass(
-            mv,
-            "matvec_bias",
-            [
-                (3 * d).div_ceil(u64::from(kernels::matvec_rows_per_group(Matvec::Bias))),
-                n,
-            ],
-            vec![
-                ranged(0, lb, span),
-                whole(1, x),
-                whole(2, qkv),
-                p,
-                ranged(4, lb, bspan),
-            ],
-        );
-        let p = param(3, &[nh as u32, hd as u32, n as u32, scale.to_bits()]);
-        pass(
-            att_sh,
-            "bert_attention",
-            [nh, n],
-            vec![whole(0, qkv), whole(1, tmp), whole(2, scores), p],
-        );
-        // attention output dense + bias → x = LN(x + ·)
-        let dense = |i: usize,
-                     cols: u64,
-                     rows: u64,
-                     input: u32,
-                     output: u32,
-                     pass: &mut PassFn<'_>,
-                     param: &mut dyn FnMut(u32, &[u32]) -> Binding,
-                     shader: &mut dyn FnMut(&str, &dyn Fn() -> String) -> u32| {
+        let lb = weight(&mut b, &format!("layer.{l}"))?;
+        let rb = |cols: u64, ty: GgmlType| kernels::quant::kernel_row_bytes(ty, cols) as u32;
+        // y[t] = W x[t] + bias over `rows` outputs from the tensor at slot `i` (bias at i + 1).
+        let dense = |b: &mut Builder, i: usize, cols: u64, rows: u64, input: u32, output: u32| {
             let ty = s[i].ty;
-            let mv = shader(&format!("matvec_bias_{}", ty.name()), &|| {
+            let mv = b.shader(&format!("matvec_bias_{}", ty.name()), || {
                 kernels::matvec(ty, Matvec::Bias)
             });
-            let p = param(
+            let p = b.param(
                 3,
                 &[
                     rows as u32,
@@ -807,13 +663,10 @@ pub fn compile_embed(
                     rows as u32,
                 ],
             );
-            pass(
+            b.pass_xy(
                 mv,
                 "matvec_bias",
-                [
-                    rows.div_ceil(u64::from(kernels::matvec_rows_per_group(Matvec::Bias))),
-                    n,
-                ],
+                [rows.div_ceil(rows_per_group), n],
                 vec![
                     ranged(0, lb, s[i].range()),
                     whole(1, input),
@@ -823,66 +676,87 @@ pub fn compile_embed(
                 ],
             );
         };
-        dense(6, d, d, tmp, hbuf, &mut pass, &mut param, &mut shader);
-        let p = param(4, &[d as u32, eps]);
-        pass(
-            ln_sh,
-            "layernorm",
-            [n, 1],
-            vec![
-                whole(0, x),
-                whole(1, hbuf),
-                ranged(2, lb, s[8].range()),
-                ranged(3, lb, s[9].range()),
-                p,
+        // q, k, v: one matvec over the packed q/k/v weights (biases packed alike) → qkv[t].
+        let ty = s[0].ty;
+        let mv = b.shader(&format!("matvec_bias_{}", ty.name()), || {
+            kernels::matvec(ty, Matvec::Bias)
+        });
+        let span = BufferRange {
+            offset: s[0].offset,
+            size: (s[2].offset + s[2].size - s[0].offset).next_multiple_of(4),
+        };
+        let bspan = BufferRange {
+            offset: s[3].offset,
+            size: (s[5].offset + s[5].size - s[3].offset).next_multiple_of(4),
+        };
+        let p = b.param(
+            3,
+            &[
+                (3 * d) as u32,
+                d as u32,
+                rb(d, ty),
+                0,
+                3,
+                d as u32,
+                0,
+                d as u32,
+                (s[1].offset - s[0].offset) as u32,
+                d as u32,
+                (s[2].offset - s[0].offset) as u32,
+                0,
+                (3 * d) as u32,
             ],
         );
-        // feed-forward: GELU(W1 x + b1) → W2 · + b2 → x = LN(x + ·)
-        dense(10, d, ff, x, hbuf, &mut pass, &mut param, &mut shader);
-        let p = param(1, &[(n * ff) as u32]);
-        pass(
+        b.pass_xy(
+            mv,
+            "matvec_bias",
+            [(3 * d).div_ceil(rows_per_group), n],
+            vec![
+                ranged(0, lb, span),
+                whole(1, x),
+                whole(2, qkv),
+                p,
+                ranged(4, lb, bspan),
+            ],
+        );
+        let p = b.param(3, &[nh as u32, hd as u32, n as u32, scale.to_bits()]);
+        b.pass_xy(
+            att_sh,
+            "bert_attention",
+            [nh, n],
+            vec![whole(0, qkv), whole(1, tmp), whole(2, scores), p],
+        );
+        // Attention output: dense + bias, then x = LN(x + ·).
+        dense(&mut b, 6, d, d, tmp, hbuf);
+        layernorm(
+            &mut b,
+            hbuf,
+            ranged(2, lb, s[8].range()),
+            ranged(3, lb, s[9].range()),
+        );
+        // Feed-forward: GELU(W1 x + b1) → W2 · + b2, then x = LN(x + ·).
+        dense(&mut b, 10, d, ff, x, hbuf);
+        let p = b.param(1, &[(n * ff) as u32]);
+        b.pass(
             gelu_sh,
             "gelu",
-            [(n * ff).div_ceil(u64::from(bk::THREADS)), 1],
+            (n * ff).div_ceil(u64::from(bk::THREADS)),
             vec![whole(0, hbuf), p],
         );
-        dense(12, ff, d, hbuf, tmp, &mut pass, &mut param, &mut shader);
-        let p = param(4, &[d as u32, eps]);
-        pass(
-            ln_sh,
-            "layernorm",
-            [n, 1],
-            vec![
-                whole(0, x),
-                whole(1, tmp),
-                ranged(2, lb, s[14].range()),
-                ranged(3, lb, s[15].range()),
-                p,
-            ],
+        dense(&mut b, 12, ff, d, hbuf, tmp);
+        layernorm(
+            &mut b,
+            tmp,
+            ranged(2, lb, s[14].range()),
+            ranged(3, lb, s[15].range()),
         );
     }
-    let sh = shader("mean_pool", &bk::mean_pool);
-    let p = param(2, &[d as u32, n as u32]);
-    pass(sh, "mean_pool", [1, 1], vec![whole(0, x), whole(1, out), p]);
-    let _ = w.word_ty;
-
-    let pbytes: Vec<u8> = params
-        .iter()
-        .flat_map(|s| s.iter().flat_map(|v| v.to_le_bytes()))
-        .collect();
-    let pid = ContentId::of(&pbytes);
-    let pb = &mut buffers[params_buf as usize];
-    pb.size = pbytes.len() as u64;
-    pb.init = BufferInit::Blob(pid);
-    inputs.insert(pid, pbytes);
+    let sh = b.shader("mean_pool", bk::mean_pool);
+    let p = b.param(2, &[d as u32, n as u32]);
+    b.pass(sh, "mean_pool", 1, vec![whole(0, x), whole(1, out), p]);
+    let (spec, inputs) = b.finish(format!("embed {}", m.name), Vec::new());
     Ok(CompiledJob {
-        spec: JobSpec {
-            name: format!("embed {}", m.name),
-            buffers,
-            shaders,
-            passes,
-            loops: Vec::new(),
-        },
+        spec,
         inputs,
         n_prompt: ids.len(),
         max_total: ids.len(),

@@ -330,8 +330,8 @@ pub fn read_generation(
 }
 
 /// Builds a job: buffers by name, shaders deduplicated by text, parameters in 256-byte slots
-/// of one buffer, deduplicated.
-struct Builder {
+/// of one buffer (the first), deduplicated. Shared by the decoder and the encoder compilers.
+pub(crate) struct Builder {
     buffers: Vec<BufferSpec>,
     inputs: BTreeMap<ContentId, Vec<u8>>,
     shaders: Vec<ShaderSource>,
@@ -342,8 +342,9 @@ struct Builder {
 }
 
 impl Builder {
-    fn new() -> Builder {
-        Builder {
+    /// An empty job whose first buffer will hold the parameters.
+    pub(crate) fn new() -> Builder {
+        let mut b = Builder {
             buffers: Vec::new(),
             inputs: BTreeMap::new(),
             shaders: Vec::new(),
@@ -351,10 +352,14 @@ impl Builder {
             passes: Vec::new(),
             params: Vec::new(),
             params_buf: 0,
-        }
+        };
+        // Its contents are known at `finish`.
+        b.params_buf = b.zeroed("params", 4, false);
+        b
     }
 
-    fn zeroed(&mut self, name: &str, size: u64, output: bool) -> u32 {
+    /// A zero-filled buffer.
+    pub(crate) fn zeroed(&mut self, name: &str, size: u64, output: bool) -> u32 {
         self.buffers.push(BufferSpec {
             name: name.into(),
             size: size.max(4),
@@ -364,7 +369,8 @@ impl Builder {
         (self.buffers.len() - 1) as u32
     }
 
-    fn blob(&mut self, name: &str, bytes: Vec<u8>, output: bool) -> u32 {
+    /// A buffer initialised from `bytes` (an input blob, shared by content id).
+    pub(crate) fn blob(&mut self, name: &str, bytes: Vec<u8>, output: bool) -> u32 {
         let id = ContentId::of(&bytes);
         self.buffers.push(BufferSpec {
             name: name.into(),
@@ -376,7 +382,8 @@ impl Builder {
         (self.buffers.len() - 1) as u32
     }
 
-    fn shader(&mut self, key: &str, make: impl FnOnce() -> String) -> u32 {
+    /// The shader called `key`, made by `make` the first time.
+    pub(crate) fn shader(&mut self, key: &str, make: impl FnOnce() -> String) -> u32 {
         if let Some(i) = self.shader_keys.iter().position(|k| k == key) {
             return i as u32;
         }
@@ -389,7 +396,7 @@ impl Builder {
     }
 
     /// The binding of a parameter slot holding `values`.
-    fn param(&mut self, binding: u32, values: &[u32]) -> Binding {
+    pub(crate) fn param(&mut self, binding: u32, values: &[u32]) -> Binding {
         let mut slot = [0u32; 64];
         for (s, v) in slot.iter_mut().zip(values) {
             *s = *v;
@@ -411,22 +418,65 @@ impl Builder {
         }
     }
 
-    fn pass(&mut self, shader: u32, entry: &str, groups: u64, mut bindings: Vec<Binding>) {
+    /// A pass of `groups` workgroups.
+    pub(crate) fn pass(&mut self, shader: u32, entry: &str, groups: u64, bindings: Vec<Binding>) {
+        self.pass_xy(shader, entry, [groups, 1], bindings);
+    }
+
+    /// A pass of `x × y` workgroups.
+    pub(crate) fn pass_xy(
+        &mut self,
+        shader: u32,
+        entry: &str,
+        [x, y]: [u64; 2],
+        mut bindings: Vec<Binding>,
+    ) {
         bindings.sort_by_key(|b| b.binding);
         self.passes.push(PassSpec {
             shader,
             entry: entry.into(),
-            workgroups: [groups.max(1) as u32, 1, 1],
+            workgroups: [x.max(1) as u32, y.max(1) as u32, 1],
             bindings,
         });
     }
+
+    /// Passes so far.
+    pub(crate) fn n_passes(&self) -> u32 {
+        self.passes.len() as u32
+    }
+
+    /// Writes the parameter buffer and returns the job and its inputs.
+    pub(crate) fn finish(
+        mut self,
+        name: String,
+        loops: Vec<LoopSpec>,
+    ) -> (JobSpec, BTreeMap<ContentId, Vec<u8>>) {
+        let params: Vec<u8> = self
+            .params
+            .iter()
+            .flat_map(|slot| slot.iter().flat_map(|v| v.to_le_bytes()))
+            .collect();
+        let pid = ContentId::of(&params);
+        let pb = &mut self.buffers[self.params_buf as usize];
+        pb.size = params.len() as u64;
+        pb.init = BufferInit::Blob(pid);
+        self.inputs.insert(pid, params);
+        let spec = JobSpec {
+            name,
+            buffers: self.buffers,
+            shaders: self.shaders,
+            passes: self.passes,
+            loops,
+        };
+        (spec, self.inputs)
+    }
 }
 
-fn whole(binding: u32, buffer: u32) -> Binding {
+pub(crate) fn whole(binding: u32, buffer: u32) -> Binding {
     Binding::whole(binding, buffer)
 }
 
-fn ranged(binding: u32, buffer: u32, range: BufferRange) -> Binding {
+pub(crate) fn ranged(binding: u32, buffer: u32, range: BufferRange) -> Binding {
     Binding {
         binding,
         buffer,
@@ -504,8 +554,6 @@ pub fn compile_generate(
     let qkv_len = qd + 2 * kvd;
 
     let mut b = Builder::new();
-    // Parameters go in the first buffer; its contents are known at the end.
-    b.params_buf = b.zeroed("params", 4, false);
     let step = b.zeroed("step", 16, false);
     let mut prompt_bytes: Vec<u8> = req.prompt.iter().flat_map(|t| t.to_le_bytes()).collect();
     prompt_bytes.resize(max_total * 4, 0);
@@ -868,25 +916,10 @@ pub fn compile_generate(
         ],
     );
 
-    // The parameter buffer, now that every slot is known.
-    let params: Vec<u8> = b
-        .params
-        .iter()
-        .flat_map(|slot| slot.iter().flat_map(|v| v.to_le_bytes()))
-        .collect();
-    let pid = ContentId::of(&params);
-    let pb = &mut b.buffers[b.params_buf as usize];
-    pb.size = params.len() as u64;
-    pb.init = BufferInit::Blob(pid);
-    b.inputs.insert(pid, params);
-
-    let body = b.passes.len() as u32;
-    let spec = JobSpec {
-        name: format!("generate {}", model.name),
-        buffers: b.buffers,
-        shaders: b.shaders,
-        passes: b.passes,
-        loops: vec![LoopSpec {
+    let body = b.n_passes();
+    let (spec, inputs) = b.finish(
+        format!("generate {}", model.name),
+        vec![LoopSpec {
             first: 0,
             len: body,
             max_iters: (max_total - 1) as u32,
@@ -895,10 +928,10 @@ pub fn compile_generate(
             check_every: req.check_every.max(1),
             stream: vec![tokens, status],
         }],
-    };
+    );
     Ok(CompiledJob {
         spec,
-        inputs: b.inputs,
+        inputs,
         n_prompt,
         max_total,
     })
