@@ -14,8 +14,8 @@ use hashgrid_protocol::job::RANGE_ALIGN;
 use hashgrid_protocol::{Binding, BufferRange, ContentId};
 use serde::Deserialize;
 
-use crate::compile::{Builder, CompiledJob, ranged, whole};
-use crate::kernels::{self, Matvec, bert as bk};
+use crate::compile::{Builder, CompiledJob, MatvecPass, matvec_pass, ranged, whole};
+use crate::kernels::{Matvec, bert as bk};
 use crate::quant::GgmlType;
 
 /// Largest safetensors header: the JSON directory of tensors (a few KiB for BERT; 100 MiB
@@ -635,52 +635,30 @@ pub fn compile_embed(
     let att_sh = b.shader("bert_attention", bk::attention);
     let gelu_sh = b.shader("gelu", bk::gelu);
     let scale = 1.0 / (hd as f32).sqrt();
-    let rows_per_group = u64::from(kernels::matvec_rows_per_group(Matvec::Bias));
     for (l, s) in w.layers.iter().enumerate() {
         let lb = weight(&mut b, &format!("layer.{l}"))?;
-        let rb = |cols: u64, ty: GgmlType| kernels::quant::kernel_row_bytes(ty, cols) as u32;
         // y[t] = W x[t] + bias over `rows` outputs from the tensor at slot `i` (bias at i + 1).
         let dense = |b: &mut Builder, i: usize, cols: u64, rows: u64, input: u32, output: u32| {
-            let ty = s[i].ty;
-            let mv = b.shader(&format!("matvec_bias_{}", ty.name()), || {
-                kernels::matvec(ty, Matvec::Bias)
-            });
-            let p = b.param(
-                3,
-                &[
-                    rows as u32,
-                    cols as u32,
-                    rb(cols, ty),
-                    0,
-                    1,
-                    rows as u32,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    rows as u32,
-                ],
-            );
-            b.pass_xy(
-                mv,
-                "matvec_bias",
-                [rows.div_ceil(rows_per_group), n],
-                vec![
-                    ranged(0, lb, s[i].range()),
-                    whole(1, input),
-                    whole(2, output),
-                    p,
-                    ranged(4, lb, s[i + 1].range()),
-                ],
+            matvec_pass(
+                b,
+                MatvecPass {
+                    kind: Matvec::Bias,
+                    ty: s[i].ty,
+                    weights: ranged(0, lb, s[i].range()),
+                    x: input,
+                    y: output,
+                    rows,
+                    cols,
+                    segs: &[(rows, 0)],
+                    yoff: 0,
+                    y_stride: rows,
+                    tokens: n,
+                    n_prompt: 0,
+                    extra: Some(ranged(4, lb, s[i + 1].range())),
+                },
             );
         };
         // q, k, v: one matvec over the packed q/k/v weights (biases packed alike) → qkv[t].
-        let ty = s[0].ty;
-        let mv = b.shader(&format!("matvec_bias_{}", ty.name()), || {
-            kernels::matvec(ty, Matvec::Bias)
-        });
         let span = BufferRange {
             offset: s[0].offset,
             size: (s[2].offset + s[2].size - s[0].offset).next_multiple_of(4),
@@ -689,35 +667,27 @@ pub fn compile_embed(
             offset: s[3].offset,
             size: (s[5].offset + s[5].size - s[3].offset).next_multiple_of(4),
         };
-        let p = b.param(
-            3,
-            &[
-                (3 * d) as u32,
-                d as u32,
-                rb(d, ty),
-                0,
-                3,
-                d as u32,
-                0,
-                d as u32,
-                (s[1].offset - s[0].offset) as u32,
-                d as u32,
-                (s[2].offset - s[0].offset) as u32,
-                0,
-                (3 * d) as u32,
-            ],
-        );
-        b.pass_xy(
-            mv,
-            "matvec_bias",
-            [(3 * d).div_ceil(rows_per_group), n],
-            vec![
-                ranged(0, lb, span),
-                whole(1, x),
-                whole(2, qkv),
-                p,
-                ranged(4, lb, bspan),
-            ],
+        matvec_pass(
+            &mut b,
+            MatvecPass {
+                kind: Matvec::Bias,
+                ty: s[0].ty,
+                weights: ranged(0, lb, span),
+                x,
+                y: qkv,
+                rows: 3 * d,
+                cols: d,
+                segs: &[
+                    (d, 0),
+                    (d, s[1].offset - s[0].offset),
+                    (d, s[2].offset - s[0].offset),
+                ],
+                yoff: 0,
+                y_stride: 3 * d,
+                tokens: n,
+                n_prompt: 0,
+                extra: Some(ranged(4, lb, bspan)),
+            },
         );
         let p = b.param(3, &[nh as u32, hd as u32, n as u32, scale.to_bits()]);
         b.pass_xy(

@@ -639,81 +639,76 @@ pub fn compile_generate(
         };
         let segs = [(lay.q, qd), (lay.k, kvd), (lay.v, kvd)];
         if lay.q.ty == lay.k.ty && lay.k.ty == lay.v.ty {
-            let ty = lay.q.ty;
-            let rb = row_bytes(ty, d);
             let base = lay.q.offset;
             let span = BufferRange {
                 offset: base,
                 size: (lay.v.offset + lay.v.size - base).next_multiple_of(4),
             };
-            let mut pv = vec![qkv_len as u32, d as u32, rb as u32, 0, 3];
-            for (slot, rows) in segs {
-                pv.push(rows as u32);
-                pv.push((slot.offset - base) as u32);
-            }
-            let p = b.param(3, &pv);
-            let sh = b.shader(&format!("{}_{}", kind.entry(), ty.name()), || {
-                kernels::matvec(ty, kind)
-            });
-            let mut bind = vec![ranged(0, blk, span), whole(1, xn), whole(2, qkv), p];
-            if let Some(bias) = lay.bias {
-                bind.push(ranged(4, blk, bias.range()));
-            }
-            b.pass(
-                sh,
-                kind.entry(),
-                groups(qkv_len, kernels::matvec_rows_per_group(kind)),
-                bind,
+            let segs: Vec<(u64, u64)> = segs
+                .iter()
+                .map(|(slot, rows)| (*rows, slot.offset - base))
+                .collect();
+            matvec_pass(
+                &mut b,
+                MatvecPass {
+                    kind,
+                    ty: lay.q.ty,
+                    weights: ranged(0, blk, span),
+                    x: xn,
+                    y: qkv,
+                    rows: qkv_len,
+                    cols: d,
+                    segs: &segs,
+                    yoff: 0,
+                    y_stride: 0,
+                    tokens: 1,
+                    n_prompt: 0,
+                    extra: lay.bias.map(|bias| ranged(4, blk, bias.range())),
+                },
             );
         } else {
             let mut yoff = 0u64;
-            let mut boff = 0u64;
             for (slot, rows) in segs {
-                let ty = slot.ty;
-                let rb = row_bytes(ty, d);
-                let p = b.param(
-                    3,
-                    &[
-                        rows as u32,
-                        d as u32,
-                        rb as u32,
-                        yoff as u32,
-                        1,
-                        rows as u32,
-                        0,
-                    ],
-                );
-                let sh = b.shader(&format!("{}_{}", kind.entry(), ty.name()), || {
-                    kernels::matvec(ty, kind)
-                });
-                let mut bind = vec![ranged(0, blk, slot.range()), whole(1, xn), whole(2, qkv), p];
-                if let Some(bias) = lay.bias {
-                    // The bias slice for this segment: F32 values at boff.
-                    let start = bias.offset + boff * 4;
-                    let aligned = start - start % RANGE_ALIGN;
-                    if aligned != start {
-                        return Err(CompileError::Request(
-                            "mixed-type q/k/v with biases at unaligned offsets are not supported"
-                                .into(),
-                        ));
+                let extra = match lay.bias {
+                    None => None,
+                    Some(bias) => {
+                        // The bias slice for this segment: F32 values at yoff.
+                        let start = bias.offset + yoff * 4;
+                        if !start.is_multiple_of(RANGE_ALIGN) {
+                            return Err(CompileError::Request(
+                                "mixed-type q/k/v with biases at unaligned offsets are not supported"
+                                    .into(),
+                            ));
+                        }
+                        Some(ranged(
+                            4,
+                            blk,
+                            BufferRange {
+                                offset: start,
+                                size: rows * 4,
+                            },
+                        ))
                     }
-                    bind.push(ranged(
-                        4,
-                        blk,
-                        BufferRange {
-                            offset: start,
-                            size: rows * 4,
-                        },
-                    ));
-                }
-                b.pass(
-                    sh,
-                    kind.entry(),
-                    groups(rows, kernels::matvec_rows_per_group(kind)),
-                    bind,
+                };
+                matvec_pass(
+                    &mut b,
+                    MatvecPass {
+                        kind,
+                        ty: slot.ty,
+                        weights: ranged(0, blk, slot.range()),
+                        x: xn,
+                        y: qkv,
+                        rows,
+                        cols: d,
+                        segs: &[(rows, 0)],
+                        yoff,
+                        y_stride: 0,
+                        tokens: 1,
+                        n_prompt: 0,
+                        extra,
+                    },
                 );
                 yoff += rows;
-                boff += rows;
             }
         }
         // RoPE, KV cache append.
@@ -763,7 +758,7 @@ pub fn compile_generate(
             ],
         );
         // x += Wo · att
-        matvec_add(&mut b, blk, lay.o, att, x, qd, d)?;
+        matvec_add(&mut b, blk, lay.o, att, x, qd, d);
         // ffn_norm
         let p = b.param(3, &rms_params);
         b.pass(
@@ -780,28 +775,23 @@ pub fn compile_generate(
         // SwiGLU
         if let Some(gu) = gu {
             for (i, slot) in [lay.gate, lay.up].into_iter().enumerate() {
-                let ty = slot.ty;
-                let rb = row_bytes(ty, d);
-                let p = b.param(
-                    3,
-                    &[
-                        ff as u32,
-                        d as u32,
-                        rb as u32,
-                        (i as u64 * ff) as u32,
-                        1,
-                        ff as u32,
-                        0,
-                    ],
-                );
-                let sh = b.shader(&format!("matvec_{}", ty.name()), || {
-                    kernels::matvec(ty, Matvec::Plain)
-                });
-                b.pass(
-                    sh,
-                    "matvec",
-                    groups(ff, kernels::matvec_rows_per_group(Matvec::Plain)),
-                    vec![ranged(0, blk, slot.range()), whole(1, xn), whole(2, gu), p],
+                matvec_pass(
+                    &mut b,
+                    MatvecPass {
+                        kind: Matvec::Plain,
+                        ty: slot.ty,
+                        weights: ranged(0, blk, slot.range()),
+                        x: xn,
+                        y: gu,
+                        rows: ff,
+                        cols: d,
+                        segs: &[(ff, 0)],
+                        yoff: i as u64 * ff,
+                        y_stride: 0,
+                        tokens: 1,
+                        n_prompt: 0,
+                        extra: None,
+                    },
                 );
             }
             let sh = b.shader("silu_mul", kernels::silu_mul);
@@ -813,38 +803,31 @@ pub fn compile_generate(
                 vec![whole(0, gu), whole(1, ffh), p],
             );
         } else {
-            let ty = lay.gate.ty;
-            let rb = row_bytes(ty, d);
             let span = BufferRange {
                 offset: lay.gate.offset,
                 size: (lay.up.offset + lay.up.size - lay.gate.offset).next_multiple_of(4),
             };
-            let p = b.param(
-                3,
-                &[
-                    ff as u32,
-                    d as u32,
-                    rb as u32,
-                    0,
-                    2,
-                    ff as u32,
-                    0,
-                    ff as u32,
-                    (lay.up.offset - lay.gate.offset) as u32,
-                ],
-            );
-            let sh = b.shader(&format!("matvec_gateup_{}", ty.name()), || {
-                kernels::matvec(ty, Matvec::GateUp)
-            });
-            b.pass(
-                sh,
-                "matvec_gateup",
-                groups(ff, kernels::matvec_rows_per_group(Matvec::GateUp)),
-                vec![ranged(0, blk, span), whole(1, xn), whole(2, ffh), p],
+            matvec_pass(
+                &mut b,
+                MatvecPass {
+                    kind: Matvec::GateUp,
+                    ty: lay.gate.ty,
+                    weights: ranged(0, blk, span),
+                    x: xn,
+                    y: ffh,
+                    rows: ff,
+                    cols: d,
+                    segs: &[(ff, 0), (ff, lay.up.offset - lay.gate.offset)],
+                    yoff: 0,
+                    y_stride: 0,
+                    tokens: 1,
+                    n_prompt: 0,
+                    extra: None,
+                },
             );
         }
         // x += Wd · h
-        matvec_add(&mut b, blk, lay.down, ffh, x, ff, d)?;
+        matvec_add(&mut b, blk, lay.down, ffh, x, ff, d);
     }
 
     // Output norm, logits (from the prompt's last position on), sampling.
@@ -855,38 +838,23 @@ pub fn compile_generate(
         1,
         vec![whole(0, x), whole(1, out_norm), whole(2, xn), p],
     );
-    let oty = weights.output_ty;
-    let sh = b.shader(&format!("matvec_logits_{}", oty.name()), || {
-        kernels::matvec(oty, Matvec::Logits)
-    });
-    let p = b.param(
-        3,
-        &[
-            vocab as u32,
-            d as u32,
-            row_bytes(oty, d) as u32,
-            0,
-            1,
-            vocab as u32,
-            0,
-            0,
-            0,
-            0,
-            0,
-            n_prompt as u32,
-        ],
-    );
-    b.pass(
-        sh,
-        "matvec_logits",
-        groups(vocab, kernels::matvec_rows_per_group(Matvec::Logits)),
-        vec![
-            whole(0, output),
-            whole(1, xn),
-            whole(2, logits),
-            p,
-            whole(4, step),
-        ],
+    matvec_pass(
+        &mut b,
+        MatvecPass {
+            kind: Matvec::Logits,
+            ty: weights.output_ty,
+            weights: whole(0, output),
+            x: xn,
+            y: logits,
+            rows: vocab,
+            cols: d,
+            segs: &[(vocab, 0)],
+            yoff: 0,
+            y_stride: 0,
+            tokens: 1,
+            n_prompt: n_prompt as u64,
+            extra: Some(whole(4, step)),
+        },
     );
     let sh = b.shader("sample", kernels::sample);
     let mut sp = vec![
@@ -937,37 +905,88 @@ pub fn compile_generate(
     })
 }
 
-/// `y += W · x` for one weight slot of block buffer `blk`.
-fn matvec_add(
-    b: &mut Builder,
-    blk: u32,
-    slot: Slot,
-    x: u32,
-    y: u32,
-    cols: u64,
-    rows: u64,
-) -> Result<(), CompileError> {
-    let ty = slot.ty;
-    let p = b.param(
-        3,
-        &[
-            rows as u32,
-            cols as u32,
-            row_bytes(ty, cols) as u32,
-            0,
-            1,
-            rows as u32,
-            0,
-        ],
-    );
-    let sh = b.shader(&format!("matvec_add_{}", ty.name()), || {
-        kernels::matvec(ty, Matvec::Add)
+/// One matvec pass. The kernel's parameter layout (`kernels::matvec`) is written here only.
+pub(crate) struct MatvecPass<'a> {
+    /// Flavour.
+    pub(crate) kind: Matvec,
+    /// Weight type.
+    pub(crate) ty: GgmlType,
+    /// The weights (binding 0): one range spanning every segment.
+    pub(crate) weights: Binding,
+    /// Input vectors (`cols` floats per token).
+    pub(crate) x: u32,
+    /// Output buffer.
+    pub(crate) y: u32,
+    /// Output rows (for `GateUp`, rows of each of its two segments).
+    pub(crate) rows: u64,
+    /// Row length.
+    pub(crate) cols: u64,
+    /// (rows, byte offset in the weights range) per segment, at most three.
+    pub(crate) segs: &'a [(u64, u64)],
+    /// First output element.
+    pub(crate) yoff: u64,
+    /// Output floats per token (0 for one token).
+    pub(crate) y_stride: u64,
+    /// Tokens (the dispatch's y dimension).
+    pub(crate) tokens: u64,
+    /// Prompt length (`Logits` only).
+    pub(crate) n_prompt: u64,
+    /// Binding 4: the bias (`Bias`) or the step counter (`Logits`).
+    pub(crate) extra: Option<Binding>,
+}
+
+/// Adds `m` to the job.
+pub(crate) fn matvec_pass(b: &mut Builder, m: MatvecPass<'_>) {
+    let mut pv = vec![
+        m.rows as u32,
+        m.cols as u32,
+        row_bytes(m.ty, m.cols) as u32,
+        m.yoff as u32,
+        m.segs.len() as u32,
+    ];
+    for k in 0..3 {
+        let (r, o) = m.segs.get(k).copied().unwrap_or((0, 0));
+        pv.push(r as u32);
+        pv.push(o as u32);
+    }
+    pv.push(m.n_prompt as u32);
+    pv.push(m.y_stride as u32);
+    let p = b.param(3, &pv);
+    let (kind, ty) = (m.kind, m.ty);
+    let sh = b.shader(&format!("{}_{}", kind.entry(), ty.name()), || {
+        kernels::matvec(ty, kind)
     });
-    b.pass(
+    let mut bind = vec![m.weights, whole(1, m.x), whole(2, m.y), p];
+    bind.extend(m.extra);
+    b.pass_xy(
         sh,
-        "matvec_add",
-        groups(rows, kernels::matvec_rows_per_group(Matvec::Add)),
-        vec![ranged(0, blk, slot.range()), whole(1, x), whole(2, y), p],
+        kind.entry(),
+        [
+            groups(m.rows, kernels::matvec_rows_per_group(kind)),
+            m.tokens,
+        ],
+        bind,
     );
-    Ok(())
+}
+
+/// `y += W · x` for one weight slot of block buffer `blk`.
+fn matvec_add(b: &mut Builder, blk: u32, slot: Slot, x: u32, y: u32, cols: u64, rows: u64) {
+    matvec_pass(
+        b,
+        MatvecPass {
+            kind: Matvec::Add,
+            ty: slot.ty,
+            weights: ranged(0, blk, slot.range()),
+            x,
+            y,
+            rows,
+            cols,
+            segs: &[(rows, 0)],
+            yoff: 0,
+            y_stride: 0,
+            tokens: 1,
+            n_prompt: 0,
+            extra: None,
+        },
+    );
 }

@@ -72,6 +72,25 @@ fn hsum(v: vec4<f32>) -> f32 {
 }
 "#;
 
+/// The Q4_K block header: 6-bit scales and mins packed in 12 bytes (shared by dot and deq).
+macro_rules! q4k_scales {
+    () => {
+        r#"
+const BE: u32 = 256u;
+const BB: u32 = 144u;
+fn scale_min_k4(bo: u32, j: u32) -> vec2<f32> {
+    let s = bo + 4u;
+    if (j < 4u) {
+        return vec2<f32>(f32(u8_at(s + j) & 63u), f32(u8_at(s + j + 4u) & 63u));
+    }
+    let sc = (u8_at(s + j + 4u) & 15u) | ((u8_at(s + j - 4u) >> 6u) << 4u);
+    let mn = (u8_at(s + j + 4u) >> 4u) | ((u8_at(s + j) >> 6u) << 4u);
+    return vec2<f32>(f32(sc), f32(mn));
+}
+"#
+    };
+}
+
 /// Block dot product for `ty` (needs `xv`).
 pub fn dot(ty: GgmlType) -> &'static str {
     match ty {
@@ -168,18 +187,9 @@ fn blk_dot(bo: u32, xo: u32) -> f32 {
         // element 64c + 32 + l its high nibble (sub-block 2c + 1); value = d · scale · nibble −
         // dmin · min.
         GgmlType::Q4_K => {
-            r#"
-const BE: u32 = 256u;
-const BB: u32 = 144u;
-fn scale_min_k4(bo: u32, j: u32) -> vec2<f32> {
-    let s = bo + 4u;
-    if (j < 4u) {
-        return vec2<f32>(f32(u8_at(s + j) & 63u), f32(u8_at(s + j + 4u) & 63u));
-    }
-    let sc = (u8_at(s + j + 4u) & 15u) | ((u8_at(s + j - 4u) >> 6u) << 4u);
-    let mn = (u8_at(s + j + 4u) >> 4u) | ((u8_at(s + j) >> 6u) << 4u);
-    return vec2<f32>(f32(sc), f32(mn));
-}
+            concat!(
+                q4k_scales!(),
+                r#"
 fn blk_dot(bo: u32, xo: u32) -> f32 {
     let b = bo >> 2u;
     let dm = f16x2(w[b]);
@@ -206,6 +216,7 @@ fn blk_dot(bo: u32, xo: u32) -> f32 {
     return total;
 }
 "#
+            )
         }
         // block_q6_K (210 bytes, 256 elements): ql: [u8; 128] (low 4 bits), qh: [u8; 64]
         // (high 2 bits), scales: [i8; 16], d: f16. Half h < 2 of 128 elements uses ql[64h..],
@@ -321,18 +332,9 @@ fn blk_deq(bo: u32, oo: u32) {
 "#
         }
         GgmlType::Q4_K => {
-            r#"
-const BE: u32 = 256u;
-const BB: u32 = 144u;
-fn scale_min_k4(bo: u32, j: u32) -> vec2<f32> {
-    let s = bo + 4u;
-    if (j < 4u) {
-        return vec2<f32>(f32(u8_at(s + j) & 63u), f32(u8_at(s + j + 4u) & 63u));
-    }
-    let sc = (u8_at(s + j + 4u) & 15u) | ((u8_at(s + j - 4u) >> 6u) << 4u);
-    let mn = (u8_at(s + j + 4u) >> 4u) | ((u8_at(s + j) >> 6u) << 4u);
-    return vec2<f32>(f32(sc), f32(mn));
-}
+            concat!(
+                q4k_scales!(),
+                r#"
 fn blk_deq(bo: u32, oo: u32) {
     let dm = f16x2(ld(bo));
     for (var c = 0u; c < 4u; c++) {
@@ -346,6 +348,7 @@ fn blk_deq(bo: u32, oo: u32) {
     }
 }
 "#
+            )
         }
         GgmlType::Q6_K => {
             r#"
