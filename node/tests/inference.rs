@@ -275,11 +275,10 @@ fn run_one(
     out.outputs.into_iter().map(|o| o.bytes).collect()
 }
 
+/// A fresh executor; dropped at the end of its test, which joins its workers (a process-wide
+/// executor would still hold a device while the process exits).
 fn executor() -> Executor {
-    use std::sync::OnceLock;
-    static EXEC: OnceLock<Executor> = OnceLock::new();
-    EXEC.get_or_init(|| Executor::start(ExecConfig::default()).unwrap())
-        .clone()
+    Executor::start(ExecConfig::default()).unwrap()
 }
 
 fn close(gpu: &[f32], cpu: &[f32], tol: f32, what: &str) {

@@ -192,9 +192,19 @@ struct Handle {
 }
 
 impl Drop for Handle {
+    /// The last handle stops the workers and waits until they have released their devices (as
+    /// [`Executor::shutdown`]): a worker still tearing down its device while the process exits
+    /// can crash the process after everything else succeeded (seen in test binaries).
     fn drop(&mut self) {
         self.shared.shutdown.store(true, Ordering::SeqCst);
         self.shared.ready.notify_all();
+        let workers = match shared_workers(&self.shared) {
+            Ok(mut w) => std::mem::take(&mut *w),
+            Err(_) => return,
+        };
+        for w in workers {
+            let _ = w.join();
+        }
     }
 }
 
