@@ -312,7 +312,17 @@ async fn ctrl_c_cancels_a_running_submit() {
         .await
         .unwrap();
     assert_eq!(exit.code(), Some(130), "{seen:?}");
-    let rest: Vec<String> = rx.try_iter().collect();
+    // The reader thread may still be forwarding the last lines when the child has exited:
+    // drain until it hangs up (stderr closed), not just what has arrived so far.
+    let rest: Vec<String> = tokio::task::spawn_blocking(move || {
+        let mut rest = Vec::new();
+        while let Ok(line) = rx.recv_timeout(std::time::Duration::from_secs(10)) {
+            rest.push(line);
+        }
+        rest
+    })
+    .await
+    .unwrap();
     assert!(rest.iter().any(|l| l.contains("cancelled")), "{rest:?}");
     let v = json(&hashgrid(&data, &boot, &["jobs", "--json"]).await);
     assert_eq!(v[0]["state"], "failed", "{v}");
