@@ -642,7 +642,14 @@ pub fn compile_generate(
             let base = lay.q.offset;
             let span = BufferRange {
                 offset: base,
-                size: (lay.v.offset + lay.v.size - base).next_multiple_of(4),
+                // Packed weights are read as a texture: whole 16-byte texels.
+                size: (lay.v.offset + lay.v.size - base).next_multiple_of(
+                    if kernels::quant::is_packed(lay.q.ty) {
+                        16
+                    } else {
+                        4
+                    },
+                ),
             };
             let segs: Vec<(u64, u64)> = segs
                 .iter()
@@ -905,6 +912,10 @@ pub fn compile_generate(
     })
 }
 
+/// Largest activation vector a matvec reads as `var<uniform>`: WebGPU's guaranteed
+/// `maxUniformBufferBindingSize`.
+const MAX_UNIFORM_X: u64 = 64 * 1024;
+
 /// One matvec pass. The kernel's parameter layout (`kernels::matvec`) is written here only.
 pub(crate) struct MatvecPass<'a> {
     /// Flavour.
@@ -953,10 +964,20 @@ pub(crate) fn matvec_pass(b: &mut Builder, m: MatvecPass<'_>) {
     pv.push(m.y_stride as u32);
     let p = b.param(3, &pv);
     let (kind, ty) = (m.kind, m.ty);
-    let sh = b.shader(&format!("{}_{}", kind.entry(), ty.name()), || {
-        kernels::matvec(ty, kind)
+    // The activations as a uniform array when they fit the 64 KiB every adapter allows.
+    let x_bytes = m.tokens * m.cols * 4;
+    let uniform_x = (m.cols.is_multiple_of(4) && x_bytes <= MAX_UNIFORM_X).then_some(x_bytes);
+    let (name, x) = match uniform_x {
+        Some(n) => (
+            format!("{}_{}_x{}", kind.entry(), ty.name(), n / 16),
+            ranged(1, m.x, BufferRange { offset: 0, size: n }),
+        ),
+        None => (format!("{}_{}", kind.entry(), ty.name()), whole(1, m.x)),
+    };
+    let sh = b.shader(&name, || {
+        kernels::matvec_x(ty, kind, uniform_x.map(|n| (n / 16) as u32))
     });
-    let mut bind = vec![m.weights, whole(1, m.x), whole(2, m.y), p];
+    let mut bind = vec![m.weights, x, whole(2, m.y), p];
     bind.extend(m.extra);
     b.pass_xy(
         sh,

@@ -758,3 +758,129 @@ fn a_stream_reader_can_end_the_loop() {
         .expect("runs");
     assert_eq!(out.iterations, vec![6], "ended at the check that said no");
 }
+
+/// A job that copies `texels` texels of buffer `w`, read as `texture_2d<u32>` through `range`,
+/// into `out`.
+fn texture_copy_job(data: &[u8], range: hashgrid_protocol::BufferRange, texels: u32) -> LoadedJob {
+    let id = ContentId::of(data);
+    let wgsl = format!(
+        "@group(0) @binding(0) var w: texture_2d<u32>;\n\
+         @group(0) @binding(1) var<storage, read_write> out: array<vec4<u32>>;\n\
+         @compute @workgroup_size(64) fn main(@builtin(global_invocation_id) g: vec3<u32>) {{\n\
+           if (g.x < {texels}u) {{ out[g.x] = textureLoad(w, vec2<u32>(g.x % {row}u, g.x / {row}u), 0); }}\n\
+         }}",
+        row = hashgrid_protocol::job::TEXTURE_ROW_TEXELS
+    );
+    LoadedJob {
+        spec: JobSpec {
+            name: "texture".into(),
+            buffers: vec![
+                BufferSpec {
+                    name: "w".into(),
+                    size: data.len() as u64,
+                    init: BufferInit::Blob(id),
+                    output: false,
+                },
+                BufferSpec {
+                    name: "out".into(),
+                    size: u64::from(texels) * 16,
+                    init: BufferInit::Zeroed,
+                    output: true,
+                },
+            ],
+            shaders: vec![ShaderSource {
+                name: "t.wgsl".into(),
+                wgsl,
+            }],
+            passes: vec![PassSpec {
+                shader: 0,
+                entry: "main".into(),
+                workgroups: [texels.div_ceil(64), 1, 1],
+                bindings: vec![
+                    Binding {
+                        binding: 0,
+                        buffer: 0,
+                        range: Some(range),
+                    },
+                    Binding::whole(1, 1),
+                ],
+            }],
+            loops: Vec::new(),
+        },
+        inputs: BTreeMap::from([(id, data.to_vec())]),
+    }
+}
+
+#[test]
+fn buffers_read_as_textures_see_their_bytes_and_stay_resident() {
+    let exec = start(ExecConfig::default());
+    // Two full rows and a partial third, from byte 512 of a larger blob.
+    let row = hashgrid_protocol::job::TEXTURE_ROW_TEXELS as u32;
+    let texels = 2 * row + 100;
+    let data: Vec<u8> = (0..(texels as usize * 16 + 1024))
+        .map(|i| (i.wrapping_mul(7919) % 253) as u8)
+        .collect();
+    let range = hashgrid_protocol::BufferRange {
+        offset: 512,
+        size: u64::from(texels) * 16,
+    };
+    let want = &data[512..512 + texels as usize * 16];
+    let first = run(&exec, texture_copy_job(&data, range, texels)).expect("first run");
+    assert_eq!(
+        first.outputs[0].bytes, want,
+        "texel i is bytes 16i.. of the range"
+    );
+    let second = run(&exec, texture_copy_job(&data, range, texels)).expect("second run");
+    assert_eq!(second.outputs[0].bytes, want);
+    assert_eq!(
+        second.uploaded_bytes, 0,
+        "the blob and its texture were kept"
+    );
+    assert!(second.resident_hits >= 1);
+}
+
+#[test]
+fn texture_bindings_are_checked() {
+    let exec = start(ExecConfig::default());
+    let data = vec![7u8; 4096];
+    // Not a whole number of texels.
+    let err = run(
+        &exec,
+        texture_copy_job(
+            &data,
+            hashgrid_protocol::BufferRange {
+                offset: 0,
+                size: 1000,
+            },
+            8,
+        ),
+    )
+    .expect_err("1000 bytes is not a whole number of texels")
+    .to_string();
+    assert!(err.contains("multiple of 16"), "{err}");
+    // A buffer some pass writes cannot be read as a texture (it is a snapshot).
+    let mut job = texture_copy_job(
+        &data,
+        hashgrid_protocol::BufferRange {
+            offset: 0,
+            size: 4096,
+        },
+        8,
+    );
+    job.spec.shaders.push(ShaderSource {
+        name: "write.wgsl".into(),
+        wgsl: "@group(0) @binding(0) var<storage, read_write> w: array<u32>;\n\
+               @compute @workgroup_size(1) fn main() { w[0] = 1u; }"
+            .into(),
+    });
+    job.spec.passes.push(PassSpec {
+        shader: 1,
+        entry: "main".into(),
+        workgroups: [1, 1, 1],
+        bindings: vec![Binding::whole(0, 0)],
+    });
+    let err = run(&exec, job)
+        .expect_err("a written buffer read as a texture")
+        .to_string();
+    assert!(err.contains("snapshot"), "{err}");
+}

@@ -46,6 +46,23 @@ pub const MAX_STREAMED: usize = 8;
 /// multiples of 256 binds anywhere.
 pub const RANGE_ALIGN: u64 = 256;
 
+/// Texels per row when a shader reads a buffer as a texture. A binding the shader declares as
+/// `texture_2d<u32>` sees the bound bytes as an `rgba32uint` texture, 16 bytes per texel,
+/// [`TEXTURE_ROW_TEXELS`] texels per row (fewer when the whole binding is shorter than a row):
+/// texel `i` (bytes `16·i..16·i + 16`) is at `(i % TEXTURE_ROW_TEXELS, i / TEXTURE_ROW_TEXELS)`.
+/// It is a read-only snapshot of the bytes as the job starts, so no pass may write a buffer
+/// that a pass reads as a texture. On CPU adapters (lavapipe) a texel fetch costs a fraction
+/// of a storage-buffer load, which makes weight-bound kernels several times faster.
+pub const TEXTURE_ROW_TEXELS: u64 = 4096;
+
+/// Most rows of a buffer-as-texture binding: WebGPU's guaranteed `maxTextureDimension2D`, so a
+/// spec within it binds on every adapter (`TEXTURE_ROW_TEXELS · 16 · 8192` = 512 MiB).
+pub const MAX_TEXTURE_ROWS: u64 = 8192;
+
+/// Most buffer-as-texture bindings in one pass: WebGPU's guaranteed
+/// `maxSampledTexturesPerShaderStage`.
+pub const MAX_TEXTURES_PER_PASS: usize = 16;
+
 /// Default most workgroups in one dimension of a dispatch: WebGPU's guaranteed minimum.
 pub const DEFAULT_MAX_WORKGROUPS_PER_DIM: u32 = 65_535;
 

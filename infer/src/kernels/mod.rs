@@ -88,6 +88,17 @@ pub fn matvec_rows_per_group(kind: Matvec) -> u32 {
 /// dispatch's y dimension is the token: token `t` reads `x[t · cols..]` and writes
 /// `y[t · y_stride..]` (a batch of vectors through the same weights, as an encoder needs).
 pub fn matvec(ty: GgmlType, kind: Matvec) -> String {
+    matvec_x(ty, kind, None)
+}
+
+/// [`matvec`] with the activations read as `var<uniform> xv: array<vec4<f32>, n>` when
+/// `uniform_x` is `Some(n)` (the bound x must then be exactly `16 · n` bytes, at most the
+/// 64 KiB every adapter allows). On lavapipe a uniform load costs about a sixth of a storage
+/// load, and the activations are a third of a matvec's loads. Packed weight types
+/// ([`quant::is_packed`]) are always read as a `texture_2d<u32>` (the executor presents the
+/// bound bytes as `rgba32uint` texels), whose fetches cost lavapipe far less than storage
+/// loads; other types read `w: array<u32>`.
+pub fn matvec_x(ty: GgmlType, kind: Matvec, uniform_x: Option<u32>) -> String {
     let extra = match kind {
         Matvec::Bias => "@group(0) @binding(4) var<storage, read> bias: array<f32>;\n",
         Matvec::Logits => "@group(0) @binding(4) var<storage, read> step: array<u32>;\n",
@@ -168,24 +179,29 @@ pub fn matvec(ty: GgmlType, kind: Matvec) -> String {
     }
     let (w_decl, helpers, blk) = if packed {
         (
-            "array<vec4<u32>>",
+            "var w: texture_2d<u32>".to_string(),
             format!(
-                "{}\nconst BE: u32 = 32u;\nconst BB: u32 = 0u;\n",
+                "{}{}\nconst BE: u32 = 32u;\nconst BB: u32 = 0u;\n",
+                quant::texture_loader(),
                 quant::HELPERS
             ),
             quant::packed_row_fn(ty).unwrap_or(""),
         )
     } else {
         (
-            "array<u32>",
+            "var<storage, read> w: array<u32>".to_string(),
             format!("{}{}", quant::LOADS, quant::HELPERS),
             quant::dot(ty),
         )
     };
+    let x_decl = match uniform_x {
+        Some(n) => format!("var<uniform> xv: array<vec4<f32>, {n}>"),
+        None => "var<storage, read> xv: array<vec4<f32>>".to_string(),
+    };
     format!(
         r#"// {entry} over {ty} weights, {r} rows per invocation (hashgrid-infer).
-@group(0) @binding(0) var<storage, read> w: {w_decl};
-@group(0) @binding(1) var<storage, read> xv: array<vec4<f32>>;
+@group(0) @binding(0) {w_decl};
+@group(0) @binding(1) {x_decl};
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(3) var<storage, read> p: array<u32>;
 {extra}{common}{blk}

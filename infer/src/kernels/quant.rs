@@ -432,16 +432,28 @@ pub fn pack(ty: GgmlType, bytes: &[u8], cols: u64) -> Vec<u8> {
     out
 }
 
+/// `wl(i)`: texel `i` of the packed weights bound as `w: texture_2d<u32>`, laid out as the
+/// executor presents a buffer ([`hashgrid_protocol::job::TEXTURE_ROW_TEXELS`] texels a row).
+pub fn texture_loader() -> String {
+    let w = hashgrid_protocol::job::TEXTURE_ROW_TEXELS;
+    format!(
+        "fn wl(i: u32) -> vec4<u32> {{\n    return textureLoad(w, vec2<u32>(i & {}u, i >> {}u), 0);\n}}\n",
+        w - 1,
+        w.trailing_zeros()
+    )
+}
+
 /// For packed types: `wrowp(ro, b, nb, x0..x7, sx)`, one row's dot product with block `b`'s
-/// activations, the row starting at vec4 index `ro` of `w: array<vec4<u32>>`.
+/// activations, the row starting at texel `ro` of the weights, read with `wl` (see
+/// [`texture_loader`]).
 pub fn packed_row_fn(ty: GgmlType) -> Option<&'static str> {
     match ty {
         GgmlType::Q8_0 => Some(
             r#"
 fn wrowp(ro: u32, b: u32, nb: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>, x4: vec4<f32>, x5: vec4<f32>, x6: vec4<f32>, x7: vec4<f32>, sx: f32) -> f32 {
-    let a = w[ro + 2u * b];
-    let c = w[ro + 2u * b + 1u];
-    let dw = w[ro + 2u * nb + (b >> 3u)][(b >> 1u) & 3u];
+    let a = wl(ro + 2u * b);
+    let c = wl(ro + 2u * b + 1u);
+    let dw = wl(ro + 2u * nb + (b >> 3u))[(b >> 1u) & 3u];
     let d = f16((dw >> ((b & 1u) * 16u)) & 0xFFFFu);
     let acc = dot(i8x4(a.x), x0) + dot(i8x4(a.y), x1) + dot(i8x4(a.z), x2) + dot(i8x4(a.w), x3)
         + dot(i8x4(c.x), x4) + dot(i8x4(c.y), x5) + dot(i8x4(c.z), x6) + dot(i8x4(c.w), x7);
@@ -452,8 +464,8 @@ fn wrowp(ro: u32, b: u32, nb: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, 
         GgmlType::Q4_1 => Some(
             r#"
 fn wrowp(ro: u32, b: u32, nb: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>, x4: vec4<f32>, x5: vec4<f32>, x6: vec4<f32>, x7: vec4<f32>, sx: f32) -> f32 {
-    let q = w[ro + b];
-    let dm = f16x2(w[ro + nb + (b >> 2u)][b & 3u]);
+    let q = wl(ro + b);
+    let dm = f16x2(wl(ro + nb + (b >> 2u))[b & 3u]);
     let acc = dot(nib_lo(q.x), x0) + dot(nib_lo(q.y), x1) + dot(nib_lo(q.z), x2) + dot(nib_lo(q.w), x3)
         + dot(nib_hi(q.x), x4) + dot(nib_hi(q.y), x5) + dot(nib_hi(q.z), x6) + dot(nib_hi(q.w), x7);
     return dm.x * acc + dm.y * sx;

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use hashgrid_protocol::{BufferInit, BufferRange, ContentId, JobSpec};
 
-use super::resident::Resident;
-use super::validate::CheckedJob;
+use super::resident::{Kept, Key, Resident};
+use super::validate::{CheckedBinding, CheckedJob, texture_shape};
 use super::{
     ExecError, JobOutput, OutputBuffer, PassTiming, StreamSink, StreamUpdate, StreamedBuffer,
 };
@@ -162,7 +162,7 @@ impl GpuDevice {
                 && b.size >= RESIDENT_MIN_BYTES;
             if shareable
                 && let BufferInit::Blob(id) = &b.init
-                && let Some(buf) = self.resident.get(id)
+                && let Some(buf) = self.resident.buffer(id)
             {
                 stats.resident_hits += 1;
                 stats.resident_bytes += b.size;
@@ -190,7 +190,14 @@ impl GpuDevice {
                 }
                 stats.uploaded_bytes += bytes.len() as u64;
                 if shareable {
-                    self.resident.insert(*id, buf.clone(), alloc);
+                    self.resident.insert(
+                        Key {
+                            blob: *id,
+                            texture: None,
+                        },
+                        Kept::Buffer(buf.clone()),
+                        alloc,
+                    );
                 }
             }
             buffers.push(buf);
@@ -198,11 +205,118 @@ impl GpuDevice {
         buffers
     }
 
+    /// The textures the job reads (every distinct buffer range bound as `texture_2d<u32>`):
+    /// copied from their buffers as the job starts, or, for resident blobs, kept from an
+    /// earlier job that read the same range.
+    fn textures(
+        &mut self,
+        spec: &JobSpec,
+        checked: &CheckedJob,
+        buffers: &[wgpu::Buffer],
+    ) -> Vec<((usize, BufferRange), wgpu::TextureView)> {
+        let mut out: Vec<((usize, BufferRange), wgpu::TextureView)> = Vec::new();
+        let mut encoder = None;
+        for b in checked.passes.iter().flat_map(|p| &p.bindings) {
+            if !b.texture {
+                continue;
+            }
+            let buf = &spec.buffers[b.buffer];
+            let range = b.range.unwrap_or(BufferRange {
+                offset: 0,
+                size: buf.size,
+            });
+            if out.iter().any(|(k, _)| *k == (b.buffer, range)) {
+                continue;
+            }
+            let key = match &buf.init {
+                BufferInit::Blob(id) if buf.size >= RESIDENT_MIN_BYTES => Some(Key {
+                    blob: *id,
+                    texture: Some(range),
+                }),
+                _ => None,
+            };
+            if let Some(Kept::Texture(view)) = key.and_then(|k| self.resident.get(&k)) {
+                out.push(((b.buffer, range), view));
+                continue;
+            }
+            let (width, rows) = texture_shape(range.size);
+            let texture = self.device.create_texture(&wgpu::TextureDescriptor {
+                label: Some(&buf.name),
+                size: wgpu::Extent3d {
+                    width,
+                    height: rows,
+                    depth_or_array_layers: 1,
+                },
+                mip_level_count: 1,
+                sample_count: 1,
+                dimension: wgpu::TextureDimension::D2,
+                format: wgpu::TextureFormat::Rgba32Uint,
+                usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+                view_formats: &[],
+            });
+            let enc = encoder.get_or_insert_with(|| {
+                self.device
+                    .create_command_encoder(&wgpu::CommandEncoderDescriptor::default())
+            });
+            // Whole rows, then the partial last row.
+            let row_bytes = u64::from(width) * 16;
+            let full = (range.size / row_bytes) as u32;
+            let tail = ((range.size % row_bytes) / 16) as u32;
+            for (offset, origin_y, w, h) in [
+                (range.offset, 0, width, full),
+                (range.offset + u64::from(full) * row_bytes, full, tail, 1),
+            ] {
+                if w == 0 || h == 0 {
+                    continue;
+                }
+                enc.copy_buffer_to_texture(
+                    wgpu::TexelCopyBufferInfo {
+                        buffer: &buffers[b.buffer],
+                        layout: wgpu::TexelCopyBufferLayout {
+                            offset,
+                            bytes_per_row: Some(width * 16),
+                            rows_per_image: None,
+                        },
+                    },
+                    wgpu::TexelCopyTextureInfo {
+                        texture: &texture,
+                        mip_level: 0,
+                        origin: wgpu::Origin3d {
+                            x: 0,
+                            y: origin_y,
+                            z: 0,
+                        },
+                        aspect: wgpu::TextureAspect::All,
+                    },
+                    wgpu::Extent3d {
+                        width: w,
+                        height: h,
+                        depth_or_array_layers: 1,
+                    },
+                );
+            }
+            let view = texture.create_view(&wgpu::TextureViewDescriptor::default());
+            if let Some(k) = key
+                && !checked.written[b.buffer]
+            {
+                let bytes = u64::from(width) * u64::from(rows) * 16;
+                self.resident.insert(k, Kept::Texture(view.clone()), bytes);
+            }
+            out.push(((b.buffer, range), view));
+        }
+        if let Some(enc) = encoder {
+            self.queue.submit([enc.finish()]);
+        }
+        out
+    }
+
     fn bind_group(
         &self,
         pipeline: &wgpu::ComputePipeline,
-        bindings: &[(u32, usize, Option<BufferRange>)],
+        bindings: &[CheckedBinding],
         buffers: &[wgpu::Buffer],
+        textures: &[((usize, BufferRange), wgpu::TextureView)],
+        spec: &JobSpec,
     ) -> Option<wgpu::BindGroup> {
         if bindings.is_empty() {
             return None;
@@ -210,15 +324,27 @@ impl GpuDevice {
         let layout = pipeline.get_bind_group_layout(0);
         let entries: Vec<wgpu::BindGroupEntry<'_>> = bindings
             .iter()
-            .map(|&(binding, buf, range)| wgpu::BindGroupEntry {
-                binding,
-                resource: match range {
-                    None => buffers[buf].as_entire_binding(),
-                    Some(r) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                        buffer: &buffers[buf],
-                        offset: r.offset,
-                        size: wgpu::BufferSize::new(r.size),
-                    }),
+            .map(|b| wgpu::BindGroupEntry {
+                binding: b.binding,
+                resource: if b.texture {
+                    let range = b.range.unwrap_or(BufferRange {
+                        offset: 0,
+                        size: spec.buffers[b.buffer].size,
+                    });
+                    match textures.iter().find(|(k, _)| *k == (b.buffer, range)) {
+                        Some((_, view)) => wgpu::BindingResource::TextureView(view),
+                        // `textures` made one for every texture binding.
+                        None => buffers[b.buffer].as_entire_binding(),
+                    }
+                } else {
+                    match b.range {
+                        None => buffers[b.buffer].as_entire_binding(),
+                        Some(r) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: &buffers[b.buffer],
+                            offset: r.offset,
+                            size: wgpu::BufferSize::new(r.size),
+                        }),
+                    }
                 },
             })
             .collect();
@@ -317,6 +443,7 @@ impl GpuDevice {
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let mut upload = UploadStats::default();
         let buffers = self.buffers(spec, checked, inputs, &mut upload);
+        let textures = self.textures(spec, checked, &buffers);
         let mut pipelines = Vec::with_capacity(spec.passes.len());
         for p in &spec.passes {
             let key = (checked.shader_hashes[p.shader as usize], p.entry.clone());
@@ -325,7 +452,7 @@ impl GpuDevice {
         let groups: Vec<Option<wgpu::BindGroup>> = pipelines
             .iter()
             .zip(&checked.passes)
-            .map(|(pl, cp)| self.bind_group(pl, &cp.bindings, &buffers))
+            .map(|(pl, cp)| self.bind_group(pl, &cp.bindings, &buffers, &textures, spec))
             .collect();
         if let Some(e) = super::adapter::block_on(scope.pop())? {
             return Err(ExecError::Gpu(e.to_string()));

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use hashgrid_protocol::job::{MAX_TEXTURE_ROWS, MAX_TEXTURES_PER_PASS, TEXTURE_ROW_TEXELS};
 use hashgrid_protocol::{BufferInit, BufferRange, ContentId, GpuLimits, JobLimits, JobSpec};
 use naga::{AddressSpace, ShaderStage};
 
@@ -17,6 +18,9 @@ pub(crate) enum BindKind {
     StorageReadWrite,
     /// `var<uniform>`.
     Uniform,
+    /// `texture_2d<u32>`: the bound bytes as an `rgba32uint` texture
+    /// ([`TEXTURE_ROW_TEXELS`] texels per row).
+    Texture,
 }
 
 impl BindKind {
@@ -25,15 +29,37 @@ impl BindKind {
             BindKind::StorageRead => "var<storage, read>",
             BindKind::StorageReadWrite => "var<storage, read_write>",
             BindKind::Uniform => "var<uniform>",
+            BindKind::Texture => "texture_2d<u32>",
         }
     }
+}
+
+/// One binding a pass's entry point uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CheckedBinding {
+    /// The binding number.
+    pub(crate) binding: u32,
+    /// Index into the job's buffers.
+    pub(crate) buffer: usize,
+    /// The bound bytes (`None`: the whole buffer).
+    pub(crate) range: Option<BufferRange>,
+    /// Whether the shader reads it as a texture.
+    pub(crate) texture: bool,
 }
 
 /// A pass after validation: the bindings the entry point uses, with their kinds.
 #[derive(Debug, Clone)]
 pub(crate) struct CheckedPass {
-    /// (binding number, buffer index) for every binding the entry point uses.
-    pub(crate) bindings: Vec<(u32, usize, Option<BufferRange>)>,
+    /// Every binding the entry point uses.
+    pub(crate) bindings: Vec<CheckedBinding>,
+}
+
+/// Rows and row width (texels) of the texture that `bytes` bound as `texture_2d<u32>` make.
+pub(crate) fn texture_shape(bytes: u64) -> (u32, u32) {
+    let texels = bytes / 16;
+    let width = texels.min(TEXTURE_ROW_TEXELS);
+    let rows = texels.div_ceil(TEXTURE_ROW_TEXELS);
+    (width as u32, rows as u32)
 }
 
 /// A job after validation.
@@ -186,6 +212,9 @@ pub(crate) fn check_job(
             let used = !fi[h].is_empty();
             let kind = match g.space {
                 AddressSpace::Uniform => BindKind::Uniform,
+                AddressSpace::Handle if is_u32_texture_2d(&module.types[g.ty].inner) => {
+                    BindKind::Texture
+                }
                 AddressSpace::Storage { access } => {
                     if access.contains(naga::StorageAccess::STORE) {
                         BindKind::StorageReadWrite
@@ -196,7 +225,7 @@ pub(crate) fn check_job(
                 _ => {
                     if used {
                         return Err(berr(format!(
-                            "@group({}) @binding({}) is a texture or sampler; jobs bind buffers only",
+                            "@group({}) @binding({}) is a texture or sampler other than texture_2d<u32>; jobs bind buffers, read as storage, uniform or texture_2d<u32>",
                             rb.group, rb.binding
                         )));
                     }
@@ -212,7 +241,11 @@ pub(crate) fn check_job(
                 }
                 continue;
             }
-            let min = u64::from(module.types[g.ty].inner.size(module.to_ctx()));
+            let min = if kind == BindKind::Texture {
+                16
+            } else {
+                u64::from(module.types[g.ty].inner.size(module.to_ctx()))
+            };
             declared.insert(rb.binding, (kind, min, used));
         }
         let mut bindings = Vec::new();
@@ -241,9 +274,21 @@ pub(crate) fn check_job(
                     b.binding, buf.name
                 )));
             }
+            if kind == BindKind::Texture {
+                let rows = (bound / 16).div_ceil(TEXTURE_ROW_TEXELS);
+                if bound % 16 != 0 || rows > MAX_TEXTURE_ROWS {
+                    return Err(berr(format!(
+                        "binding {} (buffer {:?}) binds {bound} bytes as texture_2d<u32>: a texture binding must be a multiple of 16 bytes (one rgba32uint texel) and at most {} bytes ({MAX_TEXTURE_ROWS} rows of {TEXTURE_ROW_TEXELS} texels)",
+                        b.binding,
+                        buf.name,
+                        MAX_TEXTURE_ROWS * TEXTURE_ROW_TEXELS * 16
+                    )));
+                }
+            }
             let alloc = b.range.map_or(alloc_sizes[b.buffer as usize], |r| r.size);
             let max = match kind {
                 BindKind::Uniform => gpu.max_uniform_buffer_binding_size,
+                BindKind::Texture => u64::MAX,
                 _ => gpu.max_storage_buffer_binding_size,
             };
             if alloc > max {
@@ -272,7 +317,12 @@ pub(crate) fn check_job(
                     )));
                 }
                 seen.entry(b.buffer).or_insert((b.binding, kind));
-                bindings.push((b.binding, b.buffer as usize, b.range));
+                bindings.push(CheckedBinding {
+                    binding: b.binding,
+                    buffer: b.buffer as usize,
+                    range: b.range,
+                    texture: kind == BindKind::Texture,
+                });
                 if kind == BindKind::StorageReadWrite {
                     written[b.buffer as usize] = true;
                 }
@@ -286,7 +336,30 @@ pub(crate) fn check_job(
                 )));
             }
         }
+        let textures = bindings.iter().filter(|b| b.texture).count();
+        if textures > MAX_TEXTURES_PER_PASS {
+            return Err(berr(format!(
+                "the pass binds {textures} buffers as textures, over the {MAX_TEXTURES_PER_PASS} every adapter allows"
+            )));
+        }
         passes.push(CheckedPass { bindings });
+    }
+    // A texture is a snapshot of its buffer as the job starts: nothing may write that buffer.
+    for (pi, p) in passes.iter().enumerate() {
+        for b in p.bindings.iter().filter(|b| b.texture) {
+            if written[b.buffer] {
+                let pass = &spec.passes[pi];
+                return Err(ExecError::Binding {
+                    pass: pi,
+                    file: spec.shaders[pass.shader as usize].name.clone(),
+                    entry: pass.entry.clone(),
+                    message: format!(
+                        "buffer {:?} is read as texture_2d<u32> at binding {}, but a pass writes it (or a loop counts into it): a texture is a read-only snapshot of the buffer as the job starts",
+                        spec.buffers[b.buffer].name, b.binding
+                    ),
+                });
+            }
+        }
     }
     Ok(CheckedJob {
         shader_hashes,
@@ -294,4 +367,19 @@ pub(crate) fn check_job(
         alloc_sizes,
         written,
     })
+}
+
+/// Whether `ty` is `texture_2d<u32>` (sampled, not multisampled, not an array).
+fn is_u32_texture_2d(ty: &naga::TypeInner) -> bool {
+    matches!(
+        ty,
+        naga::TypeInner::Image {
+            dim: naga::ImageDimension::D2,
+            arrayed: false,
+            class: naga::ImageClass::Sampled {
+                kind: naga::ScalarKind::Uint,
+                multi: false,
+            },
+        }
+    )
 }
