@@ -615,7 +615,28 @@ pub fn compile_generate(
 
     let rms_sh = b.shader("rmsnorm", kernels::rmsnorm);
     let rope_sh = b.shader("rope_store", kernels::rope_store);
-    let attn_sh = b.shader("attention", kernels::attention);
+    // q (the first `qd` floats of qkv) as a uniform array when it fits.
+    let q_bytes = qd * 4;
+    let uniform_q = q_bytes <= MAX_UNIFORM_X;
+    let attn_sh = if uniform_q {
+        b.shader(&format!("attention_q{}", q_bytes / 16), || {
+            kernels::attention_q(Some((q_bytes / 16) as u32))
+        })
+    } else {
+        b.shader("attention", kernels::attention)
+    };
+    let q_binding = if uniform_q {
+        ranged(
+            0,
+            qkv,
+            BufferRange {
+                offset: 0,
+                size: q_bytes,
+            },
+        )
+    } else {
+        whole(0, qkv)
+    };
     for (l, lay) in weights.blocks.iter().enumerate() {
         let blk = weight_buf(&mut b, &format!("blk.{l}"))?;
         // attn_norm
@@ -755,7 +776,7 @@ pub fn compile_generate(
             "attention",
             nh,
             vec![
-                whole(0, qkv),
+                q_binding,
                 ranged(1, kcache, kv_range),
                 ranged(2, vcache, kv_range),
                 whole(3, att),

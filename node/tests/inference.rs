@@ -683,66 +683,72 @@ fn attention_matches_cpu_with_grouped_heads() {
         offset: off as u64,
         size: (ctx * kvd * 4) as u64,
     });
-    let out = run_one(
+    // q from a storage buffer and from a uniform one (as the compiler binds it).
+    for kernel in [
         kernels::attention(),
-        "attention",
-        nh as u32,
-        vec![
-            ("q", f32s(&q)),
-            ("kc", f32s(&kbig)),
-            ("vc", f32s(&vbig)),
-            ("out", Init::Zero(4 * (nh * hd) as u64)),
-            ("scores", Init::Zero(4 * (nh * ctx) as u64)),
-            (
-                "p",
-                u32s(&[
-                    nh as u32,
-                    nkv as u32,
-                    hd as u32,
-                    ctx as u32,
-                    scale.to_bits(),
-                ]),
-            ),
-            ("step", u32s(&[pos as u32])),
-        ],
-        &[
-            (0, 0, None),
-            (1, 1, r),
-            (2, 2, r),
-            (3, 3, None),
-            (4, 4, None),
-            (5, 5, None),
-            (6, 6, None),
-        ],
-    );
-    let got = to_f32(&out[3]);
-    for h in 0..nh {
-        let g = h / (nh / nkv);
-        let s: Vec<f64> = (0..=pos)
-            .map(|t| {
-                (0..hd)
-                    .map(|d| f64::from(q[h * hd + d]) * f64::from(kc[t * kvd + g * hd + d]))
-                    .sum::<f64>()
-                    * f64::from(scale)
-            })
-            .collect();
-        let m = s.iter().cloned().fold(f64::MIN, f64::max);
-        let e: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
-        let z: f64 = e.iter().sum();
-        let want: Vec<f32> = (0..hd)
-            .map(|d| {
-                ((0..=pos)
-                    .map(|t| e[t] * f64::from(vc[t * kvd + g * hd + d]))
-                    .sum::<f64>()
-                    / z) as f32
-            })
-            .collect();
-        close(
-            &got[h * hd..(h + 1) * hd],
-            &want,
-            1e-5,
-            &format!("attention head {h}"),
+        kernels::attention_q(Some((nh * hd / 4) as u32)),
+    ] {
+        let out = run_one(
+            kernel,
+            "attention",
+            nh as u32,
+            vec![
+                ("q", f32s(&q)),
+                ("kc", f32s(&kbig)),
+                ("vc", f32s(&vbig)),
+                ("out", Init::Zero(4 * (nh * hd) as u64)),
+                ("scores", Init::Zero(4 * (nh * ctx) as u64)),
+                (
+                    "p",
+                    u32s(&[
+                        nh as u32,
+                        nkv as u32,
+                        hd as u32,
+                        ctx as u32,
+                        scale.to_bits(),
+                    ]),
+                ),
+                ("step", u32s(&[pos as u32])),
+            ],
+            &[
+                (0, 0, None),
+                (1, 1, r),
+                (2, 2, r),
+                (3, 3, None),
+                (4, 4, None),
+                (5, 5, None),
+                (6, 6, None),
+            ],
         );
+        let got = to_f32(&out[3]);
+        for h in 0..nh {
+            let g = h / (nh / nkv);
+            let s: Vec<f64> = (0..=pos)
+                .map(|t| {
+                    (0..hd)
+                        .map(|d| f64::from(q[h * hd + d]) * f64::from(kc[t * kvd + g * hd + d]))
+                        .sum::<f64>()
+                        * f64::from(scale)
+                })
+                .collect();
+            let m = s.iter().cloned().fold(f64::MIN, f64::max);
+            let e: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            let want: Vec<f32> = (0..hd)
+                .map(|d| {
+                    ((0..=pos)
+                        .map(|t| e[t] * f64::from(vc[t * kvd + g * hd + d]))
+                        .sum::<f64>()
+                        / z) as f32
+                })
+                .collect();
+            close(
+                &got[h * hd..(h + 1) * hd],
+                &want,
+                1e-5,
+                &format!("attention head {h}"),
+            );
+        }
     }
 }
 

@@ -411,14 +411,25 @@ fn rope_store(@builtin(global_invocation_id) gid: vec3<u32>) {{
 }
 
 /// `attention`: `p = [n_heads, n_kv, head_dim, ctx, scale as f32 bits]`; one workgroup per
-/// head; `sc` is scratch of `n_heads · ctx` floats.
+/// head; `sc` is scratch of `n_heads · ctx` floats. `head_dim` must be a multiple of 4: q, K and
+/// V are read as `vec4<f32>` (on lavapipe a load costs about the same whatever its width).
 pub fn attention() -> String {
+    attention_q(None)
+}
+
+/// [`attention`] with q read as `var<uniform> q: array<vec4<f32>, n>` when `uniform_q` is
+/// `Some(n)` (the bound q must then be exactly `16 · n` bytes, at most 64 KiB).
+pub fn attention_q(uniform_q: Option<u32>) -> String {
+    let q_decl = match uniform_q {
+        Some(n) => format!("var<uniform> q: array<vec4<f32>, {n}>"),
+        None => "var<storage, read> q: array<vec4<f32>>".to_string(),
+    };
     format!(
         r#"// attention (hashgrid-infer).
-@group(0) @binding(0) var<storage, read> q: array<f32>;
-@group(0) @binding(1) var<storage, read> kc: array<f32>;
-@group(0) @binding(2) var<storage, read> vc: array<f32>;
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(0) {q_decl};
+@group(0) @binding(1) var<storage, read> kc: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> vc: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> out: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read_write> sc: array<f32>;
 @group(0) @binding(5) var<storage, read> p: array<u32>;
 @group(0) @binding(6) var<storage, read> step: array<u32>;
@@ -426,21 +437,21 @@ var<workgroup> red: array<f32, {t}>;
 @compute @workgroup_size({t})
 fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{
     let nh = p[0];
-    let hd = p[2];
+    let hd4 = p[2] / 4u;
     let ctx = p[3];
     let scale = bitcast<f32>(p[4]);
     let h = min(wid.x, nh - 1u);
     let g = h / (nh / p[1]);
-    let kvd = p[1] * hd;
+    let kvd4 = p[1] * hd4;
     let pos = min(step[0], ctx - 1u);
-    let qb = h * hd;
+    let qb = h * hd4;
     let sb = h * ctx;
     var mx = -3.0e38;
     for (var t = lid; t <= pos; t += {t}u) {{
-        let kb = t * kvd + g * hd;
+        let kb = t * kvd4 + g * hd4;
         var s = 0.0;
-        for (var d = 0u; d < hd; d++) {{
-            s += q[qb + d] * kc[kb + d];
+        for (var d = 0u; d < hd4; d++) {{
+            s += dot(q[qb + d], kc[kb + d]);
         }}
         s *= scale;
         sc[sb + t] = s;
@@ -472,10 +483,10 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
         workgroupBarrier();
     }}
     let inv = 1.0 / red[0];
-    for (var d = lid; d < hd; d += {t}u) {{
-        var acc = 0.0;
+    for (var d = lid; d < hd4; d += {t}u) {{
+        var acc = vec4<f32>(0.0);
         for (var t = 0u; t <= pos; t++) {{
-            acc += sc[sb + t] * vc[t * kvd + g * hd + d];
+            acc += sc[sb + t] * vc[t * kvd4 + g * hd4 + d];
         }}
         out[qb + d] = acc * inv;
     }}
