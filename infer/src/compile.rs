@@ -613,7 +613,11 @@ pub fn compile_generate(
         ],
     );
 
-    let rms_sh = b.shader("rmsnorm", kernels::rmsnorm);
+    let rms_sh = if d.is_multiple_of(4) {
+        b.shader("rmsnorm_vec4", kernels::rmsnorm_vec4)
+    } else {
+        b.shader("rmsnorm", kernels::rmsnorm)
+    };
     let rope_sh = b.shader("rope_store", kernels::rope_store);
     // q (the first `qd` floats of qkv) as a uniform array when it fits.
     let q_bytes = qd * 4;

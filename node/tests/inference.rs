@@ -560,26 +560,28 @@ fn rmsnorm_matches_cpu() {
     let x: Vec<f32> = rng.vec(n).iter().map(|v| v * 3.0).collect();
     let w = rng.vec(n);
     let eps = 1e-5f32;
-    let out = run_one(
-        kernels::rmsnorm(),
-        "rmsnorm",
-        1,
-        vec![
-            ("x", f32s(&x)),
-            ("w", f32s(&w)),
-            ("out", Init::Zero(4 * n as u64)),
-            ("p", u32s(&[n as u32, eps.to_bits()])),
-        ],
-        &[(0, 0, None), (1, 1, None), (2, 2, None), (3, 3, None)],
-    );
-    let ms: f64 = x.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>() / n as f64;
-    let scale = 1.0 / (ms + f64::from(eps)).sqrt();
-    let want: Vec<f32> = x
-        .iter()
-        .zip(&w)
-        .map(|(a, b)| (f64::from(*a) * scale * f64::from(*b)) as f32)
-        .collect();
-    close(&to_f32(&out[2]), &want, 1e-5, "rmsnorm");
+    for kernel in [kernels::rmsnorm(), kernels::rmsnorm_vec4()] {
+        let out = run_one(
+            kernel,
+            "rmsnorm",
+            1,
+            vec![
+                ("x", f32s(&x)),
+                ("w", f32s(&w)),
+                ("out", Init::Zero(4 * n as u64)),
+                ("p", u32s(&[n as u32, eps.to_bits()])),
+            ],
+            &[(0, 0, None), (1, 1, None), (2, 2, None), (3, 3, None)],
+        );
+        let ms: f64 = x.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>() / n as f64;
+        let scale = 1.0 / (ms + f64::from(eps)).sqrt();
+        let want: Vec<f32> = x
+            .iter()
+            .zip(&w)
+            .map(|(a, b)| (f64::from(*a) * scale * f64::from(*b)) as f32)
+            .collect();
+        close(&to_f32(&out[2]), &want, 1e-5, "rmsnorm");
+    }
 }
 
 fn rope_cpu(v: &mut [f32], pos: u32, rope_dim: usize, base: f32, neox: bool) {
