@@ -44,6 +44,10 @@ pub(crate) struct GpuDevice {
     cache_size: usize,
     /// Read-only blob buffers kept for later jobs (model weights), LRU under a byte budget.
     resident: Resident,
+    /// A CPU adapter (lavapipe): "GPU" memory is host memory, so blobs are written straight
+    /// into mapped buffers and outputs read straight from them (`MAPPABLE_PRIMARY_BUFFERS`),
+    /// one copy each way instead of wgpu's staging copies.
+    host_mapped: bool,
 }
 
 impl GpuDevice {
@@ -54,13 +58,20 @@ impl GpuDevice {
         resident_bytes: u64,
     ) -> Result<Self, ExecError> {
         let timestamps = adapter.features().contains(wgpu::Features::TIMESTAMP_QUERY);
+        let host_mapped = adapter.get_info().device_type == wgpu::DeviceType::Cpu
+            && adapter
+                .features()
+                .contains(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS);
+        let mut features = wgpu::Features::empty();
+        if timestamps {
+            features |= wgpu::Features::TIMESTAMP_QUERY;
+        }
+        if host_mapped {
+            features |= wgpu::Features::MAPPABLE_PRIMARY_BUFFERS;
+        }
         let desc = wgpu::DeviceDescriptor {
             label: Some("hashgrid executor"),
-            required_features: if timestamps {
-                wgpu::Features::TIMESTAMP_QUERY
-            } else {
-                wgpu::Features::empty()
-            },
+            required_features: features,
             required_limits: adapter.limits(),
             ..Default::default()
         };
@@ -87,6 +98,7 @@ impl GpuDevice {
             pipelines: VecDeque::new(),
             cache_size,
             resident: Resident::new(resident_bytes),
+            host_mapped,
         })
     }
 
@@ -169,16 +181,47 @@ impl GpuDevice {
                 buffers.push(buf);
                 continue;
             }
+            let blob = match &b.init {
+                BufferInit::Blob(id) => inputs.get(id).map(|bytes| (id, bytes)),
+                _ => None,
+            };
+            let mut usage = usage;
+            if self.host_mapped && b.output {
+                usage |= wgpu::BufferUsages::MAP_READ;
+            }
+            if self.host_mapped && blob.is_some() {
+                usage |= wgpu::BufferUsages::MAP_WRITE;
+            }
             let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(&b.name),
                 size: alloc,
                 usage,
-                mapped_at_creation: false,
+                mapped_at_creation: self.host_mapped && blob.is_some(),
             });
-            // New buffers are zeroed by wgpu; only blobs need writing.
-            if let BufferInit::Blob(id) = &b.init
-                && let Some(bytes) = inputs.get(id)
+            if self.host_mapped
+                && let Some((id, bytes)) = blob
             {
+                // One copy into the mapped buffer (wgpu zeroes the padding).
+                if let Ok(mut view) = buf.slice(..).get_mapped_range_mut() {
+                    view.slice(..bytes.len()).copy_from_slice(bytes);
+                }
+                buf.unmap();
+                stats.uploaded_bytes += bytes.len() as u64;
+                if shareable {
+                    self.resident.insert(
+                        Key {
+                            blob: *id,
+                            texture: None,
+                        },
+                        Kept::Buffer(buf.clone()),
+                        alloc,
+                    );
+                }
+                buffers.push(buf);
+                continue;
+            }
+            // New buffers are zeroed by wgpu; only blobs need writing.
+            if let Some((id, bytes)) = blob {
                 let aligned = bytes.len() & !3;
                 if aligned > 0 {
                     self.queue.write_buffer(&buf, 0, &bytes[..aligned]);
@@ -665,9 +708,14 @@ impl GpuDevice {
         }
 
         // Outputs, and the once-passes' timestamps.
+        // On a CPU adapter outputs are mapped where they are; elsewhere copied to staging.
         let mut staging = Vec::new();
         for (i, b) in spec.buffers.iter().enumerate() {
             if !b.output {
+                continue;
+            }
+            if self.host_mapped {
+                staging.push((i, buffers[i].clone()));
                 continue;
             }
             let size = checked.alloc_sizes[i];
