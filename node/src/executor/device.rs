@@ -162,7 +162,7 @@ impl GpuDevice {
         checked: &CheckedJob,
         inputs: &BTreeMap<ContentId, Vec<u8>>,
         stats: &mut UploadStats,
-    ) -> Vec<wgpu::Buffer> {
+    ) -> Result<Vec<wgpu::Buffer>, ExecError> {
         let usage = wgpu::BufferUsages::STORAGE
             | wgpu::BufferUsages::UNIFORM
             | wgpu::BufferUsages::COPY_SRC
@@ -202,7 +202,10 @@ impl GpuDevice {
                 && let Some((id, bytes)) = blob
             {
                 // One copy into the mapped buffer (wgpu zeroes the padding).
-                if let Ok(mut view) = buf.slice(..).get_mapped_range_mut() {
+                {
+                    let mut view = buf.slice(..).get_mapped_range_mut().map_err(|e| {
+                        ExecError::Gpu(format!("mapping input buffer {:?}: {e}", b.name))
+                    })?;
                     view.slice(..bytes.len()).copy_from_slice(bytes);
                 }
                 buf.unmap();
@@ -245,7 +248,7 @@ impl GpuDevice {
             }
             buffers.push(buf);
         }
-        buffers
+        Ok(buffers)
     }
 
     /// The textures the job reads (every distinct buffer range bound as `texture_2d<u32>`):
@@ -485,7 +488,7 @@ impl GpuDevice {
     ) -> Result<JobOutput, ExecError> {
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let mut upload = UploadStats::default();
-        let buffers = self.buffers(spec, checked, inputs, &mut upload);
+        let buffers = self.buffers(spec, checked, inputs, &mut upload)?;
         let textures = self.textures(spec, checked, &buffers);
         let mut pipelines = Vec::with_capacity(spec.passes.len());
         for p in &spec.passes {
