@@ -293,56 +293,32 @@ fn embed(@builtin(global_invocation_id) gid: vec3<u32>) {{
 
 /// `rmsnorm`: `p = [n, eps as f32 bits]`; one workgroup.
 pub fn rmsnorm() -> String {
-    format!(
-        r#"// rmsnorm (hashgrid-infer).
-@group(0) @binding(0) var<storage, read> x: array<f32>;
-@group(0) @binding(1) var<storage, read> wn: array<f32>;
-@group(0) @binding(2) var<storage, read_write> out: array<f32>;
-@group(0) @binding(3) var<storage, read> p: array<u32>;
-var<workgroup> part: array<f32, {t}>;
-@compute @workgroup_size({t})
-fn rmsnorm(@builtin(local_invocation_index) lid: u32) {{
-    let n = p[0];
-    var s = 0.0;
-    for (var i = lid; i < n; i += {t}u) {{
-        s += x[i] * x[i];
-    }}
-    part[lid] = s;
-    workgroupBarrier();
-    for (var k = {half}u; k > 0u; k >>= 1u) {{
-        if (lid < k) {{
-            part[lid] += part[lid + k];
-        }}
-        workgroupBarrier();
-    }}
-    let scale = 1.0 / sqrt(part[0] / f32(n) + bitcast<f32>(p[1]));
-    for (var i = lid; i < n; i += {t}u) {{
-        out[i] = x[i] * scale * wn[i];
-    }}
-}}
-"#,
-        t = REDUCE_THREADS,
-        half = REDUCE_THREADS / 2,
-    )
+    rmsnorm_kernel("f32", "n", "v * v", REDUCE_THREADS)
 }
 
 /// `rmsnorm` over `vec4<f32>` loads, for `n` a multiple of 4 (same parameters): a quarter of
 /// the loads, and one workgroup of [`NORM_THREADS`].
 pub fn rmsnorm_vec4() -> String {
+    rmsnorm_kernel("vec4<f32>", "n / 4u", "dot(v, v)", NORM_THREADS)
+}
+
+/// The rmsnorm kernel over elements of type `elem` (`len` of them, `sq` the square of one,
+/// `v`), in one workgroup of `t` threads.
+fn rmsnorm_kernel(elem: &str, len: &str, sq: &str, t: u32) -> String {
     format!(
-        r#"// rmsnorm_vec4 (hashgrid-infer).
-@group(0) @binding(0) var<storage, read> x: array<vec4<f32>>;
-@group(0) @binding(1) var<storage, read> wn: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read_write> out: array<vec4<f32>>;
+        r#"// rmsnorm over {elem} (hashgrid-infer).
+@group(0) @binding(0) var<storage, read> x: array<{elem}>;
+@group(0) @binding(1) var<storage, read> wn: array<{elem}>;
+@group(0) @binding(2) var<storage, read_write> out: array<{elem}>;
 @group(0) @binding(3) var<storage, read> p: array<u32>;
 var<workgroup> part: array<f32, {t}>;
 @compute @workgroup_size({t})
 fn rmsnorm(@builtin(local_invocation_index) lid: u32) {{
     let n = p[0];
     var s = 0.0;
-    for (var i = lid; i < n / 4u; i += {t}u) {{
+    for (var i = lid; i < {len}; i += {t}u) {{
         let v = x[i];
-        s += dot(v, v);
+        s += {sq};
     }}
     part[lid] = s;
     workgroupBarrier();
@@ -353,13 +329,12 @@ fn rmsnorm(@builtin(local_invocation_index) lid: u32) {{
         workgroupBarrier();
     }}
     let scale = 1.0 / sqrt(part[0] / f32(n) + bitcast<f32>(p[1]));
-    for (var i = lid; i < n / 4u; i += {t}u) {{
+    for (var i = lid; i < {len}; i += {t}u) {{
         out[i] = x[i] * scale * wn[i];
     }}
 }}
 "#,
-        t = NORM_THREADS,
-        half = NORM_THREADS / 2,
+        half = t / 2,
     )
 }
 

@@ -198,41 +198,27 @@ impl GpuDevice {
                 usage,
                 mapped_at_creation: self.host_mapped && blob.is_some(),
             });
-            if self.host_mapped
-                && let Some((id, bytes)) = blob
-            {
-                // One copy into the mapped buffer (wgpu zeroes the padding).
-                {
-                    let mut view = buf.slice(..).get_mapped_range_mut().map_err(|e| {
-                        ExecError::Gpu(format!("mapping input buffer {:?}: {e}", b.name))
-                    })?;
-                    view.slice(..bytes.len()).copy_from_slice(bytes);
-                }
-                buf.unmap();
-                stats.uploaded_bytes += bytes.len() as u64;
-                if shareable {
-                    self.resident.insert(
-                        Key {
-                            blob: *id,
-                            texture: None,
-                        },
-                        Kept::Buffer(buf.clone()),
-                        alloc,
-                    );
-                }
-                buffers.push(buf);
-                continue;
-            }
             // New buffers are zeroed by wgpu; only blobs need writing.
             if let Some((id, bytes)) = blob {
-                let aligned = bytes.len() & !3;
-                if aligned > 0 {
-                    self.queue.write_buffer(&buf, 0, &bytes[..aligned]);
-                }
-                if aligned < bytes.len() {
-                    let mut tail = [0u8; 4];
-                    tail[..bytes.len() - aligned].copy_from_slice(&bytes[aligned..]);
-                    self.queue.write_buffer(&buf, aligned as u64, &tail);
+                if self.host_mapped {
+                    // One copy into the mapped buffer (wgpu zeroes the padding).
+                    {
+                        let mut view = buf.slice(..).get_mapped_range_mut().map_err(|e| {
+                            ExecError::Gpu(format!("mapping input buffer {:?}: {e}", b.name))
+                        })?;
+                        view.slice(..bytes.len()).copy_from_slice(bytes);
+                    }
+                    buf.unmap();
+                } else {
+                    let aligned = bytes.len() & !3;
+                    if aligned > 0 {
+                        self.queue.write_buffer(&buf, 0, &bytes[..aligned]);
+                    }
+                    if aligned < bytes.len() {
+                        let mut tail = [0u8; 4];
+                        tail[..bytes.len() - aligned].copy_from_slice(&bytes[aligned..]);
+                        self.queue.write_buffer(&buf, aligned as u64, &tail);
+                    }
                 }
                 stats.uploaded_bytes += bytes.len() as u64;
                 if shareable {
