@@ -884,3 +884,101 @@ fn texture_bindings_are_checked() {
         .to_string();
     assert!(err.contains("snapshot"), "{err}");
 }
+
+/// A job of one input blob (`input_len` bytes of `fill`), one scratch buffer and one output:
+/// `mode` "copy" copies every word of the input's buffer (padding included) to the output,
+/// "dirty" writes 0xdeadbeef over the scratch and the output, "peek" copies the scratch.
+fn pool_job(input_len: usize, fill: u8, mode: &str) -> LoadedJob {
+    let data = vec![fill; input_len];
+    let id = ContentId::of(&data);
+    let body = match mode {
+        "copy" => "o[i] = inp[i];",
+        "dirty" => "s[i] = 0xdeadbeefu; o[i] = 0xdeadbeefu;",
+        _ => "o[i] = s[i];",
+    };
+    let wgsl = format!(
+        "@group(0) @binding(0) var<storage, read> inp: array<u32>;\n\
+         @group(0) @binding(1) var<storage, read_write> s: array<u32>;\n\
+         @group(0) @binding(2) var<storage, read_write> o: array<u32>;\n\
+         @compute @workgroup_size(64) fn main(@builtin(global_invocation_id) g: vec3<u32>) {{\n\
+           let i = g.x;\n\
+           if (i < arrayLength(&o)) {{ {body} }}\n\
+         }}"
+    );
+    LoadedJob {
+        spec: JobSpec {
+            name: format!("pool-{mode}"),
+            buffers: vec![
+                BufferSpec {
+                    name: "inp".into(),
+                    size: input_len as u64,
+                    init: BufferInit::Blob(id),
+                    output: false,
+                },
+                BufferSpec {
+                    name: "s".into(),
+                    size: 1024,
+                    init: BufferInit::Zeroed,
+                    output: false,
+                },
+                BufferSpec {
+                    name: "o".into(),
+                    size: 1024,
+                    init: BufferInit::Zeroed,
+                    output: true,
+                },
+            ],
+            shaders: vec![ShaderSource {
+                name: "pool.wgsl".into(),
+                wgsl,
+            }],
+            passes: vec![PassSpec {
+                shader: 0,
+                entry: "main".into(),
+                workgroups: [4, 1, 1],
+                bindings: vec![
+                    Binding::whole(0, 0),
+                    Binding::whole(1, 1),
+                    Binding::whole(2, 2),
+                ],
+            }],
+            loops: Vec::new(),
+        },
+        inputs: BTreeMap::from([(id, data)]),
+    }
+}
+
+#[test]
+fn reused_buffers_never_carry_one_jobs_bytes_into_the_next() {
+    let exec = start(ExecConfig::default());
+    // A job leaves 0xdeadbeef in its scratch and output buffers and 0xff in its input.
+    let dirty = run(&exec, pool_job(1024, 0xff, "dirty")).expect("dirty job");
+    assert!(dirty.outputs[0].bytes.iter().all(|&b| b != 0));
+    // The next job of the same shapes gets those buffers back, cleared.
+    let peek = run(&exec, pool_job(1024, 0xff, "peek")).expect("peek job");
+    assert!(peek.reused_buffers >= 2, "{} reused", peek.reused_buffers);
+    assert!(
+        peek.outputs[0].bytes.iter().all(|&b| b == 0),
+        "a reused scratch buffer reads as zeros"
+    );
+    // A shorter blob in a reused input buffer: its bytes, then zeros to the end.
+    let copy = run(&exec, pool_job(1021, 0x01, "copy")).expect("copy job");
+    let mut want = vec![0x01u8; 1021];
+    want.resize(1024, 0);
+    assert_eq!(copy.outputs[0].bytes, want);
+    let copy = run(&exec, pool_job(1021, 0x01, "copy")).expect("copy job again");
+    assert!(copy.reused_buffers >= 3, "{} reused", copy.reused_buffers);
+    assert_eq!(
+        copy.outputs[0].bytes, want,
+        "same answer from reused buffers"
+    );
+    // No pool: every buffer is new.
+    let none = start(ExecConfig {
+        pool_bytes: 0,
+        ..ExecConfig::default()
+    });
+    run(&none, pool_job(1024, 0xff, "dirty")).expect("dirty job");
+    let peek = run(&none, pool_job(1024, 0xff, "peek")).expect("peek job");
+    assert_eq!(peek.reused_buffers, 0);
+    assert!(peek.outputs[0].bytes.iter().all(|&b| b == 0));
+}

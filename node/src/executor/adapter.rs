@@ -17,13 +17,18 @@ pub enum AdapterChoice {
     Name(String),
 }
 
-/// Blocks the current thread on a future (wgpu's adapter and device requests are futures that
-/// complete immediately on native backends).
+/// Blocks the current thread on a future. wgpu's adapter, device and error-scope futures are
+/// ready at once on native backends, so this polls without a runtime: it works from any thread,
+/// a tokio worker included (a nested tokio runtime would panic there).
 pub(crate) fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, ExecError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .map_err(|e| ExecError::NoAdapter(format!(" (could not start a runtime: {e})")))?;
-    Ok(rt.block_on(f))
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    loop {
+        if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return Ok(v);
+        }
+        std::thread::sleep(std::time::Duration::from_micros(50));
+    }
 }
 
 fn instance(backends: wgpu::Backends) -> wgpu::Instance {

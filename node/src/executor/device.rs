@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use hashgrid_protocol::{BufferInit, BufferRange, ContentId, JobSpec};
 
+use super::pool::Pool;
 use super::resident::{Kept, Key, Resident};
 use super::validate::{CheckedBinding, CheckedJob, texture_shape};
 use super::{
@@ -22,6 +23,25 @@ struct UploadStats {
     uploaded_bytes: u64,
     resident_hits: u32,
     resident_bytes: u64,
+    reused_buffers: u32,
+}
+
+/// What a device keeps between jobs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DeviceConfig {
+    /// Compiled pipelines kept.
+    pub(crate) pipeline_cache: usize,
+    /// Bytes of read-only blobs kept resident.
+    pub(crate) resident_bytes: u64,
+    /// Bytes of idle buffers kept for reuse.
+    pub(crate) pool_bytes: u64,
+}
+
+/// A job's buffers, and which of them go back to the pool when it ends.
+struct JobBuffers {
+    buffers: Vec<wgpu::Buffer>,
+    /// (buffer index, allocated size, usage) of buffers this job owns alone.
+    recyclable: Vec<(usize, u64, wgpu::BufferUsages)>,
 }
 
 fn u64_at(bytes: &[u8], at: usize) -> u64 {
@@ -44,6 +64,8 @@ pub(crate) struct GpuDevice {
     cache_size: usize,
     /// Read-only blob buffers kept for later jobs (model weights), LRU under a byte budget.
     resident: Resident,
+    /// Buffers of finished jobs, reused by later jobs of the same shapes.
+    pool: Pool,
     /// A CPU adapter (lavapipe): "GPU" memory is host memory, so blobs are written straight
     /// into mapped buffers and outputs read straight from them (`MAPPABLE_PRIMARY_BUFFERS`),
     /// one copy each way instead of wgpu's staging copies.
@@ -52,11 +74,7 @@ pub(crate) struct GpuDevice {
 
 impl GpuDevice {
     /// Opens a device on `adapter` with the adapter's own limits.
-    pub(crate) fn open(
-        adapter: &wgpu::Adapter,
-        cache_size: usize,
-        resident_bytes: u64,
-    ) -> Result<Self, ExecError> {
+    pub(crate) fn open(adapter: &wgpu::Adapter, config: DeviceConfig) -> Result<Self, ExecError> {
         let timestamps = adapter.features().contains(wgpu::Features::TIMESTAMP_QUERY);
         let host_mapped = adapter.get_info().device_type == wgpu::DeviceType::Cpu
             && adapter
@@ -96,8 +114,9 @@ impl GpuDevice {
             timestamps,
             uncaptured,
             pipelines: VecDeque::new(),
-            cache_size,
-            resident: Resident::new(resident_bytes),
+            cache_size: config.pipeline_cache,
+            resident: Resident::new(config.resident_bytes),
+            pool: Pool::new(config.pool_bytes),
             host_mapped,
         })
     }
@@ -155,19 +174,23 @@ impl GpuDevice {
     }
 
     /// Creates the job's buffers: zeroed, written from their blob, or (read-only blobs) taken
-    /// from the resident set, which keeps them for later jobs that name the same blob.
+    /// from the resident set, which keeps them for later jobs that name the same blob. Buffers
+    /// come from the pool when an earlier job left one of the same size and usage; a reused
+    /// buffer is overwritten or cleared whole before any pass runs.
     fn buffers(
         &mut self,
         spec: &JobSpec,
         checked: &CheckedJob,
         inputs: &BTreeMap<ContentId, Vec<u8>>,
         stats: &mut UploadStats,
-    ) -> Result<Vec<wgpu::Buffer>, ExecError> {
-        let usage = wgpu::BufferUsages::STORAGE
+    ) -> Result<JobBuffers, ExecError> {
+        let base = wgpu::BufferUsages::STORAGE
             | wgpu::BufferUsages::UNIFORM
             | wgpu::BufferUsages::COPY_SRC
             | wgpu::BufferUsages::COPY_DST;
         let mut buffers = Vec::with_capacity(spec.buffers.len());
+        let mut recyclable = Vec::new();
+        let mut clear = Vec::new();
         for (i, (b, &alloc)) in spec.buffers.iter().zip(&checked.alloc_sizes).enumerate() {
             let shareable = matches!(b.init, BufferInit::Blob(_))
                 && !checked.written.get(i).copied().unwrap_or(true)
@@ -185,56 +208,126 @@ impl GpuDevice {
                 BufferInit::Blob(id) => inputs.get(id).map(|bytes| (id, bytes)),
                 _ => None,
             };
-            let mut usage = usage;
+            let mut usage = base;
             if self.host_mapped && b.output {
                 usage |= wgpu::BufferUsages::MAP_READ;
             }
             if self.host_mapped && blob.is_some() {
                 usage |= wgpu::BufferUsages::MAP_WRITE;
             }
-            let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(&b.name),
-                size: alloc,
-                usage,
-                mapped_at_creation: self.host_mapped && blob.is_some(),
+            let reused = self.pool.take(alloc, usage);
+            let fresh = reused.is_none();
+            if !fresh {
+                stats.reused_buffers += 1;
+            }
+            let buf = reused.unwrap_or_else(|| {
+                self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(&b.name),
+                    size: alloc,
+                    usage,
+                    mapped_at_creation: self.host_mapped && blob.is_some(),
+                })
             });
-            // New buffers are zeroed by wgpu; only blobs need writing.
-            if let Some((id, bytes)) = blob {
-                if self.host_mapped {
-                    // One copy into the mapped buffer (wgpu zeroes the padding).
-                    {
-                        let mut view = buf.slice(..).get_mapped_range_mut().map_err(|e| {
-                            ExecError::Gpu(format!("mapping input buffer {:?}: {e}", b.name))
-                        })?;
-                        view.slice(..bytes.len()).copy_from_slice(bytes);
-                    }
-                    buf.unmap();
-                } else {
-                    let aligned = bytes.len() & !3;
-                    if aligned > 0 {
-                        self.queue.write_buffer(&buf, 0, &bytes[..aligned]);
-                    }
-                    if aligned < bytes.len() {
-                        let mut tail = [0u8; 4];
-                        tail[..bytes.len() - aligned].copy_from_slice(&bytes[aligned..]);
-                        self.queue.write_buffer(&buf, aligned as u64, &tail);
+            match blob {
+                Some((id, bytes)) => {
+                    self.write_blob(&buf, &b.name, bytes, alloc, fresh)?;
+                    stats.uploaded_bytes += bytes.len() as u64;
+                    let kept = shareable
+                        && self.resident.insert(
+                            Key {
+                                blob: *id,
+                                texture: None,
+                            },
+                            Kept::Buffer(buf.clone()),
+                            alloc,
+                        );
+                    if !kept {
+                        recyclable.push((i, alloc, usage));
                     }
                 }
-                stats.uploaded_bytes += bytes.len() as u64;
-                if shareable {
-                    self.resident.insert(
-                        Key {
-                            blob: *id,
-                            texture: None,
-                        },
-                        Kept::Buffer(buf.clone()),
-                        alloc,
-                    );
+                None => {
+                    // New buffers are zeroed by wgpu; reused ones are cleared here.
+                    if !fresh {
+                        clear.push(buf.clone());
+                    }
+                    recyclable.push((i, alloc, usage));
                 }
             }
             buffers.push(buf);
         }
-        Ok(buffers)
+        if !clear.is_empty() {
+            let mut enc = self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+            for buf in &clear {
+                enc.clear_buffer(buf, 0, None);
+            }
+            self.queue.submit([enc.finish()]);
+        }
+        Ok(JobBuffers {
+            buffers,
+            recyclable,
+        })
+    }
+
+    /// Writes blob `bytes` into `buf` (`alloc` bytes) and zeroes the rest: one copy into the
+    /// mapped buffer on a CPU adapter (a `fresh` one is mapped at creation and zeroed by wgpu,
+    /// a reused one is mapped here), queued writes elsewhere.
+    fn write_blob(
+        &self,
+        buf: &wgpu::Buffer,
+        name: &str,
+        bytes: &[u8],
+        alloc: u64,
+        fresh: bool,
+    ) -> Result<(), ExecError> {
+        let len = bytes.len();
+        if self.host_mapped {
+            if !fresh {
+                let (tx, rx) = std::sync::mpsc::channel();
+                buf.slice(..).map_async(wgpu::MapMode::Write, move |r| {
+                    let _ = tx.send(r.is_ok());
+                });
+                self.device
+                    .poll(wgpu::PollType::Wait {
+                        submission_index: None,
+                        timeout: Some(Duration::from_secs(10)),
+                    })
+                    .map_err(|e| ExecError::Gpu(format!("mapping input buffer {name:?}: {e}")))?;
+                if !rx.try_recv().unwrap_or(false) {
+                    return Err(ExecError::Gpu(format!(
+                        "mapping input buffer {name:?} failed"
+                    )));
+                }
+            }
+            {
+                let mut view = buf
+                    .slice(..)
+                    .get_mapped_range_mut()
+                    .map_err(|e| ExecError::Gpu(format!("mapping input buffer {name:?}: {e}")))?;
+                view.slice(..len).copy_from_slice(bytes);
+                if !fresh {
+                    view.slice(len..).fill(0);
+                }
+            }
+            buf.unmap();
+            return Ok(());
+        }
+        let aligned = len & !3;
+        if aligned > 0 {
+            self.queue.write_buffer(buf, 0, &bytes[..aligned]);
+        }
+        if aligned < len {
+            let mut tail = [0u8; 4];
+            tail[..len - aligned].copy_from_slice(&bytes[aligned..]);
+            self.queue.write_buffer(buf, aligned as u64, &tail);
+        }
+        let written = (len as u64).div_ceil(4) * 4;
+        if !fresh && written < alloc {
+            let zeros = vec![0u8; (alloc - written) as usize];
+            self.queue.write_buffer(buf, written, &zeros);
+        }
+        Ok(())
     }
 
     /// The textures the job reads (every distinct buffer range bound as `texture_2d<u32>`):
@@ -332,7 +425,7 @@ impl GpuDevice {
                 && !checked.written[b.buffer]
             {
                 let bytes = u64::from(width) * u64::from(rows) * 16;
-                self.resident.insert(k, Kept::Texture(view.clone()), bytes);
+                let _ = self.resident.insert(k, Kept::Texture(view.clone()), bytes);
             }
             out.push(((b.buffer, range), view));
         }
@@ -474,7 +567,10 @@ impl GpuDevice {
     ) -> Result<JobOutput, ExecError> {
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let mut upload = UploadStats::default();
-        let buffers = self.buffers(spec, checked, inputs, &mut upload)?;
+        let JobBuffers {
+            buffers,
+            recyclable,
+        } = self.buffers(spec, checked, inputs, &mut upload)?;
         let textures = self.textures(spec, checked, &buffers);
         let mut pipelines = Vec::with_capacity(spec.passes.len());
         for p in &spec.passes {
@@ -741,7 +837,7 @@ impl GpuDevice {
             .zip(got)
             .map(|((i, _), bytes)| OutputBuffer {
                 name: spec.buffers[*i].name.clone(),
-                id: ContentId::of(&bytes),
+                id: super::content_id(&bytes),
                 bytes,
             })
             .collect();
@@ -766,6 +862,10 @@ impl GpuDevice {
         } else {
             passes.iter().map(|p| p.gpu_ms).sum()
         };
+        // Everything this job submitted has completed and its outputs are copied out.
+        for (i, size, usage) in recyclable {
+            self.pool.put(size, usage, buffers[i].clone());
+        }
         Ok(JobOutput {
             outputs,
             passes,
@@ -775,6 +875,7 @@ impl GpuDevice {
             uploaded_bytes: upload.uploaded_bytes,
             resident_hits: upload.resident_hits,
             resident_bytes: upload.resident_bytes,
+            reused_buffers: upload.reused_buffers,
         })
     }
 }

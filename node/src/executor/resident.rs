@@ -65,10 +65,10 @@ impl Resident {
     }
 
     /// Keeps `kept` (`size` bytes) under `key`, evicting the least recently used entries until
-    /// it fits. An entry larger than the whole budget is not kept.
-    pub(crate) fn insert(&mut self, key: Key, kept: Kept, size: u64) {
+    /// it fits. An entry larger than the whole budget is not kept. Whether it was kept.
+    pub(crate) fn insert(&mut self, key: Key, kept: Kept, size: u64) -> bool {
         if size > self.budget || self.entries.iter().any(|(k, _, _)| *k == key) {
-            return;
+            return false;
         }
         while self.used + size > self.budget {
             match self.entries.pop_front() {
@@ -78,5 +78,6 @@ impl Resident {
         }
         self.used += size;
         self.entries.push_back((key, kept, size));
+        true
     }
 }

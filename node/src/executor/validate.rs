@@ -118,7 +118,7 @@ pub(crate) fn check_job(
                     message: format!("input blob {id} was not supplied"),
                 });
             };
-            let got = ContentId::of(bytes);
+            let got = super::content_id(bytes);
             if got != *id {
                 return Err(ExecError::Input {
                     buffer: b.name.clone(),
