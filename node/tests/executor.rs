@@ -982,3 +982,84 @@ fn reused_buffers_never_carry_one_jobs_bytes_into_the_next() {
     assert_eq!(peek.reused_buffers, 0);
     assert!(peek.outputs[0].bytes.iter().all(|&b| b == 0));
 }
+
+#[test]
+fn buffers_go_up_to_the_adapter_limit_not_a_protocol_cap() {
+    let exec = start(ExecConfig::default());
+    let adapter_max = exec.profile().limits.max_buffer_size;
+    assert_eq!(
+        exec.limits().max_buffer_bytes,
+        adapter_max.min(hashgrid_protocol::job::DEFAULT_MAX_BUFFER_BYTES)
+    );
+    // 300 MiB: over WebGPU's default max_buffer_size (256 MiB) and the old protocol cap.
+    let big: u64 = 300 << 20;
+    if adapter_max < big {
+        eprintln!("adapter allows only {adapter_max} bytes per buffer; skipping the 300 MiB job");
+        return;
+    }
+    // A kernel writes the last word of the big buffer through a 1 KiB range bound at its end,
+    // and a second pass reads it back through the same range.
+    let end = hashgrid_protocol::BufferRange {
+        offset: big - 1024,
+        size: 1024,
+    };
+    let wgsl = "@group(0) @binding(0) var<storage, read_write> tail: array<u32>;\n\
+                @group(0) @binding(1) var<storage, read_write> o: array<u32>;\n\
+                @compute @workgroup_size(1) fn store() { tail[255] = 0x600dcafeu; }\n\
+                @compute @workgroup_size(1) fn load() { o[0] = tail[255]; o[1] = arrayLength(&tail); }";
+    let pass = |entry: &str| PassSpec {
+        shader: 0,
+        entry: entry.into(),
+        workgroups: [1, 1, 1],
+        bindings: vec![
+            Binding {
+                binding: 0,
+                buffer: 0,
+                range: Some(end),
+            },
+            Binding::whole(1, 1),
+        ],
+    };
+    let job = LoadedJob {
+        spec: JobSpec {
+            name: "big".into(),
+            buffers: vec![
+                BufferSpec {
+                    name: "big".into(),
+                    size: big,
+                    init: BufferInit::Zeroed,
+                    output: false,
+                },
+                BufferSpec {
+                    name: "o".into(),
+                    size: 8,
+                    init: BufferInit::Zeroed,
+                    output: true,
+                },
+            ],
+            shaders: vec![ShaderSource {
+                name: "big.wgsl".into(),
+                wgsl: wgsl.into(),
+            }],
+            passes: vec![pass("store"), pass("load")],
+            loops: Vec::new(),
+        },
+        inputs: BTreeMap::new(),
+    };
+    let out = run(&exec, job.clone()).expect("a 300 MiB buffer runs");
+    let o = &out.outputs[0].bytes;
+    assert_eq!(&o[..4], &0x600dcafeu32.to_le_bytes());
+    assert_eq!(&o[4..], &256u32.to_le_bytes());
+    // A site can still cap lower.
+    let capped = start(ExecConfig {
+        limits: hashgrid_protocol::JobLimits {
+            max_buffer_bytes: 256 << 20,
+            ..Default::default()
+        },
+        ..ExecConfig::default()
+    });
+    let err = run(&capped, job)
+        .expect_err("over the site's cap")
+        .to_string();
+    assert!(err.contains("bytes per buffer"), "{err}");
+}

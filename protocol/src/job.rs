@@ -16,13 +16,16 @@ pub const MAX_SHADERS: usize = 64;
 /// Most bindings in one pass.
 pub const MAX_BINDINGS_PER_PASS: usize = 32;
 
-/// Default largest buffer: 256 MiB, the WebGPU default `maxStorageBufferBindingSize` is
-/// 128 MiB and most desktop GPUs allow several GiB; 256 MiB keeps one job from monopolising a
-/// shared GPU while fitting real inference layers.
-pub const DEFAULT_MAX_BUFFER_BYTES: u64 = 256 * 1024 * 1024;
+/// Default largest buffer: 16 GiB, which in practice leaves the bound to the adapter: an
+/// executor also caps each buffer at its adapter's `max_buffer_size` (WebGPU's default is
+/// 256 MiB, desktop GPUs allow several GiB), and a site can set a lower cap. Model files have
+/// tensors well over 256 MiB (a 128k-token vocabulary's embedding at 6 bits is 430 MB).
+pub const DEFAULT_MAX_BUFFER_BYTES: u64 = 16 * 1024 * 1024 * 1024;
 
-/// Default largest total of all buffers in one job: 1 GiB.
-pub const DEFAULT_MAX_JOB_BYTES: u64 = 1024 * 1024 * 1024;
+/// Default largest total of all buffers in one job: 64 GiB, enough for the weights of a
+/// quantised 70B-parameter model. An executor also caps it at the memory its site declares
+/// (`memory_bytes`), and a site can set a lower cap.
+pub const DEFAULT_MAX_JOB_BYTES: u64 = 64 * 1024 * 1024 * 1024;
 
 /// Default most passes in one job (a loop body counts once). A compiled language model is about
 /// ten passes per layer plus a few: a 32-layer model with its prompt and sampling passes fits

@@ -63,7 +63,9 @@ pub const DEFAULT_POOL_BYTES: u64 = 512 * 1024 * 1024;
 pub struct ExecConfig {
     /// Which adapter to use (default: the best one).
     pub adapter: AdapterChoice,
-    /// Job limits; a site can only lower them below [`JobLimits::default`].
+    /// Job limits; a site can only lower them below [`JobLimits::default`]. The executor
+    /// also caps each buffer at the adapter's `max_buffer_size` and, when `memory_bytes` is
+    /// set, a job's total at it ([`Executor::limits`] says what applies).
     pub limits: JobLimits,
     /// Most jobs running at once ([`DEFAULT_MAX_CONCURRENT`]).
     pub max_concurrent: usize,
@@ -71,8 +73,8 @@ pub struct ExecConfig {
     pub queue_depth: usize,
     /// Pipelines cached per device ([`DEFAULT_PIPELINE_CACHE`]).
     pub pipeline_cache: usize,
-    /// Memory to advertise, in bytes; wgpu cannot report VRAM, so without this the profile
-    /// says the adapter's `max_buffer_size`.
+    /// Memory to advertise, in bytes, and the most one job's buffers may total; wgpu cannot
+    /// report VRAM, so without this the profile says the adapter's `max_buffer_size`.
     pub memory_bytes: Option<u64>,
     /// Bytes of read-only blobs kept resident per device ([`DEFAULT_RESIDENT_BYTES`]).
     pub resident_bytes: u64,
@@ -112,13 +114,16 @@ pub(crate) fn content_id(bytes: &[u8]) -> ContentId {
 
 /// Checks a job the way a provider will, without a GPU: structure, the default job limits,
 /// WGSL (naga parse and validation), entry points and bindings against the WebGPU default
-/// adapter limits, and (when given) that the inputs hash to their ids. A buyer runs this
-/// before any network traffic; a job that passes may still exceed a particular adapter.
+/// adapter limits (except buffer sizes: how large a buffer may be is each adapter's to say,
+/// and model weights exceed WebGPU's 256 MiB default), and (when given) that the inputs hash
+/// to their ids. A buyer runs this before any network traffic; a job that passes may still
+/// exceed a particular adapter.
 pub fn check_offline(
     spec: &JobSpec,
     inputs: Option<&BTreeMap<ContentId, Vec<u8>>>,
 ) -> Result<(), ExecError> {
-    let gpu = adapter::gpu_limits(&wgpu::Limits::default());
+    let mut gpu = adapter::gpu_limits(&wgpu::Limits::default());
+    gpu.max_buffer_size = hashgrid_protocol::job::DEFAULT_MAX_BUFFER_BYTES;
     validate::check_job(spec, inputs, &JobLimits::default(), &gpu).map(|_| ())
 }
 
@@ -263,8 +268,13 @@ impl Executor {
             devices_replaced: AtomicUsize::new(0),
             workers: Mutex::new(Vec::new()),
         });
-        // Site config can only lower the protocol's limits.
-        let limits = config.limits.min(JobLimits::default());
+        // Site config can only lower the protocol's limits; buffers go up to what the
+        // adapter allows, a job's total up to the memory the site declares.
+        let mut limits = config.limits.min(JobLimits::default());
+        limits.max_buffer_bytes = limits.max_buffer_bytes.min(profile.limits.max_buffer_size);
+        if let Some(memory) = config.memory_bytes {
+            limits.max_job_bytes = limits.max_job_bytes.min(memory);
+        }
         // Counted from when a worker starts the job, not from when it was queued.
         let limit = Duration::from_millis(limits.max_job_ms);
         let shared_for_join = shared.clone();
