@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use hashgrid_node::executor::{ExecConfig, ExecError, Executor, JobOutput};
+use hashgrid_executor::{ExecConfig, ExecError, Executor, JobOutput};
 use hashgrid_protocol::{
     Binding, BufferInit, BufferSpec, ContentId, JobLimits, JobSpec, LoadedJob, PassSpec,
     ShaderSource, load_job_file,
@@ -524,7 +524,7 @@ fn full_queue_is_refused() {
 
 #[test]
 fn profile_and_cached_benchmark() {
-    use hashgrid_node::executor::{AdapterChoice, bench, list_adapters};
+    use hashgrid_executor::{AdapterChoice, bench, list_adapters};
     let adapters = list_adapters().expect("enumerate");
     assert!(
         !adapters.is_empty(),
@@ -555,26 +555,25 @@ fn profile_and_cached_benchmark() {
     assert!(matches!(missing, Err(ExecError::NoAdapter(_))));
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let data = hashgrid_node::DataDir::new(dir.path());
+    let cache_path = dir.path().join("bench.json");
     let rt = rt();
     let b = rt
-        .block_on(bench::cached(&exec, &data.bench_cache_path()))
+        .block_on(bench::cached(&exec, &cache_path))
         .expect("benchmark");
     assert!(b.matmul_mflops > 0 && b.copy_mbps > 0, "{b:?}");
     assert_eq!(exec.profile().bench, b);
     // Second start: read from the cache, not re-measured (the file's value comes back).
     let cache: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(data.bench_cache_path()).expect("cache file"))
-            .expect("json");
+        serde_json::from_slice(&std::fs::read(&cache_path).expect("cache file")).expect("json");
     assert_eq!(
         cache[bench::cache_key(&p)]["matmul_mflops"],
         b.matmul_mflops
     );
     let planted =
         serde_json::json!({ bench::cache_key(&p): { "matmul_mflops": 7, "copy_mbps": 9 } });
-    std::fs::write(data.bench_cache_path(), planted.to_string()).expect("write");
+    std::fs::write(&cache_path, planted.to_string()).expect("write");
     let again = rt
-        .block_on(bench::cached(&by_name, &data.bench_cache_path()))
+        .block_on(bench::cached(&by_name, &cache_path))
         .expect("cached");
     assert_eq!((again.matmul_mflops, again.copy_mbps), (7, 9));
 }

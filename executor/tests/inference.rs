@@ -9,10 +9,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use hashgrid_executor::{ExecConfig, Executor, JobOutput};
 use hashgrid_infer::{
     GenerateRequest, LlamaModel, ModelWeights, Sampling, compile_generate, read_generation,
 };
-use hashgrid_node::executor::{ExecConfig, Executor, JobOutput};
 
 fn smollm2() -> Option<PathBuf> {
     match std::env::var("HASHGRID_SMOLLM2") {

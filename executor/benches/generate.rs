@@ -1,5 +1,5 @@
 //! Token generation on this machine's adapter, against llama.cpp on the same machine:
-//! `cargo bench -p hashgrid-node --bench generate -- [--model FILE.gguf] [--prompt-tokens N]
+//! `cargo bench -p hashgrid-executor --bench generate -- [--model FILE.gguf] [--prompt-tokens N]
 //! [--new-tokens N] [--runs N] [--check-every N] [--profile] [--no-llama-cpp] [--json FILE]`.
 //!
 //! Reports, as medians of `--runs` runs (after one warm-up that also makes the weights
@@ -18,8 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
+use hashgrid_executor::{ExecConfig, Executor, StreamUpdate};
 use hashgrid_infer::{GenerateRequest, LlamaModel, ModelWeights, Sampling, compile_generate};
-use hashgrid_node::executor::{ExecConfig, Executor, StreamUpdate};
 use hashgrid_protocol::LoopSpec;
 
 struct Args {

@@ -1,5 +1,5 @@
 //! Executor benchmarks on this machine's adapter:
-//! `cargo bench -p hashgrid-node --bench executor -- [--json]`.
+//! `cargo bench -p hashgrid-executor --bench executor -- [--json]`.
 //!
 //! Reports matmul GFLOP/s at 512 and 1024, per-dispatch overhead (an empty kernel), upload and
 //! readback GB/s, and each job's overhead: wall time beyond the sum of its kernel times, next
@@ -8,10 +8,8 @@
 use std::time::Instant;
 
 use anyhow::Context;
-use hashgrid_node::executor::bench::{
-    BenchJob, Data, copy_job, matmul_job, median_run, single_pass_job,
-};
-use hashgrid_node::executor::{ExecConfig, Executor, JobOutput};
+use hashgrid_executor::bench::{BenchJob, Data, copy_job, matmul_job, median_run, single_pass_job};
+use hashgrid_executor::{ExecConfig, Executor, JobOutput};
 
 /// Timed runs per figure (after one warm-up); the median is reported.
 const RUNS: usize = 5;

@@ -12,7 +12,7 @@ use hashgrid_protocol::{
 use super::{ExecError, Executor, JobOutput};
 
 /// The reference tiled matmul (the same WGSL as `examples/kernels/matmul`).
-pub const MATMUL_WGSL: &str = include_str!("../../../examples/kernels/matmul/matmul.wgsl");
+pub const MATMUL_WGSL: &str = include_str!("../../examples/kernels/matmul/matmul.wgsl");
 
 /// A copy kernel: one u32 per invocation, 256 per workgroup, 2D grid for large buffers.
 pub const COPY_WGSL: &str = "
