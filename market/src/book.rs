@@ -76,6 +76,57 @@ impl<F: Fn(&PublicKey) -> i64> Reputation for F {
     }
 }
 
+/// What a buyer knows of each provider's recent load: how many of its own jobs it placed
+/// there lately (a buyer sees only its own traffic; that is enough to spread it).
+pub trait Load {
+    /// Recent jobs placed with `owner`.
+    fn load(&self, owner: &PublicKey) -> u64;
+}
+
+/// No load known.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoLoad;
+
+impl Load for NoLoad {
+    fn load(&self, _: &PublicKey) -> u64 {
+        0
+    }
+}
+
+impl<F: Fn(&PublicKey) -> u64> Load for F {
+    fn load(&self, owner: &PublicKey) -> u64 {
+        self(owner)
+    }
+}
+
+/// How [`OrderBook::candidates_fair`] ranks asks at the same price.
+pub struct Fairness<'a> {
+    /// Reputation of each provider.
+    pub rep: &'a dyn Reputation,
+    /// Recent load the buyer put on each provider.
+    pub load: &'a dyn Load,
+    /// The buyer's random tie-break seed (per buyer and per job, so no provider is every
+    /// buyer's favourite).
+    pub seed: u64,
+}
+
+/// A provider's place in the random tie-break for `seed`: a keyed mix of its public key
+/// (splitmix64 steps), uniform enough that each of n tied providers comes first for ~1/n of
+/// the seeds.
+pub fn tie_break(seed: u64, owner: &PublicKey) -> u64 {
+    fn mix(mut z: u64) -> u64 {
+        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    owner.0.chunks(8).fold(mix(seed), |h, c| {
+        let mut w = [0u8; 8];
+        w[..c.len()].copy_from_slice(c);
+        mix(h ^ u64::from_le_bytes(w))
+    })
+}
+
 /// One trade: `units` of the ask sold to the bid at the ask's price.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fill {
@@ -967,6 +1018,59 @@ impl OrderBook {
         self.plan_asks(&f, 0, limit.max(1), rep)
             .into_iter()
             .filter_map(|(r, _)| self.ask(&r))
+            .collect()
+    }
+
+    /// The asks that can take all of `bid` (each with at least `bid.units` remaining), best
+    /// first, for a buyer that will propose to them in turn: price first, always; among asks
+    /// at the same price, work spreads instead of going to the oldest or lowest-keyed ask:
+    /// most free units (remaining minus the buyer's recent load there) first, then least
+    /// recent load, then highest reputation, then the buyer's random [`tie_break`]. Every ask
+    /// at the prices that make up the first `limit` is ranked before the list is cut, so a
+    /// provider at the best price is never cut off by the order asks arrived in.
+    pub fn candidates_fair(
+        &self,
+        bid: &Bid,
+        now_ms: u64,
+        fair: &Fairness<'_>,
+        limit: usize,
+    ) -> Vec<RestingAsk> {
+        let f = self.filter_for_bid(bid, now_ms);
+        let limit = limit.max(1);
+        let mut found: Vec<&AskEntry> = Vec::new();
+        self.scan_asks(&f, |e| {
+            if found.len() >= limit && found.last().is_some_and(|l| l.ask.price != e.ask.price) {
+                return false;
+            }
+            if e.remaining >= bid.units {
+                found.push(e);
+            }
+            true
+        });
+        let mut ranked: Vec<_> = found
+            .into_iter()
+            .map(|e| {
+                let p = &e.ask.provider;
+                let load = fair.load.load(p);
+                let free = u64::from(e.remaining).saturating_sub(load);
+                let key = (
+                    e.ask.price.0,
+                    Reverse(free),
+                    load,
+                    Reverse(fair.rep.score(p)),
+                    tie_break(fair.seed, p),
+                );
+                (key, e)
+            })
+            .collect();
+        ranked.sort_by_key(|(k, _)| *k);
+        ranked
+            .into_iter()
+            .take(limit)
+            .map(|(_, e)| RestingAsk {
+                ask: e.ask.clone(),
+                remaining: e.remaining,
+            })
             .collect()
     }
 

@@ -29,13 +29,24 @@
 //! assert_eq!((fills[0].units, fills[0].price), (1, Msat(40)));
 //! assert_eq!(book.ask(&fills[0].ask).unwrap().remaining, 3);
 //! ```
+//!
+//! ## Matching and fairness
+//!
+//! Crossing orders inside the book ([`OrderBook::submit_bid`], [`OrderBook::submit_ask`]) is
+//! price-time priority with reputation between orders of the same price and time, as in an
+//! exchange. A buyer that proposes directly to providers ranks asks with
+//! [`OrderBook::candidates_fair`] instead: price first, always; among asks at the same price,
+//! most free units (the ask's remaining units minus the buyer's recent load there), then the
+//! least recent load ([`Load`]: jobs it placed there lately), then reputation, then a random
+//! tie-break seeded per buyer and per job ([`tie_break`]). Without it a book that orders equal
+//! asks by arrival sends every job to one site of a company's forty at one price.
 
 pub mod book;
 pub mod charge;
 pub mod settlement;
 
 pub use book::{
-    BookError, Fill, NoReputation, OfferQuery, OfferSort, OrderBook, RegionDepth, Reputation,
-    RestingAsk, RestingBid, Side,
+    BookError, Fairness, Fill, Load, NoLoad, NoReputation, OfferQuery, OfferSort, OrderBook,
+    RegionDepth, Reputation, RestingAsk, RestingBid, Side, tie_break,
 };
 pub use charge::{charge, charge_us, max_charge};

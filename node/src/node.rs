@@ -600,6 +600,7 @@ impl NodeBuilder {
                 settlement,
                 cmd: cmd_tx,
                 events,
+                placements: Default::default(),
             }),
         })
     }
@@ -746,7 +747,7 @@ pub(crate) enum Command {
         SettleRequest,
         oneshot::Sender<Result<SettleReply, String>>,
     ),
-    Candidates(Box<Bid>, Vec<PublicKey>, oneshot::Sender<Vec<Candidate>>),
+    Candidates(Box<CandidateQuery>, oneshot::Sender<Vec<Candidate>>),
     MarkDown(PublicKey, oneshot::Sender<()>),
     Offers(Box<hashgrid_market::OfferQuery>, oneshot::Sender<Vec<Ask>>),
     ServeBlobs(PeerId, Vec<(ContentId, Arc<Vec<u8>>)>, oneshot::Sender<()>),
@@ -788,6 +789,20 @@ struct Inner {
     settlement: Arc<Settlement>,
     cmd: mpsc::Sender<Command>,
     events: broadcast::Sender<NodeEvent>,
+    /// Jobs this node placed with each provider lately (fair ranking).
+    placements: crate::jobs::Placements,
+}
+
+/// A buyer job's request for candidates.
+pub(crate) struct CandidateQuery {
+    /// The job's bid.
+    pub(crate) bid: Bid,
+    /// Providers already tried.
+    pub(crate) excluded: Vec<PublicKey>,
+    /// Jobs this node placed with each provider lately.
+    pub(crate) load: HashMap<PublicKey, u64>,
+    /// The random tie-break among equals (from the buyer's key and the job).
+    pub(crate) seed: u64,
 }
 
 /// Messages from job tasks waiting for the node's task.
@@ -835,13 +850,8 @@ impl Net {
         self.call(|r| Command::Blob(peer, req, r)).await?
     }
 
-    pub(crate) async fn candidates(
-        &self,
-        bid: Bid,
-        excluded: Vec<PublicKey>,
-    ) -> Result<Vec<Candidate>, String> {
-        self.call(|r| Command::Candidates(Box::new(bid), excluded, r))
-            .await
+    pub(crate) async fn candidates(&self, q: CandidateQuery) -> Result<Vec<Candidate>, String> {
+        self.call(|r| Command::Candidates(Box::new(q), r)).await
     }
 
     pub(crate) async fn mark_down(&self, p: PublicKey) {
@@ -1063,6 +1073,7 @@ impl NodeHandle {
             store: self.inner.store.clone(),
             events: self.inner.events.clone(),
             settlement: self.inner.settlement.clone(),
+            placements: self.inner.placements.clone(),
         };
         let task = tokio::spawn(BuyerJob::new(ctx, sub, record).run().in_current_span());
         if let Ok(mut tasks) = self.inner.tasks.lock() {
@@ -1484,35 +1495,37 @@ impl NodeLoop {
             .is_some_and(|until| *until > tokio::time::Instant::now())
     }
 
-    /// The asks that could serve `bid`, best first (the market engine's order), without
-    /// excluded or down providers, each with its provider's advertised addresses.
-    fn candidates(&self, bid: &Bid, excluded: &[PublicKey]) -> Vec<Candidate> {
+    /// The asks that could take all of the query's bid, best first, without excluded or down
+    /// providers, each with its provider's advertised addresses: price first, and among equal
+    /// prices the market engine's fair ranking (free units, this buyer's recent load there,
+    /// then the query's random tie-break), so equal-priced providers share the work.
+    fn candidates(&self, q: &CandidateQuery) -> Vec<Candidate> {
         let now = Timestamp::now().0;
         let book = self.ask_book(now, |a| {
-            excluded.contains(&a.provider) || self.is_down(&a.provider)
+            q.excluded.contains(&a.provider) || self.is_down(&a.provider)
         });
-        book.candidates(
-            bid,
-            now,
-            &hashgrid_market::NoReputation,
-            crate::jobs::MAX_PROPOSALS_PER_ATTEMPT,
-        )
-        .into_iter()
-        .filter(|r| r.remaining >= bid.units)
-        .filter_map(|r| {
-            let peer = crate::jobs::peer_of(&r.ask.provider)?;
-            let addrs = self
-                .book
-                .capacity(&r.ask.provider)
-                .map(|ad| ad.addrs.iter().filter_map(|a| a.parse().ok()).collect())
-                .unwrap_or_default();
-            Some(Candidate {
-                ask: r.ask,
-                peer,
-                addrs,
+        let load = |p: &PublicKey| q.load.get(p).copied().unwrap_or(0);
+        let fair = hashgrid_market::Fairness {
+            rep: &hashgrid_market::NoReputation,
+            load: &load,
+            seed: q.seed,
+        };
+        book.candidates_fair(&q.bid, now, &fair, crate::jobs::MAX_PROPOSALS_PER_ATTEMPT)
+            .into_iter()
+            .filter_map(|r| {
+                let peer = crate::jobs::peer_of(&r.ask.provider)?;
+                let addrs = self
+                    .book
+                    .capacity(&r.ask.provider)
+                    .map(|ad| ad.addrs.iter().filter_map(|a| a.parse().ok()).collect())
+                    .unwrap_or_default();
+                Some(Candidate {
+                    ask: r.ask,
+                    peer,
+                    addrs,
+                })
             })
-        })
-        .collect()
+            .collect()
     }
 
     /// The live asks of this node's view, except those `skip` names, in the market engine for
@@ -1555,8 +1568,8 @@ impl NodeLoop {
                 let id = self.swarm.behaviour_mut().settle.send_request(&peer, req);
                 self.pending_settle.insert(id, r);
             }
-            Command::Candidates(bid, excluded, r) => {
-                let _ = r.send(self.candidates(&bid, &excluded));
+            Command::Candidates(q, r) => {
+                let _ = r.send(self.candidates(&q));
             }
             Command::Offers(q, r) => {
                 let now = Timestamp::now().0;

@@ -43,6 +43,7 @@ pub(crate) struct BuyerCtx {
     pub(crate) store: StoreSlot,
     pub(crate) events: broadcast::Sender<NodeEvent>,
     pub(crate) settlement: std::sync::Arc<crate::settle::Settlement>,
+    pub(crate) placements: super::Placements,
 }
 
 enum Failure {
@@ -148,6 +149,11 @@ impl BuyerJob {
             .decode_unverified()
             .map_err(|e| (FailKind::Invalid, e.to_string()))?;
         let max_attempts = self.sub.options.max_attempts.max(1);
+        // This buyer's random tie-break among equal asks, fresh for each job.
+        let seed = hashgrid_market::tie_break(
+            u64::from_le_bytes(self.record.id.0[..8].try_into().unwrap_or_default()),
+            &self.ctx.key.public(),
+        );
         let mut excluded: HashSet<PublicKey> = HashSet::new();
         let mut failures = 0u32;
         let mut last: Option<(FailKind, String)> = None;
@@ -164,7 +170,12 @@ impl BuyerJob {
             let cands = self
                 .ctx
                 .net
-                .candidates(bid_body.clone(), excluded.iter().copied().collect())
+                .candidates(crate::node::CandidateQuery {
+                    bid: bid_body.clone(),
+                    excluded: excluded.iter().copied().collect(),
+                    load: self.ctx.placements.snapshot(),
+                    seed,
+                })
                 .await
                 .map_err(|e| (FailKind::Interrupted, e))?;
             if cands.is_empty() {
@@ -208,6 +219,7 @@ impl BuyerJob {
             let provider = cand.ask.provider;
             let peer = cand.peer;
             let agreement_id = signed.id();
+            self.ctx.placements.record(provider);
             let outcome = self.execute(&cand, signed).await;
             let (kind, reason) = match outcome {
                 Ok(()) => {

@@ -65,6 +65,47 @@ pub const MAX_PROPOSALS_PER_ATTEMPT: usize = 16;
 /// Blob chunk requests in flight at once per transfer.
 pub const BLOB_WINDOW: usize = 4;
 
+/// How long a job placed with a provider counts towards its load in this buyer's ranking.
+pub const LOAD_WINDOW: Duration = Duration::from_secs(120);
+
+/// Jobs this node placed with each provider in the last [`LOAD_WINDOW`]: the "recent load" of
+/// [`hashgrid_market::OrderBook::candidates_fair`], so that a buyer's jobs spread over
+/// providers at the same price instead of all going to one.
+#[derive(Clone, Default)]
+pub(crate) struct Placements(
+    std::sync::Arc<std::sync::Mutex<std::collections::HashMap<PublicKey, Vec<std::time::Instant>>>>,
+);
+
+impl Placements {
+    /// Counts a job placed with `provider` now.
+    pub(crate) fn record(&self, provider: PublicKey) {
+        if let Ok(mut m) = self.0.lock() {
+            let now = std::time::Instant::now();
+            m.retain(|_, v| {
+                v.retain(|t| now.duration_since(*t) < LOAD_WINDOW);
+                !v.is_empty()
+            });
+            m.entry(provider).or_default().push(now);
+        }
+    }
+
+    /// Recent jobs per provider.
+    pub(crate) fn snapshot(&self) -> std::collections::HashMap<PublicKey, u64> {
+        let now = std::time::Instant::now();
+        self.0
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .map(|(p, v)| {
+                        let n = v.iter().filter(|t| now.duration_since(**t) < LOAD_WINDOW);
+                        (*p, n.count() as u64)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
 /// The libp2p identity of a key (`None` for bytes that are not an ed25519 point; keys inside
 /// verified messages always are).
 pub(crate) fn peer_of(pk: &PublicKey) -> Option<libp2p::PeerId> {

@@ -1,0 +1,212 @@
+//! `OrderBook::candidates_fair`: price always first; among equal prices, work spreads by free
+//! units, the buyer's recent load, reputation and a per-buyer random tie-break.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::collections::HashMap;
+
+use hashgrid_market::*;
+use hashgrid_protocol::*;
+use proptest::prelude::*;
+
+const NOW: u64 = 1_000_000;
+
+fn key(i: u8) -> PublicKey {
+    Keypair::from_secret_bytes([i.wrapping_add(1); 32]).public()
+}
+
+fn gpu() -> GpuProfile {
+    GpuProfile {
+        name: "gpu".into(),
+        vendor: 0,
+        device: 0,
+        backend: Backend::Vulkan,
+        device_type: DeviceType::DiscreteGpu,
+        driver: String::new(),
+        memory_bytes: 8 << 30,
+        limits: GpuLimits::default(),
+        bench: Benchmark {
+            matmul_mflops: 1_000_000,
+            copy_mbps: 1,
+        },
+    }
+}
+
+fn ask(owner: u8, price: u64, units: u32) -> Ask {
+    Ask {
+        provider: key(owner),
+        order_id: 1,
+        seq: 1,
+        units,
+        price: Msat(price),
+        gpu: gpu(),
+        region: "eu".into(),
+        max_seconds: 3600,
+        created_at: Timestamp(NOW),
+        expires_at: Timestamp(NOW + 60_000),
+    }
+}
+
+fn bid(units: u32, max_price: u64) -> Bid {
+    Bid {
+        buyer: key(200),
+        order_id: 9,
+        seq: 1,
+        units,
+        requirements: Requirements::default(),
+        max_price: Msat(max_price),
+        max_seconds: 60,
+        created_at: Timestamp(NOW),
+        expires_at: Timestamp(NOW + 60_000),
+    }
+}
+
+fn book(asks: &[(u8, u64, u32)]) -> OrderBook {
+    let mut b = OrderBook::new();
+    // Arrival order is owner order: the order an unfair book would always pick.
+    for &(o, p, u) in asks {
+        b.submit_ask(ask(o, p, u), NOW, &NoReputation).unwrap();
+    }
+    b
+}
+
+fn first(b: &OrderBook, fair: &Fairness<'_>) -> PublicKey {
+    b.candidates_fair(&bid(1, 1_000), NOW, fair, 3)[0]
+        .ask
+        .provider
+}
+
+#[test]
+fn equal_prices_are_shared_by_the_random_tie_break() {
+    let b = book(&[(0, 100, 1), (1, 100, 1), (2, 100, 1)]);
+    let mut wins: HashMap<PublicKey, u32> = HashMap::new();
+    for seed in 0..3000 {
+        let fair = Fairness {
+            rep: &NoReputation,
+            load: &NoLoad,
+            seed,
+        };
+        *wins.entry(first(&b, &fair)).or_default() += 1;
+    }
+    assert_eq!(wins.len(), 3, "{wins:?}");
+    for n in wins.values() {
+        assert!(
+            (800..1200).contains(n),
+            "each comes first ~1000 times: {wins:?}"
+        );
+    }
+}
+
+#[test]
+fn load_then_free_units_then_reputation_order_equal_prices() {
+    let b = book(&[(0, 100, 2), (1, 100, 2), (2, 100, 2)]);
+    // The buyer placed two jobs on 0 and one on 1 lately: 2 is first, then 1, then 0.
+    let load = |p: &PublicKey| match p {
+        p if *p == key(0) => 2,
+        p if *p == key(1) => 1,
+        _ => 0,
+    };
+    for seed in 0..50 {
+        let fair = Fairness {
+            rep: &NoReputation,
+            load: &load,
+            seed,
+        };
+        let order: Vec<PublicKey> = b
+            .candidates_fair(&bid(1, 1_000), NOW, &fair, 3)
+            .iter()
+            .map(|r| r.ask.provider)
+            .collect();
+        assert_eq!(order, vec![key(2), key(1), key(0)]);
+    }
+    // More free units first: a 4-unit site takes work before a 1-unit one at the same price.
+    let b = book(&[(0, 100, 1), (1, 100, 4)]);
+    let fair = Fairness {
+        rep: &NoReputation,
+        load: &NoLoad,
+        seed: 7,
+    };
+    assert_eq!(first(&b, &fair), key(1));
+    // Equal free units and load: reputation decides.
+    let b = book(&[(0, 100, 1), (1, 100, 1)]);
+    let rep = |p: &PublicKey| i64::from(*p == key(0));
+    for seed in 0..50 {
+        let fair = Fairness {
+            rep: &rep,
+            load: &NoLoad,
+            seed,
+        };
+        assert_eq!(first(&b, &fair), key(0));
+    }
+}
+
+#[test]
+fn no_ask_at_the_best_price_is_cut_off_by_arrival_order() {
+    // Ten sites at one price, a limit of 3: over many seeds every site is proposed to.
+    let asks: Vec<(u8, u64, u32)> = (0..10).map(|o| (o, 100, 1)).collect();
+    let b = book(&asks);
+    let mut seen = std::collections::HashSet::new();
+    for seed in 0..200 {
+        let fair = Fairness {
+            rep: &NoReputation,
+            load: &NoLoad,
+            seed,
+        };
+        for r in b.candidates_fair(&bid(1, 1_000), NOW, &fair, 3) {
+            seen.insert(r.ask.provider);
+        }
+    }
+    assert_eq!(seen.len(), 10);
+}
+
+proptest! {
+    /// Whatever the load, reputation and seed: prices never decrease down the list, every ask
+    /// listed can take the whole bid and is within its price, and no cheaper ask that could
+    /// take it is left out while a dearer one is listed.
+    #[test]
+    fn price_always_comes_first(
+        asks in proptest::collection::vec((0u8..12, 1u64..6, 0u32..4), 1..24),
+        loads in proptest::collection::vec(0u64..5, 12),
+        reps in proptest::collection::vec(-3i64..3, 12),
+        units in 1u32..3,
+        max_price in 1u64..6,
+        limit in 1usize..6,
+        seed in any::<u64>(),
+    ) {
+        let mut b = OrderBook::new();
+        for (seq, &(o, p, u)) in asks.iter().enumerate() {
+            let mut a = ask(o, p, u);
+            a.seq = seq as u64 + 1;
+            // A zero-unit ask is refused; a later one replaces the owner's earlier one.
+            let _ = b.submit_ask(a, NOW, &NoReputation);
+        }
+        // The truth is what the book holds (`offers`).
+        let idx = |p: &PublicKey| (0..12u8).position(|i| key(i) == *p).unwrap();
+        let load = |p: &PublicKey| loads[idx(p)];
+        let rep = |p: &PublicKey| reps[idx(p)];
+        let fair = Fairness { rep: &rep, load: &load, seed };
+        let got = b.candidates_fair(&bid(units, max_price), NOW, &fair, limit);
+        prop_assert!(got.len() <= limit);
+        for w in got.windows(2) {
+            prop_assert!(w[0].ask.price <= w[1].ask.price);
+        }
+        for r in &got {
+            prop_assert!(r.ask.price.0 <= max_price && r.remaining >= units);
+        }
+        if let Some(worst) = got.last() {
+            let eligible_cheaper = b
+                .offers(&OfferQuery { limit: 0, ..Default::default() }, NOW)
+                .into_iter()
+                .filter(|r| r.remaining >= units && r.ask.price < worst.ask.price)
+                .count();
+            let listed_cheaper = got.iter().filter(|r| r.ask.price < worst.ask.price).count();
+            prop_assert_eq!(eligible_cheaper, listed_cheaper);
+        } else {
+            let any = b
+                .offers(&OfferQuery { limit: 0, ..Default::default() }, NOW)
+                .into_iter()
+                .any(|r| r.remaining >= units && r.ask.price.0 <= max_price);
+            prop_assert!(!any);
+        }
+    }
+}
