@@ -399,7 +399,10 @@ impl GpuDevice {
                         buffer: &buffers[b.buffer],
                         layout: wgpu::TexelCopyBufferLayout {
                             offset,
-                            bytes_per_row: Some(width * 16),
+                            // Needed (and 256-aligned, as `width · 16` is once a binding
+                            // fills a row) only for several rows; a binding shorter than one
+                            // row is one row of any width.
+                            bytes_per_row: (h > 1).then_some(width * 16),
                             rows_per_image: None,
                         },
                     },

@@ -1062,3 +1062,16 @@ fn buffers_go_up_to_the_adapter_limit_not_a_protocol_cap() {
         .to_string();
     assert!(err.contains("bytes per buffer"), "{err}");
 }
+
+#[test]
+fn a_texture_binding_shorter_than_a_row_may_have_any_number_of_texels() {
+    let exec = start(ExecConfig::default());
+    // 100 texels: one row of 1600 bytes, not a multiple of wgpu's 256-byte copy row pitch.
+    let data: Vec<u8> = (0..1600u32).map(|i| (i % 251) as u8).collect();
+    let range = hashgrid_protocol::BufferRange {
+        offset: 0,
+        size: 1600,
+    };
+    let out = run(&exec, texture_copy_job(&data, range, 100)).expect("runs");
+    assert_eq!(out.outputs[0].bytes, data);
+}

@@ -370,6 +370,87 @@ fn matvec_every_type_and_segments_match_cpu() {
 }
 
 #[test]
+fn matvec_with_the_rms_norm_fused_matches_norm_then_matvec() {
+    let mut rng = Rng(0x5eed);
+    let (rows, cols) = (70usize, 512usize);
+    let eps = 1e-5f32;
+    for ty in [GgmlType::Q8_0, GgmlType::Q4_1] {
+        assert!(kernels::quant::is_packed(ty));
+        // Activations of a residual stream (large), norm weights around 1.
+        let x: Vec<f32> = rng.vec(cols).iter().map(|v| v * 40.0).collect();
+        let g: Vec<f32> = rng.vec(cols).iter().map(|v| 1.0 + 0.5 * v).collect();
+        let ss: f64 = x.iter().map(|v| f64::from(*v) * f64::from(*v)).sum();
+        let scale = (1.0 / (ss / cols as f64 + f64::from(eps)).sqrt()) as f32;
+        let xn: Vec<f32> = x.iter().zip(&g).map(|(v, w)| v * scale * w).collect();
+        let rb = kernels::quant::kernel_row_bytes(ty, cols as u64) as u32;
+        let (gb, gd) = quantized(ty, rows, cols, &mut rng);
+        let (ub, ud) = quantized(ty, rows, cols, &mut rng);
+        let gate = pad256(kernels::quant::pack(ty, &gb, cols as u64));
+        let up_off = gate.len() as u32;
+        let blob = [gate, kernels::quant::pack(ty, &ub, cols as u64)].concat();
+        let n = (cols / 4) as u32;
+        for kind in [Matvec::Plain, Matvec::GateUp] {
+            let (nseg, r1, o1) = match kind {
+                Matvec::GateUp => (2, rows as u32, up_off),
+                _ => (1, 0, 0),
+            };
+            let p = [
+                rows as u32,
+                cols as u32,
+                rb,
+                0,
+                nseg,
+                rows as u32,
+                0,
+                r1,
+                o1,
+                0,
+                0,
+                0,
+                0,
+                eps.to_bits(),
+            ];
+            let out = run_one(
+                kernels::matvec_norm(ty, kind, n),
+                kind.entry(),
+                (rows as u32).div_ceil(kernels::matvec_rows_per_group(kind)),
+                vec![
+                    ("w", Init::Bytes(blob.clone())),
+                    ("x", f32s(&x)),
+                    ("y", Init::Zero(4 * rows as u64)),
+                    ("p", u32s(&p)),
+                    ("g", f32s(&g)),
+                ],
+                &[
+                    (0, 0, None),
+                    (1, 1, None),
+                    (2, 2, None),
+                    (3, 3, None),
+                    (5, 4, None),
+                ],
+            );
+            let gv = matvec_cpu(&gd, &xn, rows);
+            let want: Vec<f32> = match kind {
+                Matvec::GateUp => {
+                    let uv = matvec_cpu(&ud, &xn, rows);
+                    gv.iter()
+                        .zip(&uv)
+                        .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                        .collect()
+                }
+                _ => gv,
+            };
+            close(
+                &to_f32(&out[2]),
+                &want,
+                1e-4,
+                &format!("{} {ty:?} with the norm fused", kind.entry()),
+            );
+        }
+    }
+}
+
+#[test]
 fn matvec_add_gateup_bias_and_logits_skip() {
     let mut rng = Rng(7);
     let (rows, cols) = (40usize, 256usize);

@@ -655,6 +655,7 @@ pub fn compile_embed(
                     tokens: n,
                     n_prompt: 0,
                     extra: Some(ranged(4, lb, s[i + 1].range())),
+                    norm: None,
                 },
             );
         };
@@ -687,6 +688,7 @@ pub fn compile_embed(
                 tokens: n,
                 n_prompt: 0,
                 extra: Some(ranged(4, lb, bspan)),
+                norm: None,
             },
         );
         let p = b.param(3, &[nh as u32, hd as u32, n as u32, scale.to_bits()]);

@@ -613,10 +613,13 @@ pub fn compile_generate(
         ],
     );
 
-    let rms_sh = if d.is_multiple_of(4) {
-        b.shader("rmsnorm_vec4", kernels::rmsnorm_vec4)
-    } else {
-        b.shader("rmsnorm", kernels::rmsnorm)
+    // Made on first use: with every norm fused, the job carries no rmsnorm kernel.
+    let rms_sh = |b: &mut Builder| {
+        if d.is_multiple_of(4) {
+            b.shader("rmsnorm_vec4", kernels::rmsnorm_vec4)
+        } else {
+            b.shader("rmsnorm", kernels::rmsnorm)
+        }
     };
     let rope_sh = b.shader("rope_store", kernels::rope_store);
     // q (the first `qd` floats of qkv) as a uniform array when it fits.
@@ -643,19 +646,24 @@ pub fn compile_generate(
     };
     for (l, lay) in weights.blocks.iter().enumerate() {
         let blk = weight_buf(&mut b, &format!("blk.{l}"))?;
-        // attn_norm
-        let p = b.param(3, &rms_params);
-        b.pass(
-            rms_sh,
-            "rmsnorm",
-            1,
-            vec![
-                whole(0, x),
-                ranged(1, blk, lay.attn_norm.range()),
-                whole(2, xn),
-                p,
-            ],
-        );
+        // attn_norm: fused into the q, k, v matvec when the three share a type it can fuse.
+        let qkv_one = lay.q.ty == lay.k.ty && lay.k.ty == lay.v.ty;
+        let fuse = qkv_one && fusable(lay.q.ty, d);
+        if !fuse {
+            let p = b.param(3, &rms_params);
+            let sh = rms_sh(&mut b);
+            b.pass(
+                sh,
+                "rmsnorm",
+                1,
+                vec![
+                    whole(0, x),
+                    ranged(1, blk, lay.attn_norm.range()),
+                    whole(2, xn),
+                    p,
+                ],
+            );
+        }
         // q, k, v: one dispatch when the three share a type.
         let kind = if lay.bias.is_some() {
             Matvec::Bias
@@ -663,7 +671,7 @@ pub fn compile_generate(
             Matvec::Plain
         };
         let segs = [(lay.q, qd), (lay.k, kvd), (lay.v, kvd)];
-        if lay.q.ty == lay.k.ty && lay.k.ty == lay.v.ty {
+        if qkv_one {
             let base = lay.q.offset;
             let span = BufferRange {
                 offset: base,
@@ -686,7 +694,7 @@ pub fn compile_generate(
                     kind,
                     ty: lay.q.ty,
                     weights: ranged(0, blk, span),
-                    x: xn,
+                    x: if fuse { x } else { xn },
                     y: qkv,
                     rows: qkv_len,
                     cols: d,
@@ -696,6 +704,7 @@ pub fn compile_generate(
                     tokens: 1,
                     n_prompt: 0,
                     extra: lay.bias.map(|bias| ranged(4, blk, bias.range())),
+                    norm: fuse.then(|| (ranged(5, blk, lay.attn_norm.range()), c.rms_eps)),
                 },
             );
         } else {
@@ -738,6 +747,7 @@ pub fn compile_generate(
                         tokens: 1,
                         n_prompt: 0,
                         extra,
+                        norm: None,
                     },
                 );
                 yoff += rows;
@@ -791,19 +801,23 @@ pub fn compile_generate(
         );
         // x += Wo · att
         matvec_add(&mut b, blk, lay.o, att, x, qd, d);
-        // ffn_norm
-        let p = b.param(3, &rms_params);
-        b.pass(
-            rms_sh,
-            "rmsnorm",
-            1,
-            vec![
-                whole(0, x),
-                ranged(1, blk, lay.ffn_norm.range()),
-                whole(2, xn),
-                p,
-            ],
-        );
+        // ffn_norm: fused into the gate-up matvec when it can be.
+        let fuse = gu.is_none() && fusable(lay.gate.ty, d);
+        if !fuse {
+            let p = b.param(3, &rms_params);
+            let sh = rms_sh(&mut b);
+            b.pass(
+                sh,
+                "rmsnorm",
+                1,
+                vec![
+                    whole(0, x),
+                    ranged(1, blk, lay.ffn_norm.range()),
+                    whole(2, xn),
+                    p,
+                ],
+            );
+        }
         // SwiGLU
         if let Some(gu) = gu {
             for (i, slot) in [lay.gate, lay.up].into_iter().enumerate() {
@@ -823,6 +837,7 @@ pub fn compile_generate(
                         tokens: 1,
                         n_prompt: 0,
                         extra: None,
+                        norm: None,
                     },
                 );
             }
@@ -845,7 +860,7 @@ pub fn compile_generate(
                     kind: Matvec::GateUp,
                     ty: lay.gate.ty,
                     weights: ranged(0, blk, span),
-                    x: xn,
+                    x: if fuse { x } else { xn },
                     y: ffh,
                     rows: ff,
                     cols: d,
@@ -855,6 +870,7 @@ pub fn compile_generate(
                     tokens: 1,
                     n_prompt: 0,
                     extra: None,
+                    norm: fuse.then(|| (ranged(5, blk, lay.ffn_norm.range()), c.rms_eps)),
                 },
             );
         }
@@ -862,21 +878,26 @@ pub fn compile_generate(
         matvec_add(&mut b, blk, lay.down, ffh, x, ff, d);
     }
 
-    // Output norm, logits (from the prompt's last position on), sampling.
-    let p = b.param(3, &rms_params);
-    b.pass(
-        rms_sh,
-        "rmsnorm",
-        1,
-        vec![whole(0, x), whole(1, out_norm), whole(2, xn), p],
-    );
+    // Output norm (fused into the logits matvec when it can be), logits (from the prompt's
+    // last position on), sampling.
+    let fuse = fusable(weights.output_ty, d);
+    if !fuse {
+        let p = b.param(3, &rms_params);
+        let sh = rms_sh(&mut b);
+        b.pass(
+            sh,
+            "rmsnorm",
+            1,
+            vec![whole(0, x), whole(1, out_norm), whole(2, xn), p],
+        );
+    }
     matvec_pass(
         &mut b,
         MatvecPass {
             kind: Matvec::Logits,
             ty: weights.output_ty,
             weights: whole(0, output),
-            x: xn,
+            x: if fuse { x } else { xn },
             y: logits,
             rows: vocab,
             cols: d,
@@ -886,6 +907,13 @@ pub fn compile_generate(
             tokens: 1,
             n_prompt: n_prompt as u64,
             extra: Some(whole(4, step)),
+            norm: fuse.then(|| {
+                let size = d * 4;
+                (
+                    ranged(5, out_norm, BufferRange { offset: 0, size }),
+                    c.rms_eps,
+                )
+            }),
         },
     );
     let sh = b.shader("sample", kernels::sample);
@@ -969,6 +997,16 @@ pub(crate) struct MatvecPass<'a> {
     pub(crate) n_prompt: u64,
     /// Binding 4: the bias (`Bias`) or the step counter (`Logits`).
     pub(crate) extra: Option<Binding>,
+    /// The RMS norm to fuse in (`x` is then the raw residual): its weights as binding 5 and
+    /// its epsilon. Only where [`fusable`] says the kernel can.
+    pub(crate) norm: Option<(Binding, f32)>,
+}
+
+/// Whether a one-token matvec over `ty` with rows of `cols` can fuse the RMS norm before it
+/// ([`kernels::matvec_norm`]): packed weights and activations (and norm weights) that fit a
+/// uniform array.
+pub(crate) fn fusable(ty: GgmlType, cols: u64) -> bool {
+    kernels::quant::is_packed(ty) && cols.is_multiple_of(4) && cols * 4 <= MAX_UNIFORM_X
 }
 
 /// Adds `m` to the job.
@@ -987,6 +1025,12 @@ pub(crate) fn matvec_pass(b: &mut Builder, m: MatvecPass<'_>) {
     }
     pv.push(m.n_prompt as u32);
     pv.push(m.y_stride as u32);
+    // Callers fuse a norm only where `fusable` says so (else they run `rmsnorm` first).
+    debug_assert!(m.norm.is_none() || (m.tokens == 1 && fusable(m.ty, m.cols)));
+    let norm = m.norm;
+    if let Some((_, eps)) = norm {
+        pv.push(eps.to_bits());
+    }
     let p = b.param(3, &pv);
     let (kind, ty) = (m.kind, m.ty);
     // The activations as a uniform array when they fit the 64 KiB every adapter allows.
@@ -999,11 +1043,17 @@ pub(crate) fn matvec_pass(b: &mut Builder, m: MatvecPass<'_>) {
         ),
         None => (format!("{}_{}", kind.entry(), ty.name()), whole(1, m.x)),
     };
-    let sh = b.shader(&name, || {
-        kernels::matvec_x(ty, kind, uniform_x.map(|n| (n / 16) as u32))
-    });
+    let sh = match (norm, uniform_x) {
+        (Some(_), Some(n)) => b.shader(&format!("{name}_norm"), || {
+            kernels::matvec_norm(ty, kind, (n / 16) as u32)
+        }),
+        _ => b.shader(&name, || {
+            kernels::matvec_x(ty, kind, uniform_x.map(|n| (n / 16) as u32))
+        }),
+    };
     let mut bind = vec![m.weights, x, whole(2, m.y), p];
     bind.extend(m.extra);
+    bind.extend(norm.map(|(w, _)| w));
     b.pass_xy(
         sh,
         kind.entry(),
@@ -1033,6 +1083,7 @@ fn matvec_add(b: &mut Builder, blk: u32, slot: Slot, x: u32, y: u32, cols: u64, 
             tokens: 1,
             n_prompt: 0,
             extra: None,
+            norm: None,
         },
     );
 }

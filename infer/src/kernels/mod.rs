@@ -103,6 +103,22 @@ pub fn matvec(ty: GgmlType, kind: Matvec) -> String {
 /// bound bytes as `rgba32uint` texels), whose fetches cost lavapipe far less than storage
 /// loads; other types read `w: array<u32>`.
 pub fn matvec_x(ty: GgmlType, kind: Matvec, uniform_x: Option<u32>) -> String {
+    matvec_gen(ty, kind, uniform_x, false)
+}
+
+/// [`matvec_x`] with the RMS norm that precedes every decoder matvec fused in, for one token
+/// of a packed type read as a uniform array of `n` vec4s (`cols = 4n`): each invocation
+/// computes `scale = 1 / sqrt(mean(x²) + eps)` from the raw `x` (eps as f32 bits in `p[13]`)
+/// and multiplies every activation by `scale` and the norm weights
+/// (`@binding(5) var<uniform> gn: array<vec4<f32>, n>`), in the order of the `rmsnorm` kernel
+/// (`x · scale · g`). One dispatch fewer per norm: on lavapipe a dispatch costs ~100 µs, and
+/// summing 4n squares per invocation costs about 1% of the matvec.
+pub fn matvec_norm(ty: GgmlType, kind: Matvec, n: u32) -> String {
+    matvec_gen(ty, kind, Some(n), true)
+}
+
+fn matvec_gen(ty: GgmlType, kind: Matvec, uniform_x: Option<u32>, norm: bool) -> String {
+    let norm = norm && uniform_x.is_some() && quant::is_packed(ty);
     let extra = match kind {
         Matvec::Bias => "@group(0) @binding(4) var<storage, read> bias: array<f32>;\n",
         Matvec::Logits => "@group(0) @binding(4) var<storage, read> step: array<u32>;\n",
@@ -133,6 +149,11 @@ pub fn matvec_x(ty: GgmlType, kind: Matvec, uniform_x: Option<u32>) -> String {
             setup.push_str(&format!("    let o{k} = seg_off(min(r0 + {k}u, last));\n"));
         }
     }
+    if let (true, Some(n)) = (norm, uniform_x) {
+        setup.push_str(&format!(
+            "    var ss = 0.0;\n    for (var i = 0u; i < {n}u; i++) {{\n        let v = xv[i];\n        ss += dot(v, v);\n    }}\n    let scale = 1.0 / sqrt(ss / f32(p[1]) + bitcast<f32>(p[13]));\n"
+        ));
+    }
     setup.push_str("    let xb = gid.y * p[1];\n");
     for k in 0..r {
         setup.push_str(&format!("    var a{k} = 0.0;\n"));
@@ -144,7 +165,13 @@ pub fn matvec_x(ty: GgmlType, kind: Matvec, uniform_x: Option<u32>) -> String {
     if packed {
         body.push_str("        let xi = xo >> 2u;\n");
         for k in 0..8 {
-            body.push_str(&format!("        let x{k} = xv[xi + {k}u];\n"));
+            if norm {
+                body.push_str(&format!(
+                    "        let x{k} = xv[xi + {k}u] * scale * gn[xi + {k}u];\n"
+                ));
+            } else {
+                body.push_str(&format!("        let x{k} = xv[xi + {k}u];\n"));
+            }
         }
         body.push_str("        let sx = hsum(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7);\n");
         for k in 0..r {
@@ -202,8 +229,15 @@ pub fn matvec_x(ty: GgmlType, kind: Matvec, uniform_x: Option<u32>) -> String {
         Some(n) => format!("var<uniform> xv: array<vec4<f32>, {n}>"),
         None => "var<storage, read> xv: array<vec4<f32>>".to_string(),
     };
+    let extra = match (norm, uniform_x) {
+        (true, Some(n)) => {
+            format!("{extra}@group(0) @binding(5) var<uniform> gn: array<vec4<f32>, {n}>;\n")
+        }
+        _ => extra.to_string(),
+    };
+    let fused = if norm { ", RMS norm fused" } else { "" };
     format!(
-        r#"// {entry} over {ty} weights, {r} rows per invocation (hashgrid-infer).
+        r#"// {entry} over {ty} weights, {r} rows per invocation{fused} (hashgrid-infer).
 @group(0) @binding(0) {w_decl};
 @group(0) @binding(1) {x_decl};
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
