@@ -28,6 +28,14 @@ pub enum DecodeError {
         /// The decoder's reason.
         reason: String,
     },
+    /// The bytes decode, but are not the canonical encoding of what they decode to (a
+    /// non-minimal varint, unsorted or repeated map keys): every value has exactly one
+    /// encoding, so one signed content has exactly one id.
+    #[error("{what}: not the canonical encoding of its value")]
+    NonCanonical {
+        /// What was being decoded.
+        what: &'static str,
+    },
     /// A valid value was followed by extra bytes.
     #[error("{what}: {extra} unexpected trailing bytes")]
     TrailingBytes {
@@ -45,9 +53,10 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     postcard::to_stdvec(value).expect("protocol types always have a canonical encoding")
 }
 
-/// Decodes `bytes` as a `T`, refusing inputs over `max` bytes before looking at them and
-/// refusing trailing garbage.
-pub fn decode<T: DeserializeOwned>(
+/// Decodes `bytes` as a `T`, refusing inputs over `max` bytes before looking at them,
+/// trailing garbage, and any encoding but the canonical one (the value is encoded again and
+/// compared).
+pub fn decode<T: DeserializeOwned + Serialize>(
     bytes: &[u8],
     max: usize,
     what: &'static str,
@@ -69,6 +78,9 @@ pub fn decode<T: DeserializeOwned>(
             what,
             extra: rest.len(),
         });
+    }
+    if postcard::to_stdvec(&value).ok().as_deref() != Some(bytes) {
+        return Err(DecodeError::NonCanonical { what });
     }
     Ok(value)
 }

@@ -336,9 +336,10 @@ impl JobSpec {
             return err("no buffer is marked `output = true`: the job would return nothing".into());
         }
         for (i, b) in self.buffers.iter().enumerate() {
-            if b.name.is_empty() || b.name.len() > MAX_STRING_LEN {
+            if !crate::validate::is_plain_name(&b.name) {
                 return err(format!(
-                    "buffer {i}: name must be 1-{MAX_STRING_LEN} characters"
+                    "buffer {i}: name {:?} is not a plain name (1-{MAX_STRING_LEN} characters of letters, digits, `_`, `-` and `.`, not starting with `.`): outputs are written to files by name",
+                    b.name
                 ));
             }
             if self.buffers[..i].iter().any(|o| o.name == b.name) {

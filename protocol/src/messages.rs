@@ -518,7 +518,7 @@ impl SignedMessage for Receipt {
         check_len("inputs", self.inputs.len(), crate::job::MAX_BUFFERS)?;
         check_len("outputs", self.outputs.len(), crate::job::MAX_BUFFERS)?;
         for o in &self.outputs {
-            check_str("outputs[].name", &o.name, MAX_STRING_LEN)?;
+            crate::validate::check_name("outputs[].name", &o.name)?;
         }
         if self.finished_at < self.started_at {
             return Err(ValidationError::OutOfRange {

@@ -19,8 +19,10 @@ use crate::signed::{Countersigned, Network, Signed, SignedError};
 /// Largest receipt file read: a receipt is far smaller than a message, JSON doubles it.
 pub const MAX_RECEIPT_FILE_BYTES: usize = 2 * MAX_MESSAGE_BYTES;
 
-/// A countersigned receipt with the network it was signed for, as saved to disk.
+/// A countersigned receipt with the network it was signed for, as saved to disk. Unknown keys
+/// are refused: a file that says more than its signatures cover is not a receipt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ReceiptFile {
     /// The network the signatures are for.
     pub network: Network,

@@ -166,7 +166,7 @@ pub enum SignedError {
 /// A signed message: the exact body bytes, the signer, and the signature over
 /// `domain_tag || 0x00 || body`.
 #[derive(Serialize, Deserialize)]
-#[serde(bound = "")]
+#[serde(bound = "", deny_unknown_fields)]
 pub struct Signed<T> {
     body: Bytes,
     signer: PublicKey,
@@ -319,7 +319,7 @@ fn countersign_kind<T: SignedMessage>() -> String {
 
 /// A signed message plus the counterparty's signature over its id.
 #[derive(Serialize, Deserialize)]
-#[serde(bound = "")]
+#[serde(bound = "", deny_unknown_fields)]
 pub struct Countersigned<T> {
     /// The original signed message.
     pub signed: Signed<T>,

@@ -74,6 +74,33 @@ pub fn check_str(field: &'static str, s: &str, max: usize) -> Result<(), Validat
     Ok(())
 }
 
+/// Whether `name` is a plain name: 1 to [`crate::limits::MAX_STRING_LEN`] bytes of ASCII
+/// letters, digits, `_`, `-` and `.`, not starting with `.`. Buffer (and so output) names are
+/// plain: tools write outputs to `DIR/NAME.bin`, so a name can never be a path (`../escape`,
+/// `a/b`, `C:x`, `.hidden`).
+pub fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= crate::limits::MAX_STRING_LEN
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'))
+}
+
+/// Checks that a name field is a plain name ([`is_plain_name`]).
+pub fn check_name(field: &'static str, name: &str) -> Result<(), ValidationError> {
+    if !is_plain_name(name) {
+        return Err(ValidationError::OutOfRange {
+            field,
+            reason: format!(
+                "{name:?} is not a plain name (1-{} characters of letters, digits, `_`, `-` and `.`, not starting with `.`)",
+                crate::limits::MAX_STRING_LEN
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Checks a list's length (0..=max entries).
 pub fn check_len(field: &'static str, len: usize, max: usize) -> Result<(), ValidationError> {
     if len > max {

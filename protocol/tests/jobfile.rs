@@ -330,3 +330,18 @@ fn ranges_must_be_aligned_and_inside() {
         assert!(e.contains("a range must start at a multiple of 256"), "{e}");
     }
 }
+
+#[test]
+fn buffer_names_are_plain_names_never_paths() {
+    let job = load(GOOD).unwrap();
+    assert!(job.spec.validate(&JobLimits::default()).is_ok());
+    for bad in ["../escape", "a/b", ".hidden", "a b"] {
+        let mut spec = job.spec.clone();
+        spec.buffers[1].name = bad.into();
+        let e = spec
+            .validate(&JobLimits::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("plain name"), "{bad:?}: {e}");
+    }
+}

@@ -267,3 +267,76 @@ fn chain_auditor_follows_the_hash_chain() {
     let mut a = ChainAuditor::new(w.provider.public(), w.net.clone());
     assert!(matches!(a.push(&s), Err(ReceiptError::Chain { .. })));
 }
+
+#[test]
+fn receipt_files_say_nothing_their_signatures_do_not_cover() {
+    let w = world();
+    let r = receipt(&w, 0, None, b"result");
+    let cs = Signed::sign(&w.provider, &w.net, &r).countersign(&w.buyer, &w.net);
+    let json = ReceiptFile {
+        network: w.net.clone(),
+        receipt: cs,
+    }
+    .to_json();
+    assert!(verify_receipt_file(json.as_bytes()).is_ok());
+    // An added key at any level is refused, not ignored.
+    for path in [&[][..], &["receipt"][..], &["receipt", "signed"][..]] {
+        let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let mut at = &mut v;
+        for k in path {
+            at = &mut at[*k];
+        }
+        at["charge"] = serde_json::json!(999_999);
+        let e = verify_receipt_file(v.to_string().as_bytes()).unwrap_err();
+        assert!(
+            matches!(&e, ReceiptError::Format(m) if m.contains("unknown field")),
+            "{path:?}: {e}"
+        );
+    }
+}
+
+#[test]
+fn output_names_are_plain_names_never_paths() {
+    let w = world();
+    for bad in ["../escape", "a/b", "a\\b", ".hidden", "", "C:x", "sp ace"] {
+        let mut r = receipt(&w, 0, None, b"result");
+        r.outputs[0].name = bad.into();
+        let cs = Signed::sign(&w.provider, &w.net, &r).countersign(&w.buyer, &w.net);
+        let json = ReceiptFile {
+            network: w.net.clone(),
+            receipt: cs,
+        }
+        .to_json();
+        assert!(
+            verify_receipt_file(json.as_bytes()).is_err(),
+            "{bad:?} is refused"
+        );
+    }
+    for good in ["out", "blk.0", "k_cache", "x-1.bin"] {
+        assert!(hashgrid_protocol::validate::is_plain_name(good), "{good}");
+    }
+}
+
+#[test]
+fn only_the_canonical_encoding_decodes() {
+    use hashgrid_protocol::codec::decode;
+    assert_eq!(decode::<u64>(&[0x01], 16, "n").unwrap(), 1);
+    // 1 as a two-byte varint: same value, another encoding.
+    assert!(matches!(
+        decode::<u64>(&[0x81, 0x00], 16, "n"),
+        Err(DecodeError::NonCanonical { .. })
+    ));
+    // A signed receipt whose body re-encodes a varint non-minimally: refused, so one content
+    // can never have two ids.
+    let w = world();
+    let r = receipt(&w, 0, None, b"result");
+    let body = hashgrid_protocol::codec::encode(&r);
+    // The body ends with chain_seq (0) and prev_receipt (None): make chain_seq `0x80 0x00`.
+    let mut long = body[..body.len() - 2].to_vec();
+    long.extend_from_slice(&[0x80, 0x00, 0x00]);
+    assert!(matches!(
+        decode::<Receipt>(&long, 1 << 20, "receipt"),
+        Err(DecodeError::NonCanonical { .. })
+    ));
+    assert_eq!(decode::<Receipt>(&body, 1 << 20, "receipt").unwrap(), r);
+}

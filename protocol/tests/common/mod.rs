@@ -148,7 +148,7 @@ prop_compose! {
 prop_compose! {
     pub fn arb_receipt()(job_id in arb_id(), agreement_id in arb_id(), b in 0u8..128, p in 128u8..=255,
                          spec_id in arb_id(), inputs in vec(arb_id(), 0..4),
-                         outputs in vec((arb_str(), arb_id(), any::<u64>()), 0..4),
+                         outputs in vec(("[a-z0-9_][a-z0-9_.-]{0,39}", arb_id(), any::<u64>()), 0..4),
                          adapter in arb_gpu(), start in 0u64..1 << 45, dur in 0u64..1 << 20,
                          gpu_time_us in any::<u64>(), charge in any::<u64>(), chain_seq in any::<u64>(),
                          prev in arb_id()) -> Receipt {

@@ -618,11 +618,10 @@ fn receipt_verify(
             "  gpu time  {} µs, charge {}",
             receipt.gpu_time_us, receipt.charge
         );
-        println!(
-            "  chain     #{} after {:?}",
-            receipt.chain_seq,
-            receipt.prev_receipt.map(|p| p.to_string())
-        );
+        match receipt.prev_receipt {
+            Some(prev) => println!("  chain     #{} after receipt {prev}", receipt.chain_seq),
+            None => println!("  chain     #{} (the provider's first)", receipt.chain_seq),
+        }
         for o in &receipt.outputs {
             let checked = if outputs.is_some() {
                 "  ✓ matches"
