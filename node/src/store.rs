@@ -8,6 +8,15 @@
 //! The identity itself is the key file next to the store ([`crate::DataDir::identity_path`]).
 //! Writes that matter (an order posted or cancelled, a sequence number used) are flushed
 //! before the operation is acknowledged to the caller.
+//!
+//! **Schema versions.** Records are postcard encodings of Rust types, which have no field tags:
+//! a field added to a stored type makes every existing record unreadable. So the store records
+//! its schema version ([`SCHEMA_VERSION`], in the `meta` tree) and [`Store::open`] brings an
+//! older store up to date through [`MIGRATIONS`], one version at a time, before anything reads
+//! it; a store written by a newer release is refused, untouched. Changing a stored type means:
+//! keep the old definition in a `v<N>` module, bump [`SCHEMA_VERSION`], add a migration that
+//! decodes each record with the old type and writes it with the new one, and add a fixture of
+//! the previous release's data dirs (`tests/fixtures/`, opened by `tests/tests/store_upgrade.rs`).
 
 use std::path::Path;
 
@@ -70,7 +79,51 @@ pub enum StoreError {
         /// What failed.
         reason: String,
     },
+    /// The store was written by a newer release, whose records this one cannot read.
+    #[error(
+        "store {path}: schema version {found} was written by a newer hashgrid; this build reads versions up to {supported} (upgrade hashgrid, or use another --data-dir)"
+    )]
+    NewerSchema {
+        /// The store directory.
+        path: String,
+        /// The store's schema version.
+        found: u32,
+        /// The newest this build reads.
+        supported: u32,
+    },
+    /// Bringing an older store up to date failed; the store is left at version `from`.
+    #[error("store: migrating schema version {from} to {}: {reason}", from + 1)]
+    Migration {
+        /// The version being migrated from.
+        from: u32,
+        /// What failed.
+        reason: String,
+    },
 }
+
+/// The schema version this build writes: what the records of every tree are.
+///
+/// - 0: the release before versions (records as in version 1, no version recorded).
+/// - 1: the same records, with the version recorded in `meta`.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// One step of the migration path: rewrites a store of schema `from` as `from + 1`. A step
+/// must be safe to run again (the new version is recorded only after it completes, so a crash
+/// during a step repeats it at the next open).
+pub struct Migration {
+    /// The version it migrates from.
+    pub from: u32,
+    /// What it changes, for the log.
+    pub what: &'static str,
+    run: fn(&Store) -> Result<(), StoreError>,
+}
+
+/// Every migration, in order: `MIGRATIONS[i].from == i`.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    from: 0,
+    what: "record the schema version (records unchanged)",
+    run: |_| Ok(()),
+}];
 
 /// The sled store (cheap to clone: sled handles are reference counted).
 #[derive(Clone, Debug)]
@@ -117,6 +170,18 @@ pub enum JobTree {
 }
 
 impl JobTree {
+    /// Every job tree.
+    pub const ALL: [JobTree; 8] = [
+        JobTree::BuyerJobs,
+        JobTree::ProviderJobs,
+        JobTree::Receipts,
+        JobTree::Countersigned,
+        JobTree::Blobs,
+        JobTree::SettleLog,
+        JobTree::InvoicesOut,
+        JobTree::InvoicesIn,
+    ];
+
     fn name(self) -> &'static str {
         match self {
             JobTree::BuyerJobs => "buyer_jobs",
@@ -138,6 +203,7 @@ const TREE_OWN_ORDERS: &str = "own_orders";
 const TREE_PEERS: &str = "peers";
 const TREE_META: &str = "meta";
 const KEY_LAST_SEQ: &[u8] = b"last_seq";
+const KEY_SCHEMA: &[u8] = b"schema_version";
 const KEY_LAST_ORDER_ID: &[u8] = b"last_order_id";
 
 impl Store {
@@ -154,7 +220,11 @@ impl Store {
                 .cache_capacity(4 * 1024 * 1024)
                 .open();
             match opened {
-                Ok(db) => return Store::with_db(db),
+                Ok(db) => {
+                    let store = Store::with_db(db)?;
+                    store.upgrade(&path.display().to_string())?;
+                    return Ok(store);
+                }
                 Err(sled::Error::Io(e))
                     if e.to_string().contains("could not acquire lock")
                         && std::time::Instant::now() < deadline =>
@@ -194,7 +264,62 @@ impl Store {
     /// A store in memory only (for nodes without a data dir); nothing survives a restart.
     pub fn temporary() -> Result<Store, StoreError> {
         let db = sled::Config::new().temporary(true).open()?;
-        Store::with_db(db)
+        let store = Store::with_db(db)?;
+        store.upgrade("(in memory)")?;
+        Ok(store)
+    }
+
+    /// The store's schema version: recorded, else 0 for a store that holds records (written
+    /// before versions were recorded), else (a new store) [`SCHEMA_VERSION`].
+    pub fn schema_version(&self) -> Result<u32, StoreError> {
+        if let Some(v) = self.meta.get(KEY_SCHEMA)? {
+            let b: [u8; 4] = v.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                tree: TREE_META,
+                reason: format!("schema version is {} bytes, not 4", v.len()),
+            })?;
+            return Ok(u32::from_be_bytes(b));
+        }
+        let trees = [&self.own_orders, &self.peers, &self.meta];
+        let empty = trees.iter().all(|t| t.is_empty())
+            && JobTree::ALL.iter().all(|t| self.tree(*t).is_empty());
+        Ok(if empty { SCHEMA_VERSION } else { 0 })
+    }
+
+    /// Brings the store to [`SCHEMA_VERSION`] through [`MIGRATIONS`], or refuses a newer one.
+    fn upgrade(&self, path: &str) -> Result<(), StoreError> {
+        let mut v = self.schema_version()?;
+        if v > SCHEMA_VERSION {
+            return Err(StoreError::NewerSchema {
+                path: path.to_string(),
+                found: v,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        while v < SCHEMA_VERSION {
+            let step = MIGRATIONS
+                .get(v as usize)
+                .filter(|m| m.from == v)
+                .ok_or_else(|| StoreError::Migration {
+                    from: v,
+                    reason: "no migration from this version in this build".into(),
+                })?;
+            tracing::info!(
+                from = v,
+                to = v + 1,
+                what = step.what,
+                "migrating the store"
+            );
+            (step.run)(self)?;
+            v += 1;
+            self.meta.insert(KEY_SCHEMA, &v.to_be_bytes())?;
+            self.db.flush()?;
+        }
+        if self.meta.get(KEY_SCHEMA)?.is_none() {
+            self.meta
+                .insert(KEY_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+            self.db.flush()?;
+        }
+        Ok(())
     }
 
     fn tree(&self, t: JobTree) -> &sled::Tree {
@@ -422,6 +547,70 @@ mod tests {
         assert_eq!(s.next_seq(0).unwrap(), 12);
         assert_eq!(s.next_order_id().unwrap(), 2);
         assert_eq!(s.known_peers().unwrap()[0].0, peer);
+    }
+
+    #[test]
+    fn a_new_store_records_its_schema_and_a_newer_one_is_refused_untouched() {
+        assert_eq!(MIGRATIONS.len() as u32, SCHEMA_VERSION);
+        assert!(
+            MIGRATIONS
+                .iter()
+                .enumerate()
+                .all(|(i, m)| m.from == i as u32)
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        {
+            let s = Store::open(&path).unwrap();
+            assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+            assert_eq!(s.next_order_id().unwrap(), 1);
+            // A later release wrote version 99.
+            s.meta.insert(KEY_SCHEMA, &99u32.to_be_bytes()).unwrap();
+            s.flush().unwrap();
+        }
+        let err = Store::open(&path).unwrap_err();
+        assert!(
+            matches!(err, StoreError::NewerSchema { found: 99, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("newer hashgrid"), "{err}");
+        // Untouched: the version and the records are still there. (sled may hold its lock
+        // for a moment after the refused store was dropped.)
+        let deadline = std::time::Instant::now() + STORE_LOCK_WAIT;
+        let db = loop {
+            match sled::open(&path) {
+                Ok(db) => break db,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => panic!("reopening: {e}"),
+            }
+        };
+        let meta = db.open_tree(TREE_META).unwrap();
+        assert_eq!(
+            meta.get(KEY_SCHEMA).unwrap().unwrap().as_ref(),
+            &99u32.to_be_bytes()
+        );
+        assert!(meta.get(KEY_LAST_ORDER_ID).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_store_with_records_but_no_version_is_version_0_and_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        {
+            // What the release before versions left: records, no version.
+            let db = sled::open(&path).unwrap();
+            db.open_tree(TREE_META)
+                .unwrap()
+                .insert(KEY_LAST_SEQ, &7u64.to_be_bytes())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+        assert_eq!(s.next_seq(0).unwrap(), 8, "its records are kept");
     }
 }
 
