@@ -193,6 +193,7 @@ async fn main() -> anyhow::Result<()> {
     let file = ReceiptFile {
         network: net.clone(),
         receipt: rec.receipt.context("a done job has a receipt")?,
+        agreement: rec.agreement,
     };
     std::fs::create_dir_all(&out_dir)?;
     let receipt_path = out_dir.join("receipt.json");

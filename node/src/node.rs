@@ -1059,6 +1059,7 @@ impl NodeHandle {
             attempts: Vec::new(),
             receipt: None,
             finished_at: None,
+            agreement: None,
         };
         self.store(|s| {
             s.put(JobTree::BuyerJobs, id.as_bytes(), &record)?;

@@ -105,7 +105,8 @@ pub enum StoreError {
 ///
 /// - 0: the release before versions (records as in version 1, no version recorded).
 /// - 1: the same records, with the version recorded in `meta`.
-pub const SCHEMA_VERSION: u32 = 1;
+/// - 2: buyer job records ([`crate::jobs::JobRecord`]) end with the countersigned agreement.
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// One step of the migration path: rewrites a store of schema `from` as `from + 1`. A step
 /// must be safe to run again (the new version is recorded only after it completes, so a crash
@@ -119,11 +120,73 @@ pub struct Migration {
 }
 
 /// Every migration, in order: `MIGRATIONS[i].from == i`.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    from: 0,
-    what: "record the schema version (records unchanged)",
-    run: |_| Ok(()),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        from: 0,
+        what: "record the schema version (records unchanged)",
+        run: |_| Ok(()),
+    },
+    Migration {
+        from: 1,
+        what: "buyer job records gain the countersigned agreement (none for stored jobs)",
+        run: migrate_1_to_2,
+    },
+];
+
+/// Stored types as earlier schemas wrote them, for migrations.
+mod v1 {
+    use hashgrid_protocol::{ContentId, Countersigned, PublicKey, Receipt, Timestamp};
+    use serde::Deserialize;
+
+    use crate::jobs::{Attempt, JobState};
+
+    /// [`crate::jobs::JobRecord`] of schemas 0 and 1.
+    #[derive(Deserialize)]
+    pub(super) struct JobRecord {
+        pub(super) id: ContentId,
+        pub(super) name: String,
+        pub(super) spec_id: ContentId,
+        pub(super) submitted_at: Timestamp,
+        pub(super) state: JobState,
+        pub(super) provider: Option<PublicKey>,
+        pub(super) attempts: Vec<Attempt>,
+        pub(super) receipt: Option<Countersigned<Receipt>>,
+        pub(super) finished_at: Option<Timestamp>,
+    }
+}
+
+/// Rewrites every buyer job record with `agreement: None`. Records that already read as
+/// schema 2 (a step interrupted and run again) are left as they are.
+fn migrate_1_to_2(store: &Store) -> Result<(), StoreError> {
+    let tree = store.tree(JobTree::BuyerJobs);
+    let corrupt = |reason: String| StoreError::Corrupt {
+        tree: JobTree::BuyerJobs.name(),
+        reason,
+    };
+    for item in tree.iter() {
+        let (key, bytes) = item?;
+        if postcard::from_bytes::<crate::jobs::JobRecord>(&bytes).is_ok() {
+            continue;
+        }
+        let old: v1::JobRecord =
+            postcard::from_bytes(&bytes).map_err(|e| corrupt(format!("schema 1 job: {e}")))?;
+        let new = crate::jobs::JobRecord {
+            id: old.id,
+            name: old.name,
+            spec_id: old.spec_id,
+            submitted_at: old.submitted_at,
+            state: old.state,
+            provider: old.provider,
+            attempts: old.attempts,
+            receipt: old.receipt,
+            finished_at: old.finished_at,
+            agreement: None,
+        };
+        let encoded = postcard::to_stdvec(&new).map_err(|e| corrupt(e.to_string()))?;
+        tree.insert(key, encoded)?;
+    }
+    Ok(())
+}
 
 /// The sled store (cheap to clone: sled handles are reference counted).
 #[derive(Clone, Debug)]

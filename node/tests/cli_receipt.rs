@@ -42,6 +42,7 @@ fn receipt_file(dir: &Path, output: &[u8]) -> std::path::PathBuf {
     let rf = ReceiptFile {
         network: net.clone(),
         receipt: Signed::sign(&provider, &net, &r).countersign(&buyer, &net),
+        agreement: None,
     };
     let path = dir.join("receipt.json");
     std::fs::write(&path, rf.to_json()).unwrap();

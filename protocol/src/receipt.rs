@@ -28,6 +28,10 @@ pub struct ReceiptFile {
     pub network: Network,
     /// The receipt, signed by the provider and countersigned by the buyer.
     pub receipt: Countersigned<Receipt>,
+    /// The agreement it ran under, signed by the provider and countersigned by the buyer, so
+    /// that anyone can check the charge offline (absent in files written before it was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agreement: Option<Countersigned<Agreement>>,
 }
 
 /// A receipt that failed a check.
@@ -69,7 +73,9 @@ impl ReceiptFile {
     }
 }
 
-/// Parses and fully verifies a receipt file (signature, countersignature, structure).
+/// Parses and fully verifies a receipt file (signature, countersignature, structure) and,
+/// when it carries its agreement, the agreement (signed by the receipt's provider,
+/// countersigned by its buyer, the one the receipt names) and the charge against it.
 pub fn verify_receipt_file(bytes: &[u8]) -> Result<(ReceiptFile, Receipt), ReceiptError> {
     if bytes.len() > MAX_RECEIPT_FILE_BYTES {
         return Err(ReceiptError::Format(format!(
@@ -80,6 +86,10 @@ pub fn verify_receipt_file(bytes: &[u8]) -> Result<(ReceiptFile, Receipt), Recei
     let file: ReceiptFile =
         serde_json::from_slice(bytes).map_err(|e| ReceiptError::Format(e.to_string()))?;
     let receipt = file.receipt.verify(&file.network)?;
+    if let Some(agreement) = &file.agreement {
+        let terms = agreement.verify(&file.network)?;
+        check_against_agreement(&receipt, agreement.signed.id(), &terms)?;
+    }
     Ok((file, receipt))
 }
 

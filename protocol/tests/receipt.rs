@@ -93,6 +93,7 @@ fn receipt_file_verifies_offline_and_detects_tampering() {
     let file = ReceiptFile {
         network: w.net.clone(),
         receipt: cs,
+        agreement: None,
     };
     let json = file.to_json();
     let (back, verified) = verify_receipt_file(json.as_bytes()).unwrap();
@@ -148,6 +149,7 @@ fn receipt_signed_by_another_key_is_refused() {
     let file = ReceiptFile {
         network: w.net.clone(),
         receipt: forged,
+        agreement: None,
     };
     let e = verify_receipt_file(file.to_json().as_bytes()).unwrap_err();
     assert!(
@@ -159,6 +161,7 @@ fn receipt_signed_by_another_key_is_refused() {
     let file = ReceiptFile {
         network: w.net.clone(),
         receipt: bad,
+        agreement: None,
     };
     let e = verify_receipt_file(file.to_json().as_bytes()).unwrap_err();
     assert!(
@@ -276,6 +279,7 @@ fn receipt_files_say_nothing_their_signatures_do_not_cover() {
     let json = ReceiptFile {
         network: w.net.clone(),
         receipt: cs,
+        agreement: None,
     }
     .to_json();
     assert!(verify_receipt_file(json.as_bytes()).is_ok());
@@ -305,6 +309,7 @@ fn output_names_are_plain_names_never_paths() {
         let json = ReceiptFile {
             network: w.net.clone(),
             receipt: cs,
+            agreement: None,
         }
         .to_json();
         assert!(
@@ -339,4 +344,38 @@ fn only_the_canonical_encoding_decodes() {
         Err(DecodeError::NonCanonical { .. })
     ));
     assert_eq!(decode::<Receipt>(&body, 1 << 20, "receipt").unwrap(), r);
+}
+
+#[test]
+fn a_receipt_file_with_its_agreement_checks_the_charge_offline() {
+    let w = world();
+    let signed_agreement = Signed::sign(&w.provider, &w.net, &w.agreement);
+    let agreement = signed_agreement.countersign(&w.buyer, &w.net);
+    let file = |r: &Receipt, agreement: Option<Countersigned<Agreement>>| {
+        ReceiptFile {
+            network: w.net.clone(),
+            receipt: Signed::sign(&w.provider, &w.net, r).countersign(&w.buyer, &w.net),
+            agreement,
+        }
+        .to_json()
+    };
+    let r = receipt(&w, 0, None, b"result");
+    let (back, _) = verify_receipt_file(file(&r, Some(agreement.clone())).as_bytes()).unwrap();
+    assert_eq!(back.agreement, Some(agreement.clone()));
+    // A charge above price × units × GPU time: refused, from the file alone.
+    let mut dear = r.clone();
+    dear.charge = Msat(r.charge.0 + 1);
+    let e = verify_receipt_file(file(&dear, Some(agreement.clone())).as_bytes()).unwrap_err();
+    assert!(matches!(e, ReceiptError::Agreement(_)), "{e}");
+    // Without the agreement the same file verifies (files written before it was kept).
+    assert!(verify_receipt_file(file(&dear, None).as_bytes()).is_ok());
+    // An agreement the buyer never countersigned is refused.
+    let forged = signed_agreement.countersign(&w.provider, &w.net);
+    assert!(verify_receipt_file(file(&r, Some(forged)).as_bytes()).is_err());
+    // Another agreement than the one the receipt names is refused.
+    let mut other = w.agreement.clone();
+    other.nonce += 1;
+    let other = Signed::sign(&w.provider, &w.net, &other).countersign(&w.buyer, &w.net);
+    let e = verify_receipt_file(file(&r, Some(other)).as_bytes()).unwrap_err();
+    assert!(matches!(e, ReceiptError::Agreement(_)), "{e}");
 }

@@ -52,6 +52,7 @@ fn vector_file() -> ReceiptFile {
     ReceiptFile {
         network: net.clone(),
         receipt: signed.countersign(&Keypair::from_secret_bytes([2; 32]), &net),
+        agreement: None,
     }
 }
 

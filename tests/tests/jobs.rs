@@ -108,9 +108,13 @@ async fn job_runs_on_the_cheapest_provider_that_meets_the_requirements() {
 
     // The countersigned receipt verifies offline, from its file, with the outputs.
     let cs = rec.receipt.clone().unwrap();
+    // The buyer kept the agreement it countersigned: the file carries it, and the charge is
+    // checked against it offline.
+    assert!(rec.agreement.is_some(), "the record keeps the agreement");
     let file = ReceiptFile {
         network: test_network(),
         receipt: cs,
+        agreement: rec.agreement.clone(),
     };
     let (_, receipt) = verify_receipt_file(file.to_json().as_bytes()).unwrap();
     check_outputs(&receipt, &result.outputs).unwrap();

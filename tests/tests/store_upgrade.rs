@@ -47,6 +47,7 @@ fn a_buyers_data_dir_from_the_previous_release_opens_and_reads() {
     for job in &jobs {
         assert_eq!(job.state, JobState::Done, "{:?}", job.attempts);
         assert_eq!(job.provider, Some(provider));
+        assert!(job.agreement.is_none(), "schema 1 kept no agreement");
         let receipt = job.receipt.clone().unwrap();
         let r = receipt.verify(&test_network()).unwrap();
         let result = read_result(&store, &job.id).unwrap().unwrap();

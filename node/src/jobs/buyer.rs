@@ -343,6 +343,7 @@ impl BuyerJob {
         }
         // Unserved when the attempt ends, also if the job is cancelled (its task aborted).
         let _served = self.ctx.net.unserve_on_drop(peer, served_ids);
+        let countersigned_agreement = countersigned.clone();
         let result = self
             .dispatch_and_wait(peer, &agreement, agreement_id, countersigned, inline)
             .await;
@@ -356,6 +357,7 @@ impl BuyerJob {
         // Still `Downloading` until the provider has the countersignature; a restart finds
         // the receipt and completes the record.
         self.record.receipt = Some(cs.clone());
+        self.record.agreement = Some(countersigned_agreement);
         let rec = &self.record;
         let res = self.ctx.store.with(|store| {
             for o in &body.outputs {
@@ -368,6 +370,7 @@ impl BuyerJob {
         });
         if let Err(e) = res {
             self.record.receipt = None;
+            self.record.agreement = None;
             let why = e.map_or("the node stopped".to_string(), |e| e.to_string());
             return Err(Failure::Local(
                 FailKind::Interrupted,

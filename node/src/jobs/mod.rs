@@ -235,6 +235,10 @@ pub struct JobRecord {
     pub receipt: Option<Countersigned<Receipt>>,
     /// When it finished.
     pub finished_at: Option<Timestamp>,
+    /// The agreement the receipt ran under, countersigned by this buyer, once done: receipt
+    /// files carry it, so anyone can check the charge offline. `None` for jobs stored before
+    /// store schema 2.
+    pub agreement: Option<Countersigned<hashgrid_protocol::Agreement>>,
 }
 
 /// A finished job's verified outputs with its record.

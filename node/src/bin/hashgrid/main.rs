@@ -598,6 +598,7 @@ fn receipt_verify(
             "network": rf.network.as_str(),
             "receipt_id": rf.receipt.id().to_string(),
             "outputs_checked": outputs.is_some(),
+            "agreement_checked": rf.agreement.is_some(),
             "receipt": receipt,
         });
         println!("{out}");
@@ -618,6 +619,15 @@ fn receipt_verify(
             "  gpu time  {} µs, charge {}",
             receipt.gpu_time_us, receipt.charge
         );
+        match &rf.agreement {
+            Some(a) => println!(
+                "  agreement {} (countersigned; the charge is within its terms)",
+                a.signed.id()
+            ),
+            None => println!(
+                "  agreement not in the file (written before files carried it): charge unchecked"
+            ),
+        }
         match receipt.prev_receipt {
             Some(prev) => println!("  chain     #{} after receipt {prev}", receipt.chain_seq),
             None => println!("  chain     #{} (the provider's first)", receipt.chain_seq),

@@ -463,6 +463,7 @@ pub(crate) fn save_result(
     let file = ReceiptFile {
         network: c.network.clone(),
         receipt: cs,
+        agreement: rec.agreement.clone(),
     };
     let io = |what: &Path, e: std::io::Error| {
         CliError::other(
