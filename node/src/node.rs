@@ -395,13 +395,23 @@ impl NodeBuilder {
         };
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(libp2p_key)
             .with_tokio()
-            .with_tcp(
-                tcp::Config::default().nodelay(true),
-                noise::Config::new,
-                yamux::Config::default,
-            )
-            .map_err(|e| StartError::Network(format!("tcp: {e}")))?
             .with_quic()
+            // TCP with noise and yamux, as `with_tcp` builds it, plus a handshake timeout
+            // (`with_tcp` has none of its own: a silent socket would hold a slot until the
+            // peer gave up).
+            .with_other_transport(|key| {
+                use libp2p::Transport as _;
+                let noise = noise::Config::new(key)
+                    .map_err(Box::<dyn std::error::Error + Send + Sync>::from)?;
+                Ok(
+                    tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                        .upgrade(libp2p::core::upgrade::Version::V1Lazy)
+                        .authenticate(noise)
+                        .multiplex(yamux::Config::default())
+                        .timeout(crate::network::HANDSHAKE_TIMEOUT),
+                )
+            })
+            .map_err(|e| StartError::Network(format!("tcp: {e}")))?
             .with_behaviour(|k| {
                 Behaviour::new(k, &settings)
                     .map_err(Box::<dyn std::error::Error + Send + Sync>::from)

@@ -41,6 +41,7 @@
 //! book.
 
 pub mod exchange;
+pub mod pending;
 pub mod sync;
 pub mod validate;
 
@@ -166,9 +167,17 @@ pub type SettleCodec = exchange::ExchangeCodec<
 /// The identify protocol version string.
 pub const IDENTIFY_PROTOCOL: &str = "/hashgrid/id/1.0.0";
 
+/// How long an inbound or outbound connection may take to finish its TCP handshake (noise
+/// and yamux): honest peers need milliseconds to a few round trips, and every pending
+/// connection holds one of [`MAX_PENDING_CONNECTIONS`] slots until it ends.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// The composed libp2p behaviour.
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
+    /// First, so that a host over its allowance is refused before any other behaviour counts
+    /// the connection.
+    pub(crate) per_ip: pending::PendingPerIp,
     pub(crate) limits: connection_limits::Behaviour,
     pub(crate) gossipsub: gossipsub::Behaviour,
     pub(crate) kad: kad::Behaviour<kad::store::MemoryStore>,
@@ -251,6 +260,7 @@ impl Behaviour {
         let settle = request_response::Behaviour::with_codec(SettleCodec::default(), p, c);
 
         Ok(Behaviour {
+            per_ip: pending::PendingPerIp::default(),
             limits: connection_limits::Behaviour::new(
                 connection_limits::ConnectionLimits::default()
                     .with_max_established(Some(MAX_ESTABLISHED_CONNECTIONS))
