@@ -27,6 +27,11 @@ fn copy(from: &Path, to: &Path) {
             copy(&e.path(), &target);
         } else {
             std::fs::copy(e.path(), &target).unwrap();
+            // git keeps no permissions: a data dir's key file is 0600, and nodes refuse others.
+            if e.file_name() == "identity.key" {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+            }
         }
     }
 }
