@@ -167,10 +167,11 @@ pub type SettleCodec = exchange::ExchangeCodec<
 /// The identify protocol version string.
 pub const IDENTIFY_PROTOCOL: &str = "/hashgrid/id/1.0.0";
 
-/// How long an inbound or outbound connection may take to finish its TCP handshake (noise
-/// and yamux): honest peers need milliseconds to a few round trips, and every pending
-/// connection holds one of [`MAX_PENDING_CONNECTIONS`] slots until it ends.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long an inbound or outbound connection may take to finish its TCP handshake
+/// (multistream, noise, yamux: about four round trips, 2.4 s over a 600 ms satellite link to a
+/// remote site), while every pending connection holds one of [`MAX_PENDING_CONNECTIONS`]
+/// slots until it ends.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The composed libp2p behaviour.
 #[derive(NetworkBehaviour)]
