@@ -613,13 +613,17 @@ pub fn compile_generate(
         ],
     );
 
-    // Made on first use: with every norm fused, the job carries no rmsnorm kernel.
-    let rms_sh = |b: &mut Builder| {
-        if d.is_multiple_of(4) {
+    // `xn = rmsnorm(x) · w` as its own pass, for the norms that cannot be fused into the
+    // matvec after them. The kernel is made on first use: with every norm fused, the job
+    // carries none.
+    let rms_pass = |b: &mut Builder, w: Binding| {
+        let p = b.param(3, &rms_params);
+        let sh = if d.is_multiple_of(4) {
             b.shader("rmsnorm_vec4", kernels::rmsnorm_vec4)
         } else {
             b.shader("rmsnorm", kernels::rmsnorm)
-        }
+        };
+        b.pass(sh, "rmsnorm", 1, vec![whole(0, x), w, whole(2, xn), p]);
     };
     let rope_sh = b.shader("rope_store", kernels::rope_store);
     // q (the first `qd` floats of qkv) as a uniform array when it fits.
@@ -650,19 +654,7 @@ pub fn compile_generate(
         let qkv_one = lay.q.ty == lay.k.ty && lay.k.ty == lay.v.ty;
         let fuse = qkv_one && fusable(lay.q.ty, d);
         if !fuse {
-            let p = b.param(3, &rms_params);
-            let sh = rms_sh(&mut b);
-            b.pass(
-                sh,
-                "rmsnorm",
-                1,
-                vec![
-                    whole(0, x),
-                    ranged(1, blk, lay.attn_norm.range()),
-                    whole(2, xn),
-                    p,
-                ],
-            );
+            rms_pass(&mut b, ranged(1, blk, lay.attn_norm.range()));
         }
         // q, k, v: one dispatch when the three share a type.
         let kind = if lay.bias.is_some() {
@@ -804,19 +796,7 @@ pub fn compile_generate(
         // ffn_norm: fused into the gate-up matvec when it can be.
         let fuse = gu.is_none() && fusable(lay.gate.ty, d);
         if !fuse {
-            let p = b.param(3, &rms_params);
-            let sh = rms_sh(&mut b);
-            b.pass(
-                sh,
-                "rmsnorm",
-                1,
-                vec![
-                    whole(0, x),
-                    ranged(1, blk, lay.ffn_norm.range()),
-                    whole(2, xn),
-                    p,
-                ],
-            );
+            rms_pass(&mut b, ranged(1, blk, lay.ffn_norm.range()));
         }
         // SwiGLU
         if let Some(gu) = gu {
@@ -882,14 +862,7 @@ pub fn compile_generate(
     // last position on), sampling.
     let fuse = fusable(weights.output_ty, d);
     if !fuse {
-        let p = b.param(3, &rms_params);
-        let sh = rms_sh(&mut b);
-        b.pass(
-            sh,
-            "rmsnorm",
-            1,
-            vec![whole(0, x), whole(1, out_norm), whole(2, xn), p],
-        );
+        rms_pass(&mut b, whole(1, out_norm));
     }
     matvec_pass(
         &mut b,
