@@ -35,6 +35,9 @@ pub enum NodeEvent {
     CapacityUpdated(PublicKey),
     /// A job this node submitted changed state.
     Job(crate::jobs::JobUpdate),
+    /// A running job this node submitted streamed its buffers (provisional until the
+    /// receipt verifies: see [`crate::jobs::JobStream`]).
+    JobStream(crate::jobs::JobStream),
     /// Something happened to a job this node serves as a provider.
     Provider(crate::jobs::ProviderEvent),
     /// A message was refused as invalid and its sender penalised.

@@ -54,7 +54,8 @@ pub use event::NodeEvent;
 pub use executor::{ExecConfig, ExecError, Executor, JobOutput};
 pub use hashgrid_market::{OfferQuery, OfferSort};
 pub use jobs::{
-    FailKind, JobOptions, JobRecord, JobResult, JobState, JobUpdate, ProviderEvent, Submission,
+    FailKind, JobOptions, JobRecord, JobResult, JobState, JobStream, JobUpdate, ProviderEvent,
+    Submission,
 };
 pub use libp2p::{Multiaddr, PeerId};
 #[cfg(feature = "testing")]

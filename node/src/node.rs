@@ -2197,6 +2197,12 @@ impl NodeLoop {
                 }
                 return;
             }
+            JobMessage::Stream { agreement, seen } => {
+                if let Some(answer) = self.provider.on_stream(peer, agreement, seen, channel) {
+                    self.answer(vec![answer]);
+                }
+                return;
+            }
             JobMessage::Countersign(cs) => self.provider.on_countersign(peer, cs),
             JobMessage::Dispute { agreement, reason } => {
                 self.provider.on_dispute(peer, agreement, reason)

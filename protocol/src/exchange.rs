@@ -200,6 +200,16 @@ pub enum JobMessage {
         /// What is wrong.
         reason: String,
     },
+    /// Long poll for a running job's streamed buffers (a loop's `stream` list, e.g. the tokens
+    /// generated so far): answered as soon as the provider has read back a check past `seen`
+    /// iterations, when the job is no longer running, or after a while with what it has.
+    /// Streamed bytes are provisional: only the receipt's outputs are verified.
+    Stream {
+        /// The agreement the job runs under.
+        agreement: ContentId,
+        /// Iterations the buyer has already seen (0 at first).
+        seen: u32,
+    },
 }
 
 /// The answer on `/hashgrid/job/1`.
@@ -211,6 +221,34 @@ pub enum JobReply {
     Refused(String),
     /// Recorded.
     Ack,
+    /// The streamed buffers, answering [`JobMessage::Stream`].
+    Stream(StreamChunk),
+}
+
+/// Most bytes of streamed buffers a job may stream over the network: every chunk carries the
+/// whole buffers, so they must fit one reply. A job that streams more still runs; its buyer
+/// gets its outputs with the receipt only.
+pub const MAX_STREAM_BYTES: usize = MAX_INLINE_BYTES;
+
+/// One streamed buffer's contents at a check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamedBytes {
+    /// The buffer's name (one of the loop's streamed outputs).
+    pub name: String,
+    /// Its whole contents at the check.
+    pub bytes: Bytes,
+}
+
+/// A running job's streamed buffers, as of its latest check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamChunk {
+    /// Iterations run at the check the buffers were read at (0 and no buffers: none yet).
+    pub iterations: u32,
+    /// The streamed buffers, whole.
+    pub buffers: Vec<StreamedBytes>,
+    /// The job is no longer running (done, failed or unknown): no later chunk will come, and
+    /// the outputs arrive with the receipt.
+    pub finished: bool,
 }
 
 /// A request for part of a blob.

@@ -313,3 +313,101 @@ async fn large_inputs_and_outputs_travel_in_verified_chunks() {
     b.shutdown().await;
     p.shutdown().await;
 }
+
+/// A loop of `iters` steps; step `i` writes `i + 1` to `out[i]`, and `out` streams back at
+/// every check.
+fn streaming_job(iters: u32) -> Submission {
+    use hashgrid_protocol::{Binding, BufferSpec, JobSpec, LoopSpec, PassSpec, ShaderSource};
+    let wgsl = "
+@group(0) @binding(0) var<storage, read> step: array<u32>;
+@group(0) @binding(1) var<storage, read_write> out: array<u32>;
+@compute @workgroup_size(1)
+fn main() {
+    out[step[0]] = step[0] + 1u;
+}";
+    let spec = JobSpec {
+        name: "stream".into(),
+        buffers: vec![
+            BufferSpec {
+                name: "step".into(),
+                size: 4,
+                init: BufferInit::Zeroed,
+                output: false,
+            },
+            BufferSpec {
+                name: "out".into(),
+                size: 4 * u64::from(iters),
+                init: BufferInit::Zeroed,
+                output: true,
+            },
+        ],
+        shaders: vec![ShaderSource {
+            name: "stream.wgsl".into(),
+            wgsl: wgsl.into(),
+        }],
+        passes: vec![PassSpec {
+            shader: 0,
+            entry: "main".into(),
+            workgroups: [1, 1, 1],
+            bindings: vec![Binding::whole(0, 0), Binding::whole(1, 1)],
+        }],
+        loops: vec![LoopSpec {
+            first: 0,
+            len: 1,
+            max_iters: iters,
+            counter: Some(0),
+            stop: None,
+            check_every: 1,
+            stream: vec![1],
+        }],
+    };
+    Submission {
+        spec,
+        inputs: Default::default(),
+        options: JobOptions::default(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_buffers_reach_the_buyer_while_the_job_runs() {
+    let p = start_provider(&[], 100, 1, None).await.unwrap();
+    let boot = [addr_of(&p).await.unwrap()];
+    let b = buyer(&boot).await;
+    wait_for_asks(&b, 1).await.unwrap();
+    const ITERS: u32 = 24;
+    let mut events = b.events();
+    let id = b.submit(streaming_job(ITERS)).await.unwrap();
+    let rec = wait(&b, &id).await;
+    assert_eq!(rec.state, JobState::Done, "{rec:?}");
+    let result = b.result(&id).unwrap().unwrap();
+    let out = &result.outputs["out"];
+    let want: Vec<u8> = (1..=ITERS).flat_map(|v| v.to_le_bytes()).collect();
+    assert_eq!(out, &want);
+    let mut seen = Vec::new();
+    loop {
+        let ev = match events.try_recv() {
+            Ok(ev) => ev,
+            Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => continue,
+            Err(_) => break,
+        };
+        if let NodeEvent::JobStream(s) = ev
+            && s.job == id
+        {
+            assert_eq!(Some(s.provider), rec.provider);
+            let (name, bytes) = &s.buffers[0];
+            assert_eq!(name, "out");
+            // What was streamed after `iterations` steps is the final output's prefix, zeros after.
+            let n = 4 * s.iterations as usize;
+            assert_eq!(&bytes[..n], &want[..n]);
+            assert!(bytes[n..].iter().all(|&b| b == 0));
+            seen.push(s.iterations);
+        }
+    }
+    assert!(
+        seen.len() >= 2,
+        "the buyer saw {seen:?}: the job's steps should stream back one by one"
+    );
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    b.shutdown().await;
+    p.shutdown().await;
+}

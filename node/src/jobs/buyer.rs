@@ -414,11 +414,24 @@ impl BuyerJob {
             .await
             .map_err(|e| Failure::Provider(format!("dispatch: {e}")))?;
         let mut errors = 0u32;
+        // Streamed buffers are polled beside the status; the poller ends with the attempt.
+        let _stream = super::network_streams(&self.sub.spec).map(|names| {
+            AbortOnDrop(tokio::spawn(poll_stream(
+                self.ctx.clone(),
+                peer,
+                agreement_id,
+                self.record.id,
+                provider,
+                names,
+            )))
+        });
         loop {
             let status = match reply {
                 JobReply::Status(s) => s,
                 JobReply::Refused(r) => return Err(Failure::Provider(format!("refused: {r}"))),
-                JobReply::Ack => return Err(Failure::Provider("unexpected reply".into())),
+                JobReply::Ack | JobReply::Stream(_) => {
+                    return Err(Failure::Provider("unexpected reply".into()));
+                }
             };
             let seen = status.phase();
             match status {
@@ -516,5 +529,76 @@ impl BuyerJob {
         }
         check_outputs(&r, &outputs).map_err(|e| lie(e.to_string()))?;
         Ok((r, outputs))
+    }
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Follows a running job's streamed buffers with long polls and reports each new check as
+/// [`NodeEvent::JobStream`], until the provider says the job is no longer running. A chunk
+/// naming a buffer the job does not stream, or larger than that buffer, ends the stream (the
+/// job itself goes on and is judged by its receipt).
+async fn poll_stream(
+    ctx: BuyerCtx,
+    peer: PeerId,
+    agreement: ContentId,
+    job: ContentId,
+    provider: PublicKey,
+    names: Vec<(String, u64)>,
+) {
+    let mut seen = 0u32;
+    let mut errors = 0u32;
+    loop {
+        let chunk = match ctx.net.job(peer, JobMessage::Stream { agreement, seen }).await {
+            Ok(JobReply::Stream(c)) => {
+                errors = 0;
+                c
+            }
+            Ok(other) => {
+                debug!(?other, "the provider does not stream this job");
+                return;
+            }
+            Err(e) => {
+                errors += 1;
+                if errors >= 3 {
+                    debug!(error = %e, "stream poll failed");
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(errors))).await;
+                continue;
+            }
+        };
+        if chunk.iterations > seen {
+            let fits = chunk.buffers.iter().all(|b| {
+                names
+                    .iter()
+                    .any(|(n, size)| *n == b.name && b.bytes.0.len() as u64 <= *size)
+            });
+            if !fits {
+                warn!(provider = %provider.short(), "streamed buffers do not match the job; ignoring its stream");
+                return;
+            }
+            seen = chunk.iterations;
+            let _ = ctx.events.send(NodeEvent::JobStream(super::JobStream {
+                job,
+                provider,
+                iterations: chunk.iterations,
+                buffers: chunk
+                    .buffers
+                    .into_iter()
+                    .map(|b| (b.name, b.bytes.0))
+                    .collect(),
+            }));
+        }
+        if chunk.finished {
+            return;
+        }
     }
 }

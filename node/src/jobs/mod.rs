@@ -261,6 +261,41 @@ pub struct JobUpdate {
     pub provider: Option<PublicKey>,
 }
 
+/// A submitted job's streamed buffers as its provider read them back while it runs,
+/// reported as [`crate::NodeEvent::JobStream`] (e.g. the tokens a model has generated so far).
+///
+/// Streamed bytes are what the provider says, not yet verified: only the outputs named by the
+/// countersigned receipt are. A caller that shows them early (a chat gateway) must check that
+/// the final outputs extend what it showed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobStream {
+    /// The job.
+    pub job: ContentId,
+    /// The provider running it.
+    pub provider: PublicKey,
+    /// Iterations of the streaming loop run at the check.
+    pub iterations: u32,
+    /// The streamed buffers, whole, by name.
+    pub buffers: Vec<(String, Vec<u8>)>,
+}
+
+/// Whether a job's streamed buffers fit one reply
+/// ([`MAX_STREAM_BYTES`](hashgrid_protocol::exchange::MAX_STREAM_BYTES)), and so stream to the
+/// buyer while it runs; the buffers named, with their sizes.
+pub(crate) fn network_streams(spec: &JobSpec) -> Option<Vec<(String, u64)>> {
+    let mut out: Vec<(String, u64)> = Vec::new();
+    for l in &spec.loops {
+        for &b in &l.stream {
+            let buf = spec.buffers.get(b as usize)?;
+            if !out.iter().any(|(n, _)| *n == buf.name) {
+                out.push((buf.name.clone(), buf.size));
+            }
+        }
+    }
+    let total: u64 = out.iter().map(|(_, s)| *s).sum();
+    (!out.is_empty() && total <= hashgrid_protocol::exchange::MAX_STREAM_BYTES as u64).then_some(out)
+}
+
 /// What happened to a job this node serves, reported as [`crate::NodeEvent::Provider`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]

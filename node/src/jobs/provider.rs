@@ -8,7 +8,7 @@ use std::time::Instant;
 use hashgrid_market::charge::{charge_us, max_charge};
 use hashgrid_protocol::exchange::{
     BlobReply, BlobRequest, Dispatch, InlineBlob, JobPhase, JobReply, JobStatus, MAX_INLINE_BYTES,
-    NegotiateReply, Propose, Reject, RejectReason,
+    NegotiateReply, Propose, Reject, RejectReason, StreamChunk, StreamedBytes,
 };
 use hashgrid_protocol::limits::MAX_CHUNK_BYTES;
 use hashgrid_protocol::{
@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 
 use super::{AGREEMENT_TTL_MS, ProviderEvent};
 use crate::event::NodeEvent;
-use crate::executor::{ExecError, Executor, JobOutput};
+use crate::executor::{ExecError, Executor, JobOutput, StreamUpdate};
 use crate::network::AWAIT_HOLD;
 use crate::node::Net;
 use crate::store::{JobTree, Store, StoreError};
@@ -53,6 +53,9 @@ pub(crate) struct ProviderJobRecord {
 #[derive(Debug)]
 pub(crate) enum Internal {
     Phase(ContentId, JobPhase),
+    /// A streaming loop's check read its buffers back (sent with `try_send`: each update
+    /// carries the whole buffers, so a dropped one loses nothing).
+    Stream(ContentId, StreamUpdate),
     Finished {
         agreement: ContentId,
         started_at: Timestamp,
@@ -72,11 +75,20 @@ struct Active {
     job_id: ContentId,
     inputs: Vec<ContentId>,
     phase: JobPhase,
+    /// The latest streamed buffers (iterations 0: none yet).
+    stream: StreamChunk,
 }
 
 struct Waiter {
     channel: ResponseChannel<JobReply>,
     seen: JobPhase,
+    deadline: Instant,
+}
+
+/// A parked [`JobMessage::Stream`](hashgrid_protocol::exchange::JobMessage::Stream) long poll.
+struct StreamWaiter {
+    channel: ResponseChannel<JobReply>,
+    seen: u32,
     deadline: Instant,
 }
 
@@ -94,6 +106,7 @@ pub(crate) struct Provider {
     reservations: HashMap<ContentId, Reservation>,
     active: HashMap<ContentId, Active>,
     waiters: HashMap<ContentId, Vec<Waiter>>,
+    stream_waiters: HashMap<ContentId, Vec<StreamWaiter>>,
     /// Output blobs not yet countersigned, and the peer allowed to fetch them.
     outputs_for: super::BlobHolders,
     next_seq: u64,
@@ -176,6 +189,7 @@ impl Provider {
             reservations: HashMap::new(),
             active: HashMap::new(),
             waiters: HashMap::new(),
+            stream_waiters: HashMap::new(),
             outputs_for,
             next_seq,
             prev,
@@ -399,6 +413,11 @@ impl Provider {
                 job_id: d.job_id,
                 inputs: d.spec.input_ids(),
                 phase: JobPhase::Queued,
+                stream: StreamChunk {
+                    iterations: 0,
+                    buffers: Vec::new(),
+                    finished: false,
+                },
             },
         );
         self.emit(ProviderEvent::Accepted { agreement: id });
@@ -512,9 +531,73 @@ impl Provider {
         None
     }
 
-    fn wake(&mut self, id: &ContentId) -> Vec<Answer> {
-        let Some(ws) = self.waiters.remove(id) else {
+    /// The stream as of now: the latest chunk while the job is active, else finished.
+    fn stream_chunk(&self, id: &ContentId) -> StreamChunk {
+        match self.active.get(id) {
+            Some(a) => a.stream.clone(),
+            None => StreamChunk {
+                iterations: 0,
+                buffers: Vec::new(),
+                finished: true,
+            },
+        }
+    }
+
+    /// A stream long poll: answered now if there is a check past `seen` or the job is not
+    /// running, else parked until the next check (or [`AWAIT_HOLD`]).
+    pub(crate) fn on_stream(
+        &mut self,
+        peer: PeerId,
+        id: ContentId,
+        seen: u32,
+        channel: ResponseChannel<JobReply>,
+    ) -> Option<Answer> {
+        if self.buyer_of(&id).and_then(|b| super::peer_of(&b)) != Some(peer) {
+            return Some((channel, JobReply::Refused("no such job of yours".into())));
+        }
+        let chunk = self.stream_chunk(&id);
+        if chunk.finished || chunk.iterations > seen {
+            return Some((channel, JobReply::Stream(chunk)));
+        }
+        let parked = self.stream_waiters.entry(id).or_default();
+        if parked.len() >= MAX_STREAM_WAITERS {
+            let chunk = self.stream_chunk(&id);
+            return Some((channel, JobReply::Stream(chunk)));
+        }
+        parked.push(StreamWaiter {
+            channel,
+            seen,
+            deadline: Instant::now() + AWAIT_HOLD,
+        });
+        None
+    }
+
+    /// Answers parked stream polls that the current chunk satisfies (all of them once
+    /// the job is no longer active).
+    fn wake_streams(&mut self, id: &ContentId) -> Vec<Answer> {
+        let Some(ws) = self.stream_waiters.remove(id) else {
             return Vec::new();
+        };
+        let chunk = self.stream_chunk(id);
+        let mut out = Vec::new();
+        let mut keep = Vec::new();
+        for w in ws {
+            if chunk.finished || chunk.iterations > w.seen {
+                out.push((w.channel, JobReply::Stream(chunk.clone())));
+            } else {
+                keep.push(w);
+            }
+        }
+        if !keep.is_empty() {
+            self.stream_waiters.insert(*id, keep);
+        }
+        out
+    }
+
+    fn wake(&mut self, id: &ContentId) -> Vec<Answer> {
+        let mut streams = self.wake_streams(id);
+        let Some(ws) = self.waiters.remove(id) else {
+            return streams;
         };
         let status = self.status(id);
         let mut out = Vec::new();
@@ -529,6 +612,7 @@ impl Provider {
         if !keep.is_empty() {
             self.waiters.insert(*id, keep);
         }
+        out.append(&mut streams);
         out
     }
 
@@ -558,6 +642,26 @@ impl Provider {
                 self.waiters.insert(id, keep);
             }
         }
+        let due: Vec<ContentId> = self
+            .stream_waiters
+            .iter()
+            .filter(|(_, ws)| ws.iter().any(|w| w.deadline <= instant))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            let chunk = self.stream_chunk(&id);
+            let Some(ws) = self.stream_waiters.remove(&id) else {
+                continue;
+            };
+            let (now_due, keep): (Vec<StreamWaiter>, Vec<StreamWaiter>) =
+                ws.into_iter().partition(|w| w.deadline <= instant);
+            for w in now_due {
+                out.push((w.channel, JobReply::Stream(chunk.clone())));
+            }
+            if !keep.is_empty() {
+                self.stream_waiters.insert(id, keep);
+            }
+        }
         out
     }
 
@@ -572,6 +676,27 @@ impl Provider {
                     }
                 }
                 self.wake(&id)
+            }
+            Internal::Stream(id, update) => {
+                let Some(a) = self.active.get_mut(&id) else {
+                    return Vec::new();
+                };
+                if update.iterations <= a.stream.iterations {
+                    return Vec::new();
+                }
+                a.stream = StreamChunk {
+                    iterations: update.iterations,
+                    buffers: update
+                        .buffers
+                        .into_iter()
+                        .map(|b| StreamedBytes {
+                            name: b.name,
+                            bytes: Bytes(b.bytes),
+                        })
+                        .collect(),
+                    finished: false,
+                };
+                self.wake_streams(&id)
             }
             Internal::Finished {
                 agreement,
@@ -809,6 +934,9 @@ pub(crate) fn chunk_of(bytes: &[u8], req: &BlobRequest) -> BlobReply {
 
 /// Fetches a blob of `size` bytes from `peer` in chunks ([`super::BLOB_WINDOW`] in flight),
 /// hashing it as it arrives; fails unless it is exactly `size` bytes hashing to `id`.
+/// Most stream long polls parked per job (a buyer needs one; more are answered at once).
+const MAX_STREAM_WAITERS: usize = 4;
+
 pub(crate) async fn fetch_blob(
     net: &Net,
     peer: PeerId,
@@ -922,9 +1050,17 @@ impl RunTask {
             .await;
         let started = Timestamp::now();
         let buyer = self.buyer.to_string();
+        let sink = super::network_streams(&self.spec).is_some().then(|| {
+            let internal = self.internal.clone();
+            let agreement = self.agreement;
+            Box::new(move |u: StreamUpdate| {
+                let _ = internal.try_send(Internal::Stream(agreement, u));
+                true
+            }) as Box<crate::executor::StreamSink>
+        });
         let out = self
             .exec
-            .run(&buyer, self.spec, inputs)
+            .run_streaming(&buyer, self.spec, inputs, sink)
             .await
             .map_err(|e: ExecError| e.to_string())?;
         Ok((started, out))
