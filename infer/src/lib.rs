@@ -30,6 +30,7 @@
 //! [`JobSpec`]: hashgrid_protocol::JobSpec
 
 pub mod bert;
+pub mod chat;
 pub mod compile;
 pub mod gguf;
 pub mod kernels;
@@ -39,6 +40,7 @@ pub mod reference;
 pub mod template;
 pub mod tokenizer;
 
+pub use chat::{TextError, TextModel};
 pub use compile::{
     CompileError, CompiledJob, GenerateRequest, Generation, ModelWeights, Sampling,
     compile_generate, read_generation,

@@ -556,7 +556,11 @@ async fn poll_stream(
     let mut seen = 0u32;
     let mut errors = 0u32;
     loop {
-        let chunk = match ctx.net.job(peer, JobMessage::Stream { agreement, seen }).await {
+        let chunk = match ctx
+            .net
+            .job(peer, JobMessage::Stream { agreement, seen })
+            .await
+        {
             Ok(JobReply::Stream(c)) => {
                 errors = 0;
                 c

@@ -293,7 +293,8 @@ pub(crate) fn network_streams(spec: &JobSpec) -> Option<Vec<(String, u64)>> {
         }
     }
     let total: u64 = out.iter().map(|(_, s)| *s).sum();
-    (!out.is_empty() && total <= hashgrid_protocol::exchange::MAX_STREAM_BYTES as u64).then_some(out)
+    (!out.is_empty() && total <= hashgrid_protocol::exchange::MAX_STREAM_BYTES as u64)
+        .then_some(out)
 }
 
 /// What happened to a job this node serves, reported as [`crate::NodeEvent::Provider`].

@@ -11,11 +11,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use hashgrid_infer::template::{ChatMessage, render_chat};
-use hashgrid_infer::tokenizer::{StreamDecoder, Tokenizer};
+use hashgrid_infer::template::ChatMessage;
+use hashgrid_infer::tokenizer::StreamDecoder;
 use hashgrid_infer::{
-    CompiledJob, GenerateRequest, LlamaModel, ModelWeights, Sampling, compile::outputs,
-    compile_generate, kernels::MAX_EOG, read_generation,
+    CompiledJob, Sampling, TextError, TextModel, compile::outputs, read_generation,
 };
 use hashgrid_node::executor::{ExecConfig, Executor, StreamUpdate};
 use hashgrid_node::jobs::JobOptions;
@@ -37,14 +36,6 @@ pub(crate) struct GenerateArgs {
     pub(crate) max_seconds: u32,
 }
 
-/// A model ready to serve prompts: checked, tokenizer built, weights read.
-pub(crate) struct Loaded {
-    model: LlamaModel,
-    tokenizer: Tokenizer,
-    weights: ModelWeights,
-    eog: Vec<u32>,
-}
-
 fn bad_model(path: &Path, e: impl std::fmt::Display) -> CliError {
     CliError::bad_input(
         format!("{e}"),
@@ -56,82 +47,35 @@ fn bad_model(path: &Path, e: impl std::fmt::Display) -> CliError {
 }
 
 /// Opens and checks the model, builds its tokenizer and reads its weights.
-pub(crate) fn load(path: &Path) -> Result<Loaded, CliError> {
-    let model = LlamaModel::open(path).map_err(|e| bad_model(path, e))?;
-    let tokenizer = model.tokenizer().map_err(|e| bad_model(path, e))?;
-    let weights = ModelWeights::load(&model).map_err(|e| bad_model(path, e))?;
-    let eog: Vec<u32> = (0..tokenizer.vocab_size() as u32)
-        .filter(|&t| tokenizer.is_eog(t))
-        .take(MAX_EOG)
-        .collect();
-    Ok(Loaded {
-        model,
-        tokenizer,
-        weights,
-        eog,
+pub(crate) fn load(path: &Path) -> Result<TextModel, CliError> {
+    TextModel::open(path).map_err(|e| bad_model(path, e))
+}
+
+/// Prompt tokens: the text as is, or rendered as the conversation through the model's chat
+/// template (special tokens in the template are parsed; in plain text they are not).
+pub(crate) fn prompt(
+    loaded: &TextModel,
+    text: &str,
+    history: Option<&[ChatMessage]>,
+) -> Result<Vec<u32>, CliError> {
+    let Some(messages) = history else {
+        return Ok(loaded.prompt(text));
+    };
+    loaded.chat_prompt(messages).map_err(|e| match e {
+        TextError::Model(e) => bad_model(loaded.model.path(), e),
+        e => CliError::bad_input(e.to_string(), "use a plain prompt without --chat"),
     })
 }
 
-impl Loaded {
-    /// Prompt token ids: the text as is, or rendered as the conversation through the model's
-    /// chat template (special tokens in the template are parsed; in plain text they are not).
-    pub(crate) fn prompt(
-        &self,
-        text: &str,
-        history: Option<&[ChatMessage]>,
-    ) -> Result<Vec<u32>, CliError> {
-        let Some(messages) = history else {
-            return Ok(self.tokenizer.encode(text, true, false));
-        };
-        let template = self
-            .model
-            .chat_template()
-            .map_err(|e| bad_model(self.model.path(), e))?
-            .ok_or_else(|| {
-                CliError::bad_input(
-                    format!(
-                        "{} has no chat template (tokenizer.chat_template)",
-                        self.model.path().display()
-                    ),
-                    "use a plain prompt without --chat",
-                )
-            })?;
-        let piece = |t: Option<u32>| {
-            t.and_then(|id| self.tokenizer.token_text(id))
-                .unwrap_or("")
-                .to_string()
-        };
-        let rendered = render_chat(
-            template,
-            messages,
-            true,
-            &piece(self.tokenizer.bos()),
-            &piece(self.tokenizer.eos()),
-        )
-        .map_err(|e| CliError::bad_input(format!("chat template: {e}"), "use a plain prompt"))?;
-        Ok(self.tokenizer.encode(&rendered, false, true))
-    }
-
-    fn compile(
-        &self,
-        prompt: Vec<u32>,
-        max_tokens: u32,
-        sampling: Sampling,
-    ) -> Result<CompiledJob, CliError> {
-        let room = self.model.config.ctx_len.saturating_sub(prompt.len());
-        compile_generate(
-            &self.model,
-            &self.weights,
-            &GenerateRequest {
-                prompt,
-                max_new_tokens: max_tokens.min(room as u32).max(1),
-                sampling,
-                eog: self.eog.clone(),
-                check_every: 1,
-            },
-        )
+fn compile(
+    loaded: &TextModel,
+    prompt: Vec<u32>,
+    max_tokens: u32,
+    sampling: Sampling,
+) -> Result<CompiledJob, CliError> {
+    loaded
+        .compile(prompt, max_tokens, sampling)
         .map_err(|e| CliError::bad_input(e.to_string(), "shorten the prompt or lower --max-tokens"))
-    }
 }
 
 /// A finished generation.
@@ -150,7 +94,7 @@ pub(crate) struct Generated {
 /// `quiet_text`), until done or `cancel` is set.
 pub(crate) async fn run_local(
     exec: &Executor,
-    loaded: &Loaded,
+    loaded: &TextModel,
     job: CompiledJob,
     print: bool,
     cancel: Arc<AtomicBool>,
@@ -277,8 +221,8 @@ pub(crate) async fn generate(g: &Global, a: GenerateArgs) -> Result<(), CliError
     let history = a
         .chat
         .then(|| vec![ChatMessage::new("user", a.prompt.clone())]);
-    let prompt = loaded.prompt(&a.prompt, history.as_deref())?;
-    let job = loaded.compile(prompt.clone(), a.max_tokens, a.sampling)?;
+    let prompt = prompt(&loaded, &a.prompt, history.as_deref())?;
+    let job = compile(&loaded, prompt.clone(), a.max_tokens, a.sampling)?;
     let print = !g.json;
     let out = if a.local {
         let exec = tokio::task::block_in_place(executor)?;
@@ -338,7 +282,7 @@ pub(crate) async fn generate(g: &Global, a: GenerateArgs) -> Result<(), CliError
 /// the network is the gateway's work.)
 async fn run_market(
     g: &Global,
-    loaded: &Loaded,
+    loaded: &TextModel,
     job: CompiledJob,
     a: &GenerateArgs,
     print: bool,
@@ -437,11 +381,11 @@ pub(crate) async fn chat(
             break Ok(());
         }
         history.push(ChatMessage::new("user", line));
-        let prompt = match loaded.prompt(line, Some(&history)) {
+        let prompt = match prompt(&loaded, line, Some(&history)) {
             Ok(p) => p,
             Err(e) => break Err(e),
         };
-        let job = match loaded.compile(prompt, max_tokens, sampling) {
+        let job = match compile(&loaded, prompt, max_tokens, sampling) {
             Ok(j) => j,
             Err(e) => break Err(e),
         };
