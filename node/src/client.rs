@@ -36,6 +36,43 @@ pub struct ClientConfig {
     /// How this buyer settles (default: ledger).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settle: Option<crate::settle::SettleSection>,
+    /// The OpenAI-compatible gateway (`hashgrid serve`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serve: Option<ServeSection>,
+}
+
+/// `[serve]`: what `hashgrid serve` serves and to whom. Command-line flags override it.
+///
+/// ```toml
+/// [serve]
+/// listen = "127.0.0.1:8080"
+/// models = ["/srv/models/SmolLM2-135M-Instruct.Q4_1.gguf", "minilm=/srv/models/all-MiniLM-L6-v2"]
+/// api_keys_file = "/etc/hashgrid/api-keys"   # one key per line
+/// key_cap_msat_per_day = 5000000
+/// cap_msat_per_day = 50000000
+/// max_price = 2000                           # msat per GPU-second
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeSection {
+    /// Address to listen on (default `127.0.0.1:8080`).
+    pub listen: Option<String>,
+    /// Models: `PATH` or `ID=PATH` (GGUF files; embedding model directories).
+    pub models: Vec<String>,
+    /// API keys (prefer `api_keys_file`: config files get copied around).
+    pub api_keys: Vec<String>,
+    /// A file of API keys, one per line (`#` comments).
+    pub api_keys_file: Option<PathBuf>,
+    /// Most msat one key may spend per UTC day.
+    pub key_cap_msat_per_day: Option<u64>,
+    /// Most msat the gateway may spend per UTC day.
+    pub cap_msat_per_day: Option<u64>,
+    /// Highest price in msat per GPU-second (default: any).
+    pub max_price: Option<u64>,
+    /// Tokens generated when a request does not say.
+    pub default_max_tokens: Option<u32>,
+    /// Longest a job may run, in seconds.
+    pub max_seconds: Option<u32>,
 }
 
 impl Default for ClientConfig {
@@ -46,6 +83,7 @@ impl Default for ClientConfig {
             mdns: true,
             listen: Vec::new(),
             settle: None,
+            serve: None,
         }
     }
 }
@@ -157,6 +195,7 @@ mod tests {
             mdns: false,
             listen: Vec::new(),
             settle: None,
+            serve: None,
         };
         std::fs::write(ClientConfig::path(dir.path()), cfg.to_toml()).unwrap();
         assert_eq!(ClientConfig::load_or_default(dir.path()).unwrap(), cfg);

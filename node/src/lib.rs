@@ -38,6 +38,7 @@ pub mod config;
 pub mod datadir;
 pub mod error;
 pub mod event;
+pub mod gateway;
 pub use hashgrid_executor as executor;
 pub mod jobs;
 pub mod network;

@@ -17,6 +17,7 @@
 
 mod generate;
 mod market;
+mod serve;
 mod wallet;
 
 use anyhow::Context;
@@ -303,6 +304,29 @@ enum Command {
         #[arg(last = true, required = true)]
         texts: Vec<String>,
     },
+    /// Serve the OpenAI API (chat, completions, embeddings) on HTTP; every request runs as a
+    /// job through the market (or on this machine's adapter with --local). Models and keys
+    /// come from the flags or the config's [serve] section.
+    ///
+    /// Example: hashgrid serve --model SmolLM2-135M-Instruct.Q4_1.gguf --model minilm=all-MiniLM-L6-v2/
+    Serve {
+        /// A model to serve: PATH or ID=PATH (GGUF file, or embedding model directory);
+        /// repeat for more. The id defaults to the file name without .gguf.
+        #[arg(long = "model", value_name = "[ID=]PATH")]
+        models: Vec<String>,
+        /// Address to listen on (default 127.0.0.1:8080; port 0 picks a free one).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+        /// Run requests on this machine's GPU adapter, without the market.
+        #[arg(long)]
+        local: bool,
+        /// Through the market: highest price, in msat per GPU-second (default: any).
+        #[arg(long, value_name = "MSAT")]
+        max_price: Option<u64>,
+        /// A file of API keys, one per line; requests must send one as a Bearer token.
+        #[arg(long, value_name = "FILE")]
+        api_keys_file: Option<PathBuf>,
+    },
     /// Run a job file on this machine's GPU adapter, without any network.
     ///
     /// Example: hashgrid run-local examples/kernels/saxpy/job.toml --json
@@ -518,6 +542,24 @@ fn main() -> ExitCode {
                 &model,
                 sampling.max_tokens,
                 sampling.sampling(),
+            ))
+        }),
+        Command::Serve {
+            models,
+            listen,
+            local,
+            max_price,
+            api_keys_file,
+        } => rt().and_then(|rt| {
+            rt.block_on(serve::serve(
+                &g,
+                serve::ServeArgs {
+                    models,
+                    listen,
+                    local,
+                    max_price,
+                    api_keys_file,
+                },
             ))
         }),
         Command::Embed {

@@ -104,7 +104,7 @@ impl Client {
 
 /// Waits until the book has settled: at least one peer, and no new ask for [`BOOK_SETTLE`];
 /// at most [`BOOK_WAIT`].
-async fn wait_for_book(node: &NodeHandle) -> Result<usize, CliError> {
+pub(crate) async fn wait_for_book(node: &NodeHandle) -> Result<usize, CliError> {
     let start = Instant::now();
     let mut last = (0usize, Instant::now());
     let mut connected: Option<Instant> = None;

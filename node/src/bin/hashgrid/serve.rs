@@ -1,0 +1,151 @@
+//! `hashgrid serve`: the OpenAI-compatible gateway, on the market (this buyer's node) or on
+//! this machine's adapter (`--local`). Models load, and their files are checked, before the
+//! network starts or the port opens.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use hashgrid_gateway::{Backend, Gateway, GatewayConfig, LocalBackend, models};
+use hashgrid_node::gateway::MarketBackend;
+use hashgrid_node::jobs::JobOptions;
+use hashgrid_protocol::{Msat, Requirements};
+
+use crate::market::{Client, wait_for_book};
+use crate::{CliError, Global};
+
+/// What `serve` was asked.
+pub(crate) struct ServeArgs {
+    pub(crate) models: Vec<String>,
+    pub(crate) listen: Option<String>,
+    pub(crate) local: bool,
+    pub(crate) max_price: Option<u64>,
+    pub(crate) api_keys_file: Option<PathBuf>,
+}
+
+/// Most bytes of an API keys file.
+const MAX_KEYS_FILE: u64 = 1024 * 1024;
+
+fn read_keys(path: &std::path::Path) -> Result<Vec<String>, CliError> {
+    let bad =
+        |e: String| CliError::bad_input(format!("{}: {e}", path.display()), "one API key per line");
+    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    if meta.len() > MAX_KEYS_FILE {
+        return Err(bad(format!("over {MAX_KEYS_FILE} bytes")));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let keys: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect();
+    if keys.is_empty() {
+        return Err(bad("no keys in the file".into()));
+    }
+    Ok(keys)
+}
+
+/// `hashgrid serve`.
+pub(crate) async fn serve(g: &Global, a: ServeArgs) -> Result<(), CliError> {
+    let client = Client::resolve(g)?;
+    let section = client.config.serve.clone().unwrap_or_default();
+    let specs = if a.models.is_empty() {
+        section.models.clone()
+    } else {
+        a.models
+    };
+    if specs.is_empty() {
+        return Err(CliError::bad_input(
+            "no models to serve",
+            "pass --model FILE.gguf (or an embedding model directory), or list models in the config's [serve] section",
+        ));
+    }
+    let loaded = tokio::task::block_in_place(|| models::load_all(&specs)).map_err(|e| {
+        CliError::bad_input(
+            e.to_string(),
+            "a model is a llama-family GGUF file or a sentence-transformers BERT directory",
+        )
+    })?;
+    let mut keys = section.api_keys.clone();
+    if let Some(f) = a.api_keys_file.as_ref().or(section.api_keys_file.as_ref()) {
+        keys.extend(read_keys(f)?);
+    }
+    let config = GatewayConfig {
+        default_max_tokens: section
+            .default_max_tokens
+            .unwrap_or(hashgrid_gateway::DEFAULT_MAX_TOKENS),
+        max_seconds: section
+            .max_seconds
+            .unwrap_or(hashgrid_gateway::DEFAULT_MAX_SECONDS),
+        api_keys: keys,
+        key_cap_msat_per_day: section.key_cap_msat_per_day,
+        cap_msat_per_day: section.cap_msat_per_day,
+    };
+    let listen = a
+        .listen
+        .or(section.listen.clone())
+        .unwrap_or_else(|| "127.0.0.1:8080".into());
+    let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|e| {
+        CliError::bad_input(
+            format!("cannot listen on {listen}: {e}"),
+            "pass another --listen ADDR:PORT (port 0 picks a free one)",
+        )
+    })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| CliError::other(e.to_string(), ""))?;
+
+    let mut exec = None;
+    let mut node = None;
+    let backend: Arc<dyn Backend> = if a.local {
+        let e = tokio::task::block_in_place(crate::generate::executor)?;
+        exec = Some(e.clone());
+        Arc::new(LocalBackend::new(e))
+    } else {
+        let n = client.start().await?;
+        let asks = wait_for_book(&n).await;
+        match asks {
+            Ok(asks) if !g.quiet => eprintln!("book: {asks} asks from the network"),
+            Ok(_) => {}
+            Err(e) => eprintln!(
+                "warning: {}; requests wait for providers ({})",
+                e.message, e.hint
+            ),
+        }
+        let options = JobOptions {
+            units: 1,
+            max_price: a.max_price.or(section.max_price).map(Msat),
+            max_seconds: config.max_seconds,
+            requirements: Requirements::default(),
+            max_attempts: 3,
+        };
+        node = Some(n.clone());
+        Arc::new(
+            MarketBackend::new(n, options)
+                .save_receipts(client.dir.root().join("receipts"), client.network.clone()),
+        )
+    };
+    let gateway = Gateway::new(backend.clone(), loaded, config.clone());
+    eprintln!(
+        "hashgrid serve: http://{addr}/v1 ({} backend; models: {}{})",
+        backend.name(),
+        gateway.model_ids().join(", "),
+        if config.api_keys.is_empty() {
+            ""
+        } else {
+            "; API keys required"
+        }
+    );
+    let served = gateway
+        .serve(listener, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await;
+    if let Some(n) = node {
+        n.shutdown().await;
+    }
+    if let Some(e) = exec {
+        tokio::task::block_in_place(|| e.shutdown());
+    }
+    served.map_err(|e| CliError::other(format!("the HTTP server failed: {e}"), ""))
+}
