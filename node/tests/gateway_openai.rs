@@ -5,7 +5,7 @@
 //! request left a countersigned receipt that `hashgrid receipts` lists.
 //!
 //! Needs the real models (`HASHGRID_SMOLLM2`, `HASHGRID_MINILM`) and a Python with `openai`
-//! (`HASHGRID_PYTHON`, default `python3`); `.ci/run` provides all three and sets
+//! (`HASHGRID_PYTHON`, default `python3`, and `HASHGRID_PYTHONPATH`); `.ci/run` provides all three and sets
 //! `HASHGRID_REQUIRE_OPENAI=1` so that CI cannot skip it.
 
 #![allow(clippy::unwrap_used)] // helpers outside #[test] fns: a failed unwrap is a failed test
@@ -25,15 +25,23 @@ fn env_path(var: &str) -> Option<PathBuf> {
     }
 }
 
-/// The Python that has `openai`, or `None` (a skip, unless CI requires it).
-fn python() -> Option<String> {
+/// A Python command that can import `openai` (`HASHGRID_PYTHON`, default `python3`, with
+/// `HASHGRID_PYTHONPATH` as its `PYTHONPATH` when set), or `None`: a skip, unless CI requires it.
+fn python() -> Option<Command> {
     let py = std::env::var("HASHGRID_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = Command::new(&py)
+    let cmd = || {
+        let mut c = Command::new(&py);
+        if let Ok(p) = std::env::var("HASHGRID_PYTHONPATH") {
+            c.env("PYTHONPATH", p);
+        }
+        c
+    };
+    let ok = cmd()
         .args(["-c", "import openai"])
         .output()
         .is_ok_and(|o| o.status.success());
     if ok {
-        return Some(py);
+        return Some(cmd());
     }
     assert!(
         std::env::var("HASHGRID_REQUIRE_OPENAI").is_err(),
@@ -132,7 +140,7 @@ fn the_openai_sdk_gets_answers_from_the_grid_with_receipts() {
         eprintln!("note: HASHGRID_SMOLLM2 / HASHGRID_MINILM not set; skipping (.ci/run sets them)");
         return;
     };
-    let Some(py) = python() else { return };
+    let Some(mut py) = python() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let (s0_dir, s1_dir, buyer) = (
         tmp.path().join("site0"),
@@ -191,7 +199,7 @@ fn the_openai_sdk_gets_answers_from_the_grid_with_receipts() {
         }
     }
 
-    let run = Command::new(&py)
+    let run = py
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_gateway.py"))
         .env("HASHGRID_BASE_URL", format!("http://127.0.0.1:{port}/v1"))
         .env("HASHGRID_API_KEY", "sk-office-1")
