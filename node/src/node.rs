@@ -182,6 +182,7 @@ pub struct BidSpec {
 pub struct NodeBuilder {
     network: Network,
     data_dir: Option<PathBuf>,
+    input_cache: (u64, u64),
     keypair: Option<Keypair>,
     listen: Vec<Multiaddr>,
     bootstrap: Vec<Multiaddr>,
@@ -206,6 +207,10 @@ impl Default for NodeBuilder {
         NodeBuilder {
             network: Network::main(),
             data_dir: None,
+            input_cache: (
+                crate::jobs::cache::DEFAULT_DISK_BYTES,
+                crate::jobs::cache::DEFAULT_MEMORY_BYTES,
+            ),
             keypair: None,
             listen: Vec::new(),
             bootstrap: Vec::new(),
@@ -234,8 +239,17 @@ impl NodeBuilder {
         self
     }
 
-    /// The data dir: identity key and store live there (default: none, an in-memory store
-    /// and the key from [`NodeBuilder::keypair`] or a fresh one; nothing survives a restart).
+    /// Bytes of job inputs (model weights) a provider keeps between jobs, on disk under
+    /// `<data dir>/inputs` and in memory (defaults: 8 GiB and 1 GiB; without a data dir,
+    /// memory only). 0 and 0 turn the cache off.
+    pub fn input_cache(mut self, disk_bytes: u64, memory_bytes: u64) -> Self {
+        self.input_cache = (disk_bytes, memory_bytes);
+        self
+    }
+
+    /// The data dir: identity key, store and input cache live there (default: none, an
+    /// in-memory store and the key from [`NodeBuilder::keypair`] or a fresh one; nothing
+    /// survives a restart).
     pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.data_dir = Some(dir.into());
         self
@@ -513,8 +527,17 @@ impl NodeBuilder {
         let (events, _) = broadcast::channel(EVENT_QUEUE);
         let (internal_tx, internal_rx) = mpsc::channel(INTERNAL_QUEUE);
         #[allow(unused_mut)]
+        let inputs = match &self.executor {
+            Some(_) => crate::jobs::cache::InputCache::open(
+                self.data_dir.as_ref().map(|d| d.join("inputs")).as_deref(),
+                self.input_cache.0,
+                self.input_cache.1,
+            ),
+            None => crate::jobs::cache::InputCache::open(None, 0, 0),
+        };
         let mut provider = Provider::new(
             self.executor.clone(),
+            Arc::new(inputs),
             key.clone(),
             self.network.clone(),
             store.clone(),

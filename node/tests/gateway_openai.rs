@@ -78,7 +78,11 @@ fn site(dir: &Path, price: u64, boot: Option<&str>) -> (Proc, String) {
         .arg("id")
         .output()
         .unwrap();
-    assert!(id.status.success(), "{}", String::from_utf8_lossy(&id.stderr));
+    assert!(
+        id.status.success(),
+        "{}",
+        String::from_utf8_lossy(&id.stderr)
+    );
     let peer = String::from_utf8_lossy(&id.stdout).trim().to_string();
     let port = free_port();
     let mut cmd = Command::new(node);
@@ -101,13 +105,14 @@ fn site(dir: &Path, price: u64, boot: Option<&str>) -> (Proc, String) {
     // Ready once it accepts connections (it opens the GPU adapter first).
     let by = Instant::now() + Duration::from_secs(60);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < by, "site {} did not start listening", dir.display());
+        assert!(
+            Instant::now() < by,
+            "site {} did not start listening",
+            dir.display()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    (
-        Proc(child),
-        format!("/ip4/127.0.0.1/tcp/{port}/p2p/{peer}"),
-    )
+    (Proc(child), format!("/ip4/127.0.0.1/tcp/{port}/p2p/{peer}"))
 }
 
 fn hashgrid(buyer: &Path, boot: &str, args: &[&str]) -> Command {
@@ -128,9 +133,8 @@ fn ok(o: &Output) -> serde_json::Value {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
-        panic!("not JSON ({e}): {}", String::from_utf8_lossy(&o.stdout))
-    })
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&o.stdout)))
 }
 
 #[test]
@@ -247,12 +251,17 @@ fn the_openai_sdk_gets_answers_from_the_grid_with_receipts() {
     let _ = Command::new("kill").args(["-INT", &pid]).status();
     let stop_by = Instant::now() + Duration::from_secs(30);
     while serve.0.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < stop_by, "hashgrid serve did not stop on SIGINT");
+        assert!(
+            Instant::now() < stop_by,
+            "hashgrid serve did not stop on SIGINT"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let receipts = ok(&hashgrid(&buyer, &boot, &["--json", "receipts", "--verify"])
-        .output()
-        .unwrap());
+    let receipts = ok(
+        &hashgrid(&buyer, &boot, &["--json", "receipts", "--verify"])
+            .output()
+            .unwrap(),
+    );
     let ids: Vec<&str> = receipts
         .as_array()
         .unwrap()

@@ -411,3 +411,68 @@ async fn streamed_buffers_reach_the_buyer_while_the_job_runs() {
     b.shutdown().await;
     p.shutdown().await;
 }
+
+/// The `InputsReady` events seen so far: (fetched, cached) bytes per job.
+fn inputs_ready(rx: &mut tokio::sync::broadcast::Receiver<NodeEvent>) -> Vec<(u64, u64)> {
+    provider_events(rx)
+        .into_iter()
+        .filter_map(|e| match e {
+            ProviderEvent::InputsReady {
+                fetched_bytes,
+                cached_bytes,
+                ..
+            } => Some((fetched_bytes, cached_bytes)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_inputs_cross_the_network_once_per_provider_even_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_path_buf();
+    let with_dir = |d: std::path::PathBuf| move |b: hashgrid_node::NodeBuilder| b.data_dir(d);
+    let p = hashgrid_tests::start_provider_with(&[], 100, 8, None, with_dir(data.clone()))
+        .await
+        .unwrap();
+    let boot = [addr_of(&p).await.unwrap()];
+    let b = buyer(&boot).await;
+    wait_for_asks(&b, 1).await.unwrap();
+    // 3 MiB of "weights": fetched in chunks the first time.
+    let (spec, inputs) = hashgrid_node::executor::bench::copy_job(3 << 20);
+    let job = || Submission {
+        spec: spec.clone(),
+        inputs: inputs.clone(),
+        options: JobOptions::default(),
+    };
+    let mut events = p.events();
+    for round in 0..2 {
+        let id = b.submit(job()).await.unwrap();
+        let rec = wait(&b, &id).await;
+        assert_eq!(
+            rec.state,
+            JobState::Done,
+            "round {round}: {:?}",
+            rec.attempts
+        );
+    }
+    let seen = inputs_ready(&mut events);
+    assert_eq!(
+        seen,
+        vec![(3 << 20, 0), (0, 3 << 20)],
+        "fetched, then cached"
+    );
+    // The provider restarts with the same data dir: the cache is still there.
+    p.shutdown().await;
+    let buyer_addr = addr_of(&b).await.unwrap();
+    let p = hashgrid_tests::start_provider_with(&[buyer_addr], 100, 8, None, with_dir(data))
+        .await
+        .unwrap();
+    let mut events = p.events();
+    let id = b.submit(job()).await.unwrap();
+    let rec = wait(&b, &id).await;
+    assert_eq!(rec.state, JobState::Done, "{:?}", rec.attempts);
+    assert_eq!(inputs_ready(&mut events), vec![(0, 3 << 20)]);
+    b.shutdown().await;
+    p.shutdown().await;
+}

@@ -35,6 +35,7 @@
 //! outputs are all still there.
 
 pub(crate) mod buyer;
+pub mod cache;
 pub(crate) mod provider;
 
 use std::collections::BTreeMap;
@@ -319,6 +320,17 @@ pub enum ProviderEvent {
     Accepted {
         /// The agreement.
         agreement: ContentId,
+    },
+    /// A job's inputs are all here: `fetched_bytes` came from the buyer over the network,
+    /// `cached_bytes` from this provider's input cache (a model's weights, after its first
+    /// request).
+    InputsReady {
+        /// The agreement.
+        agreement: ContentId,
+        /// Bytes fetched from the buyer (inline inputs not counted).
+        fetched_bytes: u64,
+        /// Bytes taken from the cache.
+        cached_bytes: u64,
     },
     /// A job started on the GPU.
     Running {

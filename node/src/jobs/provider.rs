@@ -3,6 +3,7 @@
 //! [`Internal`] messages.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Instant;
 
 use hashgrid_market::charge::{charge_us, max_charge};
@@ -21,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
 use tracing::{debug, info, warn};
 
+use super::cache::InputCache;
 use super::{AGREEMENT_TTL_MS, ProviderEvent};
 use crate::event::NodeEvent;
 use crate::executor::{ExecError, Executor, JobOutput, StreamUpdate};
@@ -53,6 +55,8 @@ pub(crate) struct ProviderJobRecord {
 #[derive(Debug)]
 pub(crate) enum Internal {
     Phase(ContentId, JobPhase),
+    /// Inputs ready: bytes fetched from the buyer, bytes from the cache.
+    Inputs(ContentId, u64, u64),
     /// A streaming loop's check read its buffers back (sent with `try_send`: each update
     /// carries the whole buffers, so a dropped one loses nothing).
     Stream(ContentId, StreamUpdate),
@@ -97,6 +101,7 @@ pub(crate) type Answer = (ResponseChannel<JobReply>, JobReply);
 
 pub(crate) struct Provider {
     executor: Option<Executor>,
+    inputs: Arc<InputCache>,
     key: Keypair,
     network: Network,
     store: Store,
@@ -128,6 +133,7 @@ impl Provider {
     /// Loads the receipt chain head and fails jobs a crash interrupted.
     pub(crate) fn new(
         executor: Option<Executor>,
+        inputs: Arc<InputCache>,
         key: Keypair,
         network: Network,
         store: Store,
@@ -180,6 +186,7 @@ impl Provider {
         }
         Ok(Provider {
             executor,
+            inputs,
             key,
             network,
             store,
@@ -423,6 +430,7 @@ impl Provider {
         self.emit(ProviderEvent::Accepted { agreement: id });
         let task = RunTask {
             exec,
+            cache: self.inputs.clone(),
             net: cmd.clone(),
             internal: self.internal.clone(),
             agreement: id,
@@ -676,6 +684,14 @@ impl Provider {
                     }
                 }
                 self.wake(&id)
+            }
+            Internal::Inputs(agreement, fetched_bytes, cached_bytes) => {
+                self.emit(ProviderEvent::InputsReady {
+                    agreement,
+                    fetched_bytes,
+                    cached_bytes,
+                });
+                Vec::new()
             }
             Internal::Stream(id, update) => {
                 let Some(a) = self.active.get_mut(&id) else {
@@ -983,6 +999,7 @@ pub(crate) async fn fetch_blob(
 }
 
 struct RunTask {
+    cache: Arc<InputCache>,
     exec: Executor,
     net: Net,
     internal: mpsc::Sender<Internal>,
@@ -1029,6 +1046,7 @@ impl RunTask {
                 _ => None,
             })
             .collect();
+        let (mut fetched, mut cached) = (0u64, 0u64);
         if !missing.is_empty() {
             let _ = self
                 .internal
@@ -1038,12 +1056,33 @@ impl RunTask {
                 if inputs.contains_key(&id) {
                     continue;
                 }
+                let cache = self.cache.clone();
+                let hit = tokio::task::spawn_blocking(move || cache.get(&id))
+                    .await
+                    .ok()
+                    .flatten()
+                    .filter(|b| b.len() as u64 == size);
+                if let Some(bytes) = hit {
+                    cached += size;
+                    inputs.insert(id, bytes);
+                    continue;
+                }
                 let bytes = fetch_blob(&self.net, self.buyer, id, size)
                     .await
                     .map_err(|e| format!("input {id}: {e}"))?;
+                fetched += size;
+                // `fetch_blob` checked the hash; caching runs beside the job.
+                if bytes.len() >= super::cache::MIN_CACHED_BYTES {
+                    let (cache, copy) = (self.cache.clone(), bytes.clone());
+                    tokio::task::spawn_blocking(move || cache.put(id, &copy));
+                }
                 inputs.insert(id, bytes);
             }
         }
+        let _ = self
+            .internal
+            .send(Internal::Inputs(self.agreement, fetched, cached))
+            .await;
         let _ = self
             .internal
             .send(Internal::Phase(self.agreement, JobPhase::Running))
@@ -1106,8 +1145,17 @@ mod tests {
         let (b1, b2) = (Keypair::generate().unwrap(), Keypair::generate().unwrap());
         let (events, _) = broadcast::channel(16);
         let (tx, _rx) = mpsc::channel(4);
-        let mut p =
-            Provider::new(None, pk.clone(), net.clone(), store.clone(), events, tx, 1).unwrap();
+        let mut p = Provider::new(
+            None,
+            Arc::new(super::super::cache::InputCache::open(None, 0, 0)),
+            pk.clone(),
+            net.clone(),
+            store.clone(),
+            events,
+            tx,
+            1,
+        )
+        .unwrap();
         let output = b"the same output".to_vec();
         let out_id = ContentId::of(&output);
         store.put_blob(&out_id, &output).unwrap();
