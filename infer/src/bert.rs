@@ -454,6 +454,14 @@ pub struct BertWeights {
 }
 
 impl BertWeights {
+    /// The weight blobs: a name for people, the content id, the bytes (what jobs name as
+    /// inputs, and what a provider preloads).
+    pub fn blobs(&self) -> impl Iterator<Item = (&str, &ContentId, &[u8])> {
+        self.blobs
+            .iter()
+            .map(|(n, id, b)| (n.as_str(), id, b.as_slice()))
+    }
+
     /// Reads every tensor.
     pub fn load(m: &BertModel) -> Result<BertWeights, BertError> {
         let c = &m.config;

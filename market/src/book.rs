@@ -99,6 +99,45 @@ impl<F: Fn(&PublicKey) -> u64> Load for F {
     }
 }
 
+/// What each provider already holds of a job's inputs (the warm input ids of its capacity
+/// ad): a provider holding a model's weights starts the job without an upload.
+pub trait Warm {
+    /// Bytes of the job's inputs that `owner` holds.
+    fn held(&self, owner: &PublicKey) -> u64;
+    /// Bytes of the job's inputs in all (0: nothing to weigh).
+    fn total(&self) -> u64;
+}
+
+/// Nothing is known to be held.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoWarm;
+
+impl Warm for NoWarm {
+    fn held(&self, _: &PublicKey) -> u64 {
+        0
+    }
+    fn total(&self) -> u64 {
+        0
+    }
+}
+
+/// The most an ask is discounted in ranking, in basis points of its price, when its provider
+/// holds all of the job's inputs: 20%, so a buyer pays at most 25% more per GPU-second to
+/// skip uploading a model's weights (~100 MB for a small model, GBs for a large one). The
+/// discount is in proportion to the bytes held; fills stay at the ask's own price.
+pub const WARM_DISCOUNT_BP: u64 = 2_000;
+
+/// An ask's price as [`OrderBook::candidates_fair`] ranks it: `price` in units of 1/10 000
+/// msat, less [`WARM_DISCOUNT_BP`] times the share of the job's inputs its provider holds.
+pub fn ranked_price(price: Msat, held: u64, total: u64) -> u128 {
+    let full = u128::from(price.0) * 10_000;
+    if total == 0 {
+        return full;
+    }
+    let off = u128::from(held.min(total)) * u128::from(WARM_DISCOUNT_BP) / u128::from(total);
+    u128::from(price.0) * (10_000 - off)
+}
+
 /// How [`OrderBook::candidates_fair`] ranks asks at the same price.
 pub struct Fairness<'a> {
     /// Reputation of each provider.
@@ -108,6 +147,8 @@ pub struct Fairness<'a> {
     /// The buyer's random tie-break seed (per buyer and per job, so no provider is every
     /// buyer's favourite).
     pub seed: u64,
+    /// What each provider holds of the job's inputs ([`NoWarm`]: price alone).
+    pub warm: &'a dyn Warm,
 }
 
 /// A provider's place in the random tie-break for `seed`: a keyed mix of its public key
@@ -1022,12 +1063,14 @@ impl OrderBook {
     }
 
     /// The asks that can take all of `bid` (each with at least `bid.units` remaining), best
-    /// first, for a buyer that will propose to them in turn: price first, always; among asks
-    /// at the same price, work spreads instead of going to the oldest or lowest-keyed ask:
-    /// most free units (remaining minus the buyer's recent load there) first, then least
-    /// recent load, then highest reputation, then the buyer's random [`tie_break`]. Every ask
-    /// at the prices that make up the first `limit` is ranked before the list is cut, so a
-    /// provider at the best price is never cut off by the order asks arrived in.
+    /// first, for a buyer that will propose to them in turn: price first, where a provider
+    /// that holds the job's inputs is ranked at its [`ranked_price`] (up to
+    /// [`WARM_DISCOUNT_BP`] off); among asks at the same ranked price, work spreads instead of
+    /// going to the oldest or lowest-keyed ask: most free units (remaining minus the buyer's
+    /// recent load there) first, then least recent load, then highest reputation, then the
+    /// buyer's random [`tie_break`]. Every ask that could rank among the first `limit` is
+    /// ranked before the list is cut, so a provider at the best price is never cut off by the
+    /// order asks arrived in.
     pub fn candidates_fair(
         &self,
         bid: &Bid,
@@ -1038,12 +1081,21 @@ impl OrderBook {
         let f = self.filter_for_bid(bid, now_ms);
         let limit = limit.max(1);
         let mut found: Vec<&AskEntry> = Vec::new();
+        let total = fair.warm.total();
+        // Once `limit` asks are found, the limit-th price bounds what can still rank among
+        // them: that price itself, or up to the warm discount above it.
+        let mut cutoff: Option<u128> = None;
         self.scan_asks(&f, |e| {
-            if found.len() >= limit && found.last().is_some_and(|l| l.ask.price != e.ask.price) {
+            if let Some(c) = cutoff
+                && ranked_price(e.ask.price, total, total) > c
+            {
                 return false;
             }
             if e.remaining >= bid.units {
                 found.push(e);
+                if found.len() == limit {
+                    cutoff = Some(u128::from(e.ask.price.0) * 10_000);
+                }
             }
             true
         });
@@ -1054,7 +1106,7 @@ impl OrderBook {
                 let load = fair.load.load(p);
                 let free = u64::from(e.remaining).saturating_sub(load);
                 let key = (
-                    e.ask.price.0,
+                    ranked_price(e.ask.price, fair.warm.held(p), total),
                     Reverse(free),
                     load,
                     Reverse(fair.rep.score(p)),

@@ -46,7 +46,8 @@ pub mod charge;
 pub mod settlement;
 
 pub use book::{
-    BookError, Fairness, Fill, Load, NoLoad, NoReputation, OfferQuery, OfferSort, OrderBook,
-    RegionDepth, Reputation, RestingAsk, RestingBid, Side, tie_break,
+    BookError, Fairness, Fill, Load, NoLoad, NoReputation, NoWarm, OfferQuery, OfferSort,
+    OrderBook, RegionDepth, Reputation, RestingAsk, RestingBid, Side, WARM_DISCOUNT_BP, Warm,
+    ranked_price, tie_break,
 };
 pub use charge::{charge, charge_us, max_charge};

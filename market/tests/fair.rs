@@ -85,6 +85,7 @@ fn equal_prices_are_shared_by_the_random_tie_break() {
             rep: &NoReputation,
             load: &NoLoad,
             seed,
+            warm: &NoWarm,
         };
         *wins.entry(first(&b, &fair)).or_default() += 1;
     }
@@ -111,6 +112,7 @@ fn load_then_free_units_then_reputation_order_equal_prices() {
             rep: &NoReputation,
             load: &load,
             seed,
+            warm: &NoWarm,
         };
         let order: Vec<PublicKey> = b
             .candidates_fair(&bid(1, 1_000), NOW, &fair, 3)
@@ -125,6 +127,7 @@ fn load_then_free_units_then_reputation_order_equal_prices() {
         rep: &NoReputation,
         load: &NoLoad,
         seed: 7,
+        warm: &NoWarm,
     };
     assert_eq!(first(&b, &fair), key(1));
     // Equal free units and load: reputation decides.
@@ -135,6 +138,7 @@ fn load_then_free_units_then_reputation_order_equal_prices() {
             rep: &rep,
             load: &NoLoad,
             seed,
+            warm: &NoWarm,
         };
         assert_eq!(first(&b, &fair), key(0));
     }
@@ -151,6 +155,7 @@ fn no_ask_at_the_best_price_is_cut_off_by_arrival_order() {
             rep: &NoReputation,
             load: &NoLoad,
             seed,
+            warm: &NoWarm,
         };
         for r in b.candidates_fair(&bid(1, 1_000), NOW, &fair, 3) {
             seen.insert(r.ask.provider);
@@ -184,7 +189,7 @@ proptest! {
         let idx = |p: &PublicKey| (0..12u8).position(|i| key(i) == *p).unwrap();
         let load = |p: &PublicKey| loads[idx(p)];
         let rep = |p: &PublicKey| reps[idx(p)];
-        let fair = Fairness { rep: &rep, load: &load, seed };
+        let fair = Fairness { rep: &rep, load: &load, seed, warm: &NoWarm };
         let got = b.candidates_fair(&bid(units, max_price), NOW, &fair, limit);
         prop_assert!(got.len() <= limit);
         for w in got.windows(2) {
@@ -209,4 +214,56 @@ proptest! {
             prop_assert!(!any);
         }
     }
+}
+
+/// Holds all of a job's 100 MB of inputs at some providers.
+struct Holds(Vec<PublicKey>);
+
+impl Warm for Holds {
+    fn held(&self, owner: &PublicKey) -> u64 {
+        if self.0.contains(owner) {
+            100_000_000
+        } else {
+            0
+        }
+    }
+    fn total(&self) -> u64 {
+        100_000_000
+    }
+}
+
+#[test]
+fn a_provider_holding_the_inputs_wins_within_the_warm_discount_and_loses_beyond_it() {
+    let fair = |warm: &'static Holds| Fairness {
+        rep: &NoReputation,
+        load: &NoLoad,
+        seed: 1,
+        warm,
+    };
+    // 20% off 120 is 96 < 100: the warm provider at 120 ranks before the cold one at 100.
+    static WARM_1: std::sync::LazyLock<Holds> = std::sync::LazyLock::new(|| Holds(vec![key(1)]));
+    let b = book(&[(0, 100, 4), (1, 120, 4), (2, 110, 4)]);
+    let order: Vec<PublicKey> = b
+        .candidates_fair(&bid(1, 1_000), NOW, &fair(&WARM_1), 1)
+        .into_iter()
+        .map(|r| r.ask.provider)
+        .collect();
+    assert_eq!(
+        order,
+        vec![key(1)],
+        "the warm ask must not be cut off at limit 1"
+    );
+    // 20% off 130 is 104 > 100: beyond the discount, price wins.
+    let b = book(&[(0, 100, 4), (1, 130, 4)]);
+    let order: Vec<PublicKey> = b
+        .candidates_fair(&bid(1, 1_000), NOW, &fair(&WARM_1), 2)
+        .into_iter()
+        .map(|r| r.ask.provider)
+        .collect();
+    assert_eq!(order, vec![key(0), key(1)]);
+    // Holding half the inputs is half the discount: 10% off 115 is 103.5 > 100.
+    assert!(ranked_price(Msat(115), 50, 100) > ranked_price(Msat(100), 0, 100));
+    assert!(ranked_price(Msat(105), 50, 100) < ranked_price(Msat(100), 0, 100));
+    // Fills are not affected: the discount only ranks.
+    assert_eq!(ranked_price(Msat(100), 0, 0), 100 * 10_000);
 }

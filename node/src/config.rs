@@ -192,6 +192,43 @@ pub struct SiteConfig {
     pub pricing: Pricing,
     /// How this site settles: `[settle]` (default ledger).
     pub settle: crate::settle::SettleSection,
+    /// The input cache: `[cache]`.
+    pub cache: CacheSection,
+    /// Models whose weights this site holds ready: `[models]`.
+    pub models: ModelsSection,
+}
+
+/// `[cache]`: how much of the jobs' inputs (model weights) the site keeps between jobs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheSection {
+    /// GiB on disk under `<data dir>/inputs` (default 8; 0: none on disk).
+    pub disk_gib: u64,
+    /// GiB in memory (default 1).
+    pub memory_gib: u64,
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        CacheSection {
+            disk_gib: crate::jobs::cache::DEFAULT_DISK_BYTES >> 30,
+            memory_gib: crate::jobs::cache::DEFAULT_MEMORY_BYTES >> 30,
+        }
+    }
+}
+
+/// `[models]`: models to hold warm from the start, so the first buyer of each uploads nothing.
+///
+/// ```toml
+/// [models]
+/// preload = ["/srv/models/SmolLM2-135M-Instruct.Q4_1.gguf", "/srv/models/all-MiniLM-L6-v2"]
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelsSection {
+    /// GGUF files and sentence-transformers directories. Their weights are laid out as the
+    /// buyers' compiler lays them out, so the blobs' ids match the jobs'.
+    pub preload: Vec<PathBuf>,
 }
 
 impl Default for SiteConfig {
@@ -219,6 +256,8 @@ impl Default for SiteConfig {
             detected: Vec::new(),
             pricing: Pricing::default(),
             settle: crate::settle::SettleSection::default(),
+            cache: CacheSection::default(),
+            models: ModelsSection::default(),
         }
     }
 }
@@ -375,6 +414,10 @@ impl SiteConfig {
                 },
             )
             .order_ttl(Duration::from_secs(self.order_ttl_secs))
+            .input_cache(
+                self.cache.disk_gib.saturating_mul(1 << 30),
+                self.cache.memory_gib.saturating_mul(1 << 30),
+            )
             .gpu_profiles(self.gpu_profiles());
         for a in &self.listen {
             b = b.listen(a.clone());

@@ -183,6 +183,7 @@ pub struct NodeBuilder {
     network: Network,
     data_dir: Option<PathBuf>,
     input_cache: (u64, u64),
+    preload: Vec<(ContentId, Vec<u8>)>,
     keypair: Option<Keypair>,
     listen: Vec<Multiaddr>,
     bootstrap: Vec<Multiaddr>,
@@ -211,6 +212,7 @@ impl Default for NodeBuilder {
                 crate::jobs::cache::DEFAULT_DISK_BYTES,
                 crate::jobs::cache::DEFAULT_MEMORY_BYTES,
             ),
+            preload: Vec::new(),
             keypair: None,
             listen: Vec::new(),
             bootstrap: Vec::new(),
@@ -244,6 +246,14 @@ impl NodeBuilder {
     /// memory only). 0 and 0 turn the cache off.
     pub fn input_cache(mut self, disk_bytes: u64, memory_bytes: u64) -> Self {
         self.input_cache = (disk_bytes, memory_bytes);
+        self
+    }
+
+    /// Blobs to put in the provider's input cache at start (a site's preloaded models), so
+    /// its first capacity ad lists them as warm. Each must hash to its id; others are
+    /// dropped with a warning.
+    pub fn preload_inputs(mut self, blobs: Vec<(ContentId, Vec<u8>)>) -> Self {
+        self.preload = blobs;
         self
     }
 
@@ -361,7 +371,7 @@ impl NodeBuilder {
 
     /// Starts the node: loads or creates its identity, opens its store, listens, dials the
     /// bootstrap and known peers, and re-announces the orders it still offers.
-    pub async fn start(self) -> Result<NodeHandle, StartError> {
+    pub async fn start(mut self) -> Result<NodeHandle, StartError> {
         if self.order_ttl < MIN_ORDER_TTL
             || self.order_ttl.as_millis() > u128::from(hashgrid_protocol::limits::MAX_TTL_MS)
         {
@@ -535,9 +545,19 @@ impl NodeBuilder {
             ),
             None => crate::jobs::cache::InputCache::open(None, 0, 0),
         };
+        for (id, bytes) in std::mem::take(&mut self.preload) {
+            if ContentId::of(&bytes) == id {
+                inputs.put(id, &bytes);
+            } else {
+                warn!(%id, "a preloaded input does not hash to its id; not cached");
+            }
+        }
+        let inputs = Arc::new(inputs);
         let mut provider = Provider::new(
-            self.executor.clone(),
-            Arc::new(inputs),
+            crate::jobs::provider::Runs {
+                executor: self.executor.clone(),
+                inputs: inputs.clone(),
+            },
             key.clone(),
             self.network.clone(),
             store.clone(),
@@ -597,6 +617,8 @@ impl NodeBuilder {
             #[cfg(feature = "testing")]
             serve_in_sync: Vec::new(),
             provider,
+            inputs: inputs.clone(),
+            warm_announced: Vec::new(),
             internal_rx,
             cmd_weak: cmd_tx.downgrade(),
             pending_negotiate: HashMap::new(),
@@ -634,6 +656,7 @@ impl NodeBuilder {
                 cmd: cmd_tx,
                 events,
                 placements: Default::default(),
+                inputs,
             }),
         })
     }
@@ -824,6 +847,8 @@ struct Inner {
     events: broadcast::Sender<NodeEvent>,
     /// Jobs this node placed with each provider lately (fair ranking).
     placements: crate::jobs::Placements,
+    /// The provider's input cache.
+    inputs: Arc<crate::jobs::cache::InputCache>,
 }
 
 /// A buyer job's request for candidates.
@@ -836,7 +861,39 @@ pub(crate) struct CandidateQuery {
     pub(crate) load: HashMap<PublicKey, u64>,
     /// The random tie-break among equals (from the buyer's key and the job).
     pub(crate) seed: u64,
+    /// The job's input blobs and their sizes (weighed against providers' warm caches).
+    pub(crate) inputs: Vec<(ContentId, u64)>,
 }
+
+/// What each provider holds of one job's inputs, from the warm ids of its capacity ad.
+struct WarmInputs<'a> {
+    book: &'a crate::book::Book,
+    inputs: &'a [(ContentId, u64)],
+    total: u64,
+}
+
+impl hashgrid_market::Warm for WarmInputs<'_> {
+    fn held(&self, owner: &PublicKey) -> u64 {
+        let Some(ad) = self.book.capacity(owner) else {
+            return 0;
+        };
+        if ad.warm.is_empty() {
+            return 0;
+        }
+        let warm: std::collections::HashSet<&ContentId> = ad.warm.iter().collect();
+        self.inputs
+            .iter()
+            .filter(|(id, _)| warm.contains(id))
+            .map(|(_, n)| n)
+            .sum()
+    }
+    fn total(&self) -> u64 {
+        self.total
+    }
+}
+
+/// How often a provider whose input cache gained blobs re-announces its capacity ad.
+const WARM_ANNOUNCE_EVERY: Duration = Duration::from_secs(5);
 
 /// Messages from job tasks waiting for the node's task.
 pub const INTERNAL_QUEUE: usize = 256;
@@ -1175,6 +1232,17 @@ impl NodeHandle {
         Ok(())
     }
 
+    /// The input blobs (model weights) this provider holds in its cache, most recently used
+    /// first: what its capacity ad lists as warm.
+    pub fn warm_inputs(&self) -> Vec<ContentId> {
+        self.inner.inputs.ids()
+    }
+
+    /// Bytes in this provider's input cache: on disk, in memory.
+    pub fn input_cache_bytes(&self) -> (u64, u64) {
+        self.inner.inputs.bytes()
+    }
+
     /// The live asks meeting `query`, sorted as asked (the market engine's `offers`).
     pub async fn offers(&self, query: hashgrid_market::OfferQuery) -> Result<Vec<Ask>, NodeError> {
         self.request(|r| Command::Offers(Box::new(query), r)).await
@@ -1342,6 +1410,10 @@ struct NodeLoop {
     serve_in_sync: Vec<GossipMessage>,
     /// The provider side of the job lifecycle.
     provider: Provider,
+    /// The provider's input cache (its ids are the capacity ad's warm list).
+    inputs: Arc<crate::jobs::cache::InputCache>,
+    /// The warm list last announced.
+    warm_announced: Vec<ContentId>,
     internal_rx: mpsc::Receiver<Internal>,
     /// Weak, so the node still stops when the last handle is dropped.
     cmd_weak: mpsc::WeakSender<Command>,
@@ -1388,6 +1460,11 @@ impl NodeLoop {
 
     async fn run(mut self, mut cmd_rx: mpsc::Receiver<Command>) {
         let reannounce_every = self.settings.order_ttl / 3;
+        // A changed warm list is announced at most this often (the cache write happens beside
+        // the job; a check a few seconds later sees it).
+        let mut warm_check = tokio::time::interval(WARM_ANNOUNCE_EVERY);
+        warm_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut warm_changed = false;
         let mut reannounce = tokio::time::interval_at(
             tokio::time::Instant::now() + reannounce_every,
             reannounce_every,
@@ -1429,8 +1506,21 @@ impl NodeLoop {
                     Some(cmd) => self.on_command(cmd),
                 },
                 Some(msg) = self.internal_rx.recv() => {
+                    let fetched = matches!(msg, Internal::Inputs(_, f, _) if f > 0);
                     let answers = self.provider.on_internal(msg);
                     self.answer(answers);
+                    if fetched {
+                        // New weights in the cache: say so before the next periodic ad.
+                        warm_changed = true;
+                    }
+                }
+                _ = warm_check.tick(), if warm_changed => {
+                    warm_changed = false;
+                    if self.warm_ids() != self.warm_announced
+                        && let Err(e) = self.announce_capacity()
+                    {
+                        warn!(error = %e, "cannot announce capacity");
+                    }
                 }
                 _ = reannounce.tick() => self.announce_all(),
                 _ = entropy.tick() => {
@@ -1539,24 +1629,39 @@ impl NodeLoop {
             q.excluded.contains(&a.provider) || self.is_down(&a.provider)
         });
         let load = |p: &PublicKey| q.load.get(p).copied().unwrap_or(0);
+        let warm = WarmInputs {
+            book: &self.book,
+            inputs: &q.inputs,
+            total: q.inputs.iter().map(|(_, n)| n).sum(),
+        };
         let fair = hashgrid_market::Fairness {
             rep: &hashgrid_market::NoReputation,
             load: &load,
             seed: q.seed,
+            warm: &warm,
         };
         book.candidates_fair(&q.bid, now, &fair, crate::jobs::MAX_PROPOSALS_PER_ATTEMPT)
             .into_iter()
             .filter_map(|r| {
                 let peer = crate::jobs::peer_of(&r.ask.provider)?;
-                let addrs = self
-                    .book
-                    .capacity(&r.ask.provider)
+                let ad = self.book.capacity(&r.ask.provider);
+                let addrs = ad
                     .map(|ad| ad.addrs.iter().filter_map(|a| a.parse().ok()).collect())
+                    .unwrap_or_default();
+                let warm = ad
+                    .map(|ad| {
+                        q.inputs
+                            .iter()
+                            .filter(|(id, _)| ad.warm.contains(id))
+                            .map(|(id, _)| *id)
+                            .collect()
+                    })
                     .unwrap_or_default();
                 Some(Candidate {
                     ask: r.ask,
                     peer,
                     addrs,
+                    warm,
                 })
             })
             .collect()
@@ -1861,6 +1966,13 @@ impl NodeLoop {
         }
     }
 
+    /// The input ids the capacity ad lists as warm.
+    fn warm_ids(&self) -> Vec<ContentId> {
+        let mut ids = self.inputs.ids();
+        ids.truncate(hashgrid_protocol::limits::MAX_WARM_PER_AD);
+        ids
+    }
+
     fn announce_capacity(&mut self) -> Result<(), NodeError> {
         let (now, expires_at) = self.now_and_expiry();
         let addrs = self
@@ -1869,7 +1981,10 @@ impl NodeLoop {
             .take(hashgrid_protocol::limits::MAX_ADDRS_PER_AD)
             .map(|a| with_peer(a, self.peer_id).to_string())
             .collect();
+        let warm = self.warm_ids();
+        self.warm_announced = warm.clone();
         let ad = CapacityAd {
+            warm,
             provider: self.public,
             region: self.settings.region.clone(),
             gpus: self.settings.gpus.clone(),

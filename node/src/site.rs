@@ -25,10 +25,42 @@ pub enum SiteError {
     /// The settlement settings are invalid or the chain backend cannot be opened.
     #[error("settlement: {0}")]
     Settle(#[from] crate::wallet::WalletError),
+    /// A model in `[models] preload` cannot be read.
+    #[error("[models] preload: {path}: {message}")]
+    Preload {
+        /// The file or directory.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// No GPU could be opened or benchmarked (the message says how to install lavapipe; or run
     /// with `--no-gpu` for a relay-only node).
     #[error("{0} (or pass --no-gpu to run a relay-only node)")]
     Gpu(#[from] ExecError),
+}
+
+/// The weight blobs of each model, laid out as the buyers' compiler lays them out (so their
+/// ids are the ones jobs name): GGUF files and sentence-transformers directories.
+fn preload_blobs(
+    paths: &[std::path::PathBuf],
+) -> Result<Vec<(hashgrid_protocol::ContentId, Vec<u8>)>, SiteError> {
+    let mut out = Vec::new();
+    for p in paths {
+        let bad = |message: String| SiteError::Preload {
+            path: p.clone(),
+            message,
+        };
+        if p.is_dir() {
+            let m = hashgrid_infer::bert::BertModel::open(p).map_err(|e| bad(e.to_string()))?;
+            let w = hashgrid_infer::bert::BertWeights::load(&m).map_err(|e| bad(e.to_string()))?;
+            out.extend(w.blobs().map(|(_, id, b)| (*id, b.to_vec())));
+        } else {
+            let m = hashgrid_infer::LlamaModel::open(p).map_err(|e| bad(e.to_string()))?;
+            let w = hashgrid_infer::ModelWeights::load(&m).map_err(|e| bad(e.to_string()))?;
+            out.extend(w.blobs.into_iter().map(|b| (b.id, b.bytes)));
+        }
+    }
+    Ok(out)
 }
 
 /// Opens this machine's best GPU adapter and benchmarks it (cached per adapter in the data dir).
@@ -90,6 +122,23 @@ pub async fn run_site(
     let mut builder = config.builder().settle(settle);
     if let Some(exec) = &executor {
         builder = builder.executor(exec.clone());
+        if !config.models.preload.is_empty() {
+            let paths = config.models.preload.clone();
+            let blobs = tokio::task::spawn_blocking(move || preload_blobs(&paths))
+                .await
+                .map_err(|e| SiteError::Preload {
+                    path: Default::default(),
+                    message: e.to_string(),
+                })??;
+            let bytes: usize = blobs.iter().map(|(_, b)| b.len()).sum();
+            info!(
+                models = config.models.preload.len(),
+                blobs = blobs.len(),
+                bytes,
+                "models preloaded into the input cache"
+            );
+            builder = builder.preload_inputs(blobs);
+        }
     }
     let node = builder.start().await?;
     info!(peer_id = %node.peer_id(), network = %config.network, region = %config.region, "node started");

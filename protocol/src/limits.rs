@@ -33,6 +33,10 @@ pub const MAX_GPUS_PER_AD: usize = 64;
 /// Most listen addresses one capacity ad may carry.
 pub const MAX_ADDRS_PER_AD: usize = 16;
 
+/// Most warm input ids (cached model weights) one capacity ad may list: 16 KiB of ids, a few
+/// dozen models at one blob per layer.
+pub const MAX_WARM_PER_AD: usize = 512;
+
 /// Most regions or backends one bid may name.
 pub const MAX_REQUIREMENT_ITEMS: usize = 32;
 

@@ -144,6 +144,10 @@ pub struct CapacityAd {
     pub created_at: Timestamp,
     /// Expiry.
     pub expires_at: Timestamp,
+    /// Input blobs (model weights) the provider holds in its input cache, most recently used
+    /// first (at most [`MAX_WARM_PER_AD`](crate::limits::MAX_WARM_PER_AD)): a job naming them
+    /// starts without uploading them, which buyers weigh against price when matching.
+    pub warm: Vec<ContentId>,
 }
 
 /// The identity of an order across replacements: its owner and the owner's order id.
@@ -427,6 +431,7 @@ impl SignedMessage for CapacityAd {
         check_str("region", &self.region, MAX_REGION_LEN)?;
         check_len("gpus", self.gpus.len(), MAX_GPUS_PER_AD)?;
         check_len("addrs", self.addrs.len(), MAX_ADDRS_PER_AD)?;
+        check_len("warm", self.warm.len(), crate::limits::MAX_WARM_PER_AD)?;
         check_len("settlement", self.settlement.len(), 4)?;
         for a in &self.addrs {
             check_str("addrs[]", a, MAX_STRING_LEN)?;

@@ -476,3 +476,50 @@ async fn large_inputs_cross_the_network_once_per_provider_even_across_a_restart(
     b.shutdown().await;
     p.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_holding_the_inputs_is_chosen_over_a_slightly_cheaper_cold_one() {
+    let (spec, inputs) = hashgrid_node::executor::bench::copy_job(1 << 20);
+    let blobs: Vec<_> = inputs.iter().map(|(id, b)| (*id, b.clone())).collect();
+    let cold = start_provider(&[], 100, 8, None).await.unwrap();
+    let boot = [addr_of(&cold).await.unwrap()];
+    // 10% dearer, but it holds the job's megabyte: within the 20% warm discount.
+    let warm =
+        hashgrid_tests::start_provider_with(&boot, 110, 8, None, move |b| b.preload_inputs(blobs))
+            .await
+            .unwrap();
+    assert_eq!(warm.warm_inputs().len(), 1);
+    let b = buyer(&boot).await;
+    wait_for_asks(&b, 2).await.unwrap();
+    let deadline = std::time::Instant::now() + JOB_LIMIT;
+    while !b
+        .book()
+        .await
+        .unwrap()
+        .capacity
+        .iter()
+        .any(|ad| ad.provider == warm.public_key() && !ad.warm.is_empty())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the warm ad never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut events = warm.events();
+    let id = b
+        .submit(Submission {
+            spec,
+            inputs,
+            options: JobOptions::default(),
+        })
+        .await
+        .unwrap();
+    let rec = wait(&b, &id).await;
+    assert_eq!(rec.state, JobState::Done, "{:?}", rec.attempts);
+    assert_eq!(rec.provider, Some(warm.public_key()));
+    assert_eq!(inputs_ready(&mut events), vec![(0, 1 << 20)]);
+    b.shutdown().await;
+    warm.shutdown().await;
+    cold.shutdown().await;
+}

@@ -32,6 +32,9 @@ pub(crate) struct Candidate {
     pub(crate) ask: Ask,
     pub(crate) peer: PeerId,
     pub(crate) addrs: Vec<Multiaddr>,
+    /// The job's inputs the provider's capacity ad lists as warm (not sent inline: it has
+    /// them, and fetches them only if it evicted them since).
+    pub(crate) warm: Vec<ContentId>,
 }
 
 /// What the buyer's task needs from its node.
@@ -175,6 +178,12 @@ impl BuyerJob {
                     excluded: excluded.iter().copied().collect(),
                     load: self.ctx.placements.snapshot(),
                     seed,
+                    inputs: self
+                        .sub
+                        .inputs
+                        .iter()
+                        .map(|(id, b)| (*id, b.len() as u64))
+                        .collect(),
                 })
                 .await
                 .map_err(|e| (FailKind::Interrupted, e))?;
@@ -327,7 +336,9 @@ impl BuyerJob {
         let mut served = Vec::new();
         let mut budget = MAX_INLINE_BYTES;
         for (id, bytes) in &self.sub.inputs {
-            if bytes.len() <= budget {
+            if c.warm.contains(id) {
+                served.push((*id, Arc::new(bytes.clone())));
+            } else if bytes.len() <= budget {
                 budget -= bytes.len();
                 inline.push(InlineBlob {
                     id: *id,

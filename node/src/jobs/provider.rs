@@ -96,6 +96,12 @@ struct StreamWaiter {
     deadline: Instant,
 }
 
+/// What a provider runs jobs with: its executor (none: it sells nothing) and its input cache.
+pub(crate) struct Runs {
+    pub(crate) executor: Option<Executor>,
+    pub(crate) inputs: Arc<InputCache>,
+}
+
 /// A reply to send on a parked or fresh job request channel.
 pub(crate) type Answer = (ResponseChannel<JobReply>, JobReply);
 
@@ -132,8 +138,7 @@ fn reject(reason: RejectReason, detail: impl Into<String>) -> NegotiateReply {
 impl Provider {
     /// Loads the receipt chain head and fails jobs a crash interrupted.
     pub(crate) fn new(
-        executor: Option<Executor>,
-        inputs: Arc<InputCache>,
+        runs: Runs,
         key: Keypair,
         network: Network,
         store: Store,
@@ -185,8 +190,8 @@ impl Provider {
             info!(receipts = next_seq, "receipt chain loaded");
         }
         Ok(Provider {
-            executor,
-            inputs,
+            executor: runs.executor,
+            inputs: runs.inputs,
             key,
             network,
             store,
@@ -1146,8 +1151,10 @@ mod tests {
         let (events, _) = broadcast::channel(16);
         let (tx, _rx) = mpsc::channel(4);
         let mut p = Provider::new(
-            None,
-            Arc::new(super::super::cache::InputCache::open(None, 0, 0)),
+            Runs {
+                executor: None,
+                inputs: Arc::new(InputCache::open(None, 0, 0)),
+            },
             pk.clone(),
             net.clone(),
             store.clone(),

@@ -94,9 +94,10 @@ prop_compose! {
                     units_free in 0u32..100, extra in 0u32..100,
                     settlement in vec(prop_oneof![Just(SettlementMethod::Ledger), Just(SettlementMethod::Onchain)], 0..3),
                     addrs in vec("/ip4/127\\.0\\.0\\.1/tcp/[0-9]{1,5}", 0..3),
-                    seq in any::<u64>(), (created_at, expires_at) in arb_times()) -> CapacityAd {
+                    seq in any::<u64>(), (created_at, expires_at) in arb_times(),
+                    warm in vec(arb_id(), 0..4)) -> CapacityAd {
         CapacityAd { provider, region, gpus, units_total: units_free + extra, units_free, settlement,
-                     addrs, seq, created_at, expires_at }
+                     addrs, seq, created_at, expires_at, warm }
     }
 }
 
