@@ -293,13 +293,14 @@ fn hashgrid_headers(
     h
 }
 
-/// Runs one generation job and reports its text as it streams, then its end. Ends early,
-/// dropping (and so cancelling) the job, when nobody listens any more.
+/// Runs one generation job and reports its text as it streams (when `stream`: otherwise
+/// only the verified outputs count), then its end. Ends early, dropping (and so cancelling)
+/// the job, when nobody listens any more.
 async fn run_generation(
     g: Gw,
     model: Arc<TextModel>,
     job: hashgrid_infer::CompiledJob,
-    stop: Vec<String>,
+    (stop, stream): (Vec<String>, bool),
     caller: Caller,
     tx: mpsc::Sender<GenEvent>,
 ) {
@@ -311,7 +312,7 @@ async fn run_generation(
             inputs: job.inputs,
             max_seconds: g.config.max_seconds,
         },
-        Some(stx),
+        stream.then_some(stx),
     );
     tokio::pin!(run);
     let mut text = TextStream::new(&model, stop);
@@ -484,7 +485,14 @@ async fn generate(
         })?
         .map_err(text_error)?;
     let (tx, mut rx) = mpsc::channel::<GenEvent>(256);
-    tokio::spawn(run_generation(g.clone(), model, job, gen_.stop, caller, tx));
+    tokio::spawn(run_generation(
+        g.clone(),
+        model,
+        job,
+        (gen_.stop, gen_.stream),
+        caller,
+        tx,
+    ));
     let prefix = match shape {
         Shape::Chat => "chatcmpl",
         Shape::Completion => "cmpl",
