@@ -11,6 +11,8 @@
 //! Settlement here is the ledger view: countersigned receipts are the IOUs, summed per
 //! counterparty on both sides (BTC settlement is issue 8).
 
+pub mod chat;
+pub mod http;
 pub mod netns;
 pub mod report;
 pub mod sites;
@@ -108,7 +110,7 @@ pub fn latency_support() -> Result<(), String> {
     netns::supported()
 }
 
-fn rng_seed() -> u64 {
+pub(crate) fn rng_seed() -> u64 {
     let mut b = [0u8; 8];
     if getrandom::fill(&mut b).is_err() {
         return Timestamp::now().0 | 1;
@@ -460,7 +462,11 @@ fn site_keys(sites: &[Site]) -> HashMap<usize, PublicKey> {
 }
 
 /// `hashgrid-node receipts --json` on a stopped site.
-fn audit_site(binary: &Path, dir: &Path, network: &str) -> Result<serde_json::Value, String> {
+pub(crate) fn audit_site(
+    binary: &Path,
+    dir: &Path,
+    network: &str,
+) -> Result<serde_json::Value, String> {
     let out = std::process::Command::new(binary)
         .arg("--data-dir")
         .arg(dir)

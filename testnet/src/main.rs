@@ -52,6 +52,33 @@ struct Cli {
     /// The hashgrid-node binary (default: next to this one).
     #[arg(long, value_name = "PATH")]
     node_binary: Option<PathBuf>,
+    /// What to drive: `jobs` (the reference kernels through in-process buyers), `chat`
+    /// (OpenAI chat requests through a `hashgrid serve` gateway) or `mixed` (chat and
+    /// embeddings).
+    #[arg(long, value_enum, default_value_t = Workload::Jobs)]
+    workload: Workload,
+    /// chat/mixed: the GGUF model (default: $HASHGRID_SMOLLM2).
+    #[arg(long, value_name = "FILE.gguf", env = "HASHGRID_SMOLLM2")]
+    model: Option<PathBuf>,
+    /// mixed: the embedding model directory (default: $HASHGRID_MINILM).
+    #[arg(long, value_name = "DIR", env = "HASHGRID_MINILM")]
+    embed_model: Option<PathBuf>,
+    /// chat/mixed: chat requests in the concurrent phase.
+    #[arg(long, default_value_t = 8)]
+    requests: usize,
+    /// chat/mixed: requests in flight at once.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// chat/mixed: tokens per answer.
+    #[arg(long, default_value_t = 32)]
+    max_tokens: u32,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Workload {
+    Jobs,
+    Chat,
+    Mixed,
 }
 
 #[tokio::main]
@@ -67,6 +94,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let node_binary = match cli
         .node_binary
+        .clone()
         .map_or_else(|| sites::find_binary("hashgrid-node"), Ok)
     {
         Ok(b) => b,
@@ -75,6 +103,9 @@ async fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if cli.workload != Workload::Jobs {
+        return chat(cli, node_binary).await;
+    }
     let cfg = Config {
         sites: cli.sites,
         regions: cli.regions,
@@ -112,6 +143,66 @@ async fn main() -> ExitCode {
         }
     }
     if report.all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    }
+}
+
+/// `--workload chat|mixed`.
+async fn chat(cli: Cli, node_binary: PathBuf) -> ExitCode {
+    let cli_binary = match sites::find_binary("hashgrid") {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    let Some(model) = cli.model else {
+        eprintln!("error: --workload chat needs --model FILE.gguf (or HASHGRID_SMOLLM2)");
+        return ExitCode::from(1);
+    };
+    let mixed = cli.workload == Workload::Mixed;
+    let cfg = hashgrid_testnet::chat::ChatConfig {
+        sites: cli.sites,
+        requests: cli.requests,
+        concurrency: cli.concurrency,
+        warm_requests: 5,
+        embed_requests: if mixed { cli.requests } else { 0 },
+        max_tokens: cli.max_tokens,
+        model,
+        embed_model: if mixed { cli.embed_model } else { None },
+        node_binary,
+        cli_binary,
+        work_dir: cli.work_dir,
+    };
+    let report = tokio::select! {
+        r = hashgrid_testnet::chat::run_chat(cfg) => r,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("interrupted: stopping every site");
+            return ExitCode::from(130);
+        }
+    };
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    println!("{report}");
+    if let Some(path) = &cli.json {
+        let text = serde_json::to_string_pretty(&report).unwrap_or_default();
+        if let Err(e) = std::fs::write(path, text) {
+            eprintln!("error: writing {}: {e}", path.display());
+            return ExitCode::from(1);
+        }
+        println!("report: {}", path.display());
+    }
+    let ok = report.settlement.ok
+        && report.concurrent.failed == 0
+        && report.cache.iter().any(|c| c.hits > 0);
+    if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(3)

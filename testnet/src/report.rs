@@ -34,7 +34,8 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 }
 
 impl Dist {
-    fn of(mut v: Vec<f64>) -> Dist {
+    /// The distribution of `v`.
+    pub fn of(mut v: Vec<f64>) -> Dist {
         v.sort_by(f64::total_cmp);
         Dist {
             n: v.len(),

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use hashgrid_protocol::exchange::{
     Dispatch, InlineBlob, JobMessage, JobReply, JobStatus, MAX_INLINE_BYTES, NegotiateReply,
-    Propose,
+    Propose, RejectReason,
 };
 use hashgrid_protocol::{
     Agreement, Ask, Bid, Bytes, ContentId, Keypair, Msat, Network, PublicKey, Receipt, Signed,
@@ -48,6 +48,11 @@ pub(crate) struct BuyerCtx {
     pub(crate) settlement: std::sync::Arc<crate::settle::Settlement>,
     pub(crate) placements: super::Placements,
 }
+
+/// First wait when every provider is busy; doubled per round up to [`CAPACITY_BACKOFF_MAX`].
+const CAPACITY_BACKOFF_START: Duration = Duration::from_millis(250);
+/// Longest wait between rounds of asking busy providers again.
+const CAPACITY_BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 enum Failure {
     /// The provider failed us: try another.
@@ -161,6 +166,10 @@ impl BuyerJob {
         let mut failures = 0u32;
         let mut last: Option<(FailKind, String)> = None;
         let mut refusals: Vec<String> = Vec::new();
+        // Providers that refused only because they were busy, and until when to wait for one.
+        let mut busy: HashSet<PublicKey> = HashSet::new();
+        let capacity_deadline = Instant::now() + self.sub.options.wait_for_capacity;
+        let mut backoff = CAPACITY_BACKOFF_START;
         loop {
             if failures >= max_attempts {
                 let (kind, reason) = last.unwrap_or((FailKind::ProviderFailed, String::new()));
@@ -187,6 +196,22 @@ impl BuyerJob {
                 })
                 .await
                 .map_err(|e| (FailKind::Interrupted, e))?;
+            if cands.is_empty()
+                && last.is_none()
+                && !busy.is_empty()
+                && busy.len() == refusals.len()
+                && Instant::now() + backoff <= capacity_deadline
+            {
+                // Everyone who could take it is busy: wait, then ask them again.
+                debug!(job = %self.record.id.short(), providers = busy.len(), ?backoff, "providers busy; waiting for capacity");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(CAPACITY_BACKOFF_MAX);
+                for p in busy.drain() {
+                    excluded.remove(&p);
+                }
+                refusals.clear();
+                continue;
+            }
             if cands.is_empty() {
                 return Err(match last {
                     Some((kind, reason)) => (
@@ -210,9 +235,12 @@ impl BuyerJob {
                         agreed = Some((c, a));
                         break;
                     }
-                    Err(reason) => {
+                    Err((is_busy, reason)) => {
                         debug!(provider = %c.ask.provider.short(), %reason, "proposal refused");
                         excluded.insert(c.ask.provider);
+                        if is_busy {
+                            busy.insert(c.ask.provider);
+                        }
                         refusals.push(format!("{}: {reason}", c.ask.provider.short()));
                         self.record.attempts.push(Attempt {
                             provider: c.ask.provider,
@@ -274,7 +302,12 @@ impl BuyerJob {
         }
     }
 
-    async fn propose(&self, c: &Candidate, bid: &Signed<Bid>) -> Result<Signed<Agreement>, String> {
+    /// Proposes to `c`; a refusal says whether the provider was only busy (no free units).
+    async fn propose(
+        &self,
+        c: &Candidate,
+        bid: &Signed<Bid>,
+    ) -> Result<Signed<Agreement>, (bool, String)> {
         let nonce = u64::from_le_bytes(*self.record.id.as_bytes().first_chunk().unwrap_or(&[0; 8]))
             ^ (self.record.attempts.len() as u64);
         let propose = Propose {
@@ -291,13 +324,17 @@ impl BuyerJob {
             .ctx
             .net
             .negotiate(peer, c.addrs.clone(), propose.clone())
-            .await?
+            .await
+            .map_err(|e| (false, e))?
         {
-            NegotiateReply::Reject(r) => Err(format!("{:?}: {}", r.reason, r.detail)),
+            NegotiateReply::Reject(r) => Err((
+                r.reason == RejectReason::NoCapacity,
+                format!("{:?}: {}", r.reason, r.detail),
+            )),
             NegotiateReply::Agreed(signed) => {
                 let a = signed
                     .verify(&self.ctx.network)
-                    .map_err(|e| format!("agreement does not verify: {e}"))?;
+                    .map_err(|e| (false, format!("agreement does not verify: {e}")))?;
                 let ok = a.provider == c.ask.provider
                     && a.buyer == self.ctx.key.public()
                     && a.ask == propose.ask
@@ -309,7 +346,10 @@ impl BuyerJob {
                     && hashgrid_market::max_charge(a.price, a.units, a.max_seconds)
                         == Some(a.max_charge);
                 if !ok {
-                    return Err("the agreement's terms differ from the proposal".into());
+                    return Err((
+                        false,
+                        "the agreement's terms differ from the proposal".into(),
+                    ));
                 }
                 Ok(signed)
             }

@@ -126,6 +126,10 @@ pub struct JobOptions {
     pub requirements: Requirements,
     /// Most providers tried after an agreement failed (default [`DEFAULT_MAX_ATTEMPTS`]).
     pub max_attempts: u32,
+    /// How long to keep re-matching while every provider that could take the job refuses
+    /// it as busy (no free units): the job waits for capacity, as a queue would, instead of
+    /// failing at once (default zero: fail at once).
+    pub wait_for_capacity: Duration,
 }
 
 impl Default for JobOptions {
@@ -136,6 +140,7 @@ impl Default for JobOptions {
             max_seconds: 60,
             requirements: Requirements::default(),
             max_attempts: DEFAULT_MAX_ATTEMPTS,
+            wait_for_capacity: Duration::ZERO,
         }
     }
 }

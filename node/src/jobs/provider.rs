@@ -691,6 +691,7 @@ impl Provider {
                 self.wake(&id)
             }
             Internal::Inputs(agreement, fetched_bytes, cached_bytes) => {
+                info!(agreement = %agreement.short(), fetched_bytes, cached_bytes, "inputs ready");
                 self.emit(ProviderEvent::InputsReady {
                     agreement,
                     fetched_bytes,

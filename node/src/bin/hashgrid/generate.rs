@@ -297,6 +297,7 @@ async fn run_market(
         max_seconds: a.max_seconds,
         requirements: Requirements::default(),
         max_attempts: 3,
+        wait_for_capacity: Duration::from_secs(30),
     };
     let outcome = submit_and_wait(
         g,
@@ -478,6 +479,7 @@ pub(crate) async fn embed(
                 max_seconds: 60,
                 requirements: Requirements::default(),
                 max_attempts: 3,
+                wait_for_capacity: Duration::from_secs(30),
             };
             match submit_and_wait(
                 g,

@@ -361,6 +361,7 @@ async fn run_submit(
         max_seconds: args.max_seconds,
         requirements: req,
         max_attempts: args.attempts,
+        ..JobOptions::default()
     };
     let started = Instant::now();
     let (rec, outputs) = submit_and_wait(g, node, job, options).await?;

@@ -118,6 +118,8 @@ pub(crate) async fn serve(g: &Global, a: ServeArgs) -> Result<(), CliError> {
             max_seconds: config.max_seconds,
             requirements: Requirements::default(),
             max_attempts: 3,
+            // Requests queue for busy providers for as long as they may run.
+            wait_for_capacity: std::time::Duration::from_secs(u64::from(config.max_seconds)),
         };
         node = Some(n.clone());
         Arc::new(
