@@ -64,6 +64,10 @@ pub struct Streamed {
     pub provider: String,
     /// What it cost.
     pub charge_msat: u64,
+    /// The receipt's id.
+    pub receipt_id: String,
+    /// The answer.
+    pub text: String,
 }
 
 /// What the chat workload measured.
@@ -75,13 +79,19 @@ pub struct ChatReport {
     pub local_first_token_ms: f64,
     /// Same.
     pub local_tokens_per_s: f64,
+    /// `hashgrid serve --local`, warm (after one request): streamed requests' first token
+    /// p50, the same prompt over the same HTTP path as the market's gateway.
+    pub local_warm_first_token_p50_ms: f64,
+    /// Its decode tokens/s, p50.
+    pub local_warm_tokens_per_s: f64,
     /// The first request through the gateway (weights uploaded to a provider).
     pub cold: Streamed,
     /// Sequential requests with the model warm.
     pub warm: Vec<Streamed>,
     /// Median first token with the model warm.
     pub warm_first_token_p50_ms: f64,
-    /// Median market overhead on the first token: warm p50 minus local.
+    /// Median market overhead on the first token: the market's warm p50 minus the local
+    /// gateway's warm p50.
     pub overhead_p50_ms: f64,
     /// Concurrent phase: requests, concurrency, wall time, tokens, throughput.
     pub concurrent: Concurrent,
@@ -200,6 +210,11 @@ pub async fn run_chat(cfg: ChatConfig) -> anyhow::Result<ChatReport> {
         .as_f64()
         .unwrap_or(0.0);
     info!(local_first_token_ms, local_tokens_per_s, "local baseline");
+    let local_warm = local_gateway(&cfg, &work).await?;
+    let local_warm_first_token_p50_ms =
+        Dist::of(local_warm.iter().map(|s| s.first_token_ms).collect()).p50;
+    let local_warm_tokens_per_s = Dist::of(local_warm.iter().map(|s| s.tokens_per_s).collect()).p50;
+    info!(local_warm_first_token_p50_ms, "local gateway baseline");
 
     // Sites: site 0 benchmarks the adapter, the others reuse its result.
     let mut specs = Vec::new();
@@ -257,46 +272,14 @@ pub async fn run_chat(cfg: ChatConfig) -> anyhow::Result<ChatReport> {
     }
 
     // The gateway.
-    let port = sites::free_port()?;
-    let addr = format!("127.0.0.1:{port}");
     let gw_dir = work.join("gateway");
-    let log = std::fs::File::create(work.join("gateway.log"))?;
-    let mut cmd = Command::new(&cfg.cli_binary);
-    cmd.arg("--data-dir")
-        .arg(&gw_dir)
-        .args([
-            "--network",
-            &network,
-            "--bootstrap",
-            &seed,
-            "serve",
-            "--listen",
-            &addr,
-        ])
-        .arg("--model")
-        .arg(format!("chat={}", cfg.model.display()));
-    if let Some(e) = &cfg.embed_model {
-        cmd.arg("--model").arg(format!("embed={}", e.display()));
-    }
-    let gateway = Proc(
-        cmd.env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting hashgrid serve")?,
-    );
-    let t = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(work.join("gateway.log")).unwrap_or_default();
-        if text.contains("hashgrid serve: http://") {
-            break;
-        }
-        if t.elapsed() > Duration::from_secs(120) {
-            bail!("the gateway did not start:\n{text}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (gateway, addr) = start_gateway(
+        &cfg,
+        &work,
+        "gateway",
+        &["--network", &network, "--bootstrap", &seed],
+    )
+    .await?;
     info!(%addr, "gateway up");
 
     // The first request uploads the weights to one provider; then the model is warm there.
@@ -362,17 +345,7 @@ pub async fn run_chat(cfg: ChatConfig) -> anyhow::Result<ChatReport> {
     };
 
     // Stop the gateway (Ctrl-C), read its receipts; stop the sites, read theirs.
-    let _ = Command::new("kill")
-        .args(["-INT", &gateway.0.id().to_string()])
-        .status();
-    let mut gateway = gateway;
-    let by = Instant::now() + Duration::from_secs(30);
-    while gateway.0.try_wait()?.is_none() {
-        if Instant::now() > by {
-            bail!("the gateway did not stop on SIGINT");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    stop_gateway(gateway).await?;
     let receipts = Command::new(&cfg.cli_binary)
         .arg("--data-dir")
         .arg(&gw_dir)
@@ -397,7 +370,9 @@ pub async fn run_chat(cfg: ChatConfig) -> anyhow::Result<ChatReport> {
         local_first_token_ms,
         local_tokens_per_s,
         cold,
-        overhead_p50_ms: warm_first_token_p50_ms - local_first_token_ms,
+        overhead_p50_ms: warm_first_token_p50_ms - local_warm_first_token_p50_ms,
+        local_warm_first_token_p50_ms,
+        local_warm_tokens_per_s,
         warm,
         warm_first_token_p50_ms,
         concurrent,
@@ -409,6 +384,76 @@ pub async fn run_chat(cfg: ChatConfig) -> anyhow::Result<ChatReport> {
             ok: buyer_total_msat == providers_total_msat && buyer_total_msat > 0,
         },
     })
+}
+
+/// Starts `hashgrid serve --local --listen ADDR` and waits for its banner.
+async fn start_gateway(
+    cfg: &ChatConfig,
+    work: &Path,
+    name: &str,
+    args: &[&str],
+) -> anyhow::Result<(Proc, String)> {
+    let port = sites::free_port()?;
+    let addr = format!("127.0.0.1:{port}");
+    let log_path = work.join(format!("{name}.log"));
+    let log = std::fs::File::create(&log_path)?;
+    let mut cmd = Command::new(&cfg.cli_binary);
+    cmd.arg("--data-dir")
+        .arg(work.join(name))
+        .args(args)
+        .args(["serve", "--listen", &addr])
+        .arg("--model")
+        .arg(format!("chat={}", cfg.model.display()));
+    if let Some(e) = &cfg.embed_model {
+        cmd.arg("--model").arg(format!("embed={}", e.display()));
+    }
+    let child = Proc(
+        cmd.env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting hashgrid serve")?,
+    );
+    let t = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if text.contains("hashgrid serve: http://") {
+            return Ok((child, addr));
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            bail!("{name} did not start:\n{text}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Stops a gateway with SIGINT (as Ctrl-C) and waits for it.
+async fn stop_gateway(mut p: Proc) -> anyhow::Result<()> {
+    let _ = Command::new("kill")
+        .args(["-INT", &p.0.id().to_string()])
+        .status();
+    let by = Instant::now() + Duration::from_secs(30);
+    while p.0.try_wait()?.is_none() {
+        if Instant::now() > by {
+            bail!("the gateway did not stop on SIGINT");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// The baseline: `hashgrid serve --local` on this machine, one warm-up request, then the warm
+/// requests over the same HTTP path.
+async fn local_gateway(cfg: &ChatConfig, work: &Path) -> anyhow::Result<Vec<Streamed>> {
+    let (p, addr) = start_gateway(cfg, work, "local-gateway", &["--local"]).await?;
+    chat(&addr, cfg.max_tokens).await?;
+    let mut out = Vec::new();
+    for _ in 0..cfg.warm_requests {
+        out.push(chat(&addr, cfg.max_tokens).await?);
+    }
+    stop_gateway(p).await?;
+    Ok(out)
 }
 
 fn short(key: &str) -> String {
@@ -432,6 +477,8 @@ async fn chat(addr: &str, max_tokens: u32) -> anyhow::Result<Streamed> {
     let mut tokens = 0;
     let mut provider = String::new();
     let mut charge_msat = 0;
+    let mut receipt_id = String::new();
+    let mut text = String::new();
     let mut last = sent;
     for (at, data) in &r.events {
         if data == "[DONE]" {
@@ -442,16 +489,18 @@ async fn chat(addr: &str, max_tokens: u32) -> anyhow::Result<Streamed> {
         if let Some(e) = v.get("error") {
             bail!("stream error: {e}");
         }
-        if v["choices"][0]["delta"]["content"]
+        if let Some(t) = v["choices"][0]["delta"]["content"]
             .as_str()
-            .is_some_and(|t| !t.is_empty())
+            .filter(|t| !t.is_empty())
         {
             chunks += 1;
+            text.push_str(t);
             first.get_or_insert(*at);
         }
         if let Some(h) = v.get("hashgrid") {
             provider = h["provider"].as_str().unwrap_or("").to_string();
             charge_msat = h["charge_msat"].as_u64().unwrap_or(0);
+            receipt_id = h["receipt_id"].as_str().unwrap_or("").to_string();
         }
         if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
             tokens = n;
@@ -471,6 +520,8 @@ async fn chat(addr: &str, max_tokens: u32) -> anyhow::Result<Streamed> {
         },
         provider,
         charge_msat,
+        receipt_id,
+        text,
     })
 }
 
@@ -522,10 +573,26 @@ impl fmt::Display for ChatReport {
             "hashgrid chat workload: {} sites, one gateway (hashgrid serve)",
             self.sites
         )?;
+        writeln!(f, "  question             {QUESTION:?}")?;
+        writeln!(f, "  answer               {:?}", self.cold.text.trim())?;
         writeln!(
             f,
-            "  local baseline       first token {:.0} ms, {:.1} tokens/s (hashgrid generate --local)",
+            "                       by provider {}…, receipt {}…, {} msat (verified and countersigned by the gateway's node)",
+            short(&self.cold.provider),
+            short(&self.cold.receipt_id),
+            self.cold.charge_msat
+        )?;
+        writeln!(
+            f,
+            "  local baseline       first token {:.0} ms, {:.1} tokens/s (hashgrid generate --local, a fresh process)",
             self.local_first_token_ms, self.local_tokens_per_s
+        )?;
+        writeln!(
+            f,
+            "                       first token p50 {:.0} ms, {:.1} tokens/s (hashgrid serve --local, warm, n={})",
+            self.local_warm_first_token_p50_ms,
+            self.local_warm_tokens_per_s,
+            self.warm.len()
         )?;
         writeln!(
             f,

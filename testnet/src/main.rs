@@ -18,7 +18,7 @@ use hashgrid_testnet::{Config, sites};
     name = "hashgrid-testnet",
     version,
     about = "Run a local hashgrid testnet of real site processes and report on it",
-    after_help = "Example: cargo run --release -p hashgrid-testnet -- --sites 40 --regions 4 --jobs 200 --kill-rate 0.05 --json report.json"
+    after_help = "Examples:\n  . scripts/models.sh && cargo run --release -p hashgrid-testnet -- --sites 3 --workload mixed --json chat.json\n  cargo run --release -p hashgrid-testnet -- --workload jobs --sites 40 --regions 4 --jobs 200 --kill-rate 0.05 --json report.json"
 )]
 struct Cli {
     /// Provider sites (hashgrid-node processes).
@@ -55,7 +55,7 @@ struct Cli {
     /// What to drive: `jobs` (the reference kernels through in-process buyers), `chat`
     /// (OpenAI chat requests through a `hashgrid serve` gateway) or `mixed` (chat and
     /// embeddings).
-    #[arg(long, value_enum, default_value_t = Workload::Jobs)]
+    #[arg(long, value_enum, default_value_t = Workload::Chat)]
     workload: Workload,
     /// chat/mixed: the GGUF model (default: $HASHGRID_SMOLLM2).
     #[arg(long, value_name = "FILE.gguf", env = "HASHGRID_SMOLLM2")]
@@ -159,7 +159,9 @@ async fn chat(cli: Cli, node_binary: PathBuf) -> ExitCode {
         }
     };
     let Some(model) = cli.model else {
-        eprintln!("error: --workload chat needs --model FILE.gguf (or HASHGRID_SMOLLM2)");
+        eprintln!(
+            "error: --workload chat needs --model FILE.gguf (or HASHGRID_SMOLLM2): `. scripts/models.sh` fetches SmolLM2 and sets it; --workload jobs runs the kernel demo"
+        );
         return ExitCode::from(1);
     };
     let mixed = cli.workload == Workload::Mixed;

@@ -47,6 +47,8 @@ fn small_testnet_runs_every_job_and_balances() {
     let json = dir.path().join("report.json");
     let out = Command::new(env!("CARGO_BIN_EXE_hashgrid-testnet"))
         .args([
+            "--workload",
+            "jobs",
             "--sites",
             "5",
             "--regions",
