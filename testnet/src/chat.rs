@@ -277,7 +277,7 @@ pub async fn run_chat(cfg: ChatConfig) -> anyhow::Result<ChatReport> {
         &cfg,
         &work,
         "gateway",
-        &["--network", &network, "--bootstrap", &seed],
+        (&["--network", &network, "--bootstrap", &seed], &[]),
     )
     .await?;
     info!(%addr, "gateway up");
@@ -386,12 +386,12 @@ pub async fn run_chat(cfg: ChatConfig) -> anyhow::Result<ChatReport> {
     })
 }
 
-/// Starts `hashgrid serve --local --listen ADDR` and waits for its banner.
+/// Starts `hashgrid GLOBAL… serve --listen ADDR SERVE…` and waits for its banner.
 async fn start_gateway(
     cfg: &ChatConfig,
     work: &Path,
     name: &str,
-    args: &[&str],
+    (global, serve): (&[&str], &[&str]),
 ) -> anyhow::Result<(Proc, String)> {
     let port = sites::free_port()?;
     let addr = format!("127.0.0.1:{port}");
@@ -400,8 +400,9 @@ async fn start_gateway(
     let mut cmd = Command::new(&cfg.cli_binary);
     cmd.arg("--data-dir")
         .arg(work.join(name))
-        .args(args)
+        .args(global)
         .args(["serve", "--listen", &addr])
+        .args(serve)
         .arg("--model")
         .arg(format!("chat={}", cfg.model.display()));
     if let Some(e) = &cfg.embed_model {
@@ -446,7 +447,7 @@ async fn stop_gateway(mut p: Proc) -> anyhow::Result<()> {
 /// The baseline: `hashgrid serve --local` on this machine, one warm-up request, then the warm
 /// requests over the same HTTP path.
 async fn local_gateway(cfg: &ChatConfig, work: &Path) -> anyhow::Result<Vec<Streamed>> {
-    let (p, addr) = start_gateway(cfg, work, "local-gateway", &["--local"]).await?;
+    let (p, addr) = start_gateway(cfg, work, "local-gateway", (&[], &["--local"])).await?;
     chat(&addr, cfg.max_tokens).await?;
     let mut out = Vec::new();
     for _ in 0..cfg.warm_requests {
