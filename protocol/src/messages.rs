@@ -145,7 +145,7 @@ pub struct CapacityAd {
     /// Expiry.
     pub expires_at: Timestamp,
     /// Input blobs (model weights) the provider holds in its input cache, most recently used
-    /// first (at most [`MAX_WARM_PER_AD`](crate::limits::MAX_WARM_PER_AD)): a job naming them
+    /// first (at most [`MAX_WARM_PER_AD`]): a job naming them
     /// starts without uploading them, which buyers weigh against price when matching.
     pub warm: Vec<ContentId>,
 }
