@@ -1,11 +1,11 @@
 //! One wgpu device and the code that runs a checked job on it: buffers, pipelines (cached),
 //! passes with timestamp queries, readback and hashing.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hashgrid_protocol::{BufferInit, BufferRange, ContentId, JobSpec};
+use hashgrid_protocol::{BufferInit, BufferRange, JobSpec};
 
 use super::pool::Pool;
 use super::resident::{Kept, Key, Resident};
@@ -181,7 +181,7 @@ impl GpuDevice {
         &mut self,
         spec: &JobSpec,
         checked: &CheckedJob,
-        inputs: &BTreeMap<ContentId, Vec<u8>>,
+        inputs: &crate::SharedInputs,
         stats: &mut UploadStats,
     ) -> Result<JobBuffers, ExecError> {
         let base = wgpu::BufferUsages::STORAGE
@@ -205,7 +205,7 @@ impl GpuDevice {
                 continue;
             }
             let blob = match &b.init {
-                BufferInit::Blob(id) => inputs.get(id).map(|bytes| (id, bytes)),
+                BufferInit::Blob(id) => inputs.get(id).map(|bytes| (id, bytes.as_slice())),
                 _ => None,
             };
             let mut usage = base;
@@ -563,7 +563,7 @@ impl GpuDevice {
         &mut self,
         spec: &JobSpec,
         checked: &CheckedJob,
-        inputs: &BTreeMap<ContentId, Vec<u8>>,
+        inputs: &crate::SharedInputs,
         started: Instant,
         limit: Duration,
         stream: Option<&StreamSink>,

@@ -1,7 +1,8 @@
 //! Checking a job before it runs: limits, naga parse and validation, binding reflection, input
 //! hashes. Everything a job can get wrong is caught here, so the GPU only sees valid work.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 
 use hashgrid_protocol::job::{MAX_TEXTURE_ROWS, MAX_TEXTURES_PER_PASS, TEXTURE_ROW_TEXELS};
 use hashgrid_protocol::{BufferInit, BufferRange, ContentId, GpuLimits, JobLimits, JobSpec};
@@ -62,6 +63,36 @@ pub(crate) fn texture_shape(bytes: u64) -> (u32, u32) {
     (width as u32, rows as u32)
 }
 
+/// Shaders that parsed and validated, by blake3 of their WGSL: a model's kernels are checked
+/// three times per request (the buyer before sending, the provider before agreeing, the
+/// executor before running) and again for every request, always the same text. Only successes
+/// are kept; the outcome depends on the text alone (fixed flags and capabilities).
+type Validated = Arc<(naga::Module, naga::valid::ModuleInfo)>;
+
+/// Most validated shaders remembered per process (first in, first out).
+const VALIDATED_SHADERS: usize = 256;
+
+static VALIDATED: Mutex<Option<(HashMap<[u8; 32], Validated>, VecDeque<[u8; 32]>)>> =
+    Mutex::new(None);
+
+fn validated_module(hash: &[u8; 32]) -> Option<Validated> {
+    let g = VALIDATED.lock().ok()?;
+    g.as_ref().and_then(|(m, _)| m.get(hash).cloned())
+}
+
+fn remember_module(hash: [u8; 32], m: Validated) {
+    let Ok(mut g) = VALIDATED.lock() else { return };
+    let (map, order) = g.get_or_insert_with(Default::default);
+    if map.insert(hash, m).is_none() {
+        order.push_back(hash);
+    }
+    while order.len() > VALIDATED_SHADERS {
+        if let Some(old) = order.pop_front() {
+            map.remove(&old);
+        }
+    }
+}
+
 /// A job after validation.
 #[derive(Debug, Clone)]
 pub(crate) struct CheckedJob {
@@ -85,9 +116,9 @@ fn round_up(n: u64, to: u64) -> u64 {
 }
 
 /// Checks `spec` against `limits`, the adapter's `gpu` limits, its shaders and `inputs`.
-pub(crate) fn check_job(
+pub(crate) fn check_job<V: super::InputBytes>(
     spec: &JobSpec,
-    inputs: Option<&BTreeMap<ContentId, Vec<u8>>>,
+    inputs: Option<&BTreeMap<ContentId, V>>,
     limits: &JobLimits,
     gpu: &GpuLimits,
 ) -> Result<CheckedJob, ExecError> {
@@ -112,7 +143,7 @@ pub(crate) fn check_job(
             )));
         }
         if let (BufferInit::Blob(id), Some(inputs)) = (&b.init, inputs) {
-            let Some(bytes) = inputs.get(id) else {
+            let Some(bytes) = inputs.get(id).map(V::input_bytes) else {
                 return Err(ExecError::Input {
                     buffer: b.name.clone(),
                     message: format!("input blob {id} was not supplied"),
@@ -140,6 +171,12 @@ pub(crate) fn check_job(
     let mut modules = Vec::with_capacity(spec.shaders.len());
     let mut shader_hashes = Vec::with_capacity(spec.shaders.len());
     for s in &spec.shaders {
+        let hash = *blake3::hash(s.wgsl.as_bytes()).as_bytes();
+        if let Some(m) = validated_module(&hash) {
+            modules.push(m);
+            shader_hashes.push(hash);
+            continue;
+        }
         let module = naga::front::wgsl::parse_str(&s.wgsl).map_err(|e| {
             let loc = e.location(&s.wgsl);
             ExecError::Parse {
@@ -158,8 +195,10 @@ pub(crate) fn check_job(
             file: s.name.clone(),
             message: e.emit_to_string(&s.wgsl).trim().to_string(),
         })?;
-        modules.push((module, info));
-        shader_hashes.push(*blake3::hash(s.wgsl.as_bytes()).as_bytes());
+        let m = Arc::new((module, info));
+        remember_module(hash, m.clone());
+        modules.push(m);
+        shader_hashes.push(hash);
     }
 
     // Buffers some pass writes (or a loop counts into): never shared between jobs.
@@ -172,7 +211,7 @@ pub(crate) fn check_job(
     let mut passes = Vec::with_capacity(spec.passes.len());
     for (pi, p) in spec.passes.iter().enumerate() {
         let shader = &spec.shaders[p.shader as usize];
-        let (module, info) = &modules[p.shader as usize];
+        let (module, info) = &*modules[p.shader as usize];
         let berr = |message: String| ExecError::Binding {
             pass: pi,
             file: shader.name.clone(),

@@ -547,7 +547,7 @@ impl NodeBuilder {
         };
         for (id, bytes) in std::mem::take(&mut self.preload) {
             if ContentId::of(&bytes) == id {
-                inputs.put(id, &bytes);
+                inputs.put(id, Arc::new(bytes));
             } else {
                 warn!(%id, "a preloaded input does not hash to its id; not cached");
             }

@@ -65,13 +65,25 @@ enum Failure {
 
 pub(crate) struct BuyerJob {
     ctx: BuyerCtx,
+    /// The submission, its inputs moved to `inputs`.
     sub: Submission,
+    /// The input blobs, shared with the blob server for each attempt rather than copied.
+    inputs: BTreeMap<ContentId, Arc<Vec<u8>>>,
     record: JobRecord,
 }
 
 impl BuyerJob {
-    pub(crate) fn new(ctx: BuyerCtx, sub: Submission, record: JobRecord) -> BuyerJob {
-        BuyerJob { ctx, sub, record }
+    pub(crate) fn new(ctx: BuyerCtx, mut sub: Submission, record: JobRecord) -> BuyerJob {
+        let inputs = std::mem::take(&mut sub.inputs)
+            .into_iter()
+            .map(|(id, bytes)| (id, Arc::new(bytes)))
+            .collect();
+        BuyerJob {
+            ctx,
+            sub,
+            inputs,
+            record,
+        }
     }
 
     fn set(&mut self, state: JobState, provider: Option<PublicKey>) {
@@ -188,7 +200,6 @@ impl BuyerJob {
                     load: self.ctx.placements.snapshot(),
                     seed,
                     inputs: self
-                        .sub
                         .inputs
                         .iter()
                         .map(|(id, b)| (*id, b.len() as u64))
@@ -375,17 +386,17 @@ impl BuyerJob {
         let mut inline = Vec::new();
         let mut served = Vec::new();
         let mut budget = MAX_INLINE_BYTES;
-        for (id, bytes) in &self.sub.inputs {
+        for (id, bytes) in &self.inputs {
             if c.warm.contains(id) {
-                served.push((*id, Arc::new(bytes.clone())));
+                served.push((*id, bytes.clone()));
             } else if bytes.len() <= budget {
                 budget -= bytes.len();
                 inline.push(InlineBlob {
                     id: *id,
-                    bytes: Bytes(bytes.clone()),
+                    bytes: Bytes(bytes.as_ref().clone()),
                 });
             } else {
-                served.push((*id, Arc::new(bytes.clone())));
+                served.push((*id, bytes.clone()));
             }
         }
         let served_ids: Vec<ContentId> = served.iter().map(|(i, _)| *i).collect();

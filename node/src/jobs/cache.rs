@@ -122,8 +122,9 @@ impl InputCache {
         self.dir.as_ref().map(|d| d.join(id.to_string()))
     }
 
-    /// The blob, if cached and intact (blocking: may read and hash a file).
-    pub fn get(&self, id: &ContentId) -> Option<Vec<u8>> {
+    /// The blob, if cached and intact (blocking: may read and hash a file). Shared, not
+    /// copied: a copy of a model's weights costs more than the job's setup.
+    pub fn get(&self, id: &ContentId) -> Option<Arc<Vec<u8>>> {
         {
             let mut s = self.lock();
             s.tick += 1;
@@ -131,7 +132,7 @@ impl InputCache {
             let e = s.entries.get_mut(id)?;
             e.used = tick;
             if let Some(m) = &e.mem {
-                return Some(m.as_ref().clone());
+                return Some(m.clone());
             }
             if !e.on_disk {
                 return None;
@@ -164,7 +165,7 @@ impl InputCache {
             s.mem_bytes += added;
         }
         self.evict();
-        Some(shared.as_ref().clone())
+        Some(shared)
     }
 
     /// Whether the blob is cached (without reading it).
@@ -172,8 +173,9 @@ impl InputCache {
         self.lock().entries.contains_key(id)
     }
 
-    /// Caches a blob that hashes to `id` (the caller checked). Blocking: writes a file.
-    pub fn put(&self, id: ContentId, bytes: &[u8]) {
+    /// Caches a blob that hashes to `id` (the caller checked), keeping `bytes` itself in
+    /// memory. Blocking: writes a file.
+    pub fn put(&self, id: ContentId, bytes: Arc<Vec<u8>>) {
         if bytes.len() < MIN_CACHED_BYTES || self.contains(&id) {
             return;
         }
@@ -184,7 +186,8 @@ impl InputCache {
         {
             // Written under a temporary name and renamed: a crash leaves no partial blob.
             let tmp = path.with_extension("part");
-            match std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &path)) {
+            match std::fs::write(&tmp, bytes.as_slice()).and_then(|()| std::fs::rename(&tmp, &path))
+            {
                 Ok(()) => on_disk = true,
                 Err(e) => {
                     let _ = std::fs::remove_file(&tmp);
@@ -192,7 +195,7 @@ impl InputCache {
                 }
             }
         }
-        let mem = (size <= self.mem_budget).then(|| Arc::new(bytes.to_vec()));
+        let mem = (size <= self.mem_budget).then_some(bytes);
         if !on_disk && mem.is_none() {
             return;
         }
@@ -317,13 +320,13 @@ mod tests {
         let (b, bb) = blob(100_000, 2);
         {
             let c = InputCache::open(Some(dir.path()), 1 << 30, 1 << 30);
-            c.put(a, &ab);
-            c.put(b, &bb);
-            assert_eq!(c.get(&a).unwrap(), ab);
+            c.put(a, Arc::new(ab.clone()));
+            c.put(b, Arc::new(bb.clone()));
+            assert_eq!(*c.get(&a).unwrap(), ab);
         }
         // A new process: the files are indexed and read back.
         let c = InputCache::open(Some(dir.path()), 1 << 30, 1 << 30);
-        assert_eq!(c.get(&a).unwrap(), ab);
+        assert_eq!(*c.get(&a).unwrap(), ab);
         // A file that no longer matches its name is deleted, not served.
         std::fs::write(dir.path().join(b.to_string()), b"garbage").unwrap();
         assert!(c.get(&b).is_none());
@@ -338,22 +341,22 @@ mod tests {
         let (a, ab) = blob(100_000, 1);
         let (b, bb) = blob(100_000, 2);
         let (x, xb) = blob(100_000, 3);
-        c.put(a, &ab);
-        c.put(b, &bb);
+        c.put(a, Arc::new(ab.clone()));
+        c.put(b, Arc::new(bb.clone()));
         c.get(&a).unwrap(); // a is now more recent than b
-        c.put(x, &xb);
+        c.put(x, Arc::new(xb.clone()));
         // Disk holds two of three: b, the least recently used, went.
         assert!(c.contains(&a) && c.contains(&x) && !c.contains(&b));
         assert!(!dir.path().join(b.to_string()).exists());
         let (disk, mem) = c.bytes();
         assert!(disk <= 250_000 && mem <= 150_000, "{disk} {mem}");
         let (s, sb) = blob(1000, 4);
-        c.put(s, &sb);
+        c.put(s, Arc::new(sb.clone()));
         assert!(!c.contains(&s));
         // Memory only (no data dir) works within its budget.
         let m = InputCache::open(None, 0, 150_000);
-        m.put(a, &ab);
-        m.put(b, &bb);
-        assert!(!m.contains(&a) && m.get(&b).unwrap() == bb);
+        m.put(a, Arc::new(ab.clone()));
+        m.put(b, Arc::new(bb.clone()));
+        assert!(!m.contains(&a) && *m.get(&b).unwrap() == bb);
     }
 }

@@ -1033,13 +1033,13 @@ impl RunTask {
     }
 
     async fn execute(self) -> Result<(Timestamp, JobOutput), String> {
-        let mut inputs: BTreeMap<ContentId, Vec<u8>> = BTreeMap::new();
+        let mut inputs: crate::executor::SharedInputs = BTreeMap::new();
         for b in self.inline {
             let got = ContentId::of(&b.bytes.0);
             if got != b.id {
                 return Err(format!("inline input hashes to {got}, not {}", b.id));
             }
-            inputs.insert(b.id, b.bytes.0);
+            inputs.insert(b.id, Arc::new(b.bytes.0));
         }
         let missing: Vec<(ContentId, u64)> = self
             .spec
@@ -1073,14 +1073,16 @@ impl RunTask {
                     inputs.insert(id, bytes);
                     continue;
                 }
-                let bytes = fetch_blob(&self.net, self.buyer, id, size)
-                    .await
-                    .map_err(|e| format!("input {id}: {e}"))?;
+                let bytes = Arc::new(
+                    fetch_blob(&self.net, self.buyer, id, size)
+                        .await
+                        .map_err(|e| format!("input {id}: {e}"))?,
+                );
                 fetched += size;
                 // `fetch_blob` checked the hash; caching runs beside the job.
                 if bytes.len() >= super::cache::MIN_CACHED_BYTES {
-                    let (cache, copy) = (self.cache.clone(), bytes.clone());
-                    tokio::task::spawn_blocking(move || cache.put(id, &copy));
+                    let (cache, shared) = (self.cache.clone(), bytes.clone());
+                    tokio::task::spawn_blocking(move || cache.put(id, shared));
                 }
                 inputs.insert(id, bytes);
             }
@@ -1105,7 +1107,7 @@ impl RunTask {
         });
         let out = self
             .exec
-            .run_streaming(&buyer, self.spec, inputs, sink)
+            .run_shared(&buyer, self.spec, inputs, sink)
             .await
             .map_err(|e: ExecError| e.to_string())?;
         Ok((started, out))
