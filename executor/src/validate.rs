@@ -72,8 +72,10 @@ type Validated = Arc<(naga::Module, naga::valid::ModuleInfo)>;
 /// Most validated shaders remembered per process (first in, first out).
 const VALIDATED_SHADERS: usize = 256;
 
-static VALIDATED: Mutex<Option<(HashMap<[u8; 32], Validated>, VecDeque<[u8; 32]>)>> =
-    Mutex::new(None);
+/// The validated shaders by hash, and their hashes in the order they came.
+type ValidatedSet = (HashMap<[u8; 32], Validated>, VecDeque<[u8; 32]>);
+
+static VALIDATED: Mutex<Option<ValidatedSet>> = Mutex::new(None);
 
 fn validated_module(hash: &[u8; 32]) -> Option<Validated> {
     let g = VALIDATED.lock().ok()?;
