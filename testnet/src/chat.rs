@@ -80,7 +80,8 @@ pub struct ChatReport {
     /// Same.
     pub local_tokens_per_s: f64,
     /// `hashgrid serve --local`, warm (after one request): streamed requests' first token
-    /// p50, the same prompt over the same HTTP path as the market's gateway.
+    /// p50, the same prompt over the same HTTP path as the market's gateway, each request
+    /// alternating with one of the market's warm requests.
     pub local_warm_first_token_p50_ms: f64,
     /// Its decode tokens/s, p50.
     pub local_warm_tokens_per_s: f64,
@@ -90,8 +91,10 @@ pub struct ChatReport {
     pub warm: Vec<Streamed>,
     /// Median first token with the model warm.
     pub warm_first_token_p50_ms: f64,
-    /// Median market overhead on the first token: the market's warm p50 minus the local
-    /// gateway's warm p50.
+    /// The local gateway's warm requests (each sent just before one of `warm`).
+    pub local_warm: Vec<Streamed>,
+    /// Market overhead on the first token: the median over pairs of (market − local) first
+    /// token, each pair sent back to back.
     pub overhead_p50_ms: f64,
     /// Concurrent phase: requests, concurrency, wall time, tokens, throughput.
     pub concurrent: Concurrent,
@@ -210,11 +213,11 @@ pub async fn run_chat(cfg: ChatConfig) -> anyhow::Result<ChatReport> {
         .as_f64()
         .unwrap_or(0.0);
     info!(local_first_token_ms, local_tokens_per_s, "local baseline");
-    let local_warm = local_gateway(&cfg, &work).await?;
-    let local_warm_first_token_p50_ms =
-        Dist::of(local_warm.iter().map(|s| s.first_token_ms).collect()).p50;
-    let local_warm_tokens_per_s = Dist::of(local_warm.iter().map(|s| s.tokens_per_s).collect()).p50;
-    info!(local_warm_first_token_p50_ms, "local gateway baseline");
+    // The local gateway stays up, warm, so its requests can alternate with the market's:
+    // this VM's speed drifts by more than the difference being measured.
+    let (local_gw, local_addr) =
+        start_gateway(&cfg, &work, "local-gateway", (&[], &["--local"])).await?;
+    chat(&local_addr, cfg.max_tokens).await?;
 
     // Sites: site 0 benchmarks the adapter, the others reuse its result.
     let mut specs = Vec::new();
@@ -288,11 +291,20 @@ pub async fn run_chat(cfg: ChatConfig) -> anyhow::Result<ChatReport> {
     // The provider re-announces its warm list within a few seconds.
     tokio::time::sleep(Duration::from_secs(6)).await;
     let mut warm = Vec::new();
+    let mut local_warm = Vec::new();
     for _ in 0..cfg.warm_requests {
+        local_warm.push(chat(&local_addr, cfg.max_tokens).await?);
         warm.push(chat(&addr, cfg.max_tokens).await?);
     }
+    stop_gateway(local_gw).await?;
     let warm_first_token_p50_ms = Dist::of(warm.iter().map(|s| s.first_token_ms).collect()).p50;
-    info!(warm_first_token_p50_ms, "warm requests");
+    let local_warm_first_token_p50_ms =
+        Dist::of(local_warm.iter().map(|s| s.first_token_ms).collect()).p50;
+    let local_warm_tokens_per_s = Dist::of(local_warm.iter().map(|s| s.tokens_per_s).collect()).p50;
+    info!(
+        warm_first_token_p50_ms,
+        local_warm_first_token_p50_ms, "warm requests, alternating"
+    );
 
     // Concurrent phase.
     let sem = Arc::new(Semaphore::new(cfg.concurrency));
@@ -370,7 +382,14 @@ pub async fn run_chat(cfg: ChatConfig) -> anyhow::Result<ChatReport> {
         local_first_token_ms,
         local_tokens_per_s,
         cold,
-        overhead_p50_ms: warm_first_token_p50_ms - local_warm_first_token_p50_ms,
+        overhead_p50_ms: Dist::of(
+            warm.iter()
+                .zip(&local_warm)
+                .map(|(m, l)| m.first_token_ms - l.first_token_ms)
+                .collect(),
+        )
+        .p50,
+        local_warm,
         local_warm_first_token_p50_ms,
         local_warm_tokens_per_s,
         warm,
@@ -442,19 +461,6 @@ async fn stop_gateway(mut p: Proc) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(())
-}
-
-/// The baseline: `hashgrid serve --local` on this machine, one warm-up request, then the warm
-/// requests over the same HTTP path.
-async fn local_gateway(cfg: &ChatConfig, work: &Path) -> anyhow::Result<Vec<Streamed>> {
-    let (p, addr) = start_gateway(cfg, work, "local-gateway", (&[], &["--local"])).await?;
-    chat(&addr, cfg.max_tokens).await?;
-    let mut out = Vec::new();
-    for _ in 0..cfg.warm_requests {
-        out.push(chat(&addr, cfg.max_tokens).await?);
-    }
-    stop_gateway(p).await?;
-    Ok(out)
 }
 
 fn short(key: &str) -> String {
@@ -603,7 +609,7 @@ impl fmt::Display for ChatReport {
         let tps = Dist::of(self.warm.iter().map(|s| s.tokens_per_s).collect()).p50;
         writeln!(
             f,
-            "  model warm           first token p50 {:.0} ms (market overhead {:+.0} ms), {:.1} tokens/s (n={})",
+            "  model warm           first token p50 {:.0} ms (market overhead {:+.0} ms, median of paired differences), {:.1} tokens/s (n={})",
             self.warm_first_token_p50_ms,
             self.overhead_p50_ms,
             tps,

@@ -169,7 +169,7 @@ async fn chat(cli: Cli, node_binary: PathBuf) -> ExitCode {
         sites: cli.sites,
         requests: cli.requests,
         concurrency: cli.concurrency,
-        warm_requests: 5,
+        warm_requests: 8,
         embed_requests: if mixed { cli.requests } else { 0 },
         max_tokens: cli.max_tokens,
         model,
