@@ -250,8 +250,7 @@ impl Drop for Handle {
     /// [`Executor::shutdown`]): a worker still tearing down its device while the process exits
     /// can crash the process after everything else succeeded (seen in test binaries).
     fn drop(&mut self) {
-        self.shared.shutdown.store(true, Ordering::SeqCst);
-        self.shared.ready.notify_all();
+        signal_shutdown(&self.shared);
         let workers = match shared_workers(&self.shared) {
             Ok(mut w) => std::mem::take(&mut *w),
             Err(_) => return,
@@ -430,8 +429,7 @@ impl Executor {
     /// `exit` while a worker still holds a device can crash the process. Queued jobs fail with
     /// [`ExecError::Shutdown`]; other handles to this executor stop working.
     pub fn shutdown(&self) {
-        self.h.shared.shutdown.store(true, Ordering::SeqCst);
-        self.h.shared.ready.notify_all();
+        signal_shutdown(&self.h.shared);
         let workers = match shared_workers(&self.h.shared) {
             Ok(mut w) => std::mem::take(&mut *w),
             Err(_) => return,
@@ -450,6 +448,21 @@ impl Executor {
     pub fn devices_replaced(&self) -> usize {
         self.h.shared.devices_replaced.load(Ordering::SeqCst)
     }
+}
+
+/// Tells the workers to stop. The flag is set while holding the queue's lock: a worker checks
+/// it under that lock and then waits on `ready`, so without the lock the flag and the wake-up
+/// could both land between its check and its wait, and it would sleep forever while the caller
+/// joins it (the test binaries' intermittent hang, caught in gdb: the last `Executor` dropped
+/// while its worker was between the two).
+fn signal_shutdown(shared: &Shared) {
+    let guard = match shared.queue.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    shared.shutdown.store(true, Ordering::SeqCst);
+    drop(guard);
+    shared.ready.notify_all();
 }
 
 fn shared_workers(
