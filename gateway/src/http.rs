@@ -219,6 +219,15 @@ fn knobs(g: &Inner, k: Knobs) -> Result<Gen, ApiError> {
     })
 }
 
+/// Runs CPU-heavy work (compiling a job copies a model's weights) off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))
+}
+
 fn text_error(e: TextError) -> ApiError {
     match e {
         TextError::Context { .. } => ApiError {
@@ -472,17 +481,8 @@ async fn generate(
     g.access.check_cap(&caller).map_err(denied)?;
     let (max_tokens, sampling) = (gen_.max_tokens, gen_.sampling);
     let m = model.clone();
-    // Compiling copies the weights into the job's inputs: off the async threads.
-    let job = tokio::task::spawn_blocking(move || m.compile(prompt, max_tokens, sampling))
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                None,
-                e.to_string(),
-            )
-        })?
+    let job = blocking(move || m.compile(prompt, max_tokens, sampling))
+        .await?
         .map_err(text_error)?;
     let (tx, mut rx) = mpsc::channel::<GenEvent>(256);
     tokio::spawn(run_generation(
@@ -507,10 +507,7 @@ async fn generate(
                 Some(GenEvent::Done(d)) => break d,
                 Some(GenEvent::Error(e)) => return Err(e),
                 None => {
-                    return Err(ApiError::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "server_error",
-                        None,
+                    return Err(ApiError::internal(
                         "the generation stopped without an answer",
                     ));
                 }
@@ -545,10 +542,7 @@ async fn generate(
         Some(GenEvent::Error(e)) => return Err(e),
         Some(ev) => ev,
         None => {
-            return Err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                None,
+            return Err(ApiError::internal(
                 "the generation stopped without an answer",
             ));
         }
@@ -692,19 +686,9 @@ async fn embeddings(
             .map_err(|e| ApiError::bad_request(e.to_string(), Some("input")))?;
         prompt_tokens += ids.len();
         let m = model.clone();
-        let job = tokio::task::spawn_blocking(move || {
-            hashgrid_infer::bert::compile_embed(&m.model, &m.weights, &ids)
-        })
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                None,
-                e.to_string(),
-            )
-        })?
-        .map_err(|e| ApiError::bad_request(e.to_string(), Some("input")))?;
+        let job = blocking(move || hashgrid_infer::bert::compile_embed(&m.model, &m.weights, &ids))
+            .await?
+            .map_err(|e| ApiError::bad_request(e.to_string(), Some("input")))?;
         jobs.push(job);
     }
     let runs = jobs.into_iter().map(|job| {

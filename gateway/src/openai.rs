@@ -46,6 +46,16 @@ impl ApiError {
         }
     }
 
+    /// 500 `server_error`: the gateway itself failed.
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            None,
+            message,
+        )
+    }
+
     /// An error with this status, type and code.
     pub fn new(
         status: StatusCode,
