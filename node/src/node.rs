@@ -413,9 +413,11 @@ impl NodeBuilder {
         let libp2p_key = libp2p_keypair(&key)?;
         let peer_id = libp2p_key.public().to_peer_id();
         let span = info_span!("node", peer = %short_peer(&peer_id));
+        let inbound = Arc::new(crate::network::exchange::InboundBudget::default());
         let settings = BehaviourSettings {
             heartbeat: self.heartbeat,
             mdns: self.mdns,
+            inbound: inbound.clone(),
         };
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(libp2p_key)
             .with_tokio()
@@ -657,6 +659,7 @@ impl NodeBuilder {
                 events,
                 placements: Default::default(),
                 inputs,
+                inbound,
             }),
         })
     }
@@ -849,6 +852,8 @@ struct Inner {
     placements: crate::jobs::Placements,
     /// The provider's input cache.
     inputs: Arc<crate::jobs::cache::InputCache>,
+    /// Bytes of inbound requests being read.
+    inbound: Arc<crate::network::exchange::InboundBudget>,
 }
 
 /// A buyer job's request for candidates.
@@ -1241,6 +1246,12 @@ impl NodeHandle {
     /// Bytes in this provider's input cache: on disk, in memory.
     pub fn input_cache_bytes(&self) -> (u64, u64) {
         self.inner.inputs.bytes()
+    }
+
+    /// The budget for bytes of inbound requests being read: its use now, its peak and how
+    /// many requests it refused.
+    pub fn inbound_budget(&self) -> &crate::network::exchange::InboundBudget {
+        &self.inner.inbound
     }
 
     /// The live asks meeting `query`, sorted as asked (the market engine's `offers`).
@@ -2229,7 +2240,9 @@ impl NodeLoop {
                         let mut messages = self.book.signed_messages(max);
                         #[cfg(feature = "testing")]
                         messages.extend(self.serve_in_sync.iter().cloned());
-                        let resp = SyncResponse { messages };
+                        let resp = SyncResponse {
+                            messages: crate::network::sync::fit(messages),
+                        };
                         // Err: the peer went away; nothing to do.
                         let _ = self.swarm.behaviour_mut().sync.send_response(channel, resp);
                     }

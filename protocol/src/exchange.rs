@@ -17,14 +17,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::id::ContentId;
 use crate::job::JobSpec;
-use crate::limits::{MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES};
+use crate::limits::{MAX_CHUNK_BYTES, MAX_DIRECT_MESSAGE_BYTES, MAX_MESSAGE_BYTES};
 use crate::messages::{Agreement, Bid, OrderRef, Receipt};
 use crate::money::Msat;
 use crate::signed::{Bytes, Countersigned, Signed};
 
 /// Most bytes of blobs carried inline in one [`Dispatch`] or [`JobStatus::Done`]; larger
 /// inputs and outputs are fetched over `/hashgrid/blob/1` in [`MAX_CHUNK_BYTES`] chunks.
-pub const MAX_INLINE_BYTES: usize = 1024 * 1024;
+/// Senders also keep the whole message within [`MAX_DIRECT_MESSAGE_BYTES`]
+/// ([`inline_budget`]): a dispatch with a large spec carries fewer bytes inline.
+pub const MAX_INLINE_BYTES: usize = 512 * 1024;
 
 /// Framing allowance on top of the payload limits (signatures, ids, lengths).
 pub const EXCHANGE_OVERHEAD: usize = 64 * 1024;
@@ -34,13 +36,30 @@ pub const MAX_NEGOTIATE_REQUEST: usize = MAX_MESSAGE_BYTES + EXCHANGE_OVERHEAD;
 /// Largest `/hashgrid/negotiate/1` reply (an agreement or a reject).
 pub const MAX_NEGOTIATE_REPLY: usize = EXCHANGE_OVERHEAD;
 /// Largest `/hashgrid/job/1` request: a dispatch with its spec and inline inputs.
-pub const MAX_JOB_REQUEST: usize = MAX_MESSAGE_BYTES + MAX_INLINE_BYTES + EXCHANGE_OVERHEAD;
+pub const MAX_JOB_REQUEST: usize = MAX_DIRECT_MESSAGE_BYTES;
 /// Largest `/hashgrid/job/1` reply: a receipt with inline outputs.
-pub const MAX_JOB_REPLY: usize = MAX_MESSAGE_BYTES + MAX_INLINE_BYTES + EXCHANGE_OVERHEAD;
+pub const MAX_JOB_REPLY: usize = MAX_DIRECT_MESSAGE_BYTES;
 /// Largest `/hashgrid/blob/1` request.
 pub const MAX_BLOB_REQUEST: usize = 1024;
 /// Largest `/hashgrid/blob/1` reply: one chunk.
 pub const MAX_BLOB_REPLY: usize = MAX_CHUNK_BYTES + 1024;
+
+// Every direct message fits under the 1 MiB frame limit (see `MAX_DIRECT_MESSAGE_BYTES`).
+const _: () = {
+    assert!(MAX_NEGOTIATE_REQUEST <= MAX_DIRECT_MESSAGE_BYTES);
+    assert!(MAX_BLOB_REPLY <= MAX_DIRECT_MESSAGE_BYTES);
+    assert!(MAX_SETTLE_REQUEST <= MAX_DIRECT_MESSAGE_BYTES);
+    assert!(MAX_MESSAGE_BYTES + EXCHANGE_OVERHEAD <= MAX_JOB_REQUEST);
+};
+
+/// Most blob bytes a sender may carry inline in a job message (a [`Dispatch`] or a
+/// [`JobStatus::Done`]) beside `fixed` bytes of signed content (the dispatch's spec, the
+/// receipt), so that the whole message stays within [`MAX_DIRECT_MESSAGE_BYTES`]: at most
+/// [`MAX_INLINE_BYTES`], and less when `fixed` is large. [`EXCHANGE_OVERHEAD`] covers the
+/// agreement, the ids and the length prefixes.
+pub fn inline_budget(fixed: usize) -> usize {
+    MAX_INLINE_BYTES.min(MAX_DIRECT_MESSAGE_BYTES.saturating_sub(EXCHANGE_OVERHEAD + fixed))
+}
 
 /// The buyer asks a provider to run a job under one of its asks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

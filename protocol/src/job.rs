@@ -307,6 +307,13 @@ impl JobSpec {
     /// Checks structure and `limits`. Shader validation (naga) is the executor's job.
     pub fn validate(&self, limits: &JobLimits) -> Result<(), JobSpecError> {
         let err = |s: String| Err(JobSpecError::Shape(s));
+        let encoded = self.encode().len();
+        if encoded > MAX_MESSAGE_BYTES {
+            return err(format!(
+                "the job spec is {encoded} bytes encoded, over the limit of {MAX_MESSAGE_BYTES} \
+                 (shader sources travel in the spec; data belongs in input blobs)"
+            ));
+        }
         if self.name.is_empty() || self.name.len() > MAX_STRING_LEN {
             return err(format!("job name must be 1-{MAX_STRING_LEN} characters"));
         }

@@ -12,14 +12,25 @@
 /// adapter and driver names while keeping a flood of maximal messages cheap to reject.
 pub const MAX_GOSSIP_BYTES: usize = 64 * 1024;
 
-/// Largest signed request/response body that is not a blob chunk (agreements, receipts,
-/// invoices, job specs with their WGSL sources).
+/// Largest message on any direct (request-response) protocol, in either direction, encoded.
 ///
-/// A job spec carries its shader sources inline; 4 MiB holds dozens of large kernels.
-pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Under 1 MiB on purpose: rust-yamux refuses a data frame over 1 MiB and closes the whole
+/// connection, and other implementations (js-libp2p's yamux) send a message as one frame as
+/// large as the stream's window allows. A message of at most this size never makes a frame
+/// over 1 MiB, with room for a multistream-select header sent in the same frame. Anything
+/// larger travels over `/hashgrid/blob/1` in [`MAX_CHUNK_BYTES`] chunks.
+pub const MAX_DIRECT_MESSAGE_BYTES: usize = 1024 * 1024 - 16 * 1024;
 
-/// Largest blob chunk sent over `/hashgrid/blob/1`. Blobs larger than this are chunked.
-pub const MAX_CHUNK_BYTES: usize = 1024 * 1024;
+/// Largest signed body that is not a blob chunk (agreements, receipts, invoices, job specs with
+/// their WGSL sources). It fits one direct message with room for the framing around it.
+///
+/// A job spec carries its shader sources inline; 768 KiB holds dozens of large kernels (a
+/// language model's whole job spec is tens of KiB: its weights are blobs).
+pub const MAX_MESSAGE_BYTES: usize = 768 * 1024;
+
+/// Largest blob chunk sent over `/hashgrid/blob/1`. Blobs larger than this are chunked; a
+/// chunk and its reply framing fit one direct message.
+pub const MAX_CHUNK_BYTES: usize = 512 * 1024;
 
 /// Longest free-text string in a message (names, regions, entry points, driver strings).
 pub const MAX_STRING_LEN: usize = 256;
@@ -57,8 +68,9 @@ pub const MAX_NETWORK_LEN: usize = 32;
 /// Largest TOML job file read from disk. Job files are small; data lives in the files they name.
 pub const MAX_JOB_FILE_BYTES: u64 = 1024 * 1024;
 
-/// Largest WGSL shader file read from disk.
-pub const MAX_SHADER_BYTES: u64 = 1024 * 1024;
+/// Largest WGSL shader file read from disk (a job spec holding it must still fit
+/// [`MAX_MESSAGE_BYTES`]).
+pub const MAX_SHADER_BYTES: u64 = 512 * 1024;
 
 /// Largest key file read from disk (a key file is exactly 32 bytes).
 pub const MAX_KEY_FILE_BYTES: u64 = 4096;

@@ -293,7 +293,7 @@ async fn large_inputs_and_outputs_travel_in_verified_chunks() {
     let boot = [addr_of(&p).await.unwrap()];
     let b = buyer(&boot).await;
     wait_for_asks(&b, 1).await.unwrap();
-    // 3 MiB in, 3 MiB out: over the 1 MiB inline budget and three chunks each way.
+    // 3 MiB in, 3 MiB out: over the 512 KiB inline budget and six chunks each way.
     let (spec, inputs) = hashgrid_node::executor::bench::copy_job(3 << 20);
     let input = inputs.values().next().unwrap().clone();
     let id = b

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hashgrid_protocol::exchange::{
-    Dispatch, InlineBlob, JobMessage, JobReply, JobStatus, MAX_INLINE_BYTES, NegotiateReply,
-    Propose, RejectReason,
+    Dispatch, InlineBlob, JobMessage, JobReply, JobStatus, NegotiateReply, Propose, RejectReason,
+    inline_budget,
 };
 use hashgrid_protocol::{
     Agreement, Ask, Bid, Bytes, ContentId, Keypair, Msat, Network, PublicKey, Receipt, Signed,
@@ -385,7 +385,7 @@ impl BuyerJob {
         // Small inputs inline, the rest served to this provider over /hashgrid/blob/1.
         let mut inline = Vec::new();
         let mut served = Vec::new();
-        let mut budget = MAX_INLINE_BYTES;
+        let mut budget = inline_budget(self.sub.spec.encode().len());
         for (id, bytes) in &self.inputs {
             if c.warm.contains(id) {
                 served.push((*id, bytes.clone()));

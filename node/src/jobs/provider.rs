@@ -9,7 +9,7 @@ use std::time::Instant;
 use hashgrid_market::charge::{charge_us, max_charge};
 use hashgrid_protocol::exchange::{
     BlobReply, BlobRequest, Dispatch, InlineBlob, JobPhase, JobReply, JobStatus, MAX_INLINE_BYTES,
-    NegotiateReply, Propose, Reject, RejectReason, StreamChunk, StreamedBytes,
+    NegotiateReply, Propose, Reject, RejectReason, StreamChunk, StreamedBytes, inline_budget,
 };
 use hashgrid_protocol::limits::MAX_CHUNK_BYTES;
 use hashgrid_protocol::{
@@ -493,10 +493,11 @@ impl Provider {
         };
         let mut outputs = Vec::new();
         let mut inline = 0usize;
+        let budget = inline_budget(receipt.body_bytes().len());
         if !rec.countersigned {
             for id in &rec.outputs {
                 if let Some(bytes) = self.store.blob(id)?
-                    && inline + bytes.len() <= MAX_INLINE_BYTES
+                    && inline + bytes.len() <= budget
                 {
                     inline += bytes.len();
                     outputs.push(InlineBlob {

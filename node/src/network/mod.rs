@@ -89,8 +89,11 @@ pub const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 /// few thousand sites fits; a larger book is synced over the following re-announcements.
 pub const MAX_SYNC_MESSAGES: usize = 8192;
 
-/// Largest `/hashgrid/sync/1` response: [`MAX_SYNC_MESSAGES`] typical (~1 KiB) orders.
-pub const MAX_SYNC_RESPONSE_BYTES: u64 = 16 * 1024 * 1024;
+/// Largest `/hashgrid/sync/1` response: one direct message
+/// ([`MAX_DIRECT_MESSAGE_BYTES`](hashgrid_protocol::limits::MAX_DIRECT_MESSAGE_BYTES)), about a
+/// thousand typical (~1 KiB) orders. A responder sends what fits ([`sync::fit`]); a larger
+/// book reaches a new peer through the following re-announcements.
+pub const MAX_SYNC_RESPONSE_BYTES: u64 = hashgrid_protocol::limits::MAX_DIRECT_MESSAGE_BYTES as u64;
 
 /// Largest `/hashgrid/sync/1` request (it is a tiny struct).
 pub const MAX_SYNC_REQUEST_BYTES: u64 = 1024;
@@ -129,7 +132,7 @@ pub const JOB_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a provider holds a long poll before answering with the unchanged status.
 pub const AWAIT_HOLD: Duration = Duration::from_secs(10);
 
-/// How long one blob chunk may take (1 MiB even over a slow link).
+/// How long one blob chunk may take (512 KiB even over a slow link).
 pub const BLOB_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The codec of `/hashgrid/negotiate/1`.
@@ -164,6 +167,24 @@ pub type SettleCodec = exchange::ExchangeCodec<
     { hashgrid_protocol::exchange::MAX_SETTLE_REPLY },
 >;
 
+/// Most `/hashgrid/sync/1` streams open at once on one connection (both directions).
+pub const MAX_SYNC_STREAMS: usize = 8;
+
+/// Most `/hashgrid/negotiate/1` streams open at once on one connection: a buyer proposes to
+/// one provider for each of its jobs being placed.
+pub const MAX_NEGOTIATE_STREAMS: usize = 64;
+
+/// Most `/hashgrid/job/1` streams open at once on one connection: a buyer parks a status long
+/// poll and a stream long poll for each of its jobs at the provider.
+pub const MAX_JOB_STREAMS: usize = 256;
+
+/// Most `/hashgrid/blob/1` streams open at once on one connection:
+/// [`BLOB_WINDOW`](crate::jobs::BLOB_WINDOW) chunks for each of 32 transfers.
+pub const MAX_BLOB_STREAMS: usize = 128;
+
+/// Most `/hashgrid/settle/1` streams open at once on one connection.
+pub const MAX_SETTLE_STREAMS: usize = 32;
+
 /// The identify protocol version string.
 pub const IDENTIFY_PROTOCOL: &str = "/hashgrid/id/1.0.0";
 
@@ -196,6 +217,8 @@ pub(crate) struct Behaviour {
 pub(crate) struct BehaviourSettings {
     pub(crate) heartbeat: Duration,
     pub(crate) mdns: bool,
+    /// Shared by the codecs of every request-response protocol.
+    pub(crate) inbound: std::sync::Arc<exchange::InboundBudget>,
 }
 
 impl Behaviour {
@@ -236,29 +259,27 @@ impl Behaviour {
             None
         };
 
-        let sync = request_response::Behaviour::with_codec(
-            SyncCodec::default(),
-            [(SYNC_PROTOCOL, ProtocolSupport::Full)],
-            request_response::Config::default().with_request_timeout(SYNC_REQUEST_TIMEOUT),
-        );
-
-        let direct = |p: StreamProtocol, timeout: Duration| {
+        let budget = &settings.inbound;
+        let direct = |p: StreamProtocol, timeout: Duration, streams: usize| {
             (
                 [(p, ProtocolSupport::Full)],
                 request_response::Config::default()
                     .with_request_timeout(timeout)
-                    // Long polls from many buyers are parked at once.
-                    .with_max_concurrent_streams(1024),
+                    .with_max_concurrent_streams(streams),
             )
         };
-        let (p, c) = direct(NEGOTIATE_PROTOCOL, NEGOTIATE_TIMEOUT);
-        let negotiate = request_response::Behaviour::with_codec(NegotiateCodec::default(), p, c);
-        let (p, c) = direct(JOB_PROTOCOL, JOB_REQUEST_TIMEOUT);
-        let job = request_response::Behaviour::with_codec(JobCodec::default(), p, c);
-        let (p, c) = direct(BLOB_PROTOCOL, BLOB_REQUEST_TIMEOUT);
-        let blob = request_response::Behaviour::with_codec(BlobCodec::default(), p, c);
-        let (p, c) = direct(SETTLE_PROTOCOL, SETTLE_TIMEOUT);
-        let settle = request_response::Behaviour::with_codec(SettleCodec::default(), p, c);
+        let (p, c) = direct(SYNC_PROTOCOL, SYNC_REQUEST_TIMEOUT, MAX_SYNC_STREAMS);
+        let sync = request_response::Behaviour::with_codec(SyncCodec::new(budget.clone()), p, c);
+        let (p, c) = direct(NEGOTIATE_PROTOCOL, NEGOTIATE_TIMEOUT, MAX_NEGOTIATE_STREAMS);
+        let negotiate =
+            request_response::Behaviour::with_codec(NegotiateCodec::new(budget.clone()), p, c);
+        let (p, c) = direct(JOB_PROTOCOL, JOB_REQUEST_TIMEOUT, MAX_JOB_STREAMS);
+        let job = request_response::Behaviour::with_codec(JobCodec::new(budget.clone()), p, c);
+        let (p, c) = direct(BLOB_PROTOCOL, BLOB_REQUEST_TIMEOUT, MAX_BLOB_STREAMS);
+        let blob = request_response::Behaviour::with_codec(BlobCodec::new(budget.clone()), p, c);
+        let (p, c) = direct(SETTLE_PROTOCOL, SETTLE_TIMEOUT, MAX_SETTLE_STREAMS);
+        let settle =
+            request_response::Behaviour::with_codec(SettleCodec::new(budget.clone()), p, c);
 
         Ok(Behaviour {
             per_ip: pending::PendingPerIp::default(),
