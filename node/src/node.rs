@@ -633,6 +633,7 @@ impl NodeBuilder {
             served_to: crate::jobs::BlobHolders::default(),
             down: HashMap::new(),
             slot: None,
+            redial: Redial::default(),
             settings: self,
         };
         for a in &listen_addrs {
@@ -1445,7 +1446,33 @@ struct NodeLoop {
     down: HashMap<PublicKey, tokio::time::Instant>,
     /// The handles' view of the store, closed at shutdown.
     slot: Option<StoreSlot>,
+    /// When the bootstrap peers are dialled again while this node has no peer.
+    redial: Redial,
     settings: NodeBuilder,
+}
+
+/// Dialling the bootstrap peers again while a node has no connection at all (the first dial
+/// failed: the peer was restarting, a handshake timed out on a loaded host), backing off from
+/// [`REDIAL_FIRST`] to [`REDIAL_MAX`]. Without it a node whose first dials failed would stay
+/// alone until something dialled it.
+struct Redial {
+    next: tokio::time::Instant,
+    backoff: Duration,
+}
+
+/// First wait before dialling the bootstrap peers again.
+pub const REDIAL_FIRST: Duration = Duration::from_secs(1);
+
+/// Longest wait between dials of the bootstrap peers by a node that has no peer.
+pub const REDIAL_MAX: Duration = Duration::from_secs(60);
+
+impl Default for Redial {
+    fn default() -> Self {
+        Redial {
+            next: tokio::time::Instant::now() + REDIAL_FIRST,
+            backoff: REDIAL_FIRST,
+        }
+    }
 }
 
 /// What a queued own message is about: the ad (`None`) or an order id. Cancels share the
@@ -1535,6 +1562,7 @@ impl NodeLoop {
                 }
                 _ = reannounce.tick() => self.announce_all(),
                 _ = entropy.tick() => {
+                    self.redial_bootstrap();
                     self.pull_random_peer();
                     if !entropy_slow && started.elapsed() >= ANTI_ENTROPY_FAST_FOR {
                         entropy_slow = true;
@@ -1602,6 +1630,30 @@ impl NodeLoop {
     }
 
     /// Pulls the book of one random connected peer (anti-entropy).
+    /// Dials the bootstrap peers again if this node has no peer (see [`Redial`]).
+    fn redial_bootstrap(&mut self) {
+        let now = tokio::time::Instant::now();
+        if self.swarm.connected_peers().next().is_some() {
+            self.redial = Redial::default();
+            return;
+        }
+        let dialling = self
+            .swarm
+            .network_info()
+            .connection_counters()
+            .num_pending_outgoing()
+            > 0;
+        if self.settings.bootstrap.is_empty() || dialling || now < self.redial.next {
+            return;
+        }
+        debug!(after = ?self.redial.backoff, "no peers: dialling the bootstrap peers again");
+        self.redial.backoff = (self.redial.backoff * 2).min(REDIAL_MAX);
+        self.redial.next = now + self.redial.backoff;
+        for addr in self.settings.bootstrap.clone() {
+            dial_addr(&mut self.swarm, addr);
+        }
+    }
+
     fn pull_random_peer(&mut self) {
         let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
         if peers.is_empty() {

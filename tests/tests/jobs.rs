@@ -468,6 +468,11 @@ async fn large_inputs_cross_the_network_once_per_provider_even_across_a_restart(
     let p = hashgrid_tests::start_provider_with(&[buyer_addr], 100, 8, None, with_dir(data))
         .await
         .unwrap();
+    // The buyer can only reach the restarted provider (on a new port) over the connection the
+    // provider opens.
+    hashgrid_tests::wait_for_peers(&b, 1, Duration::from_secs(10))
+        .await
+        .unwrap();
     let mut events = p.events();
     let id = b.submit(job()).await.unwrap();
     let rec = wait(&b, &id).await;

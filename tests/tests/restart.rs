@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use hashgrid_node::StartError;
-use hashgrid_tests::{addr_of, ask_spec, gpu, test_builder, wait_for_book};
+use hashgrid_tests::{
+    addr_of, ask_spec, gpu, start_provider_with, test_builder, wait_for_asks, wait_for_book,
+};
 
 /// Bound on every wait in this test.
 const LIMIT: Duration = Duration::from_secs(5);
@@ -74,4 +76,30 @@ async fn taken_port_is_a_clear_error() -> anyhow::Result<()> {
         "{msg}"
     );
     Ok(())
+}
+
+/// A node whose bootstrap peer is down when it starts (restarting, or its first handshake
+/// failed) dials it again, backing off, and joins the network when the peer is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_before_its_bootstrap_peer_joins_when_the_peer_comes_up() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr: hashgrid_node::Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap();
+    let buyer = test_builder(std::slice::from_ref(&addr))
+        .region("us-east")
+        .start()
+        .await
+        .unwrap();
+    // Its first dial finds nothing listening.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(buyer.peers().await.unwrap().is_empty());
+    // The site comes up on that address, knowing nobody: only the buyer's dial can join them.
+    let site = start_provider_with(&[], 100, 8, None, |b| b.listen(addr.clone()))
+        .await
+        .unwrap();
+    wait_for_asks(&buyer, 1).await.unwrap();
+    buyer.shutdown().await;
+    site.shutdown().await;
 }
