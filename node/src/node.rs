@@ -113,6 +113,18 @@ pub const PUBLISH_RETRY_INTERVAL: Duration = Duration::from_millis(200);
 /// How often the node looks up a random key in the DHT to discover more peers.
 pub const DEFAULT_KAD_WALK_INTERVAL: Duration = Duration::from_secs(30);
 
+/// Start of the error of a request whose peer could not be dialled. A dial also fails at once
+/// when another dial to the same peer is in flight, or while a restarted peer's new address is
+/// still on its way: negotiation and job requests try again [`DIAL_RETRIES`] times, after
+/// [`DIAL_RETRY_AFTER`] and twice that, before the provider counts as unreachable.
+pub(crate) const UNREACHABLE: &str = "cannot reach the peer: ";
+
+/// How often a request whose dial failed is tried again.
+pub const DIAL_RETRIES: u32 = 2;
+
+/// The first wait before trying a request whose dial failed again.
+pub const DIAL_RETRY_AFTER: Duration = Duration::from_millis(300);
+
 /// How long `start` waits for its listeners to report an address.
 pub const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -926,12 +938,31 @@ impl Net {
         addrs: Vec<Multiaddr>,
         p: Propose,
     ) -> Result<NegotiateReply, String> {
-        self.call(|r| Command::Negotiate(peer, addrs, Box::new(p), r))
-            .await?
+        let mut tries = 0;
+        loop {
+            let (addrs, p) = (addrs.clone(), Box::new(p.clone()));
+            match self.call(|r| Command::Negotiate(peer, addrs, p, r)).await? {
+                Err(e) if e.starts_with(UNREACHABLE) && tries < DIAL_RETRIES => {
+                    tries += 1;
+                    tokio::time::sleep(DIAL_RETRY_AFTER * tries).await;
+                }
+                reply => return reply,
+            }
+        }
     }
 
     pub(crate) async fn job(&self, peer: PeerId, m: JobMessage) -> Result<JobReply, String> {
-        self.call(|r| Command::Job(peer, m, r)).await?
+        let mut tries = 0;
+        loop {
+            let msg = m.clone();
+            match self.call(|r| Command::Job(peer, msg, r)).await? {
+                Err(e) if e.starts_with(UNREACHABLE) && tries < DIAL_RETRIES => {
+                    tries += 1;
+                    tokio::time::sleep(DIAL_RETRY_AFTER * tries).await;
+                }
+                reply => return reply,
+            }
+        }
     }
 
     pub(crate) async fn settle(
@@ -2496,7 +2527,13 @@ fn split_event<Req, Resp>(
             request_id, error, ..
         } => {
             if let Some(r) = pending.remove(&request_id) {
-                let _ = r.send(Err(error.to_string()));
+                let e = match error {
+                    request_response::OutboundFailure::DialFailure => {
+                        format!("{UNREACHABLE}{error}")
+                    }
+                    _ => error.to_string(),
+                };
+                let _ = r.send(Err(e));
             }
             None
         }
