@@ -6,6 +6,10 @@
 # every test passed). `inference` (minutes per run, real models) is left out.
 #
 #   scripts/crashcheck.sh [RUNS]        JOBS=2 by default; logs of failed runs are printed
+#
+# With CRASHES_ONLY=1 (what .ci/run uses) only a run killed by a signal fails the check; test
+# failures are printed and counted. Under two binaries at a time a few liveness waits
+# (the DHT walk, book convergence) can time out: 1 run in 300 on the 2-core VM.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-300}
@@ -13,7 +17,10 @@ jobs=${JOBS:-2}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-cargo test --locked -p hashgrid-executor -p hashgrid-tests --no-run --message-format=json 2>/dev/null |
+# The workspace's own build of the test binaries (the same features as `cargo test
+# --workspace`, so nothing is rebuilt after it), keeping hashgrid-executor's and
+# hashgrid-tests'.
+cargo test --locked --workspace --no-run --message-format=json 2>/dev/null |
   python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -21,8 +28,11 @@ for line in sys.stdin:
         m = json.loads(line)
     except ValueError:
         continue
-    if m.get("reason") == "compiler-artifact" and m.get("profile", {}).get("test") \
-            and m.get("executable") and m["target"]["name"] not in ("inference", "hashgrid_tests"):
+    if m.get("reason") != "compiler-artifact" or not m.get("executable") \
+            or not m.get("profile", {}).get("test"):
+        continue
+    pkg = m["manifest_path"].replace("\\", "/").split("/")[-2]
+    if pkg in ("executor", "tests") and m["target"]["name"] not in ("inference", "hashgrid_tests"):
         print(m["executable"])
 ' >"$work/bins"
 mapfile -t bins <"$work/bins"
@@ -47,7 +57,9 @@ echo "crashcheck: $runs runs of $n test binaries, $jobs at a time, ${took}s: $ok
 if [ "$ok" -ne "$runs" ]; then
   awk '$1 != 0' "$work/results" | while read -r rc i bin; do
     echo "--- run $i: $(basename "$bin") exited $rc:"
-    grep -A 6 "panicked at" "$work/$i.log" || tail -n 30 "$work/$i.log"
+    grep -A 6 -E "panicked at|^Error: " "$work/$i.log" || tail -n 30 "$work/$i.log"
   done
-  exit 1
+  if [ "$signalled" -ne 0 ] || [ "${CRASHES_ONLY:-0}" != 1 ]; then
+    exit 1
+  fi
 fi
