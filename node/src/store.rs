@@ -105,7 +105,7 @@ pub enum StoreError {
 ///
 /// - 0: the release before versions (records as in version 1, no version recorded).
 /// - 1: the same records, with the version recorded in `meta`.
-/// - 2: buyer job records ([`crate::jobs::JobRecord`]) end with the countersigned agreement.
+/// - 2: buyer job records ([`crate::jobs::record::JobRecord`]) end with the countersigned agreement.
 pub const SCHEMA_VERSION: u32 = 2;
 
 /// One step of the migration path: rewrites a store of schema `from` as `from + 1`. A step
@@ -138,9 +138,9 @@ mod v1 {
     use hashgrid_protocol::{ContentId, Countersigned, PublicKey, Receipt, Timestamp};
     use serde::Deserialize;
 
-    use crate::jobs::{Attempt, JobState};
+    use crate::jobs::record::{Attempt, JobState};
 
-    /// [`crate::jobs::JobRecord`] of schemas 0 and 1.
+    /// [`crate::jobs::record::JobRecord`] of schemas 0 and 1.
     #[derive(Deserialize)]
     pub(super) struct JobRecord {
         pub(super) id: ContentId,
@@ -165,12 +165,12 @@ fn migrate_1_to_2(store: &Store) -> Result<(), StoreError> {
     };
     for item in tree.iter() {
         let (key, bytes) = item?;
-        if postcard::from_bytes::<crate::jobs::JobRecord>(&bytes).is_ok() {
+        if postcard::from_bytes::<crate::jobs::record::JobRecord>(&bytes).is_ok() {
             continue;
         }
         let old: v1::JobRecord =
             postcard::from_bytes(&bytes).map_err(|e| corrupt(format!("schema 1 job: {e}")))?;
-        let new = crate::jobs::JobRecord {
+        let new = crate::jobs::record::JobRecord {
             id: old.id,
             name: old.name,
             spec_id: old.spec_id,

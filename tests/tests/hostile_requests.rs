@@ -172,13 +172,21 @@ async fn unfinished_requests_do_not_hold_memory_and_buyers_are_still_served() {
     peak = peak.max(rss());
     let budget = site.inbound_budget();
     let growth = peak.saturating_sub(before);
+    let lag = site.loop_lag();
     eprintln!(
-        "rss growth {} MiB ({} MiB before the second job), budget peak {} KiB, refused {}",
+        "rss growth {} MiB ({} MiB before the second job), budget peak {} KiB, refused {}, \
+         swarm task: longest stall {:?}, p99 {:?} over {} samples",
         growth >> 20,
         attack_growth >> 20,
         budget.peak() >> 10,
-        budget.refused()
+        budget.refused(),
+        lag.max,
+        lag.p99,
+        lag.samples
     );
+    // The site's swarm task kept polling: no stall near a request timeout.
+    assert!(lag.samples > 20, "{lag:?}");
+    assert!(lag.max < Duration::from_secs(2), "{lag:?}");
     // The attackers could hold at most their connections' budgets; the rest was refused.
     assert!(
         budget.peak() <= 3 * MAX_INBOUND_BYTES_PER_CONNECTION,

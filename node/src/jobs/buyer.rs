@@ -10,32 +10,21 @@ use hashgrid_protocol::exchange::{
     inline_budget,
 };
 use hashgrid_protocol::{
-    Agreement, Ask, Bid, Bytes, ContentId, Keypair, Msat, Network, PublicKey, Receipt, Signed,
+    Agreement, Bid, Bytes, ContentId, Keypair, Msat, Network, PublicKey, Receipt, Signed,
     Timestamp, check_against_agreement, check_outputs,
 };
-use libp2p::{Multiaddr, PeerId};
+use libp2p::PeerId;
 use tokio::sync::broadcast;
 use tracing::{debug, info, warn};
 
-use super::provider::fetch_blob;
+use super::blobs::fetch_blob;
 use super::{
     Attempt, DEADLINE_GRACE, FailKind, JobRecord, JobState, JobUpdate, MAX_PROPOSALS_PER_ATTEMPT,
     Submission,
 };
 use crate::event::NodeEvent;
-use crate::node::Net;
+use crate::node::command::{Candidate, Net};
 use crate::store::{JobTree, StoreSlot};
-
-/// An ask the buyer may propose to, with the provider's advertised addresses.
-#[derive(Debug, Clone)]
-pub(crate) struct Candidate {
-    pub(crate) ask: Ask,
-    pub(crate) peer: PeerId,
-    pub(crate) addrs: Vec<Multiaddr>,
-    /// The job's inputs the provider's capacity ad lists as warm (not sent inline: it has
-    /// them, and fetches them only if it evicted them since).
-    pub(crate) warm: Vec<ContentId>,
-}
 
 /// What the buyer's task needs from its node.
 #[derive(Clone)]
@@ -194,7 +183,7 @@ impl BuyerJob {
             let cands = self
                 .ctx
                 .net
-                .candidates(crate::node::CandidateQuery {
+                .candidates(crate::node::command::CandidateQuery {
                     bid: bid_body.clone(),
                     excluded: excluded.iter().copied().collect(),
                     load: self.ctx.placements.snapshot(),

@@ -1,8 +1,12 @@
 //! The provider side of the job lifecycle, driven by the node's task: proposals, dispatches,
-//! long polls, receipts and countersignatures. Jobs run in spawned tasks that report back over
-//! [`Internal`] messages.
+//! long polls, receipts and countersignatures. Jobs run in spawned tasks (`super::run`) that
+//! report back over [`Internal`] messages; blob transfers are in `super::blobs`.
+//!
+//! Over 800 lines on purpose: `Provider` is one state machine (reservations, active jobs,
+//! parked polls, the receipt chain) and its methods share those tables; the tests of its
+//! negotiation rules sit at the end.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -11,10 +15,9 @@ use hashgrid_protocol::exchange::{
     BlobReply, BlobRequest, Dispatch, InlineBlob, JobPhase, JobReply, JobStatus, MAX_INLINE_BYTES,
     NegotiateReply, Propose, Reject, RejectReason, StreamChunk, StreamedBytes, inline_budget,
 };
-use hashgrid_protocol::limits::MAX_CHUNK_BYTES;
 use hashgrid_protocol::{
-    Agreement, Ask, Bytes, ContentId, Countersigned, JobSpec, Keypair, Network, OutputRecord,
-    PublicKey, Receipt, Signed, Timestamp,
+    Agreement, Ask, Bytes, ContentId, Countersigned, Keypair, Network, OutputRecord, PublicKey,
+    Receipt, Signed, Timestamp,
 };
 use libp2p::PeerId;
 use libp2p::request_response::ResponseChannel;
@@ -22,12 +25,15 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
 use tracing::{debug, info, warn};
 
+use super::blobs::chunk_of;
 use super::cache::InputCache;
+pub(crate) use super::run::Internal;
+use super::run::RunTask;
 use super::{AGREEMENT_TTL_MS, ProviderEvent};
 use crate::event::NodeEvent;
-use crate::executor::{ExecError, Executor, JobOutput, StreamUpdate};
+use crate::executor::{Executor, JobOutput};
 use crate::network::AWAIT_HOLD;
-use crate::node::Net;
+use crate::node::command::Net;
 use crate::store::{JobTree, Store, StoreError};
 
 /// An accepted job as the provider's store keeps it (by agreement id).
@@ -49,23 +55,6 @@ pub(crate) struct ProviderJobRecord {
     pub failure: Option<String>,
     /// Whether the buyer countersigned the receipt.
     pub countersigned: bool,
-}
-
-/// Messages from job tasks to the node's task.
-#[derive(Debug)]
-pub(crate) enum Internal {
-    Phase(ContentId, JobPhase),
-    /// Inputs ready: bytes fetched from the buyer, bytes from the cache.
-    Inputs(ContentId, u64, u64),
-    /// A streaming loop's check read its buffers back (sent with `try_send`: each update
-    /// carries the whole buffers, so a dropped one loses nothing).
-    Stream(ContentId, StreamUpdate),
-    Finished {
-        agreement: ContentId,
-        started_at: Timestamp,
-        finished_at: Timestamp,
-        result: Result<JobOutput, String>,
-    },
 }
 
 struct Reservation {
@@ -943,177 +932,8 @@ impl Provider {
     }
 }
 
-/// The reply to `req` from a blob's bytes.
-pub(crate) fn chunk_of(bytes: &[u8], req: &BlobRequest) -> BlobReply {
-    let total = bytes.len() as u64;
-    let start = req.offset.min(total) as usize;
-    let len = (req.len as usize).min(MAX_CHUNK_BYTES);
-    let end = start.saturating_add(len).min(bytes.len());
-    BlobReply::Chunk {
-        total,
-        bytes: Bytes(bytes[start..end].to_vec()),
-    }
-}
-
-/// Fetches a blob of `size` bytes from `peer` in chunks ([`super::BLOB_WINDOW`] in flight),
-/// hashing it as it arrives; fails unless it is exactly `size` bytes hashing to `id`.
 /// Most stream long polls parked per job (a buyer needs one; more are answered at once).
 const MAX_STREAM_WAITERS: usize = 4;
-
-pub(crate) async fn fetch_blob(
-    net: &Net,
-    peer: PeerId,
-    id: ContentId,
-    size: u64,
-) -> Result<Vec<u8>, String> {
-    use futures::StreamExt;
-    let chunk = MAX_CHUNK_BYTES as u64;
-    let offsets: Vec<u64> = (0..size.div_ceil(chunk)).map(|i| i * chunk).collect();
-    let mut hasher = blake3::Hasher::new();
-    let mut out = Vec::with_capacity(usize::try_from(size).map_err(|e| e.to_string())?);
-    let mut replies = futures::stream::iter(offsets.into_iter().map(|offset| {
-        let req = BlobRequest {
-            id,
-            offset,
-            len: chunk.min(size - offset) as u32,
-        };
-        net.blob(peer, req)
-    }))
-    .buffered(super::BLOB_WINDOW);
-    while let Some(reply) = replies.next().await {
-        match reply? {
-            BlobReply::Chunk { total, bytes } => {
-                if total != size {
-                    return Err(format!(
-                        "blob {id} is {total} bytes at the peer, expected {size}"
-                    ));
-                }
-                let want = chunk.min(size - out.len() as u64);
-                if bytes.0.len() as u64 != want {
-                    return Err(format!("blob {id}: short chunk at offset {}", out.len()));
-                }
-                hasher.update(&bytes.0);
-                out.extend_from_slice(&bytes.0);
-            }
-            BlobReply::NotFound => return Err(format!("the peer does not serve blob {id}")),
-        }
-    }
-    let got = ContentId(*hasher.finalize().as_bytes());
-    if got != id {
-        return Err(format!("blob hashes to {got}, not {id}"));
-    }
-    Ok(out)
-}
-
-struct RunTask {
-    cache: Arc<InputCache>,
-    exec: Executor,
-    net: Net,
-    internal: mpsc::Sender<Internal>,
-    agreement: ContentId,
-    buyer: PeerId,
-    spec: JobSpec,
-    inline: Vec<InlineBlob>,
-}
-
-impl RunTask {
-    async fn run(self) {
-        let agreement = self.agreement;
-        let internal = self.internal.clone();
-        let started_at = Timestamp::now();
-        let result = self.execute().await;
-        let finished_at = Timestamp::now();
-        let msg = Internal::Finished {
-            agreement,
-            started_at: result.as_ref().map_or(started_at, |(s, _)| *s),
-            finished_at,
-            result: result.map(|(_, o)| o),
-        };
-        // Err: the node stopped; the job is failed at the next start.
-        let _ = internal.send(msg).await;
-    }
-
-    async fn execute(self) -> Result<(Timestamp, JobOutput), String> {
-        let mut inputs: crate::executor::SharedInputs = BTreeMap::new();
-        for b in self.inline {
-            let got = ContentId::of(&b.bytes.0);
-            if got != b.id {
-                return Err(format!("inline input hashes to {got}, not {}", b.id));
-            }
-            inputs.insert(b.id, Arc::new(b.bytes.0));
-        }
-        let missing: Vec<(ContentId, u64)> = self
-            .spec
-            .buffers
-            .iter()
-            .filter_map(|b| match b.init {
-                hashgrid_protocol::BufferInit::Blob(id) if !inputs.contains_key(&id) => {
-                    Some((id, b.size))
-                }
-                _ => None,
-            })
-            .collect();
-        let (mut fetched, mut cached) = (0u64, 0u64);
-        if !missing.is_empty() {
-            let _ = self
-                .internal
-                .send(Internal::Phase(self.agreement, JobPhase::Fetching))
-                .await;
-            for (id, size) in missing {
-                if inputs.contains_key(&id) {
-                    continue;
-                }
-                let cache = self.cache.clone();
-                let hit = tokio::task::spawn_blocking(move || cache.get(&id))
-                    .await
-                    .ok()
-                    .flatten()
-                    .filter(|b| b.len() as u64 == size);
-                if let Some(bytes) = hit {
-                    cached += size;
-                    inputs.insert(id, bytes);
-                    continue;
-                }
-                let bytes = Arc::new(
-                    fetch_blob(&self.net, self.buyer, id, size)
-                        .await
-                        .map_err(|e| format!("input {id}: {e}"))?,
-                );
-                fetched += size;
-                // `fetch_blob` checked the hash; caching runs beside the job.
-                if bytes.len() >= super::cache::MIN_CACHED_BYTES {
-                    let (cache, shared) = (self.cache.clone(), bytes.clone());
-                    tokio::task::spawn_blocking(move || cache.put(id, shared));
-                }
-                inputs.insert(id, bytes);
-            }
-        }
-        let _ = self
-            .internal
-            .send(Internal::Inputs(self.agreement, fetched, cached))
-            .await;
-        let _ = self
-            .internal
-            .send(Internal::Phase(self.agreement, JobPhase::Running))
-            .await;
-        let started = Timestamp::now();
-        let buyer = self.buyer.to_string();
-        let sink = super::network_streams(&self.spec).is_some().then(|| {
-            let internal = self.internal.clone();
-            let agreement = self.agreement;
-            Box::new(move |u: StreamUpdate| {
-                let _ = internal.try_send(Internal::Stream(agreement, u));
-                true
-            }) as Box<crate::executor::StreamSink>
-        });
-        let out = self
-            .exec
-            .run_shared(&buyer, self.spec, inputs, sink)
-            .await
-            .map_err(|e: ExecError| e.to_string())?;
-        Ok((started, out))
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -21,7 +21,8 @@ use hashgrid_node::jobs::JobOptions;
 use hashgrid_protocol::{LoadedJob, Msat, Requirements};
 use tokio::sync::mpsc;
 
-use crate::market::{Client, submit_and_wait};
+use crate::client::Client;
+use crate::market::submit_and_wait;
 use crate::{CliError, EXIT_CANCELLED, Global};
 
 /// What `generate` was asked.

@@ -3,6 +3,10 @@
 //! receipts; list jobs and receipts from the local store; and, without any network, inspect
 //! job files, run them on this machine's GPU, and verify anyone's receipt.
 //!
+//! This file is the command tree (every command's flags and help text, in clap's derive
+//! form), the exit codes and the dispatch; the commands themselves live in `client`,
+//! `market`, `generate`, `serve` and `wallet`. It is about 800 lines because the help texts are.
+//!
 //! Machine output (`--json`) goes to stdout, logs and progress to stderr. Exit codes:
 //!
 //! | code | meaning |
@@ -15,6 +19,7 @@
 //! | 5 | verification failed: a signature, countersignature, charge or output hash is wrong |
 //! | 130 | cancelled with Ctrl-C |
 
+mod client;
 mod generate;
 mod market;
 mod serve;

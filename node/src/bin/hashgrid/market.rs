@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 use hashgrid_node::client::ClientConfig;
 use hashgrid_node::jobs::{FailKind, JobOptions, JobRecord, JobState, Submission};
 use hashgrid_node::store::Store;
-use hashgrid_node::{DataDir, NodeEvent, NodeHandle, OfferQuery, OfferSort};
+use hashgrid_node::{NodeEvent, NodeHandle, OfferQuery, OfferSort};
 use hashgrid_protocol::{
-    Ask, ContentId, JobLimits, Msat, Network, ReceiptFile, Requirements, check_outputs,
-    load_job_file,
+    Ask, ContentId, JobLimits, Msat, ReceiptFile, Requirements, check_outputs, load_job_file,
 };
 
+use crate::client::Client;
 use crate::{CliError, Global};
 
 /// Longest wait for the book to fill before `offers` prints or `submit` matches.
@@ -21,86 +21,6 @@ const BOOK_WAIT: Duration = Duration::from_secs(5);
 
 /// The book counts as filled when no ask arrived for this long after the first peer.
 const BOOK_SETTLE: Duration = Duration::from_millis(400);
-
-/// Everything about the buyer's data dir and config, resolved from flags and the file.
-pub(crate) struct Client {
-    pub(crate) dir: DataDir,
-    pub(crate) config: ClientConfig,
-    pub(crate) network: Network,
-}
-
-impl Client {
-    pub(crate) fn resolve(g: &Global) -> Result<Client, CliError> {
-        let root = g
-            .data_dir
-            .clone()
-            .unwrap_or_else(|| DataDir::default_root().join("buyer"));
-        let mut config = ClientConfig::load_or_default(&root)
-            .map_err(|e| CliError::bad_input(e.to_string(), "fix the config file or pass flags"))?;
-        if let Some(n) = &g.network {
-            config.network = n.as_str().to_string();
-        }
-        for b in &g.bootstrap {
-            config.bootstrap.push(b.to_string());
-        }
-        let network = config
-            .network()
-            .map_err(|e| CliError::bad_input(e.to_string(), "pass --network main|test|NAME"))?;
-        Ok(Client {
-            dir: DataDir::new(root),
-            config,
-            network,
-        })
-    }
-
-    fn store_path(&self) -> PathBuf {
-        self.dir.root().join("store")
-    }
-
-    /// Opens the store without starting the network (for the offline commands).
-    fn open_store(&self) -> Result<Store, CliError> {
-        if !self.store_path().exists() {
-            return Err(CliError::bad_input(
-                format!("no jobs in {}", self.dir.root().display()),
-                "submit a job first (hashgrid submit JOB.toml), or pass the --data-dir you used",
-            ));
-        }
-        Store::open(&self.store_path()).map_err(|e| {
-            CliError::other(
-                e.to_string(),
-                "close the other hashgrid process using this data dir",
-            )
-        })
-    }
-
-    /// Starts the buyer's node.
-    pub(crate) async fn start(&self) -> Result<NodeHandle, CliError> {
-        if self.config.bootstrap.is_empty() && !self.config.mdns {
-            return Err(CliError::bad_input(
-                "no way to find peers: no bootstrap peers and mDNS is off",
-                "pass --bootstrap MULTIADDR or add bootstrap = [...] to the config (hashgrid init --bootstrap ...)",
-            ));
-        }
-        let mut b = self
-            .config
-            .builder(self.dir.root())
-            .map_err(|e| CliError::bad_input(e.to_string(), "fix the config file"))?;
-        // Settlement: in on-chain mode the node pays valid invoices that arrive while it runs.
-        if let Some(section) = &self.config.settle {
-            let keys = crate::wallet::keys_for_node(self)?;
-            let cfg = section.to_config(keys, None).map_err(|e| {
-                CliError::bad_input(e.to_string(), "fix the [settle] section of the config file")
-            })?;
-            b = b.settle(cfg);
-        }
-        b.start().await.map_err(|e| {
-            CliError::other(
-                e.to_string(),
-                "check --data-dir (another hashgrid running?) and the network settings",
-            )
-        })
-    }
-}
 
 /// Waits until the book has settled: at least one peer, and no new ask for [`BOOK_SETTLE`];
 /// at most [`BOOK_WAIT`].

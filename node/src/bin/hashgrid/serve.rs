@@ -10,7 +10,8 @@ use hashgrid_node::gateway::MarketBackend;
 use hashgrid_node::jobs::JobOptions;
 use hashgrid_protocol::{Msat, Requirements};
 
-use crate::market::{Client, wait_for_book};
+use crate::client::Client;
+use crate::market::wait_for_book;
 use crate::{CliError, Global};
 
 /// What `serve` was asked.

@@ -2,25 +2,13 @@
 //! (keys in `<data-dir>/wallet.json`, mode 0600; state in the store) and the invoices
 //! providers sent it.
 
-use hashgrid_node::settle::{PayState, SettleModeName, SettleSection, received_from_store};
+use hashgrid_node::settle::{PayState, SettleSection, received_from_store};
 use hashgrid_node::store::Store;
 use hashgrid_node::wallet::{Wallet, WalletKeys, bip21};
 use hashgrid_protocol::InvoicePayment;
 
-use crate::market::Client;
+use crate::client::{Client, ONCHAIN_HINT};
 use crate::{CliError, Global};
-
-const ONCHAIN_HINT: &str = "add to the config file: [settle] mode = \"onchain\", bitcoin = \"signet\", esplora = \"https://mempool.space/signet/api\"";
-
-fn section(c: &Client) -> Result<SettleSection, CliError> {
-    match &c.config.settle {
-        Some(s) if s.mode == SettleModeName::Onchain => Ok(s.clone()),
-        _ => Err(CliError::bad_input(
-            "this buyer settles in ledger mode: it has no Bitcoin wallet",
-            ONCHAIN_HINT,
-        )),
-    }
-}
 
 fn wallet_err(e: impl std::fmt::Display) -> CliError {
     CliError::other(
@@ -31,7 +19,7 @@ fn wallet_err(e: impl std::fmt::Display) -> CliError {
 
 /// Loads (or creates) the keys and opens the wallet in the store.
 pub(crate) fn open(c: &Client) -> Result<(Wallet, SettleSection), CliError> {
-    let s = section(c)?;
+    let s = c.settle_section()?;
     let network = s
         .btc_network()
         .map_err(|e| CliError::bad_input(e.to_string(), ONCHAIN_HINT))?;
@@ -47,17 +35,6 @@ pub(crate) fn open(c: &Client) -> Result<(Wallet, SettleSection), CliError> {
     let w =
         Wallet::open(tree, &keys.external, Some(&keys.internal), network).map_err(wallet_err)?;
     Ok((w, s))
-}
-
-/// The keys for a node this CLI starts (on-chain mode only).
-pub(crate) fn keys_for_node(c: &Client) -> Result<Option<WalletKeys>, CliError> {
-    let Ok(s) = section(c) else { return Ok(None) };
-    let network = s
-        .btc_network()
-        .map_err(|e| CliError::bad_input(e.to_string(), ONCHAIN_HINT))?;
-    WalletKeys::load_or_create(&c.dir.root().join("wallet.json"), network)
-        .map(Some)
-        .map_err(|e| CliError::bad_input(e.to_string(), "fix or move the wallet file"))
 }
 
 pub(crate) fn address(g: &Global) -> Result<(), CliError> {

@@ -1,27 +1,16 @@
-//! Settlement between nodes (`/hashgrid/settle/1`): a provider's countersigned receipts accrue
-//! per buyer in the market's [`ProviderLedger`]; in `onchain` mode the provider issues signed
-//! invoices to a fresh payout address, the buyer's wallet pays them, and the provider's watch
-//! wallet follows the payment to confirmation (and back, on a reorganisation); in `ledger` mode
-//! receipts stay signed IOUs netted per counterparty. In both modes a buyer whose debt is over
-//! the credit policy gets `Reject { CreditLimit }` on its next proposal.
+//! The settlement service: credit checks, accrual, invoicing, the chain watch, payments and
+//! notices.
 //!
-//! Durability: the ledger is event-sourced (every transition is appended to a sled tree and
-//! flushed before it is acted on or acknowledged, and replayed at start); invoices on both
-//! sides are records in sled; a buyer records a payment transaction (flushed) *before* it
-//! broadcasts it, so a restart rebroadcasts the same transaction instead of paying twice.
-//!
-//! Rounding: receipts charge msat; an invoice bills whole sats, rounded down, and the sub-sat
-//! remainder stays accrued for the next invoice (see `hashgrid_market::settlement`).
+//! Over 800 lines on purpose: `Settlement` is one service whose provider and buyer halves
+//! share its ledger, wallets and store under its locks; its types and records are in
+//! `super::records`, its config section in `super::section`.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-pub use hashgrid_market::settlement::{
-    ConfirmationPolicy, CreditPolicy, InvoicePolicy, InvoiceRecord, InvoiceState,
-};
 use hashgrid_market::settlement::{
-    CreditDenied, Earnings, InvoiceDraft, ProviderLedger, SettleError,
+    CreditDenied, InvoiceDraft, InvoiceRecord, InvoiceState, ProviderLedger, SettleError,
 };
 use hashgrid_protocol::exchange::{InvoiceStatus, SettleReply, SettleRequest};
 use hashgrid_protocol::{
@@ -29,395 +18,38 @@ use hashgrid_protocol::{
     Signed, Timestamp,
 };
 use libp2p::PeerId;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tracing::{debug, info, warn};
 
 use crate::jobs::{JobRecord, peer_of};
-use crate::node::Net;
+use crate::node::command::Net;
 use crate::store::{JobTree, Store, StoreError, StoreSlot};
-use crate::wallet::{BtcNetwork, ChainSource, Wallet, WalletError, WalletKeys, bip21, bitcoin};
+use crate::wallet::{ChainSource, Wallet, WalletError, bip21, bitcoin};
 
-/// Default time between settlement passes (invoicing, chain checks, deliveries).
-pub const DEFAULT_SETTLE_INTERVAL: Duration = Duration::from_secs(30);
-/// Default fee rate of a buyer's payments, sat/vB.
-pub const DEFAULT_FEE_RATE_SAT_VB: u64 = 2;
+use super::records::{
+    InInvoice, LedgerEvent, OutInvoice, PayState, Position, SettleMode, SettlementConfig,
+    SettlementError, apply, purchases, replay,
+};
 
-/// How a node settles.
-#[derive(Debug, Clone)]
-pub enum SettleMode {
-    /// Countersigned receipts are signed IOUs, netted per counterparty; no chain.
-    Ledger,
-    /// Invoices paid on chain.
-    Onchain(Onchain),
-}
-
-/// On-chain settlement settings.
-#[derive(Debug, Clone)]
-pub struct Onchain {
-    /// The Bitcoin network (mainnet only with an explicit opt-in, checked when built).
-    pub network: BtcNetwork,
-    /// Where the wallets sync and broadcast.
-    pub chain: Arc<dyn ChainSource>,
-    /// A provider's payout descriptor (public keys are enough: a watch-only wallet).
-    pub payout_descriptor: Option<String>,
-    /// A buyer's wallet keys (from `wallet.json`).
-    pub wallet: Option<WalletKeys>,
-}
-
-/// Settlement configuration.
-#[derive(Debug, Clone)]
-pub struct SettlementConfig {
-    /// Ledger or on-chain.
-    pub mode: SettleMode,
-    /// When accrued receipts become an invoice.
-    pub invoice: InvoicePolicy,
-    /// Confirmations by amount.
-    pub confirmations: ConfirmationPolicy,
-    /// Credit given to each buyer.
-    pub credit: CreditPolicy,
-    /// Time between settlement passes.
-    pub interval: Duration,
-    /// A buyer pays valid invoices without being asked.
-    pub auto_pay: bool,
-    /// Fee rate of a buyer's payments.
-    pub fee_rate_sat_vb: u64,
-}
-
-impl Default for SettlementConfig {
-    fn default() -> Self {
-        SettlementConfig {
-            mode: SettleMode::Ledger,
-            invoice: InvoicePolicy::default(),
-            confirmations: ConfirmationPolicy::default(),
-            credit: CreditPolicy::default(),
-            interval: DEFAULT_SETTLE_INTERVAL,
-            auto_pay: true,
-            fee_rate_sat_vb: DEFAULT_FEE_RATE_SAT_VB,
-        }
-    }
-}
-
-/// A ledger transition, as logged. Replaying the log rebuilds the ledger exactly.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-enum LedgerEvent {
-    Accrue {
-        receipt: ContentId,
-        buyer: PublicKey,
-        charge: Msat,
-        at: Timestamp,
-    },
-    Issue {
-        id: ContentId,
-        buyer: PublicKey,
-        receipts: Vec<ContentId>,
-        amount: Msat,
-        at: Timestamp,
-        ttl_ms: u64,
-    },
-    PaymentSeen {
-        id: ContentId,
-        outpoint: String,
-        paid_sat: u64,
-        confirmations: u32,
-        required: u32,
-    },
-    Confirmations {
-        id: ContentId,
-        confirmations: u32,
-        required: u32,
-    },
-    Vanished {
-        id: ContentId,
-    },
-    Settle {
-        id: ContentId,
-    },
-    Expire {
-        now: Timestamp,
-    },
-}
-
-fn apply(ledger: &mut ProviderLedger, ev: &LedgerEvent) -> Result<(), SettleError> {
-    let exactly = |required: u32| ConfirmationPolicy {
-        tiers: Vec::new(),
-        above: required,
-    };
-    match ev {
-        LedgerEvent::Accrue {
-            receipt,
-            buyer,
-            charge,
-            at,
-        } => ledger.accrue(*receipt, *buyer, *charge, *at),
-        LedgerEvent::Issue {
-            id,
-            buyer,
-            receipts,
-            amount,
-            at,
-            ttl_ms,
-        } => ledger.issue(
-            *id,
-            &InvoiceDraft {
-                buyer: *buyer,
-                receipts: receipts.clone(),
-                amount: *amount,
-            },
-            *at,
-            &InvoicePolicy {
-                ttl_ms: *ttl_ms,
-                ..InvoicePolicy::default()
-            },
-        ),
-        LedgerEvent::PaymentSeen {
-            id,
-            outpoint,
-            paid_sat,
-            confirmations,
-            required,
-        } => ledger
-            .payment_seen(
-                *id,
-                outpoint.clone(),
-                *paid_sat,
-                *confirmations,
-                &exactly(*required),
-            )
-            .map(|_| ()),
-        LedgerEvent::Confirmations {
-            id,
-            confirmations,
-            required,
-        } => ledger
-            .confirmations(*id, *confirmations, &exactly(*required))
-            .map(|_| ()),
-        LedgerEvent::Vanished { id } => ledger.payment_vanished(*id),
-        LedgerEvent::Settle { id } => ledger.settle(*id),
-        LedgerEvent::Expire { now } => {
-            ledger.expire(*now);
-            Ok(())
-        }
-    }
-}
-
-/// A provider's invoice, as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OutInvoice {
-    /// The signed invoice.
-    pub invoice: Signed<Invoice>,
-    /// Payout address index (on-chain invoices).
-    pub address_index: Option<u32>,
-    /// The buyer acknowledged it.
-    pub delivered: bool,
-    /// The buyer acknowledged the settlement notice.
-    pub settled_acked: bool,
-    /// Received at the address so far (sat), if less than due.
-    pub seen_sat: u64,
-    /// A payment the buyer claimed and what is wrong with it.
-    pub problem: Option<String>,
-}
-
-/// Where a received invoice stands on the buyer's side.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum PayState {
-    /// Accepted, not paid.
-    Unpaid,
-    /// Refused (not owed), with the reason.
-    Refused(String),
-    /// Superseded: expired unpaid and billed again in a later invoice.
-    Superseded,
-    /// A payment was signed and recorded; it is (re)broadcast until the provider sees it.
-    Paying {
-        /// The signed transaction.
-        tx: Vec<u8>,
-        /// Its id.
-        txid: String,
-        /// The output paying the invoice.
-        vout: u32,
-    },
-    /// The provider acknowledged the payment proof.
-    Paid {
-        /// The payment, `txid:vout`.
-        outpoint: String,
-    },
-    /// The provider confirmed and settled it.
-    Settled {
-        /// The payment, `txid:vout`.
-        outpoint: String,
-    },
-}
-
-impl PayState {
-    /// Short name for tables.
-    pub fn name(&self) -> &'static str {
-        match self {
-            PayState::Unpaid => "unpaid",
-            PayState::Refused(_) => "refused",
-            PayState::Superseded => "superseded",
-            PayState::Paying { .. } => "paying",
-            PayState::Paid { .. } => "paid",
-            PayState::Settled { .. } => "settled",
-        }
-    }
-
-    /// Whether the buyer still owes it.
-    pub fn is_unpaid(&self) -> bool {
-        matches!(self, PayState::Unpaid | PayState::Paying { .. })
-    }
-}
-
-/// An invoice a buyer received.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InInvoice {
-    /// The signed invoice.
-    pub invoice: Signed<Invoice>,
-    /// Where it stands.
-    pub state: PayState,
-    /// When it arrived.
-    pub received_at: Timestamp,
-}
-
-impl InInvoice {
-    /// The decoded body (verified when it was accepted).
-    pub fn body(&self) -> Option<Invoice> {
-        self.invoice.decode_unverified().ok()
-    }
-}
-
-/// One counterparty's position.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct Position {
-    /// What it owes this node as a buyer, by invoice state.
-    pub as_buyer: EarningsView,
-    /// What this node owes it for countersigned receipts (this node as buyer).
-    pub owed_to_it: Msat,
-}
-
-/// [`Earnings`] in a serialisable shape.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct EarningsView {
-    /// Accrued, not invoiced.
-    pub accrued: Msat,
-    /// Invoiced, unpaid.
-    pub invoiced: Msat,
-    /// Paid, not confirmed.
-    pub paid: Msat,
-    /// Confirmed.
-    pub confirmed: Msat,
-    /// Settled.
-    pub settled: Msat,
-}
-
-impl From<Earnings> for EarningsView {
-    fn from(e: Earnings) -> Self {
-        EarningsView {
-            accrued: e.accrued,
-            invoiced: e.invoiced,
-            paid: e.paid,
-            confirmed: e.confirmed,
-            settled: e.settled,
-        }
-    }
-}
-
-/// A settlement operation failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum SettlementError {
-    /// The store failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// A wallet failed.
-    #[error(transparent)]
-    Wallet(#[from] WalletError),
-    /// The ledger refused a transition.
-    #[error(transparent)]
-    Ledger(#[from] SettleError),
-    /// The stored ledger log does not replay.
-    #[error("settlement log entry {0} does not replay: {1}")]
-    Replay(u64, String),
-}
-
-/// Reads the settlement view of a store (for commands that run while the node is stopped).
-pub fn earnings_from_store(
-    store: &Store,
-) -> Result<BTreeMap<PublicKey, Position>, SettlementError> {
-    let ledger = replay(store)?.0;
-    let mut out: BTreeMap<PublicKey, Position> = BTreeMap::new();
-    for b in ledger.buyers() {
-        out.entry(*b).or_default().as_buyer = ledger.earnings(b).into();
-    }
-    for (p, owed) in purchases(store)? {
-        out.entry(p).or_default().owed_to_it = owed;
-    }
-    Ok(out)
-}
-
-/// Invoices this node issued (provider side), with the ledger's state of each.
-pub fn issued_from_store(
-    store: &Store,
-) -> Result<Vec<(OutInvoice, Option<InvoiceRecord>)>, SettlementError> {
-    let ledger = replay(store)?.0;
-    Ok(store
-        .all::<OutInvoice>(JobTree::InvoicesOut)?
-        .into_iter()
-        .map(|o| {
-            let rec = ledger.invoice(&o.invoice.id()).cloned();
-            (o, rec)
-        })
-        .collect())
-}
-
-/// Invoices this node received (buyer side).
-pub fn received_from_store(store: &Store) -> Result<Vec<InInvoice>, SettlementError> {
-    Ok(store.all::<InInvoice>(JobTree::InvoicesIn)?)
-}
-
-fn replay(store: &Store) -> Result<(ProviderLedger, u64), SettlementError> {
-    let mut ledger = ProviderLedger::new();
-    let mut next = 0u64;
-    for (key, ev) in store.entries::<LedgerEvent>(JobTree::SettleLog)? {
-        apply(&mut ledger, &ev).map_err(|e| SettlementError::Replay(key, e.to_string()))?;
-        next = key + 1;
-    }
-    Ok((ledger, next))
-}
-
-/// Countersigned purchases by provider (this node as buyer), from the job records.
-fn purchases(store: &Store) -> Result<BTreeMap<PublicKey, Msat>, SettlementError> {
-    let mut out: BTreeMap<PublicKey, Msat> = BTreeMap::new();
-    for rec in store.all::<JobRecord>(JobTree::BuyerJobs)? {
-        if let Some(r) = rec
-            .receipt
-            .as_ref()
-            .and_then(|cs| cs.signed.decode_unverified().ok())
-        {
-            let e = out.entry(r.provider).or_insert(Msat::ZERO);
-            *e = Msat(e.0.saturating_add(r.charge.0));
-        }
-    }
-    Ok(out)
-}
-
-struct LedgerState {
-    ledger: ProviderLedger,
-    next_key: u64,
+pub(super) struct LedgerState {
+    pub(super) ledger: ProviderLedger,
+    pub(super) next_key: u64,
 }
 
 /// The node's settlement service, shared by the swarm task (credit checks, accruals, inbound
 /// requests) and the settlement task (invoicing, chain watching, deliveries, payments).
 pub(crate) struct Settlement {
-    cfg: SettlementConfig,
-    key: Keypair,
-    network: Network,
+    pub(super) cfg: SettlementConfig,
+    pub(super) key: Keypair,
+    pub(super) network: Network,
     /// The node's store; closed (with the wallets) when the node stops, so its lock is free.
-    slot: StoreSlot,
-    state: Mutex<LedgerState>,
+    pub(super) slot: StoreSlot,
+    pub(super) state: Mutex<LedgerState>,
     /// What this node owes each provider (countersigned receipts as buyer).
-    purchases: Mutex<BTreeMap<PublicKey, Msat>>,
-    payout: Mutex<Option<Arc<Mutex<Wallet>>>>,
-    wallet: Mutex<Option<Arc<Mutex<Wallet>>>>,
-    chain: Option<Arc<dyn ChainSource>>,
+    pub(super) purchases: Mutex<BTreeMap<PublicKey, Msat>>,
+    pub(super) payout: Mutex<Option<Arc<Mutex<Wallet>>>>,
+    pub(super) wallet: Mutex<Option<Arc<Mutex<Wallet>>>>,
+    pub(super) chain: Option<Arc<dyn ChainSource>>,
 }
 
 impl std::fmt::Debug for Settlement {
@@ -428,11 +60,11 @@ impl std::fmt::Debug for Settlement {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn outpoint_str(op: &bitcoin::OutPoint) -> String {
+pub(super) fn outpoint_str(op: &bitcoin::OutPoint) -> String {
     format!("{}:{}", op.txid, op.vout)
 }
 
@@ -1223,156 +855,5 @@ impl Settlement {
             Ok(SettleReply::Refused(r)) => Err(format!("provider refused the proof: {r}")),
             Err(e) => Err(format!("proof not delivered: {e}")),
         }
-    }
-}
-
-/// The `[settle]` section of a site's or a buyer's config file.
-///
-/// ```toml
-/// [settle]
-/// mode = "onchain"                  # or "ledger" (default)
-/// bitcoin = "signet"                # regtest | signet | testnet | mainnet
-/// allow_mainnet = false             # mainnet needs this set explicitly
-/// esplora = "https://mempool.space/signet/api"
-/// # bitcoind_url = "http://127.0.0.1:38332"
-/// # bitcoind_cookie = "/var/lib/bitcoind/signet/.cookie"
-/// payout_descriptor = "tr(tpub…/0/*)"   # site: where invoices are paid (public keys only)
-/// invoice_min_sat = 10000           # invoice once this much has accrued …
-/// invoice_max_age_secs = 86400      # … or once the oldest receipt is this old
-/// invoice_ttl_secs = 3600           # time to pay
-/// credit_limit_sat = 100000         # most a buyer may owe before new agreements are refused
-/// credit_max_unpaid_secs = 7200     # oldest an unpaid invoice may be
-/// interval_secs = 30                # time between settlement passes
-/// fee_rate_sat_vb = 2               # buyer: fee rate of payments
-/// auto_pay = true                   # buyer: pay valid invoices at once
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct SettleSection {
-    /// `ledger` or `onchain`.
-    pub mode: SettleModeName,
-    /// The Bitcoin network (on-chain mode).
-    pub bitcoin: Option<BtcNetwork>,
-    /// Mainnet opt-in.
-    pub allow_mainnet: bool,
-    /// Esplora base URL.
-    pub esplora: Option<String>,
-    /// bitcoind JSON-RPC URL.
-    pub bitcoind_url: Option<String>,
-    /// bitcoind cookie file.
-    pub bitcoind_cookie: Option<std::path::PathBuf>,
-    /// A site's payout descriptor.
-    pub payout_descriptor: Option<String>,
-    /// Invoice threshold, sat.
-    pub invoice_min_sat: Option<u64>,
-    /// Invoice age threshold, s.
-    pub invoice_max_age_secs: Option<u64>,
-    /// Time to pay, s.
-    pub invoice_ttl_secs: Option<u64>,
-    /// Credit limit, sat.
-    pub credit_limit_sat: Option<u64>,
-    /// Oldest unpaid invoice, s.
-    pub credit_max_unpaid_secs: Option<u64>,
-    /// Time between passes, s.
-    pub interval_secs: Option<u64>,
-    /// Buyer's fee rate, sat/vB.
-    pub fee_rate_sat_vb: Option<u64>,
-    /// Buyer pays valid invoices at once.
-    pub auto_pay: Option<bool>,
-}
-
-/// Settlement mode as written in config files.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SettleModeName {
-    /// Signed IOUs, netted.
-    #[default]
-    Ledger,
-    /// On-chain invoices.
-    Onchain,
-}
-
-impl SettleSection {
-    /// The chain backend this section names.
-    pub fn chain_config(&self) -> Result<crate::wallet::ChainConfig, WalletError> {
-        match (&self.esplora, &self.bitcoind_url) {
-            (Some(url), None) => Ok(crate::wallet::ChainConfig::Esplora { url: url.clone() }),
-            (None, Some(url)) => Ok(crate::wallet::ChainConfig::Bitcoind {
-                url: url.clone(),
-                cookie: self.bitcoind_cookie.clone(),
-                user: None,
-                password: None,
-            }),
-            (Some(_), Some(_)) => Err(WalletError::Config(
-                "[settle] names both esplora and bitcoind_url; keep one".into(),
-            )),
-            (None, None) => Err(WalletError::Config(
-                "[settle] mode = \"onchain\" needs esplora = URL or bitcoind_url = URL".into(),
-            )),
-        }
-    }
-
-    /// The Bitcoin network, checked against the mainnet opt-in.
-    pub fn btc_network(&self) -> Result<BtcNetwork, WalletError> {
-        let n = self.bitcoin.ok_or_else(|| {
-            WalletError::Config(
-                "[settle] mode = \"onchain\" needs bitcoin = \"regtest|signet|testnet|mainnet\""
-                    .into(),
-            )
-        })?;
-        n.check_allowed(self.allow_mainnet)?;
-        Ok(n)
-    }
-
-    /// The node's settlement configuration. `wallet` are a buyer's keys (none for a site
-    /// that only sells); `chain` overrides the backend the section names (the in-process test
-    /// chain).
-    pub fn to_config(
-        &self,
-        wallet: Option<WalletKeys>,
-        chain: Option<Arc<dyn ChainSource>>,
-    ) -> Result<SettlementConfig, WalletError> {
-        let d = SettlementConfig::default();
-        let secs =
-            |s: Option<u64>, default_ms: u64| s.map_or(default_ms, |s| s.saturating_mul(1000));
-        let cfg = SettlementConfig {
-            mode: SettleMode::Ledger,
-            invoice: InvoicePolicy {
-                min_amount: self
-                    .invoice_min_sat
-                    .map_or(d.invoice.min_amount, |s| Msat(s.saturating_mul(1000))),
-                max_age_ms: secs(self.invoice_max_age_secs, d.invoice.max_age_ms),
-                ttl_ms: secs(self.invoice_ttl_secs, d.invoice.ttl_ms),
-            },
-            confirmations: d.confirmations,
-            credit: CreditPolicy {
-                limit: self
-                    .credit_limit_sat
-                    .map_or(d.credit.limit, |s| Msat(s.saturating_mul(1000))),
-                max_unpaid_age_ms: secs(self.credit_max_unpaid_secs, d.credit.max_unpaid_age_ms),
-            },
-            interval: self
-                .interval_secs
-                .map_or(d.interval, |s| Duration::from_secs(s.max(1))),
-            auto_pay: self.auto_pay.unwrap_or(d.auto_pay),
-            fee_rate_sat_vb: self.fee_rate_sat_vb.unwrap_or(d.fee_rate_sat_vb),
-        };
-        if self.mode == SettleModeName::Ledger {
-            return Ok(cfg);
-        }
-        let network = self.btc_network()?;
-        let chain: Arc<dyn ChainSource> = match chain {
-            Some(c) => c,
-            None => Arc::from(self.chain_config()?.open()?),
-        };
-        Ok(SettlementConfig {
-            mode: SettleMode::Onchain(Onchain {
-                network,
-                chain,
-                payout_descriptor: self.payout_descriptor.clone(),
-                wallet,
-            }),
-            ..cfg
-        })
     }
 }

@@ -1,0 +1,329 @@
+//! Commands from handles and job tasks: orders, candidates, requests to peers.
+
+use hashgrid_protocol::{
+    Ask, Bid, Cancel, GossipMessage, OrderRef, PublicKey, Signed, Timestamp, VerifiedGossip,
+};
+use libp2p::multiaddr::Protocol;
+
+use crate::error::NodeError;
+use crate::jobs::provider::Answer;
+use crate::store::OwnOrder;
+
+use super::addr::with_peer;
+#[cfg(feature = "testing")]
+use super::command::RawTopic;
+use super::command::{AskSpec, BidSpec, Candidate, CandidateQuery, Command, Net};
+use super::settings::MAX_OWN_ORDERS;
+use super::state::{NodeLoop, WarmInputs, ms, queue_key};
+
+impl NodeLoop {
+    pub(super) fn answer(&mut self, answers: Vec<Answer>) {
+        for (channel, reply) in answers {
+            // Err: the buyer went away; it polls again or re-matches.
+            let _ = self.swarm.behaviour_mut().job.send_response(channel, reply);
+        }
+    }
+
+    pub(super) fn is_down(&self, p: &PublicKey) -> bool {
+        self.down
+            .get(p)
+            .is_some_and(|until| *until > tokio::time::Instant::now())
+    }
+
+    /// The asks that could take all of the query's bid, best first, without excluded or down
+    /// providers, each with its provider's advertised addresses: price first, and among equal
+    /// prices the market engine's fair ranking (free units, this buyer's recent load there,
+    /// then the query's random tie-break), so equal-priced providers share the work.
+    pub(super) fn candidates(&self, q: &CandidateQuery) -> Vec<Candidate> {
+        let now = Timestamp::now().0;
+        let book = self.ask_book(now, |a| {
+            q.excluded.contains(&a.provider) || self.is_down(&a.provider)
+        });
+        let load = |p: &PublicKey| q.load.get(p).copied().unwrap_or(0);
+        let warm = WarmInputs {
+            book: &self.book,
+            inputs: &q.inputs,
+            total: q.inputs.iter().map(|(_, n)| n).sum(),
+        };
+        let fair = hashgrid_market::Fairness {
+            rep: &hashgrid_market::NoReputation,
+            load: &load,
+            seed: q.seed,
+            warm: &warm,
+        };
+        book.candidates_fair(&q.bid, now, &fair, crate::jobs::MAX_PROPOSALS_PER_ATTEMPT)
+            .into_iter()
+            .filter_map(|r| {
+                let peer = crate::jobs::peer_of(&r.ask.provider)?;
+                let ad = self.book.capacity(&r.ask.provider);
+                let addrs = ad
+                    .map(|ad| ad.addrs.iter().filter_map(|a| a.parse().ok()).collect())
+                    .unwrap_or_default();
+                let warm = ad
+                    .map(|ad| {
+                        q.inputs
+                            .iter()
+                            .filter(|(id, _)| ad.warm.contains(id))
+                            .map(|(id, _)| *id)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Some(Candidate {
+                    ask: r.ask,
+                    peer,
+                    addrs,
+                    warm,
+                })
+            })
+            .collect()
+    }
+
+    /// The live asks of this node's view, except those `skip` names, in the market engine for
+    /// ranking. Only asks go in, so nothing trades: the engine only orders them.
+    pub(super) fn ask_book(
+        &self,
+        now: u64,
+        skip: impl Fn(&Ask) -> bool,
+    ) -> hashgrid_market::OrderBook {
+        let mut book = hashgrid_market::OrderBook::new();
+        for ask in self.book.asks().filter(|a| !skip(a)) {
+            let _ = book.submit_ask(ask.clone(), now, &hashgrid_market::NoReputation);
+        }
+        book
+    }
+
+    pub(super) fn net(&self) -> Option<Net> {
+        self.cmd_weak.upgrade().map(|tx| Net { tx })
+    }
+
+    pub(super) fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Negotiate(peer, addrs, propose, r) => {
+                if peer == self.peer_id {
+                    let _ = r.send(Err("cannot trade with itself".into()));
+                    return;
+                }
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .negotiate
+                    .send_request_with_addresses(&peer, *propose, addrs);
+                self.pending_negotiate.insert(id, r);
+            }
+            Command::Job(peer, msg, r) => {
+                let id = self.swarm.behaviour_mut().job.send_request(&peer, msg);
+                self.pending_job.insert(id, r);
+            }
+            Command::Blob(peer, req, r) => {
+                let id = self.swarm.behaviour_mut().blob.send_request(&peer, req);
+                self.pending_blob.insert(id, r);
+            }
+            Command::Settle(peer, req, r) => {
+                let id = self.swarm.behaviour_mut().settle.send_request(&peer, req);
+                self.pending_settle.insert(id, r);
+            }
+            Command::Candidates(q, r) => {
+                let _ = r.send(self.candidates(&q));
+            }
+            Command::Offers(q, r) => {
+                let now = Timestamp::now().0;
+                let book = self.ask_book(now, |_| false);
+                let _ = r.send(book.offers(&q, now).into_iter().map(|o| o.ask).collect());
+            }
+            Command::MarkDown(p, r) => {
+                let until = tokio::time::Instant::now() + self.settings.down_for;
+                self.down.insert(p, until);
+                let now = tokio::time::Instant::now();
+                self.down.retain(|_, u| *u > now);
+                let _ = r.send(());
+            }
+            Command::ServeBlobs(peer, blobs, r) => {
+                for (id, bytes) in blobs {
+                    self.served.insert(id, bytes);
+                    self.served_to.add(id, peer);
+                }
+                let _ = r.send(());
+            }
+            Command::UnserveBlobs(peer, ids, r) => {
+                for id in ids {
+                    if self.served_to.release(&id, &peer) {
+                        self.served.remove(&id);
+                    }
+                }
+                let _ = r.send(());
+            }
+            Command::PostAsk(spec, r) => {
+                let _ = r.send(self.post_ask(spec));
+            }
+            Command::PostBid(spec, r) => {
+                let _ = r.send(self.post_bid(spec));
+            }
+            Command::Cancel(id, r) => {
+                let _ = r.send(self.cancel(id));
+            }
+            Command::Book(r) => {
+                let _ = r.send(self.book.snapshot());
+            }
+            Command::GossipPeers(r) => {
+                let topic = self.orders_topic.hash();
+                let peers = self
+                    .swarm
+                    .behaviour()
+                    .gossipsub
+                    .all_peers()
+                    .filter(|(_, topics)| topics.contains(&&topic))
+                    .map(|(p, _)| *p)
+                    .collect();
+                let _ = r.send(peers);
+            }
+            Command::OwnOrders(r) => {
+                let mut orders: Vec<OwnOrder> = self.own.values().cloned().collect();
+                orders.sort_by_key(OwnOrder::order_id);
+                let _ = r.send(orders);
+            }
+            Command::Peers(r) => {
+                let _ = r.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::ListenAddrs(r) => {
+                let addrs = self
+                    .listen_addrs
+                    .iter()
+                    .map(|a| with_peer(a, self.peer_id))
+                    .collect();
+                let _ = r.send(addrs);
+            }
+            Command::PeerScore(p, r) => {
+                let _ = r.send(self.swarm.behaviour().gossipsub.peer_score(&p));
+            }
+            Command::Dial(addr, r) => {
+                if let Some(Protocol::P2p(peer)) = addr.iter().last() {
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
+                }
+                let res = self
+                    .swarm
+                    .dial(addr)
+                    .map_err(|e| NodeError::Dial(e.to_string()));
+                let _ = r.send(res);
+            }
+            #[cfg(feature = "testing")]
+            Command::PublishRaw(topic, data, r) => {
+                let t = match topic {
+                    RawTopic::Capacity => self.capacity_topic.clone(),
+                    RawTopic::Orders => self.orders_topic.clone(),
+                };
+                let res = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(t, data)
+                    .map(|_| ())
+                    .map_err(|e| NodeError::Publish(e.to_string()));
+                let _ = r.send(res);
+            }
+            #[cfg(feature = "testing")]
+            Command::ServeInSync(msgs, r) => {
+                self.serve_in_sync = msgs;
+                let _ = r.send(());
+            }
+            Command::Shutdown(_) => {} // handled in `run`
+        }
+    }
+
+    pub(super) fn now_and_expiry(&self) -> (Timestamp, Timestamp) {
+        let now = Timestamp::now();
+        (now, now.plus_ms(ms(self.settings.order_ttl)))
+    }
+
+    pub(super) fn check_room(&self) -> Result<(), NodeError> {
+        if self.own.len() >= MAX_OWN_ORDERS {
+            return Err(NodeError::TooManyOrders(MAX_OWN_ORDERS));
+        }
+        Ok(())
+    }
+
+    pub(super) fn post_ask(&mut self, spec: AskSpec) -> Result<OrderRef, NodeError> {
+        self.check_room()?;
+        let (now, expires_at) = self.now_and_expiry();
+        let ask = Ask {
+            provider: self.public,
+            order_id: 0,
+            seq: 0,
+            units: spec.units,
+            price: spec.price,
+            gpu: spec.gpu,
+            region: self.settings.region.clone(),
+            max_seconds: spec.max_seconds,
+            created_at: now,
+            expires_at,
+        };
+        // Check the structure before spending an order id.
+        let probe = Signed::sign(&self.key, &self.network, &ask);
+        probe
+            .verify(&self.network)
+            .map_err(|e| NodeError::InvalidOrder(e.to_string()))?;
+        let order_id = self.store.next_order_id()?;
+        let order = OwnOrder::Ask(Ask { order_id, ..ask });
+        self.store.put_own_order(&order)?;
+        self.own.insert(order_id, order.clone());
+        self.announce_orders(&[order])?;
+        Ok(OrderRef {
+            owner: self.public,
+            order_id,
+        })
+    }
+
+    pub(super) fn post_bid(&mut self, spec: BidSpec) -> Result<OrderRef, NodeError> {
+        self.check_room()?;
+        let (now, expires_at) = self.now_and_expiry();
+        let bid = Bid {
+            buyer: self.public,
+            order_id: 0,
+            seq: 0,
+            units: spec.units,
+            requirements: spec.requirements,
+            max_price: spec.max_price,
+            max_seconds: spec.max_seconds,
+            created_at: now,
+            expires_at,
+        };
+        let probe = Signed::sign(&self.key, &self.network, &bid);
+        probe
+            .verify(&self.network)
+            .map_err(|e| NodeError::InvalidOrder(e.to_string()))?;
+        let order_id = self.store.next_order_id()?;
+        let order = OwnOrder::Bid(Bid { order_id, ..bid });
+        self.store.put_own_order(&order)?;
+        self.own.insert(order_id, order.clone());
+        self.announce_orders(&[order])?;
+        Ok(OrderRef {
+            owner: self.public,
+            order_id,
+        })
+    }
+
+    pub(super) fn cancel(&mut self, order_id: u64) -> Result<(), NodeError> {
+        if !self.own.contains_key(&order_id) {
+            return Err(NodeError::UnknownOrder(order_id));
+        }
+        self.store.remove_own_order(order_id)?;
+        self.own.remove(&order_id);
+        let (now, expires_at) = self.now_and_expiry();
+        let cancel = Cancel {
+            owner: self.public,
+            order_id,
+            seq: self.store.next_seq(now.0)?,
+            created_at: now,
+            expires_at,
+        };
+        let signed = Signed::sign(&self.key, &self.network, &cancel);
+        let msg = GossipMessage::Cancel(signed.clone());
+        self.fold_own(msg.clone(), VerifiedGossip::Cancel(cancel));
+        // A queued re-announcement of the cancelled order must not go out after the cancel.
+        self.unpublished.retain(|m| queue_key(m) != Some(order_id));
+        self.publish(msg);
+        Ok(())
+    }
+}

@@ -1,0 +1,146 @@
+//! The swarm task's state ([`NodeLoop`]); its behaviour is in `run`, `commands`, `gossip` and `swarm`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hashgrid_protocol::{GossipMessage, Keypair, Network, PublicKey};
+use libp2p::gossipsub::IdentTopic;
+use libp2p::{Multiaddr, PeerId, Swarm};
+use tokio::sync::{broadcast, mpsc};
+
+use crate::book::Book;
+use crate::event::NodeEvent;
+use crate::jobs::provider::{Internal, Provider};
+use crate::network::Behaviour;
+use crate::network::validate::Validator;
+use crate::settle::Settlement;
+use crate::store::{OwnOrder, Store, StoreSlot};
+use hashgrid_protocol::ContentId;
+use hashgrid_protocol::exchange::{BlobReply, JobReply, NegotiateReply, SettleReply};
+
+use super::builder::NodeBuilder;
+use super::command::{Command, Pending};
+
+pub(super) struct NodeLoop {
+    pub(super) swarm: Swarm<Behaviour>,
+    pub(super) key: Keypair,
+    pub(super) public: PublicKey,
+    pub(super) peer_id: PeerId,
+    pub(super) network: Network,
+    pub(super) store: Store,
+    pub(super) book: Book,
+    pub(super) validator: Validator,
+    pub(super) own: HashMap<u64, OwnOrder>,
+    /// Own messages whose publish failed, retried every [`PUBLISH_RETRY_INTERVAL`].
+    pub(super) unpublished: Vec<GossipMessage>,
+    pub(super) capacity_topic: IdentTopic,
+    pub(super) orders_topic: IdentTopic,
+    pub(super) events: broadcast::Sender<NodeEvent>,
+    pub(super) listen_addrs: Vec<Multiaddr>,
+    /// Peers whose book was requested during their current connection.
+    pub(super) synced: HashSet<PeerId>,
+    /// Invalid messages each connected peer put in its sync responses (feeds the P5
+    /// application score; forgotten when the peer disconnects).
+    pub(super) bad_sync: HashMap<PeerId, u32>,
+    /// Extra, unchecked messages served in sync responses (testing hook).
+    #[cfg(feature = "testing")]
+    pub(super) serve_in_sync: Vec<GossipMessage>,
+    /// The provider side of the job lifecycle.
+    pub(super) provider: Provider,
+    /// The provider's input cache (its ids are the capacity ad's warm list).
+    pub(super) inputs: Arc<crate::jobs::cache::InputCache>,
+    /// The warm list last announced.
+    pub(super) warm_announced: Vec<ContentId>,
+    pub(super) internal_rx: mpsc::Receiver<Internal>,
+    /// Weak, so the node still stops when the last handle is dropped.
+    pub(super) cmd_weak: mpsc::WeakSender<Command>,
+    /// Callers waiting for the answers to this node's outbound requests.
+    pub(super) pending_negotiate: Pending<NegotiateReply>,
+    pub(super) pending_job: Pending<JobReply>,
+    pub(super) pending_blob: Pending<BlobReply>,
+    pub(super) pending_settle: Pending<SettleReply>,
+    /// Settlement (ledger, invoices, wallets).
+    pub(super) settlement: Arc<Settlement>,
+    /// The running settlement pass.
+    pub(super) settle_task: Option<tokio::task::JoinHandle<()>>,
+    /// Input blobs this node (as a buyer) serves, and the provider allowed to fetch each.
+    pub(super) served: HashMap<ContentId, Arc<Vec<u8>>>,
+    /// Which provider may fetch which served blob, per job.
+    pub(super) served_to: crate::jobs::BlobHolders,
+    /// Providers that failed this node's jobs, and until when they are avoided.
+    pub(super) down: HashMap<PublicKey, tokio::time::Instant>,
+    /// The handles' view of the store, closed at shutdown.
+    pub(super) slot: Option<StoreSlot>,
+    /// When the bootstrap peers are dialled again while this node has no peer.
+    pub(super) redial: Redial,
+    /// How late the swarm task polls (its stalls).
+    pub(super) lag: std::sync::Arc<super::lag::LoopLag>,
+    pub(super) settings: NodeBuilder,
+}
+
+/// Dialling the bootstrap peers again while a node has no connection at all (the first dial
+/// failed: the peer was restarting, a handshake timed out on a loaded host), backing off from
+/// [`REDIAL_FIRST`] to [`REDIAL_MAX`]. Without it a node whose first dials failed would stay
+/// alone until something dialled it.
+pub(super) struct Redial {
+    pub(super) next: tokio::time::Instant,
+    pub(super) backoff: Duration,
+}
+
+/// First wait before dialling the bootstrap peers again.
+pub const REDIAL_FIRST: Duration = Duration::from_secs(1);
+
+/// Longest wait between dials of the bootstrap peers by a node that has no peer.
+pub const REDIAL_MAX: Duration = Duration::from_secs(60);
+
+impl Default for Redial {
+    fn default() -> Self {
+        Redial {
+            next: tokio::time::Instant::now() + REDIAL_FIRST,
+            backoff: REDIAL_FIRST,
+        }
+    }
+}
+
+/// What a queued own message is about: the ad (`None`) or an order id. Cancels share the
+/// order's key, so a queued re-announcement never follows its cancel.
+pub(super) fn queue_key(msg: &GossipMessage) -> Option<u64> {
+    match msg {
+        GossipMessage::Capacity(_) => None,
+        GossipMessage::Ask(s) => s.decode_unverified().ok().map(|a| a.order_id),
+        GossipMessage::Bid(s) => s.decode_unverified().ok().map(|b| b.order_id),
+        GossipMessage::Cancel(s) => s.decode_unverified().ok().map(|c| c.order_id),
+    }
+}
+
+pub(super) fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// What each provider holds of one job's inputs, from the warm ids of its capacity ad.
+pub(super) struct WarmInputs<'a> {
+    pub(super) book: &'a crate::book::Book,
+    pub(super) inputs: &'a [(ContentId, u64)],
+    pub(super) total: u64,
+}
+
+impl hashgrid_market::Warm for WarmInputs<'_> {
+    fn held(&self, owner: &PublicKey) -> u64 {
+        let Some(ad) = self.book.capacity(owner) else {
+            return 0;
+        };
+        if ad.warm.is_empty() {
+            return 0;
+        }
+        let warm: std::collections::HashSet<&ContentId> = ad.warm.iter().collect();
+        self.inputs
+            .iter()
+            .filter(|(id, _)| warm.contains(id))
+            .map(|(_, n)| n)
+            .sum()
+    }
+    fn total(&self) -> u64 {
+        self.total
+    }
+}

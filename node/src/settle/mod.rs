@@ -1,0 +1,25 @@
+//! Settlement between nodes (`/hashgrid/settle/1`): a provider's countersigned receipts accrue
+//! per buyer in the market's [`ProviderLedger`](hashgrid_market::settlement::ProviderLedger); in `onchain` mode the provider issues signed
+//! invoices to a fresh payout address, the buyer's wallet pays them, and the provider's watch
+//! wallet follows the payment to confirmation (and back, on a reorganisation); in `ledger` mode
+//! receipts stay signed IOUs netted per counterparty. In both modes a buyer whose debt is over
+//! the credit policy gets `Reject { CreditLimit }` on its next proposal.
+//!
+//! Durability: the ledger is event-sourced (every transition is appended to a sled tree and
+//! flushed before it is acted on or acknowledged, and replayed at start); invoices on both
+//! sides are records in sled; a buyer records a payment transaction (flushed) *before* it
+//! broadcasts it, so a restart rebroadcasts the same transaction instead of paying twice.
+//!
+//! Rounding: receipts charge msat; an invoice bills whole sats, rounded down, and the sub-sat
+//! remainder stays accrued for the next invoice (see `hashgrid_market::settlement`).
+
+mod records;
+mod section;
+mod service;
+
+pub use hashgrid_market::settlement::{
+    ConfirmationPolicy, CreditPolicy, InvoicePolicy, InvoiceRecord, InvoiceState,
+};
+pub use records::*;
+pub use section::{SettleModeName, SettleSection};
+pub(crate) use service::Settlement;
