@@ -138,6 +138,16 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
+    // How long each node's swarm task went without polling over the run (its stalls).
+    let lag: Vec<(&str, hashgrid_node::node::LagSnapshot)> = [
+        ("buyer", &buyer),
+        ("provider 1", &p1),
+        ("provider 2", &p2),
+        ("provider 3", &p3),
+    ]
+    .into_iter()
+    .map(|(name, n)| (name, n.loop_lag()))
+    .collect();
     for n in [&buyer, &p1, &p2, &p3] {
         n.shutdown().await;
     }
@@ -162,13 +172,25 @@ async fn main() -> anyhow::Result<()> {
             .map(|(w, v)| format!("{w:?}:{v:.3}"))
             .collect();
         let stages = st.join(",");
+        let stalls = lag
+            .iter()
+            .map(|(n, l)| {
+                format!(
+                    "{n:?}:{{\"max\":{:.3},\"p99\":{:.3},\"samples\":{}}}",
+                    l.max.as_secs_f64() * 1000.0,
+                    l.p99.as_secs_f64() * 1000.0,
+                    l.samples
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(",");
         println!(
             "{{\"benchmark\":\"lifecycle\",\"adapter\":{adapter:?},\"jobs\":{jobs},\
              \"submit_to_receipt_ms\":{{\"p50\":{t50:.3},\"p99\":{t99:.3}}},\
              \"gpu_ms\":{{\"p50\":{g50:.3},\"p99\":{g99:.3}}},\
              \"overhead_ms\":{{\"p50\":{o50:.3},\"p99\":{o99:.3}}},\
              \"baseline_local_run_ms\":{{\"p50\":{l50:.3},\"p99\":{l99:.3}}},\
-             \"stages_p50_ms\":{{{stages}}}}}"
+             \"stages_p50_ms\":{{{stages}}},\"swarm_stall_ms\":{{{stalls}}}}}"
         );
     } else {
         println!("{jobs} saxpy jobs on {adapter}, 1 buyer + 3 providers on loopback:");
@@ -179,6 +201,15 @@ async fn main() -> anyhow::Result<()> {
         println!("  stages (p50), each ending when the buyer reports the next state:");
         for (what, v) in &stage_p50 {
             println!("    {what:<44} {v:.2} ms");
+        }
+        println!("  swarm task stalls (probe every 50 ms; p99 is a bucket bound):");
+        for (n, l) in &lag {
+            println!(
+                "    {n:<12} longest {:.1} ms  p99 ≤ {:.0} ms  ({} samples)",
+                l.max.as_secs_f64() * 1000.0,
+                l.p99.as_secs_f64() * 1000.0,
+                l.samples
+            );
         }
     }
     Ok(())
