@@ -319,36 +319,68 @@ pub struct ChainReport {
     pub receipt_ids: Vec<ContentId>,
 }
 
+/// Why a provider's receipt chain failed its audit ([`audit_receipts`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuditError {
+    /// The store could not be read.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// A receipt does not verify or does not link to the one before it.
+    #[error(transparent)]
+    Chain(#[from] hashgrid_protocol::ReceiptError),
+    /// A countersigned copy does not verify.
+    #[error("countersigned receipt {id}: {source}")]
+    Countersignature {
+        /// The countersigned receipt's id.
+        id: ContentId,
+        /// What failed.
+        source: hashgrid_protocol::SignedError,
+    },
+    /// A countersigned copy is not the receipt the chain holds at its position.
+    #[error("countersigned receipt {id} is not the receipt signed at chain position {seq}")]
+    Mismatch {
+        /// The countersigned receipt's id.
+        id: ContentId,
+        /// The chain position it names.
+        seq: u64,
+    },
+}
+
 /// Reads a provider's receipts from its store and checks that they form one unbroken chain
 /// signed by `provider` on `network`, and that every countersigned copy matches its receipt.
 pub fn audit_receipts(
     store: &crate::store::Store,
     provider: PublicKey,
     network: &hashgrid_protocol::Network,
-) -> Result<ChainReport, String> {
+) -> Result<ChainReport, AuditError> {
     use crate::store::JobTree;
     use hashgrid_protocol::{ChainAuditor, Signed};
-    let receipts: Vec<Signed<Receipt>> = store.all(JobTree::Receipts).map_err(|e| e.to_string())?;
+    let receipts: Vec<Signed<Receipt>> = store.all(JobTree::Receipts)?;
     let mut audit = ChainAuditor::new(provider, network.clone());
     let mut receipt_ids = Vec::with_capacity(receipts.len());
     for r in &receipts {
-        audit.push(r).map_err(|e| e.to_string())?;
+        audit.push(r)?;
         receipt_ids.push(r.id());
     }
     let mut countersigned = 0u64;
     let mut countersigned_msat = 0u64;
-    let all: Vec<Countersigned<Receipt>> = store
-        .all(JobTree::Countersigned)
-        .map_err(|e| e.to_string())?;
+    let all: Vec<Countersigned<Receipt>> = store.all(JobTree::Countersigned)?;
     for cs in all {
-        let r = cs.verify(network).map_err(|e| e.to_string())?;
-        let ours = receipts.get(usize::try_from(r.chain_seq).map_err(|e| e.to_string())?);
+        let r = cs
+            .verify(network)
+            .map_err(|source| AuditError::Countersignature {
+                id: cs.id(),
+                source,
+            })?;
+        let ours = usize::try_from(r.chain_seq)
+            .ok()
+            .and_then(|i| receipts.get(i));
         if ours != Some(&cs.signed) {
-            return Err(format!(
-                "countersigned receipt {} is not the receipt signed at chain position {}",
-                cs.id(),
-                r.chain_seq
-            ));
+            return Err(AuditError::Mismatch {
+                id: cs.id(),
+                seq: r.chain_seq,
+            });
         }
         countersigned += 1;
         countersigned_msat = countersigned_msat.saturating_add(r.charge.0);
