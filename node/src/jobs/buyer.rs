@@ -1,7 +1,7 @@
 //! The buyer side of the job lifecycle: one task per submitted job, talking to the node's task
 //! through [`Net`] (see the module docs of [`super`] for the steps).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,7 @@ use super::{
 };
 use crate::event::NodeEvent;
 use crate::node::command::{Candidate, Net};
+use crate::node::settings::{DIAL_RETRIES, DIAL_RETRY_AFTER, UNREACHABLE};
 use crate::store::{JobTree, StoreSlot};
 
 /// What the buyer's task needs from its node.
@@ -169,6 +170,9 @@ impl BuyerJob {
         let mut refusals: Vec<String> = Vec::new();
         // Providers that refused only because they were busy, and until when to wait for one.
         let mut busy: HashSet<PublicKey> = HashSet::new();
+        // Providers whose dial failed, and how often each was tried again (only once nobody
+        // else is left: a killed site's refused dial must not delay the next ask).
+        let mut unreachable: HashMap<PublicKey, u32> = HashMap::new();
         let capacity_deadline = Instant::now() + self.sub.options.wait_for_capacity;
         let mut backoff = CAPACITY_BACKOFF_START;
         loop {
@@ -212,6 +216,24 @@ impl BuyerJob {
                 refusals.clear();
                 continue;
             }
+            let retry: Vec<PublicKey> = unreachable
+                .iter()
+                .filter(|(_, tries)| **tries < DIAL_RETRIES)
+                .map(|(p, _)| *p)
+                .collect();
+            if cands.is_empty() && !retry.is_empty() {
+                // A dial fails at once while another dial to the same peer is in flight, or
+                // while a restarted provider's new address is on its way: try those again.
+                let round = retry.iter().map(|p| unreachable[p]).max().unwrap_or(0) + 1;
+                tokio::time::sleep(DIAL_RETRY_AFTER * round).await;
+                for p in retry {
+                    excluded.remove(&p);
+                    if let Some(t) = unreachable.get_mut(&p) {
+                        *t += 1;
+                    }
+                }
+                continue;
+            }
             if cands.is_empty() {
                 return Err(match last {
                     Some((kind, reason)) => (
@@ -238,6 +260,9 @@ impl BuyerJob {
                     Err((is_busy, reason)) => {
                         debug!(provider = %c.ask.provider.short(), %reason, "proposal refused");
                         excluded.insert(c.ask.provider);
+                        if reason.starts_with(UNREACHABLE) {
+                            unreachable.entry(c.ask.provider).or_insert(0);
+                        }
                         if is_busy {
                             busy.insert(c.ask.provider);
                         }

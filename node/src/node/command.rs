@@ -139,17 +139,8 @@ impl Net {
         addrs: Vec<Multiaddr>,
         p: Propose,
     ) -> Result<NegotiateReply, String> {
-        let mut tries = 0;
-        loop {
-            let (addrs, p) = (addrs.clone(), Box::new(p.clone()));
-            match self.call(|r| Command::Negotiate(peer, addrs, p, r)).await? {
-                Err(e) if e.starts_with(UNREACHABLE) && tries < DIAL_RETRIES => {
-                    tries += 1;
-                    tokio::time::sleep(DIAL_RETRY_AFTER * tries).await;
-                }
-                reply => return reply,
-            }
-        }
+        self.call(|r| Command::Negotiate(peer, addrs, Box::new(p), r))
+            .await?
     }
 
     pub(crate) async fn job(&self, peer: PeerId, m: JobMessage) -> Result<JobReply, String> {

@@ -32,7 +32,7 @@ mod gossip;
 mod handle;
 mod lag;
 mod run;
-mod settings;
+pub(crate) mod settings;
 mod start;
 mod state;
 mod swarm;

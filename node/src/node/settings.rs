@@ -54,8 +54,9 @@ pub const DEFAULT_KAD_WALK_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Start of the error of a request whose peer could not be dialled. A dial also fails at once
 /// when another dial to the same peer is in flight, or while a restarted peer's new address is
-/// still on its way: negotiation and job requests try again [`DIAL_RETRIES`] times, after
-/// [`DIAL_RETRY_AFTER`] and twice that, before the provider counts as unreachable.
+/// still on its way: job requests to an agreed provider are tried again [`DIAL_RETRIES`] times,
+/// after [`DIAL_RETRY_AFTER`] and twice that; a buyer tries an unreachable provider's ask again
+/// (as often, as late) only once no other ask is left.
 pub(crate) const UNREACHABLE: &str = "cannot reach the peer: ";
 
 /// How often a request whose dial failed is tried again.
