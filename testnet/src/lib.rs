@@ -422,6 +422,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
             kills: s.kills,
             peak_rss_kib: s.peak_rss_kib,
             clean_exit: clean,
+            swarm_stall_ms: swarm_stalls(&s.spec.data_dir.join("node.log")),
             chain,
             provider: String::new(),
         });
@@ -694,4 +695,41 @@ pub(crate) fn sum_by<K: Ord + Clone>(items: impl Iterator<Item = (K, u64)>) -> B
         *m.entry(k).or_insert(0u64) += v;
     }
     m
+}
+
+/// The swarm task's longest stall and p99 lag (ms) from the line a node logs when it stops
+/// (`node stopped (swarm task stalls)` with `longest_ms=` and `p99_ms=` fields).
+fn swarm_stalls(log: &std::path::Path) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("swarm task stalls"))?;
+    let field = |name: &str| -> Option<u64> {
+        let rest = &line[line.find(name)? + name.len()..];
+        let end = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        rest[..end].parse().ok()
+    };
+    Some((field("longest_ms=")?, field("p99_ms=")?))
+}
+
+#[cfg(test)]
+mod stall_tests {
+    #[test]
+    fn the_stall_line_of_a_site_log_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("node.log");
+        std::fs::write(
+            &log,
+            "2026-12-02T21:00:00Z  INFO node{peer=abc}: hashgrid_node::node::run: listening\n\
+             2026-12-02T21:01:00Z  INFO node{peer=abc}: hashgrid_node::node::run: node stopped \
+             (swarm task stalls) samples=1200 longest_ms=84 p99_ms=5\n",
+        )
+        .unwrap();
+        assert_eq!(super::swarm_stalls(&log), Some((84, 5)));
+        std::fs::write(&log, "killed before it could log\n").unwrap();
+        assert_eq!(super::swarm_stalls(&log), None);
+    }
 }

@@ -66,6 +66,9 @@ pub struct SiteReport {
     pub peak_rss_kib: u64,
     /// Whether it exited cleanly on SIGTERM at the end.
     pub clean_exit: bool,
+    /// Its swarm task's longest stall and p99 lag in ms over its last incarnation, from the
+    /// line the node logs when it stops (`None` if it did not log one).
+    pub swarm_stall_ms: Option<(u64, u64)>,
     /// `hashgrid-node receipts --json` on its store (its audited receipt chain), or why not.
     pub chain: Result<serde_json::Value, String>,
 }
@@ -142,6 +145,9 @@ pub struct Report {
     pub site_reports: Vec<SiteReport>,
     /// Largest peak RSS of any site, KiB.
     pub max_peak_rss_kib: u64,
+    /// The longest swarm-task stall of any site, ms, and the largest p99 lag (from the sites'
+    /// logs at exit).
+    pub max_swarm_stall_ms: Option<(u64, u64)>,
     /// No site process is left running.
     pub no_processes_left: bool,
     /// Every job succeeded, every receipt verified and is in its chain, every chain is intact,
@@ -261,6 +267,10 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
         chains_intact,
         kills: i.kills,
         max_peak_rss_kib: sites.iter().map(|s| s.peak_rss_kib).max().unwrap_or(0),
+        max_swarm_stall_ms: sites
+            .iter()
+            .filter_map(|s| s.swarm_stall_ms)
+            .reduce(|a, b| (a.0.max(b.0), a.1.max(b.1))),
         settlement,
         site_reports: sites,
         no_processes_left: i.leftover == 0,
@@ -355,6 +365,16 @@ impl std::fmt::Display for Report {
             "  peak RSS             max {:.1} MiB per site",
             self.max_peak_rss_kib as f64 / 1024.0
         )?;
+        if let Some((longest, p99)) = self.max_swarm_stall_ms {
+            writeln!(
+                f,
+                "  swarm task stalls    longest {longest} ms, p99 lag ≤ {p99} ms (worst site of {})",
+                self.site_reports
+                    .iter()
+                    .filter(|s| s.swarm_stall_ms.is_some())
+                    .count()
+            )?;
+        }
         writeln!(
             f,
             "  processes left       {}",
