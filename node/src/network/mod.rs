@@ -227,14 +227,8 @@ impl Behaviour {
         settings: &BehaviourSettings,
     ) -> Result<Behaviour, String> {
         let peer_id = key.public().to_peer_id();
-        let gossip_config = gossipsub::ConfigBuilder::default()
-            .heartbeat_interval(settings.heartbeat)
-            .heartbeat_initial_delay(HEARTBEAT_INITIAL_DELAY.min(settings.heartbeat))
-            .validation_mode(gossipsub::ValidationMode::Strict)
-            .validate_messages()
-            .max_transmit_size(MAX_GOSSIP_BYTES + GOSSIP_FRAME_OVERHEAD)
-            .build()
-            .map_err(|e| format!("gossipsub config: {e}"))?;
+        let gossip_config =
+            gossip_config(settings.heartbeat).map_err(|e| format!("gossipsub config: {e}"))?;
         let gossipsub = gossipsub::Behaviour::new(
             gossipsub::MessageAuthenticity::Signed(key.clone()),
             gossip_config,
@@ -307,6 +301,21 @@ impl Behaviour {
     }
 }
 
+/// The gossipsub configuration (see the module docs). The message id is gossipsub's default,
+/// documented in docs/PROTOCOL.md for other implementations: the source's PeerId in base58
+/// followed by the sequence number in decimal.
+pub fn gossip_config(
+    heartbeat: Duration,
+) -> Result<gossipsub::Config, gossipsub::ConfigBuilderError> {
+    gossipsub::ConfigBuilder::default()
+        .heartbeat_interval(heartbeat)
+        .heartbeat_initial_delay(HEARTBEAT_INITIAL_DELAY.min(heartbeat))
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .validate_messages()
+        .max_transmit_size(MAX_GOSSIP_BYTES + GOSSIP_FRAME_OVERHEAD)
+        .build()
+}
+
 fn decay(over: Duration, decay_interval: Duration) -> f64 {
     // The per-interval factor that takes a counter to 1% over `over`.
     let ticks = over.as_secs_f64() / decay_interval.as_secs_f64();
@@ -374,6 +383,32 @@ pub fn peer_score_params(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gossip_message_ids_are_the_documented_function() {
+        // docs/PROTOCOL.md, "Gossip": the source's PeerId in base58, then the sequence number
+        // in decimal, as UTF-8 text.
+        let cfg = gossip_config(Duration::from_secs(1)).unwrap();
+        let source = libp2p::PeerId::random();
+        let msg = gossipsub::Message {
+            source: Some(source),
+            data: b"an encoded GossipMessage".to_vec(),
+            sequence_number: Some(1_764_700_000_123),
+            topic: gossipsub::TopicHash::from_raw("hashgrid/1/test/orders"),
+        };
+        let id = cfg.message_id(&msg);
+        assert_eq!(
+            String::from_utf8(id.0).unwrap(),
+            format!("{}1764700000123", source.to_base58())
+        );
+        // The id does not depend on the payload: the same source and sequence number are the
+        // same message.
+        let other = gossipsub::Message {
+            data: b"other bytes".to_vec(),
+            ..msg.clone()
+        };
+        assert_eq!(cfg.message_id(&other), cfg.message_id(&msg));
+    }
 
     #[test]
     fn score_params_are_accepted_by_gossipsub() {
