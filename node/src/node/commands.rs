@@ -1,7 +1,8 @@
 //! Commands from handles and job tasks: orders, candidates, requests to peers.
 
 use hashgrid_protocol::{
-    Ask, Bid, Cancel, GossipMessage, OrderRef, PublicKey, Signed, Timestamp, VerifiedGossip,
+    Ask, Bid, Cancel, GossipMessage, OrderRef, PublicKey, Signed, SignedMessage, Timestamp,
+    VerifiedGossip,
 };
 use libp2p::multiaddr::Protocol;
 
@@ -260,19 +261,8 @@ impl NodeLoop {
             expires_at,
         };
         // Check the structure before spending an order id.
-        let probe = Signed::sign(&self.key, &self.network, &ask);
-        probe
-            .verify(&self.network)
-            .map_err(|e| NodeError::InvalidOrder(e.to_string()))?;
-        let order_id = self.store.next_order_id()?;
-        let order = OwnOrder::Ask(Ask { order_id, ..ask });
-        self.store.put_own_order(&order)?;
-        self.own.insert(order_id, order.clone());
-        self.announce_orders(&[order])?;
-        Ok(OrderRef {
-            owner: self.public,
-            order_id,
-        })
+        self.check_order(&ask)?;
+        self.place(|order_id| OwnOrder::Ask(Ask { order_id, ..ask }))
     }
 
     pub(super) fn post_bid(&mut self, spec: BidSpec) -> Result<OrderRef, NodeError> {
@@ -289,12 +279,23 @@ impl NodeLoop {
             created_at: now,
             expires_at,
         };
-        let probe = Signed::sign(&self.key, &self.network, &bid);
-        probe
+        self.check_order(&bid)?;
+        self.place(|order_id| OwnOrder::Bid(Bid { order_id, ..bid }))
+    }
+
+    /// Signs and verifies `body` as a probe: a structurally invalid order is refused before it
+    /// spends an order id.
+    fn check_order<T: SignedMessage>(&self, body: &T) -> Result<(), NodeError> {
+        Signed::sign(&self.key, &self.network, body)
             .verify(&self.network)
-            .map_err(|e| NodeError::InvalidOrder(e.to_string()))?;
+            .map(|_| ())
+            .map_err(|e| NodeError::InvalidOrder(e.to_string()))
+    }
+
+    /// Gives the order made by `make` the next order id, stores it, keeps it and announces it.
+    fn place(&mut self, make: impl FnOnce(u64) -> OwnOrder) -> Result<OrderRef, NodeError> {
         let order_id = self.store.next_order_id()?;
-        let order = OwnOrder::Bid(Bid { order_id, ..bid });
+        let order = make(order_id);
         self.store.put_own_order(&order)?;
         self.own.insert(order_id, order.clone());
         self.announce_orders(&[order])?;
