@@ -614,7 +614,8 @@ fn embed_every_type_reads_the_steps_token() {
                 ("w", Init::Bytes(w)),
                 ("tokens", u32s(&[3, 7, 1])),
                 ("x", Init::Zero(4 * d as u64)),
-                ("p", u32s(&[d as u32, rb, vocab as u32])),
+                // offset 0, stride 1: the token at position `step`.
+                ("p", u32s(&[d as u32, rb, vocab as u32, 0, 1])),
                 ("step", u32s(&[1])),
             ],
             &[
@@ -704,6 +705,9 @@ fn rope_store_rotates_q_and_appends_kv() {
                         rope_dim as u32,
                         u32::from(neox),
                         base.to_bits(),
+                        0,
+                        0,
+                        1,
                     ]),
                 ),
                 ("step", u32s(&[pos])),
@@ -789,6 +793,10 @@ fn attention_matches_cpu_with_grouped_heads() {
                         hd as u32,
                         ctx as u32,
                         scale.to_bits(),
+                        0,
+                        0,
+                        0,
+                        1,
                     ]),
                 ),
                 ("step", u32s(&[pos as u32])),
@@ -847,6 +855,8 @@ fn sample_once(
     e[..eog.len()].copy_from_slice(eog);
     p.extend_from_slice(&e);
     p.extend_from_slice(&params);
+    // Position offset 0: the step is the position.
+    p.push(0);
     let out = run_one(
         kernels::sample(),
         "sample",
@@ -1129,7 +1139,10 @@ fn tiny_models_of_every_type_match_the_cpu_reference() {
             let model = LlamaModel::open(&path).unwrap();
             assert_eq!(model.config.qkv_bias, arch == "qwen2");
             let weights = ModelWeights::load(&model).unwrap();
-            let prompt = vec![5u32, 77, 300, 12];
+            // Prompt lengths that cover no prefill (1), one short chunk, whole chunks of
+            // `PREFILL_TOKENS` and a last chunk that runs past the prompt.
+            let len = [4u32, 1, 21, 9, 2, 17, 12][i % 7] + u32::from(arch == "qwen2");
+            let prompt: Vec<u32> = (0..len).map(|k| (5 + 71 * k) % 300).collect();
             let n_new = 12usize;
             // CPU: greedy with margins.
             let mut cpu = CpuModel::new(model.config.clone(), &model).unwrap();

@@ -7,13 +7,15 @@
 //! range of its block's buffer. The prompt is an input blob too, so a receipt binds weights,
 //! kernels, prompt and output.
 //!
-//! The whole decoder step is one loop body, run once per position: at step `s` it embeds token
-//! `tokens[s]`, runs every block (writing the KV cache at position `s`), and from the prompt's
-//! last position on computes the logits and samples `tokens[s + 1]`. The prompt is thus fed one
-//! position per iteration (the logits and sampling passes return at once until its end), and
-//! generation goes on without the host until the sampler sets the stop flag (an end-of-
-//! generation token or the token limit). The executor streams `tokens` and `status` back at
-//! every check, so text appears as it is generated.
+//! Two loops. The **prefill** loop takes the prompt's positions before its last in chunks of
+//! [`PREFILL_TOKENS`]: each pass of its body handles a whole chunk (the embedding, every block,
+//! the K and V of each position into the cache, causal attention within the chunk), so a
+//! chunk costs one dispatch per operation where one position at a time cost one per
+//! position. The **generation** loop's body is the decoder step for one position: at step `s`
+//! (position `p = n_prompt − 1 + s`) it embeds `tokens[p]`, runs every block, computes the
+//! logits and samples `tokens[p + 1]`, and goes on without the host until the sampler sets the
+//! stop flag (an end-of-generation token or the token limit). The executor streams `tokens`
+//! and `status` back at every check, so text appears as it is generated.
 
 use std::collections::BTreeMap;
 
@@ -540,8 +542,20 @@ pub fn compile_generate(
             ctx: c.ctx_len,
         });
     }
+    // The prompt's positions before its last run first, in a loop over chunks of up to
+    // `PREFILL_TOKENS` positions that go through the weights together (one dispatch per
+    // operation for a whole chunk). The last chunk may run past the prompt: those positions'
+    // K and V are overwritten by the generation loop before anything reads them. The
+    // generation loop then starts at the prompt's last position, whose logits give the first
+    // new token.
+    let pre = n_prompt - 1;
+    let chunk_len = pre.min(PREFILL_TOKENS);
+    let chunks = pre
+        .checked_div(chunk_len)
+        .map_or(0, |_| pre.div_ceil(chunk_len));
+    let cap = chunk_len.max(1) as u64;
     // KV rows per layer, a multiple of 64 so every layer's slice starts 256-aligned.
-    let ctx = max_total.next_multiple_of(64) as u64;
+    let ctx = max_total.max(chunks * chunk_len).next_multiple_of(64) as u64;
     let (d, hd, ff, vocab) = (
         c.d_model as u64,
         c.head_dim as u64,
@@ -560,21 +574,25 @@ pub fn compile_generate(
     let tokens = b.blob(outputs::TOKENS, prompt_bytes, true);
     let status = b.zeroed(outputs::STATUS, 16, true);
     let margins = b.zeroed(outputs::MARGINS, u64::from(req.max_new_tokens) * 4, true);
-    let x = b.zeroed("x", d * 4, false);
-    let xn = b.zeroed("xn", d * 4, false);
-    let qkv = b.zeroed("qkv", qkv_len * 4, false);
-    let att = b.zeroed("att", qd * 4, false);
     let gate_up_fused = c.n_layers == 0
         || weights
             .blocks
             .iter()
             .all(|l| l.gate.ty == l.up.ty && l.up.offset == align(l.gate.offset + l.gate.size));
-    let ffh = b.zeroed("ffh", ff * 4, false);
-    let gu = (!gate_up_fused).then(|| b.zeroed("gate_up", 2 * ff * 4, false));
+    // Activations for up to `cap` tokens; one token uses the first.
+    let bufs = Activations {
+        tokens,
+        x: b.zeroed("x", cap * d * 4, false),
+        xn: b.zeroed("xn", cap * d * 4, false),
+        qkv: b.zeroed("qkv", cap * qkv_len * 4, false),
+        att: b.zeroed("att", cap * qd * 4, false),
+        ffh: b.zeroed("ffh", cap * ff * 4, false),
+        gu: (!gate_up_fused).then(|| b.zeroed("gate_up", cap * 2 * ff * 4, false)),
+        kcache: b.zeroed("k_cache", c.n_layers as u64 * ctx * kvd * 4, false),
+        vcache: b.zeroed("v_cache", c.n_layers as u64 * ctx * kvd * 4, false),
+        scores: b.zeroed("scores", cap * nh * ctx * 4, false),
+    };
     let logits = b.zeroed("logits", vocab * 4, false);
-    let kcache = b.zeroed("k_cache", c.n_layers as u64 * ctx * kvd * 4, false);
-    let vcache = b.zeroed("v_cache", c.n_layers as u64 * ctx * kvd * 4, false);
-    let scores = b.zeroed("scores", nh * ctx * 4, false);
 
     let weight_buf = |b: &mut Builder, name: &str| -> Result<u32, CompileError> {
         let w = weights.blob(name).ok_or_else(|| {
@@ -589,280 +607,52 @@ pub fn compile_generate(
     } else {
         weight_buf(&mut b, "output")?
     };
-
-    let f = |v: f32| v.to_bits();
-    let rms_params = [d as u32, f(c.rms_eps)];
-
-    // Embedding.
-    let sh = b.shader(&format!("embed_{}", weights.embd_ty.name()), || {
-        kernels::embed(weights.embd_ty)
-    });
-    let embd_rb = row_bytes(weights.embd_ty, d);
-    let p = b.param(3, &[d as u32, embd_rb as u32, vocab as u32]);
-    let be = kernels::quant::kernel_block_elems(weights.embd_ty);
-    b.pass(
-        sh,
-        "embed",
-        groups(d / be, kernels::ROWS_PER_GROUP),
-        vec![
-            whole(0, embd),
-            whole(1, tokens),
-            whole(2, x),
-            p,
-            whole(4, step),
-        ],
-    );
-
-    // `xn = rmsnorm(x) · w` as its own pass, for the norms that cannot be fused into the
-    // matvec after them. The kernel is made on first use: with every norm fused, the job
-    // carries none.
-    let rms_pass = |b: &mut Builder, w: Binding| {
-        let p = b.param(3, &rms_params);
-        let sh = if d.is_multiple_of(4) {
-            b.shader("rmsnorm_vec4", kernels::rmsnorm_vec4)
-        } else {
-            b.shader("rmsnorm", kernels::rmsnorm)
-        };
-        b.pass(sh, "rmsnorm", 1, vec![whole(0, x), w, whole(2, xn), p]);
+    let blks = (0..weights.blocks.len())
+        .map(|l| weight_buf(&mut b, &format!("blk.{l}")))
+        .collect::<Result<Vec<u32>, _>>()?;
+    let dec = Decoder {
+        model,
+        weights,
+        bufs,
+        embd,
+        blks,
+        ctx,
     };
-    let rope_sh = b.shader("rope_store", kernels::rope_store);
-    // q (the first `qd` floats of qkv) as a uniform array when it fits.
-    let q_bytes = qd * 4;
-    let uniform_q = q_bytes <= MAX_UNIFORM_X;
-    let attn_sh = if uniform_q {
-        b.shader(&format!("attention_q{}", q_bytes / 16), || {
-            kernels::attention_q(Some((q_bytes / 16) as u32))
-        })
-    } else {
-        b.shader("attention", kernels::attention)
-    };
-    let q_binding = if uniform_q {
-        ranged(
-            0,
-            qkv,
-            BufferRange {
-                offset: 0,
-                size: q_bytes,
-            },
-        )
-    } else {
-        whole(0, qkv)
-    };
-    for (l, lay) in weights.blocks.iter().enumerate() {
-        let blk = weight_buf(&mut b, &format!("blk.{l}"))?;
-        // attn_norm: fused into the q, k, v matvec when the three share a type it can fuse.
-        let qkv_one = lay.q.ty == lay.k.ty && lay.k.ty == lay.v.ty;
-        let fuse = qkv_one && fusable(lay.q.ty, d);
-        if !fuse {
-            rms_pass(&mut b, ranged(1, blk, lay.attn_norm.range()));
-        }
-        // q, k, v: one dispatch when the three share a type.
-        let kind = if lay.bias.is_some() {
-            Matvec::Bias
-        } else {
-            Matvec::Plain
+
+    let mut loops = Vec::new();
+    if chunks > 0 {
+        let counter = b.zeroed("chunk", 16, false);
+        let first = b.n_passes();
+        let at = At {
+            counter,
+            stride: chunk_len as u32,
+            offset: 0,
         };
-        let segs = [(lay.q, qd), (lay.k, kvd), (lay.v, kvd)];
-        if qkv_one {
-            let base = lay.q.offset;
-            let span = BufferRange {
-                offset: base,
-                // Packed weights are read as a texture: whole 16-byte texels.
-                size: (lay.v.offset + lay.v.size - base).next_multiple_of(
-                    if kernels::quant::is_packed(lay.q.ty) {
-                        16
-                    } else {
-                        4
-                    },
-                ),
-            };
-            let segs: Vec<(u64, u64)> = segs
-                .iter()
-                .map(|(slot, rows)| (*rows, slot.offset - base))
-                .collect();
-            matvec_pass(
-                &mut b,
-                MatvecPass {
-                    kind,
-                    ty: lay.q.ty,
-                    weights: ranged(0, blk, span),
-                    x: if fuse { x } else { xn },
-                    y: qkv,
-                    rows: qkv_len,
-                    cols: d,
-                    segs: &segs,
-                    yoff: 0,
-                    y_stride: 0,
-                    tokens: 1,
-                    n_prompt: 0,
-                    extra: lay.bias.map(|bias| ranged(4, blk, bias.range())),
-                    norm: fuse.then(|| (ranged(5, blk, lay.attn_norm.range()), c.rms_eps)),
-                },
-            );
-        } else {
-            let mut yoff = 0u64;
-            for (slot, rows) in segs {
-                let extra = match lay.bias {
-                    None => None,
-                    Some(bias) => {
-                        // The bias slice for this segment: F32 values at yoff.
-                        let start = bias.offset + yoff * 4;
-                        if !start.is_multiple_of(RANGE_ALIGN) {
-                            return Err(CompileError::Request(
-                                "mixed-type q/k/v with biases at unaligned offsets are not supported"
-                                    .into(),
-                            ));
-                        }
-                        Some(ranged(
-                            4,
-                            blk,
-                            BufferRange {
-                                offset: start,
-                                size: rows * 4,
-                            },
-                        ))
-                    }
-                };
-                matvec_pass(
-                    &mut b,
-                    MatvecPass {
-                        kind,
-                        ty: slot.ty,
-                        weights: ranged(0, blk, slot.range()),
-                        x: xn,
-                        y: qkv,
-                        rows,
-                        cols: d,
-                        segs: &[(rows, 0)],
-                        yoff,
-                        y_stride: 0,
-                        tokens: 1,
-                        n_prompt: 0,
-                        extra,
-                        norm: None,
-                    },
-                );
-                yoff += rows;
-            }
-        }
-        // RoPE, KV cache append.
-        let kv_range = BufferRange {
-            offset: l as u64 * ctx * kvd * 4,
-            size: ctx * kvd * 4,
-        };
-        let neox = u32::from(c.rope_style == RopeStyle::Neox);
-        let p = b.param(
-            3,
-            &[
-                nh as u32,
-                nkv as u32,
-                hd as u32,
-                c.rope_dim as u32,
-                neox,
-                f(c.rope_base),
-            ],
-        );
-        b.pass(
-            rope_sh,
-            "rope_store",
-            groups((nh + nkv) * (hd / 2), kernels::ROWS_PER_GROUP),
-            vec![
-                whole(0, qkv),
-                ranged(1, kcache, kv_range),
-                ranged(2, vcache, kv_range),
-                p,
-                whole(4, step),
-            ],
-        );
-        // Attention.
-        let scale = 1.0 / (hd as f32).sqrt();
-        let p = b.param(5, &[nh as u32, nkv as u32, hd as u32, ctx as u32, f(scale)]);
-        b.pass(
-            attn_sh,
-            "attention",
-            nh,
-            vec![
-                q_binding,
-                ranged(1, kcache, kv_range),
-                ranged(2, vcache, kv_range),
-                whole(3, att),
-                whole(4, scores),
-                p,
-                whole(6, step),
-            ],
-        );
-        // x += Wo · att
-        matvec_add(&mut b, blk, lay.o, att, x, qd, d);
-        // ffn_norm: fused into the gate-up matvec when it can be.
-        let fuse = gu.is_none() && fusable(lay.gate.ty, d);
-        if !fuse {
-            rms_pass(&mut b, ranged(1, blk, lay.ffn_norm.range()));
-        }
-        // SwiGLU
-        if let Some(gu) = gu {
-            for (i, slot) in [lay.gate, lay.up].into_iter().enumerate() {
-                matvec_pass(
-                    &mut b,
-                    MatvecPass {
-                        kind: Matvec::Plain,
-                        ty: slot.ty,
-                        weights: ranged(0, blk, slot.range()),
-                        x: xn,
-                        y: gu,
-                        rows: ff,
-                        cols: d,
-                        segs: &[(ff, 0)],
-                        yoff: i as u64 * ff,
-                        y_stride: 0,
-                        tokens: 1,
-                        n_prompt: 0,
-                        extra: None,
-                        norm: None,
-                    },
-                );
-            }
-            let sh = b.shader("silu_mul", kernels::silu_mul);
-            let p = b.param(2, &[ff as u32]);
-            b.pass(
-                sh,
-                "silu_mul",
-                groups(ff, kernels::ROWS_PER_GROUP),
-                vec![whole(0, gu), whole(1, ffh), p],
-            );
-        } else {
-            let span = BufferRange {
-                offset: lay.gate.offset,
-                size: (lay.up.offset + lay.up.size - lay.gate.offset).next_multiple_of(4),
-            };
-            matvec_pass(
-                &mut b,
-                MatvecPass {
-                    kind: Matvec::GateUp,
-                    ty: lay.gate.ty,
-                    weights: ranged(0, blk, span),
-                    x: if fuse { x } else { xn },
-                    y: ffh,
-                    rows: ff,
-                    cols: d,
-                    segs: &[(ff, 0), (ff, lay.up.offset - lay.gate.offset)],
-                    yoff: 0,
-                    y_stride: 0,
-                    tokens: 1,
-                    n_prompt: 0,
-                    extra: None,
-                    norm: fuse.then(|| (ranged(5, blk, lay.ffn_norm.range()), c.rms_eps)),
-                },
-            );
-        }
-        // x += Wd · h
-        matvec_add(&mut b, blk, lay.down, ffh, x, ff, d);
+        dec.positions(&mut b, at, cap)?;
+        loops.push(LoopSpec {
+            first,
+            len: b.n_passes() - first,
+            max_iters: chunks as u32,
+            counter: Some(counter),
+            stop: None,
+            check_every: PREFILL_CHECK_EVERY.min(chunks as u32),
+            stream: Vec::new(),
+        });
     }
+    let first = b.n_passes();
+    let at = At {
+        counter: step,
+        stride: 1,
+        offset: pre as u32,
+    };
+    dec.positions(&mut b, at, 1)?;
 
-    // Output norm (fused into the logits matvec when it can be), logits (from the prompt's
-    // last position on), sampling.
+    // Output norm (fused into the logits matvec when it can be), logits, sampling.
+    let f = |v: f32| v.to_bits();
+    let x = dec.bufs.x;
     let fuse = fusable(weights.output_ty, d);
     if !fuse {
-        rms_pass(&mut b, whole(1, out_norm));
+        dec.rms_pass(&mut b, whole(1, out_norm), 1);
     }
     matvec_pass(
         &mut b,
@@ -870,7 +660,7 @@ pub fn compile_generate(
             kind: Matvec::Logits,
             ty: weights.output_ty,
             weights: whole(0, output),
-            x: if fuse { x } else { xn },
+            x: if fuse { x } else { dec.bufs.xn },
             y: logits,
             rows: vocab,
             cols: d,
@@ -878,7 +668,8 @@ pub fn compile_generate(
             yoff: 0,
             y_stride: 0,
             tokens: 1,
-            n_prompt: n_prompt as u64,
+            // The loop starts at the prompt's last position: every step needs its logits.
+            n_prompt: 0,
             extra: Some(whole(4, step)),
             norm: fuse.then(|| {
                 let size = d * 4;
@@ -901,7 +692,7 @@ pub fn compile_generate(
         *e = *id;
     }
     sp.extend_from_slice(&eog);
-    sp.extend_from_slice(&[f(s.temperature), s.top_k, f(s.top_p), s.seed]);
+    sp.extend_from_slice(&[f(s.temperature), s.top_k, f(s.top_p), s.seed, pre as u32]);
     let p = b.param(4, &sp);
     b.pass(
         sh,
@@ -917,25 +708,388 @@ pub fn compile_generate(
         ],
     );
 
-    let body = b.n_passes();
-    let (spec, inputs) = b.finish(
-        format!("generate {}", model.name),
-        vec![LoopSpec {
-            first: 0,
-            len: body,
-            max_iters: (max_total - 1) as u32,
-            counter: Some(step),
-            stop: Some(status),
-            check_every: req.check_every.max(1),
-            stream: vec![tokens, status],
-        }],
-    );
+    loops.push(LoopSpec {
+        first,
+        len: b.n_passes() - first,
+        // Positions `pre ..= max_total − 2` each sample the token after them.
+        max_iters: (max_total - 1 - pre) as u32,
+        counter: Some(step),
+        stop: Some(status),
+        check_every: req.check_every.max(1),
+        stream: vec![tokens, status],
+    });
+    let (spec, inputs) = b.finish(format!("generate {}", model.name), loops);
     Ok(CompiledJob {
         spec,
         inputs,
         n_prompt,
         max_total,
     })
+}
+
+/// Prompt positions run together, through the same weights, before the generation loop.
+/// Eight: the activations of a chunk (8 × the widest row) stay small, and a chunk costs one
+/// dispatch per operation instead of eight.
+pub const PREFILL_TOKENS: usize = 8;
+
+/// Prefill chunks between the executor's checks (each a GPU round trip; a check is also
+/// where a job past its time limit stops).
+const PREFILL_CHECK_EVERY: u32 = 8;
+
+/// Where a run of positions starts: `counter · stride + offset` (the counter is the loop's
+/// iteration number).
+#[derive(Debug, Clone, Copy)]
+struct At {
+    counter: u32,
+    stride: u32,
+    offset: u32,
+}
+
+/// The job's activation buffers, each sized for a prefill chunk (one token uses the start).
+struct Activations {
+    /// The prompt, then the generated tokens.
+    tokens: u32,
+    x: u32,
+    xn: u32,
+    qkv: u32,
+    att: u32,
+    ffh: u32,
+    /// Gate and up outputs when they are two matvecs (types differ).
+    gu: Option<u32>,
+    kcache: u32,
+    vcache: u32,
+    scores: u32,
+}
+
+/// What every decoder pass needs: the model, its weights and the job's buffers.
+struct Decoder<'a> {
+    model: &'a LlamaModel,
+    weights: &'a ModelWeights,
+    bufs: Activations,
+    embd: u32,
+    /// One weight buffer per block.
+    blks: Vec<u32>,
+    /// KV cache rows per layer.
+    ctx: u64,
+}
+
+impl Decoder<'_> {
+    /// `xn = rmsnorm(x) · w` for `tokens` vectors, as its own pass (for the norms that cannot
+    /// be fused into the matvec after them). The kernel is made on first use: with every norm
+    /// fused, the job carries none.
+    fn rms_pass(&self, b: &mut Builder, w: Binding, tokens: u64) {
+        let c = &self.model.config;
+        let d = c.d_model as u64;
+        let p = b.param(3, &[d as u32, c.rms_eps.to_bits()]);
+        let sh = if d.is_multiple_of(4) {
+            b.shader("rmsnorm_vec4", kernels::rmsnorm_vec4)
+        } else {
+            b.shader("rmsnorm", kernels::rmsnorm)
+        };
+        b.pass_xy(
+            sh,
+            "rmsnorm",
+            [1, tokens],
+            vec![whole(0, self.bufs.x), w, whole(2, self.bufs.xn), p],
+        );
+    }
+
+    /// The passes that take `tokens` consecutive positions from `at` through the
+    /// embedding and every block (their K and V into the cache, the last hidden state in `x`).
+    /// One token gets the decode kernels (norms fused into matvecs, q as a uniform array).
+    fn positions(&self, b: &mut Builder, at: At, tokens: u64) -> Result<(), CompileError> {
+        let c = &self.model.config;
+        let w = self.weights;
+        let a = &self.bufs;
+        let (d, hd, ff, vocab) = (
+            c.d_model as u64,
+            c.head_dim as u64,
+            c.d_ff as u64,
+            c.vocab as u64,
+        );
+        let (nh, nkv) = (c.n_heads as u64, c.n_kv_heads as u64);
+        let (qd, kvd) = (nh * hd, nkv * hd);
+        let qkv_len = qd + 2 * kvd;
+        let ctx = self.ctx;
+        let one = tokens == 1;
+        let f = |v: f32| v.to_bits();
+
+        // Embedding.
+        let sh = b.shader(&format!("embed_{}", w.embd_ty.name()), || {
+            kernels::embed(w.embd_ty)
+        });
+        let embd_rb = row_bytes(w.embd_ty, d);
+        let p = b.param(
+            3,
+            &[d as u32, embd_rb as u32, vocab as u32, at.offset, at.stride],
+        );
+        let be = kernels::quant::kernel_block_elems(w.embd_ty);
+        b.pass_xy(
+            sh,
+            "embed",
+            [groups(d / be, kernels::ROWS_PER_GROUP), tokens],
+            vec![
+                whole(0, self.embd),
+                whole(1, a.tokens),
+                whole(2, a.x),
+                p,
+                whole(4, at.counter),
+            ],
+        );
+
+        let rope_sh = b.shader("rope_store", kernels::rope_store);
+        // One token's q (the first `qd` floats of qkv) as a uniform array when it fits.
+        let q_bytes = qd * 4;
+        let uniform_q = one && q_bytes <= MAX_UNIFORM_X;
+        let attn_sh = if uniform_q {
+            b.shader(&format!("attention_q{}", q_bytes / 16), || {
+                kernels::attention_q(Some((q_bytes / 16) as u32))
+            })
+        } else {
+            b.shader("attention", kernels::attention)
+        };
+        let q_binding = if uniform_q {
+            ranged(
+                0,
+                a.qkv,
+                BufferRange {
+                    offset: 0,
+                    size: q_bytes,
+                },
+            )
+        } else {
+            whole(0, a.qkv)
+        };
+        for (l, lay) in w.blocks.iter().enumerate() {
+            let blk = self.blks[l];
+            // attn_norm: fused into the q, k, v matvec when the three share a type it can fuse.
+            let qkv_one = lay.q.ty == lay.k.ty && lay.k.ty == lay.v.ty;
+            let fuse = one && qkv_one && fusable(lay.q.ty, d);
+            if !fuse {
+                self.rms_pass(b, ranged(1, blk, lay.attn_norm.range()), tokens);
+            }
+            // q, k, v: one dispatch when the three share a type.
+            let kind = if lay.bias.is_some() {
+                Matvec::Bias
+            } else {
+                Matvec::Plain
+            };
+            let segs = [(lay.q, qd), (lay.k, kvd), (lay.v, kvd)];
+            if qkv_one {
+                let base = lay.q.offset;
+                let span = BufferRange {
+                    offset: base,
+                    // Packed weights are read as a texture: whole 16-byte texels.
+                    size: (lay.v.offset + lay.v.size - base).next_multiple_of(
+                        if kernels::quant::is_packed(lay.q.ty) {
+                            16
+                        } else {
+                            4
+                        },
+                    ),
+                };
+                let segs: Vec<(u64, u64)> = segs
+                    .iter()
+                    .map(|(slot, rows)| (*rows, slot.offset - base))
+                    .collect();
+                matvec_pass(
+                    b,
+                    MatvecPass {
+                        kind,
+                        ty: lay.q.ty,
+                        weights: ranged(0, blk, span),
+                        x: if fuse { a.x } else { a.xn },
+                        y: a.qkv,
+                        rows: qkv_len,
+                        cols: d,
+                        segs: &segs,
+                        yoff: 0,
+                        y_stride: qkv_len,
+                        tokens,
+                        n_prompt: 0,
+                        extra: lay.bias.map(|bias| ranged(4, blk, bias.range())),
+                        norm: fuse.then(|| (ranged(5, blk, lay.attn_norm.range()), c.rms_eps)),
+                    },
+                );
+            } else {
+                let mut yoff = 0u64;
+                for (slot, rows) in segs {
+                    let extra = match lay.bias {
+                        None => None,
+                        Some(bias) => {
+                            // The bias slice for this segment: F32 values at yoff.
+                            let start = bias.offset + yoff * 4;
+                            if !start.is_multiple_of(RANGE_ALIGN) {
+                                return Err(CompileError::Request(
+                                    "mixed-type q/k/v with biases at unaligned offsets are not supported"
+                                        .into(),
+                                ));
+                            }
+                            Some(ranged(
+                                4,
+                                blk,
+                                BufferRange {
+                                    offset: start,
+                                    size: rows * 4,
+                                },
+                            ))
+                        }
+                    };
+                    matvec_pass(
+                        b,
+                        MatvecPass {
+                            kind,
+                            ty: slot.ty,
+                            weights: ranged(0, blk, slot.range()),
+                            x: a.xn,
+                            y: a.qkv,
+                            rows,
+                            cols: d,
+                            segs: &[(rows, 0)],
+                            yoff,
+                            y_stride: qkv_len,
+                            tokens,
+                            n_prompt: 0,
+                            extra,
+                            norm: None,
+                        },
+                    );
+                    yoff += rows;
+                }
+            }
+            // RoPE, KV cache append.
+            let kv_range = BufferRange {
+                offset: l as u64 * ctx * kvd * 4,
+                size: ctx * kvd * 4,
+            };
+            let neox = u32::from(c.rope_style == RopeStyle::Neox);
+            let p = b.param(
+                3,
+                &[
+                    nh as u32,
+                    nkv as u32,
+                    hd as u32,
+                    c.rope_dim as u32,
+                    neox,
+                    f(c.rope_base),
+                    at.offset,
+                    qkv_len as u32,
+                    at.stride,
+                ],
+            );
+            b.pass_xy(
+                rope_sh,
+                "rope_store",
+                [
+                    groups((nh + nkv) * (hd / 2), kernels::ROWS_PER_GROUP),
+                    tokens,
+                ],
+                vec![
+                    whole(0, a.qkv),
+                    ranged(1, a.kcache, kv_range),
+                    ranged(2, a.vcache, kv_range),
+                    p,
+                    whole(4, at.counter),
+                ],
+            );
+            // Attention.
+            let scale = 1.0 / (hd as f32).sqrt();
+            let p = b.param(
+                5,
+                &[
+                    nh as u32,
+                    nkv as u32,
+                    hd as u32,
+                    ctx as u32,
+                    f(scale),
+                    at.offset,
+                    (qkv_len / 4) as u32,
+                    (qd / 4) as u32,
+                    at.stride,
+                ],
+            );
+            b.pass_xy(
+                attn_sh,
+                "attention",
+                [nh, tokens],
+                vec![
+                    q_binding,
+                    ranged(1, a.kcache, kv_range),
+                    ranged(2, a.vcache, kv_range),
+                    whole(3, a.att),
+                    whole(4, a.scores),
+                    p,
+                    whole(6, at.counter),
+                ],
+            );
+            // x += Wo · att
+            matvec_add(b, blk, lay.o, a.att, a.x, qd, d, tokens);
+            // ffn_norm: fused into the gate-up matvec when it can be.
+            let fuse = one && a.gu.is_none() && fusable(lay.gate.ty, d);
+            if !fuse {
+                self.rms_pass(b, ranged(1, blk, lay.ffn_norm.range()), tokens);
+            }
+            // SwiGLU
+            if let Some(gu) = a.gu {
+                for (i, slot) in [lay.gate, lay.up].into_iter().enumerate() {
+                    matvec_pass(
+                        b,
+                        MatvecPass {
+                            kind: Matvec::Plain,
+                            ty: slot.ty,
+                            weights: ranged(0, blk, slot.range()),
+                            x: a.xn,
+                            y: gu,
+                            rows: ff,
+                            cols: d,
+                            segs: &[(ff, 0)],
+                            yoff: i as u64 * ff,
+                            y_stride: 2 * ff,
+                            tokens,
+                            n_prompt: 0,
+                            extra: None,
+                            norm: None,
+                        },
+                    );
+                }
+                let sh = b.shader("silu_mul", kernels::silu_mul);
+                let p = b.param(2, &[ff as u32]);
+                b.pass_xy(
+                    sh,
+                    "silu_mul",
+                    [groups(ff, kernels::ROWS_PER_GROUP), tokens],
+                    vec![whole(0, gu), whole(1, a.ffh), p],
+                );
+            } else {
+                let span = BufferRange {
+                    offset: lay.gate.offset,
+                    size: (lay.up.offset + lay.up.size - lay.gate.offset).next_multiple_of(4),
+                };
+                matvec_pass(
+                    b,
+                    MatvecPass {
+                        kind: Matvec::GateUp,
+                        ty: lay.gate.ty,
+                        weights: ranged(0, blk, span),
+                        x: if fuse { a.x } else { a.xn },
+                        y: a.ffh,
+                        rows: ff,
+                        cols: d,
+                        segs: &[(ff, 0), (ff, lay.up.offset - lay.gate.offset)],
+                        yoff: 0,
+                        y_stride: ff,
+                        tokens,
+                        n_prompt: 0,
+                        extra: None,
+                        norm: fuse.then(|| (ranged(5, blk, lay.ffn_norm.range()), c.rms_eps)),
+                    },
+                );
+            }
+            // x += Wd · h
+            matvec_add(b, blk, lay.down, a.ffh, a.x, ff, d, tokens);
+        }
+        Ok(())
+    }
 }
 
 /// Largest activation vector a matvec reads as `var<uniform>`: WebGPU's guaranteed
@@ -1038,8 +1192,18 @@ pub(crate) fn matvec_pass(b: &mut Builder, m: MatvecPass<'_>) {
     );
 }
 
-/// `y += W · x` for one weight slot of block buffer `blk`.
-fn matvec_add(b: &mut Builder, blk: u32, slot: Slot, x: u32, y: u32, cols: u64, rows: u64) {
+/// `y += W · x` for one weight slot of block buffer `blk`, for `tokens` vectors.
+#[allow(clippy::too_many_arguments)]
+fn matvec_add(
+    b: &mut Builder,
+    blk: u32,
+    slot: Slot,
+    x: u32,
+    y: u32,
+    cols: u64,
+    rows: u64,
+    tokens: u64,
+) {
     matvec_pass(
         b,
         MatvecPass {
@@ -1052,8 +1216,8 @@ fn matvec_add(b: &mut Builder, blk: u32, slot: Slot, x: u32, y: u32, cols: u64, 
             cols,
             segs: &[(rows, 0)],
             yoff: 0,
-            y_stride: 0,
-            tokens: 1,
+            y_stride: rows,
+            tokens,
             n_prompt: 0,
             extra: None,
             norm: None,

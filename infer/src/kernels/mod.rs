@@ -2,20 +2,21 @@
 //! specialised per weight type by pasting in the block reader from [`quant`].
 //!
 //! Every kernel reads its shape from a `p: array<u32>` parameter slot and, where it depends on
-//! the position, the loop counter `step`. Values that steer a workgroup barrier go through
+//! the position, the loop counter `step` (a position is `step · stride + offset`, plus the
+//! token's index when a dispatch covers several positions: its y dimension). Values that steer a workgroup barrier go through
 //! `workgroupUniformLoad` so the kernels pass WGSL's uniformity analysis.
 //!
 //! | kernel | what it computes |
 //! |---|---|
-//! | `embed` | `x = dequant(embd[tokens[step]])` |
+//! | `embed` | `x[t] = dequant(embd[tokens[pos + t]])` |
 //! | `rmsnorm` | `out = x / sqrt(mean(x²) + eps) · w` |
 //! | `matvec` | `y[yoff + r] = W_seg(r) · x (+ bias)` over up to three weight segments (fused q, k, v) |
 //! | `matvec_add` | `y[r] += W · x` (residual connections) |
 //! | `matvec_gateup` | `y[r] = silu(G · x) · (U · x)` (SwiGLU) |
 //! | `matvec_logits` | `matvec`, skipped during the prompt (no logits needed before its last token) |
 //! | `silu_mul` | `y[i] = silu(a[i]) · a[n + i]` (SwiGLU when gate and up differ in type) |
-//! | `rope_store` | RoPE on q and k at position `step`, k and v appended to the layer's KV cache |
-//! | `attention` | one workgroup per head: scores, softmax, weighted sum of V (grouped-query) |
+//! | `rope_store` | RoPE on q and k at their positions, k and v written to the layer's KV cache |
+//! | `attention` | one workgroup per head and token: scores, softmax, weighted sum of V (grouped-query, causal) |
 //! | `sample` | greedy or seeded top-k / top-p / temperature sampling; appends the token, stops on end of generation |
 
 pub mod bert;
@@ -264,8 +265,9 @@ fn {entry}(@builtin(global_invocation_id) gid: vec3<u32>) {{
     )
 }
 
-/// `embed`: `p = [d_model, row_bytes, vocab]` (row bytes as the kernels read them:
-/// [`quant::kernel_row_bytes`]).
+/// `embed`: `p = [d_model, row_bytes, vocab, offset, stride]` (row bytes as the kernels read
+/// them: [`quant::kernel_row_bytes`]). Token `t` of the dispatch (its y index) embeds the
+/// token at position `step · stride + offset + t` into `out[t · d_model..]`.
 pub fn embed(ty: GgmlType) -> String {
     if quant::is_packed(ty) {
         return format!(
@@ -283,11 +285,11 @@ fn embed(@builtin(global_invocation_id) gid: vec3<u32>) {{
     if (b >= nb) {{
         return;
     }}
-    var tok = tokens[step[0]];
+    var tok = tokens[step[0] * p[4] + p[3] + gid.y];
     if (tok >= p[2]) {{
         tok = 0u;
     }}
-    wdeqp(tok * (p[1] >> 4u), b, nb, b * 32u);
+    wdeqp(tok * (p[1] >> 4u), b, nb, gid.y * p[0] + b * 32u);
 }}
 "#,
             ty = ty.name(),
@@ -310,11 +312,11 @@ fn embed(@builtin(global_invocation_id) gid: vec3<u32>) {{
     if (b >= p[0] / BE) {{
         return;
     }}
-    var tok = tokens[step[0]];
+    var tok = tokens[step[0] * p[4] + p[3] + gid.y];
     if (tok >= p[2]) {{
         tok = 0u;
     }}
-    blk_deq(tok * p[1] + b * BB, b * BE);
+    blk_deq(tok * p[1] + b * BB, gid.y * p[0] + b * BE);
 }}
 "#,
         ty = ty.name(),
@@ -325,7 +327,8 @@ fn embed(@builtin(global_invocation_id) gid: vec3<u32>) {{
     )
 }
 
-/// `rmsnorm`: `p = [n, eps as f32 bits]`; one workgroup.
+/// `rmsnorm`: `p = [n, eps as f32 bits]`; one workgroup per vector (the y index of the
+/// dispatch: vector `t` is `x[t · n..]`).
 pub fn rmsnorm() -> String {
     rmsnorm_kernel("f32", "n", "v * v", REDUCE_THREADS)
 }
@@ -347,11 +350,12 @@ fn rmsnorm_kernel(elem: &str, len: &str, sq: &str, t: u32) -> String {
 @group(0) @binding(3) var<storage, read> p: array<u32>;
 var<workgroup> part: array<f32, {t}>;
 @compute @workgroup_size({t})
-fn rmsnorm(@builtin(local_invocation_index) lid: u32) {{
+fn rmsnorm(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {{
     let n = p[0];
+    let o = wid.y * {len};
     var s = 0.0;
     for (var i = lid; i < {len}; i += {t}u) {{
-        let v = x[i];
+        let v = x[o + i];
         s += {sq};
     }}
     part[lid] = s;
@@ -364,7 +368,7 @@ fn rmsnorm(@builtin(local_invocation_index) lid: u32) {{
     }}
     let scale = 1.0 / sqrt(part[0] / f32(n) + bitcast<f32>(p[1]));
     for (var i = lid; i < {len}; i += {t}u) {{
-        out[i] = x[i] * scale * wn[i];
+        out[o + i] = x[o + i] * scale * wn[i];
     }}
 }}
 "#,
@@ -372,7 +376,8 @@ fn rmsnorm(@builtin(local_invocation_index) lid: u32) {{
     )
 }
 
-/// `silu_mul`: `p = [n]`, `y[i] = silu(a[i]) · a[n + i]`.
+/// `silu_mul`: `p = [n]`, `y[i] = silu(a[i]) · a[n + i]`; token `t` (the y index) reads
+/// `a[2n · t..]` and writes `y[n · t..]`.
 pub fn silu_mul() -> String {
     format!(
         r#"// silu_mul (hashgrid-infer).
@@ -385,17 +390,20 @@ fn silu_mul(@builtin(global_invocation_id) gid: vec3<u32>) {{
     if (i >= p[0]) {{
         return;
     }}
-    let g = a[i];
-    y[i] = g / (1.0 + exp(-g)) * a[p[0] + i];
+    let ab = gid.y * 2u * p[0];
+    let g = a[ab + i];
+    y[gid.y * p[0] + i] = g / (1.0 + exp(-g)) * a[ab + p[0] + i];
 }}
 "#,
         rows = ROWS_PER_GROUP
     )
 }
 
-/// `rope_store`: `p = [n_heads, n_kv, head_dim, rope_dim, neox, base as f32 bits]`.
-/// `qkv` holds q (n_heads · head_dim), then k and v (n_kv · head_dim each). One thread per
-/// pair of a head's dimensions, over the q and k heads.
+/// `rope_store`: `p = [n_heads, n_kv, head_dim, rope_dim, neox, base as f32 bits, offset,
+/// qkv_stride, step_stride]`. `qkv` holds q (n_heads · head_dim), then k and v (n_kv ·
+/// head_dim each), for each token of the dispatch (its y index `t`) at
+/// `qkv[t · qkv_stride..]`; token `t` is at position `step · step_stride + offset + t`. One thread per pair of a head's dimensions, over the q and
+/// k heads.
 pub fn rope_store() -> String {
     format!(
         r#"// rope_store (hashgrid-infer).
@@ -416,7 +424,7 @@ fn rope_store(@builtin(global_invocation_id) gid: vec3<u32>) {{
     }}
     let head = id / half;
     let i = id % half;
-    let pos = step[0];
+    let pos = step[0] * p[8] + p[6] + gid.y;
     let rd = p[3];
     var a = 2u * i;
     var b = a + 1u;
@@ -436,7 +444,8 @@ fn rope_store(@builtin(global_invocation_id) gid: vec3<u32>) {{
         c = cos(theta);
         s = sin(theta);
     }}
-    let base = head * hd;
+    let tb = gid.y * p[7];
+    let base = tb + head * hd;
     let x0 = qkv[base + a];
     let x1 = qkv[base + b];
     let y0 = x0 * c - x1 * s;
@@ -451,7 +460,7 @@ fn rope_store(@builtin(global_invocation_id) gid: vec3<u32>) {{
     let row = pos * kvd + g * hd;
     kc[row + a] = y0;
     kc[row + b] = y1;
-    let vb = nh * hd + kvd + g * hd;
+    let vb = tb + nh * hd + kvd + g * hd;
     vc[row + 2u * i] = qkv[vb + 2u * i];
     vc[row + 2u * i + 1u] = qkv[vb + 2u * i + 1u];
 }}
@@ -460,8 +469,11 @@ fn rope_store(@builtin(global_invocation_id) gid: vec3<u32>) {{
     )
 }
 
-/// `attention`: `p = [n_heads, n_kv, head_dim, ctx, scale as f32 bits]`; one workgroup per
-/// head; `sc` is scratch of `n_heads · ctx` floats. `head_dim` must be a multiple of 4: q, K and
+/// `attention`: `p = [n_heads, n_kv, head_dim, ctx, scale as f32 bits, offset, q_stride,
+/// out_stride, step_stride]`; one workgroup per head and token (the y index `t`: its query
+/// is `q[t · q_stride..]` in vec4s, its output `out[t · out_stride..]`, its position
+/// `step · step_stride + offset + t`, and it attends to the positions up to its own); `sc` is scratch of
+/// `n_heads · ctx` floats per token. `head_dim` must be a multiple of 4: q, K and
 /// V are read as `vec4<f32>` (on lavapipe a load costs about the same whatever its width).
 pub fn attention() -> String {
     attention_q(None)
@@ -493,9 +505,10 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
     let h = min(wid.x, nh - 1u);
     let g = h / (nh / p[1]);
     let kvd4 = p[1] * hd4;
-    let pos = min(step[0], ctx - 1u);
-    let qb = h * hd4;
-    let sb = h * ctx;
+    let pos = min(step[0] * p[8] + p[5] + wid.y, ctx - 1u);
+    let qb = wid.y * p[6] + h * hd4;
+    let ob = wid.y * p[7] + h * hd4;
+    let sb = (wid.y * nh + h) * ctx;
     var mx = -3.0e38;
     for (var t = lid; t <= pos; t += {t}u) {{
         let kb = t * kvd4 + g * hd4;
@@ -538,7 +551,7 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
         for (var t = 0u; t <= pos; t++) {{
             acc += sc[sb + t] * vc[t * kvd4 + g * hd4 + d];
         }}
-        out[qb + d] = acc * inv;
+        out[ob + d] = acc * inv;
     }}
 }}
 "#,
@@ -548,7 +561,8 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
 }
 
 /// `sample`: `p = [n_prompt, max_total, vocab, n_eog, eog[8], temperature bits, top_k,
-/// top_p bits, seed]` (16 slots). At step `s ≥ n_prompt − 1` it picks token `s + 1`: the
+/// top_p bits, seed, offset]` (17 slots). At position `s = step + offset ≥ n_prompt − 1` it
+/// picks token `s + 1`: the
 /// arg-max (lowest id on ties) when the temperature is 0, otherwise a draw from the top-k,
 /// then top-p (on the untempered distribution, as llama.cpp orders them), then tempered
 /// distribution, with a counter-based random number from (seed, step), so a run is
@@ -629,7 +643,7 @@ fn rand01(seed: u32, s: u32) -> f32 {{
 
 @compute @workgroup_size({t})
 fn sample(@builtin(local_invocation_index) lid: u32) {{
-    let s = step[0];
+    let s = step[0] + p[16];
     if (lid == 0u) {{
         ctl = select(0u, 1u, s + 1u >= p[0] && status[0] == 0u && s + 1u < p[1]);
     }}
