@@ -451,6 +451,166 @@ fn matvec_with_the_rms_norm_fused_matches_norm_then_matvec() {
 }
 
 #[test]
+fn matmul_over_several_tokens_matches_cpu_for_every_flavour() {
+    let mut rng = Rng(0x5eed);
+    let cols = 256usize;
+    let silu = |v: f32| v / (1.0 + (-v).exp());
+    for ty in [GgmlType::Q8_0, GgmlType::Q4_1] {
+        for tokens in [3usize, 8] {
+            let rb = kernels::quant::kernel_row_bytes(ty, cols as u64) as u32;
+            let x = rng.vec(tokens * cols);
+            let xt = |t: usize| &x[t * cols..(t + 1) * cols];
+            let n = (tokens * cols / 4) as u32;
+            let what = |k: &str| format!("matmul {k} {ty:?} × {tokens} tokens");
+            let run =
+                |kind: Matvec, blob: Vec<u8>, y: Init, p: Vec<u32>, bias: Option<Vec<f32>>| {
+                    let mut bufs = vec![
+                        ("w", Init::Bytes(blob)),
+                        ("x", f32s(&x)),
+                        ("y", y),
+                        ("p", u32s(&p)),
+                    ];
+                    let mut binds = vec![(0, 0, None), (1, 1, None), (2, 2, None), (3, 3, None)];
+                    if let Some(b) = bias {
+                        bufs.push(("bias", f32s(&b)));
+                        binds.push((4, 4, None));
+                    }
+                    let groups = p[0].div_ceil(kernels::matmul_rows_per_group(kind));
+                    let out = run_one(
+                        kernels::matmul(ty, kind, tokens as u32, n),
+                        kind.entry(),
+                        groups,
+                        bufs,
+                        &binds,
+                    );
+                    to_f32(&out[2])
+                };
+            // Plain over three segments (fused q, k, v), written at yoff 3 of each token's
+            // stride of rows + 5.
+            let segs = [30usize, 20, 21];
+            let mut blob = Vec::new();
+            let mut offs = Vec::new();
+            let mut deq = Vec::new();
+            for &r in &segs {
+                let (b, d) = quantized(ty, r, cols, &mut rng);
+                offs.push(blob.len() as u32);
+                blob.extend_from_slice(&kernels::quant::pack(ty, &b, cols as u64));
+                blob = pad256(blob);
+                deq.extend(d);
+            }
+            let rows = segs.iter().sum::<usize>();
+            let stride = rows + 5;
+            let p = vec![
+                rows as u32,
+                cols as u32,
+                rb,
+                3,
+                3,
+                30,
+                offs[0],
+                20,
+                offs[1],
+                21,
+                offs[2],
+                0,
+                stride as u32,
+            ];
+            let y = run(
+                Matvec::Plain,
+                blob,
+                Init::Zero(4 * (tokens * stride) as u64),
+                p,
+                None,
+            );
+            for t in 0..tokens {
+                let row = &y[t * stride..(t + 1) * stride];
+                assert_eq!(&row[..3], &[0.0; 3], "{}", what("plain: head"));
+                close(
+                    &row[3..3 + rows],
+                    &matvec_cpu(&deq, xt(t), rows),
+                    1e-4,
+                    &what("plain"),
+                );
+            }
+            // Bias and Add over one matrix of 40 rows.
+            let rows = 40usize;
+            let (b, deq) = quantized(ty, rows, cols, &mut rng);
+            let blob = kernels::quant::pack(ty, &b, cols as u64);
+            let p = vec![
+                rows as u32,
+                cols as u32,
+                rb,
+                0,
+                1,
+                rows as u32,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                rows as u32,
+            ];
+            let bias = rng.vec(rows);
+            let y = run(
+                Matvec::Bias,
+                blob.clone(),
+                Init::Zero(4 * (tokens * rows) as u64),
+                p.clone(),
+                Some(bias.clone()),
+            );
+            let y0 = rng.vec(tokens * rows);
+            let ya = run(Matvec::Add, blob, f32s(&y0), p, None);
+            for t in 0..tokens {
+                let want = matvec_cpu(&deq, xt(t), rows);
+                let wb: Vec<f32> = want.iter().zip(&bias).map(|(a, b)| a + b).collect();
+                close(&y[t * rows..(t + 1) * rows], &wb, 1e-4, &what("bias"));
+                let wa: Vec<f32> = want
+                    .iter()
+                    .zip(&y0[t * rows..])
+                    .map(|(a, b)| a + b)
+                    .collect();
+                close(&ya[t * rows..(t + 1) * rows], &wa, 1e-4, &what("add"));
+            }
+            // GateUp: gate and up matrices of 40 rows each.
+            let (g, gd) = quantized(ty, rows, cols, &mut rng);
+            let (u, ud) = quantized(ty, rows, cols, &mut rng);
+            let gate = pad256(kernels::quant::pack(ty, &g, cols as u64));
+            let up_at = gate.len() as u32;
+            let blob = [gate, kernels::quant::pack(ty, &u, cols as u64)].concat();
+            let p = vec![
+                rows as u32,
+                cols as u32,
+                rb,
+                0,
+                2,
+                rows as u32,
+                0,
+                rows as u32,
+                up_at,
+                0,
+                0,
+                0,
+                rows as u32,
+            ];
+            let y = run(
+                Matvec::GateUp,
+                blob,
+                Init::Zero(4 * (tokens * rows) as u64),
+                p,
+                None,
+            );
+            for t in 0..tokens {
+                let gv = matvec_cpu(&gd, xt(t), rows);
+                let uv = matvec_cpu(&ud, xt(t), rows);
+                let want: Vec<f32> = gv.iter().zip(&uv).map(|(g, u)| silu(*g) * u).collect();
+                close(&y[t * rows..(t + 1) * rows], &want, 1e-4, &what("gateup"));
+            }
+        }
+    }
+}
+
+#[test]
 fn matvec_add_gateup_bias_and_logits_skip() {
     let mut rng = Rng(7);
     let (rows, cols) = (40usize, 256usize);

@@ -1170,6 +1170,26 @@ pub(crate) fn matvec_pass(b: &mut Builder, m: MatvecPass<'_>) {
         ),
         None => (format!("{}_{}", kind.entry(), ty.name()), whole(1, m.x)),
     };
+    // Several tokens through packed weights: each weight block read once for all of them.
+    if let (true, Some(n), None) = (
+        m.tokens > 1 && kernels::quant::is_packed(ty) && kind != Matvec::Logits,
+        uniform_x,
+        norm,
+    ) {
+        let t = m.tokens as u32;
+        let sh = b.shader(&format!("{name}_t{t}"), || {
+            kernels::matmul(ty, kind, t, (n / 16) as u32)
+        });
+        let mut bind = vec![m.weights, x, whole(2, m.y), p];
+        bind.extend(m.extra);
+        b.pass(
+            sh,
+            kind.entry(),
+            groups(m.rows, kernels::matmul_rows_per_group(kind)),
+            bind,
+        );
+        return;
+    }
     let sh = match (norm, uniform_x) {
         (Some(_), Some(n)) => b.shader(&format!("{name}_norm"), || {
             kernels::matvec_norm(ty, kind, (n / 16) as u32)

@@ -265,6 +265,153 @@ fn {entry}(@builtin(global_invocation_id) gid: vec3<u32>) {{
     )
 }
 
+/// Rows each invocation of [`matmul`] computes, for all the chunk's tokens.
+pub const MATMUL_ROWS: u32 = 8;
+
+/// Output rows per [`matmul`] workgroup for `kind`.
+pub fn matmul_rows_per_group(kind: Matvec) -> u32 {
+    match kind {
+        Matvec::GateUp => MATVEC_LANES * MATMUL_ROWS / 2,
+        _ => MATVEC_LANES * MATMUL_ROWS,
+    }
+}
+
+/// The matvec flavours (not `Logits`) for `tokens` vectors at once through packed weights
+/// ([`quant::is_packed`]), with the same bindings and parameters as [`matvec_x`] and the
+/// activations as `var<uniform> xv: array<vec4<f32>, n>` (`n = tokens · cols / 4`). Each
+/// invocation reads a weight block once for all the tokens: it dequantises [`MATMUL_ROWS`]
+/// rows' blocks four weights at a time and takes each four into every token's dot product,
+/// so weight fetches and dequantisation cost `1 / tokens` of what the one-token matvec pays.
+/// The dispatch is one-dimensional ([`matmul_rows_per_group`] rows a workgroup).
+pub fn matmul(ty: GgmlType, kind: Matvec, tokens: u32, n: u32) -> String {
+    assert!(quant::is_packed(ty) && kind != Matvec::Logits);
+    let r = MATMUL_ROWS as usize;
+    let t = tokens as usize;
+    let mut setup = String::new();
+    // Row offsets o0.. (for GateUp: gate rows, then the same rows of up).
+    if kind == Matvec::GateUp {
+        let h = r / 2;
+        setup.push_str(&format!(
+            "let r0 = gid.x * {h}u;\n    if (r0 >= p[0]) {{\n        return;\n    }}\n    let last = p[0] - 1u;\n"
+        ));
+        for k in 0..h {
+            setup.push_str(&format!(
+                "    let o{k} = (p[6] + min(r0 + {k}u, last) * p[2]) >> 4u;\n    let o{} = (p[8] + min(r0 + {k}u, last) * p[2]) >> 4u;\n",
+                k + h
+            ));
+        }
+    } else {
+        setup.push_str(&format!(
+            "let r0 = gid.x * {r}u;\n    if (r0 >= p[0]) {{\n        return;\n    }}\n    let last = p[0] - 1u;\n"
+        ));
+        for k in 0..r {
+            setup.push_str(&format!(
+                "    let o{k} = seg_off(min(r0 + {k}u, last)) >> 4u;\n"
+            ));
+        }
+    }
+    setup.push_str("    let xs = p[1] >> 2u;\n");
+    for k in 0..r {
+        for j in 0..t {
+            setup.push_str(&format!("    var a{k}_{j} = 0.0;\n"));
+        }
+    }
+    // Per block: each row's texels and scales, then four weights at a time into every token.
+    let mut body = String::from(
+        "    let nb = p[1] / 32u;\n    for (var b = 0u; b < nb; b++) {\n        let xb = b * 8u;\n",
+    );
+    for k in 0..r {
+        body.push_str(&match ty {
+            GgmlType::Q4_1 => format!(
+                "        let q{k} = wl(o{k} + b);\n        let s{k} = f16x2(wl(o{k} + nb + (b >> 2u))[b & 3u]);\n"
+            ),
+            _ => format!(
+                "        let q{k} = wl(o{k} + 2u * b);\n        let c{k} = wl(o{k} + 2u * b + 1u);\n        let s{k} = f16((wl(o{k} + 2u * nb + (b >> 3u))[(b >> 1u) & 3u] >> ((b & 1u) * 16u)) & 0xFFFFu);\n"
+            ),
+        });
+    }
+    for c in 0..8 {
+        let comp = ["x", "y", "z", "w"][c % 4];
+        body.push_str("        {\n");
+        for k in 0..r {
+            body.push_str(&match ty {
+                GgmlType::Q4_1 => {
+                    let nib = if c < 4 { "nib_lo" } else { "nib_hi" };
+                    format!("        let w{k} = {nib}(q{k}.{comp}) * s{k}.x + s{k}.y;\n")
+                }
+                _ => {
+                    let src = if c < 4 { "q" } else { "c" };
+                    format!("        let w{k} = i8x4({src}{k}.{comp}) * s{k};\n")
+                }
+            });
+        }
+        for j in 0..t {
+            body.push_str(&format!("        let x{j} = xv[{j}u * xs + xb + {c}u];\n"));
+            for k in 0..r {
+                body.push_str(&format!("        a{k}_{j} += dot(w{k}, x{j});\n"));
+            }
+        }
+        body.push_str("        }\n");
+    }
+    body.push_str("    }\n");
+    // Stores, token by token.
+    let mut store = String::new();
+    for j in 0..t {
+        store.push_str(&format!("    let yb{j} = p[3] + {j}u * p[12];\n"));
+        if kind == Matvec::GateUp {
+            let h = r / 2;
+            for k in 0..h {
+                store.push_str(&format!(
+                    "    if (r0 + {k}u <= last) {{\n        y[{j}u * p[12] + r0 + {k}u] = a{k}_{j} / (1.0 + exp(-a{k}_{j})) * a{u}_{j};\n    }}\n",
+                    u = k + h
+                ));
+            }
+        } else {
+            for k in 0..r {
+                let e = match kind {
+                    Matvec::Bias => format!("y[yb{j} + rk] = a{k}_{j} + bias[rk];"),
+                    Matvec::Add => format!("y[yb{j} + rk] = y[yb{j} + rk] + a{k}_{j};"),
+                    _ => format!("y[yb{j} + rk] = a{k}_{j};"),
+                };
+                store.push_str(&format!(
+                    "    if (r0 + {k}u <= last) {{\n        let rk = r0 + {k}u;\n        {e}\n    }}\n"
+                ));
+            }
+        }
+    }
+    let extra = match kind {
+        Matvec::Bias => "@group(0) @binding(4) var<storage, read> bias: array<f32>;\n",
+        _ => "",
+    };
+    format!(
+        r#"// {entry} over {ty} weights for {t} tokens, {r} rows per invocation (hashgrid-infer).
+@group(0) @binding(0) var w: texture_2d<u32>;
+@group(0) @binding(1) var<uniform> xv: array<vec4<f32>, {n}>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+@group(0) @binding(3) var<storage, read> p: array<u32>;
+{extra}{loader}{helpers}
+// Byte offset of row r's weights, across the segments.
+fn seg_off(r: u32) -> u32 {{
+    if (r < p[5] || p[4] < 2u) {{
+        return p[6] + r * p[2];
+    }}
+    if (r < p[5] + p[7] || p[4] < 3u) {{
+        return p[8] + (r - p[5]) * p[2];
+    }}
+    return p[10] + (r - p[5] - p[7]) * p[2];
+}}
+@compute @workgroup_size({lanes})
+fn {entry}(@builtin(global_invocation_id) gid: vec3<u32>) {{
+    {setup}{body}{store}}}
+"#,
+        entry = kind.entry(),
+        ty = ty.name(),
+        loader = quant::texture_loader(),
+        helpers = quant::HELPERS,
+        lanes = MATVEC_LANES,
+    )
+}
+
 /// `embed`: `p = [d_model, row_bytes, vocab, offset, stride]` (row bytes as the kernels read
 /// them: [`quant::kernel_row_bytes`]). Token `t` of the dispatch (its y index) embeds the
 /// token at position `step · stride + offset + t` into `out[t · d_model..]`.
