@@ -229,6 +229,13 @@ pub enum JobMessage {
         /// Iterations the buyer has already seen (0 at first).
         seen: u32,
     },
+    /// The buyer will not dispatch this agreement (it took another provider's, e.g. after
+    /// proposing to two at once): the provider frees the units it held for it. Answered
+    /// `Ack`, or `Refused` when no such undispatched agreement of this buyer exists.
+    Release {
+        /// The agreement to let go.
+        agreement: ContentId,
+    },
 }
 
 /// The answer on `/hashgrid/job/1`.

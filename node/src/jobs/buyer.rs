@@ -1,7 +1,7 @@
 //! The buyer side of the job lifecycle: one task per submitted job, talking to the node's task
 //! through [`Net`] (see the module docs of [`super`] for the steps).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,8 +19,8 @@ use tracing::{debug, info, warn};
 
 use super::blobs::fetch_blob;
 use super::{
-    Attempt, DEADLINE_GRACE, FailKind, JobRecord, JobState, JobUpdate, MAX_PROPOSALS_PER_ATTEMPT,
-    Submission,
+    Attempt, DEADLINE_GRACE, FailKind, HEDGE_AFTER, HEDGE_MAX, JobRecord, JobState, JobUpdate,
+    MAX_PROPOSALS_PER_ATTEMPT, Submission,
 };
 use crate::event::NodeEvent;
 use crate::node::command::{Candidate, Net};
@@ -60,6 +60,8 @@ pub(crate) struct BuyerJob {
     /// The input blobs, shared with the blob server for each attempt rather than copied.
     inputs: BTreeMap<ContentId, Arc<Vec<u8>>>,
     record: JobRecord,
+    /// Proposals made so far (each takes the next nonce).
+    proposed: u64,
 }
 
 impl BuyerJob {
@@ -73,6 +75,7 @@ impl BuyerJob {
             sub,
             inputs,
             record,
+            proposed: 0,
         }
     }
 
@@ -250,30 +253,90 @@ impl BuyerJob {
                     ),
                 });
             }
+            // Candidates in the book's order, one at a time; one that has not answered
+            // within `HEDGE_AFTER` (a site restarting, a handshake stuck behind a busy CPU)
+            // gets company: the next candidate is proposed to as well. The first agreement
+            // wins; agreements that come in after it are released.
+            let mut queue: VecDeque<Candidate> =
+                cands.into_iter().take(MAX_PROPOSALS_PER_ATTEMPT).collect();
+            // Room for every proposal's one answer: a sender never waits.
+            let (tx, mut rx) = tokio::sync::mpsc::channel(MAX_PROPOSALS_PER_ATTEMPT);
+            let mut in_flight: Vec<PublicKey> = Vec::new();
+            let mut hedge_due = false;
             let mut agreed = None;
-            for c in cands.into_iter().take(MAX_PROPOSALS_PER_ATTEMPT) {
-                match self.propose(&c, &bid).await {
-                    Ok(a) => {
-                        agreed = Some((c, a));
-                        break;
-                    }
-                    Err((is_busy, reason)) => {
-                        debug!(provider = %c.ask.provider.short(), %reason, "proposal refused");
-                        excluded.insert(c.ask.provider);
-                        if reason.starts_with(UNREACHABLE) {
-                            unreachable.entry(c.ask.provider).or_insert(0);
+            loop {
+                if in_flight.is_empty() || in_flight.len() < HEDGE_MAX && hedge_due {
+                    let Some(c) = queue.pop_front() else {
+                        if in_flight.is_empty() {
+                            break;
                         }
-                        if is_busy {
-                            busy.insert(c.ask.provider);
-                        }
-                        refusals.push(format!("{}: {reason}", c.ask.provider.short()));
-                        self.record.attempts.push(Attempt {
-                            provider: c.ask.provider,
-                            agreement: None,
-                            outcome: format!("refused: {reason}"),
-                        });
-                    }
+                        hedge_due = false;
+                        continue;
+                    };
+                    self.proposed += 1;
+                    let proposal = self.proposal(&c, &bid);
+                    let ctx = self.ctx.clone();
+                    let spec_id = self.record.spec_id;
+                    let tx = tx.clone();
+                    in_flight.push(c.ask.provider);
+                    tokio::spawn(async move {
+                        let r = propose(&ctx, &c, proposal, spec_id).await;
+                        let _ = tx.send((c, r)).await;
+                    });
+                    hedge_due = false;
                 }
+                let hedge = in_flight.len() < HEDGE_MAX && !queue.is_empty();
+                tokio::select! {
+                    got = rx.recv() => {
+                        let Some((c, r)) = got else { break };
+                        if let Some(i) = in_flight.iter().position(|p| *p == c.ask.provider) {
+                            in_flight.swap_remove(i);
+                        }
+                        match r {
+                            Ok(a) => {
+                                agreed = Some((c, a));
+                                break;
+                            }
+                            Err((is_busy, reason)) => {
+                                debug!(provider = %c.ask.provider.short(), %reason, "proposal refused");
+                                excluded.insert(c.ask.provider);
+                                if reason.starts_with(UNREACHABLE) {
+                                    unreachable.entry(c.ask.provider).or_insert(0);
+                                }
+                                if is_busy {
+                                    busy.insert(c.ask.provider);
+                                }
+                                refusals.push(format!("{}: {reason}", c.ask.provider.short()));
+                                self.record.attempts.push(Attempt {
+                                    provider: c.ask.provider,
+                                    agreement: None,
+                                    outcome: format!("refused: {reason}"),
+                                });
+                            }
+                        }
+                    }
+                    () = tokio::time::sleep(HEDGE_AFTER), if hedge => hedge_due = true,
+                }
+            }
+            if !in_flight.is_empty() {
+                // Proposals still out: release whatever agreements they bring back. Their
+                // providers were slower than the winner: this job does not go back to them.
+                let left = in_flight.len();
+                excluded.extend(in_flight);
+                let net = self.ctx.net.clone();
+                tokio::spawn(async move {
+                    for _ in 0..left {
+                        let Some((c, r)) = rx.recv().await else {
+                            return;
+                        };
+                        if let Ok(a) = r {
+                            let msg = JobMessage::Release { agreement: a.id() };
+                            if let Err(e) = net.job(c.peer, msg).await {
+                                debug!(provider = %c.ask.provider.short(), %e, "could not release an agreement; it expires by itself");
+                            }
+                        }
+                    }
+                });
             }
             let Some((cand, signed)) = agreed else {
                 continue;
@@ -327,15 +390,11 @@ impl BuyerJob {
         }
     }
 
-    /// Proposes to `c`; a refusal says whether the provider was only busy (no free units).
-    async fn propose(
-        &self,
-        c: &Candidate,
-        bid: &Signed<Bid>,
-    ) -> Result<Signed<Agreement>, (bool, String)> {
+    /// The proposal to `c` for this job (a fresh nonce for each proposal of the job).
+    fn proposal(&self, c: &Candidate, bid: &Signed<Bid>) -> Propose {
         let nonce = u64::from_le_bytes(*self.record.id.as_bytes().first_chunk().unwrap_or(&[0; 8]))
-            ^ (self.record.attempts.len() as u64);
-        let propose = Propose {
+            ^ self.proposed;
+        Propose {
             bid: bid.clone(),
             ask: c.ask.order_ref(),
             units: self.sub.options.units,
@@ -343,41 +402,6 @@ impl BuyerJob {
             max_seconds: self.sub.options.max_seconds,
             spec: self.sub.spec.clone(),
             nonce,
-        };
-        let peer = c.peer;
-        match self
-            .ctx
-            .net
-            .negotiate(peer, c.addrs.clone(), propose.clone())
-            .await
-            .map_err(|e| (false, e))?
-        {
-            NegotiateReply::Reject(r) => Err((
-                r.reason == RejectReason::NoCapacity,
-                format!("{:?}: {}", r.reason, r.detail),
-            )),
-            NegotiateReply::Agreed(signed) => {
-                let a = signed
-                    .verify(&self.ctx.network)
-                    .map_err(|e| (false, format!("agreement does not verify: {e}")))?;
-                let ok = a.provider == c.ask.provider
-                    && a.buyer == self.ctx.key.public()
-                    && a.ask == propose.ask
-                    && a.units == propose.units
-                    && a.price == propose.price
-                    && a.max_seconds == propose.max_seconds
-                    && a.spec_id == self.record.spec_id
-                    && a.nonce == nonce
-                    && hashgrid_market::max_charge(a.price, a.units, a.max_seconds)
-                        == Some(a.max_charge);
-                if !ok {
-                    return Err((
-                        false,
-                        "the agreement's terms differ from the proposal".into(),
-                    ));
-                }
-                Ok(signed)
-            }
         }
     }
 
@@ -679,6 +703,51 @@ async fn poll_stream(
         }
         if chunk.finished {
             return;
+        }
+    }
+}
+
+/// Sends `propose` to `c`; a refusal says whether the provider was only busy (no free units).
+async fn propose(
+    ctx: &BuyerCtx,
+    c: &Candidate,
+    propose: Propose,
+    spec_id: ContentId,
+) -> Result<Signed<Agreement>, (bool, String)> {
+    let want = (
+        propose.ask,
+        propose.units,
+        propose.price,
+        propose.max_seconds,
+        propose.nonce,
+    );
+    match ctx
+        .net
+        .negotiate(c.peer, c.addrs.clone(), propose)
+        .await
+        .map_err(|e| (false, e))?
+    {
+        NegotiateReply::Reject(r) => Err((
+            r.reason == RejectReason::NoCapacity,
+            format!("{:?}: {}", r.reason, r.detail),
+        )),
+        NegotiateReply::Agreed(signed) => {
+            let a = signed
+                .verify(&ctx.network)
+                .map_err(|e| (false, format!("agreement does not verify: {e}")))?;
+            let ok = a.provider == c.ask.provider
+                && a.buyer == ctx.key.public()
+                && (a.ask, a.units, a.price, a.max_seconds, a.nonce) == want
+                && a.spec_id == spec_id
+                && hashgrid_market::max_charge(a.price, a.units, a.max_seconds)
+                    == Some(a.max_charge);
+            if !ok {
+                return Err((
+                    false,
+                    "the agreement's terms differ from the proposal".into(),
+                ));
+            }
+            Ok(signed)
         }
     }
 }

@@ -68,6 +68,15 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 /// Most asks proposed to per attempt (rejections move on to the next).
 pub const MAX_PROPOSALS_PER_ATTEMPT: usize = 16;
 
+/// How long a proposal may go unanswered before the buyer proposes to the next candidate as
+/// well (the first agreement wins; later ones are released). A provider answers in a few ms;
+/// one that does not within this is restarting, dialled at a dead address, or stuck behind a
+/// busy CPU, and waiting for it cost a job up to the negotiation timeout.
+pub const HEDGE_AFTER: Duration = Duration::from_millis(250);
+
+/// Most proposals of one job out at once.
+pub const HEDGE_MAX: usize = 3;
+
 /// Blob chunk requests in flight at once per transfer.
 pub const BLOB_WINDOW: usize = 4;
 

@@ -60,6 +60,8 @@ pub(crate) struct ProviderJobRecord {
 struct Reservation {
     units: u32,
     expires_at: Timestamp,
+    /// Who may dispatch or release it.
+    buyer: PublicKey,
 }
 
 struct Active {
@@ -340,6 +342,7 @@ impl Provider {
             Reservation {
                 units: p.units,
                 expires_at: agreement.expires_at,
+                buyer: agreement.buyer,
             },
         );
         NegotiateReply::Agreed(signed)
@@ -902,6 +905,19 @@ impl Provider {
     }
 
     /// The buyer refused a receipt: recorded, reported, acknowledged.
+    /// The buyer lets an undispatched agreement go: its units are free again at once rather
+    /// than when the agreement expires.
+    pub(crate) fn on_release(&mut self, peer: PeerId, id: ContentId) -> JobReply {
+        match self.reservations.get(&id) {
+            Some(r) if super::peer_of(&r.buyer) == Some(peer) => {
+                self.reservations.remove(&id);
+                debug!(agreement = %id.short(), "the buyer released an agreement");
+                JobReply::Ack
+            }
+            _ => JobReply::Refused("no undispatched agreement of yours by that id".into()),
+        }
+    }
+
     pub(crate) fn on_dispute(&mut self, peer: PeerId, id: ContentId, reason: String) -> JobReply {
         if self.buyer_of(&id).and_then(|b| super::peer_of(&b)) != Some(peer) {
             return JobReply::Refused("unknown job".into());
@@ -962,6 +978,52 @@ mod tests {
             created_at: now,
             expires_at: now.plus_ms(60_000),
         }
+    }
+
+    /// A released agreement frees its units at once, and only its buyer can release it.
+    #[test]
+    fn only_the_buyer_releases_an_agreement_and_its_units_come_back() {
+        let net = Network::test();
+        let pk = Keypair::generate().unwrap();
+        let (buyer, other) = (Keypair::generate().unwrap(), Keypair::generate().unwrap());
+        let (events, _) = broadcast::channel(16);
+        let (tx, _rx) = mpsc::channel(4);
+        let mut p = Provider::new(
+            Runs {
+                executor: None,
+                inputs: Arc::new(InputCache::open(None, 0, 0)),
+            },
+            pk.clone(),
+            net.clone(),
+            Store::temporary().unwrap(),
+            events,
+            tx,
+            4,
+        )
+        .unwrap();
+        let a = agreement(&buyer, &pk, 7);
+        let id = Signed::sign(&pk, &net, &a).id();
+        p.reservations.insert(
+            id,
+            Reservation {
+                units: 3,
+                expires_at: a.expires_at,
+                buyer: a.buyer,
+            },
+        );
+        assert_eq!(p.free_units(), 1);
+        let peer = |k: &Keypair| super::super::peer_of(&k.public()).unwrap();
+        assert!(matches!(
+            p.on_release(peer(&other), id),
+            JobReply::Refused(_)
+        ));
+        assert_eq!(p.free_units(), 1, "another peer cannot release it");
+        assert_eq!(p.on_release(peer(&buyer), id), JobReply::Ack);
+        assert_eq!(p.free_units(), 4);
+        assert!(matches!(
+            p.on_release(peer(&buyer), id),
+            JobReply::Refused(_)
+        ));
     }
 
     /// Two buyers' jobs produced the same output blob; the first countersignature must not

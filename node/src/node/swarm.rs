@@ -203,6 +203,7 @@ impl NodeLoop {
             JobMessage::Dispute { agreement, reason } => {
                 self.provider.on_dispute(peer, agreement, reason)
             }
+            JobMessage::Release { agreement } => self.provider.on_release(peer, agreement),
         };
         let _ = self.swarm.behaviour_mut().job.send_response(channel, reply);
     }
