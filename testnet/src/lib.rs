@@ -78,6 +78,8 @@ pub struct Config {
     /// Length of the workload: submissions are spread over its first [`SUBMIT_SPREAD`]; jobs
     /// not finished [`GRACE`] after it count as failed.
     pub duration: Duration,
+    /// Wait after convergence before the workload and the kills start.
+    pub settle: Duration,
     /// Fraction of the sites SIGKILLed (and restarted after [`RESTART_AFTER`]) every
     /// [`KILL_INTERVAL`]; at least one per interval when above zero.
     pub kill_rate: f64,
@@ -97,6 +99,7 @@ impl Default for Config {
             buyers: 2,
             jobs: 20,
             duration: Duration::from_secs(60),
+            settle: Duration::ZERO,
             kill_rate: 0.0,
             latency_ms: 0,
             node_binary: PathBuf::from("hashgrid-node"),
@@ -149,6 +152,10 @@ pub struct JobOutcome {
     pub retries: usize,
     /// Submit → agreement, ms.
     pub match_ms: Option<f64>,
+    /// Submit → the buyer's task started matching, ms.
+    pub matching_ms: Option<f64>,
+    /// The job's attempts: each provider proposed to or tried, and what came of it.
+    pub attempts: Vec<String>,
     /// Submit → countersigned receipt, ms.
     pub total_ms: f64,
     /// GPU time from the receipt, ms.
@@ -365,6 +372,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     let convergence_after_last_ask =
         Duration::from_millis(converged_at.saturating_sub(last_signed));
     info!(?convergence, "every book holds every ask");
+    if !cfg.settle.is_zero() {
+        info!(settle = ?cfg.settle, "letting the sites settle before the workload");
+        tokio::time::sleep(cfg.settle).await;
+    }
 
     // The workload, with the killer alongside.
     let stop_killing = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -404,6 +415,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     };
 
     // Stop everything; then audit every provider's chain from its store.
+    let buyer_stalls: Vec<(u64, u64)> = buyers
+        .iter()
+        .map(|b| {
+            let lag = b.loop_lag();
+            (lag.max.as_millis() as u64, lag.p99.as_millis() as u64)
+        })
+        .collect();
     for b in &buyers {
         b.shutdown().await;
     }
@@ -443,6 +461,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         arrivals,
         outcomes,
         sites: site_reports,
+        buyer_stalls,
         keys,
         kills,
         leftover,
@@ -572,6 +591,8 @@ async fn run_one(
         error: None,
         retries: 0,
         match_ms: None,
+        matching_ms: None,
+        attempts: Vec::new(),
         total_ms: 0.0,
         gpu_ms: 0.0,
         receipt: None,
@@ -608,6 +629,9 @@ async fn run_one(
         loop {
             match events.recv().await {
                 Ok(NodeEvent::Job(u)) if u.job == id => {
+                    if u.state == JobState::Matching && o.matching_ms.is_none() {
+                        o.matching_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
+                    }
                     if u.state == JobState::Agreed && o.match_ms.is_none() {
                         o.match_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
                     }
@@ -643,6 +667,11 @@ async fn run_one(
             return o;
         }
     };
+    o.attempts = rec
+        .attempts
+        .iter()
+        .map(|a| format!("{}: {}", a.provider.short(), a.outcome))
+        .collect();
     o.retries = rec
         .attempts
         .iter()

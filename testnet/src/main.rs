@@ -36,6 +36,11 @@ struct Cli {
     /// Length of the workload in seconds: submissions are spread over its first 3/4.
     #[arg(long, default_value_t = 60)]
     duration: u64,
+    /// Seconds to wait after the books converge before the workload (and the kills) start,
+    /// so that it does not run into the sites' own start-up (40 processes starting at once on
+    /// a small machine keep its cores busy for a few seconds after their asks are out).
+    #[arg(long, default_value_t = 0)]
+    settle: u64,
     /// Fraction of sites SIGKILLed (and restarted after 1 s) every 5 s (at least one).
     #[arg(long, default_value_t = 0.0)]
     kill_rate: f64,
@@ -112,6 +117,7 @@ async fn main() -> ExitCode {
         buyers: cli.buyers,
         jobs: cli.jobs,
         duration: Duration::from_secs(cli.duration),
+        settle: Duration::from_secs(cli.settle),
         kill_rate: cli.kill_rate,
         latency_ms: cli.latency_ms,
         node_binary,

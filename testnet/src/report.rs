@@ -103,6 +103,8 @@ pub struct Report {
     pub jobs_requested: usize,
     /// Kill rate.
     pub kill_rate: f64,
+    /// Seconds the sites were left to settle between convergence and the workload.
+    pub settle_s: u64,
     /// Requested inter-region latency, and why it was not applied.
     pub latency_ms: u64,
     /// Why `latency_ms` was not applied, if it was requested.
@@ -117,6 +119,8 @@ pub struct Report {
     pub gossip_propagation_ms: Dist,
     /// Submit → agreement signed, ms.
     pub match_ms: Dist,
+    /// The five jobs slowest to match, slowest first: where their time went.
+    pub slowest_matches: Vec<SlowMatch>,
     /// Submit → verified, countersigned receipt, ms.
     pub submit_to_receipt_ms: Dist,
     /// The same minus the provider's GPU time from the receipt, ms.
@@ -148,6 +152,8 @@ pub struct Report {
     /// The longest swarm-task stall of any site, ms, and the largest p99 lag (from the sites'
     /// logs at exit).
     pub max_swarm_stall_ms: Option<(u64, u64)>,
+    /// Each in-process buyer's swarm-task stalls: (longest, p99 lag), ms.
+    pub buyer_swarm_stall_ms: Vec<(u64, u64)>,
     /// No site process is left running.
     pub no_processes_left: bool,
     /// Every job succeeded, every receipt verified and is in its chain, every chain is intact,
@@ -168,6 +174,7 @@ pub(crate) struct Inputs<'a> {
     pub(crate) arrivals: Vec<f64>,
     pub(crate) outcomes: Vec<JobOutcome>,
     pub(crate) sites: Vec<SiteReport>,
+    pub(crate) buyer_stalls: Vec<(u64, u64)>,
     pub(crate) keys: HashMap<usize, PublicKey>,
     pub(crate) kills: u32,
     pub(crate) leftover: usize,
@@ -248,6 +255,7 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
         buyers: i.cfg.buyers,
         jobs_requested: i.cfg.jobs,
         kill_rate: i.cfg.kill_rate,
+        settle_s: i.cfg.settle.as_secs(),
         latency_ms: i.cfg.latency_ms,
         latency_note: i.latency_note,
         convergence_ms: i.convergence.as_secs_f64() * 1000.0,
@@ -255,6 +263,7 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
         convergence_after_last_ask_ms: i.convergence_after_last_ask.as_secs_f64() * 1000.0,
         gossip_propagation_ms: Dist::of(i.arrivals),
         match_ms: Dist::of(ok.iter().filter_map(|o| o.match_ms).collect()),
+        slowest_matches: slowest_matches(&i.outcomes, 5),
         submit_to_receipt_ms: Dist::of(latencies.clone()),
         overhead_ms: Dist::of(ok.iter().map(|o| o.total_ms - o.gpu_ms).collect()),
         jobs_ok,
@@ -272,6 +281,7 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
             .filter_map(|s| s.swarm_stall_ms)
             .reduce(|a, b| (a.0.max(b.0), a.1.max(b.1))),
         settlement,
+        buyer_swarm_stall_ms: i.buyer_stalls,
         site_reports: sites,
         no_processes_left: i.leftover == 0,
         all_ok,
@@ -285,13 +295,18 @@ impl std::fmt::Display for Report {
         let d = |d: &Dist| format!("p50 {:.1} ms, p99 {:.1} ms (n={})", d.p50, d.p99, d.n);
         writeln!(
             f,
-            "hashgrid testnet {}: {} sites in {} regions, {} buyers, {} jobs, kill rate {}",
+            "hashgrid testnet {}: {} sites in {} regions, {} buyers, {} jobs, kill rate {}{}",
             self.network,
             self.sites,
             self.regions,
             self.buyers,
             self.jobs_requested,
-            self.kill_rate
+            self.kill_rate,
+            if self.settle_s > 0 {
+                format!(", workload {} s after convergence", self.settle_s)
+            } else {
+                String::new()
+            }
         )?;
         if let Some(n) = &self.latency_note {
             writeln!(f, "  latency: not applied: {n}")?;
@@ -315,6 +330,19 @@ impl std::fmt::Display for Report {
             self.gossip_propagation_ms.n
         )?;
         writeln!(f, "  match                {}", d(&self.match_ms))?;
+        for s in self.slowest_matches.iter().filter(|s| s.match_ms >= 1000.0) {
+            writeln!(
+                f,
+                "    slow: {:.0} ms (matching from {:.0} ms); {}",
+                s.match_ms,
+                s.matching_ms.unwrap_or(f64::NAN),
+                if s.attempts.is_empty() {
+                    "no refusal before the agreement".to_string()
+                } else {
+                    s.attempts.join("; ")
+                }
+            )?;
+        }
         writeln!(
             f,
             "  submit → receipt     {}",
@@ -373,6 +401,12 @@ impl std::fmt::Display for Report {
                     .iter()
                     .filter(|s| s.swarm_stall_ms.is_some())
                     .count()
+            )?;
+        }
+        for (k, (longest, p99)) in self.buyer_swarm_stall_ms.iter().enumerate() {
+            writeln!(
+                f,
+                "  buyer {k} swarm task  longest stall {longest} ms, p99 lag ≤ {p99} ms (in the testnet process)"
             )?;
         }
         writeln!(
@@ -467,4 +501,32 @@ pub fn svg(r: &Report) -> String {
         peak as usize
     );
     s
+}
+
+/// A job that was slow to match, and what its buyer went through.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlowMatch {
+    /// Submit → agreement, ms.
+    pub match_ms: f64,
+    /// Submit → the buyer's task started matching, ms.
+    pub matching_ms: Option<f64>,
+    /// Its attempts (provider: outcome).
+    pub attempts: Vec<String>,
+}
+
+/// The `n` jobs slowest to reach an agreement, slowest first.
+fn slowest_matches(outcomes: &[JobOutcome], n: usize) -> Vec<SlowMatch> {
+    let mut v: Vec<SlowMatch> = outcomes
+        .iter()
+        .filter_map(|o| {
+            Some(SlowMatch {
+                match_ms: o.match_ms?,
+                matching_ms: o.matching_ms,
+                attempts: o.attempts.clone(),
+            })
+        })
+        .collect();
+    v.sort_by(|a, b| b.match_ms.total_cmp(&a.match_ms));
+    v.truncate(n);
+    v
 }

@@ -187,6 +187,7 @@ impl BuyerJob {
                 ));
             }
             self.set(JobState::Matching, None);
+            let asked = Instant::now();
             let cands = self
                 .ctx
                 .net
@@ -203,6 +204,7 @@ impl BuyerJob {
                 })
                 .await
                 .map_err(|e| (FailKind::Interrupted, e))?;
+            debug!(job = %self.record.id.short(), candidates = cands.len(), ms = asked.elapsed().as_millis() as u64, "candidates");
             if cands.is_empty()
                 && last.is_none()
                 && !busy.is_empty()
@@ -279,8 +281,11 @@ impl BuyerJob {
                     let spec_id = self.record.spec_id;
                     let tx = tx.clone();
                     in_flight.push(c.ask.provider);
+                    let job = self.record.id;
                     tokio::spawn(async move {
+                        let sent = Instant::now();
                         let r = propose(&ctx, &c, proposal, spec_id).await;
+                        debug!(job = %job.short(), provider = %c.ask.provider.short(), ms = sent.elapsed().as_millis() as u64, agreed = r.is_ok(), "proposal answered");
                         let _ = tx.send((c, r)).await;
                     });
                     hedge_due = false;
