@@ -6,6 +6,7 @@
 //!
 //! `cargo run -p hashgrid-examples --example market [-- OUT_DIR]`
 
+use hashgrid_node::jobs::IntoSharedInputs;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -145,7 +146,7 @@ async fn main() -> anyhow::Result<()> {
     let job = load_job_file(&path, &JobLimits::default())?;
     let sub = Submission {
         spec: job.spec,
-        inputs: job.inputs,
+        inputs: job.inputs.into_shared(),
         options: JobOptions {
             max_price: Some(Msat(140)),
             max_seconds: 60,

@@ -206,17 +206,28 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Each distinct kernel of the decoder step (by shader and parameter slot), run alone in a loop
-/// of 32 iterations; its time per dispatch times how often a token runs it.
+/// Each distinct kernel of the decoder step (the generation loop, the job's last; by shader and
+/// workgroups), run alone in a loop of 32 iterations; its time per dispatch times how often a
+/// token runs it.
 fn profile(
     exec: &Executor,
     rt: &tokio::runtime::Runtime,
     spec: &hashgrid_protocol::JobSpec,
-    inputs: &BTreeMap<hashgrid_protocol::ContentId, Vec<u8>>,
+    inputs: &hashgrid_infer::Inputs,
 ) -> anyhow::Result<serde_json::Value> {
     const ITERS: u32 = 32;
+    let decode = spec
+        .loops
+        .last()
+        .context("the job has no generation loop")?;
+    let body = decode.first as usize..(decode.first + decode.len) as usize;
     let mut kinds: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-    for (i, p) in spec.passes.iter().enumerate() {
+    for (i, p) in spec
+        .passes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| body.contains(i))
+    {
         let key = format!(
             "{} [{}]",
             spec.shaders[p.shader as usize].name, p.workgroups[0]
@@ -228,7 +239,7 @@ fn profile(
     for (key, (pass, count)) in &kinds {
         let mut s = spec.clone();
         s.passes = vec![s.passes[*pass].clone()];
-        let step = s.loops[0].counter;
+        let step = decode.counter;
         s.loops = vec![LoopSpec {
             first: 0,
             len: 1,
@@ -238,8 +249,7 @@ fn profile(
             check_every: ITERS,
             stream: Vec::new(),
         }];
-        // Mid-prompt position 16, as a decode step would see: the counter starts at 0, so the
-        // loop covers positions 0..32.
+        // The generation loop's own positions: from the prompt's last on, 32 of them.
         let out = rt.block_on(exec.run("profile", s, inputs.clone()))?;
         let per = out.passes.last().map_or(0.0, |p| p.gpu_ms) / f64::from(ITERS);
         let per_token = per * *count as f64;

@@ -118,9 +118,9 @@ pub(crate) fn content_id(bytes: &[u8]) -> ContentId {
 /// and model weights exceed WebGPU's 256 MiB default), and (when given) that the inputs hash
 /// to their ids. A buyer runs this before any network traffic; a job that passes may still
 /// exceed a particular adapter.
-pub fn check_offline(
+pub fn check_offline<V: InputBytes>(
     spec: &JobSpec,
-    inputs: Option<&BTreeMap<ContentId, Vec<u8>>>,
+    inputs: Option<&BTreeMap<ContentId, V>>,
 ) -> Result<(), ExecError> {
     let mut gpu = adapter::gpu_limits(&wgpu::Limits::default());
     gpu.max_buffer_size = hashgrid_protocol::job::DEFAULT_MAX_BUFFER_BYTES;
@@ -200,6 +200,25 @@ pub type StreamSink = dyn Fn(StreamUpdate) -> bool + Send + Sync;
 /// executor the weights it keeps in its input cache without copying them (a copy of a
 /// 100 MB model costs 80–500 ms of page faults on a small VM).
 pub type SharedInputs = BTreeMap<ContentId, Arc<Vec<u8>>>;
+
+/// Input blobs, owned or shared, as [`SharedInputs`] (moving a `Vec` into an `Arc` copies
+/// nothing).
+pub trait IntoSharedInputs {
+    /// The blobs as shared ones.
+    fn into_shared(self) -> SharedInputs;
+}
+
+impl IntoSharedInputs for BTreeMap<ContentId, Vec<u8>> {
+    fn into_shared(self) -> SharedInputs {
+        self.into_iter().map(|(k, v)| (k, Arc::new(v))).collect()
+    }
+}
+
+impl IntoSharedInputs for SharedInputs {
+    fn into_shared(self) -> SharedInputs {
+        self
+    }
+}
 
 /// Input bytes, owned or shared.
 pub trait InputBytes {
@@ -372,7 +391,7 @@ impl Executor {
         &self,
         buyer: &str,
         spec: JobSpec,
-        inputs: BTreeMap<ContentId, Vec<u8>>,
+        inputs: impl IntoSharedInputs,
     ) -> Result<JobOutput, ExecError> {
         self.run_streaming(buyer, spec, inputs, None).await
     }
@@ -383,12 +402,11 @@ impl Executor {
         &self,
         buyer: &str,
         spec: JobSpec,
-        inputs: BTreeMap<ContentId, Vec<u8>>,
+        inputs: impl IntoSharedInputs,
         stream: Option<Box<StreamSink>>,
     ) -> Result<JobOutput, ExecError> {
-        // Moving each Vec into an Arc copies nothing.
-        let shared = inputs.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
-        self.run_shared(buyer, spec, shared, stream).await
+        self.run_shared(buyer, spec, inputs.into_shared(), stream)
+            .await
     }
 
     /// [`Executor::run_streaming`] with shared input blobs.

@@ -1334,6 +1334,14 @@ fn tiny_models_of_every_type_match_the_cpu_reference() {
                 },
             )
             .unwrap();
+            // The job shares the weights' bytes: a request copies no weight.
+            for w in &weights.blobs {
+                assert!(
+                    std::sync::Arc::ptr_eq(&job.inputs[&w.id], &w.bytes),
+                    "{} copied",
+                    w.name
+                );
+            }
             let out = rt.block_on(exec.run("test", job.spec, job.inputs)).unwrap();
             let g = read_generation(
                 job.n_prompt,

@@ -7,15 +7,15 @@ use std::collections::BTreeMap;
 
 use futures::future::BoxFuture;
 use hashgrid_executor::{ExecError, Executor, StreamSink, StreamUpdate};
-use hashgrid_protocol::{ContentId, JobSpec};
+use hashgrid_protocol::JobSpec;
 use tokio::sync::mpsc;
 
 /// A job to run.
 pub struct BackendJob {
     /// The job.
     pub spec: JobSpec,
-    /// Its input blobs by id.
-    pub inputs: BTreeMap<ContentId, Vec<u8>>,
+    /// Its input blobs by id, shared (a model's weights are not copied per request).
+    pub inputs: hashgrid_infer::Inputs,
     /// Longest run in seconds.
     pub max_seconds: u32,
 }

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use hashgrid_protocol::job::RANGE_ALIGN;
 use hashgrid_protocol::{Binding, BufferRange, ContentId};
@@ -448,7 +449,7 @@ impl Slot {
 /// A BERT model's weights as job blobs.
 #[derive(Debug, Clone)]
 pub struct BertWeights {
-    blobs: Vec<(String, ContentId, Vec<u8>)>,
+    blobs: Vec<(String, ContentId, Arc<Vec<u8>>)>,
     /// Per layer: the slots of `LAYER_TENSORS`, with q/k/v packed so one range spans them.
     layers: Vec<Vec<Slot>>,
 }
@@ -469,7 +470,7 @@ impl BertWeights {
         let mut blobs = Vec::new();
         let mut push = |name: &str, mut bytes: Vec<u8>| {
             bytes.resize(bytes.len().next_multiple_of(4), 0);
-            blobs.push((name.to_string(), ContentId::of(&bytes), bytes));
+            blobs.push((name.to_string(), ContentId::of(&bytes), Arc::new(bytes)));
         };
         let (word, word_ty) = m.bytes(
             "embeddings.word_embeddings.weight",
@@ -545,7 +546,7 @@ impl BertWeights {
         Ok(BertWeights { blobs, layers })
     }
 
-    fn blob(&self, name: &str) -> Option<&(String, ContentId, Vec<u8>)> {
+    fn blob(&self, name: &str) -> Option<&(String, ContentId, Arc<Vec<u8>>)> {
         self.blobs.iter().find(|b| b.0 == name)
     }
 }
@@ -590,7 +591,7 @@ pub fn compile_embed(
         let blob = w
             .blob(name)
             .ok_or_else(|| BertError::Input(format!("weights have no blob {name}")))?;
-        Ok(b.blob(name, blob.2.clone(), false))
+        Ok(b.shared(name, blob.1, &blob.2, false))
     };
     let word = weight(&mut b, "word_embeddings")?;
     let pos = weight(&mut b, "position_embeddings")?;

@@ -18,6 +18,7 @@
 //! and `status` back at every check, so text appears as it is generated.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use hashgrid_protocol::{
     Binding, BufferInit, BufferRange, BufferSpec, ContentId, JobSpec, LoopSpec, PassSpec,
@@ -139,8 +140,8 @@ pub struct WeightBlob {
     pub name: String,
     /// blake3 of `bytes`.
     pub id: ContentId,
-    /// The bytes.
-    pub bytes: Vec<u8>,
+    /// The bytes, shared with every job compiled from these weights (a request copies none).
+    pub bytes: Arc<Vec<u8>>,
 }
 
 /// A model's weights as job blobs, read from the file once and reused for every request.
@@ -177,7 +178,7 @@ impl ModelWeights {
             WeightBlob {
                 name: name.into(),
                 id: ContentId::of(&bytes),
-                bytes,
+                bytes: Arc::new(bytes),
             }
         };
         let (embd, embd_ty) = read("token_embd.weight")?;
@@ -264,13 +265,18 @@ impl ModelWeights {
     }
 }
 
+/// A job's input blobs by content id, shared rather than owned (the executor's and the
+/// node's `SharedInputs`).
+pub type Inputs = BTreeMap<ContentId, Arc<Vec<u8>>>;
+
 /// A compiled request: the job and its inputs.
 #[derive(Debug, Clone)]
 pub struct CompiledJob {
     /// The job.
     pub spec: JobSpec,
-    /// Its input blobs (weights, prompt, parameters) by id.
-    pub inputs: BTreeMap<ContentId, Vec<u8>>,
+    /// Its input blobs (weights, prompt, parameters) by id; the weights are shared with the
+    /// [`ModelWeights`] they came from, not copied.
+    pub inputs: Inputs,
     /// Prompt tokens.
     pub n_prompt: usize,
     /// Prompt plus the most new tokens.
@@ -335,7 +341,7 @@ pub fn read_generation(
 /// of one buffer (the first), deduplicated. Shared by the decoder and the encoder compilers.
 pub(crate) struct Builder {
     buffers: Vec<BufferSpec>,
-    inputs: BTreeMap<ContentId, Vec<u8>>,
+    inputs: Inputs,
     shaders: Vec<ShaderSource>,
     shader_keys: Vec<String>,
     passes: Vec<PassSpec>,
@@ -374,13 +380,25 @@ impl Builder {
     /// A buffer initialised from `bytes` (an input blob, shared by content id).
     pub(crate) fn blob(&mut self, name: &str, bytes: Vec<u8>, output: bool) -> u32 {
         let id = ContentId::of(&bytes);
+        self.shared(name, id, &Arc::new(bytes), output)
+    }
+
+    /// A buffer initialised from a shared blob whose content id is `id` (weights: neither
+    /// copied nor hashed again per request).
+    pub(crate) fn shared(
+        &mut self,
+        name: &str,
+        id: ContentId,
+        bytes: &Arc<Vec<u8>>,
+        output: bool,
+    ) -> u32 {
         self.buffers.push(BufferSpec {
             name: name.into(),
             size: bytes.len() as u64,
             init: BufferInit::Blob(id),
             output,
         });
-        self.inputs.entry(id).or_insert(bytes);
+        self.inputs.entry(id).or_insert_with(|| bytes.clone());
         (self.buffers.len() - 1) as u32
     }
 
@@ -448,11 +466,7 @@ impl Builder {
     }
 
     /// Writes the parameter buffer and returns the job and its inputs.
-    pub(crate) fn finish(
-        mut self,
-        name: String,
-        loops: Vec<LoopSpec>,
-    ) -> (JobSpec, BTreeMap<ContentId, Vec<u8>>) {
+    pub(crate) fn finish(mut self, name: String, loops: Vec<LoopSpec>) -> (JobSpec, Inputs) {
         let params: Vec<u8> = self
             .params
             .iter()
@@ -462,7 +476,7 @@ impl Builder {
         let pb = &mut self.buffers[self.params_buf as usize];
         pb.size = params.len() as u64;
         pb.init = BufferInit::Blob(pid);
-        self.inputs.insert(pid, params);
+        self.inputs.insert(pid, Arc::new(params));
         let spec = JobSpec {
             name,
             buffers: self.buffers,
@@ -598,7 +612,7 @@ pub fn compile_generate(
         let w = weights.blob(name).ok_or_else(|| {
             CompileError::Request(format!("weights have no blob {name:?}: reload the model"))
         })?;
-        Ok(b.blob(name, w.bytes.clone(), false))
+        Ok(b.shared(name, w.id, &w.bytes, false))
     };
     let embd = weight_buf(&mut b, "token_embd")?;
     let out_norm = weight_buf(&mut b, "output_norm")?;

@@ -42,7 +42,7 @@ pub mod tokenizer;
 
 pub use chat::{TextError, TextModel};
 pub use compile::{
-    CompileError, CompiledJob, GenerateRequest, Generation, ModelWeights, Sampling,
+    CompileError, CompiledJob, GenerateRequest, Generation, Inputs, ModelWeights, Sampling,
     compile_generate, read_generation,
 };
 pub use model::{LlamaConfig, LlamaModel, ModelError, RopeStyle};

@@ -57,7 +57,11 @@ fn preload_blobs(
         } else {
             let m = hashgrid_infer::LlamaModel::open(p).map_err(|e| bad(e.to_string()))?;
             let w = hashgrid_infer::ModelWeights::load(&m).map_err(|e| bad(e.to_string()))?;
-            out.extend(w.blobs.into_iter().map(|b| (b.id, b.bytes)));
+            // The weights were read for this alone: unwrapping their Arc copies nothing.
+            out.extend(w.blobs.into_iter().map(|b| {
+                let bytes = std::sync::Arc::try_unwrap(b.bytes).unwrap_or_else(|a| (*a).clone());
+                (b.id, bytes)
+            }));
         }
     }
     Ok(out)

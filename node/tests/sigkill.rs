@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // helpers outside #[test] fns: a failed unwrap is a failed test
 
+use hashgrid_node::jobs::IntoSharedInputs;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -65,7 +66,7 @@ fn saxpy() -> Submission {
     let job = load_job_file(&path, &JobLimits::default()).unwrap();
     Submission {
         spec: job.spec,
-        inputs: job.inputs,
+        inputs: job.inputs.into_shared(),
         options: JobOptions {
             max_attempts: 1,
             ..JobOptions::default()
@@ -78,7 +79,7 @@ fn slow() -> Submission {
     let (spec, inputs) = hashgrid_node::executor::bench::matmul_job(512);
     Submission {
         spec,
-        inputs,
+        inputs: inputs.into_shared(),
         options: JobOptions {
             max_attempts: 1,
             ..JobOptions::default()

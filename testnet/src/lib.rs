@@ -17,6 +17,7 @@ pub mod netns;
 pub mod report;
 pub mod sites;
 
+use hashgrid_node::jobs::IntoSharedInputs;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -608,7 +609,7 @@ async fn run_one(
     let t = Instant::now();
     let sub = Submission {
         spec: job.spec,
-        inputs: job.inputs,
+        inputs: job.inputs.into_shared(),
         options: JobOptions {
             max_attempts: 8,
             requirements: hashgrid_protocol::Requirements {

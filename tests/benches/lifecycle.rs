@@ -8,6 +8,7 @@
 //! `hashgrid run-local` does), so the market's overhead can be read against local execution
 //! on the same machine and adapter. The GPU time subtracted is the one the receipt reports.
 
+use hashgrid_node::jobs::IntoSharedInputs;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -38,7 +39,7 @@ fn saxpy() -> anyhow::Result<Submission> {
     let job = load_job_file(&path, &JobLimits::default())?;
     Ok(Submission {
         spec: job.spec,
-        inputs: job.inputs,
+        inputs: job.inputs.into_shared(),
         options: JobOptions::default(),
     })
 }

@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use hashgrid_node::jobs::IntoSharedInputs;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ fn saxpy(min_memory_gib: u64) -> Submission {
     let job = load_job_file(&path, &JobLimits::default()).unwrap();
     Submission {
         spec: job.spec,
-        inputs: job.inputs,
+        inputs: job.inputs.into_shared(),
         options: JobOptions {
             requirements: Requirements {
                 min_memory_bytes: min_memory_gib << 30,

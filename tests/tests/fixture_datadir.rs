@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use hashgrid_node::jobs::IntoSharedInputs;
 use hashgrid_node::jobs::{JobOptions, JobState, Submission};
 use hashgrid_protocol::{JobLimits, load_job_file};
 use hashgrid_tests::{addr_of, start_provider_with, test_builder, wait_for_asks};
@@ -34,7 +35,7 @@ async fn make_fixture() {
         let id = b
             .submit(Submission {
                 spec: job.spec.clone(),
-                inputs: job.inputs.clone(),
+                inputs: job.inputs.clone().into_shared(),
                 options: JobOptions::default(),
             })
             .await

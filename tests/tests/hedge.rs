@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use hashgrid_node::jobs::IntoSharedInputs;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -163,7 +164,7 @@ async fn a_provider_that_never_answers_costs_a_job_one_hedge_interval() {
         let (spec, inputs) = hashgrid_node::executor::bench::copy_job(64 << 10);
         Submission {
             spec,
-            inputs,
+            inputs: inputs.into_shared(),
             options: JobOptions::default(),
         }
     };

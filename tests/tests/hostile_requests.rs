@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use hashgrid_node::jobs::IntoSharedInputs;
 use std::io;
 use std::time::{Duration, Instant};
 
@@ -145,7 +146,7 @@ async fn unfinished_requests_do_not_hold_memory_and_buyers_are_still_served() {
         let (spec, inputs) = hashgrid_node::executor::bench::copy_job(n);
         Submission {
             spec,
-            inputs,
+            inputs: inputs.into_shared(),
             options: JobOptions::default(),
         }
     };

@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use hashgrid_node::jobs::IntoSharedInputs;
 use std::time::Duration;
 
 use hashgrid_node::NodeHandle;
@@ -22,7 +23,7 @@ fn saxpy() -> Submission {
     let job = load_job_file(&path, &JobLimits::default()).unwrap();
     Submission {
         spec: job.spec,
-        inputs: job.inputs,
+        inputs: job.inputs.into_shared(),
         options: JobOptions::default(),
     }
 }

@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use hashgrid_node::jobs::IntoSharedInputs;
 use std::time::Duration;
 
 use hashgrid_node::jobs::{FailKind, JobOptions, JobState, Lie, ProviderEvent, Submission};
@@ -35,7 +36,7 @@ fn saxpy() -> (Submission, Vec<f32>) {
     (
         Submission {
             spec: job.spec,
-            inputs: job.inputs,
+            inputs: job.inputs.into_shared(),
             options: JobOptions::default(),
         },
         cpu,
@@ -53,7 +54,7 @@ fn slow_job() -> Submission {
     let (spec, inputs) = hashgrid_node::executor::bench::matmul_job(256);
     Submission {
         spec,
-        inputs,
+        inputs: inputs.into_shared(),
         options: JobOptions::default(),
     }
 }
@@ -299,7 +300,7 @@ async fn large_inputs_and_outputs_travel_in_verified_chunks() {
     let id = b
         .submit(Submission {
             spec,
-            inputs,
+            inputs: inputs.into_shared(),
             options: JobOptions::default(),
         })
         .await
@@ -442,7 +443,7 @@ async fn large_inputs_cross_the_network_once_per_provider_even_across_a_restart(
     let (spec, inputs) = hashgrid_node::executor::bench::copy_job(3 << 20);
     let job = || Submission {
         spec: spec.clone(),
-        inputs: inputs.clone(),
+        inputs: inputs.clone().into_shared(),
         options: JobOptions::default(),
     };
     let mut events = p.events();
@@ -515,7 +516,7 @@ async fn a_provider_holding_the_inputs_is_chosen_over_a_slightly_cheaper_cold_on
     let id = b
         .submit(Submission {
             spec,
-            inputs,
+            inputs: inputs.into_shared(),
             options: JobOptions::default(),
         })
         .await

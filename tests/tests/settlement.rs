@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use hashgrid_node::jobs::IntoSharedInputs;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,7 +27,7 @@ fn job() -> Submission {
     let job = load_job_file(&path, &JobLimits::default()).unwrap();
     Submission {
         spec: job.spec,
-        inputs: job.inputs,
+        inputs: job.inputs.into_shared(),
         options: JobOptions::default(),
     }
 }

@@ -66,10 +66,7 @@ pub(crate) struct BuyerJob {
 
 impl BuyerJob {
     pub(crate) fn new(ctx: BuyerCtx, mut sub: Submission, record: JobRecord) -> BuyerJob {
-        let inputs = std::mem::take(&mut sub.inputs)
-            .into_iter()
-            .map(|(id, bytes)| (id, Arc::new(bytes)))
-            .collect();
+        let inputs = std::mem::take(&mut sub.inputs);
         BuyerJob {
             ctx,
             sub,

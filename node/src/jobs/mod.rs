@@ -43,6 +43,8 @@ pub(crate) mod run;
 
 pub use record::{Attempt, FailKind, JobRecord, JobState};
 
+pub use crate::executor::{IntoSharedInputs, SharedInputs};
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -293,8 +295,10 @@ pub enum ProviderEvent {
 pub struct Submission {
     /// The job.
     pub spec: JobSpec,
-    /// Input blobs by id (every [`hashgrid_protocol::BufferInit::Blob`] of the spec).
-    pub inputs: BTreeMap<ContentId, Vec<u8>>,
+    /// Input blobs by id (every [`hashgrid_protocol::BufferInit::Blob`] of the spec), shared:
+    /// a buyer that keeps a model's weights hands the same bytes to every request
+    /// (`.into_shared()` makes owned blobs shared without copying them).
+    pub inputs: SharedInputs,
     /// Market terms.
     pub options: JobOptions,
 }

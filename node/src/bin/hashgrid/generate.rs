@@ -18,7 +18,7 @@ use hashgrid_infer::{
 };
 use hashgrid_node::executor::{ExecConfig, Executor, StreamUpdate};
 use hashgrid_node::jobs::JobOptions;
-use hashgrid_protocol::{LoadedJob, Msat, Requirements};
+use hashgrid_protocol::{Msat, Requirements};
 use tokio::sync::mpsc;
 
 use crate::client::Client;
@@ -300,16 +300,7 @@ async fn run_market(
         max_attempts: 3,
         wait_for_capacity: Duration::from_secs(30),
     };
-    let outcome = submit_and_wait(
-        g,
-        &node,
-        LoadedJob {
-            spec: job.spec,
-            inputs: job.inputs,
-        },
-        options,
-    )
-    .await;
+    let outcome = submit_and_wait(g, &node, job.spec, job.inputs, options).await;
     node.shutdown().await;
     let (rec, outputs) = outcome?;
     let saved = crate::market::save_result(&c, &rec, &outputs, None)?;
@@ -482,17 +473,7 @@ pub(crate) async fn embed(
                 max_attempts: 3,
                 wait_for_capacity: Duration::from_secs(30),
             };
-            match submit_and_wait(
-                g,
-                &node,
-                LoadedJob {
-                    spec: job.spec,
-                    inputs: job.inputs,
-                },
-                options,
-            )
-            .await
-            {
+            match submit_and_wait(g, &node, job.spec, job.inputs, options).await {
                 Ok((rec, outputs)) => {
                     let saved = crate::market::save_result(&c, &rec, &outputs, None)?;
                     embeddings.push(to_f32(

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use hashgrid_node::client::ClientConfig;
-use hashgrid_node::jobs::{FailKind, JobOptions, JobRecord, JobState, Submission};
+use hashgrid_node::jobs::{
+    FailKind, IntoSharedInputs, JobOptions, JobRecord, JobState, Submission,
+};
 use hashgrid_node::store::Store;
 use hashgrid_node::{NodeEvent, NodeHandle, OfferQuery, OfferSort};
 use hashgrid_protocol::{
@@ -284,7 +286,8 @@ async fn run_submit(
         ..JobOptions::default()
     };
     let started = Instant::now();
-    let (rec, outputs) = submit_and_wait(g, node, job, options).await?;
+    let (rec, outputs) =
+        submit_and_wait(g, node, job.spec, job.inputs.into_shared(), options).await?;
     let saved = save_result(c, &rec, &outputs, args.out.as_deref())?;
     print_done(g, &rec, &outputs, &saved, Some(started.elapsed()));
     Ok(())
@@ -296,7 +299,8 @@ async fn run_submit(
 pub(crate) async fn submit_and_wait(
     g: &Global,
     node: &NodeHandle,
-    job: hashgrid_protocol::LoadedJob,
+    spec: hashgrid_protocol::JobSpec,
+    inputs: hashgrid_node::jobs::SharedInputs,
     options: JobOptions,
 ) -> Result<(JobRecord, BTreeMap<String, Vec<u8>>), CliError> {
     let asks = wait_for_book(node).await?;
@@ -304,8 +308,8 @@ pub(crate) async fn submit_and_wait(
         eprintln!("book: {asks} asks from the network");
     }
     let sub = Submission {
-        spec: job.spec,
-        inputs: job.inputs,
+        spec,
+        inputs,
         options,
     };
     let mut events = node.events();
