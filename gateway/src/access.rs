@@ -3,14 +3,43 @@
 //!
 //! Caps are checked when a request starts and charged when its receipt arrives, so requests
 //! running at the same time can together pass a cap by their own charges; the next request
-//! is then refused. Spending is counted per UTC day in memory: a restarted gateway starts the
-//! day at zero (the receipts themselves are kept by the node).
+//! is then refused. Spending is counted per UTC day; with a spend file ([`Access::open`],
+//! `hashgrid serve` keeps one in its data dir) every charge is written through, so a
+//! restarted gateway goes on from what it had spent today instead of from zero. A spend file
+//! that cannot be read is an error at start-up, never a reset.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use hashgrid_protocol::ContentId;
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+/// Largest spend file read (a day's spending of a few thousand keys is far below it).
+const MAX_SPEND_FILE_BYTES: u64 = 1 << 20;
+
+/// A spend file could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("spend file {path}: {reason} (move it away to start today's spending at zero)")]
+pub struct SpendFileError {
+    /// The file.
+    pub path: PathBuf,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// The spend file's contents: one UTC day's spending, in total and per key fingerprint
+/// (`anonymous` without keys).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct SpendFile {
+    day: u64,
+    total_msat: u64,
+    per_key_msat: BTreeMap<String, u64>,
+}
+
+const ANONYMOUS: &str = "anonymous";
 
 /// Who a request is from: the key's fingerprint (blake3, never the key), or anonymous when
 /// the gateway has no keys.
@@ -49,6 +78,8 @@ pub struct Access {
     key_cap_msat: Option<u64>,
     total_cap_msat: Option<u64>,
     spent: Mutex<Spent>,
+    /// Where today's spending is written through, if anywhere.
+    file: Option<PathBuf>,
 }
 
 fn today() -> u64 {
@@ -65,7 +96,59 @@ impl Access {
             key_cap_msat,
             total_cap_msat,
             spent: Mutex::new(Spent::default()),
+            file: None,
         }
+    }
+
+    /// [`Access::new`] whose spending is kept in `path`: today's spending is read back from
+    /// it (a file from an earlier day counts as zero) and every charge is written through.
+    pub fn open(
+        keys: &[String],
+        key_cap_msat: Option<u64>,
+        total_cap_msat: Option<u64>,
+        path: &Path,
+    ) -> Result<Access, SpendFileError> {
+        let err = |reason: String| SpendFileError {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let mut a = Access::new(keys, key_cap_msat, total_cap_msat);
+        a.file = Some(path.to_path_buf());
+        let f = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(a),
+            Err(e) => return Err(err(e.to_string())),
+        };
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut std::io::Read::take(f, MAX_SPEND_FILE_BYTES + 1),
+            &mut text,
+        )
+        .map_err(|e| err(e.to_string()))?;
+        if text.len() as u64 > MAX_SPEND_FILE_BYTES {
+            return Err(err(format!("over {MAX_SPEND_FILE_BYTES} bytes")));
+        }
+        let saved: SpendFile = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+        if saved.day == today() {
+            let mut per_key = HashMap::new();
+            for (k, v) in saved.per_key_msat {
+                let who = if k == ANONYMOUS {
+                    None
+                } else {
+                    Some(
+                        k.parse::<ContentId>()
+                            .map_err(|e| err(format!("key {k:?}: {e}")))?,
+                    )
+                };
+                per_key.insert(who, v);
+            }
+            a.spent = Mutex::new(Spent {
+                day: saved.day,
+                total: saved.total_msat,
+                per_key,
+            });
+        }
+        Ok(a)
     }
 
     /// Whether requests need a key.
@@ -143,6 +226,11 @@ impl Access {
             s.total = s.total.saturating_add(msat);
             let e = s.per_key.entry(caller.0).or_default();
             *e = e.saturating_add(msat);
+            if let Some(path) = &self.file
+                && let Err(e) = write_spend(path, s)
+            {
+                warn!(path = %path.display(), error = %e, "cannot write the spend file; today's spending is only in memory");
+            }
         });
     }
 
@@ -150,6 +238,33 @@ impl Access {
     pub fn spent_today(&self) -> u64 {
         self.with_spent(|s| s.total)
     }
+}
+
+/// Writes `s` to `path` whole: a temporary file beside it, synced, then renamed over it, so
+/// a crash leaves the old or the new day's spending, never a torn file.
+fn write_spend(path: &Path, s: &Spent) -> std::io::Result<()> {
+    let file = SpendFile {
+        day: s.day,
+        total_msat: s.total,
+        per_key_msat: s
+            .per_key
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.map_or_else(|| ANONYMOUS.to_string(), |id| id.to_string()),
+                    *v,
+                )
+            })
+            .collect(),
+    };
+    let bytes = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other)?;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, &bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]
@@ -180,6 +295,44 @@ mod tests {
         // The gateway's total (160) is over its cap of 150: everyone waits for tomorrow.
         assert!(matches!(a.check_cap(&k2), Err(Denied::OverCap(_))));
         assert_eq!(a.spent_today(), 160);
+    }
+
+    #[test]
+    fn a_spend_file_carries_todays_spending_across_a_restart() {
+        let dir = std::env::temp_dir().join(format!("hashgrid-spend-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("spend.json");
+        let _ = std::fs::remove_file(&path);
+        let keys: Vec<String> = vec!["k1".into(), "k2".into()];
+        {
+            let a = Access::open(&keys, Some(100), Some(1_000), &path).unwrap();
+            let k1 = a.authorize(Some("Bearer k1")).unwrap();
+            a.charge(&k1, 100);
+            assert!(matches!(a.check_cap(&k1), Err(Denied::OverCap(_))));
+        }
+        // A restarted gateway: k1 is still over its cap today, k2 is not.
+        let a = Access::open(&keys, Some(100), Some(1_000), &path).unwrap();
+        let k1 = a.authorize(Some("Bearer k1")).unwrap();
+        let k2 = a.authorize(Some("Bearer k2")).unwrap();
+        assert!(matches!(a.check_cap(&k1), Err(Denied::OverCap(_))));
+        a.check_cap(&k2).unwrap();
+        assert_eq!(a.spent_today(), 100);
+        // Yesterday's file counts as zero today.
+        let old = SpendFile {
+            day: today() - 1,
+            total_msat: 5_000,
+            per_key_msat: BTreeMap::new(),
+        };
+        std::fs::write(&path, serde_json::to_vec(&old).unwrap()).unwrap();
+        let a = Access::open(&keys, Some(100), Some(1_000), &path).unwrap();
+        assert_eq!(a.spent_today(), 0);
+        // A damaged file is an error that names it, not a reset to zero.
+        std::fs::write(&path, b"{ not json").unwrap();
+        let e = Access::open(&keys, Some(100), Some(1_000), &path)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("spend.json"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

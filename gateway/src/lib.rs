@@ -17,7 +17,8 @@
 //! use std::sync::Arc;
 //! use hashgrid_gateway::{Gateway, GatewayConfig, LocalBackend, models};
 //! let models = models::load_all(&["SmolLM2-135M-Instruct.Q4_1.gguf".into()]).unwrap();
-//! let gw = Gateway::new(Arc::new(LocalBackend::new(exec)), models, GatewayConfig::default());
+//! let gw = Gateway::new(Arc::new(LocalBackend::new(exec)), models, GatewayConfig::default())
+//!     .map_err(std::io::Error::other)?;
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
 //! gw.serve(listener, std::future::pending()).await
 //! # }
@@ -35,7 +36,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-pub use access::Access;
+pub use access::{Access, SpendFileError};
 pub use backend::{
     Backend, BackendError, BackendJob, BackendOutput, LocalBackend, MarketInfo, Streamed,
 };
@@ -66,6 +67,9 @@ pub struct GatewayConfig {
     pub key_cap_msat_per_day: Option<u64>,
     /// Most msat the whole gateway may spend per UTC day.
     pub cap_msat_per_day: Option<u64>,
+    /// Where today's spending is kept so that a restart does not reset the caps (`None`:
+    /// in memory only).
+    pub spend_file: Option<std::path::PathBuf>,
 }
 
 impl Default for GatewayConfig {
@@ -76,6 +80,7 @@ impl Default for GatewayConfig {
             api_keys: Vec::new(),
             key_cap_msat_per_day: None,
             cap_msat_per_day: None,
+            spend_file: None,
         }
     }
 }
@@ -95,18 +100,27 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// A gateway serving `models` (by id) on `backend`.
+    /// A gateway serving `models` (by id) on `backend`; fails only when the config's spend
+    /// file exists and cannot be read.
     pub fn new(
         backend: Arc<dyn Backend>,
         models: BTreeMap<String, ModelEntry>,
         config: GatewayConfig,
-    ) -> Gateway {
-        let access = Access::new(
-            &config.api_keys,
-            config.key_cap_msat_per_day,
-            config.cap_msat_per_day,
-        );
-        Gateway {
+    ) -> Result<Gateway, access::SpendFileError> {
+        let access = match &config.spend_file {
+            Some(path) => Access::open(
+                &config.api_keys,
+                config.key_cap_msat_per_day,
+                config.cap_msat_per_day,
+                path,
+            )?,
+            None => Access::new(
+                &config.api_keys,
+                config.key_cap_msat_per_day,
+                config.cap_msat_per_day,
+            ),
+        };
+        Ok(Gateway {
             inner: Arc::new(Inner {
                 backend,
                 models,
@@ -114,7 +128,7 @@ impl Gateway {
                 config,
                 requests: AtomicU64::new(0),
             }),
-        }
+        })
     }
 
     /// The HTTP routes, to serve or to nest in a larger app.

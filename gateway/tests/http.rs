@@ -143,7 +143,7 @@ impl Backend for Lying {
 }
 
 fn gateway(backend: Arc<dyn Backend>, config: GatewayConfig) -> Option<Gateway> {
-    Some(Gateway::new(backend, loaded()?.clone(), config))
+    Some(Gateway::new(backend, loaded()?.clone(), config).expect("no spend file to read"))
 }
 
 fn local(config: GatewayConfig) -> Option<Gateway> {

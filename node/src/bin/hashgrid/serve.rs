@@ -81,6 +81,8 @@ pub(crate) async fn serve(g: &Global, a: ServeArgs) -> Result<(), CliError> {
         api_keys: keys,
         key_cap_msat_per_day: section.key_cap_msat_per_day,
         cap_msat_per_day: section.cap_msat_per_day,
+        // Today's spending survives a restart of the gateway.
+        spend_file: Some(client.dir.root().join("gateway-spend.json")),
     };
     let listen = a
         .listen
@@ -128,7 +130,12 @@ pub(crate) async fn serve(g: &Global, a: ServeArgs) -> Result<(), CliError> {
                 .save_receipts(client.dir.root().join("receipts"), client.network.clone()),
         )
     };
-    let gateway = Gateway::new(backend.clone(), loaded, config.clone());
+    let gateway = Gateway::new(backend.clone(), loaded, config.clone()).map_err(|e| {
+        CliError::bad_input(
+            e.to_string(),
+            "the file holds today's spending against the caps; fix or move it",
+        )
+    })?;
     eprintln!(
         "hashgrid serve: http://{addr}/v1 ({} backend; models: {}{})",
         backend.name(),
