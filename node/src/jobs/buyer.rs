@@ -285,7 +285,6 @@ impl BuyerJob {
                         debug!(job = %job.short(), provider = %c.ask.provider.short(), ms = sent.elapsed().as_millis() as u64, agreed = r.is_ok(), "proposal answered");
                         let _ = tx.send((c, r)).await;
                     });
-                    hedge_due = false;
                 }
                 let hedge = in_flight.len() < HEDGE_MAX && !queue.is_empty();
                 tokio::select! {
@@ -314,6 +313,9 @@ impl BuyerJob {
                                     agreement: None,
                                     outcome: format!("refused: {reason}"),
                                 });
+                                // A refusal frees its slot at once: the next candidate need
+                                // not wait for the hedge timer.
+                                hedge_due = true;
                             }
                         }
                     }
