@@ -564,22 +564,20 @@ pub fn compile_generate(
     // new token.
     let pre = n_prompt - 1;
     let chunk_len = pre.min(PREFILL_TOKENS);
-    let chunks = pre
-        .checked_div(chunk_len)
-        .map_or(0, |_| pre.div_ceil(chunk_len));
+    let chunks = if pre == 0 { 0 } else { pre.div_ceil(chunk_len) };
     let cap = chunk_len.max(1) as u64;
     // KV rows per layer, a multiple of 64 so every layer's slice starts 256-aligned.
     let ctx = max_total.max(chunks * chunk_len).next_multiple_of(64) as u64;
-    let (d, hd, ff, vocab) = (
-        c.d_model as u64,
-        c.head_dim as u64,
-        c.d_ff as u64,
-        c.vocab as u64,
-    );
-    let (nh, nkv) = (c.n_heads as u64, c.n_kv_heads as u64);
-    let qd = nh * hd;
-    let kvd = nkv * hd;
-    let qkv_len = qd + 2 * kvd;
+    let Dims {
+        d,
+        ff,
+        vocab,
+        nh,
+        qd,
+        kvd,
+        qkv_len,
+        ..
+    } = Dims::of(c);
 
     let mut b = Builder::new();
     let step = b.zeroed("step", 16, false);
@@ -750,6 +748,40 @@ pub const PREFILL_TOKENS: usize = 8;
 /// where a job past its time limit stops).
 const PREFILL_CHECK_EVERY: u32 = 8;
 
+/// A decoder's shapes, as the job's sizes and kernel parameters use them.
+struct Dims {
+    d: u64,
+    hd: u64,
+    ff: u64,
+    vocab: u64,
+    nh: u64,
+    nkv: u64,
+    /// q's width (`nh · hd`).
+    qd: u64,
+    /// k's and v's width (`nkv · hd`).
+    kvd: u64,
+    /// q, k and v together.
+    qkv_len: u64,
+}
+
+impl Dims {
+    fn of(c: &crate::model::LlamaConfig) -> Dims {
+        let (hd, nh, nkv) = (c.head_dim as u64, c.n_heads as u64, c.n_kv_heads as u64);
+        let (qd, kvd) = (nh * hd, nkv * hd);
+        Dims {
+            d: c.d_model as u64,
+            hd,
+            ff: c.d_ff as u64,
+            vocab: c.vocab as u64,
+            nh,
+            nkv,
+            qd,
+            kvd,
+            qkv_len: qd + 2 * kvd,
+        }
+    }
+}
+
 /// Where a run of positions starts: `counter · stride + offset` (the counter is the loop's
 /// iteration number).
 #[derive(Debug, Clone, Copy)]
@@ -815,15 +847,17 @@ impl Decoder<'_> {
         let c = &self.model.config;
         let w = self.weights;
         let a = &self.bufs;
-        let (d, hd, ff, vocab) = (
-            c.d_model as u64,
-            c.head_dim as u64,
-            c.d_ff as u64,
-            c.vocab as u64,
-        );
-        let (nh, nkv) = (c.n_heads as u64, c.n_kv_heads as u64);
-        let (qd, kvd) = (nh * hd, nkv * hd);
-        let qkv_len = qd + 2 * kvd;
+        let Dims {
+            d,
+            hd,
+            ff,
+            vocab,
+            nh,
+            nkv,
+            qd,
+            kvd,
+            qkv_len,
+        } = Dims::of(c);
         let ctx = self.ctx;
         let one = tokens == 1;
         let f = |v: f32| v.to_bits();

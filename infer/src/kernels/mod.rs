@@ -3,8 +3,9 @@
 //!
 //! Every kernel reads its shape from a `p: array<u32>` parameter slot and, where it depends on
 //! the position, the loop counter `step` (a position is `step · stride + offset`, plus the
-//! token's index when a dispatch covers several positions: its y dimension). Values that steer a workgroup barrier go through
-//! `workgroupUniformLoad` so the kernels pass WGSL's uniformity analysis.
+//! token's index when a dispatch covers several positions: its y dimension). Values that
+//! steer a workgroup barrier go through `workgroupUniformLoad` so the kernels pass WGSL's
+//! uniformity analysis.
 //!
 //! | kernel | what it computes |
 //! |---|---|
@@ -244,26 +245,31 @@ fn matvec_gen(ty: GgmlType, kind: Matvec, uniform_x: Option<u32>, norm: bool) ->
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(3) var<storage, read> p: array<u32>;
 {extra}{common}{blk}
-// Byte offset of row r's weights, across the segments.
-fn seg_off(r: u32) -> u32 {{
-    if (r < p[5] || p[4] < 2u) {{
-        return p[6] + r * p[2];
-    }}
-    if (r < p[5] + p[7] || p[4] < 3u) {{
-        return p[8] + (r - p[5]) * p[2];
-    }}
-    return p[10] + (r - p[5] - p[7]) * p[2];
-}}
-@compute @workgroup_size({lanes})
+{seg_off}@compute @workgroup_size({lanes})
 fn {entry}(@builtin(global_invocation_id) gid: vec3<u32>) {{
     {setup}{body}{store}}}
 "#,
         entry = kind.entry(),
         ty = ty.name(),
         common = helpers,
+        seg_off = SEG_OFF,
         lanes = MATVEC_LANES,
     )
 }
+
+/// `seg_off(r)`: the byte offset of row `r`'s weights across the matvec parameters' up to three
+/// segments (shared by [`matvec`] and [`matmul`]).
+const SEG_OFF: &str = r#"// Byte offset of row r's weights, across the segments.
+fn seg_off(r: u32) -> u32 {
+    if (r < p[5] || p[4] < 2u) {
+        return p[6] + r * p[2];
+    }
+    if (r < p[5] + p[7] || p[4] < 3u) {
+        return p[8] + (r - p[5]) * p[2];
+    }
+    return p[10] + (r - p[5] - p[7]) * p[2];
+}
+"#;
 
 /// Rows each invocation of [`matmul`] computes, for all the chunk's tokens.
 pub const MATMUL_ROWS: u32 = 8;
@@ -357,7 +363,6 @@ pub fn matmul(ty: GgmlType, kind: Matvec, tokens: u32, n: u32) -> String {
     // Stores, token by token.
     let mut store = String::new();
     for j in 0..t {
-        store.push_str(&format!("    let yb{j} = p[3] + {j}u * p[12];\n"));
         if kind == Matvec::GateUp {
             let h = r / 2;
             for k in 0..h {
@@ -367,6 +372,7 @@ pub fn matmul(ty: GgmlType, kind: Matvec, tokens: u32, n: u32) -> String {
                 ));
             }
         } else {
+            store.push_str(&format!("    let yb{j} = p[3] + {j}u * p[12];\n"));
             for k in 0..r {
                 let e = match kind {
                     Matvec::Bias => format!("y[yb{j} + rk] = a{k}_{j} + bias[rk];"),
@@ -390,17 +396,7 @@ pub fn matmul(ty: GgmlType, kind: Matvec, tokens: u32, n: u32) -> String {
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(3) var<storage, read> p: array<u32>;
 {extra}{loader}{helpers}
-// Byte offset of row r's weights, across the segments.
-fn seg_off(r: u32) -> u32 {{
-    if (r < p[5] || p[4] < 2u) {{
-        return p[6] + r * p[2];
-    }}
-    if (r < p[5] + p[7] || p[4] < 3u) {{
-        return p[8] + (r - p[5]) * p[2];
-    }}
-    return p[10] + (r - p[5] - p[7]) * p[2];
-}}
-@compute @workgroup_size({lanes})
+{seg_off}@compute @workgroup_size({lanes})
 fn {entry}(@builtin(global_invocation_id) gid: vec3<u32>) {{
     {setup}{body}{store}}}
 "#,
@@ -408,6 +404,7 @@ fn {entry}(@builtin(global_invocation_id) gid: vec3<u32>) {{
         ty = ty.name(),
         loader = quant::texture_loader(),
         helpers = quant::HELPERS,
+        seg_off = SEG_OFF,
         lanes = MATVEC_LANES,
     )
 }

@@ -980,27 +980,39 @@ mod tests {
         }
     }
 
-    /// A released agreement frees its units at once, and only its buyer can release it.
-    #[test]
-    fn only_the_buyer_releases_an_agreement_and_its_units_come_back() {
-        let net = Network::test();
-        let pk = Keypair::generate().unwrap();
-        let (buyer, other) = (Keypair::generate().unwrap(), Keypair::generate().unwrap());
+    /// A provider without an executor over `store`, and the receiver of its internal messages
+    /// (kept alive by the caller).
+    fn provider(
+        pk: &Keypair,
+        net: &Network,
+        store: Store,
+        units: u32,
+    ) -> (Provider, mpsc::Receiver<Internal>) {
         let (events, _) = broadcast::channel(16);
-        let (tx, _rx) = mpsc::channel(4);
-        let mut p = Provider::new(
+        let (tx, rx) = mpsc::channel(4);
+        let p = Provider::new(
             Runs {
                 executor: None,
                 inputs: Arc::new(InputCache::open(None, 0, 0)),
             },
             pk.clone(),
             net.clone(),
-            Store::temporary().unwrap(),
+            store,
             events,
             tx,
-            4,
+            units,
         )
         .unwrap();
+        (p, rx)
+    }
+
+    /// A released agreement frees its units at once, and only its buyer can release it.
+    #[test]
+    fn only_the_buyer_releases_an_agreement_and_its_units_come_back() {
+        let net = Network::test();
+        let pk = Keypair::generate().unwrap();
+        let (buyer, other) = (Keypair::generate().unwrap(), Keypair::generate().unwrap());
+        let (mut p, _rx) = provider(&pk, &net, Store::temporary().unwrap(), 4);
         let a = agreement(&buyer, &pk, 7);
         let id = Signed::sign(&pk, &net, &a).id();
         p.reservations.insert(
@@ -1034,21 +1046,7 @@ mod tests {
         let store = Store::temporary().unwrap();
         let pk = Keypair::generate().unwrap();
         let (b1, b2) = (Keypair::generate().unwrap(), Keypair::generate().unwrap());
-        let (events, _) = broadcast::channel(16);
-        let (tx, _rx) = mpsc::channel(4);
-        let mut p = Provider::new(
-            Runs {
-                executor: None,
-                inputs: Arc::new(InputCache::open(None, 0, 0)),
-            },
-            pk.clone(),
-            net.clone(),
-            store.clone(),
-            events,
-            tx,
-            1,
-        )
-        .unwrap();
+        let (mut p, _rx) = provider(&pk, &net, store.clone(), 1);
         let output = b"the same output".to_vec();
         let out_id = ContentId::of(&output);
         store.put_blob(&out_id, &output).unwrap();
