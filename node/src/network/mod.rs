@@ -2,7 +2,7 @@
 //! peer-scoring parameters, and the `/hashgrid/sync/1` book-sync protocol.
 //!
 //! # Transports and protocols
-//! TCP and QUIC (v1), noise, yamux; identify (`/hashgrid/id/1.0.0`), ping, Kademlia
+//! TCP (dialling from fresh ports, see [`tcp`]) and QUIC (v1), noise, yamux; identify (`/hashgrid/id/1.0.0`), ping, Kademlia
 //! (`/hashgrid/kad/1.0.0`, server mode, bootstrap peers plus a periodic random walk),
 //! optional mDNS, connection limits, gossipsub and the sync request-response protocol.
 //!
@@ -43,6 +43,7 @@
 pub mod exchange;
 pub mod pending;
 pub mod sync;
+pub mod tcp;
 pub mod validate;
 
 pub use sync::{SyncCodec, SyncRequest, SyncResponse};

@@ -89,13 +89,13 @@ impl NodeBuilder {
             .with_quic()
             // TCP with noise and yamux, as `with_tcp` builds it, plus a handshake timeout
             // (`with_tcp` has none of its own: a silent socket would hold a slot until the
-            // peer gave up).
+            // peer gave up), dialling from fresh ports (`network::tcp`).
             .with_other_transport(|key| {
                 use libp2p::Transport as _;
                 let noise = noise::Config::new(key)
                     .map_err(Box::<dyn std::error::Error + Send + Sync>::from)?;
                 Ok(
-                    tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                    crate::network::tcp::FreshPortTcp::new(tcp::Config::default().nodelay(true))
                         .upgrade(libp2p::core::upgrade::Version::V1Lazy)
                         .authenticate(noise)
                         .multiplex(yamux::Config::default())
