@@ -18,6 +18,8 @@ pub struct BackendJob {
     pub inputs: hashgrid_infer::Inputs,
     /// Longest run in seconds.
     pub max_seconds: u32,
+    /// The model's weights among the inputs (a market bid names it).
+    pub model: hashgrid_protocol::ModelManifest,
 }
 
 /// Streamed buffers, whole, by name, as of one check.

@@ -320,6 +320,7 @@ async fn run_generation(
             spec: job.spec,
             inputs: job.inputs,
             max_seconds: g.config.max_seconds,
+            model: job.model,
         },
         stream.then_some(stx),
     );
@@ -697,6 +698,7 @@ async fn embeddings(
                 spec: job.spec,
                 inputs: job.inputs,
                 max_seconds: g.config.max_seconds,
+                model: job.model,
             },
             None,
         )

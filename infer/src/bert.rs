@@ -463,6 +463,15 @@ impl BertWeights {
             .map(|(n, id, b)| (n.as_str(), id, b.as_slice()))
     }
 
+    /// The blobs as the market names the model (see [`ModelWeights::manifest`]).
+    ///
+    /// [`ModelWeights::manifest`]: crate::compile::ModelWeights::manifest
+    pub fn manifest(&self) -> hashgrid_protocol::ModelManifest {
+        hashgrid_protocol::ModelManifest::new(
+            self.blobs.iter().map(|(_, id, b)| (*id, b.len() as u64)),
+        )
+    }
+
     /// Reads every tensor.
     pub fn load(m: &BertModel) -> Result<BertWeights, BertError> {
         let c = &m.config;
@@ -741,5 +750,6 @@ pub fn compile_embed(
         inputs,
         n_prompt: ids.len(),
         max_total: ids.len(),
+        model: w.manifest(),
     })
 }

@@ -21,8 +21,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use hashgrid_protocol::{
-    Binding, BufferInit, BufferRange, BufferSpec, ContentId, JobSpec, LoopSpec, PassSpec,
-    ShaderSource, job::RANGE_ALIGN,
+    Binding, BufferInit, BufferRange, BufferSpec, ContentId, JobSpec, LoopSpec, ModelManifest,
+    PassSpec, ShaderSource, job::RANGE_ALIGN,
 };
 
 use crate::kernels::{self, MAX_EOG, Matvec};
@@ -159,6 +159,12 @@ fn align(n: u64) -> u64 {
 }
 
 impl ModelWeights {
+    /// The blobs as the market names the model: a site that preloads the file and a buyer
+    /// that compiles from it compute the same manifest, and so the same model id.
+    pub fn manifest(&self) -> ModelManifest {
+        ModelManifest::new(self.blobs.iter().map(|b| (b.id, b.bytes.len() as u64)))
+    }
+
     /// Reads every tensor of `model` from its file and lays the blobs out.
     pub fn load(model: &LlamaModel) -> Result<ModelWeights, ModelError> {
         // Matrices of Q8_0 and Q4_1 are repacked for aligned vector loads (kernels::quant::pack);
@@ -281,6 +287,8 @@ pub struct CompiledJob {
     pub n_prompt: usize,
     /// Prompt plus the most new tokens.
     pub max_total: usize,
+    /// The weights among the inputs, as the market names the model (a bid names its id).
+    pub model: ModelManifest,
 }
 
 /// Names of the output buffers a generation job returns.
@@ -736,6 +744,7 @@ pub fn compile_generate(
         inputs,
         n_prompt,
         max_total,
+        model: weights.manifest(),
     })
 }
 

@@ -157,6 +157,7 @@ impl Workload {
             // Short-lived: what a buyer cannot fill now expires (its node re-posts or moves on)
             // instead of piling up. 200 ms here is 20,000 operations of the stream.
             expires_at: Timestamp(now + 200),
+            model: None,
         }
     }
 }

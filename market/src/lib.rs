@@ -24,7 +24,7 @@
 //! let bid = Bid { buyer, order_id: 7, seq: 1, units: 1,
 //!     requirements: Requirements { min_memory_bytes: 40 << 30, ..Default::default() },
 //!     max_price: Msat(50), max_seconds: 60, created_at: Timestamp(now),
-//!     expires_at: Timestamp(now + 60_000) };
+//!     expires_at: Timestamp(now + 60_000), model: None };
 //! let fills = book.submit_bid(bid, now, &NoReputation).unwrap();
 //! assert_eq!((fills[0].units, fills[0].price), (1, Msat(40)));
 //! assert_eq!(book.ask(&fills[0].ask).unwrap().remaining, 3);

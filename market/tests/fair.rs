@@ -58,6 +58,7 @@ fn bid(units: u32, max_price: u64) -> Bid {
         max_seconds: 60,
         created_at: Timestamp(NOW),
         expires_at: Timestamp(NOW + 60_000),
+        model: None,
     }
 }
 

@@ -163,6 +163,7 @@ fn build(op: &Op, now: u64) -> (Option<Ask>, Option<Bid>, Option<Cancel>) {
                 max_seconds: *secs,
                 created_at: Timestamp(now),
                 expires_at: Timestamp(now + ttl),
+                model: None,
             }),
             None,
         ),
@@ -526,6 +527,7 @@ fn bid(o: u8, units: u32, max_price: u64, now: u64) -> Bid {
         max_seconds: 10,
         created_at: Timestamp(now),
         expires_at: Timestamp(now + 1_000),
+        model: None,
     }
 }
 

@@ -81,6 +81,7 @@ impl Backend for MarketBackend {
         let node = self.node.clone();
         let options = JobOptions {
             max_seconds: job.max_seconds,
+            model: Some(job.model),
             ..self.options.clone()
         };
         let receipts = self.receipts.clone();

@@ -39,11 +39,13 @@ pub enum SiteError {
     Gpu(#[from] ExecError),
 }
 
+/// A model's weight blobs in the compiler's order.
+type ModelBlobs = Vec<(hashgrid_protocol::ContentId, Vec<u8>)>;
+
 /// The weight blobs of each model, laid out as the buyers' compiler lays them out (so their
-/// ids are the ones jobs name): GGUF files and sentence-transformers directories.
-fn preload_blobs(
-    paths: &[std::path::PathBuf],
-) -> Result<Vec<(hashgrid_protocol::ContentId, Vec<u8>)>, SiteError> {
+/// ids, and the model's id, are the ones jobs name): GGUF files and sentence-transformers
+/// directories.
+fn preload_blobs(paths: &[std::path::PathBuf]) -> Result<Vec<ModelBlobs>, SiteError> {
     let mut out = Vec::new();
     for p in paths {
         let bad = |message: String| SiteError::Preload {
@@ -53,15 +55,21 @@ fn preload_blobs(
         if p.is_dir() {
             let m = hashgrid_infer::bert::BertModel::open(p).map_err(|e| bad(e.to_string()))?;
             let w = hashgrid_infer::bert::BertWeights::load(&m).map_err(|e| bad(e.to_string()))?;
-            out.extend(w.blobs().map(|(_, id, b)| (*id, b.to_vec())));
+            out.push(w.blobs().map(|(_, id, b)| (*id, b.to_vec())).collect());
         } else {
             let m = hashgrid_infer::LlamaModel::open(p).map_err(|e| bad(e.to_string()))?;
             let w = hashgrid_infer::ModelWeights::load(&m).map_err(|e| bad(e.to_string()))?;
             // The weights were read for this alone: unwrapping their Arc copies nothing.
-            out.extend(w.blobs.into_iter().map(|b| {
-                let bytes = std::sync::Arc::try_unwrap(b.bytes).unwrap_or_else(|a| (*a).clone());
-                (b.id, bytes)
-            }));
+            out.push(
+                w.blobs
+                    .into_iter()
+                    .map(|b| {
+                        let bytes =
+                            std::sync::Arc::try_unwrap(b.bytes).unwrap_or_else(|a| (*a).clone());
+                        (b.id, bytes)
+                    })
+                    .collect(),
+            );
         }
     }
     Ok(out)
@@ -128,20 +136,21 @@ pub async fn run_site(
         builder = builder.executor(exec.clone());
         if !config.models.preload.is_empty() {
             let paths = config.models.preload.clone();
-            let blobs = tokio::task::spawn_blocking(move || preload_blobs(&paths))
+            let models = tokio::task::spawn_blocking(move || preload_blobs(&paths))
                 .await
                 .map_err(|e| SiteError::Preload {
                     path: Default::default(),
                     message: e.to_string(),
                 })??;
-            let bytes: usize = blobs.iter().map(|(_, b)| b.len()).sum();
+            let blobs: usize = models.iter().map(Vec::len).sum();
+            let bytes: usize = models.iter().flatten().map(|(_, b)| b.len()).sum();
             info!(
-                models = config.models.preload.len(),
-                blobs = blobs.len(),
-                bytes,
-                "models preloaded into the input cache"
+                models = models.len(),
+                blobs, bytes, "models preloaded into the input cache"
             );
-            builder = builder.preload_inputs(blobs);
+            for m in models {
+                builder = builder.preload_model(m);
+            }
         }
     }
     let node = builder.start().await?;

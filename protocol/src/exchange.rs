@@ -138,6 +138,9 @@ pub struct Dispatch {
     pub spec: JobSpec,
     /// Small inputs inline; the rest the provider fetches from the buyer by id.
     pub inputs: Vec<InlineBlob>,
+    /// Which of the job's input blobs are the weights of the model its bid names: once it
+    /// holds them all, the provider lists the model's id in its capacity ads.
+    pub model: Option<crate::ModelManifest>,
 }
 
 /// A job's state as the provider reports it.

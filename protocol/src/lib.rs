@@ -42,6 +42,7 @@ pub mod job;
 pub mod jobfile;
 pub mod limits;
 pub mod messages;
+pub mod model;
 pub mod money;
 pub mod receipt;
 pub mod signed;
@@ -61,6 +62,7 @@ pub use messages::{
     GossipMessage, GpuLimits, GpuProfile, Invoice, InvoicePayment, OrderRef, OutputRecord,
     PaymentProof, Receipt, Requirements, SettlementMethod, VerifiedGossip,
 };
+pub use model::{ModelBlob, ModelManifest};
 pub use money::Msat;
 pub use receipt::{
     ChainAuditor, ReceiptError, ReceiptFile, check_against_agreement, check_outputs,

@@ -48,6 +48,9 @@ pub const MAX_ADDRS_PER_AD: usize = 16;
 /// dozen models at one blob per layer.
 pub const MAX_WARM_PER_AD: usize = 512;
 
+/// Most model ids one capacity ad may list.
+pub const MAX_MODELS_PER_AD: usize = 64;
+
 /// Most regions or backends one bid may name.
 pub const MAX_REQUIREMENT_ITEMS: usize = 32;
 

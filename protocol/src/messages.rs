@@ -147,7 +147,13 @@ pub struct CapacityAd {
     /// Input blobs (model weights) the provider holds in its input cache, most recently used
     /// first (at most [`MAX_WARM_PER_AD`]): a job naming them
     /// starts without uploading them, which buyers weigh against price when matching.
+    /// Blobs of a model listed in `models` are not repeated here.
     pub warm: Vec<ContentId>,
+    /// Ids of the models ([`ModelManifest::id`](crate::ModelManifest::id)) whose every
+    /// weight blob the provider holds, most recently used first (at most
+    /// [`MAX_MODELS_PER_AD`](crate::limits::MAX_MODELS_PER_AD)): a bid naming one of them
+    /// starts without an upload.
+    pub models: Vec<ContentId>,
 }
 
 /// The identity of an order across replacements: its owner and the owner's order id.
@@ -256,6 +262,9 @@ pub struct Bid {
     pub created_at: Timestamp,
     /// Expiry.
     pub expires_at: Timestamp,
+    /// The model the job runs ([`ModelManifest::id`](crate::ModelManifest::id)), if any:
+    /// matching prefers a provider whose capacity ad lists it (no upload of its weights).
+    pub model: Option<ContentId>,
 }
 
 impl Bid {
@@ -432,6 +441,11 @@ impl SignedMessage for CapacityAd {
         check_len("gpus", self.gpus.len(), MAX_GPUS_PER_AD)?;
         check_len("addrs", self.addrs.len(), MAX_ADDRS_PER_AD)?;
         check_len("warm", self.warm.len(), crate::limits::MAX_WARM_PER_AD)?;
+        check_len(
+            "models",
+            self.models.len(),
+            crate::limits::MAX_MODELS_PER_AD,
+        )?;
         check_len("settlement", self.settlement.len(), 4)?;
         for a in &self.addrs {
             check_str("addrs[]", a, MAX_STRING_LEN)?;

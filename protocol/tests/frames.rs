@@ -1,5 +1,6 @@
 //! Every direct message an honest sender builds fits one yamux frame (1 MiB): a dispatch with
-//! the largest spec and as many inline inputs as [`inline_budget`] allows, a receipt with the
+//! the largest spec, the largest model manifest and as many inline inputs as [`inline_budget`]
+//! allows, a receipt with the
 //! most outputs and inline output bytes, a blob chunk. Implementations that send a message
 //! as one frame (js-libp2p's yamux) must never make rust-yamux close the connection.
 
@@ -107,12 +108,19 @@ fn a_dispatch_with_the_largest_spec_and_its_inline_budget_fits_a_frame() {
         spec.validate(&JobLimits::default()).unwrap();
         let budget = inline_budget(spec_bytes);
         assert!(budget <= MAX_INLINE_BYTES);
+        // The largest manifest: every buffer a weight blob of the longest length.
+        let model = ModelManifest::new((0..MAX_BUFFERS).map(|i| {
+            let mut id = [0xffu8; 32];
+            id[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            (ContentId(id), u64::MAX)
+        }));
         for count in [1, MAX_BUFFERS] {
             let d = JobMessage::Dispatch(Box::new(Dispatch {
                 job_id: ContentId::of(b"job"),
                 agreement: agreement(spec.id()),
                 spec: spec.clone(),
                 inputs: inline(budget, count),
+                model: Some(model.clone()),
             }));
             let len = encode(&d).len();
             fits(len, MAX_JOB_REQUEST);

@@ -40,6 +40,7 @@ fn bid_body(buyer: &NodeHandle) -> Bid {
         max_seconds: 60,
         created_at: now,
         expires_at: now.plus_ms(60_000),
+        model: None,
     }
 }
 
@@ -143,6 +144,7 @@ async fn bad_proposals_are_rejected_with_a_reason() {
             agreement,
             spec: s.propose.spec.clone(),
             inputs: Vec::new(),
+            model: None,
         }))
     };
     let reply = s
@@ -170,11 +172,33 @@ async fn bad_proposals_are_rejected_with_a_reason() {
                 agreement: genuine.clone(),
                 spec: other_spec,
                 inputs: Vec::new(),
+                model: None,
             })),
         )
         .await
         .unwrap();
     assert!(matches!(reply, JobReply::Refused(_)), "{reply:?}");
+
+    // A model manifest naming a blob the job does not use.
+    let bogus = hashgrid_protocol::ModelManifest::new([(ContentId::of(b"not an input"), 1 << 20)]);
+    let reply = s
+        .buyer
+        .raw_job(
+            s.provider.peer_id(),
+            JobMessage::Dispatch(Box::new(Dispatch {
+                job_id: ContentId::of(b"job"),
+                agreement: genuine.clone(),
+                spec: s.propose.spec.clone(),
+                inputs: Vec::new(),
+                model: Some(bogus),
+            })),
+        )
+        .await
+        .unwrap();
+    match reply {
+        JobReply::Refused(why) => assert!(why.contains("model manifest"), "{why}"),
+        other => panic!("{other:?}"),
+    }
 
     // Strangers learn nothing about the job and get none of its blobs.
     let reply = stranger

@@ -529,3 +529,94 @@ async fn a_provider_holding_the_inputs_is_chosen_over_a_slightly_cheaper_cold_on
     warm.shutdown().await;
     cold.shutdown().await;
 }
+
+/// Waits until `b`'s book holds `provider`'s capacity ad and `pred` holds for it.
+async fn wait_for_ad(
+    b: &NodeHandle,
+    provider: &NodeHandle,
+    what: &str,
+    pred: impl Fn(&hashgrid_protocol::CapacityAd) -> bool,
+) {
+    let deadline = std::time::Instant::now() + JOB_LIMIT;
+    loop {
+        let book = b.book().await.unwrap();
+        let ad = book
+            .capacity
+            .iter()
+            .find(|ad| ad.provider == provider.public_key());
+        if ad.is_some_and(&pred) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: the ad is {ad:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bid_naming_a_model_goes_to_the_site_that_lists_it_and_sites_learn_models_from_jobs() {
+    let (spec, inputs) = hashgrid_node::executor::bench::copy_job(1 << 20);
+    let blobs: Vec<_> = inputs.iter().map(|(id, b)| (*id, b.clone())).collect();
+    let model =
+        hashgrid_protocol::ModelManifest::new(blobs.iter().map(|(id, b)| (*id, b.len() as u64)));
+    let cold = start_provider(&[], 100, 8, None).await.unwrap();
+    let boot = [addr_of(&cold).await.unwrap()];
+    // 10% dearer, but it preloaded the model: its ad lists the model's id, not its blobs.
+    let warm =
+        hashgrid_tests::start_provider_with(&boot, 110, 8, None, move |b| b.preload_model(blobs))
+            .await
+            .unwrap();
+    assert_eq!(warm.warm_models(), vec![model.id()]);
+    let b = buyer(&boot).await;
+    wait_for_asks(&b, 2).await.unwrap();
+    wait_for_ad(&b, &warm, "the warm site lists the model", |ad| {
+        ad.models == vec![model.id()] && ad.warm.is_empty()
+    })
+    .await;
+    let job = |named: bool| Submission {
+        spec: spec.clone(),
+        inputs: inputs.clone().into_shared(),
+        options: JobOptions {
+            model: named.then(|| model.clone()),
+            ..JobOptions::default()
+        },
+    };
+    // 1. The bid names the model: the site holding it wins at 110 over 100, uploading nothing.
+    let mut warm_events = warm.events();
+    let id = b.submit(job(true)).await.unwrap();
+    let rec = wait(&b, &id).await;
+    assert_eq!(rec.state, JobState::Done, "{:?}", rec.attempts);
+    assert_eq!(rec.provider, Some(warm.public_key()));
+    assert_eq!(inputs_ready(&mut warm_events), vec![(0, 1 << 20)]);
+    // 2. The same job without the model named: nothing says the warm site holds its blob, so
+    //    price alone decides, and the cold site fetches the megabyte.
+    let mut cold_events = cold.events();
+    let id = b.submit(job(false)).await.unwrap();
+    let rec = wait(&b, &id).await;
+    assert_eq!(rec.state, JobState::Done, "{:?}", rec.attempts);
+    assert_eq!(rec.provider, Some(cold.public_key()));
+    assert_eq!(inputs_ready(&mut cold_events), vec![(1 << 20, 0)]);
+    assert!(
+        cold.warm_models().is_empty(),
+        "nobody named the model to it"
+    );
+    // 3. Named again: the cold site is cheaper and holds the blob; the dispatch's manifest
+    //    teaches it the model, and its ad lists the model instead of the blob.
+    let id = b.submit(job(true)).await.unwrap();
+    let rec = wait(&b, &id).await;
+    assert_eq!(rec.state, JobState::Done, "{:?}", rec.attempts);
+    assert_eq!(rec.provider, Some(cold.public_key()));
+    assert_eq!(inputs_ready(&mut cold_events), vec![(0, 1 << 20)]);
+    wait_for_ad(
+        &b,
+        &cold,
+        "the cold site lists the model it learned",
+        |ad| ad.models == vec![model.id()] && ad.warm.is_empty(),
+    )
+    .await;
+    b.shutdown().await;
+    warm.shutdown().await;
+    cold.shutdown().await;
+}

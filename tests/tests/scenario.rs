@@ -97,6 +97,7 @@ async fn ten_nodes_share_a_signed_expiring_book() -> anyhow::Result<()> {
             },
             max_price: Msat(150),
             max_seconds: 600,
+            model: None,
         })
         .await?;
     for n in &nodes {

@@ -143,6 +143,7 @@ impl BuyerJob {
             max_seconds: o.max_seconds,
             created_at: now,
             expires_at: now.plus_ms(hashgrid_protocol::limits::MAX_TTL_MS / 24),
+            model: o.model.as_ref().map(|m| m.id()),
         };
         let signed = Signed::sign(&self.ctx.key, &self.ctx.network, &bid);
         signed
@@ -152,6 +153,20 @@ impl BuyerJob {
     }
 
     async fn attempts(&mut self) -> Result<(), (FailKind, String)> {
+        if let Some(m) = &self.sub.options.model {
+            m.check_against(&self.sub.spec)
+                .map_err(|e| (FailKind::Invalid, format!("the job's model manifest: {e}")))?;
+        }
+        // The model's blobs a provider that lists the model keeps (smaller ones travel inline).
+        let model_blobs: Vec<ContentId> = self
+            .sub
+            .options
+            .model
+            .iter()
+            .flat_map(|m| &m.blobs)
+            .filter(|b| b.len >= super::cache::MIN_CACHED_BYTES as u64)
+            .map(|b| b.id)
+            .collect();
         let bid = self
             .bid(Timestamp::now())
             .map_err(|e| (FailKind::Invalid, e))?;
@@ -198,6 +213,7 @@ impl BuyerJob {
                         .iter()
                         .map(|(id, b)| (*id, b.len() as u64))
                         .collect(),
+                    model_blobs: model_blobs.clone(),
                 })
                 .await
                 .map_err(|e| (FailKind::Interrupted, e))?;
@@ -427,7 +443,13 @@ impl BuyerJob {
         // Small inputs inline, the rest served to this provider over /hashgrid/blob/1.
         let mut inline = Vec::new();
         let mut served = Vec::new();
-        let mut budget = inline_budget(self.sub.spec.encode().len());
+        let manifest_len = self
+            .sub
+            .options
+            .model
+            .as_ref()
+            .map_or(0, |m| hashgrid_protocol::codec::encode(m).len());
+        let mut budget = inline_budget(self.sub.spec.encode().len() + manifest_len);
         for (id, bytes) in &self.inputs {
             if c.warm.contains(id) {
                 served.push((*id, bytes.clone()));
@@ -508,6 +530,7 @@ impl BuyerJob {
             agreement: countersigned,
             spec: self.sub.spec.clone(),
             inputs: inline,
+            model: self.sub.options.model.clone(),
         };
         let deadline =
             Instant::now() + Duration::from_secs(u64::from(agreement.max_seconds)) + DEADLINE_GRACE;

@@ -7,12 +7,18 @@
 //! longer hashes to its name (a disk error, a hand edit) is deleted and the blob fetched again.
 //! Only blobs of at least [`MIN_CACHED_BYTES`] are cached: small ones (a prompt, parameters)
 //! cost less to fetch than to track.
+//!
+//! Beside the blobs, the cache keeps the **manifests of the models** it has been told about
+//! (by a dispatch that names its model, or by a site's preload): a model whose every blob of
+//! at least [`MIN_CACHED_BYTES`] is cached is *held*, and its id goes into the capacity ad
+//! instead of its blobs' ids. Manifests are files `<data dir>/inputs/models/<model id>`
+//! (postcard, re-hashed when read), at most [`MAX_KNOWN_MODELS`] of them.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use hashgrid_protocol::ContentId;
+use hashgrid_protocol::{ContentId, ModelManifest};
 use tracing::{debug, warn};
 
 /// Smallest blob cached.
@@ -21,6 +27,10 @@ pub const MIN_CACHED_BYTES: usize = 64 * 1024;
 pub const DEFAULT_DISK_BYTES: u64 = 8 << 30;
 /// Default bytes of blobs kept in memory: 1 GiB.
 pub const DEFAULT_MEMORY_BYTES: u64 = 1 << 30;
+/// Most model manifests kept: past it, the ones with the fewest blobs held go first.
+pub const MAX_KNOWN_MODELS: usize = 256;
+/// Largest manifest file read back (a manifest of the most blobs is about 11 KiB).
+const MAX_MANIFEST_FILE: u64 = 64 * 1024;
 
 struct Entry {
     size: u64,
@@ -35,6 +45,35 @@ struct State {
     tick: u64,
     disk_bytes: u64,
     mem_bytes: u64,
+    /// Known model manifests by model id.
+    models: HashMap<ContentId, ModelManifest>,
+}
+
+impl State {
+    /// Whether every blob of `m` that the cache would keep is cached.
+    fn holds(&self, m: &ModelManifest) -> bool {
+        m.blobs
+            .iter()
+            .filter(|b| b.len >= MIN_CACHED_BYTES as u64)
+            .all(|b| self.entries.contains_key(&b.id))
+    }
+
+    /// Blobs of `m` cached.
+    fn held_blobs(&self, m: &ModelManifest) -> usize {
+        m.blobs
+            .iter()
+            .filter(|b| self.entries.contains_key(&b.id))
+            .count()
+    }
+
+    /// When `m` was last used: its most recently used cached blob.
+    fn last_used(&self, m: &ModelManifest) -> u64 {
+        m.blobs
+            .iter()
+            .filter_map(|b| self.entries.get(&b.id).map(|e| e.used))
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 /// The input cache. Cheap to share (`Arc`); its methods block on disk I/O, so async callers
@@ -101,6 +140,9 @@ impl InputCache {
                 );
             }
         }
+        if let Some(d) = &dir {
+            state.models = read_manifests(&d.join("models"));
+        }
         let c = InputCache {
             dir,
             disk_budget,
@@ -109,6 +151,77 @@ impl InputCache {
         };
         c.evict();
         c
+    }
+
+    fn manifest_path(&self, model: &ContentId) -> Option<PathBuf> {
+        self.dir
+            .as_ref()
+            .map(|d| d.join("models").join(model.to_string()))
+    }
+
+    /// Remembers `manifest` (the caller checked it) so that the model is listed as held once
+    /// its blobs are cached; kept across restarts with a data dir. Blocking: writes a file.
+    pub fn learn_model(&self, manifest: ModelManifest) {
+        let id = manifest.id();
+        let mut dropped = Vec::new();
+        {
+            let mut s = self.lock();
+            if s.models.contains_key(&id) {
+                return;
+            }
+            s.models.insert(id, manifest.clone());
+            while s.models.len() > MAX_KNOWN_MODELS {
+                // The model holding the fewest blobs goes (not the one just learned).
+                let Some(worst) = s
+                    .models
+                    .iter()
+                    .filter(|(m, _)| **m != id)
+                    .min_by_key(|(m, man)| (s.held_blobs(man), s.last_used(man), **m))
+                    .map(|(m, _)| *m)
+                else {
+                    break;
+                };
+                s.models.remove(&worst);
+                dropped.push(worst);
+            }
+        }
+        for m in dropped {
+            if let Some(p) = self.manifest_path(&m) {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        if let Some(path) = self.manifest_path(&id) {
+            let bytes = hashgrid_protocol::codec::encode(&manifest);
+            let tmp = path.with_extension("part");
+            let written = path
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| std::fs::write(&tmp, &bytes))
+                .and_then(|()| std::fs::rename(&tmp, &path));
+            if let Err(e) = written {
+                let _ = std::fs::remove_file(&tmp);
+                warn!(file = %path.display(), error = %e, "cannot keep a model manifest on disk");
+            }
+        }
+    }
+
+    /// The manifest of `model`, if known.
+    pub fn manifest(&self, model: &ContentId) -> Option<ModelManifest> {
+        self.lock().models.get(model).cloned()
+    }
+
+    /// Ids of the models held (every blob the cache keeps is cached), most recently used
+    /// first.
+    pub fn held_models(&self) -> Vec<(ContentId, ModelManifest)> {
+        let s = self.lock();
+        let mut v: Vec<(u64, ContentId, &ModelManifest)> = s
+            .models
+            .iter()
+            .filter(|(_, m)| s.holds(m))
+            .map(|(id, m)| (s.last_used(m), *id, m))
+            .collect();
+        v.sort_by_key(|e| std::cmp::Reverse((e.0, e.1)));
+        v.into_iter().map(|(_, id, m)| (id, m.clone())).collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -303,6 +416,49 @@ impl InputCache {
     }
 }
 
+/// The manifests under `dir`: a file that is too large, undecodable, invalid or not named by
+/// its manifest's id is deleted.
+fn read_manifests(dir: &Path) -> HashMap<ContentId, ModelManifest> {
+    let mut out = HashMap::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let path = e.path();
+        let Some(id) = e
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<ContentId>().ok())
+        else {
+            continue;
+        };
+        let read = match e.metadata() {
+            Ok(m) if m.is_file() && m.len() <= MAX_MANIFEST_FILE => std::fs::read(&path).ok(),
+            _ => None,
+        };
+        let manifest = read
+            .and_then(|b| {
+                hashgrid_protocol::codec::decode::<ModelManifest>(
+                    &b,
+                    MAX_MANIFEST_FILE as usize,
+                    "model manifest",
+                )
+                .ok()
+            })
+            .filter(|m| m.validate().is_ok() && m.id() == id);
+        match manifest {
+            Some(m) if out.len() < MAX_KNOWN_MODELS => {
+                out.insert(id, m);
+            }
+            _ => {
+                warn!(file = %path.display(), "dropping a damaged or surplus model manifest");
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -332,6 +488,63 @@ mod tests {
         assert!(c.get(&b).is_none());
         assert!(!dir.path().join(b.to_string()).exists());
         assert!(!c.contains(&b));
+    }
+
+    #[test]
+    fn a_model_is_held_once_its_large_blobs_are_cached_and_its_manifest_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, ab) = blob(100_000, 1);
+        let (b, bb) = blob(100_000, 2);
+        let (small, sb) = blob(1000, 3); // too small to cache: travels inline
+        let m = ModelManifest::new([(a, 100_000), (b, 100_000), (small, 1000)]);
+        let id = m.id();
+        {
+            let c = InputCache::open(Some(dir.path()), 1 << 30, 1 << 30);
+            c.learn_model(m.clone());
+            c.put(a, Arc::new(ab.clone()));
+            assert!(
+                c.held_models().is_empty(),
+                "half the weights are not the model"
+            );
+            c.put(b, Arc::new(bb.clone()));
+            c.put(small, Arc::new(sb));
+            assert_eq!(c.held_models(), vec![(id, m.clone())]);
+        }
+        // A new process: the manifest and the blobs are read back.
+        let c = InputCache::open(Some(dir.path()), 1 << 30, 1 << 30);
+        assert_eq!(c.held_models(), vec![(id, m.clone())]);
+        // A blob lost: the model is no longer held, but still known.
+        std::fs::write(dir.path().join(b.to_string()), b"garbage").unwrap();
+        assert!(c.get(&b).is_none());
+        assert!(c.held_models().is_empty());
+        assert_eq!(c.manifest(&id), Some(m.clone()));
+        // A damaged manifest file is dropped at the next start, not believed.
+        let path = dir.path().join("models").join(id.to_string());
+        std::fs::write(&path, b"\xff\xff\xff").unwrap();
+        let c = InputCache::open(Some(dir.path()), 1 << 30, 1 << 30);
+        assert_eq!(c.manifest(&id), None);
+        assert!(!path.exists());
+        // A manifest filed under another model's id is dropped too.
+        let other = ModelManifest::new([(a, 100_000)]);
+        std::fs::write(&path, hashgrid_protocol::codec::encode(&other)).unwrap();
+        let c = InputCache::open(Some(dir.path()), 1 << 30, 1 << 30);
+        assert_eq!(c.manifest(&id), None);
+    }
+
+    #[test]
+    fn the_known_models_are_bounded_and_the_emptiest_go_first() {
+        let c = InputCache::open(None, 0, 1 << 30);
+        let (a, ab) = blob(100_000, 1);
+        c.put(a, Arc::new(ab));
+        let held = ModelManifest::new([(a, 100_000)]);
+        c.learn_model(held.clone());
+        for i in 0..MAX_KNOWN_MODELS as u64 {
+            let mut id = [7u8; 32];
+            id[..8].copy_from_slice(&i.to_le_bytes());
+            c.learn_model(ModelManifest::new([(ContentId(id), 100_000)]));
+        }
+        assert_eq!(c.lock().models.len(), MAX_KNOWN_MODELS);
+        assert_eq!(c.held_models(), vec![(held.id(), held)]);
     }
 
     #[test]

@@ -49,7 +49,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use hashgrid_protocol::{
-    ContentId, Countersigned, JobSpec, Msat, PublicKey, Receipt, Requirements,
+    ContentId, Countersigned, JobSpec, ModelManifest, Msat, PublicKey, Receipt, Requirements,
 };
 use serde::Serialize;
 
@@ -146,6 +146,11 @@ pub struct JobOptions {
     /// it as busy (no free units): the job waits for capacity, as a queue would, instead of
     /// failing at once (default zero: fail at once).
     pub wait_for_capacity: Duration,
+    /// The model whose weights are among the job's inputs (default none): the bid names it,
+    /// matching prefers providers whose capacity ads list it (no upload of the weights), and
+    /// the provider learns the manifest so it lists the model once it holds the weights.
+    /// Every blob it names must be an input of the spec.
+    pub model: Option<ModelManifest>,
 }
 
 impl Default for JobOptions {
@@ -157,6 +162,7 @@ impl Default for JobOptions {
             requirements: Requirements::default(),
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             wait_for_capacity: Duration::ZERO,
+            model: None,
         }
     }
 }

@@ -387,6 +387,10 @@ impl Provider {
         if d.spec.id() != agreement.spec_id {
             return Err("the spec is not the one agreed".into());
         }
+        if let Some(m) = &d.model {
+            m.check_against(&d.spec)
+                .map_err(|e| format!("the model manifest: {e}"))?;
+        }
         let inline_total: usize = d.inputs.iter().map(|b| b.bytes.0.len()).sum();
         if inline_total > MAX_INLINE_BYTES {
             return Err(format!(
@@ -434,6 +438,7 @@ impl Provider {
             buyer: peer,
             spec: d.spec,
             inline: d.inputs,
+            model: d.model,
         };
         tokio::spawn(task.run());
         Ok(JobReply::Status(JobStatus::Queued))

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use hashgrid_protocol::exchange::{InlineBlob, JobPhase};
-use hashgrid_protocol::{ContentId, JobSpec, Timestamp};
+use hashgrid_protocol::{ContentId, JobSpec, ModelManifest, Timestamp};
 use libp2p::PeerId;
 use tokio::sync::mpsc;
 
@@ -41,6 +41,8 @@ pub(crate) struct RunTask {
     pub(crate) buyer: PeerId,
     pub(crate) spec: JobSpec,
     pub(crate) inline: Vec<InlineBlob>,
+    /// The manifest of the model among the inputs (checked against the spec).
+    pub(crate) model: Option<ModelManifest>,
 }
 
 impl RunTask {
@@ -114,6 +116,12 @@ impl RunTask {
                 }
                 inputs.insert(id, bytes);
             }
+        }
+        if let Some(m) = self.model {
+            // Every input is here (and being cached): from the next capacity ad on, the model
+            // is listed instead of its blobs.
+            let cache = self.cache.clone();
+            tokio::task::spawn_blocking(move || cache.learn_model(m));
         }
         let _ = self
             .internal

@@ -46,6 +46,7 @@ pub struct NodeBuilder {
     pub(super) data_dir: Option<PathBuf>,
     pub(super) input_cache: (u64, u64),
     pub(super) preload: Vec<(ContentId, Vec<u8>)>,
+    pub(super) preload_models: Vec<hashgrid_protocol::ModelManifest>,
     pub(super) keypair: Option<Keypair>,
     pub(super) listen: Vec<Multiaddr>,
     pub(super) bootstrap: Vec<Multiaddr>,
@@ -75,6 +76,7 @@ impl Default for NodeBuilder {
                 crate::jobs::cache::DEFAULT_MEMORY_BYTES,
             ),
             preload: Vec::new(),
+            preload_models: Vec::new(),
             keypair: None,
             listen: Vec::new(),
             bootstrap: Vec::new(),
@@ -115,7 +117,20 @@ impl NodeBuilder {
     /// its first capacity ad lists them as warm. Each must hash to its id; others are
     /// dropped with a warning.
     pub fn preload_inputs(mut self, blobs: Vec<(ContentId, Vec<u8>)>) -> Self {
-        self.preload = blobs;
+        self.preload.extend(blobs);
+        self
+    }
+
+    /// A model's weight blobs, in the compiler's order, to put in the input cache at start:
+    /// as [`preload_inputs`](Self::preload_inputs), and the first capacity ad lists the
+    /// model's id ([`ModelManifest::id`](hashgrid_protocol::ModelManifest::id)), so bids
+    /// naming the model prefer this site.
+    pub fn preload_model(mut self, blobs: Vec<(ContentId, Vec<u8>)>) -> Self {
+        let manifest = hashgrid_protocol::ModelManifest::new(
+            blobs.iter().map(|(id, b)| (*id, b.len() as u64)),
+        );
+        self.preload_models.push(manifest);
+        self.preload.extend(blobs);
         self
     }
 

@@ -47,6 +47,9 @@ pub struct BidSpec {
     pub max_price: Msat,
     /// Longest run, in seconds.
     pub max_seconds: u32,
+    /// The model the work runs ([`ModelManifest::id`](hashgrid_protocol::ModelManifest::id)),
+    /// if any.
+    pub model: Option<ContentId>,
 }
 
 pub(crate) enum Command {
@@ -115,6 +118,9 @@ pub(crate) struct CandidateQuery {
     pub(crate) seed: u64,
     /// The job's input blobs and their sizes (weighed against providers' warm caches).
     pub(crate) inputs: Vec<(ContentId, u64)>,
+    /// Which of those are the weights of the model the bid names (`bid.model`): a provider
+    /// whose ad lists the model holds them.
+    pub(crate) model_blobs: Vec<ContentId>,
 }
 
 /// A job task's line to the node's task: requests to peers and book lookups.

@@ -45,6 +45,7 @@ impl NodeLoop {
             book: &self.book,
             inputs: &q.inputs,
             total: q.inputs.iter().map(|(_, n)| n).sum(),
+            model: q.bid.model.map(|m| (m, q.model_blobs.as_slice())),
         };
         let fair = hashgrid_market::Fairness {
             rep: &hashgrid_market::NoReputation,
@@ -61,13 +62,7 @@ impl NodeLoop {
                     .map(|ad| ad.addrs.iter().filter_map(|a| a.parse().ok()).collect())
                     .unwrap_or_default();
                 let warm = ad
-                    .map(|ad| {
-                        q.inputs
-                            .iter()
-                            .filter(|(id, _)| ad.warm.contains(id))
-                            .map(|(id, _)| *id)
-                            .collect()
-                    })
+                    .map(|ad| warm.held_inputs(ad).map(|(id, _)| *id).collect())
                     .unwrap_or_default();
                 Some(Candidate {
                     ask: r.ask,
@@ -278,6 +273,7 @@ impl NodeLoop {
             max_seconds: spec.max_seconds,
             created_at: now,
             expires_at,
+            model: spec.model,
         };
         self.check_order(&bid)?;
         self.place(|order_id| OwnOrder::Bid(Bid { order_id, ..bid }))

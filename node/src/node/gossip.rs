@@ -11,11 +11,10 @@ use crate::event::NodeEvent;
 use crate::network::validate::{TopicKind, Verdict};
 use crate::network::{MAX_SYNC_MESSAGES, SyncResponse};
 use crate::store::OwnOrder;
-use hashgrid_protocol::ContentId;
 
 use super::addr::with_peer;
 use super::settings::MAX_UNPUBLISHED;
-use super::state::{NodeLoop, queue_key};
+use super::state::{NodeLoop, Warm, queue_key};
 
 impl NodeLoop {
     /// Re-signs `orders` with one fresh sequence number and expiry, folds and publishes them.
@@ -72,11 +71,18 @@ impl NodeLoop {
         }
     }
 
-    /// The input ids the capacity ad lists as warm.
-    pub(super) fn warm_ids(&self) -> Vec<ContentId> {
-        let mut ids = self.inputs.ids();
-        ids.truncate(hashgrid_protocol::limits::MAX_WARM_PER_AD);
-        ids
+    /// What the capacity ad lists as warm: the ids of the models held in full, then the ids
+    /// of cached blobs that are not part of a listed model.
+    pub(super) fn warm_ids(&self) -> Warm {
+        let mut held = self.inputs.held_models();
+        held.truncate(hashgrid_protocol::limits::MAX_MODELS_PER_AD);
+        let mut blobs = self.inputs.ids();
+        blobs.retain(|id| !held.iter().any(|(_, m)| m.contains(id)));
+        blobs.truncate(hashgrid_protocol::limits::MAX_WARM_PER_AD);
+        Warm {
+            models: held.into_iter().map(|(id, _)| id).collect(),
+            blobs,
+        }
     }
 
     pub(super) fn announce_capacity(&mut self) -> Result<(), NodeError> {
@@ -90,7 +96,8 @@ impl NodeLoop {
         let warm = self.warm_ids();
         self.warm_announced = warm.clone();
         let ad = CapacityAd {
-            warm,
+            warm: warm.blobs,
+            models: warm.models,
             provider: self.public,
             region: self.settings.region.clone(),
             gpus: self.settings.gpus.clone(),

@@ -297,9 +297,20 @@ impl NodeHandle {
     }
 
     /// The input blobs (model weights) this provider holds in its cache, most recently used
-    /// first: what its capacity ad lists as warm.
+    /// first: what its capacity ad lists as warm (less the blobs of the models it lists).
     pub fn warm_inputs(&self) -> Vec<ContentId> {
         self.inner.inputs.ids()
+    }
+
+    /// The ids of the models this provider holds in full, most recently used first: what its
+    /// capacity ad lists as `models`.
+    pub fn warm_models(&self) -> Vec<ContentId> {
+        self.inner
+            .inputs
+            .held_models()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect()
     }
 
     /// Bytes in this provider's input cache: on disk, in memory.

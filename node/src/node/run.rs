@@ -76,11 +76,12 @@ impl NodeLoop {
                     Some(cmd) => self.on_command(cmd),
                 },
                 Some(msg) = self.internal_rx.recv() => {
-                    let fetched = matches!(msg, Internal::Inputs(_, f, _) if f > 0);
+                    // Inputs gathered: new weights in the cache, or a model learned from the
+                    // dispatch; say so before the next periodic ad (if the ad changes).
+                    let inputs = matches!(msg, Internal::Inputs(..));
                     let answers = self.provider.on_internal(msg);
                     self.answer(answers);
-                    if fetched {
-                        // New weights in the cache: say so before the next periodic ad.
+                    if inputs {
                         warm_changed = true;
                     }
                 }

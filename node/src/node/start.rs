@@ -219,6 +219,12 @@ impl NodeBuilder {
                 warn!(%id, "a preloaded input does not hash to its id; not cached");
             }
         }
+        for m in std::mem::take(&mut self.preload_models) {
+            match m.validate() {
+                Ok(()) => inputs.learn_model(m),
+                Err(e) => warn!(error = %e, "a preloaded model's manifest is invalid; not listed"),
+            }
+        }
         let inputs = Arc::new(inputs);
         let mut provider = Provider::new(
             crate::jobs::provider::Runs {
@@ -285,7 +291,7 @@ impl NodeBuilder {
             serve_in_sync: Vec::new(),
             provider,
             inputs: inputs.clone(),
-            warm_announced: Vec::new(),
+            warm_announced: Default::default(),
             internal_rx,
             cmd_weak: cmd_tx.downgrade(),
             pending_negotiate: HashMap::new(),

@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hashgrid_protocol::{GossipMessage, Keypair, Network, PublicKey};
+use hashgrid_protocol::{CapacityAd, GossipMessage, Keypair, Network, PublicKey};
 use libp2p::gossipsub::IdentTopic;
 use libp2p::{Multiaddr, PeerId, Swarm};
 use tokio::sync::{broadcast, mpsc};
@@ -51,7 +51,7 @@ pub(super) struct NodeLoop {
     /// The provider's input cache (its ids are the capacity ad's warm list).
     pub(super) inputs: Arc<crate::jobs::cache::InputCache>,
     /// The warm list last announced.
-    pub(super) warm_announced: Vec<ContentId>,
+    pub(super) warm_announced: Warm,
     pub(super) internal_rx: mpsc::Receiver<Internal>,
     /// Weak, so the node still stops when the last handle is dropped.
     pub(super) cmd_weak: mpsc::WeakSender<Command>,
@@ -118,11 +118,39 @@ pub(super) fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// What each provider holds of one job's inputs, from the warm ids of its capacity ad.
+/// What a capacity ad says the provider holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct Warm {
+    /// Models held in full.
+    pub(super) models: Vec<ContentId>,
+    /// Cached blobs outside those models.
+    pub(super) blobs: Vec<ContentId>,
+}
+
+/// What each provider holds of one job's inputs, from its capacity ad: the blobs it lists as
+/// warm, and every blob of the bid's model when it lists that model.
 pub(super) struct WarmInputs<'a> {
     pub(super) book: &'a crate::book::Book,
     pub(super) inputs: &'a [(ContentId, u64)],
     pub(super) total: u64,
+    /// The bid's model and which of the inputs are its blobs.
+    pub(super) model: Option<(ContentId, &'a [ContentId])>,
+}
+
+impl WarmInputs<'_> {
+    /// The job's inputs that `ad`'s provider holds.
+    pub(super) fn held_inputs<'s>(
+        &'s self,
+        ad: &'s CapacityAd,
+    ) -> impl Iterator<Item = &'s (ContentId, u64)> + 's {
+        let model_blobs = match self.model {
+            Some((m, blobs)) if ad.models.contains(&m) => blobs,
+            _ => &[],
+        };
+        let warm: std::collections::HashSet<&ContentId> =
+            ad.warm.iter().chain(model_blobs).collect();
+        self.inputs.iter().filter(move |(id, _)| warm.contains(id))
+    }
 }
 
 impl hashgrid_market::Warm for WarmInputs<'_> {
@@ -130,15 +158,7 @@ impl hashgrid_market::Warm for WarmInputs<'_> {
         let Some(ad) = self.book.capacity(owner) else {
             return 0;
         };
-        if ad.warm.is_empty() {
-            return 0;
-        }
-        let warm: std::collections::HashSet<&ContentId> = ad.warm.iter().collect();
-        self.inputs
-            .iter()
-            .filter(|(id, _)| warm.contains(id))
-            .map(|(_, n)| n)
-            .sum()
+        self.held_inputs(ad).map(|(_, n)| n).sum()
     }
     fn total(&self) -> u64 {
         self.total

@@ -95,9 +95,9 @@ prop_compose! {
                     settlement in vec(prop_oneof![Just(SettlementMethod::Ledger), Just(SettlementMethod::Onchain)], 0..3),
                     addrs in vec("/ip4/127\\.0\\.0\\.1/tcp/[0-9]{1,5}", 0..3),
                     seq in any::<u64>(), (created_at, expires_at) in arb_times(),
-                    warm in vec(arb_id(), 0..4)) -> CapacityAd {
+                    warm in vec(arb_id(), 0..4), models in vec(arb_id(), 0..3)) -> CapacityAd {
         CapacityAd { provider, region, gpus, units_total: units_free + extra, units_free, settlement,
-                     addrs, seq, created_at, expires_at, warm }
+                     addrs, seq, created_at, expires_at, warm, models }
     }
 }
 
@@ -115,10 +115,11 @@ prop_compose! {
                      units in 1u32..1000, min_memory_bytes in any::<u64>(), min_mflops in any::<u64>(),
                      regions in vec(arb_str(), 0..4), backends in vec(arb_backend(), 0..3),
                      max_price in any::<u64>(), max_seconds in 1u32..100_000,
-                     (created_at, expires_at) in arb_times()) -> Bid {
+                     (created_at, expires_at) in arb_times(),
+                     model in proptest::option::of(arb_id())) -> Bid {
         Bid { buyer, order_id, seq, units,
               requirements: Requirements { min_memory_bytes, min_mflops, regions, backends },
-              max_price: Msat(max_price), max_seconds, created_at, expires_at }
+              max_price: Msat(max_price), max_seconds, created_at, expires_at, model }
     }
 }
 

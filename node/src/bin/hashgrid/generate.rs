@@ -299,6 +299,7 @@ async fn run_market(
         requirements: Requirements::default(),
         max_attempts: 3,
         wait_for_capacity: Duration::from_secs(30),
+        model: Some(job.model),
     };
     let outcome = submit_and_wait(g, &node, job.spec, job.inputs, options).await;
     node.shutdown().await;
@@ -472,6 +473,7 @@ pub(crate) async fn embed(
                 requirements: Requirements::default(),
                 max_attempts: 3,
                 wait_for_capacity: Duration::from_secs(30),
+                model: Some(job.model),
             };
             match submit_and_wait(g, &node, job.spec, job.inputs, options).await {
                 Ok((rec, outputs)) => {

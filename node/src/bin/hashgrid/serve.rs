@@ -123,6 +123,8 @@ pub(crate) async fn serve(g: &Global, a: ServeArgs) -> Result<(), CliError> {
             max_attempts: 3,
             // Requests queue for busy providers for as long as they may run.
             wait_for_capacity: std::time::Duration::from_secs(u64::from(config.max_seconds)),
+            // Set per request: the model each request runs.
+            model: None,
         };
         node = Some(n.clone());
         Arc::new(
