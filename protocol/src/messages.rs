@@ -151,7 +151,7 @@ pub struct CapacityAd {
     pub warm: Vec<ContentId>,
     /// Ids of the models ([`ModelManifest::id`](crate::ModelManifest::id)) whose every
     /// weight blob the provider holds, most recently used first (at most
-    /// [`MAX_MODELS_PER_AD`](crate::limits::MAX_MODELS_PER_AD)): a bid naming one of them
+    /// [`MAX_MODELS_PER_AD`]): a bid naming one of them
     /// starts without an upload.
     pub models: Vec<ContentId>,
 }
