@@ -40,6 +40,7 @@ pub mod cache;
 pub(crate) mod provider;
 pub mod record;
 pub(crate) mod run;
+pub(crate) mod service;
 
 pub use record::{Attempt, FailKind, JobRecord, JobState};
 

@@ -1,5 +1,5 @@
-//! The provider side of the job lifecycle, driven by the node's task: proposals, dispatches,
-//! long polls, receipts and countersignatures. Jobs run in spawned tasks (`super::run`) that
+//! The provider side of the job lifecycle, driven by the provider service on its own thread
+//! (`super::service`): proposals, dispatches, long polls, receipts and countersignatures. Jobs run in spawned tasks (`super::run`) that
 //! report back over [`Internal`] messages; blob transfers are in `super::blobs`.
 //!
 //! Over 800 lines on purpose: `Provider` is one state machine (reservations, active jobs,
@@ -941,6 +941,11 @@ impl Provider {
             reason,
         });
         JobReply::Ack
+    }
+
+    /// Flushes the provider's store writes.
+    pub(crate) fn flush(&self) -> Result<(), StoreError> {
+        self.store.flush()
     }
 
     /// Serves a chunk of an output blob to the buyer it belongs to.

@@ -130,6 +130,11 @@ pub(crate) struct Net {
 }
 
 impl Net {
+    /// A line to the node's task while it runs (`None` once it has stopped).
+    pub(crate) fn upgrade(weak: &mpsc::WeakSender<Command>) -> Option<Net> {
+        weak.upgrade().map(|tx| Net { tx })
+    }
+
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, String> {
         let (tx, rx) = oneshot::channel();
         self.tx

@@ -7,24 +7,16 @@ use hashgrid_protocol::{
 use libp2p::multiaddr::Protocol;
 
 use crate::error::NodeError;
-use crate::jobs::provider::Answer;
 use crate::store::OwnOrder;
 
 use super::addr::with_peer;
 #[cfg(feature = "testing")]
 use super::command::RawTopic;
-use super::command::{AskSpec, BidSpec, Candidate, CandidateQuery, Command, Net};
+use super::command::{AskSpec, BidSpec, Candidate, CandidateQuery, Command};
 use super::settings::MAX_OWN_ORDERS;
 use super::state::{NodeLoop, WarmInputs, ms, queue_key};
 
 impl NodeLoop {
-    pub(super) fn answer(&mut self, answers: Vec<Answer>) {
-        for (channel, reply) in answers {
-            // Err: the buyer went away; it polls again or re-matches.
-            let _ = self.swarm.behaviour_mut().job.send_response(channel, reply);
-        }
-    }
-
     pub(super) fn is_down(&self, p: &PublicKey) -> bool {
         self.down
             .get(p)
@@ -86,10 +78,6 @@ impl NodeLoop {
             let _ = book.submit_ask(ask.clone(), now, &hashgrid_market::NoReputation);
         }
         book
-    }
-
-    pub(super) fn net(&self) -> Option<Net> {
-        self.cmd_weak.upgrade().map(|tx| Net { tx })
     }
 
     pub(super) fn on_command(&mut self, cmd: Command) {

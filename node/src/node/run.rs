@@ -7,7 +7,6 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::event::NodeEvent;
-use crate::jobs::provider::Internal;
 use crate::network::{HEARTBEAT_INITIAL_DELAY, MAX_SYNC_MESSAGES, SyncRequest};
 
 use super::addr::dial_addr;
@@ -31,7 +30,6 @@ impl NodeLoop {
         // the job; a check a few seconds later sees it).
         let mut warm_check = tokio::time::interval(WARM_ANNOUNCE_EVERY);
         warm_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut warm_changed = false;
         let mut reannounce = tokio::time::interval_at(
             tokio::time::Instant::now() + reannounce_every,
             reannounce_every,
@@ -75,18 +73,10 @@ impl NodeLoop {
                     Some(Command::Shutdown(reply)) => break Some(reply),
                     Some(cmd) => self.on_command(cmd),
                 },
-                Some(msg) = self.internal_rx.recv() => {
-                    // Inputs gathered: new weights in the cache, or a model learned from the
-                    // dispatch; say so before the next periodic ad (if the ad changes).
-                    let inputs = matches!(msg, Internal::Inputs(..));
-                    let answers = self.provider.on_internal(msg);
-                    self.answer(answers);
-                    if inputs {
-                        warm_changed = true;
-                    }
-                }
-                _ = warm_check.tick(), if warm_changed => {
-                    warm_changed = false;
+                Some(r) = self.responses.recv() => self.respond(r),
+                _ = warm_check.tick(), if self.settings.executor.is_some() => {
+                    // New weights in the cache, or a model learned from a dispatch: say so
+                    // before the next periodic ad (only if the ad changes).
                     if self.warm_ids() != self.warm_announced
                         && let Err(e) = self.announce_capacity()
                     {
@@ -110,11 +100,7 @@ impl NodeLoop {
                     early.pop_front();
                     self.announce_all();
                 }
-                _ = sweep.tick() => {
-                    self.sweep();
-                    let answers = self.provider.tick();
-                    self.answer(answers);
-                }
+                _ = sweep.tick() => self.sweep(),
                 _ = settle_tick.tick() => self.spawn_settle_pass(),
                 _ = retry.tick(), if !self.unpublished.is_empty() => self.retry_publish(),
                 _ = walk.tick() => {
@@ -135,22 +121,27 @@ impl NodeLoop {
             // Other replies are dropped: their callers see NodeError::Stopped.
         }
         // 2. Nothing more is published: the loop and its timers are gone.
-        // 3. Flush the store.
+        // 3. Stop the provider service: its queue closes, it flushes its store writes and
+        //    drops its handle on the store; answers it still sends go nowhere.
+        self.provider = None;
+        self.responses.close();
+        if let Some(done) = self.provider_done.take() {
+            let _ = done.await;
+        }
+        // 4. Flush the store.
         if let Err(e) = self.store.flush() {
             warn!(error = %e, "store flush at shutdown failed");
         }
-        // 4. Close the swarm (listeners and connections).
+        // 5. Close the swarm (listeners and connections).
         let NodeLoop {
             swarm,
             store,
-            provider,
             slot,
             settlement,
             lag: self_lag,
             ..
         } = self;
         drop(swarm);
-        drop(provider);
         settlement.close();
         if let Some(slot) = slot {
             slot.close();
@@ -163,7 +154,7 @@ impl NodeLoop {
             p99_ms = lag.p99.as_millis() as u64,
             "node stopped (swarm task stalls)"
         );
-        // 5. Answer the shutdown call.
+        // 6. Answer the shutdown call.
         if let Some(r) = shutdown_reply {
             let _ = r.send(());
         }

@@ -77,7 +77,8 @@ pub const MAX_UNPUBLISHED: usize = 2 * MAX_OWN_ORDERS + 1;
 /// Most known peers dialled at start from the store.
 pub const MAX_KNOWN_PEER_DIALS: usize = 16;
 
-/// How often a provider whose input cache gained blobs re-announces its capacity ad.
+/// How often a provider checks whether its input cache's warm list (blobs, models held)
+/// changed, and re-announces its capacity ad if it did.
 pub(super) const WARM_ANNOUNCE_EVERY: Duration = Duration::from_secs(5);
 
 /// Messages from job tasks waiting for the node's task.

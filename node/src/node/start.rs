@@ -17,6 +17,7 @@ use crate::book::Book;
 use crate::error::StartError;
 use crate::event::NodeEvent;
 use crate::jobs::provider::Provider;
+use crate::jobs::service::{PROVIDER_QUEUE, Queues};
 use crate::jobs::{JobRecord, JobState};
 use crate::network::validate::Validator;
 use crate::network::{Behaviour, BehaviourSettings, peer_score_params};
@@ -270,6 +271,21 @@ impl NodeBuilder {
             }
         }
         store.flush()?;
+        // The provider answers on its own thread (see `jobs::service`).
+        let (provider_tx, provider_rx) = mpsc::channel(PROVIDER_QUEUE);
+        let (responses_tx, responses_rx) = mpsc::channel(PROVIDER_QUEUE);
+        let provider_done = crate::jobs::service::spawn(
+            provider,
+            Queues {
+                requests: provider_rx,
+                internal: internal_rx,
+                responses: responses_tx,
+                commands: cmd_tx.downgrade(),
+            },
+            self.sweep_interval,
+            span.clone(),
+        )
+        .map_err(|e| StartError::Network(format!("cannot start the provider thread: {e}")))?;
         let mut state = NodeLoop {
             swarm,
             key: key.clone(),
@@ -289,10 +305,11 @@ impl NodeBuilder {
             bad_sync: HashMap::new(),
             #[cfg(feature = "testing")]
             serve_in_sync: Vec::new(),
-            provider,
+            provider: Some(provider_tx),
+            responses: responses_rx,
+            provider_done: Some(provider_done),
             inputs: inputs.clone(),
             warm_announced: Default::default(),
-            internal_rx,
             cmd_weak: cmd_tx.downgrade(),
             pending_negotiate: HashMap::new(),
             pending_job: HashMap::new(),

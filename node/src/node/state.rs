@@ -11,7 +11,7 @@ use tokio::sync::{broadcast, mpsc};
 
 use crate::book::Book;
 use crate::event::NodeEvent;
-use crate::jobs::provider::{Internal, Provider};
+use crate::jobs::service::{ProviderRequest, Response};
 use crate::network::Behaviour;
 use crate::network::validate::Validator;
 use crate::settle::Settlement;
@@ -46,13 +46,16 @@ pub(super) struct NodeLoop {
     /// Extra, unchecked messages served in sync responses (testing hook).
     #[cfg(feature = "testing")]
     pub(super) serve_in_sync: Vec<GossipMessage>,
-    /// The provider side of the job lifecycle.
-    pub(super) provider: Provider,
+    /// The provider service's request queue (`None` once the node stops).
+    pub(super) provider: Option<mpsc::Sender<ProviderRequest>>,
+    /// The provider service's answers, for the swarm task to send.
+    pub(super) responses: mpsc::Receiver<Response>,
+    /// Completes once the provider service has stopped.
+    pub(super) provider_done: Option<tokio::sync::oneshot::Receiver<()>>,
     /// The provider's input cache (its ids are the capacity ad's warm list).
     pub(super) inputs: Arc<crate::jobs::cache::InputCache>,
     /// The warm list last announced.
     pub(super) warm_announced: Warm,
-    pub(super) internal_rx: mpsc::Receiver<Internal>,
     /// Weak, so the node still stops when the last handle is dropped.
     pub(super) cmd_weak: mpsc::WeakSender<Command>,
     /// Callers waiting for the answers to this node's outbound requests.

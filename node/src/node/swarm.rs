@@ -5,10 +5,12 @@ use libp2p::gossipsub::{self};
 use libp2p::request_response;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{identify, kad, mdns};
+use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, warn};
 
 use crate::event::NodeEvent;
 use crate::jobs::blobs::chunk_of;
+use crate::jobs::service::{ProviderRequest, Response};
 use crate::network::{BehaviourEvent, MAX_SYNC_MESSAGES, SyncRequest, SyncResponse};
 use crate::store::OwnOrder;
 use hashgrid_protocol::exchange::{
@@ -169,12 +171,12 @@ impl NodeLoop {
             return;
         };
         let ask = self.own_ask(request.ask.order_id);
-        let reply = self.provider.on_propose(peer, request, ask);
-        let _ = self
-            .swarm
-            .behaviour_mut()
-            .negotiate
-            .send_response(channel, reply);
+        self.hand_to_provider(ProviderRequest::Propose {
+            peer,
+            request: Box::new(request),
+            ask,
+            channel,
+        });
     }
 
     pub(super) fn on_job_event(&mut self, ev: request_response::Event<JobMessage, JobReply>) {
@@ -182,30 +184,11 @@ impl NodeLoop {
         else {
             return;
         };
-        let reply = match request {
-            JobMessage::Dispatch(d) => match self.net() {
-                Some(net) => self.provider.on_dispatch(peer, *d, &net),
-                None => JobReply::Refused("the node is stopping".into()),
-            },
-            JobMessage::Await { agreement, seen } => {
-                if let Some(answer) = self.provider.on_await(peer, agreement, seen, channel) {
-                    self.answer(vec![answer]);
-                }
-                return;
-            }
-            JobMessage::Stream { agreement, seen } => {
-                if let Some(answer) = self.provider.on_stream(peer, agreement, seen, channel) {
-                    self.answer(vec![answer]);
-                }
-                return;
-            }
-            JobMessage::Countersign(cs) => self.provider.on_countersign(peer, cs),
-            JobMessage::Dispute { agreement, reason } => {
-                self.provider.on_dispute(peer, agreement, reason)
-            }
-            JobMessage::Release { agreement } => self.provider.on_release(peer, agreement),
-        };
-        let _ = self.swarm.behaviour_mut().job.send_response(channel, reply);
+        self.hand_to_provider(ProviderRequest::Job {
+            peer,
+            request,
+            channel,
+        });
     }
 
     pub(super) fn on_blob_event(&mut self, ev: request_response::Event<BlobRequest, BlobReply>) {
@@ -214,18 +197,53 @@ impl NodeLoop {
         else {
             return;
         };
-        let reply = match self.served.get(&request.id) {
-            Some(bytes) if self.served_to.allows(&request.id, &peer) => chunk_of(bytes, &request),
-            _ => self
-                .provider
-                .serve_blob(peer, &request)
-                .unwrap_or(BlobReply::NotFound),
+        // An input this node serves as a buyer is in memory: answered here. Anything else is
+        // an output of the provider's (read from its store): the provider service answers.
+        match self.served.get(&request.id) {
+            Some(bytes) if self.served_to.allows(&request.id, &peer) => {
+                let reply = chunk_of(bytes, &request);
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .blob
+                    .send_response(channel, reply);
+            }
+            _ => self.hand_to_provider(ProviderRequest::Blob {
+                peer,
+                request,
+                channel,
+            }),
+        }
+    }
+
+    /// Hands a request to the provider service, or refuses it at once when the service's
+    /// queue is full or it has stopped: the swarm task never waits for it.
+    fn hand_to_provider(&mut self, req: ProviderRequest) {
+        let Some(tx) = &self.provider else {
+            self.respond(req.refuse("the node is stopping"));
+            return;
         };
-        let _ = self
-            .swarm
-            .behaviour_mut()
-            .blob
-            .send_response(channel, reply);
+        match tx.try_send(req) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(req)) => {
+                debug!("provider queue full; refusing a request");
+                self.respond(req.refuse("the provider is busy; try again"));
+            }
+            Err(mpsc::error::TrySendError::Closed(req)) => {
+                self.respond(req.refuse("the node is stopping"));
+            }
+        }
+    }
+
+    /// Sends the provider service's answer.
+    pub(super) fn respond(&mut self, r: Response) {
+        // Err: the peer went away; it polls again or re-matches.
+        let b = self.swarm.behaviour_mut();
+        let _ = match r {
+            Response::Negotiate(c, reply) => b.negotiate.send_response(c, reply).map_err(|_| ()),
+            Response::Job(c, reply) => b.job.send_response(c, reply).map_err(|_| ()),
+            Response::Blob(c, reply) => b.blob.send_response(c, reply).map_err(|_| ()),
+        };
     }
 }
 
