@@ -34,10 +34,36 @@ pub fn find_binary(name: &str) -> anyhow::Result<PathBuf> {
     )
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; the site binds it right after).
+/// A free TCP port on 127.0.0.1 for a site to listen on, below the kernel's ephemeral range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`) and never handed out twice by this process.
+///
+/// A port from the ephemeral range would race: between this check and the site's bind, the
+/// outbound connections of the sites already running (each from a fresh ephemeral port) can
+/// take it, and the site fails to listen.
 pub fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(l.local_addr()?.port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (lo, hi) = (10_000u32, ephemeral_start.clamp(10_001, 65_536));
+    let span = hi - lo;
+    // Start at a point that differs between runs (and between testnets run side by side).
+    let seed = (std::process::id()
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos()))
+        % span;
+    let _ = NEXT.compare_exchange(0, seed + 1, Ordering::SeqCst, Ordering::SeqCst);
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = u16::try_from(lo + (n % span)).context("port out of range")?;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port between {lo} and {hi}")
 }
 
 /// How one site is run.
@@ -230,6 +256,28 @@ impl Site {
                 return Ok(false);
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn site_ports_are_distinct_free_and_outside_the_ephemeral_range() {
+        let ephemeral_start: u16 =
+            std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse().ok())
+                .unwrap_or(32768);
+        let ports: Vec<u16> = (0..50).map(|_| super::free_port().unwrap()).collect();
+        let distinct: std::collections::HashSet<_> = ports.iter().collect();
+        assert_eq!(distinct.len(), ports.len(), "{ports:?}");
+        assert!(
+            ports.iter().all(|p| *p >= 10_000 && *p < ephemeral_start),
+            "{ports:?}"
+        );
+        for p in ports {
+            std::net::TcpListener::bind(("127.0.0.1", p)).unwrap();
         }
     }
 }
