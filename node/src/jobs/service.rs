@@ -18,6 +18,7 @@ use std::time::Duration;
 use hashgrid_protocol::Ask;
 use hashgrid_protocol::exchange::{
     BlobReply, BlobRequest, JobMessage, JobReply, NegotiateReply, Propose, Reject, RejectReason,
+    SettleReply,
 };
 use libp2p::PeerId;
 use libp2p::request_response::ResponseChannel;
@@ -72,11 +73,13 @@ impl ProviderRequest {
     }
 }
 
-/// An answer for the swarm task to send.
+/// An answer for the swarm task to send (from the provider service, or a settlement request
+/// answered on the blocking pool).
 pub(crate) enum Response {
     Negotiate(ResponseChannel<NegotiateReply>, NegotiateReply),
     Job(ResponseChannel<JobReply>, JobReply),
     Blob(ResponseChannel<BlobReply>, BlobReply),
+    Settle(ResponseChannel<SettleReply>, SettleReply),
 }
 
 /// The service's ends of its queues.

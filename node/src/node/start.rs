@@ -279,7 +279,7 @@ impl NodeBuilder {
             Queues {
                 requests: provider_rx,
                 internal: internal_rx,
-                responses: responses_tx,
+                responses: responses_tx.clone(),
                 commands: cmd_tx.downgrade(),
             },
             self.sweep_interval,
@@ -307,6 +307,7 @@ impl NodeBuilder {
             serve_in_sync: Vec::new(),
             provider: Some(provider_tx),
             responses: responses_rx,
+            responses_tx,
             provider_done: Some(provider_done),
             inputs: inputs.clone(),
             warm_announced: Default::default(),

@@ -48,8 +48,10 @@ pub(super) struct NodeLoop {
     pub(super) serve_in_sync: Vec<GossipMessage>,
     /// The provider service's request queue (`None` once the node stops).
     pub(super) provider: Option<mpsc::Sender<ProviderRequest>>,
-    /// The provider service's answers, for the swarm task to send.
+    /// The provider service's answers (and settlement requests'), for the swarm task to send.
     pub(super) responses: mpsc::Receiver<Response>,
+    /// For settlement requests answered on the blocking pool.
+    pub(super) responses_tx: mpsc::Sender<Response>,
     /// Completes once the provider service has stopped.
     pub(super) provider_done: Option<tokio::sync::oneshot::Receiver<()>>,
     /// The provider's input cache (its ids are the capacity ad's warm list).

@@ -243,6 +243,7 @@ impl NodeLoop {
             Response::Negotiate(c, reply) => b.negotiate.send_response(c, reply).map_err(|_| ()),
             Response::Job(c, reply) => b.job.send_response(c, reply).map_err(|_| ()),
             Response::Blob(c, reply) => b.blob.send_response(c, reply).map_err(|_| ()),
+            Response::Settle(c, reply) => b.settle.send_response(c, reply).map_err(|_| ()),
         };
     }
 }
@@ -260,12 +261,13 @@ impl NodeLoop {
         let Some(tx) = self.cmd_weak.upgrade() else {
             return;
         };
-        let reply = self.settlement.on_request(peer, request, &Net { tx });
-        let _ = self
-            .swarm
-            .behaviour_mut()
-            .settle
-            .send_response(channel, reply);
+        // Answered on the blocking pool (it reads and appends flushed ledger records), and
+        // sent back through the responses queue.
+        let (s, responses) = (self.settlement.clone(), self.responses_tx.clone());
+        tokio::task::spawn_blocking(move || {
+            let reply = s.on_request(peer, request, &Net { tx });
+            let _ = responses.blocking_send(Response::Settle(channel, reply));
+        });
     }
 
     /// Starts a settlement pass unless one is still running.

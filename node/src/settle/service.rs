@@ -256,7 +256,7 @@ impl Settlement {
         self.chain.clone()
     }
 
-    // ---- inbound requests (answered on the swarm task: local reads and flushed writes) ----
+    // ---- inbound requests (answered on the blocking pool: local reads and flushed writes) ----
 
     pub(crate) fn on_request(
         self: &Arc<Self>,
