@@ -48,3 +48,95 @@ pub enum NodeEvent {
         reason: String,
     },
 }
+
+/// An event that matters to the application (money earned, owed or paid; a job's outcome),
+/// persisted in the node's store in the same flush as the state change it reports, and kept
+/// until the application acknowledges it: delivered at least once, across restarts
+/// ([`crate::NodeHandle::next_event`], [`crate::NodeHandle::wait_next_event`],
+/// [`crate::NodeHandle::event_handled`]). An application that handles an event and then
+/// crashes before acknowledging it sees it again, so handling should be idempotent (each
+/// event names the agreement, receipt, invoice or job it is about).
+///
+/// Stored as postcard: new variants go at the end and existing ones keep their fields, so
+/// an older store's events still read.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub enum DurableEvent {
+    /// Provider: a job finished and its receipt was signed, chained and stored.
+    ReceiptSigned {
+        /// The agreement.
+        agreement: hashgrid_protocol::ContentId,
+        /// The receipt's id.
+        receipt: hashgrid_protocol::ContentId,
+        /// Its position in this provider's chain.
+        chain_seq: u64,
+        /// The buyer.
+        buyer: PublicKey,
+        /// The charge.
+        charge: hashgrid_protocol::Msat,
+    },
+    /// Provider: an accepted job failed (nothing is charged).
+    ProviderJobFailed {
+        /// The agreement.
+        agreement: hashgrid_protocol::ContentId,
+        /// Why.
+        reason: String,
+    },
+    /// Provider: the buyer countersigned a receipt (the charge is owed).
+    ReceiptCountersigned {
+        /// The agreement.
+        agreement: hashgrid_protocol::ContentId,
+        /// The receipt's id.
+        receipt: hashgrid_protocol::ContentId,
+    },
+    /// Provider: the buyer disputed a receipt.
+    ReceiptDisputed {
+        /// The agreement.
+        agreement: hashgrid_protocol::ContentId,
+        /// The buyer's reason.
+        reason: String,
+    },
+    /// Provider: an invoice was issued to a buyer.
+    InvoiceIssued {
+        /// The invoice's id.
+        invoice: hashgrid_protocol::ContentId,
+        /// The buyer.
+        buyer: PublicKey,
+        /// The amount.
+        amount: hashgrid_protocol::Msat,
+    },
+    /// Provider: a payment of an invoice was seen on chain.
+    InvoicePaymentSeen {
+        /// The invoice's id.
+        invoice: hashgrid_protocol::ContentId,
+        /// The paying output (`txid:vout`).
+        outpoint: String,
+        /// Satoshis paid to the invoice's address.
+        paid_sat: u64,
+        /// Confirmations so far.
+        confirmations: u32,
+        /// Confirmations required.
+        required: u32,
+    },
+    /// Provider: an invoice is settled (paid with the confirmations required, or the ledger
+    /// netted it).
+    InvoiceSettled {
+        /// The invoice's id.
+        invoice: hashgrid_protocol::ContentId,
+    },
+    /// Provider: a payment seen earlier left the chain (a reorganisation); the invoice is open
+    /// again.
+    InvoicePaymentVanished {
+        /// The invoice's id.
+        invoice: hashgrid_protocol::ContentId,
+    },
+    /// Buyer: a job this node submitted ended.
+    JobEnded {
+        /// The job's id.
+        job: hashgrid_protocol::ContentId,
+        /// Done (its receipt verified and countersigned) or failed, and why.
+        state: crate::jobs::JobState,
+        /// The provider that ran it, if one did.
+        provider: Option<PublicKey>,
+    },
+}

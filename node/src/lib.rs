@@ -51,7 +51,7 @@ pub mod wallet;
 pub use book::{BookSnapshot, OrderKind, RemoveReason};
 pub use datadir::DataDir;
 pub use error::{NodeError, StartError};
-pub use event::NodeEvent;
+pub use event::{DurableEvent, NodeEvent};
 pub use executor::{ExecConfig, ExecError, Executor, JobOutput};
 pub use hashgrid_market::{OfferQuery, OfferSort};
 pub use jobs::{

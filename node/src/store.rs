@@ -196,6 +196,10 @@ pub struct Store {
     peers: sled::Tree,
     meta: sled::Tree,
     trees: JobTrees,
+    /// Durable events not yet acknowledged, by a sled-generated monotonic id.
+    events: sled::Tree,
+    /// Woken when an event is pushed.
+    events_pushed: std::sync::Arc<tokio::sync::Notify>,
 }
 
 /// The trees of the job lifecycle.
@@ -265,6 +269,11 @@ const STORE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 const TREE_OWN_ORDERS: &str = "own_orders";
 const TREE_PEERS: &str = "peers";
 const TREE_META: &str = "meta";
+const TREE_EVENTS: &str = "events";
+
+/// Most durable events kept unacknowledged: past it the oldest go (with a warning), so an
+/// application that never acknowledges cannot fill the disk.
+pub const MAX_UNHANDLED_EVENTS: usize = 100_000;
 const KEY_LAST_SEQ: &[u8] = b"last_seq";
 const KEY_SCHEMA: &[u8] = b"schema_version";
 const KEY_LAST_ORDER_ID: &[u8] = b"last_order_id";
@@ -310,6 +319,8 @@ impl Store {
             own_orders: db.open_tree(TREE_OWN_ORDERS)?,
             peers: db.open_tree(TREE_PEERS)?,
             meta: db.open_tree(TREE_META)?,
+            events: db.open_tree(TREE_EVENTS)?,
+            events_pushed: Default::default(),
             trees: JobTrees {
                 buyer_jobs: tree(JobTree::BuyerJobs)?,
                 provider_jobs: tree(JobTree::ProviderJobs)?,
@@ -565,6 +576,58 @@ impl Store {
             out.push((peer, addrs));
         }
         Ok(out)
+    }
+
+    /// Queues a durable event. Not flushed: it becomes durable with the caller's next flush,
+    /// the one that makes the state change it reports durable.
+    pub fn push_event(&self, ev: &crate::event::DurableEvent) -> Result<(), StoreError> {
+        let bytes = postcard::to_stdvec(ev).map_err(|e| StoreError::Corrupt {
+            tree: TREE_EVENTS,
+            reason: e.to_string(),
+        })?;
+        let id = self.db.generate_id()?;
+        self.events.insert(id.to_be_bytes(), bytes)?;
+        while self.events.len() > MAX_UNHANDLED_EVENTS {
+            let Some((k, _)) = self.events.pop_min()? else {
+                break;
+            };
+            tracing::warn!(
+                event = ?k.as_ref(),
+                "dropping the oldest unacknowledged event: {MAX_UNHANDLED_EVENTS} are waiting"
+            );
+        }
+        self.events_pushed.notify_waiters();
+        Ok(())
+    }
+
+    /// The oldest unacknowledged durable event and its id.
+    pub fn next_event(&self) -> Result<Option<(u64, crate::event::DurableEvent)>, StoreError> {
+        let Some((k, v)) = self.events.first()? else {
+            return Ok(None);
+        };
+        let corrupt = |reason: String| StoreError::Corrupt {
+            tree: TREE_EVENTS,
+            reason,
+        };
+        let id = k
+            .as_ref()
+            .try_into()
+            .map(u64::from_be_bytes)
+            .map_err(|_| corrupt("key is not 8 bytes".into()))?;
+        let ev = postcard::from_bytes(&v).map_err(|e| corrupt(e.to_string()))?;
+        Ok(Some((id, ev)))
+    }
+
+    /// Acknowledges the event `id` (removed, flushed); false if it was not waiting.
+    pub fn event_handled(&self, id: u64) -> Result<bool, StoreError> {
+        let was = self.events.remove(id.to_be_bytes())?.is_some();
+        self.db.flush()?;
+        Ok(was)
+    }
+
+    /// Woken whenever an event is pushed.
+    pub(crate) fn events_pushed(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.events_pushed.clone()
     }
 
     /// Writes everything to disk.

@@ -13,7 +13,7 @@ use hashgrid_node::jobs::{JobOptions, JobState, Submission};
 use hashgrid_node::settle::{ConfirmationPolicy, CreditPolicy, InvoicePolicy, InvoiceState};
 use hashgrid_node::wallet::bitcoin::ScriptBuf;
 use hashgrid_node::wallet::{BtcNetwork, TestChain, WalletKeys};
-use hashgrid_node::{NodeHandle, Onchain, PayState, SettleMode, SettlementConfig};
+use hashgrid_node::{DurableEvent, NodeHandle, Onchain, PayState, SettleMode, SettlementConfig};
 use hashgrid_protocol::{InvoicePayment, JobLimits, Msat, load_job_file};
 use hashgrid_tests::{addr_of, start_provider_with, test_builder, wait_for_asks};
 
@@ -141,6 +141,24 @@ async fn run_jobs(m: &Market, n: usize) -> u64 {
     total
 }
 
+/// The provider's durable invoice events so far, each acknowledged as it is read.
+fn invoice_events(node: &NodeHandle) -> Vec<DurableEvent> {
+    let mut out = Vec::new();
+    while let Some((id, ev)) = node.next_event().unwrap() {
+        node.event_handled(id).unwrap();
+        if matches!(
+            ev,
+            DurableEvent::InvoiceIssued { .. }
+                | DurableEvent::InvoicePaymentSeen { .. }
+                | DurableEvent::InvoiceSettled { .. }
+                | DurableEvent::InvoicePaymentVanished { .. }
+        ) {
+            out.push(ev);
+        }
+    }
+    out
+}
+
 async fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
@@ -242,6 +260,29 @@ async fn jobs_are_invoiced_paid_confirmed_and_settled_on_chain() {
         buyer_state(&m.buyer)[..],
         [PayState::Settled { .. }]
     ));
+
+    // The provider's application heard it as durable events: issued, paid, settled.
+    let invoice_events = invoice_events(&m.provider);
+    match &invoice_events[..] {
+        [
+            DurableEvent::InvoiceIssued {
+                invoice,
+                buyer,
+                amount,
+            },
+            DurableEvent::InvoicePaymentSeen {
+                invoice: seen,
+                paid_sat,
+                confirmations: 0,
+                ..
+            },
+            DurableEvent::InvoiceSettled { invoice: settled },
+        ] => {
+            assert_eq!((*buyer, *amount), (b_key, Msat(amount_sat * 1000)));
+            assert_eq!((seen, settled, *paid_sat), (invoice, invoice, amount_sat));
+        }
+        other => panic!("{other:?}"),
+    }
 
     // Balances add up to the receipts exactly: the whole sats settled, the sub-sat remainder
     // still accrued for the next invoice.
@@ -367,6 +408,14 @@ async fn a_reorg_that_removes_the_payment_reopens_the_invoice() {
     assert!(m.chain.transaction(&payment).is_none());
     m.provider.settle_now().await;
     assert_eq!(issued_state(&m.provider), vec![InvoiceState::Issued]);
+    let events = invoice_events(&m.provider);
+    assert!(
+        matches!(
+            events.last(),
+            Some(DurableEvent::InvoicePaymentVanished { .. })
+        ),
+        "{events:?}"
+    );
     let e = m.provider.positions()[&m.buyer.public_key()].as_buyer;
     assert_eq!(e.paid, Msat::ZERO);
     assert!(e.invoiced > Msat::ZERO);

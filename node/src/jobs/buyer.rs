@@ -22,7 +22,7 @@ use super::{
     Attempt, DEADLINE_GRACE, FailKind, HEDGE_AFTER, HEDGE_MAX, JobRecord, JobState, JobUpdate,
     MAX_PROPOSALS_PER_ATTEMPT, Submission,
 };
-use crate::event::NodeEvent;
+use crate::event::{DurableEvent, NodeEvent};
 use crate::node::command::{Candidate, Net};
 use crate::node::settings::{DIAL_RETRIES, DIAL_RETRY_AFTER, UNREACHABLE};
 use crate::store::{JobTree, StoreSlot};
@@ -115,6 +115,11 @@ impl BuyerJob {
         let rec = &self.record;
         let res = self.ctx.store.with(|s| {
             s.put(JobTree::BuyerJobs, rec.id.as_bytes(), rec)?;
+            s.push_event(&DurableEvent::JobEnded {
+                job: rec.id,
+                state: rec.state.clone(),
+                provider: rec.provider,
+            })?;
             s.flush()
         });
         if let Err(e) = res {

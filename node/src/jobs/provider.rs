@@ -30,7 +30,7 @@ use super::cache::InputCache;
 pub(crate) use super::run::Internal;
 use super::run::RunTask;
 use super::{AGREEMENT_TTL_MS, ProviderEvent};
-use crate::event::NodeEvent;
+use crate::event::{DurableEvent, NodeEvent};
 use crate::executor::{Executor, JobOutput};
 use crate::network::AWAIT_HOLD;
 use crate::node::command::Net;
@@ -748,6 +748,10 @@ impl Provider {
             rec.phase = JobPhase::Failed;
             rec.failure = Some(reason.to_string());
             self.store.put(JobTree::ProviderJobs, id.as_bytes(), &rec)?;
+            self.store.push_event(&DurableEvent::ProviderJobFailed {
+                agreement: id,
+                reason: reason.to_string(),
+            })?;
             self.store.flush()?;
         }
         Ok(())
@@ -837,6 +841,15 @@ impl Provider {
         self.store
             .put(JobTree::ProviderJobs, id.as_bytes(), &rec)
             .map_err(store_err)?;
+        self.store
+            .push_event(&DurableEvent::ReceiptSigned {
+                agreement: id,
+                receipt: signed.id(),
+                chain_seq: receipt.chain_seq,
+                buyer: a.buyer,
+                charge: receipt.charge,
+            })
+            .map_err(store_err)?;
         self.store.flush().map_err(store_err)?;
         self.next_seq += 1;
         self.prev = Some(signed.id());
@@ -894,6 +907,10 @@ impl Provider {
             }
             self.store
                 .put(JobTree::ProviderJobs, r.agreement_id.as_bytes(), &rec)?;
+            self.store.push_event(&DurableEvent::ReceiptCountersigned {
+                agreement: r.agreement_id,
+                receipt: cs.id(),
+            })?;
             self.store.flush()
         })();
         if let Err(e) = res {
@@ -930,11 +947,21 @@ impl Provider {
         let reason: String = reason.chars().take(1024).collect();
         warn!(agreement = %id.short(), %reason, "the buyer disputes a receipt");
         if let Ok(Some(mut rec)) = self.record(&id) {
+            // Reported once: a buyer repeating its dispute adds no events.
+            let first = rec.failure.is_none();
             rec.failure = Some(format!("disputed by the buyer: {reason}"));
             let _ = self
                 .store
                 .put(JobTree::ProviderJobs, id.as_bytes(), &rec)
-                .and_then(|()| self.store.flush());
+                .and_then(|()| {
+                    if first {
+                        self.store.push_event(&DurableEvent::ReceiptDisputed {
+                            agreement: id,
+                            reason: reason.clone(),
+                        })?;
+                    }
+                    self.store.flush()
+                });
         }
         self.emit(ProviderEvent::Disputed {
             agreement: id,

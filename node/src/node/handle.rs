@@ -12,7 +12,7 @@ use tracing::Instrument;
 
 use crate::book::BookSnapshot;
 use crate::error::NodeError;
-use crate::event::NodeEvent;
+use crate::event::{DurableEvent, NodeEvent};
 use crate::jobs::{JobOptions, JobRecord, JobResult, JobState, Submission};
 use crate::settle::{InInvoice, OutInvoice, Position, Settlement};
 use crate::store::{JobTree, OwnOrder, Store, StoreError, StoreSlot};
@@ -283,6 +283,11 @@ impl NodeHandle {
         rec.finished_at = Some(Timestamp::now());
         self.store(|s| {
             s.put(JobTree::BuyerJobs, id.as_bytes(), &rec)?;
+            s.push_event(&DurableEvent::JobEnded {
+                job: *id,
+                state: rec.state.clone(),
+                provider: rec.provider,
+            })?;
             s.flush()
         })?;
         let _ = self
@@ -294,6 +299,38 @@ impl NodeHandle {
                 provider: rec.provider,
             }));
         Ok(())
+    }
+
+    /// The oldest event not yet acknowledged, with its id: money earned, owed or paid, a job's
+    /// end ([`DurableEvent`]). It stays the oldest until [`event_handled`](Self::event_handled)
+    /// acknowledges it, across restarts of the node (delivered at least once).
+    pub fn next_event(&self) -> Result<Option<(u64, DurableEvent)>, NodeError> {
+        self.store(|s| s.next_event())
+    }
+
+    /// Waits for the oldest event not yet acknowledged (see [`next_event`](Self::next_event)).
+    pub async fn wait_next_event(&self) -> Result<(u64, DurableEvent), NodeError> {
+        let pushed = self.store(|s| Ok(s.events_pushed()))?;
+        loop {
+            // Registered before looking, so a push in between is not missed.
+            let notified = pushed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(e) = self.next_event()? {
+                return Ok(e);
+            }
+            tokio::select! {
+                () = notified => {}
+                // The node may have stopped meanwhile: look again (an error then).
+                () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// Acknowledges the event `id` (it is removed, flushed); false if no such event was
+    /// waiting (acknowledged already).
+    pub fn event_handled(&self, id: u64) -> Result<bool, NodeError> {
+        self.store(|s| s.event_handled(id))
     }
 
     /// The input blobs (model weights) this provider holds in its cache, most recently used

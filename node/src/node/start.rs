@@ -258,17 +258,24 @@ impl NodeBuilder {
         // Jobs this node submitted before a restart cannot resume (their inputs were in
         // memory): fail them so nobody waits for them.
         for mut rec in store.all::<JobRecord>(JobTree::BuyerJobs)? {
-            if !rec.state.is_terminal() && rec.receipt.is_some() {
+            if rec.state.is_terminal() {
+                continue;
+            }
+            rec.state = if rec.receipt.is_some() {
                 // Verified and countersigned before the stop: done.
-                rec.state = JobState::Done;
-                store.put(JobTree::BuyerJobs, rec.id.as_bytes(), &rec)?;
-            } else if !rec.state.is_terminal() {
-                rec.state = JobState::Failed {
+                JobState::Done
+            } else {
+                JobState::Failed {
                     kind: crate::jobs::FailKind::Interrupted,
                     reason: "this node stopped before the job finished; submit it again".into(),
-                };
-                store.put(JobTree::BuyerJobs, rec.id.as_bytes(), &rec)?;
-            }
+                }
+            };
+            store.put(JobTree::BuyerJobs, rec.id.as_bytes(), &rec)?;
+            store.push_event(&crate::event::DurableEvent::JobEnded {
+                job: rec.id,
+                state: rec.state.clone(),
+                provider: rec.provider,
+            })?;
         }
         store.flush()?;
         // The provider answers on its own thread (see `jobs::service`).

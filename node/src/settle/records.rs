@@ -115,6 +115,41 @@ pub(super) enum LedgerEvent {
     },
 }
 
+impl LedgerEvent {
+    /// What the application hears of this transition, if anything (see
+    /// [`crate::event::DurableEvent`]).
+    pub(super) fn durable(&self) -> Option<crate::event::DurableEvent> {
+        use crate::event::DurableEvent as D;
+        match self {
+            LedgerEvent::Issue {
+                id, buyer, amount, ..
+            } => Some(D::InvoiceIssued {
+                invoice: *id,
+                buyer: *buyer,
+                amount: *amount,
+            }),
+            LedgerEvent::PaymentSeen {
+                id,
+                outpoint,
+                paid_sat,
+                confirmations,
+                required,
+            } => Some(D::InvoicePaymentSeen {
+                invoice: *id,
+                outpoint: outpoint.clone(),
+                paid_sat: *paid_sat,
+                confirmations: *confirmations,
+                required: *required,
+            }),
+            LedgerEvent::Settle { id } => Some(D::InvoiceSettled { invoice: *id }),
+            LedgerEvent::Vanished { id } => Some(D::InvoicePaymentVanished { invoice: *id }),
+            LedgerEvent::Accrue { .. }
+            | LedgerEvent::Confirmations { .. }
+            | LedgerEvent::Expire { .. } => None,
+        }
+    }
+}
+
 pub(super) fn apply(ledger: &mut ProviderLedger, ev: &LedgerEvent) -> Result<(), SettleError> {
     let exactly = |required: u32| ConfirmationPolicy {
         tiers: Vec::new(),

@@ -149,6 +149,9 @@ impl Settlement {
         let key = st.next_key;
         let logged = self.store().and_then(|store| {
             store.put(JobTree::SettleLog, &key.to_be_bytes(), &ev)?;
+            if let Some(d) = ev.durable() {
+                store.push_event(&d)?;
+            }
             store.flush()
         });
         match logged {
