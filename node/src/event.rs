@@ -130,6 +130,25 @@ pub enum DurableEvent {
         /// The invoice's id.
         invoice: hashgrid_protocol::ContentId,
     },
+    /// Buyer: a payment of an invoice was made (recorded before it is broadcast; a restart
+    /// rebroadcasts the same transaction, never pays twice).
+    PaymentSent {
+        /// The invoice's id.
+        invoice: hashgrid_protocol::ContentId,
+        /// The provider paid.
+        provider: PublicKey,
+        /// The paying transaction.
+        txid: String,
+        /// Satoshis paid.
+        amount_sat: u64,
+    },
+    /// Buyer: the provider says an invoice this node paid is settled.
+    PaymentSettled {
+        /// The invoice's id.
+        invoice: hashgrid_protocol::ContentId,
+        /// The paying output (`txid:vout`).
+        outpoint: String,
+    },
     /// Buyer: a job this node submitted ended.
     JobEnded {
         /// The job's id.

@@ -141,7 +141,7 @@ async fn run_jobs(m: &Market, n: usize) -> u64 {
     total
 }
 
-/// The provider's durable invoice events so far, each acknowledged as it is read.
+/// A node's durable invoice and payment events so far, each acknowledged as it is read.
 fn invoice_events(node: &NodeHandle) -> Vec<DurableEvent> {
     let mut out = Vec::new();
     while let Some((id, ev)) = node.next_event().unwrap() {
@@ -152,6 +152,8 @@ fn invoice_events(node: &NodeHandle) -> Vec<DurableEvent> {
                 | DurableEvent::InvoicePaymentSeen { .. }
                 | DurableEvent::InvoiceSettled { .. }
                 | DurableEvent::InvoicePaymentVanished { .. }
+                | DurableEvent::PaymentSent { .. }
+                | DurableEvent::PaymentSettled { .. }
         ) {
             out.push(ev);
         }
@@ -262,8 +264,8 @@ async fn jobs_are_invoiced_paid_confirmed_and_settled_on_chain() {
     ));
 
     // The provider's application heard it as durable events: issued, paid, settled.
-    let invoice_events = invoice_events(&m.provider);
-    match &invoice_events[..] {
+    let provider_events = invoice_events(&m.provider);
+    match &provider_events[..] {
         [
             DurableEvent::InvoiceIssued {
                 invoice,
@@ -281,6 +283,20 @@ async fn jobs_are_invoiced_paid_confirmed_and_settled_on_chain() {
             assert_eq!((*buyer, *amount), (b_key, Msat(amount_sat * 1000)));
             assert_eq!((seen, settled, *paid_sat), (invoice, invoice, amount_sat));
         }
+        other => panic!("{other:?}"),
+    }
+
+    // And the buyer's: paid (before the broadcast), then settled.
+    let buyer_events = invoice_events(&m.buyer);
+    match &buyer_events[..] {
+        [
+            DurableEvent::PaymentSent {
+                provider,
+                amount_sat: sent,
+                ..
+            },
+            DurableEvent::PaymentSettled { .. },
+        ] => assert_eq!((*provider, *sent), (p_key, amount_sat)),
         other => panic!("{other:?}"),
     }
 

@@ -175,8 +175,22 @@ impl Settlement {
 
     /// Writes one record and flushes it (before anything that depends on it is acknowledged).
     fn save<T: Serialize>(&self, t: JobTree, id: &ContentId, value: &T) -> Result<(), StoreError> {
+        self.save_reporting(t, id, value, None)
+    }
+
+    /// [`save`](Self::save), with a durable event for the application in the same flush.
+    fn save_reporting<T: Serialize>(
+        &self,
+        t: JobTree,
+        id: &ContentId,
+        value: &T,
+        event: Option<crate::event::DurableEvent>,
+    ) -> Result<(), StoreError> {
         let store = self.store()?;
         store.put(t, id.as_bytes(), value)?;
+        if let Some(ev) = &event {
+            store.push_event(ev)?;
+        }
         store.flush()
     }
 
@@ -485,8 +499,15 @@ impl Settlement {
         if rec.body().and_then(|b| peer_of(&b.provider)) != Some(peer) {
             return SettleReply::Refused("unknown invoice".into());
         }
+        // Reported once: a provider repeating the notice adds no events.
+        let event = (!matches!(rec.state, PayState::Settled { .. })).then(|| {
+            crate::event::DurableEvent::PaymentSettled {
+                invoice: id,
+                outpoint: outpoint.clone(),
+            }
+        });
         rec.state = PayState::Settled { outpoint };
-        match self.save(JobTree::InvoicesIn, &id, &rec) {
+        match self.save_reporting(JobTree::InvoicesIn, &id, &rec, event) {
             Ok(()) => SettleReply::Ack,
             Err(e) => SettleReply::Refused(format!("buyer store: {e}")),
         }
@@ -808,12 +829,19 @@ impl Settlement {
                 if rec.state != PayState::Unpaid {
                     return Ok(());
                 }
+                let txid = made.0.compute_txid().to_string();
                 rec.state = PayState::Paying {
                     tx: bitcoin::consensus::encode::serialize(&made.0),
-                    txid: made.0.compute_txid().to_string(),
+                    txid: txid.clone(),
                     vout: made.1,
                 };
-                self.save(JobTree::InvoicesIn, &id, &rec)
+                let event = crate::event::DurableEvent::PaymentSent {
+                    invoice: id,
+                    provider: inv.provider,
+                    txid,
+                    amount_sat,
+                };
+                self.save_reporting(JobTree::InvoicesIn, &id, &rec, Some(event))
                     .map_err(|e| e.to_string())?;
                 made
             }
