@@ -775,6 +775,20 @@ impl OrderBook {
         Ok(removed)
     }
 
+    /// Removes a live order without remembering it (unlike [`cancel`](Self::cancel)): for a
+    /// book that mirrors another view and must drop what that view dropped. Returns its side.
+    pub fn withdraw(&mut self, r: &OrderRef) -> Option<Side> {
+        if self.asks.contains_key(r) {
+            self.remove_ask(r);
+            Some(Side::Ask)
+        } else if self.bids.contains_key(r) {
+            self.remove_bid(r);
+            Some(Side::Bid)
+        } else {
+            None
+        }
+    }
+
     /// Drops every order that expired at or before `now_ms` (and forgets retired orders that
     /// can no longer come back). Returns the orders dropped, in expiry order.
     pub fn expire(&mut self, now_ms: u64) -> Vec<(Side, OrderRef)> {
@@ -1078,6 +1092,20 @@ impl OrderBook {
         fair: &Fairness<'_>,
         limit: usize,
     ) -> Vec<RestingAsk> {
+        self.candidates_fair_except(bid, now_ms, fair, limit, &|_| false)
+    }
+
+    /// [`candidates_fair`](Self::candidates_fair) without the asks `skip` names (providers a
+    /// buyer already tried, or knows to be down): a standing book ranks for every job without
+    /// being rebuilt. Skipped asks take no place among the first `limit`.
+    pub fn candidates_fair_except(
+        &self,
+        bid: &Bid,
+        now_ms: u64,
+        fair: &Fairness<'_>,
+        limit: usize,
+        skip: &dyn Fn(&Ask) -> bool,
+    ) -> Vec<RestingAsk> {
         let f = self.filter_for_bid(bid, now_ms);
         let limit = limit.max(1);
         let mut found: Vec<&AskEntry> = Vec::new();
@@ -1091,7 +1119,7 @@ impl OrderBook {
             {
                 return false;
             }
-            if e.remaining >= bid.units {
+            if e.remaining >= bid.units && !skip(&e.ask) {
                 found.push(e);
                 if found.len() == limit {
                     cutoff = Some(u128::from(e.ask.price.0) * 10_000);

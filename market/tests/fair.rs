@@ -268,3 +268,34 @@ fn a_provider_holding_the_inputs_wins_within_the_warm_discount_and_loses_beyond_
     // Fills are not affected: the discount only ranks.
     assert_eq!(ranked_price(Msat(100), 0, 0), 100 * 10_000);
 }
+
+#[test]
+fn skipped_asks_take_no_place_among_the_first_candidates() {
+    let fair = Fairness {
+        rep: &NoReputation,
+        load: &NoLoad,
+        seed: 1,
+        warm: &hashgrid_market::NoWarm,
+    };
+    let b = book(&[(0, 100, 4), (1, 110, 4), (2, 120, 4), (3, 130, 4)]);
+    let ranked = |skip: &dyn Fn(&hashgrid_protocol::Ask) -> bool| -> Vec<PublicKey> {
+        b.candidates_fair_except(&bid(1, 1_000), NOW, &fair, 2, skip)
+            .into_iter()
+            .map(|r| r.ask.provider)
+            .collect()
+    };
+    assert_eq!(ranked(&|_| false), vec![key(0), key(1)]);
+    // The two cheapest skipped: the next two, not fewer.
+    assert_eq!(
+        ranked(&|a| a.provider == key(0) || a.provider == key(1)),
+        vec![key(2), key(3)]
+    );
+    assert!(ranked(&|_| true).is_empty());
+    // Without a skip it is candidates_fair.
+    let plain: Vec<PublicKey> = b
+        .candidates_fair(&bid(1, 1_000), NOW, &fair, 2)
+        .into_iter()
+        .map(|r| r.ask.provider)
+        .collect();
+    assert_eq!(plain, ranked(&|_| false));
+}

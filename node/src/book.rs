@@ -1,11 +1,13 @@
 //! This node's view of the order book, built from verified gossip.
 //!
-//! This is the one file that connects the network to the order book. The `hashgrid-market`
-//! crate has no book yet (its branch holds a placeholder), so this module keeps the minimal
-//! view the network needs: asks and bids replaced by higher sequence numbers, cancels that
-//! stick (tombstones until the cancel itself expires), capacity ads per provider, expiry, and
-//! a snapshot. Matching is *not* done here; when the market crate's book lands, [`Book`]
-//! becomes a thin wrapper over it and the rest of the node does not change.
+//! This is the one file that connects the network to the order book. It keeps what the
+//! network needs: asks and bids replaced by higher sequence numbers, cancels that stick
+//! (tombstones until the cancel itself expires), capacity ads per provider, expiry, a
+//! snapshot, and the signed copies for sync. Beside them it keeps the live asks in a
+//! **standing** `hashgrid_market::OrderBook` (the engine: indexed by region, backend and
+//! tiers, entered at the time they arrived here), updated with every change of the view, so
+//! that ranking a buyer's job ([`Book::engine`], `candidates_fair_except`) and the CLI's
+//! offers query it directly instead of rebuilding a book from every ask.
 //!
 //! Every entry keeps the signed envelope it arrived in, so a peer can be given the exact
 //! signed bytes (the `/hashgrid/sync/1` protocol) and re-verify them itself.
@@ -127,6 +129,8 @@ pub struct Book {
     capacity: HashMap<PublicKey, Entry<CapacityAd>>,
     /// Cancelled orders: cancel seq and when the tombstone may be forgotten.
     tombstones: HashMap<OrderRef, (u64, Timestamp)>,
+    /// The live asks in the market engine (kept in step with `asks`).
+    engine: hashgrid_market::OrderBook,
 }
 
 impl std::fmt::Debug for Book {
@@ -177,6 +181,7 @@ impl Book {
             return Err(BookReject::Full(MAX_BOOK_ORDERS));
         }
         self.tombstones.remove(&order);
+        self.engine_insert(ask.clone());
         self.asks.insert(order, Entry { signed, body: ask });
         Ok(if replaced {
             BookChange::Replaced(OrderKind::Ask, order)
@@ -240,6 +245,7 @@ impl Book {
             Some((kind, _)) => {
                 self.asks.remove(&order);
                 self.bids.remove(&order);
+                self.engine.withdraw(&order);
                 BookChange::Cancelled(kind, order)
             }
             None => BookChange::CancelRecorded(order),
@@ -280,7 +286,28 @@ impl Book {
         });
         self.capacity.retain(|_, e| e.body.expires_at > now);
         self.tombstones.retain(|_, &mut (_, until)| until > now);
+        self.engine.expire(now.0);
         removed
+    }
+
+    /// Enters (or replaces) an ask in the engine. The view has accepted it; if the engine
+    /// refuses it (it cannot index a 257th region), the ask's older copy leaves the engine too,
+    /// so that the engine never ranks what the view no longer holds.
+    fn engine_insert(&mut self, ask: Ask) {
+        let order = ask.order_ref();
+        let now = Timestamp::now().0;
+        if let Err(e) = self
+            .engine
+            .submit_ask(ask, now, &hashgrid_market::NoReputation)
+        {
+            tracing::debug!(%e, owner = %order.owner.short(), order_id = order.order_id, "the market engine refused an ask the view holds");
+            self.engine.withdraw(&order);
+        }
+    }
+
+    /// The live asks in the market engine, for ranking and queries.
+    pub fn engine(&self) -> &hashgrid_market::OrderBook {
+        &self.engine
     }
 
     /// Whether the book already holds `msg` or something newer from its author (same order
@@ -465,5 +492,45 @@ mod tests {
         assert_eq!(book.expire(now.plus_ms(999)), vec![]);
         assert_eq!(book.expire(now.plus_ms(1000)).len(), 1);
         assert!(book.snapshot().asks.is_empty());
+    }
+
+    #[test]
+    fn the_engine_holds_exactly_the_live_asks_of_the_view() {
+        let key = Keypair::from_secret_bytes([3; 32]);
+        let other = Keypair::from_secret_bytes([4; 32]);
+        let now = Timestamp::now();
+        let mut book = Book::new();
+        let engine_seq = |b: &Book, k: &Keypair, id: u64| {
+            b.engine()
+                .ask(&OrderRef {
+                    owner: k.public(),
+                    order_id: id,
+                })
+                .map(|r| r.ask.seq)
+        };
+        let (s, a) = ask(&key, 1, 5, now);
+        book.insert_ask(s, a).unwrap();
+        let (s, a) = ask(&other, 1, 1, now);
+        book.insert_ask(s, a).unwrap();
+        assert_eq!(book.engine().ask_count(), 2);
+        // A replacement replaces, a stale copy changes nothing.
+        let (s, a) = ask(&key, 1, 6, now);
+        book.insert_ask(s, a).unwrap();
+        let (s, a) = ask(&key, 1, 4, now);
+        assert!(book.insert_ask(s, a).is_err());
+        assert_eq!(engine_seq(&book, &key, 1), Some(6));
+        // A cancel removes it from both.
+        let (s, c) = cancel(&key, 1, 7, now);
+        book.cancel(s, c).unwrap();
+        assert_eq!(engine_seq(&book, &key, 1), None);
+        assert_eq!(book.engine().ask_count(), 1);
+        // Expiry removes it from both.
+        book.expire(now.plus_ms(1000));
+        assert_eq!(book.engine().ask_count(), 0);
+        assert!(book.snapshot().asks.is_empty());
+        // An ask the engine refuses (already expired by its clock) is not left behind in it.
+        let (s, a) = ask(&other, 2, 1, Timestamp(1_000_000));
+        book.insert_ask(s, a).unwrap();
+        assert_eq!(book.engine().ask_count(), 0);
     }
 }

@@ -29,9 +29,6 @@ impl NodeLoop {
     /// then the query's random tie-break), so equal-priced providers share the work.
     pub(super) fn candidates(&self, q: &CandidateQuery) -> Vec<Candidate> {
         let now = Timestamp::now().0;
-        let book = self.ask_book(now, |a| {
-            q.excluded.contains(&a.provider) || self.is_down(&a.provider)
-        });
         let load = |p: &PublicKey| q.load.get(p).copied().unwrap_or(0);
         let warm = WarmInputs {
             book: &self.book,
@@ -45,7 +42,16 @@ impl NodeLoop {
             seed: q.seed,
             warm: &warm,
         };
-        book.candidates_fair(&q.bid, now, &fair, crate::jobs::MAX_PROPOSALS_PER_ATTEMPT)
+        let skip = |a: &Ask| q.excluded.contains(&a.provider) || self.is_down(&a.provider);
+        self.book
+            .engine()
+            .candidates_fair_except(
+                &q.bid,
+                now,
+                &fair,
+                crate::jobs::MAX_PROPOSALS_PER_ATTEMPT,
+                &skip,
+            )
             .into_iter()
             .filter_map(|r| {
                 let peer = crate::jobs::peer_of(&r.ask.provider)?;
@@ -64,20 +70,6 @@ impl NodeLoop {
                 })
             })
             .collect()
-    }
-
-    /// The live asks of this node's view, except those `skip` names, in the market engine for
-    /// ranking. Only asks go in, so nothing trades: the engine only orders them.
-    pub(super) fn ask_book(
-        &self,
-        now: u64,
-        skip: impl Fn(&Ask) -> bool,
-    ) -> hashgrid_market::OrderBook {
-        let mut book = hashgrid_market::OrderBook::new();
-        for ask in self.book.asks().filter(|a| !skip(a)) {
-            let _ = book.submit_ask(ask.clone(), now, &hashgrid_market::NoReputation);
-        }
-        book
     }
 
     pub(super) fn on_command(&mut self, cmd: Command) {
@@ -111,8 +103,8 @@ impl NodeLoop {
             }
             Command::Offers(q, r) => {
                 let now = Timestamp::now().0;
-                let book = self.ask_book(now, |_| false);
-                let _ = r.send(book.offers(&q, now).into_iter().map(|o| o.ask).collect());
+                let offers = self.book.engine().offers(&q, now);
+                let _ = r.send(offers.into_iter().map(|o| o.ask).collect());
             }
             Command::MarkDown(p, r) => {
                 let until = tokio::time::Instant::now() + self.settings.down_for;
