@@ -15,7 +15,14 @@ use hashgrid_protocol::{
 };
 
 const REGIONS: [&str; 8] = [
-    "us-east", "us-west", "eu-west", "eu-central", "ap-south", "ap-east", "sa-east", "af-south",
+    "us-east",
+    "us-west",
+    "eu-west",
+    "eu-central",
+    "ap-south",
+    "ap-east",
+    "sa-east",
+    "af-south",
 ];
 const MEMORY_GIB: [u64; 4] = [16, 24, 48, 80];
 /// Asks per provider key (one site offers a few GPU classes).

@@ -602,8 +602,14 @@ async fn a_bid_naming_a_model_goes_to_the_site_that_lists_it_and_sites_learn_mod
         cold.warm_models().is_empty(),
         "nobody named the model to it"
     );
-    // 3. Named again: the cold site is cheaper and holds the blob; the dispatch's manifest
-    //    teaches it the model, and its ad lists the model instead of the blob.
+    // 3. Named again, once the cold site's ad lists the blob it now holds (as a blob: it
+    //    knows no model): it is cheaper and holds everything; the dispatch's manifest teaches
+    //    it the model, and its ad lists the model instead of the blob.
+    let blob = model.blobs[0].id;
+    wait_for_ad(&b, &cold, "the cold site lists the blob it fetched", |ad| {
+        ad.warm.contains(&blob) && ad.models.is_empty()
+    })
+    .await;
     let id = b.submit(job(true)).await.unwrap();
     let rec = wait(&b, &id).await;
     assert_eq!(rec.state, JobState::Done, "{:?}", rec.attempts);
