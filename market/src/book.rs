@@ -1079,10 +1079,12 @@ impl OrderBook {
     /// The asks that can take all of `bid` (each with at least `bid.units` remaining), best
     /// first, for a buyer that will propose to them in turn: price first, where a provider
     /// that holds the job's inputs is ranked at its [`ranked_price`] (up to
-    /// [`WARM_DISCOUNT_BP`] off); among asks at the same ranked price, work spreads instead of
-    /// going to the oldest or lowest-keyed ask: most free units (remaining minus the buyer's
-    /// recent load there) first, then least recent load, then highest reputation, then the
-    /// buyer's random [`tie_break`]. Every ask that could rank among the first `limit` is
+    /// [`WARM_DISCOUNT_BP`] off); among asks at the same ranked price, a provider with a
+    /// negative reputation (one that failed the buyer more than it served it) comes after
+    /// every other, whatever its load: spreading work is for providers in good standing.
+    /// Among the rest, work spreads instead of going to the oldest or lowest-keyed ask: most
+    /// free units (remaining minus the buyer's recent load there) first, then least recent
+    /// load, then highest reputation, then the buyer's random [`tie_break`]. Every ask that could rank among the first `limit` is
     /// ranked before the list is cut, so a provider at the best price is never cut off by the
     /// order asks arrived in.
     pub fn candidates_fair(
@@ -1133,11 +1135,13 @@ impl OrderBook {
                 let p = &e.ask.provider;
                 let load = fair.load.load(p);
                 let free = u64::from(e.remaining).saturating_sub(load);
+                let score = fair.rep.score(p);
                 let key = (
                     ranked_price(e.ask.price, fair.warm.held(p), total),
+                    score < 0,
                     Reverse(free),
                     load,
-                    Reverse(fair.rep.score(p)),
+                    Reverse(score),
                     tie_break(fair.seed, p),
                 );
                 (key, e)

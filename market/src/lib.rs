@@ -36,7 +36,7 @@
 //! price-time priority with reputation between orders of the same price and time, as in an
 //! exchange. A buyer that proposes directly to providers ranks asks with
 //! [`OrderBook::candidates_fair`] instead: price first, always; among asks at the same price,
-//! most free units (the ask's remaining units minus the buyer's recent load there), then the
+//! providers in bad standing (negative reputation) last, and among the others most free units (the ask's remaining units minus the buyer's recent load there), then the
 //! least recent load ([`Load`]: jobs it placed there lately), then reputation, then a random
 //! tie-break seeded per buyer and per job ([`tie_break`]). Without it a book that orders equal
 //! asks by arrival sends every job to one site of a company's forty at one price.

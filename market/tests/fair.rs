@@ -143,6 +143,25 @@ fn load_then_free_units_then_reputation_order_equal_prices() {
         };
         assert_eq!(first(&b, &fair), key(0));
     }
+    // A provider in bad standing (negative reputation) comes after the others at its price,
+    // however lightly loaded, but still before a dearer one.
+    let b = book(&[(0, 100, 4), (1, 100, 1), (2, 101, 4)]);
+    let rep = |p: &PublicKey| if *p == key(0) { -16 } else { 0 };
+    let load = |p: &PublicKey| u64::from(*p == key(1)) * 3;
+    for seed in 0..50 {
+        let fair = Fairness {
+            rep: &rep,
+            load: &load,
+            seed,
+            warm: &NoWarm,
+        };
+        let order: Vec<PublicKey> = b
+            .candidates_fair(&bid(1, 1_000), NOW, &fair, 3)
+            .iter()
+            .map(|r| r.ask.provider)
+            .collect();
+        assert_eq!(order, vec![key(1), key(0), key(2)]);
+    }
 }
 
 #[test]

@@ -198,6 +198,8 @@ pub struct Store {
     trees: JobTrees,
     /// Durable events not yet acknowledged, by a sled-generated monotonic id.
     events: sled::Tree,
+    /// The buyer's experience of each provider, by its key.
+    reputation: sled::Tree,
     /// Woken when an event is pushed.
     events_pushed: std::sync::Arc<tokio::sync::Notify>,
 }
@@ -270,6 +272,7 @@ const TREE_OWN_ORDERS: &str = "own_orders";
 const TREE_PEERS: &str = "peers";
 const TREE_META: &str = "meta";
 const TREE_EVENTS: &str = "events";
+const TREE_REPUTATION: &str = "reputation";
 
 /// Most durable events kept unacknowledged: past it the oldest go (with a warning), so an
 /// application that never acknowledges cannot fill the disk.
@@ -320,6 +323,7 @@ impl Store {
             peers: db.open_tree(TREE_PEERS)?,
             meta: db.open_tree(TREE_META)?,
             events: db.open_tree(TREE_EVENTS)?,
+            reputation: db.open_tree(TREE_REPUTATION)?,
             events_pushed: Default::default(),
             trees: JobTrees {
                 buyer_jobs: tree(JobTree::BuyerJobs)?,
@@ -623,6 +627,34 @@ impl Store {
         let was = self.events.remove(id.to_be_bytes())?.is_some();
         self.db.flush()?;
         Ok(was)
+    }
+
+    /// Every stored provider experience: raw key bytes and postcard value.
+    pub(crate) fn reputations(&self) -> Result<Vec<(sled::IVec, sled::IVec)>, StoreError> {
+        Ok(self.reputation.iter().collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Stores a provider's experience (not flushed).
+    pub(crate) fn put_reputation(
+        &self,
+        provider: &hashgrid_protocol::PublicKey,
+        e: &crate::jobs::reputation::Experience,
+    ) -> Result<(), StoreError> {
+        let bytes = postcard::to_stdvec(e).map_err(|err| StoreError::Corrupt {
+            tree: TREE_REPUTATION,
+            reason: err.to_string(),
+        })?;
+        self.reputation.insert(provider.0, bytes)?;
+        Ok(())
+    }
+
+    /// Forgets a provider's experience (not flushed).
+    pub(crate) fn remove_reputation(
+        &self,
+        provider: &hashgrid_protocol::PublicKey,
+    ) -> Result<(), StoreError> {
+        self.reputation.remove(provider.0)?;
+        Ok(())
     }
 
     /// Woken whenever an event is pushed.

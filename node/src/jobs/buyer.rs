@@ -18,6 +18,7 @@ use tokio::sync::broadcast;
 use tracing::{debug, info, warn};
 
 use super::blobs::fetch_blob;
+use super::reputation::Outcome;
 use super::{
     Attempt, DEADLINE_GRACE, FailKind, HEDGE_AFTER, HEDGE_MAX, JobRecord, JobState, JobUpdate,
     MAX_PROPOSALS_PER_ATTEMPT, Submission,
@@ -37,6 +38,7 @@ pub(crate) struct BuyerCtx {
     pub(crate) events: broadcast::Sender<NodeEvent>,
     pub(crate) settlement: std::sync::Arc<crate::settle::Settlement>,
     pub(crate) placements: super::Placements,
+    pub(crate) reputation: std::sync::Arc<super::reputation::Reputations>,
 }
 
 /// First wait when every provider is busy; doubled per round up to [`CAPACITY_BACKOFF_MAX`].
@@ -370,15 +372,23 @@ impl BuyerJob {
             let peer = cand.peer;
             let agreement_id = signed.id();
             self.ctx.placements.record(provider);
+            let started = Instant::now();
             let outcome = self.execute(&cand, signed).await;
+            let rep = |o| self.ctx.reputation.record(&self.ctx.store, provider, o);
             let (kind, reason) = match outcome {
                 Ok(()) => {
+                    let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                    rep(Outcome::Completed { ms });
                     self.note(provider, agreement_id, "done".into());
                     return Ok(());
                 }
                 Err(Failure::Local(kind, reason)) => return Err((kind, reason)),
-                Err(Failure::Provider(reason)) => (FailKind::ProviderFailed, reason),
+                Err(Failure::Provider(reason)) => {
+                    rep(Outcome::Failed);
+                    (FailKind::ProviderFailed, reason)
+                }
                 Err(Failure::Lie(reason)) => {
+                    rep(Outcome::Lied);
                     let msg = JobMessage::Dispute {
                         agreement: agreement_id,
                         reason: reason.clone(),

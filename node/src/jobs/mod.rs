@@ -39,6 +39,7 @@ pub(crate) mod buyer;
 pub mod cache;
 pub(crate) mod provider;
 pub mod record;
+pub mod reputation;
 pub(crate) mod run;
 pub(crate) mod service;
 

@@ -37,7 +37,7 @@ impl NodeLoop {
             model: q.bid.model.map(|m| (m, q.model_blobs.as_slice())),
         };
         let fair = hashgrid_market::Fairness {
-            rep: &hashgrid_market::NoReputation,
+            rep: &*self.reputation,
             load: &load,
             seed: q.seed,
             warm: &warm,

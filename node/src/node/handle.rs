@@ -40,6 +40,8 @@ pub(super) struct Inner {
     pub(super) events: broadcast::Sender<NodeEvent>,
     /// Jobs this node placed with each provider lately (fair ranking).
     pub(super) placements: crate::jobs::Placements,
+    /// This node's experience of each provider (ranking; persisted).
+    pub(super) reputation: Arc<crate::jobs::reputation::Reputations>,
     /// The provider's input cache.
     pub(super) inputs: Arc<crate::jobs::cache::InputCache>,
     /// Bytes of inbound requests being read.
@@ -229,6 +231,7 @@ impl NodeHandle {
             events: self.inner.events.clone(),
             settlement: self.inner.settlement.clone(),
             placements: self.inner.placements.clone(),
+            reputation: self.inner.reputation.clone(),
         };
         let task = tokio::spawn(BuyerJob::new(ctx, sub, record).run().in_current_span());
         if let Ok(mut tasks) = self.inner.tasks.lock() {
@@ -299,6 +302,12 @@ impl NodeHandle {
                 provider: rec.provider,
             }));
         Ok(())
+    }
+
+    /// What this node, as a buyer, has seen of each provider it ran jobs with (completed,
+    /// failed, lied; the score its jobs are ranked by), by key.
+    pub fn provider_experience(&self) -> Vec<(PublicKey, crate::jobs::reputation::Experience)> {
+        self.inner.reputation.all()
     }
 
     /// The oldest event not yet acknowledged, with its id: money earned, owed or paid, a job's

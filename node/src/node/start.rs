@@ -278,6 +278,8 @@ impl NodeBuilder {
             })?;
         }
         store.flush()?;
+        // This node's experience of providers, as a buyer (ranks its jobs).
+        let reputation = Arc::new(crate::jobs::reputation::Reputations::load(&store)?);
         // The provider answers on its own thread (see `jobs::service`).
         let (provider_tx, provider_rx) = mpsc::channel(PROVIDER_QUEUE);
         let (responses_tx, responses_rx) = mpsc::channel(PROVIDER_QUEUE);
@@ -315,6 +317,7 @@ impl NodeBuilder {
             provider: Some(provider_tx),
             responses: responses_rx,
             responses_tx,
+            reputation: reputation.clone(),
             provider_done: Some(provider_done),
             inputs: inputs.clone(),
             warm_announced: Default::default(),
@@ -356,6 +359,7 @@ impl NodeBuilder {
                 cmd: cmd_tx,
                 events,
                 placements: Default::default(),
+                reputation,
                 inputs,
                 inbound,
                 lag,

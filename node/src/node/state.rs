@@ -52,6 +52,8 @@ pub(super) struct NodeLoop {
     pub(super) responses: mpsc::Receiver<Response>,
     /// For settlement requests answered on the blocking pool.
     pub(super) responses_tx: mpsc::Sender<Response>,
+    /// This node's experience of each provider (ranks its jobs among equal prices).
+    pub(super) reputation: Arc<crate::jobs::reputation::Reputations>,
     /// Completes once the provider service has stopped.
     pub(super) provider_done: Option<tokio::sync::oneshot::Receiver<()>>,
     /// The provider's input cache (its ids are the capacity ad's warm list).

@@ -1,0 +1,187 @@
+//! What this node, as a buyer, has seen of each provider it ran jobs with: jobs completed,
+//! jobs the provider failed (dropped, timed out, refused after agreeing), and jobs whose
+//! receipt or outputs did not verify. Kept in memory for ranking and written through to the
+//! store (tree `reputation`, flushed with the job's outcome), so it survives restarts.
+//!
+//! The score the market engine ranks by ([`hashgrid_market::Reputation`]) is
+//! `completed − 4 · failed − 16 · lied`: a provider has to complete four jobs to make up for
+//! one it failed, sixteen for one it lied about. A negative score puts a provider after every
+//! provider in good standing at the same price (see `OrderBook::candidates_fair`).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use hashgrid_protocol::PublicKey;
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use crate::store::{Store, StoreError, StoreSlot};
+
+/// Most providers remembered: past it, the one with the fewest jobs is forgotten.
+pub const MAX_REMEMBERED_PROVIDERS: usize = 100_000;
+
+/// This node's experience of one provider.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Experience {
+    /// Jobs it completed (receipt and outputs verified).
+    pub completed: u64,
+    /// Jobs it failed after agreeing to them.
+    pub failed: u64,
+    /// Jobs whose receipt or outputs did not verify (disputed).
+    pub lied: u64,
+    /// Milliseconds from agreement to verified receipt, summed over completed jobs.
+    pub completed_ms: u64,
+}
+
+impl Experience {
+    /// The score the market ranks by: `completed − 4 · failed − 16 · lied`.
+    pub fn score(&self) -> i64 {
+        let c = i64::try_from(self.completed).unwrap_or(i64::MAX);
+        let f = i64::try_from(self.failed).unwrap_or(i64::MAX);
+        let l = i64::try_from(self.lied).unwrap_or(i64::MAX);
+        c.saturating_sub(f.saturating_mul(4))
+            .saturating_sub(l.saturating_mul(16))
+    }
+
+    /// Mean milliseconds from agreement to verified receipt of completed jobs.
+    pub fn mean_ms(&self) -> Option<u64> {
+        self.completed_ms.checked_div(self.completed)
+    }
+}
+
+/// How one job with a provider ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Completed { ms: u64 },
+    Failed,
+    Lied,
+}
+
+/// Every provider's [`Experience`], shared by the buyer's job tasks and the ranking.
+#[derive(Debug, Default)]
+pub struct Reputations {
+    map: Mutex<HashMap<PublicKey, Experience>>,
+}
+
+impl Reputations {
+    /// Loads what the store remembers (an unreadable record is skipped with a warning).
+    pub(crate) fn load(store: &Store) -> Result<Reputations, StoreError> {
+        let mut map = HashMap::new();
+        for (k, v) in store.reputations()? {
+            match (
+                <[u8; 32]>::try_from(k.as_ref()).map(PublicKey),
+                postcard::from_bytes::<Experience>(&v),
+            ) {
+                (Ok(p), Ok(e)) => {
+                    map.insert(p, e);
+                }
+                _ => warn!("skipping an unreadable reputation record"),
+            }
+        }
+        Ok(Reputations {
+            map: Mutex::new(map),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PublicKey, Experience>> {
+        match self.map.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Records a job's outcome with `provider` and writes it through (not flushed: the job's
+    /// outcome flush makes it durable).
+    pub(crate) fn record(&self, store: &StoreSlot, provider: PublicKey, outcome: Outcome) {
+        let (e, forgotten) = {
+            let mut m = self.lock();
+            let e = m.entry(provider).or_default();
+            match outcome {
+                Outcome::Completed { ms } => {
+                    e.completed = e.completed.saturating_add(1);
+                    e.completed_ms = e.completed_ms.saturating_add(ms);
+                }
+                Outcome::Failed => e.failed = e.failed.saturating_add(1),
+                Outcome::Lied => e.lied = e.lied.saturating_add(1),
+            }
+            let e = *e;
+            let mut forgotten = None;
+            if m.len() > MAX_REMEMBERED_PROVIDERS {
+                let least = m
+                    .iter()
+                    .filter(|(p, _)| **p != provider)
+                    .min_by_key(|(p, x)| (x.completed + x.failed + x.lied, **p))
+                    .map(|(p, _)| *p);
+                if let Some(p) = least {
+                    m.remove(&p);
+                    forgotten = Some(p);
+                }
+            }
+            (e, forgotten)
+        };
+        let res = store.with(|s| {
+            s.put_reputation(&provider, &e)?;
+            if let Some(p) = forgotten {
+                s.remove_reputation(&p)?;
+            }
+            Ok(())
+        });
+        if let Err(Some(err)) = res {
+            warn!(error = %err, "cannot store a provider's reputation");
+        }
+    }
+
+    /// This node's experience of `provider`.
+    pub fn get(&self, provider: &PublicKey) -> Option<Experience> {
+        self.lock().get(provider).copied()
+    }
+
+    /// Every provider's experience, by key.
+    pub fn all(&self) -> Vec<(PublicKey, Experience)> {
+        let mut v: Vec<_> = self.lock().iter().map(|(p, e)| (*p, *e)).collect();
+        v.sort_by_key(|(p, _)| *p);
+        v
+    }
+}
+
+impl hashgrid_market::Reputation for Reputations {
+    fn score(&self, owner: &PublicKey) -> i64 {
+        self.lock().get(owner).map_or(0, Experience::score)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use hashgrid_market::Reputation as _;
+
+    #[test]
+    fn outcomes_score_and_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = hashgrid_protocol::Keypair::from_secret_bytes([1; 32]).public();
+        let b = hashgrid_protocol::Keypair::from_secret_bytes([2; 32]).public();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let slot = StoreSlot::new(store.clone());
+            let r = Reputations::load(&store).unwrap();
+            for _ in 0..5 {
+                r.record(&slot, a, Outcome::Completed { ms: 100 });
+            }
+            r.record(&slot, a, Outcome::Failed);
+            r.record(&slot, b, Outcome::Completed { ms: 50 });
+            r.record(&slot, b, Outcome::Lied);
+            assert_eq!(r.score(&a), 1);
+            assert_eq!(r.score(&b), -15);
+            assert_eq!(r.get(&a).unwrap().mean_ms(), Some(100));
+            store.flush().unwrap();
+            slot.close();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let r = Reputations::load(&store).unwrap();
+        assert_eq!((r.score(&a), r.score(&b)), (1, -15));
+        assert_eq!(r.all().len(), 2);
+        let nobody = hashgrid_protocol::Keypair::from_secret_bytes([3; 32]).public();
+        assert_eq!(r.score(&nobody), 0);
+    }
+}
