@@ -23,6 +23,25 @@
 //! # Ok(()) }
 //! ```
 //!
+//! An application that must not miss what the node earned, paid or finished reads the durable
+//! events ([`DurableEvent`]) and acknowledges each once it has handled it; an event not yet
+//! acknowledged is there again after a restart:
+//!
+//! ```no_run
+//! # async fn demo(node: hashgrid_node::NodeHandle) -> Result<(), hashgrid_node::NodeError> {
+//! use hashgrid_node::DurableEvent;
+//! loop {
+//!     let (id, event) = node.wait_next_event().await?;
+//!     match event {
+//!         DurableEvent::ReceiptCountersigned { receipt, .. } => println!("owed for {receipt}"),
+//!         DurableEvent::InvoiceSettled { invoice } => println!("paid: {invoice}"),
+//!         other => println!("{other:?}"),
+//!     }
+//!     node.event_handled(id)?;
+//! }
+//! # }
+//! ```
+//!
 //! The data-dir layout keeps the identity stable across restarts:
 //!
 //! ```
