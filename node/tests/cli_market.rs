@@ -102,6 +102,13 @@ async fn buyer_cli_finds_offers_and_runs_jobs_through_the_market() {
     assert_eq!(offers[0]["provider"], cheap.public_key().to_string());
     assert_eq!(offers[0]["price_msat"], 50);
     assert_eq!(offers[1]["provider"], dear.public_key().to_string());
+    // The models each site's ad lists (none preloaded here).
+    assert!(
+        offers
+            .iter()
+            .all(|o| o["models"].as_array().is_some_and(Vec::is_empty)),
+        "{v}"
+    );
     // Filters apply.
     let v = json(&hashgrid(&data, &boot, &["offers", "--json", "--region", "eu-north"]).await);
     assert_eq!(v.as_array().unwrap().len(), 1, "{v}");

@@ -172,11 +172,23 @@ pub(crate) async fn offers(g: &Global, args: OffersArgs) -> Result<(), CliError>
         limit: args.limit,
     };
     let result = match seen {
-        Ok(_) => node.offers(query).await.map_err(CliError::node),
+        Ok(_) => match node.offers(query).await {
+            Ok(o) => node.book().await.map(|b| (o, b.capacity)),
+            Err(e) => Err(e),
+        }
+        .map_err(CliError::node),
         Err(e) => Err(e),
     };
     node.shutdown().await;
-    let offers = result?;
+    let (offers, ads) = result?;
+    // The models each provider's capacity ad says it holds (a bid naming one starts there
+    // without uploading the weights).
+    let models_of = |p: &hashgrid_protocol::PublicKey| -> Vec<String> {
+        ads.iter()
+            .find(|ad| ad.provider == *p)
+            .map(|ad| ad.models.iter().map(ToString::to_string).collect())
+            .unwrap_or_default()
+    };
     if g.json {
         let rows: Vec<_> = offers
             .iter()
@@ -195,6 +207,7 @@ pub(crate) async fn offers(g: &Global, args: OffersArgs) -> Result<(), CliError>
                     "price_per_gflop_msat": price_per_gflop(a),
                     "max_seconds": a.max_seconds,
                     "expires_at": a.expires_at.0,
+                    "models": models_of(&a.provider),
                 })
             })
             .collect();
