@@ -177,6 +177,18 @@ pub async fn start_provider_with(
     Ok(node)
 }
 
+/// A job that copies `bytes` of input to its output (`executor::bench::copy_job`), with default
+/// market terms.
+pub fn copy_submission(bytes: u64) -> hashgrid_node::jobs::Submission {
+    use hashgrid_node::jobs::IntoSharedInputs;
+    let (spec, inputs) = hashgrid_node::executor::bench::copy_job(bytes);
+    hashgrid_node::jobs::Submission {
+        spec,
+        inputs: inputs.into_shared(),
+        options: hashgrid_node::jobs::JobOptions::default(),
+    }
+}
+
 /// Waits until `node`'s book holds at least `n` asks.
 pub async fn wait_for_asks(node: &NodeHandle, n: usize) -> anyhow::Result<()> {
     wait_for_book(node, Duration::from_secs(10), &format!("{n} asks"), |b| {

@@ -5,9 +5,9 @@
 
 use std::time::Duration;
 
-use hashgrid_node::jobs::{IntoSharedInputs, JobOptions, JobState, Submission};
+use hashgrid_node::jobs::JobState;
 use hashgrid_node::{DurableEvent, NodeHandle};
-use hashgrid_tests::{addr_of, start_provider_with, test_builder, wait_for_asks};
+use hashgrid_tests::{addr_of, copy_submission, start_provider_with, test_builder, wait_for_asks};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -37,15 +37,7 @@ async fn events_are_delivered_until_acknowledged_across_a_restart() {
     wait_for_asks(&b, 1).await.unwrap();
     let mut jobs = Vec::new();
     for n in [64u64 << 10, 128 << 10] {
-        let (spec, inputs) = hashgrid_node::executor::bench::copy_job(n);
-        let id = b
-            .submit(Submission {
-                spec,
-                inputs: inputs.into_shared(),
-                options: JobOptions::default(),
-            })
-            .await
-            .unwrap();
+        let id = b.submit(copy_submission(n)).await.unwrap();
         let rec = tokio::time::timeout(LIMIT, b.wait(&id))
             .await
             .unwrap()

@@ -7,21 +7,13 @@
 use std::time::Duration;
 
 use hashgrid_node::NodeHandle;
-use hashgrid_node::jobs::{IntoSharedInputs, JobOptions, JobState, Lie, Submission};
-use hashgrid_tests::{addr_of, start_provider, test_builder, wait_for_asks};
+use hashgrid_node::jobs::{JobState, Lie};
+use hashgrid_tests::{addr_of, copy_submission, start_provider, test_builder, wait_for_asks};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
 async fn job(b: &NodeHandle) -> hashgrid_node::JobRecord {
-    let (spec, inputs) = hashgrid_node::executor::bench::copy_job(64 << 10);
-    let id = b
-        .submit(Submission {
-            spec,
-            inputs: inputs.into_shared(),
-            options: JobOptions::default(),
-        })
-        .await
-        .unwrap();
+    let id = b.submit(copy_submission(64 << 10)).await.unwrap();
     let rec = tokio::time::timeout(LIMIT, b.wait(&id))
         .await
         .unwrap()
