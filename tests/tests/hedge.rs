@@ -194,4 +194,8 @@ async fn a_provider_that_never_answers_costs_a_job_one_hedge_interval() {
         "the mute provider was proposed to first each time"
     );
     mute.abort();
+    // Stopped in order, so that the provider's executor has released its device before the
+    // process exits (a worker still tearing down a Vulkan device at exit can crash it).
+    buyer.shutdown().await;
+    honest.shutdown().await;
 }
