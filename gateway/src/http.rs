@@ -51,6 +51,10 @@ pub(crate) fn router(inner: Gw) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            inner.clone(),
+            crate::metrics::track,
+        ))
         .with_state(inner)
 }
 
@@ -314,6 +318,13 @@ async fn run_generation(
     tx: mpsc::Sender<GenEvent>,
 ) {
     let n_prompt = job.n_prompt;
+    let started = std::time::Instant::now();
+    let mut first_text = true;
+    let mut first = |g: &Inner| {
+        if std::mem::take(&mut first_text) {
+            g.metrics.first_token(started.elapsed().as_secs_f64());
+        }
+    };
     let (stx, mut srx) = mpsc::channel::<Streamed>(64);
     let run = g.backend.run(
         BackendJob {
@@ -342,9 +353,11 @@ async fn run_generation(
                 // A stream that does not continue itself is ignored; the receipt decides.
                 if let Some(piece) = text.push(&tokens_of(&update))
                     && !piece.is_empty()
-                    && tx.send(GenEvent::Delta(piece)).await.is_err()
                 {
-                    return;
+                    first(&g);
+                    if tx.send(GenEvent::Delta(piece)).await.is_err() {
+                        return;
+                    }
                 }
             }
             () = tx.closed() => {
@@ -362,6 +375,7 @@ async fn run_generation(
     };
     if let Some(m) = &out.market {
         g.access.charge(&caller, m.charge_msat);
+        g.metrics.spent(m.charge_msat);
     }
     let bufs: Vec<(String, Vec<u8>)> = out.outputs.into_iter().collect();
     let tokens = tokens_of(&bufs);
@@ -378,9 +392,13 @@ async fn run_generation(
     };
     let tail = text.finish();
     let rest = piece + &tail;
-    if !rest.is_empty() && tx.send(GenEvent::Delta(rest)).await.is_err() {
-        return;
+    if !rest.is_empty() {
+        first(&g);
+        if tx.send(GenEvent::Delta(rest)).await.is_err() {
+            return;
+        }
     }
+    g.metrics.tokens(n_prompt as u64, tokens.len() as u64);
     let finish = if text.hit_stop() || model.stopped(text.tokens()) {
         "stop"
     } else {
@@ -740,10 +758,12 @@ async fn embeddings(
         data.push(json!({"object": "embedding", "index": i, "embedding": embedding}));
         if let Some(m) = &out.market {
             g.access.charge(&caller, m.charge_msat);
+            g.metrics.spent(m.charge_msat);
             charge += m.charge_msat;
             receipts.push(hashgrid_json(g.backend.name(), Some(m)));
         }
     }
+    g.metrics.tokens(prompt_tokens as u64, 0);
     let mut hashgrid = json!({"backend": g.backend.name()});
     if let Some(o) = hashgrid.as_object_mut()
         && !receipts.is_empty()

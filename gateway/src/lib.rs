@@ -27,6 +27,7 @@
 pub mod access;
 pub mod backend;
 mod http;
+pub mod metrics;
 pub mod models;
 pub mod openai;
 mod text;
@@ -91,6 +92,7 @@ pub(crate) struct Inner {
     pub(crate) access: Access,
     pub(crate) config: GatewayConfig,
     pub(crate) requests: AtomicU64,
+    pub(crate) metrics: metrics::GatewayMetrics,
 }
 
 /// An OpenAI-compatible gateway over a [`Backend`]. Cheap to clone.
@@ -127,6 +129,7 @@ impl Gateway {
                 access,
                 config,
                 requests: AtomicU64::new(0),
+                metrics: metrics::GatewayMetrics::default(),
             }),
         })
     }
@@ -150,6 +153,11 @@ impl Gateway {
     /// The model ids served.
     pub fn model_ids(&self) -> Vec<String> {
         self.inner.models.keys().cloned().collect()
+    }
+
+    /// The gateway's Prometheus metrics.
+    pub fn metrics(&self) -> &metrics::GatewayMetrics {
+        &self.inner.metrics
     }
 
     /// msat spent through this gateway today (UTC).

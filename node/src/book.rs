@@ -347,6 +347,16 @@ impl Book {
         self.asks.values().map(|e| &e.body)
     }
 
+    /// Live asks, live bids, and providers with a live capacity ad.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        (self.asks.len(), self.bids.len(), self.capacity.len())
+    }
+
+    /// The live capacity ads.
+    pub fn capacity_ads(&self) -> impl Iterator<Item = &CapacityAd> {
+        self.capacity.values().map(|e| &e.body)
+    }
+
     /// A provider's live capacity ad.
     pub fn capacity(&self, provider: &PublicKey) -> Option<&CapacityAd> {
         self.capacity.get(provider).map(|e| &e.body)

@@ -196,6 +196,40 @@ pub struct SiteConfig {
     pub cache: CacheSection,
     /// Models whose weights this site holds ready: `[models]`.
     pub models: ModelsSection,
+    /// Prometheus metrics: `[metrics]`.
+    pub metrics: MetricsSection,
+    /// The live dashboard: `[dashboard]`.
+    pub dashboard: DashboardSection,
+}
+
+/// `[metrics]`: where Prometheus scrapes `/metrics` (off unless set).
+///
+/// ```toml
+/// [metrics]
+/// listen = "127.0.0.1:9464"
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Address of the metrics server. It has no token: bind it where only the scraper
+    /// reaches it.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+/// `[dashboard]`: the site's live dashboard (off unless set).
+///
+/// ```toml
+/// [dashboard]
+/// listen = "127.0.0.1:8484"
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DashboardSection {
+    /// Address of the dashboard.
+    pub listen: Option<std::net::SocketAddr>,
+    /// The token a browser must present when `listen` is not a loopback address (default:
+    /// `<data dir>/dashboard-token`, created on first use).
+    pub token: Option<String>,
 }
 
 /// `[cache]`: how much of the jobs' inputs (model weights) the site keeps between jobs.
@@ -258,6 +292,8 @@ impl Default for SiteConfig {
             settle: crate::settle::SettleSection::default(),
             cache: CacheSection::default(),
             models: ModelsSection::default(),
+            metrics: MetricsSection::default(),
+            dashboard: DashboardSection::default(),
         }
     }
 }
@@ -283,6 +319,10 @@ pub struct Overrides {
     pub no_mdns: bool,
     /// `--no-gpu`: do not detect or sell a local GPU (relay-only unless `[[gpus]]` are given).
     pub no_gpu: bool,
+    /// `--metrics ADDR`.
+    pub metrics: Option<std::net::SocketAddr>,
+    /// `--dashboard ADDR`.
+    pub dashboard: Option<std::net::SocketAddr>,
 }
 
 impl SiteConfig {
@@ -337,7 +377,44 @@ impl SiteConfig {
         if o.no_gpu {
             self.detect_gpu = false;
         }
+        if let Some(a) = o.metrics {
+            self.metrics.listen = Some(a);
+        }
+        if let Some(a) = o.dashboard {
+            self.dashboard.listen = Some(a);
+        }
         self
+    }
+
+    /// What a reload (SIGHUP) cannot change on a running node: the settings in `self` that
+    /// differ from `running`'s, other than the pricing policy and `max_job_seconds`.
+    pub fn needs_restart(&self, running: &SiteConfig) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        let mut check = |name, differs: bool| {
+            if differs {
+                out.push(name);
+            }
+        };
+        check("network", self.network != running.network);
+        check("data_dir", self.data_dir != running.data_dir);
+        check("listen", self.listen != running.listen);
+        check("bootstrap", self.bootstrap != running.bootstrap);
+        check("region", self.region != running.region);
+        check("mdns", self.mdns != running.mdns);
+        check("units", self.units != running.units);
+        check(
+            "order_ttl_secs",
+            self.order_ttl_secs != running.order_ttl_secs,
+        );
+        check("settlement", self.settlement != running.settlement);
+        check("gpus", self.gpus != running.gpus);
+        check("detect_gpu", self.detect_gpu != running.detect_gpu);
+        check("settle", self.settle != running.settle);
+        check("cache", self.cache != running.cache);
+        check("models", self.models != running.models);
+        check("metrics", self.metrics != running.metrics);
+        check("dashboard", self.dashboard != running.dashboard);
+        out
     }
 
     /// Checks values that TOML types cannot express.

@@ -173,3 +173,23 @@ impl Backend for MarketBackend {
         })
     }
 }
+
+/// A gateway's figures on the node's metrics endpoint and dashboard.
+impl crate::ops::server::OpsSource for hashgrid_gateway::Gateway {
+    fn encode_metrics(&self, out: &mut String) {
+        self.metrics().encode_into(out);
+    }
+
+    fn dashboard(&self) -> serde_json::Value {
+        let t = self.metrics().totals();
+        serde_json::json!({
+            "requests": t.requests,
+            "failed": t.failed,
+            "spent_msat": t.spent_msat,
+            "prompt_tokens": t.prompt_tokens,
+            "completion_tokens": t.completion_tokens,
+            "spent_today_msat": self.spent_today(),
+            "models": self.model_ids(),
+        })
+    }
+}

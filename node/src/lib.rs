@@ -62,6 +62,7 @@ pub use hashgrid_executor as executor;
 pub mod jobs;
 pub mod network;
 pub mod node;
+pub mod ops;
 pub mod settle;
 pub mod site;
 pub mod store;

@@ -1,5 +1,6 @@
 //! The site daemon (`hashgrid-node run`): start a node from a [`SiteConfig`], offer the asks
-//! its pricing policy gives, and run until a shutdown signal.
+//! its pricing policy gives, serve its metrics and dashboard when asked, reload its pricing
+//! policy when told (SIGHUP), and run until a shutdown signal.
 
 use std::future::Future;
 
@@ -37,7 +38,21 @@ pub enum SiteError {
     /// with `--no-gpu` for a relay-only node).
     #[error("{0} (or pass --no-gpu to run a relay-only node)")]
     Gpu(#[from] ExecError),
+    /// The metrics or dashboard server cannot listen, or its token cannot be read.
+    #[error("{what} on {addr}: {source}")]
+    Ops {
+        /// `metrics` or `dashboard`.
+        what: &'static str,
+        /// Its address.
+        addr: std::net::SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
 }
+
+/// How the daemon re-reads its configuration when told to (SIGHUP): typically the config
+/// file, with the command line's overrides applied again.
+pub type Reload = Box<dyn Fn() -> Result<SiteConfig, ConfigError> + Send + Sync>;
 
 /// A model's weight blobs in the compiler's order.
 type ModelBlobs = Vec<(hashgrid_protocol::ContentId, Vec<u8>)>;
@@ -97,6 +112,22 @@ pub async fn run_site(
     config: SiteConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), SiteError> {
+    run_site_with(config, None, shutdown).await
+}
+
+/// [`run_site`], and on SIGHUP (Unix) re-reads the configuration with `reload` and applies its
+/// pricing policy and `max_job_seconds`: the changed asks are replaced and gossiped, running
+/// jobs go on under the agreements they were made with. Settings that need a restart are
+/// reported and left as they run; a config that does not load or check changes nothing.
+pub async fn run_site_with(
+    config: SiteConfig,
+    reload: Option<Reload>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), SiteError> {
+    // Installed first: a SIGHUP during the start must not kill the daemon (the default
+    // action); it is taken as a reload once the node runs.
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut config = config;
     config.check()?;
     // The executor runs the jobs this site sells.
@@ -167,12 +198,117 @@ pub async fn run_site(
             "no GPU to sell (--no-gpu or detect_gpu = false): relaying gossip and keeping the book only"
         );
     }
-    shutdown.await;
+    let (stop_ops, ops_stopped) = tokio::sync::watch::channel(false);
+    start_ops(&config, &node, &ops_stopped).await?;
+    tokio::pin!(shutdown);
+    loop {
+        let hup = async {
+            #[cfg(unix)]
+            if let Some(h) = hangup.as_mut() {
+                h.recv().await;
+                return;
+            }
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            () = &mut shutdown => break,
+            () = hup => match &reload {
+                Some(r) => reload_policy(r, &mut config, &node).await,
+                None => info!("SIGHUP: no config file to reload"),
+            },
+        }
+    }
     info!("shutting down");
+    let _ = stop_ops.send(true);
     node.shutdown().await;
     // Release the GPU before the process exits (see `Executor::shutdown`).
     if let Some(exec) = executor {
         let _ = tokio::task::spawn_blocking(move || exec.shutdown()).await;
     }
     Ok(())
+}
+
+/// Starts the metrics and dashboard servers the config asks for; they stop when `stopped`
+/// turns true.
+async fn start_ops(
+    config: &SiteConfig,
+    node: &crate::NodeHandle,
+    stopped: &tokio::sync::watch::Receiver<bool>,
+) -> Result<(), SiteError> {
+    use crate::ops::server;
+    let until = |rx: tokio::sync::watch::Receiver<bool>| async move {
+        let mut rx = rx;
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let site = server::SiteInfo {
+        gpus: config.gpu_profiles(),
+        extra: None,
+    };
+    let bind = |what: &'static str, addr: std::net::SocketAddr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| SiteError::Ops { what, addr, source })
+    };
+    if let Some(addr) = config.metrics.listen {
+        let l = bind("metrics", addr).await?;
+        info!(url = %format!("http://{}/metrics", l.local_addr().unwrap_or(addr)), "metrics");
+        let (node, site, stop) = (node.clone(), site.clone(), until(stopped.clone()));
+        tokio::spawn(async move {
+            if let Err(e) = server::serve_metrics(l, Some(node), site, stop).await {
+                tracing::warn!(error = %e, "metrics server stopped");
+            }
+        });
+    }
+    if let Some(addr) = config.dashboard.listen {
+        let token = match (&config.dashboard.token, server::is_loopback(&addr)) {
+            (Some(t), _) => Some(t.clone()),
+            (None, true) => None,
+            (None, false) => {
+                let dir = config
+                    .data_dir
+                    .clone()
+                    .unwrap_or_else(crate::DataDir::default_root);
+                let t = server::load_or_create_token(&dir).map_err(|source| SiteError::Ops {
+                    what: "dashboard token",
+                    addr,
+                    source,
+                })?;
+                info!(path = %dir.join("dashboard-token").display(), "the dashboard wants the token in this file: open it as /?token=TOKEN");
+                Some(t)
+            }
+        };
+        let l = bind("dashboard", addr).await?;
+        let (node, stop) = (node.clone(), until(stopped.clone()));
+        tokio::spawn(async move {
+            let _ = server::serve_dashboard(l, node, site, token, stop).await;
+        });
+    }
+    Ok(())
+}
+
+/// SIGHUP: re-reads the config and applies its pricing policy (see [`run_site_with`]).
+async fn reload_policy(reload: &Reload, running: &mut SiteConfig, node: &crate::NodeHandle) {
+    let mut new = match reload().and_then(|c| c.check().map(|()| c)) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "SIGHUP: the config does not load; the running policy stays");
+            return;
+        }
+    };
+    new.detected = running.detected.clone();
+    let restart = new.needs_restart(running);
+    if !restart.is_empty() {
+        tracing::warn!(settings = ?restart, "SIGHUP: these settings change only at a restart; they stay as they run");
+    }
+    running.pricing = new.pricing;
+    running.max_job_seconds = new.max_job_seconds;
+    let wanted = running.asks();
+    match node.set_asks(&wanted).await {
+        Ok(orders) => {
+            for (spec, order) in wanted.iter().zip(&orders) {
+                info!(order = order.order_id, gpu = %spec.gpu.name, price_msat = spec.price.0, "SIGHUP: offering");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "SIGHUP: the new asks were not posted"),
+    }
 }

@@ -582,6 +582,11 @@ impl Store {
         Ok(out)
     }
 
+    /// Bytes the store's files take on disk.
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(self.db.size_on_disk()?)
+    }
+
     /// Writes everything to disk.
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;

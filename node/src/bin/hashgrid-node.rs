@@ -18,8 +18,24 @@ struct Cli {
     /// Data directory (default: $XDG_DATA_HOME/hashgrid).
     #[arg(long, global = true, env = "HASHGRID_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Log format on stderr: `text` for people, `json` (one object per line, with the job's
+    /// and the peer's spans) for log shippers.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "HASHGRID_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -61,6 +77,13 @@ enum Command {
         /// Do not detect and sell this machine's GPU (relay-only unless [[gpus]] are configured).
         #[arg(long)]
         no_gpu: bool,
+        /// Serve Prometheus metrics on this address (`/metrics`), e.g. 127.0.0.1:9464.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
+        /// Serve the live dashboard on this address, e.g. 127.0.0.1:8484 (beyond loopback it
+        /// wants the token in <data dir>/dashboard-token).
+        #[arg(long, value_name = "ADDR")]
+        dashboard: Option<std::net::SocketAddr>,
     },
     /// Audit this site's receipt chain (the node must be stopped: it holds the store).
     ///
@@ -138,15 +161,25 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,libp2p_gossipsub=warn,libp2p_kad=error".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(color())
-        .init();
     let cli = Cli::parse();
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| "info,libp2p_gossipsub=warn,libp2p_kad=error".into())
+    };
+    match cli.log_format {
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .with_ansi(color())
+            .init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .init(),
+    }
     match cli.command {
         Command::Id => {
             let dir = DataDir::new(cli.data_dir.unwrap_or_else(DataDir::default_root));
@@ -272,6 +305,8 @@ async fn main() -> anyhow::Result<()> {
             units,
             no_mdns,
             no_gpu,
+            metrics,
+            dashboard,
         } => {
             let file = match &config {
                 Some(path) => SiteConfig::load(path)?,
@@ -287,8 +322,16 @@ async fn main() -> anyhow::Result<()> {
                 units,
                 no_mdns,
                 no_gpu,
+                metrics,
+                dashboard,
             };
-            site::run_site(file.apply(overrides), shutdown_signal()).await?;
+            // SIGHUP re-reads the file, with the same flags on top.
+            let reload = config.map(|path| {
+                let o = overrides.clone();
+                Box::new(move || SiteConfig::load(&path).map(|f| f.apply(o.clone())))
+                    as site::Reload
+            });
+            site::run_site_with(file.apply(overrides), reload, shutdown_signal()).await?;
         }
     }
     Ok(())

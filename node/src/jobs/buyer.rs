@@ -39,6 +39,7 @@ pub(crate) struct BuyerCtx {
     pub(crate) settlement: std::sync::Arc<crate::settle::Settlement>,
     pub(crate) placements: super::Placements,
     pub(crate) reputation: std::sync::Arc<super::reputation::Reputations>,
+    pub(crate) metrics: std::sync::Arc<crate::ops::Metrics>,
 }
 
 /// First wait when every provider is busy; doubled per round up to [`CAPACITY_BACKOFF_MAX`].
@@ -104,6 +105,9 @@ impl BuyerJob {
     /// Runs the job to the end and records the outcome (flushed).
     pub(crate) async fn run(mut self) {
         let outcome = self.attempts().await;
+        self.ctx
+            .metrics
+            .buyer_job(if outcome.is_ok() { "done" } else { "failed" });
         let state = match outcome {
             Ok(()) => JobState::Done,
             Err((kind, reason)) => {
@@ -527,6 +531,7 @@ impl BuyerJob {
             }
         }
         info!(job = %self.record.id.short(), provider = %provider.short(), charge_msat = body.charge.0, "job done, receipt countersigned");
+        self.ctx.metrics.spent(body.charge.0);
         Ok(())
     }
 

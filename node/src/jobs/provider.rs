@@ -34,6 +34,7 @@ use crate::event::{DurableEvent, NodeEvent};
 use crate::executor::{Executor, JobOutput};
 use crate::network::AWAIT_HOLD;
 use crate::node::command::Net;
+use crate::ops::activity::JobChange;
 use crate::store::{JobTree, Store, StoreError};
 
 /// An accepted job as the provider's store keeps it (by agreement id).
@@ -72,6 +73,8 @@ struct Active {
     phase: JobPhase,
     /// The latest streamed buffers (iterations 0: none yet).
     stream: StreamChunk,
+    /// Whether the job names a model (its loop iterations are generated tokens).
+    model: bool,
 }
 
 struct Waiter {
@@ -87,10 +90,12 @@ struct StreamWaiter {
     deadline: Instant,
 }
 
-/// What a provider runs jobs with: its executor (none: it sells nothing) and its input cache.
+/// What a provider runs jobs with: its executor (none: it sells nothing), its input cache, and
+/// the metrics it reports to.
 pub(crate) struct Runs {
     pub(crate) executor: Option<Executor>,
     pub(crate) inputs: Arc<InputCache>,
+    pub(crate) metrics: Arc<crate::ops::Metrics>,
 }
 
 /// A reply to send on a parked or fresh job request channel.
@@ -115,8 +120,65 @@ pub(crate) struct Provider {
     prev: Option<ContentId>,
     /// Settlement: credit checks before agreements, accruals after countersignatures.
     pub(crate) settlement: Option<std::sync::Arc<crate::settle::Settlement>>,
+    /// Counters and gauges for Prometheus.
+    metrics: Arc<crate::ops::Metrics>,
     #[cfg(feature = "testing")]
     pub(crate) lie: Option<super::Lie>,
+}
+
+/// How a provider event changes the dashboard's list of jobs.
+fn activity_change(ev: &ProviderEvent) -> Option<(&ContentId, JobChange)> {
+    let state = |state| JobChange {
+        state,
+        ..Default::default()
+    };
+    Some(match ev {
+        ProviderEvent::Agreed { agreement, buyer } => (
+            agreement,
+            JobChange {
+                buyer: Some(*buyer),
+                ..state("agreed")
+            },
+        ),
+        ProviderEvent::Accepted { agreement } => (agreement, state("accepted")),
+        ProviderEvent::InputsReady {
+            agreement,
+            fetched_bytes,
+            cached_bytes,
+        } => (
+            agreement,
+            JobChange {
+                inputs: Some((*fetched_bytes, *cached_bytes)),
+                ..Default::default()
+            },
+        ),
+        ProviderEvent::Running { agreement } => (agreement, state("running")),
+        ProviderEvent::Finished {
+            agreement, charge, ..
+        } => (
+            agreement,
+            JobChange {
+                charge_msat: Some(charge.0),
+                ..state("done")
+            },
+        ),
+        ProviderEvent::Failed { agreement, reason } => (
+            agreement,
+            JobChange {
+                failure: Some(reason.clone()),
+                ..state("failed")
+            },
+        ),
+        ProviderEvent::Countersigned { agreement, .. } => (agreement, state("countersigned")),
+        ProviderEvent::Disputed { agreement, reason } => (
+            agreement,
+            JobChange {
+                failure: Some(reason.clone()),
+                ..state("disputed")
+            },
+        ),
+        _ => return None,
+    })
 }
 
 fn reject(reason: RejectReason, detail: impl Into<String>) -> NegotiateReply {
@@ -197,13 +259,41 @@ impl Provider {
             next_seq,
             prev,
             settlement: None,
+            metrics: runs.metrics,
             #[cfg(feature = "testing")]
             lie: None,
         })
+        .inspect(Provider::publish_state)
     }
 
     fn emit(&self, ev: ProviderEvent) {
+        if let Some((id, change)) = activity_change(&ev) {
+            self.metrics.activity().update(id, change);
+        }
         let _ = self.events.send(NodeEvent::Provider(ev));
+        self.publish_state();
+    }
+
+    /// Sets the gauges of jobs by state and busy units (after every change, which every
+    /// change reports through [`Provider::emit`]).
+    fn publish_state(&self) {
+        let mut counts = [
+            ("reserved", self.reservations.len() as u64),
+            ("accepted", 0),
+            ("fetching", 0),
+            ("running", 0),
+        ];
+        for a in self.active.values() {
+            let i = match a.phase {
+                JobPhase::Fetching => 2,
+                JobPhase::Running => 3,
+                _ => 1,
+            };
+            counts[i].1 += 1;
+        }
+        let total = u64::from(self.units_total);
+        let busy = total - u64::from(self.free_units()).min(total);
+        self.metrics.provider_state(&counts, busy, total);
     }
 
     fn free_units(&self) -> u32 {
@@ -227,6 +317,7 @@ impl Provider {
         match &reply {
             NegotiateReply::Reject(r) => {
                 debug!(%peer, reason = ?r.reason, detail = %r.detail, "proposal rejected");
+                self.metrics.proposal(Some(&r.reason));
                 if let Ok(b) = p.bid.decode_unverified() {
                     self.emit(ProviderEvent::Rejected {
                         buyer: b.buyer,
@@ -235,6 +326,7 @@ impl Provider {
                 }
             }
             NegotiateReply::Agreed(s) => {
+                self.metrics.proposal(None);
                 if let Ok(a) = s.decode_unverified() {
                     self.emit(ProviderEvent::Agreed {
                         agreement: s.id(),
@@ -420,6 +512,7 @@ impl Provider {
                 agreement: agreement.clone(),
                 job_id: d.job_id,
                 inputs: d.spec.input_ids(),
+                model: d.model.is_some(),
                 phase: JobPhase::Queued,
                 stream: StreamChunk {
                     iterations: 0,
@@ -440,7 +533,9 @@ impl Provider {
             inline: d.inputs,
             model: d.model,
         };
-        tokio::spawn(task.run());
+        // A span per job: every line its run logs names the agreement and the buyer.
+        let span = tracing::info_span!("job", agreement = %id.short(), buyer = %peer);
+        tokio::spawn(tracing::Instrument::instrument(task.run(), span));
         Ok(JobReply::Status(JobStatus::Queued))
     }
 
@@ -688,8 +783,11 @@ impl Provider {
                 }
                 self.wake(&id)
             }
-            Internal::Inputs(agreement, fetched_bytes, cached_bytes) => {
+            Internal::Inputs(agreement, s) => {
+                let (fetched_bytes, cached_bytes) = (s.fetched_bytes, s.cached_bytes);
                 info!(agreement = %agreement.short(), fetched_bytes, cached_bytes, "inputs ready");
+                self.metrics
+                    .inputs(s.cached_blobs, cached_bytes, s.fetched_blobs, fetched_bytes);
                 self.emit(ProviderEvent::InputsReady {
                     agreement,
                     fetched_bytes,
@@ -736,6 +834,7 @@ impl Provider {
                     if let Err(e) = self.fail(agreement, &reason) {
                         warn!(error = %e, "cannot record a failed job");
                     }
+                    self.metrics.provider_job_failed(false);
                     self.emit(ProviderEvent::Failed { agreement, reason });
                 }
                 self.wake(&agreement)
@@ -772,6 +871,12 @@ impl Provider {
         let gpu_time_us = ((out.gpu_ms * 1000.0).ceil() as u64).max(1);
         #[allow(unused_mut)]
         let mut charge = charge_us(a.price, a.units, gpu_time_us, a.max_charge);
+        let tokens: u64 = if active.model {
+            out.iterations.iter().map(|i| u64::from(*i)).sum()
+        } else {
+            0
+        };
+        let resident = (u64::from(out.resident_hits), out.resident_bytes);
         let records: Vec<OutputRecord> = out
             .outputs
             .iter()
@@ -859,6 +964,8 @@ impl Provider {
             }
         }
         info!(agreement = %id.short(), chain_seq = receipt.chain_seq, charge_msat = receipt.charge.0, gpu_us = gpu_time_us, "receipt signed");
+        self.metrics
+            .receipt_signed(receipt.charge.0, gpu_time_us, tokens, resident);
         self.emit(ProviderEvent::Finished {
             agreement: id,
             receipt: signed.id(),
@@ -919,6 +1026,7 @@ impl Provider {
         if let Some(s) = &self.settlement {
             s.accrue(&cs.signed);
         }
+        self.metrics.countersigned(r.charge.0);
         self.emit(ProviderEvent::Countersigned {
             agreement: r.agreement_id,
             receipt: cs.id(),
@@ -949,6 +1057,9 @@ impl Provider {
         if let Ok(Some(mut rec)) = self.record(&id) {
             // Reported once: a buyer repeating its dispute adds no events.
             let first = rec.failure.is_none();
+            if first {
+                self.metrics.provider_job_failed(true);
+            }
             rec.failure = Some(format!("disputed by the buyer: {reason}"));
             let _ = self
                 .store
@@ -1031,6 +1142,7 @@ mod tests {
             Runs {
                 executor: None,
                 inputs: Arc::new(InputCache::open(None, 0, 0)),
+                metrics: crate::ops::Metrics::detached(),
             },
             pk.clone(),
             net.clone(),

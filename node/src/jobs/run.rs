@@ -19,8 +19,8 @@ use super::blobs::fetch_blob;
 #[derive(Debug)]
 pub(crate) enum Internal {
     Phase(ContentId, JobPhase),
-    /// Inputs ready: bytes fetched from the buyer, bytes from the cache.
-    Inputs(ContentId, u64, u64),
+    /// Inputs ready: what came from the buyer and what from the cache.
+    Inputs(ContentId, InputStats),
     /// A streaming loop's check read its buffers back (sent with `try_send`: each update
     /// carries the whole buffers, so a dropped one loses nothing).
     Stream(ContentId, StreamUpdate),
@@ -30,6 +30,15 @@ pub(crate) enum Internal {
         finished_at: Timestamp,
         result: Result<JobOutput, String>,
     },
+}
+
+/// Where a job's input blobs came from (inline inputs not counted).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct InputStats {
+    pub(crate) fetched_blobs: u64,
+    pub(crate) fetched_bytes: u64,
+    pub(crate) cached_blobs: u64,
+    pub(crate) cached_bytes: u64,
 }
 
 pub(crate) struct RunTask {
@@ -82,7 +91,7 @@ impl RunTask {
                 _ => None,
             })
             .collect();
-        let (mut fetched, mut cached) = (0u64, 0u64);
+        let mut stats = InputStats::default();
         if !missing.is_empty() {
             let _ = self
                 .internal
@@ -99,7 +108,8 @@ impl RunTask {
                     .flatten()
                     .filter(|b| b.len() as u64 == size);
                 if let Some(bytes) = hit {
-                    cached += size;
+                    stats.cached_blobs += 1;
+                    stats.cached_bytes += size;
                     inputs.insert(id, bytes);
                     continue;
                 }
@@ -108,7 +118,8 @@ impl RunTask {
                         .await
                         .map_err(|e| format!("input {id}: {e}"))?,
                 );
-                fetched += size;
+                stats.fetched_blobs += 1;
+                stats.fetched_bytes += size;
                 // `fetch_blob` checked the hash; caching runs beside the job.
                 if bytes.len() >= super::cache::MIN_CACHED_BYTES {
                     let (cache, shared) = (self.cache.clone(), bytes.clone());
@@ -125,7 +136,7 @@ impl RunTask {
         }
         let _ = self
             .internal
-            .send(Internal::Inputs(self.agreement, fetched, cached))
+            .send(Internal::Inputs(self.agreement, stats))
             .await;
         let _ = self
             .internal

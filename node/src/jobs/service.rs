@@ -55,6 +55,24 @@ pub(crate) enum ProviderRequest {
 }
 
 impl ProviderRequest {
+    /// The peer that sent it.
+    pub(crate) fn peer(&self) -> PeerId {
+        match self {
+            ProviderRequest::Propose { peer, .. }
+            | ProviderRequest::Job { peer, .. }
+            | ProviderRequest::Blob { peer, .. } => *peer,
+        }
+    }
+
+    /// The protocol it came on (a metrics label).
+    pub(crate) fn protocol(&self) -> &'static str {
+        match self {
+            ProviderRequest::Propose { .. } => "negotiate",
+            ProviderRequest::Job { .. } => "job",
+            ProviderRequest::Blob { .. } => "blob",
+        }
+    }
+
     /// The answer when the service cannot take the request (its queue is full, or it stopped).
     pub(crate) fn refuse(self, why: &str) -> Response {
         match self {
@@ -117,7 +135,11 @@ async fn run(mut provider: Provider, mut q: Queues, tick: Duration) {
     loop {
         let answers = tokio::select! {
             req = q.requests.recv() => match req {
-                Some(req) => handle(&mut provider, req, &q.commands),
+                Some(req) => {
+                    // A span per peer: what answering its request logs names it.
+                    let span = tracing::info_span!("peer", peer = %req.peer());
+                    span.in_scope(|| handle(&mut provider, req, &q.commands))
+                }
                 None => break,
             },
             Some(msg) = q.internal.recv() => jobs(provider.on_internal(msg)),

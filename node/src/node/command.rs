@@ -83,6 +83,7 @@ pub(crate) enum Command {
     PostBid(BidSpec, oneshot::Sender<Result<OrderRef, NodeError>>),
     Cancel(u64, oneshot::Sender<Result<(), NodeError>>),
     Book(oneshot::Sender<BookSnapshot>),
+    Stats(oneshot::Sender<NodeStats>),
     Peers(oneshot::Sender<Vec<PeerId>>),
     OwnOrders(oneshot::Sender<Vec<OwnOrder>>),
     GossipPeers(oneshot::Sender<Vec<PeerId>>),
@@ -104,6 +105,26 @@ pub enum RawTopic {
     Capacity,
     /// The `orders` topic.
     Orders,
+}
+
+/// What the swarm task knows right now, in figures (cheap to read every second, whatever the
+/// book's size: see [`NodeHandle::stats`](crate::NodeHandle::stats)).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct NodeStats {
+    /// Live asks in the book.
+    pub asks: u64,
+    /// Live bids in the book.
+    pub bids: u64,
+    /// Providers with a live capacity ad.
+    pub providers: u64,
+    /// Providers per region (from their capacity ads).
+    pub regions: std::collections::BTreeMap<String, u64>,
+    /// Connected peers, with the region of those that sell (from their capacity ads).
+    pub peers: Vec<(String, Option<String>)>,
+    /// Peers in the gossip mesh of the orders topic.
+    pub gossip_peers: u64,
+    /// Requests waiting for the provider service.
+    pub provider_queue: u64,
 }
 
 /// A buyer job's request for candidates.

@@ -17,6 +17,44 @@ use super::settings::MAX_OWN_ORDERS;
 use super::state::{NodeLoop, WarmInputs, ms, queue_key};
 
 impl NodeLoop {
+    /// The figures of [`super::NodeStats`].
+    pub(super) fn stats(&self) -> super::NodeStats {
+        let (asks, bids, providers) = self.book.counts();
+        let mut regions = std::collections::BTreeMap::new();
+        let mut region_of = std::collections::HashMap::new();
+        for ad in self.book.capacity_ads() {
+            *regions.entry(ad.region.clone()).or_insert(0u64) += 1;
+            if let Some(p) = crate::jobs::peer_of(&ad.provider) {
+                region_of.insert(p, ad.region.clone());
+            }
+        }
+        let topic = self.orders_topic.hash();
+        let gossip_peers = self
+            .swarm
+            .behaviour()
+            .gossipsub
+            .all_peers()
+            .filter(|(_, topics)| topics.contains(&&topic))
+            .count() as u64;
+        let provider_queue = self
+            .provider
+            .as_ref()
+            .map_or(0, |tx| (tx.max_capacity() - tx.capacity()) as u64);
+        super::NodeStats {
+            asks: asks as u64,
+            bids: bids as u64,
+            providers: providers as u64,
+            regions,
+            peers: self
+                .swarm
+                .connected_peers()
+                .map(|p| (p.to_string(), region_of.get(p).cloned()))
+                .collect(),
+            gossip_peers,
+            provider_queue,
+        }
+    }
+
     pub(super) fn is_down(&self, p: &PublicKey) -> bool {
         self.down
             .get(p)
@@ -139,6 +177,9 @@ impl NodeLoop {
             }
             Command::Book(r) => {
                 let _ = r.send(self.book.snapshot());
+            }
+            Command::Stats(r) => {
+                let _ = r.send(self.stats());
             }
             Command::GossipPeers(r) => {
                 let topic = self.orders_topic.hash();

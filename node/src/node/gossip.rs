@@ -247,6 +247,17 @@ impl NodeLoop {
                 MessageAcceptance::Reject
             }
         };
+        let topic = match topic {
+            TopicKind::Capacity => "capacity",
+            TopicKind::Orders => "orders",
+            _ => "unknown",
+        };
+        let outcome = match acceptance {
+            MessageAcceptance::Accept => "accept",
+            MessageAcceptance::Ignore => "ignore",
+            MessageAcceptance::Reject => "reject",
+        };
+        self.metrics.gossip(topic, outcome);
         self.swarm
             .behaviour_mut()
             .gossipsub

@@ -48,6 +48,8 @@ pub(super) struct Inner {
     pub(super) inbound: Arc<crate::network::exchange::InboundBudget>,
     /// The swarm task's stalls.
     pub(super) lag: Arc<super::lag::LoopLag>,
+    /// The node's Prometheus metrics.
+    pub(super) metrics: Arc<crate::ops::Metrics>,
 }
 
 /// A cheap, cloneable handle to a running node. When the last handle is dropped, the node
@@ -147,6 +149,59 @@ impl NodeHandle {
         self.request(Command::Book).await
     }
 
+    /// The book's and the connections' figures (O(providers + peers), not O(book): for
+    /// dashboards and metrics).
+    pub async fn stats(&self) -> Result<super::NodeStats, NodeError> {
+        self.request(Command::Stats).await
+    }
+
+    /// The node's Prometheus metrics (counters; [`NodeHandle::render_metrics`] refreshes the
+    /// gauges and renders them).
+    pub fn metrics(&self) -> &Arc<crate::ops::Metrics> {
+        &self.inner.metrics
+    }
+
+    /// Refreshes the gauges read at scrape time (book, peers, queue, store, cache, what is
+    /// owed) and appends every metric in the OpenMetrics text format, without `# EOF`.
+    pub async fn render_metrics(&self, out: &mut String) -> Result<(), NodeError> {
+        let s = self.stats().await?;
+        let (disk, mem) = self.inner.inputs.bytes();
+        let mut owed_to_us = [0u64; 5];
+        let mut owed_by_us = 0u64;
+        for p in self.inner.settlement.positions().values() {
+            let e = p.as_buyer;
+            for (slot, v) in
+                owed_to_us
+                    .iter_mut()
+                    .zip([e.accrued, e.invoiced, e.paid, e.confirmed, e.settled])
+            {
+                *slot = slot.saturating_add(v.0);
+            }
+            owed_by_us = owed_by_us.saturating_add(p.owed_to_it.0);
+        }
+        let store_bytes = self.inner.store.with(Store::size_on_disk).unwrap_or(0);
+        let m = &self.inner.metrics;
+        m.set_gauges(&crate::ops::GaugeReadings {
+            book_asks: s.asks,
+            book_bids: s.bids,
+            book_providers: s.providers,
+            peers: s.peers.len() as u64,
+            gossip_peers: s.gossip_peers,
+            provider_queue: s.provider_queue,
+            store_bytes,
+            cache_disk_bytes: disk,
+            cache_mem_bytes: mem,
+            models_held: self.inner.inputs.held_models().len() as u64,
+            swarm_max_stall_us: u64::try_from(self.inner.lag.snapshot().max.as_micros())
+                .unwrap_or(u64::MAX),
+            owed_to_us_msat: owed_to_us,
+            owed_by_us_msat: owed_by_us,
+        });
+        m.sync_inbound_refusals(self.inner.inbound.refused());
+        m.encode_into(out);
+        Ok(())
+    }
+
     /// Peers with at least one open connection.
     pub async fn peers(&self) -> Result<Vec<PeerId>, NodeError> {
         self.request(Command::Peers).await
@@ -232,6 +287,7 @@ impl NodeHandle {
             settlement: self.inner.settlement.clone(),
             placements: self.inner.placements.clone(),
             reputation: self.inner.reputation.clone(),
+            metrics: self.inner.metrics.clone(),
         };
         let task = tokio::spawn(BuyerJob::new(ctx, sub, record).run().in_current_span());
         if let Ok(mut tasks) = self.inner.tasks.lock() {
@@ -284,6 +340,7 @@ impl NodeHandle {
             reason: "cancelled".into(),
         };
         rec.finished_at = Some(Timestamp::now());
+        self.inner.metrics.buyer_job("cancelled");
         self.store(|s| {
             s.put(JobTree::BuyerJobs, id.as_bytes(), &rec)?;
             s.push_event(&DurableEvent::JobEnded {

@@ -40,7 +40,7 @@ mod swarm;
 pub use builder::{Node, NodeBuilder};
 #[cfg(feature = "testing")]
 pub use command::RawTopic;
-pub use command::{AskSpec, BidSpec};
+pub use command::{AskSpec, BidSpec, NodeStats};
 pub use handle::NodeHandle;
 pub use lag::{LAG_PROBE_EVERY, LagSnapshot, LoopLag};
 pub use settings::*;

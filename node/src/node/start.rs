@@ -80,6 +80,18 @@ impl NodeBuilder {
         let span = info_span!("node", peer = %short_peer(&peer_id));
         let inbound = Arc::new(crate::network::exchange::InboundBudget::default());
         let lag = Arc::new(super::lag::LoopLag::default());
+        let metrics = Arc::new(crate::ops::Metrics::new(&crate::ops::NodeIdentity {
+            peer_id: peer_id.to_string(),
+            region: self.region.clone(),
+            network: self.network.to_string(),
+            settlement: match self.settle.mode {
+                crate::settle::SettleMode::Ledger => "ledger",
+                crate::settle::SettleMode::Onchain(_) => "onchain",
+            },
+        }));
+        if let Some(exec) = &self.executor {
+            metrics.set_adapter(&exec.profile().name);
+        }
         let settings = BehaviourSettings {
             heartbeat: self.heartbeat,
             mdns: self.mdns,
@@ -231,6 +243,7 @@ impl NodeBuilder {
             crate::jobs::provider::Runs {
                 executor: self.executor.clone(),
                 inputs: inputs.clone(),
+                metrics: metrics.clone(),
             },
             key.clone(),
             self.network.clone(),
@@ -334,6 +347,7 @@ impl NodeBuilder {
             slot: None,
             redial: Redial::default(),
             lag: lag.clone(),
+            metrics: metrics.clone(),
             settings: self,
         };
         for a in &listen_addrs {
@@ -363,6 +377,7 @@ impl NodeBuilder {
                 inputs,
                 inbound,
                 lag,
+                metrics,
             }),
         })
     }

@@ -83,6 +83,8 @@ pub(super) struct NodeLoop {
     pub(super) redial: Redial,
     /// How late the swarm task polls (its stalls).
     pub(super) lag: std::sync::Arc<super::lag::LoopLag>,
+    /// Counters for Prometheus (gossip outcomes, refusals, libp2p's own).
+    pub(super) metrics: Arc<crate::ops::Metrics>,
     pub(super) settings: NodeBuilder,
 }
 

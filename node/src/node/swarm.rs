@@ -24,6 +24,18 @@ use super::state::NodeLoop;
 
 impl NodeLoop {
     pub(super) fn on_swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        {
+            use libp2p::metrics::Recorder;
+            let m = self.metrics.libp2p();
+            match &ev {
+                SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => m.record(e),
+                SwarmEvent::Behaviour(BehaviourEvent::Identify(e)) => m.record(e),
+                SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => m.record(e),
+                SwarmEvent::Behaviour(BehaviourEvent::Ping(e)) => m.record(e),
+                _ => {}
+            }
+            m.record(&ev);
+        }
         match ev {
             SwarmEvent::NewListenAddr { address, .. } if !self.listen_addrs.contains(&address) => {
                 info!(addr = %with_peer(&address, self.peer_id), "listening");
@@ -220,6 +232,7 @@ impl NodeLoop {
     /// queue is full or it has stopped: the swarm task never waits for it.
     fn hand_to_provider(&mut self, req: ProviderRequest) {
         let Some(tx) = &self.provider else {
+            self.metrics.refused(req.protocol(), "stopping");
             self.respond(req.refuse("the node is stopping"));
             return;
         };
@@ -227,9 +240,11 @@ impl NodeLoop {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(req)) => {
                 debug!("provider queue full; refusing a request");
+                self.metrics.refused(req.protocol(), "provider_busy");
                 self.respond(req.refuse("the provider is busy; try again"));
             }
             Err(mpsc::error::TrySendError::Closed(req)) => {
+                self.metrics.refused(req.protocol(), "stopping");
                 self.respond(req.refuse("the node is stopping"));
             }
         }

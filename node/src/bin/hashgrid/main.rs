@@ -331,6 +331,13 @@ enum Command {
         /// A file of API keys, one per line; requests must send one as a Bearer token.
         #[arg(long, value_name = "FILE")]
         api_keys_file: Option<PathBuf>,
+        /// Serve Prometheus metrics (the gateway's, and its node's) on this address.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
+        /// Serve the live dashboard (requests, spend, the node) on this address (loopback
+        /// only; not with --local).
+        #[arg(long, value_name = "ADDR")]
+        dashboard: Option<std::net::SocketAddr>,
     },
     /// Run a job file on this machine's GPU adapter, without any network.
     ///
@@ -555,6 +562,8 @@ fn main() -> ExitCode {
             local,
             max_price,
             api_keys_file,
+            metrics,
+            dashboard,
         } => rt().and_then(|rt| {
             rt.block_on(serve::serve(
                 &g,
@@ -564,6 +573,8 @@ fn main() -> ExitCode {
                     local,
                     max_price,
                     api_keys_file,
+                    metrics,
+                    dashboard,
                 },
             ))
         }),

@@ -21,6 +21,8 @@ pub(crate) struct ServeArgs {
     pub(crate) local: bool,
     pub(crate) max_price: Option<u64>,
     pub(crate) api_keys_file: Option<PathBuf>,
+    pub(crate) metrics: Option<std::net::SocketAddr>,
+    pub(crate) dashboard: Option<std::net::SocketAddr>,
 }
 
 /// Most bytes of an API keys file.
@@ -148,11 +150,64 @@ pub(crate) async fn serve(g: &Global, a: ServeArgs) -> Result<(), CliError> {
             "; API keys required"
         }
     );
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until = || {
+        let mut rx = stopped.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let site = hashgrid_node::ops::server::SiteInfo {
+        gpus: Vec::new(),
+        extra: Some(Arc::new(gateway.clone())),
+    };
+    let bind = |what: &'static str, addr: std::net::SocketAddr| async move {
+        tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            CliError::bad_input(
+                format!("cannot serve the {what} on {addr}: {e}"),
+                "pass another address",
+            )
+        })
+    };
+    if let Some(addr) = a.metrics {
+        let l = bind("metrics", addr).await?;
+        eprintln!("metrics: http://{}/metrics", l.local_addr().unwrap_or(addr));
+        tokio::spawn(hashgrid_node::ops::server::serve_metrics(
+            l,
+            node.clone(),
+            site.clone(),
+            until(),
+        ));
+    }
+    if let Some(addr) = a.dashboard {
+        let Some(n) = node.clone() else {
+            return Err(CliError::bad_input(
+                "--dashboard shows the market side: it needs the market backend",
+                "drop --local, or use --metrics for the gateway's figures",
+            ));
+        };
+        if !hashgrid_node::ops::server::is_loopback(&addr) {
+            return Err(CliError::bad_input(
+                format!("--dashboard {addr}: the gateway's dashboard is served on loopback only"),
+                "pass 127.0.0.1:PORT and reach it through an SSH tunnel",
+            ));
+        }
+        let l = bind("dashboard", addr).await?;
+        eprintln!("dashboard: http://{}/", l.local_addr().unwrap_or(addr));
+        tokio::spawn(hashgrid_node::ops::server::serve_dashboard(
+            l,
+            n,
+            site.clone(),
+            None,
+            until(),
+        ));
+    }
     let served = gateway
         .serve(listener, async {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await;
+    let _ = stop.send(true);
     if let Some(n) = node {
         n.shutdown().await;
     }
