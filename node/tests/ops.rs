@@ -16,112 +16,19 @@
 #![allow(clippy::unwrap_used)] // helpers outside #[test] fns: a failed unwrap is a failed test
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hashgrid_node::jobs::{IntoSharedInputs, JobOptions, Submission};
 use hashgrid_node::{JobState, Node, NodeHandle};
 use hashgrid_protocol::{Msat, Network};
 
+mod support;
+use support::{LIMIT, get, http_addr, spawn, wait_line};
+
 const NET: &str = "ops-test";
-const LIMIT: Duration = Duration::from_secs(60);
-
-/// The daemon, killed if the test fails before it exits.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-fn spawn(args: &[&str]) -> (Daemon, mpsc::Receiver<String>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hashgrid-node"))
-        .args(args)
-        .env("RUST_LOG", "info,libp2p=warn")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("daemon: {line}");
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    (Daemon(child), rx)
-}
-
-fn wait_line(rx: &mpsc::Receiver<String>, pred: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx
-            .recv_timeout(left)
-            .expect("the daemon did not log what was expected in time");
-        if pred(&line) {
-            return line;
-        }
-    }
-}
-
-/// The `host:port` of the first `http://host:port/` in a log line.
-fn http_addr(line: &str) -> String {
-    let rest = &line[line.find("http://").unwrap() + 7..];
-    rest.split('/').next().unwrap().to_string()
-}
-
-/// A GET over plain HTTP/1.1: status, content type, body.
-fn get(addr: &str, path: &str) -> (u16, String, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(LIMIT)).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let header = |name: &str| {
-        head.lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
-            })
-            .unwrap_or_default()
-    };
-    let body = if header("transfer-encoding") == "chunked" {
-        let mut out = String::new();
-        let mut rest = body;
-        loop {
-            let (size, after) = rest.split_once("\r\n").unwrap();
-            let n = usize::from_str_radix(size.trim(), 16).unwrap();
-            if n == 0 {
-                break;
-            }
-            out.push_str(&after[..n]);
-            rest = &after[n + 2..];
-        }
-        out
-    } else {
-        body.to_string()
-    };
-    (status, header("content-type"), body)
-}
 
 /// Whether a tool this test needs is here; a skip, unless CI requires it.
 fn required(what: &str, ok: bool) -> bool {

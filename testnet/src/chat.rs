@@ -235,6 +235,7 @@ pub async fn run_chat(cfg: ChatConfig) -> anyhow::Result<ChatReport> {
             ns: None,
             port: sites::free_port()?,
             peer_id,
+            metrics_port: None,
         });
     }
     let seed = specs[0].addr();

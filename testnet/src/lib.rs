@@ -90,6 +90,9 @@ pub struct Config {
     pub node_binary: PathBuf,
     /// Where site data dirs go (a temporary dir when `None`).
     pub work_dir: Option<PathBuf>,
+    /// When set, every site serves Prometheus metrics and a scrape config for them is
+    /// written to this file.
+    pub prometheus: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -105,6 +108,7 @@ impl Default for Config {
             latency_ms: 0,
             node_binary: PathBuf::from("hashgrid-node"),
             work_dir: None,
+            prometheus: None,
         }
     }
 }
@@ -257,7 +261,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
             ns,
             port,
             peer_id,
+            metrics_port: match &cfg.prometheus {
+                Some(_) => Some(sites::free_port()?),
+                None => None,
+            },
         });
+    }
+    if let Some(path) = &cfg.prometheus {
+        std::fs::write(path, sites::prometheus_config(&specs, &network_name))
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("prometheus scrape config for the sites: {}", path.display());
     }
 
     // Site 0 first: it benchmarks this machine's adapter once; the others reuse its cache

@@ -54,6 +54,10 @@ struct Cli {
     /// Keep the sites' data dirs and logs here (default: a temporary dir, removed).
     #[arg(long, value_name = "DIR")]
     work_dir: Option<PathBuf>,
+    /// Sites serve Prometheus metrics; write a scrape config for all of them to FILE (jobs
+    /// workload; see examples/ops/).
+    #[arg(long, value_name = "FILE")]
+    prometheus: Option<PathBuf>,
     /// The hashgrid-node binary (default: next to this one).
     #[arg(long, value_name = "PATH")]
     node_binary: Option<PathBuf>,
@@ -122,6 +126,7 @@ async fn main() -> ExitCode {
         latency_ms: cli.latency_ms,
         node_binary,
         work_dir: cli.work_dir,
+        prometheus: cli.prometheus,
     };
     // Ctrl-C drops the run: every Site is killed in its Drop.
     let report = tokio::select! {

@@ -87,6 +87,8 @@ pub struct SiteSpec {
     pub port: u16,
     /// Its PeerId.
     pub peer_id: String,
+    /// Port of its Prometheus metrics (`--metrics`), if served.
+    pub metrics_port: Option<u16>,
 }
 
 impl SiteSpec {
@@ -178,6 +180,9 @@ impl Site {
             .arg("--units")
             .arg(self.spec.units.to_string())
             .arg("--no-mdns");
+        if let Some(p) = self.spec.metrics_port {
+            cmd.arg("--metrics").arg(format!("{}:{p}", self.spec.ip));
+        }
         for b in &self.bootstrap {
             cmd.args(["--bootstrap", b]);
         }
@@ -260,8 +265,58 @@ impl Site {
     }
 }
 
+/// A Prometheus scrape config for the sites that serve metrics: one target per site, labelled
+/// with its region and index (the fleet dashboard in `examples/ops/` groups by `region`).
+pub fn prometheus_config(specs: &[SiteSpec], network: &str) -> String {
+    let mut out = format!(
+        "# Written by hashgrid-testnet for network {network}: scrape every site of the grid.\n\
+         # prometheus --config.file=THIS_FILE, then import examples/ops/grafana-fleet.json.\n\
+         global:\n  scrape_interval: 5s\nscrape_configs:\n  - job_name: hashgrid-site\n    static_configs:\n"
+    );
+    for s in specs {
+        if let Some(p) = s.metrics_port {
+            out.push_str(&format!(
+                "      - targets: [\"{}:{p}\"]\n        labels: {{ region: \"{}\", site: \"site-{:02}\" }}\n",
+                s.ip, s.region, s.index
+            ));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_scrape_config_names_every_site_with_its_region() {
+        let spec = |index: usize, region: &str, metrics_port| super::SiteSpec {
+            index,
+            region: region.into(),
+            price: 100,
+            units: 1,
+            data_dir: "/tmp".into(),
+            ip: "127.0.0.1".into(),
+            ns: None,
+            port: 4001,
+            peer_id: String::new(),
+            metrics_port,
+        };
+        let text = super::prometheus_config(
+            &[
+                spec(0, "us-east", Some(9100)),
+                spec(1, "eu-north", Some(9101)),
+                spec(2, "eu-north", None),
+            ],
+            "testnet-1",
+        );
+        assert!(text.contains("job_name: hashgrid-site"), "{text}");
+        assert!(text.contains(r#"- targets: ["127.0.0.1:9100"]"#), "{text}");
+        assert!(
+            text.contains(r#"labels: { region: "eu-north", site: "site-01" }"#),
+            "{text}"
+        );
+        assert_eq!(text.matches("- targets:").count(), 2, "{text}");
+    }
+
     #[test]
     fn site_ports_are_distinct_free_and_outside_the_ephemeral_range() {
         let ephemeral_start: u16 =

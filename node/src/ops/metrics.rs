@@ -158,7 +158,8 @@ impl Metrics {
             ("network", id.network.clone()),
             ("version", env!("CARGO_PKG_VERSION").to_string()),
         ]);
-        let libp2p = libp2p::metrics::Metrics::new(registry.sub_registry_with_prefix("libp2p"));
+        // libp2p-metrics names its own (`libp2p_*`).
+        let libp2p = libp2p::metrics::Metrics::new(&mut registry);
         let r = registry.sub_registry_with_prefix("hashgrid");
         r.register("node", "This node's identity", info);
 
