@@ -385,6 +385,8 @@ async fn sighup_reprices_without_dropping_the_running_job() {
         "--bootstrap",
         &boot,
         "--no-mdns",
+        "--log-format",
+        "json",
     ]);
     wait_for_ask(&buyer, 100).await;
     let pid = daemon.0.id().to_string();
@@ -432,6 +434,18 @@ async fn sighup_reprices_without_dropping_the_running_job() {
 
     let rec = buyer.wait(&id).await.unwrap();
     assert_eq!(rec.state, JobState::Done, "{:?}", rec.attempts);
+    // JSON logs: the receipt's line is an object carrying the job's span.
+    let line = wait_line(&rx, |l| l.contains("receipt signed"));
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["fields"]["message"], "receipt signed", "{line}");
+    assert!(
+        v["spans"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"] == "job" && s["agreement"].is_string()),
+        "no job span: {line}"
+    );
     let agreement = rec.agreement.unwrap().signed.decode_unverified().unwrap();
     assert_eq!(
         agreement.price,

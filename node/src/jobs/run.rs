@@ -41,6 +41,16 @@ pub(crate) struct InputStats {
     pub(crate) cached_bytes: u64,
 }
 
+impl Internal {
+    /// The job it is about.
+    pub(crate) fn agreement(&self) -> ContentId {
+        match self {
+            Internal::Phase(a, _) | Internal::Inputs(a, _) | Internal::Stream(a, _) => *a,
+            Internal::Finished { agreement, .. } => *agreement,
+        }
+    }
+}
+
 pub(crate) struct RunTask {
     pub(crate) cache: Arc<InputCache>,
     pub(crate) exec: Executor,

@@ -142,7 +142,11 @@ async fn run(mut provider: Provider, mut q: Queues, tick: Duration) {
                 }
                 None => break,
             },
-            Some(msg) = q.internal.recv() => jobs(provider.on_internal(msg)),
+            Some(msg) = q.internal.recv() => {
+                // A span per job: what its progress and receipt log names the agreement.
+                let span = tracing::info_span!("job", agreement = %msg.agreement().short());
+                span.in_scope(|| jobs(provider.on_internal(msg)))
+            }
             _ = ticks.tick() => jobs(provider.tick()),
         };
         for a in answers {

@@ -23,8 +23,14 @@ impl Drop for Daemon {
     }
 }
 
-/// Spawns `hashgrid-node` with `args`; its stderr lines are echoed and sent on.
-pub(crate) fn spawn(args: &[&str]) -> (Daemon, mpsc::Receiver<String>) {
+/// The daemon's log lines: those read so far, and the rest as they come.
+pub(crate) struct Log {
+    rx: mpsc::Receiver<String>,
+    seen: std::cell::RefCell<Vec<String>>,
+}
+
+/// Spawns `hashgrid-node` with `args`; its stderr lines are echoed and kept.
+pub(crate) fn spawn(args: &[&str]) -> (Daemon, Log) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_hashgrid-node"))
         .args(args)
         .env("RUST_LOG", "info,libp2p=warn")
@@ -43,17 +49,26 @@ pub(crate) fn spawn(args: &[&str]) -> (Daemon, mpsc::Receiver<String>) {
             }
         }
     });
-    (Daemon(child), rx)
+    let log = Log {
+        rx,
+        seen: Default::default(),
+    };
+    (Daemon(child), log)
 }
 
-/// Waits (up to [`LIMIT`]) for a log line that `pred` accepts.
-pub(crate) fn wait_line(rx: &mpsc::Receiver<String>, pred: impl Fn(&str) -> bool) -> String {
+/// The first log line, logged so far or within [`LIMIT`], that `pred` accepts.
+pub(crate) fn wait_line(log: &Log, pred: impl Fn(&str) -> bool) -> String {
+    if let Some(l) = log.seen.borrow().iter().find(|l| pred(l)) {
+        return l.clone();
+    }
     let deadline = Instant::now() + LIMIT;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx
+        let line = log
+            .rx
             .recv_timeout(left)
             .expect("the daemon did not log what was expected in time");
+        log.seen.borrow_mut().push(line.clone());
         if pred(&line) {
             return line;
         }
