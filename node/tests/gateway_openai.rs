@@ -171,6 +171,8 @@ fn the_openai_sdk_gets_answers_from_the_grid_with_receipts() {
                 &format!("127.0.0.1:{port}"),
                 "--api-keys-file",
                 keys.to_str().unwrap(),
+                "--metrics",
+                "127.0.0.1:0",
             ],
         )
         .stdin(Stdio::null())
@@ -202,6 +204,19 @@ fn the_openai_sdk_gets_answers_from_the_grid_with_receipts() {
             Err(_) => panic!("hashgrid serve did not start:\n{}", log.join("\n")),
         }
     }
+    let metrics_line = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("hashgrid serve --metrics says where");
+        if line.starts_with("metrics: http://") {
+            break line;
+        }
+    };
+    let metrics_addr = metrics_line
+        .strip_prefix("metrics: http://")
+        .and_then(|r| r.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("{metrics_line}"))
+        .to_string();
 
     let run = py
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_gateway.py"))
@@ -246,6 +261,40 @@ fn the_openai_sdk_gets_answers_from_the_grid_with_receipts() {
     let local = ok(&local);
     assert_eq!(seen["chat"]["text"], local["text"], "market vs local");
 
+    // The gateway's metrics count what the client did.
+    let metrics = scrape(&metrics_addr);
+    let sum = |prefix: &str| -> f64 {
+        metrics
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(_, v)| v)
+            .sum()
+    };
+    assert!(
+        sum(r#"hashgrid_gateway_requests_total{route="/v1/chat/completions",status="200""#) >= 2.0,
+        "{metrics:#?}"
+    );
+    assert!(sum(r#"hashgrid_gateway_requests_total{route="/v1/embeddings",status="200""#) >= 1.0);
+    assert!(
+        sum("hashgrid_gateway_requests_total{")
+            > sum(r#"hashgrid_gateway_requests_total{route="/v1/chat/completions",status="200""#)
+    );
+    assert!(
+        sum(r#"hashgrid_gateway_requests_total{route="/v1/models",status="401""#) >= 1.0,
+        "the unauthorised request is counted: {metrics:#?}"
+    );
+    assert!(sum("hashgrid_gateway_time_to_first_token_seconds_count") >= 2.0);
+    assert!(sum(r#"hashgrid_gateway_tokens_total{kind="completion""#) >= 2.0);
+    let spent = sum("hashgrid_gateway_spent_msat_total");
+    assert!(spent > 0.0);
+    // Its node's metrics come with them.
+    assert!(sum("hashgrid_buyer_jobs_total{") >= 6.0, "{metrics:#?}");
+    assert_eq!(
+        sum("hashgrid_buyer_spent_msat_total{"),
+        spent,
+        "the gateway's spend is what its node countersigned"
+    );
+
     // Stop the gateway (Ctrl-C), then its node's store lists a receipt for every job.
     let pid = serve.0.id().to_string();
     let _ = Command::new("kill").args(["-INT", &pid]).status();
@@ -281,4 +330,26 @@ fn the_openai_sdk_gets_answers_from_the_grid_with_receipts() {
             .all(|r| r["verified"] == serde_json::Value::Bool(true)),
         "{receipts}"
     );
+}
+
+/// `/metrics` of a `hashgrid serve --metrics` as `name{labels}` → value (a plain reading of the
+/// text format's sample lines; node/tests/ops.rs checks the format with the reference parser).
+fn scrape(addr: &str) -> std::collections::BTreeMap<String, f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text.lines()
+        .filter(|l| l.starts_with("hashgrid_"))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
 }
