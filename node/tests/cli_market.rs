@@ -193,6 +193,18 @@ async fn buyer_cli_finds_offers_and_runs_jobs_through_the_market() {
     let v = json(&hashgrid(&data, &boot, &["receipts", "--verify", "--json"]).await);
     assert_eq!(v[0]["verified"], true, "{v}");
 
+    // What the buyer has seen of its providers: the one that ran the job, once, in good
+    // standing, paid what its receipt charged.
+    let p = json(&hashgrid(&data, &boot, &["providers", "--json"]).await);
+    let rows = p.as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{p}");
+    assert_eq!(rows[0]["provider"], v[0]["provider"], "{p}");
+    assert_eq!(rows[0]["completed"], 1, "{p}");
+    assert_eq!(rows[0]["failed"], 0, "{p}");
+    assert_eq!(rows[0]["disputed"], 0, "{p}");
+    assert_eq!(rows[0]["spent_msat"], v[0]["charge_msat"], "{p}");
+    assert_eq!(rows[0]["standing"], "good", "{p}");
+
     cheap.shutdown().await;
     dear.shutdown().await;
 }

@@ -431,6 +431,16 @@ pub fn read_jobs(store: &crate::store::Store) -> Result<Vec<JobRecord>, crate::s
     Ok(all)
 }
 
+/// What a buyer's store remembers of each provider ([`reputation::Experience`]), most jobs
+/// first (the node must be stopped, or this be its own store).
+pub fn read_experience(
+    store: &crate::store::Store,
+) -> Result<Vec<(PublicKey, reputation::Experience)>, crate::store::StoreError> {
+    let mut v = reputation::Reputations::load(store)?.all();
+    v.sort_by_key(|(p, e)| (std::cmp::Reverse(e.completed + e.failed + e.lied), *p));
+    Ok(v)
+}
+
 /// A done job's outputs and record from a buyer's store (`None` unless it is done).
 pub fn read_result(
     store: &crate::store::Store,

@@ -225,6 +225,12 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
+    /// What this buyer has seen of each provider it ran jobs with: jobs completed, failed and
+    /// disputed (receipt or outputs did not verify), mean time to a verified receipt, msat
+    /// spent, and the reputation score matching ranks by (from the local store).
+    ///
+    /// Example: hashgrid providers --json
+    Providers,
     /// The countersigned receipts of this data dir's jobs; --verify checks every signature
     /// and stored output again (exit 5 if any fails).
     ///
@@ -516,6 +522,7 @@ fn main() -> ExitCode {
         Command::Status { job } => market::status(&g, &job),
         Command::Result { job, out } => market::result(&g, &job, &out),
         Command::Receipts { verify } => market::receipts(&g, verify),
+        Command::Providers => market::providers(&g),
         Command::Wallet(WalletCommand::Address) => wallet::address(&g),
         Command::Wallet(WalletCommand::Balance) => wallet::balance(&g),
         Command::Wallet(WalletCommand::Send {

@@ -747,3 +747,65 @@ impl CliError {
         }
     }
 }
+
+/// `hashgrid providers`.
+pub(crate) fn providers(g: &Global) -> Result<(), CliError> {
+    let c = Client::resolve(g)?;
+    let store = c.open_store()?;
+    let store_err = |e: hashgrid_node::store::StoreError| CliError::other(e.to_string(), "");
+    let seen = hashgrid_node::jobs::read_experience(&store).map_err(store_err)?;
+    let jobs = hashgrid_node::jobs::read_jobs(&store).map_err(store_err)?;
+    let mut spent: std::collections::HashMap<hashgrid_protocol::PublicKey, u64> =
+        std::collections::HashMap::new();
+    for r in &jobs {
+        if let (Some(p), Some(cs)) = (r.provider, &r.receipt)
+            && let Ok(body) = cs.signed.decode_unverified()
+        {
+            *spent.entry(p).or_default() += body.charge.0;
+        }
+    }
+    let rows: Vec<serde_json::Value> = seen
+        .iter()
+        .map(|(p, e)| {
+            serde_json::json!({
+                "provider": p.to_string(),
+                "completed": e.completed,
+                "failed": e.failed,
+                "disputed": e.lied,
+                "mean_ms_to_receipt": e.mean_ms(),
+                "spent_msat": spent.get(p).copied().unwrap_or(0),
+                "score": e.score(),
+                "standing": if e.score() < 0 { "bad" } else { "good" },
+            })
+        })
+        .collect();
+    if g.json {
+        println!("{}", serde_json::Value::Array(rows));
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("no provider has run a job for this buyer yet");
+        return Ok(());
+    }
+    println!(
+        "{:<14} {:>9} {:>6} {:>8} {:>9} {:>12} {:>6}  STANDING",
+        "PROVIDER", "COMPLETED", "FAILED", "DISPUTED", "MEAN ms", "SPENT msat", "SCORE"
+    );
+    for ((p, e), v) in seen.iter().zip(&rows) {
+        println!(
+            "{:<14} {:>9} {:>6} {:>8} {:>9} {:>12} {:>6}  {}",
+            &p.to_string()[..12],
+            e.completed,
+            e.failed,
+            e.lied,
+            e.mean_ms().map_or_else(|| "-".into(), |m| m.to_string()),
+            v["spent_msat"],
+            e.score(),
+            v["standing"].as_str().unwrap_or("")
+        );
+    }
+    println!(
+        "(score = completed - 4 x failed - 16 x disputed; a provider in bad standing is matched after those in good standing at its price)"
+    );
+    Ok(())
+}
