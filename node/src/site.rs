@@ -130,6 +130,7 @@ pub async fn run_site_with(
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut config = config;
     config.check()?;
+    let ops = bind_ops(&config).await?;
     // The executor runs the jobs this site sells.
     let executor = if config.gpus.is_empty() && config.detect_gpu {
         let exec = detect_gpu(&config).await?;
@@ -199,7 +200,7 @@ pub async fn run_site_with(
         );
     }
     let (stop_ops, ops_stopped) = tokio::sync::watch::channel(false);
-    start_ops(&config, &node, &ops_stopped).await?;
+    serve_ops(ops, &config, &node, &ops_stopped);
     tokio::pin!(shutdown);
     loop {
         let hup = async {
@@ -228,13 +229,59 @@ pub async fn run_site_with(
     Ok(())
 }
 
-/// Starts the metrics and dashboard servers the config asks for; they stop when `stopped`
-/// turns true.
-async fn start_ops(
+/// The metrics and dashboard listeners, bound before anything else starts (a taken port stops
+/// the daemon before it opens the GPU or announces anything).
+struct OpsListeners {
+    metrics: Option<tokio::net::TcpListener>,
+    dashboard: Option<(tokio::net::TcpListener, Option<String>)>,
+}
+
+/// Binds the servers the config asks for; the dashboard's token is read or created here.
+async fn bind_ops(config: &SiteConfig) -> Result<OpsListeners, SiteError> {
+    use crate::ops::server;
+    let bind = |what: &'static str, addr: std::net::SocketAddr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| SiteError::Ops { what, addr, source })
+    };
+    let metrics = match config.metrics.listen {
+        Some(addr) => Some(bind("metrics", addr).await?),
+        None => None,
+    };
+    let dashboard = match config.dashboard.listen {
+        Some(addr) => {
+            let token = match (&config.dashboard.token, server::is_loopback(&addr)) {
+                (Some(t), _) => Some(t.clone()),
+                (None, true) => None,
+                (None, false) => {
+                    let dir = config
+                        .data_dir
+                        .clone()
+                        .unwrap_or_else(crate::DataDir::default_root);
+                    let t =
+                        server::load_or_create_token(&dir).map_err(|source| SiteError::Ops {
+                            what: "dashboard token",
+                            addr,
+                            source,
+                        })?;
+                    info!(path = %dir.join("dashboard-token").display(), "the dashboard wants the token in this file: open it as /?token=TOKEN");
+                    Some(t)
+                }
+            };
+            Some((bind("dashboard", addr).await?, token))
+        }
+        None => None,
+    };
+    Ok(OpsListeners { metrics, dashboard })
+}
+
+/// Serves the bound metrics and dashboard servers until `stopped` turns true.
+fn serve_ops(
+    ops: OpsListeners,
     config: &SiteConfig,
     node: &crate::NodeHandle,
     stopped: &tokio::sync::watch::Receiver<bool>,
-) -> Result<(), SiteError> {
+) {
     use crate::ops::server;
     let until = |rx: tokio::sync::watch::Receiver<bool>| async move {
         let mut rx = rx;
@@ -244,14 +291,10 @@ async fn start_ops(
         gpus: config.gpu_profiles(),
         extra: None,
     };
-    let bind = |what: &'static str, addr: std::net::SocketAddr| async move {
-        tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| SiteError::Ops { what, addr, source })
-    };
-    if let Some(addr) = config.metrics.listen {
-        let l = bind("metrics", addr).await?;
-        info!(url = %format!("http://{}/metrics", l.local_addr().unwrap_or(addr)), "metrics");
+    if let Some(l) = ops.metrics {
+        if let Ok(a) = l.local_addr() {
+            info!(url = %format!("http://{a}/metrics"), "metrics");
+        }
         let (node, site, stop) = (node.clone(), site.clone(), until(stopped.clone()));
         tokio::spawn(async move {
             if let Err(e) = server::serve_metrics(l, Some(node), site, stop).await {
@@ -259,31 +302,12 @@ async fn start_ops(
             }
         });
     }
-    if let Some(addr) = config.dashboard.listen {
-        let token = match (&config.dashboard.token, server::is_loopback(&addr)) {
-            (Some(t), _) => Some(t.clone()),
-            (None, true) => None,
-            (None, false) => {
-                let dir = config
-                    .data_dir
-                    .clone()
-                    .unwrap_or_else(crate::DataDir::default_root);
-                let t = server::load_or_create_token(&dir).map_err(|source| SiteError::Ops {
-                    what: "dashboard token",
-                    addr,
-                    source,
-                })?;
-                info!(path = %dir.join("dashboard-token").display(), "the dashboard wants the token in this file: open it as /?token=TOKEN");
-                Some(t)
-            }
-        };
-        let l = bind("dashboard", addr).await?;
+    if let Some((l, token)) = ops.dashboard {
         let (node, stop) = (node.clone(), until(stopped.clone()));
         tokio::spawn(async move {
             let _ = server::serve_dashboard(l, node, site, token, stop).await;
         });
     }
-    Ok(())
 }
 
 /// SIGHUP: re-reads the config and applies its pricing policy (see [`run_site_with`]).

@@ -474,3 +474,38 @@ async fn sighup_reprices_without_dropping_the_running_job() {
     assert!(daemon.0.wait().unwrap().success());
     buyer.shutdown().await;
 }
+
+#[test]
+fn a_taken_metrics_port_stops_the_daemon_before_it_starts() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (mut daemon, log) = spawn(&[
+        "run",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--network",
+        NET,
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--no-mdns",
+        "--metrics",
+        &addr,
+    ]);
+    let line = wait_line(&log, |l| l.contains("metrics on"));
+    assert!(line.contains(&format!("metrics on {addr}")), "{line}");
+    let status = daemon.0.wait().unwrap();
+    assert!(!status.success());
+    // Nothing was started: no GPU opened, no node.
+    assert!(
+        wait_line_now(&log, |l| l.contains("GPU detected")
+            || l.contains("node started"))
+        .is_none()
+    );
+}
+
+/// A line logged so far that `pred` accepts, without waiting.
+fn wait_line_now(log: &support::Log, pred: impl Fn(&str) -> bool) -> Option<String> {
+    log.lines().into_iter().find(|l| pred(l))
+}

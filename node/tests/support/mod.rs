@@ -56,6 +56,15 @@ pub(crate) fn spawn(args: &[&str]) -> (Daemon, Log) {
     (Daemon(child), log)
 }
 
+impl Log {
+    /// Every line logged so far (reading what has arrived, without waiting).
+    pub(crate) fn lines(&self) -> Vec<String> {
+        let mut seen = self.seen.borrow_mut();
+        seen.extend(self.rx.try_iter());
+        seen.clone()
+    }
+}
+
 /// The first log line, logged so far or within [`LIMIT`], that `pred` accepts.
 pub(crate) fn wait_line(log: &Log, pred: impl Fn(&str) -> bool) -> String {
     if let Some(l) = log.seen.borrow().iter().find(|l| pred(l)) {
