@@ -22,7 +22,7 @@ pub struct JobActivity {
     pub agreement: String,
     /// The buyer's key (short form).
     pub buyer: String,
-    /// `agreed`, `accepted`, `fetching`, `running`, `done`, `countersigned`, `failed`,
+    /// `agreed`, `accepted`, `running`, `done`, `countersigned`, `failed`,
     /// `disputed`.
     pub state: &'static str,
     /// When the agreement was signed, in ms since the epoch.
