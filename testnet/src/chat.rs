@@ -45,6 +45,9 @@ pub struct ChatConfig {
     pub cli_binary: PathBuf,
     /// Where data dirs go (a temporary dir when `None`).
     pub work_dir: Option<PathBuf>,
+    /// When set, every site serves Prometheus metrics and a scrape config for them is
+    /// written to this file.
+    pub prometheus: Option<PathBuf>,
 }
 
 /// One streamed request's timings.
@@ -235,8 +238,15 @@ pub async fn run_chat(cfg: ChatConfig) -> anyhow::Result<ChatReport> {
             ns: None,
             port: sites::free_port()?,
             peer_id,
-            metrics_port: None,
+            metrics_port: match &cfg.prometheus {
+                Some(_) => Some(sites::free_port()?),
+                None => None,
+            },
         });
+    }
+    if let Some(path) = &cfg.prometheus {
+        std::fs::write(path, sites::prometheus_config(&specs, &network))?;
+        eprintln!("prometheus scrape config for the sites: {}", path.display());
     }
     let seed = specs[0].addr();
     let mut running = vec![Site::start(

@@ -54,8 +54,8 @@ struct Cli {
     /// Keep the sites' data dirs and logs here (default: a temporary dir, removed).
     #[arg(long, value_name = "DIR")]
     work_dir: Option<PathBuf>,
-    /// Sites serve Prometheus metrics; write a scrape config for all of them to FILE (jobs
-    /// workload; see examples/ops/).
+    /// Sites serve Prometheus metrics; write a scrape config for all of them to FILE (see
+    /// examples/ops/).
     #[arg(long, value_name = "FILE")]
     prometheus: Option<PathBuf>,
     /// The hashgrid-node binary (default: next to this one).
@@ -188,6 +188,7 @@ async fn chat(cli: Cli, node_binary: PathBuf) -> ExitCode {
         node_binary,
         cli_binary,
         work_dir: cli.work_dir,
+        prometheus: cli.prometheus,
     };
     let report = tokio::select! {
         r = hashgrid_testnet::chat::run_chat(cfg) => r,

@@ -357,6 +357,9 @@ async fn jobs_are_invoiced_paid_confirmed_and_settled_on_chain() {
     // Nothing more is invoiced until a whole sat has accrued again.
     m.provider.settle_now().await;
     assert_eq!(m.provider.invoices_issued().unwrap().len(), 1);
+    // Stopped in order: the provider's executor releases its device before the process exits.
+    m.provider.shutdown().await;
+    m.buyer.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -398,6 +401,8 @@ async fn an_underpaid_invoice_stays_unpaid_until_the_rest_arrives() {
         "{:?}",
         issued_state(&m.provider)
     );
+    m.provider.shutdown().await;
+    m.buyer.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -435,6 +440,8 @@ async fn a_reorg_that_removes_the_payment_reopens_the_invoice() {
     let e = m.provider.positions()[&m.buyer.public_key()].as_buyer;
     assert_eq!(e.paid, Msat::ZERO);
     assert!(e.invoiced > Msat::ZERO);
+    m.provider.shutdown().await;
+    m.buyer.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -477,6 +484,8 @@ async fn a_buyer_over_its_credit_limit_is_rejected() {
         why.iter().any(|o| o.contains("credit limit")),
         "attempts: {why:?}"
     );
+    provider.shutdown().await;
+    buyer.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -524,4 +533,6 @@ async fn a_restart_mid_settlement_loses_nothing() {
     ));
     let e = restarted.positions()[&b_key].as_buyer;
     assert_eq!(e.settled.0 + e.accrued.0, total);
+    restarted.shutdown().await;
+    m.buyer.shutdown().await;
 }
