@@ -509,3 +509,66 @@ fn a_taken_metrics_port_stops_the_daemon_before_it_starts() {
 fn wait_line_now(log: &support::Log, pred: impl Fn(&str) -> bool) -> Option<String> {
     log.lines().into_iter().find(|l| pred(l))
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_wants_its_token() {
+    use hashgrid_node::ops::server::{SiteInfo, serve_dashboard};
+    let (node, _) = buyer().await;
+    // Reachable from other machines without a token: refused at start.
+    let open = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let err = serve_dashboard(
+        open,
+        node.clone(),
+        SiteInfo::default(),
+        None,
+        std::future::pending(),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("needs a token"), "{err}");
+
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve_dashboard(
+        l,
+        node.clone(),
+        SiteInfo::default(),
+        Some("s3cret-token".into()),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let status = |path: &'static str, bearer: Option<&'static str>| {
+        let addr = addr.clone();
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            let auth = bearer.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut text = String::new();
+            s.read_to_string(&mut text).unwrap();
+            text.split(' ').nth(1).unwrap().parse::<u16>().unwrap()
+        })
+    };
+    assert_eq!(status("/api/state", None).await.unwrap(), 401);
+    assert_eq!(status("/", None).await.unwrap(), 401);
+    assert_eq!(status("/api/state?token=wrong", None).await.unwrap(), 401);
+    assert_eq!(status("/api/state", Some("wrong")).await.unwrap(), 401);
+    assert_eq!(
+        status("/api/state?token=s3cret-token", None).await.unwrap(),
+        200
+    );
+    assert_eq!(
+        status("/api/state", Some("s3cret-token")).await.unwrap(),
+        200
+    );
+    assert_eq!(status("/?token=s3cret-token", None).await.unwrap(), 200);
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+    node.shutdown().await;
+}
