@@ -422,6 +422,7 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {
             loops: Vec::new(),
         },
         inputs: BTreeMap::from([(id, nbytes)]),
+        verify: Default::default(),
     }
 }
 
@@ -682,6 +683,7 @@ fn bound_ranges_see_only_their_bytes() {
         LoadedJob {
             spec,
             inputs: BTreeMap::new(),
+            verify: Default::default(),
         },
     )
     .expect("runs");
@@ -730,6 +732,7 @@ fn read_only_blobs_stay_resident_between_jobs() {
             loops: Vec::new(),
         },
         inputs: BTreeMap::from([(id, data.clone())]),
+        verify: Default::default(),
     };
     let first = run(&exec, job()).expect("first");
     assert_eq!(first.resident_hits, 0);
@@ -807,6 +810,7 @@ fn texture_copy_job(data: &[u8], range: hashgrid_protocol::BufferRange, texels: 
             loops: Vec::new(),
         },
         inputs: BTreeMap::from([(id, data.to_vec())]),
+        verify: Default::default(),
     }
 }
 
@@ -944,6 +948,7 @@ fn pool_job(input_len: usize, fill: u8, mode: &str) -> LoadedJob {
             loops: Vec::new(),
         },
         inputs: BTreeMap::from([(id, data)]),
+        verify: Default::default(),
     }
 }
 
@@ -1044,6 +1049,7 @@ fn buffers_go_up_to_the_adapter_limit_not_a_protocol_cap() {
             loops: Vec::new(),
         },
         inputs: BTreeMap::new(),
+        verify: Default::default(),
     };
     let out = run(&exec, job.clone()).expect("a 300 MiB buffer runs");
     let o = &out.outputs[0].bytes;

@@ -325,6 +325,8 @@ impl Book {
                 let r = b.order_ref();
                 tomb(&r, b.seq) || self.bids.get(&r).is_some_and(|e| b.seq <= e.body.seq)
             }),
+            // Evidence is not kept in the book.
+            GossipMessage::Evidence(_) => false,
             GossipMessage::Cancel(s) => s.decode_unverified().is_ok_and(|c| {
                 tomb(
                     &OrderRef {

@@ -6,6 +6,8 @@
 //! x      = { file = "x.bin" }              # raw little-endian bytes
 //! params = { f32 = [2.0] }                 # small inline data: f32 / u32 / i32 arrays
 //! out    = { size = 4096, output = true }  # zero-filled; returned to the buyer
+//! # verify = "spot:0.1"                    # re-run on another provider with probability 0.1
+//! # out  = { size = 4096, output = true, compare = { rtol = 1e-5, atol = 1e-6 } }
 //! [[pass]]
 //! shader = "saxpy.wgsl"                    # path relative to the job file
 //! entry = "main"
@@ -27,6 +29,7 @@ use crate::job::{
     ShaderSource,
 };
 use crate::limits::{MAX_JOB_FILE_BYTES, MAX_SHADER_BYTES};
+use crate::verify::{Tolerance, Verification};
 
 /// A job spec with the bytes of its input blobs, keyed by their ids.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +38,9 @@ pub struct LoadedJob {
     pub spec: JobSpec,
     /// Input blobs by content id.
     pub inputs: BTreeMap<ContentId, Vec<u8>>,
+    /// The verification the file asks for (`verify = "spot:0.2"`, and `compare = { rtol,
+    /// atol }` on float outputs); the buyer's flags may override the mode.
+    pub verify: Verification,
 }
 
 /// A job file could not be turned into a valid job.
@@ -154,6 +160,7 @@ struct RawJob {
     passes: Vec<RawPass>,
     #[serde(default, rename = "loop")]
     loops: Vec<RawLoop>,
+    verify: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -184,6 +191,7 @@ struct RawBuffer {
     size: Option<u64>,
     #[serde(default)]
     output: bool,
+    compare: Option<Tolerance>,
 }
 
 #[derive(Deserialize)]
@@ -253,6 +261,12 @@ pub fn parse_job(
 
     let mut buffers = Vec::with_capacity(raw.buffers.len());
     let mut inputs = BTreeMap::new();
+    let mut verify = Verification::default();
+    if let Some(mode) = &raw.verify {
+        verify.mode = mode.parse().map_err(|e: crate::verify::BadVerifyMode| {
+            fail(JobFileErrorKind::Toml(format!("`verify`: {e}")))
+        })?;
+    }
     for (name, b) in &raw.buffers {
         let bad = |reason: String| {
             fail(JobFileErrorKind::Buffer {
@@ -319,6 +333,20 @@ pub fn parse_job(
                 (size, BufferInit::Zeroed)
             }
         };
+        if let Some(t) = &b.compare {
+            if !b.output {
+                return Err(bad(
+                    "`compare` applies to outputs only; add `output = true` or remove it".into(),
+                ));
+            }
+            if size % 4 != 0 {
+                return Err(bad(format!(
+                    "`compare` reads f32 elements, but the buffer is {size} bytes (not a multiple of 4)"
+                )));
+            }
+            t.validate().map_err(|e| bad(format!("`compare`: {e}")))?;
+            verify.tolerances.insert(name.clone(), *t);
+        }
         buffers.push(BufferSpec {
             name: name.clone(),
             size,
@@ -461,5 +489,9 @@ pub fn parse_job(
         loops,
     };
     spec.validate(limits).map_err(|e| fail(e.into()))?;
-    Ok(LoadedJob { spec, inputs })
+    Ok(LoadedJob {
+        spec,
+        inputs,
+        verify,
+    })
 }

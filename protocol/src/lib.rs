@@ -48,6 +48,7 @@ pub mod receipt;
 pub mod signed;
 pub mod time;
 pub mod validate;
+pub mod verify;
 
 pub use codec::DecodeError;
 pub use id::{ContentId, ParseIdError};
@@ -74,3 +75,7 @@ pub use signed::{
 };
 pub use time::Timestamp;
 pub use validate::{Expiring, ReplayGuard, ValidationError};
+pub use verify::{
+    EvidenceError, EvidenceFacts, FraudEvidence, Mismatch, Tolerance, Verification, VerifyMode,
+    compare_outputs,
+};

@@ -616,6 +616,9 @@ pub enum GossipMessage {
     Bid(Signed<Bid>),
     /// An order's cancellation.
     Cancel(Signed<Cancel>),
+    /// A buyer's evidence that a provider's receipt contradicts other providers' (topic
+    /// `orders`; it changes how nodes rank the accused, see [`crate::verify`]).
+    Evidence(Signed<crate::verify::FraudEvidence>),
 }
 
 /// A gossip message whose signature, structure and lifetime have been checked.
@@ -629,6 +632,8 @@ pub enum VerifiedGossip {
     Bid(Bid),
     /// A cancel.
     Cancel(Cancel),
+    /// Fraud evidence that checked, with what it proves.
+    Evidence(Box<(crate::verify::FraudEvidence, crate::verify::EvidenceFacts)>),
 }
 
 /// Why a gossip message was refused.
@@ -641,6 +646,9 @@ pub enum GossipError {
     /// Bad signature, structure or signer.
     #[error(transparent)]
     Signed(#[from] SignedError),
+    /// Fraud evidence whose receipts do not prove what it claims.
+    #[error("evidence: {0}")]
+    Evidence(#[from] crate::verify::EvidenceError),
     /// Expired, or a bad lifetime.
     #[error("{kind}: {source}")]
     Time {
@@ -681,6 +689,11 @@ impl GossipMessage {
             GossipMessage::Ask(s) => VerifiedGossip::Ask(timed(s, network, now)?),
             GossipMessage::Bid(s) => VerifiedGossip::Bid(timed(s, network, now)?),
             GossipMessage::Cancel(s) => VerifiedGossip::Cancel(timed(s, network, now)?),
+            GossipMessage::Evidence(s) => {
+                let ev = timed(s, network, now)?;
+                let facts = ev.check(network)?;
+                VerifiedGossip::Evidence(Box::new((ev, facts)))
+            }
         })
     }
 
@@ -691,6 +704,7 @@ impl GossipMessage {
             GossipMessage::Ask(s) => s.signer(),
             GossipMessage::Bid(s) => s.signer(),
             GossipMessage::Cancel(s) => s.signer(),
+            GossipMessage::Evidence(s) => s.signer(),
         }
     }
 }

@@ -345,3 +345,53 @@ fn buffer_names_are_plain_names_never_paths() {
         assert!(e.contains("plain name"), "{bad:?}: {e}");
     }
 }
+
+#[test]
+fn verification_is_read_from_the_job_file_and_checked() {
+    use hashgrid_protocol::{Tolerance, VerifyMode};
+    let job = load(
+        &GOOD
+            .replace("name = \"demo\"", "name = \"demo\"\nverify = \"spot:0.25\"")
+            .replace(
+                "out    = { size = 4096, output = true }",
+                "out    = { size = 4096, output = true, compare = { rtol = 1e-5, atol = 1e-7 } }",
+            ),
+    )
+    .unwrap();
+    assert_eq!(job.verify.mode, VerifyMode::Spot { permille: 250 });
+    assert_eq!(
+        job.verify.tolerances.get("out"),
+        Some(&Tolerance {
+            rtol: 1e-5,
+            atol: 1e-7
+        })
+    );
+    // The default: no verification, every output exact.
+    let plain = load(GOOD).unwrap();
+    assert_eq!(plain.verify, Default::default());
+    // The spec is the same either way: verification is the buyer's business.
+    assert_eq!(plain.spec.id(), job.spec.id());
+
+    let e = err(&GOOD.replace("name = \"demo\"", "name = \"demo\"\nverify = \"spot:2\""));
+    assert!(e.contains("`verify`") && e.contains("at most 1"), "{e}");
+    let e = err(&GOOD.replace(
+        "params = { f32 = [2.0, 0.5] }",
+        "params = { f32 = [2.0, 0.5], compare = { rtol = 0.1 } }",
+    ));
+    assert!(e.contains("outputs only"), "{e}");
+    let e = err(&GOOD.replace(
+        "out    = { size = 4096, output = true }",
+        "out    = { size = 4095, output = true, compare = { atol = 0.1 } }",
+    ));
+    assert!(e.contains("multiple of 4"), "{e}");
+    let e = err(&GOOD.replace(
+        "out    = { size = 4096, output = true }",
+        "out    = { size = 4096, output = true, compare = { rtol = -1.0 } }",
+    ));
+    assert!(e.contains("rtol"), "{e}");
+    let e = err(&GOOD.replace(
+        "out    = { size = 4096, output = true }",
+        "out    = { size = 4096, output = true, compare = { rtol = 1.0, ulps = 2 } }",
+    ));
+    assert!(e.contains("ulps"), "{e}");
+}

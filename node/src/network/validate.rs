@@ -77,7 +77,7 @@ fn order_key(v: &VerifiedGossip) -> Option<(OrderRef, u64)> {
             },
             c.seq,
         )),
-        VerifiedGossip::Capacity(_) => None,
+        VerifiedGossip::Capacity(_) | VerifiedGossip::Evidence(_) => None,
     }
 }
 

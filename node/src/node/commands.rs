@@ -340,7 +340,8 @@ impl NodeLoop {
         let msg = GossipMessage::Cancel(signed.clone());
         self.fold_own(msg.clone(), VerifiedGossip::Cancel(cancel));
         // A queued re-announcement of the cancelled order must not go out after the cancel.
-        self.unpublished.retain(|m| queue_key(m) != Some(order_id));
+        self.unpublished
+            .retain(|m| queue_key(m) != (1, Some(order_id)));
         self.publish(msg);
         Ok(())
     }

@@ -112,14 +112,19 @@ impl Default for Redial {
     }
 }
 
-/// What a queued own message is about: the ad (`None`) or an order id. Cancels share the
-/// order's key, so a queued re-announcement never follows its cancel.
-pub(super) fn queue_key(msg: &GossipMessage) -> Option<u64> {
+/// What a queued own message is about: the ad, an order id, or one piece of evidence (by
+/// its id). Cancels share the order's key, so a queued re-announcement never follows its
+/// cancel.
+pub(super) fn queue_key(msg: &GossipMessage) -> (u8, Option<u64>) {
     match msg {
-        GossipMessage::Capacity(_) => None,
-        GossipMessage::Ask(s) => s.decode_unverified().ok().map(|a| a.order_id),
-        GossipMessage::Bid(s) => s.decode_unverified().ok().map(|b| b.order_id),
-        GossipMessage::Cancel(s) => s.decode_unverified().ok().map(|c| c.order_id),
+        GossipMessage::Capacity(_) => (0, None),
+        GossipMessage::Ask(s) => (1, s.decode_unverified().ok().map(|a| a.order_id)),
+        GossipMessage::Bid(s) => (1, s.decode_unverified().ok().map(|b| b.order_id)),
+        GossipMessage::Cancel(s) => (1, s.decode_unverified().ok().map(|c| c.order_id)),
+        GossipMessage::Evidence(s) => {
+            let id = s.id();
+            (2, id.0.first_chunk().map(|b| u64::from_le_bytes(*b)))
+        }
     }
 }
 
