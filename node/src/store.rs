@@ -106,7 +106,9 @@ pub enum StoreError {
 /// - 0: the release before versions (records as in version 1, no version recorded).
 /// - 1: the same records, with the version recorded in `meta`.
 /// - 2: buyer job records ([`crate::jobs::record::JobRecord`]) end with the countersigned agreement.
-pub const SCHEMA_VERSION: u32 = 2;
+/// - 3: buyer job records end with the verification report; reputation records
+///   ([`crate::jobs::reputation::Experience`]) end with spot checks passed and reports.
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// One step of the migration path: rewrites a store of schema `from` as `from + 1`. A step
 /// must be safe to run again (the new version is recorded only after it completes, so a crash
@@ -131,7 +133,44 @@ pub const MIGRATIONS: &[Migration] = &[
         what: "buyer job records gain the countersigned agreement (none for stored jobs)",
         run: migrate_1_to_2,
     },
+    Migration {
+        from: 2,
+        what: "buyer job records gain the verification report, reputations gain spot checks passed and reports (none for stored ones)",
+        run: migrate_2_to_3,
+    },
 ];
+
+/// Stored types as schema 2 wrote them.
+mod v2 {
+    use hashgrid_protocol::{Agreement, ContentId, Countersigned, PublicKey, Receipt, Timestamp};
+    use serde::{Deserialize, Serialize};
+
+    use crate::jobs::record::{Attempt, JobState};
+
+    /// [`crate::jobs::record::JobRecord`] of schema 2.
+    #[derive(Serialize, Deserialize)]
+    pub(super) struct JobRecord {
+        pub(super) id: ContentId,
+        pub(super) name: String,
+        pub(super) spec_id: ContentId,
+        pub(super) submitted_at: Timestamp,
+        pub(super) state: JobState,
+        pub(super) provider: Option<PublicKey>,
+        pub(super) attempts: Vec<Attempt>,
+        pub(super) receipt: Option<Countersigned<Receipt>>,
+        pub(super) finished_at: Option<Timestamp>,
+        pub(super) agreement: Option<Countersigned<Agreement>>,
+    }
+
+    /// [`crate::jobs::reputation::Experience`] of schemas 0 to 2.
+    #[derive(Deserialize)]
+    pub(super) struct Experience {
+        pub(super) completed: u64,
+        pub(super) failed: u64,
+        pub(super) lied: u64,
+        pub(super) completed_ms: u64,
+    }
+}
 
 /// Stored types as earlier schemas wrote them, for migrations.
 mod v1 {
@@ -165,12 +204,13 @@ fn migrate_1_to_2(store: &Store) -> Result<(), StoreError> {
     };
     for item in tree.iter() {
         let (key, bytes) = item?;
-        if postcard::from_bytes::<crate::jobs::record::JobRecord>(&bytes).is_ok() {
+        // A record of schema 2 or later (trailing fields of later schemas are not read).
+        if postcard::from_bytes::<v2::JobRecord>(&bytes).is_ok() {
             continue;
         }
         let old: v1::JobRecord =
             postcard::from_bytes(&bytes).map_err(|e| corrupt(format!("schema 1 job: {e}")))?;
-        let new = crate::jobs::record::JobRecord {
+        let new = v2::JobRecord {
             id: old.id,
             name: old.name,
             spec_id: old.spec_id,
@@ -184,6 +224,60 @@ fn migrate_1_to_2(store: &Store) -> Result<(), StoreError> {
         };
         let encoded = postcard::to_stdvec(&new).map_err(|e| corrupt(e.to_string()))?;
         tree.insert(key, encoded)?;
+    }
+    Ok(())
+}
+
+/// Rewrites every buyer job record with `verification: None` and every reputation record
+/// with no spot checks and no reports. Records that already read as schema 3 (a step
+/// interrupted and run again) are left as they are.
+fn migrate_2_to_3(store: &Store) -> Result<(), StoreError> {
+    use crate::jobs::record::JobRecord;
+    use crate::jobs::reputation::Experience;
+    let tree = store.tree(JobTree::BuyerJobs);
+    let corrupt = |tree: &'static str, reason: String| StoreError::Corrupt { tree, reason };
+    for item in tree.iter() {
+        let (key, bytes) = item?;
+        if postcard::from_bytes::<JobRecord>(&bytes).is_ok() {
+            continue;
+        }
+        let old: v2::JobRecord = postcard::from_bytes(&bytes)
+            .map_err(|e| corrupt(JobTree::BuyerJobs.name(), format!("schema 2 job: {e}")))?;
+        let new = JobRecord {
+            id: old.id,
+            name: old.name,
+            spec_id: old.spec_id,
+            submitted_at: old.submitted_at,
+            state: old.state,
+            provider: old.provider,
+            attempts: old.attempts,
+            receipt: old.receipt,
+            finished_at: old.finished_at,
+            agreement: old.agreement,
+            verification: None,
+        };
+        let encoded = postcard::to_stdvec(&new)
+            .map_err(|e| corrupt(JobTree::BuyerJobs.name(), e.to_string()))?;
+        tree.insert(key, encoded)?;
+    }
+    for item in store.reputation.iter() {
+        let (key, bytes) = item?;
+        if postcard::from_bytes::<Experience>(&bytes).is_ok() {
+            continue;
+        }
+        let old: v2::Experience = postcard::from_bytes(&bytes)
+            .map_err(|e| corrupt(TREE_REPUTATION, format!("schema 2 reputation: {e}")))?;
+        let new = Experience {
+            completed: old.completed,
+            failed: old.failed,
+            lied: old.lied,
+            completed_ms: old.completed_ms,
+            checks_passed: 0,
+            reported: 0,
+        };
+        let encoded =
+            postcard::to_stdvec(&new).map_err(|e| corrupt(TREE_REPUTATION, e.to_string()))?;
+        store.reputation.insert(key, encoded)?;
     }
     Ok(())
 }

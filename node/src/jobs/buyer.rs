@@ -27,6 +27,7 @@ use crate::event::{DurableEvent, NodeEvent};
 use crate::node::command::{Candidate, Net};
 use crate::node::settings::{DIAL_RETRIES, DIAL_RETRY_AFTER, UNREACHABLE};
 use crate::store::{JobTree, StoreSlot};
+use hashgrid_protocol::VerifyMode;
 
 /// What the buyer's task needs from its node.
 #[derive(Clone)]
@@ -52,17 +53,38 @@ enum Failure {
     Provider(String),
     /// The provider's receipt or outputs did not verify: dispute, try another.
     Lie(String),
-    /// Our side failed (store): stop.
-    Local(FailKind, String),
+}
+
+/// What matching needs for every run of one job.
+pub(super) struct Matcher {
+    bid: Signed<Bid>,
+    bid_body: Bid,
+    model_blobs: Vec<ContentId>,
+    seed: u64,
+}
+
+/// One provider's run of the job whose receipt and outputs verified, not yet countersigned.
+pub(super) struct Run {
+    pub(super) provider: PublicKey,
+    pub(super) peer: PeerId,
+    /// The provider's region, from its ask.
+    pub(super) region: String,
+    pub(super) agreement: hashgrid_protocol::Countersigned<Agreement>,
+    pub(super) agreement_id: ContentId,
+    pub(super) receipt: Signed<Receipt>,
+    pub(super) body: Receipt,
+    pub(super) outputs: BTreeMap<String, Vec<u8>>,
+    /// Milliseconds from agreement to verified outputs.
+    pub(super) ms: u64,
 }
 
 pub(crate) struct BuyerJob {
-    ctx: BuyerCtx,
+    pub(super) ctx: BuyerCtx,
     /// The submission, its inputs moved to `inputs`.
-    sub: Submission,
+    pub(super) sub: Submission,
     /// The input blobs, shared with the blob server for each attempt rather than copied.
     inputs: BTreeMap<ContentId, Arc<Vec<u8>>>,
-    record: JobRecord,
+    pub(super) record: JobRecord,
     /// Proposals made so far (each takes the next nonce).
     proposed: u64,
 }
@@ -184,13 +206,35 @@ impl BuyerJob {
         let bid_body = bid
             .decode_unverified()
             .map_err(|e| (FailKind::Invalid, e.to_string()))?;
-        let max_attempts = self.sub.options.max_attempts.max(1);
         // This buyer's random tie-break among equal asks, fresh for each job.
         let seed = hashgrid_market::tie_break(
             u64::from_le_bytes(self.record.id.0[..8].try_into().unwrap_or_default()),
             &self.ctx.key.public(),
         );
-        let mut excluded: HashSet<PublicKey> = HashSet::new();
+        let m = Matcher {
+            bid,
+            bid_body,
+            model_blobs,
+            seed,
+        };
+        let first = self.find_run(&m, &HashSet::new(), None).await?;
+        if self.sub.options.verify.mode == VerifyMode::None {
+            return self.accept(&first, &[], None).await;
+        }
+        super::verify::verify_runs(self, &m, first).await
+    }
+
+    /// Matches, negotiates and runs the job on one provider not in `used` (preferring
+    /// regions other than `avoid_region`), re-matching after failures, and returns the run
+    /// once its receipt and outputs verified, not yet countersigned.
+    pub(super) async fn find_run(
+        &mut self,
+        m: &Matcher,
+        used: &HashSet<PublicKey>,
+        avoid_region: Option<&str>,
+    ) -> Result<Run, (FailKind, String)> {
+        let max_attempts = self.sub.options.max_attempts.max(1);
+        let mut excluded: HashSet<PublicKey> = used.clone();
         let mut failures = 0u32;
         let mut last: Option<(FailKind, String)> = None;
         let mut refusals: Vec<String> = Vec::new();
@@ -211,23 +255,27 @@ impl BuyerJob {
             }
             self.set(JobState::Matching, None);
             let asked = Instant::now();
-            let cands = self
+            let mut cands = self
                 .ctx
                 .net
                 .candidates(crate::node::command::CandidateQuery {
-                    bid: bid_body.clone(),
+                    bid: m.bid_body.clone(),
                     excluded: excluded.iter().copied().collect(),
                     load: self.ctx.placements.snapshot(),
-                    seed,
+                    seed: m.seed,
                     inputs: self
                         .inputs
                         .iter()
                         .map(|(id, b)| (*id, b.len() as u64))
                         .collect(),
-                    model_blobs: model_blobs.clone(),
+                    model_blobs: m.model_blobs.clone(),
                 })
                 .await
                 .map_err(|e| (FailKind::Interrupted, e))?;
+            if let Some(region) = avoid_region {
+                // Independence: another region first, in the book's order otherwise.
+                cands.sort_by_key(|c| c.ask.region == region);
+            }
             debug!(job = %self.record.id.short(), candidates = cands.len(), ms = asked.elapsed().as_millis() as u64, "candidates");
             if cands.is_empty()
                 && last.is_none()
@@ -300,7 +348,7 @@ impl BuyerJob {
                         continue;
                     };
                     self.proposed += 1;
-                    let proposal = self.proposal(&c, &bid);
+                    let proposal = self.proposal(&c, &m.bid);
                     let ctx = self.ctx.clone();
                     let spec_id = self.record.spec_id;
                     let tx = tx.clone();
@@ -377,16 +425,14 @@ impl BuyerJob {
             let agreement_id = signed.id();
             self.ctx.placements.record(provider);
             let started = Instant::now();
-            let outcome = self.execute(&cand, signed).await;
+            let outcome = self.run_on(&cand, signed).await;
             let rep = |o| self.ctx.reputation.record(&self.ctx.store, provider, o);
             let (kind, reason) = match outcome {
-                Ok(()) => {
-                    let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-                    rep(Outcome::Completed { ms });
-                    self.note(provider, agreement_id, "done".into());
-                    return Ok(());
+                Ok(mut run) => {
+                    run.ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                    self.note(provider, agreement_id, "verified".into());
+                    return Ok(run);
                 }
-                Err(Failure::Local(kind, reason)) => return Err((kind, reason)),
                 Err(Failure::Provider(reason)) => {
                     rep(Outcome::Failed);
                     (FailKind::ProviderFailed, reason)
@@ -411,7 +457,7 @@ impl BuyerJob {
         }
     }
 
-    fn note(&mut self, provider: PublicKey, agreement: ContentId, outcome: String) {
+    pub(super) fn note(&mut self, provider: PublicKey, agreement: ContentId, outcome: String) {
         if let Some(a) = self
             .record
             .attempts
@@ -444,7 +490,9 @@ impl BuyerJob {
         }
     }
 
-    async fn execute(&mut self, c: &Candidate, signed: Signed<Agreement>) -> Result<(), Failure> {
+    /// Runs the job under the agreement `signed` with `c`: dispatch, wait, fetch and verify
+    /// the outputs against the receipt. Nothing is countersigned yet.
+    async fn run_on(&mut self, c: &Candidate, signed: Signed<Agreement>) -> Result<Run, Failure> {
         let provider = c.ask.provider;
         let peer = c.peer;
         let agreement = signed
@@ -497,16 +545,57 @@ impl BuyerJob {
         let (body, outputs) = self
             .verify(peer, &agreement, agreement_id, &receipt, inline_outputs)
             .await?;
-        // Store outputs and the countersigned receipt (flushed), then tell the provider.
-        let cs = receipt.countersign(&self.ctx.key, &self.ctx.network);
+        Ok(Run {
+            provider,
+            peer,
+            region: c.ask.region.clone(),
+            agreement: countersigned_agreement,
+            agreement_id,
+            receipt,
+            body,
+            outputs,
+            ms: 0,
+        })
+    }
+
+    /// Accepts `primary` (and `also`, runs that agreed with it): stores the primary's outputs
+    /// and the record with its countersigned receipt and the verification report (flushed),
+    /// then countersigns every accepted receipt and tells each provider. Runs that a
+    /// comparison confirmed count as spot checks passed.
+    pub(super) async fn accept(
+        &mut self,
+        primary: &Run,
+        also: &[&Run],
+        mut report: Option<super::record::VerificationReport>,
+    ) -> Result<(), (FailKind, String)> {
+        let accepted: Vec<&Run> = std::iter::once(primary)
+            .chain(also.iter().copied())
+            .collect();
+        let signed: Vec<_> = accepted
+            .iter()
+            .map(|r| r.receipt.countersign(&self.ctx.key, &self.ctx.network))
+            .collect();
+        if let Some(rep) = &mut report {
+            for (run, cs) in accepted.iter().zip(&signed) {
+                if let Some(v) = rep
+                    .runs
+                    .iter_mut()
+                    .find(|v| v.agreement.signed.id() == run.agreement_id)
+                {
+                    v.countersigned = Some(cs.clone());
+                }
+            }
+        }
         // Still `Downloading` until the provider has the countersignature; a restart finds
         // the receipt and completes the record.
-        self.record.receipt = Some(cs.clone());
-        self.record.agreement = Some(countersigned_agreement);
+        self.record.provider = Some(primary.provider);
+        self.record.receipt = Some(signed[0].clone());
+        self.record.agreement = Some(primary.agreement.clone());
+        self.record.verification = report;
         let rec = &self.record;
         let res = self.ctx.store.with(|store| {
-            for o in &body.outputs {
-                if let Some(bytes) = outputs.get(&o.name) {
+            for o in &primary.body.outputs {
+                if let Some(bytes) = primary.outputs.get(&o.name) {
                     store.put_blob(&o.id, bytes)?;
                 }
             }
@@ -517,21 +606,34 @@ impl BuyerJob {
             self.record.receipt = None;
             self.record.agreement = None;
             let why = e.map_or("the node stopped".to_string(), |e| e.to_string());
-            return Err(Failure::Local(
-                FailKind::Interrupted,
-                format!("buyer store: {why}"),
-            ));
+            return Err((FailKind::Interrupted, format!("buyer store: {why}")));
         }
-        self.ctx.settlement.purchased(&body);
-        match self.ctx.net.job(peer, JobMessage::Countersign(cs)).await {
-            Ok(JobReply::Ack) => {}
-            other => {
-                // The receipt is ours either way; the provider can ask again (settlement).
-                debug!(?other, "provider did not acknowledge the countersignature");
+        let checked = accepted.len() > 1;
+        for (run, cs) in accepted.iter().zip(signed) {
+            self.ctx.settlement.purchased(&run.body);
+            match self
+                .ctx
+                .net
+                .job(run.peer, JobMessage::Countersign(cs))
+                .await
+            {
+                Ok(JobReply::Ack) => {}
+                other => {
+                    // The receipt is ours either way; the provider can ask again (settlement).
+                    debug!(?other, "provider did not acknowledge the countersignature");
+                }
             }
+            let outcome = Outcome::Completed {
+                ms: run.ms,
+                checked,
+            };
+            self.ctx
+                .reputation
+                .record(&self.ctx.store, run.provider, outcome);
+            self.note(run.provider, run.agreement_id, "done".into());
+            info!(job = %self.record.id.short(), provider = %run.provider.short(), charge_msat = run.body.charge.0, "job done, receipt countersigned");
+            self.ctx.metrics.spent(run.body.charge.0);
         }
-        info!(job = %self.record.id.short(), provider = %provider.short(), charge_msat = body.charge.0, "job done, receipt countersigned");
-        self.ctx.metrics.spent(body.charge.0);
         Ok(())
     }
 

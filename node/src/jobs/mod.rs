@@ -42,6 +42,7 @@ pub mod record;
 pub mod reputation;
 pub(crate) mod run;
 pub(crate) mod service;
+pub(crate) mod verify;
 
 pub use record::{Attempt, FailKind, JobRecord, JobState};
 
@@ -153,6 +154,9 @@ pub struct JobOptions {
     /// the provider learns the manifest so it lists the model once it holds the weights.
     /// Every blob it names must be an input of the spec.
     pub model: Option<ModelManifest>,
+    /// Verification by re-execution on independent providers (default: none), and how float
+    /// outputs compare (see [`hashgrid_protocol::verify`]).
+    pub verify: hashgrid_protocol::Verification,
 }
 
 impl Default for JobOptions {
@@ -165,6 +169,7 @@ impl Default for JobOptions {
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             wait_for_capacity: Duration::ZERO,
             model: None,
+            verify: hashgrid_protocol::Verification::default(),
         }
     }
 }
@@ -321,6 +326,16 @@ pub enum Lie {
     ForeignKey,
     /// Charges more than the agreement allows.
     Overcharge,
+    /// Corrupts the first byte of every output of one job in `one_in` (its receipt
+    /// positions 0, N, 2N, …) before hashing and signing: the receipt and outputs verify,
+    /// only re-execution catches it.
+    Cheat {
+        /// One job in this many is corrupted.
+        one_in: u32,
+    },
+    /// Not a lie: flips the lowest bit of every 4-byte word of every output (one ulp of
+    /// each f32), as an adapter that rounds differently would; honest within a tolerance.
+    Rounding,
 }
 
 /// A provider's receipt chain as its store holds it, audited.

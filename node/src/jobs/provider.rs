@@ -856,6 +856,33 @@ impl Provider {
         Ok(())
     }
 
+    /// What a dishonest or quirky test provider does to its outputs before it hashes and
+    /// signs them: the receipt is valid, only re-execution shows the difference.
+    #[cfg(feature = "testing")]
+    fn cheat(&self, mut out: JobOutput) -> JobOutput {
+        let corrupt = match self.lie {
+            Some(super::Lie::Cheat { one_in }) => self.next_seq % u64::from(one_in.max(1)) == 0,
+            _ => false,
+        };
+        for o in &mut out.outputs {
+            if corrupt {
+                if let Some(x) = o.bytes.first_mut() {
+                    *x ^= 0x5a;
+                }
+            } else if self.lie == Some(super::Lie::Rounding) {
+                // The lowest mantissa bit of every f32: one ulp, as another adapter's
+                // rounding might differ.
+                for c in o.bytes.chunks_exact_mut(4) {
+                    c[0] ^= 1;
+                }
+            } else {
+                continue;
+            }
+            o.id = hashgrid_protocol::ContentId::of(&o.bytes);
+        }
+        out
+    }
+
     /// Signs the receipt, chained to the previous one, and stores it with the outputs
     /// (flushed) before any status names it.
     fn sign_receipt(
@@ -877,6 +904,8 @@ impl Provider {
             0
         };
         let resident = (u64::from(out.resident_hits), out.resident_bytes);
+        #[cfg(feature = "testing")]
+        let out = self.cheat(out);
         let records: Vec<OutputRecord> = out
             .outputs
             .iter()
@@ -906,7 +935,7 @@ impl Provider {
             Some(super::Lie::Overcharge) => {
                 charge = hashgrid_protocol::Msat(a.max_charge.0.saturating_add(1));
             }
-            None => {}
+            Some(super::Lie::Cheat { .. } | super::Lie::Rounding) | None => {}
         }
         let receipt = Receipt {
             job_id: active.job_id,

@@ -2,7 +2,9 @@
 //! countersigned receipt and agreement. Changing a stored field needs a store migration
 //! (`crate::store::SCHEMA_VERSION`).
 
-use hashgrid_protocol::{ContentId, Countersigned, PublicKey, Receipt, Timestamp};
+use hashgrid_protocol::{
+    ContentId, Countersigned, Msat, PublicKey, Receipt, Signed, Timestamp, VerifyMode,
+};
 use serde::{Deserialize, Serialize};
 
 /// Why a job failed, for callers that act on it (the CLI maps these to exit codes).
@@ -105,4 +107,80 @@ pub struct JobRecord {
     /// files carry it, so anyone can check the charge offline. `None` for jobs stored before
     /// store schema 2.
     pub agreement: Option<Countersigned<hashgrid_protocol::Agreement>>,
+    /// What re-execution found, for jobs submitted with a verification mode other than
+    /// `none` (`None` for the others, and for jobs stored before store schema 3).
+    pub verification: Option<VerificationReport>,
+}
+
+/// How a job's verification went: every provider that ran it and what the comparison found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerificationReport {
+    /// The mode asked for.
+    pub mode: VerifyMode,
+    /// Providers the mode called for (a spot check that was not drawn: 1).
+    pub wanted: u32,
+    /// Every run whose receipt and outputs verified, in the order they finished; the first
+    /// of the majority is the job's receipt.
+    pub runs: Vec<VerifiedRun>,
+    /// What the comparison found.
+    pub outcome: VerifyOutcome,
+    /// The charges of the countersigned runs beyond the job's receipt: what the assurance
+    /// cost, in msat.
+    pub extra_msat: u64,
+    /// The id of the fraud evidence gossiped, if any.
+    pub evidence: Option<ContentId>,
+}
+
+/// One provider's run of a verified job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifiedRun {
+    /// The provider.
+    pub provider: PublicKey,
+    /// Its region, from its ask.
+    pub region: String,
+    /// The receipt it signed.
+    pub receipt: Signed<Receipt>,
+    /// The countersigned agreement it ran under.
+    pub agreement: Countersigned<hashgrid_protocol::Agreement>,
+    /// This buyer's countersignature, when the run was accepted (agreed with the majority).
+    pub countersigned: Option<Countersigned<Receipt>>,
+    /// How its outputs compared with the accepted outputs (`None`: accepted).
+    pub mismatch: Option<String>,
+    /// Its charge.
+    pub charge: Msat,
+}
+
+/// What comparing a job's runs found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VerifyOutcome {
+    /// A spot check was not drawn for this job: one provider ran it, unchecked.
+    NotDrawn,
+    /// Every run agreed.
+    Agreed,
+    /// A majority agreed; the providers listed disagreed with it: their receipts were
+    /// disputed (not countersigned, not paid).
+    Overruled {
+        /// The providers whose outputs the majority contradicted.
+        accused: Vec<PublicKey>,
+    },
+    /// Fewer independent providers could be found than the mode wants; what ran agreed.
+    Incomplete {
+        /// Why.
+        reason: String,
+    },
+    /// The runs disagreed and no majority could be formed: nothing was accepted.
+    NoMajority,
+}
+
+impl VerifyOutcome {
+    /// A lowercase name: `not-drawn`, `agreed`, `overruled`, `incomplete`, `no-majority`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            VerifyOutcome::NotDrawn => "not-drawn",
+            VerifyOutcome::Agreed => "agreed",
+            VerifyOutcome::Overruled { .. } => "overruled",
+            VerifyOutcome::Incomplete { .. } => "incomplete",
+            VerifyOutcome::NoMajority => "no-majority",
+        }
+    }
 }

@@ -31,16 +31,22 @@ pub struct Experience {
     pub lied: u64,
     /// Milliseconds from agreement to verified receipt, summed over completed jobs.
     pub completed_ms: u64,
+    /// Completed jobs whose outputs another provider's re-execution confirmed.
+    pub checks_passed: u64,
+    /// Other buyers whose fraud evidence against the provider checked (one per buyer).
+    pub reported: u64,
 }
 
 impl Experience {
-    /// The score the market ranks by: `completed − 4 · failed − 16 · lied`.
+    /// The score the market ranks by: `completed − 4 · failed − 16 · lied − 8 · reported`.
     pub fn score(&self) -> i64 {
         let c = i64::try_from(self.completed).unwrap_or(i64::MAX);
         let f = i64::try_from(self.failed).unwrap_or(i64::MAX);
         let l = i64::try_from(self.lied).unwrap_or(i64::MAX);
+        let r = i64::try_from(self.reported).unwrap_or(i64::MAX);
         c.saturating_sub(f.saturating_mul(4))
             .saturating_sub(l.saturating_mul(16))
+            .saturating_sub(r.saturating_mul(8))
     }
 
     /// Mean milliseconds from agreement to verified receipt of completed jobs.
@@ -52,15 +58,29 @@ impl Experience {
 /// How one job with a provider ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
-    Completed { ms: u64 },
+    /// Completed; `checked` when another provider's run confirmed its outputs.
+    Completed {
+        ms: u64,
+        checked: bool,
+    },
     Failed,
+    /// Its receipt or outputs did not verify, or a majority contradicted them.
     Lied,
+    /// Another buyer's fraud evidence against it checked.
+    Reported,
 }
+
+/// Most `(reporter, accused)` pairs of fraud evidence remembered; past it the set starts
+/// again (evidence is gossiped once, so a repeat after that is rare and costs one report).
+pub const MAX_REPORTS_REMEMBERED: usize = 100_000;
 
 /// Every provider's [`Experience`], shared by the buyer's job tasks and the ranking.
 #[derive(Debug, Default)]
 pub struct Reputations {
     map: Mutex<HashMap<PublicKey, Experience>>,
+    /// Evidence already counted, by reporter and accused: one report per buyer and provider,
+    /// so one buyer cannot sink a provider by reporting it over and over.
+    reports: Mutex<std::collections::HashSet<(PublicKey, PublicKey)>>,
 }
 
 impl Reputations {
@@ -80,6 +100,7 @@ impl Reputations {
         }
         Ok(Reputations {
             map: Mutex::new(map),
+            reports: Mutex::default(),
         })
     }
 
@@ -97,12 +118,16 @@ impl Reputations {
             let mut m = self.lock();
             let e = m.entry(provider).or_default();
             match outcome {
-                Outcome::Completed { ms } => {
+                Outcome::Completed { ms, checked } => {
                     e.completed = e.completed.saturating_add(1);
                     e.completed_ms = e.completed_ms.saturating_add(ms);
+                    if checked {
+                        e.checks_passed = e.checks_passed.saturating_add(1);
+                    }
                 }
                 Outcome::Failed => e.failed = e.failed.saturating_add(1),
                 Outcome::Lied => e.lied = e.lied.saturating_add(1),
+                Outcome::Reported => e.reported = e.reported.saturating_add(1),
             }
             let e = *e;
             let mut forgotten = None;
@@ -110,7 +135,10 @@ impl Reputations {
                 let least = m
                     .iter()
                     .filter(|(p, _)| **p != provider)
-                    .min_by_key(|(p, x)| (x.completed + x.failed + x.lied, **p))
+                    .min_by_key(|(p, x)| {
+                        let seen = x.completed + x.failed + x.lied + x.reported;
+                        (seen, **p)
+                    })
                     .map(|(p, _)| *p);
                 if let Some(p) = least {
                     m.remove(&p);
@@ -129,6 +157,30 @@ impl Reputations {
         if let Err(Some(err)) = res {
             warn!(error = %err, "cannot store a provider's reputation");
         }
+    }
+
+    /// Counts checked fraud evidence from `reporter` against `accused`, once per pair.
+    /// Returns whether it counted.
+    pub(crate) fn reported(
+        &self,
+        store: &StoreSlot,
+        reporter: PublicKey,
+        accused: PublicKey,
+    ) -> bool {
+        {
+            let mut seen = match self.reports.lock() {
+                Ok(s) => s,
+                Err(p) => p.into_inner(),
+            };
+            if seen.len() >= MAX_REPORTS_REMEMBERED {
+                seen.clear();
+            }
+            if !seen.insert((reporter, accused)) {
+                return false;
+            }
+        }
+        self.record(store, accused, Outcome::Reported);
+        true
     }
 
     /// This node's experience of `provider`.
@@ -166,10 +218,24 @@ mod tests {
             let slot = StoreSlot::new(store.clone());
             let r = Reputations::load(&store).unwrap();
             for _ in 0..5 {
-                r.record(&slot, a, Outcome::Completed { ms: 100 });
+                r.record(
+                    &slot,
+                    a,
+                    Outcome::Completed {
+                        ms: 100,
+                        checked: false,
+                    },
+                );
             }
             r.record(&slot, a, Outcome::Failed);
-            r.record(&slot, b, Outcome::Completed { ms: 50 });
+            r.record(
+                &slot,
+                b,
+                Outcome::Completed {
+                    ms: 50,
+                    checked: true,
+                },
+            );
             r.record(&slot, b, Outcome::Lied);
             assert_eq!(r.score(&a), 1);
             assert_eq!(r.score(&b), -15);

@@ -76,6 +76,8 @@ pub(crate) enum Command {
     ),
     Candidates(Box<CandidateQuery>, oneshot::Sender<Vec<Candidate>>),
     MarkDown(PublicKey, oneshot::Sender<()>),
+    /// Publishes a message this node signed (fraud evidence) on its topic.
+    Publish(Box<hashgrid_protocol::GossipMessage>, oneshot::Sender<()>),
     Offers(Box<hashgrid_market::OfferQuery>, oneshot::Sender<Vec<Ask>>),
     ServeBlobs(PeerId, Vec<(ContentId, Arc<Vec<u8>>)>, oneshot::Sender<()>),
     UnserveBlobs(PeerId, Vec<ContentId>, oneshot::Sender<()>),
@@ -203,6 +205,11 @@ impl Net {
 
     pub(crate) async fn candidates(&self, q: CandidateQuery) -> Result<Vec<Candidate>, String> {
         self.call(|r| Command::Candidates(Box::new(q), r)).await
+    }
+
+    /// Publishes `msg` (signed by this node) on its topic.
+    pub(crate) async fn publish(&self, msg: hashgrid_protocol::GossipMessage) {
+        let _ = self.call(|r| Command::Publish(Box::new(msg), r)).await;
     }
 
     pub(crate) async fn mark_down(&self, p: PublicKey) {

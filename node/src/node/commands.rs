@@ -144,6 +144,10 @@ impl NodeLoop {
                 let offers = self.book.engine().offers(&q, now);
                 let _ = r.send(offers.into_iter().map(|o| o.ask).collect());
             }
+            Command::Publish(msg, r) => {
+                self.publish(*msg);
+                let _ = r.send(());
+            }
             Command::MarkDown(p, r) => {
                 let until = tokio::time::Instant::now() + self.settings.down_for;
                 self.down.insert(p, until);

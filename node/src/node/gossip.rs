@@ -179,6 +179,10 @@ impl NodeLoop {
             (GossipMessage::Capacity(s), VerifiedGossip::Capacity(c)) => {
                 self.book.insert_capacity(s, c)?
             }
+            (GossipMessage::Evidence(_), VerifiedGossip::Evidence(ev)) => {
+                self.on_evidence(&ev.0, &ev.1);
+                return Ok(());
+            }
             // `verify` returns the variant of the message it verified.
             _ => return Ok(()),
         };
@@ -193,6 +197,29 @@ impl NodeLoop {
             BookChange::Replaced(..) | BookChange::CancelRecorded(_) => {}
         }
         Ok(())
+    }
+
+    /// Checked fraud evidence from another buyer: the accused provider's reputation here
+    /// falls (once per reporter and provider), so this node's own jobs rank it after
+    /// providers in good standing. Evidence against this node itself changes nothing here.
+    fn on_evidence(
+        &mut self,
+        ev: &hashgrid_protocol::FraudEvidence,
+        facts: &hashgrid_protocol::EvidenceFacts,
+    ) {
+        if facts.accused == self.public || ev.reporter == self.public {
+            return;
+        }
+        let Some(slot) = &self.slot else { return };
+        let counted = self.reputation.reported(slot, ev.reporter, facts.accused);
+        info!(
+            accused = %facts.accused.short(),
+            reporter = %ev.reporter.short(),
+            job = %facts.job_id.short(),
+            outputs = ?facts.outputs,
+            counted,
+            "fraud evidence checked"
+        );
     }
 
     pub(super) fn sweep(&mut self) {

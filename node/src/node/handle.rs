@@ -252,6 +252,7 @@ impl NodeHandle {
         crate::executor::check_offline(&sub.spec, Some(&sub.inputs))
             .map_err(|e| NodeError::InvalidJob(e.to_string()))?;
         check_options(&sub.options)?;
+        check_verification(&sub)?;
         let now = Timestamp::now();
         let spec_id = sub.spec.id();
         let mut seed = Vec::with_capacity(80);
@@ -271,6 +272,7 @@ impl NodeHandle {
             receipt: None,
             finished_at: None,
             agreement: None,
+            verification: None,
         };
         self.store(|s| {
             s.put(JobTree::BuyerJobs, id.as_bytes(), &record)?;
@@ -563,6 +565,35 @@ impl NodeHandle {
     pub async fn shutdown(&self) {
         let _ = self.request(Command::Shutdown).await;
     }
+}
+
+/// The verification mode is in range and every tolerance names a float output of the spec.
+fn check_verification(sub: &Submission) -> Result<(), NodeError> {
+    let v = &sub.options.verify;
+    v.mode
+        .validate()
+        .map_err(|e| NodeError::InvalidJob(e.to_string()))?;
+    for (name, t) in &v.tolerances {
+        let Some(b) = sub
+            .spec
+            .buffers
+            .iter()
+            .find(|b| b.output && b.name == *name)
+        else {
+            return Err(NodeError::InvalidJob(format!(
+                "a tolerance names `{name}`, which is not an output of the job"
+            )));
+        };
+        if b.size % 4 != 0 {
+            return Err(NodeError::InvalidJob(format!(
+                "output `{name}` is compared as f32 but is {} bytes (not a multiple of 4)",
+                b.size
+            )));
+        }
+        t.validate()
+            .map_err(|e| NodeError::InvalidJob(format!("tolerance of `{name}`: {e}")))?;
+    }
+    Ok(())
 }
 
 pub(super) fn check_options(o: &JobOptions) -> Result<(), NodeError> {

@@ -300,6 +300,7 @@ async fn run_market(
         max_attempts: 3,
         wait_for_capacity: Duration::from_secs(30),
         model: Some(job.model),
+        verify: Default::default(),
     };
     let outcome = submit_and_wait(g, &node, job.spec, job.inputs, options).await;
     node.shutdown().await;
@@ -474,6 +475,7 @@ pub(crate) async fn embed(
                 max_attempts: 3,
                 wait_for_capacity: Duration::from_secs(30),
                 model: Some(job.model),
+                verify: Default::default(),
             };
             match submit_and_wait(g, &node, job.spec, job.inputs, options).await {
                 Ok((rec, outputs)) => {

@@ -127,6 +127,7 @@ pub(crate) async fn serve(g: &Global, a: ServeArgs) -> Result<(), CliError> {
             wait_for_capacity: std::time::Duration::from_secs(u64::from(config.max_seconds)),
             // Set per request: the model each request runs.
             model: None,
+            verify: Default::default(),
         };
         node = Some(n.clone());
         Arc::new(
