@@ -1,5 +1,5 @@
 //! A misbehaving peer publishes forged, wrong-network, expired, oversized, replayed and
-//! garbage messages: every one is rejected by every honest node, none enters a book, and the
+//! garbage messages, and fraud evidence that proves nothing: every one is rejected by every honest node, none enters a book, and the
 //! sender's gossipsub score falls below zero.
 
 use std::time::{Duration, Instant};
@@ -26,6 +26,56 @@ fn ask_by(key: &Keypair, order_id: u64, seq: u64, created_at: Timestamp, ttl_ms:
         created_at,
         expires_at: created_at.plus_ms(ttl_ms),
     }
+}
+
+/// A receipt for one job of `buyer`'s, signed by `provider` for `net`, whose one output
+/// hashes `out`.
+fn receipt(
+    provider: &Keypair,
+    buyer: &Keypair,
+    net: &Network,
+    out: &[u8],
+) -> Signed<hashgrid_protocol::Receipt> {
+    let now = Timestamp::now();
+    let r = hashgrid_protocol::Receipt {
+        job_id: hashgrid_protocol::ContentId::of(b"job"),
+        agreement_id: hashgrid_protocol::ContentId::of(&provider.public().0),
+        buyer: buyer.public(),
+        provider: provider.public(),
+        spec_id: hashgrid_protocol::ContentId::of(b"spec"),
+        inputs: vec![],
+        outputs: vec![hashgrid_protocol::OutputRecord {
+            name: "out".into(),
+            id: hashgrid_protocol::ContentId::of(out),
+            bytes: out.len() as u64,
+        }],
+        adapter: gpu("any"),
+        started_at: now,
+        finished_at: now,
+        gpu_time_us: 1,
+        charge: Msat(1),
+        chain_seq: 0,
+        prev_receipt: None,
+    };
+    Signed::sign(provider, net, &r)
+}
+
+/// Fraud evidence by `reporter` against `accused`'s receipt, witnessed by `witnesses`.
+fn evidence(
+    reporter: &Keypair,
+    net: &Network,
+    accused: Signed<hashgrid_protocol::Receipt>,
+    witnesses: Vec<Signed<hashgrid_protocol::Receipt>>,
+) -> Vec<u8> {
+    let now = Timestamp::now();
+    let ev = hashgrid_protocol::FraudEvidence {
+        reporter: reporter.public(),
+        accused,
+        witnesses,
+        created_at: now,
+        expires_at: now.plus_ms(60_000),
+    };
+    GossipMessage::Evidence(Signed::sign(reporter, net, &ev)).encode()
 }
 
 /// Waits for the next `MessageRejected` from `from`; returns its reason.
@@ -142,14 +192,53 @@ async fn bad_messages_are_rejected_and_cost_score() -> anyhow::Result<()> {
     ))
     .encode();
     let garbage = b"\x03\xff\xfe not a hashgrid message at all".to_vec();
+    // Slander: evidence against the real provider that does not prove anything.
+    let w1 = Keypair::from_secret_bytes([67; 32]);
+    let w2 = Keypair::from_secret_bytes([68; 32]);
+    let no_contradiction = evidence(
+        &evil,
+        &net,
+        receipt(&provider_key, &evil, &net, b"same"),
+        vec![
+            receipt(&w1, &evil, &net, b"same"),
+            receipt(&w2, &evil, &net, b"same"),
+        ],
+    );
+    // An accused receipt that does not verify here (signed for another network).
+    let forged_receipt = evidence(
+        &evil,
+        &net,
+        receipt(&provider_key, &evil, &other_net, b"wrong"),
+        vec![
+            receipt(&w1, &evil, &net, b"right"),
+            receipt(&w2, &evil, &net, b"right"),
+        ],
+    );
+    let one_witness = evidence(
+        &evil,
+        &net,
+        receipt(&provider_key, &evil, &net, b"wrong"),
+        vec![receipt(&w1, &evil, &net, b"right")],
+    );
 
-    let cases: [(&str, Vec<u8>, &str); 6] = [
+    let cases: [(&str, Vec<u8>, &str); 9] = [
         ("forged signature", forged, "bad signature"),
         ("wrong network", wrong_network, "bad signature"),
         ("expired", expired, "expired"),
         ("oversized", oversized, "undecodable"),
         ("replayed old sequence", replayed, "stale"),
         ("garbage", garbage, "undecodable"),
+        (
+            "evidence of nothing",
+            no_contradiction,
+            "does not contradict",
+        ),
+        (
+            "evidence with a forged receipt",
+            forged_receipt,
+            "a receipt does not verify",
+        ),
+        ("evidence with one witness", one_witness, "witnesses"),
     ];
     for (name, data, expect) in cases {
         publish(&bad, RawTopic::Orders, data).await?;
@@ -170,6 +259,14 @@ async fn bad_messages_are_rejected_and_cost_score() -> anyhow::Result<()> {
         assert_eq!(book.asks[0].order_ref(), real);
         assert!(book.asks[0].seq > 1);
         assert!(book.asks.iter().all(|a| a.provider != evil.public()));
+    }
+    // The slandered provider's standing is untouched.
+    for n in &honest {
+        assert!(
+            n.provider_experience()
+                .iter()
+                .all(|(p, e)| *p != provider_key.public() || e.reported == 0)
+        );
     }
     // The attacker's score fell below zero on both honest nodes.
     for n in &honest {
