@@ -1,6 +1,7 @@
 //! A misbehaving peer publishes forged, wrong-network, expired, oversized, replayed and
-//! garbage messages, and fraud evidence that proves nothing: every one is rejected by every honest node, none enters a book, and the
-//! sender's gossipsub score falls below zero.
+//! garbage messages, and fraud evidence that proves nothing: every one is rejected by every
+//! honest node, none enters a book or changes a reputation, and the sender's gossipsub score
+//! falls below zero.
 
 use std::time::{Duration, Instant};
 
