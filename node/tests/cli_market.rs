@@ -205,6 +205,58 @@ async fn buyer_cli_finds_offers_and_runs_jobs_through_the_market() {
     assert_eq!(rows[0]["spent_msat"], v[0]["charge_msat"], "{p}");
     assert_eq!(rows[0]["standing"], "good", "{p}");
 
+    // --verify replicate:2: both providers run it, their outputs agree, both receipts are
+    // countersigned and saved, and the second's charge is what the assurance cost.
+    let v = json(
+        &hashgrid(
+            &data,
+            &boot,
+            &[
+                "submit",
+                saxpy.to_str().unwrap(),
+                "--json",
+                "--verify",
+                "replicate:2",
+            ],
+        )
+        .await,
+    );
+    let ver = &v["verification"];
+    assert_eq!(ver["mode"], "replicate:2", "{v}");
+    assert_eq!(ver["outcome"], "agreed", "{v}");
+    let runs = ver["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2, "{v}");
+    assert_ne!(runs[0]["provider"], runs[1]["provider"]);
+    assert!(runs.iter().all(|r| r["countersigned"] == true), "{v}");
+    assert_eq!(ver["extra_msat"], runs[1]["charge_msat"], "{v}");
+    assert_eq!(v["outputs"]["out"]["blake3"].as_str().unwrap(), hash);
+    let second = data
+        .join("receipts")
+        .join(format!("{}.run2.json", v["job"].as_str().unwrap()));
+    let check = Command::new(env!("CARGO_BIN_EXE_hashgrid"))
+        .args(["receipt", "verify"])
+        .arg(&second)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let p = json(&hashgrid(&data, &boot, &["providers", "--json"]).await);
+    let rows = p.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{p}");
+    assert!(rows.iter().all(|r| r["spot_checks_passed"] == 1), "{p}");
+    // A mode that makes no sense is refused before any network traffic.
+    let o = hashgrid(
+        &data,
+        &boot,
+        &["submit", saxpy.to_str().unwrap(), "--verify", "spot:7"],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("spot:P"));
+
     cheap.shutdown().await;
     dear.shutdown().await;
 }

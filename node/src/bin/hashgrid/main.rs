@@ -203,6 +203,11 @@ enum Command {
         /// Most providers tried if one fails.
         #[arg(long, default_value_t = 3)]
         attempts: u32,
+        /// Re-execution on independent providers: none, spot:P (a second provider with
+        /// probability P) or replicate:K (always K providers). Overrides the job file's
+        /// `verify`; float outputs compare within the file's `compare = { rtol, atol }`.
+        #[arg(long, value_name = "MODE")]
+        verify: Option<String>,
     },
     /// Jobs submitted from this data dir, oldest first (from the local store).
     ///
@@ -226,8 +231,10 @@ enum Command {
         out: PathBuf,
     },
     /// What this buyer has seen of each provider it ran jobs with: jobs completed, failed and
-    /// disputed (receipt or outputs did not verify), mean time to a verified receipt, msat
-    /// spent, and the reputation score matching ranks by (from the local store).
+    /// disputed (receipt or outputs did not verify, or a majority of re-executions
+    /// contradicted them), spot checks passed, fraud reports from other buyers, mean time to a
+    /// verified receipt, msat spent, and the reputation score matching ranks by (from the
+    /// local store).
     ///
     /// Example: hashgrid providers --json
     Providers,
@@ -503,6 +510,7 @@ fn main() -> ExitCode {
             min_gflops,
             out,
             attempts,
+            verify,
         } => rt().and_then(|rt| {
             rt.block_on(market::submit(
                 &g,
@@ -515,6 +523,7 @@ fn main() -> ExitCode {
                     min_gflops,
                     out,
                     attempts,
+                    verify,
                 },
             ))
         }),

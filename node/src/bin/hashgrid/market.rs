@@ -252,6 +252,7 @@ pub(crate) struct SubmitArgs {
     pub(crate) min_gflops: Option<f64>,
     pub(crate) out: Option<PathBuf>,
     pub(crate) attempts: u32,
+    pub(crate) verify: Option<String>,
 }
 
 /// The progress display's word for a state: a done job is shown as verified.
@@ -264,8 +265,15 @@ fn state_line(s: &JobState) -> &'static str {
 
 pub(crate) async fn submit(g: &Global, args: SubmitArgs) -> Result<(), CliError> {
     // Everything local first: a bad file or bad WGSL never reaches the network.
-    let job = load_job_file(&args.file, &JobLimits::default())
+    let mut job = load_job_file(&args.file, &JobLimits::default())
         .map_err(|e| CliError::bad_input(e.to_string(), "fix the job file and submit again"))?;
+    if let Some(v) = &args.verify {
+        job.verify.mode = v
+            .parse()
+            .map_err(|e: hashgrid_protocol::verify::BadVerifyMode| {
+                CliError::bad_input(e.to_string(), "fix --verify")
+            })?;
+    }
     hashgrid_node::executor::check_offline(&job.spec, Some(&job.inputs))
         .map_err(|e| CliError::bad_input(e.to_string(), "fix the job and submit again"))?;
     if args.max_seconds == 0 || args.attempts == 0 {
@@ -296,6 +304,7 @@ async fn run_submit(
         max_seconds: args.max_seconds,
         requirements: req,
         max_attempts: args.attempts,
+        verify: job.verify.clone(),
         ..JobOptions::default()
     };
     let started = Instant::now();
@@ -413,6 +422,22 @@ pub(crate) fn save_result(
     std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
     let mut receipt = dir.join(format!("{}.json", rec.id));
     std::fs::write(&receipt, file.to_json()).map_err(|e| io(&receipt, e))?;
+    // Every other accepted run of a verified job: its countersigned receipt too.
+    for (i, run) in rec.verification.iter().flat_map(|v| &v.runs).enumerate() {
+        let Some(cs) = &run.countersigned else {
+            continue;
+        };
+        if Some(cs) == rec.receipt.as_ref() {
+            continue;
+        }
+        let extra = ReceiptFile {
+            network: c.network.clone(),
+            receipt: cs.clone(),
+            agreement: Some(run.agreement.clone()),
+        };
+        let p = dir.join(format!("{}.run{}.json", rec.id, i + 1));
+        std::fs::write(&p, extra.to_json()).map_err(|e| io(&p, e))?;
+    }
     let mut paths = BTreeMap::new();
     if let Some(out) = out {
         std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
@@ -469,6 +494,7 @@ fn print_done(
             "receipt_file": saved.receipt,
             "outputs": outs,
             "elapsed_ms": elapsed.map(|e| e.as_secs_f64() * 1000.0),
+            "verification": verification_json(rec),
         });
         println!("{v}");
         return;
@@ -496,6 +522,95 @@ fn print_done(
         );
     }
     println!("receipt   {}", saved.receipt.display());
+    if let Some(v) = &rec.verification {
+        print_verification(v);
+    }
+}
+
+/// A verified job's report for `--json`: the mode, what the comparison found, what the
+/// assurance cost, and every provider that ran the job.
+pub(crate) fn verification_json(rec: &JobRecord) -> serde_json::Value {
+    let Some(v) = &rec.verification else {
+        return serde_json::Value::Null;
+    };
+    let accused: Vec<String> = match &v.outcome {
+        hashgrid_node::jobs::record::VerifyOutcome::Overruled { accused } => {
+            accused.iter().map(ToString::to_string).collect()
+        }
+        _ => Vec::new(),
+    };
+    let runs: Vec<serde_json::Value> = v
+        .runs
+        .iter()
+        .map(|r| {
+            let body = r.receipt.decode_unverified().ok();
+            serde_json::json!({
+                "provider": r.provider.to_string(),
+                "region": r.region,
+                "adapter": body.as_ref().map(|b| b.adapter.name.clone()),
+                "receipt_id": r.receipt.id().to_string(),
+                "charge_msat": r.charge.0,
+                "gpu_time_us": body.as_ref().map(|b| b.gpu_time_us),
+                "countersigned": r.countersigned.is_some(),
+                "mismatch": r.mismatch,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "mode": v.mode.to_string(),
+        "providers_wanted": v.wanted,
+        "outcome": v.outcome.name(),
+        "detail": match &v.outcome {
+            hashgrid_node::jobs::record::VerifyOutcome::Incomplete { reason } => Some(reason.clone()),
+            _ => None,
+        },
+        "accused": accused,
+        "extra_msat": v.extra_msat,
+        "evidence": v.evidence.map(|e| e.to_string()),
+        "runs": runs,
+    })
+}
+
+fn print_verification(v: &hashgrid_node::jobs::record::VerificationReport) {
+    use hashgrid_node::jobs::record::VerifyOutcome;
+    let what = match &v.outcome {
+        VerifyOutcome::NotDrawn => "not drawn for this job: one provider, unchecked".to_string(),
+        VerifyOutcome::Agreed => format!("{} providers agree", v.runs.len()),
+        VerifyOutcome::Overruled { accused } => format!(
+            "{} of {} providers agree; disputed and unpaid: {}",
+            v.runs.len() - accused.len(),
+            v.runs.len(),
+            accused
+                .iter()
+                .map(|p| p.short())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        VerifyOutcome::Incomplete { reason } => {
+            format!("only {} provider(s) could run it: {reason}", v.runs.len())
+        }
+        VerifyOutcome::NoMajority => "the providers disagree and no majority formed".into(),
+    };
+    println!("verify    {}: {what}", v.mode);
+    if v.runs.len() > 1 {
+        println!("assurance {} msat beyond the job's receipt", v.extra_msat);
+        for r in &v.runs {
+            let verdict = match (&r.countersigned, &r.mismatch) {
+                (Some(_), _) => "accepted".to_string(),
+                (None, Some(m)) => format!("refused: {m}"),
+                (None, None) => "not accepted".to_string(),
+            };
+            println!(
+                "  run     {} {:<10} {:>8} msat  {verdict}",
+                r.provider.short(),
+                r.region,
+                r.charge.0
+            );
+        }
+    }
+    if let Some(e) = v.evidence {
+        println!("evidence {e} gossiped");
+    }
 }
 
 /// Finds a job by id or unique id prefix.
@@ -548,6 +663,7 @@ fn record_json(r: &JobRecord) -> serde_json::Value {
             "agreement": a.agreement.map(|x| x.to_string()),
             "outcome": a.outcome,
         })).collect::<Vec<_>>(),
+        "verification": verification_json(r),
     })
 }
 
@@ -611,6 +727,9 @@ pub(crate) fn status(g: &Global, job: &str) -> Result<(), CliError> {
     }
     for (i, a) in r.attempts.iter().enumerate() {
         println!("attempt {}  {} {}", i + 1, a.provider.short(), a.outcome);
+    }
+    if let Some(v) = &r.verification {
+        print_verification(v);
     }
     Ok(())
 }
@@ -758,10 +877,19 @@ pub(crate) fn providers(g: &Global) -> Result<(), CliError> {
     let mut spent: std::collections::HashMap<hashgrid_protocol::PublicKey, u64> =
         std::collections::HashMap::new();
     for r in &jobs {
-        if let (Some(p), Some(cs)) = (r.provider, &r.receipt)
-            && let Ok(body) = cs.signed.decode_unverified()
-        {
-            *spent.entry(p).or_default() += body.charge.0;
+        match &r.verification {
+            Some(v) => {
+                for run in v.runs.iter().filter(|x| x.countersigned.is_some()) {
+                    *spent.entry(run.provider).or_default() += run.charge.0;
+                }
+            }
+            None => {
+                if let (Some(p), Some(cs)) = (r.provider, &r.receipt)
+                    && let Ok(body) = cs.signed.decode_unverified()
+                {
+                    *spent.entry(p).or_default() += body.charge.0;
+                }
+            }
         }
     }
     let rows: Vec<serde_json::Value> = seen
@@ -772,6 +900,8 @@ pub(crate) fn providers(g: &Global) -> Result<(), CliError> {
                 "completed": e.completed,
                 "failed": e.failed,
                 "disputed": e.lied,
+                "spot_checks_passed": e.checks_passed,
+                "reported_by_others": e.reported,
                 "mean_ms_to_receipt": e.mean_ms(),
                 "spent_msat": spent.get(p).copied().unwrap_or(0),
                 "score": e.score(),
@@ -788,16 +918,26 @@ pub(crate) fn providers(g: &Global) -> Result<(), CliError> {
         return Ok(());
     }
     println!(
-        "{:<14} {:>9} {:>6} {:>8} {:>9} {:>12} {:>6}  STANDING",
-        "PROVIDER", "COMPLETED", "FAILED", "DISPUTED", "MEAN ms", "SPENT msat", "SCORE"
+        "{:<14} {:>9} {:>6} {:>8} {:>7} {:>8} {:>9} {:>12} {:>6}  STANDING",
+        "PROVIDER",
+        "COMPLETED",
+        "FAILED",
+        "DISPUTED",
+        "CHECKED",
+        "REPORTED",
+        "MEAN ms",
+        "SPENT msat",
+        "SCORE"
     );
     for ((p, e), v) in seen.iter().zip(&rows) {
         println!(
-            "{:<14} {:>9} {:>6} {:>8} {:>9} {:>12} {:>6}  {}",
+            "{:<14} {:>9} {:>6} {:>8} {:>7} {:>8} {:>9} {:>12} {:>6}  {}",
             &p.to_string()[..12],
             e.completed,
             e.failed,
             e.lied,
+            e.checks_passed,
+            e.reported,
             e.mean_ms().map_or_else(|| "-".into(), |m| m.to_string()),
             v["spent_msat"],
             e.score(),
@@ -805,7 +945,7 @@ pub(crate) fn providers(g: &Global) -> Result<(), CliError> {
         );
     }
     println!(
-        "(score = completed - 4 x failed - 16 x disputed; a provider in bad standing is matched after those in good standing at its price)"
+        "(score = completed - 4 x failed - 16 x disputed - 8 x reported; a provider in bad standing is matched after those in good standing at its price; CHECKED: jobs another provider's re-execution confirmed)"
     );
     Ok(())
 }
