@@ -1,6 +1,8 @@
 //! A data dir written by the release before store schema versions (`tests/fixtures/datadir-v0`)
 //! opens with this build: migrated to the current schema, every record readable, the provider's
-//! receipt chain intact, and a node runs on it.
+//! receipt chain intact, and a node runs on it. So does one of schema 2
+//! (`tests/fixtures/datadir-v2`, the release before verification), its agreements and the
+//! buyer's experience of its provider kept.
 
 #![allow(clippy::unwrap_used)]
 
@@ -12,8 +14,13 @@ use hashgrid_protocol::PublicKey;
 use hashgrid_tests::{test_builder, test_network};
 
 fn fixture(which: &str) -> PathBuf {
+    fixture_of("datadir-v0", which)
+}
+
+fn fixture_of(release: &str, which: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/datadir-v0")
+        .join("fixtures")
+        .join(release)
         .join(which)
 }
 
@@ -96,4 +103,44 @@ async fn a_node_starts_on_a_data_dir_from_the_previous_release() {
     assert_eq!(jobs.len(), 2);
     assert!(jobs.iter().all(|j| j.state == JobState::Done));
     node.shutdown().await;
+}
+
+#[test]
+fn a_buyers_data_dir_of_schema_2_keeps_its_agreements_and_its_experience() {
+    let dir = tempfile::tempdir().unwrap();
+    copy(&fixture_of("datadir-v2", "buyer"), dir.path());
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+    let jobs = read_jobs(&store).unwrap();
+    assert_eq!(jobs.len(), 2);
+    for job in &jobs {
+        assert_eq!(job.state, JobState::Done, "{:?}", job.attempts);
+        assert!(job.agreement.is_some(), "schema 2 kept the agreement");
+        assert!(job.verification.is_none());
+        let r = job.receipt.clone().unwrap().verify(&test_network()).unwrap();
+        let result = read_result(&store, &job.id).unwrap().unwrap();
+        hashgrid_protocol::check_outputs(&r, &result.outputs).unwrap();
+    }
+    let seen = hashgrid_node::jobs::read_experience(&store).unwrap();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let (provider, e) = &seen[0];
+    assert_eq!(Some(*provider), jobs[0].provider);
+    assert_eq!((e.completed, e.failed, e.lied), (2, 0, 0));
+    assert_eq!((e.checks_passed, e.reported), (0, 0));
+    assert!(e.completed_ms > 0);
+    drop(store);
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    assert_eq!(hashgrid_node::jobs::read_experience(&store).unwrap(), seen);
+}
+
+#[test]
+fn a_providers_data_dir_of_schema_2_keeps_its_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    copy(&fixture_of("datadir-v2", "provider"), dir.path());
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+    let key = hashgrid_protocol::Keypair::load(&dir.path().join("identity.key")).unwrap();
+    let chain = audit_receipts(&store, key.public(), &test_network()).unwrap();
+    assert_eq!((chain.receipts, chain.countersigned), (2, 2));
+    assert_eq!(store.own_orders().unwrap().len(), 1, "its ask");
 }
