@@ -939,7 +939,7 @@ pub(crate) fn providers(g: &Global) -> Result<(), CliError> {
             e.checks_passed,
             e.reported,
             e.mean_ms().map_or_else(|| "-".into(), |m| m.to_string()),
-            v["spent_msat"],
+            v["spent_msat"].as_u64().unwrap_or(0),
             e.score(),
             v["standing"].as_str().unwrap_or("")
         );
