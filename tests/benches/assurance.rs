@@ -179,7 +179,7 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "{:<13} {:>8} {:>9.1} {:>9.1} {:>9.1} {:>10.2} {:>10.1} {:>8.2} {:>8.2}",
             r["mode"].as_str().unwrap_or(""),
-            r["checked"],
+            r["checked"].as_u64().unwrap_or(0),
             r["latency_ms"]["p50"].as_f64().unwrap_or(0.0),
             r["latency_ms"]["p90"].as_f64().unwrap_or(0.0),
             r["latency_ms"]["mean"].as_f64().unwrap_or(0.0),
