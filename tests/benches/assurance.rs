@@ -173,7 +173,15 @@ async fn main() -> anyhow::Result<()> {
     );
     println!(
         "{:<13} {:>8} {:>9} {:>9} {:>9} {:>10} {:>10} {:>8} {:>8}",
-        "MODE", "CHECKED", "p50 ms", "p90 ms", "mean ms", "GPU ms/job", "msat/job", "× time", "× msat"
+        "MODE",
+        "CHECKED",
+        "p50 ms",
+        "p90 ms",
+        "mean ms",
+        "GPU ms/job",
+        "msat/job",
+        "× time",
+        "× msat"
     );
     for r in &rows {
         println!(

@@ -117,7 +117,12 @@ fn a_buyers_data_dir_of_schema_2_keeps_its_agreements_and_its_experience() {
         assert_eq!(job.state, JobState::Done, "{:?}", job.attempts);
         assert!(job.agreement.is_some(), "schema 2 kept the agreement");
         assert!(job.verification.is_none());
-        let r = job.receipt.clone().unwrap().verify(&test_network()).unwrap();
+        let r = job
+            .receipt
+            .clone()
+            .unwrap()
+            .verify(&test_network())
+            .unwrap();
         let result = read_result(&store, &job.id).unwrap().unwrap();
         hashgrid_protocol::check_outputs(&r, &result.outputs).unwrap();
     }
