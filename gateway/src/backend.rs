@@ -20,6 +20,9 @@ pub struct BackendJob {
     pub max_seconds: u32,
     /// The model's weights among the inputs (a market bid names it).
     pub model: hashgrid_protocol::ModelManifest,
+    /// How runs compare if the backend verifies the job by re-execution (its mode is the
+    /// backend's; see [`hashgrid_infer::CompiledJob::compare`]).
+    pub compare: hashgrid_protocol::Verification,
 }
 
 /// Streamed buffers, whole, by name, as of one check.
@@ -32,7 +35,8 @@ pub struct MarketInfo {
     pub job: String,
     /// The provider's public key.
     pub provider: String,
-    /// What the receipt charges, in msat.
+    /// What the request cost, in msat: the receipt's charge, plus the accepted re-runs when
+    /// the job was verified.
     pub charge_msat: u64,
     /// The countersigned receipt's id.
     pub receipt_id: String,

@@ -332,6 +332,7 @@ async fn run_generation(
             inputs: job.inputs,
             max_seconds: g.config.max_seconds,
             model: job.model,
+            compare: job.compare,
         },
         stream.then_some(stx),
     );
@@ -717,6 +718,7 @@ async fn embeddings(
                 inputs: job.inputs,
                 max_seconds: g.config.max_seconds,
                 model: job.model,
+                compare: job.compare,
             },
             None,
         )

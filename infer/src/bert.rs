@@ -563,6 +563,14 @@ impl BertWeights {
 /// The output buffer of an embedding job: `hidden_size` f32, L2-normalised.
 pub const EMBEDDING: &str = "embedding";
 
+/// How far two providers' embeddings of the same text may differ, element by element, and
+/// agree under verification: far above what another adapter's f32 rounding changes in a unit
+/// vector, far below what changes its cosine similarities.
+pub const EMBEDDING_TOLERANCE: hashgrid_protocol::Tolerance = hashgrid_protocol::Tolerance {
+    rtol: 1e-3,
+    atol: 1e-5,
+};
+
 /// Compiles the embedding of `ids` (from [`BertModel::encode`]) into a job.
 pub fn compile_embed(
     m: &BertModel,
@@ -751,5 +759,9 @@ pub fn compile_embed(
         n_prompt: ids.len(),
         max_total: ids.len(),
         model: w.manifest(),
+        compare: hashgrid_protocol::Verification {
+            tolerances: [(EMBEDDING.to_string(), EMBEDDING_TOLERANCE)].into(),
+            ..Default::default()
+        },
     })
 }

@@ -289,6 +289,30 @@ pub struct CompiledJob {
     pub max_total: usize,
     /// The weights among the inputs, as the market names the model (a bid names its id).
     pub model: ModelManifest,
+    /// How two providers' runs of this job compare when the buyer verifies it by
+    /// re-execution (the mode is the buyer's): generated tokens up to the first near-tie,
+    /// embeddings within a tolerance.
+    pub compare: hashgrid_protocol::Verification,
+}
+
+/// The largest top-1 − top-2 logit margin at which two providers' runs of a generation job
+/// may pick different tokens and still agree: logits computed on different adapters differ
+/// in their last bits (f32 reductions in another order), far below this, so only a choice
+/// that was nearly a coin toss can flip.
+pub const NEAR_TIE_LOGITS: f32 = 0.1;
+
+/// How runs of a generation job with `n_prompt` prompt tokens compare under verification.
+pub fn token_comparison(n_prompt: usize) -> hashgrid_protocol::Verification {
+    hashgrid_protocol::Verification {
+        tokens: Some(hashgrid_protocol::TokenCompare {
+            tokens: outputs::TOKENS.into(),
+            status: outputs::STATUS.into(),
+            margins: outputs::MARGINS.into(),
+            n_prompt: u32::try_from(n_prompt).unwrap_or(u32::MAX),
+            max_tie: NEAR_TIE_LOGITS,
+        }),
+        ..Default::default()
+    }
 }
 
 /// Names of the output buffers a generation job returns.
@@ -745,6 +769,7 @@ pub fn compile_generate(
         n_prompt,
         max_total,
         model: weights.manifest(),
+        compare: token_comparison(n_prompt),
     })
 }
 

@@ -33,6 +33,11 @@ pub struct ClientConfig {
     pub mdns: bool,
     /// Addresses to listen on (a buyer needs none: it dials out).
     pub listen: Vec<String>,
+    /// Verification by re-execution for every job that does not say otherwise (`none`,
+    /// `spot:P`, `replicate:K`; see docs/VERIFICATION.md): `submit` when the job file has no
+    /// `verify`, `generate`, and every request `serve` runs. `--verify` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<String>,
     /// How this buyer settles (default: ledger).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settle: Option<crate::settle::SettleSection>,
@@ -82,6 +87,7 @@ impl Default for ClientConfig {
             bootstrap: Vec::new(),
             mdns: true,
             listen: Vec::new(),
+            verify: None,
             settle: None,
             serve: None,
         }
@@ -124,7 +130,18 @@ impl ClientConfig {
         self.network()?;
         self.bootstrap_addrs()?;
         self.listen_addrs()?;
+        self.verify_mode()?;
         Ok(())
+    }
+
+    /// The default verification mode (`none` when the file does not say).
+    pub fn verify_mode(&self) -> Result<hashgrid_protocol::VerifyMode, ConfigError> {
+        match &self.verify {
+            None => Ok(hashgrid_protocol::VerifyMode::None),
+            Some(v) => v
+                .parse()
+                .map_err(|e| ConfigError::Invalid(format!("verify: {e}"))),
+        }
     }
 
     /// The network.
@@ -194,6 +211,7 @@ mod tests {
             bootstrap: vec!["/ip4/127.0.0.1/tcp/4001".into()],
             mdns: false,
             listen: Vec::new(),
+            verify: Some("spot:0.1".into()),
             settle: None,
             serve: None,
         };
@@ -206,5 +224,10 @@ mod tests {
         assert!(e.contains("nope"), "{e}");
         std::fs::write(ClientConfig::path(dir.path()), "colour = 1\n").unwrap();
         assert!(ClientConfig::load_or_default(dir.path()).is_err());
+        std::fs::write(ClientConfig::path(dir.path()), "verify = \"spot:2\"\n").unwrap();
+        let e = ClientConfig::load_or_default(dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("verify"), "{e}");
     }
 }

@@ -82,6 +82,10 @@ impl Backend for MarketBackend {
         let options = JobOptions {
             max_seconds: job.max_seconds,
             model: Some(job.model),
+            verify: hashgrid_protocol::Verification {
+                mode: self.options.verify.mode,
+                ..job.compare
+            },
             ..self.options.clone()
         };
         let receipts = self.receipts.clone();
@@ -166,7 +170,9 @@ impl Backend for MarketBackend {
                 market: Some(MarketInfo {
                     job: id.to_string(),
                     provider: receipt.provider.to_string(),
-                    charge_msat: receipt.charge.0,
+                    // With verification, the accepted re-runs are paid too.
+                    charge_msat: receipt.charge.0
+                        + rec.verification.as_ref().map_or(0, |v| v.extra_msat),
                     receipt_id: cs.id().to_string(),
                 }),
             })

@@ -159,7 +159,7 @@ fn generate_and_embed_run_locally() {
     }
 }
 
-async fn provider() -> NodeHandle {
+async fn provider(boot: Option<&str>) -> NodeHandle {
     let exec = tokio::task::spawn_blocking(|| {
         Executor::start(ExecConfig {
             max_concurrent: 1,
@@ -177,10 +177,14 @@ async fn provider() -> NodeHandle {
         .mdns(false)
         .region("us-east")
         .gpu_profiles(vec![gpu.clone()])
-        .executor(exec)
-        .start()
-        .await
-        .unwrap();
+        .executor(exec);
+    let node = match boot {
+        Some(b) => node.bootstrap(b.parse().unwrap()),
+        None => node,
+    }
+    .start()
+    .await
+    .unwrap();
     node.post_ask(AskSpec {
         gpu,
         units: 1,
@@ -197,7 +201,7 @@ async fn generate_through_the_market_returns_a_verified_receipt() {
     let Some(model) = env_path("HASHGRID_SMOLLM2") else {
         return;
     };
-    let site = provider().await;
+    let site = provider(None).await;
     let boot = site.listen_addrs().await.unwrap()[0].to_string();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("buyer");
@@ -251,5 +255,32 @@ async fn generate_through_the_market_returns_a_verified_receipt() {
     // Anyone can verify the receipt offline.
     let o = hashgrid(&["receipt", "verify", &receipt]);
     assert!(o.status.success(), "{}", stderr(&o));
+
+    // Verified by a second site: both run it, the tokens agree, both are paid.
+    let second = provider(Some(&boot)).await;
+    let o = run(base(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "4",
+        "--json",
+        "--verify",
+        "replicate:2",
+    ]))
+    .await
+    .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["tokens"], serde_json::json!([7042, 30, 198, 198]), "{v}");
+    let ver = &v["market"]["verification"];
+    assert_eq!(ver["outcome"], "agreed", "{v}");
+    let runs = ver["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2, "{v}");
+    assert_ne!(runs[0]["provider"], runs[1]["provider"], "{v}");
+    assert!(runs.iter().all(|r| r["countersigned"] == true), "{v}");
+    second.shutdown().await;
     site.shutdown().await;
 }

@@ -76,6 +76,6 @@ pub use signed::{
 pub use time::Timestamp;
 pub use validate::{Expiring, ReplayGuard, ValidationError};
 pub use verify::{
-    EvidenceError, EvidenceFacts, FraudEvidence, Mismatch, Tolerance, Verification, VerifyMode,
-    compare_outputs,
+    EvidenceError, EvidenceFacts, FraudEvidence, Mismatch, TokenCompare, Tolerance, Verification,
+    VerifyMode, compare_outputs, compare_runs,
 };

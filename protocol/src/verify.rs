@@ -156,14 +156,136 @@ impl VerifyMode {
     }
 }
 
-/// What a buyer asks of verification for one job: the mode, and how each float output is
-/// compared (outputs not named compare exactly).
+/// What a buyer asks of verification for one job: the mode, and how each output is compared
+/// (outputs not named compare exactly).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Verification {
     /// How many providers run the job.
     pub mode: VerifyMode,
-    /// Tolerances by output name.
+    /// Tolerances of float outputs, by output name.
     pub tolerances: BTreeMap<String, Tolerance>,
+    /// Generated token sequences, compared up to the first near-tie.
+    pub tokens: Option<TokenCompare>,
+}
+
+/// How two runs of a generation job compare: their token sequences must be equal up to the
+/// first position where they differ, and there both runs must report a near-tie (a top-1
+/// minus top-2 logit margin below `max_tie`): a choice that another adapter's rounding could
+/// have flipped, after which the sequences legitimately go their own ways. A divergence where
+/// either run was sure of its choice is a mismatch. The three outputs named are compared this
+/// way and no other.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenCompare {
+    /// `u32` per position: `n_prompt` prompt tokens, then the generated ones.
+    pub tokens: String,
+    /// `[done, generated]` as `u32`s.
+    pub status: String,
+    /// `f32` per generated token: the top-1 minus top-2 logit at that step.
+    pub margins: String,
+    /// Prompt tokens at the start of `tokens`.
+    pub n_prompt: u32,
+    /// Largest margin that counts as a near-tie.
+    pub max_tie: f32,
+}
+
+impl PartialEq for TokenCompare {
+    fn eq(&self, o: &Self) -> bool {
+        (&self.tokens, &self.status, &self.margins, self.n_prompt)
+            == (&o.tokens, &o.status, &o.margins, o.n_prompt)
+            && self.max_tie.to_bits() == o.max_tie.to_bits()
+    }
+}
+
+impl Eq for TokenCompare {}
+
+impl TokenCompare {
+    fn names(&self) -> [&str; 3] {
+        [&self.tokens, &self.status, &self.margins]
+    }
+
+    /// Compares two runs' sequences (see the type's docs).
+    fn compare(
+        &self,
+        a: &BTreeMap<String, Vec<u8>>,
+        b: &BTreeMap<String, Vec<u8>>,
+    ) -> Result<(), Mismatch> {
+        let mismatch = |detail: String| Mismatch {
+            output: self.tokens.clone(),
+            detail,
+            exact: false,
+        };
+        let u32s = |m: &BTreeMap<String, Vec<u8>>, name: &str| -> Vec<u32> {
+            m.get(name)
+                .map(|b| {
+                    b.chunks_exact(4)
+                        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let seq = |m: &BTreeMap<String, Vec<u8>>| -> (Vec<u32>, Vec<f32>) {
+            let generated = u32s(m, &self.status).get(1).copied().unwrap_or(0) as usize;
+            let toks = u32s(m, &self.tokens);
+            let end = (self.n_prompt as usize)
+                .saturating_add(generated)
+                .min(toks.len());
+            // Margins only of the steps run (the rest of the buffer is zeros, not ties).
+            let margins = u32s(m, &self.margins)
+                .into_iter()
+                .take(generated)
+                .map(f32::from_bits)
+                .collect();
+            (toks[..end].to_vec(), margins)
+        };
+        let ((ta, ma), (tb, mb)) = (seq(a), seq(b));
+        let Some(i) = (0..ta.len().max(tb.len())).find(|&i| ta.get(i) != tb.get(i)) else {
+            return Ok(());
+        };
+        let n_prompt = self.n_prompt as usize;
+        if i < n_prompt {
+            return Err(mismatch(format!("the prompt differs at position {i}")));
+        }
+        let step = i - n_prompt;
+        let near = |m: &Vec<f32>| {
+            m.get(step)
+                .is_some_and(|x| x.is_finite() && *x < self.max_tie)
+        };
+        if near(&ma) && near(&mb) {
+            return Ok(());
+        }
+        let shown = |m: &Vec<f32>| {
+            m.get(step)
+                .map_or_else(|| "none".into(), |x| format!("{x:.4}"))
+        };
+        Err(mismatch(format!(
+            "generated token {step} differs ({:?} against {:?}) with margins {} and {} (a near-tie is below {})",
+            ta.get(i),
+            tb.get(i),
+            shown(&ma),
+            shown(&mb),
+            self.max_tie
+        )))
+    }
+}
+
+/// Compares two runs' outputs of one job as `v` says: token sequences up to a near-tie
+/// ([`TokenCompare`]), then every other output with [`compare_outputs`].
+pub fn compare_runs(
+    a: &BTreeMap<String, Vec<u8>>,
+    b: &BTreeMap<String, Vec<u8>>,
+    v: &Verification,
+) -> Result<(), Mismatch> {
+    let Some(t) = &v.tokens else {
+        return compare_outputs(a, b, &v.tolerances);
+    };
+    t.compare(a, b)?;
+    let rest = |m: &BTreeMap<String, Vec<u8>>| -> BTreeMap<String, Vec<u8>> {
+        m.iter()
+            .filter(|(k, _)| !t.names().contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
+    compare_outputs(&rest(a), &rest(b), &v.tolerances)
 }
 
 /// How far two float outputs may differ and still agree: for every f32 element,
@@ -520,6 +642,70 @@ mod tests {
             .validate()
             .is_err()
         );
+    }
+
+    #[test]
+    fn token_sequences_agree_up_to_a_near_tie_on_both_sides() {
+        let t = TokenCompare {
+            tokens: "tokens".into(),
+            status: "status".into(),
+            margins: "margins".into(),
+            n_prompt: 2,
+            max_tie: 0.1,
+        };
+        let v = Verification {
+            tokens: Some(t),
+            ..Verification::default()
+        };
+        let run = |toks: &[u32], generated: u32, margins: &[f32]| {
+            let mut tokens: Vec<u8> = toks.iter().flat_map(|x| x.to_le_bytes()).collect();
+            tokens.resize(8 * 4, 0);
+            let mut m: Vec<u8> = margins.iter().flat_map(|x| x.to_le_bytes()).collect();
+            m.resize(6 * 4, 0);
+            BTreeMap::from([
+                ("tokens".to_string(), tokens),
+                (
+                    "status".to_string(),
+                    [1u32, generated]
+                        .iter()
+                        .flat_map(|x| x.to_le_bytes())
+                        .collect(),
+                ),
+                ("margins".to_string(), m),
+                ("other".to_string(), vec![7]),
+            ])
+        };
+        let a = run(&[1, 2, 10, 11, 12], 3, &[3.0, 0.05, 2.0]);
+        // Identical: agree, whatever the margins' last bits.
+        let same = run(&[1, 2, 10, 11, 12], 3, &[3.0001, 0.0501, 2.0]);
+        compare_runs(&a, &same, &v).unwrap();
+        // Diverging at step 1, a near-tie in both runs: agree.
+        let tie = run(&[1, 2, 10, 20, 21, 22], 4, &[3.0, 0.02, 1.0, 1.0]);
+        compare_runs(&a, &tie, &v).unwrap();
+        // Diverging at step 0, where both were sure: a mismatch.
+        let sure = run(&[1, 2, 30, 11, 12], 3, &[3.0, 0.05, 2.0]);
+        let e = compare_runs(&a, &sure, &v).unwrap_err();
+        assert!(!e.exact && e.detail.contains("generated token 0"), "{e}");
+        // A run that claims a tie the other did not see: a mismatch.
+        let claims = run(&[1, 2, 40, 11, 12], 3, &[0.0, 0.05, 2.0]);
+        assert!(compare_runs(&a, &claims, &v).is_err());
+        // A different prompt: a mismatch.
+        let prompt = run(&[1, 3, 10, 11, 12], 3, &[3.0, 0.05, 2.0]);
+        assert!(
+            compare_runs(&a, &prompt, &v)
+                .unwrap_err()
+                .detail
+                .contains("prompt")
+        );
+        // One run stops early (no margin recorded for the step the other ran): a mismatch,
+        // though the unwritten margins are zeros.
+        let short = run(&[1, 2, 10, 11], 2, &[3.0, 0.05]);
+        let longer = run(&[1, 2, 10, 11, 12], 3, &[3.0, 0.05, 0.01]);
+        assert!(compare_runs(&short, &longer, &v).is_err());
+        // Outputs outside the sequence still compare exactly.
+        let mut other = same.clone();
+        other.insert("other".into(), vec![8]);
+        assert_eq!(compare_runs(&a, &other, &v).unwrap_err().output, "other");
     }
 
     fn receipt(provider: &Keypair, buyer: &Keypair, out: &[u8]) -> Signed<Receipt> {

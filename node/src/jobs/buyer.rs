@@ -87,6 +87,9 @@ pub(crate) struct BuyerJob {
     pub(super) record: JobRecord,
     /// Proposals made so far (each takes the next nonce).
     proposed: u64,
+    /// Whether runs stream their buffers to the caller: the first run only, so that a
+    /// verifying re-run does not restart what a chat client is being shown.
+    pub(super) stream: bool,
 }
 
 impl BuyerJob {
@@ -98,6 +101,7 @@ impl BuyerJob {
             inputs,
             record,
             proposed: 0,
+            stream: true,
         }
     }
 
@@ -664,7 +668,8 @@ impl BuyerJob {
             .map_err(|e| Failure::Provider(format!("dispatch: {e}")))?;
         let mut errors = 0u32;
         // Streamed buffers are polled beside the status; the poller ends with the attempt.
-        let _stream = super::network_streams(&self.sub.spec).map(|names| {
+        let streams = super::network_streams(&self.sub.spec).filter(|_| self.stream);
+        let _stream = streams.map(|names| {
             AbortOnDrop(tokio::spawn(poll_stream(
                 self.ctx.clone(),
                 peer,

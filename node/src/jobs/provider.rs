@@ -861,7 +861,9 @@ impl Provider {
     #[cfg(feature = "testing")]
     fn cheat(&self, mut out: JobOutput) -> JobOutput {
         let corrupt = match self.lie {
-            Some(super::Lie::Cheat { one_in }) => self.next_seq.is_multiple_of(u64::from(one_in.max(1))),
+            Some(super::Lie::Cheat { one_in }) => {
+                self.next_seq.is_multiple_of(u64::from(one_in.max(1)))
+            }
             _ => false,
         };
         for o in &mut out.outputs {

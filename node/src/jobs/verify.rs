@@ -1,7 +1,8 @@
 //! The buyer's verification by re-execution (`JobOptions::verify`, `hashgrid submit
 //! --verify`): after the first provider's run verified (signatures, hashes, charge), the job
 //! runs again on independent providers (others than those that ran it, another region first)
-//! when the mode asks for it, and the runs' outputs are compared ([`compare_outputs`]).
+//! when the mode asks for it, and the runs' outputs are compared ([`compare_runs`]: exactly,
+//! floats within a tolerance, generated tokens up to the first near-tie).
 //!
 //! - All agree: every run is countersigned and paid; each provider's reputation records a
 //!   spot check passed.
@@ -20,7 +21,8 @@ use std::collections::HashSet;
 
 use hashgrid_protocol::exchange::JobMessage;
 use hashgrid_protocol::{
-    FraudEvidence, GossipMessage, Mismatch, PublicKey, Signed, Timestamp, compare_outputs,
+    FraudEvidence, GossipMessage, Mismatch, PublicKey, Signed, Timestamp, Verification,
+    compare_runs,
 };
 use tracing::{info, warn};
 
@@ -47,15 +49,12 @@ fn roll() -> u16 {
 
 /// Groups `runs` by agreement with each group's first run; the groups in order of their
 /// first run.
-fn groups(
-    runs: &[Run],
-    tol: &std::collections::BTreeMap<String, hashgrid_protocol::Tolerance>,
-) -> Vec<Vec<usize>> {
+fn groups(runs: &[Run], v: &Verification) -> Vec<Vec<usize>> {
     let mut groups: Vec<Vec<usize>> = Vec::new();
     for (i, r) in runs.iter().enumerate() {
         match groups
             .iter_mut()
-            .find(|g| compare_outputs(&runs[g[0]].outputs, &r.outputs, tol).is_ok())
+            .find(|g| compare_runs(&runs[g[0]].outputs, &r.outputs, v).is_ok())
         {
             Some(g) => g.push(i),
             None => groups.push(vec![i]),
@@ -72,10 +71,12 @@ pub(super) async fn verify_runs(
     first: Run,
 ) -> Result<(), (FailKind, String)> {
     let mode = job.sub.options.verify.mode;
-    let tol = job.sub.options.verify.tolerances.clone();
+    let tol = job.sub.options.verify.clone();
     let wanted = mode.providers(roll());
     let mut runs = vec![first];
     let mut target = wanted;
+    // What the caller was shown streaming is the first run's; re-runs do not stream.
+    job.stream = false;
     let mut short: Option<String> = None;
     loop {
         while runs.len() < target && short.is_none() {
@@ -135,7 +136,7 @@ pub(super) async fn verify_runs(
         let detail: Vec<String> = runs
             .iter()
             .skip(1)
-            .filter_map(|r| compare_outputs(&runs[0].outputs, &r.outputs, &tol).err())
+            .filter_map(|r| compare_runs(&runs[0].outputs, &r.outputs, &tol).err())
             .map(|e| e.to_string())
             .collect();
         return Err((
@@ -157,7 +158,7 @@ fn report(
     accepted: &[usize],
     outcome: VerifyOutcome,
 ) -> VerificationReport {
-    let tol = &job.sub.options.verify.tolerances;
+    let tol = &job.sub.options.verify;
     let reference = accepted.first().map(|&i| &runs[i]);
     let extra: u64 = accepted
         .iter()
@@ -176,7 +177,7 @@ fn report(
                 agreement: r.agreement.clone(),
                 countersigned: None,
                 mismatch: reference.and_then(|x| {
-                    compare_outputs(&x.outputs, &r.outputs, tol)
+                    compare_runs(&x.outputs, &r.outputs, tol)
                         .err()
                         .map(|e| e.to_string())
                 }),
@@ -198,7 +199,7 @@ async fn settle(
     accepted: &[usize],
     outcome: VerifyOutcome,
 ) -> Result<(), (FailKind, String)> {
-    let tol = job.sub.options.verify.tolerances.clone();
+    let tol = job.sub.options.verify.clone();
     let mut rep = report(job, runs, wanted, accepted, outcome);
     let primary = &runs[accepted[0]];
     let witnesses: Vec<&Run> = accepted.iter().map(|&i| &runs[i]).collect();
@@ -206,8 +207,7 @@ async fn settle(
         if accepted.contains(&i) {
             continue;
         }
-        let mismatch: Option<Mismatch> =
-            compare_outputs(&primary.outputs, &run.outputs, &tol).err();
+        let mismatch: Option<Mismatch> = compare_runs(&primary.outputs, &run.outputs, &tol).err();
         let why = mismatch
             .as_ref()
             .map_or_else(|| "outputs differ".to_string(), ToString::to_string);

@@ -593,6 +593,20 @@ fn check_verification(sub: &Submission) -> Result<(), NodeError> {
         t.validate()
             .map_err(|e| NodeError::InvalidJob(format!("tolerance of `{name}`: {e}")))?;
     }
+    if let Some(t) = &v.tokens {
+        for name in [&t.tokens, &t.status, &t.margins] {
+            if !sub.spec.buffers.iter().any(|b| b.output && b.name == *name) {
+                return Err(NodeError::InvalidJob(format!(
+                    "the token comparison names `{name}`, which is not an output of the job"
+                )));
+            }
+        }
+        if !(t.max_tie.is_finite() && t.max_tie >= 0.0) {
+            return Err(NodeError::InvalidJob(
+                "the token comparison's near-tie bound must be a finite number ≥ 0".into(),
+            ));
+        }
+    }
     Ok(())
 }
 

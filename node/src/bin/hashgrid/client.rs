@@ -16,6 +16,26 @@ use crate::{CliError, Global};
 pub(crate) const ONCHAIN_HINT: &str = "add to the config file: [settle] mode = \"onchain\", bitcoin = \"signet\", esplora = \"https://mempool.space/signet/api\"";
 
 /// Everything about the buyer's data dir and config, resolved from flags and the file.
+impl Client {
+    /// The verification mode: `flag` when given, else the config's `verify`.
+    pub(crate) fn verify_mode(
+        &self,
+        flag: Option<&str>,
+    ) -> Result<hashgrid_protocol::VerifyMode, CliError> {
+        match flag {
+            Some(v) => v
+                .parse()
+                .map_err(|e: hashgrid_protocol::verify::BadVerifyMode| {
+                    CliError::bad_input(e.to_string(), "fix --verify")
+                }),
+            None => self
+                .config
+                .verify_mode()
+                .map_err(|e| CliError::bad_input(e.to_string(), "fix the config file")),
+        }
+    }
+}
+
 pub(crate) struct Client {
     pub(crate) dir: DataDir,
     pub(crate) config: ClientConfig,

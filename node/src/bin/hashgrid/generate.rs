@@ -35,6 +35,7 @@ pub(crate) struct GenerateArgs {
     pub(crate) local: bool,
     pub(crate) max_price: Option<u64>,
     pub(crate) max_seconds: u32,
+    pub(crate) verify: Option<String>,
 }
 
 fn bad_model(path: &Path, e: impl std::fmt::Display) -> CliError {
@@ -289,6 +290,7 @@ async fn run_market(
     print: bool,
 ) -> Result<Generated, CliError> {
     let c = Client::resolve(g)?;
+    let mode = c.verify_mode(a.verify.as_deref())?;
     let node = c.start().await?;
     let n_prompt = job.n_prompt;
     let started = Instant::now();
@@ -300,7 +302,10 @@ async fn run_market(
         max_attempts: 3,
         wait_for_capacity: Duration::from_secs(30),
         model: Some(job.model),
-        verify: Default::default(),
+        verify: hashgrid_protocol::Verification {
+            mode,
+            ..job.compare
+        },
     };
     let outcome = submit_and_wait(g, &node, job.spec, job.inputs, options).await;
     node.shutdown().await;
@@ -329,6 +334,7 @@ async fn run_market(
         "receipt_id": receipt.map(|r| r.id().to_string()),
         "receipt_file": saved.receipt,
         "wall_ms": elapsed.as_secs_f64() * 1e3,
+        "verification": crate::market::verification_json(&rec),
     });
     Ok(Generated {
         finish: finish_reason(&generation.tokens, &loaded.eog, false),

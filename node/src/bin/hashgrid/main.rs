@@ -290,6 +290,11 @@ enum Command {
         /// Through the market: longest run, in seconds (also caps the charge).
         #[arg(long, value_name = "S", default_value_t = 60)]
         max_seconds: u32,
+        /// Through the market: re-execution on independent providers (none, spot:P,
+        /// replicate:K); the tokens compare up to the first near-tie. Default: the config's
+        /// `verify`.
+        #[arg(long, value_name = "MODE")]
+        verify: Option<String>,
     },
     /// Chat with a GGUF language model on this machine's adapter: each line is a user turn,
     /// the history is kept; Ctrl-C stops a reply, an empty line or Ctrl-D quits.
@@ -351,6 +356,11 @@ enum Command {
         /// only; not with --local).
         #[arg(long, value_name = "ADDR")]
         dashboard: Option<std::net::SocketAddr>,
+        /// Re-execute every request on independent providers (none, spot:P, replicate:K):
+        /// tokens compare up to the first near-tie, embeddings within a tolerance. Default:
+        /// the config's `verify`.
+        #[arg(long, value_name = "MODE")]
+        verify: Option<String>,
     },
     /// Run a job file on this machine's GPU adapter, without any network.
     ///
@@ -549,6 +559,7 @@ fn main() -> ExitCode {
             local,
             max_price,
             max_seconds,
+            verify,
         } => rt().and_then(|rt| {
             rt.block_on(generate::generate(
                 &g,
@@ -561,6 +572,7 @@ fn main() -> ExitCode {
                     local,
                     max_price,
                     max_seconds,
+                    verify,
                 },
             ))
         }),
@@ -580,6 +592,7 @@ fn main() -> ExitCode {
             api_keys_file,
             metrics,
             dashboard,
+            verify,
         } => rt().and_then(|rt| {
             rt.block_on(serve::serve(
                 &g,
@@ -591,6 +604,7 @@ fn main() -> ExitCode {
                     api_keys_file,
                     metrics,
                     dashboard,
+                    verify,
                 },
             ))
         }),

@@ -273,6 +273,10 @@ pub(crate) async fn submit(g: &Global, args: SubmitArgs) -> Result<(), CliError>
             .map_err(|e: hashgrid_protocol::verify::BadVerifyMode| {
                 CliError::bad_input(e.to_string(), "fix --verify")
             })?;
+    } else if job.verify.mode == hashgrid_protocol::VerifyMode::None {
+        // The buyer's default (config `verify`), checked when the config was read.
+        let c = Client::resolve(g)?;
+        job.verify.mode = c.verify_mode(None)?;
     }
     hashgrid_node::executor::check_offline(&job.spec, Some(&job.inputs))
         .map_err(|e| CliError::bad_input(e.to_string(), "fix the job and submit again"))?;

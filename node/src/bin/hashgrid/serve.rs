@@ -23,6 +23,7 @@ pub(crate) struct ServeArgs {
     pub(crate) api_keys_file: Option<PathBuf>,
     pub(crate) metrics: Option<std::net::SocketAddr>,
     pub(crate) dashboard: Option<std::net::SocketAddr>,
+    pub(crate) verify: Option<String>,
 }
 
 /// Most bytes of an API keys file.
@@ -127,7 +128,11 @@ pub(crate) async fn serve(g: &Global, a: ServeArgs) -> Result<(), CliError> {
             wait_for_capacity: std::time::Duration::from_secs(u64::from(config.max_seconds)),
             // Set per request: the model each request runs.
             model: None,
-            verify: Default::default(),
+            // The mode; how runs compare comes with each request's job.
+            verify: hashgrid_protocol::Verification {
+                mode: client.verify_mode(a.verify.as_deref())?,
+                ..Default::default()
+            },
         };
         node = Some(n.clone());
         Arc::new(
