@@ -87,7 +87,7 @@ async fn main() -> anyhow::Result<()> {
             };
             sub.options.verify = Verification {
                 mode: *mode,
-                tolerances: job.verify.tolerances.clone(),
+                ..job.verify.clone()
             };
             let t = Instant::now();
             let id = buyer.submit(sub).await?;

@@ -229,6 +229,7 @@ async fn float_outputs_that_differ_in_the_last_bit_agree_within_a_tolerance_and_
             },
         )]
         .into(),
+        tokens: None,
     };
     for _ in 0..3 {
         let rec = run(&b, saxpy(), &tolerant).await;
@@ -293,6 +294,7 @@ async fn a_long_run_of_checked_jobs_on_honest_providers_accuses_nobody() {
             },
         )]
         .into(),
+        tokens: None,
     };
     let mut checked = 0;
     for i in 0..90 {
