@@ -147,6 +147,32 @@ async fn a_cheating_provider_is_caught_unpaid_and_avoided_by_buyers_that_got_the
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Operators see it: A sent one piece of evidence and overruled one run, B counted it.
+    let metric = |text: &str, series: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let (mut ma, mut mb) = (String::new(), String::new());
+    a.render_metrics(&mut ma).await.unwrap();
+    b.render_metrics(&mut mb).await.unwrap();
+    assert_eq!(
+        metric(&ma, "hashgrid_fraud_evidence_total{event=\"sent\"}"),
+        1,
+        "{ma}"
+    );
+    assert_eq!(
+        metric(
+            &ma,
+            "hashgrid_buyer_verifications_total{outcome=\"overruled\"}"
+        ),
+        1
+    );
+    assert_eq!(
+        metric(&mb, "hashgrid_fraud_evidence_total{event=\"counted\"}"),
+        1,
+        "{mb}"
+    );
     let seen_by_b = experience(&b, &lp);
     assert_eq!((seen_by_b.reported, seen_by_b.completed), (1, 0));
     assert!(seen_by_b.score() < 0);

@@ -132,6 +132,7 @@ pub(super) async fn verify_runs(
         }
         // No majority: accept nothing, accuse nobody.
         let report = report(job, &runs, wanted, &[], VerifyOutcome::NoMajority);
+        job.ctx.metrics.verification(report.outcome.name());
         job.record.verification = Some(report);
         let detail: Vec<String> = runs
             .iter()
@@ -229,12 +230,14 @@ async fn settle(
                     rep.evidence = Some(signed.id());
                     info!(job = %job.record.id.short(), accused = %run.provider.short(), evidence = %signed.id().short(), "gossiping fraud evidence");
                     job.ctx.net.publish(GossipMessage::Evidence(signed)).await;
+                    job.ctx.metrics.fraud_evidence("sent");
                 }
                 Err(e) => warn!(error = %e, "cannot make fraud evidence"),
             }
         }
     }
     let also: Vec<&Run> = witnesses[1..].to_vec();
+    job.ctx.metrics.verification(rep.outcome.name());
     job.accept(primary, &also, Some(rep)).await
 }
 

@@ -212,6 +212,8 @@ impl NodeLoop {
         }
         let Some(slot) = &self.slot else { return };
         let counted = self.reputation.reported(slot, ev.reporter, facts.accused);
+        self.metrics
+            .fraud_evidence(if counted { "counted" } else { "repeated" });
         info!(
             accused = %facts.accused.short(),
             reporter = %ev.reporter.short(),

@@ -105,6 +105,8 @@ pub struct Metrics {
     // Buyer.
     buyer_jobs: Family<Labels, Counter>,
     spent_msat: Family<Labels, Counter>,
+    verifications: Family<Labels, Counter>,
+    evidence: Family<Labels, Counter>,
     // Network.
     gossip: Family<Labels, Counter>,
     refused: Family<Labels, Counter>,
@@ -304,6 +306,18 @@ impl Metrics {
             "Jobs this node submitted that ended, by outcome (done, failed, cancelled)",
             Family::default(),
         );
+        let verifications = reg(
+            r,
+            "buyer_verifications",
+            "Verified jobs (spot or replicate) by what the comparison found (not-drawn, agreed, overruled, incomplete, no-majority)",
+            Family::default(),
+        );
+        let evidence = reg(
+            r,
+            "fraud_evidence",
+            "Fraud evidence: sent by this node as a buyer, or received from others and counted (once per reporter and provider) or already counted",
+            Family::default(),
+        );
         let spent_msat = reg_unit(
             r,
             "buyer_spent",
@@ -413,6 +427,8 @@ impl Metrics {
             resident_bytes,
             buyer_jobs,
             spent_msat,
+            verifications,
+            evidence,
             gossip,
             refused,
             inbound_seen: AtomicU64::new(0),
@@ -537,6 +553,18 @@ impl Metrics {
         self.buyer_jobs
             .get_or_create(&label("outcome", outcome))
             .inc();
+    }
+
+    /// A verified job's comparison ended with `outcome` ([`VerifyOutcome::name`](crate::jobs::record::VerifyOutcome::name)).
+    pub(crate) fn verification(&self, outcome: &'static str) {
+        self.verifications
+            .get_or_create(&label("outcome", outcome))
+            .inc();
+    }
+
+    /// Fraud evidence `event`: `sent`, `counted` or `repeated`.
+    pub(crate) fn fraud_evidence(&self, event: &'static str) {
+        self.evidence.get_or_create(&label("event", event)).inc();
     }
 
     /// This node countersigned a receipt as a buyer.
