@@ -107,7 +107,7 @@ pub enum StoreError {
 /// - 1: the same records, with the version recorded in `meta`.
 /// - 2: buyer job records ([`crate::jobs::record::JobRecord`]) end with the countersigned agreement.
 /// - 3: buyer job records end with the verification report; reputation records
-///   ([`crate::jobs::reputation::Experience`]) end with spot checks passed and reports.
+///   ([`crate::jobs::record::Experience`]) end with spot checks passed and reports.
 pub const SCHEMA_VERSION: u32 = 3;
 
 /// One step of the migration path: rewrites a store of schema `from` as `from + 1`. A step
@@ -162,7 +162,7 @@ mod v2 {
         pub(super) agreement: Option<Countersigned<Agreement>>,
     }
 
-    /// [`crate::jobs::reputation::Experience`] of schemas 0 to 2.
+    /// [`crate::jobs::record::Experience`] of schemas 0 to 2.
     #[derive(Deserialize)]
     pub(super) struct Experience {
         pub(super) completed: u64,
@@ -232,8 +232,8 @@ fn migrate_1_to_2(store: &Store) -> Result<(), StoreError> {
 /// with no spot checks and no reports. Records that already read as schema 3 (a step
 /// interrupted and run again) are left as they are.
 fn migrate_2_to_3(store: &Store) -> Result<(), StoreError> {
+    use crate::jobs::record::Experience;
     use crate::jobs::record::JobRecord;
-    use crate::jobs::reputation::Experience;
     let tree = store.tree(JobTree::BuyerJobs);
     let corrupt = |tree: &'static str, reason: String| StoreError::Corrupt { tree, reason };
     for item in tree.iter() {

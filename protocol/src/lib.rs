@@ -36,6 +36,7 @@
 
 pub mod codec;
 pub mod exchange;
+pub mod gossip;
 pub mod id;
 pub mod identity;
 pub mod job;
@@ -51,6 +52,7 @@ pub mod validate;
 pub mod verify;
 
 pub use codec::DecodeError;
+pub use gossip::{GossipError, GossipMessage, VerifiedGossip};
 pub use id::{ContentId, ParseIdError};
 pub use identity::{BadPublicKey, KeyFileError, Keypair, PublicKey, Signature};
 pub use job::{
@@ -59,9 +61,9 @@ pub use job::{
 };
 pub use jobfile::{JobFileError, JobFileErrorKind, LoadedJob, load_job_file, parse_job};
 pub use messages::{
-    Agreement, Ask, Backend, Benchmark, Bid, Cancel, CapacityAd, DeviceType, GossipError,
-    GossipMessage, GpuLimits, GpuProfile, Invoice, InvoicePayment, OrderRef, OutputRecord,
-    PaymentProof, Receipt, Requirements, SettlementMethod, VerifiedGossip,
+    Agreement, Ask, Backend, Benchmark, Bid, Cancel, CapacityAd, DeviceType, GpuLimits, GpuProfile,
+    Invoice, InvoicePayment, OrderRef, OutputRecord, PaymentProof, Receipt, Requirements,
+    SettlementMethod,
 };
 pub use model::{ModelBlob, ModelManifest};
 pub use money::Msat;

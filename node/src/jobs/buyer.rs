@@ -19,15 +19,15 @@ use tracing::{debug, info, warn};
 
 use super::blobs::fetch_blob;
 use super::reputation::Outcome;
+use super::stream::{AbortOnDrop, poll_stream};
 use super::{
     Attempt, DEADLINE_GRACE, FailKind, HEDGE_AFTER, HEDGE_MAX, JobRecord, JobState, JobUpdate,
     MAX_PROPOSALS_PER_ATTEMPT, Submission,
 };
-use crate::event::{DurableEvent, NodeEvent};
+use crate::event::NodeEvent;
 use crate::node::command::{Candidate, Net};
 use crate::node::settings::{DIAL_RETRIES, DIAL_RETRY_AFTER, UNREACHABLE};
 use crate::store::{JobTree, StoreSlot};
-use hashgrid_protocol::VerifyMode;
 
 /// What the buyer's task needs from its node.
 #[derive(Clone)]
@@ -61,6 +61,24 @@ pub(super) struct Matcher {
     bid_body: Bid,
     model_blobs: Vec<ContentId>,
     seed: u64,
+}
+
+impl Matcher {
+    /// The signed bid (and its body), the model blobs providers may hold, and the buyer's
+    /// tie-break seed for this job.
+    pub(super) fn new(
+        bid: Signed<Bid>,
+        bid_body: Bid,
+        model_blobs: Vec<ContentId>,
+        seed: u64,
+    ) -> Matcher {
+        Matcher {
+            bid,
+            bid_body,
+            model_blobs,
+            seed,
+        }
+    }
 }
 
 /// One provider's run of the job whose receipt and outputs verified, not yet countersigned.
@@ -105,7 +123,7 @@ impl BuyerJob {
         }
     }
 
-    fn set(&mut self, state: JobState, provider: Option<PublicKey>) {
+    pub(super) fn set(&mut self, state: JobState, provider: Option<PublicKey>) {
         self.record.state = state.clone();
         self.record.provider = provider;
         if state.is_terminal() {
@@ -128,43 +146,7 @@ impl BuyerJob {
         }));
     }
 
-    /// Runs the job to the end and records the outcome (flushed).
-    pub(crate) async fn run(mut self) {
-        let outcome = self.attempts().await;
-        self.ctx
-            .metrics
-            .buyer_job(if outcome.is_ok() { "done" } else { "failed" });
-        let state = match outcome {
-            Ok(()) => JobState::Done,
-            Err((kind, reason)) => {
-                info!(job = %self.record.id.short(), ?kind, %reason, "job failed");
-                JobState::Failed { kind, reason }
-            }
-        };
-        let provider = self.record.provider;
-        self.record.state = state.clone();
-        self.record.finished_at = Some(Timestamp::now());
-        let rec = &self.record;
-        let res = self.ctx.store.with(|s| {
-            s.put(JobTree::BuyerJobs, rec.id.as_bytes(), rec)?;
-            s.push_event(&DurableEvent::JobEnded {
-                job: rec.id,
-                state: rec.state.clone(),
-                provider: rec.provider,
-            })?;
-            s.flush()
-        });
-        if let Err(e) = res {
-            warn!(error = ?e, "cannot store the job's outcome (the node stopped?)");
-        }
-        let _ = self.ctx.events.send(NodeEvent::Job(JobUpdate {
-            job: self.record.id,
-            state,
-            provider,
-        }));
-    }
-
-    fn bid(&self, now: Timestamp) -> Result<Signed<Bid>, String> {
+    pub(super) fn bid(&self, now: Timestamp) -> Result<Signed<Bid>, String> {
         let o = &self.sub.options;
         let bid = Bid {
             buyer: self.ctx.key.public(),
@@ -187,45 +169,6 @@ impl BuyerJob {
             .verify(&self.ctx.network)
             .map_err(|e| format!("invalid bid: {e}"))?;
         Ok(signed)
-    }
-
-    async fn attempts(&mut self) -> Result<(), (FailKind, String)> {
-        if let Some(m) = &self.sub.options.model {
-            m.check_against(&self.sub.spec)
-                .map_err(|e| (FailKind::Invalid, format!("the job's model manifest: {e}")))?;
-        }
-        // The model's blobs a provider that lists the model keeps (smaller ones travel inline).
-        let model_blobs: Vec<ContentId> = self
-            .sub
-            .options
-            .model
-            .iter()
-            .flat_map(|m| &m.blobs)
-            .filter(|b| b.len >= super::cache::MIN_CACHED_BYTES as u64)
-            .map(|b| b.id)
-            .collect();
-        let bid = self
-            .bid(Timestamp::now())
-            .map_err(|e| (FailKind::Invalid, e))?;
-        let bid_body = bid
-            .decode_unverified()
-            .map_err(|e| (FailKind::Invalid, e.to_string()))?;
-        // This buyer's random tie-break among equal asks, fresh for each job.
-        let seed = hashgrid_market::tie_break(
-            u64::from_le_bytes(self.record.id.0[..8].try_into().unwrap_or_default()),
-            &self.ctx.key.public(),
-        );
-        let m = Matcher {
-            bid,
-            bid_body,
-            model_blobs,
-            seed,
-        };
-        let first = self.find_run(&m, &HashSet::new(), None).await?;
-        if self.sub.options.verify.mode == VerifyMode::None {
-            return self.accept(&first, &[], None).await;
-        }
-        super::verify::verify_runs(self, &m, first).await
     }
 
     /// Matches, negotiates and runs the job on one provider not in `used` (preferring
@@ -671,7 +614,8 @@ impl BuyerJob {
         let streams = super::network_streams(&self.sub.spec).filter(|_| self.stream);
         let _stream = streams.map(|names| {
             AbortOnDrop(tokio::spawn(poll_stream(
-                self.ctx.clone(),
+                self.ctx.net.clone(),
+                self.ctx.events.clone(),
                 peer,
                 agreement_id,
                 self.record.id,
@@ -783,81 +727,6 @@ impl BuyerJob {
         }
         check_outputs(&r, &outputs).map_err(|e| lie(e.to_string()))?;
         Ok((r, outputs))
-    }
-}
-
-/// Aborts a spawned task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Follows a running job's streamed buffers with long polls and reports each new check as
-/// [`NodeEvent::JobStream`], until the provider says the job is no longer running. A chunk
-/// naming a buffer the job does not stream, or larger than that buffer, ends the stream (the
-/// job itself goes on and is judged by its receipt).
-async fn poll_stream(
-    ctx: BuyerCtx,
-    peer: PeerId,
-    agreement: ContentId,
-    job: ContentId,
-    provider: PublicKey,
-    names: Vec<(String, u64)>,
-) {
-    let mut seen = 0u32;
-    let mut errors = 0u32;
-    loop {
-        let chunk = match ctx
-            .net
-            .job(peer, JobMessage::Stream { agreement, seen })
-            .await
-        {
-            Ok(JobReply::Stream(c)) => {
-                errors = 0;
-                c
-            }
-            Ok(other) => {
-                debug!(?other, "the provider does not stream this job");
-                return;
-            }
-            Err(e) => {
-                errors += 1;
-                if errors >= 3 {
-                    debug!(error = %e, "stream poll failed");
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(200 * u64::from(errors))).await;
-                continue;
-            }
-        };
-        if chunk.iterations > seen {
-            let fits = chunk.buffers.iter().all(|b| {
-                names
-                    .iter()
-                    .any(|(n, size)| *n == b.name && b.bytes.0.len() as u64 <= *size)
-            });
-            if !fits {
-                warn!(provider = %provider.short(), "streamed buffers do not match the job; ignoring its stream");
-                return;
-            }
-            seen = chunk.iterations;
-            let _ = ctx.events.send(NodeEvent::JobStream(super::JobStream {
-                job,
-                provider,
-                iterations: chunk.iterations,
-                buffers: chunk
-                    .buffers
-                    .into_iter()
-                    .map(|b| (b.name, b.bytes.0))
-                    .collect(),
-            }));
-        }
-        if chunk.finished {
-            return;
-        }
     }
 }
 

@@ -38,11 +38,12 @@ pub(crate) mod blobs;
 pub(crate) mod buyer;
 pub mod cache;
 pub(crate) mod provider;
+pub(crate) mod purchase;
 pub mod record;
 pub mod reputation;
 pub(crate) mod run;
 pub(crate) mod service;
-pub(crate) mod verify;
+pub(crate) mod stream;
 
 pub use record::{Attempt, FailKind, JobRecord, JobState};
 

@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use hashgrid_protocol::PublicKey;
-use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use crate::store::{Store, StoreError, StoreSlot};
@@ -20,40 +19,7 @@ use crate::store::{Store, StoreError, StoreSlot};
 /// Most providers remembered: past it, the one with the fewest jobs is forgotten.
 pub const MAX_REMEMBERED_PROVIDERS: usize = 100_000;
 
-/// This node's experience of one provider.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Experience {
-    /// Jobs it completed (receipt and outputs verified).
-    pub completed: u64,
-    /// Jobs it failed after agreeing to them.
-    pub failed: u64,
-    /// Jobs whose receipt or outputs did not verify (disputed).
-    pub lied: u64,
-    /// Milliseconds from agreement to verified receipt, summed over completed jobs.
-    pub completed_ms: u64,
-    /// Completed jobs whose outputs another provider's re-execution confirmed.
-    pub checks_passed: u64,
-    /// Other buyers whose fraud evidence against the provider checked (one per buyer).
-    pub reported: u64,
-}
-
-impl Experience {
-    /// The score the market ranks by: `completed − 4 · failed − 16 · lied − 8 · reported`.
-    pub fn score(&self) -> i64 {
-        let c = i64::try_from(self.completed).unwrap_or(i64::MAX);
-        let f = i64::try_from(self.failed).unwrap_or(i64::MAX);
-        let l = i64::try_from(self.lied).unwrap_or(i64::MAX);
-        let r = i64::try_from(self.reported).unwrap_or(i64::MAX);
-        c.saturating_sub(f.saturating_mul(4))
-            .saturating_sub(l.saturating_mul(16))
-            .saturating_sub(r.saturating_mul(8))
-    }
-
-    /// Mean milliseconds from agreement to verified receipt of completed jobs.
-    pub fn mean_ms(&self) -> Option<u64> {
-        self.completed_ms.checked_div(self.completed)
-    }
-}
+pub use super::record::Experience;
 
 /// How one job with a provider ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,8 +1,9 @@
-//! The buyer's verification by re-execution (`JobOptions::verify`, `hashgrid submit
-//! --verify`): after the first provider's run verified (signatures, hashes, charge), the job
-//! runs again on independent providers (others than those that ran it, another region first)
-//! when the mode asks for it, and the runs' outputs are compared ([`compare_runs`]: exactly,
-//! floats within a tolerance, generated tokens up to the first near-tie).
+//! One job's purchase, from the buyer's side: [`BuyerJob::run`] makes the first run
+//! ([`BuyerJob::find_run`] in `jobs::buyer`: match, propose, dispatch, verify the receipt and
+//! outputs), then, when `JobOptions::verify` asks for it, runs the job again on independent
+//! providers (others than those that ran it, another region first) and compares the runs
+//! ([`compare_runs`]: exactly, floats within a tolerance, generated tokens up to the first
+//! near-tie), and records the outcome.
 //!
 //! - All agree: every run is countersigned and paid; each provider's reputation records a
 //!   spot check passed.
@@ -26,16 +27,93 @@ use hashgrid_protocol::{
 };
 use tracing::{info, warn};
 
-use super::FailKind;
+use hashgrid_protocol::{ContentId, VerifyMode};
+
 use super::buyer::{BuyerJob, Matcher, Run};
 use super::record::{VerificationReport, VerifiedRun, VerifyOutcome};
 use super::reputation::Outcome;
+use super::{FailKind, JobState, JobUpdate};
+use crate::event::{DurableEvent, NodeEvent};
+use crate::store::JobTree;
 
 /// Runs beyond the mode's count that may be added to settle a disagreement.
 const TIE_BREAKERS: usize = 2;
 
 /// How long gossiped evidence is relayed.
 const EVIDENCE_TTL_MS: u64 = 3_600_000;
+
+impl BuyerJob {
+    /// Runs the job to the end and records the outcome (flushed).
+    pub(crate) async fn run(mut self) {
+        let outcome = self.attempts().await;
+        self.ctx
+            .metrics
+            .buyer_job(if outcome.is_ok() { "done" } else { "failed" });
+        let state = match outcome {
+            Ok(()) => JobState::Done,
+            Err((kind, reason)) => {
+                info!(job = %self.record.id.short(), ?kind, %reason, "job failed");
+                JobState::Failed { kind, reason }
+            }
+        };
+        let provider = self.record.provider;
+        self.record.state = state.clone();
+        self.record.finished_at = Some(Timestamp::now());
+        let rec = &self.record;
+        let res = self.ctx.store.with(|s| {
+            s.put(JobTree::BuyerJobs, rec.id.as_bytes(), rec)?;
+            s.push_event(&DurableEvent::JobEnded {
+                job: rec.id,
+                state: rec.state.clone(),
+                provider: rec.provider,
+            })?;
+            s.flush()
+        });
+        if let Err(e) = res {
+            warn!(error = ?e, "cannot store the job's outcome (the node stopped?)");
+        }
+        let _ = self.ctx.events.send(NodeEvent::Job(JobUpdate {
+            job: self.record.id,
+            state,
+            provider,
+        }));
+    }
+
+    /// The first run, then the verification the job asks for.
+    async fn attempts(&mut self) -> Result<(), (FailKind, String)> {
+        if let Some(m) = &self.sub.options.model {
+            m.check_against(&self.sub.spec)
+                .map_err(|e| (FailKind::Invalid, format!("the job's model manifest: {e}")))?;
+        }
+        // The model's blobs a provider that lists the model keeps (smaller ones travel inline).
+        let model_blobs: Vec<ContentId> = self
+            .sub
+            .options
+            .model
+            .iter()
+            .flat_map(|m| &m.blobs)
+            .filter(|b| b.len >= super::cache::MIN_CACHED_BYTES as u64)
+            .map(|b| b.id)
+            .collect();
+        let bid = self
+            .bid(Timestamp::now())
+            .map_err(|e| (FailKind::Invalid, e))?;
+        let bid_body = bid
+            .decode_unverified()
+            .map_err(|e| (FailKind::Invalid, e.to_string()))?;
+        // This buyer's random tie-break among equal asks, fresh for each job.
+        let seed = hashgrid_market::tie_break(
+            u64::from_le_bytes(self.record.id.0[..8].try_into().unwrap_or_default()),
+            &self.ctx.key.public(),
+        );
+        let m = Matcher::new(bid, bid_body, model_blobs, seed);
+        let first = self.find_run(&m, &HashSet::new(), None).await?;
+        if self.sub.options.verify.mode == VerifyMode::None {
+            return self.accept(&first, &[], None).await;
+        }
+        verify_runs(self, &m, first).await
+    }
+}
 
 /// A uniform draw in `0..1000` from the operating system's randomness.
 fn roll() -> u16 {
