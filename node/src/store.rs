@@ -107,7 +107,8 @@ pub enum StoreError {
 /// - 1: the same records, with the version recorded in `meta`.
 /// - 2: buyer job records ([`crate::jobs::record::JobRecord`]) end with the countersigned agreement.
 /// - 3: buyer job records end with the verification report; reputation records
-///   ([`crate::jobs::record::Experience`]) end with spot checks passed and reports.
+///   ([`crate::jobs::record::Experience`]) end with spot checks passed, reports and the
+///   credit forfeited by lies.
 pub const SCHEMA_VERSION: u32 = 3;
 
 /// One step of the migration path: rewrites a store of schema `from` as `from + 1`. A step
@@ -274,6 +275,7 @@ fn migrate_2_to_3(store: &Store) -> Result<(), StoreError> {
             completed_ms: old.completed_ms,
             checks_passed: 0,
             reported: 0,
+            forfeited: 0,
         };
         let encoded =
             postcard::to_stdvec(&new).map_err(|e| corrupt(TREE_REPUTATION, e.to_string()))?;

@@ -312,10 +312,10 @@ impl Eq for Tolerance {}
 
 impl Tolerance {
     /// Both finite and not negative.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), BadTolerance> {
         for (name, v) in [("rtol", self.rtol), ("atol", self.atol)] {
             if !v.is_finite() || v < 0.0 {
-                return Err(format!("`{name}` must be a finite number ≥ 0, not {v}"));
+                return Err(BadTolerance { name, value: v });
             }
         }
         Ok(())
@@ -332,6 +332,16 @@ impl Tolerance {
         let scale = f64::from(a.abs().max(b.abs()));
         diff <= f64::from(self.atol) + f64::from(self.rtol) * scale
     }
+}
+
+/// A tolerance that is negative, infinite or NaN.
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+#[error("`{name}` must be a finite number ≥ 0, not {value}")]
+pub struct BadTolerance {
+    /// `rtol` or `atol`.
+    pub name: &'static str,
+    /// The value given.
+    pub value: f32,
 }
 
 /// Where two runs' outputs disagree.

@@ -201,18 +201,24 @@ pub struct Experience {
     pub checks_passed: u64,
     /// Other buyers whose fraud evidence against the provider checked (one per buyer).
     pub reported: u64,
+    /// Credit forfeited by lies: the positive score the provider had earned when this buyer
+    /// caught it lying. Past completions count for nothing once a provider is known to cheat
+    /// (its unchecked results may have been wrong too).
+    pub forfeited: u64,
 }
 
 impl Experience {
-    /// The score the market ranks by: `completed − 4 · failed − 16 · lied − 8 · reported`.
+    /// The score the market ranks by:
+    /// `completed − forfeited − 4 · failed − 16 · lied − 8 · reported`. A lie caught by this
+    /// buyer first forfeits whatever positive score the provider had, so it always ends at
+    /// −16 or below, and sixteen good jobs after it bring it back to zero.
     pub fn score(&self) -> i64 {
-        let c = i64::try_from(self.completed).unwrap_or(i64::MAX);
-        let f = i64::try_from(self.failed).unwrap_or(i64::MAX);
-        let l = i64::try_from(self.lied).unwrap_or(i64::MAX);
-        let r = i64::try_from(self.reported).unwrap_or(i64::MAX);
-        c.saturating_sub(f.saturating_mul(4))
-            .saturating_sub(l.saturating_mul(16))
-            .saturating_sub(r.saturating_mul(8))
+        let n = |x: u64| i64::try_from(x).unwrap_or(i64::MAX);
+        n(self.completed)
+            .saturating_sub(n(self.forfeited))
+            .saturating_sub(n(self.failed).saturating_mul(4))
+            .saturating_sub(n(self.lied).saturating_mul(16))
+            .saturating_sub(n(self.reported).saturating_mul(8))
     }
 
     /// Mean milliseconds from agreement to verified receipt of completed jobs.

@@ -4,9 +4,12 @@
 //! store (tree `reputation`, flushed with the job's outcome), so it survives restarts.
 //!
 //! The score the market engine ranks by ([`hashgrid_market::Reputation`]) is
-//! `completed − 4 · failed − 16 · lied`: a provider has to complete four jobs to make up for
-//! one it failed, sixteen for one it lied about. A negative score puts a provider after every
-//! provider in good standing at the same price (see `OrderBook::candidates_fair`).
+//! `completed − forfeited − 4 · failed − 16 · lied − 8 · reported`: a provider has to complete
+//! four jobs to make up for one it failed; a lie this buyer caught first forfeits every point
+//! the provider had earned (its unchecked results are suspect too) and then costs sixteen; a
+//! report from another buyer (fraud evidence that checked) costs eight. A negative score puts
+//! a provider after every provider in good standing at the same price (see
+//! `OrderBook::candidates_fair`).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -92,7 +95,12 @@ impl Reputations {
                     }
                 }
                 Outcome::Failed => e.failed = e.failed.saturating_add(1),
-                Outcome::Lied => e.lied = e.lied.saturating_add(1),
+                Outcome::Lied => {
+                    // Earned trust is gone: forfeit the positive part of the score first.
+                    let credit = u64::try_from(e.score().max(0)).unwrap_or(0);
+                    e.forfeited = e.forfeited.saturating_add(credit);
+                    e.lied = e.lied.saturating_add(1);
+                }
                 Outcome::Reported => e.reported = e.reported.saturating_add(1),
             }
             let e = *e;
@@ -204,15 +212,32 @@ mod tests {
             );
             r.record(&slot, b, Outcome::Lied);
             assert_eq!(r.score(&a), 1);
-            assert_eq!(r.score(&b), -15);
+            // The one point b had earned is forfeited by its lie.
+            assert_eq!(r.score(&b), -16);
+            // However much a provider had earned, a caught lie leaves it at -16.
+            let c = hashgrid_protocol::Keypair::from_secret_bytes([4; 32]).public();
+            for _ in 0..40 {
+                r.record(
+                    &slot,
+                    c,
+                    Outcome::Completed {
+                        ms: 1,
+                        checked: false,
+                    },
+                );
+            }
+            r.record(&slot, c, Outcome::Lied);
+            assert_eq!(r.score(&c), -16);
+            r.record(&slot, c, Outcome::Reported);
+            assert_eq!(r.score(&c), -24);
             assert_eq!(r.get(&a).unwrap().mean_ms(), Some(100));
             store.flush().unwrap();
             slot.close();
         }
         let store = Store::open(dir.path()).unwrap();
         let r = Reputations::load(&store).unwrap();
-        assert_eq!((r.score(&a), r.score(&b)), (1, -15));
-        assert_eq!(r.all().len(), 2);
+        assert_eq!((r.score(&a), r.score(&b)), (1, -16));
+        assert_eq!(r.all().len(), 3);
         let nobody = hashgrid_protocol::Keypair::from_secret_bytes([3; 32]).public();
         assert_eq!(r.score(&nobody), 0);
     }

@@ -949,7 +949,7 @@ pub(crate) fn providers(g: &Global) -> Result<(), CliError> {
         );
     }
     println!(
-        "(score = completed - 4 x failed - 16 x disputed - 8 x reported; a provider in bad standing is matched after those in good standing at its price; CHECKED: jobs another provider's re-execution confirmed)"
+        "(score = completed - forfeited - 4 x failed - 16 x disputed - 8 x reported, a caught lie forfeiting every point earned; a provider in bad standing is matched after those in good standing at its price; CHECKED: jobs another provider's re-execution confirmed)"
     );
     Ok(())
 }
