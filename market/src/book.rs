@@ -952,23 +952,36 @@ impl OrderBook {
             }
             return;
         }
-        let mut iters: Vec<_> = self
+        // A lazy k-way merge: each qualifying bucket enters with its best ask (no range
+        // built), and a bucket's range is built only once the merge takes from it; a bid
+        // that wants a few units touches a few buckets of the many it allows.
+        let buckets: Vec<&BTreeMap<AskPrio, OrderRef>> = self
             .ask_buckets
             .iter()
             .filter(|(k, _)| f.bucket_ok(k))
-            .map(|(_, b)| b.range(..=hi))
+            .map(|(_, b)| b)
             .collect();
-        let mut heap = BinaryHeap::with_capacity(iters.len());
-        for (i, it) in iters.iter_mut().enumerate() {
-            if let Some((p, r)) = it.next() {
-                heap.push(Reverse((*p, i, *r)));
-            }
-        }
-        while let Some(Reverse((_, i, r))) = heap.pop() {
+        let heads: Vec<Reverse<(AskPrio, usize, OrderRef)>> = buckets
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| {
+                let (p, r) = b.first_key_value()?;
+                (*p <= hi).then_some(Reverse((*p, i, *r)))
+            })
+            .collect();
+        let mut heap = BinaryHeap::from(heads);
+        let mut iters: Vec<Option<std::collections::btree_map::Range<'_, AskPrio, OrderRef>>> =
+            (0..buckets.len()).map(|_| None).collect();
+        while let Some(Reverse((p, i, r))) = heap.pop() {
             if !check(&r) {
                 return;
             }
-            if let Some((p, r)) = iters[i].next() {
+            let it = iters[i].get_or_insert_with(|| {
+                let mut it = buckets[i].range(p..=hi);
+                it.next();
+                it
+            });
+            if let Some((p, r)) = it.next() {
                 heap.push(Reverse((*p, i, *r)));
             }
         }
@@ -1022,7 +1035,9 @@ impl OrderBook {
         let hi = (Reverse(ask.price.0), u64::MAX, u64::MAX);
         let (backend, mem_tier, flops_tier) =
             (a.bucket.backend, a.bucket.mem_tier, a.bucket.flops_tier);
-        let mut iters: Vec<_> = self
+        // The same lazy merge as `scan_asks`, over the bid buckets this ask could serve:
+        // most asks cross no resting bid, and cost one look at each bucket's best.
+        let buckets: Vec<&BTreeMap<BidPrio, OrderRef>> = self
             .bid_index
             .iter()
             .filter(|(k, _)| {
@@ -1031,17 +1046,30 @@ impl OrderBook {
                     && k.mem_tier <= mem_tier
                     && k.flops_tier <= flops_tier
             })
-            .map(|(_, m)| m.range(..=hi))
+            .map(|(_, m)| m)
             .collect();
-        let mut heap = BinaryHeap::new();
-        for (i, it) in iters.iter_mut().enumerate() {
-            if let Some((p, r)) = it.next() {
-                heap.push(Reverse((*p, i, *r)));
-            }
+        let heads: Vec<Reverse<(BidPrio, usize, OrderRef)>> = buckets
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| {
+                let (p, r) = b.first_key_value()?;
+                (*p <= hi).then_some(Reverse((*p, i, *r)))
+            })
+            .collect();
+        if heads.is_empty() {
+            return Vec::new();
         }
+        let mut heap = BinaryHeap::from(heads);
+        let mut iters: Vec<Option<std::collections::btree_map::Range<'_, BidPrio, OrderRef>>> =
+            (0..buckets.len()).map(|_| None).collect();
         let mut planner = Planner::units(a.remaining);
         while let Some(Reverse((p, i, r))) = heap.pop() {
-            if let Some((p2, r2)) = iters[i].next() {
+            let it = iters[i].get_or_insert_with(|| {
+                let mut it = buckets[i].range(p..=hi);
+                it.next();
+                it
+            });
+            if let Some((p2, r2)) = it.next() {
                 heap.push(Reverse((*p2, i, *r2)));
             }
             let Some(e) = self.bids.get(&r) else { continue };
