@@ -1037,17 +1037,30 @@ impl OrderBook {
             (a.bucket.backend, a.bucket.mem_tier, a.bucket.flops_tier);
         // The same lazy merge as `scan_asks`, over the bid buckets this ask could serve:
         // most asks cross no resting bid, and cost one look at each bucket's best.
-        let buckets: Vec<&BTreeMap<BidPrio, OrderRef>> = self
-            .bid_index
-            .iter()
-            .filter(|(k, _)| {
-                k.region.is_none_or(|r| r == region)
-                    && k.backend.is_none_or(|b| b == backend)
-                    && k.mem_tier <= mem_tier
-                    && k.flops_tier <= flops_tier
-            })
-            .map(|(_, m)| m)
-            .collect();
+        // Only the (region or any) × (backend or any) key ranges, up to the ask's memory tier:
+        // bid buckets are ordered by region, backend, then tiers.
+        let mut buckets: Vec<&BTreeMap<BidPrio, OrderRef>> = Vec::new();
+        for r in [None, Some(region)] {
+            for b in [None, Some(backend)] {
+                let lo = BidBucket {
+                    region: r,
+                    backend: b,
+                    mem_tier: 0,
+                    flops_tier: 0,
+                };
+                let hi_key = BidBucket {
+                    mem_tier,
+                    flops_tier: u8::MAX,
+                    ..lo
+                };
+                buckets.extend(
+                    self.bid_index
+                        .range(lo..=hi_key)
+                        .filter(|(k, _)| k.flops_tier <= flops_tier)
+                        .map(|(_, m)| m),
+                );
+            }
+        }
         let heads: Vec<Reverse<(BidPrio, usize, OrderRef)>> = buckets
             .iter()
             .enumerate()
