@@ -483,12 +483,66 @@ impl Planner {
     }
 }
 
+/// The asks of one bucket by priority, with the best cached for the merges.
+#[derive(Debug, Default)]
+struct AskBucket {
+    orders: BTreeMap<AskPrio, OrderRef>,
+    best: Option<(AskPrio, OrderRef)>,
+}
+
+/// Every non-empty ask bucket in one compact list (a bid's merge scans the keys and reads
+/// each bucket's cached best without touching its tree), with an index by key.
+#[derive(Debug, Default)]
+struct AskBuckets {
+    index: Map<BucketKey, usize>,
+    keys: Vec<BucketKey>,
+    buckets: Vec<AskBucket>,
+}
+
+impl AskBuckets {
+    fn insert(&mut self, key: BucketKey, prio: AskPrio, r: OrderRef) {
+        let i = match self.index.get(&key) {
+            Some(&i) => i,
+            None => {
+                self.keys.push(key);
+                self.buckets.push(AskBucket::default());
+                self.index.insert(key, self.keys.len() - 1);
+                self.keys.len() - 1
+            }
+        };
+        let b = &mut self.buckets[i];
+        b.orders.insert(prio, r);
+        if b.best.is_none_or(|(p, _)| prio < p) {
+            b.best = Some((prio, r));
+        }
+    }
+
+    fn remove(&mut self, key: &BucketKey, prio: &AskPrio) {
+        let Some(&i) = self.index.get(key) else {
+            return;
+        };
+        let b = &mut self.buckets[i];
+        b.orders.remove(prio);
+        if b.best.is_some_and(|(p, _)| p == *prio) {
+            b.best = b.orders.first_key_value().map(|(p, r)| (*p, *r));
+        }
+        if b.orders.is_empty() {
+            self.index.remove(key);
+            self.keys.swap_remove(i);
+            self.buckets.swap_remove(i);
+            if let Some(moved) = self.keys.get(i) {
+                self.index.insert(*moved, i);
+            }
+        }
+    }
+}
+
 /// The order book: every live ask and bid, indexed for matching.
 #[derive(Debug, Default)]
 pub struct OrderBook {
     asks: Map<OrderRef, AskEntry>,
     bids: Map<OrderRef, BidEntry>,
-    ask_buckets: BTreeMap<BucketKey, BTreeMap<AskPrio, OrderRef>>,
+    ask_buckets: AskBuckets,
     ask_global: BTreeMap<AskPrio, OrderRef>,
     /// Resting bids by bucket.
     bid_index: BTreeMap<BidBucket, BTreeMap<BidPrio, OrderRef>>,
@@ -634,7 +688,7 @@ impl OrderBook {
         }
         if entry.remaining > 0 {
             let prio = entry.prio();
-            self.ask_buckets.entry(bucket).or_default().insert(prio, r);
+            self.ask_buckets.insert(bucket, prio, r);
             self.ask_global.insert(prio, r);
             self.expiry
                 .insert((entry.ask.expires_at.0, arrival), (Side::Ask, r));
@@ -885,12 +939,7 @@ impl OrderBook {
     fn unindex_ask(&mut self, _r: &OrderRef, e: &AskEntry) {
         let prio = e.prio();
         self.ask_global.remove(&prio);
-        if let Some(b) = self.ask_buckets.get_mut(&e.bucket) {
-            b.remove(&prio);
-            if b.is_empty() {
-                self.ask_buckets.remove(&e.bucket);
-            }
-        }
+        self.ask_buckets.remove(&e.bucket, &prio);
     }
 
     fn unindex_bid(&mut self, _r: &OrderRef, e: &BidEntry) {
@@ -961,9 +1010,11 @@ impl OrderBook {
         // A lazy k-way merge: each qualifying bucket enters with its best ask (no range
         // built), and a bucket's range is built only once the merge takes from it; a bid
         // that wants a few units touches a few buckets of the many it allows.
-        let buckets: Vec<&BTreeMap<AskPrio, OrderRef>> = self
-            .ask_buckets
+        let ab = &self.ask_buckets;
+        let buckets: Vec<&AskBucket> = ab
+            .keys
             .iter()
+            .zip(&ab.buckets)
             .filter(|(k, _)| f.bucket_ok(k))
             .map(|(_, b)| b)
             .collect();
@@ -971,8 +1022,8 @@ impl OrderBook {
             .iter()
             .enumerate()
             .filter_map(|(i, b)| {
-                let (p, r) = b.first_key_value()?;
-                (*p <= hi).then_some(Reverse((*p, i, *r)))
+                let (p, r) = b.best?;
+                (p <= hi).then_some(Reverse((p, i, r)))
             })
             .collect();
         let mut heap = BinaryHeap::from(heads);
@@ -983,7 +1034,7 @@ impl OrderBook {
                 return;
             }
             let it = iters[i].get_or_insert_with(|| {
-                let mut it = buckets[i].range(p..=hi);
+                let mut it = buckets[i].orders.range(p..=hi);
                 it.next();
                 it
             });
