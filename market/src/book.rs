@@ -483,29 +483,50 @@ impl Planner {
     }
 }
 
-/// The asks of one bucket by priority, with the best cached for the merges.
-#[derive(Debug, Default)]
-struct AskBucket {
-    orders: BTreeMap<AskPrio, OrderRef>,
-    best: Option<(AskPrio, OrderRef)>,
+/// The orders of one bucket by priority, with the best cached for the merges.
+#[derive(Debug)]
+struct Bucket<P> {
+    orders: BTreeMap<P, OrderRef>,
+    best: Option<(P, OrderRef)>,
 }
 
-/// Every non-empty ask bucket in one compact list (a bid's merge scans the keys and reads
+impl<P> Default for Bucket<P> {
+    fn default() -> Self {
+        Bucket {
+            orders: BTreeMap::new(),
+            best: None,
+        }
+    }
+}
+
+/// Every non-empty bucket of one side in one compact list (a merge scans the keys and reads
 /// each bucket's cached best without touching its tree), with an index by key.
-#[derive(Debug, Default)]
-struct AskBuckets {
-    index: Map<BucketKey, usize>,
-    keys: Vec<BucketKey>,
-    buckets: Vec<AskBucket>,
+#[derive(Debug)]
+struct Buckets<K, P> {
+    index: Map<K, usize>,
+    keys: Vec<K>,
+    buckets: Vec<Bucket<P>>,
 }
 
-impl AskBuckets {
-    fn insert(&mut self, key: BucketKey, prio: AskPrio, r: OrderRef) {
+impl<K, P> Default for Buckets<K, P> {
+    fn default() -> Self {
+        Buckets {
+            index: Map::default(),
+            keys: Vec::new(),
+            buckets: Vec::new(),
+        }
+    }
+}
+
+type AskBucket = Bucket<AskPrio>;
+
+impl<K: Copy + Eq + std::hash::Hash, P: Copy + Ord> Buckets<K, P> {
+    fn insert(&mut self, key: K, prio: P, r: OrderRef) {
         let i = match self.index.get(&key) {
             Some(&i) => i,
             None => {
                 self.keys.push(key);
-                self.buckets.push(AskBucket::default());
+                self.buckets.push(Bucket::default());
                 self.index.insert(key, self.keys.len() - 1);
                 self.keys.len() - 1
             }
@@ -517,7 +538,7 @@ impl AskBuckets {
         }
     }
 
-    fn remove(&mut self, key: &BucketKey, prio: &AskPrio) {
+    fn remove(&mut self, key: &K, prio: &P) {
         let Some(&i) = self.index.get(key) else {
             return;
         };
@@ -542,10 +563,10 @@ impl AskBuckets {
 pub struct OrderBook {
     asks: Map<OrderRef, AskEntry>,
     bids: Map<OrderRef, BidEntry>,
-    ask_buckets: AskBuckets,
+    ask_buckets: Buckets<BucketKey, AskPrio>,
     ask_global: BTreeMap<AskPrio, OrderRef>,
     /// Resting bids by bucket.
-    bid_index: BTreeMap<BidBucket, BTreeMap<BidPrio, OrderRef>>,
+    bid_index: Buckets<BidBucket, BidPrio>,
     expiry: BTreeMap<(u64, u64), (Side, OrderRef)>,
     /// Orders that left the book: (highest seq, remember until, key in `retired_by_until`).
     retired: Map<OrderRef, (u64, u64, u64)>,
@@ -782,7 +803,7 @@ impl OrderBook {
         if entry.remaining > 0 {
             let prio = entry.prio();
             for b in &entry.buckets {
-                self.bid_index.entry(*b).or_default().insert(prio, r);
+                self.bid_index.insert(*b, prio, r);
             }
             self.expiry
                 .insert((entry.bid.expires_at.0, arrival), (Side::Bid, r));
@@ -945,12 +966,7 @@ impl OrderBook {
     fn unindex_bid(&mut self, _r: &OrderRef, e: &BidEntry) {
         let prio = e.prio();
         for k in &e.buckets {
-            if let Some(b) = self.bid_index.get_mut(k) {
-                b.remove(&prio);
-                if b.is_empty() {
-                    self.bid_index.remove(k);
-                }
-            }
+            self.bid_index.remove(k, &prio);
         }
     }
 
@@ -1093,37 +1109,26 @@ impl OrderBook {
         let (backend, mem_tier, flops_tier) =
             (a.bucket.backend, a.bucket.mem_tier, a.bucket.flops_tier);
         // The same lazy merge as `scan_asks`, over the bid buckets this ask could serve:
-        // most asks cross no resting bid, and cost one look at each bucket's best.
-        // Only the (region or any) × (backend or any) key ranges, up to the ask's memory tier:
-        // bid buckets are ordered by region, backend, then tiers.
-        let mut buckets: Vec<&BTreeMap<BidPrio, OrderRef>> = Vec::new();
-        for r in [None, Some(region)] {
-            for b in [None, Some(backend)] {
-                let lo = BidBucket {
-                    region: r,
-                    backend: b,
-                    mem_tier: 0,
-                    flops_tier: 0,
-                };
-                let hi_key = BidBucket {
-                    mem_tier,
-                    flops_tier: u8::MAX,
-                    ..lo
-                };
-                buckets.extend(
-                    self.bid_index
-                        .range(lo..=hi_key)
-                        .filter(|(k, _)| k.flops_tier <= flops_tier)
-                        .map(|(_, m)| m),
-                );
-            }
-        }
+        // most asks cross no resting bid, and cost one look at each bucket's cached best.
+        let bi = &self.bid_index;
+        let buckets: Vec<&Bucket<BidPrio>> = bi
+            .keys
+            .iter()
+            .zip(&bi.buckets)
+            .filter(|(k, _)| {
+                k.region.is_none_or(|r| r == region)
+                    && k.backend.is_none_or(|b| b == backend)
+                    && k.mem_tier <= mem_tier
+                    && k.flops_tier <= flops_tier
+            })
+            .map(|(_, b)| b)
+            .collect();
         let heads: Vec<Reverse<(BidPrio, usize, OrderRef)>> = buckets
             .iter()
             .enumerate()
             .filter_map(|(i, b)| {
-                let (p, r) = b.first_key_value()?;
-                (*p <= hi).then_some(Reverse((*p, i, *r)))
+                let (p, r) = b.best?;
+                (p <= hi).then_some(Reverse((p, i, r)))
             })
             .collect();
         if heads.is_empty() {
@@ -1135,7 +1140,7 @@ impl OrderBook {
         let mut planner = Planner::units(a.remaining);
         while let Some(Reverse((p, i, r))) = heap.pop() {
             let it = iters[i].get_or_insert_with(|| {
-                let mut it = buckets[i].range(p..=hi);
+                let mut it = buckets[i].orders.range(p..=hi);
                 it.next();
                 it
             });
