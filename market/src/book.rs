@@ -23,11 +23,13 @@
 //!
 //! # Indexing
 //! Asks live in buckets keyed by (region, backend, memory tier, GFLOP/s tier), each ordered by
-//! priority, plus one global priority index. A bid whose constraints leave few buckets merges
-//! just those (k-way, lazily, stopping at its price limit); a bid that allows most of the
-//! book walks the global index, where almost every ask qualifies. Resting bids are bucketed by
-//! (region or any, backend or any, memory-floor tier, GFLOP/s-floor tier), so an incoming ask
-//! merges only the buckets whose bids it could serve.
+//! priority, held in one compact list with each bucket's best ask cached. A bid merges the
+//! buckets its constraints allow (k-way, lazily: every bucket enters the merge with its cached
+//! best, and a bucket's tree is only walked once the merge takes from it, stopping at the
+//! bid's price limit), so a bid that wants a few units touches a few trees however many
+//! buckets it allows. Resting bids are bucketed by (region or any, backend or any,
+//! memory-floor tier, GFLOP/s-floor tier) the same way, so an incoming ask reads the cached
+//! best of each bucket whose bids it could serve and walks only those that cross its price.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
@@ -347,15 +349,6 @@ struct AskFilter {
 }
 
 impl AskFilter {
-    /// Whether every bucket passes: then the global index, where nearly every ask qualifies,
-    /// is cheaper than a k-way merge of all buckets.
-    fn unconstrained(&self) -> bool {
-        self.regions.is_none()
-            && self.backends.is_none()
-            && tier(self.min_mem) == 0
-            && tier(self.min_mflops) == 0
-    }
-
     fn bucket_ok(&self, k: &BucketKey) -> bool {
         self.regions.as_ref().is_none_or(|r| r.contains(&k.region))
             && self
@@ -564,7 +557,6 @@ pub struct OrderBook {
     asks: Map<OrderRef, AskEntry>,
     bids: Map<OrderRef, BidEntry>,
     ask_buckets: Buckets<BucketKey, AskPrio>,
-    ask_global: BTreeMap<AskPrio, OrderRef>,
     /// Resting bids by bucket.
     bid_index: Buckets<BidBucket, BidPrio>,
     expiry: BTreeMap<(u64, u64), (Side, OrderRef)>,
@@ -710,7 +702,6 @@ impl OrderBook {
         if entry.remaining > 0 {
             let prio = entry.prio();
             self.ask_buckets.insert(bucket, prio, r);
-            self.ask_global.insert(prio, r);
             self.expiry
                 .insert((entry.ask.expires_at.0, arrival), (Side::Ask, r));
             self.asks.insert(r, entry);
@@ -959,7 +950,6 @@ impl OrderBook {
 
     fn unindex_ask(&mut self, _r: &OrderRef, e: &AskEntry) {
         let prio = e.prio();
-        self.ask_global.remove(&prio);
         self.ask_buckets.remove(&e.bucket, &prio);
     }
 
@@ -1015,14 +1005,6 @@ impl OrderBook {
                 _ => true,
             }
         };
-        if f.unconstrained() {
-            for (_, r) in self.ask_global.range(..=hi) {
-                if !check(r) {
-                    return;
-                }
-            }
-            return;
-        }
         // A lazy k-way merge: each qualifying bucket enters with its best ask (no range
         // built), and a bucket's range is built only once the merge takes from it; a bid
         // that wants a few units touches a few buckets of the many it allows.
@@ -1327,9 +1309,13 @@ impl OrderBook {
 
     /// All live asks in priority order.
     pub fn asks(&self) -> Vec<RestingAsk> {
-        self.ask_global
-            .values()
-            .filter_map(|r| self.ask(r))
+        let mut all: Vec<&AskEntry> = self.asks.values().collect();
+        all.sort_by_key(|e| e.prio());
+        all.into_iter()
+            .map(|e| RestingAsk {
+                ask: (*e.ask).clone(),
+                remaining: e.remaining,
+            })
             .collect()
     }
 
