@@ -559,7 +559,12 @@ pub struct OrderBook {
     ask_buckets: Buckets<BucketKey, AskPrio>,
     /// Resting bids by bucket.
     bid_index: Buckets<BidBucket, BidPrio>,
+    /// Live orders by (expiry, arrival). Entries of orders that left the book early (filled,
+    /// cancelled, replaced) are not removed then, but skipped by `expire` (their arrival no
+    /// longer matches) and swept out once they outnumber the live orders.
     expiry: BTreeMap<(u64, u64), (Side, OrderRef)>,
+    /// Entries of `expiry` whose order left the book.
+    stale_expiry: usize,
     /// Orders that left the book: (highest seq, remember until, key in `retired_by_until`).
     retired: Map<OrderRef, (u64, u64, u64)>,
     retired_by_until: BTreeMap<(u64, u64), OrderRef>,
@@ -871,15 +876,19 @@ impl OrderBook {
             }
             self.expiry.remove(&(at, arrival));
             match side {
-                Side::Ask => {
+                Side::Ask if self.asks.get(&r).is_some_and(|e| e.arrival == arrival) => {
                     if let Some(e) = self.asks.remove(&r) {
                         self.unindex_ask(&r, &e);
                     }
                 }
-                Side::Bid => {
+                Side::Bid if self.bids.get(&r).is_some_and(|e| e.arrival == arrival) => {
                     if let Some(e) = self.bids.remove(&r) {
                         self.unindex_bid(&r, &e);
                     }
+                }
+                _ => {
+                    self.stale_expiry = self.stale_expiry.saturating_sub(1);
+                    continue;
                 }
             }
             out.push((side, r));
@@ -918,10 +927,26 @@ impl OrderBook {
         self.retired_by_until.insert((until, self.arrival), r);
     }
 
+    /// An order left the book before it expired: its expiry entry is now stale. Once stale
+    /// entries outnumber the live orders (plus a margin), they are swept out in one pass, so
+    /// the index stays within about twice the live orders at O(1) amortised per removal.
+    fn left_early(&mut self) {
+        self.stale_expiry += 1;
+        if self.stale_expiry > self.asks.len() + self.bids.len() + 1024 {
+            let (asks, bids) = (&self.asks, &self.bids);
+            self.expiry
+                .retain(|&(_, arrival), &mut (side, r)| match side {
+                    Side::Ask => asks.get(&r).is_some_and(|e| e.arrival == arrival),
+                    Side::Bid => bids.get(&r).is_some_and(|e| e.arrival == arrival),
+                });
+            self.stale_expiry = 0;
+        }
+    }
+
     fn retire_ask(&mut self, r: &OrderRef) {
         if let Some(e) = self.asks.remove(r) {
             self.unindex_ask(r, &e);
-            self.expiry.remove(&(e.ask.expires_at.0, e.arrival));
+            self.left_early();
             self.remember(*r, e.ask.seq, e.time.saturating_add(REMEMBER_MS));
         }
     }
@@ -929,7 +954,7 @@ impl OrderBook {
     fn retire_bid(&mut self, r: &OrderRef) {
         if let Some(e) = self.bids.remove(r) {
             self.unindex_bid(r, &e);
-            self.expiry.remove(&(e.bid.expires_at.0, e.arrival));
+            self.left_early();
             self.remember(*r, e.bid.seq, e.time.saturating_add(REMEMBER_MS));
         }
     }
@@ -937,14 +962,14 @@ impl OrderBook {
     fn remove_ask(&mut self, r: &OrderRef) {
         if let Some(e) = self.asks.remove(r) {
             self.unindex_ask(r, &e);
-            self.expiry.remove(&(e.ask.expires_at.0, e.arrival));
+            self.left_early();
         }
     }
 
     fn remove_bid(&mut self, r: &OrderRef) {
         if let Some(e) = self.bids.remove(r) {
             self.unindex_bid(r, &e);
-            self.expiry.remove(&(e.bid.expires_at.0, e.arrival));
+            self.left_early();
         }
     }
 
@@ -1329,5 +1354,95 @@ impl OrderBook {
                 remaining: e.remaining,
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use hashgrid_protocol::{
+        Backend, Benchmark, DeviceType, GpuLimits, GpuProfile, Requirements, Timestamp,
+    };
+
+    const NOW: u64 = 1_700_000_000_000;
+
+    fn ask(owner: u8, id: u64, seq: u64, expires_in: u64) -> Ask {
+        Ask {
+            provider: PublicKey([owner; 32]),
+            order_id: id,
+            seq,
+            units: 1,
+            price: Msat(10),
+            gpu: GpuProfile {
+                name: "g".into(),
+                vendor: 0,
+                device: 0,
+                backend: Backend::Vulkan,
+                device_type: DeviceType::DiscreteGpu,
+                driver: String::new(),
+                memory_bytes: 1 << 34,
+                limits: GpuLimits::default(),
+                bench: Benchmark {
+                    matmul_mflops: 1_000_000,
+                    copy_mbps: 1,
+                },
+            },
+            region: "eu".into(),
+            max_seconds: 60,
+            created_at: Timestamp(NOW),
+            expires_at: Timestamp(NOW + expires_in),
+        }
+    }
+
+    #[test]
+    fn expiry_entries_of_orders_gone_early_are_skipped_and_swept() {
+        let mut b = OrderBook::new();
+        // A replaced ask's old expiry entry must not drop the new version.
+        b.submit_ask(ask(1, 1, 1, 1_000), NOW, &NoReputation)
+            .unwrap();
+        b.submit_ask(ask(1, 1, 2, 5_000), NOW, &NoReputation)
+            .unwrap();
+        assert!(b.expire(NOW + 2_000).is_empty());
+        assert_eq!(b.ask_count(), 1);
+        assert_eq!(b.expire(NOW + 6_000).len(), 1);
+        assert_eq!(b.ask_count(), 0);
+        // Churn: orders that come and go leave at most about as many stale entries as live
+        // orders (plus the margin) in the index.
+        for i in 0..20_000u64 {
+            b.submit_ask(ask(2, 100 + i, 1, 3_600_000), NOW, &NoReputation)
+                .unwrap();
+            let c = Cancel {
+                owner: PublicKey([2; 32]),
+                order_id: 100 + i,
+                seq: 2,
+                created_at: Timestamp(NOW),
+                expires_at: Timestamp(NOW + 3_600_000),
+            };
+            b.cancel(&c, NOW).unwrap();
+        }
+        assert_eq!(b.ask_count(), 0);
+        assert!(b.expiry.len() <= 1_025, "{} expiry entries", b.expiry.len());
+        // A bid that matches nothing rests and expires normally among stale entries.
+        let bid = Bid {
+            buyer: PublicKey([3; 32]),
+            order_id: 1,
+            seq: 1,
+            units: 1,
+            requirements: Requirements::default(),
+            max_price: Msat(1),
+            max_seconds: 60,
+            created_at: Timestamp(NOW),
+            expires_at: Timestamp(NOW + 10),
+            model: None,
+        };
+        b.submit_bid(bid, NOW, &NoReputation).unwrap();
+        assert_eq!(b.expire(NOW + 20), vec![(Side::Bid, bid_ref())]);
+        fn bid_ref() -> OrderRef {
+            OrderRef {
+                owner: PublicKey([3; 32]),
+                order_id: 1,
+            }
+        }
     }
 }
