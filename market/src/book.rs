@@ -511,8 +511,6 @@ impl<K, P> Default for Buckets<K, P> {
     }
 }
 
-type AskBucket = Bucket<AskPrio>;
-
 impl<K: Copy + Eq + std::hash::Hash, P: Copy + Ord> Buckets<K, P> {
     fn insert(&mut self, key: K, prio: P, r: OrderRef) {
         let i = match self.index.get(&key) {
@@ -1034,34 +1032,37 @@ impl OrderBook {
         // built), and a bucket's range is built only once the merge takes from it; a bid
         // that wants a few units touches a few buckets of the many it allows.
         let ab = &self.ask_buckets;
-        let buckets: Vec<&AskBucket> = ab
+        let heads: Vec<Reverse<(AskPrio, usize, OrderRef)>> = ab
             .keys
             .iter()
             .zip(&ab.buckets)
-            .filter(|(k, _)| f.bucket_ok(k))
-            .map(|(_, b)| b)
-            .collect();
-        let heads: Vec<Reverse<(AskPrio, usize, OrderRef)>> = buckets
-            .iter()
             .enumerate()
-            .filter_map(|(i, b)| {
+            .filter(|(_, (k, _))| f.bucket_ok(k))
+            .filter_map(|(i, (_, b))| {
                 let (p, r) = b.best?;
                 (p <= hi).then_some(Reverse((p, i, r)))
             })
             .collect();
         let mut heap = BinaryHeap::from(heads);
-        let mut iters: Vec<Option<std::collections::btree_map::Range<'_, AskPrio, OrderRef>>> =
-            (0..buckets.len()).map(|_| None).collect();
+        // The buckets the merge has taken from, with their cursors (a few, searched linearly).
+        let mut open: Vec<(
+            usize,
+            std::collections::btree_map::Range<'_, AskPrio, OrderRef>,
+        )> = Vec::new();
         while let Some(Reverse((p, i, r))) = heap.pop() {
             if !check(&r) {
                 return;
             }
-            let it = iters[i].get_or_insert_with(|| {
-                let mut it = buckets[i].orders.range(p..=hi);
-                it.next();
-                it
-            });
-            if let Some((p, r)) = it.next() {
+            let k = match open.iter().position(|(j, _)| *j == i) {
+                Some(k) => k,
+                None => {
+                    let mut it = ab.buckets[i].orders.range(p..=hi);
+                    it.next();
+                    open.push((i, it));
+                    open.len() - 1
+                }
+            };
+            if let Some((p, r)) = open[k].1.next() {
                 heap.push(Reverse((*p, i, *r)));
             }
         }
@@ -1118,22 +1119,18 @@ impl OrderBook {
         // The same lazy merge as `scan_asks`, over the bid buckets this ask could serve:
         // most asks cross no resting bid, and cost one look at each bucket's cached best.
         let bi = &self.bid_index;
-        let buckets: Vec<&Bucket<BidPrio>> = bi
+        let heads: Vec<Reverse<(BidPrio, usize, OrderRef)>> = bi
             .keys
             .iter()
             .zip(&bi.buckets)
-            .filter(|(k, _)| {
+            .enumerate()
+            .filter(|(_, (k, _))| {
                 k.region.is_none_or(|r| r == region)
                     && k.backend.is_none_or(|b| b == backend)
                     && k.mem_tier <= mem_tier
                     && k.flops_tier <= flops_tier
             })
-            .map(|(_, b)| b)
-            .collect();
-        let heads: Vec<Reverse<(BidPrio, usize, OrderRef)>> = buckets
-            .iter()
-            .enumerate()
-            .filter_map(|(i, b)| {
+            .filter_map(|(i, (_, b))| {
                 let (p, r) = b.best?;
                 (p <= hi).then_some(Reverse((p, i, r)))
             })
@@ -1142,16 +1139,22 @@ impl OrderBook {
             return Vec::new();
         }
         let mut heap = BinaryHeap::from(heads);
-        let mut iters: Vec<Option<std::collections::btree_map::Range<'_, BidPrio, OrderRef>>> =
-            (0..buckets.len()).map(|_| None).collect();
+        let mut open: Vec<(
+            usize,
+            std::collections::btree_map::Range<'_, BidPrio, OrderRef>,
+        )> = Vec::new();
         let mut planner = Planner::units(a.remaining);
         while let Some(Reverse((p, i, r))) = heap.pop() {
-            let it = iters[i].get_or_insert_with(|| {
-                let mut it = buckets[i].orders.range(p..=hi);
-                it.next();
-                it
-            });
-            if let Some((p2, r2)) = it.next() {
+            let k = match open.iter().position(|(j, _)| *j == i) {
+                Some(k) => k,
+                None => {
+                    let mut it = bi.buckets[i].orders.range(p..=hi);
+                    it.next();
+                    open.push((i, it));
+                    open.len() - 1
+                }
+            };
+            if let Some((p2, r2)) = open[k].1.next() {
                 heap.push(Reverse((*p2, i, *r2)));
             }
             let Some(e) = self.bids.get(&r) else { continue };
