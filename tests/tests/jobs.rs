@@ -375,7 +375,10 @@ async fn streamed_buffers_reach_the_buyer_while_the_job_runs() {
     let boot = [addr_of(&p).await.unwrap()];
     let b = buyer(&boot).await;
     wait_for_asks(&b, 1).await.unwrap();
-    const ITERS: u32 = 24;
+    // Long enough (a readback per step) that the job is still running when the buyer's
+    // first stream poll arrives, also on a loaded machine: with 24 steps the crash check saw
+    // a run finish before it, once in 300.
+    const ITERS: u32 = 200;
     let mut events = b.events();
     let id = b.submit(streaming_job(ITERS)).await.unwrap();
     let rec = wait(&b, &id).await;
