@@ -173,6 +173,10 @@ fn the_openai_sdk_gets_answers_from_the_grid_with_receipts() {
                 keys.to_str().unwrap(),
                 "--metrics",
                 "127.0.0.1:0",
+                // Every request verified by the other site: generated tokens compare up to
+                // a near-tie, embeddings within a tolerance, both runs paid.
+                "--verify",
+                "replicate:2",
             ],
         )
         .stdin(Stdio::null())
@@ -292,7 +296,16 @@ fn the_openai_sdk_gets_answers_from_the_grid_with_receipts() {
     assert_eq!(
         sum("hashgrid_buyer_spent_msat_total{"),
         spent,
-        "the gateway's spend is what its node countersigned"
+        "the gateway's spend is what its node countersigned, the verifying runs included"
+    );
+    // Every job was run by both sites and they agreed.
+    assert!(
+        sum(r#"hashgrid_buyer_verifications_total{outcome="agreed""#) >= 6.0,
+        "{metrics:#?}"
+    );
+    assert_eq!(
+        sum("hashgrid_buyer_verifications_total{"),
+        sum(r#"hashgrid_buyer_verifications_total{outcome="agreed""#)
     );
 
     // Stop the gateway (Ctrl-C), then its node's store lists a receipt for every job.
