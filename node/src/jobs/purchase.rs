@@ -218,6 +218,20 @@ pub(super) async fn verify_runs(
             .filter_map(|r| compare_runs(&runs[0].outputs, &r.outputs, &tol).err())
             .map(|e| e.to_string())
             .collect();
+        // Tell each provider its receipt will not be countersigned (best effort), so that it
+        // does not wait for a countersignature; its reputation here is untouched.
+        for run in &runs {
+            let msg = JobMessage::Dispute {
+                agreement: run.agreement_id,
+                reason: "verification: the providers' outputs disagree and no majority formed; nothing is accepted".into(),
+            };
+            let _ = job.ctx.net.job(run.peer, msg).await;
+            job.note(
+                run.provider,
+                run.agreement_id,
+                "not accepted: no majority".into(),
+            );
+        }
         return Err((
             FailKind::Verification,
             format!(
