@@ -267,17 +267,6 @@ pub(crate) async fn submit(g: &Global, args: SubmitArgs) -> Result<(), CliError>
     // Everything local first: a bad file or bad WGSL never reaches the network.
     let mut job = load_job_file(&args.file, &JobLimits::default())
         .map_err(|e| CliError::bad_input(e.to_string(), "fix the job file and submit again"))?;
-    if let Some(v) = &args.verify {
-        job.verify.mode = v
-            .parse()
-            .map_err(|e: hashgrid_protocol::verify::BadVerifyMode| {
-                CliError::bad_input(e.to_string(), "fix --verify")
-            })?;
-    } else if job.verify.mode == hashgrid_protocol::VerifyMode::None {
-        // The buyer's default (config `verify`), checked when the config was read.
-        let c = Client::resolve(g)?;
-        job.verify.mode = c.verify_mode(None)?;
-    }
     hashgrid_node::executor::check_offline(&job.spec, Some(&job.inputs))
         .map_err(|e| CliError::bad_input(e.to_string(), "fix the job and submit again"))?;
     if args.max_seconds == 0 || args.attempts == 0 {
@@ -288,6 +277,10 @@ pub(crate) async fn submit(g: &Global, args: SubmitArgs) -> Result<(), CliError>
     }
     let req = requirements(args.region.as_deref(), args.min_memory_gib, args.min_gflops)?;
     let c = Client::resolve(g)?;
+    // --verify, else the job file's `verify`, else the config's (all before any network).
+    if args.verify.is_some() || job.verify.mode == hashgrid_protocol::VerifyMode::None {
+        job.verify.mode = c.verify_mode(args.verify.as_deref())?;
+    }
     let node = c.start().await?;
     let outcome = run_submit(g, &c, &node, job, req, &args).await;
     node.shutdown().await;
