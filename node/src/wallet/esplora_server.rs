@@ -5,7 +5,9 @@
 //! Endpoints: `GET /blocks[/:height]`, `/blocks/tip/height`, `/blocks/tip/hash`,
 //! `/block-height/:height`, `/block/:hash/header`, `/block/:hash/status`,
 //! `/scripthash/:hash/txs[/chain/:last_txid]`, `/tx/:txid`, `/tx/:txid/raw`, `/tx/:txid/status`,
-//! `/tx/:txid/outspend/:vout`, `/fee-estimates`; `POST /tx`. One thread per connection,
+//! `/tx/:txid/outspend/:vout`, `/tx/:txid/outspends`, `/tx/:txid/merkle-proof`,
+//! `/tx/:txid/merkleblock-proof` (what LDK's transaction sync reads), `/fee-estimates`;
+//! `POST /tx`. One thread per connection,
 //! `Connection: close`; for tests and demos, not the internet.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -15,9 +17,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bdk_wallet::bitcoin::{
-    BlockHash, OutPoint, Transaction, Txid,
+    BlockHash, MerkleBlock, OutPoint, Transaction, Txid,
     consensus::encode::{deserialize_hex, serialize, serialize_hex},
-    hashes::{Hash, sha256},
+    hashes::{Hash, sha256, sha256d},
 };
 use serde_json::{Value, json};
 
@@ -203,21 +205,86 @@ fn route(chain: &TestChain, method: &str, path: &str, body: &[u8]) -> Response {
         }),
         ("GET", ["tx", txid, "hex"]) => with_tx(chain, txid, |t| text(200, serialize_hex(&t.tx))),
         ("GET", ["tx", txid, "status"]) => with_tx(chain, txid, |t| json_ok(&status_json(t.block))),
+        ("GET", ["tx", txid, "merkleblock-proof"]) => match confirmed_in(chain, txid) {
+            Some((_, block, txid)) => {
+                let proof = MerkleBlock::from_block_with_predicate(&block, |t| *t == txid);
+                text(200, serialize_hex(&proof))
+            }
+            None => text(404, "Transaction not found or is unconfirmed"),
+        },
+        ("GET", ["tx", txid, "merkle-proof"]) => match confirmed_in(chain, txid) {
+            Some((height, block, txid)) => merkle_proof(height, &block, txid),
+            None => text(404, "Transaction not found or is unconfirmed"),
+        },
+        ("GET", ["tx", txid, "outspends"]) => {
+            let Ok(txid) = Txid::from_str(txid) else {
+                return text(400, "bad txid");
+            };
+            let Some(tx) = chain.transaction(&txid) else {
+                return text(404, "Transaction not found");
+            };
+            let list: Vec<Value> = (0..tx.tx.output.len() as u32)
+                .map(|vout| outspend_json(chain, OutPoint::new(txid, vout)))
+                .collect();
+            json_ok(&Value::Array(list))
+        }
         ("GET", ["tx", txid, "outspend", vout]) => {
             let (Ok(txid), Ok(vout)) = (Txid::from_str(txid), vout.parse::<u32>()) else {
                 return text(400, "bad outpoint");
             };
-            let v = match chain.spender(&OutPoint::new(txid, vout)) {
-                Some((by, vin, block)) => json!({
-                    "spent": true, "txid": by.to_string(), "vin": vin, "status": status_json(block),
-                }),
-                None => json!({"spent": false}),
-            };
-            json_ok(&v)
+            json_ok(&outspend_json(chain, OutPoint::new(txid, vout)))
         }
         ("GET", ["fee-estimates"]) => json_ok(&json!({"1": 2.0, "6": 1.0, "144": 1.0})),
         _ => not_found(),
     }
+}
+
+fn outspend_json(chain: &TestChain, outpoint: OutPoint) -> Value {
+    match chain.spender(&outpoint) {
+        Some((by, vin, block)) => json!({
+            "spent": true, "txid": by.to_string(), "vin": vin, "status": status_json(block),
+        }),
+        None => json!({"spent": false}),
+    }
+}
+
+/// The height and block that confirm `txid`, if a block does.
+fn confirmed_in(chain: &TestChain, txid: &str) -> Option<(u32, bdk_wallet::bitcoin::Block, Txid)> {
+    let txid = Txid::from_str(txid).ok()?;
+    let (height, _, _) = chain.transaction(&txid)?.block?;
+    Some((height, chain.block(height)?, txid))
+}
+
+/// Esplora's `merkle-proof`: the sibling hashes from the transaction up to the root (electrum's
+/// `blockchain.transaction.get_merkle` shape).
+fn merkle_proof(height: u32, block: &bdk_wallet::bitcoin::Block, txid: Txid) -> Response {
+    let mut level: Vec<_> = block
+        .txdata
+        .iter()
+        .map(|t| t.compute_txid().to_raw_hash())
+        .collect();
+    let Some(pos) = level.iter().position(|h| *h == txid.to_raw_hash()) else {
+        return text(404, "Transaction not found");
+    };
+    let mut index = pos;
+    let mut merkle = Vec::new();
+    while level.len() > 1 {
+        if level.len() % 2 == 1 {
+            level.push(level[level.len() - 1]);
+        }
+        merkle.push(level[index ^ 1].to_string());
+        level = level
+            .chunks(2)
+            .map(|pair| {
+                let mut both = [0u8; 64];
+                both[..32].copy_from_slice(pair[0].as_byte_array());
+                both[32..].copy_from_slice(pair[1].as_byte_array());
+                sha256d::Hash::hash(&both)
+            })
+            .collect();
+        index /= 2;
+    }
+    json_ok(&json!({"block_height": height, "merkle": merkle, "pos": pos}))
 }
 
 fn find_block(chain: &TestChain, hash: &str) -> Option<(u32, bdk_wallet::bitcoin::Block)> {
