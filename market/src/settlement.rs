@@ -7,8 +7,10 @@
 //!
 //! # Rounding (msat → sat)
 //! Receipts charge integer msat; on-chain payments are whole sats. An invoice bills the
-//! largest whole-sat amount not above what has accrued (`floor`), and the sub-sat remainder
-//! stays accrued for the next invoice. Nothing is rounded away: at every moment
+//! largest multiple of the policy's [`InvoicePolicy::unit`] not above what has accrued
+//! (`floor`): 1000 msat (whole sats) for on-chain payments, so the sub-sat remainder stays
+//! accrued for the next invoice; 1 msat for Lightning, which pays msat exactly, so a batch
+//! of sub-sat charges is billed to the msat. Nothing is rounded away: at every moment
 //! `accrued + invoiced (open) + paid + confirmed + settled == sum of receipts` per buyer, in msat.
 
 use std::collections::BTreeMap;
@@ -22,6 +24,9 @@ pub const DEFAULT_INVOICE_MIN_MSAT: u64 = 10_000_000;
 /// Default age after which accrued receipts are invoiced even below the minimum: 24 hours, so
 /// a small buyer still settles daily.
 pub const DEFAULT_INVOICE_MAX_AGE_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// Whole sats: the smallest amount an on-chain invoice bills in.
+pub const SAT_MSAT: Msat = Msat(1000);
 
 /// Default time a buyer has to pay an invoice: 1 hour.
 pub const DEFAULT_INVOICE_TTL_MS: u64 = 60 * 60 * 1000;
@@ -43,6 +48,9 @@ pub struct InvoicePolicy {
     pub max_age_ms: u64,
     /// How long an invoice stays payable (ms).
     pub ttl_ms: u64,
+    /// Invoices bill a multiple of this ([`SAT_MSAT`] on chain, `Msat(1)` over Lightning);
+    /// zero is taken as one msat.
+    pub unit: Msat,
 }
 
 impl Default for InvoicePolicy {
@@ -51,6 +59,7 @@ impl Default for InvoicePolicy {
             min_amount: Msat(DEFAULT_INVOICE_MIN_MSAT),
             max_age_ms: DEFAULT_INVOICE_MAX_AGE_MS,
             ttl_ms: DEFAULT_INVOICE_TTL_MS,
+            unit: SAT_MSAT,
         }
     }
 }
@@ -137,7 +146,7 @@ pub struct InvoiceRecord {
     pub buyer: PublicKey,
     /// The receipts billed.
     pub receipts: Vec<ContentId>,
-    /// Amount in msat (a whole number of sats).
+    /// Amount in msat (a multiple of the policy's unit when issued).
     pub amount: Msat,
     /// When it was issued.
     pub issued_at: Timestamp,
@@ -316,11 +325,12 @@ impl ProviderLedger {
 
     /// The invoices due at `now` under `policy`: one per buyer whose accrued amount reached
     /// the minimum, or whose oldest pending receipt is older than the maximum age (and who is
-    /// owed at least one whole sat).
+    /// owed at least one [`InvoicePolicy::unit`]).
     pub fn due(&self, now: Timestamp, policy: &InvoicePolicy) -> Vec<InvoiceDraft> {
+        let unit = policy.unit.0.max(1);
         let mut out = Vec::new();
         for (buyer, acct) in &self.buyers {
-            let whole = Msat(acct.accrued.0 - acct.accrued.0 % 1000);
+            let whole = Msat(acct.accrued.0 - acct.accrued.0 % unit);
             if whole == Msat::ZERO || acct.pending.is_empty() {
                 continue;
             }

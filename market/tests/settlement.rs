@@ -25,6 +25,7 @@ fn policy(min_msat: u64) -> InvoicePolicy {
         min_amount: Msat(min_msat),
         max_age_ms: 60_000,
         ttl_ms: 10_000,
+        unit: SAT_MSAT,
     }
 }
 
@@ -50,6 +51,41 @@ fn invoices_bill_whole_sats_and_carry_the_remainder() {
         l.accrue(rid(1), b, Msat(1), T0),
         Err(SettleError::DuplicateReceipt(rid(1)))
     );
+}
+
+#[test]
+fn lightning_bills_a_batch_of_sub_sat_charges_to_the_msat() {
+    let ln = InvoicePolicy {
+        unit: Msat(1),
+        ..policy(2_000)
+    };
+    let mut l = ProviderLedger::new();
+    let mut onchain = ProviderLedger::new();
+    let b = buyer(1);
+    for n in 1..=6 {
+        l.accrue(rid(n), b, Msat(333), T0).unwrap();
+        onchain.accrue(rid(n), b, Msat(333), T0).unwrap();
+    }
+    assert!(
+        l.due(T0, &ln).is_empty(),
+        "1998 msat is below the 2000 msat batch"
+    );
+    l.accrue(rid(7), b, Msat(333), T0).unwrap();
+    onchain.accrue(rid(7), b, Msat(333), T0).unwrap();
+    let due = l.due(T0, &ln);
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].amount, Msat(2_331), "the exact sum, no rounding");
+    assert_eq!(due[0].receipts.len(), 7, "one payment for the whole batch");
+    l.issue(inv_id(1), &due[0], T0, &ln).unwrap();
+    let e = l.earnings(&b);
+    assert_eq!((e.accrued, e.invoiced), (Msat::ZERO, Msat(2_331)));
+    // The same receipts on chain: whole sats, the remainder waits.
+    let due = onchain.due(T0, &policy(2_000));
+    assert_eq!(due[0].amount, Msat(2_000));
+    onchain
+        .issue(inv_id(1), &due[0], T0, &policy(2_000))
+        .unwrap();
+    assert_eq!(onchain.earnings(&b).accrued, Msat(331));
 }
 
 #[test]
@@ -279,12 +315,16 @@ fn op() -> impl Strategy<Value = Op> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
-    /// Whatever happens, each buyer's totals add up to its receipts exactly, in msat, and no
-    /// invoice bills a fraction of a sat.
+    /// Whatever happens, each buyer's totals add up to its receipts exactly, in msat; no
+    /// on-chain invoice bills a fraction of a sat, and a Lightning invoice bills exactly what
+    /// has accrued.
     #[test]
-    fn every_msat_is_accounted_for(ops in proptest::collection::vec(op(), 1..60)) {
+    fn every_msat_is_accounted_for(
+        ops in proptest::collection::vec(op(), 1..60),
+        unit in prop_oneof![Just(1u64), Just(1000u64)],
+    ) {
         let conf = ConfirmationPolicy::default();
-        let pol = policy(3_000_000);
+        let pol = InvoicePolicy { unit: Msat(unit), ..policy(3_000_000) };
         let mut l = ProviderLedger::new();
         let mut receipts = [0u64; 3];
         let mut now = T0;
@@ -300,7 +340,10 @@ proptest! {
                 Op::Invoice(dt) => {
                     now = now.plus_ms(dt);
                     for d in l.due(now, &pol) {
-                        prop_assert_eq!(d.amount.0 % 1000, 0);
+                        prop_assert_eq!(d.amount.0 % unit, 0);
+                        if unit == 1 {
+                            prop_assert_eq!(d.amount, l.earnings(&d.buyer).accrued, "billed to the msat");
+                        }
                         next += 1;
                         l.issue(inv_id(next), &d, now, &pol).unwrap();
                         issued.push(inv_id(next));

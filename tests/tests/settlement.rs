@@ -50,6 +50,7 @@ fn onchain(
             min_amount: Msat(1),
             max_age_ms: 0,
             ttl_ms: 3_600_000,
+            ..InvoicePolicy::default()
         },
         confirmations: ConfirmationPolicy {
             tiers: Vec::new(),

@@ -128,6 +128,7 @@ impl SettleSection {
                     .map_or(d.invoice.min_amount, |s| Msat(s.saturating_mul(1000))),
                 max_age_ms: secs(self.invoice_max_age_secs, d.invoice.max_age_ms),
                 ttl_ms: secs(self.invoice_ttl_secs, d.invoice.ttl_ms),
+                unit: d.invoice.unit,
             },
             confirmations: d.confirmations,
             credit: CreditPolicy {
