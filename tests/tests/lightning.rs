@@ -1,0 +1,378 @@
+//! Lightning payments on the in-process test chain: two embedded LDK nodes (a buyer and a
+//! site) open a channel, a receipt-bound BOLT11 invoice is paid over it, the preimage proves
+//! it, the balances move by exactly the charge, a retry pays nothing twice, state survives a
+//! restart of both nodes, and a cooperative close returns the funds on chain. No external
+//! binaries: the chain is `TestChain` served over Esplora's API.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hashgrid_lightning::bind::{Bill, description_hash};
+use hashgrid_lightning::bitcoin::{Address, Network, ScriptBuf};
+use hashgrid_lightning::{
+    Expected, InvoiceError, LdkBackend, LdkConfig, LightningBackend, LnError, LnEvent,
+    PaymentDirection, PaymentStatus, PeerAddr, invoice,
+};
+use hashgrid_node::wallet::{TestChain, esplora_server::EsploraServer};
+use hashgrid_protocol::{ContentId, Msat, PublicKey};
+
+// Large enough that a 50,000 sat payment is within the 10% of a channel LDK lets be in flight.
+const CHANNEL_SAT: u64 = 1_000_000;
+
+struct Grid {
+    chain: Arc<TestChain>,
+    _server: EsploraServer,
+    url: String,
+    burn: ScriptBuf,
+}
+
+impl Grid {
+    fn new() -> Grid {
+        let chain = TestChain::new();
+        let server = EsploraServer::start(chain.clone()).expect("esplora server");
+        let url = server.url();
+        Grid {
+            chain,
+            _server: server,
+            url,
+            // Blocks that fund nobody: an unspendable output.
+            burn: ScriptBuf::new_op_return([]),
+        }
+    }
+
+    fn node(&self, dir: &Path, listen: Option<u16>) -> LdkBackend {
+        LdkBackend::start(&LdkConfig {
+            dir: dir.to_path_buf(),
+            network: Network::Regtest,
+            esplora_url: self.url.clone(),
+            listen: listen.map(|p| ([127, 0, 0, 1], p).into()),
+            background_sync: None,
+        })
+        .expect("lightning node starts")
+    }
+
+    fn mine(&self, n: u32) {
+        self.chain.mine(n, &self.burn);
+    }
+
+    /// Mines a coinbase to `node`'s wallet and matures it.
+    fn fund(&self, node: &LdkBackend) {
+        let addr = node.new_address().expect("address");
+        let addr = Address::from_str(&addr)
+            .expect("address parses")
+            .require_network(Network::Regtest)
+            .expect("regtest address");
+        self.chain.mine(1, &addr.script_pubkey());
+        self.mine(100);
+        node.sync().expect("sync");
+    }
+
+    /// Opens a channel from `buyer` to `site` and mines until both can use it.
+    fn open(&self, buyer: &LdkBackend, site: &LdkBackend) {
+        let peer = site.listen_addr().expect("site listens");
+        buyer
+            .open_channel(&peer, CHANNEL_SAT, 0)
+            .expect("open channel");
+        until("the funding transaction is broadcast", || {
+            !self.chain.mempool().is_empty()
+        });
+        self.mine(6);
+        until("the channel is usable on both sides", || {
+            let _ = buyer.sync();
+            let _ = site.sync();
+            let ok = |n: &LdkBackend| n.channels().iter().any(|c| c.usable);
+            ok(buyer) && ok(site)
+        });
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(60), "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits for the first event matching `want`, handling (acknowledging) every event on the way.
+fn event(node: &LdkBackend, what: &str, want: impl Fn(&LnEvent) -> bool) -> LnEvent {
+    let t = Instant::now();
+    loop {
+        if let Some(e) = node.next_event() {
+            node.event_handled().expect("event handled");
+            if want(&e) {
+                return e;
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {what}"
+        );
+    }
+}
+
+fn outbound(node: &LdkBackend) -> u64 {
+    node.balances().outbound_msat
+}
+
+fn now() -> Duration {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+}
+
+struct Billing {
+    provider: PublicKey,
+    buyer: PublicKey,
+    receipts: Vec<ContentId>,
+}
+
+impl Billing {
+    fn new() -> Billing {
+        Billing {
+            provider: PublicKey([0xa1; 32]),
+            buyer: PublicKey([0xb2; 32]),
+            receipts: (0..3u8).map(|i| ContentId::of(&[b'r', i])).collect(),
+        }
+    }
+
+    fn bill(&self, seq: u64, amount: u64) -> Bill<'_> {
+        Bill {
+            provider: &self.provider,
+            buyer: &self.buyer,
+            seq,
+            amount: Msat(amount),
+            receipts: &self.receipts,
+        }
+    }
+
+    fn expected(&self, seq: u64, amount: u64) -> Expected {
+        Expected {
+            network: Network::Regtest,
+            amount: Msat(amount),
+            description_hash: description_hash(&self.bill(seq, amount)),
+        }
+    }
+}
+
+#[test]
+fn a_receipt_bound_invoice_is_paid_over_a_channel_exactly_once() {
+    let grid = Grid::new();
+    let (bdir, sdir) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let buyer = grid.node(bdir.path(), None);
+    let site = grid.node(sdir.path(), Some(free_port()));
+    grid.fund(&buyer);
+    grid.open(&buyer, &site);
+
+    // A batch of sub-sat receipts: 12,345 msat in one payment.
+    let billing = Billing::new();
+    let charge = 12_345;
+    let inv = site
+        .invoice(
+            Msat(charge),
+            description_hash(&billing.bill(1, charge)),
+            Duration::from_secs(3600),
+        )
+        .expect("invoice");
+    // The request travels as text in the signed hashgrid invoice.
+    let inv = invoice::parse(&inv.to_string()).expect("parses");
+
+    // The buyer's checks: a different bill (amount or sequence) is refused before paying.
+    let (b0, s0) = (outbound(&buyer), site.balances().inbound_msat);
+    match buyer.pay(&inv, &billing.expected(1, charge - 1)) {
+        Err(LnError::Invoice(InvoiceError::Amount { invoice, expected })) => {
+            assert_eq!((invoice, expected), (charge, charge - 1));
+        }
+        other => panic!("expected an amount refusal, got {other:?}"),
+    }
+    assert!(matches!(
+        buyer.pay(&inv, &billing.expected(2, charge)),
+        Err(LnError::Invoice(InvoiceError::NotBound))
+    ));
+    assert_eq!(outbound(&buyer), b0, "nothing left on a refused invoice");
+
+    let t = Instant::now();
+    let hash = buyer.pay(&inv, &billing.expected(1, charge)).expect("pays");
+    assert_eq!(hash, invoice::payment_hash(&inv));
+    let sent = event(&buyer, "payment sent", |e| {
+        matches!(e, LnEvent::Sent { .. })
+    });
+    let LnEvent::Sent {
+        hash: h,
+        preimage,
+        fee_msat,
+    } = sent
+    else {
+        unreachable!()
+    };
+    eprintln!("paid {charge} msat in {:?}", t.elapsed());
+    assert_eq!(h, hash);
+    assert_eq!(fee_msat, 0, "a direct channel charges no routing fee");
+    assert!(
+        preimage.matches(&invoice::payment_hash(&inv)),
+        "the preimage proves payment"
+    );
+    let got = event(&site, "payment received", |e| {
+        matches!(e, LnEvent::Received { .. })
+    });
+    assert_eq!(
+        got,
+        LnEvent::Received {
+            hash,
+            amount: Msat(charge)
+        }
+    );
+
+    // Exactly the charge moved, to the msat.
+    assert_eq!(b0 - outbound(&buyer), charge);
+    assert_eq!(s0 - site.balances().inbound_msat, charge);
+    let paid = buyer.payment(&hash).expect("payment known");
+    assert_eq!(paid.status, PaymentStatus::Succeeded(preimage));
+    assert_eq!(
+        (paid.direction, paid.amount),
+        (PaymentDirection::Outbound, Some(Msat(charge)))
+    );
+    let recv = site.payment(&hash).expect("site knows it");
+    assert_eq!(
+        (recv.direction, recv.amount),
+        (PaymentDirection::Inbound, Some(Msat(charge)))
+    );
+
+    // A retry (say, after the buyer lost track) pays nothing more.
+    assert_eq!(
+        buyer
+            .pay(&inv, &billing.expected(1, charge))
+            .expect("retry"),
+        hash
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(b0 - outbound(&buyer), charge, "paid once");
+
+    // An expired invoice is refused by the buyer's own check.
+    let short = site
+        .invoice(
+            Msat(1000),
+            description_hash(&billing.bill(2, 1000)),
+            Duration::from_secs(1),
+        )
+        .expect("invoice");
+    let e = invoice::check(
+        &short,
+        &billing.expected(2, 1000),
+        now() + Duration::from_secs(5),
+    );
+    assert!(matches!(e, Err(InvoiceError::Expired(_))), "{e:?}");
+
+    buyer.stop().expect("stop");
+    site.stop().expect("stop");
+}
+
+#[test]
+fn payments_survive_a_restart_and_a_cooperative_close_returns_the_funds_on_chain() {
+    let grid = Grid::new();
+    let (bdir, sdir) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let port = free_port();
+    let buyer = grid.node(bdir.path(), None);
+    let site = grid.node(sdir.path(), Some(port));
+    let (buyer_id, site_id) = (buyer.node_id(), site.node_id());
+    grid.fund(&buyer);
+    grid.open(&buyer, &site);
+
+    let billing = Billing::new();
+    let charge = 50_000_000; // 50,000 sat: above the dust limit, so it shows on chain at close.
+    let inv = site
+        .invoice(
+            Msat(charge),
+            description_hash(&billing.bill(1, charge)),
+            Duration::from_secs(3600),
+        )
+        .expect("invoice");
+    let hash = buyer.pay(&inv, &billing.expected(1, charge)).expect("pays");
+    event(&buyer, "payment sent", |e| {
+        matches!(e, LnEvent::Sent { .. })
+    });
+    event(&site, "payment received", |e| {
+        matches!(e, LnEvent::Received { .. })
+    });
+    let preimage = match buyer.payment(&hash).map(|p| p.status) {
+        Some(PaymentStatus::Succeeded(p)) => p,
+        other => panic!("payment not recorded as done: {other:?}"),
+    };
+    let after_pay = outbound(&buyer);
+
+    // Both nodes stop and start again from their directories.
+    buyer.stop().expect("stop");
+    site.stop().expect("stop");
+    drop((buyer, site));
+    let site = grid.node(sdir.path(), Some(port));
+    let buyer = grid.node(bdir.path(), None);
+    assert_eq!(
+        (buyer.node_id(), site.node_id()),
+        (buyer_id, site_id),
+        "same keys from the seed"
+    );
+    assert_eq!(
+        buyer.payment(&hash).map(|p| p.status),
+        Some(PaymentStatus::Succeeded(preimage)),
+        "the proof of payment survives the restart"
+    );
+    until("the channel is usable again", || {
+        buyer.channels().iter().any(|c| c.usable)
+    });
+    assert_eq!(outbound(&buyer), after_pay, "balances survive the restart");
+    assert_eq!(
+        buyer
+            .pay(&inv, &billing.expected(1, charge))
+            .expect("retry"),
+        hash
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        outbound(&buyer),
+        after_pay,
+        "a retry after the restart pays nothing twice"
+    );
+
+    // Cooperative close: the site's 50,000 sat come back on chain, to its wallet.
+    let site_before = site.balances().onchain_sat;
+    let ch = buyer.channels().into_iter().next().expect("channel");
+    let chan = hashgrid_lightning::ChannelRef {
+        id: ch.id.parse().expect("id"),
+        peer: PeerAddr::from_str(&format!("{}@127.0.0.1:{port}", ch.peer))
+            .expect("peer")
+            .node_id,
+    };
+    buyer.close_channel(&chan).expect("close");
+    event(&buyer, "channel closed", |e| {
+        matches!(e, LnEvent::ChannelClosed { .. })
+    });
+    until("the closing transaction is broadcast", || {
+        !grid.chain.mempool().is_empty()
+    });
+    grid.mine(1);
+    until("the site's wallet sees the close", || {
+        let _ = site.sync();
+        site.balances().onchain_sat > site_before
+    });
+    assert_eq!(site.balances().onchain_sat - site_before, charge / 1000);
+    assert!(buyer.channels().is_empty() && site.channels().is_empty());
+    buyer.stop().expect("stop");
+    site.stop().expect("stop");
+}
