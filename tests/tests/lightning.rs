@@ -1,8 +1,9 @@
 //! Lightning payments on the in-process test chain: two embedded LDK nodes (a buyer and a
 //! site) open a channel, a receipt-bound BOLT11 invoice is paid over it, the preimage proves
 //! it, the balances move by exactly the charge, a retry pays nothing twice, state survives a
-//! restart of both nodes, and a cooperative close returns the funds on chain. No external
-//! binaries: the chain is `TestChain` served over Esplora's API.
+//! restart of both nodes and a SIGKILL of the buyer's process before it acknowledged the
+//! payment, and a cooperative close returns the funds on chain. No external binaries: the chain
+//! is `TestChain` served over Esplora's API.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -373,6 +374,129 @@ fn payments_survive_a_restart_and_a_cooperative_close_returns_the_funds_on_chain
     });
     assert_eq!(site.balances().onchain_sat - site_before, charge / 1000);
     assert!(buyer.channels().is_empty() && site.channels().is_empty());
+    buyer.stop().expect("stop");
+    site.stop().expect("stop");
+}
+
+#[test]
+fn a_buyer_killed_before_acknowledging_a_payment_keeps_the_proof_and_pays_once() {
+    use std::io::BufRead;
+    let grid = Grid::new();
+    let (bdir, sdir) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let buyer = grid.node(bdir.path(), None);
+    let site = grid.node(sdir.path(), Some(free_port()));
+    grid.fund(&buyer);
+    grid.open(&buyer, &site);
+    let billing = Billing::new();
+    let charge = 21_000_000;
+    let inv = site
+        .invoice(
+            Msat(charge),
+            description_hash(&billing.bill(1, charge)),
+            Duration::from_secs(3600),
+        )
+        .expect("invoice");
+    let expected = billing.expected(1, charge);
+    let (b0, s0) = (outbound(&buyer), site.balances().inbound_msat);
+    buyer.stop().expect("stop");
+    drop(buyer);
+
+    // The buyer's node in its own process, SIGKILLed after the payment completed but before it
+    // acknowledged the event that carries the proof (LN_PAYER_HOLD keeps it there).
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ln-payer"))
+        .arg(bdir.path())
+        .arg(&grid.url)
+        .arg(inv.to_string())
+        .arg(charge.to_string())
+        .arg(hex::encode(expected.description_hash))
+        .env("LN_PAYER_HOLD", "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn ln-payer");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let paying = lines
+        .next()
+        .expect("a line from ln-payer")
+        .expect("readable");
+    let paid = lines.next().expect("a second line").expect("readable");
+    child.kill().expect("SIGKILL");
+    let status = child.wait().expect("reaped");
+    assert!(
+        paying.starts_with("PAYING "),
+        "ln-payer said {paying:?} ({status})"
+    );
+    assert!(
+        paid.starts_with("PAID "),
+        "ln-payer said {paid:?} ({status})"
+    );
+    let hash = invoice::payment_hash(&inv);
+    assert_eq!(paying, format!("PAYING {hash}"));
+
+    // Restarted from the same directory, the buyer retries the same invoice.
+    let buyer = grid.node(bdir.path(), None);
+    // The event it never acknowledged comes again, with the same proof.
+    let again = event(&buyer, "the unacknowledged event again", |e| {
+        matches!(e, LnEvent::Sent { .. })
+    });
+    let LnEvent::Sent {
+        hash: h,
+        preimage: redelivered,
+        ..
+    } = again
+    else {
+        unreachable!()
+    };
+    assert_eq!(h, hash);
+    assert_eq!(
+        format!("PAID {redelivered}"),
+        paid,
+        "the same preimage the killed process saw"
+    );
+    until("the channel is usable after the crash", || {
+        buyer.channels().iter().any(|c| c.usable)
+    });
+    assert_eq!(
+        buyer.pay(&inv, &expected).expect("retry after the crash"),
+        hash
+    );
+    until("the payment completes", || {
+        matches!(
+            buyer.payment(&hash).map(|p| p.status),
+            Some(PaymentStatus::Succeeded(_))
+        )
+    });
+    let Some(PaymentStatus::Succeeded(preimage)) = buyer.payment(&hash).map(|p| p.status) else {
+        unreachable!()
+    };
+    assert!(preimage.matches(&hash));
+    until("the site's balance settles", || {
+        s0 - site.balances().inbound_msat == charge
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(b0 - outbound(&buyer), charge, "paid exactly once");
+    assert_eq!(
+        s0 - site.balances().inbound_msat,
+        charge,
+        "received exactly once"
+    );
+    let received: Vec<LnEvent> = std::iter::from_fn(|| {
+        let e = site.next_event()?;
+        site.event_handled().expect("handled");
+        Some(e)
+    })
+    .filter(|e| matches!(e, LnEvent::Received { .. }))
+    .collect();
+    assert_eq!(
+        received,
+        vec![LnEvent::Received {
+            hash,
+            amount: Msat(charge)
+        }]
+    );
     buyer.stop().expect("stop");
     site.stop().expect("stop");
 }
