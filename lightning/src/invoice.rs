@@ -8,9 +8,10 @@ use ldk_node::bitcoin::Network;
 use ldk_node::bitcoin::hashes::{Hash, sha256};
 use ldk_node::lightning_invoice::{Bolt11Invoice, Bolt11InvoiceDescriptionRef};
 
-/// Longest payment request accepted (characters). Real invoices are a few hundred; this bounds
-/// what a peer can make a buyer parse.
-pub const MAX_INVOICE_CHARS: usize = 4096;
+/// Longest payment request accepted (characters): the protocol's bound on the request in a
+/// signed invoice. Real invoices are a few hundred; this bounds what a peer can make a buyer
+/// parse.
+pub const MAX_INVOICE_CHARS: usize = hashgrid_protocol::limits::MAX_PAYMENT_REQUEST_LEN;
 
 /// A payment hash (SHA-256 of the preimage).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

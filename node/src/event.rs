@@ -142,6 +142,19 @@ pub enum DurableEvent {
         /// Satoshis paid.
         amount_sat: u64,
     },
+    /// Buyer: an invoice was paid over Lightning; the preimage proves it.
+    LightningPaid {
+        /// The invoice's id.
+        invoice: hashgrid_protocol::ContentId,
+        /// The provider paid.
+        provider: PublicKey,
+        /// The payment hash, hex.
+        hash: String,
+        /// The preimage, hex.
+        preimage: String,
+        /// Msat paid (the invoice's amount; routing fees are extra).
+        amount_msat: u64,
+    },
     /// Buyer: the provider says an invoice this node paid is settled.
     PaymentSettled {
         /// The invoice's id.

@@ -83,6 +83,7 @@ pub use libp2p::{Multiaddr, PeerId};
 pub use node::RawTopic;
 pub use node::{AskSpec, BidSpec, Node, NodeBuilder, NodeHandle};
 pub use settle::{
-    InInvoice, Onchain, OutInvoice, PayState, Position, SettleMode, SettlementConfig,
+    InInvoice, LightningSettle, Onchain, OutInvoice, PayState, Position, SettleMode,
+    SettlementConfig,
 };
 pub use store::OwnOrder;

@@ -57,6 +57,10 @@ pub const MAX_REQUIREMENT_ITEMS: usize = 32;
 /// Most receipts one invoice may cover.
 pub const MAX_RECEIPTS_PER_INVOICE: usize = 4096;
 
+/// Longest Lightning payment request in an invoice (characters). BOLT11 requests are a few
+/// hundred; route hints can make them longer.
+pub const MAX_PAYMENT_REQUEST_LEN: usize = 4096;
+
 /// Longest time-to-live of a gossiped order or ad: 24 hours. Orders are re-announced long
 /// before this, so a longer TTL would only keep stale orders alive after a provider vanished.
 pub const MAX_TTL_MS: u64 = 24 * 60 * 60 * 1000;

@@ -118,6 +118,8 @@ pub enum SettlementMethod {
     Ledger,
     /// On-chain BTC invoices.
     Onchain,
+    /// BOLT11 invoices paid over Lightning, to the msat.
+    Lightning,
 }
 
 /// A provider's advertisement of a site's GPUs (topic `capacity`).
@@ -377,6 +379,13 @@ pub enum InvoicePayment {
     },
     /// Settled in the ledger (netted IOUs).
     Ledger,
+    /// Pay this BOLT11 payment request over Lightning. Its amount is the invoice's, to the
+    /// msat, and its description hash binds the invoice's provider, buyer, sequence number,
+    /// amount and receipts (see `hashgrid_lightning::bind`).
+    Lightning {
+        /// The payment request (`lnbc…`, `lntb…`, `lnbcrt…`).
+        request: String,
+    },
 }
 
 /// The provider bills a buyer for countersigned receipts.
@@ -569,8 +578,14 @@ impl SignedMessage for Invoice {
     }
     fn validate(&self) -> Result<(), ValidationError> {
         check_len("receipts", self.receipts.len(), MAX_RECEIPTS_PER_INVOICE)?;
-        if let InvoicePayment::Onchain { address, .. } = &self.payment {
-            check_str("payment.address", address, MAX_STRING_LEN)?;
+        match &self.payment {
+            InvoicePayment::Onchain { address, .. } => {
+                check_str("payment.address", address, MAX_STRING_LEN)?
+            }
+            InvoicePayment::Lightning { request } => {
+                check_str("payment.request", request, MAX_PAYMENT_REQUEST_LEN)?
+            }
+            InvoicePayment::Ledger => {}
         }
         Ok(())
     }

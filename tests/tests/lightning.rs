@@ -16,8 +16,12 @@ use hashgrid_lightning::{
     Expected, InvoiceError, LdkBackend, LdkConfig, LightningBackend, LnError, LnEvent,
     PaymentDirection, PaymentStatus, PeerAddr, invoice,
 };
-use hashgrid_node::wallet::{TestChain, esplora_server::EsploraServer};
+use hashgrid_node::jobs::{IntoSharedInputs, JobOptions, JobState, Submission};
+use hashgrid_node::settle::{InvoicePolicy, InvoiceState};
+use hashgrid_node::wallet::{BtcNetwork, TestChain, esplora_server::EsploraServer};
+use hashgrid_node::{DurableEvent, LightningSettle, PayState, SettleMode, SettlementConfig};
 use hashgrid_protocol::{ContentId, Msat, PublicKey};
+use hashgrid_protocol::{InvoicePayment, JobLimits, load_job_file};
 
 // Large enough that a 50,000 sat payment is within the 10% of a channel LDK lets be in flight.
 const CHANNEL_SAT: u64 = 1_000_000;
@@ -499,4 +503,171 @@ fn a_buyer_killed_before_acknowledging_a_payment_keeps_the_proof_and_pays_once()
     );
     buyer.stop().expect("stop");
     site.stop().expect("stop");
+}
+
+/// Settlement over Lightning between two real nodes: jobs run, the provider's settlement pass
+/// invoices exactly what the receipts charged (to the msat) with a BOLT11 request bound to
+/// them, the buyer checks and pays it over the channel, and the provider's ledger settles it
+/// on the payment's arrival.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_are_invoiced_and_paid_over_lightning_to_the_msat() {
+    hashgrid_tests::init_tracing();
+    let grid = Grid::new();
+    let (bdir, sdir) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let site_ln = Arc::new(grid.node(sdir.path(), Some(free_port())));
+    let buyer_ln = Arc::new(grid.node(bdir.path(), None));
+    tokio::task::block_in_place(|| {
+        grid.fund(&buyer_ln);
+        grid.open(&buyer_ln, &site_ln);
+    });
+    let settle = |backend: Arc<LdkBackend>| SettlementConfig {
+        mode: SettleMode::Lightning(LightningSettle {
+            network: BtcNetwork::Regtest,
+            backend,
+        }),
+        // Invoice whatever has accrued at every pass.
+        invoice: InvoicePolicy {
+            min_amount: Msat(1),
+            max_age_ms: 0,
+            ttl_ms: 3_600_000,
+            ..InvoicePolicy::default()
+        },
+        // Passes are driven by the test.
+        interval: Duration::from_secs(3600),
+        ..SettlementConfig::default()
+    };
+    // 50 sat per GPU-second: the jobs charge a few msat to a few sats each.
+    let provider = hashgrid_tests::start_provider_with(&[], 50_000, 8, None, |b| {
+        b.settle(settle(site_ln.clone()))
+    })
+    .await
+    .expect("provider");
+    let boot = [hashgrid_tests::addr_of(&provider).await.expect("addr")];
+    let buyer = hashgrid_tests::test_builder(&boot)
+        .settle(settle(buyer_ln.clone()))
+        .start()
+        .await
+        .expect("buyer");
+    hashgrid_tests::wait_for_asks(&buyer, 1)
+        .await
+        .expect("asks");
+
+    let path = hashgrid_examples::kernels_dir().join("saxpy/job.toml");
+    let mut total = 0u64;
+    for _ in 0..3 {
+        let job = load_job_file(&path, &JobLimits::default()).expect("job file");
+        let id = buyer
+            .submit(Submission {
+                spec: job.spec,
+                inputs: job.inputs.into_shared(),
+                options: JobOptions::default(),
+            })
+            .await
+            .expect("submit");
+        let rec = tokio::time::timeout(Duration::from_secs(60), buyer.wait(&id))
+            .await
+            .expect("in time")
+            .expect("job");
+        assert_eq!(rec.state, JobState::Done, "{:?}", rec.attempts);
+        total += rec
+            .receipt
+            .expect("receipt")
+            .signed
+            .decode_unverified()
+            .expect("receipt")
+            .charge
+            .0;
+    }
+    assert!(total > 0);
+    let (b_key, p_key) = (buyer.public_key(), provider.public_key());
+    let (b0, s0) = (outbound(&buyer_ln), site_ln.balances().inbound_msat);
+
+    // One pass: the provider invoices exactly the total over Lightning; the buyer pays at once.
+    provider.settle_now().await;
+    let (out, _) = provider.invoices_issued().expect("issued").remove(0);
+    let inv = out.invoice.decode_unverified().expect("invoice");
+    assert_eq!(inv.amount, Msat(total), "billed to the msat, no rounding");
+    let InvoicePayment::Lightning { request } = &inv.payment else {
+        panic!("not a Lightning invoice: {:?}", inv.payment);
+    };
+    let request = invoice::parse(request).expect("a BOLT11 request");
+    assert_eq!(request.amount_milli_satoshis(), Some(total));
+    let hash = invoice::payment_hash(&request);
+    let paid = |b: &hashgrid_node::NodeHandle| {
+        b.invoices_received()
+            .expect("received")
+            .into_iter()
+            .map(|i| i.state)
+            .collect::<Vec<_>>()
+    };
+    let t = Instant::now();
+    while !matches!(paid(&buyer)[..], [PayState::LnPaid { .. }]) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "not paid: {:?}",
+            paid(&buyer)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The next pass sees the payment arrive: paid and settled, no confirmations to wait for.
+    let t = Instant::now();
+    loop {
+        provider.settle_now().await;
+        let states: Vec<InvoiceState> = provider
+            .invoices_issued()
+            .expect("issued")
+            .into_iter()
+            .filter_map(|(_, r)| r.map(|r| r.state))
+            .collect();
+        if matches!(states[..], [InvoiceState::Settled { .. }]) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "not settled: {states:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let e = provider.positions()[&b_key].as_buyer;
+    assert_eq!(
+        (e.settled, e.accrued, e.invoiced),
+        (Msat(total), Msat::ZERO, Msat::ZERO)
+    );
+    match &paid(&buyer)[..] {
+        [PayState::LnSettled { hash: h, preimage }] => {
+            assert_eq!(h, &hash.to_string());
+            let mut pre = [0u8; 32];
+            hex::decode_to_slice(preimage, &mut pre).expect("hex preimage");
+            assert!(
+                hashgrid_lightning::Preimage(pre).matches(&hash),
+                "the stored proof"
+            );
+        }
+        other => panic!("buyer's record: {other:?}"),
+    }
+    // Exactly the receipts' total moved over the channel.
+    assert_eq!(b0 - outbound(&buyer_ln), total);
+    assert_eq!(s0 - site_ln.balances().inbound_msat, total);
+    // The buyer's application heard it with the proof.
+    let mut heard = None;
+    while let Some((id, ev)) = buyer.next_event().expect("events") {
+        buyer.event_handled(id).expect("handled");
+        if let DurableEvent::LightningPaid {
+            provider,
+            amount_msat,
+            ..
+        } = ev
+        {
+            heard = Some((provider, amount_msat));
+        }
+    }
+    assert_eq!(heard, Some((p_key, total)));
+    buyer.shutdown().await;
+    provider.shutdown().await;
+    buyer_ln.stop().expect("stop");
+    site_ln.stop().expect("stop");
 }

@@ -200,7 +200,7 @@ fn terms(p: &NodeHandle) -> (String, u64) {
             address,
             amount_sat,
         } => (address, amount_sat),
-        InvoicePayment::Ledger => panic!("ledger invoice"),
+        other => panic!("not an on-chain invoice: {other:?}"),
     }
 }
 

@@ -267,11 +267,15 @@ async fn main() -> anyhow::Result<()> {
                     hashgrid_protocol::InvoicePayment::Ledger => {
                         ("ledger".into(), inv.amount.0 / 1000)
                     }
+                    hashgrid_protocol::InvoicePayment::Lightning { request } => {
+                        (request.clone(), inv.amount.0 / 1000)
+                    }
                 };
                 rows.push(serde_json::json!({
                     "invoice": out.invoice.id().to_string(),
                     "buyer": inv.buyer.to_string(),
                     "amount_sat": amount_sat,
+                    "amount_msat": inv.amount.0,
                     "address": address,
                     "state": state,
                     "seen_sat": out.seen_sat,

@@ -87,6 +87,7 @@ impl NodeBuilder {
             settlement: match self.settle.mode {
                 crate::settle::SettleMode::Ledger => "ledger",
                 crate::settle::SettleMode::Onchain(_) => "onchain",
+                crate::settle::SettleMode::Lightning(_) => "lightning",
             },
         }));
         if let Some(exec) = &self.executor {

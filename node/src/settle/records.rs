@@ -27,6 +27,28 @@ pub enum SettleMode {
     Ledger,
     /// Invoices paid on chain.
     Onchain(Onchain),
+    /// Invoices paid over Lightning, to the msat.
+    Lightning(LightningSettle),
+}
+
+/// Lightning settlement settings.
+#[derive(Clone)]
+pub struct LightningSettle {
+    /// The Bitcoin network its channels are on.
+    pub network: BtcNetwork,
+    /// The Lightning node that invoices (as a provider) and pays (as a buyer). The caller
+    /// starts it (e.g. `hashgrid_lightning::LdkBackend::start`) and keeps it for the node's
+    /// lifetime; settlement drains its events.
+    pub backend: Arc<dyn hashgrid_lightning::LightningBackend>,
+}
+
+impl std::fmt::Debug for LightningSettle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LightningSettle")
+            .field("network", &self.network)
+            .field("node_id", &self.backend.node_id())
+            .finish()
+    }
 }
 
 /// On-chain settlement settings.
@@ -258,6 +280,26 @@ pub enum PayState {
         /// The payment, `txid:vout`.
         outpoint: String,
     },
+    /// A Lightning payment was started (recorded before it is sent; paying the same
+    /// request again sends nothing, so a restart never pays twice).
+    LnPaying {
+        /// The payment hash, hex.
+        hash: String,
+    },
+    /// Paid over Lightning; the preimage proves it.
+    LnPaid {
+        /// The payment hash, hex.
+        hash: String,
+        /// The preimage, hex.
+        preimage: String,
+    },
+    /// Paid over Lightning and settled by the provider.
+    LnSettled {
+        /// The payment hash, hex.
+        hash: String,
+        /// The preimage, hex.
+        preimage: String,
+    },
 }
 
 impl PayState {
@@ -267,15 +309,18 @@ impl PayState {
             PayState::Unpaid => "unpaid",
             PayState::Refused(_) => "refused",
             PayState::Superseded => "superseded",
-            PayState::Paying { .. } => "paying",
-            PayState::Paid { .. } => "paid",
-            PayState::Settled { .. } => "settled",
+            PayState::Paying { .. } | PayState::LnPaying { .. } => "paying",
+            PayState::Paid { .. } | PayState::LnPaid { .. } => "paid",
+            PayState::Settled { .. } | PayState::LnSettled { .. } => "settled",
         }
     }
 
     /// Whether the buyer still owes it.
     pub fn is_unpaid(&self) -> bool {
-        matches!(self, PayState::Unpaid | PayState::Paying { .. })
+        matches!(
+            self,
+            PayState::Unpaid | PayState::Paying { .. } | PayState::LnPaying { .. }
+        )
     }
 }
 
@@ -349,6 +394,9 @@ pub enum SettlementError {
     /// The stored ledger log does not replay.
     #[error("settlement log entry {0} does not replay: {1}")]
     Replay(u64, String),
+    /// The Lightning node failed.
+    #[error(transparent)]
+    Lightning(#[from] hashgrid_lightning::LnError),
 }
 
 /// Reads the settlement view of a store (for commands that run while the node is stopped).

@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use hashgrid_lightning::bind::{Bill, description_hash};
+use hashgrid_lightning::{Expected, LightningBackend, LnEvent, PaymentHash, PaymentStatus};
 use hashgrid_market::settlement::{
     CreditDenied, InvoiceDraft, InvoiceRecord, InvoiceState, ProviderLedger, SettleError,
 };
@@ -64,6 +66,17 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The wall clock as BOLT11 expiry checks want it.
+fn now_since_epoch() -> Duration {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+/// How long a buyer's pass waits for a Lightning payment to complete before leaving it to
+/// the next pass.
+const LN_PAY_WAIT: Duration = Duration::from_secs(10);
+
 pub(super) fn outpoint_str(op: &bitcoin::OutPoint) -> String {
     format!("{}:{}", op.txid, op.vout)
 }
@@ -95,6 +108,11 @@ impl Settlement {
                 wallet = Some(Arc::new(Mutex::new(w)));
             }
             chain = Some(o.chain.clone());
+        }
+        let mut cfg = cfg;
+        if matches!(cfg.mode, SettleMode::Lightning(_)) {
+            // Lightning pays msat exactly: a batch is billed to the msat.
+            cfg.invoice.unit = Msat(1);
         }
         let s = Settlement {
             cfg,
@@ -137,6 +155,33 @@ impl Settlement {
 
     fn onchain(&self) -> bool {
         matches!(self.cfg.mode, SettleMode::Onchain(_))
+    }
+
+    /// The Lightning node, in Lightning mode.
+    fn ln(&self) -> Option<Arc<dyn LightningBackend>> {
+        match &self.cfg.mode {
+            SettleMode::Lightning(l) => Some(l.backend.clone()),
+            _ => None,
+        }
+    }
+
+    /// What a buyer expects of the Lightning request in `inv`: its network, the invoice's
+    /// amount to the msat, and the description hash binding the invoice's receipts.
+    fn ln_expected(&self, inv: &Invoice) -> Option<Expected> {
+        let SettleMode::Lightning(l) = &self.cfg.mode else {
+            return None;
+        };
+        Some(Expected {
+            network: l.network.to_bitcoin(),
+            amount: inv.amount,
+            description_hash: description_hash(&Bill {
+                provider: &inv.provider,
+                buyer: &inv.buyer,
+                seq: inv.seq,
+                amount: inv.amount,
+                receipts: &inv.receipts,
+            }),
+        })
     }
 
     /// Applies a transition and logs it (flushed). Nothing is logged if it does not apply.
@@ -370,7 +415,7 @@ impl Settlement {
                     return SettleReply::Refused(format!("buyer store: {e}"));
                 }
                 info!(invoice = %id.short(), amount_msat = inv.amount.0, "invoice received");
-                if self.cfg.auto_pay && self.buyer_wallet().is_some() {
+                if self.cfg.auto_pay && (self.buyer_wallet().is_some() || self.ln().is_some()) {
                     let me = self.clone();
                     let net = net.clone();
                     tokio::spawn(async move { me.pay_invoice(id, &net).await });
@@ -413,17 +458,26 @@ impl Settlement {
                 ));
             }
         }
-        if !inv.amount.0.is_multiple_of(1000) {
-            return Err("the amount is not a whole number of sats".into());
-        }
-        match (&inv.payment, self.onchain()) {
-            (InvoicePayment::Onchain { amount_sat, .. }, true)
+        match (&inv.payment, &self.cfg.mode) {
+            (InvoicePayment::Onchain { amount_sat, .. }, SettleMode::Onchain(_))
                 if *amount_sat * 1000 == inv.amount.0 => {}
-            (InvoicePayment::Onchain { .. }, true) => {
+            (InvoicePayment::Onchain { .. }, SettleMode::Onchain(_)) => {
                 return Err("the on-chain amount differs from the invoice amount".into());
             }
-            (InvoicePayment::Ledger, false) => {}
+            (InvoicePayment::Ledger, SettleMode::Ledger) => {}
+            (InvoicePayment::Lightning { request }, SettleMode::Lightning(_)) => {
+                let expected = self.ln_expected(inv).ok_or("not in Lightning mode")?;
+                let req = hashgrid_lightning::invoice::parse(request)
+                    .map_err(|e| format!("lightning request: {e}"))?;
+                hashgrid_lightning::invoice::check(&req, &expected, now_since_epoch())
+                    .map_err(|e| format!("lightning request: {e}"))?;
+            }
             _ => return Err("the invoice's payment method is not this node's".into()),
+        }
+        if !matches!(inv.payment, InvoicePayment::Lightning { .. })
+            && !inv.amount.0.is_multiple_of(1000)
+        {
+            return Err("the amount is not a whole number of sats".into());
         }
         let now = Timestamp::now();
         let mut committed = 0u64;
@@ -506,7 +560,12 @@ impl Settlement {
                 outpoint: outpoint.clone(),
             }
         });
-        rec.state = PayState::Settled { outpoint };
+        rec.state = match std::mem::replace(&mut rec.state, PayState::Unpaid) {
+            PayState::LnPaid { hash, preimage } | PayState::LnSettled { hash, preimage } => {
+                PayState::LnSettled { hash, preimage }
+            }
+            _ => PayState::Settled { outpoint },
+        };
         match self.save_reporting(JobTree::InvoicesIn, &id, &rec, event) {
             Ok(()) => SettleReply::Ack,
             Err(e) => SettleReply::Refused(format!("buyer store: {e}")),
@@ -534,12 +593,118 @@ impl Settlement {
         if due_to_expire {
             self.record(LedgerEvent::Expire { now })?;
         }
-        let Some(payout) = self.payout() else {
+        if let Some(ln) = self.ln() {
+            self.lightning_pass(&ln, now).await?;
+        } else {
+            let Some(payout) = self.payout() else {
+                return Ok(());
+            };
+            let Some(chain) = self.chain.clone() else {
+                return Ok(());
+            };
+            self.onchain_pass(&payout, &chain, now).await?;
+        }
+        self.deliver(net).await
+    }
+
+    /// Lightning, provider side: issue the invoices due (each with a payment request from the
+    /// Lightning node), then apply the payments it received. Each event is acknowledged only
+    /// after the ledger recorded it (flushed), so a crash in between replays it.
+    async fn lightning_pass(
+        self: &Arc<Self>,
+        ln: &Arc<dyn LightningBackend>,
+        now: Timestamp,
+    ) -> Result<(), SettlementError> {
+        let drafts = lock(&self.state).ledger.due(now, &self.cfg.invoice);
+        for d in drafts {
+            let seq = self.store()?.next_seq(now.0)?;
+            let provider = self.key.public();
+            let hash = description_hash(&Bill {
+                provider: &provider,
+                buyer: &d.buyer,
+                seq,
+                amount: d.amount,
+                receipts: &d.receipts,
+            });
+            let (l, amount) = (ln.clone(), d.amount);
+            let ttl = Duration::from_millis(self.cfg.invoice.ttl_ms);
+            let request = tokio::task::spawn_blocking(move || l.invoice(amount, hash, ttl))
+                .await
+                .map_err(|e| SettlementError::Replay(0, format!("lightning task: {e}")))??;
+            let payment = InvoicePayment::Lightning {
+                request: request.to_string(),
+            };
+            self.record_issued(d, seq, payment, None, now)?;
+        }
+        loop {
+            let l = ln.clone();
+            let Ok(Some(event)) = tokio::task::spawn_blocking(move || l.next_event()).await else {
+                break;
+            };
+            match event {
+                LnEvent::Received { hash, amount } => self.lightning_received(hash, amount)?,
+                other => debug!(event = ?other, "lightning event"),
+            }
+            let l = ln.clone();
+            tokio::task::spawn_blocking(move || l.event_handled())
+                .await
+                .map_err(|e| SettlementError::Replay(0, format!("lightning task: {e}")))??;
+        }
+        Ok(())
+    }
+
+    /// A payment arrived for one of this node's payment requests: the invoice is paid and,
+    /// Lightning needing no confirmations, confirmed.
+    fn lightning_received(&self, hash: PaymentHash, amount: Msat) -> Result<(), SettlementError> {
+        let found = self
+            .store()?
+            .all::<OutInvoice>(JobTree::InvoicesOut)?
+            .into_iter()
+            .find(|out| {
+                let Ok(inv) = out.invoice.decode_unverified() else {
+                    return false;
+                };
+                let InvoicePayment::Lightning { request } = &inv.payment else {
+                    return false;
+                };
+                hashgrid_lightning::invoice::parse(request)
+                    .is_ok_and(|r| hashgrid_lightning::invoice::payment_hash(&r) == hash)
+            });
+        let Some(out) = found else {
+            debug!(%hash, "a Lightning payment for no invoice of ours");
             return Ok(());
         };
-        let Some(chain) = self.chain.clone() else {
+        let id = out.invoice.id();
+        let open = self
+            .invoice_record(&id)
+            .is_some_and(|r| matches!(r.state, InvoiceState::Issued | InvoiceState::Expired));
+        if !open {
             return Ok(());
-        };
+        }
+        let outpoint = format!("lightning:{hash}");
+        match self.record(LedgerEvent::PaymentSeen {
+            id,
+            outpoint: outpoint.clone(),
+            paid_sat: amount.0 / 1000,
+            confirmations: 0,
+            required: 0,
+        }) {
+            Ok(()) => {
+                info!(invoice = %id.short(), amount_msat = amount.0, %outpoint, "paid over lightning")
+            }
+            Err(e) => warn!(invoice = %id.short(), error = %e, "lightning payment not applied"),
+        }
+        Ok(())
+    }
+
+    /// On chain, provider side: issue the invoices due and follow their addresses.
+    async fn onchain_pass(
+        self: &Arc<Self>,
+        payout: &Arc<Mutex<Wallet>>,
+        chain: &Arc<dyn ChainSource>,
+        now: Timestamp,
+    ) -> Result<(), SettlementError> {
+        let (payout, chain) = (payout.clone(), chain.clone());
         // Invoices the policy says are due.
         let drafts = lock(&self.state).ledger.due(now, &self.cfg.invoice);
         for d in drafts {
@@ -575,7 +740,11 @@ impl Settlement {
                 Err(e) => warn!(error = %e, "payout wallet sync panicked"),
             }
         }
-        // Deliveries: invoices the buyer has not acknowledged, settlements not yet told.
+        Ok(())
+    }
+
+    /// Deliveries: invoices the buyer has not acknowledged, settlements not yet told.
+    async fn deliver(self: &Arc<Self>, net: &Net) -> Result<(), SettlementError> {
         for mut out in self.store()?.all::<OutInvoice>(JobTree::InvoicesOut)? {
             let id = out.invoice.id();
             let Some(rec) = self.invoice_record(&id) else {
@@ -627,16 +796,35 @@ impl Settlement {
         let (index, address) = lock(payout).reveal_address()?;
         let amount_sat = d.amount.0 / 1000;
         let seq = self.store()?.next_seq(now.0)?;
+        let payment = InvoicePayment::Onchain {
+            address: address.to_string(),
+            amount_sat,
+        };
+        let id = self.record_issued(d, seq, payment, Some(index), now)?;
+        info!(
+            invoice = %id.short(),
+            uri = %bip21(&address.to_string(), amount_sat, &format!("hashgrid invoice {}", id.short())),
+            "on-chain invoice issued"
+        );
+        Ok(())
+    }
+
+    /// Signs and stores an invoice for `d` and records it in the ledger (flushed).
+    fn record_issued(
+        &self,
+        d: InvoiceDraft,
+        seq: u64,
+        payment: InvoicePayment,
+        address_index: Option<u32>,
+        now: Timestamp,
+    ) -> Result<ContentId, SettlementError> {
         let invoice = Invoice {
             provider: self.key.public(),
             buyer: d.buyer,
             seq,
             receipts: d.receipts.clone(),
             amount: d.amount,
-            payment: InvoicePayment::Onchain {
-                address: address.to_string(),
-                amount_sat,
-            },
+            payment,
             created_at: now,
             expires_at: now.plus_ms(self.cfg.invoice.ttl_ms),
         };
@@ -644,7 +832,7 @@ impl Settlement {
         let id = signed.id();
         let out = OutInvoice {
             invoice: signed,
-            address_index: Some(index),
+            address_index,
             delivered: false,
             settled_acked: false,
             seen_sat: 0,
@@ -663,10 +851,10 @@ impl Settlement {
         info!(
             invoice = %id.short(),
             buyer = %d.buyer.short(),
-            uri = %bip21(&address.to_string(), amount_sat, &format!("hashgrid invoice {}", id.short())),
+            amount_msat = d.amount.0,
             "invoice issued"
         );
-        Ok(())
+        Ok(id)
     }
 
     async fn watch(
@@ -760,14 +948,16 @@ impl Settlement {
     }
 
     async fn buyer_pass(self: &Arc<Self>, net: &Net) -> Result<(), SettlementError> {
-        if self.buyer_wallet().is_none() {
+        if self.buyer_wallet().is_none() && self.ln().is_none() {
             return Ok(());
         }
         for rec in self.store()?.all::<InInvoice>(JobTree::InvoicesIn)? {
             let id = rec.invoice.id();
             match rec.state {
                 PayState::Unpaid if self.cfg.auto_pay => self.pay_invoice(id, net).await,
-                PayState::Paying { .. } => self.pay_invoice(id, net).await,
+                PayState::Paying { .. } | PayState::LnPaying { .. } => {
+                    self.pay_invoice(id, net).await
+                }
                 _ => {}
             }
         }
@@ -783,6 +973,9 @@ impl Settlement {
     }
 
     async fn try_pay(self: &Arc<Self>, id: ContentId, net: &Net) -> Result<(), String> {
+        if let Some(ln) = self.ln() {
+            return self.try_pay_lightning(&ln, id).await;
+        }
         let (Some(wallet), Some(chain)) = (self.buyer_wallet(), self.chain.clone()) else {
             return Err("no wallet".into());
         };
@@ -885,6 +1078,99 @@ impl Settlement {
             }
             Ok(SettleReply::Refused(r)) => Err(format!("provider refused the proof: {r}")),
             Err(e) => Err(format!("proof not delivered: {e}")),
+        }
+    }
+
+    /// Pays an accepted Lightning invoice (or finds out how its payment went): the intent is
+    /// recorded (flushed) before the request is paid, the request is checked again against the
+    /// receipts it bills, and the preimage is stored once the payment completes. Paying the
+    /// same request twice sends nothing, so this is safe to call again at any point.
+    async fn try_pay_lightning(
+        self: &Arc<Self>,
+        ln: &Arc<dyn LightningBackend>,
+        id: ContentId,
+    ) -> Result<(), String> {
+        let get = || {
+            self.store()
+                .map_err(|e| e.to_string())?
+                .get::<InInvoice>(JobTree::InvoicesIn, id.as_bytes())
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| "unknown invoice".to_string())
+        };
+        let mut rec = get()?;
+        let inv = rec.body().ok_or("undecodable invoice")?;
+        let InvoicePayment::Lightning { request } = &inv.payment else {
+            return Err("not a Lightning invoice".into());
+        };
+        let request = hashgrid_lightning::invoice::parse(request).map_err(|e| e.to_string())?;
+        let expected = self.ln_expected(&inv).ok_or("not in Lightning mode")?;
+        let hash = hashgrid_lightning::invoice::payment_hash(&request);
+        match &rec.state {
+            PayState::Unpaid => {
+                rec.state = PayState::LnPaying {
+                    hash: hash.to_string(),
+                };
+                self.save(JobTree::InvoicesIn, &id, &rec)
+                    .map_err(|e| e.to_string())?;
+            }
+            PayState::LnPaying { .. } => {}
+            _ => return Ok(()),
+        }
+        let l = ln.clone();
+        tokio::task::spawn_blocking(move || l.pay(&request, &expected))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let started = std::time::Instant::now();
+        loop {
+            let l = ln.clone();
+            let status = tokio::task::spawn_blocking(move || l.payment(&hash))
+                .await
+                .map_err(|e| e.to_string())?
+                .map(|p| p.status);
+            match status {
+                Some(PaymentStatus::Succeeded(preimage)) => {
+                    if !preimage.matches(&hash) {
+                        return Err("the node reported a preimage that does not match".into());
+                    }
+                    let mut rec = get()?;
+                    if !matches!(rec.state, PayState::LnPaying { .. }) {
+                        return Ok(());
+                    }
+                    rec.state = PayState::LnPaid {
+                        hash: hash.to_string(),
+                        preimage: preimage.to_string(),
+                    };
+                    let event = crate::event::DurableEvent::LightningPaid {
+                        invoice: id,
+                        provider: inv.provider,
+                        hash: hash.to_string(),
+                        preimage: preimage.to_string(),
+                        amount_msat: inv.amount.0,
+                    };
+                    self.save_reporting(JobTree::InvoicesIn, &id, &rec, Some(event))
+                        .map_err(|e| e.to_string())?;
+                    info!(invoice = %id.short(), amount_msat = inv.amount.0, %hash, "invoice paid over lightning");
+                    return Ok(());
+                }
+                Some(PaymentStatus::Failed) => {
+                    // Back to unpaid: the next pass tries again (a failed payment may be
+                    // retried; a completed one cannot be repeated).
+                    let mut rec = get()?;
+                    if matches!(rec.state, PayState::LnPaying { .. }) {
+                        rec.state = PayState::Unpaid;
+                        self.save(JobTree::InvoicesIn, &id, &rec)
+                            .map_err(|e| e.to_string())?;
+                    }
+                    return Err("the Lightning payment failed".into());
+                }
+                Some(PaymentStatus::Pending) | None => {
+                    if started.elapsed() > LN_PAY_WAIT {
+                        return Ok(());
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
         }
     }
 }

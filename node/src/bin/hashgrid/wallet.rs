@@ -144,22 +144,33 @@ pub(crate) fn invoices(g: &Global, unpaid: bool) -> Result<(), CliError> {
                 amount_sat,
             } => (address.clone(), *amount_sat),
             InvoicePayment::Ledger => ("ledger".to_string(), b.amount.0 / 1000),
+            InvoicePayment::Lightning { request } => (request.clone(), b.amount.0 / 1000),
         };
+        let lightning = matches!(b.payment, InvoicePayment::Lightning { .. });
         let detail = match &inv.state {
             PayState::Refused(r) => r.clone(),
             PayState::Paying { txid, .. } => txid.clone(),
             PayState::Paid { outpoint } | PayState::Settled { outpoint } => outpoint.clone(),
+            PayState::LnPaying { hash } => format!("lightning {hash}"),
+            PayState::LnPaid { preimage, .. } | PayState::LnSettled { preimage, .. } => {
+                format!("preimage {preimage}")
+            }
             _ => String::new(),
         };
         rows.push(serde_json::json!({
             "invoice": id.to_string(),
             "provider": b.provider.to_string(),
             "amount_sat": sat,
+            "amount_msat": b.amount.0,
             "receipts": b.receipts.len(),
             "state": inv.state.name(),
             "detail": detail,
             "address": address,
-            "uri": bip21(&address, sat, &format!("hashgrid invoice {}", id.short())),
+            "uri": if lightning {
+                format!("lightning:{address}")
+            } else {
+                bip21(&address, sat, &format!("hashgrid invoice {}", id.short()))
+            },
             "expires_at_ms": b.expires_at.0,
         }));
     }
