@@ -149,6 +149,13 @@ pub enum LnEvent {
         /// Why.
         reason: String,
     },
+    /// A channel's funding transaction was signed and broadcast; it waits for confirmations.
+    ChannelPending {
+        /// The channel.
+        channel: ChannelRef,
+        /// The funding output, `txid:vout`.
+        funding: String,
+    },
     /// A channel became usable.
     ChannelReady {
         /// The channel.
@@ -161,7 +168,7 @@ pub enum LnEvent {
         /// Why.
         reason: String,
     },
-    /// Anything else (channel pending, forwarding, splices), for logs.
+    /// Anything else (forwarding, splices, claimable payments), for logs.
     Other(String),
 }
 

@@ -340,6 +340,15 @@ impl LightningBackend for LdkBackend {
                 hash: payment_hash.map(|h| PaymentHash(h.0)),
                 reason: reason.map_or_else(|| "unknown".to_string(), |r| format!("{r:?}")),
             },
+            Event::ChannelPending {
+                user_channel_id,
+                counterparty_node_id,
+                funding_txo,
+                ..
+            } => LnEvent::ChannelPending {
+                channel: channel_ref(user_channel_id, counterparty_node_id),
+                funding: funding_txo.to_string(),
+            },
             Event::ChannelReady {
                 user_channel_id,
                 counterparty_node_id: Some(peer),

@@ -481,15 +481,19 @@ impl SiteConfig {
                 self.units
                     .saturating_mul(u32::try_from(self.gpu_profiles().len()).unwrap_or(u32::MAX)),
             )
-            .settlement(
-                if self.settle.mode == crate::settle::SettleModeName::Onchain
-                    && self.settlement == [SettlementMethod::Ledger]
+            .settlement(match self.settle.mode {
+                crate::settle::SettleModeName::Onchain
+                    if self.settlement == [SettlementMethod::Ledger] =>
                 {
                     vec![SettlementMethod::Onchain]
-                } else {
-                    self.settlement.clone()
-                },
-            )
+                }
+                crate::settle::SettleModeName::Lightning
+                    if self.settlement == [SettlementMethod::Ledger] =>
+                {
+                    vec![SettlementMethod::Lightning]
+                }
+                _ => self.settlement.clone(),
+            })
             .order_ttl(Duration::from_secs(self.order_ttl_secs))
             .input_cache(
                 self.cache.disk_gib.saturating_mul(1 << 30),

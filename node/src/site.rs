@@ -154,7 +154,33 @@ pub async fn run_site_with(
     };
     // Settlement: mainnet without the opt-in, a missing backend or a bad descriptor stop the
     // start here, before anything is announced.
-    let settle = config.settle.to_config(None, None)?;
+    // Lightning mode: the embedded Lightning node starts first (its seed and channels live in
+    // DATA_DIR/lightning) and stops with the node.
+    let root = config
+        .data_dir
+        .clone()
+        .unwrap_or_else(crate::DataDir::default_root);
+    let section = config.settle.clone();
+    let ln = tokio::task::spawn_blocking(move || section.start_lightning(&root))
+        .await
+        .map_err(|e| {
+            SiteError::Settle(crate::wallet::WalletError::Config(format!(
+                "lightning start: {e}"
+            )))
+        })??;
+    if let Some(l) = &ln {
+        use hashgrid_lightning::LightningBackend;
+        info!(
+            node_id = %l.node_id(),
+            listen = %l.listen_addr().map_or_else(|| "none".to_string(), |a| a.to_string()),
+            "lightning node started"
+        );
+    }
+    let settle = config.settle.to_config_with_lightning(
+        None,
+        None,
+        ln.map(|l| l as std::sync::Arc<dyn hashgrid_lightning::LightningBackend>),
+    )?;
     if let crate::settle::SettleMode::Onchain(o) = &settle.mode {
         if o.payout_descriptor.is_none() {
             return Err(SiteError::Settle(crate::wallet::WalletError::Config(

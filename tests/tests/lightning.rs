@@ -527,6 +527,7 @@ async fn jobs_are_invoiced_and_paid_over_lightning_to_the_msat() {
         mode: SettleMode::Lightning(LightningSettle {
             network: BtcNetwork::Regtest,
             backend,
+            stop_with_node: false,
         }),
         // Invoice whatever has accrued at every pass.
         invoice: InvoicePolicy {

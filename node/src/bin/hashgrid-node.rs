@@ -109,6 +109,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The site's Lightning node (`[settle] mode = "lightning"` in the config; the node must
+    /// be stopped: it runs the Lightning node itself): status, a funding address, open and
+    /// close channels.
+    ///
+    /// Example: hashgrid-node ln --config site.toml status
+    Ln {
+        /// TOML config file with the `[settle]` section.
+        #[arg(long)]
+        config: PathBuf,
+        /// Print JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        cmd: hashgrid_node::settle::LnCommand,
+    },
     /// The invoices this site issued, with their state and payment address (the node must be
     /// stopped).
     ///
@@ -244,6 +259,24 @@ async fn main() -> anyhow::Result<()> {
                 println!(
                     "(msat; 1 sat = 1000 msat. Invoices bill whole sats; the rest stays accrued.)"
                 );
+            }
+        }
+        Command::Ln { config, json, cmd } => {
+            let file = SiteConfig::load(&config)?;
+            let root = cli
+                .data_dir
+                .or(file.data_dir.clone())
+                .unwrap_or_else(DataDir::default_root);
+            let section = file.settle.clone();
+            let v = tokio::task::spawn_blocking({
+                let cmd = cmd.clone();
+                move || hashgrid_node::settle::ln_command(&section, &root, &cmd)
+            })
+            .await??;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", hashgrid_node::settle::ln_render(&cmd, &v));
             }
         }
         Command::Invoices { unpaid, json } => {

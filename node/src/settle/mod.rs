@@ -13,13 +13,16 @@
 //! Rounding: receipts charge msat; an invoice bills whole sats, rounded down, and the sub-sat
 //! remainder stays accrued for the next invoice (see `hashgrid_market::settlement`).
 
+mod lncmd;
 mod records;
 mod section;
 mod service;
 
+pub use hashgrid_lightning::LightningBackend;
 pub use hashgrid_market::settlement::{
     ConfirmationPolicy, CreditPolicy, InvoicePolicy, InvoiceRecord, InvoiceState,
 };
+pub use lncmd::{LnCommand, ln_command, ln_render};
 pub use records::*;
-pub use section::{SettleModeName, SettleSection};
+pub use section::{LIGHTNING_DIR, SettleModeName, SettleSection};
 pub(crate) use service::Settlement;

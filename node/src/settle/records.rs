@@ -40,6 +40,9 @@ pub struct LightningSettle {
     /// starts it (e.g. `hashgrid_lightning::LdkBackend::start`) and keeps it for the node's
     /// lifetime; settlement drains its events.
     pub backend: Arc<dyn hashgrid_lightning::LightningBackend>,
+    /// Stop the Lightning node when the hashgrid node stops (a clean stop persists its channel
+    /// state); false when the caller shares it beyond one node's life.
+    pub stop_with_node: bool,
 }
 
 impl std::fmt::Debug for LightningSettle {

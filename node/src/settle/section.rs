@@ -9,13 +9,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::wallet::{BtcNetwork, ChainSource, WalletError, WalletKeys};
 
-use super::records::{Onchain, SettleMode, SettlementConfig};
+use hashgrid_lightning::{LdkConfig, LightningBackend};
+
+use super::records::{LightningSettle, Onchain, SettleMode, SettlementConfig};
 
 /// The `[settle]` section of a site's or a buyer's config file.
 ///
 /// ```toml
 /// [settle]
-/// mode = "onchain"                  # or "ledger" (default)
+/// mode = "onchain"                  # or "lightning", or "ledger" (default)
 /// bitcoin = "signet"                # regtest | signet | testnet | mainnet
 /// allow_mainnet = false             # mainnet needs this set explicitly
 /// esplora = "https://mempool.space/signet/api"
@@ -30,7 +32,13 @@ use super::records::{Onchain, SettleMode, SettlementConfig};
 /// interval_secs = 30                # time between settlement passes
 /// fee_rate_sat_vb = 2               # buyer: fee rate of payments
 /// auto_pay = true                   # buyer: pay valid invoices at once
+/// lightning_listen = "0.0.0.0:9735" # lightning mode: where peers reach this node's Lightning node
+/// lightning_sync_secs = 30          # lightning mode: how often it syncs with the chain
 /// ```
+///
+/// In `lightning` mode the node runs an embedded Lightning node (ldk-node) in
+/// `DATA_DIR/lightning` (seed mode 0600), synced from the same `esplora`; invoices are BOLT11
+/// requests for the exact msat owed and are paid over its channels.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SettleSection {
@@ -64,7 +72,14 @@ pub struct SettleSection {
     pub fee_rate_sat_vb: Option<u64>,
     /// Buyer pays valid invoices at once.
     pub auto_pay: Option<bool>,
+    /// Lightning mode: where the Lightning node listens for peers.
+    pub lightning_listen: Option<std::net::SocketAddr>,
+    /// Lightning mode: seconds between the Lightning node's chain syncs (at least 10).
+    pub lightning_sync_secs: Option<u64>,
 }
+
+/// The directory of a node's Lightning state inside its data dir.
+pub const LIGHTNING_DIR: &str = "lightning";
 
 /// Settlement mode as written in config files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -75,6 +90,8 @@ pub enum SettleModeName {
     Ledger,
     /// On-chain invoices.
     Onchain,
+    /// BOLT11 invoices paid over Lightning.
+    Lightning,
 }
 
 impl SettleSection {
@@ -109,13 +126,59 @@ impl SettleSection {
         Ok(n)
     }
 
+    /// How to run the embedded Lightning node for a node whose data dir is `root`.
+    pub fn ldk_config(&self, root: &std::path::Path) -> Result<LdkConfig, WalletError> {
+        let network = self.btc_network()?;
+        let Some(esplora) = self.esplora.clone() else {
+            return Err(WalletError::Config(
+                "[settle] mode = \"lightning\" needs esplora = URL (the embedded Lightning node syncs from Esplora)".into(),
+            ));
+        };
+        Ok(LdkConfig {
+            dir: root.join(LIGHTNING_DIR),
+            network: network.to_bitcoin(),
+            esplora_url: esplora,
+            listen: self.lightning_listen,
+            background_sync: Some(Duration::from_secs(
+                self.lightning_sync_secs.unwrap_or(30).max(10),
+            )),
+        })
+    }
+
+    /// Starts the embedded Lightning node this section asks for (`None` in other modes). It
+    /// blocks while ldk-node starts; call it from a blocking context.
+    pub fn start_lightning(
+        &self,
+        root: &std::path::Path,
+    ) -> Result<Option<Arc<hashgrid_lightning::LdkBackend>>, WalletError> {
+        if self.mode != SettleModeName::Lightning {
+            return Ok(None);
+        }
+        let cfg = self.ldk_config(root)?;
+        hashgrid_lightning::LdkBackend::start(&cfg)
+            .map(|b| Some(Arc::new(b)))
+            .map_err(|e| WalletError::Config(e.to_string()))
+    }
+
     /// The node's settlement configuration. `wallet` are a buyer's keys (none for a site
     /// that only sells); `chain` overrides the backend the section names (the in-process test
-    /// chain).
+    /// chain). Lightning mode needs [`SettleSection::to_config_with_lightning`].
     pub fn to_config(
         &self,
         wallet: Option<WalletKeys>,
         chain: Option<Arc<dyn ChainSource>>,
+    ) -> Result<SettlementConfig, WalletError> {
+        self.to_config_with_lightning(wallet, chain, None)
+    }
+
+    /// [`SettleSection::to_config`], with the Lightning node (started by
+    /// [`SettleSection::start_lightning`]) that lightning mode settles through; the node stops
+    /// it when it stops.
+    pub fn to_config_with_lightning(
+        &self,
+        wallet: Option<WalletKeys>,
+        chain: Option<Arc<dyn ChainSource>>,
+        lightning: Option<Arc<dyn LightningBackend>>,
     ) -> Result<SettlementConfig, WalletError> {
         let d = SettlementConfig::default();
         let secs =
@@ -143,8 +206,25 @@ impl SettleSection {
             auto_pay: self.auto_pay.unwrap_or(d.auto_pay),
             fee_rate_sat_vb: self.fee_rate_sat_vb.unwrap_or(d.fee_rate_sat_vb),
         };
-        if self.mode == SettleModeName::Ledger {
-            return Ok(cfg);
+        match self.mode {
+            SettleModeName::Ledger => return Ok(cfg),
+            SettleModeName::Lightning => {
+                let network = self.btc_network()?;
+                let backend = lightning.ok_or_else(|| {
+                    WalletError::Config(
+                        "[settle] mode = \"lightning\": no Lightning node was started".into(),
+                    )
+                })?;
+                return Ok(SettlementConfig {
+                    mode: SettleMode::Lightning(LightningSettle {
+                        network,
+                        backend,
+                        stop_with_node: true,
+                    }),
+                    ..cfg
+                });
+            }
+            SettleModeName::Onchain => {}
         }
         let network = self.btc_network()?;
         let chain: Arc<dyn ChainSource> = match chain {

@@ -143,6 +143,12 @@ impl Settlement {
     pub(crate) fn close(&self) {
         lock(&self.payout).take();
         lock(&self.wallet).take();
+        if let SettleMode::Lightning(l) = &self.cfg.mode
+            && l.stop_with_node
+            && let Err(e) = l.backend.stop()
+        {
+            warn!(error = %e, "stopping the Lightning node");
+        }
     }
 
     fn payout(&self) -> Option<Arc<Mutex<Wallet>>> {

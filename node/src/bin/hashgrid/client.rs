@@ -101,9 +101,27 @@ impl Client {
         // Settlement: in on-chain mode the node pays valid invoices that arrive while it runs.
         if let Some(section) = &self.config.settle {
             let keys = self.wallet_keys()?;
-            let cfg = section.to_config(keys, None).map_err(|e| {
-                CliError::bad_input(e.to_string(), "fix the [settle] section of the config file")
-            })?;
+            // Lightning mode: the buyer's Lightning node runs while its node does, and stops
+            // with it.
+            let (s, root) = (section.clone(), self.dir.root().to_path_buf());
+            let ln = tokio::task::spawn_blocking(move || s.start_lightning(&root))
+                .await
+                .map_err(|e| CliError::other(e.to_string(), "try again"))?
+                .map_err(|e| {
+                    CliError::bad_input(
+                        e.to_string(),
+                        "fix the [settle] section of the config file",
+                    )
+                })?
+                .map(|l| l as std::sync::Arc<dyn hashgrid_node::settle::LightningBackend>);
+            let cfg = section
+                .to_config_with_lightning(keys, None, ln)
+                .map_err(|e| {
+                    CliError::bad_input(
+                        e.to_string(),
+                        "fix the [settle] section of the config file",
+                    )
+                })?;
             b = b.settle(cfg);
         }
         b.start().await.map_err(|e| {

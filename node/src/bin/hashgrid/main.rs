@@ -250,6 +250,10 @@ enum Command {
     /// The buyer's Bitcoin wallet (on-chain settlement: `[settle] mode = "onchain"`).
     #[command(subcommand)]
     Wallet(WalletCommand),
+    /// The buyer's Lightning node (`[settle] mode = "lightning"`): status, a funding
+    /// address, open and close channels.
+    #[command(subcommand)]
+    Ln(hashgrid_node::settle::LnCommand),
     /// Invoices providers sent this buyer, with their state (from the local store).
     ///
     /// Example: hashgrid invoices --unpaid
@@ -550,6 +554,7 @@ fn main() -> ExitCode {
             fee_rate,
         }) => wallet::send(&g, &address, amount, fee_rate),
         Command::Invoices { unpaid } => wallet::invoices(&g, unpaid),
+        Command::Ln(cmd) => wallet::ln(&g, &cmd),
         Command::Job(cmd) => job(cmd, g.json).map_err(CliError::from),
         Command::Generate {
             model,

@@ -37,6 +37,24 @@ pub(crate) fn open(c: &Client) -> Result<(Wallet, SettleSection), CliError> {
     Ok((w, s))
 }
 
+/// `hashgrid ln …`: the buyer's Lightning node, started from the data dir for the command.
+pub(crate) fn ln(g: &Global, cmd: &hashgrid_node::settle::LnCommand) -> Result<(), CliError> {
+    let c = Client::resolve(g)?;
+    let section = c.config.settle.clone().unwrap_or_default();
+    let v = hashgrid_node::settle::ln_command(&section, c.dir.root(), cmd).map_err(|e| {
+        CliError::bad_input(
+            e.to_string(),
+            "set [settle] mode = \"lightning\", bitcoin and esplora in the config file",
+        )
+    })?;
+    if g.json {
+        println!("{v}");
+    } else {
+        print!("{}", hashgrid_node::settle::ln_render(cmd, &v));
+    }
+    Ok(())
+}
+
 pub(crate) fn address(g: &Global) -> Result<(), CliError> {
     let c = Client::resolve(g)?;
     let (mut w, _) = open(&c)?;
