@@ -17,7 +17,7 @@ use hashgrid_lightning::{
     PaymentDirection, PaymentStatus, PeerAddr, invoice,
 };
 use hashgrid_node::jobs::{IntoSharedInputs, JobOptions, JobState, Submission};
-use hashgrid_node::settle::{InvoicePolicy, InvoiceState};
+use hashgrid_node::settle::{CreditPolicy, InvoicePolicy, InvoiceState};
 use hashgrid_node::wallet::{BtcNetwork, TestChain, esplora_server::EsploraServer};
 use hashgrid_node::{DurableEvent, LightningSettle, PayState, SettleMode, SettlementConfig};
 use hashgrid_protocol::{ContentId, Msat, PublicKey};
@@ -505,25 +505,20 @@ fn a_buyer_killed_before_acknowledging_a_payment_keeps_the_proof_and_pays_once()
     site.stop().expect("stop");
 }
 
-/// Settlement over Lightning between two real nodes: jobs run, the provider's settlement pass
-/// invoices exactly what the receipts charged (to the msat) with a BOLT11 request bound to
-/// them, the buyer checks and pays it over the channel, and the provider's ledger settles it
-/// on the payment's arrival.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jobs_are_invoiced_and_paid_over_lightning_to_the_msat() {
-    hashgrid_tests::init_tracing();
-    let grid = Grid::new();
-    let (bdir, sdir) = (
-        tempfile::tempdir().expect("dir"),
-        tempfile::tempdir().expect("dir"),
-    );
-    let site_ln = Arc::new(grid.node(sdir.path(), Some(free_port())));
-    let buyer_ln = Arc::new(grid.node(bdir.path(), None));
-    tokio::task::block_in_place(|| {
-        grid.fund(&buyer_ln);
-        grid.open(&buyer_ln, &site_ln);
-    });
-    let settle = |backend: Arc<LdkBackend>| SettlementConfig {
+/// A provider and a buyer node settling over Lightning, each with its own embedded Lightning
+/// node, a channel open between them; settlement passes are driven by the test.
+struct LnMarket {
+    _grid: Grid,
+    dirs: [tempfile::TempDir; 3],
+    site_ln: Arc<LdkBackend>,
+    buyer_ln: Arc<LdkBackend>,
+    provider: hashgrid_node::NodeHandle,
+    buyer: hashgrid_node::NodeHandle,
+    boot: Vec<hashgrid_node::Multiaddr>,
+}
+
+fn ln_settle(backend: Arc<LdkBackend>, credit: CreditPolicy, auto_pay: bool) -> SettlementConfig {
+    SettlementConfig {
         mode: SettleMode::Lightning(LightningSettle {
             network: BtcNetwork::Regtest,
             backend,
@@ -536,31 +531,75 @@ async fn jobs_are_invoiced_and_paid_over_lightning_to_the_msat() {
             ttl_ms: 3_600_000,
             ..InvoicePolicy::default()
         },
+        credit,
+        auto_pay,
         // Passes are driven by the test.
         interval: Duration::from_secs(3600),
         ..SettlementConfig::default()
-    };
-    // 50 sat per GPU-second: the jobs charge a few msat to a few sats each.
-    let provider = hashgrid_tests::start_provider_with(&[], 50_000, 8, None, |b| {
-        b.settle(settle(site_ln.clone()))
-    })
-    .await
-    .expect("provider");
-    let boot = [hashgrid_tests::addr_of(&provider).await.expect("addr")];
-    let buyer = hashgrid_tests::test_builder(&boot)
-        .settle(settle(buyer_ln.clone()))
+    }
+}
+
+/// Starts a buyer node that settles through `ln`, from the data dir `dir`.
+async fn start_buyer(
+    boot: &[hashgrid_node::Multiaddr],
+    ln: &Arc<LdkBackend>,
+    dir: &Path,
+    auto_pay: bool,
+) -> hashgrid_node::NodeHandle {
+    let cfg = ln_settle(ln.clone(), CreditPolicy::default(), auto_pay);
+    let buyer = hashgrid_tests::test_builder(boot)
+        .data_dir(dir)
+        .settle(cfg)
         .start()
         .await
         .expect("buyer");
     hashgrid_tests::wait_for_asks(&buyer, 1)
         .await
         .expect("asks");
+    buyer
+}
 
-    let path = hashgrid_examples::kernels_dir().join("saxpy/job.toml");
-    let mut total = 0u64;
-    for _ in 0..3 {
+impl LnMarket {
+    async fn new(credit: CreditPolicy) -> LnMarket {
+        hashgrid_tests::init_tracing();
+        let grid = Grid::new();
+        let dirs = [(); 3].map(|()| tempfile::tempdir().expect("dir"));
+        let site_ln = Arc::new(grid.node(dirs[0].path(), Some(free_port())));
+        let buyer_ln = Arc::new(grid.node(dirs[1].path(), None));
+        tokio::task::block_in_place(|| {
+            grid.fund(&buyer_ln);
+            grid.open(&buyer_ln, &site_ln);
+        });
+        // 50 sat per GPU-second: the jobs charge a few msat to a few sats each.
+        let pcfg = ln_settle(site_ln.clone(), credit, true);
+        let provider =
+            hashgrid_tests::start_provider_with(&[], 50_000, 8, None, |b| b.settle(pcfg))
+                .await
+                .expect("provider");
+        let boot = vec![hashgrid_tests::addr_of(&provider).await.expect("addr")];
+        let buyer = start_buyer(&boot, &buyer_ln, dirs[2].path(), true).await;
+        LnMarket {
+            _grid: grid,
+            dirs: dirs,
+            site_ln,
+            buyer_ln,
+            provider,
+            buyer,
+            boot,
+        }
+    }
+
+    /// Restarts the buyer node from its data dir.
+    async fn start_buyer(&self, auto_pay: bool) -> hashgrid_node::NodeHandle {
+        start_buyer(&self.boot, &self.buyer_ln, self.dirs[2].path(), auto_pay).await
+    }
+
+    /// Runs one saxpy job; its charge in msat, or the attempts' outcomes if it failed.
+    async fn run_job(&self) -> Result<u64, Vec<String>> {
+        let path = hashgrid_examples::kernels_dir().join("saxpy/job.toml");
         let job = load_job_file(&path, &JobLimits::default()).expect("job file");
-        let id = buyer
+        let id = self
+            .buyer
             .submit(Submission {
                 spec: job.spec,
                 inputs: job.inputs.into_shared(),
@@ -568,19 +607,42 @@ async fn jobs_are_invoiced_and_paid_over_lightning_to_the_msat() {
             })
             .await
             .expect("submit");
-        let rec = tokio::time::timeout(Duration::from_secs(60), buyer.wait(&id))
+        let rec = tokio::time::timeout(Duration::from_secs(60), self.buyer.wait(&id))
             .await
             .expect("in time")
             .expect("job");
-        assert_eq!(rec.state, JobState::Done, "{:?}", rec.attempts);
-        total += rec
+        if rec.state != JobState::Done {
+            return Err(rec.attempts.iter().map(|a| a.outcome.clone()).collect());
+        }
+        Ok(rec
             .receipt
             .expect("receipt")
             .signed
             .decode_unverified()
             .expect("receipt")
             .charge
-            .0;
+            .0)
+    }
+
+    async fn stop(self) {
+        self.buyer.shutdown().await;
+        self.provider.shutdown().await;
+        self.buyer_ln.stop().expect("stop");
+        self.site_ln.stop().expect("stop");
+    }
+}
+
+/// Settlement over Lightning between two real nodes: jobs run, the provider's settlement pass
+/// invoices exactly what the receipts charged (to the msat) with a BOLT11 request bound to
+/// them, the buyer checks and pays it over the channel, and the provider's ledger settles it
+/// on the payment's arrival.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_are_invoiced_and_paid_over_lightning_to_the_msat() {
+    let m = LnMarket::new(CreditPolicy::default()).await;
+    let (buyer, provider, buyer_ln, site_ln) = (&m.buyer, &m.provider, &m.buyer_ln, &m.site_ln);
+    let mut total = 0u64;
+    for _ in 0..3 {
+        total += m.run_job().await.expect("a job within credit");
     }
     assert!(total > 0);
     let (b_key, p_key) = (buyer.public_key(), provider.public_key());
@@ -667,8 +729,66 @@ async fn jobs_are_invoiced_and_paid_over_lightning_to_the_msat() {
         }
     }
     assert_eq!(heard, Some((p_key, total)));
-    buyer.shutdown().await;
-    provider.shutdown().await;
-    buyer_ln.stop().expect("stop");
-    site_ln.stop().expect("stop");
+    m.stop().await;
+}
+
+/// A buyer that does not pay stops getting agreements: the provider's credit limit counts the
+/// unpaid msat of its Lightning invoices; once the buyer pays, it is served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpaid_lightning_invoice_hits_the_credit_limit_until_it_is_paid() {
+    let credit = CreditPolicy {
+        limit: Msat(1),
+        max_unpaid_age_ms: 3_600_000,
+    };
+    let mut m = LnMarket::new(credit).await;
+    // A buyer that does not pay on its own.
+    m.buyer.shutdown().await;
+    m.buyer = m.start_buyer(false).await;
+    let first = m.run_job().await.expect("the first job is within credit");
+    m.provider.settle_now().await;
+    let unpaid = |b: &hashgrid_node::NodeHandle| {
+        b.invoices_received()
+            .expect("received")
+            .into_iter()
+            .map(|i| i.state)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        unpaid(&m.buyer),
+        vec![PayState::Unpaid],
+        "invoiced, not paid"
+    );
+    let refused = m.run_job().await.expect_err("over the credit limit");
+    assert!(
+        refused.iter().any(|o| o.contains("credit limit")),
+        "attempts: {refused:?}"
+    );
+
+    // The buyer comes back paying: its pass pays the invoice, the provider's settles it.
+    let b0 = outbound(&m.buyer_ln);
+    m.buyer.shutdown().await;
+    m.buyer = m.start_buyer(true).await;
+    m.buyer.settle_now().await;
+    assert!(
+        matches!(unpaid(&m.buyer)[..], [PayState::LnPaid { .. }]),
+        "{:?}",
+        unpaid(&m.buyer)
+    );
+    assert_eq!(
+        b0 - outbound(&m.buyer_ln),
+        first,
+        "exactly the first job's charge"
+    );
+    let t = Instant::now();
+    loop {
+        m.provider.settle_now().await;
+        let e = m.provider.positions()[&m.buyer.public_key()].as_buyer;
+        if e.settled == Msat(first) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "not settled: {e:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    m.run_job().await.expect("served again once paid");
+    m.stop().await;
 }
