@@ -580,7 +580,7 @@ impl LnMarket {
         let buyer = start_buyer(&boot, &buyer_ln, dirs[2].path(), true).await;
         LnMarket {
             _grid: grid,
-            dirs: dirs,
+            dirs,
             site_ln,
             buyer_ln,
             provider,
@@ -646,7 +646,7 @@ async fn jobs_are_invoiced_and_paid_over_lightning_to_the_msat() {
     }
     assert!(total > 0);
     let (b_key, p_key) = (buyer.public_key(), provider.public_key());
-    let (b0, s0) = (outbound(&buyer_ln), site_ln.balances().inbound_msat);
+    let (b0, s0) = (outbound(buyer_ln), site_ln.balances().inbound_msat);
 
     // One pass: the provider invoices exactly the total over Lightning; the buyer pays at once.
     provider.settle_now().await;
@@ -667,11 +667,11 @@ async fn jobs_are_invoiced_and_paid_over_lightning_to_the_msat() {
             .collect::<Vec<_>>()
     };
     let t = Instant::now();
-    while !matches!(paid(&buyer)[..], [PayState::LnPaid { .. }]) {
+    while !matches!(paid(buyer)[..], [PayState::LnPaid { .. }]) {
         assert!(
             t.elapsed() < Duration::from_secs(30),
             "not paid: {:?}",
-            paid(&buyer)
+            paid(buyer)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -700,7 +700,7 @@ async fn jobs_are_invoiced_and_paid_over_lightning_to_the_msat() {
         (e.settled, e.accrued, e.invoiced),
         (Msat(total), Msat::ZERO, Msat::ZERO)
     );
-    match &paid(&buyer)[..] {
+    match &paid(buyer)[..] {
         [PayState::LnSettled { hash: h, preimage }] => {
             assert_eq!(h, &hash.to_string());
             let mut pre = [0u8; 32];
@@ -713,7 +713,7 @@ async fn jobs_are_invoiced_and_paid_over_lightning_to_the_msat() {
         other => panic!("buyer's record: {other:?}"),
     }
     // Exactly the receipts' total moved over the channel.
-    assert_eq!(b0 - outbound(&buyer_ln), total);
+    assert_eq!(b0 - outbound(buyer_ln), total);
     assert_eq!(s0 - site_ln.balances().inbound_msat, total);
     // The buyer's application heard it with the proof.
     let mut heard = None;
