@@ -13,6 +13,8 @@ use hashgrid_node::wallet::TestChain;
 use hashgrid_node::wallet::bitcoin::ScriptBuf;
 use hashgrid_node::wallet::esplora_server::EsploraServer;
 
+mod support;
+
 fn run(bin: &str, data: &Path, args: &[&str]) -> Output {
     let mut all = vec!["--data-dir", data.to_str().unwrap()];
     all.extend_from_slice(args);
@@ -162,4 +164,59 @@ fn script_of(addr: &str) -> ScriptBuf {
         .require_network(hashgrid_node::wallet::bitcoin::Network::Regtest)
         .unwrap()
         .script_pubkey()
+}
+
+#[test]
+fn a_lightning_site_runs_its_lightning_node_and_stops_it_cleanly() {
+    let chain = TestChain::new();
+    let server = EsploraServer::start(chain.clone()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("site");
+    let port = free_port();
+    let config = dir.path().join("site.toml");
+    std::fs::write(
+        &config,
+        format!("[settle]\n{}", settle(&server.url(), Some(port))),
+    )
+    .unwrap();
+    let (mut daemon, log) = support::spawn(&[
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--network",
+        "ln-test",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--no-mdns",
+        "--no-gpu",
+    ]);
+    let started = support::wait_line(&log, |l| l.contains("lightning node started"));
+    assert!(started.contains(&format!("127.0.0.1:{port}")), "{started}");
+    support::wait_line(&log, |l| {
+        l.contains("node started") && !l.contains("lightning")
+    });
+    // Its Lightning node takes peers on the configured port.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    let pid = daemon.0.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(daemon.0.wait().unwrap().success());
+
+    // Stopped cleanly: the same node answers from the data dir, and nothing holds the store.
+    let o = Command::new(env!("CARGO_BIN_EXE_hashgrid-node"))
+        .args(["--data-dir", data.to_str().unwrap(), "ln", "--config"])
+        .arg(&config)
+        .args(["--json", "status"])
+        .output()
+        .unwrap();
+    let s = json(&o);
+    assert!(
+        started.contains(s["node_id"].as_str().unwrap()),
+        "{started} vs {s}"
+    );
+    assert_eq!(
+        s["listen"],
+        format!("{}@127.0.0.1:{port}", s["node_id"].as_str().unwrap())
+    );
 }
