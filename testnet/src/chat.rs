@@ -48,6 +48,8 @@ pub struct ChatConfig {
     /// When set, every site serves Prometheus metrics and a scrape config for them is
     /// written to this file.
     pub prometheus: Option<PathBuf>,
+    /// Settle over Lightning on an in-process test chain (else the ledger).
+    pub lightning: bool,
 }
 
 /// One streamed request's timings.
@@ -156,7 +158,9 @@ pub struct Settlement {
     pub buyer_total_msat: u64,
     /// The countersigned receipts' charges in the sites' own stores, msat.
     pub providers_total_msat: u64,
-    /// Whether both agree.
+    /// Over Lightning: channels, and msat receipted against msat paid per buyer and site.
+    pub lightning: Option<crate::lightning::LnSettlement>,
+    /// Whether both agree (and, over Lightning, every receipted msat was paid).
     pub ok: bool,
 }
 
@@ -222,12 +226,25 @@ pub async fn run_chat(cfg: ChatConfig) -> anyhow::Result<ChatReport> {
         start_gateway(&cfg, &work, "local-gateway", (&[], &["--local"])).await?;
     chat(&local_addr, cfg.max_tokens).await?;
 
+    // Lightning: the chain every site's and the gateway's Lightning node use.
+    let ln = match cfg.lightning {
+        true => Some(crate::lightning::LnGrid::start()?),
+        false => None,
+    };
     // Sites: site 0 benchmarks the adapter, the others reuse its result.
     let mut specs = Vec::new();
     for i in 0..cfg.sites {
         let data_dir = work.join(format!("site-{i:02}"));
         std::fs::create_dir_all(&data_dir)?;
         let peer_id = sites::create_identity(&cfg.node_binary, &data_dir)?;
+        let config = match &ln {
+            Some(ln) => {
+                let path = data_dir.join("site.toml");
+                std::fs::write(&path, ln.settle_toml(Some(sites::free_port()?)))?;
+                Some(path)
+            }
+            None => None,
+        };
         specs.push(SiteSpec {
             index: i,
             region: crate::REGIONS[i % 2].to_string(),
@@ -242,6 +259,7 @@ pub async fn run_chat(cfg: ChatConfig) -> anyhow::Result<ChatReport> {
                 Some(_) => Some(sites::free_port()?),
                 None => None,
             },
+            config,
         });
     }
     if let Some(path) = &cfg.prometheus {
@@ -285,8 +303,18 @@ pub async fn run_chat(cfg: ChatConfig) -> anyhow::Result<ChatReport> {
         }
     }
 
-    // The gateway.
+    // The gateway; over Lightning, with a channel to every site first.
     let gw_dir = work.join("gateway");
+    if let Some(ln) = &ln {
+        let mut peers = Vec::new();
+        for s in &specs {
+            peers.push(crate::lightning::site_peer(&s.data_dir.join("node.log")).await?);
+        }
+        std::fs::create_dir_all(&gw_dir)?;
+        std::fs::write(gw_dir.join("config.toml"), ln.settle_toml(None))?;
+        ln.open_channels(&cfg.cli_binary, &gw_dir, &peers).await?;
+        info!(channels = peers.len(), "lightning channels open");
+    }
     let (gateway, addr) = start_gateway(
         &cfg,
         &work,
@@ -367,6 +395,13 @@ pub async fn run_chat(cfg: ChatConfig) -> anyhow::Result<ChatReport> {
         failed,
     };
 
+    // Over Lightning, the last receipts are invoiced and paid within a few settlement passes.
+    if ln.is_some() {
+        tokio::time::sleep(Duration::from_secs(
+            4 * crate::lightning::SETTLE_INTERVAL_S + 6,
+        ))
+        .await;
+    }
     // Stop the gateway (Ctrl-C), read its receipts; stop the sites, read theirs.
     stop_gateway(gateway).await?;
     let receipts = Command::new(&cfg.cli_binary)
@@ -380,14 +415,38 @@ pub async fn run_chat(cfg: ChatConfig) -> anyhow::Result<ChatReport> {
     let buyer_total_msat: u64 = list.iter().filter_map(|r| r["charge_msat"].as_u64()).sum();
     let mut providers_total_msat = 0;
     let mut cache = Vec::new();
+    let mut site_paid = Vec::new();
     for s in &mut running {
         s.stop()?;
         let chain = crate::audit_site(&cfg.node_binary, &s.spec.data_dir, &network)
             .map_err(anyhow::Error::msg)?;
-        providers_total_msat += chain["countersigned_msat"].as_u64().unwrap_or(0);
+        let receipted = chain["countersigned_msat"].as_u64().unwrap_or(0);
+        providers_total_msat += receipted;
         cache.push(site_cache(s.spec.index, &s.spec.data_dir.join("node.log")));
+        if ln.is_some() {
+            site_paid.push(crate::lightning::SitePaid {
+                site: s.spec.index,
+                receipted_msat: receipted,
+                paid_msat: crate::lightning::site_paid_msat(&cfg.node_binary, &s.spec.data_dir)?,
+            });
+        }
     }
     drop(running);
+    let lightning = match &ln {
+        Some(_) => {
+            let buyer_paid_msat = crate::lightning::buyer_paid_msat(&cfg.cli_binary, &gw_dir)?;
+            let ok = buyer_paid_msat == buyer_total_msat
+                && site_paid.iter().all(|s| s.paid_msat == s.receipted_msat);
+            Some(crate::lightning::LnSettlement {
+                channels: specs.len(),
+                buyer_receipted_msat: buyer_total_msat,
+                buyer_paid_msat,
+                sites: site_paid,
+                ok,
+            })
+        }
+        None => None,
+    };
     Ok(ChatReport {
         sites: cfg.sites,
         local_first_token_ms,
@@ -411,7 +470,10 @@ pub async fn run_chat(cfg: ChatConfig) -> anyhow::Result<ChatReport> {
             receipts: list.len(),
             buyer_total_msat,
             providers_total_msat,
-            ok: buyer_total_msat == providers_total_msat && buyer_total_msat > 0,
+            ok: buyer_total_msat == providers_total_msat
+                && buyer_total_msat > 0
+                && lightning.as_ref().is_none_or(|l| l.ok),
+            lightning,
         },
     })
 }
@@ -668,6 +730,30 @@ impl fmt::Display for ChatReport {
             s.buyer_total_msat,
             s.providers_total_msat,
             if s.ok { "adds up" } else { "MISMATCH" }
-        )
+        )?;
+        if let Some(l) = &s.lightning {
+            write!(
+                f,
+                "\n  lightning            {} channels; buyer receipted {} msat, paid {} msat",
+                l.channels, l.buyer_receipted_msat, l.buyer_paid_msat
+            )?;
+            for site in &l.sites {
+                write!(
+                    f,
+                    "\n    site {:<2}            receipted {} msat, paid {} msat",
+                    site.site, site.receipted_msat, site.paid_msat
+                )?;
+            }
+            write!(
+                f,
+                "\n                       {}",
+                if l.ok {
+                    "every receipted msat was paid over Lightning"
+                } else {
+                    "MISMATCH: receipted and paid differ"
+                }
+            )?;
+        }
+        Ok(())
     }
 }

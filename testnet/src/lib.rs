@@ -13,6 +13,7 @@
 
 pub mod chat;
 pub mod http;
+pub mod lightning;
 pub mod netns;
 pub mod report;
 pub mod sites;
@@ -265,6 +266,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
                 Some(_) => Some(sites::free_port()?),
                 None => None,
             },
+            config: None,
         });
     }
     if let Some(path) = &cfg.prometheus {

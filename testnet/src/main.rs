@@ -66,6 +66,10 @@ struct Cli {
     /// embeddings).
     #[arg(long, value_enum, default_value_t = Workload::Chat)]
     workload: Workload,
+    /// chat/mixed: how the gateway pays the sites (`lightning`: channels on an in-process
+    /// test chain; `ledger`: IOUs). The jobs workload settles in the ledger.
+    #[arg(long, value_enum, default_value_t = Payments::Lightning)]
+    payments: Payments,
     /// chat/mixed: the GGUF model (default: $HASHGRID_SMOLLM2).
     #[arg(long, value_name = "FILE.gguf", env = "HASHGRID_SMOLLM2")]
     model: Option<PathBuf>,
@@ -81,6 +85,16 @@ struct Cli {
     /// chat/mixed: tokens per answer.
     #[arg(long, default_value_t = 32)]
     max_tokens: u32,
+}
+
+/// How the chat demo's buyer pays the sites.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Payments {
+    /// Over Lightning, on an in-process test chain: a channel from the gateway to every site,
+    /// every receipt invoiced and paid to the msat.
+    Lightning,
+    /// Countersigned receipts as IOUs (no chain).
+    Ledger,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -189,6 +203,7 @@ async fn chat(cli: Cli, node_binary: PathBuf) -> ExitCode {
         cli_binary,
         work_dir: cli.work_dir,
         prometheus: cli.prometheus,
+        lightning: cli.payments == Payments::Lightning,
     };
     let report = tokio::select! {
         r = hashgrid_testnet::chat::run_chat(cfg) => r,

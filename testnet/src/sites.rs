@@ -89,6 +89,8 @@ pub struct SiteSpec {
     pub peer_id: String,
     /// Port of its Prometheus metrics (`--metrics`), if served.
     pub metrics_port: Option<u16>,
+    /// Its config file (`--config`), e.g. a `[settle]` section; flags override it.
+    pub config: Option<PathBuf>,
 }
 
 impl SiteSpec {
@@ -171,9 +173,11 @@ impl Site {
             }
             None => Command::new(&self.binary),
         };
-        cmd.arg("--data-dir")
-            .arg(&self.spec.data_dir)
-            .args(["run", "--network", &self.network, "--listen"])
+        cmd.arg("--data-dir").arg(&self.spec.data_dir).arg("run");
+        if let Some(c) = &self.spec.config {
+            cmd.arg("--config").arg(c);
+        }
+        cmd.args(["--network", &self.network, "--listen"])
             .arg(format!("/ip4/{}/tcp/{}", self.spec.ip, self.spec.port))
             .args(["--region", &self.spec.region, "--price"])
             .arg(self.spec.price.to_string())
@@ -299,6 +303,7 @@ mod tests {
             port: 4001,
             peer_id: String::new(),
             metrics_port,
+            config: None,
         };
         let text = super::prometheus_config(
             &[
