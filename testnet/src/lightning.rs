@@ -96,7 +96,11 @@ impl LnGrid {
     ) -> anyhow::Result<()> {
         let ln = |args: &[&str]| {
             let mut c = Command::new(cli);
-            c.arg("--data-dir").arg(gateway_dir).arg("--json").arg("ln").args(args);
+            c.arg("--data-dir")
+                .arg(gateway_dir)
+                .arg("--json")
+                .arg("ln")
+                .args(args);
             c
         };
         let a = cli_json(&mut ln(&["address"]), "hashgrid ln address")?;

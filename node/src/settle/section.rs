@@ -25,6 +25,7 @@ use super::records::{LightningSettle, Onchain, SettleMode, SettlementConfig};
 /// # bitcoind_cookie = "/var/lib/bitcoind/signet/.cookie"
 /// payout_descriptor = "tr(tpub…/0/*)"   # site: where invoices are paid (public keys only)
 /// invoice_min_sat = 10000           # invoice once this much has accrued …
+/// # invoice_min_msat = 10000000     # … the same threshold in msat (Lightning batches)
 /// invoice_max_age_secs = 86400      # … or once the oldest receipt is this old
 /// invoice_ttl_secs = 3600           # time to pay
 /// credit_limit_sat = 100000         # most a buyer may owe before new agreements are refused
@@ -58,6 +59,8 @@ pub struct SettleSection {
     pub payout_descriptor: Option<String>,
     /// Invoice threshold, sat.
     pub invoice_min_sat: Option<u64>,
+    /// Invoice threshold, msat (over `invoice_min_sat` when both are set).
+    pub invoice_min_msat: Option<u64>,
     /// Invoice age threshold, s.
     pub invoice_max_age_secs: Option<u64>,
     /// Time to pay, s.
@@ -186,9 +189,11 @@ impl SettleSection {
         let cfg = SettlementConfig {
             mode: SettleMode::Ledger,
             invoice: InvoicePolicy {
-                min_amount: self
-                    .invoice_min_sat
-                    .map_or(d.invoice.min_amount, |s| Msat(s.saturating_mul(1000))),
+                min_amount: match (self.invoice_min_msat, self.invoice_min_sat) {
+                    (Some(m), _) => Msat(m),
+                    (None, Some(s)) => Msat(s.saturating_mul(1000)),
+                    (None, None) => d.invoice.min_amount,
+                },
                 max_age_ms: secs(self.invoice_max_age_secs, d.invoice.max_age_ms),
                 ttl_ms: secs(self.invoice_ttl_secs, d.invoice.ttl_ms),
                 unit: d.invoice.unit,
@@ -240,5 +245,46 @@ impl SettleSection {
             }),
             ..cfg
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn section(text: &str) -> SettleSection {
+        toml::from_str(text).expect("parses")
+    }
+
+    #[test]
+    fn lightning_mode_reads_its_keys_and_needs_a_node_and_esplora() {
+        let s = section(
+            "mode = \"lightning\"\nbitcoin = \"regtest\"\nesplora = \"http://127.0.0.1:3002\"\n\
+             lightning_listen = \"0.0.0.0:9735\"\ninvoice_min_sat = 5\ninvoice_min_msat = 1234\n",
+        );
+        assert_eq!(s.mode, SettleModeName::Lightning);
+        let ldk = s
+            .ldk_config(std::path::Path::new("/data"))
+            .expect("ldk config");
+        assert_eq!(ldk.dir, std::path::Path::new("/data").join(LIGHTNING_DIR));
+        assert_eq!(ldk.listen, Some("0.0.0.0:9735".parse().expect("addr")));
+        assert_eq!(ldk.background_sync, Some(Duration::from_secs(30)));
+        // Without a started Lightning node there is nothing to settle through.
+        let e = s.to_config(None, None).expect_err("no node");
+        assert!(e.to_string().contains("no Lightning node"), "{e}");
+        // The msat threshold wins over the sat one.
+        let mut ledger = s.clone();
+        ledger.mode = SettleModeName::Ledger;
+        let cfg = ledger.to_config(None, None).expect("ledger");
+        assert_eq!(cfg.invoice.min_amount, Msat(1234));
+        // Esplora is required (bitcoind is not wired for the Lightning node).
+        let no_esplora = section("mode = \"lightning\"\nbitcoin = \"regtest\"\n");
+        let e = no_esplora
+            .ldk_config(std::path::Path::new("/d"))
+            .expect_err("no esplora");
+        assert!(e.to_string().contains("esplora"), "{e}");
+        // Mainnet still needs the explicit opt-in.
+        let main = section("mode = \"lightning\"\nbitcoin = \"mainnet\"\nesplora = \"http://x\"\n");
+        assert!(main.ldk_config(std::path::Path::new("/d")).is_err());
     }
 }
