@@ -93,11 +93,10 @@ impl Grid {
     }
 }
 
+/// A port outside the ephemeral range: a site restarts on it, and in between an outbound
+/// connection could otherwise take it.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
+    hashgrid_testnet::sites::free_port().expect("free port")
 }
 
 fn until(what: &str, mut f: impl FnMut() -> bool) {
@@ -791,4 +790,121 @@ async fn an_unpaid_lightning_invoice_hits_the_credit_limit_until_it_is_paid() {
     }
     m.run_job().await.expect("served again once paid");
     m.stop().await;
+}
+
+/// The buyer's process SIGKILLed right after `pay` returned, while the HTLC is in flight: LDK
+/// may force-close the channel on restart (its channel manager is persisted a moment after the
+/// channel monitors), so the payment resolves either over the channel or on chain. Whatever
+/// the timing, the site is paid at most once, and paid exactly when the buyer holds the
+/// preimage.
+#[test]
+fn a_buyer_killed_mid_payment_is_never_charged_twice() {
+    use std::io::BufRead;
+    let grid = Grid::new();
+    let (bdir, sdir) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let buyer = grid.node(bdir.path(), None);
+    let site = grid.node(sdir.path(), Some(free_port()));
+    grid.fund(&buyer);
+    grid.open(&buyer, &site);
+    let billing = Billing::new();
+    let charge = 21_000_000;
+    let inv = site
+        .invoice(
+            Msat(charge),
+            description_hash(&billing.bill(1, charge)),
+            Duration::from_secs(3600),
+        )
+        .expect("invoice");
+    let expected = billing.expected(1, charge);
+    let hash = invoice::payment_hash(&inv);
+    buyer.stop().expect("stop");
+    drop(buyer);
+
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ln-payer"))
+        .arg(bdir.path())
+        .arg(&grid.url)
+        .arg(inv.to_string())
+        .arg(charge.to_string())
+        .arg(hex::encode(expected.description_hash))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn ln-payer");
+    let stdout = child.stdout.take().expect("stdout");
+    let paying = std::io::BufReader::new(stdout)
+        .lines()
+        .next()
+        .expect("a line from ln-payer")
+        .expect("readable");
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+    assert_eq!(paying, format!("PAYING {hash}"));
+
+    let buyer = grid.node(bdir.path(), None);
+    let mut received = 0u64;
+    let mut mined = 0u32;
+    let start = Instant::now();
+    let outcome = loop {
+        let _ = buyer.sync();
+        let _ = site.sync();
+        while let Some(e) = site.next_event() {
+            if let LnEvent::Received { hash: h, amount } = &e
+                && *h == hash
+            {
+                received += amount.0;
+            }
+            site.event_handled().expect("handled");
+        }
+        while buyer.next_event().is_some() {
+            buyer.event_handled().expect("handled");
+        }
+        let status = buyer.payment(&hash).map(|p| p.status);
+        match status {
+            Some(PaymentStatus::Succeeded(p)) if received > 0 => break Some(p),
+            Some(PaymentStatus::Failed) => break None,
+            _ => {}
+        }
+        if buyer.channels().iter().any(|c| c.usable) {
+            // The channel survived: the retry completes it (or finds it in flight).
+            let _ = buyer.pay(&inv, &expected);
+        } else if buyer.channels().is_empty() {
+            // Force-closed: the HTLC resolves on chain.
+            grid.mine(1);
+            mined += 1;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "unresolved after {mined} blocks: payment {status:?}, site received {received} msat, channels {:?}",
+            buyer.channels()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!(
+        "resolved {} after {mined} blocks: site received {received} msat",
+        if outcome.is_some() { "paid" } else { "failed" }
+    );
+    match outcome {
+        Some(preimage) => {
+            assert!(preimage.matches(&hash));
+            assert_eq!(received, charge, "paid exactly once");
+        }
+        None => assert_eq!(received, 0, "a failed payment paid nothing"),
+    }
+    // Paying the invoice again never pays it twice.
+    let _ = buyer.pay(&inv, &expected);
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = site.sync();
+    while let Some(e) = site.next_event() {
+        if let LnEvent::Received { hash: h, amount } = &e
+            && *h == hash
+        {
+            received += amount.0;
+        }
+        site.event_handled().expect("handled");
+    }
+    assert!(received <= charge, "paid twice: {received} msat");
+    buyer.stop().expect("stop");
+    site.stop().expect("stop");
 }

@@ -82,10 +82,9 @@ async fn taken_port_is_a_clear_error() -> anyhow::Result<()> {
 /// failed) dials it again, backing off, and joins the network when the peer is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_started_before_its_bootstrap_peer_joins_when_the_peer_comes_up() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    // Outside the ephemeral range: in the 1.5 s before the site binds it, an outbound
+    // connection of another test could otherwise take it (the crash check saw that once).
+    let port = hashgrid_testnet::sites::free_port().unwrap();
     let addr: hashgrid_node::Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap();
     let buyer = test_builder(std::slice::from_ref(&addr))
         .region("us-east")
