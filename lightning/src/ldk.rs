@@ -5,6 +5,7 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use hashgrid_protocol::Msat;
@@ -25,10 +26,13 @@ use crate::backend::{
 };
 use crate::error::LnError;
 use crate::invoice::{self, Expected, PaymentHash, Preimage};
+use crate::store::{ManagerWrites, WatchedStore};
 
 /// The seed's file name inside [`LdkConfig::dir`]: 64 random bytes, mode 0600.
 pub const SEED_FILE: &str = "seed";
 const SEED_LEN: usize = 64;
+/// How long `pay` waits for the channel manager's write after sending.
+const MANAGER_WRITE_WAIT: Duration = Duration::from_secs(10);
 
 /// How to run the embedded node.
 #[derive(Debug, Clone)]
@@ -49,6 +53,7 @@ pub struct LdkConfig {
 /// An embedded LDK node.
 pub struct LdkBackend {
     node: ldk_node::Node,
+    manager_writes: Arc<ManagerWrites>,
     network: Network,
     listen: Option<SocketAddr>,
 }
@@ -71,7 +76,8 @@ impl LdkBackend {
         let seed = load_or_create_seed(&config.dir.join(SEED_FILE))?;
         let mut b = ldk_node::Builder::new();
         b.set_network(config.network);
-        b.set_storage_dir_path(config.dir.join("ldk").to_string_lossy().into_owned());
+        let state = config.dir.join("ldk");
+        b.set_storage_dir_path(state.to_string_lossy().into_owned());
         b.set_filesystem_logger(
             Some(config.dir.join("ldk.log").to_string_lossy().into_owned()),
             Some(Level::Info),
@@ -95,10 +101,15 @@ impl LdkBackend {
                 .map_err(|e| LnError::Start(format!("listen on {addr}: {e}")))?;
         }
         b.set_entropy_seed_bytes(seed);
-        let node = b.build().map_err(|e| LnError::Start(e.to_string()))?;
+        let (store, manager_writes) = WatchedStore::open(&state)
+            .map_err(|e| LnError::Start(format!("{}: {e}", state.display())))?;
+        let node = b
+            .build_with_store(Arc::new(store))
+            .map_err(|e| LnError::Start(e.to_string()))?;
         node.start().map_err(|e| LnError::Start(e.to_string()))?;
         Ok(LdkBackend {
             node,
+            manager_writes,
             network: config.network,
             listen: config.listen,
         })
@@ -235,8 +246,21 @@ impl LightningBackend for LdkBackend {
     fn pay(&self, inv: &Bolt11Invoice, expected: &Expected) -> Result<PaymentHash, LnError> {
         invoice::check(inv, expected, now())?;
         let hash = invoice::payment_hash(inv);
+        let seen = self.manager_writes.count();
         match self.node.bolt11_payment().send(inv, None) {
-            Ok(_) | Err(NodeError::DuplicatePayment) => Ok(hash),
+            Ok(_) => {
+                // Return once the channel manager that knows of this payment is on disk: a
+                // caller that records the payment as made and is then killed restarts with a
+                // manager no older than the channel monitors (else LDK force-closes).
+                if !self.manager_writes.wait_past(seen, MANAGER_WRITE_WAIT) {
+                    return Err(LnError::node(
+                        "pay",
+                        "sent, but the channel state was not persisted in time",
+                    ));
+                }
+                Ok(hash)
+            }
+            Err(NodeError::DuplicatePayment) => Ok(hash),
             Err(e) => Err(LnError::node("pay", e)),
         }
     }

@@ -24,6 +24,7 @@ pub mod invoice;
 mod backend;
 mod error;
 mod ldk;
+mod store;
 
 pub use backend::{
     Balances, ChannelInfo, ChannelRef, LightningBackend, LnEvent, PaymentDirection, PaymentInfo,
