@@ -3,8 +3,7 @@
 //! 0600), funded, opens a channel to a site's Lightning node, and closes it.
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hashgrid_lightning::{LdkBackend, LightningBackend};
@@ -14,26 +13,7 @@ use hashgrid_node::wallet::bitcoin::ScriptBuf;
 use hashgrid_node::wallet::esplora_server::EsploraServer;
 
 mod support;
-
-fn run(bin: &str, data: &Path, args: &[&str]) -> Output {
-    let mut all = vec!["--data-dir", data.to_str().unwrap()];
-    all.extend_from_slice(args);
-    Command::new(bin).args(&all).output().unwrap()
-}
-
-fn hashgrid(data: &Path, args: &[&str]) -> Output {
-    run(env!("CARGO_BIN_EXE_hashgrid"), data, args)
-}
-
-fn json(o: &Output) -> serde_json::Value {
-    assert!(
-        o.status.success(),
-        "exit {:?}: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout).unwrap()
-}
+use support::{hashgrid, json, regtest_script};
 
 fn settle(url: &str, listen: Option<u16>) -> String {
     let mut s = format!("mode = \"lightning\"\nbitcoin = \"regtest\"\nesplora = \"{url}\"\n");
@@ -90,7 +70,7 @@ fn ln_status_address_open_and_close_from_the_command_line() {
     let a = json(&hashgrid(&buyer, &["--json", "ln", "address"]));
     let addr = a["address"].as_str().unwrap();
     assert!(addr.starts_with("bcrt1"), "{addr}");
-    chain.mine(1, &script_of(addr));
+    chain.mine(1, &regtest_script(addr));
     chain.mine(100, &ScriptBuf::new_op_return([0u8; 4]));
     let s = json(&hashgrid(&buyer, &["--json", "ln", "status"]));
     assert_eq!(s["balances"]["onchain_sat"], 5_000_000_000u64);
@@ -155,15 +135,6 @@ fn ln_commands_refuse_a_node_that_does_not_settle_over_lightning() {
         !data.join("lightning").exists(),
         "no Lightning state created"
     );
-}
-
-fn script_of(addr: &str) -> ScriptBuf {
-    use std::str::FromStr;
-    hashgrid_node::wallet::bitcoin::Address::from_str(addr)
-        .unwrap()
-        .require_network(hashgrid_node::wallet::bitcoin::Network::Regtest)
-        .unwrap()
-        .script_pubkey()
 }
 
 #[test]

@@ -3,31 +3,13 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 use hashgrid_node::wallet::TestChain;
 use hashgrid_node::wallet::bitcoin::ScriptBuf;
 use hashgrid_node::wallet::esplora_server::EsploraServer;
 
-fn run(bin: &str, data: &Path, args: &[&str]) -> Output {
-    let mut all = vec!["--data-dir", data.to_str().unwrap()];
-    all.extend_from_slice(args);
-    Command::new(bin).args(&all).output().unwrap()
-}
-
-fn hashgrid(data: &Path, args: &[&str]) -> Output {
-    run(env!("CARGO_BIN_EXE_hashgrid"), data, args)
-}
-
-fn json(o: &Output) -> serde_json::Value {
-    assert!(
-        o.status.success(),
-        "exit {:?}: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout).unwrap()
-}
+mod support;
+use support::{hashgrid, json, regtest_script, run};
 
 fn config(data: &Path, extra: &str) {
     std::fs::create_dir_all(data).unwrap();
@@ -69,7 +51,7 @@ fn wallet_address_balance_send_against_esplora() {
     assert_ne!(b["address"], a["address"]);
 
     // Mine a coinbase to the first address and let it mature.
-    let spk = hashgrid_node::wallet::bitcoin::Address::from_str_regtest(&addr);
+    let spk = regtest_script(&addr);
     chain.mine(1, &spk);
     chain.mine(100, &ScriptBuf::new_op_return([0u8; 4]));
     let bal = json(&hashgrid(&data, &["--json", "wallet", "balance"]));
@@ -151,18 +133,4 @@ fn site_earnings_on_a_fresh_data_dir() {
     );
     assert!(o.status.success());
     assert!(String::from_utf8_lossy(&o.stdout).contains("no invoices"));
-}
-
-trait FromStrRegtest {
-    fn from_str_regtest(s: &str) -> ScriptBuf;
-}
-impl FromStrRegtest for hashgrid_node::wallet::bitcoin::Address {
-    fn from_str_regtest(s: &str) -> ScriptBuf {
-        use std::str::FromStr;
-        hashgrid_node::wallet::bitcoin::Address::from_str(s)
-            .unwrap()
-            .require_network(hashgrid_node::wallet::bitcoin::Network::Regtest)
-            .unwrap()
-            .script_pubkey()
-    }
 }

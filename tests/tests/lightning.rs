@@ -381,53 +381,98 @@ fn payments_survive_a_restart_and_a_cooperative_close_returns_the_funds_on_chain
     site.stop().expect("stop");
 }
 
+/// A buyer and a site with a channel between them and a 21,000-sat invoice of the site's; the
+/// buyer's node is stopped, its directory left for `ln-payer`.
+struct KillSetup {
+    grid: Grid,
+    bdir: tempfile::TempDir,
+    _sdir: tempfile::TempDir,
+    site: LdkBackend,
+    request: String,
+    expected: Expected,
+    charge: u64,
+    /// The buyer's outbound and the site's inbound capacity before the payment, msat.
+    b0: u64,
+    s0: u64,
+}
+
+impl KillSetup {
+    fn new() -> KillSetup {
+        let grid = Grid::new();
+        let (bdir, sdir) = (
+            tempfile::tempdir().expect("dir"),
+            tempfile::tempdir().expect("dir"),
+        );
+        let buyer = grid.node(bdir.path(), None);
+        let site = grid.node(sdir.path(), Some(free_port()));
+        grid.fund(&buyer);
+        grid.open(&buyer, &site);
+        let billing = Billing::new();
+        let charge = 21_000_000;
+        let inv = site
+            .invoice(
+                Msat(charge),
+                description_hash(&billing.bill(1, charge)),
+                Duration::from_secs(3600),
+            )
+            .expect("invoice");
+        let (b0, s0) = (outbound(&buyer), site.balances().inbound_msat);
+        buyer.stop().expect("stop");
+        drop(buyer);
+        KillSetup {
+            grid,
+            bdir,
+            _sdir: sdir,
+            site,
+            request: inv.to_string(),
+            expected: billing.expected(1, charge),
+            charge,
+            b0,
+            s0,
+        }
+    }
+
+    /// Runs `ln-payer` on the buyer's directory (holding before its acknowledgement with
+    /// `hold`), reads `lines` lines of its report, and SIGKILLs it; the lines and its exit.
+    fn pay_and_kill(&self, hold: bool, lines: usize) -> (Vec<String>, String) {
+        use std::io::BufRead;
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ln-payer"));
+        cmd.arg(self.bdir.path())
+            .arg(&self.grid.url)
+            .arg(&self.request)
+            .arg(self.charge.to_string())
+            .arg(hex::encode(self.expected.description_hash))
+            .stdout(std::process::Stdio::piped());
+        if hold {
+            cmd.env("LN_PAYER_HOLD", "1");
+        }
+        let mut child = cmd.spawn().expect("spawn ln-payer");
+        let stdout = child.stdout.take().expect("stdout");
+        let read: Vec<String> = std::io::BufReader::new(stdout)
+            .lines()
+            .take(lines)
+            .map(|l| l.expect("readable"))
+            .collect();
+        assert_eq!(read.len(), lines, "ln-payer stopped early: {read:?}");
+        child.kill().expect("SIGKILL");
+        let status = child
+            .wait()
+            .map_or_else(|e| e.to_string(), |s| s.to_string());
+        (read, status)
+    }
+}
+
 #[test]
 fn a_buyer_killed_before_acknowledging_a_payment_keeps_the_proof_and_pays_once() {
-    use std::io::BufRead;
-    let grid = Grid::new();
-    let (bdir, sdir) = (
-        tempfile::tempdir().expect("dir"),
-        tempfile::tempdir().expect("dir"),
-    );
-    let buyer = grid.node(bdir.path(), None);
-    let site = grid.node(sdir.path(), Some(free_port()));
-    grid.fund(&buyer);
-    grid.open(&buyer, &site);
-    let billing = Billing::new();
-    let charge = 21_000_000;
-    let inv = site
-        .invoice(
-            Msat(charge),
-            description_hash(&billing.bill(1, charge)),
-            Duration::from_secs(3600),
-        )
-        .expect("invoice");
-    let expected = billing.expected(1, charge);
-    let (b0, s0) = (outbound(&buyer), site.balances().inbound_msat);
-    buyer.stop().expect("stop");
-    drop(buyer);
+    let k = KillSetup::new();
+    let (grid, bdir, site, charge, expected) = (&k.grid, &k.bdir, &k.site, k.charge, &k.expected);
+    let (b0, s0) = (k.b0, k.s0);
+    let inv = invoice::parse(&k.request).expect("invoice");
 
     // The buyer's node in its own process, SIGKILLed after the payment completed but before it
     // acknowledged the event that carries the proof (LN_PAYER_HOLD keeps it there).
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ln-payer"))
-        .arg(bdir.path())
-        .arg(&grid.url)
-        .arg(inv.to_string())
-        .arg(charge.to_string())
-        .arg(hex::encode(expected.description_hash))
-        .env("LN_PAYER_HOLD", "1")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn ln-payer");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = std::io::BufReader::new(stdout).lines();
-    let paying = lines
-        .next()
-        .expect("a line from ln-payer")
-        .expect("readable");
-    let paid = lines.next().expect("a second line").expect("readable");
-    child.kill().expect("SIGKILL");
-    let status = child.wait().expect("reaped");
+    let (lines, status) = k.pay_and_kill(true, 2);
+    let (paying, paid) = (lines[0].clone(), lines[1].clone());
     assert!(
         paying.starts_with("PAYING "),
         "ln-payer said {paying:?} ({status})"
@@ -463,7 +508,7 @@ fn a_buyer_killed_before_acknowledging_a_payment_keeps_the_proof_and_pays_once()
         buyer.channels().iter().any(|c| c.usable)
     });
     assert_eq!(
-        buyer.pay(&inv, &expected).expect("retry after the crash"),
+        buyer.pay(&inv, expected).expect("retry after the crash"),
         hash
     );
     until("the payment completes", || {
@@ -802,47 +847,12 @@ async fn an_unpaid_lightning_invoice_hits_the_credit_limit_until_it_is_paid() {
 /// went.
 #[test]
 fn a_buyer_killed_mid_payment_is_paid_at_most_once_and_exactly_with_the_proof() {
-    use std::io::BufRead;
-    let grid = Grid::new();
-    let (bdir, sdir) = (
-        tempfile::tempdir().expect("dir"),
-        tempfile::tempdir().expect("dir"),
-    );
-    let buyer = grid.node(bdir.path(), None);
-    let site = grid.node(sdir.path(), Some(free_port()));
-    grid.fund(&buyer);
-    grid.open(&buyer, &site);
-    let billing = Billing::new();
-    let charge = 21_000_000;
-    let inv = site
-        .invoice(
-            Msat(charge),
-            description_hash(&billing.bill(1, charge)),
-            Duration::from_secs(3600),
-        )
-        .expect("invoice");
-    let expected = billing.expected(1, charge);
+    let k = KillSetup::new();
+    let (grid, bdir, site, charge, expected) = (&k.grid, &k.bdir, &k.site, k.charge, &k.expected);
+    let inv = invoice::parse(&k.request).expect("invoice");
     let hash = invoice::payment_hash(&inv);
-    buyer.stop().expect("stop");
-    drop(buyer);
-
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ln-payer"))
-        .arg(bdir.path())
-        .arg(&grid.url)
-        .arg(inv.to_string())
-        .arg(charge.to_string())
-        .arg(hex::encode(expected.description_hash))
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn ln-payer");
-    let stdout = child.stdout.take().expect("stdout");
-    let paying = std::io::BufReader::new(stdout)
-        .lines()
-        .next()
-        .expect("a line from ln-payer")
-        .expect("readable");
-    child.kill().expect("SIGKILL");
-    let _ = child.wait();
+    let (lines, _) = k.pay_and_kill(false, 1);
+    let paying = lines[0].clone();
     assert_eq!(paying, format!("PAYING {hash}"));
 
     let buyer = grid.node(bdir.path(), None);
@@ -871,7 +881,7 @@ fn a_buyer_killed_mid_payment_is_paid_at_most_once_and_exactly_with_the_proof() 
         }
         if buyer.channels().iter().any(|c| c.usable) {
             // The channel survived: the retry completes it (or finds it in flight).
-            let _ = buyer.pay(&inv, &expected);
+            let _ = buyer.pay(&inv, expected);
         } else if buyer.channels().is_empty() {
             // Force-closed: the HTLC resolves on chain.
             grid.mine(1);
@@ -896,7 +906,7 @@ fn a_buyer_killed_mid_payment_is_paid_at_most_once_and_exactly_with_the_proof() 
         None => assert_eq!(received, 0, "a failed payment paid nothing"),
     }
     // Paying the invoice again never pays it twice.
-    let _ = buyer.pay(&inv, &expected);
+    let _ = buyer.pay(&inv, expected);
     std::thread::sleep(Duration::from_millis(500));
     let _ = site.sync();
     while let Some(e) = site.next_event() {

@@ -978,6 +978,15 @@ impl Settlement {
         }
     }
 
+    /// A received invoice's record, as stored.
+    fn received_invoice(&self, id: &ContentId) -> Result<InInvoice, String> {
+        self.store()
+            .map_err(|e| e.to_string())?
+            .get::<InInvoice>(JobTree::InvoicesIn, id.as_bytes())
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "unknown invoice".to_string())
+    }
+
     async fn try_pay(self: &Arc<Self>, id: ContentId, net: &Net) -> Result<(), String> {
         if let Some(ln) = self.ln() {
             return self.try_pay_lightning(&ln, id).await;
@@ -985,13 +994,7 @@ impl Settlement {
         let (Some(wallet), Some(chain)) = (self.buyer_wallet(), self.chain.clone()) else {
             return Err("no wallet".into());
         };
-        let get = || {
-            self.store()
-                .map_err(|e| e.to_string())?
-                .get::<InInvoice>(JobTree::InvoicesIn, id.as_bytes())
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| "unknown invoice".to_string())
-        };
+        let get = || self.received_invoice(&id);
         let rec = get()?;
         let inv = rec.body().ok_or("undecodable invoice")?;
         let InvoicePayment::Onchain {
@@ -1096,13 +1099,7 @@ impl Settlement {
         ln: &Arc<dyn LightningBackend>,
         id: ContentId,
     ) -> Result<(), String> {
-        let get = || {
-            self.store()
-                .map_err(|e| e.to_string())?
-                .get::<InInvoice>(JobTree::InvoicesIn, id.as_bytes())
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| "unknown invoice".to_string())
-        };
+        let get = || self.received_invoice(&id);
         let mut rec = get()?;
         let inv = rec.body().ok_or("undecodable invoice")?;
         let InvoicePayment::Lightning { request } = &inv.payment else {

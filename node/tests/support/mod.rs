@@ -4,7 +4,8 @@
 #![allow(dead_code, clippy::unwrap_used)] // each user takes what it needs; a failed unwrap fails it
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -129,4 +130,37 @@ pub(crate) fn get(addr: &str, path: &str) -> (u16, String, String) {
         body.to_string()
     };
     (status, header("content-type"), body)
+}
+
+/// Runs `bin --data-dir DATA ARGS…` to completion.
+pub(crate) fn run(bin: &str, data: &Path, args: &[&str]) -> Output {
+    let mut all = vec!["--data-dir", data.to_str().unwrap()];
+    all.extend_from_slice(args);
+    Command::new(bin).args(&all).output().unwrap()
+}
+
+/// Runs the `hashgrid` CLI on the data dir `data`.
+pub(crate) fn hashgrid(data: &Path, args: &[&str]) -> Output {
+    run(env!("CARGO_BIN_EXE_hashgrid"), data, args)
+}
+
+/// A command's stdout as JSON, after it exited successfully.
+pub(crate) fn json(o: &Output) -> serde_json::Value {
+    assert!(
+        o.status.success(),
+        "exit {:?}: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// The output script of a regtest address.
+pub(crate) fn regtest_script(addr: &str) -> hashgrid_node::wallet::bitcoin::ScriptBuf {
+    use std::str::FromStr;
+    hashgrid_node::wallet::bitcoin::Address::from_str(addr)
+        .unwrap()
+        .require_network(hashgrid_node::wallet::bitcoin::Network::Regtest)
+        .unwrap()
+        .script_pubkey()
 }
