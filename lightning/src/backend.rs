@@ -218,8 +218,10 @@ pub trait LightningBackend: Send + Sync {
         push_msat: u64,
     ) -> Result<ChannelRef, LnError>;
 
-    /// Closes a channel cooperatively (funds return on chain once the close confirms).
-    fn close_channel(&self, channel: &ChannelRef) -> Result<(), LnError>;
+    /// Closes a channel: cooperatively (funds return on chain once the close confirms), or
+    /// with `force` by broadcasting this node's latest commitment, for a peer that is gone
+    /// (this node's own funds then wait out the channel's `to_self_delay`).
+    fn close_channel(&self, channel: &ChannelRef, force: bool) -> Result<(), LnError>;
 
     /// The next event, if one is waiting. The same event is returned until it is handled.
     fn next_event(&self) -> Option<LnEvent>;

@@ -36,3 +36,5 @@ pub use ldk::{LdkBackend, LdkConfig, SEED_FILE};
 
 /// The Bitcoin types this crate's API uses (the workspace's one copy of `bitcoin`).
 pub use ldk_node::bitcoin;
+/// A parsed BOLT11 payment request, as [`invoice::parse`] and [`LightningBackend::invoice`] return it.
+pub use ldk_node::lightning_invoice::Bolt11Invoice;

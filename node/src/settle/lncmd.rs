@@ -42,6 +42,10 @@ pub enum LnCommand {
     Close {
         /// The channel id, as `ln status` lists it.
         channel: String,
+        /// Close without the peer (it is gone for good): broadcast this node's latest
+        /// commitment; its own funds return after the channel's delay (144 blocks by default).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -116,7 +120,7 @@ fn run(node: &Arc<LdkBackend>, cmd: &LnCommand) -> Result<Value, WalletError> {
                 "funding": funding,
             }))
         }
-        LnCommand::Close { channel } => {
+        LnCommand::Close { channel, force } => {
             let info = node
                 .channels()
                 .into_iter()
@@ -126,14 +130,14 @@ fn run(node: &Arc<LdkBackend>, cmd: &LnCommand) -> Result<Value, WalletError> {
                 id: info.id.parse().map_err(err)?,
                 peer: info.peer.parse().map_err(err)?,
             };
-            node.close_channel(&chan).map_err(err)?;
+            node.close_channel(&chan, *force).map_err(err)?;
             let closed = wait_for(node, |e| match e {
                 LnEvent::ChannelClosed { channel, reason } if channel.id == chan.id => {
                     Some(reason.clone())
                 }
                 _ => None,
             });
-            Ok(json!({ "channel": channel, "closed": closed }))
+            Ok(json!({ "channel": channel, "closed": closed, "force": force }))
         }
     }
 }
@@ -217,6 +221,9 @@ pub fn ln_render(cmd: &LnCommand, v: &Value) -> String {
             "channel {}: {}\n",
             s("channel"),
             match v["closed"].as_str() {
+                Some(r) if v["force"] == true => format!(
+                    "force-closed ({r}); this node's funds return on chain after the channel's delay"
+                ),
                 Some(r) =>
                     format!("closed ({r}); the funds return on chain once the close confirms"),
                 None => "closing; the node finishes it when it next runs".into(),

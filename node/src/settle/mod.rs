@@ -16,11 +16,13 @@
 //! sub-sat remainder stays accrued for the next invoice; a Lightning invoice bills the exact
 //! msat (see `hashgrid_market::settlement`).
 
+mod channels;
 mod lncmd;
 mod records;
 mod section;
 mod service;
 
+pub use channels::{ChannelPlan, ChannelSection, MIN_CHANNEL_SAT, OPEN_RETRY};
 pub use hashgrid_lightning::LightningBackend;
 pub use hashgrid_market::settlement::{
     ConfirmationPolicy, CreditPolicy, InvoicePolicy, InvoiceRecord, InvoiceState,

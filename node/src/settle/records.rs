@@ -43,6 +43,9 @@ pub struct LightningSettle {
     /// Stop the Lightning node when the hashgrid node stops (a clean stop persists its channel
     /// state); false when the caller shares it beyond one node's life.
     pub stop_with_node: bool,
+    /// Channels to keep open (`[settle] lightning_channels`): each pass opens any that has no
+    /// channel with its peer, funded from the Lightning node's on-chain wallet.
+    pub channels: Vec<super::channels::ChannelPlan>,
 }
 
 impl std::fmt::Debug for LightningSettle {

@@ -11,6 +11,7 @@ use crate::wallet::{BtcNetwork, ChainSource, WalletError, WalletKeys};
 
 use hashgrid_lightning::{LdkConfig, LightningBackend};
 
+use super::channels::ChannelSection;
 use super::records::{LightningSettle, Onchain, SettleMode, SettlementConfig};
 
 /// The `[settle]` section of a site's or a buyer's config file.
@@ -35,6 +36,8 @@ use super::records::{LightningSettle, Onchain, SettleMode, SettlementConfig};
 /// auto_pay = true                   # buyer: pay valid invoices at once
 /// lightning_listen = "0.0.0.0:9735" # lightning mode: where peers reach this node's Lightning node
 /// lightning_sync_secs = 30          # lightning mode: how often it syncs with the chain
+/// # lightning mode: keep a channel to the site used most (or the operator's hub), this big
+/// lightning_channels = [{ peer = "02ab…@site1.example.com:9735", sats = 500000 }]
 /// ```
 ///
 /// In `lightning` mode the node runs an embedded Lightning node (ldk-node) in
@@ -79,6 +82,8 @@ pub struct SettleSection {
     pub lightning_listen: Option<std::net::SocketAddr>,
     /// Lightning mode: seconds between the Lightning node's chain syncs (at least 10).
     pub lightning_sync_secs: Option<u64>,
+    /// Lightning mode: channels to keep open (opened at start, and again after a close).
+    pub lightning_channels: Vec<ChannelSection>,
 }
 
 /// The directory of a node's Lightning state inside its data dir.
@@ -220,11 +225,18 @@ impl SettleSection {
                         "[settle] mode = \"lightning\": no Lightning node was started".into(),
                     )
                 })?;
+                let channels = self
+                    .lightning_channels
+                    .iter()
+                    .map(ChannelSection::plan)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(WalletError::Config)?;
                 return Ok(SettlementConfig {
                     mode: SettleMode::Lightning(LightningSettle {
                         network,
                         backend,
                         stop_with_node: true,
+                        channels,
                     }),
                     ..cfg
                 });
@@ -283,6 +295,26 @@ mod tests {
             .ldk_config(std::path::Path::new("/d"))
             .expect_err("no esplora");
         assert!(e.to_string().contains("esplora"), "{e}");
+        // Channels to keep, checked when the config is read.
+        let peer =
+            "02eec7245d6b7d2ccb30380bfbe2a3648cd7a942653f5aa340edcea1f283686619@127.0.0.1:9735";
+        let with = section(&format!(
+            "mode = \"lightning\"\nbitcoin = \"regtest\"\nesplora = \"http://x\"\n\
+             lightning_channels = [{{ peer = \"{peer}\", sats = 500000, push_msat = 1000 }}]\n"
+        ));
+        assert_eq!(with.lightning_channels.len(), 1);
+        let plan = with.lightning_channels[0].plan().expect("plan");
+        assert_eq!(
+            (plan.peer.to_string().as_str(), plan.sats, plan.push_msat),
+            (peer, 500_000, 1000)
+        );
+        let typo = format!(
+            "mode = \"lightning\"\nlightning_channels = [{{ peer = \"{peer}\", sat = 5 }}]\n"
+        );
+        assert!(
+            toml::from_str::<SettleSection>(&typo).is_err(),
+            "unknown keys are refused"
+        );
         // Mainnet still needs the explicit opt-in.
         let main = section("mode = \"lightning\"\nbitcoin = \"mainnet\"\nesplora = \"http://x\"\n");
         assert!(main.ldk_config(std::path::Path::new("/d")).is_err());

@@ -52,6 +52,8 @@ pub(crate) struct Settlement {
     pub(super) payout: Mutex<Option<Arc<Mutex<Wallet>>>>,
     pub(super) wallet: Mutex<Option<Arc<Mutex<Wallet>>>>,
     pub(super) chain: Option<Arc<dyn ChainSource>>,
+    /// Opens the channels `[settle] lightning_channels` asks for.
+    pub(super) keeper: Arc<super::channels::ChannelKeeper>,
 }
 
 impl std::fmt::Debug for Settlement {
@@ -124,6 +126,7 @@ impl Settlement {
             payout: Mutex::new(payout),
             wallet: Mutex::new(wallet),
             chain,
+            keeper: Arc::default(),
         };
         // A receipt countersigned just before a crash may not have reached the ledger.
         for cs in store.all::<hashgrid_protocol::Countersigned<Receipt>>(JobTree::Countersigned)? {
@@ -582,6 +585,7 @@ impl Settlement {
 
     /// One pass: expire, invoice, watch the chain, deliver, pay.
     pub(crate) async fn pass(self: &Arc<Self>, net: &Net) {
+        self.keep_channels().await;
         if let Err(e) = self.provider_pass(net).await {
             warn!(error = %e, "settlement pass (provider side) failed");
         }
@@ -611,6 +615,22 @@ impl Settlement {
             self.onchain_pass(&payout, &chain, now).await?;
         }
         self.deliver(net).await
+    }
+
+    /// Lightning: open the configured channels that are missing (at start, and after a
+    /// close or force-close), so that an invoice whose payment failed with its channel is paid
+    /// over the new one at a later pass.
+    async fn keep_channels(&self) {
+        let SettleMode::Lightning(l) = &self.cfg.mode else {
+            return;
+        };
+        if l.channels.is_empty() {
+            return;
+        }
+        let (ln, plans, keeper) = (l.backend.clone(), l.channels.clone(), self.keeper.clone());
+        if let Err(e) = tokio::task::spawn_blocking(move || keeper.keep(&*ln, &plans)).await {
+            warn!(error = %e, "lightning: the channel keeper's task failed");
+        }
     }
 
     /// Lightning, provider side: issue the invoices due (each with a payment request from the
