@@ -1,37 +1,62 @@
-//! Wallet tests on the in-process test chain, run twice: with the chain as the wallets' backend
-//! directly, and through the Esplora client against an Esplora API served from the same chain.
+//! Wallet tests on the in-process test chain, run three times: with the chain as the wallets'
+//! backend directly, through the Esplora client against an Esplora API served from the same
+//! chain, and through the bitcoind client against Bitcoin Core's JSON-RPC served from it.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
 
 use hashgrid_node::wallet::bitcoin::{Address, ScriptBuf};
 use hashgrid_node::wallet::esplora_server::EsploraServer;
+use hashgrid_node::wallet::rpc_server::BitcoindRpcServer;
 use hashgrid_node::wallet::{
-    BtcNetwork, ChainSource, TestChain, Wallet, WalletError, WalletKeys, chain::Esplora,
+    BtcNetwork, ChainConfig, ChainSource, TestChain, Wallet, WalletError, WalletKeys,
+    chain::Esplora,
 };
+
+#[derive(Clone, Copy)]
+enum Backend {
+    TestChain,
+    Esplora,
+    Bitcoind,
+}
 
 struct Env {
     chain: Arc<TestChain>,
     backend: Arc<dyn ChainSource>,
-    _server: Option<EsploraServer>,
+    _servers: (Option<EsploraServer>, Option<BitcoindRpcServer>),
     _dir: tempfile::TempDir,
     db: sled::Db,
 }
 
-fn env(esplora: bool) -> Env {
+fn env(kind: Backend) -> Env {
     let chain = TestChain::new();
-    let (backend, server): (Arc<dyn ChainSource>, _) = if esplora {
-        let server = EsploraServer::start(chain.clone()).unwrap();
-        (Arc::new(Esplora::new(&server.url()).unwrap()), Some(server))
-    } else {
-        (chain.clone(), None)
-    };
     let dir = tempfile::tempdir().unwrap();
+    let (backend, servers): (Arc<dyn ChainSource>, _) = match kind {
+        Backend::TestChain => (chain.clone(), (None, None)),
+        Backend::Esplora => {
+            let server = EsploraServer::start(chain.clone()).unwrap();
+            let backend = Arc::new(Esplora::new(&server.url()).unwrap());
+            (backend, (Some(server), None))
+        }
+        Backend::Bitcoind => {
+            // As `[settle]` configures it: a URL and bitcoind's cookie file.
+            let server = BitcoindRpcServer::start(chain.clone(), "__cookie__", "s3cr3t").unwrap();
+            let cookie = dir.path().join(".cookie");
+            server.write_cookie(&cookie).unwrap();
+            let cfg = ChainConfig::Bitcoind {
+                url: server.url(),
+                cookie: Some(cookie),
+                user: None,
+                password: None,
+            };
+            (Arc::from(cfg.open().unwrap()), (None, Some(server)))
+        }
+    };
     let db = sled::open(dir.path().join("db")).unwrap();
     Env {
         chain,
         backend,
-        _server: server,
+        _servers: servers,
         _dir: dir,
         db,
     }
@@ -72,8 +97,8 @@ fn fund(env: &Env, w: &mut Wallet) -> Address {
     addr
 }
 
-fn pays_and_confirms(esplora: bool) {
-    let env = env(esplora);
+fn pays_and_confirms(kind: Backend) {
+    let env = env(kind);
     let (mut b, _) = buyer(&env, "buyer");
     let (mut p, _) = watch(&env, "provider");
     fund(&env, &mut b);
@@ -98,8 +123,8 @@ fn pays_and_confirms(esplora: bool) {
     assert!(fee > 0 && fee < 2_000, "fee {fee}");
 }
 
-fn tampered_signature_is_refused(esplora: bool) {
-    let env = env(esplora);
+fn tampered_signature_is_refused(kind: Backend) {
+    let env = env(kind);
     let (mut b, _) = buyer(&env, "buyer");
     let (mut p, _) = watch(&env, "provider");
     fund(&env, &mut b);
@@ -120,8 +145,8 @@ fn tampered_signature_is_refused(esplora: bool) {
     assert!(p.received_at(&to.script_pubkey()).is_empty());
 }
 
-fn reorg_removes_payment(esplora: bool) {
-    let env = env(esplora);
+fn reorg_removes_payment(kind: Backend) {
+    let env = env(kind);
     let (mut b, keys) = buyer(&env, "buyer");
     let (mut p, _) = watch(&env, "provider");
     fund(&env, &mut b);
@@ -176,8 +201,8 @@ fn reorg_removes_payment(esplora: bool) {
     assert_eq!(p.balance().confirmed, 0);
 }
 
-fn restart_keeps_wallet(esplora: bool) {
-    let env = env(esplora);
+fn restart_keeps_wallet(kind: Backend) {
+    let env = env(kind);
     let keys = WalletKeys::generate(BtcNetwork::Regtest).unwrap();
     let open = || {
         Wallet::open(
@@ -214,8 +239,8 @@ fn restart_keeps_wallet(esplora: bool) {
     assert!(matches!(e, WalletError::Mismatch(_)), "{e}");
 }
 
-fn insufficient_funds(esplora: bool) {
-    let env = env(esplora);
+fn insufficient_funds(kind: Backend) {
+    let env = env(kind);
     let (mut b, _) = buyer(&env, "buyer");
     b.sync(&*env.backend).unwrap();
     let (mut p, _) = watch(&env, "provider");
@@ -228,13 +253,14 @@ fn insufficient_funds(esplora: bool) {
     assert!(e.to_string().contains("watch-only"), "{e}");
 }
 
-macro_rules! both {
+macro_rules! each_backend {
     ($($name:ident),*) => {
-        mod test_chain { $( #[test] fn $name() { super::$name(false) } )* }
-        mod esplora { $( #[test] fn $name() { super::$name(true) } )* }
+        mod test_chain { $( #[test] fn $name() { super::$name(super::Backend::TestChain) } )* }
+        mod esplora { $( #[test] fn $name() { super::$name(super::Backend::Esplora) } )* }
+        mod bitcoind { $( #[test] fn $name() { super::$name(super::Backend::Bitcoind) } )* }
     };
 }
-both!(
+each_backend!(
     pays_and_confirms,
     tampered_signature_is_refused,
     reorg_removes_payment,

@@ -10,11 +10,8 @@
 //! `POST /tx`. One thread per connection,
 //! `Connection: close`; for tests and demos, not the internet.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use bdk_wallet::bitcoin::{
     BlockHash, MerkleBlock, OutPoint, Transaction, Txid,
@@ -23,6 +20,7 @@ use bdk_wallet::bitcoin::{
 };
 use serde_json::{Value, json};
 
+use super::serve_http::{Handler, Listener, Request, Response, json, text};
 use super::testchain::{ChainTx, TestChain};
 
 /// Confirmed transactions per page of `/scripthash/:hash/txs` (as Esplora).
@@ -33,127 +31,31 @@ const MAX_BODY: usize = 1 << 20;
 /// A running server; stops when dropped.
 #[derive(Debug)]
 pub struct EsploraServer {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
+    listener: Listener,
 }
 
 impl EsploraServer {
     /// Serves `chain` on `127.0.0.1` at a free port.
     pub fn start(chain: Arc<TestChain>) -> std::io::Result<EsploraServer> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        let addr = listener.local_addr()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = stop.clone();
-        std::thread::Builder::new()
-            .name("esplora-server".into())
-            .spawn(move || {
-                for conn in listener.incoming() {
-                    if stopping.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let Ok(conn) = conn else { continue };
-                    let chain = chain.clone();
-                    let _ = std::thread::Builder::new()
-                        .name("esplora-conn".into())
-                        .spawn(move || serve(conn, &chain));
-                }
-            })?;
-        Ok(EsploraServer { addr, stop })
+        let handler: Handler =
+            Arc::new(move |r: &Request| route(&chain, &r.method, &r.path, &r.body));
+        Ok(EsploraServer {
+            listener: Listener::start("esplora-server", MAX_BODY, false, handler)?,
+        })
     }
 
     /// The base URL, e.g. `http://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-}
-
-impl Drop for EsploraServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        // Wake the accept loop.
-        let _ = TcpStream::connect(self.addr);
-    }
-}
-
-struct Response {
-    status: u16,
-    content_type: &'static str,
-    body: Vec<u8>,
-}
-
-fn text(status: u16, s: impl Into<String>) -> Response {
-    Response {
-        status,
-        content_type: "text/plain",
-        body: s.into().into_bytes(),
+        format!("http://{}", self.listener.addr)
     }
 }
 
 fn json_ok(v: &Value) -> Response {
-    Response {
-        status: 200,
-        content_type: "application/json",
-        body: v.to_string().into_bytes(),
-    }
+    json(200, v)
 }
 
 fn not_found() -> Response {
     text(404, "Not Found")
-}
-
-fn serve(conn: TcpStream, chain: &TestChain) {
-    let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(10)));
-    let Ok(read_half) = conn.try_clone() else {
-        return;
-    };
-    let mut reader = BufReader::new(read_half);
-    let mut request_line = String::new();
-    if reader.read_line(&mut request_line).is_err() {
-        return;
-    }
-    let mut content_length = 0usize;
-    loop {
-        let mut line = String::new();
-        match reader.read_line(&mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        let line = line.trim_end();
-        if line.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = line.split_once(':')
-            && k.eq_ignore_ascii_case("content-length")
-        {
-            content_length = v.trim().parse().unwrap_or(0);
-        }
-    }
-    let mut parts = request_line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let response = if content_length > MAX_BODY {
-        text(413, "body too large")
-    } else {
-        let mut body = vec![0u8; content_length];
-        if reader.read_exact(&mut body).is_err() {
-            return;
-        }
-        route(chain, method, path, &body)
-    };
-    let mut out = conn;
-    let head = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        response.status,
-        if response.status == 200 {
-            "OK"
-        } else {
-            "Error"
-        },
-        response.content_type,
-        response.body.len()
-    );
-    let _ = out.write_all(head.as_bytes());
-    let _ = out.write_all(&response.body);
-    let _ = out.flush();
 }
 
 fn route(chain: &TestChain, method: &str, path: &str, body: &[u8]) -> Response {

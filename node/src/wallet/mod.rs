@@ -11,6 +11,8 @@
 pub mod chain;
 pub mod esplora_server;
 mod persist;
+pub mod rpc_server;
+mod serve_http;
 pub mod testchain;
 
 use std::io::Write;
