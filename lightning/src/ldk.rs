@@ -41,13 +41,45 @@ pub struct LdkConfig {
     pub dir: PathBuf,
     /// The Bitcoin network.
     pub network: Network,
-    /// The Esplora server it syncs from and broadcasts to (the one `[settle]` names).
-    pub esplora_url: String,
+    /// Where it reads the chain and broadcasts (the backend `[settle]` names).
+    pub chain: LnChain,
     /// Where it listens for Lightning peers (`None`: it only dials out).
     pub listen: Option<SocketAddr>,
     /// Sync with the chain in the background at this interval (at least 10 s); `None` syncs
     /// only when [`LightningBackend::sync`] is called (tests, which mine on demand).
     pub background_sync: Option<Duration>,
+}
+
+/// Where the embedded node reads the chain and broadcasts its transactions.
+#[derive(Clone, PartialEq, Eq)]
+pub enum LnChain {
+    /// An Esplora server (its base URL); synced every [`LdkConfig::background_sync`].
+    Esplora(String),
+    /// Bitcoin Core's JSON-RPC, polled every 2 s (ldk-node's interval); the node needs no
+    /// wallet on the bitcoind side, only the chain (not pruned below the channels' age).
+    Bitcoind {
+        /// Host name or address.
+        host: String,
+        /// RPC port.
+        port: u16,
+        /// RPC user (`__cookie__` with a cookie file).
+        user: String,
+        /// RPC password.
+        password: String,
+    },
+}
+
+impl std::fmt::Debug for LnChain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LnChain::Esplora(url) => f.debug_tuple("Esplora").field(url).finish(),
+            LnChain::Bitcoind { host, port, .. } => f
+                .debug_struct("Bitcoind")
+                .field("host", host)
+                .field("port", port)
+                .finish_non_exhaustive(),
+        }
+    }
 }
 
 /// An embedded LDK node.
@@ -90,12 +122,29 @@ impl LdkBackend {
                 fee_rate_cache_update_interval_secs: secs.max(60),
             }
         });
-        b.set_chain_source_esplora(
-            config.esplora_url.clone(),
-            Some(EsploraSyncConfig {
-                background_sync_config,
-            }),
-        );
+        match &config.chain {
+            LnChain::Esplora(url) => {
+                b.set_chain_source_esplora(
+                    url.clone(),
+                    Some(EsploraSyncConfig {
+                        background_sync_config,
+                    }),
+                );
+            }
+            LnChain::Bitcoind {
+                host,
+                port,
+                user,
+                password,
+            } => {
+                b.set_chain_source_bitcoind_rpc(
+                    host.clone(),
+                    *port,
+                    user.clone(),
+                    password.clone(),
+                );
+            }
+        }
         if let Some(addr) = config.listen {
             b.set_listening_addresses(vec![SocketAddress::from(addr)])
                 .map_err(|e| LnError::Start(format!("listen on {addr}: {e}")))?;

@@ -32,7 +32,7 @@ pub use backend::{
 };
 pub use error::LnError;
 pub use invoice::{Expected, InvoiceError, PaymentHash, Preimage};
-pub use ldk::{LdkBackend, LdkConfig, SEED_FILE};
+pub use ldk::{LdkBackend, LdkConfig, LnChain, SEED_FILE};
 
 /// The Bitcoin types this crate's API uses (the workspace's one copy of `bitcoin`).
 pub use ldk_node::bitcoin;

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use hashgrid_lightning::bitcoin::Network;
-use hashgrid_lightning::{Expected, LdkBackend, LdkConfig, LightningBackend, LnEvent, invoice};
+use hashgrid_lightning::{
+    Expected, LdkBackend, LdkConfig, LightningBackend, LnChain, LnEvent, invoice,
+};
 use hashgrid_protocol::Msat;
 
 fn out(line: String) {
@@ -28,7 +30,7 @@ fn start(dir: &str, url: &str, port: Option<u16>) -> anyhow::Result<LdkBackend> 
     Ok(LdkBackend::start(&LdkConfig {
         dir: dir.into(),
         network: Network::Regtest,
-        esplora_url: url.to_string(),
+        chain: LnChain::Esplora(url.to_string()),
         listen: port.map(|p| ([127, 0, 0, 1], p).into()),
         background_sync: None,
     })?)

@@ -15,11 +15,12 @@ use std::time::{Duration, Instant};
 use hashgrid_lightning::bind::{Bill, description_hash};
 use hashgrid_lightning::bitcoin::{Address, Network, ScriptBuf};
 use hashgrid_lightning::{
-    Expected, InvoiceError, LdkBackend, LdkConfig, LightningBackend, LnError, LnEvent,
+    Expected, InvoiceError, LdkBackend, LdkConfig, LightningBackend, LnChain, LnError, LnEvent,
     PaymentDirection, PaymentStatus, PeerAddr, invoice,
 };
 use hashgrid_node::jobs::{IntoSharedInputs, JobOptions, JobState, Submission};
 use hashgrid_node::settle::{ChannelPlan, CreditPolicy, InvoicePolicy, InvoiceState};
+use hashgrid_node::wallet::rpc_server::BitcoindRpcServer;
 use hashgrid_node::wallet::{BtcNetwork, TestChain, esplora_server::EsploraServer};
 use hashgrid_node::{DurableEvent, LightningSettle, PayState, SettleMode, SettlementConfig};
 use hashgrid_protocol::{ContentId, Msat, PublicKey};
@@ -31,7 +32,10 @@ const CHANNEL_SAT: u64 = 1_000_000;
 struct Grid {
     chain: Arc<TestChain>,
     _server: EsploraServer,
+    rpc: Option<BitcoindRpcServer>,
     url: String,
+    /// What the Lightning nodes read the chain from: the Esplora server, or bitcoind's RPC.
+    chain_source: LnChain,
     burn: ScriptBuf,
 }
 
@@ -43,17 +47,34 @@ impl Grid {
         Grid {
             chain,
             _server: server,
+            rpc: None,
+            chain_source: LnChain::Esplora(url.clone()),
             url,
             // Blocks that fund nobody: an unspendable output.
             burn: ScriptBuf::new_op_return([]),
         }
     }
 
+    /// The same chain, with the Lightning nodes on Bitcoin Core's JSON-RPC served from it.
+    fn with_bitcoind() -> Grid {
+        let mut grid = Grid::new();
+        let rpc = BitcoindRpcServer::start(grid.chain.clone(), "hashgrid", "rpc-password")
+            .expect("rpc server");
+        grid.chain_source = LnChain::Bitcoind {
+            host: rpc.addr().ip().to_string(),
+            port: rpc.addr().port(),
+            user: "hashgrid".into(),
+            password: "rpc-password".into(),
+        };
+        grid.rpc = Some(rpc);
+        grid
+    }
+
     fn node(&self, dir: &Path, listen: Option<u16>) -> LdkBackend {
         LdkBackend::start(&LdkConfig {
             dir: dir.to_path_buf(),
             network: Network::Regtest,
-            esplora_url: self.url.clone(),
+            chain: self.chain_source.clone(),
             listen: listen.map(|p| ([127, 0, 0, 1], p).into()),
             background_sync: None,
         })
@@ -301,7 +322,17 @@ fn a_receipt_bound_invoice_is_paid_over_a_channel_exactly_once() {
 
 #[test]
 fn payments_survive_a_restart_and_a_cooperative_close_returns_the_funds_on_chain() {
-    let grid = Grid::new();
+    restart_and_close(Grid::new());
+}
+
+/// The same life of a channel (open, pay, restart, close) with both Lightning nodes reading the
+/// chain from Bitcoin Core's JSON-RPC (`[settle] bitcoind_url`) instead of Esplora.
+#[test]
+fn a_channel_lives_and_closes_with_the_lightning_nodes_on_bitcoind_rpc() {
+    restart_and_close(Grid::with_bitcoind());
+}
+
+fn restart_and_close(grid: Grid) {
     let (bdir, sdir) = (
         tempfile::tempdir().expect("dir"),
         tempfile::tempdir().expect("dir"),
@@ -391,6 +422,13 @@ fn payments_survive_a_restart_and_a_cooperative_close_returns_the_funds_on_chain
     });
     assert_eq!(site.balances().onchain_sat - site_before, charge / 1000);
     assert!(buyer.channels().is_empty() && site.channels().is_empty());
+    if let Some(rpc) = &grid.rpc {
+        assert!(
+            rpc.calls() > 100,
+            "the nodes read the chain over RPC: {} calls",
+            rpc.calls()
+        );
+    }
     buyer.stop().expect("stop");
     site.stop().expect("stop");
 }

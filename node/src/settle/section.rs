@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::wallet::{BtcNetwork, ChainSource, WalletError, WalletKeys};
 
-use hashgrid_lightning::{LdkConfig, LightningBackend};
+use hashgrid_lightning::{LdkConfig, LightningBackend, LnChain};
 
 use super::channels::ChannelSection;
 use super::records::{LightningSettle, Onchain, SettleMode, SettlementConfig};
@@ -41,8 +41,9 @@ use super::records::{LightningSettle, Onchain, SettleMode, SettlementConfig};
 /// ```
 ///
 /// In `lightning` mode the node runs an embedded Lightning node (ldk-node) in
-/// `DATA_DIR/lightning` (seed mode 0600), synced from the same `esplora`; invoices are BOLT11
-/// requests for the exact msat owed and are paid over its channels.
+/// `DATA_DIR/lightning` (seed mode 0600), reading the chain from the same `esplora` or
+/// `bitcoind_url` (with `bitcoind_cookie`); invoices are BOLT11 requests for the exact msat
+/// owed and are paid over its channels.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SettleSection {
@@ -137,15 +138,38 @@ impl SettleSection {
     /// How to run the embedded Lightning node for a node whose data dir is `root`.
     pub fn ldk_config(&self, root: &std::path::Path) -> Result<LdkConfig, WalletError> {
         let network = self.btc_network()?;
-        let Some(esplora) = self.esplora.clone() else {
-            return Err(WalletError::Config(
-                "[settle] mode = \"lightning\" needs esplora = URL (the embedded Lightning node syncs from Esplora)".into(),
-            ));
+        let chain = match (&self.esplora, &self.bitcoind_url) {
+            (Some(url), None) => LnChain::Esplora(url.clone()),
+            (None, Some(url)) => {
+                let (host, port) = bitcoind_endpoint(url)?;
+                let Some(cookie) = &self.bitcoind_cookie else {
+                    return Err(WalletError::Config(
+                        "[settle] bitcoind_url in lightning mode needs bitcoind_cookie = PATH (bitcoind's .cookie, or a file holding user:password)".into(),
+                    ));
+                };
+                let (user, password) = read_cookie(cookie)?;
+                LnChain::Bitcoind {
+                    host,
+                    port,
+                    user,
+                    password,
+                }
+            }
+            (Some(_), Some(_)) => {
+                return Err(WalletError::Config(
+                    "[settle] names both esplora and bitcoind_url; keep one".into(),
+                ));
+            }
+            (None, None) => {
+                return Err(WalletError::Config(
+                    "[settle] mode = \"lightning\" needs esplora = URL or bitcoind_url = URL (where the embedded Lightning node reads the chain)".into(),
+                ));
+            }
         };
         Ok(LdkConfig {
             dir: root.join(LIGHTNING_DIR),
             network: network.to_bitcoin(),
-            esplora_url: esplora,
+            chain,
             listen: self.lightning_listen,
             background_sync: Some(Duration::from_secs(
                 self.lightning_sync_secs.unwrap_or(30).max(10),
@@ -260,6 +284,42 @@ impl SettleSection {
     }
 }
 
+/// `http://HOST:PORT[/]` → host and port (ldk-node's bitcoind client takes them apart).
+fn bitcoind_endpoint(url: &str) -> Result<(String, u16), WalletError> {
+    let bad = |why: &str| {
+        WalletError::Config(format!(
+            "[settle] bitcoind_url {url:?}: {why} (want http://HOST:PORT)"
+        ))
+    };
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| bad("only http:// is spoken by bitcoind"))?;
+    let rest = rest.trim_end_matches('/');
+    if rest.contains('@') || rest.contains('/') {
+        return Err(bad("put credentials in bitcoind_cookie, and no path"));
+    }
+    let (host, port) = rest.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+    let port = port.parse().map_err(|_| bad("bad port"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(bad("no host"));
+    }
+    Ok((host.to_string(), port))
+}
+
+/// A cookie file's `user:password` (bitcoind writes `__cookie__:HEX` to `.cookie`).
+fn read_cookie(path: &std::path::Path) -> Result<(String, String), WalletError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| WalletError::Config(format!("bitcoind_cookie {}: {e}", path.display())))?;
+    let (user, password) = text.trim().split_once(':').ok_or_else(|| {
+        WalletError::Config(format!(
+            "bitcoind_cookie {}: not user:password",
+            path.display()
+        ))
+    })?;
+    Ok((user.to_string(), password.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,7 +329,7 @@ mod tests {
     }
 
     #[test]
-    fn lightning_mode_reads_its_keys_and_needs_a_node_and_esplora() {
+    fn lightning_mode_reads_its_keys_and_needs_a_node_and_a_chain_source() {
         let s = section(
             "mode = \"lightning\"\nbitcoin = \"regtest\"\nesplora = \"http://127.0.0.1:3002\"\n\
              lightning_listen = \"0.0.0.0:9735\"\ninvoice_min_sat = 5\ninvoice_min_msat = 1234\n",
@@ -289,12 +349,51 @@ mod tests {
         ledger.mode = SettleModeName::Ledger;
         let cfg = ledger.to_config(None, None).expect("ledger");
         assert_eq!(cfg.invoice.min_amount, Msat(1234));
-        // Esplora is required (bitcoind is not wired for the Lightning node).
-        let no_esplora = section("mode = \"lightning\"\nbitcoin = \"regtest\"\n");
-        let e = no_esplora
+        // A chain source is required: Esplora, or bitcoind with its cookie.
+        let no_chain = section("mode = \"lightning\"\nbitcoin = \"regtest\"\n");
+        let e = no_chain
             .ldk_config(std::path::Path::new("/d"))
-            .expect_err("no esplora");
-        assert!(e.to_string().contains("esplora"), "{e}");
+            .expect_err("no chain source");
+        assert!(e.to_string().contains("bitcoind_url"), "{e}");
+        let dir = tempfile::tempdir().expect("dir");
+        let cookie = dir.path().join(".cookie");
+        std::fs::write(&cookie, "__cookie__:abc123\n").expect("cookie");
+        let rpc = |url: &str, cookie: &std::path::Path| {
+            section(&format!(
+                "mode = \"lightning\"\nbitcoin = \"regtest\"\nbitcoind_url = \"{url}\"\n\
+                 bitcoind_cookie = \"{}\"\n",
+                cookie.display()
+            ))
+            .ldk_config(std::path::Path::new("/d"))
+        };
+        let cfg = rpc("http://127.0.0.1:18443/", &cookie).expect("bitcoind");
+        assert_eq!(
+            cfg.chain,
+            LnChain::Bitcoind {
+                host: "127.0.0.1".into(),
+                port: 18443,
+                user: "__cookie__".into(),
+                password: "abc123".into(),
+            }
+        );
+        assert!(
+            !format!("{:?}", cfg.chain).contains("abc123"),
+            "no password in logs"
+        );
+        for (url, why) in [
+            ("https://x:1", "http://"),
+            ("http://u:p@x:1", "credentials"),
+            ("http://x", "no port"),
+            ("http://x:port", "bad port"),
+        ] {
+            let e = rpc(url, &cookie).expect_err(url);
+            assert!(e.to_string().contains(why), "{url}: {e}");
+        }
+        let e = rpc("http://127.0.0.1:18443", &dir.path().join("missing")).expect_err("no cookie");
+        assert!(e.to_string().contains("missing"), "{e}");
+        std::fs::write(&cookie, "nocolon").expect("cookie");
+        let e = rpc("http://127.0.0.1:18443", &cookie).expect_err("bad cookie");
+        assert!(e.to_string().contains("user:password"), "{e}");
         // Channels to keep, checked when the config is read.
         let peer =
             "02eec7245d6b7d2ccb30380bfbe2a3648cd7a942653f5aa340edcea1f283686619@127.0.0.1:9735";
