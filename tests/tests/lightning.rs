@@ -624,9 +624,10 @@ fn ln_settle(backend: Arc<LdkBackend>, credit: CreditPolicy, auto_pay: bool) -> 
             stop_with_node: false,
             channels: Vec::new(),
         }),
-        // Invoice whatever has accrued at every pass.
+        // Invoice whatever has accrued at every pass (the test drives them), never on a
+        // receipt alone (the threshold is out of reach; see `LnMarket::per_receipt`).
         invoice: InvoicePolicy {
-            min_amount: Msat(1),
+            min_amount: Msat(u64::MAX),
             max_age_ms: 0,
             ttl_ms: 3_600_000,
             ..InvoicePolicy::default()
@@ -672,6 +673,16 @@ impl LnMarket {
     /// With `configured`, the buyer's node opens the channel itself, from its
     /// `lightning_channels`, at its first settlement pass.
     async fn start(credit: CreditPolicy, configured: bool) -> LnMarket {
+        LnMarket::with(credit, configured, Msat(u64::MAX)).await
+    }
+
+    /// A market whose provider invoices as soon as a buyer's accrued msat reach `threshold`
+    /// (`[settle] invoice_min_msat`): with 1 msat, every receipt is followed by its invoice.
+    async fn per_receipt(threshold: Msat) -> LnMarket {
+        LnMarket::with(CreditPolicy::default(), false, threshold).await
+    }
+
+    async fn with(credit: CreditPolicy, configured: bool, threshold: Msat) -> LnMarket {
         hashgrid_tests::init_tracing();
         let grid = Grid::new();
         let dirs = [(); 3].map(|()| tempfile::tempdir().expect("dir"));
@@ -693,7 +704,8 @@ impl LnMarket {
             Vec::new()
         };
         // 50 sat per GPU-second: the jobs charge a few msat to a few sats each.
-        let pcfg = ln_settle(site_ln.clone(), credit, true);
+        let mut pcfg = ln_settle(site_ln.clone(), credit, true);
+        pcfg.invoice.min_amount = threshold;
         let provider =
             hashgrid_tests::start_provider_with(&[], 50_000, 8, None, |b| b.settle(pcfg))
                 .await
@@ -859,6 +871,39 @@ async fn jobs_are_invoiced_and_paid_over_lightning_to_the_msat() {
         }
     }
     assert_eq!(heard, Some((p_key, total)));
+    m.stop().await;
+}
+
+/// With a 1-msat threshold the provider's invoice follows each receipt at once (no pass is
+/// driven by the test, the interval is an hour): one BOLT11 invoice per job for exactly its
+/// charge, each paid by the buyer as it arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_receipt_is_followed_by_its_invoice_and_paid() {
+    let m = LnMarket::per_receipt(Msat(1)).await;
+    let (buyer, provider) = (&m.buyer, &m.provider);
+    let mut charges = Vec::new();
+    for n in 1..=3 {
+        charges.push(m.run_job().await.expect("a job"));
+        all_paid(buyer, n).await;
+    }
+    let billed: Vec<u64> = buyer
+        .invoices_received()
+        .expect("received")
+        .into_iter()
+        .map(|i| i.invoice.decode_unverified().expect("invoice").amount.0)
+        .collect();
+    assert_eq!(
+        billed, charges,
+        "one invoice per receipt, for exactly its charge"
+    );
+    // The provider counts them settled at its next look at its Lightning node.
+    let total: u64 = charges.iter().sum();
+    let t = Instant::now();
+    while provider.positions()[&buyer.public_key()].as_buyer.settled != Msat(total) {
+        assert!(t.elapsed() < Duration::from_secs(30), "not settled");
+        provider.settle_now().await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     m.stop().await;
 }
 

@@ -44,6 +44,7 @@ impl NodeLoop {
         let mut entropy_slow = false;
         let every = self.settlement.interval();
         let mut settle_tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let settle_due = self.settlement.due_signal();
         for t in [
             &mut settle_tick,
             &mut reannounce,
@@ -102,6 +103,7 @@ impl NodeLoop {
                 }
                 _ = sweep.tick() => self.sweep(),
                 _ = settle_tick.tick() => self.spawn_settle_pass(),
+                () = settle_due.notified() => self.spawn_settle_pass(),
                 _ = retry.tick(), if !self.unpublished.is_empty() => self.retry_publish(),
                 _ = walk.tick() => {
                     self.swarm.behaviour_mut().kad.get_closest_peers(PeerId::random());

@@ -6,6 +6,7 @@
 //! `super::records`, its config section in `super::section`.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -33,6 +34,10 @@ use super::records::{
     SettlementError, apply, purchases, replay,
 };
 
+/// Most provider rounds in one pass while receipts keep making invoices due (the rest wait for
+/// the next pass).
+const MAX_ROUNDS: usize = 4;
+
 pub(super) struct LedgerState {
     pub(super) ledger: ProviderLedger,
     pub(super) next_key: u64,
@@ -54,6 +59,11 @@ pub(crate) struct Settlement {
     pub(super) chain: Option<Arc<dyn ChainSource>>,
     /// Opens the channels `[settle] lightning_channels` asks for.
     pub(super) keeper: Arc<super::channels::ChannelKeeper>,
+    /// Woken when a countersigned receipt makes a Lightning invoice due, so the invoice
+    /// follows the receipt instead of waiting for the next pass.
+    pub(super) due: Arc<tokio::sync::Notify>,
+    /// Set with `due`; a pass repeats its provider side while it is set.
+    pub(super) invoice_due: AtomicBool,
 }
 
 impl std::fmt::Debug for Settlement {
@@ -127,6 +137,8 @@ impl Settlement {
             wallet: Mutex::new(wallet),
             chain,
             keeper: Arc::default(),
+            due: Arc::default(),
+            invoice_due: AtomicBool::new(false),
         };
         // A receipt countersigned just before a crash may not have reached the ledger.
         for cs in store.all::<hashgrid_protocol::Countersigned<Receipt>>(JobTree::Countersigned)? {
@@ -287,9 +299,25 @@ impl Settlement {
             at: Timestamp::now(),
         };
         match self.record(ev) {
-            Ok(()) | Err(SettlementError::Ledger(SettleError::DuplicateReceipt(_))) => {}
+            Ok(()) => {
+                // Over Lightning the invoice follows the receipt: one per receipt, or per
+                // batch once the accrued msat reach the threshold.
+                let due = matches!(self.cfg.mode, SettleMode::Lightning(_))
+                    && lock(&self.state).ledger.earnings(&r.buyer).accrued
+                        >= self.cfg.invoice.min_amount.max(Msat(1));
+                if due {
+                    self.invoice_due.store(true, Ordering::SeqCst);
+                    self.due.notify_one();
+                }
+            }
+            Err(SettlementError::Ledger(SettleError::DuplicateReceipt(_))) => {}
             Err(e) => warn!(error = %e, "could not accrue a countersigned receipt"),
         }
+    }
+
+    /// Woken when an invoice is due before the next pass (see [`Settlement::accrue`]).
+    pub(crate) fn due_signal(&self) -> Arc<tokio::sync::Notify> {
+        self.due.clone()
     }
 
     /// Buyer side: this node countersigned a receipt (it owes the provider).
@@ -586,8 +614,16 @@ impl Settlement {
     /// One pass: expire, invoice, watch the chain, deliver, pay.
     pub(crate) async fn pass(self: &Arc<Self>, net: &Net) {
         self.keep_channels().await;
-        if let Err(e) = self.provider_pass(net).await {
-            warn!(error = %e, "settlement pass (provider side) failed");
+        // A receipt that made an invoice due while this pass ran is invoiced by another round
+        // (the signal that started the pass then found it busy).
+        for _ in 0..MAX_ROUNDS {
+            self.invoice_due.store(false, Ordering::SeqCst);
+            if let Err(e) = self.provider_pass(net).await {
+                warn!(error = %e, "settlement pass (provider side) failed");
+            }
+            if !self.invoice_due.load(Ordering::SeqCst) {
+                break;
+            }
         }
         if let Err(e) = self.buyer_pass(net).await {
             warn!(error = %e, "settlement pass (buyer side) failed");
