@@ -240,7 +240,7 @@ pub async fn run_chat(cfg: ChatConfig) -> anyhow::Result<ChatReport> {
         let config = match &ln {
             Some(ln) => {
                 let path = data_dir.join("site.toml");
-                std::fs::write(&path, ln.settle_toml(Some(sites::free_port()?)))?;
+                std::fs::write(&path, ln.settle_toml(Some(sites::free_port()?), &[]))?;
                 Some(path)
             }
             None => None,
@@ -303,7 +303,8 @@ pub async fn run_chat(cfg: ChatConfig) -> anyhow::Result<ChatReport> {
         }
     }
 
-    // The gateway; over Lightning, with a channel to every site first.
+    // The gateway; over Lightning its config names a channel to every site, which its node
+    // opens at its first settlement pass from the coins mined to it here.
     let gw_dir = work.join("gateway");
     if let Some(ln) = &ln {
         let mut peers = Vec::new();
@@ -311,9 +312,8 @@ pub async fn run_chat(cfg: ChatConfig) -> anyhow::Result<ChatReport> {
             peers.push(crate::lightning::site_peer(&s.data_dir.join("node.log")).await?);
         }
         std::fs::create_dir_all(&gw_dir)?;
-        std::fs::write(gw_dir.join("config.toml"), ln.settle_toml(None))?;
-        ln.open_channels(&cfg.cli_binary, &gw_dir, &peers).await?;
-        info!(channels = peers.len(), "lightning channels open");
+        std::fs::write(gw_dir.join("config.toml"), ln.settle_toml(None, &peers))?;
+        ln.fund(&cfg.cli_binary, &gw_dir, peers.len())?;
     }
     let (gateway, addr) = start_gateway(
         &cfg,
@@ -323,6 +323,14 @@ pub async fn run_chat(cfg: ChatConfig) -> anyhow::Result<ChatReport> {
     )
     .await?;
     info!(%addr, "gateway up");
+    if let Some(ln) = &ln {
+        ln.confirm_channels(&work.join("gateway.log"), specs.len())
+            .await?;
+        info!(
+            channels = specs.len(),
+            "lightning channels open (from the gateway's config)"
+        );
+    }
 
     // The first request uploads the weights to one provider; then the model is warm there.
     let cold = chat(&addr, cfg.max_tokens).await?;
@@ -499,6 +507,10 @@ async fn start_gateway(
         .arg(format!("chat={}", cfg.model.display()));
     if let Some(e) = &cfg.embed_model {
         cmd.arg("--model").arg(format!("embed={}", e.display()));
+    }
+    if std::env::var_os("RUST_LOG").is_none() {
+        // Settlement's progress (channels opened and ready) in the gateway's log.
+        cmd.env("RUST_LOG", "warn,hashgrid_node::settle=info");
     }
     let child = Proc(
         cmd.env("NO_COLOR", "1")

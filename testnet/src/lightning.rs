@@ -1,6 +1,7 @@
 //! Lightning settlement for the chat demo: an in-process test chain served over Esplora's
 //! API, every site's and the gateway's embedded Lightning node on it, one channel from the
-//! gateway to each site, and at the end the msat receipted against the msat paid over
+//! gateway to each site (opened by the gateway from its `[settle] lightning_channels`), and at
+//! the end the msat receipted against the msat paid over
 //! Lightning, per buyer and per site.
 
 use std::path::Path;
@@ -72,8 +73,9 @@ impl LnGrid {
     }
 
     /// The `[settle]` section of a site (listening for Lightning peers on `listen`) or of the
-    /// gateway: invoices at every pass, to the msat.
-    pub fn settle_toml(&self, listen: Option<u16>) -> String {
+    /// gateway (keeping a channel of [`CHANNEL_SAT`] to each of `channels`): invoices at every
+    /// pass, to the msat.
+    pub fn settle_toml(&self, listen: Option<u16>, channels: &[String]) -> String {
         let mut s = format!(
             "[settle]\nmode = \"lightning\"\nbitcoin = \"regtest\"\nesplora = \"{}\"\n\
              interval_secs = {SETTLE_INTERVAL_S}\ninvoice_min_sat = 0\ninvoice_max_age_secs = 0\n\
@@ -83,57 +85,67 @@ impl LnGrid {
         if let Some(p) = listen {
             s.push_str(&format!("lightning_listen = \"127.0.0.1:{p}\"\n"));
         }
+        if !channels.is_empty() {
+            let list: Vec<String> = channels
+                .iter()
+                .map(|p| format!("{{ peer = \"{p}\", sats = {CHANNEL_SAT} }}"))
+                .collect();
+            s.push_str(&format!("lightning_channels = [{}]\n", list.join(", ")));
+        }
         s
     }
 
-    /// Funds the gateway's Lightning node (one mature coinbase per channel), opens a channel
-    /// to every site's, confirms them, and waits until the gateway sees them all ready.
-    pub async fn open_channels(
-        &self,
-        cli: &Path,
-        gateway_dir: &Path,
-        peers: &[String],
-    ) -> anyhow::Result<()> {
-        let ln = |args: &[&str]| {
-            let mut c = Command::new(cli);
-            c.arg("--data-dir")
-                .arg(gateway_dir)
-                .arg("--json")
-                .arg("ln")
-                .args(args);
-            c
-        };
-        let a = cli_json(&mut ln(&["address"]), "hashgrid ln address")?;
+    /// Funds the gateway's Lightning node before it starts: one mature coinbase per channel
+    /// it will open, to the address `hashgrid ln address` gives.
+    pub fn fund(&self, cli: &Path, gateway_dir: &Path, channels: usize) -> anyhow::Result<()> {
+        let mut c = Command::new(cli);
+        c.arg("--data-dir")
+            .arg(gateway_dir)
+            .arg("--json")
+            .args(["ln", "address"]);
+        let a = cli_json(&mut c, "hashgrid ln address")?;
         let addr = a["address"].as_str().context("no address")?;
         let script = Address::from_str(addr)?
             .require_network(Network::Regtest)?
             .script_pubkey();
         self.chain
-            .mine(u32::try_from(peers.len()).unwrap_or(u32::MAX), &script);
+            .mine(u32::try_from(channels).unwrap_or(u32::MAX), &script);
         self.chain.mine(100, &burn());
-        for p in peers {
-            let o = cli_json(
-                &mut ln(&["open", p, &CHANNEL_SAT.to_string()]),
-                "hashgrid ln open",
-            )?;
-            if !o["funding"].is_string() {
-                bail!("the channel to {p} was not funded: {o}");
+        Ok(())
+    }
+
+    /// Once the running gateway has opened its configured channels (their funding
+    /// transactions in the mempool), confirms them and waits until its log says each is ready.
+    pub async fn confirm_channels(
+        &self,
+        gateway_log: &Path,
+        channels: usize,
+    ) -> anyhow::Result<()> {
+        let by = Instant::now() + Duration::from_secs(90);
+        while self.chain.mempool().len() < channels {
+            if Instant::now() > by {
+                bail!(
+                    "{} of {channels} funding transactions broadcast after 90 s (see {})",
+                    self.chain.mempool().len(),
+                    gateway_log.display()
+                );
             }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
         self.chain.mine(6, &burn());
-        let by = Instant::now() + Duration::from_secs(90);
         loop {
-            let s = cli_json(&mut ln(&["status"]), "hashgrid ln status")?;
-            let ready = s["channels"]
-                .as_array()
-                .map_or(0, |c| c.iter().filter(|c| c["ready"] == true).count());
-            if ready == peers.len() {
+            let text = std::fs::read_to_string(gateway_log).unwrap_or_default();
+            let ready = text.matches("lightning channel ready").count();
+            if ready >= channels {
                 return Ok(());
             }
             if Instant::now() > by {
-                bail!("{ready} of {} channels ready after 90 s: {s}", peers.len());
+                bail!(
+                    "{ready} of {channels} channels ready after 90 s (see {})",
+                    gateway_log.display()
+                );
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 }

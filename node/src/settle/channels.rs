@@ -11,7 +11,8 @@ use hashgrid_lightning::{Balances, ChannelInfo, LightningBackend, PeerAddr};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-/// After a failed open, wait this long before trying that peer again.
+/// After a failed open, wait this long before trying that peer again; also the longest an
+/// open may wait for its funding transaction before the next one is tried.
 pub const OPEN_RETRY: Duration = Duration::from_secs(60);
 
 /// One channel to keep open.
@@ -106,19 +107,47 @@ pub(crate) fn due<'a>(
     out
 }
 
-/// Opens what [`due`] says, remembering failures so a peer that is down is retried after
-/// [`OPEN_RETRY`], not at every pass.
+/// Opens what [`due`] says, one channel at a time: the next open waits until the previous
+/// one's funding transaction was broadcast (its `ChannelPending` event) and the wallet synced,
+/// since ldk-node's wallet does not lock the coins of a funding transaction it has built but
+/// not yet broadcast (two opens at once spent the same coin and one was refused). Failures
+/// are remembered so a peer that is down is retried after [`OPEN_RETRY`], not at every pass.
 #[derive(Debug, Default)]
 pub(crate) struct ChannelKeeper {
     backoff: Mutex<HashMap<String, Instant>>,
     short_of_funds: Mutex<bool>,
+    /// The peer of the open whose funding is not broadcast yet, and when it was asked.
+    awaiting: Mutex<Option<(String, Instant)>>,
 }
 
 impl ChannelKeeper {
+    /// A channel with `peer` was funded (or closed): the next open may go ahead.
+    pub(crate) fn funded(&self, peer: &str) {
+        let mut a = self.awaiting.lock().unwrap_or_else(|e| e.into_inner());
+        if a.as_ref().is_some_and(|(p, _)| p == peer) {
+            *a = None;
+        }
+    }
+
     /// One pass (blocking: it connects to peers).
     pub(crate) fn keep(&self, ln: &dyn LightningBackend, plans: &[ChannelPlan]) {
         if plans.is_empty() {
             return;
+        }
+        {
+            let mut a = self.awaiting.lock().unwrap_or_else(|e| e.into_inner());
+            match a.as_ref() {
+                Some((_, at)) if at.elapsed() < OPEN_RETRY => return,
+                Some((peer, _)) => {
+                    warn!(%peer, "lightning: the configured channel was not funded in time; trying the next");
+                    self.backoff
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(peer.clone(), Instant::now() + OPEN_RETRY);
+                    *a = None;
+                }
+                None => {}
+            }
         }
         let own = ln.node_id().to_string();
         let channels = ln.channels();
@@ -151,10 +180,17 @@ impl ChannelKeeper {
             }
             *short = now_short;
         }
-        for plan in due {
+        if let Some(plan) = due.first() {
+            // The wallet must know of the coins earlier funding transactions spent.
+            if let Err(e) = ln.sync() {
+                warn!(error = %e, "lightning: wallet sync before opening a channel failed");
+                return;
+            }
             match ln.open_channel(&plan.peer, plan.sats, plan.push_msat) {
                 Ok(c) => {
-                    info!(peer = %plan.peer, sats = plan.sats, channel = c.id, "lightning: opening the configured channel")
+                    info!(peer = %plan.peer, sats = plan.sats, channel = c.id, "lightning: opening the configured channel");
+                    *self.awaiting.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some((plan.peer.node_id.to_string(), now));
                 }
                 Err(e) => {
                     warn!(peer = %plan.peer, sats = plan.sats, error = %e, retry_secs = OPEN_RETRY.as_secs(), "lightning: could not open the configured channel");

@@ -613,7 +613,6 @@ impl Settlement {
 
     /// One pass: expire, invoice, watch the chain, deliver, pay.
     pub(crate) async fn pass(self: &Arc<Self>, net: &Net) {
-        self.keep_channels().await;
         // A receipt that made an invoice due while this pass ran is invoiced by another round
         // (the signal that started the pass then found it busy).
         for _ in 0..MAX_ROUNDS {
@@ -625,6 +624,9 @@ impl Settlement {
                 break;
             }
         }
+        // After the provider side, which drained the Lightning node's events (a funded
+        // channel lets the keeper open the next one).
+        self.keep_channels().await;
         if let Err(e) = self.buyer_pass(net).await {
             warn!(error = %e, "settlement pass (buyer side) failed");
         }
@@ -705,6 +707,20 @@ impl Settlement {
             };
             match event {
                 LnEvent::Received { hash, amount } => self.lightning_received(hash, amount)?,
+                LnEvent::ChannelPending { channel, funding } => {
+                    self.keeper.funded(&channel.peer.to_string());
+                    info!(peer = %channel.peer, channel = channel.id, %funding, "lightning channel funded; waiting for confirmations");
+                }
+                LnEvent::ChannelReady { channel } => {
+                    info!(peer = %channel.peer, channel = channel.id, "lightning channel ready");
+                }
+                LnEvent::ChannelClosed { channel, reason } => {
+                    self.keeper.funded(&channel.peer.to_string());
+                    warn!(peer = %channel.peer, channel = channel.id, %reason, "lightning channel closed");
+                }
+                LnEvent::SendFailed { hash, reason } => {
+                    warn!(hash = ?hash.map(|h| h.to_string()), %reason, "lightning payment failed; the invoice is retried at the next pass");
+                }
                 other => debug!(event = ?other, "lightning event"),
             }
             let l = ln.clone();
