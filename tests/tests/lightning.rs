@@ -886,12 +886,17 @@ async fn each_receipt_is_followed_by_its_invoice_and_paid() {
         charges.push(m.run_job().await.expect("a job"));
         all_paid(buyer, n).await;
     }
-    let billed: Vec<u64> = buyer
+    let mut billed: Vec<(u64, u64)> = buyer
         .invoices_received()
         .expect("received")
         .into_iter()
-        .map(|i| i.invoice.decode_unverified().expect("invoice").amount.0)
+        .map(|i| {
+            let inv = i.invoice.decode_unverified().expect("invoice");
+            (inv.seq, inv.amount.0)
+        })
         .collect();
+    billed.sort_unstable();
+    let billed: Vec<u64> = billed.into_iter().map(|(_, amount)| amount).collect();
     assert_eq!(
         billed, charges,
         "one invoice per receipt, for exactly its charge"
