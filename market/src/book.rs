@@ -557,15 +557,19 @@ pub struct OrderBook {
     ask_buckets: Buckets<BucketKey, AskPrio>,
     /// Resting bids by bucket.
     bid_index: Buckets<BidBucket, BidPrio>,
-    /// Live orders by (expiry, arrival). Entries of orders that left the book early (filled,
-    /// cancelled, replaced) are not removed then, but skipped by `expire` (their arrival no
-    /// longer matches) and swept out once they outnumber the live orders.
-    expiry: BTreeMap<(u64, u64), (Side, OrderRef)>,
+    /// Live orders by (expiry, arrival), earliest on top. Entries of orders that left the book
+    /// early (filled, cancelled, replaced) are not removed then, but skipped by `expire`
+    /// (their arrival no longer matches) and swept out once they outnumber the live orders.
+    /// A heap, not a tree: a push is a sift in one array, where a tree insert allocates.
+    expiry: BinaryHeap<Reverse<(u64, u64, Side, OrderRef)>>,
     /// Entries of `expiry` whose order left the book.
     stale_expiry: usize,
-    /// Orders that left the book: (highest seq, remember until, key in `retired_by_until`).
+    /// Orders that left the book: (highest seq, remember until, key in `retired_queue`).
     retired: Map<OrderRef, (u64, u64, u64)>,
-    retired_by_until: BTreeMap<(u64, u64), OrderRef>,
+    /// `retired` by (until, key), soonest on top; an entry whose order was remembered again
+    /// since is stale (its key no longer matches) and skipped, and stale entries are swept
+    /// out once they outnumber the live ones.
+    retired_queue: BinaryHeap<Reverse<(u64, u64, OrderRef)>>,
     regions: Map<String, u16>,
     region_names: Vec<String>,
     arrival: u64,
@@ -706,7 +710,7 @@ impl OrderBook {
             let prio = entry.prio();
             self.ask_buckets.insert(bucket, prio, r);
             self.expiry
-                .insert((entry.ask.expires_at.0, arrival), (Side::Ask, r));
+                .push(Reverse((entry.ask.expires_at.0, arrival, Side::Ask, r)));
             self.asks.insert(r, entry);
         } else {
             self.remember(r, entry.ask.seq, now_ms.saturating_add(REMEMBER_MS));
@@ -800,7 +804,7 @@ impl OrderBook {
                 self.bid_index.insert(*b, prio, r);
             }
             self.expiry
-                .insert((entry.bid.expires_at.0, arrival), (Side::Bid, r));
+                .push(Reverse((entry.bid.expires_at.0, arrival, Side::Bid, r)));
             self.bids.insert(r, entry);
         } else {
             self.remember(r, entry.bid.seq, now_ms.saturating_add(REMEMBER_MS));
@@ -868,11 +872,11 @@ impl OrderBook {
     /// can no longer come back). Returns the orders dropped, in expiry order.
     pub fn expire(&mut self, now_ms: u64) -> Vec<(Side, OrderRef)> {
         let mut out = Vec::new();
-        while let Some((&(at, arrival), &(side, r))) = self.expiry.first_key_value() {
+        while let Some(&Reverse((at, arrival, side, r))) = self.expiry.peek() {
             if at > now_ms {
                 break;
             }
-            self.expiry.remove(&(at, arrival));
+            self.expiry.pop();
             match side {
                 Side::Ask if self.asks.get(&r).is_some_and(|e| e.arrival == arrival) => {
                     if let Some(e) = self.asks.remove(&r) {
@@ -891,11 +895,11 @@ impl OrderBook {
             }
             out.push((side, r));
         }
-        while let Some((&(until, n), &r)) = self.retired_by_until.first_key_value() {
+        while let Some(&Reverse((until, n, r))) = self.retired_queue.peek() {
             if until > now_ms {
                 break;
             }
-            self.retired_by_until.remove(&(until, n));
+            self.retired_queue.pop();
             if self
                 .retired
                 .get(&r)
@@ -908,21 +912,36 @@ impl OrderBook {
     }
 
     fn remember(&mut self, r: OrderRef, seq: u64, until: u64) {
-        if let Some((old_seq, old_until, old_n)) = self.retired.get(&r).copied() {
-            if old_seq >= seq {
-                return;
+        match self.retired.get(&r) {
+            // Its queue entry goes stale: the key below no longer matches it.
+            Some(&(old_seq, ..)) if old_seq >= seq => return,
+            Some(_) => {}
+            None if self.retired.len() >= MAX_RETIRED => {
+                // Forget the one due soonest (skipping stale entries).
+                while let Some(Reverse((u, k, victim))) = self.retired_queue.pop() {
+                    if self
+                        .retired
+                        .get(&victim)
+                        .is_some_and(|&(_, vu, vk)| (vu, vk) == (u, k))
+                    {
+                        self.retired.remove(&victim);
+                        break;
+                    }
+                }
             }
-            self.retired_by_until.remove(&(old_until, old_n));
-            self.retired.remove(&r);
-        }
-        if self.retired.len() >= MAX_RETIRED
-            && let Some((_, victim)) = self.retired_by_until.pop_first()
-        {
-            self.retired.remove(&victim);
+            None => {}
         }
         self.arrival += 1;
         self.retired.insert(r, (seq, until, self.arrival));
-        self.retired_by_until.insert((until, self.arrival), r);
+        self.retired_queue.push(Reverse((until, self.arrival, r)));
+        if self.retired_queue.len() > 2 * self.retired.len() + 1024 {
+            let retired = &self.retired;
+            self.retired_queue.retain(|&Reverse((u, k, r))| {
+                retired
+                    .get(&r)
+                    .is_some_and(|&(_, ru, rk)| (ru, rk) == (u, k))
+            });
+        }
     }
 
     /// An order left the book before it expired: its expiry entry is now stale. Once stale
@@ -933,7 +952,7 @@ impl OrderBook {
         if self.stale_expiry > self.asks.len() + self.bids.len() + 1024 {
             let (asks, bids) = (&self.asks, &self.bids);
             self.expiry
-                .retain(|&(_, arrival), &mut (side, r)| match side {
+                .retain(|&Reverse((_, arrival, side, r))| match side {
                     Side::Ask => asks.get(&r).is_some_and(|e| e.arrival == arrival),
                     Side::Bid => bids.get(&r).is_some_and(|e| e.arrival == arrival),
                 });
