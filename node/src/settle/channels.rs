@@ -11,6 +11,8 @@ use hashgrid_lightning::{Balances, ChannelInfo, LightningBackend, PeerAddr};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use crate::wallet::WalletError;
+
 /// After a failed open, wait this long before trying that peer again; also the longest an
 /// open may wait for its funding transaction before the next one is tried.
 pub const OPEN_RETRY: Duration = Duration::from_secs(60);
@@ -46,24 +48,24 @@ pub const MIN_CHANNEL_SAT: u64 = 20_000;
 impl ChannelSection {
     /// The plan, checked: a peer that parses, a size of at least [`MIN_CHANNEL_SAT`], and no
     /// more pushed than the channel holds.
-    pub fn plan(&self) -> Result<ChannelPlan, String> {
+    pub fn plan(&self) -> Result<ChannelPlan, WalletError> {
         let peer: PeerAddr = self.peer.parse().map_err(|e| {
-            format!(
+            WalletError::Config(format!(
                 "[settle] lightning_channels: peer {:?}: {e} (want NODE_ID@HOST:PORT)",
                 self.peer
-            )
+            ))
         })?;
         if self.sats < MIN_CHANNEL_SAT {
-            return Err(format!(
+            return Err(WalletError::Config(format!(
                 "[settle] lightning_channels: {} sats for {} is under the {MIN_CHANNEL_SAT}-sat minimum",
                 self.sats, self.peer
-            ));
+            )));
         }
         if self.push_msat > self.sats.saturating_mul(1000) {
-            return Err(format!(
+            return Err(WalletError::Config(format!(
                 "[settle] lightning_channels: push_msat {} is more than the {}-sat channel to {}",
                 self.push_msat, self.sats, self.peer
-            ));
+            )));
         }
         Ok(ChannelPlan {
             peer,
@@ -309,11 +311,11 @@ mod tests {
             .plan()
             .expect_err("refused")
         };
-        let e = bad("nobody", 100_000, 0);
+        let e = bad("nobody", 100_000, 0).to_string();
         assert!(e.contains("NODE_ID@HOST:PORT"), "{e}");
-        let e = bad(&format!("{A}@127.0.0.1:9735"), 1_000, 0);
+        let e = bad(&format!("{A}@127.0.0.1:9735"), 1_000, 0).to_string();
         assert!(e.contains("minimum"), "{e}");
-        let e = bad(&format!("{A}@127.0.0.1:9735"), 100_000, 100_000_001);
+        let e = bad(&format!("{A}@127.0.0.1:9735"), 100_000, 100_000_001).to_string();
         assert!(e.contains("push_msat"), "{e}");
     }
 }

@@ -253,8 +253,7 @@ impl SettleSection {
                     .lightning_channels
                     .iter()
                     .map(ChannelSection::plan)
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(WalletError::Config)?;
+                    .collect::<Result<Vec<_>, _>>()?;
                 return Ok(SettlementConfig {
                     mode: SettleMode::Lightning(LightningSettle {
                         network,
