@@ -857,6 +857,21 @@ async fn jobs_are_invoiced_and_paid_over_lightning_to_the_msat() {
     // Exactly the receipts' total moved over the channel.
     assert_eq!(b0 - outbound(buyer_ln), total);
     assert_eq!(s0 - site_ln.balances().inbound_msat, total);
+    // The node's metrics show its Lightning node: one usable channel and what it can send.
+    let mut metrics = String::new();
+    buyer.render_metrics(&mut metrics).await.expect("metrics");
+    assert!(
+        metrics.contains("lightning_channels{state=\"usable\"} 1"),
+        "{metrics}"
+    );
+    let outbound_line = format!(
+        "lightning_capacity_msat{{direction=\"outbound\"}} {}",
+        outbound(buyer_ln)
+    );
+    assert!(
+        metrics.contains(&outbound_line),
+        "{outbound_line} in {metrics}"
+    );
     // The buyer's application heard it with the proof.
     let mut heard = None;
     while let Some((id, ev)) = buyer.next_event().expect("events") {

@@ -196,6 +196,7 @@ impl NodeHandle {
                 .unwrap_or(u64::MAX),
             owed_to_us_msat: owed_to_us,
             owed_by_us_msat: owed_by_us,
+            lightning: self.inner.settlement.lightning_readings().await,
         });
         m.sync_inbound_refusals(self.inner.inbound.refused());
         m.encode_into(out);

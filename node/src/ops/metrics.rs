@@ -68,6 +68,23 @@ pub struct GaugeReadings {
     pub owed_to_us_msat: [u64; 5],
     /// What this node owes its providers for countersigned receipts.
     pub owed_by_us_msat: u64,
+    /// Its Lightning node, in lightning mode.
+    pub lightning: Option<LightningReadings>,
+}
+
+/// A Lightning node's figures at a scrape.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LightningReadings {
+    /// Channels payments can use now.
+    pub channels_usable: u64,
+    /// Channels opening, closing, or with the peer away.
+    pub channels_other: u64,
+    /// What it could send now over usable channels, msat.
+    pub outbound_msat: u64,
+    /// What it could receive now, msat.
+    pub inbound_msat: u64,
+    /// Its on-chain wallet (funds channels, receives closes), sats.
+    pub onchain_sat: u64,
 }
 
 /// The `protocol` label of refusals counted across every request protocol.
@@ -124,6 +141,9 @@ pub struct Metrics {
     swarm_stall: Gauge,
     debts: Family<Labels, Gauge>,
     owed_by_us: Gauge,
+    ln_channels: Family<Labels, Gauge>,
+    ln_capacity: Family<Labels, Gauge>,
+    ln_onchain: Family<Labels, Gauge>,
     libp2p: libp2p::metrics::Metrics,
     activity: super::activity::Activity,
 }
@@ -402,6 +422,27 @@ impl Metrics {
             msat(),
             Gauge::default(),
         );
+        // Lightning mode only: families, so a node without a Lightning node shows no series.
+        let ln_channels = reg(
+            r,
+            "lightning_channels",
+            "The Lightning node's channels: usable now, or not (opening, closing, peer away)",
+            Family::default(),
+        );
+        let ln_capacity = reg_unit(
+            r,
+            "lightning_capacity",
+            "What the Lightning node could send (outbound) or receive (inbound) now",
+            msat(),
+            Family::default(),
+        );
+        let ln_onchain = reg_unit(
+            r,
+            "lightning_onchain",
+            "The Lightning node's on-chain wallet (funds channels, receives closes)",
+            Unit::Other("sat".into()),
+            Family::default(),
+        );
         Metrics {
             registry,
             identity: id.clone(),
@@ -443,6 +484,9 @@ impl Metrics {
             swarm_stall,
             debts,
             owed_by_us,
+            ln_channels,
+            ln_capacity,
+            ln_onchain,
             libp2p,
             activity: Default::default(),
         }
@@ -633,6 +677,21 @@ impl Metrics {
             self.debts.get_or_create(&label("state", *state)).set(i(v));
         }
         self.owed_by_us.set(i(g.owed_by_us_msat));
+        if let Some(l) = &g.lightning {
+            for (state, v) in [("usable", l.channels_usable), ("other", l.channels_other)] {
+                self.ln_channels
+                    .get_or_create(&label("state", state))
+                    .set(i(v));
+            }
+            for (dir, v) in [("outbound", l.outbound_msat), ("inbound", l.inbound_msat)] {
+                self.ln_capacity
+                    .get_or_create(&label("direction", dir))
+                    .set(i(v));
+            }
+            self.ln_onchain
+                .get_or_create(&Vec::new())
+                .set(i(l.onchain_sat));
+        }
     }
 
     /// Appends every metric in the OpenMetrics text format, without the closing `# EOF`

@@ -5,4 +5,4 @@ pub mod activity;
 pub mod metrics;
 pub mod server;
 
-pub use metrics::{GaugeReadings, Metrics, NodeIdentity, Totals};
+pub use metrics::{GaugeReadings, LightningReadings, Metrics, NodeIdentity, Totals};

@@ -186,6 +186,25 @@ impl Settlement {
         }
     }
 
+    /// The Lightning node's channels and balances, for metrics (`None` in other modes).
+    pub(crate) async fn lightning_readings(&self) -> Option<crate::ops::LightningReadings> {
+        let ln = self.ln()?;
+        tokio::task::spawn_blocking(move || {
+            let channels = ln.channels();
+            let b = ln.balances();
+            let usable = channels.iter().filter(|c| c.usable).count() as u64;
+            crate::ops::LightningReadings {
+                channels_usable: usable,
+                channels_other: channels.len() as u64 - usable,
+                outbound_msat: b.outbound_msat,
+                inbound_msat: b.inbound_msat,
+                onchain_sat: b.onchain_sat,
+            }
+        })
+        .await
+        .ok()
+    }
+
     /// What a buyer expects of the Lightning request in `inv`: its network, the invoice's
     /// amount to the msat, and the description hash binding the invoice's receipts.
     fn ln_expected(&self, inv: &Invoice) -> Option<Expected> {
