@@ -4,7 +4,7 @@
 
 use std::future::Future;
 
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::{ConfigError, SiteConfig};
 use crate::error::{NodeError, StartError};
@@ -190,6 +190,18 @@ pub async fn run_site_with(
         info!(bitcoin = %o.network, chain = %o.chain.describe(), "settling on chain");
     }
     let mut builder = config.builder().settle(settle);
+    // Emulated latency for a testnet of regions on one machine (`hashgrid-testnet
+    // --link-delay-ms`); unset in production.
+    if let Some(text) = std::env::var_os(crate::network::delay::LINK_DELAYS_ENV) {
+        let delays =
+            crate::network::delay::LinkDelays::parse(&text.to_string_lossy()).map_err(|e| {
+                ConfigError::Invalid(format!("{}: {e}", crate::network::delay::LINK_DELAYS_ENV))
+            })?;
+        if !delays.is_empty() {
+            warn!(links = ?delays, "emulating link latency on dialled connections ({})", crate::network::delay::LINK_DELAYS_ENV);
+        }
+        builder = builder.link_delays(delays);
+    }
     if let Some(exec) = &executor {
         builder = builder.executor(exec.clone());
         if !config.models.preload.is_empty() {

@@ -260,6 +260,7 @@ pub async fn run_chat(cfg: ChatConfig) -> anyhow::Result<ChatReport> {
                 None => None,
             },
             config,
+            env: Vec::new(),
         });
     }
     if let Some(path) = &cfg.prometheus {

@@ -210,7 +210,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
             }
             Err(why) => {
                 warn!(
-                    "--latency-ms {}: cannot apply it ({why}); running on loopback without added latency",
+                    "--latency-ms {}: no network namespaces with netem ({why}); delaying in user space instead",
                     cfg.latency_ms
                 );
                 (None, Some(why))
@@ -267,8 +267,56 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
                 None => None,
             },
             config: None,
+            env: Vec::new(),
         });
     }
+    // Without network namespaces (no root or no netem), the latency between regions is
+    // emulated in the nodes' transport: each holds back the bytes of the connections it dials
+    // to a site of another region by `latency_ms` each way.
+    let link_delay =
+        (regions.is_none() && cfg.latency_ms > 0).then(|| Duration::from_millis(cfg.latency_ms));
+    // The buyers listen on ports chosen now, so that a site dialling a buyer of another
+    // region is delayed too (buyer j is in region j mod R).
+    let buyer_ports: Vec<u16> = (0..cfg.buyers)
+        .map(|_| sites::free_port())
+        .collect::<anyhow::Result<_>>()?;
+    let buyer_region = |j: usize| REGIONS[j % cfg.regions].to_string();
+    if let Some(d) = link_delay {
+        let mut all: Vec<(String, std::net::SocketAddr)> = specs
+            .iter()
+            .map(|s| Ok((s.region.clone(), format!("{}:{}", s.ip, s.port).parse()?)))
+            .collect::<anyhow::Result<_>>()?;
+        for (j, p) in buyer_ports.iter().enumerate() {
+            all.push((buyer_region(j), ([127, 0, 0, 1], *p).into()));
+        }
+        for s in &mut specs {
+            let list: Vec<String> = all
+                .iter()
+                .filter(|(region, _)| *region != s.region)
+                .map(|(_, a)| format!("{a}={}", d.as_millis()))
+                .collect();
+            s.env.push((
+                hashgrid_node::network::delay::LINK_DELAYS_ENV.to_string(),
+                list.join(","),
+            ));
+        }
+        info!(
+            latency_ms = cfg.latency_ms,
+            "user-space link delay between regions (dialled connections held back each way)"
+        );
+    }
+    let buyer_delays = |j: usize| {
+        let region = buyer_region(j);
+        hashgrid_node::network::delay::LinkDelays::new(
+            specs
+                .iter()
+                .filter(|s| link_delay.is_some() && s.region != region)
+                .filter_map(|s| {
+                    let a = format!("{}:{}", s.ip, s.port).parse().ok()?;
+                    Some((a, link_delay.unwrap_or_default()))
+                }),
+        )
+    };
     if let Some(path) = &cfg.prometheus {
         std::fs::write(path, sites::prometheus_config(&specs, &network_name))
             .with_context(|| format!("writing {}", path.display()))?;
@@ -311,10 +359,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     // Buyers join through site 0 and watch their books fill.
     let arrivals: Arc<Mutex<Vec<Arrival>>> = Arc::default();
     let mut buyers = Vec::new();
-    for _ in 0..cfg.buyers {
+    for (j, port) in buyer_ports.iter().enumerate() {
         let b = Node::builder()
             .network(network.clone())
-            .listen("/ip4/127.0.0.1/tcp/0".parse()?)
+            .listen(format!("/ip4/127.0.0.1/tcp/{port}").parse()?)
+            .link_delays(buyer_delays(j))
             .mdns(false)
             .bootstrap(seed_addr.parse()?)
             .provider_down_for(Duration::from_secs(5))
@@ -482,6 +531,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
         kills,
         leftover,
         latency_note,
+        latency_user_space: link_delay.is_some(),
         work_dir: cfg.work_dir.clone(),
     }))
 }

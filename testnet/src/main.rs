@@ -44,8 +44,9 @@ struct Cli {
     /// Fraction of sites SIGKILLed (and restarted after 1 s) every 5 s (at least one).
     #[arg(long, default_value_t = 0.0)]
     kill_rate: f64,
-    /// Delay between regions, in ms: one network namespace per region with netem (needs root
-    /// and iproute2; otherwise says why and runs on loopback without it).
+    /// Delay between regions, in ms each way: one network namespace per region with netem
+    /// (needs root, iproute2 and the netem qdisc); otherwise the nodes hold back the bytes of
+    /// the connections they dial to another region's sites (a user-space delay).
     #[arg(long, default_value_t = 0)]
     latency_ms: u64,
     /// Write the report as JSON here, and an SVG chart next to it.

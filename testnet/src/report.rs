@@ -107,8 +107,11 @@ pub struct Report {
     pub settle_s: u64,
     /// Requested inter-region latency, and why it was not applied.
     pub latency_ms: u64,
-    /// Why `latency_ms` was not applied, if it was requested.
+    /// Why network namespaces with netem could not apply `latency_ms`, if it was requested.
     pub latency_note: Option<String>,
+    /// `latency_ms` was applied in user space instead (the nodes' transport holds back the
+    /// bytes of connections they dial to another region).
+    pub latency_user_space: bool,
     /// From the first site's spawn until every buyer's book held every site's ask, ms.
     pub convergence_ms: f64,
     /// The same, counted from the last site's spawn, ms.
@@ -179,6 +182,7 @@ pub(crate) struct Inputs<'a> {
     pub(crate) kills: u32,
     pub(crate) leftover: usize,
     pub(crate) latency_note: Option<String>,
+    pub(crate) latency_user_space: bool,
     pub(crate) work_dir: Option<PathBuf>,
 }
 
@@ -258,6 +262,7 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
         settle_s: i.cfg.settle.as_secs(),
         latency_ms: i.cfg.latency_ms,
         latency_note: i.latency_note,
+        latency_user_space: i.latency_user_space,
         convergence_ms: i.convergence.as_secs_f64() * 1000.0,
         convergence_after_launch_ms: i.convergence_after_launch.as_secs_f64() * 1000.0,
         convergence_after_last_ask_ms: i.convergence_after_last_ask.as_secs_f64() * 1000.0,
@@ -308,7 +313,14 @@ impl std::fmt::Display for Report {
                 String::new()
             }
         )?;
-        if let Some(n) = &self.latency_note {
+        if self.latency_user_space {
+            writeln!(
+                f,
+                "  latency              {} ms each way between regions (user-space delay on dialled connections; netem: {})",
+                self.latency_ms,
+                self.latency_note.as_deref().unwrap_or("not tried")
+            )?;
+        } else if let Some(n) = &self.latency_note {
             writeln!(f, "  latency: not applied: {n}")?;
         } else if self.latency_ms > 0 {
             writeln!(

@@ -91,6 +91,8 @@ pub struct SiteSpec {
     pub metrics_port: Option<u16>,
     /// Its config file (`--config`), e.g. a `[settle]` section; flags override it.
     pub config: Option<PathBuf>,
+    /// Extra environment, e.g. its emulated link delays (`HASHGRID_LINK_DELAYS`).
+    pub env: Vec<(String, String)>,
 }
 
 impl SiteSpec {
@@ -190,6 +192,7 @@ impl Site {
         for b in &self.bootstrap {
             cmd.args(["--bootstrap", b]);
         }
+        cmd.envs(self.spec.env.iter().map(|(k, v)| (k, v)));
         let child = cmd
             .env("RUST_LOG", "info,libp2p=warn")
             .env("NO_COLOR", "1")
@@ -304,6 +307,7 @@ mod tests {
             peer_id: String::new(),
             metrics_port,
             config: None,
+            env: Vec::new(),
         };
         let text = super::prometheus_config(
             &[

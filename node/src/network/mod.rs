@@ -40,6 +40,7 @@
 //! can race the expiry), authors over the rate limit (the relay is not to blame) and a full
 //! book.
 
+pub mod delay;
 pub mod exchange;
 pub mod pending;
 pub mod sync;

@@ -15,26 +15,46 @@
 //! identify. So this wrapper turns every dial into [`PortUse::New`]; listening is unchanged.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use futures::TryFutureExt;
 use libp2p::core::transport::{DialOpts, ListenerId, PortUse, TransportError, TransportEvent};
 use libp2p::{Multiaddr, Transport, tcp};
 
-/// [`tcp::tokio::Transport`] with [`PortUse::New`] for every dial (see the module docs).
-pub struct FreshPortTcp(tcp::tokio::Transport);
+use super::delay::{Delayed, LinkDelays};
+
+/// [`tcp::tokio::Transport`] with [`PortUse::New`] for every dial (see the module docs), and
+/// the emulated latency of [`LinkDelays`] on the connections it dials (none by default).
+pub struct FreshPortTcp(tcp::tokio::Transport, Arc<LinkDelays>);
 
 impl FreshPortTcp {
     /// Wraps a TCP transport built from `config`.
     pub fn new(config: tcp::Config) -> FreshPortTcp {
-        FreshPortTcp(tcp::tokio::Transport::new(config))
+        FreshPortTcp::with_delays(config, Arc::default())
+    }
+
+    /// [`FreshPortTcp::new`], holding back the bytes of connections it dials to the addresses
+    /// `delays` lists.
+    pub fn with_delays(config: tcp::Config, delays: Arc<LinkDelays>) -> FreshPortTcp {
+        FreshPortTcp(tcp::tokio::Transport::new(config), delays)
     }
 }
 
+type Stream = tcp::tokio::TcpStream;
+
+fn undelayed(s: Stream) -> Delayed<Stream> {
+    Delayed::new(s, std::time::Duration::ZERO)
+}
+
 impl Transport for FreshPortTcp {
-    type Output = <tcp::tokio::Transport as Transport>::Output;
+    type Output = Delayed<Stream>;
     type Error = <tcp::tokio::Transport as Transport>::Error;
-    type ListenerUpgrade = <tcp::tokio::Transport as Transport>::ListenerUpgrade;
-    type Dial = <tcp::tokio::Transport as Transport>::Dial;
+    type ListenerUpgrade = futures::future::MapOk<
+        <tcp::tokio::Transport as Transport>::ListenerUpgrade,
+        fn(Stream) -> Delayed<Stream>,
+    >;
+    type Dial = futures::future::BoxFuture<'static, Result<Delayed<Stream>, Self::Error>>;
 
     fn listen_on(
         &mut self,
@@ -53,20 +73,24 @@ impl Transport for FreshPortTcp {
         addr: Multiaddr,
         opts: DialOpts,
     ) -> Result<Self::Dial, TransportError<Self::Error>> {
-        self.0.dial(
+        let delay = self.1.of(&addr);
+        let dial = self.0.dial(
             addr,
             DialOpts {
                 port_use: PortUse::New,
                 ..opts
             },
-        )
+        )?;
+        Ok(Box::pin(dial.map_ok(move |s| Delayed::new(s, delay))))
     }
 
     fn poll(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<TransportEvent<Self::ListenerUpgrade, Self::Error>> {
-        Pin::new(&mut self.0).poll(cx)
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|e| e.map_upgrade(|u| u.map_ok(undelayed as fn(Stream) -> Delayed<Stream>)))
     }
 }
 

@@ -62,6 +62,7 @@ pub struct NodeBuilder {
     pub(super) executor: Option<Executor>,
     pub(super) down_for: Duration,
     pub(super) settle: SettlementConfig,
+    pub(super) link_delays: std::sync::Arc<crate::network::delay::LinkDelays>,
     #[cfg(feature = "testing")]
     pub(super) lie: Option<crate::jobs::Lie>,
 }
@@ -92,6 +93,7 @@ impl Default for NodeBuilder {
             executor: None,
             down_for: crate::jobs::DEFAULT_DOWN_FOR,
             settle: SettlementConfig::default(),
+            link_delays: std::sync::Arc::default(),
             #[cfg(feature = "testing")]
             lie: None,
         }
@@ -221,6 +223,13 @@ impl NodeBuilder {
     /// dispatched jobs (default: none, the node rejects proposals).
     pub fn executor(mut self, exec: Executor) -> Self {
         self.executor = Some(exec);
+        self
+    }
+
+    /// Emulated latency on the TCP connections this node dials to the addresses listed (see
+    /// [`crate::network::delay`]): for measuring a grid across regions on one machine.
+    pub fn link_delays(mut self, delays: crate::network::delay::LinkDelays) -> Self {
+        self.link_delays = std::sync::Arc::new(delays);
         self
     }
 

@@ -98,6 +98,7 @@ impl NodeBuilder {
             mdns: self.mdns,
             inbound: inbound.clone(),
         };
+        let link_delays = self.link_delays.clone();
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(libp2p_key)
             .with_tokio()
             .with_quic()
@@ -108,13 +109,14 @@ impl NodeBuilder {
                 use libp2p::Transport as _;
                 let noise = noise::Config::new(key)
                     .map_err(Box::<dyn std::error::Error + Send + Sync>::from)?;
-                Ok(
-                    crate::network::tcp::FreshPortTcp::new(tcp::Config::default().nodelay(true))
-                        .upgrade(libp2p::core::upgrade::Version::V1Lazy)
-                        .authenticate(noise)
-                        .multiplex(yamux::Config::default())
-                        .timeout(crate::network::HANDSHAKE_TIMEOUT),
+                Ok(crate::network::tcp::FreshPortTcp::with_delays(
+                    tcp::Config::default().nodelay(true),
+                    link_delays,
                 )
+                .upgrade(libp2p::core::upgrade::Version::V1Lazy)
+                .authenticate(noise)
+                .multiplex(yamux::Config::default())
+                .timeout(crate::network::HANDSHAKE_TIMEOUT))
             })
             .map_err(|e| StartError::Network(format!("tcp: {e}")))?
             .with_behaviour(|k| {
