@@ -573,10 +573,16 @@ impl ProviderLedger {
         Ok(())
     }
 
+    /// What `buyer`'s countersigned receipts accrued and no invoice billed yet (O(1), unlike
+    /// [`ProviderLedger::earnings`], which walks the invoices).
+    pub fn accrued(&self, buyer: &PublicKey) -> Msat {
+        self.buyers.get(buyer).map_or(Msat::ZERO, |a| a.accrued)
+    }
+
     /// A buyer's totals.
     pub fn earnings(&self, buyer: &PublicKey) -> Earnings {
         let mut e = Earnings {
-            accrued: self.buyers.get(buyer).map_or(Msat::ZERO, |a| a.accrued),
+            accrued: self.accrued(buyer),
             ..Earnings::default()
         };
         for inv in self.invoices.values().filter(|i| &i.buyer == buyer) {

@@ -322,7 +322,7 @@ impl Settlement {
                 // Over Lightning the invoice follows the receipt: one per receipt, or per
                 // batch once the accrued msat reach the threshold.
                 let due = matches!(self.cfg.mode, SettleMode::Lightning(_))
-                    && lock(&self.state).ledger.earnings(&r.buyer).accrued
+                    && lock(&self.state).ledger.accrued(&r.buyer)
                         >= self.cfg.invoice.min_amount.max(Msat(1));
                 if due {
                     self.invoice_due.store(true, Ordering::SeqCst);
