@@ -205,9 +205,9 @@ pub enum BookError {
     /// The order has no units.
     #[error("order has no units")]
     NoUnits,
-    /// The book is full.
-    #[error("book is full ({MAX_ORDERS} orders)")]
-    Full,
+    /// The book is full (it holds its most orders, [`Limits::max_orders`]).
+    #[error("book is full ({0} orders)")]
+    Full(usize),
     /// Too many distinct regions.
     #[error("too many distinct regions ({MAX_REGIONS})")]
     TooManyRegions,
@@ -549,9 +549,36 @@ impl<K: Copy + Eq + std::hash::Hash, P: Copy + Ord> Buckets<K, P> {
     }
 }
 
+/// How much one book holds: bounds on what gossip from outside can make it remember.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most live orders (asks plus bids); new ones beyond it are refused ([`BookError::Full`]).
+    pub max_orders: usize,
+    /// Most remembered sequence numbers of orders that left the book; beyond it the one due
+    /// to be forgotten soonest is forgotten first.
+    pub max_retired: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_orders: MAX_ORDERS,
+            max_retired: MAX_RETIRED,
+        }
+    }
+}
+
 /// The order book: every live ask and bid, indexed for matching.
+///
+/// Orders enter in one of two ways. [`submit_ask`](Self::submit_ask) /
+/// [`submit_bid`](Self::submit_bid) cross the incoming order with what rests, as an exchange
+/// does. [`rest_ask`](Self::rest_ask) / [`rest_bid`](Self::rest_bid) only index it: a node's
+/// view of the market from gossip ([`crate::GossipBook`]) holds everyone's orders without
+/// trading them against each other (buyers propose to providers directly), so such a book can
+/// be crossed.
 #[derive(Debug, Default)]
 pub struct OrderBook {
+    limits: Limits,
     asks: Map<OrderRef, AskEntry>,
     bids: Map<OrderRef, BidEntry>,
     ask_buckets: Buckets<BucketKey, AskPrio>,
@@ -579,6 +606,30 @@ impl OrderBook {
     /// An empty book.
     pub fn new() -> OrderBook {
         OrderBook::default()
+    }
+
+    /// An empty book with these bounds.
+    pub fn with_limits(limits: Limits) -> OrderBook {
+        OrderBook {
+            limits,
+            ..OrderBook::default()
+        }
+    }
+
+    /// The sequence number of the live ask `r`.
+    pub fn ask_seq(&self, r: &OrderRef) -> Option<u64> {
+        self.asks.get(r).map(|e| e.ask.seq)
+    }
+
+    /// The sequence number of the live bid `r`.
+    pub fn bid_seq(&self, r: &OrderRef) -> Option<u64> {
+        self.bids.get(r).map(|e| e.bid.seq)
+    }
+
+    /// The highest sequence number remembered for `r` since it left the book (filled or
+    /// cancelled): no copy of it at or below this sequence number enters again.
+    pub fn retired_seq(&self, r: &OrderRef) -> Option<u64> {
+        self.retired.get(r).map(|&(seq, ..)| seq)
     }
 
     /// Live asks.
@@ -645,8 +696,8 @@ impl OrderBook {
         if expires <= now {
             return Err(BookError::Expired);
         }
-        if live_seq.is_none() && self.asks.len() + self.bids.len() >= MAX_ORDERS {
-            return Err(BookError::Full);
+        if live_seq.is_none() && self.asks.len() + self.bids.len() >= self.limits.max_orders {
+            return Err(BookError::Full(self.limits.max_orders));
         }
         Ok(())
     }
@@ -664,27 +715,8 @@ impl OrderBook {
         now_ms: u64,
         rep: &dyn Reputation,
     ) -> Result<Vec<Fill>, BookError> {
-        let r = ask.order_ref();
-        let live = self.asks.get(&r).map(|e| e.ask.seq);
-        self.check_new(&r, ask.seq, live, ask.units, ask.expires_at.0, now_ms)?;
-        let region = self.intern(&ask.region)?;
-        if live.is_some() {
-            self.remove_ask(&r);
-        }
-        let arrival = self.next_arrival();
-        let bucket = BucketKey {
-            region,
-            backend: backend_id(ask.gpu.backend),
-            mem_tier: tier(ask.gpu.memory_bytes),
-            flops_tier: tier(ask.gpu.bench.matmul_mflops),
-        };
-        let mut entry = AskEntry {
-            remaining: ask.units,
-            ask: Box::new(ask),
-            time: now_ms,
-            arrival,
-            bucket,
-        };
+        let (r, mut entry, _) = self.enter_ask(ask, now_ms)?;
+        let region = entry.bucket.region;
         // Match against resting bids, best first.
         let plan = self.plan_for_ask(&entry, region, now_ms, rep);
         let mut fills = Vec::new();
@@ -707,15 +739,61 @@ impl OrderBook {
             }
         }
         if entry.remaining > 0 {
-            let prio = entry.prio();
-            self.ask_buckets.insert(bucket, prio, r);
-            self.expiry
-                .push(Reverse((entry.ask.expires_at.0, arrival, Side::Ask, r)));
-            self.asks.insert(r, entry);
+            self.rest_ask_entry(r, entry);
         } else {
             self.remember(r, entry.ask.seq, now_ms.saturating_add(REMEMBER_MS));
         }
         Ok(fills)
+    }
+
+    /// Adds (or replaces, by higher `seq`) an ask without matching it: it rests whole, at
+    /// the time `now_ms`. Returns whether it replaced a live version.
+    pub fn rest_ask(&mut self, ask: Ask, now_ms: u64) -> Result<bool, BookError> {
+        let (r, entry, replaced) = self.enter_ask(ask, now_ms)?;
+        self.rest_ask_entry(r, entry);
+        Ok(replaced)
+    }
+
+    /// Checks a new ask, removes the version it replaces and makes its entry (not indexed).
+    fn enter_ask(
+        &mut self,
+        ask: Ask,
+        now_ms: u64,
+    ) -> Result<(OrderRef, AskEntry, bool), BookError> {
+        let r = ask.order_ref();
+        let live = self.asks.get(&r).map(|e| e.ask.seq);
+        self.check_new(&r, ask.seq, live, ask.units, ask.expires_at.0, now_ms)?;
+        let region = self.intern(&ask.region)?;
+        if live.is_some() {
+            self.remove_ask(&r);
+        }
+        let arrival = self.next_arrival();
+        let bucket = BucketKey {
+            region,
+            backend: backend_id(ask.gpu.backend),
+            mem_tier: tier(ask.gpu.memory_bytes),
+            flops_tier: tier(ask.gpu.bench.matmul_mflops),
+        };
+        let entry = AskEntry {
+            remaining: ask.units,
+            ask: Box::new(ask),
+            time: now_ms,
+            arrival,
+            bucket,
+        };
+        Ok((r, entry, live.is_some()))
+    }
+
+    fn rest_ask_entry(&mut self, r: OrderRef, entry: AskEntry) {
+        let prio = entry.prio();
+        self.ask_buckets.insert(entry.bucket, prio, r);
+        self.expiry.push(Reverse((
+            entry.ask.expires_at.0,
+            entry.arrival,
+            Side::Ask,
+            r,
+        )));
+        self.asks.insert(r, entry);
     }
 
     /// Adds (or replaces, by higher `seq`) a bid and matches it against resting asks.
@@ -726,6 +804,50 @@ impl OrderBook {
         now_ms: u64,
         rep: &dyn Reputation,
     ) -> Result<Vec<Fill>, BookError> {
+        let (r, mut entry, _) = self.enter_bid(bid, now_ms)?;
+        let filter = self.filter_for_bid(&entry.bid, now_ms);
+        let plan = self.plan_asks(&filter, entry.remaining, 0, rep);
+        let mut fills = Vec::new();
+        for (ask_ref, units) in plan {
+            let Some(a) = self.asks.get_mut(&ask_ref) else {
+                continue;
+            };
+            a.remaining -= units;
+            entry.remaining -= units;
+            fills.push(Fill {
+                ask: ask_ref,
+                ask_seq: a.ask.seq,
+                bid: r,
+                bid_seq: entry.bid.seq,
+                units,
+                price: a.ask.price,
+            });
+            if a.remaining == 0 {
+                self.retire_ask(&ask_ref);
+            }
+        }
+        if entry.remaining > 0 {
+            self.rest_bid_entry(r, entry);
+        } else {
+            self.remember(r, entry.bid.seq, now_ms.saturating_add(REMEMBER_MS));
+        }
+        Ok(fills)
+    }
+
+    /// Adds (or replaces, by higher `seq`) a bid without matching it: it rests whole, at the
+    /// time `now_ms`. Returns whether it replaced a live version.
+    pub fn rest_bid(&mut self, bid: Bid, now_ms: u64) -> Result<bool, BookError> {
+        let (r, entry, replaced) = self.enter_bid(bid, now_ms)?;
+        self.rest_bid_entry(r, entry);
+        Ok(replaced)
+    }
+
+    /// Checks a new bid, removes the version it replaces and makes its entry (not indexed).
+    fn enter_bid(
+        &mut self,
+        bid: Bid,
+        now_ms: u64,
+    ) -> Result<(OrderRef, BidEntry, bool), BookError> {
         let r = bid.order_ref();
         let live = self.bids.get(&r).map(|e| e.bid.seq);
         self.check_new(&r, bid.seq, live, bid.units, bid.expires_at.0, now_ms)?;
@@ -770,46 +892,28 @@ impl OrderBook {
             self.remove_bid(&r);
         }
         let arrival = self.next_arrival();
-        let mut entry = BidEntry {
+        let entry = BidEntry {
             remaining: bid.units,
             bid: Box::new(bid),
             time: now_ms,
             arrival,
             buckets,
         };
-        let filter = self.filter_for_bid(&entry.bid, now_ms);
-        let plan = self.plan_asks(&filter, entry.remaining, 0, rep);
-        let mut fills = Vec::new();
-        for (ask_ref, units) in plan {
-            let Some(a) = self.asks.get_mut(&ask_ref) else {
-                continue;
-            };
-            a.remaining -= units;
-            entry.remaining -= units;
-            fills.push(Fill {
-                ask: ask_ref,
-                ask_seq: a.ask.seq,
-                bid: r,
-                bid_seq: entry.bid.seq,
-                units,
-                price: a.ask.price,
-            });
-            if a.remaining == 0 {
-                self.retire_ask(&ask_ref);
-            }
+        Ok((r, entry, live.is_some()))
+    }
+
+    fn rest_bid_entry(&mut self, r: OrderRef, entry: BidEntry) {
+        let prio = entry.prio();
+        for b in &entry.buckets {
+            self.bid_index.insert(*b, prio, r);
         }
-        if entry.remaining > 0 {
-            let prio = entry.prio();
-            for b in &entry.buckets {
-                self.bid_index.insert(*b, prio, r);
-            }
-            self.expiry
-                .push(Reverse((entry.bid.expires_at.0, arrival, Side::Bid, r)));
-            self.bids.insert(r, entry);
-        } else {
-            self.remember(r, entry.bid.seq, now_ms.saturating_add(REMEMBER_MS));
-        }
-        Ok(fills)
+        self.expiry.push(Reverse((
+            entry.bid.expires_at.0,
+            entry.arrival,
+            Side::Bid,
+            r,
+        )));
+        self.bids.insert(r, entry);
     }
 
     /// Applies a cancel: removes the order if the cancel is newer than it, and remembers the
@@ -916,7 +1020,7 @@ impl OrderBook {
             // Its queue entry goes stale: the key below no longer matches it.
             Some(&(old_seq, ..)) if old_seq >= seq => return,
             Some(_) => {}
-            None if self.retired.len() >= MAX_RETIRED => {
+            None if self.retired.len() >= self.limits.max_retired => {
                 // Forget the one due soonest (skipping stale entries).
                 while let Some(Reverse((u, k, victim))) = self.retired_queue.pop() {
                     if self

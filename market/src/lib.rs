@@ -43,11 +43,13 @@
 
 pub mod book;
 pub mod charge;
+pub mod gossip;
 pub mod settlement;
 
 pub use book::{
-    BookError, Fairness, Fill, Load, NoLoad, NoReputation, NoWarm, OfferQuery, OfferSort,
+    BookError, Fairness, Fill, Limits, Load, NoLoad, NoReputation, NoWarm, OfferQuery, OfferSort,
     OrderBook, RegionDepth, Reputation, RestingAsk, RestingBid, Side, WARM_DISCOUNT_BP, Warm,
     ranked_price, tie_break,
 };
 pub use charge::{charge, charge_us, max_charge};
+pub use gossip::{BookChange, BookReject, BookSnapshot, GossipBook, OrderKind, RemoveReason};

@@ -3,7 +3,7 @@
 use hashgrid_protocol::{OrderRef, PublicKey};
 use libp2p::{Multiaddr, PeerId};
 
-pub use crate::book::{OrderKind, RemoveReason};
+pub use hashgrid_market::{OrderKind, RemoveReason};
 
 /// Something that happened in the node.
 #[derive(Debug, Clone, PartialEq, Eq)]

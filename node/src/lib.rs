@@ -51,7 +51,6 @@
 //! assert_eq!(paths.load_or_create_identity().unwrap().peer_id(), key.peer_id());
 //! ```
 
-pub mod book;
 pub mod client;
 pub mod config;
 pub mod datadir;
@@ -68,11 +67,11 @@ pub mod site;
 pub mod store;
 pub mod wallet;
 
-pub use book::{BookSnapshot, OrderKind, RemoveReason};
 pub use datadir::DataDir;
 pub use error::{NodeError, StartError};
 pub use event::{DurableEvent, NodeEvent};
 pub use executor::{ExecConfig, ExecError, Executor, JobOutput};
+pub use hashgrid_market::{BookSnapshot, OrderKind, RemoveReason};
 pub use hashgrid_market::{OfferQuery, OfferSort};
 pub use jobs::{
     FailKind, JobOptions, JobRecord, JobResult, JobState, JobStream, JobUpdate, ProviderEvent,

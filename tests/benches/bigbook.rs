@@ -1,15 +1,14 @@
-//! A node with a large book: N live asks (signed, from gossip) in a node's view, and the
+//! A node with a large book: N live asks (signed, from gossip) in a node's standing book, and the
 //! matching step a buyer's job runs on it (rank the asks for one bid, skipping providers it
 //! already tried), against the step as it was before the standing book: a market book rebuilt
-//! from every live ask for each job. Also the view's memory per 10k asks.
+//! from every live ask for each job. Also the book's memory per 10k asks.
 //!
 //! `cargo bench -p hashgrid-tests --bench bigbook -- [--asks N] [--queries Q] [--json]`
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use hashgrid_market::{Fairness, NoLoad, NoReputation, NoWarm, OrderBook};
-use hashgrid_node::book::Book;
+use hashgrid_market::{Fairness, GossipBook, NoLoad, NoReputation, NoWarm, OrderBook};
 use hashgrid_protocol::{
     Ask, Backend, Bid, Keypair, Msat, Network, PublicKey, Requirements, Signed, Timestamp,
 };
@@ -99,7 +98,7 @@ fn main() -> anyhow::Result<()> {
             Keypair::from_secret_bytes(secret)
         })
         .collect();
-    // Sign everything first: the view is measured holding what gossip delivers.
+    // Sign everything first: the book is measured holding what gossip delivers.
     let mut signed: Vec<(Signed<Ask>, Ask)> = Vec::with_capacity(a.asks);
     for n in 0..a.asks as u64 {
         let key = &keys[(n / ASKS_PER_PROVIDER) as usize];
@@ -126,10 +125,10 @@ fn main() -> anyhow::Result<()> {
         signed.push((Signed::sign(key, &net, &ask), ask));
     }
     let before = rss_bytes();
-    let mut book = Book::new();
+    let mut book = GossipBook::new();
     let t = Instant::now();
     for (s, ask) in signed {
-        book.insert_ask(s, ask)
+        book.insert_ask(s, ask, now)
             .map_err(|e| anyhow::anyhow!("insert: {e:?}"))?;
     }
     let insert = t.elapsed();
@@ -177,7 +176,7 @@ fn main() -> anyhow::Result<()> {
         let b = bid(&mut rng);
         let t = Instant::now();
         let c = book
-            .engine()
+            .orders()
             .candidates_fair_except(&b, at, &fair, 8, &skip);
         standing.push(t.elapsed());
         found += c.len();
@@ -223,7 +222,7 @@ fn main() -> anyhow::Result<()> {
         println!("{report}");
     } else {
         println!(
-            "{} asks from {} providers: inserted at {:.1} µs each; the view holds {:.1} MiB per 10k asks",
+            "{} asks from {} providers: inserted at {:.1} µs each; the book holds {:.1} MiB per 10k asks",
             a.asks,
             providers,
             micros(insert) / a.asks as f64,

@@ -11,9 +11,9 @@ use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 
-use crate::book::BookSnapshot;
 use crate::error::NodeError;
 use crate::store::OwnOrder;
+use hashgrid_market::BookSnapshot;
 use hashgrid_protocol::ContentId;
 use hashgrid_protocol::exchange::{
     BlobReply, BlobRequest, JobMessage, JobReply, NegotiateReply, Propose, SettleReply,

@@ -82,7 +82,7 @@ impl NodeLoop {
         };
         let skip = |a: &Ask| q.excluded.contains(&a.provider) || self.is_down(&a.provider);
         self.book
-            .engine()
+            .orders()
             .candidates_fair_except(
                 &q.bid,
                 now,
@@ -141,7 +141,7 @@ impl NodeLoop {
             }
             Command::Offers(q, r) => {
                 let now = Timestamp::now().0;
-                let offers = self.book.engine().offers(&q, now);
+                let offers = self.book.orders().offers(&q, now);
                 let _ = r.send(offers.into_iter().map(|o| o.ask).collect());
             }
             Command::Publish(msg, r) => {

@@ -5,12 +5,12 @@ use libp2p::PeerId;
 use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, TopicHash};
 use tracing::{debug, info, warn};
 
-use crate::book::{BookChange, BookReject, RemoveReason};
 use crate::error::NodeError;
 use crate::event::NodeEvent;
 use crate::network::validate::{TopicKind, Verdict};
 use crate::network::{MAX_SYNC_MESSAGES, SyncResponse};
 use crate::store::OwnOrder;
+use hashgrid_market::{BookChange, BookReject, RemoveReason};
 
 use super::addr::with_peer;
 use super::settings::MAX_UNPUBLISHED;
@@ -172,10 +172,13 @@ impl NodeLoop {
         msg: GossipMessage,
         verified: VerifiedGossip,
     ) -> Result<(), BookReject> {
+        // Orders enter the book at the time they arrived here (their priority among equal
+        // prices), never at the time their owner signed.
+        let now = Timestamp::now();
         let change = match (msg, verified) {
-            (GossipMessage::Ask(s), VerifiedGossip::Ask(a)) => self.book.insert_ask(s, a)?,
-            (GossipMessage::Bid(s), VerifiedGossip::Bid(b)) => self.book.insert_bid(s, b)?,
-            (GossipMessage::Cancel(s), VerifiedGossip::Cancel(c)) => self.book.cancel(s, c)?,
+            (GossipMessage::Ask(s), VerifiedGossip::Ask(a)) => self.book.insert_ask(s, a, now)?,
+            (GossipMessage::Bid(s), VerifiedGossip::Bid(b)) => self.book.insert_bid(s, b, now)?,
+            (GossipMessage::Cancel(s), VerifiedGossip::Cancel(c)) => self.book.cancel(s, c, now)?,
             (GossipMessage::Capacity(s), VerifiedGossip::Capacity(c)) => {
                 self.book.insert_capacity(s, c)?
             }

@@ -10,12 +10,12 @@ use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::Instrument;
 
-use crate::book::BookSnapshot;
 use crate::error::NodeError;
 use crate::event::{DurableEvent, NodeEvent};
 use crate::jobs::{JobOptions, JobRecord, JobResult, JobState, Submission};
 use crate::settle::{InInvoice, OutInvoice, Position, Settlement};
 use crate::store::{JobTree, OwnOrder, Store, StoreError, StoreSlot};
+use hashgrid_market::BookSnapshot;
 use hashgrid_protocol::ContentId;
 #[cfg(feature = "testing")]
 use hashgrid_protocol::exchange::{

@@ -13,7 +13,6 @@ use tokio::sync::{broadcast, mpsc};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::DataDir;
-use crate::book::Book;
 use crate::error::StartError;
 use crate::event::NodeEvent;
 use crate::jobs::provider::Provider;
@@ -325,7 +324,7 @@ impl NodeBuilder {
             peer_id,
             network: self.network.clone(),
             store,
-            book: Book::new(),
+            book: hashgrid_market::GossipBook::new(),
             validator: Validator::new(self.network.clone()),
             own,
             unpublished: Vec::new(),

@@ -9,13 +9,13 @@ use libp2p::gossipsub::IdentTopic;
 use libp2p::{Multiaddr, PeerId, Swarm};
 use tokio::sync::{broadcast, mpsc};
 
-use crate::book::Book;
 use crate::event::NodeEvent;
 use crate::jobs::service::{ProviderRequest, Response};
 use crate::network::Behaviour;
 use crate::network::validate::Validator;
 use crate::settle::Settlement;
 use crate::store::{OwnOrder, Store, StoreSlot};
+use hashgrid_market::GossipBook;
 use hashgrid_protocol::ContentId;
 use hashgrid_protocol::exchange::{BlobReply, JobReply, NegotiateReply, SettleReply};
 
@@ -29,7 +29,7 @@ pub(super) struct NodeLoop {
     pub(super) peer_id: PeerId,
     pub(super) network: Network,
     pub(super) store: Store,
-    pub(super) book: Book,
+    pub(super) book: GossipBook,
     pub(super) validator: Validator,
     pub(super) own: HashMap<u64, OwnOrder>,
     /// Own messages whose publish failed, retried every [`PUBLISH_RETRY_INTERVAL`].
@@ -144,7 +144,7 @@ pub(super) struct Warm {
 /// What each provider holds of one job's inputs, from its capacity ad: the blobs it lists as
 /// warm, and every blob of the bid's model when it lists that model.
 pub(super) struct WarmInputs<'a> {
-    pub(super) book: &'a crate::book::Book,
+    pub(super) book: &'a GossipBook,
     pub(super) inputs: &'a [(ContentId, u64)],
     pub(super) total: u64,
     /// The bid's model and which of the inputs are its blobs.
