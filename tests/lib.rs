@@ -77,7 +77,8 @@ pub fn test_builder(bootstrap: &[hashgrid_node::Multiaddr]) -> NodeBuilder {
 
 /// The first listen address of `node` (with `/p2p/<PeerId>`).
 pub async fn addr_of(node: &NodeHandle) -> anyhow::Result<hashgrid_node::Multiaddr> {
-    node.listen_addrs()
+    node.peers()
+        .listen_addrs()
         .await?
         .into_iter()
         .next()
@@ -94,7 +95,7 @@ pub async fn wait_for_book(
 ) -> anyhow::Result<Duration> {
     let start = Instant::now();
     loop {
-        let book = node.book().await?;
+        let book = node.market().book().await?;
         if pred(&book) {
             return Ok(start.elapsed());
         }
@@ -115,7 +116,7 @@ pub async fn wait_for_book(
 pub async fn wait_for_peers(node: &NodeHandle, n: usize, timeout: Duration) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
-        if node.peers().await?.len() >= n {
+        if node.peers().connected().await?.len() >= n {
             return Ok(());
         }
         if start.elapsed() > timeout {
@@ -167,13 +168,14 @@ pub async fn start_provider_with(
         b = b.lie(l);
     }
     let node = configure(b).start().await?;
-    node.post_ask(AskSpec {
-        gpu: profile,
-        units: 1,
-        price: Msat(price),
-        max_seconds: 600,
-    })
-    .await?;
+    node.market()
+        .post_ask(AskSpec {
+            gpu: profile,
+            units: 1,
+            price: Msat(price),
+            max_seconds: 600,
+        })
+        .await?;
     Ok(node)
 }
 

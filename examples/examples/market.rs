@@ -81,13 +81,14 @@ async fn start_site(
         b = b.bootstrap(a.clone());
     }
     let node = b.start().await?;
-    node.post_ask(AskSpec {
-        gpu: gpu.clone(),
-        units: 1,
-        price: Msat(site.price),
-        max_seconds: 600,
-    })
-    .await?;
+    node.market()
+        .post_ask(AskSpec {
+            gpu: gpu.clone(),
+            units: 1,
+            price: Msat(site.price),
+            max_seconds: 600,
+        })
+        .await?;
     println!(
         "{}  {:<8}  {}  {:>3} GiB  {:>5} msat/GPU-s  peer {}",
         site.name,
@@ -116,7 +117,7 @@ async fn main() -> anyhow::Result<()> {
 
     println!("sites advertise:");
     let first = start_site(&net, &SITES[0], None).await?;
-    let boot = first.listen_addrs().await?[0].clone();
+    let boot = first.peers().listen_addrs().await?[0].clone();
     let mut sites = vec![first];
     for s in &SITES[1..] {
         sites.push(start_site(&net, s, Some(&boot)).await?);
@@ -130,7 +131,7 @@ async fn main() -> anyhow::Result<()> {
         .start()
         .await?;
     let t = Instant::now();
-    while buyer.book().await?.asks.len() < SITES.len() {
+    while buyer.market().book().await?.asks.len() < SITES.len() {
         if t.elapsed() > Duration::from_secs(10) {
             bail!("the buyer's book did not fill in 10 s");
         }
@@ -162,7 +163,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let mut events = buyer.events();
     let t = Instant::now();
-    let id = buyer.submit(sub).await?;
+    let id = buyer.jobs().submit(sub).await?;
     let name_of = |p: &hashgrid_protocol::PublicKey| {
         sites
             .iter()
@@ -186,11 +187,14 @@ async fn main() -> anyhow::Result<()> {
             break;
         }
     }
-    let rec = buyer.wait(&id).await?;
+    let rec = buyer.jobs().wait(&id).await?;
     if rec.state != JobState::Done {
         bail!("the job failed: {:?}", rec.state);
     }
-    let result = buyer.result(&id)?.context("a done job has outputs")?;
+    let result = buyer
+        .jobs()
+        .result(&id)?
+        .context("a done job has outputs")?;
     let file = ReceiptFile {
         network: net.clone(),
         receipt: rec.receipt.context("a done job has a receipt")?,

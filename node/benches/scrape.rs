@@ -63,7 +63,7 @@ async fn main() {
         .start()
         .await
         .unwrap();
-    let boot = buyer.listen_addrs().await.unwrap()[0].to_string();
+    let boot = buyer.peers().listen_addrs().await.unwrap()[0].to_string();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let (daemon, rx) = support::spawn(&[
@@ -86,7 +86,7 @@ async fn main() {
     let metrics = support::http_addr(&support::wait_line(&rx, |l| l.contains("/metrics")));
     let pid = daemon.0.id();
     let deadline = Instant::now() + support::LIMIT;
-    while buyer.book().await.unwrap().asks.is_empty() {
+    while buyer.market().book().await.unwrap().asks.is_empty() {
         assert!(Instant::now() < deadline, "the daemon's ask never arrived");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -104,8 +104,8 @@ async fn main() {
                     inputs: inputs.into_shared(),
                     options: JobOptions::default(),
                 };
-                if let Ok(id) = buyer.submit(sub).await
-                    && buyer.wait(&id).await.is_ok()
+                if let Ok(id) = buyer.jobs().submit(sub).await
+                    && buyer.jobs().wait(&id).await.is_ok()
                 {
                     done.fetch_add(1, Ordering::Relaxed);
                 }

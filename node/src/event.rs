@@ -52,8 +52,8 @@ pub enum NodeEvent {
 /// An event that matters to the application (money earned, owed or paid; a job's outcome),
 /// persisted in the node's store in the same flush as the state change it reports, and kept
 /// until the application acknowledges it: delivered at least once, across restarts
-/// ([`crate::NodeHandle::next_event`], [`crate::NodeHandle::wait_next_event`],
-/// [`crate::NodeHandle::event_handled`]). An application that handles an event and then
+/// ([`crate::DurableHandle::next`], [`crate::DurableHandle::wait_next`],
+/// [`crate::DurableHandle::handled`]). An application that handles an event and then
 /// crashes before acknowledging it sees it again, so handling should be idempotent (each
 /// event names the agreement, receipt, invoice or job it is about).
 ///

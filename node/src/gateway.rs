@@ -56,7 +56,7 @@ struct CancelOnDrop {
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
         if self.armed {
-            let _ = self.node.cancel_job(&self.job);
+            let _ = self.node.jobs().cancel(&self.job);
         }
     }
 }
@@ -92,6 +92,7 @@ impl Backend for MarketBackend {
         Box::pin(async move {
             let mut events = node.events();
             let id = node
+                .jobs()
                 .submit(Submission {
                     spec: job.spec,
                     inputs: job.inputs,
@@ -115,7 +116,8 @@ impl Backend for MarketBackend {
                     Ok(_) => {}
                     Err(broadcast::error::RecvError::Lagged(_)) => {
                         if node
-                            .job(&id)
+                            .jobs()
+                            .get(&id)
                             .map_err(node_error)?
                             .is_some_and(|r| r.state.is_terminal())
                         {
@@ -128,10 +130,10 @@ impl Backend for MarketBackend {
                 }
             }
             guard.armed = false;
-            let rec = node
-                .job(&id)
-                .map_err(node_error)?
-                .ok_or_else(|| BackendError::Failed("the job vanished from the store".into()))?;
+            let rec =
+                node.jobs().get(&id).map_err(node_error)?.ok_or_else(|| {
+                    BackendError::Failed("the job vanished from the store".into())
+                })?;
             if let JobState::Failed { kind, reason } = &rec.state {
                 let reason = reason.clone();
                 return Err(match kind {
@@ -141,6 +143,7 @@ impl Backend for MarketBackend {
                 });
             }
             let result = node
+                .jobs()
                 .result(&id)
                 .map_err(node_error)?
                 .ok_or_else(|| BackendError::Failed("the job's outputs are missing".into()))?;

@@ -2,8 +2,8 @@
 //!
 //! The node library that the `hashgrid-node` site daemon and the `hashgrid` buyer CLI are thin
 //! wrappers around: a libp2p node ([`Node::builder`] → [`NodeHandle`]) that gossips signed,
-//! expiring capacity ads and orders, validates everything it hears, and keeps its own view of
-//! the order book; a sled store for its own orders and known peers; and the site config
+//! expiring capacity ads and orders, validates everything it hears, and keeps one standing
+//! order book from it; a sled store for its own orders and known peers; and the site config
 //! with its declarative pricing policy.
 //!
 //! ```no_run
@@ -17,7 +17,7 @@
 //!     .mdns(false)
 //!     .start()
 //!     .await?;
-//! let book = node.book().await?;
+//! let book = node.market().book().await?;
 //! assert!(book.asks.is_empty());
 //! node.shutdown().await;
 //! # Ok(()) }
@@ -31,13 +31,13 @@
 //! # async fn demo(node: hashgrid_node::NodeHandle) -> Result<(), hashgrid_node::NodeError> {
 //! use hashgrid_node::DurableEvent;
 //! loop {
-//!     let (id, event) = node.wait_next_event().await?;
+//!     let (id, event) = node.durable().wait_next().await?;
 //!     match event {
 //!         DurableEvent::ReceiptCountersigned { receipt, .. } => println!("owed for {receipt}"),
 //!         DurableEvent::InvoiceSettled { invoice } => println!("paid: {invoice}"),
 //!         other => println!("{other:?}"),
 //!     }
-//!     node.event_handled(id)?;
+//!     node.durable().handled(id)?;
 //! }
 //! # }
 //! ```
@@ -80,7 +80,10 @@ pub use jobs::{
 pub use libp2p::{Multiaddr, PeerId};
 #[cfg(feature = "testing")]
 pub use node::RawTopic;
-pub use node::{AskSpec, BidSpec, Node, NodeBuilder, NodeHandle};
+pub use node::{
+    AskSpec, BidSpec, DurableHandle, JobsHandle, MarketHandle, Node, NodeBuilder, NodeHandle,
+    OpsHandle, PeersHandle, ProviderHandle, SettlementHandle,
+};
 pub use settle::{
     InInvoice, LightningSettle, Onchain, OutInvoice, PayState, Position, SettleMode,
     SettlementConfig,

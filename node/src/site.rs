@@ -225,10 +225,10 @@ pub async fn run_site_with(
     }
     let node = builder.start().await?;
     info!(peer_id = %node.peer_id(), network = %config.network, region = %config.region, "node started");
-    for addr in node.listen_addrs().await? {
+    for addr in node.peers().listen_addrs().await? {
         info!(%addr, "listening");
     }
-    let asks = node.set_asks(&config.asks()).await?;
+    let asks = node.market().set_asks(&config.asks()).await?;
     for (spec, order) in config.asks().iter().zip(&asks) {
         info!(order = order.order_id, gpu = %spec.gpu.name, units = spec.units, price_msat = spec.price.0, "offering");
     }
@@ -365,7 +365,7 @@ async fn reload_policy(reload: &Reload, running: &mut SiteConfig, node: &crate::
     running.pricing = new.pricing;
     running.max_job_seconds = new.max_job_seconds;
     let wanted = running.asks();
-    match node.set_asks(&wanted).await {
+    match node.market().set_asks(&wanted).await {
         Ok(orders) => {
             for (spec, order) in wanted.iter().zip(&orders) {
                 info!(order = order.order_id, gpu = %spec.gpu.name, price_msat = spec.price.0, "SIGHUP: offering");

@@ -185,14 +185,15 @@ async fn provider(boot: Option<&str>) -> NodeHandle {
     .start()
     .await
     .unwrap();
-    node.post_ask(AskSpec {
-        gpu,
-        units: 1,
-        price: Msat(50),
-        max_seconds: 600,
-    })
-    .await
-    .unwrap();
+    node.market()
+        .post_ask(AskSpec {
+            gpu,
+            units: 1,
+            price: Msat(50),
+            max_seconds: 600,
+        })
+        .await
+        .unwrap();
     node
 }
 
@@ -202,7 +203,7 @@ async fn generate_through_the_market_returns_a_verified_receipt() {
         return;
     };
     let site = provider(None).await;
-    let boot = site.listen_addrs().await.unwrap()[0].to_string();
+    let boot = site.peers().listen_addrs().await.unwrap()[0].to_string();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("buyer");
     let run = |args: Vec<String>| {

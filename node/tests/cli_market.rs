@@ -38,14 +38,15 @@ async fn provider(price: u64, boot: Option<&hashgrid_node::Multiaddr>) -> NodeHa
         b = b.bootstrap(a.clone());
     }
     let node = b.start().await.unwrap();
-    node.post_ask(AskSpec {
-        gpu,
-        units: 1,
-        price: Msat(price),
-        max_seconds: 600,
-    })
-    .await
-    .unwrap();
+    node.market()
+        .post_ask(AskSpec {
+            gpu,
+            units: 1,
+            price: Msat(price),
+            max_seconds: 600,
+        })
+        .await
+        .unwrap();
     node
 }
 
@@ -84,7 +85,7 @@ fn json(o: &Output) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn buyer_cli_finds_offers_and_runs_jobs_through_the_market() {
     let cheap = provider(50, None).await;
-    let boot_addr = cheap.listen_addrs().await.unwrap()[0].clone();
+    let boot_addr = cheap.peers().listen_addrs().await.unwrap()[0].clone();
     let dear = provider(150, Some(&boot_addr)).await;
     let boot = boot_addr.to_string();
     let dir = tempfile::tempdir().unwrap();
@@ -318,7 +319,7 @@ async fn bad_jobs_fail_with_exit_2_before_any_network_traffic() {
 async fn ctrl_c_cancels_a_running_submit() {
     use std::io::{BufRead, BufReader};
     let p = provider(50, None).await;
-    let boot = p.listen_addrs().await.unwrap()[0].to_string();
+    let boot = p.peers().listen_addrs().await.unwrap()[0].to_string();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("buyer");
     // A job that runs for seconds on lavapipe: 64k invocations × 50k iterations.

@@ -86,7 +86,7 @@ async fn daemon_offers_priced_asks_and_stops_on_sigterm() {
         .start()
         .await
         .unwrap();
-    let boot = peer.listen_addrs().await.unwrap()[0].to_string();
+    let boot = peer.peers().listen_addrs().await.unwrap()[0].to_string();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("site.toml");
     std::fs::write(
@@ -119,7 +119,7 @@ async fn daemon_offers_priced_asks_and_stops_on_sigterm() {
     // The ask arrives with the policy's price: rule 500, region -10% = 450 msat, 3 units.
     let deadline = Instant::now() + LIMIT;
     let ask = loop {
-        let book = peer.book().await.unwrap();
+        let book = peer.market().book().await.unwrap();
         if let Some(a) = book.asks.first() {
             break a.clone();
         }
@@ -189,7 +189,7 @@ async fn daemon_sells_the_detected_gpu() {
         .start()
         .await
         .unwrap();
-    let boot = peer.listen_addrs().await.unwrap()[0].to_string();
+    let boot = peer.peers().listen_addrs().await.unwrap()[0].to_string();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let (mut child, rx) = spawn(&[
@@ -210,7 +210,7 @@ async fn daemon_sells_the_detected_gpu() {
     assert!(line.contains("matmul_mflops"), "{line}");
     let deadline = Instant::now() + LIMIT;
     let ask = loop {
-        let book = peer.book().await.unwrap();
+        let book = peer.market().book().await.unwrap();
         if let Some(a) = book.asks.first() {
             break a.clone();
         }

@@ -105,14 +105,14 @@ async fn buyer() -> (NodeHandle, String) {
         .start()
         .await
         .unwrap();
-    let boot = node.listen_addrs().await.unwrap()[0].to_string();
+    let boot = node.peers().listen_addrs().await.unwrap()[0].to_string();
     (node, boot)
 }
 
 async fn wait_for_ask(node: &NodeHandle, price: u64) {
     let deadline = Instant::now() + LIMIT;
     loop {
-        let book = node.book().await.unwrap();
+        let book = node.market().book().await.unwrap();
         if book.asks.iter().any(|a| a.price == Msat(price)) {
             return;
         }
@@ -253,8 +253,8 @@ async fn metrics_and_dashboard_show_what_the_site_did() {
         hashgrid_node::executor::bench::copy_job(big),
         hashgrid_node::executor::bench::matmul_job(64),
     ] {
-        let id = buyer.submit(submission(job)).await.unwrap();
-        let rec = buyer.wait(&id).await.unwrap();
+        let id = buyer.jobs().submit(submission(job)).await.unwrap();
+        let rec = buyer.jobs().wait(&id).await.unwrap();
         assert_eq!(rec.state, JobState::Done, "{:?}", rec.attempts);
         let receipt = rec.receipt.unwrap().signed.decode_unverified().unwrap();
         charges += receipt.charge.0;
@@ -402,12 +402,13 @@ async fn sighup_reprices_without_dropping_the_running_job() {
 
     // A job long enough to still be running when the price changes.
     let id = buyer
+        .jobs()
         .submit(submission(hashgrid_node::executor::bench::matmul_job(1024)))
         .await
         .unwrap();
     let deadline = Instant::now() + LIMIT;
     loop {
-        let rec = buyer.job(&id).unwrap().unwrap();
+        let rec = buyer.jobs().get(&id).unwrap().unwrap();
         if matches!(rec.state, JobState::Queued | JobState::Running) {
             break;
         }
@@ -429,10 +430,10 @@ async fn sighup_reprices_without_dropping_the_running_job() {
     hup();
     wait_line(&rx, |l| l.contains("SIGHUP: offering") && l.contains("300"));
     wait_for_ask(&buyer, 300).await;
-    let job_state = buyer.job(&id).unwrap().unwrap().state;
+    let job_state = buyer.jobs().get(&id).unwrap().unwrap().state;
     eprintln!("job state when the new ask arrived: {job_state:?}");
 
-    let rec = buyer.wait(&id).await.unwrap();
+    let rec = buyer.jobs().wait(&id).await.unwrap();
     assert_eq!(rec.state, JobState::Done, "{:?}", rec.attempts);
     // JSON logs: the receipt's line is an object carrying the job's span.
     let line = wait_line(&rx, |l| l.contains("receipt signed"));
@@ -456,6 +457,7 @@ async fn sighup_reprices_without_dropping_the_running_job() {
     let deadline = Instant::now() + LIMIT;
     loop {
         let prices: Vec<Msat> = buyer
+            .market()
             .book()
             .await
             .unwrap()

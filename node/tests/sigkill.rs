@@ -91,7 +91,7 @@ fn slow() -> Submission {
 async fn wait_for_ask(buyer: &NodeHandle, newer_than: u64) -> u64 {
     let deadline = tokio::time::Instant::now() + LIMIT;
     loop {
-        let book = buyer.book().await.unwrap();
+        let book = buyer.market().book().await.unwrap();
         if let Some(a) = book.asks.iter().find(|a| a.seq > newer_than) {
             return a.seq;
         }
@@ -104,8 +104,8 @@ async fn wait_for_ask(buyer: &NodeHandle, newer_than: u64) -> u64 {
 }
 
 async fn run_job(buyer: &NodeHandle, sub: Submission) -> hashgrid_node::JobRecord {
-    let id = buyer.submit(sub).await.unwrap();
-    tokio::time::timeout(LIMIT, buyer.wait(&id))
+    let id = buyer.jobs().submit(sub).await.unwrap();
+    tokio::time::timeout(LIMIT, buyer.jobs().wait(&id))
         .await
         .unwrap()
         .unwrap()
@@ -122,7 +122,7 @@ async fn sigkilled_provider_keeps_every_receipt_and_an_intact_chain() {
         .start()
         .await
         .unwrap();
-    let boot = buyer.listen_addrs().await.unwrap()[0].to_string();
+    let boot = buyer.peers().listen_addrs().await.unwrap()[0].to_string();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("provider");
 
@@ -135,7 +135,7 @@ async fn sigkilled_provider_keeps_every_receipt_and_an_intact_chain() {
 
     // A slow job: SIGKILL the provider while it runs.
     let mut events = buyer.events();
-    let id = buyer.submit(slow()).await.unwrap();
+    let id = buyer.jobs().submit(slow()).await.unwrap();
     loop {
         match tokio::time::timeout(LIMIT, events.recv()).await.unwrap() {
             Ok(NodeEvent::Job(u)) if u.job == id && u.state == JobState::Running => break,
@@ -151,7 +151,7 @@ async fn sigkilled_provider_keeps_every_receipt_and_an_intact_chain() {
         .unwrap();
     assert!(status.success());
     provider.0.wait().unwrap();
-    let killed = tokio::time::timeout(LIMIT, buyer.wait(&id))
+    let killed = tokio::time::timeout(LIMIT, buyer.jobs().wait(&id))
         .await
         .unwrap()
         .unwrap();

@@ -394,7 +394,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     // Each buyer also dials a few sites, as a real buyer configures several bootstrap peers.
     for b in &buyers {
         for _ in 0..BUYER_DIALS.min(cfg.sites) {
-            let _ = b.dial(specs[rng.below(cfg.sites)].addr().parse()?).await;
+            let _ = b
+                .peers()
+                .dial(specs[rng.below(cfg.sites)].addr().parse()?)
+                .await;
         }
     }
     let launched = started.elapsed();
@@ -405,7 +408,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     let convergence = loop {
         let mut all = true;
         for b in &buyers {
-            let book = b.book().await?;
+            let book = b.market().book().await?;
             let owners: std::collections::HashSet<PublicKey> =
                 book.asks.iter().map(|a| a.provider).collect();
             if owners.len() < cfg.sites {
@@ -483,7 +486,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
     let buyer_stalls: Vec<(u64, u64)> = buyers
         .iter()
         .map(|b| {
-            let lag = b.loop_lag();
+            let lag = b.ops().loop_lag();
             (lag.max.as_millis() as u64, lag.p99.as_millis() as u64)
         })
         .collect();
@@ -585,7 +588,9 @@ fn spawn_arrival_watch(node: &NodeHandle, into: Arc<Mutex<Vec<Arrival>>>) {
                     order,
                 }) => {
                     let now = Timestamp::now().0;
-                    let Ok(book) = node.book().await else { return };
+                    let Ok(book) = node.market().book().await else {
+                        return;
+                    };
                     if let Some(a) = book.asks.iter().find(|a| a.order_ref() == order)
                         && let Ok(mut v) = into.lock()
                     {
@@ -684,7 +689,7 @@ async fn run_one(
             ..JobOptions::default()
         },
     };
-    let id = match node.submit(sub).await {
+    let id = match node.jobs().submit(sub).await {
         Ok(id) => id,
         Err(e) => {
             o.error = Some(e.to_string());
@@ -708,7 +713,8 @@ async fn run_one(
                 Ok(_) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                     if node
-                        .job(&id)
+                        .jobs()
+                        .get(&id)
                         .ok()
                         .flatten()
                         .is_some_and(|r| r.state.is_terminal())
@@ -721,12 +727,12 @@ async fn run_one(
         }
     };
     if tokio::time::timeout(left, wait).await.is_err() {
-        let _ = node.cancel_job(&id);
+        let _ = node.jobs().cancel(&id);
         o.error = Some("not finished within --duration plus the grace period".into());
         return o;
     }
     o.total_ms = t.elapsed().as_secs_f64() * 1000.0;
-    let rec = match node.job(&id) {
+    let rec = match node.jobs().get(&id) {
         Ok(Some(r)) => r,
         other => {
             o.error = Some(format!("record: {other:?}"));
@@ -754,7 +760,7 @@ async fn run_one(
     };
     // Offline verification: signatures, then the stored outputs against the receipt.
     let verified = cs.verify(network).ok().and_then(|r| {
-        let res = node.result(&id).ok().flatten()?;
+        let res = node.jobs().result(&id).ok().flatten()?;
         hashgrid_protocol::check_outputs(&r, &res.outputs)
             .ok()
             .map(|()| r)

@@ -90,8 +90,9 @@ async fn main() -> anyhow::Result<()> {
                 ..job.verify.clone()
             };
             let t = Instant::now();
-            let id = buyer.submit(sub).await?;
-            let rec = tokio::time::timeout(Duration::from_secs(120), buyer.wait(&id)).await??;
+            let id = buyer.jobs().submit(sub).await?;
+            let rec =
+                tokio::time::timeout(Duration::from_secs(120), buyer.jobs().wait(&id)).await??;
             let ms = t.elapsed().as_secs_f64() * 1000.0;
             if rec.state != JobState::Done {
                 bail!("{mode} job {i} did not complete: {:?}", rec.state);

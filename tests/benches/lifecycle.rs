@@ -98,7 +98,7 @@ async fn main() -> anyhow::Result<()> {
     for i in 0..jobs + WARM_UP_JOBS {
         let mut events = buyer.events();
         let t = Instant::now();
-        let id = buyer.submit(sub.clone()).await?;
+        let id = buyer.jobs().submit(sub.clone()).await?;
         let mut at: Vec<(usize, f64)> = Vec::new();
         let follow = async {
             loop {
@@ -117,7 +117,7 @@ async fn main() -> anyhow::Result<()> {
             }
         };
         tokio::time::timeout(Duration::from_secs(60), follow).await?;
-        let rec = buyer.wait(&id).await?;
+        let rec = buyer.jobs().wait(&id).await?;
         let ms = t.elapsed().as_secs_f64() * 1000.0;
         if rec.state != JobState::Done {
             bail!("job {i} did not complete: {:?}", rec.state);
@@ -147,7 +147,7 @@ async fn main() -> anyhow::Result<()> {
         ("provider 3", &p3),
     ]
     .into_iter()
-    .map(|(name, n)| (name, n.loop_lag()))
+    .map(|(name, n)| (name, n.ops().loop_lag()))
     .collect();
     for n in [&buyer, &p1, &p2, &p3] {
         n.shutdown().await;

@@ -74,6 +74,7 @@ async fn run_once(nodes: &[NodeHandle], provider: usize, price: u64) -> anyhow::
     }
     let start = Instant::now();
     let order = nodes[provider]
+        .market()
         .post_ask(ask_spec("bench-gpu", price))
         .await?;
     let mut arrivals = vec![Duration::ZERO]; // the provider's own book
@@ -83,7 +84,7 @@ async fn run_once(nodes: &[NodeHandle], provider: usize, price: u64) -> anyhow::
             arrivals.push(t.duration_since(start));
         }
     }
-    nodes[provider].cancel(order.order_id).await?;
+    nodes[provider].market().cancel(order.order_id).await?;
     arrivals.sort();
     let need = (nodes.len() * 95).div_ceil(100);
     if arrivals.len() < need {

@@ -102,7 +102,7 @@ async fn next_rejection(
 async fn publish(bad: &NodeHandle, topic: RawTopic, data: Vec<u8>) -> anyhow::Result<()> {
     let deadline = Instant::now() + REJECT_TIMEOUT;
     loop {
-        match bad.publish_raw(topic, data.clone()).await {
+        match bad.testing().publish_raw(topic, data.clone()).await {
             Ok(()) => return Ok(()),
             Err(e) if Instant::now() < deadline => {
                 let _ = e;
@@ -126,7 +126,7 @@ async fn bad_messages_are_rejected_and_cost_score() -> anyhow::Result<()> {
         .gpu_profiles(vec![gpu("real")])
         .start()
         .await?;
-    let real = provider.post_ask(ask_spec("real", 50)).await?;
+    let real = provider.market().post_ask(ask_spec("real", 50)).await?;
     let honest = [honest_a.clone(), provider.clone()];
     for n in &honest {
         wait_for_book(n, REJECT_TIMEOUT, "the real ask", |b| b.has_ask(&real)).await?;
@@ -139,7 +139,7 @@ async fn bad_messages_are_rejected_and_cost_score() -> anyhow::Result<()> {
     // Publish only once the attacker knows both honest nodes subscribe to the orders topic, so
     // each bad message reaches both directly.
     let deadline = Instant::now() + REJECT_TIMEOUT;
-    while bad.gossip_peers().await?.len() < 2 {
+    while bad.peers().gossip().await?.len() < 2 {
         anyhow::ensure!(
             Instant::now() < deadline,
             "attacker never saw both subscriptions"
@@ -255,7 +255,7 @@ async fn bad_messages_are_rejected_and_cost_score() -> anyhow::Result<()> {
     // Nothing of it entered any book: each honest book holds exactly the real ask, at the
     // provider's current sequence number.
     for n in &honest {
-        let book = n.book().await?;
+        let book = n.market().book().await?;
         assert_eq!(book.asks.len(), 1, "book: {:?}", book.asks);
         assert_eq!(book.asks[0].order_ref(), real);
         assert!(book.asks[0].seq > 1);
@@ -264,19 +264,21 @@ async fn bad_messages_are_rejected_and_cost_score() -> anyhow::Result<()> {
     // The slandered provider's standing is untouched.
     for n in &honest {
         assert!(
-            n.provider_experience()
+            n.jobs()
+                .experience()
                 .iter()
                 .all(|(p, e)| *p != provider_key.public() || e.reported == 0)
         );
     }
     // The attacker's score fell below zero on both honest nodes.
     for n in &honest {
-        let score = n.peer_score(bad_id).await?.unwrap_or(0.0);
+        let score = n.peers().score(bad_id).await?.unwrap_or(0.0);
         assert!(score < 0.0, "attacker score is {score}");
     }
     // An honest peer keeps a non-negative score.
     let honest_score = honest_a
-        .peer_score(provider.peer_id())
+        .peers()
+        .score(provider.peer_id())
         .await?
         .unwrap_or(0.0);
     assert!(honest_score >= 0.0, "honest score is {honest_score}");
@@ -307,19 +309,21 @@ async fn poisoned_sync_responses_are_rejected_and_cost_score() -> anyhow::Result
         &other_net,
         &ask_by(&evil, 2, 1, now, 60_000),
     ));
-    bad.serve_in_sync(vec![forged, wrong_network]).await?;
+    bad.testing()
+        .serve_in_sync(vec![forged, wrong_network])
+        .await?;
 
     // An honest node connecting to the bad node syncs from it first thing.
     let honest = test_builder(&[]).start().await?;
     let mut events = honest.events();
-    honest.dial(addr_of(&bad).await?).await?;
+    honest.peers().dial(addr_of(&bad).await?).await?;
     for _ in 0..2 {
         let reason = next_rejection(&mut events, bad.peer_id()).await?;
         assert!(reason.starts_with("sync response: "), "{reason}");
         assert!(reason.contains("bad signature"), "{reason}");
     }
-    assert!(honest.book().await?.asks.is_empty());
-    let score = honest.peer_score(bad.peer_id()).await?.unwrap_or(0.0);
+    assert!(honest.market().book().await?.asks.is_empty());
+    let score = honest.peers().score(bad.peer_id()).await?.unwrap_or(0.0);
     assert!(
         score < 0.0,
         "a peer serving forged orders has score {score}"

@@ -12,7 +12,7 @@ use hashgrid_tests::{addr_of, copy_submission, start_provider_with, test_builder
 const LIMIT: Duration = Duration::from_secs(60);
 
 async fn next(node: &NodeHandle) -> (u64, DurableEvent) {
-    tokio::time::timeout(LIMIT, node.wait_next_event())
+    tokio::time::timeout(LIMIT, node.durable().wait_next())
         .await
         .expect("an event in time")
         .unwrap()
@@ -37,8 +37,8 @@ async fn events_are_delivered_until_acknowledged_across_a_restart() {
     wait_for_asks(&b, 1).await.unwrap();
     let mut jobs = Vec::new();
     for n in [64u64 << 10, 128 << 10] {
-        let id = b.submit(copy_submission(n)).await.unwrap();
-        let rec = tokio::time::timeout(LIMIT, b.wait(&id))
+        let id = b.jobs().submit(copy_submission(n)).await.unwrap();
+        let rec = tokio::time::timeout(LIMIT, b.jobs().wait(&id))
             .await
             .unwrap()
             .unwrap();
@@ -56,10 +56,10 @@ async fn events_are_delivered_until_acknowledged_across_a_restart() {
                 provider: Some(p.public_key()),
             }
         );
-        assert!(b.event_handled(id).unwrap());
-        assert!(!b.event_handled(id).unwrap(), "acknowledged twice");
+        assert!(b.durable().handled(id).unwrap());
+        assert!(!b.durable().handled(id).unwrap(), "acknowledged twice");
     }
-    assert_eq!(b.next_event().unwrap(), None);
+    assert_eq!(b.durable().next().unwrap(), None);
     // The provider: each receipt signed, then countersigned (a buyer's job is done once the
     // provider acknowledged its countersignature, so all four are in by now).
     let (id, ev) = next(&p).await;
@@ -68,17 +68,17 @@ async fn events_are_delivered_until_acknowledged_across_a_restart() {
         "{ev:?}"
     );
     // Not acknowledged yet: it is still the next one.
-    assert_eq!(p.next_event().unwrap(), Some((id, ev)));
-    assert!(p.event_handled(id).unwrap());
+    assert_eq!(p.durable().next().unwrap(), Some((id, ev)));
+    assert!(p.durable().handled(id).unwrap());
     p.shutdown().await;
     let p = start_provider_with(&[], 100, 8, None, with_dir(data))
         .await
         .unwrap();
     // Three events were not acknowledged: they are still there, oldest first.
     let mut after = Vec::new();
-    while let Some((id, ev)) = p.next_event().unwrap() {
+    while let Some((id, ev)) = p.durable().next().unwrap() {
         after.push(ev);
-        assert!(p.event_handled(id).unwrap());
+        assert!(p.durable().handled(id).unwrap());
     }
     assert_eq!(after.len(), 3, "{after:?}");
     assert!(
@@ -93,7 +93,7 @@ async fn events_are_delivered_until_acknowledged_across_a_restart() {
         matches!(after[2], DurableEvent::ReceiptCountersigned { .. }),
         "{after:?}"
     );
-    assert_eq!(p.next_event().unwrap(), None);
+    assert_eq!(p.durable().next().unwrap(), None);
     b.shutdown().await;
     p.shutdown().await;
 }

@@ -35,8 +35,8 @@ fn saxpy(min_memory_gib: u64) -> Submission {
 async fn run_jobs(buyer: &NodeHandle, n: usize, min_memory_gib: u64) -> Vec<PublicKey> {
     let mut providers = Vec::new();
     for _ in 0..n {
-        let id = buyer.submit(saxpy(min_memory_gib)).await.unwrap();
-        let rec = tokio::time::timeout(JOB_LIMIT, buyer.wait(&id))
+        let id = buyer.jobs().submit(saxpy(min_memory_gib)).await.unwrap();
+        let rec = tokio::time::timeout(JOB_LIMIT, buyer.jobs().wait(&id))
             .await
             .expect("the job finishes in time")
             .unwrap();

@@ -33,6 +33,7 @@ async fn make_fixture() {
     let job = load_job_file(&path, &JobLimits::default()).unwrap();
     for _ in 0..2 {
         let id = b
+            .jobs()
             .submit(Submission {
                 spec: job.spec.clone(),
                 inputs: job.inputs.clone().into_shared(),
@@ -40,7 +41,7 @@ async fn make_fixture() {
             })
             .await
             .unwrap();
-        let rec = tokio::time::timeout(Duration::from_secs(60), b.wait(&id))
+        let rec = tokio::time::timeout(Duration::from_secs(60), b.jobs().wait(&id))
             .await
             .unwrap()
             .unwrap();

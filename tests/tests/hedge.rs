@@ -170,8 +170,8 @@ async fn a_provider_that_never_answers_costs_a_job_one_hedge_interval() {
     };
     for round in 0..2 {
         let started = Instant::now();
-        let id = buyer.submit(job()).await.unwrap();
-        let rec = buyer.wait(&id).await.unwrap();
+        let id = buyer.jobs().submit(job()).await.unwrap();
+        let rec = buyer.jobs().wait(&id).await.unwrap();
         let took = started.elapsed();
         eprintln!(
             "round {round}: done in {took:?}, proposals to the mute provider so far: {proposals:?}"

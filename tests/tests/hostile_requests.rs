@@ -150,8 +150,8 @@ async fn unfinished_requests_do_not_hold_memory_and_buyers_are_still_served() {
             options: JobOptions::default(),
         }
     };
-    let id = buyer.submit(job(256 << 10)).await.unwrap();
-    assert_eq!(buyer.wait(&id).await.unwrap().state, JobState::Done);
+    let id = buyer.jobs().submit(job(256 << 10)).await.unwrap();
+    assert_eq!(buyer.jobs().wait(&id).await.unwrap().state, JobState::Done);
 
     let before = rss();
     // Two hostile peers (each its own key and connection), 48 requests each of almost a full
@@ -167,13 +167,13 @@ async fn unfinished_requests_do_not_hold_memory_and_buyers_are_still_served() {
     }
     let attack_growth = peak.saturating_sub(before);
     // A buyer is served meanwhile, inputs inline and over the blob protocol.
-    let id = buyer.submit(job(2 << 20)).await.unwrap();
-    let rec = buyer.wait(&id).await.unwrap();
+    let id = buyer.jobs().submit(job(2 << 20)).await.unwrap();
+    let rec = buyer.jobs().wait(&id).await.unwrap();
     assert_eq!(rec.state, JobState::Done, "{:?}", rec.attempts);
     peak = peak.max(rss());
-    let budget = site.inbound_budget();
+    let budget = site.ops().inbound_budget();
     let growth = peak.saturating_sub(before);
-    let lag = site.loop_lag();
+    let lag = site.ops().loop_lag();
     eprintln!(
         "rss growth {} MiB ({} MiB before the second job), budget peak {} KiB, refused {}, \
          swarm task: longest stall {:?}, p99 {:?} over {} samples",

@@ -55,9 +55,9 @@ async fn setup() -> Setup {
     let boot = [addr_of(&provider).await.unwrap()];
     let buyer = test_builder(&boot).start().await.unwrap();
     wait_for_asks(&buyer, 1).await.unwrap();
-    let ask = buyer.book().await.unwrap().asks[0].clone();
+    let ask = buyer.market().book().await.unwrap().asks[0].clone();
     let propose = Propose {
-        bid: buyer.sign(&bid_body(&buyer)),
+        bid: buyer.testing().sign(&bid_body(&buyer)),
         ask: ask.order_ref(),
         units: 1,
         price: ask.price,
@@ -74,6 +74,7 @@ async fn setup() -> Setup {
 
 async fn propose(s: &Setup, p: Propose) -> NegotiateReply {
     s.buyer
+        .testing()
         .raw_propose(s.provider.peer_id(), Vec::new(), p)
         .await
         .unwrap()
@@ -137,7 +138,7 @@ async fn bad_proposals_are_rejected_with_a_reason() {
         .start()
         .await
         .unwrap();
-    let forged = stranger.countersign(&agreement);
+    let forged = stranger.testing().countersign(&agreement);
     let d = |agreement| {
         JobMessage::Dispatch(Box::new(Dispatch {
             job_id: ContentId::of(b"job"),
@@ -149,13 +150,15 @@ async fn bad_proposals_are_rejected_with_a_reason() {
     };
     let reply = s
         .buyer
+        .testing()
         .raw_job(s.provider.peer_id(), d(forged.clone()))
         .await
         .unwrap();
     assert!(matches!(reply, JobReply::Refused(_)), "{reply:?}");
     // The right countersignature from the wrong peer.
-    let genuine = s.buyer.countersign(&agreement);
+    let genuine = s.buyer.testing().countersign(&agreement);
     let reply = stranger
+        .testing()
         .raw_job(s.provider.peer_id(), d(genuine.clone()))
         .await
         .unwrap();
@@ -165,6 +168,7 @@ async fn bad_proposals_are_rejected_with_a_reason() {
     other_spec.name = "something else".into();
     let reply = s
         .buyer
+        .testing()
         .raw_job(
             s.provider.peer_id(),
             JobMessage::Dispatch(Box::new(Dispatch {
@@ -183,6 +187,7 @@ async fn bad_proposals_are_rejected_with_a_reason() {
     let bogus = hashgrid_protocol::ModelManifest::new([(ContentId::of(b"not an input"), 1 << 20)]);
     let reply = s
         .buyer
+        .testing()
         .raw_job(
             s.provider.peer_id(),
             JobMessage::Dispatch(Box::new(Dispatch {
@@ -202,6 +207,7 @@ async fn bad_proposals_are_rejected_with_a_reason() {
 
     // Strangers learn nothing about the job and get none of its blobs.
     let reply = stranger
+        .testing()
         .raw_job(
             s.provider.peer_id(),
             JobMessage::Await {
@@ -213,6 +219,7 @@ async fn bad_proposals_are_rejected_with_a_reason() {
         .unwrap();
     assert_eq!(reply, JobReply::Status(JobStatus::Unknown));
     let reply = stranger
+        .testing()
         .raw_blob(
             s.provider.peer_id(),
             BlobRequest {
@@ -228,6 +235,7 @@ async fn bad_proposals_are_rejected_with_a_reason() {
     // The provider still serves an honest job once the reservation lapses or is used: use it.
     let reply = s
         .buyer
+        .testing()
         .raw_job(s.provider.peer_id(), d(genuine))
         .await
         .unwrap();
@@ -247,8 +255,8 @@ async fn a_provider_that_vanishes_before_agreeing_costs_one_attempt() {
     wait_for_asks(&buyer, 2).await.unwrap();
     gone.shutdown().await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let id = buyer.submit(saxpy()).await.unwrap();
-    let rec = tokio::time::timeout(Duration::from_secs(60), buyer.wait(&id))
+    let id = buyer.jobs().submit(saxpy()).await.unwrap();
+    let rec = tokio::time::timeout(Duration::from_secs(60), buyer.jobs().wait(&id))
         .await
         .unwrap()
         .unwrap();

@@ -64,7 +64,7 @@ async fn buyer(boot: &[hashgrid_node::Multiaddr]) -> NodeHandle {
 }
 
 async fn wait(node: &NodeHandle, job: &hashgrid_protocol::ContentId) -> hashgrid_node::JobRecord {
-    tokio::time::timeout(JOB_LIMIT, node.wait(job))
+    tokio::time::timeout(JOB_LIMIT, node.jobs().wait(job))
         .await
         .expect("the job finishes in time")
         .unwrap()
@@ -98,13 +98,13 @@ async fn job_runs_on_the_cheapest_provider_that_meets_the_requirements() {
         min_memory_bytes: 4 << 30,
         ..Requirements::default()
     };
-    let id = b.submit(sub.clone()).await.unwrap();
+    let id = b.jobs().submit(sub.clone()).await.unwrap();
     let rec = wait(&b, &id).await;
     assert_eq!(rec.state, JobState::Done, "{:?}", rec.attempts);
     assert_eq!(rec.provider, Some(mid.public_key()));
 
     // Outputs equal the CPU reference.
-    let result = b.result(&id).unwrap().unwrap();
+    let result = b.jobs().result(&id).unwrap().unwrap();
     assert_eq!(f32s(&result.outputs["out"]), cpu);
 
     // The countersigned receipt verifies offline, from its file, with the outputs.
@@ -161,7 +161,7 @@ async fn a_provider_stopped_mid_job_is_replaced_and_only_one_receipt_is_counters
     let mut first_events = first.events();
     let mut second_events = second.events();
 
-    let id = b.submit(slow_job()).await.unwrap();
+    let id = b.jobs().submit(slow_job()).await.unwrap();
     // Stop the cheapest provider as soon as the job runs on it.
     let stopper = {
         let first = first.clone();
@@ -217,7 +217,7 @@ async fn lying_providers_are_rejected_and_never_countersigned() {
     wait_for_asks(&b, 3).await.unwrap();
 
     let (sub, _) = saxpy();
-    let id = b.submit(sub).await.unwrap();
+    let id = b.jobs().submit(sub).await.unwrap();
     let rec = wait(&b, &id).await;
     let JobState::Failed { kind, reason } = &rec.state else {
         panic!("a job served only by liars must fail: {rec:?}");
@@ -233,7 +233,7 @@ async fn lying_providers_are_rejected_and_never_countersigned() {
         outcomes[2].contains("over the agreed maximum"),
         "{outcomes:?}"
     );
-    assert!(b.result(&id).unwrap().is_none());
+    assert!(b.jobs().result(&id).unwrap().is_none());
 
     tokio::time::sleep(Duration::from_millis(300)).await;
     for (p, rx) in providers.iter().zip(&mut events) {
@@ -264,13 +264,13 @@ async fn invalid_jobs_and_unmatched_prices_fail_clearly() {
     // Invalid WGSL is refused by submit itself, before any traffic.
     let (mut bad, _) = saxpy();
     bad.spec.shaders[0].wgsl.push_str("\nfn broken( {");
-    let err = b.submit(bad).await.unwrap_err().to_string();
+    let err = b.jobs().submit(bad).await.unwrap_err().to_string();
     assert!(err.contains("saxpy.wgsl"), "{err}");
 
     // Nobody sells under 10 msat/s.
     let (mut cheap, _) = saxpy();
     cheap.options.max_price = Some(hashgrid_protocol::Msat(10));
-    let id = b.submit(cheap).await.unwrap();
+    let id = b.jobs().submit(cheap).await.unwrap();
     let rec = wait(&b, &id).await;
     assert!(
         matches!(
@@ -298,6 +298,7 @@ async fn large_inputs_and_outputs_travel_in_verified_chunks() {
     let (spec, inputs) = hashgrid_node::executor::bench::copy_job(3 << 20);
     let input = inputs.values().next().unwrap().clone();
     let id = b
+        .jobs()
         .submit(Submission {
             spec,
             inputs: inputs.into_shared(),
@@ -307,7 +308,7 @@ async fn large_inputs_and_outputs_travel_in_verified_chunks() {
         .unwrap();
     let rec = wait(&b, &id).await;
     assert_eq!(rec.state, JobState::Done, "{:?}", rec.attempts);
-    let result = b.result(&id).unwrap().unwrap();
+    let result = b.jobs().result(&id).unwrap().unwrap();
     let out = result.outputs.values().next().unwrap();
     assert_eq!(out.len(), 3 << 20);
     assert_eq!(*out, input, "a copy kernel returns its input");
@@ -380,10 +381,10 @@ async fn streamed_buffers_reach_the_buyer_while_the_job_runs() {
     // a run finish before it, once in 300.
     const ITERS: u32 = 200;
     let mut events = b.events();
-    let id = b.submit(streaming_job(ITERS)).await.unwrap();
+    let id = b.jobs().submit(streaming_job(ITERS)).await.unwrap();
     let rec = wait(&b, &id).await;
     assert_eq!(rec.state, JobState::Done, "{rec:?}");
-    let result = b.result(&id).unwrap().unwrap();
+    let result = b.jobs().result(&id).unwrap().unwrap();
     let out = &result.outputs["out"];
     let want: Vec<u8> = (1..=ITERS).flat_map(|v| v.to_le_bytes()).collect();
     assert_eq!(out, &want);
@@ -451,7 +452,7 @@ async fn large_inputs_cross_the_network_once_per_provider_even_across_a_restart(
     };
     let mut events = p.events();
     for round in 0..2 {
-        let id = b.submit(job()).await.unwrap();
+        let id = b.jobs().submit(job()).await.unwrap();
         let rec = wait(&b, &id).await;
         assert_eq!(
             rec.state,
@@ -478,7 +479,7 @@ async fn large_inputs_cross_the_network_once_per_provider_even_across_a_restart(
         .await
         .unwrap();
     let mut events = p.events();
-    let id = b.submit(job()).await.unwrap();
+    let id = b.jobs().submit(job()).await.unwrap();
     let rec = wait(&b, &id).await;
     assert_eq!(rec.state, JobState::Done, "{:?}", rec.attempts);
     assert_eq!(inputs_ready(&mut events), vec![(0, 3 << 20)]);
@@ -497,11 +498,12 @@ async fn a_provider_holding_the_inputs_is_chosen_over_a_slightly_cheaper_cold_on
         hashgrid_tests::start_provider_with(&boot, 110, 8, None, move |b| b.preload_inputs(blobs))
             .await
             .unwrap();
-    assert_eq!(warm.warm_inputs().len(), 1);
+    assert_eq!(warm.provider().warm_inputs().len(), 1);
     let b = buyer(&boot).await;
     wait_for_asks(&b, 2).await.unwrap();
     let deadline = std::time::Instant::now() + JOB_LIMIT;
     while !b
+        .market()
         .book()
         .await
         .unwrap()
@@ -517,6 +519,7 @@ async fn a_provider_holding_the_inputs_is_chosen_over_a_slightly_cheaper_cold_on
     }
     let mut events = warm.events();
     let id = b
+        .jobs()
         .submit(Submission {
             spec,
             inputs: inputs.into_shared(),
@@ -542,7 +545,7 @@ async fn wait_for_ad(
 ) {
     let deadline = std::time::Instant::now() + JOB_LIMIT;
     loop {
-        let book = b.book().await.unwrap();
+        let book = b.market().book().await.unwrap();
         let ad = book
             .capacity
             .iter()
@@ -571,7 +574,7 @@ async fn a_bid_naming_a_model_goes_to_the_site_that_lists_it_and_sites_learn_mod
         hashgrid_tests::start_provider_with(&boot, 110, 8, None, move |b| b.preload_model(blobs))
             .await
             .unwrap();
-    assert_eq!(warm.warm_models(), vec![model.id()]);
+    assert_eq!(warm.provider().warm_models(), vec![model.id()]);
     let b = buyer(&boot).await;
     wait_for_asks(&b, 2).await.unwrap();
     wait_for_ad(&b, &warm, "the warm site lists the model", |ad| {
@@ -588,7 +591,7 @@ async fn a_bid_naming_a_model_goes_to_the_site_that_lists_it_and_sites_learn_mod
     };
     // 1. The bid names the model: the site holding it wins at 110 over 100, uploading nothing.
     let mut warm_events = warm.events();
-    let id = b.submit(job(true)).await.unwrap();
+    let id = b.jobs().submit(job(true)).await.unwrap();
     let rec = wait(&b, &id).await;
     assert_eq!(rec.state, JobState::Done, "{:?}", rec.attempts);
     assert_eq!(rec.provider, Some(warm.public_key()));
@@ -596,13 +599,13 @@ async fn a_bid_naming_a_model_goes_to_the_site_that_lists_it_and_sites_learn_mod
     // 2. The same job without the model named: nothing says the warm site holds its blob, so
     //    price alone decides, and the cold site fetches the megabyte.
     let mut cold_events = cold.events();
-    let id = b.submit(job(false)).await.unwrap();
+    let id = b.jobs().submit(job(false)).await.unwrap();
     let rec = wait(&b, &id).await;
     assert_eq!(rec.state, JobState::Done, "{:?}", rec.attempts);
     assert_eq!(rec.provider, Some(cold.public_key()));
     assert_eq!(inputs_ready(&mut cold_events), vec![(1 << 20, 0)]);
     assert!(
-        cold.warm_models().is_empty(),
+        cold.provider().warm_models().is_empty(),
         "nobody named the model to it"
     );
     // 3. Named again, once the cold site's ad lists the blob it now holds (as a blob: it
@@ -613,7 +616,7 @@ async fn a_bid_naming_a_model_goes_to_the_site_that_lists_it_and_sites_learn_mod
         ad.warm.contains(&blob) && ad.models.is_empty()
     })
     .await;
-    let id = b.submit(job(true)).await.unwrap();
+    let id = b.jobs().submit(job(true)).await.unwrap();
     let rec = wait(&b, &id).await;
     assert_eq!(rec.state, JobState::Done, "{:?}", rec.attempts);
     assert_eq!(rec.provider, Some(cold.public_key()));

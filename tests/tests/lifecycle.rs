@@ -45,7 +45,7 @@ async fn dropping_the_last_handle_stops_the_node() -> anyhow::Result<()> {
     let b2 = b.clone();
     drop(b);
     // One handle left: still running.
-    assert!(b2.peers().await.is_ok());
+    assert!(b2.peers().connected().await.is_ok());
     drop(b2);
     let deadline = Instant::now() + LIMIT;
     loop {
@@ -56,7 +56,7 @@ async fn dropping_the_last_handle_stops_the_node() -> anyhow::Result<()> {
             other => anyhow::bail!("node b did not stop: {other:?}"),
         }
     }
-    assert!(a.peers().await?.is_empty());
+    assert!(a.peers().connected().await?.is_empty());
     a.shutdown().await;
     // Shutting down twice is harmless.
     a.shutdown().await;

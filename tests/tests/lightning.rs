@@ -747,6 +747,7 @@ impl LnMarket {
         let job = load_job_file(&path, &JobLimits::default()).expect("job file");
         let id = self
             .buyer
+            .jobs()
             .submit(Submission {
                 spec: job.spec,
                 inputs: job.inputs.into_shared(),
@@ -754,7 +755,7 @@ impl LnMarket {
             })
             .await
             .expect("submit");
-        let rec = tokio::time::timeout(Duration::from_secs(60), self.buyer.wait(&id))
+        let rec = tokio::time::timeout(Duration::from_secs(60), self.buyer.jobs().wait(&id))
             .await
             .expect("in time")
             .expect("job");
@@ -796,8 +797,12 @@ async fn jobs_are_invoiced_and_paid_over_lightning_to_the_msat() {
     let (b0, s0) = (outbound(buyer_ln), site_ln.balances().inbound_msat);
 
     // One pass: the provider invoices exactly the total over Lightning; the buyer pays at once.
-    provider.settle_now().await;
-    let (out, _) = provider.invoices_issued().expect("issued").remove(0);
+    provider.settlement().pass_now().await;
+    let (out, _) = provider
+        .settlement()
+        .invoices_issued()
+        .expect("issued")
+        .remove(0);
     let inv = out.invoice.decode_unverified().expect("invoice");
     assert_eq!(inv.amount, Msat(total), "billed to the msat, no rounding");
     let InvoicePayment::Lightning { request } = &inv.payment else {
@@ -807,7 +812,8 @@ async fn jobs_are_invoiced_and_paid_over_lightning_to_the_msat() {
     assert_eq!(request.amount_milli_satoshis(), Some(total));
     let hash = invoice::payment_hash(&request);
     let paid = |b: &hashgrid_node::NodeHandle| {
-        b.invoices_received()
+        b.settlement()
+            .invoices_received()
             .expect("received")
             .into_iter()
             .map(|i| i.state)
@@ -826,8 +832,9 @@ async fn jobs_are_invoiced_and_paid_over_lightning_to_the_msat() {
     // The next pass sees the payment arrive: paid and settled, no confirmations to wait for.
     let t = Instant::now();
     loop {
-        provider.settle_now().await;
+        provider.settlement().pass_now().await;
         let states: Vec<InvoiceState> = provider
+            .settlement()
             .invoices_issued()
             .expect("issued")
             .into_iter()
@@ -842,7 +849,7 @@ async fn jobs_are_invoiced_and_paid_over_lightning_to_the_msat() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let e = provider.positions()[&b_key].as_buyer;
+    let e = provider.settlement().positions()[&b_key].as_buyer;
     assert_eq!(
         (e.settled, e.accrued, e.invoiced),
         (Msat(total), Msat::ZERO, Msat::ZERO)
@@ -864,7 +871,11 @@ async fn jobs_are_invoiced_and_paid_over_lightning_to_the_msat() {
     assert_eq!(s0 - site_ln.balances().inbound_msat, total);
     // The node's metrics show its Lightning node: one usable channel and what it can send.
     let mut metrics = String::new();
-    buyer.render_metrics(&mut metrics).await.expect("metrics");
+    buyer
+        .ops()
+        .render_metrics(&mut metrics)
+        .await
+        .expect("metrics");
     assert!(
         metrics.contains("lightning_channels{state=\"usable\"} 1"),
         "{metrics}"
@@ -879,8 +890,8 @@ async fn jobs_are_invoiced_and_paid_over_lightning_to_the_msat() {
     );
     // The buyer's application heard it with the proof.
     let mut heard = None;
-    while let Some((id, ev)) = buyer.next_event().expect("events") {
-        buyer.event_handled(id).expect("handled");
+    while let Some((id, ev)) = buyer.durable().next().expect("events") {
+        buyer.durable().handled(id).expect("handled");
         if let DurableEvent::LightningPaid {
             provider,
             amount_msat,
@@ -907,6 +918,7 @@ async fn each_receipt_is_followed_by_its_invoice_and_paid() {
         all_paid(buyer, n).await;
     }
     let mut billed: Vec<(u64, u64)> = buyer
+        .settlement()
         .invoices_received()
         .expect("received")
         .into_iter()
@@ -924,9 +936,13 @@ async fn each_receipt_is_followed_by_its_invoice_and_paid() {
     // The provider counts them settled at its next look at its Lightning node.
     let total: u64 = charges.iter().sum();
     let t = Instant::now();
-    while provider.positions()[&buyer.public_key()].as_buyer.settled != Msat(total) {
+    while provider.settlement().positions()[&buyer.public_key()]
+        .as_buyer
+        .settled
+        != Msat(total)
+    {
         assert!(t.elapsed() < Duration::from_secs(30), "not settled");
-        provider.settle_now().await;
+        provider.settlement().pass_now().await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     m.stop().await;
@@ -938,6 +954,7 @@ async fn all_paid(buyer: &hashgrid_node::NodeHandle, n: usize) {
     let t = Instant::now();
     loop {
         let states: Vec<PayState> = buyer
+            .settlement()
             .invoices_received()
             .expect("received")
             .into_iter()
@@ -970,7 +987,7 @@ async fn the_configured_channel_is_opened_and_opened_again_after_a_force_close()
     let site_id = site_ln.node_id().to_string();
     let usable = |n: &LdkBackend| n.channels().iter().any(|c| c.usable);
     let open_from_config = || async {
-        buyer.settle_now().await;
+        buyer.settlement().pass_now().await;
         tokio::task::block_in_place(|| {
             grid.funding_broadcast(buyer_ln);
             grid.mine(6);
@@ -995,11 +1012,11 @@ async fn the_configured_channel_is_opened_and_opened_again_after_a_force_close()
     };
     let first = open_from_config().await;
     // Another pass opens nothing more.
-    buyer.settle_now().await;
+    buyer.settlement().pass_now().await;
     assert_eq!(buyer_ln.channels().len(), 1);
 
     let mut total = m.run_job().await.expect("a job");
-    provider.settle_now().await;
+    provider.settlement().pass_now().await;
     all_paid(buyer, 1).await;
 
     // The site force-closes the channel; the buyer's next pass opens a new one from config.
@@ -1020,12 +1037,16 @@ async fn the_configured_channel_is_opened_and_opened_again_after_a_force_close()
 
     total += m.run_job().await.expect("a job");
     let b0 = outbound(buyer_ln);
-    provider.settle_now().await;
+    provider.settlement().pass_now().await;
     all_paid(buyer, 2).await;
     let t = Instant::now();
-    while provider.positions()[&buyer.public_key()].as_buyer.settled != Msat(total) {
+    while provider.settlement().positions()[&buyer.public_key()]
+        .as_buyer
+        .settled
+        != Msat(total)
+    {
         assert!(t.elapsed() < Duration::from_secs(30), "not settled");
-        provider.settle_now().await;
+        provider.settlement().pass_now().await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(b0 - outbound(buyer_ln) > 0, "paid over the new channel");
@@ -1045,9 +1066,10 @@ async fn an_unpaid_lightning_invoice_hits_the_credit_limit_until_it_is_paid() {
     m.buyer.shutdown().await;
     m.buyer = m.start_buyer(false).await;
     let first = m.run_job().await.expect("the first job is within credit");
-    m.provider.settle_now().await;
+    m.provider.settlement().pass_now().await;
     let unpaid = |b: &hashgrid_node::NodeHandle| {
-        b.invoices_received()
+        b.settlement()
+            .invoices_received()
             .expect("received")
             .into_iter()
             .map(|i| i.state)
@@ -1068,7 +1090,7 @@ async fn an_unpaid_lightning_invoice_hits_the_credit_limit_until_it_is_paid() {
     let b0 = outbound(&m.buyer_ln);
     m.buyer.shutdown().await;
     m.buyer = m.start_buyer(true).await;
-    m.buyer.settle_now().await;
+    m.buyer.settlement().pass_now().await;
     assert!(
         matches!(unpaid(&m.buyer)[..], [PayState::LnPaid { .. }]),
         "{:?}",
@@ -1081,8 +1103,8 @@ async fn an_unpaid_lightning_invoice_hits_the_credit_limit_until_it_is_paid() {
     );
     let t = Instant::now();
     loop {
-        m.provider.settle_now().await;
-        let e = m.provider.positions()[&m.buyer.public_key()].as_buyer;
+        m.provider.settlement().pass_now().await;
+        let e = m.provider.settlement().positions()[&m.buyer.public_key()].as_buyer;
         if e.settled == Msat(first) {
             break;
         }

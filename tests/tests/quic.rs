@@ -22,10 +22,10 @@ async fn asks_travel_over_quic() -> anyhow::Result<()> {
             )
     };
     let a = quic().start().await?;
-    let a_addr = a.listen_addrs().await?.remove(0);
+    let a_addr = a.peers().listen_addrs().await?.remove(0);
     assert!(a_addr.to_string().contains("/quic-v1/p2p/"), "{a_addr}");
     let b = quic().bootstrap(a_addr).start().await?;
-    let ask = b.post_ask(ask_spec("quic-gpu", 5)).await?;
+    let ask = b.market().post_ask(ask_spec("quic-gpu", 5)).await?;
     wait_for_book(&a, LIMIT, "the ask over QUIC", |book| book.has_ask(&ask)).await?;
     b.shutdown().await;
     a.shutdown().await;

@@ -13,8 +13,8 @@ use hashgrid_tests::{addr_of, copy_submission, start_provider, test_builder, wai
 const LIMIT: Duration = Duration::from_secs(60);
 
 async fn job(b: &NodeHandle) -> hashgrid_node::JobRecord {
-    let id = b.submit(copy_submission(64 << 10)).await.unwrap();
-    let rec = tokio::time::timeout(LIMIT, b.wait(&id))
+    let id = b.jobs().submit(copy_submission(64 << 10)).await.unwrap();
+    let rec = tokio::time::timeout(LIMIT, b.jobs().wait(&id))
         .await
         .unwrap()
         .unwrap();
@@ -51,7 +51,8 @@ async fn a_provider_that_lied_ranks_last_at_its_price_across_a_restart() {
     }
     assert!(tried_liar, "no job went to the liar in 8 tries");
     let experience = |b: &NodeHandle, p: &NodeHandle| {
-        b.provider_experience()
+        b.jobs()
+            .experience()
             .into_iter()
             .find(|(k, _)| *k == p.public_key())
             .map(|(_, e)| e)

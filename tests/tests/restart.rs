@@ -30,9 +30,9 @@ async fn restarted_node_keeps_identity_and_reannounces_its_asks() -> anyhow::Res
 
     let first = provider(std::slice::from_ref(&other_addr)).start().await?;
     let peer_id = first.peer_id();
-    let kept = first.post_ask(ask_spec("restart-gpu", 10)).await?;
-    let dropped = first.post_ask(ask_spec("restart-gpu", 20)).await?;
-    first.cancel(dropped.order_id).await?;
+    let kept = first.market().post_ask(ask_spec("restart-gpu", 10)).await?;
+    let dropped = first.market().post_ask(ask_spec("restart-gpu", 20)).await?;
+    first.market().cancel(dropped.order_id).await?;
     wait_for_book(&other, LIMIT, "the kept ask", |b| {
         b.has_ask(&kept) && !b.has_ask(&dropped)
     })
@@ -50,8 +50,8 @@ async fn restarted_node_keeps_identity_and_reannounces_its_asks() -> anyhow::Res
     );
     wait_for_book(&other, LIMIT, "the ask to come back", |b| b.has_ask(&kept)).await?;
     // The cancelled ask stays cancelled.
-    assert!(!other.book().await?.has_ask(&dropped));
-    assert!(second.book().await?.has_ask(&kept));
+    assert!(!other.market().book().await?.has_ask(&dropped));
+    assert!(second.market().book().await?.has_ask(&kept));
 
     second.shutdown().await;
     other.shutdown().await;
@@ -93,7 +93,7 @@ async fn a_node_started_before_its_bootstrap_peer_joins_when_the_peer_comes_up()
         .unwrap();
     // Its first dial finds nothing listening.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(buyer.peers().await.unwrap().is_empty());
+    assert!(buyer.peers().connected().await.unwrap().is_empty());
     // The site comes up on that address, knowing nobody: only the buyer's dial can join them.
     let site = start_provider_with(&[], 100, 8, None, |b| b.listen(addr.clone()))
         .await

@@ -71,7 +71,8 @@ async fn ten_nodes_share_a_signed_expiring_book() -> anyhow::Result<()> {
     let posted = Instant::now();
     for (i, p) in nodes.iter().take(PROVIDERS).enumerate() {
         asks.push(
-            p.post_ask(ask_spec(&format!("gpu-{i}"), 100 + i as u64))
+            p.market()
+                .post_ask(ask_spec(&format!("gpu-{i}"), 100 + i as u64))
                 .await?,
         );
     }
@@ -88,6 +89,7 @@ async fn ten_nodes_share_a_signed_expiring_book() -> anyhow::Result<()> {
 
     // A buyer's bid travels the same way.
     let bid = nodes[NODES - 1]
+        .market()
         .post_bid(BidSpec {
             units: 2,
             requirements: Requirements {
@@ -105,14 +107,14 @@ async fn ten_nodes_share_a_signed_expiring_book() -> anyhow::Result<()> {
     }
 
     // A cancelled ask disappears from every book.
-    nodes[0].cancel(asks[0].order_id).await?;
+    nodes[0].market().cancel(asks[0].order_id).await?;
     let cancelled = asks[0];
     all_books(&nodes, Instant::now(), "cancelled ask gone", |have| {
         !have.contains(&cancelled)
     })
     .await?;
     assert!(
-        nodes[0].cancel(asks[0].order_id).await.is_err(),
+        nodes[0].market().cancel(asks[0].order_id).await.is_err(),
         "cancelling twice must fail"
     );
 
@@ -126,7 +128,7 @@ async fn ten_nodes_share_a_signed_expiring_book() -> anyhow::Result<()> {
         .map(|(_, n)| n.clone())
         .collect();
     // Still there right after the shutdown (it has not expired yet)...
-    assert!(asks_of(&rest[0].book().await?).contains(&vanished));
+    assert!(asks_of(&rest[0].market().book().await?).contains(&vanished));
     // ...and gone within its TTL plus the sweep.
     all_books(&rest, Instant::now(), "expired ask gone", |have| {
         !have.contains(&vanished)
@@ -134,7 +136,7 @@ async fn ten_nodes_share_a_signed_expiring_book() -> anyhow::Result<()> {
     .await?;
 
     // A node that joins late gets the whole book from its first peer.
-    let expected = asks_of(&rest[1].book().await?);
+    let expected = asks_of(&rest[1].market().book().await?);
     assert_eq!(expected.len(), PROVIDERS - 2);
     let late = test_builder(&[addrs[3].clone()]).start().await?;
     let t = wait_for_book(
@@ -151,6 +153,6 @@ async fn ten_nodes_share_a_signed_expiring_book() -> anyhow::Result<()> {
         n.shutdown().await;
     }
     // A stopped node answers with an error, not a hang.
-    assert!(nodes[0].book().await.is_err());
+    assert!(nodes[0].market().book().await.is_err());
     Ok(())
 }

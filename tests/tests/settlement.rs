@@ -105,7 +105,7 @@ async fn market(
     bcfg.auto_pay = auto_pay;
     let buyer = test_builder(&boot).settle(bcfg).start().await.unwrap();
     // Fund the buyer: one mature 50 BTC coinbase.
-    let wallet = buyer.wallet().unwrap();
+    let wallet = buyer.settlement().wallet().unwrap();
     let (_, addr) = wallet.lock().unwrap().reveal_address().unwrap();
     chain.mine(1, &addr.script_pubkey());
     chain.mine(100, &burn());
@@ -124,8 +124,8 @@ async fn market(
 async fn run_jobs(m: &Market, n: usize) -> u64 {
     let mut total = 0;
     for _ in 0..n {
-        let id = m.buyer.submit(job()).await.unwrap();
-        let rec = tokio::time::timeout(JOB_LIMIT, m.buyer.wait(&id))
+        let id = m.buyer.jobs().submit(job()).await.unwrap();
+        let rec = tokio::time::timeout(JOB_LIMIT, m.buyer.jobs().wait(&id))
             .await
             .unwrap()
             .unwrap();
@@ -145,8 +145,8 @@ async fn run_jobs(m: &Market, n: usize) -> u64 {
 /// A node's durable invoice and payment events so far, each acknowledged as it is read.
 fn invoice_events(node: &NodeHandle) -> Vec<DurableEvent> {
     let mut out = Vec::new();
-    while let Some((id, ev)) = node.next_event().unwrap() {
-        node.event_handled(id).unwrap();
+    while let Some((id, ev)) = node.durable().next().unwrap() {
+        node.durable().handled(id).unwrap();
         if matches!(
             ev,
             DurableEvent::InvoiceIssued { .. }
@@ -177,7 +177,8 @@ async fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 }
 
 fn issued_state(p: &NodeHandle) -> Vec<InvoiceState> {
-    p.invoices_issued()
+    p.settlement()
+        .invoices_issued()
         .unwrap()
         .into_iter()
         .map(|(_, r)| r.unwrap().state)
@@ -185,7 +186,8 @@ fn issued_state(p: &NodeHandle) -> Vec<InvoiceState> {
 }
 
 fn buyer_state(b: &NodeHandle) -> Vec<PayState> {
-    b.invoices_received()
+    b.settlement()
+        .invoices_received()
         .unwrap()
         .into_iter()
         .map(|i| i.state)
@@ -194,7 +196,7 @@ fn buyer_state(b: &NodeHandle) -> Vec<PayState> {
 
 /// The invoice's on-chain terms.
 fn terms(p: &NodeHandle) -> (String, u64) {
-    let (out, _) = p.invoices_issued().unwrap().remove(0);
+    let (out, _) = p.settlement().invoices_issued().unwrap().remove(0);
     match out.invoice.decode_unverified().unwrap().payment {
         InvoicePayment::Onchain {
             address,
@@ -212,11 +214,17 @@ async fn jobs_are_invoiced_paid_confirmed_and_settled_on_chain() {
     let b_key = m.buyer.public_key();
     let p_key = m.provider.public_key();
     // Countersigned receipts accrued on the provider's side, owed on the buyer's.
-    assert_eq!(m.provider.positions()[&b_key].as_buyer.accrued, Msat(total));
-    assert_eq!(m.buyer.positions()[&p_key].owed_to_it, Msat(total));
+    assert_eq!(
+        m.provider.settlement().positions()[&b_key].as_buyer.accrued,
+        Msat(total)
+    );
+    assert_eq!(
+        m.buyer.settlement().positions()[&p_key].owed_to_it,
+        Msat(total)
+    );
 
     // One pass: the provider invoices (whole sats) and delivers; the buyer pays at once.
-    m.provider.settle_now().await;
+    m.provider.settlement().pass_now().await;
     let (address, amount_sat) = terms(&m.provider);
     assert_eq!(
         amount_sat,
@@ -233,7 +241,7 @@ async fn jobs_are_invoiced_paid_confirmed_and_settled_on_chain() {
     .await;
 
     // In the mempool: seen, not confirmed.
-    m.provider.settle_now().await;
+    m.provider.settlement().pass_now().await;
     assert!(matches!(
         issued_state(&m.provider)[..],
         [InvoiceState::Paid {
@@ -241,11 +249,11 @@ async fn jobs_are_invoiced_paid_confirmed_and_settled_on_chain() {
             ..
         }]
     ));
-    let e = m.provider.positions()[&b_key].as_buyer;
+    let e = m.provider.settlement().positions()[&b_key].as_buyer;
     assert_eq!(e.paid, Msat(amount_sat * 1000));
 
     m.chain.mine(1, &burn());
-    m.provider.settle_now().await;
+    m.provider.settlement().pass_now().await;
     assert!(matches!(
         issued_state(&m.provider)[..],
         [InvoiceState::Paid {
@@ -254,7 +262,7 @@ async fn jobs_are_invoiced_paid_confirmed_and_settled_on_chain() {
         }]
     ));
     m.chain.mine(1, &burn());
-    m.provider.settle_now().await;
+    m.provider.settlement().pass_now().await;
     assert!(matches!(
         issued_state(&m.provider)[..],
         [InvoiceState::Settled { .. }]
@@ -303,7 +311,7 @@ async fn jobs_are_invoiced_paid_confirmed_and_settled_on_chain() {
 
     // Balances add up to the receipts exactly: the whole sats settled, the sub-sat remainder
     // still accrued for the next invoice.
-    let e = m.provider.positions()[&b_key].as_buyer;
+    let e = m.provider.settlement().positions()[&b_key].as_buyer;
     assert_eq!(e.settled, Msat(amount_sat * 1000));
     assert_eq!(e.accrued, Msat(total % 1000));
     assert_eq!(e.settled.0 + e.accrued.0, total);
@@ -315,6 +323,7 @@ async fn jobs_are_invoiced_paid_confirmed_and_settled_on_chain() {
     // On chain: the invoice address holds exactly the amount; the buyer paid amount + fee.
     let script = m
         .buyer
+        .settlement()
         .wallet()
         .unwrap()
         .lock()
@@ -347,7 +356,7 @@ async fn jobs_are_invoiced_paid_confirmed_and_settled_on_chain() {
         })
         .sum();
     let fee = spent - tx.output.iter().map(|o| o.value.to_sat()).sum::<u64>();
-    let wallet = m.buyer.wallet().unwrap();
+    let wallet = m.buyer.settlement().wallet().unwrap();
     wallet.lock().unwrap().sync(&*m.chain).unwrap();
     let b = wallet.lock().unwrap().balance();
     assert_eq!(
@@ -356,8 +365,8 @@ async fn jobs_are_invoiced_paid_confirmed_and_settled_on_chain() {
     );
 
     // Nothing more is invoiced until a whole sat has accrued again.
-    m.provider.settle_now().await;
-    assert_eq!(m.provider.invoices_issued().unwrap().len(), 1);
+    m.provider.settlement().pass_now().await;
+    assert_eq!(m.provider.settlement().invoices_issued().unwrap().len(), 1);
     // Stopped in order: the provider's executor releases its device before the process exits.
     m.provider.shutdown().await;
     m.buyer.shutdown().await;
@@ -367,12 +376,12 @@ async fn jobs_are_invoiced_paid_confirmed_and_settled_on_chain() {
 async fn an_underpaid_invoice_stays_unpaid_until_the_rest_arrives() {
     let m = market(1, false, None).await;
     run_jobs(&m, 2).await;
-    m.provider.settle_now().await;
+    m.provider.settlement().pass_now().await;
     let (address, amount_sat) = terms(&m.provider);
     assert!(matches!(buyer_state(&m.buyer)[..], [PayState::Unpaid]));
     assert!(amount_sat >= 2, "{amount_sat}");
 
-    let wallet = m.buyer.wallet().unwrap();
+    let wallet = m.buyer.settlement().wallet().unwrap();
     let pay = |sat: u64| {
         let mut w = wallet.lock().unwrap();
         let to = w.parse_address(&address).unwrap();
@@ -382,18 +391,18 @@ async fn an_underpaid_invoice_stays_unpaid_until_the_rest_arrives() {
     // Paying a sat less than due, confirmed: still issued, the shortfall recorded.
     pay(amount_sat - 1);
     m.chain.mine(1, &burn());
-    m.provider.settle_now().await;
+    m.provider.settlement().pass_now().await;
     assert_eq!(issued_state(&m.provider), vec![InvoiceState::Issued]);
-    let (out, _) = m.provider.invoices_issued().unwrap().remove(0);
+    let (out, _) = m.provider.settlement().invoices_issued().unwrap().remove(0);
     assert_eq!(out.seen_sat, amount_sat - 1);
-    let e = m.provider.positions()[&m.buyer.public_key()].as_buyer;
+    let e = m.provider.settlement().positions()[&m.buyer.public_key()].as_buyer;
     assert_eq!(e.invoiced, Msat(amount_sat * 1000));
 
     // The rest arrives in a second payment (more than the missing sat: an output below the
     // dust limit would not relay): the two together pay the invoice.
     pay(1_000);
     m.chain.mine(1, &burn());
-    m.provider.settle_now().await;
+    m.provider.settlement().pass_now().await;
     assert!(
         matches!(
             issued_state(&m.provider)[..],
@@ -410,14 +419,14 @@ async fn an_underpaid_invoice_stays_unpaid_until_the_rest_arrives() {
 async fn a_reorg_that_removes_the_payment_reopens_the_invoice() {
     let m = market(3, true, None).await;
     run_jobs(&m, 2).await;
-    m.provider.settle_now().await;
+    m.provider.settlement().pass_now().await;
     until("the buyer's payment", || {
         matches!(buyer_state(&m.buyer)[..], [PayState::Paid { .. }]).then_some(())
     })
     .await;
     let payment = m.chain.mempool().remove(0).compute_txid();
     m.chain.mine(2, &burn());
-    m.provider.settle_now().await;
+    m.provider.settlement().pass_now().await;
     assert!(matches!(
         issued_state(&m.provider)[..],
         [InvoiceState::Paid {
@@ -428,7 +437,7 @@ async fn a_reorg_that_removes_the_payment_reopens_the_invoice() {
     // A three-block reorganisation by a miner that never saw the payment.
     m.chain.reorg(2, &[payment], &[], &burn()).unwrap();
     assert!(m.chain.transaction(&payment).is_none());
-    m.provider.settle_now().await;
+    m.provider.settlement().pass_now().await;
     assert_eq!(issued_state(&m.provider), vec![InvoiceState::Issued]);
     let events = invoice_events(&m.provider);
     assert!(
@@ -438,7 +447,7 @@ async fn a_reorg_that_removes_the_payment_reopens_the_invoice() {
         ),
         "{events:?}"
     );
-    let e = m.provider.positions()[&m.buyer.public_key()].as_buyer;
+    let e = m.provider.settlement().positions()[&m.buyer.public_key()].as_buyer;
     assert_eq!(e.paid, Msat::ZERO);
     assert!(e.invoiced > Msat::ZERO);
     m.provider.shutdown().await;
@@ -463,15 +472,15 @@ async fn a_buyer_over_its_credit_limit_is_rejected() {
     let buyer = test_builder(&boot).start().await.unwrap();
     wait_for_asks(&buyer, 1).await.unwrap();
     // The first job is within credit (nothing owed yet).
-    let id = buyer.submit(job()).await.unwrap();
-    let rec = tokio::time::timeout(JOB_LIMIT, buyer.wait(&id))
+    let id = buyer.jobs().submit(job()).await.unwrap();
+    let rec = tokio::time::timeout(JOB_LIMIT, buyer.jobs().wait(&id))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(rec.state, JobState::Done);
     // Now it owes more than the limit: the next proposal is rejected for credit.
-    let id = buyer.submit(job()).await.unwrap();
-    let rec = tokio::time::timeout(JOB_LIMIT, buyer.wait(&id))
+    let id = buyer.jobs().submit(job()).await.unwrap();
+    let rec = tokio::time::timeout(JOB_LIMIT, buyer.jobs().wait(&id))
         .await
         .unwrap()
         .unwrap();
@@ -494,15 +503,15 @@ async fn a_restart_mid_settlement_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let m = market(1, true, Some(dir.path())).await;
     let total = run_jobs(&m, 2).await;
-    m.provider.settle_now().await;
+    m.provider.settlement().pass_now().await;
     until("the buyer's payment", || {
         matches!(buyer_state(&m.buyer)[..], [PayState::Paid { .. }]).then_some(())
     })
     .await;
-    m.provider.settle_now().await;
+    m.provider.settlement().pass_now().await;
     let b_key = m.buyer.public_key();
-    let before = m.provider.positions()[&b_key];
-    let issued_before = m.provider.invoices_issued().unwrap();
+    let before = m.provider.settlement().positions()[&b_key];
+    let issued_before = m.provider.settlement().invoices_issued().unwrap();
     assert!(matches!(
         issued_state(&m.provider)[..],
         [InvoiceState::Paid { .. }]
@@ -516,14 +525,18 @@ async fn a_restart_mid_settlement_loses_nothing() {
             .await
             .unwrap();
     m.buyer
+        .peers()
         .dial(addr_of(&restarted).await.unwrap())
         .await
         .unwrap();
-    assert_eq!(restarted.positions()[&b_key], before);
-    assert_eq!(restarted.invoices_issued().unwrap(), issued_before);
+    assert_eq!(restarted.settlement().positions()[&b_key], before);
+    assert_eq!(
+        restarted.settlement().invoices_issued().unwrap(),
+        issued_before
+    );
 
     m.chain.mine(1, &burn());
-    restarted.settle_now().await;
+    restarted.settlement().pass_now().await;
     assert!(matches!(
         issued_state(&restarted)[..],
         [InvoiceState::Settled { .. }]
@@ -532,7 +545,7 @@ async fn a_restart_mid_settlement_loses_nothing() {
         buyer_state(&m.buyer)[..],
         [PayState::Settled { .. }]
     ));
-    let e = restarted.positions()[&b_key].as_buyer;
+    let e = restarted.settlement().positions()[&b_key].as_buyer;
     assert_eq!(e.settled.0 + e.accrued.0, total);
     restarted.shutdown().await;
     m.buyer.shutdown().await;

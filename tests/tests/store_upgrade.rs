@@ -99,7 +99,7 @@ async fn a_node_starts_on_a_data_dir_from_the_previous_release() {
         key("9c4f692daa5f314ba4635b786c17f004071873c33960b8276c496030eb1f3e34"),
         "the identity key is kept"
     );
-    let jobs = node.jobs().unwrap();
+    let jobs = node.jobs().list().unwrap();
     assert_eq!(jobs.len(), 2);
     assert!(jobs.iter().all(|j| j.state == JobState::Done));
     node.shutdown().await;

@@ -62,9 +62,9 @@ async fn proposals_slow_to_check_do_not_stall_the_swarm_task() {
     let boot = [addr_of(&provider).await.unwrap()];
     let buyer = test_builder(&boot).start().await.unwrap();
     wait_for_asks(&buyer, 1).await.unwrap();
-    let ask = buyer.book().await.unwrap().asks[0].clone();
+    let ask = buyer.market().book().await.unwrap().asks[0].clone();
     let spec = slow_spec(400 << 10);
-    let before = provider.loop_lag();
+    let before = provider.ops().loop_lag();
     let started = Instant::now();
     let mut checks = Vec::new();
     for nonce in 0..6u64 {
@@ -82,7 +82,7 @@ async fn proposals_slow_to_check_do_not_stall_the_swarm_task() {
             model: None,
         };
         let p = Propose {
-            bid: buyer.sign(&bid),
+            bid: buyer.testing().sign(&bid),
             ask: ask.order_ref(),
             units: 1,
             price: ask.price,
@@ -92,7 +92,7 @@ async fn proposals_slow_to_check_do_not_stall_the_swarm_task() {
         };
         let (b, peer) = (buyer.clone(), provider.peer_id());
         checks.push(tokio::spawn(async move {
-            b.raw_propose(peer, Vec::new(), p).await.unwrap()
+            b.testing().raw_propose(peer, Vec::new(), p).await.unwrap()
         }));
     }
     for c in checks {
@@ -105,7 +105,7 @@ async fn proposals_slow_to_check_do_not_stall_the_swarm_task() {
         }
     }
     let checking = started.elapsed();
-    let lag = provider.loop_lag();
+    let lag = provider.ops().loop_lag();
     eprintln!(
         "6 proposals checked in {checking:?}; the swarm task's longest stall {:?} \
          (before them {:?}), p99 {:?}, {} samples",

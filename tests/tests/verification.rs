@@ -19,15 +19,16 @@ const LIMIT: Duration = Duration::from_secs(120);
 
 async fn run(b: &NodeHandle, mut sub: Submission, verify: &Verification) -> JobRecord {
     sub.options.verify = verify.clone();
-    let id = b.submit(sub).await.unwrap();
-    tokio::time::timeout(LIMIT, b.wait(&id))
+    let id = b.jobs().submit(sub).await.unwrap();
+    tokio::time::timeout(LIMIT, b.jobs().wait(&id))
         .await
         .unwrap()
         .unwrap()
 }
 
 fn experience(b: &NodeHandle, p: &PublicKey) -> hashgrid_node::jobs::reputation::Experience {
-    b.provider_experience()
+    b.jobs()
+        .experience()
         .into_iter()
         .find(|(k, _)| k == p)
         .map(|(_, e)| e)
@@ -86,7 +87,7 @@ async fn a_cheating_provider_is_caught_unpaid_and_avoided_by_buyers_that_got_the
         assert_eq!(rec.state, JobState::Done, "job {i}: {:?}", rec.attempts);
         let v = rec.verification.as_ref().unwrap();
         assert_eq!(v.mode, VerifyMode::Spot { permille: 200 });
-        let out = a.result(&rec.id).unwrap().unwrap().outputs;
+        let out = a.jobs().result(&rec.id).unwrap().unwrap().outputs;
         // The accepted output is wrong only when an unchecked job went to the liar.
         if out.values().next().unwrap() != &want_out {
             assert_eq!(rec.provider, Some(lp));
@@ -117,7 +118,8 @@ async fn a_cheating_provider_is_caught_unpaid_and_avoided_by_buyers_that_got_the
     assert!(v.evidence.is_some(), "exact outputs: evidence is gossiped");
     assert_ne!(caught.provider, Some(lp));
     assert_eq!(
-        a.result(&caught.id)
+        a.jobs()
+            .result(&caught.id)
             .unwrap()
             .unwrap()
             .outputs
@@ -154,8 +156,8 @@ async fn a_cheating_provider_is_caught_unpaid_and_avoided_by_buyers_that_got_the
             .unwrap_or(0)
     };
     let (mut ma, mut mb) = (String::new(), String::new());
-    a.render_metrics(&mut ma).await.unwrap();
-    b.render_metrics(&mut mb).await.unwrap();
+    a.ops().render_metrics(&mut ma).await.unwrap();
+    b.ops().render_metrics(&mut mb).await.unwrap();
     assert_eq!(
         metric(&ma, "hashgrid_fraud_evidence_total{event=\"sent\"}"),
         1,
@@ -202,13 +204,13 @@ async fn a_cheating_provider_is_caught_unpaid_and_avoided_by_buyers_that_got_the
         .filter(|(p, _)| *p == lp)
         .map(|(_, c)| c)
         .sum();
-    let positions = a.positions();
+    let positions = a.settlement().positions();
     assert_eq!(
         positions.get(&lp).map_or(0, |p| p.owed_to_it.0),
         owed,
         "A owes the liar exactly its countersigned charges"
     );
-    let books = liar.positions();
+    let books = liar.settlement().positions();
     let claim = books.get(&a.public_key()).map_or(0, |p| {
         let e = p.as_buyer;
         e.accrued.0 + e.invoiced.0 + e.paid.0 + e.confirmed.0 + e.settled.0

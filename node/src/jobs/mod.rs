@@ -1,6 +1,6 @@
 //! The job lifecycle between real nodes: negotiate, dispatch, execute, receipt.
 //!
-//! # Buyer side ([`crate::NodeHandle::submit`])
+//! # Buyer side ([`crate::JobsHandle::submit`])
 //! 1. The job is checked locally ([`crate::executor::check_offline`]): bad WGSL, bindings or
 //!    input files fail before any network traffic.
 //! 2. **Match**: the buyer signs a bid and ranks the asks in its book with the market engine

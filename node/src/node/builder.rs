@@ -24,7 +24,7 @@ use super::settings::{
 ///     .listen("/ip4/0.0.0.0/tcp/4001".parse()?)
 ///     .start()
 ///     .await?;
-/// println!("{:?}", node.listen_addrs().await?);
+/// println!("{:?}", node.peers().listen_addrs().await?);
 /// node.shutdown().await;
 /// # Ok(()) }
 /// ```

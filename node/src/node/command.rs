@@ -99,7 +99,7 @@ pub(crate) enum Command {
     Shutdown(oneshot::Sender<()>),
 }
 
-/// Which topic [`NodeHandle::publish_raw`](crate::node::NodeHandle::publish_raw) publishes on (testing only).
+/// Which topic [`TestingHandle::publish_raw`](crate::node::TestingHandle::publish_raw) publishes on (testing only).
 #[cfg(feature = "testing")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RawTopic {
@@ -110,7 +110,7 @@ pub enum RawTopic {
 }
 
 /// What the swarm task knows right now, in figures (cheap to read every second, whatever the
-/// book's size: see [`NodeHandle::stats`](crate::NodeHandle::stats)).
+/// book's size: see [`OpsHandle::stats`](crate::OpsHandle::stats)).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct NodeStats {
     /// Live asks in the book.

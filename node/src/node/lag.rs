@@ -1,7 +1,7 @@
 //! How long the swarm task goes without polling. A timer due every [`LAG_PROBE_EVERY`] is
 //! checked for how late it fires: a late tick means the task was busy that long (a handler, a
 //! store flush, signing, a large decode), so the worst lateness is the longest stall seen, and
-//! the distribution says how often the task stalls. `NodeHandle::loop_lag` reads it; the node
+//! the distribution says how often the task stalls. `OpsHandle::loop_lag` reads it; the node
 //! logs it when it stops.
 
 use std::sync::atomic::{AtomicU64, Ordering};

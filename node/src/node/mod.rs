@@ -41,7 +41,12 @@ pub use builder::{Node, NodeBuilder};
 #[cfg(feature = "testing")]
 pub use command::RawTopic;
 pub use command::{AskSpec, BidSpec, NodeStats};
-pub use handle::NodeHandle;
+#[cfg(feature = "testing")]
+pub use handle::TestingHandle;
+pub use handle::{
+    DurableHandle, JobsHandle, MarketHandle, NodeHandle, OpsHandle, PeersHandle, ProviderHandle,
+    SettlementHandle,
+};
 pub use lag::{LAG_PROBE_EVERY, LagSnapshot, LoopLag};
 pub use settings::*;
 pub use state::{REDIAL_FIRST, REDIAL_MAX};

@@ -58,7 +58,8 @@ pub fn is_loopback(addr: &SocketAddr) -> bool {
 async fn render(ops: &Ops) -> Result<String, StatusCode> {
     let mut out = String::with_capacity(16 * 1024);
     if let Some(node) = &ops.node {
-        node.render_metrics(&mut out)
+        node.ops()
+            .render_metrics(&mut out)
             .await
             .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
     }
@@ -178,21 +179,23 @@ async fn state_json(ops: &Ops) -> Result<Value, crate::NodeError> {
     let Some(node) = &ops.node else {
         return Err(crate::NodeError::Stopped);
     };
-    let stats = node.stats().await?;
-    let own = node.own_orders().await?;
+    let stats = node.ops().stats().await?;
+    let own = node.market().own_orders().await?;
     let cheapest = node
+        .market()
         .offers(hashgrid_market::OfferQuery {
             limit: 10,
             ..Default::default()
         })
         .await?;
     let addrs: Vec<String> = node
+        .peers()
         .listen_addrs()
         .await?
         .iter()
         .map(ToString::to_string)
         .collect();
-    let m = node.metrics();
+    let m = node.ops().metrics();
     let own_asks: Vec<Value> = own
         .iter()
         .filter_map(|o| match o {
@@ -248,11 +251,11 @@ async fn sample(node: NodeHandle) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tick.tick().await;
-        let Ok(stats) = node.stats().await else {
+        let Ok(stats) = node.ops().stats().await else {
             return;
         };
-        let t = node.metrics().totals();
-        node.metrics().activity().sample(HistoryPoint {
+        let t = node.ops().metrics().totals();
+        node.ops().metrics().activity().sample(HistoryPoint {
             t_ms: hashgrid_protocol::Timestamp::now().0,
             units_busy: t.units_busy,
             units_total: t.units_total,

@@ -31,8 +31,21 @@ pub(crate) async fn wait_for_book(node: &NodeHandle) -> Result<usize, CliError> 
     let mut last = (0usize, Instant::now());
     let mut connected: Option<Instant> = None;
     loop {
-        let n = node.book().await.map_err(CliError::node)?.asks.len();
-        if connected.is_none() && !node.peers().await.map_err(CliError::node)?.is_empty() {
+        let n = node
+            .market()
+            .book()
+            .await
+            .map_err(CliError::node)?
+            .asks
+            .len();
+        if connected.is_none()
+            && !node
+                .peers()
+                .connected()
+                .await
+                .map_err(CliError::node)?
+                .is_empty()
+        {
             connected = Some(Instant::now());
         }
         if n != last.0 {
@@ -172,8 +185,8 @@ pub(crate) async fn offers(g: &Global, args: OffersArgs) -> Result<(), CliError>
         limit: args.limit,
     };
     let result = match seen {
-        Ok(_) => match node.offers(query).await {
-            Ok(o) => node.book().await.map(|b| (o, b.capacity)),
+        Ok(_) => match node.market().offers(query).await {
+            Ok(o) => node.market().book().await.map(|b| (o, b.capacity)),
             Err(e) => Err(e),
         }
         .map_err(CliError::node),
@@ -333,7 +346,7 @@ pub(crate) async fn submit_and_wait(
     };
     let mut events = node.events();
     let started = Instant::now();
-    let id = node.submit(sub).await.map_err(|e| match e {
+    let id = node.jobs().submit(sub).await.map_err(|e| match e {
         hashgrid_node::NodeError::InvalidJob(m) => {
             CliError::bad_input(m, "fix the job and submit again")
         }
@@ -348,7 +361,7 @@ pub(crate) async fn submit_and_wait(
     loop {
         tokio::select! {
             _ = &mut ctrl_c => {
-                node.cancel_job(&id).map_err(CliError::node)?;
+                node.jobs().cancel(&id).map_err(CliError::node)?;
                 return Err(CliError::cancelled(id));
             }
             ev = events.recv() => match ev {
@@ -365,7 +378,7 @@ pub(crate) async fn submit_and_wait(
                 }
                 Ok(_) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    if node.job(&id).map_err(CliError::node)?.is_some_and(|r| r.state.is_terminal()) {
+                    if node.jobs().get(&id).map_err(CliError::node)?.is_some_and(|r| r.state.is_terminal()) {
                         break;
                     }
                 }
@@ -374,13 +387,15 @@ pub(crate) async fn submit_and_wait(
         }
     }
     let rec = node
-        .job(&id)
+        .jobs()
+        .get(&id)
         .map_err(CliError::node)?
         .ok_or_else(|| CliError::other("the job vanished from the store", "run it again"))?;
     if let JobState::Failed { kind, reason } = &rec.state {
         return Err(CliError::job_failed(*kind, reason, &rec));
     }
     let result = node
+        .jobs()
         .result(&id)
         .map_err(CliError::node)?
         .ok_or_else(|| CliError::other("the job's outputs are missing", "hashgrid status JOB"))?;
