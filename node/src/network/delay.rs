@@ -27,6 +27,19 @@ pub const LINK_DELAYS_ENV: &str = "HASHGRID_LINK_DELAYS";
 /// Most bytes a delayed connection holds in each direction before it pushes back.
 const MAX_HELD: usize = 4 << 20;
 
+/// The longest delay one link may be given: 10 s.
+pub const MAX_LINK_DELAY_MS: u64 = 10_000;
+
+/// An entry of a delay list that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{item:?}: {what}")]
+pub struct LinkDelayError {
+    /// The entry, as written.
+    pub item: String,
+    /// What is wrong with it.
+    pub what: String,
+}
+
 /// Delays by the address dialled.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LinkDelays(HashMap<SocketAddr, Duration>);
@@ -38,22 +51,26 @@ impl LinkDelays {
     }
 
     /// Parses `HOST:PORT=MS,HOST:PORT=MS,…` (empty: none).
-    pub fn parse(text: &str) -> Result<LinkDelays, String> {
+    pub fn parse(text: &str) -> Result<LinkDelays, LinkDelayError> {
         let mut pairs = Vec::new();
         for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let bad = |what| LinkDelayError {
+                item: item.to_string(),
+                what,
+            };
             let (addr, ms) = item
                 .split_once('=')
-                .ok_or_else(|| format!("{item:?}: want HOST:PORT=MS"))?;
+                .ok_or_else(|| bad("want HOST:PORT=MS".into()))?;
             let addr: SocketAddr = addr
                 .trim()
                 .parse()
-                .map_err(|e| format!("{item:?}: address: {e}"))?;
+                .map_err(|e| bad(format!("address: {e}")))?;
             let ms: u64 = ms
                 .trim()
                 .parse()
-                .map_err(|e| format!("{item:?}: milliseconds: {e}"))?;
-            if ms > 10_000 {
-                return Err(format!("{item:?}: over 10 s"));
+                .map_err(|e| bad(format!("milliseconds: {e}")))?;
+            if ms > MAX_LINK_DELAY_MS {
+                return Err(bad(format!("over {MAX_LINK_DELAY_MS} ms")));
             }
             pairs.push((addr, Duration::from_millis(ms)));
         }

@@ -21,6 +21,7 @@
 
 mod client;
 mod generate;
+mod local;
 mod market;
 mod serve;
 mod wallet;
@@ -541,11 +542,11 @@ fn main() -> ExitCode {
                 },
             ))
         }),
-        Command::Jobs => market::jobs(&g),
-        Command::Status { job } => market::status(&g, &job),
-        Command::Result { job, out } => market::result(&g, &job, &out),
-        Command::Receipts { verify } => market::receipts(&g, verify),
-        Command::Providers => market::providers(&g),
+        Command::Jobs => local::jobs(&g),
+        Command::Status { job } => local::status(&g, &job),
+        Command::Result { job, out } => local::result(&g, &job, &out),
+        Command::Receipts { verify } => local::receipts(&g, verify),
+        Command::Providers => local::providers(&g),
         Command::Wallet(WalletCommand::Address) => wallet::address(&g),
         Command::Wallet(WalletCommand::Balance) => wallet::balance(&g),
         Command::Wallet(WalletCommand::Send {

@@ -10,7 +10,6 @@ use crate::jobs::buyer::{BuyerCtx, BuyerJob};
 use crate::jobs::{JobOptions, JobRecord, JobResult, JobState, Submission};
 use crate::store::JobTree;
 
-use super::super::command::Net;
 use super::NodeHandle;
 
 /// A node's buyer jobs: submit to the market, follow, read, cancel ([`JobsHandle::list`]).
@@ -55,9 +54,7 @@ impl<'a> JobsHandle<'a> {
             s.flush()
         })?;
         let ctx = BuyerCtx {
-            net: Net {
-                tx: self.node.inner.cmd.clone(),
-            },
+            net: self.node.net(),
             key: self.node.inner.key.clone(),
             network: self.node.inner.network.clone(),
             store: self.node.inner.store.clone(),

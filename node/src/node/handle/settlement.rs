@@ -8,7 +8,6 @@ use crate::error::NodeError;
 use crate::settle::{InInvoice, OutInvoice, Position};
 use crate::store::JobTree;
 
-use super::super::command::Net;
 use super::NodeHandle;
 
 /// Settlement: positions, invoices, wallets, a pass on demand ([`NodeHandle::settlement`]).
@@ -52,10 +51,7 @@ impl<'a> SettlementHandle<'a> {
     /// Runs one settlement pass now (invoicing, chain checks, deliveries, payments) instead
     /// of waiting for the next interval.
     pub async fn pass_now(&self) {
-        let net = Net {
-            tx: self.node.inner.cmd.clone(),
-        };
-        self.node.inner.settlement.pass(&net).await;
+        self.node.inner.settlement.pass(&self.node.net()).await;
     }
 
     /// This node's buyer wallet (on-chain mode with wallet keys).
