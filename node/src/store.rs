@@ -298,7 +298,21 @@ pub struct Store {
     reputation: sled::Tree,
     /// Woken when an event is pushed.
     events_pushed: std::sync::Arc<tokio::sync::Notify>,
+    /// Sequence numbers handed out from the leased range (see [`Store::next_seq`]): the last
+    /// one and the persisted ceiling, read at first use; shared by every clone.
+    seq: std::sync::Arc<std::sync::Mutex<Option<SeqLease>>>,
 }
+
+/// What [`Store::next_seq`] keeps in memory.
+#[derive(Debug, Clone, Copy)]
+struct SeqLease {
+    last: u64,
+    ceiling: u64,
+}
+
+/// How far above the number it hands out [`Store::next_seq`] persists its ceiling: one hour of
+/// the clock's milliseconds, so re-announcements (every few minutes) flush once an hour.
+pub const SEQ_LEASE: u64 = 3_600_000;
 
 /// The trees of the job lifecycle.
 #[derive(Clone, Debug)]
@@ -421,6 +435,7 @@ impl Store {
             events: db.open_tree(TREE_EVENTS)?,
             reputation: db.open_tree(TREE_REPUTATION)?,
             events_pushed: Default::default(),
+            seq: Default::default(),
             trees: JobTrees {
                 buyer_jobs: tree(JobTree::BuyerJobs)?,
                 provider_jobs: tree(JobTree::ProviderJobs)?,
@@ -594,13 +609,40 @@ impl Store {
         })
     }
 
-    /// The next sequence number: higher than any this node signed before and at least
-    /// `floor` (the caller passes the clock in ms, so a lost store still yields fresh numbers).
-    /// Flushed before it is returned.
+    /// The next sequence number: higher than any this node signed before (also before a
+    /// crash) and at least `floor` (the caller passes the clock in ms, so a lost store still
+    /// yields fresh numbers).
+    ///
+    /// Numbers are leased: the store persists (flushed) a ceiling [`SEQ_LEASE`] above the
+    /// number it hands out and hands out numbers up to it from memory, so signing an order
+    /// or ad costs an fsync about once an hour instead of every time (the swarm task signs
+    /// re-announcements). After a restart numbering resumes above the persisted ceiling: what
+    /// was leased and not used is skipped, never reused. Safe to call from several threads.
     pub fn next_seq(&self, floor: u64) -> Result<u64, StoreError> {
-        let seq = self.counter(KEY_LAST_SEQ)?.saturating_add(1).max(floor);
-        self.meta.insert(KEY_LAST_SEQ, &seq.to_be_bytes())?;
-        self.db.flush()?;
+        let mut lease = self.seq.lock().map_err(|_| StoreError::Corrupt {
+            tree: TREE_META,
+            reason: "the sequence lease's lock was poisoned".into(),
+        })?;
+        let held = match *lease {
+            Some(l) => l,
+            None => {
+                let ceiling = self.counter(KEY_LAST_SEQ)?;
+                SeqLease {
+                    last: ceiling,
+                    ceiling,
+                }
+            }
+        };
+        let seq = held.last.saturating_add(1).max(floor);
+        let ceiling = if seq > held.ceiling {
+            let ceiling = seq.saturating_add(SEQ_LEASE);
+            self.meta.insert(KEY_LAST_SEQ, &ceiling.to_be_bytes())?;
+            self.db.flush()?;
+            ceiling
+        } else {
+            held.ceiling
+        };
+        *lease = Some(SeqLease { last: seq, ceiling });
         Ok(seq)
     }
 
@@ -723,7 +765,8 @@ mod tests {
             s.flush().unwrap();
         }
         let s = Store::open(&path).unwrap();
-        assert_eq!(s.next_seq(0).unwrap(), 12);
+        // Numbering resumes above the leased ceiling: never a number handed out before.
+        assert_eq!(s.next_seq(0).unwrap(), 10 + SEQ_LEASE + 1);
         assert_eq!(s.next_order_id().unwrap(), 2);
         assert_eq!(s.known_peers().unwrap()[0].0, peer);
     }
@@ -772,6 +815,32 @@ mod tests {
             &99u32.to_be_bytes()
         );
         assert!(meta.get(KEY_LAST_ORDER_ID).unwrap().is_some());
+    }
+
+    #[test]
+    fn sequence_numbers_are_unique_across_threads_and_rise_past_the_lease() {
+        let s = Store::temporary().unwrap();
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    (0..500)
+                        .map(|_| s.next_seq(0).unwrap())
+                        .collect::<Vec<u64>>()
+                })
+            })
+            .collect();
+        let mut all: Vec<u64> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 2000, "no number handed out twice");
+        // A clock past the ceiling moves both on.
+        let later = s.next_seq(5 * SEQ_LEASE).unwrap();
+        assert_eq!(later, 5 * SEQ_LEASE);
+        assert_eq!(s.next_seq(0).unwrap(), later + 1);
     }
 
     #[test]
