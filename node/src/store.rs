@@ -647,15 +647,16 @@ impl Store {
     }
 
     /// A fresh order id. Not flushed on its own: the caller stores the order with
-    /// [`Store::put_own_order`], whose flush covers both; an id lost in a crash before that
-    /// was never announced, so reusing it is harmless.
+    /// [`Store::put_own_order`] and flushes both before announcing it; an id lost in a crash
+    /// before that was never announced, so reusing it is harmless.
     pub fn next_order_id(&self) -> Result<u64, StoreError> {
         let id = self.counter(KEY_LAST_ORDER_ID)?.saturating_add(1);
         self.meta.insert(KEY_LAST_ORDER_ID, &id.to_be_bytes())?;
         Ok(id)
     }
 
-    /// Records (or replaces) one of this node's orders, flushed.
+    /// Records (or replaces) one of this node's orders. Not flushed: the node flushes
+    /// ([`Store::flush`], off its swarm task) before it announces the order or acknowledges it.
     pub fn put_own_order(&self, order: &OwnOrder) -> Result<(), StoreError> {
         let bytes = postcard::to_stdvec(order).map_err(|e| StoreError::Corrupt {
             tree: TREE_OWN_ORDERS,
@@ -663,14 +664,13 @@ impl Store {
         })?;
         self.own_orders
             .insert(order.order_id().to_be_bytes(), bytes)?;
-        self.db.flush()?;
         Ok(())
     }
 
-    /// Forgets one of this node's orders (cancelled or expired), flushed. Returns it.
+    /// Forgets one of this node's orders (cancelled or expired). Returns it. Not flushed:
+    /// the node flushes before it publishes the cancel or acknowledges it.
     pub fn remove_own_order(&self, order_id: u64) -> Result<Option<OwnOrder>, StoreError> {
         let old = self.own_orders.remove(order_id.to_be_bytes())?;
-        self.db.flush()?;
         old.map(|v| decode_order(&v)).transpose()
     }
 

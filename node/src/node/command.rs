@@ -84,6 +84,8 @@ pub(crate) enum Command {
     PostAsk(AskSpec, oneshot::Sender<Result<OrderRef, NodeError>>),
     PostBid(BidSpec, oneshot::Sender<Result<OrderRef, NodeError>>),
     Cancel(u64, oneshot::Sender<Result<(), NodeError>>),
+    /// The store flush an own-order change waited for is done (sent by the node to itself).
+    Flushed(Box<AfterFlush>, Result<(), NodeError>),
     Book(oneshot::Sender<BookSnapshot>),
     Stats(oneshot::Sender<NodeStats>),
     Peers(oneshot::Sender<Vec<PeerId>>),
@@ -97,6 +99,16 @@ pub(crate) enum Command {
     #[cfg(feature = "testing")]
     ServeInSync(Vec<GossipMessage>, oneshot::Sender<()>),
     Shutdown(oneshot::Sender<()>),
+}
+
+/// What the swarm task does once an own order's store write is on disk: it flushes off the
+/// task (on the blocking pool) and comes back with [`Command::Flushed`], so that no fsync
+/// stalls the swarm loop and nothing is announced or acknowledged before it is durable.
+pub(crate) enum AfterFlush {
+    /// Announce a new order and tell the caller its identity.
+    Placed(Box<OwnOrder>, oneshot::Sender<Result<OrderRef, NodeError>>),
+    /// Publish the cancel of an order and tell the caller.
+    Cancelled(u64, oneshot::Sender<Result<(), NodeError>>),
 }
 
 /// Which topic [`TestingHandle::publish_raw`](crate::node::TestingHandle::publish_raw) publishes on (testing only).

@@ -12,7 +12,7 @@ use crate::store::OwnOrder;
 use super::addr::with_peer;
 #[cfg(feature = "testing")]
 use super::command::RawTopic;
-use super::command::{AskSpec, BidSpec, Candidate, CandidateQuery, Command};
+use super::command::{AfterFlush, AskSpec, BidSpec, Candidate, CandidateQuery, Command};
 use super::settings::MAX_OWN_ORDERS;
 use super::state::{NodeLoop, WarmInputs, ms, queue_key};
 
@@ -171,14 +171,20 @@ impl NodeLoop {
                 let _ = r.send(());
             }
             Command::PostAsk(spec, r) => {
-                let _ = r.send(self.post_ask(spec));
+                let order = self.post_ask(spec);
+                self.place(order, r);
             }
             Command::PostBid(spec, r) => {
-                let _ = r.send(self.post_bid(spec));
+                let order = self.post_bid(spec);
+                self.place(order, r);
             }
-            Command::Cancel(id, r) => {
-                let _ = r.send(self.cancel(id));
-            }
+            Command::Cancel(id, r) => match self.cancel(id) {
+                Ok(()) => self.after_flush(AfterFlush::Cancelled(id, r)),
+                Err(e) => {
+                    let _ = r.send(Err(e));
+                }
+            },
+            Command::Flushed(then, flushed) => self.flushed(*then, flushed),
             Command::Book(r) => {
                 let _ = r.send(self.book.snapshot());
             }
@@ -259,13 +265,14 @@ impl NodeLoop {
     }
 
     pub(super) fn check_room(&self) -> Result<(), NodeError> {
-        if self.own.len() >= MAX_OWN_ORDERS {
+        if self.own.len() + self.placing >= MAX_OWN_ORDERS {
             return Err(NodeError::TooManyOrders(MAX_OWN_ORDERS));
         }
         Ok(())
     }
 
-    pub(super) fn post_ask(&mut self, spec: AskSpec) -> Result<OrderRef, NodeError> {
+    /// The ask `spec` asks for, with its order id, stored (not yet flushed).
+    pub(super) fn post_ask(&mut self, spec: AskSpec) -> Result<OwnOrder, NodeError> {
         self.check_room()?;
         let (now, expires_at) = self.now_and_expiry();
         let ask = Ask {
@@ -282,10 +289,11 @@ impl NodeLoop {
         };
         // Check the structure before spending an order id.
         self.check_order(&ask)?;
-        self.place(|order_id| OwnOrder::Ask(Ask { order_id, ..ask }))
+        self.store_new(|order_id| OwnOrder::Ask(Ask { order_id, ..ask }))
     }
 
-    pub(super) fn post_bid(&mut self, spec: BidSpec) -> Result<OrderRef, NodeError> {
+    /// The bid `spec` asks for, with its order id, stored (not yet flushed).
+    pub(super) fn post_bid(&mut self, spec: BidSpec) -> Result<OwnOrder, NodeError> {
         self.check_room()?;
         let (now, expires_at) = self.now_and_expiry();
         let bid = Bid {
@@ -301,7 +309,7 @@ impl NodeLoop {
             model: spec.model,
         };
         self.check_order(&bid)?;
-        self.place(|order_id| OwnOrder::Bid(Bid { order_id, ..bid }))
+        self.store_new(|order_id| OwnOrder::Bid(Bid { order_id, ..bid }))
     }
 
     /// Signs and verifies `body` as a probe: a structurally invalid order is refused before it
@@ -313,25 +321,84 @@ impl NodeLoop {
             .map_err(|e| NodeError::InvalidOrder(e.to_string()))
     }
 
-    /// Gives the order made by `make` the next order id, stores it, keeps it and announces it.
-    fn place(&mut self, make: impl FnOnce(u64) -> OwnOrder) -> Result<OrderRef, NodeError> {
+    /// Gives the order made by `make` the next order id and stores it (not yet flushed).
+    fn store_new(&mut self, make: impl FnOnce(u64) -> OwnOrder) -> Result<OwnOrder, NodeError> {
         let order_id = self.store.next_order_id()?;
         let order = make(order_id);
         self.store.put_own_order(&order)?;
-        self.own.insert(order_id, order.clone());
-        self.announce_orders(&[order])?;
-        Ok(OrderRef {
-            owner: self.public,
-            order_id,
-        })
+        Ok(order)
     }
 
+    /// Keeps and announces a stored order once the store is flushed, then answers `reply`.
+    fn place(
+        &mut self,
+        order: Result<OwnOrder, NodeError>,
+        reply: tokio::sync::oneshot::Sender<Result<OrderRef, NodeError>>,
+    ) {
+        match order {
+            Ok(order) => {
+                self.placing += 1;
+                self.after_flush(AfterFlush::Placed(Box::new(order), reply));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    /// Flushes the store on the blocking pool, then comes back with [`Command::Flushed`].
+    fn after_flush(&self, then: AfterFlush) {
+        let store = self.store.clone();
+        let tx = self.cmd_weak.clone();
+        tokio::spawn(async move {
+            let flushed = match tokio::task::spawn_blocking(move || store.flush()).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(NodeError::Store(e)),
+                Err(_) => Err(NodeError::Stopped),
+            };
+            // A node that stopped meanwhile drops `then`: its caller sees `Stopped`.
+            if let Some(tx) = tx.upgrade() {
+                let _ = tx.send(Command::Flushed(Box::new(then), flushed)).await;
+            }
+        });
+    }
+
+    /// An own-order change is on disk: announce it and answer the caller.
+    fn flushed(&mut self, then: AfterFlush, flushed: Result<(), NodeError>) {
+        match then {
+            AfterFlush::Placed(order, reply) => {
+                self.placing = self.placing.saturating_sub(1);
+                if let Err(e) = flushed {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+                let order_id = order.order_id();
+                self.own.insert(order_id, (*order).clone());
+                let announced = self.announce_orders(&[*order]).map(|()| OrderRef {
+                    owner: self.public,
+                    order_id,
+                });
+                let _ = reply.send(announced);
+            }
+            AfterFlush::Cancelled(order_id, reply) => {
+                let _ = reply.send(flushed.and_then(|()| self.publish_cancel(order_id)));
+            }
+        }
+    }
+
+    /// Forgets an own order (stored, not yet flushed) so that it is no longer re-announced;
+    /// its cancel is published once the store is flushed ([`Self::publish_cancel`]).
     pub(super) fn cancel(&mut self, order_id: u64) -> Result<(), NodeError> {
         if !self.own.contains_key(&order_id) {
             return Err(NodeError::UnknownOrder(order_id));
         }
         self.store.remove_own_order(order_id)?;
         self.own.remove(&order_id);
+        Ok(())
+    }
+
+    /// Signs, folds and publishes the cancel of an own order.
+    fn publish_cancel(&mut self, order_id: u64) -> Result<(), NodeError> {
         let (now, expires_at) = self.now_and_expiry();
         let cancel = Cancel {
             owner: self.public,

@@ -344,6 +344,7 @@ impl NodeBuilder {
             inputs: inputs.clone(),
             warm_announced: Default::default(),
             cmd_weak: cmd_tx.downgrade(),
+            placing: 0,
             pending_negotiate: HashMap::new(),
             pending_job: HashMap::new(),
             pending_blob: HashMap::new(),

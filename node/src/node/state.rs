@@ -32,6 +32,8 @@ pub(super) struct NodeLoop {
     pub(super) book: GossipBook,
     pub(super) validator: Validator,
     pub(super) own: HashMap<u64, OwnOrder>,
+    /// Own orders stored and waiting for their flush before they are kept and announced.
+    pub(super) placing: usize,
     /// Own messages whose publish failed, retried every [`PUBLISH_RETRY_INTERVAL`].
     pub(super) unpublished: Vec<GossipMessage>,
     pub(super) capacity_topic: IdentTopic,
