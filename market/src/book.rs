@@ -343,6 +343,9 @@ struct AskFilter {
     backends: Option<Vec<u8>>,
     min_mem: u64,
     min_mflops: u64,
+    /// `tier(min_mem)` and `tier(min_mflops)`, worked out once per filter.
+    mem_tier: u8,
+    flops_tier: u8,
     min_seconds: u32,
     exclude: Option<PublicKey>,
     now: u64,
@@ -350,13 +353,13 @@ struct AskFilter {
 
 impl AskFilter {
     fn bucket_ok(&self, k: &BucketKey) -> bool {
-        self.regions.as_ref().is_none_or(|r| r.contains(&k.region))
+        k.mem_tier >= self.mem_tier
+            && k.flops_tier >= self.flops_tier
+            && self.regions.as_ref().is_none_or(|r| r.contains(&k.region))
             && self
                 .backends
                 .as_ref()
                 .is_none_or(|b| b.contains(&k.backend))
-            && k.mem_tier >= tier(self.min_mem)
-            && k.flops_tier >= tier(self.min_mflops)
     }
 
     fn accepts(&self, e: &AskEntry) -> bool {
@@ -492,13 +495,17 @@ impl<P> Default for Bucket<P> {
     }
 }
 
-/// Every non-empty bucket of one side in one compact list (a merge scans the keys and reads
-/// each bucket's cached best without touching its tree), with an index by key.
+/// Every non-empty bucket of one side in one compact list, with an index by key and the
+/// buckets ordered by their best order (`by_best`), so that a merge ([`Buckets::merge`])
+/// reads buckets best first and stops once it has what it needs, instead of looking at every
+/// bucket's head for every bid.
 #[derive(Debug)]
 struct Buckets<K, P> {
     index: Map<K, usize>,
     keys: Vec<K>,
     buckets: Vec<Bucket<P>>,
+    /// (best priority, bucket index) of every bucket.
+    by_best: std::collections::BTreeSet<(P, usize)>,
 }
 
 impl<K, P> Default for Buckets<K, P> {
@@ -507,6 +514,7 @@ impl<K, P> Default for Buckets<K, P> {
             index: Map::default(),
             keys: Vec::new(),
             buckets: Vec::new(),
+            by_best: std::collections::BTreeSet::new(),
         }
     }
 }
@@ -525,7 +533,11 @@ impl<K: Copy + Eq + std::hash::Hash, P: Copy + Ord> Buckets<K, P> {
         let b = &mut self.buckets[i];
         b.orders.insert(prio, r);
         if b.best.is_none_or(|(p, _)| prio < p) {
+            if let Some((old, _)) = b.best {
+                self.by_best.remove(&(old, i));
+            }
             b.best = Some((prio, r));
+            self.by_best.insert((prio, i));
         }
     }
 
@@ -536,7 +548,11 @@ impl<K: Copy + Eq + std::hash::Hash, P: Copy + Ord> Buckets<K, P> {
         let b = &mut self.buckets[i];
         b.orders.remove(prio);
         if b.best.is_some_and(|(p, _)| p == *prio) {
+            self.by_best.remove(&(*prio, i));
             b.best = b.orders.first_key_value().map(|(p, r)| (*p, *r));
+            if let Some((p, _)) = b.best {
+                self.by_best.insert((p, i));
+            }
         }
         if b.orders.is_empty() {
             self.index.remove(key);
@@ -544,6 +560,62 @@ impl<K: Copy + Eq + std::hash::Hash, P: Copy + Ord> Buckets<K, P> {
             self.buckets.swap_remove(i);
             if let Some(moved) = self.keys.get(i) {
                 self.index.insert(*moved, i);
+                // The bucket that was last is now at `i`.
+                let last = self.keys.len();
+                if let Some((p, _)) = self.buckets[i].best {
+                    self.by_best.remove(&(p, last));
+                    self.by_best.insert((p, i));
+                }
+            }
+        }
+    }
+
+    /// Visits the orders of the buckets `ok` accepts, best first, up to `hi` inclusive,
+    /// until `visit` returns false: a lazy k-way merge that takes bucket heads in the order
+    /// of `by_best` and opens a bucket's tree only once it has taken that bucket's best.
+    fn merge(&self, hi: P, ok: impl Fn(&K) -> bool, mut visit: impl FnMut(P, OrderRef) -> bool) {
+        let mut heads = self
+            .by_best
+            .iter()
+            .take_while(|(p, _)| *p <= hi)
+            .filter(|(_, i)| ok(&self.keys[*i]));
+        let mut next_head = heads.next().copied();
+        // The next order of every opened bucket.
+        let mut heap: BinaryHeap<Reverse<(P, usize, OrderRef)>> = BinaryHeap::new();
+        let mut open: Vec<(usize, std::collections::btree_map::Range<'_, P, OrderRef>)> =
+            Vec::new();
+        loop {
+            let from_head = match (next_head, heap.peek()) {
+                (Some((p, _)), Some(Reverse((q, ..)))) => p < *q,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (None, None) => return,
+            };
+            let (p, r) = if from_head {
+                let Some((p, i)) = next_head else { return };
+                next_head = heads.next().copied();
+                let b = &self.buckets[i];
+                let Some((_, r)) = b.best else { continue };
+                let mut it = b.orders.range(p..=hi);
+                it.next();
+                if let Some((p2, r2)) = it.next() {
+                    heap.push(Reverse((*p2, i, *r2)));
+                }
+                open.push((i, it));
+                (p, r)
+            } else {
+                let Some(Reverse((p, i, r))) = heap.pop() else {
+                    return;
+                };
+                if let Some((_, it)) = open.iter_mut().find(|(j, _)| *j == i)
+                    && let Some((p2, r2)) = it.next()
+                {
+                    heap.push(Reverse((*p2, i, *r2)));
+                }
+                (p, r)
+            };
+            if !visit(p, r) {
+                return;
             }
         }
     }
@@ -1136,6 +1208,8 @@ impl OrderBook {
                 .then(|| req.backends.iter().map(|b| backend_id(*b)).collect()),
             min_mem: req.min_memory_bytes,
             min_mflops: req.min_mflops,
+            mem_tier: tier(req.min_memory_bytes),
+            flops_tier: tier(req.min_mflops),
             min_seconds,
             exclude,
             now: now_ms,
@@ -1151,44 +1225,8 @@ impl OrderBook {
                 _ => true,
             }
         };
-        // A lazy k-way merge: each qualifying bucket enters with its best ask (no range
-        // built), and a bucket's range is built only once the merge takes from it; a bid
-        // that wants a few units touches a few buckets of the many it allows.
-        let ab = &self.ask_buckets;
-        let heads: Vec<Reverse<(AskPrio, usize, OrderRef)>> = ab
-            .keys
-            .iter()
-            .zip(&ab.buckets)
-            .enumerate()
-            .filter(|(_, (k, _))| f.bucket_ok(k))
-            .filter_map(|(i, (_, b))| {
-                let (p, r) = b.best?;
-                (p <= hi).then_some(Reverse((p, i, r)))
-            })
-            .collect();
-        let mut heap = BinaryHeap::from(heads);
-        // The buckets the merge has taken from, with their cursors (a few, searched linearly).
-        let mut open: Vec<(
-            usize,
-            std::collections::btree_map::Range<'_, AskPrio, OrderRef>,
-        )> = Vec::new();
-        while let Some(Reverse((p, i, r))) = heap.pop() {
-            if !check(&r) {
-                return;
-            }
-            let k = match open.iter().position(|(j, _)| *j == i) {
-                Some(k) => k,
-                None => {
-                    let mut it = ab.buckets[i].orders.range(p..=hi);
-                    it.next();
-                    open.push((i, it));
-                    open.len() - 1
-                }
-            };
-            if let Some((p, r)) = open[k].1.next() {
-                heap.push(Reverse((*p, i, *r)));
-            }
-        }
+        self.ask_buckets
+            .merge(hi, |k| f.bucket_ok(k), |_, r| check(&r));
     }
 
     /// Plans which asks serve `want` units, honouring the reputation tie-break within groups
@@ -1240,59 +1278,30 @@ impl OrderBook {
         let (backend, mem_tier, flops_tier) =
             (a.bucket.backend, a.bucket.mem_tier, a.bucket.flops_tier);
         // The same lazy merge as `scan_asks`, over the bid buckets this ask could serve:
-        // most asks cross no resting bid, and cost one look at each bucket's cached best.
-        let bi = &self.bid_index;
-        let heads: Vec<Reverse<(BidPrio, usize, OrderRef)>> = bi
-            .keys
-            .iter()
-            .zip(&bi.buckets)
-            .enumerate()
-            .filter(|(_, (k, _))| {
+        // most asks cross no resting bid, and cost one look at the best bucket heads.
+        let mut planner = Planner::units(a.remaining);
+        self.bid_index.merge(
+            hi,
+            |k| {
                 k.region.is_none_or(|r| r == region)
                     && k.backend.is_none_or(|b| b == backend)
                     && k.mem_tier <= mem_tier
                     && k.flops_tier <= flops_tier
-            })
-            .filter_map(|(i, (_, b))| {
-                let (p, r) = b.best?;
-                (p <= hi).then_some(Reverse((p, i, r)))
-            })
-            .collect();
-        if heads.is_empty() {
-            return Vec::new();
-        }
-        let mut heap = BinaryHeap::from(heads);
-        let mut open: Vec<(
-            usize,
-            std::collections::btree_map::Range<'_, BidPrio, OrderRef>,
-        )> = Vec::new();
-        let mut planner = Planner::units(a.remaining);
-        while let Some(Reverse((p, i, r))) = heap.pop() {
-            let k = match open.iter().position(|(j, _)| *j == i) {
-                Some(k) => k,
-                None => {
-                    let mut it = bi.buckets[i].orders.range(p..=hi);
-                    it.next();
-                    open.push((i, it));
-                    open.len() - 1
-                }
-            };
-            if let Some((p2, r2)) = open[k].1.next() {
-                heap.push(Reverse((*p2, i, *r2)));
-            }
-            let Some(e) = self.bids.get(&r) else { continue };
-            if accepts(e)
-                && !planner.offer(
-                    (p.0.0, p.1),
-                    rep.score(&e.bid.buyer),
-                    e.arrival,
-                    r,
-                    e.remaining,
-                )
-            {
-                break;
-            }
-        }
+            },
+            |p, r| {
+                let Some(e) = self.bids.get(&r) else {
+                    return true;
+                };
+                !(accepts(e)
+                    && !planner.offer(
+                        (p.0.0, p.1),
+                        rep.score(&e.bid.buyer),
+                        e.arrival,
+                        r,
+                        e.remaining,
+                    ))
+            },
+        );
         planner.finish()
     }
 
