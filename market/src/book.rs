@@ -1292,14 +1292,14 @@ impl OrderBook {
                 let Some(e) = self.bids.get(&r) else {
                     return true;
                 };
-                !(accepts(e)
-                    && !planner.offer(
+                !accepts(e)
+                    || planner.offer(
                         (p.0.0, p.1),
                         rep.score(&e.bid.buyer),
                         e.arrival,
                         r,
                         e.remaining,
-                    ))
+                    )
             },
         );
         planner.finish()
