@@ -248,8 +248,7 @@ type BidPrio = (Reverse<u64>, u64, u64);
 
 #[derive(Debug, Clone)]
 struct AskEntry {
-    /// Boxed: entries move (map growth, matching) far more often than asks are read.
-    ask: Box<Ask>,
+    ask: Ask,
     remaining: u32,
     time: u64,
     arrival: u64,
@@ -264,7 +263,7 @@ impl AskEntry {
 
 #[derive(Debug, Clone)]
 struct BidEntry {
-    bid: Box<Bid>,
+    bid: Bid,
     remaining: u32,
     time: u64,
     arrival: u64,
@@ -482,8 +481,9 @@ impl Planner {
 /// The orders of one bucket by priority, with the best cached for the merges.
 #[derive(Debug)]
 struct Bucket<P> {
-    orders: BTreeMap<P, OrderRef>,
-    best: Option<(P, OrderRef)>,
+    /// Slot indices in the side's [`Slab`], by priority.
+    orders: BTreeMap<P, Slot>,
+    best: Option<(P, Slot)>,
 }
 
 impl<P> Default for Bucket<P> {
@@ -492,6 +492,86 @@ impl<P> Default for Bucket<P> {
             orders: BTreeMap::new(),
             best: None,
         }
+    }
+}
+
+/// A slot in a [`Slab`].
+type Slot = u32;
+
+/// One side's live entries in slots of a vector, with an index by order identity: the
+/// buckets' trees hold 4-byte slot numbers (not 40-byte order identities) and a merge reads an
+/// entry by its slot without hashing its key. A freed slot is reused; a tree entry is removed
+/// with its order, so no tree ever names a freed slot.
+#[derive(Debug)]
+struct Slab<E> {
+    index: Map<OrderRef, Slot>,
+    slots: Vec<Option<(OrderRef, E)>>,
+    free: Vec<Slot>,
+}
+
+impl<E> Default for Slab<E> {
+    fn default() -> Self {
+        Slab {
+            index: Map::default(),
+            slots: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+}
+
+impl<E> Slab<E> {
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    fn slot(&self, r: &OrderRef) -> Option<Slot> {
+        self.index.get(r).copied()
+    }
+
+    fn contains_key(&self, r: &OrderRef) -> bool {
+        self.index.contains_key(r)
+    }
+
+    fn get(&self, r: &OrderRef) -> Option<&E> {
+        self.at(self.slot(r)?)
+    }
+
+    fn get_mut(&mut self, r: &OrderRef) -> Option<&mut E> {
+        let i = self.slot(r)?;
+        self.slots.get_mut(i as usize)?.as_mut().map(|(_, e)| e)
+    }
+
+    fn at(&self, i: Slot) -> Option<&E> {
+        self.slots.get(i as usize)?.as_ref().map(|(_, e)| e)
+    }
+
+    /// Stores an entry for `r` (which must not be present) and returns its slot.
+    fn insert(&mut self, r: OrderRef, e: E) -> Slot {
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = Some((r, e));
+                i
+            }
+            None => {
+                // At most `Limits::max_orders` live entries, far below u32::MAX.
+                let i = Slot::try_from(self.slots.len()).unwrap_or(Slot::MAX);
+                self.slots.push(Some((r, e)));
+                i
+            }
+        };
+        self.index.insert(r, i);
+        i
+    }
+
+    fn remove(&mut self, r: &OrderRef) -> Option<E> {
+        let i = self.index.remove(r)?;
+        let (_, e) = self.slots.get_mut(i as usize)?.take()?;
+        self.free.push(i);
+        Some(e)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &E> {
+        self.slots.iter().filter_map(|s| s.as_ref().map(|(_, e)| e))
     }
 }
 
@@ -520,7 +600,7 @@ impl<K, P> Default for Buckets<K, P> {
 }
 
 impl<K: Copy + Eq + std::hash::Hash, P: Copy + Ord> Buckets<K, P> {
-    fn insert(&mut self, key: K, prio: P, r: OrderRef) {
+    fn insert(&mut self, key: K, prio: P, r: Slot) {
         let i = match self.index.get(&key) {
             Some(&i) => i,
             None => {
@@ -573,7 +653,7 @@ impl<K: Copy + Eq + std::hash::Hash, P: Copy + Ord> Buckets<K, P> {
     /// Visits the orders of the buckets `ok` accepts, best first, up to `hi` inclusive,
     /// until `visit` returns false: a lazy k-way merge that takes bucket heads in the order
     /// of `by_best` and opens a bucket's tree only once it has taken that bucket's best.
-    fn merge(&self, hi: P, ok: impl Fn(&K) -> bool, mut visit: impl FnMut(P, OrderRef) -> bool) {
+    fn merge(&self, hi: P, ok: impl Fn(&K) -> bool, mut visit: impl FnMut(P, Slot) -> bool) {
         let mut heads = self
             .by_best
             .iter()
@@ -581,9 +661,8 @@ impl<K: Copy + Eq + std::hash::Hash, P: Copy + Ord> Buckets<K, P> {
             .filter(|(_, i)| ok(&self.keys[*i]));
         let mut next_head = heads.next().copied();
         // The next order of every opened bucket.
-        let mut heap: BinaryHeap<Reverse<(P, usize, OrderRef)>> = BinaryHeap::new();
-        let mut open: Vec<(usize, std::collections::btree_map::Range<'_, P, OrderRef>)> =
-            Vec::new();
+        let mut heap: BinaryHeap<Reverse<(P, usize, Slot)>> = BinaryHeap::new();
+        let mut open: Vec<(usize, std::collections::btree_map::Range<'_, P, Slot>)> = Vec::new();
         loop {
             let from_head = match (next_head, heap.peek()) {
                 (Some((p, _)), Some(Reverse((q, ..)))) => p < *q,
@@ -651,8 +730,8 @@ impl Default for Limits {
 #[derive(Debug, Default)]
 pub struct OrderBook {
     limits: Limits,
-    asks: Map<OrderRef, AskEntry>,
-    bids: Map<OrderRef, BidEntry>,
+    asks: Slab<AskEntry>,
+    bids: Slab<BidEntry>,
     ask_buckets: Buckets<BucketKey, AskPrio>,
     /// Resting bids by bucket.
     bid_index: Buckets<BidBucket, BidPrio>,
@@ -717,7 +796,7 @@ impl OrderBook {
     /// A live ask.
     pub fn ask(&self, r: &OrderRef) -> Option<RestingAsk> {
         self.asks.get(r).map(|e| RestingAsk {
-            ask: (*e.ask).clone(),
+            ask: e.ask.clone(),
             remaining: e.remaining,
         })
     }
@@ -725,7 +804,7 @@ impl OrderBook {
     /// A live bid.
     pub fn bid(&self, r: &OrderRef) -> Option<RestingBid> {
         self.bids.get(r).map(|e| RestingBid {
-            bid: (*e.bid).clone(),
+            bid: e.bid.clone(),
             remaining: e.remaining,
         })
     }
@@ -848,7 +927,7 @@ impl OrderBook {
         };
         let entry = AskEntry {
             remaining: ask.units,
-            ask: Box::new(ask),
+            ask,
             time: now_ms,
             arrival,
             bucket,
@@ -857,15 +936,15 @@ impl OrderBook {
     }
 
     fn rest_ask_entry(&mut self, r: OrderRef, entry: AskEntry) {
-        let prio = entry.prio();
-        self.ask_buckets.insert(entry.bucket, prio, r);
+        let (prio, bucket) = (entry.prio(), entry.bucket);
         self.expiry.push(Reverse((
             entry.ask.expires_at.0,
             entry.arrival,
             Side::Ask,
             r,
         )));
-        self.asks.insert(r, entry);
+        let slot = self.asks.insert(r, entry);
+        self.ask_buckets.insert(bucket, prio, slot);
     }
 
     /// Adds (or replaces, by higher `seq`) a bid and matches it against resting asks.
@@ -966,7 +1045,7 @@ impl OrderBook {
         let arrival = self.next_arrival();
         let entry = BidEntry {
             remaining: bid.units,
-            bid: Box::new(bid),
+            bid,
             time: now_ms,
             arrival,
             buckets,
@@ -976,16 +1055,18 @@ impl OrderBook {
 
     fn rest_bid_entry(&mut self, r: OrderRef, entry: BidEntry) {
         let prio = entry.prio();
-        for b in &entry.buckets {
-            self.bid_index.insert(*b, prio, r);
-        }
         self.expiry.push(Reverse((
             entry.bid.expires_at.0,
             entry.arrival,
             Side::Bid,
             r,
         )));
-        self.bids.insert(r, entry);
+        let slot = self.bids.insert(r, entry);
+        if let Some(e) = self.bids.at(slot) {
+            for b in &e.buckets {
+                self.bid_index.insert(*b, prio, slot);
+            }
+        }
     }
 
     /// Applies a cancel: removes the order if the cancel is newer than it, and remembers the
@@ -1219,14 +1300,14 @@ impl OrderBook {
     /// Visits qualifying asks in priority order (price, time, arrival) until `visit` says stop.
     fn scan_asks<'a>(&'a self, f: &AskFilter, mut visit: impl FnMut(&'a AskEntry) -> bool) {
         let hi = (f.max_price, u64::MAX, u64::MAX);
-        let mut check = |r: &OrderRef| -> bool {
-            match self.asks.get(r) {
+        let mut check = |slot: Slot| -> bool {
+            match self.asks.at(slot) {
                 Some(e) if f.accepts(e) => visit(e),
                 _ => true,
             }
         };
         self.ask_buckets
-            .merge(hi, |k| f.bucket_ok(k), |_, r| check(&r));
+            .merge(hi, |k| f.bucket_ok(k), |_, slot| check(slot));
     }
 
     /// Plans which asks serve `want` units, honouring the reputation tie-break within groups
@@ -1288,8 +1369,8 @@ impl OrderBook {
                     && k.mem_tier <= mem_tier
                     && k.flops_tier <= flops_tier
             },
-            |p, r| {
-                let Some(e) = self.bids.get(&r) else {
+            |p, slot| {
+                let Some(e) = self.bids.at(slot) else {
                     return true;
                 };
                 !accepts(e)
@@ -1297,7 +1378,7 @@ impl OrderBook {
                         (p.0.0, p.1),
                         rep.score(&e.bid.buyer),
                         e.arrival,
-                        r,
+                        e.bid.order_ref(),
                         e.remaining,
                     )
             },
@@ -1397,7 +1478,7 @@ impl OrderBook {
             .into_iter()
             .take(limit)
             .map(|(_, e)| RestingAsk {
-                ask: (*e.ask).clone(),
+                ask: e.ask.clone(),
                 remaining: e.remaining,
             })
             .collect()
@@ -1417,7 +1498,7 @@ impl OrderBook {
         match q.sort {
             OfferSort::Price => self.scan_asks(&f, |e| {
                 out.push(RestingAsk {
-                    ask: (*e.ask).clone(),
+                    ask: e.ask.clone(),
                     remaining: e.remaining,
                 });
                 out.len() < limit
@@ -1445,7 +1526,7 @@ impl OrderBook {
                         .then(a.prio().cmp(&b.prio()))
                 });
                 out.extend(all.into_iter().take(limit).map(|e| RestingAsk {
-                    ask: (*e.ask).clone(),
+                    ask: e.ask.clone(),
                     remaining: e.remaining,
                 }));
             }
@@ -1473,7 +1554,7 @@ impl OrderBook {
         all.sort_by_key(|e| e.prio());
         all.into_iter()
             .map(|e| RestingAsk {
-                ask: (*e.ask).clone(),
+                ask: e.ask.clone(),
                 remaining: e.remaining,
             })
             .collect()
@@ -1485,7 +1566,7 @@ impl OrderBook {
         all.sort_by_key(|e| e.prio());
         all.into_iter()
             .map(|e| RestingBid {
-                bid: (*e.bid).clone(),
+                bid: e.bid.clone(),
                 remaining: e.remaining,
             })
             .collect()
