@@ -86,9 +86,9 @@ async fn mute_provider(buyer_addr: Multiaddr, price: u64, proposals: Arc<AtomicU
             libp2p::yamux::Config::default,
         )
         .unwrap()
-        .with_behaviour(|id| Mute {
+        .with_behaviour(|_| Mute {
             gossipsub: gossipsub::Behaviour::new(
-                MessageAuthenticity::Signed(id.clone()),
+                MessageAuthenticity::Anonymous,
                 gossip_config(TEST_HEARTBEAT).unwrap(),
             )
             .unwrap(),
