@@ -170,6 +170,9 @@ pub struct SiteConfig {
     pub region: String,
     /// mDNS discovery on the LAN (default true).
     pub mdns: bool,
+    /// Serve the DHT (Kademlia server mode) for the nodes that bootstrap from this one: for
+    /// seed nodes (default false: ask the DHT, do not answer it).
+    pub dht_server: bool,
     /// GPU units offered per GPU entry (default 1).
     pub units: u32,
     /// Longest job accepted, in seconds (default 3600).
@@ -281,6 +284,7 @@ impl Default for SiteConfig {
             bootstrap: Vec::new(),
             region: "unknown".into(),
             mdns: true,
+            dht_server: false,
             units: 1,
             max_job_seconds: 3600,
             order_ttl_secs: DEFAULT_ORDER_TTL.as_secs(),
@@ -317,6 +321,8 @@ pub struct Overrides {
     pub units: Option<u32>,
     /// `--no-mdns`.
     pub no_mdns: bool,
+    /// `--dht-server`.
+    pub dht_server: bool,
     /// `--no-gpu`: do not detect or sell a local GPU (relay-only unless `[[gpus]]` are given).
     pub no_gpu: bool,
     /// `--metrics ADDR`.
@@ -374,6 +380,9 @@ impl SiteConfig {
         if o.no_mdns {
             self.mdns = false;
         }
+        if o.dht_server {
+            self.dht_server = true;
+        }
         if o.no_gpu {
             self.detect_gpu = false;
         }
@@ -401,6 +410,7 @@ impl SiteConfig {
         check("bootstrap", self.bootstrap != running.bootstrap);
         check("region", self.region != running.region);
         check("mdns", self.mdns != running.mdns);
+        check("dht_server", self.dht_server != running.dht_server);
         check("units", self.units != running.units);
         check(
             "order_ttl_secs",
@@ -477,6 +487,7 @@ impl SiteConfig {
             )
             .region(self.region.clone())
             .mdns(self.mdns)
+            .dht_server(self.dht_server)
             .units(
                 self.units
                     .saturating_mul(u32::try_from(self.gpu_profiles().len()).unwrap_or(u32::MAX)),

@@ -1,10 +1,10 @@
-//! Discovery beyond the bootstrap peer (Kademlia random walk) and the node's lifecycle: the
-//! last dropped handle stops it.
+//! Discovery beyond the bootstrap peer (Kademlia random walk among DHT servers; sites' capacity
+//! ads for every node) and the node's lifecycle: the last dropped handle stops it.
 
 use std::time::{Duration, Instant};
 
 use hashgrid_node::NodeEvent;
-use hashgrid_tests::{addr_of, test_builder, wait_for_peers};
+use hashgrid_tests::{addr_of, gpu, test_builder, wait_for_peers};
 
 /// Bound on every wait.
 const LIMIT: Duration = Duration::from_secs(10);
@@ -14,13 +14,19 @@ const WALK: Duration = Duration::from_millis(300);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kademlia_finds_peers_beyond_the_bootstrap_node() -> anyhow::Result<()> {
-    let seed = test_builder(&[]).kad_walk_interval(WALK).start().await?;
+    // Nodes that serve the DHT (seeds), and no capacity ads: the DHT alone finds the peers.
+    let seed = test_builder(&[])
+        .kad_walk_interval(WALK)
+        .dht_server(true)
+        .start()
+        .await?;
     let seed_addr = addr_of(&seed).await?;
     let mut others = Vec::new();
     for _ in 0..4 {
         others.push(
             test_builder(std::slice::from_ref(&seed_addr))
                 .kad_walk_interval(WALK)
+                .dht_server(true)
                 .start()
                 .await?,
         );
@@ -30,6 +36,34 @@ async fn kademlia_finds_peers_beyond_the_bootstrap_node() -> anyhow::Result<()> 
         wait_for_peers(n, 4, LIMIT).await?;
     }
     for n in others.iter().chain([&seed]) {
+        n.shutdown().await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sites_keep_their_target_of_peers_from_capacity_ads() -> anyhow::Result<()> {
+    // Default nodes (DHT clients), each told only the seed: they find each other through the
+    // capacity ads that reach them by gossip, and dial until they have their target of peers.
+    let seed = test_builder(&[]).start().await?;
+    let seed_addr = addr_of(&seed).await?;
+    let mut sites = Vec::new();
+    for i in 0..5 {
+        sites.push(
+            test_builder(std::slice::from_ref(&seed_addr))
+                .gpu_profiles(vec![gpu(&format!("gpu-{i}"))])
+                .target_peers(3)
+                .start()
+                .await?,
+        );
+    }
+    for s in &sites {
+        wait_for_peers(s, 3, LIMIT).await?;
+    }
+    // A target is a floor for dialling, not a cap: nobody dialled more than it needed, and
+    // the seed, dialled by all, took every inbound connection.
+    assert!(seed.peers().connected().await?.len() >= 5);
+    for n in sites.iter().chain([&seed]) {
         n.shutdown().await;
     }
     Ok(())

@@ -74,6 +74,10 @@ enum Command {
         /// Disable mDNS discovery on the local network.
         #[arg(long)]
         no_mdns: bool,
+        /// Serve the DHT (Kademlia server mode) to the nodes that bootstrap from this one: for
+        /// seed nodes. Other nodes only ask it.
+        #[arg(long)]
+        dht_server: bool,
         /// Do not detect and sell this machine's GPU (relay-only unless [[gpus]] are configured).
         #[arg(long)]
         no_gpu: bool,
@@ -341,6 +345,7 @@ async fn main() -> anyhow::Result<()> {
             price,
             units,
             no_mdns,
+            dht_server,
             no_gpu,
             metrics,
             dashboard,
@@ -358,6 +363,7 @@ async fn main() -> anyhow::Result<()> {
                 price,
                 units,
                 no_mdns,
+                dht_server,
                 no_gpu,
                 metrics,
                 dashboard,

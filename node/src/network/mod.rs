@@ -3,7 +3,8 @@
 //!
 //! # Transports and protocols
 //! TCP (dialling from fresh ports, see [`tcp`]) and QUIC (v1), noise, yamux; identify (`/hashgrid/id/1.0.0`), ping, Kademlia
-//! (`/hashgrid/kad/1.0.0`, server mode, bootstrap peers plus a periodic random walk),
+//! (`/hashgrid/kad/1.0.0`: client mode unless the node is a seed, `NodeBuilder::dht_server`;
+//! bootstrap peers plus a periodic random walk),
 //! optional mDNS, connection limits, gossipsub and the sync request-response protocol.
 //!
 //! # Gossipsub
@@ -225,6 +226,8 @@ pub(crate) struct Behaviour {
 pub(crate) struct BehaviourSettings {
     pub(crate) heartbeat: Duration,
     pub(crate) mdns: bool,
+    /// Answer Kademlia queries (a seed), or only ask them.
+    pub(crate) dht_server: bool,
     /// Shared by the codecs of every request-response protocol.
     pub(crate) inbound: std::sync::Arc<exchange::InboundBudget>,
 }
@@ -246,9 +249,15 @@ impl Behaviour {
         kad_config.set_periodic_bootstrap_interval(None);
         let mut kad =
             kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
-        // Site nodes are reachable servers; without this, nodes that have not confirmed an
-        // external address (e.g. on loopback) would not answer DHT queries.
-        kad.set_mode(Some(kad::Mode::Server));
+        // DHT servers are set explicitly (a seed's operator says so; without it, nodes that
+        // have not confirmed an external address, e.g. on loopback, would not answer either).
+        // Everyone else is a client: it asks the servers for peers but is not asked, so a
+        // network of clients does not turn every lookup into a connection to every node.
+        kad.set_mode(Some(if settings.dht_server {
+            kad::Mode::Server
+        } else {
+            kad::Mode::Client
+        }));
 
         let mdns = if settings.mdns {
             Some(

@@ -87,6 +87,7 @@ impl NodeLoop {
                 _ = reannounce.tick() => self.announce_all(),
                 _ = entropy.tick() => {
                     self.redial_bootstrap();
+                    self.fill_peers();
                     self.pull_random_peer();
                     if !entropy_slow && started.elapsed() >= ANTI_ENTROPY_FAST_FOR {
                         entropy_slow = true;
@@ -163,6 +164,53 @@ impl NodeLoop {
     }
 
     /// Pulls the book of one random connected peer (anti-entropy).
+    /// While fewer than the target peers are connected, dials sites this node knows from
+    /// their capacity ads (random ones, not connected, not marked down, not already being
+    /// dialled), up to the shortfall. Runs with the anti-entropy timer: every 500 ms at start,
+    /// every 30 s after.
+    pub(super) fn fill_peers(&mut self) {
+        let target = self.settings.target_peers;
+        let connected = self.swarm.connected_peers().count();
+        let pending = self
+            .swarm
+            .network_info()
+            .connection_counters()
+            .num_pending_outgoing() as usize;
+        if connected + pending >= target {
+            return;
+        }
+        let mut known: Vec<(PeerId, Vec<libp2p::Multiaddr>)> = self
+            .book
+            .capacity_ads()
+            .filter(|ad| ad.provider != self.public && !self.is_down(&ad.provider))
+            .filter_map(|ad| {
+                let peer = crate::jobs::peer_of(&ad.provider)?;
+                let addrs: Vec<libp2p::Multiaddr> =
+                    ad.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+                (!self.swarm.is_connected(&peer) && !addrs.is_empty()).then_some((peer, addrs))
+            })
+            .collect();
+        // A random few: every node filling from the same book must not pick the same sites.
+        let mut seed = Timestamp::now().0
+            ^ u64::from_le_bytes(self.public.0[..8].try_into().unwrap_or([0; 8]));
+        for i in (1..known.len()).rev() {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let j = usize::try_from((seed >> 33) % (i as u64 + 1)).unwrap_or(0);
+            known.swap(i, j);
+        }
+        for (peer, addrs) in known.into_iter().take(target - connected - pending) {
+            let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .condition(libp2p::swarm::dial_opts::PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            if let Err(e) = self.swarm.dial(opts) {
+                debug!(%peer, error = %e, "could not dial a site from its ad");
+            }
+        }
+    }
+
     /// Dials the bootstrap peers again if this node has no peer (see [`Redial`]).
     pub(super) fn redial_bootstrap(&mut self) {
         let now = tokio::time::Instant::now();

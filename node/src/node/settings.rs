@@ -52,6 +52,12 @@ pub const PUBLISH_RETRY_INTERVAL: Duration = Duration::from_millis(200);
 /// How often the node looks up a random key in the DHT to discover more peers.
 pub const DEFAULT_KAD_WALK_INTERVAL: Duration = Duration::from_secs(30);
 
+/// How many peers a node keeps connected by dialling sites from their capacity ads (the way a
+/// Bitcoin node keeps eight outbound connections from the addresses it has heard of): enough
+/// for gossipsub's mesh (6) and a spare, few enough that a network starting together does not
+/// connect every pair of nodes. Inbound connections are not limited by it.
+pub const DEFAULT_TARGET_PEERS: usize = 8;
+
 /// Start of the error of a request whose peer could not be dialled. A dial also fails at once
 /// when another dial to the same peer is in flight, or while a restarted peer's new address is
 /// still on its way: job requests to an agreed provider are tried again [`DIAL_RETRIES`] times,

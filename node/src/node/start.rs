@@ -95,6 +95,7 @@ impl NodeBuilder {
         let settings = BehaviourSettings {
             heartbeat: self.heartbeat,
             mdns: self.mdns,
+            dht_server: self.dht_server,
             inbound: inbound.clone(),
         };
         let link_delays = self.link_delays.clone();
