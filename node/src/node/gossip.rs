@@ -13,7 +13,7 @@ use crate::store::OwnOrder;
 use hashgrid_market::{BookChange, BookReject, RemoveReason};
 
 use super::addr::with_peer;
-use super::settings::MAX_UNPUBLISHED;
+use super::settings::{MAX_UNPUBLISHED, RELAY_FRESH};
 use super::state::{NodeLoop, Warm, queue_key};
 
 impl NodeLoop {
@@ -296,6 +296,23 @@ impl NodeLoop {
             .report_message_validation_result(&id, &from, acceptance);
     }
 
+    /// Gossips a fresh message this node learnt by sync rather than by gossip (a site that
+    /// just joined, whose first ask reached only the peers that pulled its book): gossip
+    /// messages are anonymous and content-addressed, so any node may publish an author's
+    /// signed envelope, and peers that have it already drop the copy as a duplicate. Not
+    /// retried: it is a shortcut, the gossip mesh and anti-entropy get it there anyway.
+    fn relay(&mut self, msg: GossipMessage) {
+        let topic = self.topic_for(&msg);
+        if let Err(e) = self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(topic, msg.encode())
+        {
+            debug!(error = %e, "relay of a message learnt by sync not sent");
+        }
+    }
+
     pub(super) fn reject(&self, from: PeerId, reason: String) {
         info!(%from, %reason, "message rejected");
         self.emit(NodeEvent::MessageRejected { from, reason });
@@ -313,8 +330,22 @@ impl NodeLoop {
             }
             match self.validator.check_message(msg, now, false) {
                 Verdict::Accept(accepted) => {
+                    let created = match &accepted.1 {
+                        VerifiedGossip::Ask(a) => Some(a.created_at),
+                        VerifiedGossip::Bid(b) => Some(b.created_at),
+                        VerifiedGossip::Cancel(c) => Some(c.created_at),
+                        VerifiedGossip::Capacity(c) => Some(c.created_at),
+                        VerifiedGossip::Evidence(_) => None,
+                    };
+                    let fresh = created.is_some_and(|t| {
+                        now.0.saturating_sub(t.0) <= RELAY_FRESH.as_millis() as u64
+                    });
+                    let relay = fresh.then(|| accepted.0.clone());
                     if self.fold(accepted.0, accepted.1).is_ok() {
                         added += 1;
+                        if let Some(msg) = relay {
+                            self.relay(msg);
+                        }
                     }
                 }
                 Verdict::Ignore(_) => {}

@@ -52,6 +52,11 @@ pub const PUBLISH_RETRY_INTERVAL: Duration = Duration::from_millis(200);
 /// How often the node looks up a random key in the DHT to discover more peers.
 pub const DEFAULT_KAD_WALK_INTERVAL: Duration = Duration::from_secs(30);
 
+/// A message learnt by sync is gossiped on by the node that learnt it when it was signed at
+/// most this long ago: a site that just joined is known quickly everywhere, old orders are
+/// left to anti-entropy.
+pub const RELAY_FRESH: Duration = Duration::from_secs(5);
+
 /// How many peers a node keeps connected by dialling sites from their capacity ads (the way a
 /// Bitcoin node keeps eight outbound connections from the addresses it has heard of): enough
 /// for gossipsub's mesh (6) and a spare, few enough that a network starting together does not
