@@ -1,13 +1,14 @@
 //! The node's sled store in its data dir: its own live orders (so a restarted node
-//! re-announces what it still offers), the last sequence number it signed, and the addresses
-//! of peers it has met (so it can rejoin without bootstrap peers).
+//! re-announces what it still offers), the ceiling of the sequence numbers it may sign (a
+//! lease, [`Store::next_seq`]), and the addresses of peers it has met (so it can rejoin
+//! without bootstrap peers).
 //!
 //! The job lifecycle keeps its state machines here too ([`JobTree`]): submitted jobs, accepted
 //! jobs, the provider's receipt chain, countersigned receipts and output blobs.
 //!
 //! The identity itself is the key file next to the store ([`crate::DataDir::identity_path`]).
-//! Writes that matter (an order posted or cancelled, a sequence number used) are flushed
-//! before the operation is acknowledged to the caller.
+//! Writes that matter (an order posted or cancelled, a sequence number leased) are flushed
+//! before the operation is acknowledged to the caller or announced.
 //!
 //! **Schema versions.** Records are postcard encodings of Rust types, which have no field tags:
 //! a field added to a stored type makes every existing record unreadable. So the store records
@@ -306,8 +307,12 @@ pub struct Store {
 /// What [`Store::next_seq`] keeps in memory.
 #[derive(Debug, Clone, Copy)]
 struct SeqLease {
+    /// The last number handed out.
     last: u64,
+    /// The ceiling known to be on disk.
     ceiling: u64,
+    /// The highest ceiling written to the tree (on disk after the next flush).
+    written: u64,
 }
 
 /// How far above the number it hands out [`Store::next_seq`] persists its ceiling: one hour of
@@ -615,35 +620,85 @@ impl Store {
     ///
     /// Numbers are leased: the store persists (flushed) a ceiling [`SEQ_LEASE`] above the
     /// number it hands out and hands out numbers up to it from memory, so signing an order
-    /// or ad costs an fsync about once an hour instead of every time (the swarm task signs
-    /// re-announcements). After a restart numbering resumes above the persisted ceiling: what
-    /// was leased and not used is skipped, never reused. Safe to call from several threads.
+    /// or ad needs no fsync (the swarm task signs re-announcements); the node extends the
+    /// lease off that task once half of it is used ([`Store::extend_seq_lease`]), and only a
+    /// number past the ceiling (a clock jump) flushes here. After a restart numbering resumes
+    /// above the persisted ceiling: what was leased and not used is skipped, never reused.
+    /// Safe to call from several threads.
     pub fn next_seq(&self, floor: u64) -> Result<u64, StoreError> {
-        let mut lease = self.seq.lock().map_err(|_| StoreError::Corrupt {
+        let mut lease = self.lease()?;
+        let mut held = self.held_lease(&lease)?;
+        let seq = held.last.saturating_add(1).max(floor);
+        if seq > held.ceiling {
+            // Past the lease (the clock jumped, or nobody extended it in time): extend it here.
+            let ceiling = seq.saturating_add(SEQ_LEASE).max(held.written);
+            self.meta.insert(KEY_LAST_SEQ, &ceiling.to_be_bytes())?;
+            self.db.flush()?;
+            held.ceiling = ceiling;
+            held.written = ceiling;
+        }
+        held.last = seq;
+        *lease = Some(held);
+        Ok(seq)
+    }
+
+    /// Whether the sequence lease is less than half left (at the clock `now_ms`): time to
+    /// [`extend_seq_lease`](Self::extend_seq_lease), off the swarm task.
+    pub fn seq_lease_low(&self, now_ms: u64) -> bool {
+        self.lease()
+            .ok()
+            .and_then(|l| *l)
+            .is_some_and(|l| l.ceiling.saturating_sub(l.last.max(now_ms)) < SEQ_LEASE / 2)
+    }
+
+    /// Moves the sequence lease's ceiling a whole lease above the last number handed out (or
+    /// the clock, if later) and flushes it, so that [`next_seq`](Self::next_seq) need not
+    /// flush; numbers below the old ceiling stay usable meanwhile. The flush runs without the
+    /// lease's lock held. Returns whether it extended the lease.
+    pub fn extend_seq_lease(&self, now_ms: u64) -> Result<bool, StoreError> {
+        let target = {
+            let mut lease = self.lease()?;
+            let mut held = self.held_lease(&lease)?;
+            let base = held.last.max(now_ms);
+            if held.ceiling.saturating_sub(base) >= SEQ_LEASE / 2 {
+                *lease = Some(held);
+                return Ok(false);
+            }
+            let target = base.saturating_add(SEQ_LEASE).max(held.written);
+            // Written under the lock, so the ceilings in the tree only ever rise.
+            self.meta.insert(KEY_LAST_SEQ, &target.to_be_bytes())?;
+            held.written = target;
+            *lease = Some(held);
+            target
+        };
+        self.db.flush()?;
+        let mut lease = self.lease()?;
+        if let Some(l) = lease.as_mut() {
+            l.ceiling = l.ceiling.max(target);
+        }
+        Ok(true)
+    }
+
+    fn lease(&self) -> Result<std::sync::MutexGuard<'_, Option<SeqLease>>, StoreError> {
+        self.seq.lock().map_err(|_| StoreError::Corrupt {
             tree: TREE_META,
             reason: "the sequence lease's lock was poisoned".into(),
-        })?;
-        let held = match *lease {
+        })
+    }
+
+    /// The lease in memory, read from the tree at first use.
+    fn held_lease(&self, lease: &Option<SeqLease>) -> Result<SeqLease, StoreError> {
+        Ok(match *lease {
             Some(l) => l,
             None => {
                 let ceiling = self.counter(KEY_LAST_SEQ)?;
                 SeqLease {
                     last: ceiling,
                     ceiling,
+                    written: ceiling,
                 }
             }
-        };
-        let seq = held.last.saturating_add(1).max(floor);
-        let ceiling = if seq > held.ceiling {
-            let ceiling = seq.saturating_add(SEQ_LEASE);
-            self.meta.insert(KEY_LAST_SEQ, &ceiling.to_be_bytes())?;
-            self.db.flush()?;
-            ceiling
-        } else {
-            held.ceiling
-        };
-        *lease = Some(SeqLease { last: seq, ceiling });
-        Ok(seq)
+        })
     }
 
     /// A fresh order id. Not flushed on its own: the caller stores the order with
@@ -746,151 +801,8 @@ fn decode_order(bytes: &[u8]) -> Result<OwnOrder, StoreError> {
     })
 }
 
+mod slot;
+pub(crate) use slot::StoreSlot;
+
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counters_and_peers_survive_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store");
-        let peer = PeerId::random();
-        {
-            let s = Store::open(&path).unwrap();
-            assert_eq!(s.next_seq(10).unwrap(), 10);
-            assert_eq!(s.next_seq(0).unwrap(), 11);
-            assert_eq!(s.next_order_id().unwrap(), 1);
-            s.put_peer_addrs(&peer, &["/ip4/127.0.0.1/tcp/1".parse().unwrap()])
-                .unwrap();
-            s.flush().unwrap();
-        }
-        let s = Store::open(&path).unwrap();
-        // Numbering resumes above the leased ceiling: never a number handed out before.
-        assert_eq!(s.next_seq(0).unwrap(), 10 + SEQ_LEASE + 1);
-        assert_eq!(s.next_order_id().unwrap(), 2);
-        assert_eq!(s.known_peers().unwrap()[0].0, peer);
-    }
-
-    #[test]
-    fn a_new_store_records_its_schema_and_a_newer_one_is_refused_untouched() {
-        assert_eq!(MIGRATIONS.len() as u32, SCHEMA_VERSION);
-        assert!(
-            MIGRATIONS
-                .iter()
-                .enumerate()
-                .all(|(i, m)| m.from == i as u32)
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store");
-        {
-            let s = Store::open(&path).unwrap();
-            assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
-            assert_eq!(s.next_order_id().unwrap(), 1);
-            // A later release wrote version 99.
-            s.meta.insert(KEY_SCHEMA, &99u32.to_be_bytes()).unwrap();
-            s.flush().unwrap();
-        }
-        let err = Store::open(&path).unwrap_err();
-        assert!(
-            matches!(err, StoreError::NewerSchema { found: 99, .. }),
-            "{err}"
-        );
-        assert!(err.to_string().contains("newer hashgrid"), "{err}");
-        // Untouched: the version and the records are still there. (sled may hold its lock
-        // for a moment after the refused store was dropped.)
-        let deadline = std::time::Instant::now() + STORE_LOCK_WAIT;
-        let db = loop {
-            match sled::open(&path) {
-                Ok(db) => break db,
-                Err(e) if std::time::Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(std::time::Duration::from_millis(50));
-                }
-                Err(e) => panic!("reopening: {e}"),
-            }
-        };
-        let meta = db.open_tree(TREE_META).unwrap();
-        assert_eq!(
-            meta.get(KEY_SCHEMA).unwrap().unwrap().as_ref(),
-            &99u32.to_be_bytes()
-        );
-        assert!(meta.get(KEY_LAST_ORDER_ID).unwrap().is_some());
-    }
-
-    #[test]
-    fn sequence_numbers_are_unique_across_threads_and_rise_past_the_lease() {
-        let s = Store::temporary().unwrap();
-        let threads: Vec<_> = (0..4)
-            .map(|_| {
-                let s = s.clone();
-                std::thread::spawn(move || {
-                    (0..500)
-                        .map(|_| s.next_seq(0).unwrap())
-                        .collect::<Vec<u64>>()
-                })
-            })
-            .collect();
-        let mut all: Vec<u64> = threads
-            .into_iter()
-            .flat_map(|t| t.join().unwrap())
-            .collect();
-        all.sort_unstable();
-        all.dedup();
-        assert_eq!(all.len(), 2000, "no number handed out twice");
-        // A clock past the ceiling moves both on.
-        let later = s.next_seq(5 * SEQ_LEASE).unwrap();
-        assert_eq!(later, 5 * SEQ_LEASE);
-        assert_eq!(s.next_seq(0).unwrap(), later + 1);
-    }
-
-    #[test]
-    fn a_store_with_records_but_no_version_is_version_0_and_is_migrated() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store");
-        {
-            // What the release before versions left: records, no version.
-            let db = sled::open(&path).unwrap();
-            db.open_tree(TREE_META)
-                .unwrap()
-                .insert(KEY_LAST_SEQ, &7u64.to_be_bytes())
-                .unwrap();
-            db.flush().unwrap();
-        }
-        let s = Store::open(&path).unwrap();
-        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
-        assert_eq!(s.next_seq(0).unwrap(), 8, "its records are kept");
-    }
-}
-
-/// The store as handles and job tasks see it: closed by the node at shutdown, so that the
-/// sled lock is released as soon as [`crate::NodeHandle::shutdown`] returns even while handles
-/// live on. Operations run under a read lock; closing waits for them.
-#[derive(Clone, Debug)]
-pub(crate) struct StoreSlot(std::sync::Arc<std::sync::RwLock<Option<Store>>>);
-
-impl StoreSlot {
-    pub(crate) fn new(store: Store) -> StoreSlot {
-        StoreSlot(std::sync::Arc::new(std::sync::RwLock::new(Some(store))))
-    }
-
-    /// Runs `f` on the open store; `Err(None)` once the node has stopped.
-    pub(crate) fn with<T>(
-        &self,
-        f: impl FnOnce(&Store) -> Result<T, StoreError>,
-    ) -> Result<T, Option<StoreError>> {
-        let guard = self.0.read().map_err(|_| None)?;
-        match &*guard {
-            Some(s) => f(s).map_err(Some),
-            None => Err(None),
-        }
-    }
-
-    /// Closes the store for every holder of this slot.
-    pub(crate) fn close(&self) {
-        let mut guard = match self.0.write() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        *guard = None;
-    }
-}
+mod tests;

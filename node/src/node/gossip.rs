@@ -228,6 +228,17 @@ impl NodeLoop {
     }
 
     pub(super) fn sweep(&mut self) {
+        // Keep the sequence lease ahead of need, flushed off this task, so that signing an
+        // order or ad here never waits on the disk.
+        let now = Timestamp::now().0;
+        if self.store.seq_lease_low(now) {
+            let store = self.store.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = store.extend_seq_lease(now) {
+                    warn!(error = %e, "cannot extend the sequence lease");
+                }
+            });
+        }
         for (kind, order) in self.book.expire(Timestamp::now()) {
             debug!(?kind, order = order.order_id, owner = %order.owner.short(), "order expired");
             self.emit(NodeEvent::OrderRemoved {
