@@ -1,7 +1,7 @@
 //! Order book benchmark: a mixed stream of adds, cancels and matches at 10k and 100k resting
 //! orders; operations per second and match latency percentiles.
 //!
-//! `cargo bench -p hashgrid-market --bench book [-- --json] [--ops N] [--runs N]`
+//! `cargo bench -p hashgrid-market --bench book [-- --json] [--ops N] [--runs N] [--breakdown]`
 
 use std::time::Instant;
 
@@ -177,7 +177,7 @@ struct RunResult {
     final_orders: usize,
 }
 
-fn run(resting: usize, ops: usize, seed: u64) -> RunResult {
+fn run(resting: usize, ops: usize, seed: u64, breakdown: bool) -> RunResult {
     let mut w = Workload::new(seed);
     let mut book = OrderBook::new();
     let mut now = 1_000_000u64;
@@ -208,16 +208,25 @@ fn run(resting: usize, ops: usize, seed: u64) -> RunResult {
     }
     let mut lat = Vec::with_capacity(ops / 3);
     let mut fills = 0usize;
+    // Time spent in adds, cancels and expiry (bids are `lat`), when asked for.
+    let mut spent = [0u64; 3];
+    let mut clock = |t: Option<Instant>, i: usize| {
+        spent[i] += t.map_or(0, |t| t.elapsed().as_nanos() as u64);
+    };
     let start = Instant::now();
     for (i, (now, op)) in stream.into_iter().enumerate() {
         match op {
             Op::Ask(a) => {
+                let t = breakdown.then(Instant::now);
                 fills += book
                     .submit_ask(a, now, &NoReputation)
                     .map_or(0, |f| f.len());
+                clock(t, 0);
             }
             Op::Cancel(c) => {
+                let t = breakdown.then(Instant::now);
                 let _ = book.cancel(&c, now);
+                clock(t, 1);
             }
             Op::Bid(b) => {
                 let t = Instant::now();
@@ -228,10 +237,23 @@ fn run(resting: usize, ops: usize, seed: u64) -> RunResult {
             }
         }
         if i % 1_000 == 0 {
+            let t = breakdown.then(Instant::now);
             book.expire(now);
+            clock(t, 2);
         }
     }
     let secs = start.elapsed().as_secs_f64();
+    if breakdown {
+        let ms = |ns: u64| ns as f64 / 1e6;
+        eprintln!(
+            "  {resting} resting: {:.0} ms timed; adds {:.0} ms, cancels {:.0} ms, bids {:.0} ms, expiry {:.0} ms",
+            secs * 1e3,
+            ms(spent[0]),
+            ms(spent[1]),
+            ms(lat.iter().sum()),
+            ms(spent[2]),
+        );
+    }
     lat.sort_unstable();
     let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p) as usize];
     RunResult {
@@ -251,6 +273,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let json = args.iter().any(|a| a == "--json");
+    // Time each kind of operation (adds two clock reads to each, so the total grows a little).
+    let breakdown = args.iter().any(|a| a == "--breakdown");
     let arg = |name: &str, default: usize| {
         args.iter()
             .position(|a| a == name)
@@ -263,7 +287,7 @@ fn main() {
     let mut rows = Vec::new();
     for resting in [10_000usize, 100_000] {
         let results: Vec<RunResult> = (0..runs)
-            .map(|i| run(resting, ops, 42 + i as u64))
+            .map(|i| run(resting, ops, 42 + i as u64, breakdown))
             .collect();
         let row = (
             resting,

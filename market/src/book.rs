@@ -407,12 +407,13 @@ fn backend_id(b: Backend) -> u8 {
 /// candidates tied on (price, time) are collected and reordered by reputation (highest first,
 /// then arrival) before units are taken. Shared by both sides of the book.
 struct Planner {
-    plan: Vec<(OrderRef, u32)>,
+    /// (slot of the order, units taken from it).
+    plan: Vec<(Slot, u32)>,
     /// Units still wanted (unit mode).
     left: u32,
     /// Most orders wanted (count mode, for queries); 0 = unit mode.
     limit: usize,
-    group: Vec<(i64, u64, OrderRef, u32)>,
+    group: Vec<(i64, u64, Slot, u32)>,
     group_key: Option<(u64, u64)>,
 }
 
@@ -460,7 +461,7 @@ impl Planner {
     }
 
     /// Offers the next candidate; returns false once the plan is complete (stop scanning).
-    fn offer(&mut self, key: (u64, u64), score: i64, arrival: u64, r: OrderRef, rem: u32) -> bool {
+    fn offer(&mut self, key: (u64, u64), score: i64, arrival: u64, r: Slot, rem: u32) -> bool {
         if self.group_key != Some(key) {
             self.flush();
             if self.done() {
@@ -472,7 +473,7 @@ impl Planner {
         true
     }
 
-    fn finish(mut self) -> Vec<(OrderRef, u32)> {
+    fn finish(mut self) -> Vec<(Slot, u32)> {
         self.flush();
         self.plan
     }
@@ -498,56 +499,49 @@ impl<P> Default for Bucket<P> {
 /// A slot in a [`Slab`].
 type Slot = u32;
 
-/// One side's live entries in slots of a vector, with an index by order identity: the
-/// buckets' trees hold 4-byte slot numbers (not 40-byte order identities) and a merge reads an
-/// entry by its slot without hashing its key. A freed slot is reused; a tree entry is removed
-/// with its order, so no tree ever names a freed slot.
+/// One side's live entries in slots of a vector. The buckets' trees, the expiry queue and
+/// the book's index by order identity ([`Known`]) hold 4-byte slot numbers (not 40-byte order
+/// identities), so a merge or an expiry reads an entry by its slot without hashing its key. A
+/// freed slot is reused; a tree entry is removed with its order, so no tree ever names a
+/// freed slot (the expiry queue checks the entry's arrival, which no other order shares).
 #[derive(Debug)]
 struct Slab<E> {
-    index: Map<OrderRef, Slot>,
     slots: Vec<Option<(OrderRef, E)>>,
     free: Vec<Slot>,
+    len: usize,
 }
 
 impl<E> Default for Slab<E> {
     fn default() -> Self {
         Slab {
-            index: Map::default(),
             slots: Vec::new(),
             free: Vec::new(),
+            len: 0,
         }
     }
 }
 
 impl<E> Slab<E> {
     fn len(&self) -> usize {
-        self.index.len()
-    }
-
-    fn slot(&self, r: &OrderRef) -> Option<Slot> {
-        self.index.get(r).copied()
-    }
-
-    fn contains_key(&self, r: &OrderRef) -> bool {
-        self.index.contains_key(r)
-    }
-
-    fn get(&self, r: &OrderRef) -> Option<&E> {
-        self.at(self.slot(r)?)
-    }
-
-    fn get_mut(&mut self, r: &OrderRef) -> Option<&mut E> {
-        let i = self.slot(r)?;
-        self.slots.get_mut(i as usize)?.as_mut().map(|(_, e)| e)
+        self.len
     }
 
     fn at(&self, i: Slot) -> Option<&E> {
         self.slots.get(i as usize)?.as_ref().map(|(_, e)| e)
     }
 
-    /// Stores an entry for `r` (which must not be present) and returns its slot.
+    /// The order identity and entry in slot `i`.
+    fn entry_mut(&mut self, i: Slot) -> Option<(&OrderRef, &mut E)> {
+        self.slots
+            .get_mut(i as usize)?
+            .as_mut()
+            .map(|(r, e)| (&*r, e))
+    }
+
+    /// Stores an entry for `r` and returns its slot.
     fn insert(&mut self, r: OrderRef, e: E) -> Slot {
-        let i = match self.free.pop() {
+        self.len += 1;
+        match self.free.pop() {
             Some(i) => {
                 self.slots[i as usize] = Some((r, e));
                 i
@@ -558,20 +552,70 @@ impl<E> Slab<E> {
                 self.slots.push(Some((r, e)));
                 i
             }
-        };
-        self.index.insert(r, i);
-        i
+        }
     }
 
-    fn remove(&mut self, r: &OrderRef) -> Option<E> {
-        let i = self.index.remove(r)?;
-        let (_, e) = self.slots.get_mut(i as usize)?.take()?;
+    /// Empties slot `i`, returning what it held.
+    fn take(&mut self, i: Slot) -> Option<(OrderRef, E)> {
+        let taken = self.slots.get_mut(i as usize)?.take()?;
         self.free.push(i);
-        Some(e)
+        self.len -= 1;
+        Some(taken)
     }
 
     fn values(&self) -> impl Iterator<Item = &E> {
         self.slots.iter().filter_map(|s| s.as_ref().map(|(_, e)| e))
+    }
+}
+
+/// What the book knows of one order identity: the slot of its live ask or bid (an owner should
+/// not use one id on both sides, but a book holds what it is sent), and what it remembers of
+/// versions that left the book. One hash lookup answers every question an incoming order,
+/// cancel or fill asks of an identity.
+/// With the 40-byte identity an entry of the index is 64 bytes, one cache line.
+#[derive(Debug, Clone, Copy)]
+struct Known {
+    /// Slot of the live ask, or [`NO_SLOT`].
+    ask: Slot,
+    /// Slot of the live bid, or [`NO_SLOT`].
+    bid: Slot,
+    /// The highest sequence number remembered since a version left the book.
+    retired_seq: u64,
+    /// The key of that memory in `retired_queue` (unique, from the arrival counter); 0 when
+    /// nothing is remembered.
+    retired_key: u64,
+}
+
+/// No slot: [`Slab::insert`] never hands it out (the book holds fewer orders).
+const NO_SLOT: Slot = Slot::MAX;
+
+impl Default for Known {
+    fn default() -> Known {
+        Known {
+            ask: NO_SLOT,
+            bid: NO_SLOT,
+            retired_seq: 0,
+            retired_key: 0,
+        }
+    }
+}
+
+impl Known {
+    fn ask(&self) -> Option<Slot> {
+        (self.ask != NO_SLOT).then_some(self.ask)
+    }
+
+    fn bid(&self) -> Option<Slot> {
+        (self.bid != NO_SLOT).then_some(self.bid)
+    }
+
+    /// (highest seq, key) of what is remembered, if anything.
+    fn retired(&self) -> Option<(u64, u64)> {
+        (self.retired_key != 0).then_some((self.retired_seq, self.retired_key))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ask == NO_SLOT && self.bid == NO_SLOT && self.retired_key == 0
     }
 }
 
@@ -730,23 +774,26 @@ impl Default for Limits {
 #[derive(Debug, Default)]
 pub struct OrderBook {
     limits: Limits,
+    /// Every order identity the book holds live or remembers.
+    known: Map<OrderRef, Known>,
     asks: Slab<AskEntry>,
     bids: Slab<BidEntry>,
     ask_buckets: Buckets<BucketKey, AskPrio>,
     /// Resting bids by bucket.
     bid_index: Buckets<BidBucket, BidPrio>,
-    /// Live orders by (expiry, arrival), earliest on top. Entries of orders that left the book
-    /// early (filled, cancelled, replaced) are not removed then, but skipped by `expire`
-    /// (their arrival no longer matches) and swept out once they outnumber the live orders.
-    /// A heap, not a tree: a push is a sift in one array, where a tree insert allocates.
-    expiry: BinaryHeap<Reverse<(u64, u64, Side, OrderRef)>>,
+    /// Live orders by (expiry, arrival, side, slot), earliest on top. Entries of orders that
+    /// left the book early (filled, cancelled, replaced) are not removed then, but skipped by
+    /// `expire` (the slot no longer holds an entry of that arrival) and swept out once they
+    /// outnumber the live orders. A heap, not a tree: a push is a sift in one array of 24-byte
+    /// entries, where a tree insert allocates.
+    expiry: BinaryHeap<Reverse<(u64, u64, Side, Slot)>>,
     /// Entries of `expiry` whose order left the book.
     stale_expiry: usize,
-    /// Orders that left the book: (highest seq, remember until, key in `retired_queue`).
-    retired: Map<OrderRef, (u64, u64, u64)>,
-    /// `retired` by (until, key), soonest on top; an entry whose order was remembered again
-    /// since is stale (its key no longer matches) and skipped, and stale entries are swept
-    /// out once they outnumber the live ones.
+    /// Identities in `known` that remember a version that left the book.
+    retired: usize,
+    /// Remembered identities by (until, key), soonest on top; an entry whose order was
+    /// remembered again since is stale (its key no longer matches) and skipped, and stale
+    /// entries are swept out once they outnumber the live ones.
     retired_queue: BinaryHeap<Reverse<(u64, u64, OrderRef)>>,
     regions: Map<String, u16>,
     region_names: Vec<String>,
@@ -762,25 +809,37 @@ impl OrderBook {
     /// An empty book with these bounds.
     pub fn with_limits(limits: Limits) -> OrderBook {
         OrderBook {
-            limits,
+            limits: Limits {
+                // Slots are u32 and one value means "none".
+                max_orders: limits.max_orders.min(NO_SLOT as usize / 2),
+                ..limits
+            },
             ..OrderBook::default()
         }
     }
 
+    fn live_ask(&self, r: &OrderRef) -> Option<&AskEntry> {
+        self.asks.at(self.known.get(r)?.ask()?)
+    }
+
+    fn live_bid(&self, r: &OrderRef) -> Option<&BidEntry> {
+        self.bids.at(self.known.get(r)?.bid()?)
+    }
+
     /// The sequence number of the live ask `r`.
     pub fn ask_seq(&self, r: &OrderRef) -> Option<u64> {
-        self.asks.get(r).map(|e| e.ask.seq)
+        self.live_ask(r).map(|e| e.ask.seq)
     }
 
     /// The sequence number of the live bid `r`.
     pub fn bid_seq(&self, r: &OrderRef) -> Option<u64> {
-        self.bids.get(r).map(|e| e.bid.seq)
+        self.live_bid(r).map(|e| e.bid.seq)
     }
 
     /// The highest sequence number remembered for `r` since it left the book (filled or
     /// cancelled): no copy of it at or below this sequence number enters again.
     pub fn retired_seq(&self, r: &OrderRef) -> Option<u64> {
-        self.retired.get(r).map(|&(seq, ..)| seq)
+        self.known.get(r)?.retired().map(|(seq, _)| seq)
     }
 
     /// Live asks.
@@ -795,7 +854,7 @@ impl OrderBook {
 
     /// A live ask.
     pub fn ask(&self, r: &OrderRef) -> Option<RestingAsk> {
-        self.asks.get(r).map(|e| RestingAsk {
+        self.live_ask(r).map(|e| RestingAsk {
             ask: e.ask.clone(),
             remaining: e.remaining,
         })
@@ -803,7 +862,7 @@ impl OrderBook {
 
     /// A live bid.
     pub fn bid(&self, r: &OrderRef) -> Option<RestingBid> {
-        self.bids.get(r).map(|e| RestingBid {
+        self.live_bid(r).map(|e| RestingBid {
             bid: e.bid.clone(),
             remaining: e.remaining,
         })
@@ -828,7 +887,7 @@ impl OrderBook {
 
     fn check_new(
         &self,
-        r: &OrderRef,
+        known: &Known,
         seq: u64,
         live_seq: Option<u64>,
         units: u32,
@@ -838,7 +897,7 @@ impl OrderBook {
         if let Some(latest) = live_seq.filter(|&l| seq <= l) {
             return Err(BookError::Stale { seq, latest });
         }
-        if let Some(&(latest, ..)) = self.retired.get(r).filter(|(l, ..)| seq <= *l) {
+        if let Some((latest, _)) = known.retired().filter(|&(l, _)| seq <= l) {
             return Err(BookError::Stale { seq, latest });
         }
         if units == 0 {
@@ -871,8 +930,8 @@ impl OrderBook {
         // Match against resting bids, best first.
         let plan = self.plan_for_ask(&entry, region, now_ms, rep);
         let mut fills = Vec::new();
-        for (bid_ref, units) in plan {
-            let Some(b) = self.bids.get_mut(&bid_ref) else {
+        for (slot, units) in plan {
+            let Some((bid_ref, b)) = self.bids.entry_mut(slot) else {
                 continue;
             };
             b.remaining -= units;
@@ -880,13 +939,13 @@ impl OrderBook {
             fills.push(Fill {
                 ask: r,
                 ask_seq: entry.ask.seq,
-                bid: bid_ref,
+                bid: *bid_ref,
                 bid_seq: b.bid.seq,
                 units,
                 price: entry.ask.price,
             });
             if b.remaining == 0 {
-                self.retire_bid(&bid_ref);
+                self.retire_bid(slot);
             }
         }
         if entry.remaining > 0 {
@@ -912,11 +971,21 @@ impl OrderBook {
         now_ms: u64,
     ) -> Result<(OrderRef, AskEntry, bool), BookError> {
         let r = ask.order_ref();
-        let live = self.asks.get(&r).map(|e| e.ask.seq);
-        self.check_new(&r, ask.seq, live, ask.units, ask.expires_at.0, now_ms)?;
+        let known = self.known.get(&r).copied().unwrap_or_default();
+        let live = known
+            .ask()
+            .and_then(|slot| Some((slot, self.asks.at(slot)?.ask.seq)));
+        self.check_new(
+            &known,
+            ask.seq,
+            live.map(|l| l.1),
+            ask.units,
+            ask.expires_at.0,
+            now_ms,
+        )?;
         let region = self.intern(&ask.region)?;
-        if live.is_some() {
-            self.remove_ask(&r);
+        if let Some((slot, _)) = live {
+            self.remove_ask(slot);
         }
         let arrival = self.next_arrival();
         let bucket = BucketKey {
@@ -937,14 +1006,12 @@ impl OrderBook {
 
     fn rest_ask_entry(&mut self, r: OrderRef, entry: AskEntry) {
         let (prio, bucket) = (entry.prio(), entry.bucket);
-        self.expiry.push(Reverse((
-            entry.ask.expires_at.0,
-            entry.arrival,
-            Side::Ask,
-            r,
-        )));
+        let (expires, arrival) = (entry.ask.expires_at.0, entry.arrival);
         let slot = self.asks.insert(r, entry);
+        self.expiry
+            .push(Reverse((expires, arrival, Side::Ask, slot)));
         self.ask_buckets.insert(bucket, prio, slot);
+        self.known.entry(r).or_default().ask = slot;
     }
 
     /// Adds (or replaces, by higher `seq`) a bid and matches it against resting asks.
@@ -959,14 +1026,14 @@ impl OrderBook {
         let filter = self.filter_for_bid(&entry.bid, now_ms);
         let plan = self.plan_asks(&filter, entry.remaining, 0, rep);
         let mut fills = Vec::new();
-        for (ask_ref, units) in plan {
-            let Some(a) = self.asks.get_mut(&ask_ref) else {
+        for (slot, units) in plan {
+            let Some((ask_ref, a)) = self.asks.entry_mut(slot) else {
                 continue;
             };
             a.remaining -= units;
             entry.remaining -= units;
             fills.push(Fill {
-                ask: ask_ref,
+                ask: *ask_ref,
                 ask_seq: a.ask.seq,
                 bid: r,
                 bid_seq: entry.bid.seq,
@@ -974,7 +1041,7 @@ impl OrderBook {
                 price: a.ask.price,
             });
             if a.remaining == 0 {
-                self.retire_ask(&ask_ref);
+                self.retire_ask(slot);
             }
         }
         if entry.remaining > 0 {
@@ -1000,8 +1067,18 @@ impl OrderBook {
         now_ms: u64,
     ) -> Result<(OrderRef, BidEntry, bool), BookError> {
         let r = bid.order_ref();
-        let live = self.bids.get(&r).map(|e| e.bid.seq);
-        self.check_new(&r, bid.seq, live, bid.units, bid.expires_at.0, now_ms)?;
+        let known = self.known.get(&r).copied().unwrap_or_default();
+        let live = known
+            .bid()
+            .and_then(|slot| Some((slot, self.bids.at(slot)?.bid.seq)));
+        self.check_new(
+            &known,
+            bid.seq,
+            live.map(|l| l.1),
+            bid.units,
+            bid.expires_at.0,
+            now_ms,
+        )?;
         let mut regions: Vec<Option<u16>> = Vec::new();
         if bid.requirements.regions.is_empty() {
             regions.push(None);
@@ -1039,8 +1116,8 @@ impl OrderBook {
                 })
             })
             .collect();
-        if live.is_some() {
-            self.remove_bid(&r);
+        if let Some((slot, _)) = live {
+            self.remove_bid(slot);
         }
         let arrival = self.next_arrival();
         let entry = BidEntry {
@@ -1055,18 +1132,16 @@ impl OrderBook {
 
     fn rest_bid_entry(&mut self, r: OrderRef, entry: BidEntry) {
         let prio = entry.prio();
-        self.expiry.push(Reverse((
-            entry.bid.expires_at.0,
-            entry.arrival,
-            Side::Bid,
-            r,
-        )));
+        let (expires, arrival) = (entry.bid.expires_at.0, entry.arrival);
         let slot = self.bids.insert(r, entry);
+        self.expiry
+            .push(Reverse((expires, arrival, Side::Bid, slot)));
         if let Some(e) = self.bids.at(slot) {
             for b in &e.buckets {
                 self.bid_index.insert(*b, prio, slot);
             }
         }
+        self.known.entry(r).or_default().bid = slot;
     }
 
     /// Applies a cancel: removes the order if the cancel is newer than it, and remembers the
@@ -1077,32 +1152,36 @@ impl OrderBook {
             owner: c.owner,
             order_id: c.order_id,
         };
-        let live = self
-            .asks
-            .get(&r)
-            .map(|e| (Side::Ask, e.ask.seq, e.ask.expires_at.0))
+        let known = self.known.get(&r).copied().unwrap_or_default();
+        let live = known
+            .ask()
+            .and_then(|s| {
+                let e = self.asks.at(s)?;
+                Some((Side::Ask, s, e.ask.seq, e.ask.expires_at.0))
+            })
             .or_else(|| {
-                self.bids
-                    .get(&r)
-                    .map(|e| (Side::Bid, e.bid.seq, e.bid.expires_at.0))
+                known.bid().and_then(|s| {
+                    let e = self.bids.at(s)?;
+                    Some((Side::Bid, s, e.bid.seq, e.bid.expires_at.0))
+                })
             });
-        if let Some((_, seq, _)) = live.filter(|&(_, seq, _)| c.seq <= seq) {
+        if let Some((.., seq, _)) = live.filter(|&(.., seq, _)| c.seq <= seq) {
             return Err(BookError::Stale {
                 seq: c.seq,
                 latest: seq,
             });
         }
         let until = live
-            .map_or(0, |l| l.2)
+            .map_or(0, |l| l.3)
             .max(c.expires_at.0)
             .max(now_ms.saturating_add(REMEMBER_MS));
         let removed = match live {
-            Some((Side::Ask, ..)) => {
-                self.remove_ask(&r);
+            Some((Side::Ask, slot, ..)) => {
+                self.remove_ask(slot);
                 Some(Side::Ask)
             }
-            Some((Side::Bid, ..)) => {
-                self.remove_bid(&r);
+            Some((Side::Bid, slot, ..)) => {
+                self.remove_bid(slot);
                 Some(Side::Bid)
             }
             None => None,
@@ -1114,11 +1193,12 @@ impl OrderBook {
     /// Removes a live order without remembering it (unlike [`cancel`](Self::cancel)): for a
     /// book that mirrors another view and must drop what that view dropped. Returns its side.
     pub fn withdraw(&mut self, r: &OrderRef) -> Option<Side> {
-        if self.asks.contains_key(r) {
-            self.remove_ask(r);
+        let known = self.known.get(r).copied()?;
+        if let Some(slot) = known.ask() {
+            self.remove_ask(slot);
             Some(Side::Ask)
-        } else if self.bids.contains_key(r) {
-            self.remove_bid(r);
+        } else if let Some(slot) = known.bid() {
+            self.remove_bid(slot);
             Some(Side::Bid)
         } else {
             None
@@ -1129,59 +1209,60 @@ impl OrderBook {
     /// can no longer come back). Returns the orders dropped, in expiry order.
     pub fn expire(&mut self, now_ms: u64) -> Vec<(Side, OrderRef)> {
         let mut out = Vec::new();
-        while let Some(&Reverse((at, arrival, side, r))) = self.expiry.peek() {
+        while let Some(&Reverse((at, arrival, side, slot))) = self.expiry.peek() {
             if at > now_ms {
                 break;
             }
             self.expiry.pop();
-            match side {
-                Side::Ask if self.asks.get(&r).is_some_and(|e| e.arrival == arrival) => {
-                    if let Some(e) = self.asks.remove(&r) {
-                        self.unindex_ask(&r, &e);
-                    }
+            let gone = match side {
+                Side::Ask if self.asks.at(slot).is_some_and(|e| e.arrival == arrival) => {
+                    self.take_ask(slot).map(|(r, _)| r)
                 }
-                Side::Bid if self.bids.get(&r).is_some_and(|e| e.arrival == arrival) => {
-                    if let Some(e) = self.bids.remove(&r) {
-                        self.unindex_bid(&r, &e);
-                    }
+                Side::Bid if self.bids.at(slot).is_some_and(|e| e.arrival == arrival) => {
+                    self.take_bid(slot).map(|(r, _)| r)
                 }
                 _ => {
                     self.stale_expiry = self.stale_expiry.saturating_sub(1);
                     continue;
                 }
-            }
-            out.push((side, r));
+            };
+            out.extend(gone.map(|r| (side, r)));
         }
         while let Some(&Reverse((until, n, r))) = self.retired_queue.peek() {
             if until > now_ms {
                 break;
             }
             self.retired_queue.pop();
-            if self
-                .retired
-                .get(&r)
-                .is_some_and(|&(_, u, k)| (u, k) == (until, n))
-            {
-                self.retired.remove(&r);
-            }
+            self.forget_retired(&r, n);
         }
         out
     }
 
+    /// Forgets what is remembered of `r` if its queue entry (`key`) is still current.
+    fn forget_retired(&mut self, r: &OrderRef, key: u64) -> bool {
+        let Some(k) = self.known.get_mut(r) else {
+            return false;
+        };
+        if k.retired_key != key {
+            return false;
+        }
+        k.retired_key = 0;
+        self.retired -= 1;
+        if k.is_empty() {
+            self.known.remove(r);
+        }
+        true
+    }
+
     fn remember(&mut self, r: OrderRef, seq: u64, until: u64) {
-        match self.retired.get(&r) {
+        match self.known.get(&r).and_then(|k| k.retired()) {
             // Its queue entry goes stale: the key below no longer matches it.
-            Some(&(old_seq, ..)) if old_seq >= seq => return,
+            Some((old_seq, ..)) if old_seq >= seq => return,
             Some(_) => {}
-            None if self.retired.len() >= self.limits.max_retired => {
+            None if self.retired >= self.limits.max_retired => {
                 // Forget the one due soonest (skipping stale entries).
-                while let Some(Reverse((u, k, victim))) = self.retired_queue.pop() {
-                    if self
-                        .retired
-                        .get(&victim)
-                        .is_some_and(|&(_, vu, vk)| (vu, vk) == (u, k))
-                    {
-                        self.retired.remove(&victim);
+                while let Some(Reverse((_, k, victim))) = self.retired_queue.pop() {
+                    if self.forget_retired(&victim, k) {
                         break;
                     }
                 }
@@ -1189,15 +1270,16 @@ impl OrderBook {
             None => {}
         }
         self.arrival += 1;
-        self.retired.insert(r, (seq, until, self.arrival));
+        let k = self.known.entry(r).or_default();
+        if k.retired_key == 0 {
+            self.retired += 1;
+        }
+        (k.retired_seq, k.retired_key) = (seq, self.arrival);
         self.retired_queue.push(Reverse((until, self.arrival, r)));
-        if self.retired_queue.len() > 2 * self.retired.len() + 1024 {
-            let retired = &self.retired;
-            self.retired_queue.retain(|&Reverse((u, k, r))| {
-                retired
-                    .get(&r)
-                    .is_some_and(|&(_, ru, rk)| (ru, rk) == (u, k))
-            });
+        if self.retired_queue.len() > 2 * self.retired + 1024 {
+            let known = &self.known;
+            self.retired_queue
+                .retain(|&Reverse((_, n, r))| known.get(&r).is_some_and(|k| k.retired_key == n));
         }
     }
 
@@ -1209,54 +1291,71 @@ impl OrderBook {
         if self.stale_expiry > self.asks.len() + self.bids.len() + 1024 {
             let (asks, bids) = (&self.asks, &self.bids);
             self.expiry
-                .retain(|&Reverse((_, arrival, side, r))| match side {
-                    Side::Ask => asks.get(&r).is_some_and(|e| e.arrival == arrival),
-                    Side::Bid => bids.get(&r).is_some_and(|e| e.arrival == arrival),
+                .retain(|&Reverse((_, arrival, side, slot))| match side {
+                    Side::Ask => asks.at(slot).is_some_and(|e| e.arrival == arrival),
+                    Side::Bid => bids.at(slot).is_some_and(|e| e.arrival == arrival),
                 });
             self.stale_expiry = 0;
         }
     }
 
-    fn retire_ask(&mut self, r: &OrderRef) {
-        if let Some(e) = self.asks.remove(r) {
-            self.unindex_ask(r, &e);
+    /// A filled ask leaves the book and is remembered.
+    fn retire_ask(&mut self, slot: Slot) {
+        if let Some((r, e)) = self.take_ask(slot) {
             self.left_early();
-            self.remember(*r, e.ask.seq, e.time.saturating_add(REMEMBER_MS));
+            self.remember(r, e.ask.seq, e.time.saturating_add(REMEMBER_MS));
         }
     }
 
-    fn retire_bid(&mut self, r: &OrderRef) {
-        if let Some(e) = self.bids.remove(r) {
-            self.unindex_bid(r, &e);
+    /// A filled bid leaves the book and is remembered.
+    fn retire_bid(&mut self, slot: Slot) {
+        if let Some((r, e)) = self.take_bid(slot) {
             self.left_early();
-            self.remember(*r, e.bid.seq, e.time.saturating_add(REMEMBER_MS));
+            self.remember(r, e.bid.seq, e.time.saturating_add(REMEMBER_MS));
         }
     }
 
-    fn remove_ask(&mut self, r: &OrderRef) {
-        if let Some(e) = self.asks.remove(r) {
-            self.unindex_ask(r, &e);
-            self.left_early();
-        }
-    }
-
-    fn remove_bid(&mut self, r: &OrderRef) {
-        if let Some(e) = self.bids.remove(r) {
-            self.unindex_bid(r, &e);
+    /// A live ask leaves the book before it expires (cancelled, replaced, withdrawn).
+    fn remove_ask(&mut self, slot: Slot) {
+        if self.take_ask(slot).is_some() {
             self.left_early();
         }
     }
 
-    fn unindex_ask(&mut self, _r: &OrderRef, e: &AskEntry) {
-        let prio = e.prio();
-        self.ask_buckets.remove(&e.bucket, &prio);
+    /// A live bid leaves the book before it expires.
+    fn remove_bid(&mut self, slot: Slot) {
+        if self.take_bid(slot).is_some() {
+            self.left_early();
+        }
     }
 
-    fn unindex_bid(&mut self, _r: &OrderRef, e: &BidEntry) {
+    /// Takes the ask in `slot` out of its slab, its bucket and `known`.
+    fn take_ask(&mut self, slot: Slot) -> Option<(OrderRef, AskEntry)> {
+        let (r, e) = self.asks.take(slot)?;
+        self.ask_buckets.remove(&e.bucket, &e.prio());
+        if let Some(k) = self.known.get_mut(&r) {
+            k.ask = NO_SLOT;
+            if k.is_empty() {
+                self.known.remove(&r);
+            }
+        }
+        Some((r, e))
+    }
+
+    /// Takes the bid in `slot` out of its slab, its buckets and `known`.
+    fn take_bid(&mut self, slot: Slot) -> Option<(OrderRef, BidEntry)> {
+        let (r, e) = self.bids.take(slot)?;
         let prio = e.prio();
         for k in &e.buckets {
             self.bid_index.remove(k, &prio);
         }
+        if let Some(k) = self.known.get_mut(&r) {
+            k.bid = NO_SLOT;
+            if k.is_empty() {
+                self.known.remove(&r);
+            }
+        }
+        Some((r, e))
     }
 
     fn filter_for_bid(&self, bid: &Bid, now_ms: u64) -> AskFilter {
@@ -1298,11 +1397,11 @@ impl OrderBook {
     }
 
     /// Visits qualifying asks in priority order (price, time, arrival) until `visit` says stop.
-    fn scan_asks<'a>(&'a self, f: &AskFilter, mut visit: impl FnMut(&'a AskEntry) -> bool) {
+    fn scan_asks<'a>(&'a self, f: &AskFilter, mut visit: impl FnMut(Slot, &'a AskEntry) -> bool) {
         let hi = (f.max_price, u64::MAX, u64::MAX);
         let mut check = |slot: Slot| -> bool {
             match self.asks.at(slot) {
-                Some(e) if f.accepts(e) => visit(e),
+                Some(e) if f.accepts(e) => visit(slot, e),
                 _ => true,
             }
         };
@@ -1318,18 +1417,18 @@ impl OrderBook {
         want: u32,
         limit: usize,
         rep: &dyn Reputation,
-    ) -> Vec<(OrderRef, u32)> {
+    ) -> Vec<(Slot, u32)> {
         let mut planner = if limit > 0 {
             Planner::orders(limit)
         } else {
             Planner::units(want)
         };
-        self.scan_asks(f, |e| {
+        self.scan_asks(f, |slot, e| {
             planner.offer(
                 (e.ask.price.0, e.time),
                 rep.score(&e.ask.provider),
                 e.arrival,
-                e.ask.order_ref(),
+                slot,
                 e.remaining,
             )
         });
@@ -1342,7 +1441,7 @@ impl OrderBook {
         region: u16,
         now_ms: u64,
         rep: &dyn Reputation,
-    ) -> Vec<(OrderRef, u32)> {
+    ) -> Vec<(Slot, u32)> {
         let ask = &a.ask;
         let accepts = |e: &BidEntry| {
             let b = &e.bid;
@@ -1378,7 +1477,7 @@ impl OrderBook {
                         (p.0.0, p.1),
                         rep.score(&e.bid.buyer),
                         e.arrival,
-                        e.bid.order_ref(),
+                        slot,
                         e.remaining,
                     )
             },
@@ -1398,7 +1497,12 @@ impl OrderBook {
         let f = self.filter_for_bid(bid, now_ms);
         self.plan_asks(&f, 0, limit.max(1), rep)
             .into_iter()
-            .filter_map(|(r, _)| self.ask(&r))
+            .filter_map(|(slot, _)| {
+                self.asks.at(slot).map(|e| RestingAsk {
+                    ask: e.ask.clone(),
+                    remaining: e.remaining,
+                })
+            })
             .collect()
     }
 
@@ -1441,7 +1545,7 @@ impl OrderBook {
         // Once `limit` asks are found, the limit-th price bounds what can still rank among
         // them: that price itself, or up to the warm discount above it.
         let mut cutoff: Option<u128> = None;
-        self.scan_asks(&f, |e| {
+        self.scan_asks(&f, |_, e| {
             if let Some(c) = cutoff
                 && ranked_price(e.ask.price, total, total) > c
             {
@@ -1496,7 +1600,7 @@ impl OrderBook {
         let limit = if q.limit == 0 { usize::MAX } else { q.limit };
         let mut out = Vec::new();
         match q.sort {
-            OfferSort::Price => self.scan_asks(&f, |e| {
+            OfferSort::Price => self.scan_asks(&f, |_, e| {
                 out.push(RestingAsk {
                     ask: e.ask.clone(),
                     remaining: e.remaining,
@@ -1505,7 +1609,7 @@ impl OrderBook {
             }),
             OfferSort::PricePerGflop => {
                 let mut all: Vec<&AskEntry> = Vec::new();
-                self.scan_asks(&f, |e| {
+                self.scan_asks(&f, |_, e| {
                     all.push(e);
                     true
                 });
@@ -1538,7 +1642,7 @@ impl OrderBook {
     pub fn depth(&self, req: &Requirements, now_ms: u64) -> BTreeMap<String, RegionDepth> {
         let f = self.filter(req, u64::MAX, 0, None, now_ms);
         let mut out: BTreeMap<String, RegionDepth> = BTreeMap::new();
-        self.scan_asks(&f, |e| {
+        self.scan_asks(&f, |_, e| {
             let d = out.entry(e.ask.region.clone()).or_default();
             d.asks += 1;
             d.units += u64::from(e.remaining);
@@ -1609,6 +1713,65 @@ mod tests {
             created_at: Timestamp(NOW),
             expires_at: Timestamp(NOW + expires_in),
         }
+    }
+
+    fn cancel(owner: u8, id: u64, seq: u64, expires_in: u64) -> Cancel {
+        Cancel {
+            owner: PublicKey([owner; 32]),
+            order_id: id,
+            seq,
+            created_at: Timestamp(NOW),
+            expires_at: Timestamp(NOW + expires_in),
+        }
+    }
+
+    #[test]
+    fn the_memory_of_retired_orders_is_bounded_and_forgets_the_soonest_due_first() {
+        let mut b = OrderBook::with_limits(Limits {
+            max_orders: 4,
+            max_retired: 3,
+        });
+        // Five cancels, each remembered until later than the one before.
+        for id in 1..=5u64 {
+            b.submit_ask(ask(1, id, 1, 60_000), NOW, &NoReputation)
+                .unwrap();
+            let until = REMEMBER_MS + id * 1_000;
+            assert_eq!(b.cancel(&cancel(1, id, 2, until), NOW), Ok(Some(Side::Ask)));
+        }
+        assert_eq!(b.ask_count(), 0);
+        assert_eq!(b.retired, 3);
+        let r = |id| OrderRef {
+            owner: PublicKey([1; 32]),
+            order_id: id,
+        };
+        // The two due soonest were forgotten: a late copy of either enters again; the three
+        // remembered stay out.
+        assert_eq!(b.retired_seq(&r(1)), None);
+        assert_eq!(b.retired_seq(&r(2)), None);
+        for id in 3..=5 {
+            assert_eq!(b.retired_seq(&r(id)), Some(2));
+            assert_eq!(
+                b.rest_ask(ask(1, id, 1, 60_000), NOW),
+                Err(BookError::Stale { seq: 1, latest: 2 })
+            );
+        }
+        assert_eq!(b.rest_ask(ask(1, 1, 1, 60_000), NOW), Ok(false));
+        // A newer version of a remembered order is live, and still remembered beside it.
+        assert_eq!(b.rest_ask(ask(1, 4, 3, 60_000), NOW), Ok(false));
+        assert_eq!((b.ask_seq(&r(4)), b.retired_seq(&r(4))), (Some(3), Some(2)));
+        // Room for four orders: the fifth is refused, a replacement is not.
+        b.rest_ask(ask(2, 1, 1, 60_000), NOW).unwrap();
+        b.rest_ask(ask(2, 2, 1, 60_000), NOW).unwrap();
+        assert_eq!(
+            b.rest_ask(ask(2, 3, 1, 60_000), NOW),
+            Err(BookError::Full(4))
+        );
+        assert_eq!(b.rest_ask(ask(2, 2, 2, 60_000), NOW), Ok(true));
+        // Expiry drops the live orders, then forgets the remembered ones when they are due.
+        assert_eq!(b.expire(NOW + 60_000).len(), 4);
+        assert_eq!(b.retired_seq(&r(5)), Some(2));
+        b.expire(NOW + REMEMBER_MS + 5_000);
+        assert_eq!((b.retired, b.known.len()), (0, 0));
     }
 
     #[test]
