@@ -13,6 +13,11 @@ use hashgrid_protocol::{
     Ask, Backend, Bid, Keypair, Msat, Network, PublicKey, Requirements, Signed, Timestamp,
 };
 
+/// The allocator the node binaries use (jemalloc), so time and memory are the node's.
+#[cfg(not(hashgrid_system_alloc))]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 const REGIONS: [&str; 8] = [
     "us-east",
     "us-west",
