@@ -499,6 +499,13 @@ impl<P> Default for Bucket<P> {
 /// A slot in a [`Slab`].
 type Slot = u32;
 
+/// What is left of an order taken out of the book: enough to remember it.
+struct Gone {
+    r: OrderRef,
+    seq: u64,
+    time: u64,
+}
+
 /// One side's live entries in slots of a vector. The buckets' trees, the expiry queue and
 /// the book's index by order identity ([`Known`]) hold 4-byte slot numbers (not 40-byte order
 /// identities), so a merge or an expiry reads an entry by its slot without hashing its key. A
@@ -556,11 +563,20 @@ impl<E> Slab<E> {
     }
 
     /// Empties slot `i`, returning what it held.
-    fn take(&mut self, i: Slot) -> Option<(OrderRef, E)> {
-        let taken = self.slots.get_mut(i as usize)?.take()?;
-        self.free.push(i);
-        self.len -= 1;
-        Some(taken)
+    fn entry(&self, i: Slot) -> Option<&(OrderRef, E)> {
+        self.slots.get(i as usize)?.as_ref()
+    }
+
+    /// Empties slot `i`, dropping its entry where it lies (an entry is a few hundred bytes:
+    /// moving it out only to drop it would copy them).
+    fn free(&mut self, i: Slot) {
+        if let Some(s) = self.slots.get_mut(i as usize)
+            && s.is_some()
+        {
+            *s = None;
+            self.free.push(i);
+            self.len -= 1;
+        }
     }
 
     fn values(&self) -> impl Iterator<Item = &E> {
@@ -1216,10 +1232,10 @@ impl OrderBook {
             self.expiry.pop();
             let gone = match side {
                 Side::Ask if self.asks.at(slot).is_some_and(|e| e.arrival == arrival) => {
-                    self.take_ask(slot).map(|(r, _)| r)
+                    self.take_ask(slot).map(|g| g.r)
                 }
                 Side::Bid if self.bids.at(slot).is_some_and(|e| e.arrival == arrival) => {
-                    self.take_bid(slot).map(|(r, _)| r)
+                    self.take_bid(slot).map(|g| g.r)
                 }
                 _ => {
                     self.stale_expiry = self.stale_expiry.saturating_sub(1);
@@ -1301,17 +1317,17 @@ impl OrderBook {
 
     /// A filled ask leaves the book and is remembered.
     fn retire_ask(&mut self, slot: Slot) {
-        if let Some((r, e)) = self.take_ask(slot) {
+        if let Some(g) = self.take_ask(slot) {
             self.left_early();
-            self.remember(r, e.ask.seq, e.time.saturating_add(REMEMBER_MS));
+            self.remember(g.r, g.seq, g.time.saturating_add(REMEMBER_MS));
         }
     }
 
     /// A filled bid leaves the book and is remembered.
     fn retire_bid(&mut self, slot: Slot) {
-        if let Some((r, e)) = self.take_bid(slot) {
+        if let Some(g) = self.take_bid(slot) {
             self.left_early();
-            self.remember(r, e.bid.seq, e.time.saturating_add(REMEMBER_MS));
+            self.remember(g.r, g.seq, g.time.saturating_add(REMEMBER_MS));
         }
     }
 
@@ -1329,33 +1345,48 @@ impl OrderBook {
         }
     }
 
-    /// Takes the ask in `slot` out of its slab, its bucket and `known`.
-    fn take_ask(&mut self, slot: Slot) -> Option<(OrderRef, AskEntry)> {
-        let (r, e) = self.asks.take(slot)?;
+    /// Takes the ask in `slot` out of its bucket, `known` and its slab.
+    fn take_ask(&mut self, slot: Slot) -> Option<Gone> {
+        let (r, e) = self.asks.entry(slot)?;
+        let gone = Gone {
+            r: *r,
+            seq: e.ask.seq,
+            time: e.time,
+        };
         self.ask_buckets.remove(&e.bucket, &e.prio());
-        if let Some(k) = self.known.get_mut(&r) {
-            k.ask = NO_SLOT;
-            if k.is_empty() {
-                self.known.remove(&r);
-            }
-        }
-        Some((r, e))
+        self.asks.free(slot);
+        self.forget_live(&gone.r, Side::Ask);
+        Some(gone)
     }
 
-    /// Takes the bid in `slot` out of its slab, its buckets and `known`.
-    fn take_bid(&mut self, slot: Slot) -> Option<(OrderRef, BidEntry)> {
-        let (r, e) = self.bids.take(slot)?;
+    /// Takes the bid in `slot` out of its buckets, `known` and its slab.
+    fn take_bid(&mut self, slot: Slot) -> Option<Gone> {
+        let (r, e) = self.bids.entry(slot)?;
+        let gone = Gone {
+            r: *r,
+            seq: e.bid.seq,
+            time: e.time,
+        };
         let prio = e.prio();
         for k in &e.buckets {
             self.bid_index.remove(k, &prio);
         }
-        if let Some(k) = self.known.get_mut(&r) {
-            k.bid = NO_SLOT;
+        self.bids.free(slot);
+        self.forget_live(&gone.r, Side::Bid);
+        Some(gone)
+    }
+
+    /// `r` no longer has a live order on `side`.
+    fn forget_live(&mut self, r: &OrderRef, side: Side) {
+        if let Some(k) = self.known.get_mut(r) {
+            match side {
+                Side::Ask => k.ask = NO_SLOT,
+                Side::Bid => k.bid = NO_SLOT,
+            }
             if k.is_empty() {
-                self.known.remove(&r);
+                self.known.remove(r);
             }
         }
-        Some((r, e))
     }
 
     fn filter_for_bid(&self, bid: &Bid, now_ms: u64) -> AskFilter {
