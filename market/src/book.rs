@@ -537,7 +537,7 @@ impl<E> Slab<E> {
         self.slots.get(i as usize)?.as_ref().map(|(_, e)| e)
     }
 
-    /// The order identity and entry in slot `i`.
+    /// The order identity and entry in slot `i`, the entry mutable.
     fn entry_mut(&mut self, i: Slot) -> Option<(&OrderRef, &mut E)> {
         self.slots
             .get_mut(i as usize)?
@@ -562,7 +562,7 @@ impl<E> Slab<E> {
         }
     }
 
-    /// Empties slot `i`, returning what it held.
+    /// The order identity and entry in slot `i`.
     fn entry(&self, i: Slot) -> Option<&(OrderRef, E)> {
         self.slots.get(i as usize)?.as_ref()
     }
@@ -588,7 +588,8 @@ impl<E> Slab<E> {
 /// not use one id on both sides, but a book holds what it is sent), and what it remembers of
 /// versions that left the book. One hash lookup answers every question an incoming order,
 /// cancel or fill asks of an identity.
-/// With the 40-byte identity an entry of the index is 64 bytes, one cache line.
+///
+/// With the 40-byte identity an entry of the index is 64 bytes.
 #[derive(Debug, Clone, Copy)]
 struct Known {
     /// Slot of the live ask, or [`NO_SLOT`].
