@@ -1,6 +1,7 @@
 //! Token generation on this machine's adapter, against llama.cpp on the same machine:
 //! `cargo bench -p hashgrid-executor --bench generate -- [--model FILE.gguf] [--prompt-tokens N]
-//! [--new-tokens N] [--runs N] [--check-every N] [--profile] [--no-llama-cpp] [--json FILE]`.
+//! [--new-tokens N] [--runs N] [--check-every N] [--target auto|cpu|gpu] [--profile]
+//! [--no-llama-cpp] [--json FILE]`.
 //!
 //! Reports, as medians of `--runs` runs (after one warm-up that also makes the weights
 //! resident): time to first token, prompt tokens/s (prompt tokens over the time to the first
@@ -10,7 +11,8 @@
 //! token. llama.cpp's figures come from `llama-cpp-python` when it is installed (2 threads,
 //! the same prompt and token counts).
 //!
-//! The model defaults to `$HASHGRID_SMOLLM2`.
+//! The model defaults to `$HASHGRID_SMOLLM2`. `--target` picks the kernels' shape (`auto`: the
+//! adapter's, as `hashgrid generate --local` does).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -19,7 +21,9 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use hashgrid_executor::{ExecConfig, Executor, StreamUpdate};
-use hashgrid_infer::{GenerateRequest, LlamaModel, ModelWeights, Sampling, compile_generate};
+use hashgrid_infer::{
+    GenerateRequest, LlamaModel, ModelWeights, Sampling, Target, compile_generate, read_generation,
+};
 use hashgrid_protocol::LoopSpec;
 
 struct Args {
@@ -29,6 +33,8 @@ struct Args {
     runs: usize,
     profile: bool,
     check_every: u32,
+    /// `None`: the adapter's.
+    target: Option<Target>,
     llama_cpp: bool,
     json: Option<PathBuf>,
 }
@@ -41,6 +47,7 @@ fn args() -> anyhow::Result<Args> {
         runs: 3,
         profile: false,
         check_every: 1,
+        target: None,
         llama_cpp: true,
         json: None,
     };
@@ -54,6 +61,14 @@ fn args() -> anyhow::Result<Args> {
             "--runs" => a.runs = val()?.parse()?,
             "--profile" => a.profile = true,
             "--check-every" => a.check_every = val()?.parse()?,
+            "--target" => {
+                a.target = match val()?.as_str() {
+                    "auto" => None,
+                    "cpu" => Some(Target::Cpu),
+                    "gpu" => Some(Target::Gpu),
+                    other => bail!("--target is auto, cpu or gpu, not {other}"),
+                }
+            }
             "--no-llama-cpp" => a.llama_cpp = false,
             "--json" => a.json = Some(val()?.into()),
             "--bench" => {}
@@ -84,6 +99,9 @@ struct Run {
     prompt_tps: f64,
     decode_tps: f64,
     generated: usize,
+    /// The generated token ids (greedy: the same in every run, and across kernel shapes up to
+    /// a near-tie).
+    tokens: Vec<u32>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -103,9 +121,13 @@ fn main() -> anyhow::Result<()> {
         // No end-of-generation token: always generate the full count.
         eog: Vec::new(),
         check_every: a.check_every,
+        target: a
+            .target
+            .unwrap_or(Target::for_device(exec.profile().device_type)),
     };
     let job = compile_generate(&model, &weights, &req)?;
-    let passes_per_token = job.spec.passes.len();
+    // The generation loop is the job's last: its passes run once per token.
+    let passes_per_token = job.spec.loops.last().map_or(0, |l| l.len);
 
     let mut runs = Vec::new();
     for i in 0..=a.runs {
@@ -131,6 +153,13 @@ fn main() -> anyhow::Result<()> {
                 true
             })),
         ))?;
+        let get = |n: &str| {
+            out.outputs
+                .iter()
+                .find(|o| o.name == n)
+                .map_or(&[][..], |o| o.bytes.as_slice())
+        };
+        let tokens = read_generation(job.n_prompt, get("tokens"), get("status"), None).tokens;
         let ups = updates.lock().map_err(|_| anyhow::anyhow!("lock"))?.clone();
         let first = ups
             .iter()
@@ -144,6 +173,7 @@ fn main() -> anyhow::Result<()> {
             prompt_tps: prompt.len() as f64 / ttft.as_secs_f64(),
             decode_tps: f64::from(last.1.saturating_sub(1)) / decode_s,
             generated: last.1 as usize,
+            tokens,
         };
         eprintln!(
             "run {i}{}: ttft {:.0} ms, prompt {:.1} tok/s, decode {:.1} tok/s ({} tokens, {} MB uploaded, {} resident)",
@@ -164,12 +194,17 @@ fn main() -> anyhow::Result<()> {
         "prompt_tokens_per_s": median(runs.iter().map(|r| r.prompt_tps).collect()),
         "decode_tokens_per_s": median(runs.iter().map(|r| r.decode_tps).collect()),
         "generated": runs.first().map_or(0, |r| r.generated),
+        "tokens": runs.last().map(|r| r.tokens.clone()).unwrap_or_default(),
         "dispatches_per_token": passes_per_token,
     });
 
     let mut report = serde_json::Map::new();
     report.insert("model".into(), model.name.clone().into());
     report.insert("adapter".into(), exec.profile().name.into());
+    report.insert(
+        "target".into(),
+        format!("{:?}", req.target).to_lowercase().into(),
+    );
     report.insert("prompt_tokens".into(), a.prompt_tokens.into());
     report.insert("new_tokens".into(), a.new_tokens.into());
     report.insert("runs".into(), a.runs.into());

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use hashgrid_executor::{ExecConfig, Executor, JobOutput};
 use hashgrid_infer::{
-    GenerateRequest, LlamaModel, ModelWeights, Sampling, compile_generate, read_generation,
+    GenerateRequest, LlamaModel, ModelWeights, Sampling, Target, compile_generate, read_generation,
 };
 
 fn smollm2() -> Option<PathBuf> {
@@ -71,6 +71,7 @@ const LLAMA_CPP_TIE: f32 = 0.5;
 /// Runs greedy generation for each fixture prompt and returns (tokens, margins) per prompt.
 fn run_fixture(
     fixture: &Fixture,
+    target: Target,
     limit: impl Fn(&FixturePrompt) -> usize,
 ) -> Vec<(Vec<u32>, Vec<f32>)> {
     let path = smollm2().expect("checked by the caller");
@@ -91,6 +92,7 @@ fn run_fixture(
                     sampling: Sampling::default(),
                     eog: vec![2],
                     check_every: 8,
+                    target,
                 },
             )
             .unwrap();
@@ -133,46 +135,49 @@ fn smollm2_greedy_matches_the_exact_reference_and_llama_cpp() {
     for (a, b) in exact.prompts.iter().zip(&llama.prompts) {
         assert_eq!((&a.name, &a.prompt_tokens), (&b.name, &b.prompt_tokens));
     }
-    let got = run_fixture(&exact, |p| upto(p, NEAR_TIE) + 1);
-    let (mut exact_n, mut llama_n) = (0, 0);
-    let mut worst = 0f32;
-    for ((p, q), (tokens, margins)) in exact.prompts.iter().zip(&llama.prompts).zip(&got) {
-        let n = upto(p, NEAR_TIE);
-        assert_eq!(
-            &tokens[..n.min(tokens.len())],
-            &p.generated[..n],
-            "{}: greedy tokens differ from the float64 reference",
-            p.name
-        );
-        // Our top-1 minus top-2 logit is the reference's, to f32 accuracy.
-        for (k, (m, s)) in margins.iter().zip(&p.steps).enumerate().take(n) {
-            let dev = (m - s.gap).abs();
-            worst = worst.max(dev);
-            assert!(
-                dev < 0.01,
-                "{} step {k}: margin {m} vs reference {}",
-                p.name,
-                s.gap
+    // Both kernel shapes, CPU-adapter and GPU (each runs on any adapter).
+    for target in [Target::Cpu, Target::Gpu] {
+        let got = run_fixture(&exact, target, |p| upto(p, NEAR_TIE) + 1);
+        let (mut exact_n, mut llama_n) = (0, 0);
+        let mut worst = 0f32;
+        for ((p, q), (tokens, margins)) in exact.prompts.iter().zip(&llama.prompts).zip(&got) {
+            let n = upto(p, NEAR_TIE);
+            assert_eq!(
+                &tokens[..n.min(tokens.len())],
+                &p.generated[..n],
+                "{}: greedy tokens differ from the float64 reference",
+                p.name
             );
+            // Our top-1 minus top-2 logit is the reference's, to f32 accuracy.
+            for (k, (m, s)) in margins.iter().zip(&p.steps).enumerate().take(n) {
+                let dev = (m - s.gap).abs();
+                worst = worst.max(dev);
+                assert!(
+                    dev < 0.01,
+                    "{} step {k}: margin {m} vs reference {}",
+                    p.name,
+                    s.gap
+                );
+            }
+            exact_n += n;
+            let m = upto(q, LLAMA_CPP_TIE).min(n);
+            assert_eq!(
+                &tokens[..m.min(tokens.len())],
+                &q.generated[..m],
+                "{}: greedy tokens differ from llama.cpp {}",
+                q.name,
+                llama.llama_cpp_version
+            );
+            llama_n += m;
         }
-        exact_n += n;
-        let m = upto(q, LLAMA_CPP_TIE).min(n);
-        assert_eq!(
-            &tokens[..m.min(tokens.len())],
-            &q.generated[..m],
-            "{}: greedy tokens differ from llama.cpp {}",
-            q.name,
+        eprintln!(
+            "{target:?} kernels: {exact_n} tokens equal to the float64 reference (worst margin deviation {worst:.5}); \
+             {llama_n} equal to llama.cpp {} before its first top-2 gap under {LLAMA_CPP_TIE}",
             llama.llama_cpp_version
         );
-        llama_n += m;
+        assert!(exact_n >= 200, "compared {exact_n} tokens");
+        assert!(llama_n >= 20, "compared {llama_n} tokens with llama.cpp");
     }
-    eprintln!(
-        "{exact_n} tokens equal to the float64 reference (worst margin deviation {worst:.5}); \
-         {llama_n} equal to llama.cpp {} before its first top-2 gap under {LLAMA_CPP_TIE}",
-        llama.llama_cpp_version
-    );
-    assert!(exact_n >= 200, "compared {exact_n} tokens");
-    assert!(llama_n >= 20, "compared {llama_n} tokens with llama.cpp");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -448,6 +453,219 @@ fn matvec_with_the_rms_norm_fused_matches_norm_then_matvec() {
             );
         }
     }
+}
+
+/// The GPU-shaped matvec (`kernels::matvec_split`: several invocations per row, their sums
+/// added in workgroup memory) against the CPU, for every flavour, with and without the fused
+/// RMS norm, over both packed types: three segments at 256-aligned offsets, a row count that
+/// is not a multiple of a workgroup's, and rows of 3 blocks, so that most of a row's
+/// invocations have no block to sum.
+#[test]
+fn split_matvec_matches_cpu_for_every_flavour() {
+    let mut rng = Rng(0x51ab);
+    let eps = 1e-5f32;
+    for ty in [GgmlType::Q8_0, GgmlType::Q4_1] {
+        for (cols, segs) in [(512usize, [30usize, 20, 21]), (96, [5, 3, 9])] {
+            let rows: usize = segs.iter().sum();
+            let rb = kernels::quant::kernel_row_bytes(ty, cols as u64) as u32;
+            let pack = |b: &[u8]| kernels::quant::pack(ty, b, cols as u64);
+            let mut blob = Vec::new();
+            let mut offs = Vec::new();
+            let mut deq = Vec::new();
+            for &r in &segs {
+                let (b, d) = quantized(ty, r, cols, &mut rng);
+                offs.push(blob.len() as u32);
+                blob.extend_from_slice(&pack(&b));
+                blob = pad256(blob);
+                deq.extend(d);
+            }
+            // Gate and up halves of the same shape, up at a 256-aligned offset.
+            let (gb, gd) = quantized(ty, rows, cols, &mut rng);
+            let (ub, ud) = quantized(ty, rows, cols, &mut rng);
+            let gate = pad256(pack(&gb));
+            let up_off = gate.len() as u32;
+            let gate_up = [gate, pack(&ub)].concat();
+            let x: Vec<f32> = rng.vec(cols).iter().map(|v| v * 40.0).collect();
+            let g: Vec<f32> = rng.vec(cols).iter().map(|v| 1.0 + 0.5 * v).collect();
+            let bias = rng.vec(rows);
+            let y0 = rng.vec(rows + 3);
+            let n = (cols / 4) as u32;
+            for norm in [false, true] {
+                // A residual stream (large) goes through the norm; a matvec without one gets
+                // activations of ordinary size.
+                let x: Vec<f32> = if norm {
+                    x.clone()
+                } else {
+                    x.iter().map(|v| v / 40.0).collect()
+                };
+                let xn: Vec<f32> = if norm {
+                    let ss: f64 = x.iter().map(|v| f64::from(*v) * f64::from(*v)).sum();
+                    let scale = (1.0 / (ss / cols as f64 + f64::from(eps)).sqrt()) as f32;
+                    x.iter().zip(&g).map(|(v, w)| v * scale * w).collect()
+                } else {
+                    x.clone()
+                };
+                let base = matvec_cpu(&deq, &xn, rows);
+                for kind in [
+                    Matvec::Plain,
+                    Matvec::Bias,
+                    Matvec::Add,
+                    Matvec::GateUp,
+                    Matvec::Logits,
+                ] {
+                    let what = format!("split {} {ty:?} cols {cols} norm {norm}", kind.entry());
+                    let mut p = if kind == Matvec::GateUp {
+                        vec![
+                            rows as u32,
+                            cols as u32,
+                            rb,
+                            0,
+                            2,
+                            rows as u32,
+                            0,
+                            rows as u32,
+                            up_off,
+                            0,
+                            0,
+                        ]
+                    } else {
+                        vec![
+                            rows as u32,
+                            cols as u32,
+                            rb,
+                            3,
+                            3,
+                            30,
+                            offs[0],
+                            20,
+                            offs[1],
+                            21,
+                            offs[2],
+                        ]
+                    };
+                    if kind != Matvec::GateUp {
+                        p[5] = segs[0] as u32;
+                        p[7] = segs[1] as u32;
+                        p[9] = segs[2] as u32;
+                    }
+                    // n_prompt 6: the logits run at step 5 (the prompt's last position).
+                    p.extend_from_slice(&[6, 0, eps.to_bits()]);
+                    let w = if kind == Matvec::GateUp {
+                        gate_up.clone()
+                    } else {
+                        blob.clone()
+                    };
+                    let y_init = match kind {
+                        Matvec::Add => f32s(&y0),
+                        _ => Init::Zero(4 * (rows as u64 + 3)),
+                    };
+                    let mut bufs = vec![
+                        ("w", Init::Bytes(w)),
+                        ("x", f32s(&x)),
+                        ("y", y_init),
+                        ("p", u32s(&p)),
+                    ];
+                    let mut binds = vec![(0, 0, None), (1, 1, None), (2, 2, None), (3, 3, None)];
+                    match kind {
+                        Matvec::Bias => bufs.push(("bias", f32s(&bias))),
+                        Matvec::Logits => bufs.push(("step", u32s(&[5]))),
+                        _ => {}
+                    }
+                    if bufs.len() == 5 {
+                        binds.push((4, 4, None));
+                    }
+                    if norm {
+                        binds.push((5, bufs.len() as u32, None));
+                        bufs.push(("g", f32s(&g)));
+                    }
+                    let out = run_one(
+                        kernels::matvec_split(ty, kind, n, norm),
+                        kind.entry(),
+                        (rows as u32).div_ceil(kernels::SPLIT_ROWS),
+                        bufs,
+                        &binds,
+                    );
+                    let y = to_f32(&out[2]);
+                    let want: Vec<f32> = match kind {
+                        Matvec::GateUp => {
+                            let gv = matvec_cpu(&gd, &xn, rows);
+                            let uv = matvec_cpu(&ud, &xn, rows);
+                            let mut v: Vec<f32> = gv
+                                .iter()
+                                .zip(&uv)
+                                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                                .collect();
+                            v.extend([0.0; 3]);
+                            v
+                        }
+                        Matvec::Add => [
+                            &y0[..3],
+                            &base
+                                .iter()
+                                .zip(&y0[3..])
+                                .map(|(a, b)| a + b)
+                                .collect::<Vec<_>>(),
+                        ]
+                        .concat(),
+                        Matvec::Bias => [
+                            &[0.0; 3][..],
+                            &base
+                                .iter()
+                                .zip(&bias)
+                                .map(|(a, b)| a + b)
+                                .collect::<Vec<_>>(),
+                        ]
+                        .concat(),
+                        _ => [&[0.0; 3][..], &base].concat(),
+                    };
+                    close(&y, &want, 1e-4, &what);
+                }
+            }
+        }
+    }
+    // The logits are skipped before the prompt's last position (step 3 of a 6-token prompt).
+    let ty = GgmlType::Q8_0;
+    let (rows, cols) = (20usize, 64usize);
+    let (b, _) = quantized(ty, rows, cols, &mut rng);
+    let rb = kernels::quant::kernel_row_bytes(ty, cols as u64) as u32;
+    let p = [
+        rows as u32,
+        cols as u32,
+        rb,
+        0,
+        1,
+        rows as u32,
+        0,
+        0,
+        0,
+        0,
+        0,
+        6,
+        0,
+    ];
+    let out = run_one(
+        kernels::matvec_split(ty, Matvec::Logits, (cols / 4) as u32, false),
+        "matvec_logits",
+        (rows as u32).div_ceil(kernels::SPLIT_ROWS),
+        vec![
+            ("w", Init::Bytes(kernels::quant::pack(ty, &b, cols as u64))),
+            ("x", f32s(&rng.vec(cols))),
+            ("y", Init::Zero(4 * rows as u64)),
+            ("p", u32s(&p)),
+            ("step", u32s(&[3])),
+        ],
+        &[
+            (0, 0, None),
+            (1, 1, None),
+            (2, 2, None),
+            (3, 3, None),
+            (4, 4, None),
+        ],
+    );
+    assert!(
+        to_f32(&out[2]).iter().all(|&v| v == 0.0),
+        "skipped during the prompt"
+    );
 }
 
 #[test]
@@ -1322,48 +1540,51 @@ fn tiny_models_of_every_type_match_the_cpu_reference() {
                     toks.push(best);
                 }
             }
-            let job = compile_generate(
-                &model,
-                &weights,
-                &GenerateRequest {
-                    prompt: prompt.clone(),
-                    max_new_tokens: n_new as u32,
-                    sampling: Sampling::default(),
-                    eog: Vec::new(),
-                    check_every: 4,
-                },
-            )
-            .unwrap();
-            // The job shares the weights' bytes: a request copies no weight.
-            for w in &weights.blobs {
-                assert!(
-                    std::sync::Arc::ptr_eq(&job.inputs[&w.id], &w.bytes),
-                    "{} copied",
-                    w.name
+            for target in [Target::Cpu, Target::Gpu] {
+                let job = compile_generate(
+                    &model,
+                    &weights,
+                    &GenerateRequest {
+                        prompt: prompt.clone(),
+                        max_new_tokens: n_new as u32,
+                        sampling: Sampling::default(),
+                        eog: Vec::new(),
+                        check_every: 4,
+                        target,
+                    },
+                )
+                .unwrap();
+                // The job shares the weights' bytes: a request copies no weight.
+                for w in &weights.blobs {
+                    assert!(
+                        std::sync::Arc::ptr_eq(&job.inputs[&w.id], &w.bytes),
+                        "{} copied",
+                        w.name
+                    );
+                }
+                let out = rt.block_on(exec.run("test", job.spec, job.inputs)).unwrap();
+                let g = read_generation(
+                    job.n_prompt,
+                    output(&out, "tokens"),
+                    output(&out, "status"),
+                    Some(output(&out, "margins")),
                 );
-            }
-            let out = rt.block_on(exec.run("test", job.spec, job.inputs)).unwrap();
-            let g = read_generation(
-                job.n_prompt,
-                output(&out, "tokens"),
-                output(&out, "status"),
-                Some(output(&out, "margins")),
-            );
-            let what = format!("{arch} {ty:?} tied={tied}");
-            assert!(g.done, "{what}: stopped at the token limit");
-            // Tokens agree up to the first near-tie of the CPU reference.
-            let n = margins.iter().position(|m| *m < 1e-3).unwrap_or(n_new);
-            assert_eq!(
-                &g.tokens[..n],
-                &toks[prompt.len()..prompt.len() + n],
-                "{what}"
-            );
-            for (k, (got, want)) in g.margins.iter().zip(&margins).enumerate().take(n) {
-                let dev = (got - want).abs();
-                assert!(
-                    dev < 1e-3 * (1.0 + want.abs()),
-                    "{what} step {k}: {got} vs {want}"
+                let what = format!("{arch} {ty:?} tied={tied} {target:?} kernels");
+                assert!(g.done, "{what}: stopped at the token limit");
+                // Tokens agree up to the first near-tie of the CPU reference.
+                let n = margins.iter().position(|m| *m < 1e-3).unwrap_or(n_new);
+                assert_eq!(
+                    &g.tokens[..n],
+                    &toks[prompt.len()..prompt.len() + n],
+                    "{what}"
                 );
+                for (k, (got, want)) in g.margins.iter().zip(&margins).enumerate().take(n) {
+                    let dev = (got - want).abs();
+                    assert!(
+                        dev < 1e-3 * (1.0 + want.abs()),
+                        "{what} step {k}: {got} vs {want}"
+                    );
+                }
             }
         }
     }

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use futures::future::BoxFuture;
 use hashgrid_executor::{ExecError, Executor, StreamSink, StreamUpdate};
+use hashgrid_infer::Target;
 use hashgrid_protocol::JobSpec;
 use tokio::sync::mpsc;
 
@@ -75,6 +76,12 @@ pub trait Backend: Send + Sync + 'static {
     /// `"local"` or `"market"`: shown in responses.
     fn name(&self) -> &'static str;
 
+    /// The adapter kind to shape the jobs' kernels for ([`Target::Cpu`] unless the backend
+    /// knows where its jobs run: a market job's provider is chosen after it is compiled).
+    fn target(&self) -> Target {
+        Target::Cpu
+    }
+
     /// Runs `job`; while it runs, each new check of its streamed buffers goes to `stream`
     /// (with `try_send`: every update carries the whole buffers, so a dropped one loses
     /// nothing).
@@ -88,12 +95,20 @@ pub trait Backend: Send + Sync + 'static {
 /// Runs jobs on this machine's adapter (`hashgrid serve --local`): no market, no receipts.
 pub struct LocalBackend {
     exec: Executor,
+    /// `None`: the adapter's kind.
+    target: Option<Target>,
 }
 
 impl LocalBackend {
     /// Runs on `exec`.
     pub fn new(exec: Executor) -> LocalBackend {
-        LocalBackend { exec }
+        LocalBackend { exec, target: None }
+    }
+
+    /// Shapes language models' kernels for `target` instead of the adapter's kind.
+    pub fn kernels(mut self, target: Target) -> LocalBackend {
+        self.target = Some(target);
+        self
     }
 
     /// The executor (to shut it down before the process exits).
@@ -105,6 +120,11 @@ impl LocalBackend {
 impl Backend for LocalBackend {
     fn name(&self) -> &'static str {
         "local"
+    }
+
+    fn target(&self) -> Target {
+        self.target
+            .unwrap_or_else(|| Target::for_device(self.exec.profile().device_type))
     }
 
     fn run(

@@ -501,7 +501,8 @@ async fn generate(
     g.access.check_cap(&caller).map_err(denied)?;
     let (max_tokens, sampling) = (gen_.max_tokens, gen_.sampling);
     let m = model.clone();
-    let job = blocking(move || m.compile(prompt, max_tokens, sampling))
+    let target = g.backend.target();
+    let job = blocking(move || m.compile(prompt, max_tokens, sampling, target))
         .await?
         .map_err(text_error)?;
     let (tx, mut rx) = mpsc::channel::<GenEvent>(256);

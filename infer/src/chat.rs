@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use crate::compile::{CompileError, CompiledJob, GenerateRequest, ModelWeights, Sampling};
+use crate::compile::{CompileError, CompiledJob, GenerateRequest, ModelWeights, Sampling, Target};
 use crate::kernels::MAX_EOG;
 use crate::model::{LlamaModel, ModelError};
 use crate::template::{ChatMessage, TemplateError, render_chat};
@@ -101,12 +101,14 @@ impl TextModel {
     }
 
     /// Compiles a generation of at most `max_tokens` new tokens (fewer when the context ends
-    /// first; at least one). A prompt that leaves no room is [`TextError::Context`].
+    /// first; at least one), its kernels shaped for `target` (the adapter's kind where it is
+    /// known: [`Target::for_device`]). A prompt that leaves no room is [`TextError::Context`].
     pub fn compile(
         &self,
         prompt: Vec<u32>,
         max_tokens: u32,
         sampling: Sampling,
+        target: Target,
     ) -> Result<CompiledJob, TextError> {
         let context = self.context();
         if prompt.len() >= context {
@@ -125,6 +127,7 @@ impl TextModel {
                 sampling,
                 eog: self.eog.clone(),
                 check_every: 1,
+                target,
             },
         )?)
     }

@@ -21,8 +21,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use hashgrid_protocol::{
-    Binding, BufferInit, BufferRange, BufferSpec, ContentId, JobSpec, LoopSpec, ModelManifest,
-    PassSpec, ShaderSource, job::RANGE_ALIGN,
+    Binding, BufferInit, BufferRange, BufferSpec, ContentId, DeviceType, JobSpec, LoopSpec,
+    ModelManifest, PassSpec, ShaderSource, job::RANGE_ALIGN,
 };
 
 use crate::kernels::{self, MAX_EOG, Matvec};
@@ -36,6 +36,32 @@ pub const DEFAULT_CHECK_EVERY: u32 = 1;
 
 /// Most tokens one request may generate.
 pub const MAX_NEW_TOKENS: u32 = 32_768;
+
+/// The kind of adapter a job's kernels are shaped for. Both shapes compute the same values on
+/// any adapter (the same arithmetic per weight, summed in another order, so results agree to
+/// rounding); they differ in how the work is spread over threads, and each is several times
+/// slower than the other on the wrong kind of adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Target {
+    /// CPU adapters (lavapipe, SwiftShader): a workgroup is a loop on one core and every
+    /// buffer load costs, so each invocation computes several whole rows of a matvec.
+    #[default]
+    Cpu,
+    /// GPUs: thousands of threads, so the decoder's matvecs split each row over several
+    /// invocations ([`kernels::matvec_split`]).
+    Gpu,
+}
+
+impl Target {
+    /// The shape for an adapter of this type: [`Target::Cpu`] for a CPU adapter,
+    /// [`Target::Gpu`] for the rest.
+    pub fn for_device(t: DeviceType) -> Target {
+        match t {
+            DeviceType::Cpu => Target::Cpu,
+            _ => Target::Gpu,
+        }
+    }
+}
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -74,6 +100,8 @@ pub struct GenerateRequest {
     pub eog: Vec<u32>,
     /// Iterations between stop checks ([`DEFAULT_CHECK_EVERY`]).
     pub check_every: u32,
+    /// The adapter kind the kernels are shaped for.
+    pub target: Target,
 }
 
 /// Why a request cannot be compiled.
@@ -379,6 +407,8 @@ pub(crate) struct Builder {
     passes: Vec<PassSpec>,
     params: Vec<[u32; 64]>,
     params_buf: u32,
+    /// The adapter kind the kernels are shaped for.
+    pub(crate) target: Target,
 }
 
 impl Builder {
@@ -392,6 +422,7 @@ impl Builder {
             passes: Vec::new(),
             params: Vec::new(),
             params_buf: 0,
+            target: Target::Cpu,
         };
         // Its contents are known at `finish`.
         b.params_buf = b.zeroed("params", 4, false);
@@ -612,6 +643,7 @@ pub fn compile_generate(
     } = Dims::of(c);
 
     let mut b = Builder::new();
+    b.target = req.target;
     let step = b.zeroed("step", 16, false);
     let mut prompt_bytes: Vec<u8> = req.prompt.iter().flat_map(|t| t.to_le_bytes()).collect();
     prompt_bytes.resize(max_total * 4, 0);
@@ -1268,6 +1300,26 @@ pub(crate) fn matvec_pass(b: &mut Builder, m: MatvecPass<'_>) {
             sh,
             kind.entry(),
             groups(m.rows, kernels::matmul_rows_per_group(kind)),
+            bind,
+        );
+        return;
+    }
+    // On a GPU, rows split over several invocations, when the activations fit the kernel's
+    // workgroup memory.
+    if let (Target::Gpu, true, Some(n)) = (b.target, kernels::quant::is_packed(ty), uniform_x)
+        && n / 16 <= u64::from(kernels::SPLIT_MAX_X)
+    {
+        let n = (n / 16) as u32;
+        let fused = norm.is_some();
+        let key = format!("{name}_split{}", if fused { "_norm" } else { "" });
+        let sh = b.shader(&key, || kernels::matvec_split(ty, kind, n, fused));
+        let mut bind = vec![m.weights, x, whole(2, m.y), p];
+        bind.extend(m.extra);
+        bind.extend(norm.map(|(w, _)| w));
+        b.pass_xy(
+            sh,
+            kind.entry(),
+            [groups(m.rows, kernels::SPLIT_ROWS), m.tokens],
             bind,
         );
         return;

@@ -12,7 +12,9 @@
 //! nothing of networks or GPUs.
 //!
 //! ```no_run
-//! use hashgrid_infer::{GenerateRequest, LlamaModel, ModelWeights, Sampling, compile_generate};
+//! use hashgrid_infer::{
+//!     GenerateRequest, LlamaModel, ModelWeights, Sampling, Target, compile_generate,
+//! };
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let model = LlamaModel::open(std::path::Path::new("SmolLM2-135M-Instruct.Q4_1.gguf"))?;
 //! let weights = ModelWeights::load(&model)?;
@@ -22,6 +24,7 @@
 //!     sampling: Sampling::default(),
 //!     eog: vec![2],
 //!     check_every: 1,
+//!     target: Target::Cpu,
 //! })?;
 //! // job.spec and job.inputs run on any hashgrid executor.
 //! # Ok(()) }
@@ -42,7 +45,7 @@ pub mod tokenizer;
 
 pub use chat::{TextError, TextModel};
 pub use compile::{
-    CompileError, CompiledJob, GenerateRequest, Generation, Inputs, ModelWeights, Sampling,
+    CompileError, CompiledJob, GenerateRequest, Generation, Inputs, ModelWeights, Sampling, Target,
     compile_generate, read_generation,
 };
 pub use model::{LlamaConfig, LlamaModel, ModelError, RopeStyle};

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use futures::future::BoxFuture;
 use hashgrid_gateway::{Backend, BackendError, BackendJob, BackendOutput, MarketInfo, Streamed};
+use hashgrid_infer::Target;
 use hashgrid_protocol::{ContentId, Network, ReceiptFile};
 use tokio::sync::{broadcast, mpsc};
 use tracing::warn;
@@ -20,6 +21,7 @@ pub struct MarketBackend {
     node: NodeHandle,
     options: JobOptions,
     receipts: Option<(PathBuf, Network)>,
+    target: Target,
 }
 
 impl MarketBackend {
@@ -30,7 +32,15 @@ impl MarketBackend {
             node,
             options,
             receipts: None,
+            target: Target::Cpu,
         }
+    }
+
+    /// Shapes language models' kernels for `target` ([`Target::Cpu`] unless set: a market
+    /// job's provider is chosen after the job is compiled, so its kernels cannot follow it).
+    pub fn kernels(mut self, target: Target) -> MarketBackend {
+        self.target = target;
+        self
     }
 
     /// Also writes each receipt as `<dir>/<job id>.json` (a [`ReceiptFile`] for `network`),
@@ -71,6 +81,10 @@ fn node_error(e: NodeError) -> BackendError {
 impl Backend for MarketBackend {
     fn name(&self) -> &'static str {
         "market"
+    }
+
+    fn target(&self) -> Target {
+        self.target
     }
 
     fn run(

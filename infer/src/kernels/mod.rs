@@ -257,6 +257,144 @@ fn {entry}(@builtin(global_invocation_id) gid: vec3<u32>) {{
     )
 }
 
+/// Invocations that share one output row in [`matvec_split`], each taking every
+/// `SPLIT_LANES`-th weight block of the row before their sums are added in workgroup memory.
+pub const SPLIT_LANES: u32 = 8;
+
+/// Invocations per [`matvec_split`] workgroup.
+pub const SPLIT_THREADS: u32 = 64;
+
+/// Output rows per [`matvec_split`] workgroup (for `GateUp`, rows of each of its halves).
+pub const SPLIT_ROWS: u32 = SPLIT_THREADS / SPLIT_LANES;
+
+/// Most vec4s of activations [`matvec_split`] stages in workgroup memory: 12 KiB of the
+/// 16 KiB every adapter allows, the rest for the partial sums.
+pub const SPLIT_MAX_X: u32 = 768;
+
+/// The matvec for GPUs: [`matvec_x`]'s flavours and parameter layout over packed weights
+/// (texels) and activations read as a uniform array of `n` vec4s (at most [`SPLIT_MAX_X`]),
+/// shaped for thousands of threads instead of a few cores. Each workgroup stages the
+/// activations in workgroup memory once (normalised there when `norm`, as in
+/// [`matvec_norm`], the sum of squares shared by the workgroup), then [`SPLIT_LANES`]
+/// invocations share each of its [`SPLIT_ROWS`] rows, each summing every `SPLIT_LANES`-th
+/// block, and a tree reduction adds their sums. [`matvec_x`]'s invocation computes 8 whole
+/// rows: right for lavapipe, where a workgroup is a loop on one core and every load costs,
+/// but a 576-row matrix is then 72 threads, a few percent of a GPU (5 workgroups of 16).
+/// Here it is 576 threads in 72 workgroups, each reading a row's texels side by side.
+pub fn matvec_split(ty: GgmlType, kind: Matvec, n: u32, norm: bool) -> String {
+    let (s, t, rg) = (SPLIT_LANES, SPLIT_THREADS, SPLIT_ROWS);
+    let gate_up = kind == Matvec::GateUp;
+    let mut extra = match kind {
+        Matvec::Bias => "@group(0) @binding(4) var<storage, read> bias: array<f32>;\n".to_string(),
+        Matvec::Logits => {
+            "@group(0) @binding(4) var<storage, read> step: array<u32>;\n".to_string()
+        }
+        _ => String::new(),
+    };
+    if norm {
+        extra.push_str(&format!(
+            "@group(0) @binding(5) var<uniform> gn: array<vec4<f32>, {n}>;\n"
+        ));
+    }
+    let mut body = String::new();
+    if kind == Matvec::Logits {
+        // Skipped during the prompt; the flag goes through workgroup memory so that the
+        // return is uniform for the barriers after it.
+        body.push_str(
+            "    if (lid == 0u) {\n        flag = select(0u, 1u, step[0] + 1u < p[11]);\n    }\n    if (workgroupUniformLoad(&flag) != 0u) {\n        return;\n    }\n",
+        );
+    }
+    let staged = if norm {
+        body.push_str(&format!(
+            "    var ss = 0.0;\n    for (var i = lid; i < {n}u; i += {t}u) {{\n        let v = xv[i];\n        ss += dot(v, v);\n    }}\n    red[lid] = ss;\n    workgroupBarrier();\n    for (var k = {h}u; k > 0u; k >>= 1u) {{\n        if (lid < k) {{\n            red[lid] += red[lid + k];\n        }}\n        workgroupBarrier();\n    }}\n    let scale = 1.0 / sqrt(red[0] / f32(p[1]) + bitcast<f32>(p[13]));\n",
+            h = t / 2
+        ));
+        "xv[i] * scale * gn[i]"
+    } else {
+        "xv[i]"
+    };
+    body.push_str(&format!(
+        "    for (var i = lid; i < {n}u; i += {t}u) {{\n        xs[i] = {staged};\n    }}\n    workgroupBarrier();\n"
+    ));
+    body.push_str(&format!(
+        "    let sub = lid % {s}u;\n    let r = wid.x * {rg}u + lid / {s}u;\n    let last = p[0] - 1u;\n    let rr = min(r, last);\n"
+    ));
+    if gate_up {
+        body.push_str("    let og = (p[6] + rr * p[2]) >> 4u;\n    let ou = (p[8] + rr * p[2]) >> 4u;\n    let yb = wid.y * p[12];\n");
+    } else {
+        body.push_str("    let o = seg_off(rr) >> 4u;\n    let yb = p[3] + wid.y * p[12];\n");
+    }
+    body.push_str(
+        "    let xb = (wid.y * p[1]) >> 2u;\n    let nb = p[1] / BE;\n    var a = 0.0;\n",
+    );
+    if gate_up {
+        body.push_str("    var u = 0.0;\n");
+    }
+    body.push_str(&format!(
+        "    for (var b = sub; b < nb; b += {s}u) {{\n        let xi = xb + b * 8u;\n"
+    ));
+    for k in 0..8 {
+        body.push_str(&format!("        let x{k} = xs[xi + {k}u];\n"));
+    }
+    body.push_str("        let sx = hsum(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7);\n");
+    if gate_up {
+        body.push_str("        a += wrowp(og, b, nb, x0, x1, x2, x3, x4, x5, x6, x7, sx);\n        u += wrowp(ou, b, nb, x0, x1, x2, x3, x4, x5, x6, x7, sx);\n");
+    } else {
+        body.push_str("        a += wrowp(o, b, nb, x0, x1, x2, x3, x4, x5, x6, x7, sx);\n");
+    }
+    body.push_str("    }\n    red[lid] = a;\n");
+    if gate_up {
+        body.push_str(&format!("    red[lid + {t}u] = u;\n"));
+    }
+    body.push_str(&format!(
+        "    workgroupBarrier();\n    for (var k = {h}u; k > 0u; k >>= 1u) {{\n        if (sub < k) {{\n            red[lid] += red[lid + k];\n",
+        h = s / 2
+    ));
+    if gate_up {
+        body.push_str(&format!(
+            "            red[lid + {t}u] += red[lid + {t}u + k];\n"
+        ));
+    }
+    body.push_str("        }\n        workgroupBarrier();\n    }\n    if (sub == 0u && r <= last) {\n        let v = red[lid];\n");
+    let store = match kind {
+        Matvec::Plain | Matvec::Logits => "y[yb + r] = v;".to_string(),
+        Matvec::Bias => "y[yb + r] = v + bias[r];".to_string(),
+        Matvec::Add => "y[yb + r] = y[yb + r] + v;".to_string(),
+        // SwiGLU: silu(gate) · up; `v` is the gate row's sum, `g` the up row's.
+        Matvec::GateUp => {
+            format!("let g = red[lid + {t}u];\n        y[yb + r] = v / (1.0 + exp(-v)) * g;")
+        }
+    };
+    body.push_str(&format!("        {store}\n    }}\n"));
+    let fused = if norm { ", RMS norm fused" } else { "" };
+    format!(
+        r#"// {entry} over {ty} weights, {s} invocations per row, {rg} rows per workgroup{fused} (hashgrid-infer).
+@group(0) @binding(0) var w: texture_2d<u32>;
+@group(0) @binding(1) var<uniform> xv: array<vec4<f32>, {n}>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+@group(0) @binding(3) var<storage, read> p: array<u32>;
+{extra}{loader}{helpers}
+const BE: u32 = 32u;
+{row}
+{seg_off}
+var<workgroup> xs: array<vec4<f32>, {n}>;
+var<workgroup> red: array<f32, {red}>;
+var<workgroup> flag: u32;
+
+@compute @workgroup_size({t})
+fn {entry}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{
+{body}}}
+"#,
+        entry = kind.entry(),
+        ty = ty.name(),
+        loader = quant::texture_loader(),
+        helpers = quant::HELPERS,
+        row = quant::packed_row_fn(ty).unwrap_or(""),
+        seg_off = SEG_OFF,
+        red = 2 * t,
+    )
+}
+
 /// `seg_off(r)`: the byte offset of row `r`'s weights across the matvec parameters' up to three
 /// segments (shared by [`matvec`] and [`matmul`]).
 const SEG_OFF: &str = r#"// Byte offset of row r's weights, across the segments.

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use hashgrid_infer::template::ChatMessage;
 use hashgrid_infer::tokenizer::StreamDecoder;
 use hashgrid_infer::{
-    CompiledJob, Sampling, TextError, TextModel, compile::outputs, read_generation,
+    CompiledJob, Sampling, Target, TextError, TextModel, compile::outputs, read_generation,
 };
 use hashgrid_node::executor::{ExecConfig, Executor, StreamUpdate};
 use hashgrid_node::jobs::JobOptions;
@@ -32,6 +32,8 @@ pub(crate) struct GenerateArgs {
     pub(crate) chat: bool,
     pub(crate) max_tokens: u32,
     pub(crate) sampling: Sampling,
+    /// The kernels' shape (`None`: this machine's adapter with --local, else CPU).
+    pub(crate) kernels: Option<Target>,
     pub(crate) local: bool,
     pub(crate) max_price: Option<u64>,
     pub(crate) max_seconds: u32,
@@ -74,9 +76,10 @@ fn compile(
     prompt: Vec<u32>,
     max_tokens: u32,
     sampling: Sampling,
+    target: Target,
 ) -> Result<CompiledJob, CliError> {
     loaded
-        .compile(prompt, max_tokens, sampling)
+        .compile(prompt, max_tokens, sampling, target)
         .map_err(|e| CliError::bad_input(e.to_string(), "shorten the prompt or lower --max-tokens"))
 }
 
@@ -224,10 +227,29 @@ pub(crate) async fn generate(g: &Global, a: GenerateArgs) -> Result<(), CliError
         .chat
         .then(|| vec![ChatMessage::new("user", a.prompt.clone())]);
     let prompt = prompt(&loaded, &a.prompt, history.as_deref())?;
-    let job = compile(&loaded, prompt.clone(), a.max_tokens, a.sampling)?;
+    // Compiled (and so checked) before any GPU or network work; with --local and no
+    // --kernels, again for the adapter's kind once it is known (a compile takes milliseconds
+    // and copies no weight).
+    let job = compile(
+        &loaded,
+        prompt.clone(),
+        a.max_tokens,
+        a.sampling,
+        a.kernels.unwrap_or_default(),
+    )?;
     let print = !g.json;
     let out = if a.local {
         let exec = tokio::task::block_in_place(executor)?;
+        let job = match a.kernels {
+            None => compile(
+                &loaded,
+                prompt.clone(),
+                a.max_tokens,
+                a.sampling,
+                Target::for_device(exec.profile().device_type),
+            )?,
+            Some(_) => job,
+        };
         let cancel = ctrl_c_flag();
         let r = run_local(&exec, &loaded, job, print, cancel).await;
         exec.shutdown();
@@ -358,9 +380,11 @@ pub(crate) async fn chat(
     model: &Path,
     max_tokens: u32,
     sampling: Sampling,
+    kernels: Option<Target>,
 ) -> Result<(), CliError> {
     let loaded = load(model)?;
     let exec = tokio::task::block_in_place(executor)?;
+    let target = kernels.unwrap_or_else(|| Target::for_device(exec.profile().device_type));
     let mut history: Vec<ChatMessage> = Vec::new();
     let stdin = std::io::stdin();
     if !g.quiet {
@@ -386,7 +410,7 @@ pub(crate) async fn chat(
             Ok(p) => p,
             Err(e) => break Err(e),
         };
-        let job = match compile(&loaded, prompt, max_tokens, sampling) {
+        let job = match compile(&loaded, prompt, max_tokens, sampling, target) {
             Ok(j) => j,
             Err(e) => break Err(e),
         };

@@ -372,6 +372,10 @@ enum Command {
         /// the config's `verify`.
         #[arg(long, value_name = "MODE")]
         verify: Option<String>,
+        /// Shape language models' kernels for a GPU or for a CPU adapter such as lavapipe.
+        /// auto: this machine's adapter with --local; cpu through the market.
+        #[arg(long, value_enum, default_value_t = Kernels::Auto)]
+        kernels: Kernels,
     },
     /// Run a job file on this machine's GPU adapter, without any network.
     ///
@@ -403,6 +407,33 @@ struct SamplingArgs {
     /// Seed of the sampler (the same seed gives the same text).
     #[arg(long, default_value_t = 0)]
     seed: u32,
+    /// Shape the model's kernels for a GPU or for a CPU adapter such as lavapipe (each runs
+    /// anywhere, several times slower on the other kind). auto: this machine's adapter with
+    /// --local; cpu through the market, whose provider is chosen after the job is compiled.
+    #[arg(long, value_enum, default_value_t = Kernels::Auto)]
+    kernels: Kernels,
+}
+
+/// `--kernels`: the adapter kind a language model job's kernels are shaped for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Kernels {
+    /// The adapter's own kind where it is known (this machine's, with --local).
+    Auto,
+    /// CPU adapters (lavapipe): several rows per invocation.
+    Cpu,
+    /// GPUs: several invocations per row.
+    Gpu,
+}
+
+impl Kernels {
+    /// `None` for auto.
+    fn target(self) -> Option<hashgrid_infer::Target> {
+        match self {
+            Kernels::Auto => None,
+            Kernels::Cpu => Some(hashgrid_infer::Target::Cpu),
+            Kernels::Gpu => Some(hashgrid_infer::Target::Gpu),
+        }
+    }
 }
 
 impl SamplingArgs {
@@ -581,6 +612,7 @@ fn main() -> ExitCode {
                     chat,
                     max_tokens: sampling.max_tokens,
                     sampling: sampling.sampling(),
+                    kernels: sampling.kernels.target(),
                     local,
                     max_price,
                     max_seconds,
@@ -594,6 +626,7 @@ fn main() -> ExitCode {
                 &model,
                 sampling.max_tokens,
                 sampling.sampling(),
+                sampling.kernels.target(),
             ))
         }),
         Command::Serve {
@@ -605,6 +638,7 @@ fn main() -> ExitCode {
             metrics,
             dashboard,
             verify,
+            kernels,
         } => rt().and_then(|rt| {
             rt.block_on(serve::serve(
                 &g,
@@ -617,6 +651,7 @@ fn main() -> ExitCode {
                     metrics,
                     dashboard,
                     verify,
+                    kernels: kernels.target(),
                 },
             ))
         }),

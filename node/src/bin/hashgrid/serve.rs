@@ -24,6 +24,8 @@ pub(crate) struct ServeArgs {
     pub(crate) metrics: Option<std::net::SocketAddr>,
     pub(crate) dashboard: Option<std::net::SocketAddr>,
     pub(crate) verify: Option<String>,
+    /// The shape of language models' kernels (`None`: the backend's).
+    pub(crate) kernels: Option<hashgrid_infer::Target>,
 }
 
 /// Most bytes of an API keys file.
@@ -106,7 +108,11 @@ pub(crate) async fn serve(g: &Global, a: ServeArgs) -> Result<(), CliError> {
     let backend: Arc<dyn Backend> = if a.local {
         let e = tokio::task::block_in_place(crate::generate::executor)?;
         exec = Some(e.clone());
-        Arc::new(LocalBackend::new(e))
+        let mut b = LocalBackend::new(e);
+        if let Some(t) = a.kernels {
+            b = b.kernels(t);
+        }
+        Arc::new(b)
     } else {
         let n = client.start().await?;
         let asks = wait_for_book(&n).await;
@@ -137,6 +143,7 @@ pub(crate) async fn serve(g: &Global, a: ServeArgs) -> Result<(), CliError> {
         node = Some(n.clone());
         Arc::new(
             MarketBackend::new(n, options)
+                .kernels(a.kernels.unwrap_or_default())
                 .save_receipts(client.dir.root().join("receipts"), client.network.clone()),
         )
     };
