@@ -229,6 +229,17 @@ fn run_one(
     bufs: Vec<(&str, Init)>,
     binds: &[(u32, u32, Option<BufferRange>)],
 ) -> Vec<Vec<u8>> {
+    run_one_xy(wgsl, entry, [groups, 1], bufs, binds)
+}
+
+/// [`run_one`] with a two-dimensional dispatch.
+fn run_one_xy(
+    wgsl: String,
+    entry: &str,
+    [gx, gy]: [u32; 2],
+    bufs: Vec<(&str, Init)>,
+    binds: &[(u32, u32, Option<BufferRange>)],
+) -> Vec<Vec<u8>> {
     let mut inputs = BTreeMap::new();
     let buffers = bufs
         .into_iter()
@@ -263,7 +274,7 @@ fn run_one(
         passes: vec![PassSpec {
             shader: 0,
             entry: entry.into(),
-            workgroups: [groups, 1, 1],
+            workgroups: [gx, gy, 1],
             bindings: binds
                 .iter()
                 .map(|&(binding, buffer, range)| Binding {
@@ -579,7 +590,7 @@ fn split_matvec_matches_cpu_for_every_flavour() {
                         bufs.push(("g", f32s(&g)));
                     }
                     let out = run_one(
-                        kernels::matvec_split(ty, kind, n, norm),
+                        kernels::matvec_split(ty, kind, n, n, norm),
                         kind.entry(),
                         (rows as u32).div_ceil(kernels::SPLIT_ROWS),
                         bufs,
@@ -623,6 +634,91 @@ fn split_matvec_matches_cpu_for_every_flavour() {
             }
         }
     }
+    // A prefill chunk: three tokens in the dispatch's y dimension, each token's activations
+    // staged by its own workgroups, outputs `y_stride` apart.
+    for ty in [GgmlType::Q8_0, GgmlType::Q4_1] {
+        let (rows, cols, tokens) = (21usize, 256usize, 3usize);
+        let (gb, gd) = quantized(ty, rows, cols, &mut rng);
+        let (ub, ud) = quantized(ty, rows, cols, &mut rng);
+        let gate = pad256(kernels::quant::pack(ty, &gb, cols as u64));
+        let up_off = gate.len() as u32;
+        let gate_up = [gate.clone(), kernels::quant::pack(ty, &ub, cols as u64)].concat();
+        let rb = kernels::quant::kernel_row_bytes(ty, cols as u64) as u32;
+        let x = rng.vec(cols * tokens);
+        let y0 = rng.vec(rows * tokens);
+        let bias = rng.vec(rows);
+        let n = (cols * tokens / 4) as u32;
+        for kind in [Matvec::Add, Matvec::Bias, Matvec::GateUp] {
+            let (nseg, r1, o1) = match kind {
+                Matvec::GateUp => (2, rows as u32, up_off),
+                _ => (1, 0, 0),
+            };
+            let p = [
+                rows as u32,
+                cols as u32,
+                rb,
+                0,
+                nseg,
+                rows as u32,
+                0,
+                r1,
+                o1,
+                0,
+                0,
+                0,
+                rows as u32,
+            ];
+            let mut bufs = vec![
+                (
+                    "w",
+                    Init::Bytes(if kind == Matvec::GateUp {
+                        gate_up.clone()
+                    } else {
+                        gate.clone()
+                    }),
+                ),
+                ("x", f32s(&x)),
+                ("y", f32s(&y0)),
+                ("p", u32s(&p)),
+            ];
+            let mut binds = vec![(0, 0, None), (1, 1, None), (2, 2, None), (3, 3, None)];
+            if kind == Matvec::Bias {
+                bufs.push(("bias", f32s(&bias)));
+                binds.push((4, 4, None));
+            }
+            let out = run_one_xy(
+                kernels::matvec_split(ty, kind, n, (cols / 4) as u32, false),
+                kind.entry(),
+                [(rows as u32).div_ceil(kernels::SPLIT_ROWS), tokens as u32],
+                bufs,
+                &binds,
+            );
+            let want: Vec<f32> = (0..tokens)
+                .flat_map(|t| {
+                    let xt = &x[t * cols..(t + 1) * cols];
+                    let g = matvec_cpu(&gd, xt, rows);
+                    let y0t = &y0[t * rows..(t + 1) * rows];
+                    match kind {
+                        Matvec::Add => g.iter().zip(y0t).map(|(a, b)| a + b).collect::<Vec<f32>>(),
+                        Matvec::Bias => g.iter().zip(&bias).map(|(a, b)| a + b).collect(),
+                        _ => {
+                            let u = matvec_cpu(&ud, xt, rows);
+                            g.iter()
+                                .zip(&u)
+                                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                                .collect()
+                        }
+                    }
+                })
+                .collect();
+            close(
+                &to_f32(&out[2]),
+                &want,
+                1e-4,
+                &format!("split {} {ty:?} over 3 tokens", kind.entry()),
+            );
+        }
+    }
     // The logits are skipped before the prompt's last position (step 3 of a 6-token prompt).
     let ty = GgmlType::Q8_0;
     let (rows, cols) = (20usize, 64usize);
@@ -644,7 +740,13 @@ fn split_matvec_matches_cpu_for_every_flavour() {
         0,
     ];
     let out = run_one(
-        kernels::matvec_split(ty, Matvec::Logits, (cols / 4) as u32, false),
+        kernels::matvec_split(
+            ty,
+            Matvec::Logits,
+            (cols / 4) as u32,
+            (cols / 4) as u32,
+            false,
+        ),
         "matvec_logits",
         (rows as u32).div_ceil(kernels::SPLIT_ROWS),
         vec![

@@ -1284,6 +1284,28 @@ pub(crate) fn matvec_pass(b: &mut Builder, m: MatvecPass<'_>) {
         ),
         None => (format!("{}_{}", kind.entry(), ty.name()), whole(1, m.x)),
     };
+    // On a GPU, rows split over several invocations (one token's or a prefill chunk's), when
+    // a token's activations fit the kernel's workgroup memory.
+    if let (Target::Gpu, true, Some(n)) = (b.target, kernels::quant::is_packed(ty), uniform_x)
+        && m.cols / 4 <= u64::from(kernels::SPLIT_MAX_X)
+    {
+        let (n, cols4) = ((n / 16) as u32, (m.cols / 4) as u32);
+        let fused = norm.is_some();
+        // The key names the per-token width too: the same total (`name`) can be one wide token
+        // or several narrow ones.
+        let key = format!("{name}_c{cols4}_split{}", if fused { "_norm" } else { "" });
+        let sh = b.shader(&key, || kernels::matvec_split(ty, kind, n, cols4, fused));
+        let mut bind = vec![m.weights, x, whole(2, m.y), p];
+        bind.extend(m.extra);
+        bind.extend(norm.map(|(w, _)| w));
+        b.pass_xy(
+            sh,
+            kind.entry(),
+            [groups(m.rows, kernels::SPLIT_ROWS), m.tokens],
+            bind,
+        );
+        return;
+    }
     // Several tokens through packed weights: each weight block read once for all of them.
     if let (true, Some(n), None) = (
         m.tokens > 1 && kernels::quant::is_packed(ty) && kind != Matvec::Logits,
@@ -1300,26 +1322,6 @@ pub(crate) fn matvec_pass(b: &mut Builder, m: MatvecPass<'_>) {
             sh,
             kind.entry(),
             groups(m.rows, kernels::matmul_rows_per_group(kind)),
-            bind,
-        );
-        return;
-    }
-    // On a GPU, rows split over several invocations, when the activations fit the kernel's
-    // workgroup memory.
-    if let (Target::Gpu, true, Some(n)) = (b.target, kernels::quant::is_packed(ty), uniform_x)
-        && n / 16 <= u64::from(kernels::SPLIT_MAX_X)
-    {
-        let n = (n / 16) as u32;
-        let fused = norm.is_some();
-        let key = format!("{name}_split{}", if fused { "_norm" } else { "" });
-        let sh = b.shader(&key, || kernels::matvec_split(ty, kind, n, fused));
-        let mut bind = vec![m.weights, x, whole(2, m.y), p];
-        bind.extend(m.extra);
-        bind.extend(norm.map(|(w, _)| w));
-        b.pass_xy(
-            sh,
-            kind.entry(),
-            [groups(m.rows, kernels::SPLIT_ROWS), m.tokens],
             bind,
         );
         return;

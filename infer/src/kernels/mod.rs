@@ -272,16 +272,19 @@ pub const SPLIT_ROWS: u32 = SPLIT_THREADS / SPLIT_LANES;
 pub const SPLIT_MAX_X: u32 = 768;
 
 /// The matvec for GPUs: [`matvec_x`]'s flavours and parameter layout over packed weights
-/// (texels) and activations read as a uniform array of `n` vec4s (at most [`SPLIT_MAX_X`]),
-/// shaped for thousands of threads instead of a few cores. Each workgroup stages the
-/// activations in workgroup memory once (normalised there when `norm`, as in
-/// [`matvec_norm`], the sum of squares shared by the workgroup), then [`SPLIT_LANES`]
+/// (texels) and activations read as a uniform array of `n` vec4s, `cols4` (at most
+/// [`SPLIT_MAX_X`]) per token, the dispatch's y dimension being the token, shaped for thousands
+/// of threads instead of a few cores. Each workgroup stages its token's activations in
+/// workgroup memory once (normalised there when `norm`, as in [`matvec_norm`], the sum of
+/// squares shared by the workgroup), then [`SPLIT_LANES`]
 /// invocations share each of its [`SPLIT_ROWS`] rows, each summing every `SPLIT_LANES`-th
 /// block, and a tree reduction adds their sums. [`matvec_x`]'s invocation computes 8 whole
 /// rows: right for lavapipe, where a workgroup is a loop on one core and every load costs,
 /// but a 576-row matrix is then 72 threads, a few percent of a GPU (5 workgroups of 16).
-/// Here it is 576 threads in 72 workgroups, each reading a row's texels side by side.
-pub fn matvec_split(ty: GgmlType, kind: Matvec, n: u32, norm: bool) -> String {
+/// Here it is 576 threads in 72 workgroups, each reading a row's texels side by side. Over
+/// several tokens (a prefill chunk) each token's workgroups read the weights again: from a
+/// GPU's cache, and a chunk's dispatch has that many more workgroups to spread.
+pub fn matvec_split(ty: GgmlType, kind: Matvec, n: u32, cols4: u32, norm: bool) -> String {
     let (s, t, rg) = (SPLIT_LANES, SPLIT_THREADS, SPLIT_ROWS);
     let gate_up = kind == Matvec::GateUp;
     let mut extra = match kind {
@@ -293,7 +296,7 @@ pub fn matvec_split(ty: GgmlType, kind: Matvec, n: u32, norm: bool) -> String {
     };
     if norm {
         extra.push_str(&format!(
-            "@group(0) @binding(5) var<uniform> gn: array<vec4<f32>, {n}>;\n"
+            "@group(0) @binding(5) var<uniform> gn: array<vec4<f32>, {cols4}>;\n"
         ));
     }
     let mut body = String::new();
@@ -304,17 +307,19 @@ pub fn matvec_split(ty: GgmlType, kind: Matvec, n: u32, norm: bool) -> String {
             "    if (lid == 0u) {\n        flag = select(0u, 1u, step[0] + 1u < p[11]);\n    }\n    if (workgroupUniformLoad(&flag) != 0u) {\n        return;\n    }\n",
         );
     }
+    // This token's activations start at vec4 `xb`.
+    body.push_str("    let xb = (wid.y * p[1]) >> 2u;\n");
     let staged = if norm {
         body.push_str(&format!(
-            "    var ss = 0.0;\n    for (var i = lid; i < {n}u; i += {t}u) {{\n        let v = xv[i];\n        ss += dot(v, v);\n    }}\n    red[lid] = ss;\n    workgroupBarrier();\n    for (var k = {h}u; k > 0u; k >>= 1u) {{\n        if (lid < k) {{\n            red[lid] += red[lid + k];\n        }}\n        workgroupBarrier();\n    }}\n    let scale = 1.0 / sqrt(red[0] / f32(p[1]) + bitcast<f32>(p[13]));\n",
+            "    var ss = 0.0;\n    for (var i = lid; i < {cols4}u; i += {t}u) {{\n        let v = xv[xb + i];\n        ss += dot(v, v);\n    }}\n    red[lid] = ss;\n    workgroupBarrier();\n    for (var k = {h}u; k > 0u; k >>= 1u) {{\n        if (lid < k) {{\n            red[lid] += red[lid + k];\n        }}\n        workgroupBarrier();\n    }}\n    let scale = 1.0 / sqrt(red[0] / f32(p[1]) + bitcast<f32>(p[13]));\n",
             h = t / 2
         ));
-        "xv[i] * scale * gn[i]"
+        "xv[xb + i] * scale * gn[i]"
     } else {
-        "xv[i]"
+        "xv[xb + i]"
     };
     body.push_str(&format!(
-        "    for (var i = lid; i < {n}u; i += {t}u) {{\n        xs[i] = {staged};\n    }}\n    workgroupBarrier();\n"
+        "    for (var i = lid; i < {cols4}u; i += {t}u) {{\n        xs[i] = {staged};\n    }}\n    workgroupBarrier();\n"
     ));
     body.push_str(&format!(
         "    let sub = lid % {s}u;\n    let r = wid.x * {rg}u + lid / {s}u;\n    let last = p[0] - 1u;\n    let rr = min(r, last);\n"
@@ -324,14 +329,12 @@ pub fn matvec_split(ty: GgmlType, kind: Matvec, n: u32, norm: bool) -> String {
     } else {
         body.push_str("    let o = seg_off(rr) >> 4u;\n    let yb = p[3] + wid.y * p[12];\n");
     }
-    body.push_str(
-        "    let xb = (wid.y * p[1]) >> 2u;\n    let nb = p[1] / BE;\n    var a = 0.0;\n",
-    );
+    body.push_str("    let nb = p[1] / BE;\n    var a = 0.0;\n");
     if gate_up {
         body.push_str("    var u = 0.0;\n");
     }
     body.push_str(&format!(
-        "    for (var b = sub; b < nb; b += {s}u) {{\n        let xi = xb + b * 8u;\n"
+        "    for (var b = sub; b < nb; b += {s}u) {{\n        let xi = b * 8u;\n"
     ));
     for k in 0..8 {
         body.push_str(&format!("        let x{k} = xs[xi + {k}u];\n"));
@@ -377,7 +380,7 @@ pub fn matvec_split(ty: GgmlType, kind: Matvec, n: u32, norm: bool) -> String {
 const BE: u32 = 32u;
 {row}
 {seg_off}
-var<workgroup> xs: array<vec4<f32>, {n}>;
+var<workgroup> xs: array<vec4<f32>, {cols4}>;
 var<workgroup> red: array<f32, {red}>;
 var<workgroup> flag: u32;
 
