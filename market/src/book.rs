@@ -334,12 +334,63 @@ pub struct RegionDepth {
     pub best_price: Option<Msat>,
 }
 
+/// The ids (regions or backends) a filter allows: any, or a list (empty: none). Up to
+/// [`Allowed::INLINE`] are kept inline, so that building a bid's filter allocates nothing in
+/// the common case (a bid names one or two regions, at most one backend).
+#[derive(Debug, Clone)]
+enum Allowed<T> {
+    Any,
+    Few(u8, [T; Allowed::<()>::INLINE]),
+    Many(Vec<T>),
+}
+
+impl<T> Allowed<T> {
+    const INLINE: usize = 6;
+}
+
+impl<T: Copy + PartialEq + Default> Allowed<T> {
+    /// `Any` when `ids` is `None`, else the ids (repeats kept: they cost a comparison).
+    fn of(ids: Option<impl Iterator<Item = T>>) -> Allowed<T> {
+        let Some(ids) = ids else {
+            return Allowed::Any;
+        };
+        let mut few = [T::default(); Allowed::<()>::INLINE];
+        let mut n = 0usize;
+        let mut many: Vec<T> = Vec::new();
+        for id in ids {
+            if n < few.len() {
+                few[n] = id;
+                n += 1;
+            } else {
+                if many.is_empty() {
+                    many.extend_from_slice(&few);
+                }
+                many.push(id);
+            }
+        }
+        if many.is_empty() {
+            Allowed::Few(n as u8, few)
+        } else {
+            Allowed::Many(many)
+        }
+    }
+
+    #[inline]
+    fn allows(&self, id: T) -> bool {
+        match self {
+            Allowed::Any => true,
+            Allowed::Few(n, ids) => ids.iter().take(usize::from(*n)).any(|&x| x == id),
+            Allowed::Many(ids) => ids.contains(&id),
+        }
+    }
+}
+
 /// The filter an ask must pass to serve a bid (or a query), with regions interned.
 struct AskFilter {
     max_price: u64,
-    /// `None` = any region; `Some(ids)` = only these (empty: nothing matches).
-    regions: Option<Vec<u16>>,
-    backends: Option<Vec<u8>>,
+    /// Regions (a name no order has used cannot match) and backends.
+    regions: Allowed<u16>,
+    backends: Allowed<u8>,
     min_mem: u64,
     min_mflops: u64,
     /// `tier(min_mem)` and `tier(min_mflops)`, worked out once per filter.
@@ -354,11 +405,8 @@ impl AskFilter {
     fn bucket_ok(&self, k: &BucketKey) -> bool {
         k.mem_tier >= self.mem_tier
             && k.flops_tier >= self.flops_tier
-            && self.regions.as_ref().is_none_or(|r| r.contains(&k.region))
-            && self
-                .backends
-                .as_ref()
-                .is_none_or(|b| b.contains(&k.backend))
+            && self.regions.allows(k.region)
+            && self.backends.allows(k.backend)
     }
 
     fn accepts(&self, e: &AskEntry) -> bool {
@@ -413,6 +461,9 @@ struct Planner {
     left: u32,
     /// Most orders wanted (count mode, for queries); 0 = unit mode.
     limit: usize,
+    /// The candidates tied on `group_key`: the first inline, the rest (rare: a tie on price
+    /// and time) in a vector, so that an untied candidate allocates nothing.
+    first: Option<(i64, u64, Slot, u32)>,
     group: Vec<(i64, u64, Slot, u32)>,
     group_key: Option<(u64, u64)>,
 }
@@ -423,6 +474,7 @@ impl Planner {
             plan: Vec::new(),
             left: want,
             limit: 0,
+            first: None,
             group: Vec::new(),
             group_key: None,
         }
@@ -444,20 +496,35 @@ impl Planner {
     }
 
     fn flush(&mut self) {
+        let Some(first) = self.first.take() else {
+            return;
+        };
+        if self.group.is_empty() {
+            self.take(first.2, first.3);
+            return;
+        }
+        self.group.push(first);
         self.group
             .sort_by_key(|&(score, arrival, _, _)| (Reverse(score), arrival));
-        for &(_, _, r, rem) in &self.group {
-            if self.limit > 0 {
-                if self.plan.len() < self.limit {
-                    self.plan.push((r, rem));
-                }
-            } else if self.left > 0 {
-                let take = rem.min(self.left);
-                self.left -= take;
-                self.plan.push((r, take));
-            }
+        let group = std::mem::take(&mut self.group);
+        for &(_, _, r, rem) in &group {
+            self.take(r, rem);
         }
+        self.group = group;
         self.group.clear();
+    }
+
+    /// Plans the next candidate in order, while the plan wants more.
+    fn take(&mut self, r: Slot, rem: u32) {
+        if self.limit > 0 {
+            if self.plan.len() < self.limit {
+                self.plan.push((r, rem));
+            }
+        } else if self.left > 0 {
+            let take = rem.min(self.left);
+            self.left -= take;
+            self.plan.push((r, take));
+        }
     }
 
     /// Offers the next candidate; returns false once the plan is complete (stop scanning).
@@ -469,7 +536,11 @@ impl Planner {
             }
             self.group_key = Some(key);
         }
-        self.group.push((score, arrival, r, rem));
+        if self.first.is_none() {
+            self.first = Some((score, arrival, r, rem));
+        } else {
+            self.group.push((score, arrival, r, rem));
+        }
         true
     }
 
@@ -739,7 +810,18 @@ impl<K: Copy + Eq + std::hash::Hash, P: Copy + Ord> Buckets<K, P> {
         // The next order of every opened bucket.
         let mut heap: BinaryHeap<Reverse<(P, usize, Slot)>> = BinaryHeap::new();
         let mut open: Vec<(usize, std::collections::btree_map::Range<'_, P, Slot>)> = Vec::new();
+        // A bucket whose head was just taken: its tree is opened only if the merge goes on
+        // (most merges stop at their first order, and then allocate nothing).
+        let mut taken: Option<(P, usize)> = None;
         loop {
+            if let Some((p, i)) = taken.take() {
+                let mut it = self.buckets[i].orders.range(p..=hi);
+                it.next();
+                if let Some((p2, r2)) = it.next() {
+                    heap.push(Reverse((*p2, i, *r2)));
+                }
+                open.push((i, it));
+            }
             let from_head = match (next_head, heap.peek()) {
                 (Some((p, _)), Some(Reverse((q, ..)))) => p < *q,
                 (Some(_), None) => true,
@@ -749,14 +831,10 @@ impl<K: Copy + Eq + std::hash::Hash, P: Copy + Ord> Buckets<K, P> {
             let (p, r) = if from_head {
                 let Some((p, i)) = next_head else { return };
                 next_head = heads.next().copied();
-                let b = &self.buckets[i];
-                let Some((_, r)) = b.best else { continue };
-                let mut it = b.orders.range(p..=hi);
-                it.next();
-                if let Some((p2, r2)) = it.next() {
-                    heap.push(Reverse((*p2, i, *r2)));
-                }
-                open.push((i, it));
+                let Some((_, r)) = self.buckets[i].best else {
+                    continue;
+                };
+                taken = Some((p, i));
                 (p, r)
             } else {
                 let Some(Reverse((p, i, r))) = heap.pop() else {
@@ -961,7 +1039,7 @@ impl OrderBook {
         let region = entry.bucket.region;
         // Match against resting bids, best first.
         let plan = self.plan_for_ask(&entry, region, now_ms, rep);
-        let mut fills = Vec::new();
+        let mut fills = Vec::with_capacity(plan.len());
         for (slot, units) in plan {
             let Some((bid_ref, b)) = self.bids.entry_mut(slot) else {
                 continue;
@@ -1057,7 +1135,7 @@ impl OrderBook {
         let (r, mut entry, _) = self.enter_bid(bid, now_ms)?;
         let filter = self.filter_for_bid(&entry.bid, now_ms);
         let plan = self.plan_asks(&filter, entry.remaining, 0, rep);
-        let mut fills = Vec::new();
+        let mut fills = Vec::with_capacity(plan.len());
         for (slot, units) in plan {
             let Some((ask_ref, a)) = self.asks.entry_mut(slot) else {
                 continue;
@@ -1111,43 +1189,37 @@ impl OrderBook {
             bid.expires_at.0,
             now_ms,
         )?;
-        let mut regions: Vec<Option<u16>> = Vec::new();
-        if bid.requirements.regions.is_empty() {
-            regions.push(None);
-        } else {
-            for name in &bid.requirements.regions {
-                let id = Some(self.intern(name)?);
-                if !regions.contains(&id) {
-                    regions.push(id);
-                }
-            }
-        }
-        let mut backends: Vec<Option<u8>> = Vec::new();
-        if bid.requirements.backends.is_empty() {
-            backends.push(None);
-        } else {
-            for b in &bid.requirements.backends {
-                let id = Some(backend_id(*b));
-                if !backends.contains(&id) {
-                    backends.push(id);
-                }
-            }
-        }
         let (mem_tier, flops_tier) = (
             tier(bid.requirements.min_memory_bytes),
             tier(bid.requirements.min_mflops),
         );
-        let buckets: Vec<BidBucket> = regions
-            .iter()
-            .flat_map(|&region| {
-                backends.iter().map(move |&backend| BidBucket {
+        // One bucket per allowed region × backend ("any" for an empty list), repeats dropped,
+        // built in one vector of the right size.
+        let req = &bid.requirements;
+        let mut buckets: Vec<BidBucket> =
+            Vec::with_capacity(req.regions.len().max(1) * req.backends.len().max(1));
+        let add = |buckets: &mut Vec<BidBucket>, region: Option<u16>| {
+            let backends = req.backends.iter().map(|b| Some(backend_id(*b)));
+            let none = req.backends.is_empty().then_some(None);
+            for backend in backends.chain(none) {
+                let k = BidBucket {
                     region,
                     backend,
                     mem_tier,
                     flops_tier,
-                })
-            })
-            .collect();
+                };
+                if !buckets.contains(&k) {
+                    buckets.push(k);
+                }
+            }
+        };
+        if req.regions.is_empty() {
+            add(&mut buckets, None);
+        }
+        for name in &req.regions {
+            let id = self.intern(name)?;
+            add(&mut buckets, Some(id));
+        }
         if let Some((slot, _)) = live {
             self.remove_bid(slot);
         }
@@ -1425,14 +1497,13 @@ impl OrderBook {
     ) -> AskFilter {
         AskFilter {
             max_price,
-            regions: (!req.regions.is_empty()).then(|| {
-                req.regions
-                    .iter()
-                    .filter_map(|n| self.region_id(n))
-                    .collect()
-            }),
-            backends: (!req.backends.is_empty())
-                .then(|| req.backends.iter().map(|b| backend_id(*b)).collect()),
+            regions: Allowed::of(
+                (!req.regions.is_empty())
+                    .then(|| req.regions.iter().filter_map(|n| self.region_id(n))),
+            ),
+            backends: Allowed::of(
+                (!req.backends.is_empty()).then(|| req.backends.iter().map(|b| backend_id(*b))),
+            ),
             min_mem: req.min_memory_bytes,
             min_mflops: req.min_mflops,
             mem_tier: tier(req.min_memory_bytes),
