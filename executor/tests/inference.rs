@@ -1250,10 +1250,13 @@ fn attention_matches_cpu_with_grouped_heads() {
         offset: off as u64,
         size: (ctx * kvd * 4) as u64,
     });
-    // q from a storage buffer and from a uniform one (as the compiler binds it).
+    // q from a storage buffer and from a uniform one (as the compiler binds it), in the CPU
+    // shape and the GPU shape (V summed over positions split between threads).
     for kernel in [
         kernels::attention(),
         kernels::attention_q(Some((nh * hd / 4) as u32)),
+        kernels::attention_split(None),
+        kernels::attention_split(Some((nh * hd / 4) as u32)),
     ] {
         let out = run_one(
             kernel,

@@ -955,13 +955,16 @@ impl Decoder<'_> {
         // One token's q (the first `qd` floats of qkv) as a uniform array when it fits.
         let q_bytes = qd * 4;
         let uniform_q = one && q_bytes <= MAX_UNIFORM_X;
-        let attn_sh = if uniform_q {
-            b.shader(&format!("attention_q{}", q_bytes / 16), || {
-                kernels::attention_q(Some((q_bytes / 16) as u32))
-            })
-        } else {
-            b.shader("attention", kernels::attention)
-        };
+        let uq = uniform_q.then_some((q_bytes / 16) as u32);
+        let attn_sh =
+            if b.target == Target::Gpu && c.head_dim / 4 <= kernels::ATTN_SPLIT_THREADS as usize {
+                let key = format!("attention_split_q{}", uq.unwrap_or(0));
+                b.shader(&key, || kernels::attention_split(uq))
+            } else if let Some(n) = uq {
+                b.shader(&format!("attention_q{n}"), || kernels::attention_q(Some(n)))
+            } else {
+                b.shader("attention", kernels::attention)
+            };
         let q_binding = if uniform_q {
             ranged(
                 0,

@@ -767,6 +767,23 @@ pub fn attention() -> String {
 /// [`attention`] with q read as `var<uniform> q: array<vec4<f32>, n>` when `uniform_q` is
 /// `Some(n)` (the bound q must then be exactly `16 · n` bytes, at most 64 KiB).
 pub fn attention_q(uniform_q: Option<u32>) -> String {
+    attention_gen(uniform_q, ATTN_THREADS, false)
+}
+
+/// Threads per workgroup of [`attention_split`].
+pub const ATTN_SPLIT_THREADS: u32 = 256;
+
+/// [`attention_q`] shaped for GPUs: [`ATTN_SPLIT_THREADS`] threads per head, and the weighted
+/// sum of V split over positions as well as over the head's vec4s (thread `i` sums vec4
+/// `i % (head_dim / 4)` over every `threads / (head_dim / 4)`-th position; the partial sums
+/// are added in workgroup memory). The CPU shape has 16 of its 64 threads walk every position
+/// for that sum: on a GPU, at a long context, the whole decoder then waits on 16 threads a
+/// head. Needs `head_dim / 4 ≤ ATTN_SPLIT_THREADS`.
+pub fn attention_split(uniform_q: Option<u32>) -> String {
+    attention_gen(uniform_q, ATTN_SPLIT_THREADS, true)
+}
+
+fn attention_gen(uniform_q: Option<u32>, threads: u32, split_v: bool) -> String {
     let q_decl = match uniform_q {
         Some(n) => format!("var<uniform> q: array<vec4<f32>, {n}>"),
         None => "var<storage, read> q: array<vec4<f32>>".to_string(),
@@ -781,7 +798,7 @@ pub fn attention_q(uniform_q: Option<u32>) -> String {
 @group(0) @binding(5) var<storage, read> p: array<u32>;
 @group(0) @binding(6) var<storage, read> step: array<u32>;
 var<workgroup> red: array<f32, {t}>;
-@compute @workgroup_size({t})
+{redv}@compute @workgroup_size({t})
 fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{
     let nh = p[0];
     let hd4 = p[2] / 4u;
@@ -831,17 +848,49 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
         workgroupBarrier();
     }}
     let inv = 1.0 / red[0];
-    for (var d = lid; d < hd4; d += {t}u) {{
+{weighted}}}
+"#,
+        t = threads,
+        half = threads / 2,
+        redv = if split_v {
+            format!("var<workgroup> redv: array<vec4<f32>, {threads}>;\n")
+        } else {
+            String::new()
+        },
+        weighted = if split_v {
+            format!(
+                r#"    let ns = {threads}u / hd4;
+    let d = lid % hd4;
+    let sl = lid / hd4;
+    var acc = vec4<f32>(0.0);
+    if (sl < ns) {{
+        for (var t = sl; t <= pos; t += ns) {{
+            acc += sc[sb + t] * vc[t * kvd4 + g * hd4 + d];
+        }}
+    }}
+    redv[lid] = acc;
+    workgroupBarrier();
+    if (lid < hd4) {{
+        var a = redv[lid];
+        for (var k = 1u; k < ns; k++) {{
+            a += redv[k * hd4 + lid];
+        }}
+        out[ob + lid] = a * inv;
+    }}
+"#
+            )
+        } else {
+            format!(
+                r#"    for (var d = lid; d < hd4; d += {threads}u) {{
         var acc = vec4<f32>(0.0);
         for (var t = 0u; t <= pos; t++) {{
             acc += sc[sb + t] * vc[t * kvd4 + g * hd4 + d];
         }}
         out[ob + d] = acc * inv;
     }}
-}}
-"#,
-        t = ATTN_THREADS,
-        half = ATTN_THREADS / 2,
+"#
+            )
+        },
     )
 }
 
