@@ -128,6 +128,37 @@ fn generate_and_embed_run_locally() {
         assert_eq!(v["tokens"], serde_json::json!([7042, 30, 198, 198]), "{v}");
         assert_eq!(v["text"], " Paris.\n\n");
         assert_eq!(v["finish_reason"], "length");
+        // Either kernel shape, whatever the adapter: the same tokens.
+        for shape in ["cpu", "gpu"] {
+            let o = hashgrid(&[
+                "generate",
+                "--model",
+                model.to_str().unwrap(),
+                "--prompt",
+                "The capital of France is",
+                "--max-tokens",
+                "4",
+                "--local",
+                "--kernels",
+                shape,
+                "--json",
+            ]);
+            assert!(o.status.success(), "--kernels {shape}: {}", stderr(&o));
+            let w: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            assert_eq!(w["tokens"], v["tokens"], "--kernels {shape}");
+        }
+        let o = hashgrid(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "hi",
+            "--local",
+            "--kernels",
+            "tpu",
+        ]);
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(stderr(&o).contains("tpu"), "{}", stderr(&o));
         assert!(v["timings"]["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
     }
     if let Some(model) = env_path("HASHGRID_MINILM") {
