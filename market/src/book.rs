@@ -1095,7 +1095,7 @@ impl OrderBook {
         )?;
         let region = self.intern(&ask.region)?;
         if let Some((slot, _)) = live {
-            self.remove_ask(slot);
+            self.remove_ask(slot, true);
         }
         let arrival = self.next_arrival();
         let bucket = BucketKey {
@@ -1221,7 +1221,7 @@ impl OrderBook {
             add(&mut buckets, Some(id));
         }
         if let Some((slot, _)) = live {
-            self.remove_bid(slot);
+            self.remove_bid(slot, true);
         }
         let arrival = self.next_arrival();
         let entry = BidEntry {
@@ -1281,11 +1281,11 @@ impl OrderBook {
             .max(now_ms.saturating_add(REMEMBER_MS));
         let removed = match live {
             Some((Side::Ask, slot, ..)) => {
-                self.remove_ask(slot);
+                self.remove_ask(slot, true);
                 Some(Side::Ask)
             }
             Some((Side::Bid, slot, ..)) => {
-                self.remove_bid(slot);
+                self.remove_bid(slot, true);
                 Some(Side::Bid)
             }
             None => None,
@@ -1299,10 +1299,10 @@ impl OrderBook {
     pub fn withdraw(&mut self, r: &OrderRef) -> Option<Side> {
         let known = self.known.get(r).copied()?;
         if let Some(slot) = known.ask() {
-            self.remove_ask(slot);
+            self.remove_ask(slot, false);
             Some(Side::Ask)
         } else if let Some(slot) = known.bid() {
-            self.remove_bid(slot);
+            self.remove_bid(slot, false);
             Some(Side::Bid)
         } else {
             None
@@ -1320,10 +1320,10 @@ impl OrderBook {
             self.expiry.pop();
             let gone = match side {
                 Side::Ask if self.asks.at(slot).is_some_and(|e| e.arrival == arrival) => {
-                    self.take_ask(slot).map(|g| g.r)
+                    self.take_ask(slot, false).map(|g| g.r)
                 }
                 Side::Bid if self.bids.at(slot).is_some_and(|e| e.arrival == arrival) => {
-                    self.take_bid(slot).map(|g| g.r)
+                    self.take_bid(slot, false).map(|g| g.r)
                 }
                 _ => {
                     self.stale_expiry = self.stale_expiry.saturating_sub(1);
@@ -1405,7 +1405,7 @@ impl OrderBook {
 
     /// A filled ask leaves the book and is remembered.
     fn retire_ask(&mut self, slot: Slot) {
-        if let Some(g) = self.take_ask(slot) {
+        if let Some(g) = self.take_ask(slot, true) {
             self.left_early();
             self.remember(g.r, g.seq, g.time.saturating_add(REMEMBER_MS));
         }
@@ -1413,28 +1413,34 @@ impl OrderBook {
 
     /// A filled bid leaves the book and is remembered.
     fn retire_bid(&mut self, slot: Slot) {
-        if let Some(g) = self.take_bid(slot) {
+        if let Some(g) = self.take_bid(slot, true) {
             self.left_early();
             self.remember(g.r, g.seq, g.time.saturating_add(REMEMBER_MS));
         }
     }
 
-    /// A live ask leaves the book before it expires (cancelled, replaced, withdrawn).
-    fn remove_ask(&mut self, slot: Slot) {
-        if self.take_ask(slot).is_some() {
+    /// A live ask leaves the book before it expires (cancelled, replaced, withdrawn). `keep`:
+    /// as for [`take_ask`](Self::take_ask).
+    fn remove_ask(&mut self, slot: Slot, keep: bool) {
+        if self.take_ask(slot, keep).is_some() {
             self.left_early();
         }
     }
 
     /// A live bid leaves the book before it expires.
-    fn remove_bid(&mut self, slot: Slot) {
-        if self.take_bid(slot).is_some() {
+    fn remove_bid(&mut self, slot: Slot, keep: bool) {
+        if self.take_bid(slot, keep).is_some() {
             self.left_early();
         }
     }
 
     /// Takes the ask in `slot` out of its bucket, `known` and its slab.
-    fn take_ask(&mut self, slot: Slot) -> Option<Gone> {
+    ///
+    /// `keep`: the caller is about to write this identity's index entry again (remember the
+    /// version that left, or put its replacement there), so an entry left empty stays for it
+    /// instead of being removed and inserted again (two hash-table operations on a key whose
+    /// entry is a cache miss away).
+    fn take_ask(&mut self, slot: Slot, keep: bool) -> Option<Gone> {
         let (r, e) = self.asks.entry(slot)?;
         let gone = Gone {
             r: *r,
@@ -1443,12 +1449,12 @@ impl OrderBook {
         };
         self.ask_buckets.remove(&e.bucket, &e.prio());
         self.asks.free(slot);
-        self.forget_live(&gone.r, Side::Ask);
+        self.forget_live(&gone.r, Side::Ask, keep);
         Some(gone)
     }
 
     /// Takes the bid in `slot` out of its buckets, `known` and its slab.
-    fn take_bid(&mut self, slot: Slot) -> Option<Gone> {
+    fn take_bid(&mut self, slot: Slot, keep: bool) -> Option<Gone> {
         let (r, e) = self.bids.entry(slot)?;
         let gone = Gone {
             r: *r,
@@ -1460,18 +1466,19 @@ impl OrderBook {
             self.bid_index.remove(k, &prio);
         }
         self.bids.free(slot);
-        self.forget_live(&gone.r, Side::Bid);
+        self.forget_live(&gone.r, Side::Bid, keep);
         Some(gone)
     }
 
-    /// `r` no longer has a live order on `side`.
-    fn forget_live(&mut self, r: &OrderRef, side: Side) {
+    /// `r` no longer has a live order on `side`; its index entry goes once empty, unless
+    /// `keep` (see [`take_ask`](Self::take_ask)).
+    fn forget_live(&mut self, r: &OrderRef, side: Side, keep: bool) {
         if let Some(k) = self.known.get_mut(r) {
             match side {
                 Side::Ask => k.ask = NO_SLOT,
                 Side::Bid => k.bid = NO_SLOT,
             }
-            if k.is_empty() {
+            if !keep && k.is_empty() {
                 self.known.remove(r);
             }
         }
@@ -1841,6 +1848,52 @@ mod tests {
             created_at: Timestamp(NOW),
             expires_at: Timestamp(NOW + expires_in),
         }
+    }
+
+    /// Every way an order leaves (filled resting, filled on arrival, replaced, cancelled)
+    /// leaves at most its memory in the index by identity, and expiry forgets that too.
+    #[test]
+    fn orders_that_leave_keep_only_their_memory_until_it_is_due() {
+        let bid = |owner: u8, id: u64| Bid {
+            buyer: PublicKey([owner; 32]),
+            order_id: id,
+            seq: 1,
+            units: 1,
+            requirements: Requirements::default(),
+            max_price: Msat(100),
+            max_seconds: 60,
+            created_at: Timestamp(NOW),
+            expires_at: Timestamp(NOW + 60_000),
+            model: None,
+        };
+        let mut b = OrderBook::new();
+        // A resting ask filled by an arriving bid.
+        b.submit_ask(ask(1, 1, 1, 60_000), NOW, &NoReputation)
+            .unwrap();
+        assert_eq!(
+            b.submit_bid(bid(9, 1), NOW, &NoReputation).unwrap().len(),
+            1
+        );
+        // A resting bid filled by an arriving ask.
+        b.rest_bid(bid(9, 2), NOW).unwrap();
+        assert_eq!(
+            b.submit_ask(ask(2, 1, 1, 60_000), NOW, &NoReputation)
+                .unwrap()
+                .len(),
+            1
+        );
+        // An ask replaced by a newer version, then cancelled.
+        b.submit_ask(ask(3, 1, 1, 60_000), NOW, &NoReputation)
+            .unwrap();
+        b.submit_ask(ask(3, 1, 2, 60_000), NOW, &NoReputation)
+            .unwrap();
+        assert_eq!(b.ask_seq(&ask(3, 1, 2, 0).order_ref()), Some(2));
+        assert_eq!(b.cancel(&cancel(3, 1, 3, 1_000), NOW), Ok(Some(Side::Ask)));
+        assert_eq!((b.ask_count(), b.bid_count()), (0, 0));
+        // Five versions remembered, one index entry each, nothing else.
+        assert_eq!((b.retired, b.known.len()), (5, 5));
+        b.expire(NOW + REMEMBER_MS + 120_000);
+        assert_eq!((b.retired, b.known.len()), (0, 0));
     }
 
     #[test]
