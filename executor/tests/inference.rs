@@ -1326,6 +1326,119 @@ fn attention_matches_cpu_with_grouped_heads() {
     }
 }
 
+/// The GPU decode kernel that does RoPE inside attention (`kernels::attention_rope`) against
+/// RoPE then attention on the CPU: both RoPE layouts, a partial rope dimension, and the
+/// current position's rotated k and raw v appended to the caches for the tokens after.
+#[test]
+fn attention_with_rope_inside_matches_rope_then_attention() {
+    let mut rng = Rng(23);
+    let (nh, nkv, hd, ctx, pos) = (6usize, 2usize, 64usize, 128usize, 70usize);
+    let (kvd, base) = (nkv * hd, 10_000f32);
+    let scale = 1.0 / (hd as f32).sqrt();
+    for (neox, rope_dim) in [(false, hd), (true, hd), (false, 32)] {
+        let qkv = rng.vec(nh * hd + 2 * kvd);
+        let kc: Vec<f32> = rng.vec(ctx * kvd).iter().map(|v| v * 2.0).collect();
+        let vc = rng.vec(ctx * kvd);
+        let mut p = vec![
+            nh as u32,
+            nkv as u32,
+            hd as u32,
+            ctx as u32,
+            scale.to_bits(),
+            0,
+            ((nh * hd + 2 * kvd) / 4) as u32,
+            (nh * hd / 4) as u32,
+            1,
+        ];
+        p.extend_from_slice(&[rope_dim as u32, u32::from(neox), base.to_bits()]);
+        let out = run_one(
+            kernels::attention_rope(),
+            "attention",
+            nh as u32,
+            vec![
+                ("qkv", f32s(&qkv)),
+                ("kc", f32s(&kc)),
+                ("vc", f32s(&vc)),
+                ("out", Init::Zero(4 * (nh * hd) as u64)),
+                ("scores", Init::Zero(4 * (nh * ctx) as u64)),
+                ("p", u32s(&p)),
+                ("step", u32s(&[pos as u32])),
+            ],
+            &[
+                (0, 0, None),
+                (1, 1, None),
+                (2, 2, None),
+                (3, 3, None),
+                (4, 4, None),
+                (5, 5, None),
+                (6, 6, None),
+            ],
+        );
+        // The reference: rotate q and k, append k and v at `pos`, attend.
+        let mut q = qkv[..nh * hd].to_vec();
+        for h in 0..nh {
+            rope_cpu(
+                &mut q[h * hd..(h + 1) * hd],
+                pos as u32,
+                rope_dim,
+                base,
+                neox,
+            );
+        }
+        let (mut kc2, mut vc2) = (kc.clone(), vc.clone());
+        for g in 0..nkv {
+            let mut k = qkv[nh * hd + g * hd..nh * hd + (g + 1) * hd].to_vec();
+            rope_cpu(&mut k, pos as u32, rope_dim, base, neox);
+            kc2[pos * kvd + g * hd..pos * kvd + (g + 1) * hd].copy_from_slice(&k);
+            let v = &qkv[nh * hd + kvd + g * hd..nh * hd + kvd + (g + 1) * hd];
+            vc2[pos * kvd + g * hd..pos * kvd + (g + 1) * hd].copy_from_slice(v);
+        }
+        let what = format!("neox {neox}, rope_dim {rope_dim}");
+        let row = pos * kvd..(pos + 1) * kvd;
+        close(
+            &to_f32(&out[1])[row.clone()],
+            &kc2[row.clone()],
+            1e-5,
+            &format!("k at pos, {what}"),
+        );
+        close(
+            &to_f32(&out[2])[row.clone()],
+            &vc2[row],
+            0.0,
+            &format!("v at pos, {what}"),
+        );
+        let got = to_f32(&out[3]);
+        for h in 0..nh {
+            let g = h / (nh / nkv);
+            let s: Vec<f64> = (0..=pos)
+                .map(|t| {
+                    (0..hd)
+                        .map(|d| f64::from(q[h * hd + d]) * f64::from(kc2[t * kvd + g * hd + d]))
+                        .sum::<f64>()
+                        * f64::from(scale)
+                })
+                .collect();
+            let m = s.iter().cloned().fold(f64::MIN, f64::max);
+            let e: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            let want: Vec<f32> = (0..hd)
+                .map(|d| {
+                    ((0..=pos)
+                        .map(|t| e[t] * f64::from(vc2[t * kvd + g * hd + d]))
+                        .sum::<f64>()
+                        / z) as f32
+                })
+                .collect();
+            close(
+                &got[h * hd..(h + 1) * hd],
+                &want,
+                1e-4,
+                &format!("head {h}, {what}"),
+            );
+        }
+    }
+}
+
 fn sample_once(
     logits: &[f32],
     step: u32,

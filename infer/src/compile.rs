@@ -951,20 +951,28 @@ impl Decoder<'_> {
             ],
         );
 
-        let rope_sh = b.shader("rope_store", kernels::rope_store);
+        // On a GPU, one token's RoPE and KV append happen inside its attention dispatch.
+        let rope_in_attention = one
+            && b.target == Target::Gpu
+            && c.head_dim <= kernels::ATTN_ROPE_MAX_HEAD as usize
+            && c.head_dim / 4 <= kernels::ATTN_SPLIT_THREADS as usize;
+        // (Shaders are registered only where a pass uses them.)
+        let rope_sh = (!rope_in_attention).then(|| b.shader("rope_store", kernels::rope_store));
         // One token's q (the first `qd` floats of qkv) as a uniform array when it fits.
         let q_bytes = qd * 4;
         let uniform_q = one && q_bytes <= MAX_UNIFORM_X;
         let uq = uniform_q.then_some((q_bytes / 16) as u32);
-        let attn_sh =
-            if b.target == Target::Gpu && c.head_dim / 4 <= kernels::ATTN_SPLIT_THREADS as usize {
-                let key = format!("attention_split_q{}", uq.unwrap_or(0));
-                b.shader(&key, || kernels::attention_split(uq))
-            } else if let Some(n) = uq {
-                b.shader(&format!("attention_q{n}"), || kernels::attention_q(Some(n)))
-            } else {
-                b.shader("attention", kernels::attention)
-            };
+        let attn_sh = if rope_in_attention {
+            b.shader("attention_rope", kernels::attention_rope)
+        } else if b.target == Target::Gpu && c.head_dim / 4 <= kernels::ATTN_SPLIT_THREADS as usize
+        {
+            let key = format!("attention_split_q{}", uq.unwrap_or(0));
+            b.shader(&key, || kernels::attention_split(uq))
+        } else if let Some(n) = uq {
+            b.shader(&format!("attention_q{n}"), || kernels::attention_q(Some(n)))
+        } else {
+            b.shader("attention", kernels::attention)
+        };
         let q_binding = if uniform_q {
             ranged(
                 0,
@@ -1080,65 +1088,99 @@ impl Decoder<'_> {
                 size: ctx * kvd * 4,
             };
             let neox = u32::from(c.rope_style == RopeStyle::Neox);
-            let p = b.param(
-                3,
-                &[
-                    nh as u32,
-                    nkv as u32,
-                    hd as u32,
-                    c.rope_dim as u32,
-                    neox,
-                    f(c.rope_base),
-                    at.offset,
-                    qkv_len as u32,
-                    at.stride,
-                ],
-            );
-            b.pass_xy(
-                rope_sh,
-                "rope_store",
-                [
-                    groups((nh + nkv) * (hd / 2), kernels::ROWS_PER_GROUP),
-                    tokens,
-                ],
-                vec![
-                    whole(0, a.qkv),
-                    ranged(1, a.kcache, kv_range),
-                    ranged(2, a.vcache, kv_range),
-                    p,
-                    whole(4, at.counter),
-                ],
-            );
-            // Attention.
             let scale = 1.0 / (hd as f32).sqrt();
-            let p = b.param(
-                5,
-                &[
-                    nh as u32,
-                    nkv as u32,
-                    hd as u32,
-                    ctx as u32,
-                    f(scale),
-                    at.offset,
-                    (qkv_len / 4) as u32,
-                    (qd / 4) as u32,
-                    at.stride,
-                ],
-            );
-            b.pass_xy(
-                attn_sh,
-                "attention",
-                [nh, tokens],
-                vec![
-                    q_binding,
-                    ranged(1, a.kcache, kv_range),
-                    ranged(2, a.vcache, kv_range),
-                    whole(3, a.att),
-                    whole(4, a.scores),
-                    p,
-                    whole(6, at.counter),
-                ],
-            );
+            if let Some(rope_sh) = rope_sh {
+                let p = b.param(
+                    3,
+                    &[
+                        nh as u32,
+                        nkv as u32,
+                        hd as u32,
+                        c.rope_dim as u32,
+                        neox,
+                        f(c.rope_base),
+                        at.offset,
+                        qkv_len as u32,
+                        at.stride,
+                    ],
+                );
+                b.pass_xy(
+                    rope_sh,
+                    "rope_store",
+                    [
+                        groups((nh + nkv) * (hd / 2), kernels::ROWS_PER_GROUP),
+                        tokens,
+                    ],
+                    vec![
+                        whole(0, a.qkv),
+                        ranged(1, a.kcache, kv_range),
+                        ranged(2, a.vcache, kv_range),
+                        p,
+                        whole(4, at.counter),
+                    ],
+                );
+                // Attention.
+                let p = b.param(
+                    5,
+                    &[
+                        nh as u32,
+                        nkv as u32,
+                        hd as u32,
+                        ctx as u32,
+                        f(scale),
+                        at.offset,
+                        (qkv_len / 4) as u32,
+                        (qd / 4) as u32,
+                        at.stride,
+                    ],
+                );
+                b.pass_xy(
+                    attn_sh,
+                    "attention",
+                    [nh, tokens],
+                    vec![
+                        q_binding,
+                        ranged(1, a.kcache, kv_range),
+                        ranged(2, a.vcache, kv_range),
+                        whole(3, a.att),
+                        whole(4, a.scores),
+                        p,
+                        whole(6, at.counter),
+                    ],
+                );
+            } else {
+                let p = b.param(
+                    5,
+                    &[
+                        nh as u32,
+                        nkv as u32,
+                        hd as u32,
+                        ctx as u32,
+                        f(scale),
+                        at.offset,
+                        (qkv_len / 4) as u32,
+                        (qd / 4) as u32,
+                        at.stride,
+                        c.rope_dim as u32,
+                        neox,
+                        f(c.rope_base),
+                    ],
+                );
+                b.pass_xy(
+                    attn_sh,
+                    "attention",
+                    [nh, 1],
+                    vec![
+                        whole(0, a.qkv),
+                        ranged(1, a.kcache, kv_range),
+                        ranged(2, a.vcache, kv_range),
+                        whole(3, a.att),
+                        whole(4, a.scores),
+                        p,
+                        whole(6, at.counter),
+                    ],
+                );
+            }
             // x += Wo · att
             matvec_add(b, blk, lay.o, a.att, a.x, qd, d, tokens);
             // ffn_norm: fused into the gate-up matvec when it can be.

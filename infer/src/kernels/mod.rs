@@ -783,6 +783,162 @@ pub fn attention_split(uniform_q: Option<u32>) -> String {
     attention_gen(uniform_q, ATTN_SPLIT_THREADS, true)
 }
 
+/// Largest head (in floats) [`attention_rope`] holds in workgroup memory.
+pub const ATTN_ROPE_MAX_HEAD: u32 = 256;
+
+/// [`rope_store`] and [`attention_split`] in one dispatch, for one token (decode) on GPUs:
+/// `p` is [`attention`]'s nine slots then `[rope_dim, neox, base as f32 bits]`, and binding 0
+/// is the raw `qkv` of the token (`var<storage>`, q, then k and v). Each head's workgroup
+/// rotates its q and its group's k into workgroup memory (the same arithmetic as
+/// `rope_store`), uses that k and the raw v for the current position instead of reading them
+/// back from the cache (another workgroup of the same dispatch writes them there), and the
+/// first head of each group stores them in the cache for the tokens after. One dispatch a
+/// layer fewer. Needs `head_dim ≤ ATTN_ROPE_MAX_HEAD`.
+pub fn attention_rope() -> String {
+    let t = ATTN_SPLIT_THREADS;
+    let h4 = ATTN_ROPE_MAX_HEAD / 4;
+    format!(
+        r#"// attention_rope (hashgrid-infer).
+@group(0) @binding(0) var<storage, read> qkv: array<f32>;
+@group(0) @binding(1) var<storage, read_write> kc: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> vc: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> out: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> sc: array<f32>;
+@group(0) @binding(5) var<storage, read> p: array<u32>;
+@group(0) @binding(6) var<storage, read> step: array<u32>;
+var<workgroup> red: array<f32, {t}>;
+var<workgroup> redv: array<vec4<f32>, {t}>;
+var<workgroup> qs: array<vec4<f32>, {h4}>;
+var<workgroup> kn: array<vec4<f32>, {h4}>;
+var<workgroup> vn: array<vec4<f32>, {h4}>;
+@compute @workgroup_size({t})
+fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{
+    let nh = p[0];
+    let nkv = p[1];
+    let hd = p[2];
+    let hd4 = hd / 4u;
+    let ctx = p[3];
+    let scale = bitcast<f32>(p[4]);
+    let h = min(wid.x, nh - 1u);
+    let g = h / (nh / nkv);
+    let kvd4 = nkv * hd4;
+    let pos = min(step[0] * p[8] + p[5], ctx - 1u);
+    let qo = h * hd;
+    let ko = nh * hd + g * hd;
+    let vo = nh * hd + nkv * hd + g * hd;
+    // RoPE of q and k, as rope_store does it, into workgroup memory; v as it is.
+    let rd = p[9];
+    for (var i = lid; i < hd / 2u; i += {t}u) {{
+        var a = 2u * i;
+        var b = a + 1u;
+        var c = 1.0;
+        var s = 0.0;
+        if (i < rd / 2u) {{
+            if (p[10] != 0u) {{
+                a = i;
+                b = i + rd / 2u;
+            }}
+            let sc_r = pow(bitcast<f32>(p[11]), -2.0 / f32(rd));
+            var theta = f32(pos);
+            for (var k = 0u; k < i; k++) {{
+                theta *= sc_r;
+            }}
+            c = cos(theta);
+            s = sin(theta);
+        }}
+        let q0 = qkv[qo + a];
+        let q1 = qkv[qo + b];
+        qs[a >> 2u][a & 3u] = q0 * c - q1 * s;
+        qs[b >> 2u][b & 3u] = q0 * s + q1 * c;
+        let k0 = qkv[ko + a];
+        let k1 = qkv[ko + b];
+        kn[a >> 2u][a & 3u] = k0 * c - k1 * s;
+        kn[b >> 2u][b & 3u] = k0 * s + k1 * c;
+    }}
+    for (var d = lid; d < hd4; d += {t}u) {{
+        let o = vo + 4u * d;
+        vn[d] = vec4<f32>(qkv[o], qkv[o + 1u], qkv[o + 2u], qkv[o + 3u]);
+    }}
+    workgroupBarrier();
+    let cur = pos * kvd4 + g * hd4;
+    if (h % (nh / nkv) == 0u) {{
+        for (var d = lid; d < hd4; d += {t}u) {{
+            kc[cur + d] = kn[d];
+            vc[cur + d] = vn[d];
+        }}
+    }}
+    let sb = h * ctx;
+    var mx = -3.0e38;
+    for (var t = lid; t <= pos; t += {t}u) {{
+        var s = 0.0;
+        if (t == pos) {{
+            for (var d = 0u; d < hd4; d++) {{
+                s += dot(qs[d], kn[d]);
+            }}
+        }} else {{
+            let kb = t * kvd4 + g * hd4;
+            for (var d = 0u; d < hd4; d++) {{
+                s += dot(qs[d], kc[kb + d]);
+            }}
+        }}
+        s *= scale;
+        sc[sb + t] = s;
+        mx = max(mx, s);
+    }}
+    red[lid] = mx;
+    workgroupBarrier();
+    for (var k = {half}u; k > 0u; k >>= 1u) {{
+        if (lid < k) {{
+            red[lid] = max(red[lid], red[lid + k]);
+        }}
+        workgroupBarrier();
+    }}
+    let m = red[0];
+    workgroupBarrier();
+    var sum = 0.0;
+    for (var t = lid; t <= pos; t += {t}u) {{
+        let e = exp(sc[sb + t] - m);
+        sc[sb + t] = e;
+        sum += e;
+    }}
+    red[lid] = sum;
+    storageBarrier();
+    workgroupBarrier();
+    for (var k = {half}u; k > 0u; k >>= 1u) {{
+        if (lid < k) {{
+            red[lid] += red[lid + k];
+        }}
+        workgroupBarrier();
+    }}
+    let inv = 1.0 / red[0];
+    let ns = {t}u / hd4;
+    let d = lid % hd4;
+    let sl = lid / hd4;
+    var acc = vec4<f32>(0.0);
+    if (sl < ns) {{
+        for (var t = sl; t <= pos; t += ns) {{
+            if (t == pos) {{
+                acc += sc[sb + t] * vn[d];
+            }} else {{
+                acc += sc[sb + t] * vc[t * kvd4 + g * hd4 + d];
+            }}
+        }}
+    }}
+    redv[lid] = acc;
+    workgroupBarrier();
+    if (lid < hd4) {{
+        var a = redv[lid];
+        for (var k = 1u; k < ns; k++) {{
+            a += redv[k * hd4 + lid];
+        }}
+        out[h * hd4 + lid] = a * inv;
+    }}
+}}
+"#,
+        half = t / 2,
+    )
+}
+
 fn attention_gen(uniform_q: Option<u32>, threads: u32, split_v: bool) -> String {
     let q_decl = match uniform_q {
         Some(n) => format!("var<uniform> q: array<vec4<f32>, {n}>"),
