@@ -590,7 +590,7 @@ fn split_matvec_matches_cpu_for_every_flavour() {
                         bufs.push(("g", f32s(&g)));
                     }
                     let out = run_one(
-                        kernels::matvec_split(ty, kind, n, n, norm),
+                        kernels::matvec_split(ty, kind, Some(n), n, norm),
                         kind.entry(),
                         (rows as u32).div_ceil(kernels::SPLIT_ROWS),
                         bufs,
@@ -648,7 +648,14 @@ fn split_matvec_matches_cpu_for_every_flavour() {
         let y0 = rng.vec(rows * tokens);
         let bias = rng.vec(rows);
         let n = (cols * tokens / 4) as u32;
-        for kind in [Matvec::Add, Matvec::Bias, Matvec::GateUp] {
+        // Activations as a uniform array, and from storage (a chunk too wide for a uniform).
+        for (kind, uniform) in [
+            (Matvec::Add, true),
+            (Matvec::Bias, true),
+            (Matvec::GateUp, true),
+            (Matvec::Add, false),
+            (Matvec::GateUp, false),
+        ] {
             let (nseg, r1, o1) = match kind {
                 Matvec::GateUp => (2, rows as u32, up_off),
                 _ => (1, 0, 0),
@@ -687,7 +694,7 @@ fn split_matvec_matches_cpu_for_every_flavour() {
                 binds.push((4, 4, None));
             }
             let out = run_one_xy(
-                kernels::matvec_split(ty, kind, n, (cols / 4) as u32, false),
+                kernels::matvec_split(ty, kind, uniform.then_some(n), (cols / 4) as u32, false),
                 kind.entry(),
                 [(rows as u32).div_ceil(kernels::SPLIT_ROWS), tokens as u32],
                 bufs,
@@ -715,7 +722,10 @@ fn split_matvec_matches_cpu_for_every_flavour() {
                 &to_f32(&out[2]),
                 &want,
                 1e-4,
-                &format!("split {} {ty:?} over 3 tokens", kind.entry()),
+                &format!(
+                    "split {} {ty:?} over 3 tokens, uniform x {uniform}",
+                    kind.entry()
+                ),
             );
         }
     }
@@ -743,7 +753,7 @@ fn split_matvec_matches_cpu_for_every_flavour() {
         kernels::matvec_split(
             ty,
             Matvec::Logits,
-            (cols / 4) as u32,
+            Some((cols / 4) as u32),
             (cols / 4) as u32,
             false,
         ),
@@ -1736,8 +1746,13 @@ fn tiny_models_of_every_type_match_the_cpu_reference() {
             assert_eq!(model.config.qkv_bias, arch == "qwen2");
             let weights = ModelWeights::load(&model).unwrap();
             // Prompt lengths that cover no prefill (1), one short chunk, whole chunks of
-            // `PREFILL_TOKENS` and a last chunk that runs past the prompt.
-            let len = [4u32, 1, 21, 9, 2, 17, 12][i % 7] + u32::from(arch == "qwen2");
+            // `PREFILL_TOKENS` and a last chunk that runs past the prompt; for the packed
+            // types, prompts of several GPU-shaped chunks (`PREFILL_TOKENS_GPU`) too, whose
+            // activations are too wide for a uniform binding.
+            let mut len = [4u32, 1, 21, 9, 2, 17, 12][i % 7] + u32::from(arch == "qwen2");
+            if kernels::quant::is_packed(ty) && arch == "llama" {
+                len += 130;
+            }
             let prompt: Vec<u32> = (0..len).map(|k| (5 + 71 * k) % 300).collect();
             let n_new = 12usize;
             // CPU: greedy with margins.

@@ -626,7 +626,10 @@ pub fn compile_generate(
     // generation loop then starts at the prompt's last position, whose logits give the first
     // new token.
     let pre = n_prompt - 1;
-    let chunk_len = pre.min(PREFILL_TOKENS);
+    let chunk_len = pre.min(match req.target {
+        Target::Cpu => PREFILL_TOKENS,
+        Target::Gpu => PREFILL_TOKENS_GPU,
+    });
     let chunks = if pre == 0 { 0 } else { pre.div_ceil(chunk_len) };
     let cap = chunk_len.max(1) as u64;
     // KV rows per layer, a multiple of 64 so every layer's slice starts 256-aligned.
@@ -809,6 +812,11 @@ pub fn compile_generate(
 /// Eight: the activations of a chunk (8 × the widest row) stay small, and a chunk costs one
 /// dispatch per operation instead of eight.
 pub const PREFILL_TOKENS: usize = 8;
+
+/// [`PREFILL_TOKENS`] for a GPU-shaped job ([`Target::Gpu`]): a chunk is a loop iteration of
+/// ~180 dispatches whose cost hardly depends on its tokens there, so larger chunks mean fewer
+/// iterations (a 1,024-token prompt is 16 instead of 128).
+pub const PREFILL_TOKENS_GPU: usize = 64;
 
 /// Prefill chunks between the executor's checks (each a GPU round trip; a check is also
 /// where a job past its time limit stops).
@@ -1330,16 +1338,20 @@ pub(crate) fn matvec_pass(b: &mut Builder, m: MatvecPass<'_>) {
         None => (format!("{}_{}", kind.entry(), ty.name()), whole(1, m.x)),
     };
     // On a GPU, rows split over several invocations (one token's or a prefill chunk's), when
-    // a token's activations fit the kernel's workgroup memory.
-    if let (Target::Gpu, true, Some(n)) = (b.target, kernels::quant::is_packed(ty), uniform_x)
+    // a token's activations fit the kernel's workgroup memory; a chunk's activations too wide
+    // for a uniform binding are read from storage.
+    if b.target == Target::Gpu
+        && kernels::quant::is_packed(ty)
+        && m.cols.is_multiple_of(4)
         && m.cols / 4 <= u64::from(kernels::SPLIT_MAX_X)
+        && (norm.is_none() || uniform_x.is_some())
     {
-        let (n, cols4) = ((n / 16) as u32, (m.cols / 4) as u32);
+        let (un, cols4) = (uniform_x.map(|n| (n / 16) as u32), (m.cols / 4) as u32);
         let fused = norm.is_some();
         // The key names the per-token width too: the same total (`name`) can be one wide token
         // or several narrow ones.
         let key = format!("{name}_c{cols4}_split{}", if fused { "_norm" } else { "" });
-        let sh = b.shader(&key, || kernels::matvec_split(ty, kind, n, cols4, fused));
+        let sh = b.shader(&key, || kernels::matvec_split(ty, kind, un, cols4, fused));
         let mut bind = vec![m.weights, x, whole(2, m.y), p];
         bind.extend(m.extra);
         bind.extend(norm.map(|(w, _)| w));

@@ -272,8 +272,9 @@ pub const SPLIT_ROWS: u32 = SPLIT_THREADS / SPLIT_LANES;
 pub const SPLIT_MAX_X: u32 = 768;
 
 /// The matvec for GPUs: [`matvec_x`]'s flavours and parameter layout over packed weights
-/// (texels) and activations read as a uniform array of `n` vec4s, `cols4` (at most
-/// [`SPLIT_MAX_X`]) per token, the dispatch's y dimension being the token, shaped for thousands
+/// (texels) and activations read as a uniform array of `n` vec4s when `uniform_n` is
+/// `Some(n)`, else from a storage buffer (a prefill chunk's activations can pass the 64 KiB
+/// of a uniform binding), `cols4` (at most [`SPLIT_MAX_X`]) per token, the dispatch's y dimension being the token, shaped for thousands
 /// of threads instead of a few cores. Each workgroup stages its token's activations in
 /// workgroup memory once (normalised there when `norm`, as in [`matvec_norm`], the sum of
 /// squares shared by the workgroup), then [`SPLIT_LANES`]
@@ -284,7 +285,13 @@ pub const SPLIT_MAX_X: u32 = 768;
 /// Here it is 576 threads in 72 workgroups, each reading a row's texels side by side. Over
 /// several tokens (a prefill chunk) each token's workgroups read the weights again: from a
 /// GPU's cache, and a chunk's dispatch has that many more workgroups to spread.
-pub fn matvec_split(ty: GgmlType, kind: Matvec, n: u32, cols4: u32, norm: bool) -> String {
+pub fn matvec_split(
+    ty: GgmlType,
+    kind: Matvec,
+    uniform_n: Option<u32>,
+    cols4: u32,
+    norm: bool,
+) -> String {
     let (s, t, rg) = (SPLIT_LANES, SPLIT_THREADS, SPLIT_ROWS);
     let gate_up = kind == Matvec::GateUp;
     let mut extra = match kind {
@@ -373,7 +380,7 @@ pub fn matvec_split(ty: GgmlType, kind: Matvec, n: u32, cols4: u32, norm: bool) 
     format!(
         r#"// {entry} over {ty} weights, {s} invocations per row, {rg} rows per workgroup{fused} (hashgrid-infer).
 @group(0) @binding(0) var w: texture_2d<u32>;
-@group(0) @binding(1) var<uniform> xv: array<vec4<f32>, {n}>;
+@group(0) @binding(1) {x_decl};
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(3) var<storage, read> p: array<u32>;
 {extra}{loader}{helpers}
@@ -395,6 +402,10 @@ fn {entry}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
         row = quant::packed_row_fn(ty).unwrap_or(""),
         seg_off = SEG_OFF,
         red = 2 * t,
+        x_decl = match uniform_n {
+            Some(n) => format!("var<uniform> xv: array<vec4<f32>, {n}>"),
+            None => "var<storage, read> xv: array<vec4<f32>>".to_string(),
+        },
     )
 }
 
