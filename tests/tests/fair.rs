@@ -26,6 +26,10 @@ fn saxpy(min_memory_gib: u64) -> Submission {
                 min_memory_bytes: min_memory_gib << 30,
                 ..Requirements::default()
             },
+            // Three buyers at once over three one-unit sites: a job can find every site busy
+            // for a moment (a unit is free again only once its last job's receipt is done),
+            // and then waits for one, as the CLI and the gateway do, instead of failing.
+            wait_for_capacity: Duration::from_secs(20),
             ..JobOptions::default()
         },
     }
