@@ -1359,11 +1359,30 @@ impl OrderBook {
     }
 
     fn remember(&mut self, r: OrderRef, seq: u64, until: u64) {
-        match self.known.get(&r).and_then(|k| k.retired()) {
-            // Its queue entry goes stale: the key below no longer matches it.
-            Some((old_seq, ..)) if old_seq >= seq => return,
-            Some(_) => {}
-            None if self.retired >= self.limits.max_retired => {
+        // One lookup when the identity's entry exists (an order that just left keeps it for
+        // this write: see `take_ask`) and nothing must be forgotten first.
+        let done = match self.known.get_mut(&r) {
+            Some(k) => match k.retired() {
+                // Its queue entry goes stale: the key below no longer matches it.
+                Some((old_seq, ..)) if old_seq >= seq => return,
+                Some(_) => {
+                    self.arrival += 1;
+                    (k.retired_seq, k.retired_key) = (seq, self.arrival);
+                    true
+                }
+                None if self.retired < self.limits.max_retired => {
+                    self.arrival += 1;
+                    self.retired += 1;
+                    (k.retired_seq, k.retired_key) = (seq, self.arrival);
+                    true
+                }
+                None => false,
+            },
+            None => false,
+        };
+        if !done {
+            // Nothing of `r` is remembered here.
+            if self.retired >= self.limits.max_retired {
                 // Forget the one due soonest (skipping stale entries).
                 while let Some(Reverse((_, k, victim))) = self.retired_queue.pop() {
                     if self.forget_retired(&victim, k) {
@@ -1371,14 +1390,11 @@ impl OrderBook {
                     }
                 }
             }
-            None => {}
-        }
-        self.arrival += 1;
-        let k = self.known.entry(r).or_default();
-        if k.retired_key == 0 {
+            self.arrival += 1;
+            let k = self.known.entry(r).or_default();
             self.retired += 1;
+            (k.retired_seq, k.retired_key) = (seq, self.arrival);
         }
-        (k.retired_seq, k.retired_key) = (seq, self.arrival);
         self.retired_queue.push(Reverse((until, self.arrival, r)));
         if self.retired_queue.len() > 2 * self.retired + 1024 {
             let known = &self.known;
