@@ -1241,6 +1241,39 @@ fn rope_store_rotates_q_and_appends_kv() {
     }
 }
 
+/// One head's attention in f64: `q` (one head) against kv group `g` of caches with rows of
+/// `kvd` floats, positions `0..=pos`.
+fn attention_head_cpu(
+    q: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    g: usize,
+    kvd: usize,
+    pos: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let hd = q.len();
+    let s: Vec<f64> = (0..=pos)
+        .map(|t| {
+            (0..hd)
+                .map(|d| f64::from(q[d]) * f64::from(kc[t * kvd + g * hd + d]))
+                .sum::<f64>()
+                * f64::from(scale)
+        })
+        .collect();
+    let m = s.iter().cloned().fold(f64::MIN, f64::max);
+    let e: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
+    let z: f64 = e.iter().sum();
+    (0..hd)
+        .map(|d| {
+            ((0..=pos)
+                .map(|t| e[t] * f64::from(vc[t * kvd + g * hd + d]))
+                .sum::<f64>()
+                / z) as f32
+        })
+        .collect()
+}
+
 #[test]
 fn attention_matches_cpu_with_grouped_heads() {
     let mut rng = Rng(9);
@@ -1307,25 +1340,7 @@ fn attention_matches_cpu_with_grouped_heads() {
         let got = to_f32(&out[3]);
         for h in 0..nh {
             let g = h / (nh / nkv);
-            let s: Vec<f64> = (0..=pos)
-                .map(|t| {
-                    (0..hd)
-                        .map(|d| f64::from(q[h * hd + d]) * f64::from(kc[t * kvd + g * hd + d]))
-                        .sum::<f64>()
-                        * f64::from(scale)
-                })
-                .collect();
-            let m = s.iter().cloned().fold(f64::MIN, f64::max);
-            let e: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
-            let z: f64 = e.iter().sum();
-            let want: Vec<f32> = (0..hd)
-                .map(|d| {
-                    ((0..=pos)
-                        .map(|t| e[t] * f64::from(vc[t * kvd + g * hd + d]))
-                        .sum::<f64>()
-                        / z) as f32
-                })
-                .collect();
+            let want = attention_head_cpu(&q[h * hd..(h + 1) * hd], &kc, &vc, g, kvd, pos, scale);
             close(
                 &got[h * hd..(h + 1) * hd],
                 &want,
@@ -1420,25 +1435,7 @@ fn attention_with_rope_inside_matches_rope_then_attention() {
         let got = to_f32(&out[3]);
         for h in 0..nh {
             let g = h / (nh / nkv);
-            let s: Vec<f64> = (0..=pos)
-                .map(|t| {
-                    (0..hd)
-                        .map(|d| f64::from(q[h * hd + d]) * f64::from(kc2[t * kvd + g * hd + d]))
-                        .sum::<f64>()
-                        * f64::from(scale)
-                })
-                .collect();
-            let m = s.iter().cloned().fold(f64::MIN, f64::max);
-            let e: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
-            let z: f64 = e.iter().sum();
-            let want: Vec<f32> = (0..hd)
-                .map(|d| {
-                    ((0..=pos)
-                        .map(|t| e[t] * f64::from(vc2[t * kvd + g * hd + d]))
-                        .sum::<f64>()
-                        / z) as f32
-                })
-                .collect();
+            let want = attention_head_cpu(&q[h * hd..(h + 1) * hd], &kc2, &vc2, g, kvd, pos, scale);
             close(
                 &got[h * hd..(h + 1) * hd],
                 &want,

@@ -1097,7 +1097,19 @@ impl Decoder<'_> {
             };
             let neox = u32::from(c.rope_style == RopeStyle::Neox);
             let scale = 1.0 / (hd as f32).sqrt();
-            if let Some(rope_sh) = rope_sh {
+            // Attention's parameters; with RoPE inside it, the RoPE's after them.
+            let mut attn_p = vec![
+                nh as u32,
+                nkv as u32,
+                hd as u32,
+                ctx as u32,
+                f(scale),
+                at.offset,
+                (qkv_len / 4) as u32,
+                (qd / 4) as u32,
+                at.stride,
+            ];
+            let q_bind = if let Some(rope_sh) = rope_sh {
                 let p = b.param(
                     3,
                     &[
@@ -1127,68 +1139,28 @@ impl Decoder<'_> {
                         whole(4, at.counter),
                     ],
                 );
-                // Attention.
-                let p = b.param(
-                    5,
-                    &[
-                        nh as u32,
-                        nkv as u32,
-                        hd as u32,
-                        ctx as u32,
-                        f(scale),
-                        at.offset,
-                        (qkv_len / 4) as u32,
-                        (qd / 4) as u32,
-                        at.stride,
-                    ],
-                );
-                b.pass_xy(
-                    attn_sh,
-                    "attention",
-                    [nh, tokens],
-                    vec![
-                        q_binding,
-                        ranged(1, a.kcache, kv_range),
-                        ranged(2, a.vcache, kv_range),
-                        whole(3, a.att),
-                        whole(4, a.scores),
-                        p,
-                        whole(6, at.counter),
-                    ],
-                );
+                q_binding
             } else {
-                let p = b.param(
-                    5,
-                    &[
-                        nh as u32,
-                        nkv as u32,
-                        hd as u32,
-                        ctx as u32,
-                        f(scale),
-                        at.offset,
-                        (qkv_len / 4) as u32,
-                        (qd / 4) as u32,
-                        at.stride,
-                        c.rope_dim as u32,
-                        neox,
-                        f(c.rope_base),
-                    ],
-                );
-                b.pass_xy(
-                    attn_sh,
-                    "attention",
-                    [nh, 1],
-                    vec![
-                        whole(0, a.qkv),
-                        ranged(1, a.kcache, kv_range),
-                        ranged(2, a.vcache, kv_range),
-                        whole(3, a.att),
-                        whole(4, a.scores),
-                        p,
-                        whole(6, at.counter),
-                    ],
-                );
-            }
+                attn_p.extend([c.rope_dim as u32, neox, f(c.rope_base)]);
+                // The raw q, k and v: the kernel rotates them itself.
+                whole(0, a.qkv)
+            };
+            // Attention.
+            let p = b.param(5, &attn_p);
+            b.pass_xy(
+                attn_sh,
+                "attention",
+                [nh, tokens],
+                vec![
+                    q_bind,
+                    ranged(1, a.kcache, kv_range),
+                    ranged(2, a.vcache, kv_range),
+                    whole(3, a.att),
+                    whole(4, a.scores),
+                    p,
+                    whole(6, at.counter),
+                ],
+            );
             // x += Wo · att
             matvec_add(b, blk, lay.o, a.att, a.x, qd, d, tokens);
             // ffn_norm: fused into the gate-up matvec when it can be.

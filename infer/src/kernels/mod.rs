@@ -896,7 +896,40 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
         sc[sb + t] = s;
         mx = max(mx, s);
     }}
-    red[lid] = mx;
+{softmax}    let ns = {t}u / hd4;
+    let d = lid % hd4;
+    let sl = lid / hd4;
+    var acc = vec4<f32>(0.0);
+    if (sl < ns) {{
+        for (var t = sl; t <= pos; t += ns) {{
+            if (t == pos) {{
+                acc += sc[sb + t] * vn[d];
+            }} else {{
+                acc += sc[sb + t] * vc[t * kvd4 + g * hd4 + d];
+            }}
+        }}
+    }}
+    redv[lid] = acc;
+    workgroupBarrier();
+    if (lid < hd4) {{
+        var a = redv[lid];
+        for (var k = 1u; k < ns; k++) {{
+            a += redv[k * hd4 + lid];
+        }}
+        out[h * hd4 + lid] = a * inv;
+    }}
+}}
+"#,
+        softmax = attention_softmax(t),
+    )
+}
+
+/// The attention kernels' softmax over the scores `sc[sb..=sb + pos]` that each thread
+/// wrote (with `mx`, its running maximum): the workgroup's maximum, the exponentials, their
+/// sum, and `inv = 1 / sum`, for `threads` threads reducing in `red`.
+fn attention_softmax(threads: u32) -> String {
+    format!(
+        r#"    red[lid] = mx;
     workgroupBarrier();
     for (var k = {half}u; k > 0u; k >>= 1u) {{
         if (lid < k) {{
@@ -922,31 +955,9 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
         workgroupBarrier();
     }}
     let inv = 1.0 / red[0];
-    let ns = {t}u / hd4;
-    let d = lid % hd4;
-    let sl = lid / hd4;
-    var acc = vec4<f32>(0.0);
-    if (sl < ns) {{
-        for (var t = sl; t <= pos; t += ns) {{
-            if (t == pos) {{
-                acc += sc[sb + t] * vn[d];
-            }} else {{
-                acc += sc[sb + t] * vc[t * kvd4 + g * hd4 + d];
-            }}
-        }}
-    }}
-    redv[lid] = acc;
-    workgroupBarrier();
-    if (lid < hd4) {{
-        var a = redv[lid];
-        for (var k = 1u; k < ns; k++) {{
-            a += redv[k * hd4 + lid];
-        }}
-        out[h * hd4 + lid] = a * inv;
-    }}
-}}
 "#,
-        half = t / 2,
+        t = threads,
+        half = threads / 2,
     )
 }
 
@@ -989,36 +1000,10 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
         sc[sb + t] = s;
         mx = max(mx, s);
     }}
-    red[lid] = mx;
-    workgroupBarrier();
-    for (var k = {half}u; k > 0u; k >>= 1u) {{
-        if (lid < k) {{
-            red[lid] = max(red[lid], red[lid + k]);
-        }}
-        workgroupBarrier();
-    }}
-    let m = red[0];
-    workgroupBarrier();
-    var sum = 0.0;
-    for (var t = lid; t <= pos; t += {t}u) {{
-        let e = exp(sc[sb + t] - m);
-        sc[sb + t] = e;
-        sum += e;
-    }}
-    red[lid] = sum;
-    storageBarrier();
-    workgroupBarrier();
-    for (var k = {half}u; k > 0u; k >>= 1u) {{
-        if (lid < k) {{
-            red[lid] += red[lid + k];
-        }}
-        workgroupBarrier();
-    }}
-    let inv = 1.0 / red[0];
-{weighted}}}
+{softmax}{weighted}}}
 "#,
         t = threads,
-        half = threads / 2,
+        softmax = attention_softmax(threads),
         redv = if split_v {
             format!("var<workgroup> redv: array<vec4<f32>, {threads}>;\n")
         } else {
