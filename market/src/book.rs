@@ -573,6 +573,8 @@ type Slot = u32;
 /// What is left of an order taken out of the book: enough to remember it.
 struct Gone {
     r: OrderRef,
+    /// `r`'s hash ([`Index::hash`]).
+    h: u64,
     seq: u64,
     time: u64,
 }
@@ -704,6 +706,69 @@ impl Known {
 
     fn is_empty(&self) -> bool {
         self.ask == NO_SLOT && self.bid == NO_SLOT && self.retired_key == 0
+    }
+}
+
+/// The book's index by order identity: one hash table of (identity, [`Known`]), probed with a
+/// hash the caller works out once per operation ([`Index::hash`]) and passes to every lookup
+/// of that identity the operation makes (an incoming ask looks its identity up, may take out
+/// the version it replaces and then writes its slot; a cancel looks up, takes out and
+/// remembers), where a map would hash the 40-byte key again for each.
+///
+/// The hash is foldhash's, seeded per process (keys are attacker-chosen public keys and order
+/// ids; an unpredictable seed keeps them from aiming at one bucket), fed the identity as five
+/// 64-bit words.
+#[derive(Debug, Default)]
+struct Index {
+    table: hashbrown::HashTable<(OrderRef, Known)>,
+    state: foldhash::fast::RandomState,
+}
+
+fn hash_ref(state: &foldhash::fast::RandomState, r: &OrderRef) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = state.build_hasher();
+    let (words, _) = r.owner.0.as_chunks::<8>();
+    for w in words {
+        h.write_u64(u64::from_le_bytes(*w));
+    }
+    h.write_u64(r.order_id);
+    h.finish()
+}
+
+impl Index {
+    fn hash(&self, r: &OrderRef) -> u64 {
+        hash_ref(&self.state, r)
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// What is known of `r`, whose hash is `h`.
+    fn get(&self, h: u64, r: &OrderRef) -> Option<&Known> {
+        self.table.find(h, |e| e.0 == *r).map(|e| &e.1)
+    }
+
+    fn get_mut(&mut self, h: u64, r: &OrderRef) -> Option<&mut Known> {
+        self.table.find_mut(h, |e| e.0 == *r).map(|e| &mut e.1)
+    }
+
+    /// The entry of `r`, made empty if there was none.
+    fn get_or_default(&mut self, h: u64, r: OrderRef) -> &mut Known {
+        let state = &self.state;
+        &mut self
+            .table
+            .entry(h, |e| e.0 == r, |e| hash_ref(state, &e.0))
+            .or_insert((r, Known::default()))
+            .into_mut()
+            .1
+    }
+
+    fn remove(&mut self, h: u64, r: &OrderRef) {
+        if let Ok(e) = self.table.find_entry(h, |e| e.0 == *r) {
+            e.remove();
+        }
     }
 }
 
@@ -885,7 +950,7 @@ impl Default for Limits {
 pub struct OrderBook {
     limits: Limits,
     /// Every order identity the book holds live or remembers.
-    known: Map<OrderRef, Known>,
+    known: Index,
     asks: Slab<AskEntry>,
     bids: Slab<BidEntry>,
     ask_buckets: Buckets<BucketKey, AskPrio>,
@@ -928,12 +993,16 @@ impl OrderBook {
         }
     }
 
+    fn lookup(&self, r: &OrderRef) -> Option<&Known> {
+        self.known.get(self.known.hash(r), r)
+    }
+
     fn live_ask(&self, r: &OrderRef) -> Option<&AskEntry> {
-        self.asks.at(self.known.get(r)?.ask()?)
+        self.asks.at(self.lookup(r)?.ask()?)
     }
 
     fn live_bid(&self, r: &OrderRef) -> Option<&BidEntry> {
-        self.bids.at(self.known.get(r)?.bid()?)
+        self.bids.at(self.lookup(r)?.bid()?)
     }
 
     /// The sequence number of the live ask `r`.
@@ -949,7 +1018,7 @@ impl OrderBook {
     /// The highest sequence number remembered for `r` since it left the book (filled or
     /// cancelled): no copy of it at or below this sequence number enters again.
     pub fn retired_seq(&self, r: &OrderRef) -> Option<u64> {
-        self.known.get(r)?.retired().map(|(seq, _)| seq)
+        self.lookup(r)?.retired().map(|(seq, _)| seq)
     }
 
     /// Live asks.
@@ -1035,7 +1104,7 @@ impl OrderBook {
         now_ms: u64,
         rep: &dyn Reputation,
     ) -> Result<Vec<Fill>, BookError> {
-        let (r, mut entry, _) = self.enter_ask(ask, now_ms)?;
+        let (r, h, mut entry, _) = self.enter_ask(ask, now_ms)?;
         let region = entry.bucket.region;
         // Match against resting bids, best first.
         let plan = self.plan_for_ask(&entry, region, now_ms, rep);
@@ -1059,9 +1128,9 @@ impl OrderBook {
             }
         }
         if entry.remaining > 0 {
-            self.rest_ask_entry(r, entry);
+            self.rest_ask_entry(r, h, entry);
         } else {
-            self.remember(r, entry.ask.seq, now_ms.saturating_add(REMEMBER_MS));
+            self.remember(r, h, entry.ask.seq, now_ms.saturating_add(REMEMBER_MS));
         }
         Ok(fills)
     }
@@ -1069,19 +1138,21 @@ impl OrderBook {
     /// Adds (or replaces, by higher `seq`) an ask without matching it: it rests whole, at
     /// the time `now_ms`. Returns whether it replaced a live version.
     pub fn rest_ask(&mut self, ask: Ask, now_ms: u64) -> Result<bool, BookError> {
-        let (r, entry, replaced) = self.enter_ask(ask, now_ms)?;
-        self.rest_ask_entry(r, entry);
+        let (r, h, entry, replaced) = self.enter_ask(ask, now_ms)?;
+        self.rest_ask_entry(r, h, entry);
         Ok(replaced)
     }
 
     /// Checks a new ask, removes the version it replaces and makes its entry (not indexed).
+    /// Returns its identity and the identity's hash ([`Index::hash`]) with it.
     fn enter_ask(
         &mut self,
         ask: Ask,
         now_ms: u64,
-    ) -> Result<(OrderRef, AskEntry, bool), BookError> {
+    ) -> Result<(OrderRef, u64, AskEntry, bool), BookError> {
         let r = ask.order_ref();
-        let known = self.known.get(&r).copied().unwrap_or_default();
+        let h = self.known.hash(&r);
+        let known = self.known.get(h, &r).copied().unwrap_or_default();
         let live = known
             .ask()
             .and_then(|slot| Some((slot, self.asks.at(slot)?.ask.seq)));
@@ -1095,7 +1166,7 @@ impl OrderBook {
         )?;
         let region = self.intern(&ask.region)?;
         if let Some((slot, _)) = live {
-            self.remove_ask(slot, true);
+            self.remove_ask(slot, true, Some(h));
         }
         let arrival = self.next_arrival();
         let bucket = BucketKey {
@@ -1111,17 +1182,17 @@ impl OrderBook {
             arrival,
             bucket,
         };
-        Ok((r, entry, live.is_some()))
+        Ok((r, h, entry, live.is_some()))
     }
 
-    fn rest_ask_entry(&mut self, r: OrderRef, entry: AskEntry) {
+    fn rest_ask_entry(&mut self, r: OrderRef, h: u64, entry: AskEntry) {
         let (prio, bucket) = (entry.prio(), entry.bucket);
         let (expires, arrival) = (entry.ask.expires_at.0, entry.arrival);
         let slot = self.asks.insert(r, entry);
         self.expiry
             .push(Reverse((expires, arrival, Side::Ask, slot)));
         self.ask_buckets.insert(bucket, prio, slot);
-        self.known.entry(r).or_default().ask = slot;
+        self.known.get_or_default(h, r).ask = slot;
     }
 
     /// Adds (or replaces, by higher `seq`) a bid and matches it against resting asks.
@@ -1132,7 +1203,7 @@ impl OrderBook {
         now_ms: u64,
         rep: &dyn Reputation,
     ) -> Result<Vec<Fill>, BookError> {
-        let (r, mut entry, _) = self.enter_bid(bid, now_ms)?;
+        let (r, h, mut entry, _) = self.enter_bid(bid, now_ms)?;
         let filter = self.filter_for_bid(&entry.bid, now_ms);
         let plan = self.plan_asks(&filter, entry.remaining, 0, rep);
         let mut fills = Vec::with_capacity(plan.len());
@@ -1155,9 +1226,9 @@ impl OrderBook {
             }
         }
         if entry.remaining > 0 {
-            self.rest_bid_entry(r, entry);
+            self.rest_bid_entry(r, h, entry);
         } else {
-            self.remember(r, entry.bid.seq, now_ms.saturating_add(REMEMBER_MS));
+            self.remember(r, h, entry.bid.seq, now_ms.saturating_add(REMEMBER_MS));
         }
         Ok(fills)
     }
@@ -1165,8 +1236,8 @@ impl OrderBook {
     /// Adds (or replaces, by higher `seq`) a bid without matching it: it rests whole, at the
     /// time `now_ms`. Returns whether it replaced a live version.
     pub fn rest_bid(&mut self, bid: Bid, now_ms: u64) -> Result<bool, BookError> {
-        let (r, entry, replaced) = self.enter_bid(bid, now_ms)?;
-        self.rest_bid_entry(r, entry);
+        let (r, h, entry, replaced) = self.enter_bid(bid, now_ms)?;
+        self.rest_bid_entry(r, h, entry);
         Ok(replaced)
     }
 
@@ -1175,9 +1246,10 @@ impl OrderBook {
         &mut self,
         bid: Bid,
         now_ms: u64,
-    ) -> Result<(OrderRef, BidEntry, bool), BookError> {
+    ) -> Result<(OrderRef, u64, BidEntry, bool), BookError> {
         let r = bid.order_ref();
-        let known = self.known.get(&r).copied().unwrap_or_default();
+        let h = self.known.hash(&r);
+        let known = self.known.get(h, &r).copied().unwrap_or_default();
         let live = known
             .bid()
             .and_then(|slot| Some((slot, self.bids.at(slot)?.bid.seq)));
@@ -1221,7 +1293,7 @@ impl OrderBook {
             add(&mut buckets, Some(id));
         }
         if let Some((slot, _)) = live {
-            self.remove_bid(slot, true);
+            self.remove_bid(slot, true, Some(h));
         }
         let arrival = self.next_arrival();
         let entry = BidEntry {
@@ -1231,10 +1303,10 @@ impl OrderBook {
             arrival,
             buckets,
         };
-        Ok((r, entry, live.is_some()))
+        Ok((r, h, entry, live.is_some()))
     }
 
-    fn rest_bid_entry(&mut self, r: OrderRef, entry: BidEntry) {
+    fn rest_bid_entry(&mut self, r: OrderRef, h: u64, entry: BidEntry) {
         let prio = entry.prio();
         let (expires, arrival) = (entry.bid.expires_at.0, entry.arrival);
         let slot = self.bids.insert(r, entry);
@@ -1245,7 +1317,7 @@ impl OrderBook {
                 self.bid_index.insert(*b, prio, slot);
             }
         }
-        self.known.entry(r).or_default().bid = slot;
+        self.known.get_or_default(h, r).bid = slot;
     }
 
     /// Applies a cancel: removes the order if the cancel is newer than it, and remembers the
@@ -1256,7 +1328,8 @@ impl OrderBook {
             owner: c.owner,
             order_id: c.order_id,
         };
-        let known = self.known.get(&r).copied().unwrap_or_default();
+        let h = self.known.hash(&r);
+        let known = self.known.get(h, &r).copied().unwrap_or_default();
         let live = known
             .ask()
             .and_then(|s| {
@@ -1281,28 +1354,29 @@ impl OrderBook {
             .max(now_ms.saturating_add(REMEMBER_MS));
         let removed = match live {
             Some((Side::Ask, slot, ..)) => {
-                self.remove_ask(slot, true);
+                self.remove_ask(slot, true, Some(h));
                 Some(Side::Ask)
             }
             Some((Side::Bid, slot, ..)) => {
-                self.remove_bid(slot, true);
+                self.remove_bid(slot, true, Some(h));
                 Some(Side::Bid)
             }
             None => None,
         };
-        self.remember(r, c.seq, until);
+        self.remember(r, h, c.seq, until);
         Ok(removed)
     }
 
     /// Removes a live order without remembering it (unlike [`cancel`](Self::cancel)): for a
     /// book that mirrors another view and must drop what that view dropped. Returns its side.
     pub fn withdraw(&mut self, r: &OrderRef) -> Option<Side> {
-        let known = self.known.get(r).copied()?;
+        let h = self.known.hash(r);
+        let known = self.known.get(h, r).copied()?;
         if let Some(slot) = known.ask() {
-            self.remove_ask(slot, false);
+            self.remove_ask(slot, false, Some(h));
             Some(Side::Ask)
         } else if let Some(slot) = known.bid() {
-            self.remove_bid(slot, false);
+            self.remove_bid(slot, false, Some(h));
             Some(Side::Bid)
         } else {
             None
@@ -1320,10 +1394,10 @@ impl OrderBook {
             self.expiry.pop();
             let gone = match side {
                 Side::Ask if self.asks.at(slot).is_some_and(|e| e.arrival == arrival) => {
-                    self.take_ask(slot, false).map(|g| g.r)
+                    self.take_ask(slot, false, None).map(|g| g.r)
                 }
                 Side::Bid if self.bids.at(slot).is_some_and(|e| e.arrival == arrival) => {
-                    self.take_bid(slot, false).map(|g| g.r)
+                    self.take_bid(slot, false, None).map(|g| g.r)
                 }
                 _ => {
                     self.stale_expiry = self.stale_expiry.saturating_sub(1);
@@ -1344,7 +1418,8 @@ impl OrderBook {
 
     /// Forgets what is remembered of `r` if its queue entry (`key`) is still current.
     fn forget_retired(&mut self, r: &OrderRef, key: u64) -> bool {
-        let Some(k) = self.known.get_mut(r) else {
+        let h = self.known.hash(r);
+        let Some(k) = self.known.get_mut(h, r) else {
             return false;
         };
         if k.retired_key != key {
@@ -1353,15 +1428,16 @@ impl OrderBook {
         k.retired_key = 0;
         self.retired -= 1;
         if k.is_empty() {
-            self.known.remove(r);
+            self.known.remove(h, r);
         }
         true
     }
 
-    fn remember(&mut self, r: OrderRef, seq: u64, until: u64) {
+    /// Remembers that `r` (hash `h`) left the book at sequence number `seq`, until `until`.
+    fn remember(&mut self, r: OrderRef, h: u64, seq: u64, until: u64) {
         // One lookup when the identity's entry exists (an order that just left keeps it for
         // this write: see `take_ask`) and nothing must be forgotten first.
-        let done = match self.known.get_mut(&r) {
+        let done = match self.known.get_mut(h, &r) {
             Some(k) => match k.retired() {
                 // Its queue entry goes stale: the key below no longer matches it.
                 Some((old_seq, ..)) if old_seq >= seq => return,
@@ -1391,15 +1467,18 @@ impl OrderBook {
                 }
             }
             self.arrival += 1;
-            let k = self.known.entry(r).or_default();
+            let k = self.known.get_or_default(h, r);
             self.retired += 1;
             (k.retired_seq, k.retired_key) = (seq, self.arrival);
         }
         self.retired_queue.push(Reverse((until, self.arrival, r)));
         if self.retired_queue.len() > 2 * self.retired + 1024 {
             let known = &self.known;
-            self.retired_queue
-                .retain(|&Reverse((_, n, r))| known.get(&r).is_some_and(|k| k.retired_key == n));
+            self.retired_queue.retain(|&Reverse((_, n, r))| {
+                known
+                    .get(known.hash(&r), &r)
+                    .is_some_and(|k| k.retired_key == n)
+            });
         }
     }
 
@@ -1421,31 +1500,31 @@ impl OrderBook {
 
     /// A filled ask leaves the book and is remembered.
     fn retire_ask(&mut self, slot: Slot) {
-        if let Some(g) = self.take_ask(slot, true) {
+        if let Some(g) = self.take_ask(slot, true, None) {
             self.left_early();
-            self.remember(g.r, g.seq, g.time.saturating_add(REMEMBER_MS));
+            self.remember(g.r, g.h, g.seq, g.time.saturating_add(REMEMBER_MS));
         }
     }
 
     /// A filled bid leaves the book and is remembered.
     fn retire_bid(&mut self, slot: Slot) {
-        if let Some(g) = self.take_bid(slot, true) {
+        if let Some(g) = self.take_bid(slot, true, None) {
             self.left_early();
-            self.remember(g.r, g.seq, g.time.saturating_add(REMEMBER_MS));
+            self.remember(g.r, g.h, g.seq, g.time.saturating_add(REMEMBER_MS));
         }
     }
 
-    /// A live ask leaves the book before it expires (cancelled, replaced, withdrawn). `keep`:
-    /// as for [`take_ask`](Self::take_ask).
-    fn remove_ask(&mut self, slot: Slot, keep: bool) {
-        if self.take_ask(slot, keep).is_some() {
+    /// A live ask leaves the book before it expires (cancelled, replaced, withdrawn). `keep`
+    /// and `h`: as for [`take_ask`](Self::take_ask).
+    fn remove_ask(&mut self, slot: Slot, keep: bool, h: Option<u64>) {
+        if self.take_ask(slot, keep, h).is_some() {
             self.left_early();
         }
     }
 
     /// A live bid leaves the book before it expires.
-    fn remove_bid(&mut self, slot: Slot, keep: bool) {
-        if self.take_bid(slot, keep).is_some() {
+    fn remove_bid(&mut self, slot: Slot, keep: bool, h: Option<u64>) {
+        if self.take_bid(slot, keep, h).is_some() {
             self.left_early();
         }
     }
@@ -1455,25 +1534,27 @@ impl OrderBook {
     /// `keep`: the caller is about to write this identity's index entry again (remember the
     /// version that left, or put its replacement there), so an entry left empty stays for it
     /// instead of being removed and inserted again (two hash-table operations on a key whose
-    /// entry is a cache miss away).
-    fn take_ask(&mut self, slot: Slot, keep: bool) -> Option<Gone> {
+    /// entry is a cache miss away). `h`: the identity's hash, if the caller has it.
+    fn take_ask(&mut self, slot: Slot, keep: bool, h: Option<u64>) -> Option<Gone> {
         let (r, e) = self.asks.entry(slot)?;
         let gone = Gone {
             r: *r,
+            h: h.unwrap_or_else(|| self.known.hash(r)),
             seq: e.ask.seq,
             time: e.time,
         };
         self.ask_buckets.remove(&e.bucket, &e.prio());
         self.asks.free(slot);
-        self.forget_live(&gone.r, Side::Ask, keep);
+        self.forget_live(&gone, Side::Ask, keep);
         Some(gone)
     }
 
     /// Takes the bid in `slot` out of its buckets, `known` and its slab.
-    fn take_bid(&mut self, slot: Slot, keep: bool) -> Option<Gone> {
+    fn take_bid(&mut self, slot: Slot, keep: bool, h: Option<u64>) -> Option<Gone> {
         let (r, e) = self.bids.entry(slot)?;
         let gone = Gone {
             r: *r,
+            h: h.unwrap_or_else(|| self.known.hash(r)),
             seq: e.bid.seq,
             time: e.time,
         };
@@ -1482,20 +1563,20 @@ impl OrderBook {
             self.bid_index.remove(k, &prio);
         }
         self.bids.free(slot);
-        self.forget_live(&gone.r, Side::Bid, keep);
+        self.forget_live(&gone, Side::Bid, keep);
         Some(gone)
     }
 
     /// `r` no longer has a live order on `side`; its index entry goes once empty, unless
     /// `keep` (see [`take_ask`](Self::take_ask)).
-    fn forget_live(&mut self, r: &OrderRef, side: Side, keep: bool) {
-        if let Some(k) = self.known.get_mut(r) {
+    fn forget_live(&mut self, g: &Gone, side: Side, keep: bool) {
+        if let Some(k) = self.known.get_mut(g.h, &g.r) {
             match side {
                 Side::Ask => k.ask = NO_SLOT,
                 Side::Bid => k.bid = NO_SLOT,
             }
             if !keep && k.is_empty() {
-                self.known.remove(r);
+                self.known.remove(g.h, &g.r);
             }
         }
     }
