@@ -388,9 +388,13 @@ impl<T: Copy + PartialEq + Default> Allowed<T> {
 /// The filter an ask must pass to serve a bid (or a query), with regions interned.
 struct AskFilter {
     max_price: u64,
-    /// Regions (a name no order has used cannot match) and backends.
+    /// Regions (a name no order has used cannot match), with a bit for each allowed id below
+    /// 64 (all bits for any region), so that the check of a bucket, made for every bucket
+    /// head a bid's merge passes, is a shift in the common case.
     regions: Allowed<u16>,
-    backends: Allowed<u8>,
+    region_bits: u64,
+    /// A bit per allowed backend id ([`backend_id`]: 0 to 5).
+    backend_bits: u8,
     min_mem: u64,
     min_mflops: u64,
     /// `tier(min_mem)` and `tier(min_mflops)`, worked out once per filter.
@@ -402,11 +406,16 @@ struct AskFilter {
 }
 
 impl AskFilter {
+    #[inline(always)]
     fn bucket_ok(&self, k: &BucketKey) -> bool {
-        k.mem_tier >= self.mem_tier
-            && k.flops_tier >= self.flops_tier
-            && self.regions.allows(k.region)
-            && self.backends.allows(k.backend)
+        (k.mem_tier >= self.mem_tier)
+            & (k.flops_tier >= self.flops_tier)
+            & (self.backend_bits >> (k.backend & 7) & 1 != 0)
+            && if k.region < 64 {
+                self.region_bits >> k.region & 1 != 0
+            } else {
+                self.regions.allows(k.region)
+            }
     }
 
     fn accepts(&self, e: &AskEntry) -> bool {
@@ -438,6 +447,13 @@ fn tier(x: u64) -> u8 {
     };
     // At most 63·4 + 3 + 1 = 256 for x near 2^64: saturate into the top tier.
     u8::try_from(msb * 4 + quarter as u32 + 1).unwrap_or(u8::MAX)
+}
+
+/// A bit for each id below 64 in `ids`.
+fn bits(ids: &[u16]) -> u64 {
+    ids.iter()
+        .filter(|&&id| id < 64)
+        .fold(0, |m, &id| m | 1 << id)
 }
 
 fn backend_id(b: Backend) -> u8 {
@@ -784,8 +800,9 @@ struct Buckets<K, P> {
     /// (best priority, bucket index) of every bucket, sorted: a flat array, because a merge
     /// reads it from the front for every order (a tree's iterator cost ~30 instructions a
     /// step) while it changes only when a bucket's best does, and it holds one entry per
-    /// bucket (around a hundred).
-    by_best: Vec<(P, usize)>,
+    /// bucket (around a hundred). Each entry carries its bucket's key, so that a merge
+    /// checks a head against its filter without reading `keys`.
+    by_best: Vec<(P, usize, K)>,
 }
 
 impl<K, P> Default for Buckets<K, P> {
@@ -801,13 +818,33 @@ impl<K, P> Default for Buckets<K, P> {
 
 impl<K: Copy + Eq + std::hash::Hash, P: Copy + Ord> Buckets<K, P> {
     fn rank(&mut self, e: (P, usize)) {
-        let at = self.by_best.partition_point(|x| *x < e);
-        self.by_best.insert(at, e);
+        let at = self.by_best.partition_point(|x| (x.0, x.1) < e);
+        self.by_best.insert(at, (e.0, e.1, self.keys[e.1]));
     }
 
     fn unrank(&mut self, e: (P, usize)) {
-        if let Ok(at) = self.by_best.binary_search(&e) {
+        if let Ok(at) = self.by_best.binary_search_by(|x| (x.0, x.1).cmp(&e)) {
             self.by_best.remove(at);
+        }
+    }
+
+    /// Bucket `i`'s best went from `old` to `new`: its entry moves to its new place in one
+    /// rotation of the entries between (a fill moves the best a few places back; a remove and
+    /// an insert would shift the whole tail twice).
+    fn rerank(&mut self, i: usize, old: P, new: P) {
+        let Ok(from) = self.by_best.binary_search_by(|x| (x.0, x.1).cmp(&(old, i))) else {
+            self.rank((new, i));
+            return;
+        };
+        let e = (new, i, self.keys[i]);
+        let to = self.by_best.partition_point(|x| (x.0, x.1) < (new, i));
+        if to > from {
+            // Later: the entries between move up one.
+            self.by_best[from..to].rotate_left(1);
+            self.by_best[to - 1] = e;
+        } else {
+            self.by_best[to..=from].rotate_right(1);
+            self.by_best[to] = e;
         }
     }
 
@@ -824,11 +861,10 @@ impl<K: Copy + Eq + std::hash::Hash, P: Copy + Ord> Buckets<K, P> {
         let b = &mut self.buckets[i];
         b.orders.insert(prio, r);
         if b.best.is_none_or(|(p, _)| prio < p) {
-            let old = b.best.replace((prio, r));
-            if let Some((old, _)) = old {
-                self.unrank((old, i));
+            match b.best.replace((prio, r)) {
+                Some((old, _)) => self.rerank(i, old, prio),
+                None => self.rank((prio, i)),
             }
-            self.rank((prio, i));
         }
     }
 
@@ -840,10 +876,9 @@ impl<K: Copy + Eq + std::hash::Hash, P: Copy + Ord> Buckets<K, P> {
         b.orders.remove(prio);
         if b.best.is_some_and(|(p, _)| p == *prio) {
             b.best = b.orders.first_key_value().map(|(p, r)| (*p, *r));
-            let new = b.best.map(|(p, _)| p);
-            self.unrank((*prio, i));
-            if let Some(p) = new {
-                self.rank((p, i));
+            match b.best {
+                Some((new, _)) => self.rerank(i, *prio, new),
+                None => self.unrank((*prio, i)),
             }
         }
         if self.buckets[i].orders.is_empty() {
@@ -855,6 +890,7 @@ impl<K: Copy + Eq + std::hash::Hash, P: Copy + Ord> Buckets<K, P> {
                 // The bucket that was last is now at `i`.
                 let last = self.keys.len();
                 if let Some((p, _)) = self.buckets[i].best {
+                    // Same priority, a new index: it may sort elsewhere among equal ones.
                     self.unrank((p, last));
                     self.rank((p, i));
                 }
@@ -869,9 +905,10 @@ impl<K: Copy + Eq + std::hash::Hash, P: Copy + Ord> Buckets<K, P> {
         let mut heads = self
             .by_best
             .iter()
-            .take_while(|(p, _)| *p <= hi)
-            .filter(|(_, i)| ok(&self.keys[*i]));
-        let mut next_head = heads.next().copied();
+            .take_while(|(p, ..)| *p <= hi)
+            .filter(|(.., k)| ok(k))
+            .map(|&(p, i, _)| (p, i));
+        let mut next_head = heads.next();
         // The next order of every opened bucket.
         let mut heap: BinaryHeap<Reverse<(P, usize, Slot)>> = BinaryHeap::new();
         let mut open: Vec<(usize, std::collections::btree_map::Range<'_, P, Slot>)> = Vec::new();
@@ -895,7 +932,7 @@ impl<K: Copy + Eq + std::hash::Hash, P: Copy + Ord> Buckets<K, P> {
             };
             let (p, r) = if from_head {
                 let Some((p, i)) = next_head else { return };
-                next_head = heads.next().copied();
+                next_head = heads.next();
                 let Some((_, r)) = self.buckets[i].best else {
                     continue;
                 };
@@ -1599,15 +1636,26 @@ impl OrderBook {
         exclude: Option<PublicKey>,
         now_ms: u64,
     ) -> AskFilter {
+        let regions = Allowed::of(
+            (!req.regions.is_empty()).then(|| req.regions.iter().filter_map(|n| self.region_id(n))),
+        );
+        let region_bits = match &regions {
+            Allowed::Any => u64::MAX,
+            Allowed::Few(n, ids) => bits(&ids[..usize::from(*n)]),
+            Allowed::Many(ids) => bits(ids),
+        };
+        let backend_bits = if req.backends.is_empty() {
+            u8::MAX
+        } else {
+            req.backends
+                .iter()
+                .fold(0u8, |m, b| m | 1 << backend_id(*b))
+        };
         AskFilter {
             max_price,
-            regions: Allowed::of(
-                (!req.regions.is_empty())
-                    .then(|| req.regions.iter().filter_map(|n| self.region_id(n))),
-            ),
-            backends: Allowed::of(
-                (!req.backends.is_empty()).then(|| req.backends.iter().map(|b| backend_id(*b))),
-            ),
+            regions,
+            region_bits,
+            backend_bits,
             min_mem: req.min_memory_bytes,
             min_mflops: req.min_mflops,
             mem_tier: tier(req.min_memory_bytes),
@@ -2091,5 +2139,54 @@ mod tests {
                 order_id: 1,
             }
         }
+    }
+
+    /// A bid's filter checks a bucket's region and backend by bits for the first 64 region
+    /// ids and by the list past them: asks in 70 regions, every other one on another
+    /// backend, and bids naming regions on both sides of 64.
+    #[test]
+    fn region_and_backend_filters_hold_past_the_first_64_regions() {
+        let mut b = OrderBook::new();
+        for i in 0..70u8 {
+            let mut a = ask(i, 1, 1, 60_000);
+            a.region = format!("r{i}");
+            a.price = Msat(100 + u64::from(i));
+            if i % 2 == 1 {
+                a.gpu.backend = Backend::Dx12;
+            }
+            b.rest_ask(a, NOW).unwrap();
+        }
+        let found = |regions: &[&str], backends: &[Backend]| -> Vec<u8> {
+            let bid = Bid {
+                buyer: PublicKey([200; 32]),
+                order_id: 1,
+                seq: 1,
+                units: 1,
+                requirements: Requirements {
+                    regions: regions.iter().map(|r| r.to_string()).collect(),
+                    backends: backends.to_vec(),
+                    ..Requirements::default()
+                },
+                max_price: Msat(1_000),
+                max_seconds: 60,
+                created_at: Timestamp(NOW),
+                expires_at: Timestamp(NOW + 60_000),
+                model: None,
+            };
+            b.candidates(&bid, NOW, &NoReputation, 100)
+                .iter()
+                .map(|a| a.ask.provider.0[0])
+                .collect()
+        };
+        assert_eq!(found(&["r69", "r3"], &[]), vec![3, 69]);
+        assert_eq!(found(&["r68", "r3", "r65"], &[Backend::Dx12]), vec![3, 65]);
+        assert_eq!(found(&["r68", "r3", "r65"], &[Backend::Vulkan]), vec![68]);
+        assert_eq!(found(&["r63", "r64"], &[]), vec![63, 64]);
+        assert_eq!(found(&["nowhere"], &[]), Vec::<u8>::new());
+        assert_eq!(found(&[], &[Backend::Metal]), Vec::<u8>::new());
+        assert_eq!(found(&[], &[]).len(), 70);
+        // Seven named regions: the list is kept on the heap.
+        let many = ["r1", "r2", "r66", "r67", "r0", "r5", "r69"];
+        assert_eq!(found(&many, &[Backend::Dx12]), vec![1, 5, 67, 69]);
     }
 }
