@@ -7,6 +7,9 @@
 //! "Earliest" is the time the order entered *this* book (the `now` passed to
 //! [`OrderBook::submit_ask`] / [`OrderBook::submit_bid`], in ms), not the `created_at` the
 //! owner signed: a peer could backdate its own timestamp to jump the queue, but not our clock.
+//! That clock never runs back: an order's time is at least that of every order that arrived
+//! before it (a `now` earlier than one already seen counts as the latest seen), so a clock
+//! stepped back cannot put a later order ahead, and time order is arrival order.
 //! Orders that arrive in the same millisecond tie on time, and reputation breaks the tie.
 //! A replacement (higher `seq`) is a new arrival and loses its old time priority.
 //!
@@ -241,10 +244,24 @@ struct BidBucket {
     flops_tier: u8,
 }
 
-/// (price, time, arrival): ascending = best ask first.
-type AskPrio = (u64, u64, u64);
-/// (Reverse(max_price), time, arrival): ascending = best bid first.
-type BidPrio = (Reverse<u64>, u64, u64);
+/// An ask's priority, ascending = best first: its price in the high 64 bits, its arrival in
+/// the low. Time needs no place of its own: the book's clock never runs back, so (price,
+/// time, arrival) and (price, arrival) order the same, and one 128-bit compare is what the
+/// bucket trees and merges make instead of a three-field one.
+type AskPrio = u128;
+/// A bid's priority, ascending = best first: `!max_price` (highest limit first) in the high
+/// 64 bits, its arrival in the low.
+type BidPrio = u128;
+
+/// The priority of an order at `high` (an ask's price, a bid's inverted limit) that arrived
+/// `arrival`-th, and the most a priority at `high` can be.
+fn prio(high: u64, arrival: u64) -> u128 {
+    u128::from(high) << 64 | u128::from(arrival)
+}
+
+fn prio_max(high: u64) -> u128 {
+    prio(high, u64::MAX)
+}
 
 #[derive(Debug, Clone)]
 struct AskEntry {
@@ -257,7 +274,7 @@ struct AskEntry {
 
 impl AskEntry {
     fn prio(&self) -> AskPrio {
-        (self.ask.price.0, self.time, self.arrival)
+        prio(self.ask.price.0, self.arrival)
     }
 }
 
@@ -273,7 +290,7 @@ struct BidEntry {
 
 impl BidEntry {
     fn prio(&self) -> BidPrio {
-        (Reverse(self.bid.max_price.0), self.time, self.arrival)
+        prio(!self.bid.max_price.0, self.arrival)
     }
 }
 
@@ -1010,6 +1027,8 @@ pub struct OrderBook {
     regions: Map<String, u16>,
     region_names: Vec<String>,
     arrival: u64,
+    /// The latest time an order entered at.
+    clock: u64,
 }
 
 impl OrderBook {
@@ -1128,9 +1147,12 @@ impl OrderBook {
         Ok(())
     }
 
-    fn next_arrival(&mut self) -> u64 {
+    /// The next arrival number, and its time: `now_ms`, or the latest time already given if
+    /// the caller's clock went back (see the module's "Priority").
+    fn next_arrival(&mut self, now_ms: u64) -> (u64, u64) {
         self.arrival += 1;
-        self.arrival
+        self.clock = self.clock.max(now_ms);
+        (self.arrival, self.clock)
     }
 
     /// Adds (or replaces, by higher `seq`) an ask and matches it against resting bids.
@@ -1205,7 +1227,7 @@ impl OrderBook {
         if let Some((slot, _)) = live {
             self.remove_ask(slot, true, Some(h));
         }
-        let arrival = self.next_arrival();
+        let (arrival, time) = self.next_arrival(now_ms);
         let bucket = BucketKey {
             region,
             backend: backend_id(ask.gpu.backend),
@@ -1215,7 +1237,7 @@ impl OrderBook {
         let entry = AskEntry {
             remaining: ask.units,
             ask,
-            time: now_ms,
+            time,
             arrival,
             bucket,
         };
@@ -1332,11 +1354,11 @@ impl OrderBook {
         if let Some((slot, _)) = live {
             self.remove_bid(slot, true, Some(h));
         }
-        let arrival = self.next_arrival();
+        let (arrival, time) = self.next_arrival(now_ms);
         let entry = BidEntry {
             remaining: bid.units,
             bid,
-            time: now_ms,
+            time,
             arrival,
             buckets,
         };
@@ -1668,7 +1690,7 @@ impl OrderBook {
 
     /// Visits qualifying asks in priority order (price, time, arrival) until `visit` says stop.
     fn scan_asks<'a>(&'a self, f: &AskFilter, mut visit: impl FnMut(Slot, &'a AskEntry) -> bool) {
-        let hi = (f.max_price, u64::MAX, u64::MAX);
+        let hi = prio_max(f.max_price);
         let mut check = |slot: Slot| -> bool {
             match self.asks.at(slot) {
                 Some(e) if f.accepts(e) => visit(slot, e),
@@ -1724,7 +1746,7 @@ impl OrderBook {
                 && (b.requirements.backends.is_empty()
                     || b.requirements.backends.contains(&ask.gpu.backend))
         };
-        let hi = (Reverse(ask.price.0), u64::MAX, u64::MAX);
+        let hi = prio_max(!ask.price.0);
         let (backend, mem_tier, flops_tier) =
             (a.bucket.backend, a.bucket.mem_tier, a.bucket.flops_tier);
         // The same lazy merge as `scan_asks`, over the bid buckets this ask could serve:
@@ -1738,13 +1760,13 @@ impl OrderBook {
                     && k.mem_tier <= mem_tier
                     && k.flops_tier <= flops_tier
             },
-            |p, slot| {
+            |_, slot| {
                 let Some(e) = self.bids.at(slot) else {
                     return true;
                 };
                 !accepts(e)
                     || planner.offer(
-                        (p.0.0, p.1),
+                        (e.bid.max_price.0, e.time),
                         rep.score(&e.bid.buyer),
                         e.arrival,
                         slot,
@@ -2188,5 +2210,40 @@ mod tests {
         // Seven named regions: the list is kept on the heap.
         let many = ["r1", "r2", "r66", "r67", "r0", "r5", "r69"];
         assert_eq!(found(&many, &[Backend::Dx12]), vec![1, 5, 67, 69]);
+    }
+
+    /// The book's clock never runs back: an ask entered with an earlier `now` than one already
+    /// resting at the same price does not go ahead of it; it takes the latest time seen, so
+    /// the two tie on time and reputation decides.
+    #[test]
+    fn a_clock_stepped_back_does_not_put_a_later_order_first() {
+        let mut b = OrderBook::new();
+        b.rest_ask(ask(1, 1, 1, 60_000), NOW + 10).unwrap();
+        b.rest_ask(ask(2, 1, 1, 60_000), NOW).unwrap();
+        let order: Vec<u8> = b.asks().iter().map(|a| a.ask.provider.0[0]).collect();
+        assert_eq!(order, vec![1, 2]);
+        let bid = Bid {
+            buyer: PublicKey([9; 32]),
+            order_id: 1,
+            seq: 1,
+            units: 1,
+            requirements: Requirements::default(),
+            max_price: Msat(100),
+            max_seconds: 60,
+            created_at: Timestamp(NOW),
+            expires_at: Timestamp(NOW + 60_000),
+            model: None,
+        };
+        // Provider 2 has the better reputation: at equal time it is served first.
+        let rep = |pk: &PublicKey| i64::from(pk.0[0]);
+        let fills = b.submit_bid(bid, NOW + 11, &rep).unwrap();
+        assert_eq!(fills.len(), 1);
+        assert_eq!(fills[0].ask.owner, PublicKey([2; 32]));
+        // Without a tie on time, arrival order holds whatever the reputation.
+        let mut b = OrderBook::new();
+        b.rest_ask(ask(2, 1, 1, 60_000), NOW).unwrap();
+        b.rest_ask(ask(1, 1, 1, 60_000), NOW + 1).unwrap();
+        let order: Vec<u8> = b.asks().iter().map(|a| a.ask.provider.0[0]).collect();
+        assert_eq!(order, vec![2, 1]);
     }
 }
