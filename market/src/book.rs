@@ -643,6 +643,10 @@ impl<E> Slab<E> {
         self.slots.get(i as usize)?.as_ref().map(|(_, e)| e)
     }
 
+    fn at_mut(&mut self, i: Slot) -> Option<&mut E> {
+        self.slots.get_mut(i as usize)?.as_mut().map(|(_, e)| e)
+    }
+
     /// The order identity and entry in slot `i`, the entry mutable.
     fn entry_mut(&mut self, i: Slot) -> Option<(&OrderRef, &mut E)> {
         self.slots
@@ -1163,33 +1167,40 @@ impl OrderBook {
         now_ms: u64,
         rep: &dyn Reputation,
     ) -> Result<Vec<Fill>, BookError> {
-        let (r, h, mut entry, _) = self.enter_ask(ask, now_ms)?;
-        let region = entry.bucket.region;
+        let (r, h, slot, _) = self.enter_ask(ask, now_ms)?;
         // Match against resting bids, best first.
-        let plan = self.plan_for_ask(&entry, region, now_ms, rep);
+        let plan = match self.asks.at(slot) {
+            Some(e) => self.plan_for_ask(e, e.bucket.region, now_ms, rep),
+            None => Vec::new(),
+        };
         let mut fills = Vec::with_capacity(plan.len());
-        for (slot, units) in plan {
-            let Some((bid_ref, b)) = self.bids.entry_mut(slot) else {
+        for (bid_slot, units) in plan {
+            let (Some((bid_ref, b)), Some(a)) =
+                (self.bids.entry_mut(bid_slot), self.asks.at_mut(slot))
+            else {
                 continue;
             };
             b.remaining -= units;
-            entry.remaining -= units;
+            a.remaining -= units;
             fills.push(Fill {
                 ask: r,
-                ask_seq: entry.ask.seq,
+                ask_seq: a.ask.seq,
                 bid: *bid_ref,
                 bid_seq: b.bid.seq,
                 units,
-                price: entry.ask.price,
+                price: a.ask.price,
             });
             if b.remaining == 0 {
-                self.retire_bid(slot);
+                self.retire_bid(bid_slot);
             }
         }
-        if entry.remaining > 0 {
-            self.rest_ask_entry(r, h, entry);
-        } else {
-            self.remember(r, h, entry.ask.seq, now_ms.saturating_add(REMEMBER_MS));
+        match self.asks.at(slot) {
+            Some(a) if a.remaining == 0 => {
+                let seq = a.ask.seq;
+                self.asks.free(slot);
+                self.remember(r, h, seq, now_ms.saturating_add(REMEMBER_MS));
+            }
+            _ => self.index_ask(r, h, slot),
         }
         Ok(fills)
     }
@@ -1197,18 +1208,20 @@ impl OrderBook {
     /// Adds (or replaces, by higher `seq`) an ask without matching it: it rests whole, at
     /// the time `now_ms`. Returns whether it replaced a live version.
     pub fn rest_ask(&mut self, ask: Ask, now_ms: u64) -> Result<bool, BookError> {
-        let (r, h, entry, replaced) = self.enter_ask(ask, now_ms)?;
-        self.rest_ask_entry(r, h, entry);
+        let (r, h, slot, replaced) = self.enter_ask(ask, now_ms)?;
+        self.index_ask(r, h, slot);
         Ok(replaced)
     }
 
-    /// Checks a new ask, removes the version it replaces and makes its entry (not indexed).
-    /// Returns its identity and the identity's hash ([`Index::hash`]) with it.
+    /// Checks a new ask, removes the version it replaces and puts its entry in a slot, not
+    /// yet indexed (an ask nearly always rests, and the entry of a few hundred bytes is then
+    /// written once, where it stays). Returns its identity, the identity's hash
+    /// ([`Index::hash`]), the slot and whether it replaced a live version.
     fn enter_ask(
         &mut self,
         ask: Ask,
         now_ms: u64,
-    ) -> Result<(OrderRef, u64, AskEntry, bool), BookError> {
+    ) -> Result<(OrderRef, u64, Slot, bool), BookError> {
         let r = ask.order_ref();
         let h = self.known.hash(&r);
         let known = self.known.get(h, &r).copied().unwrap_or_default();
@@ -1234,20 +1247,26 @@ impl OrderBook {
             mem_tier: tier(ask.gpu.memory_bytes),
             flops_tier: tier(ask.gpu.bench.matmul_mflops),
         };
-        let entry = AskEntry {
-            remaining: ask.units,
-            ask,
-            time,
-            arrival,
-            bucket,
-        };
-        Ok((r, h, entry, live.is_some()))
+        let slot = self.asks.insert(
+            r,
+            AskEntry {
+                remaining: ask.units,
+                ask,
+                time,
+                arrival,
+                bucket,
+            },
+        );
+        Ok((r, h, slot, live.is_some()))
     }
 
-    fn rest_ask_entry(&mut self, r: OrderRef, h: u64, entry: AskEntry) {
-        let (prio, bucket) = (entry.prio(), entry.bucket);
-        let (expires, arrival) = (entry.ask.expires_at.0, entry.arrival);
-        let slot = self.asks.insert(r, entry);
+    /// Indexes the ask entered in `slot` (its bucket, its expiry, its identity): it rests.
+    fn index_ask(&mut self, r: OrderRef, h: u64, slot: Slot) {
+        let Some(e) = self.asks.at(slot) else {
+            return;
+        };
+        let (prio, bucket) = (e.prio(), e.bucket);
+        let (expires, arrival) = (e.ask.expires_at.0, e.arrival);
         self.expiry
             .push(Reverse((expires, arrival, Side::Ask, slot)));
         self.ask_buckets.insert(bucket, prio, slot);
