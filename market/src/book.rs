@@ -285,7 +285,43 @@ struct BidEntry {
     time: u64,
     arrival: u64,
     /// The buckets this bid is indexed in (one per allowed region × backend).
-    buckets: Vec<BidBucket>,
+    buckets: BidBuckets,
+}
+
+/// A bid's buckets: up to two inline (a bid names at most two regions and one backend in the
+/// common case, so entering one allocates nothing for them), more on the heap.
+#[derive(Debug, Clone)]
+enum BidBuckets {
+    Inline(u8, [BidBucket; 2]),
+    Heap(Vec<BidBucket>),
+}
+
+impl BidBuckets {
+    fn as_slice(&self) -> &[BidBucket] {
+        match self {
+            BidBuckets::Inline(n, ks) => &ks[..usize::from(*n)],
+            BidBuckets::Heap(ks) => ks,
+        }
+    }
+
+    /// Adds `k` unless it is there already.
+    fn add(&mut self, k: BidBucket) {
+        if self.as_slice().contains(&k) {
+            return;
+        }
+        match self {
+            BidBuckets::Inline(n, ks) if usize::from(*n) < ks.len() => {
+                ks[usize::from(*n)] = k;
+                *n += 1;
+            }
+            BidBuckets::Inline(_, ks) => {
+                let mut v = ks.to_vec();
+                v.push(k);
+                *self = BidBuckets::Heap(v);
+            }
+            BidBuckets::Heap(ks) => ks.push(k),
+        }
+    }
 }
 
 impl BidEntry {
@@ -502,9 +538,12 @@ struct Planner {
 }
 
 impl Planner {
-    fn units(want: u32) -> Planner {
+    /// A plan for `want` units, written into `plan` (emptied first: a book reuses one
+    /// vector for every incoming order's plan).
+    fn units(want: u32, mut plan: Vec<(Slot, u32)>) -> Planner {
+        plan.clear();
         Planner {
-            plan: Vec::new(),
+            plan,
             left: want,
             limit: 0,
             first: None,
@@ -516,7 +555,7 @@ impl Planner {
     fn orders(limit: usize) -> Planner {
         Planner {
             limit: limit.max(1),
-            ..Planner::units(0)
+            ..Planner::units(0, Vec::new())
         }
     }
 
@@ -617,9 +656,26 @@ struct Gone {
 /// identities), so a merge or an expiry reads an entry by its slot without hashing its key. A
 /// freed slot is reused; a tree entry is removed with its order, so no tree ever names a
 /// freed slot (the expiry queue checks the entry's arrival, which no other order shares).
+/// An entry knows its order's identity (so that a slot need not hold a copy of it).
+trait Identity {
+    fn order_ref(&self) -> OrderRef;
+}
+
+impl Identity for AskEntry {
+    fn order_ref(&self) -> OrderRef {
+        self.ask.order_ref()
+    }
+}
+
+impl Identity for BidEntry {
+    fn order_ref(&self) -> OrderRef {
+        self.bid.order_ref()
+    }
+}
+
 #[derive(Debug)]
 struct Slab<E> {
-    slots: Vec<Option<(OrderRef, E)>>,
+    slots: Vec<Option<E>>,
     free: Vec<Slot>,
     len: usize,
 }
@@ -634,47 +690,46 @@ impl<E> Default for Slab<E> {
     }
 }
 
-impl<E> Slab<E> {
+impl<E: Identity> Slab<E> {
     fn len(&self) -> usize {
         self.len
     }
 
     fn at(&self, i: Slot) -> Option<&E> {
-        self.slots.get(i as usize)?.as_ref().map(|(_, e)| e)
+        self.slots.get(i as usize)?.as_ref()
     }
 
     fn at_mut(&mut self, i: Slot) -> Option<&mut E> {
-        self.slots.get_mut(i as usize)?.as_mut().map(|(_, e)| e)
+        self.slots.get_mut(i as usize)?.as_mut()
     }
 
     /// The order identity and entry in slot `i`, the entry mutable.
-    fn entry_mut(&mut self, i: Slot) -> Option<(&OrderRef, &mut E)> {
-        self.slots
-            .get_mut(i as usize)?
-            .as_mut()
-            .map(|(r, e)| (&*r, e))
+    fn entry_mut(&mut self, i: Slot) -> Option<(OrderRef, &mut E)> {
+        let e = self.slots.get_mut(i as usize)?.as_mut()?;
+        Some((e.order_ref(), e))
     }
 
-    /// Stores an entry for `r` and returns its slot.
-    fn insert(&mut self, r: OrderRef, e: E) -> Slot {
+    /// Stores an entry and returns its slot.
+    fn insert(&mut self, e: E) -> Slot {
         self.len += 1;
         match self.free.pop() {
             Some(i) => {
-                self.slots[i as usize] = Some((r, e));
+                self.slots[i as usize] = Some(e);
                 i
             }
             None => {
                 // At most `Limits::max_orders` live entries, far below u32::MAX.
                 let i = Slot::try_from(self.slots.len()).unwrap_or(Slot::MAX);
-                self.slots.push(Some((r, e)));
+                self.slots.push(Some(e));
                 i
             }
         }
     }
 
     /// The order identity and entry in slot `i`.
-    fn entry(&self, i: Slot) -> Option<&(OrderRef, E)> {
-        self.slots.get(i as usize)?.as_ref()
+    fn entry(&self, i: Slot) -> Option<(OrderRef, &E)> {
+        let e = self.slots.get(i as usize)?.as_ref()?;
+        Some((e.order_ref(), e))
     }
 
     /// Empties slot `i`, dropping its entry where it lies (an entry is a few hundred bytes:
@@ -690,7 +745,7 @@ impl<E> Slab<E> {
     }
 
     fn values(&self) -> impl Iterator<Item = &E> {
-        self.slots.iter().filter_map(|s| s.as_ref().map(|(_, e)| e))
+        self.slots.iter().filter_map(Option::as_ref)
     }
 }
 
@@ -1033,6 +1088,8 @@ pub struct OrderBook {
     arrival: u64,
     /// The latest time an order entered at.
     clock: u64,
+    /// The vector an incoming order's plan is written into, kept between orders.
+    plan_buf: Vec<(Slot, u32)>,
 }
 
 impl OrderBook {
@@ -1153,6 +1210,13 @@ impl OrderBook {
 
     /// The next arrival number, and its time: `now_ms`, or the latest time already given if
     /// the caller's clock went back (see the module's "Priority").
+    /// Keeps `plan`'s vector for the next order's plan, unless one huge order grew it.
+    fn keep_plan_buf(&mut self, plan: Vec<(Slot, u32)>) {
+        if plan.capacity() <= 1024 {
+            self.plan_buf = plan;
+        }
+    }
+
     fn next_arrival(&mut self, now_ms: u64) -> (u64, u64) {
         self.arrival += 1;
         self.clock = self.clock.max(now_ms);
@@ -1169,12 +1233,13 @@ impl OrderBook {
     ) -> Result<Vec<Fill>, BookError> {
         let (r, h, slot, _) = self.enter_ask(ask, now_ms)?;
         // Match against resting bids, best first.
+        let buf = std::mem::take(&mut self.plan_buf);
         let plan = match self.asks.at(slot) {
-            Some(e) => self.plan_for_ask(e, e.bucket.region, now_ms, rep),
-            None => Vec::new(),
+            Some(e) => self.plan_for_ask(e, e.bucket.region, now_ms, rep, buf),
+            None => buf,
         };
         let mut fills = Vec::with_capacity(plan.len());
-        for (bid_slot, units) in plan {
+        for &(bid_slot, units) in &plan {
             let (Some((bid_ref, b)), Some(a)) =
                 (self.bids.entry_mut(bid_slot), self.asks.at_mut(slot))
             else {
@@ -1185,7 +1250,7 @@ impl OrderBook {
             fills.push(Fill {
                 ask: r,
                 ask_seq: a.ask.seq,
-                bid: *bid_ref,
+                bid: bid_ref,
                 bid_seq: b.bid.seq,
                 units,
                 price: a.ask.price,
@@ -1202,6 +1267,7 @@ impl OrderBook {
             }
             _ => self.index_ask(r, h, slot),
         }
+        self.keep_plan_buf(plan);
         Ok(fills)
     }
 
@@ -1247,16 +1313,13 @@ impl OrderBook {
             mem_tier: tier(ask.gpu.memory_bytes),
             flops_tier: tier(ask.gpu.bench.matmul_mflops),
         };
-        let slot = self.asks.insert(
-            r,
-            AskEntry {
-                remaining: ask.units,
-                ask,
-                time,
-                arrival,
-                bucket,
-            },
-        );
+        let slot = self.asks.insert(AskEntry {
+            remaining: ask.units,
+            ask,
+            time,
+            arrival,
+            bucket,
+        });
         Ok((r, h, slot, live.is_some()))
     }
 
@@ -1283,16 +1346,17 @@ impl OrderBook {
     ) -> Result<Vec<Fill>, BookError> {
         let (r, h, mut entry, _) = self.enter_bid(bid, now_ms)?;
         let filter = self.filter_for_bid(&entry.bid, now_ms);
-        let plan = self.plan_asks(&filter, entry.remaining, 0, rep);
+        let buf = std::mem::take(&mut self.plan_buf);
+        let plan = self.plan_asks(&filter, entry.remaining, 0, rep, buf);
         let mut fills = Vec::with_capacity(plan.len());
-        for (slot, units) in plan {
+        for &(slot, units) in &plan {
             let Some((ask_ref, a)) = self.asks.entry_mut(slot) else {
                 continue;
             };
             a.remaining -= units;
             entry.remaining -= units;
             fills.push(Fill {
-                ask: *ask_ref,
+                ask: ask_ref,
                 ask_seq: a.ask.seq,
                 bid: r,
                 bid_seq: entry.bid.seq,
@@ -1303,6 +1367,7 @@ impl OrderBook {
                 self.retire_ask(slot);
             }
         }
+        self.keep_plan_buf(plan);
         if entry.remaining > 0 {
             self.rest_bid_entry(r, h, entry);
         } else {
@@ -1343,24 +1408,25 @@ impl OrderBook {
             tier(bid.requirements.min_memory_bytes),
             tier(bid.requirements.min_mflops),
         );
-        // One bucket per allowed region × backend ("any" for an empty list), repeats dropped,
-        // built in one vector of the right size.
+        // One bucket per allowed region × backend ("any" for an empty list), repeats dropped.
         let req = &bid.requirements;
-        let mut buckets: Vec<BidBucket> =
-            Vec::with_capacity(req.regions.len().max(1) * req.backends.len().max(1));
-        let add = |buckets: &mut Vec<BidBucket>, region: Option<u16>| {
+        let none = BidBucket {
+            region: None,
+            backend: None,
+            mem_tier,
+            flops_tier,
+        };
+        let mut buckets = BidBuckets::Inline(0, [none; 2]);
+        let add = |buckets: &mut BidBuckets, region: Option<u16>| {
             let backends = req.backends.iter().map(|b| Some(backend_id(*b)));
             let none = req.backends.is_empty().then_some(None);
             for backend in backends.chain(none) {
-                let k = BidBucket {
+                buckets.add(BidBucket {
                     region,
                     backend,
                     mem_tier,
                     flops_tier,
-                };
-                if !buckets.contains(&k) {
-                    buckets.push(k);
-                }
+                });
             }
         };
         if req.regions.is_empty() {
@@ -1387,11 +1453,11 @@ impl OrderBook {
     fn rest_bid_entry(&mut self, r: OrderRef, h: u64, entry: BidEntry) {
         let prio = entry.prio();
         let (expires, arrival) = (entry.bid.expires_at.0, entry.arrival);
-        let slot = self.bids.insert(r, entry);
+        let slot = self.bids.insert(entry);
         self.expiry
             .push(Reverse((expires, arrival, Side::Bid, slot)));
         if let Some(e) = self.bids.at(slot) {
-            for b in &e.buckets {
+            for b in e.buckets.as_slice() {
                 self.bid_index.insert(*b, prio, slot);
             }
         }
@@ -1616,8 +1682,8 @@ impl OrderBook {
     fn take_ask(&mut self, slot: Slot, keep: bool, h: Option<u64>) -> Option<Gone> {
         let (r, e) = self.asks.entry(slot)?;
         let gone = Gone {
-            r: *r,
-            h: h.unwrap_or_else(|| self.known.hash(r)),
+            r,
+            h: h.unwrap_or_else(|| self.known.hash(&r)),
             seq: e.ask.seq,
             time: e.time,
         };
@@ -1631,13 +1697,13 @@ impl OrderBook {
     fn take_bid(&mut self, slot: Slot, keep: bool, h: Option<u64>) -> Option<Gone> {
         let (r, e) = self.bids.entry(slot)?;
         let gone = Gone {
-            r: *r,
-            h: h.unwrap_or_else(|| self.known.hash(r)),
+            r,
+            h: h.unwrap_or_else(|| self.known.hash(&r)),
             seq: e.bid.seq,
             time: e.time,
         };
         let prio = e.prio();
-        for k in &e.buckets {
+        for k in e.buckets.as_slice() {
             self.bid_index.remove(k, &prio);
         }
         self.bids.free(slot);
@@ -1728,11 +1794,12 @@ impl OrderBook {
         want: u32,
         limit: usize,
         rep: &dyn Reputation,
+        buf: Vec<(Slot, u32)>,
     ) -> Vec<(Slot, u32)> {
         let mut planner = if limit > 0 {
             Planner::orders(limit)
         } else {
-            Planner::units(want)
+            Planner::units(want, buf)
         };
         self.scan_asks(f, |slot, e| {
             planner.offer(
@@ -1752,6 +1819,7 @@ impl OrderBook {
         region: u16,
         now_ms: u64,
         rep: &dyn Reputation,
+        buf: Vec<(Slot, u32)>,
     ) -> Vec<(Slot, u32)> {
         let ask = &a.ask;
         let accepts = |e: &BidEntry| {
@@ -1770,7 +1838,7 @@ impl OrderBook {
             (a.bucket.backend, a.bucket.mem_tier, a.bucket.flops_tier);
         // The same lazy merge as `scan_asks`, over the bid buckets this ask could serve:
         // most asks cross no resting bid, and cost one look at the best bucket heads.
-        let mut planner = Planner::units(a.remaining);
+        let mut planner = Planner::units(a.remaining, buf);
         self.bid_index.merge(
             hi,
             |k| {
@@ -1806,7 +1874,7 @@ impl OrderBook {
         limit: usize,
     ) -> Vec<RestingAsk> {
         let f = self.filter_for_bid(bid, now_ms);
-        self.plan_asks(&f, 0, limit.max(1), rep)
+        self.plan_asks(&f, 0, limit.max(1), rep, Vec::new())
             .into_iter()
             .filter_map(|(slot, _)| {
                 self.asks.at(slot).map(|e| RestingAsk {
@@ -2229,6 +2297,36 @@ mod tests {
         // Seven named regions: the list is kept on the heap.
         let many = ["r1", "r2", "r66", "r67", "r0", "r5", "r69"];
         assert_eq!(found(&many, &[Backend::Dx12]), vec![1, 5, 67, 69]);
+        // A resting bid in 3 regions × 2 backends (six buckets, past the two kept inline) is
+        // found by an ask of any of them, and leaves every bucket when filled.
+        let bid = Bid {
+            buyer: PublicKey([201; 32]),
+            order_id: 2,
+            seq: 1,
+            units: 2,
+            requirements: Requirements {
+                regions: vec!["r80".into(), "r81".into(), "r3".into()],
+                backends: vec![Backend::Vulkan, Backend::Dx12],
+                ..Requirements::default()
+            },
+            max_price: Msat(1_000),
+            max_seconds: 60,
+            created_at: Timestamp(NOW),
+            expires_at: Timestamp(NOW + 60_000),
+            model: None,
+        };
+        b.rest_bid(bid, NOW).unwrap();
+        let mut a = ask(150, 1, 1, 60_000);
+        a.region = "r81".into();
+        a.gpu.backend = Backend::Dx12;
+        assert_eq!(b.submit_ask(a, NOW, &NoReputation).unwrap().len(), 1);
+        let mut a = ask(151, 1, 1, 60_000);
+        a.region = "r80".into();
+        assert_eq!(b.submit_ask(a, NOW, &NoReputation).unwrap().len(), 1);
+        assert_eq!(b.bid_count(), 0);
+        let mut a = ask(152, 1, 1, 60_000);
+        a.region = "r3".into();
+        assert!(b.submit_ask(a, NOW, &NoReputation).unwrap().is_empty());
     }
 
     /// The book's clock never runs back: an ask entered with an earlier `now` than one already
