@@ -76,10 +76,11 @@ pub trait Backend: Send + Sync + 'static {
     /// `"local"` or `"market"`: shown in responses.
     fn name(&self) -> &'static str;
 
-    /// The adapter kind to shape the jobs' kernels for ([`Target::Cpu`] unless the backend
-    /// knows where its jobs run: a market job's provider is chosen after it is compiled).
-    fn target(&self) -> Target {
-        Target::Cpu
+    /// The adapter kind to shape the next job's kernels for ([`Target::Cpu`] unless the
+    /// backend knows, or can tell, where its jobs run). Asked for every request: a market's
+    /// cheapest provider can change between two.
+    fn target(&self) -> BoxFuture<'static, Target> {
+        Box::pin(std::future::ready(Target::Cpu))
     }
 
     /// Runs `job`; while it runs, each new check of its streamed buffers goes to `stream`
@@ -122,9 +123,11 @@ impl Backend for LocalBackend {
         "local"
     }
 
-    fn target(&self) -> Target {
-        self.target
-            .unwrap_or_else(|| Target::for_device(self.exec.profile().device_type))
+    fn target(&self) -> BoxFuture<'static, Target> {
+        let t = self
+            .target
+            .unwrap_or_else(|| Target::for_device(self.exec.profile().device_type));
+        Box::pin(std::future::ready(t))
     }
 
     fn run(

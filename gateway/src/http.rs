@@ -501,7 +501,7 @@ async fn generate(
     g.access.check_cap(&caller).map_err(denied)?;
     let (max_tokens, sampling) = (gen_.max_tokens, gen_.sampling);
     let m = model.clone();
-    let target = g.backend.target();
+    let target = g.backend.target().await;
     let job = blocking(move || m.compile(prompt, max_tokens, sampling, target))
         .await?
         .map_err(text_error)?;

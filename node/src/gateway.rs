@@ -21,7 +21,8 @@ pub struct MarketBackend {
     node: NodeHandle,
     options: JobOptions,
     receipts: Option<(PathBuf, Network)>,
-    target: Target,
+    /// `None`: the kind of device of the market's likeliest provider, per request.
+    target: Option<Target>,
 }
 
 impl MarketBackend {
@@ -32,14 +33,18 @@ impl MarketBackend {
             node,
             options,
             receipts: None,
-            target: Target::Cpu,
+            target: None,
         }
     }
 
-    /// Shapes language models' kernels for `target` ([`Target::Cpu`] unless set: a market
-    /// job's provider is chosen after the job is compiled, so its kernels cannot follow it).
+    /// Shapes language models' kernels for `target`. Unless set, each job's kernels are
+    /// shaped for the kind of device of the cheapest ask that meets the backend's terms
+    /// ([`crate::node::MarketHandle::likely_device`]; [`Target::Cpu`] while the book has
+    /// none): a job is compiled before it is matched, so its shape follows the provider it
+    /// will most likely go to. If that provider declines and another kind takes it, the
+    /// results are the same, only slower.
     pub fn kernels(mut self, target: Target) -> MarketBackend {
-        self.target = target;
+        self.target = Some(target);
         self
     }
 
@@ -83,8 +88,22 @@ impl Backend for MarketBackend {
         "market"
     }
 
-    fn target(&self) -> Target {
-        self.target
+    fn target(&self) -> BoxFuture<'static, Target> {
+        if let Some(t) = self.target {
+            return Box::pin(std::future::ready(t));
+        }
+        let node = self.node.clone();
+        let (requirements, max_price) = (self.options.requirements.clone(), self.options.max_price);
+        Box::pin(async move {
+            match node.market().likely_device(&requirements, max_price).await {
+                Ok(Some(device)) => Target::for_device(device),
+                Ok(None) => Target::Cpu,
+                Err(e) => {
+                    warn!(error = %e, "cannot read the book to shape a job's kernels");
+                    Target::Cpu
+                }
+            }
+        })
     }
 
     fn run(

@@ -22,7 +22,7 @@ use hashgrid_protocol::{Msat, Requirements};
 use tokio::sync::mpsc;
 
 use crate::client::Client;
-use crate::market::submit_and_wait;
+use crate::market::{submit_and_wait, submit_in_book, wait_for_book};
 use crate::{CliError, EXIT_CANCELLED, Global};
 
 /// What `generate` was asked.
@@ -255,7 +255,8 @@ pub(crate) async fn generate(g: &Global, a: GenerateArgs) -> Result<(), CliError
         exec.shutdown();
         r?
     } else {
-        run_market(g, &loaded, job, &a, print).await?
+        let recompile = |t| compile(&loaded, prompt.clone(), a.max_tokens, a.sampling, t);
+        run_market(g, &loaded, job, &a, print, recompile).await?
     };
     if print {
         println!();
@@ -304,32 +305,66 @@ pub(crate) async fn generate(g: &Global, a: GenerateArgs) -> Result<(), CliError
 /// Through the market: the compiled job is an ordinary job; its outputs come back verified
 /// with a countersigned receipt. (Text is printed when the job is done: streaming tokens over
 /// the network is the gateway's work.)
+///
+/// Without `--kernels`, `job` (compiled CPU-shaped) is compiled again with the shape of the
+/// device of the cheapest ask in the book once it has settled, where the job most likely
+/// runs (`MarketHandle::likely_device`).
 async fn run_market(
     g: &Global,
     loaded: &TextModel,
     job: CompiledJob,
     a: &GenerateArgs,
     print: bool,
+    recompile: impl Fn(Target) -> Result<CompiledJob, CliError>,
 ) -> Result<Generated, CliError> {
     let c = Client::resolve(g)?;
     let mode = c.verify_mode(a.verify.as_deref())?;
     let node = c.start().await?;
     let n_prompt = job.n_prompt;
     let started = Instant::now();
-    let options = JobOptions {
-        units: 1,
-        max_price: a.max_price.map(Msat),
-        max_seconds: a.max_seconds,
-        requirements: Requirements::default(),
-        max_attempts: 3,
-        wait_for_capacity: Duration::from_secs(30),
-        model: Some(job.model),
-        verify: hashgrid_protocol::Verification {
-            mode,
-            ..job.compare
-        },
-    };
-    let outcome = submit_and_wait(g, &node, job.spec, job.inputs, options).await;
+    let requirements = Requirements::default();
+    let max_price = a.max_price.map(Msat);
+    let outcome = async {
+        let asks = wait_for_book(&node).await?;
+        let (job, target) = match a.kernels {
+            Some(t) => (job, t),
+            None => {
+                let device = node
+                    .market()
+                    .likely_device(&requirements, max_price)
+                    .await
+                    .map_err(CliError::node)?;
+                match device.map_or(Target::Cpu, Target::for_device) {
+                    Target::Cpu => (job, Target::Cpu),
+                    t => (recompile(t)?, t),
+                }
+            }
+        };
+        if !g.quiet {
+            eprintln!(
+                "book: {asks} asks from the network; kernels shaped for {}",
+                match target {
+                    Target::Cpu => "a CPU adapter",
+                    Target::Gpu => "a GPU",
+                }
+            );
+        }
+        let options = JobOptions {
+            units: 1,
+            max_price,
+            max_seconds: a.max_seconds,
+            requirements,
+            max_attempts: 3,
+            wait_for_capacity: Duration::from_secs(30),
+            model: Some(job.model),
+            verify: hashgrid_protocol::Verification {
+                mode,
+                ..job.compare
+            },
+        };
+        submit_in_book(g, &node, job.spec, job.inputs, options).await
+    }
+    .await;
     node.shutdown().await;
     let (rec, outputs) = outcome?;
     let saved = crate::market::save_result(&c, &rec, &outputs, None)?;

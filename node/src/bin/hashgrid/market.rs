@@ -339,6 +339,17 @@ pub(crate) async fn submit_and_wait(
     if !g.quiet {
         eprintln!("book: {asks} asks from the network");
     }
+    submit_in_book(g, node, spec, inputs, options).await
+}
+
+/// [`submit_and_wait`] once the book has settled ([`wait_for_book`]).
+pub(crate) async fn submit_in_book(
+    g: &Global,
+    node: &NodeHandle,
+    spec: hashgrid_protocol::JobSpec,
+    inputs: hashgrid_node::jobs::SharedInputs,
+    options: JobOptions,
+) -> Result<(JobRecord, BTreeMap<String, Vec<u8>>), CliError> {
     let sub = Submission {
         spec,
         inputs,

@@ -141,11 +141,12 @@ pub(crate) async fn serve(g: &Global, a: ServeArgs) -> Result<(), CliError> {
             },
         };
         node = Some(n.clone());
-        Arc::new(
-            MarketBackend::new(n, options)
-                .kernels(a.kernels.unwrap_or_default())
-                .save_receipts(client.dir.root().join("receipts"), client.network.clone()),
-        )
+        let mut b = MarketBackend::new(n, options)
+            .save_receipts(client.dir.root().join("receipts"), client.network.clone());
+        if let Some(t) = a.kernels {
+            b = b.kernels(t);
+        }
+        Arc::new(b)
     };
     let gateway = Gateway::new(backend.clone(), loaded, config.clone()).map_err(|e| {
         CliError::bad_input(

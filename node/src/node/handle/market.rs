@@ -1,7 +1,7 @@
 //! [`MarketHandle`]: this node's orders and its book.
 
-use hashgrid_market::BookSnapshot;
-use hashgrid_protocol::{Ask, OrderRef};
+use hashgrid_market::{BookSnapshot, OfferQuery, OfferSort};
+use hashgrid_protocol::{Ask, DeviceType, Msat, OrderRef, Requirements};
 
 use crate::error::NodeError;
 use crate::store::OwnOrder;
@@ -76,5 +76,32 @@ impl<'a> MarketHandle<'a> {
         self.node
             .request(|r| Command::Offers(Box::new(query), r))
             .await
+    }
+
+    /// The kind of device of the cheapest live ask of another node that meets
+    /// `requirements` at `max_price` or less: where a job on these terms most likely runs
+    /// (buyers propose cheapest first), so that a language model's kernels can be shaped for
+    /// it before the job is matched (`hashgrid_infer::Target::for_device`). `None` while no
+    /// such ask is in the book.
+    pub async fn likely_device(
+        &self,
+        requirements: &Requirements,
+        max_price: Option<Msat>,
+    ) -> Result<Option<DeviceType>, NodeError> {
+        let me = self.node.public_key();
+        // This node's own asks come first only if they are the cheapest; a few more than one
+        // leave room to skip them.
+        let asks = self
+            .offers(OfferQuery {
+                requirements: requirements.clone(),
+                max_price,
+                sort: OfferSort::Price,
+                limit: 64,
+            })
+            .await?;
+        Ok(asks
+            .iter()
+            .find(|a| a.provider != me)
+            .map(|a| a.gpu.device_type))
     }
 }
