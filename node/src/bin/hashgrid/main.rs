@@ -373,7 +373,8 @@ enum Command {
         #[arg(long, value_name = "MODE")]
         verify: Option<String>,
         /// Shape language models' kernels for a GPU or for a CPU adapter such as lavapipe.
-        /// auto: this machine's adapter with --local; cpu through the market.
+        /// auto: this machine's adapter with --local; through the market, per request, the
+        /// device of the cheapest ask that meets the terms.
         #[arg(long, value_enum, default_value_t = Kernels::Auto)]
         kernels: Kernels,
     },
@@ -409,7 +410,8 @@ struct SamplingArgs {
     seed: u32,
     /// Shape the model's kernels for a GPU or for a CPU adapter such as lavapipe (each runs
     /// anywhere, several times slower on the other kind). auto: this machine's adapter with
-    /// --local; cpu through the market, whose provider is chosen after the job is compiled.
+    /// --local; through the market, whose provider is chosen after the job is compiled, the
+    /// device of the cheapest ask in the book that meets the terms.
     #[arg(long, value_enum, default_value_t = Kernels::Auto)]
     kernels: Kernels,
 }
@@ -417,7 +419,8 @@ struct SamplingArgs {
 /// `--kernels`: the adapter kind a language model job's kernels are shaped for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Kernels {
-    /// The adapter's own kind where it is known (this machine's, with --local).
+    /// The adapter's own kind where it is known (this machine's, with --local), else the
+    /// kind of the cheapest ask in the book.
     Auto,
     /// CPU adapters (lavapipe): several rows per invocation.
     Cpu,
