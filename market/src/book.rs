@@ -651,11 +651,6 @@ struct Gone {
     time: u64,
 }
 
-/// One side's live entries in slots of a vector. The buckets' trees, the expiry queue and
-/// the book's index by order identity ([`Known`]) hold 4-byte slot numbers (not 40-byte order
-/// identities), so a merge or an expiry reads an entry by its slot without hashing its key. A
-/// freed slot is reused; a tree entry is removed with its order, so no tree ever names a
-/// freed slot (the expiry queue checks the entry's arrival, which no other order shares).
 /// An entry knows its order's identity (so that a slot need not hold a copy of it).
 trait Identity {
     fn order_ref(&self) -> OrderRef;
@@ -673,6 +668,11 @@ impl Identity for BidEntry {
     }
 }
 
+/// One side's live entries in slots of a vector. The buckets' trees, the expiry queue and
+/// the book's index by order identity ([`Known`]) hold 4-byte slot numbers (not 40-byte order
+/// identities), so a merge or an expiry reads an entry by its slot without hashing its key. A
+/// freed slot is reused; a tree entry is removed with its order, so no tree ever names a
+/// freed slot (the expiry queue checks the entry's arrival, which no other order shares).
 #[derive(Debug)]
 struct Slab<E> {
     slots: Vec<Option<E>>,
