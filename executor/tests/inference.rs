@@ -1241,6 +1241,127 @@ fn rope_store_rotates_q_and_appends_kv() {
     }
 }
 
+/// The q, k, v matvec with the norm and RoPE fused (`kernels::matvec_norm_rope`, the CPU
+/// shape's decode step for adjacent-pair RoPE) against the norm, the matvec and RoPE on the
+/// CPU: q rotated in `y`, k rotated and v as computed in the caches at the step's position,
+/// the other positions untouched; both packed types, with and without a bias, a whole and a
+/// partial rope dimension.
+#[test]
+fn matvec_with_norm_and_rope_fused_matches_norm_matvec_then_rope() {
+    let mut rng = Rng(0x407e);
+    let (nh, nkv, hd, cols, ctx) = (4usize, 2usize, 64usize, 256usize, 48usize);
+    let (qd, kvd) = (nh * hd, nkv * hd);
+    let rows = qd + 2 * kvd;
+    let (eps, base, step) = (1e-5f32, 10_000f32, 5u32);
+    // Position = step · stride + offset.
+    let (offset, stride) = (2u32, 7u32);
+    let pos = step * stride + offset;
+    for ty in [GgmlType::Q8_0, GgmlType::Q4_1] {
+        let x: Vec<f32> = rng.vec(cols).iter().map(|v| v * 30.0).collect();
+        let g: Vec<f32> = rng.vec(cols).iter().map(|v| 1.0 + 0.5 * v).collect();
+        let ss: f64 = x.iter().map(|v| f64::from(*v) * f64::from(*v)).sum();
+        let scale = (1.0 / (ss / cols as f64 + f64::from(eps)).sqrt()) as f32;
+        let xn: Vec<f32> = x.iter().zip(&g).map(|(v, w)| v * scale * w).collect();
+        let rb = kernels::quant::kernel_row_bytes(ty, cols as u64) as u32;
+        let (wb, wd) = quantized(ty, rows, cols, &mut rng);
+        let blob = kernels::quant::pack(ty, &wb, cols as u64);
+        let bias = rng.vec(rows);
+        let n = (cols / 4) as u32;
+        for (kind, rope_dim) in [
+            (Matvec::Plain, hd),
+            (Matvec::Bias, hd),
+            (Matvec::Plain, hd / 2),
+        ] {
+            let mut p = vec![
+                rows as u32,
+                cols as u32,
+                rb,
+                0,
+                1,
+                rows as u32,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                eps.to_bits(),
+            ];
+            p.extend([
+                qd as u32,
+                kvd as u32,
+                hd as u32,
+                rope_dim as u32,
+                base.to_bits(),
+                offset,
+                stride,
+            ]);
+            let mut bufs = vec![
+                ("w", Init::Bytes(blob.clone())),
+                ("x", f32s(&x)),
+                ("y", Init::Zero(4 * rows as u64)),
+                ("p", u32s(&p)),
+                ("g", f32s(&g)),
+                ("kc", Init::Zero((4 * ctx * kvd) as u64)),
+                ("vc", Init::Zero((4 * ctx * kvd) as u64)),
+                ("step", u32s(&[step])),
+            ];
+            let mut binds = vec![
+                (0, 0, None),
+                (1, 1, None),
+                (2, 2, None),
+                (3, 3, None),
+                (5, 4, None),
+                (6, 5, None),
+                (7, 6, None),
+                (8, 7, None),
+            ];
+            if kind == Matvec::Bias {
+                bufs.push(("bias", f32s(&bias)));
+                binds.push((4, 8, None));
+            }
+            let out = run_one(
+                kernels::matvec_norm_rope(ty, kind, n),
+                kind.entry(),
+                (rows as u32).div_ceil(kernels::matvec_rows_per_group(kind)),
+                bufs,
+                &binds,
+            );
+            let mut want = matvec_cpu(&wd, &xn, rows);
+            if kind == Matvec::Bias {
+                for (w, b) in want.iter_mut().zip(&bias) {
+                    *w += b;
+                }
+            }
+            for h in 0..nh + nkv {
+                rope_cpu(&mut want[h * hd..(h + 1) * hd], pos, rope_dim, base, false);
+            }
+            let what = format!("{} {ty:?} rope dim {rope_dim}", kind.entry());
+            let (y, kc, vc) = (to_f32(&out[2]), to_f32(&out[5]), to_f32(&out[6]));
+            close(&y[..qd], &want[..qd], 1e-3, &format!("q of {what}"));
+            let row = pos as usize * kvd;
+            close(
+                &kc[row..row + kvd],
+                &want[qd..qd + kvd],
+                1e-3,
+                &format!("k of {what}"),
+            );
+            close(
+                &vc[row..row + kvd],
+                &want[qd + kvd..],
+                1e-3,
+                &format!("v of {what}"),
+            );
+            let others = |c: &[f32]| c[..row].iter().chain(&c[row + kvd..]).all(|&v| v == 0.0);
+            assert!(
+                others(&kc) && others(&vc),
+                "{what}: other positions untouched"
+            );
+        }
+    }
+}
+
 /// One head's attention in f64: `q` (one head) against kv group `g` of caches with rows of
 /// `kvd` floats, positions `0..=pos`.
 fn attention_head_cpu(

@@ -681,6 +681,7 @@ pub fn compile_embed(
                     tokens: n,
                     n_prompt: 0,
                     extra: Some(ranged(4, lb, s[i + 1].range())),
+                    rope: None,
                     norm: None,
                 },
             );
@@ -714,6 +715,7 @@ pub fn compile_embed(
                 tokens: n,
                 n_prompt: 0,
                 extra: Some(ranged(4, lb, bspan)),
+                rope: None,
                 norm: None,
             },
         );

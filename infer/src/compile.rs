@@ -750,6 +750,7 @@ pub fn compile_generate(
             // The loop starts at the prompt's last position: every step needs its logits.
             n_prompt: 0,
             extra: Some(whole(4, step)),
+            rope: None,
             norm: fuse.then(|| {
                 let size = d * 4;
                 (
@@ -964,8 +965,17 @@ impl Decoder<'_> {
             && b.target == Target::Gpu
             && c.head_dim <= kernels::ATTN_ROPE_MAX_HEAD as usize
             && c.head_dim / 4 <= kernels::ATTN_SPLIT_THREADS as usize;
-        // (Shaders are registered only where a pass uses them.)
-        let rope_sh = (!rope_in_attention).then(|| b.shader("rope_store", kernels::rope_store));
+        // Else RoPE runs in its own `rope_store` pass, or, in a CPU-shaped decode step with
+        // adjacent-pair RoPE, inside each layer's q, k, v matvec where that matvec fuses its
+        // norm (per layer: types can differ). (Shaders are registered only where a pass uses
+        // them.)
+        let rope_in_matvec = one
+            && b.target == Target::Cpu
+            && c.rope_style != RopeStyle::Neox
+            && qd.is_multiple_of(u64::from(kernels::ROWS_PER_LANE))
+            && kvd.is_multiple_of(u64::from(kernels::ROWS_PER_LANE))
+            && hd.is_multiple_of(2);
+        let mut rope_sh: Option<u32> = None;
         // One token's q (the first `qd` floats of qkv) as a uniform array when it fits.
         let q_bytes = qd * 4;
         let uniform_q = one && q_bytes <= MAX_UNIFORM_X;
@@ -998,6 +1008,12 @@ impl Decoder<'_> {
             // attn_norm: fused into the q, k, v matvec when the three share a type it can fuse.
             let qkv_one = lay.q.ty == lay.k.ty && lay.k.ty == lay.v.ty;
             let fuse = one && qkv_one && fusable(lay.q.ty, d);
+            let rope_fused = fuse && rope_in_matvec;
+            // This layer's K and V caches.
+            let kv_range = BufferRange {
+                offset: l as u64 * ctx * kvd * 4,
+                size: ctx * kvd * 4,
+            };
             if !fuse {
                 self.rms_pass(b, ranged(1, blk, lay.attn_norm.range()), tokens);
             }
@@ -1042,6 +1058,20 @@ impl Decoder<'_> {
                         n_prompt: 0,
                         extra: lay.bias.map(|bias| ranged(4, blk, bias.range())),
                         norm: fuse.then(|| (ranged(5, blk, lay.attn_norm.range()), c.rms_eps)),
+                        rope: rope_fused.then(|| RopeFuse {
+                            kc: ranged(6, a.kcache, kv_range),
+                            vc: ranged(7, a.vcache, kv_range),
+                            step: whole(8, at.counter),
+                            params: [
+                                qd as u32,
+                                kvd as u32,
+                                hd as u32,
+                                c.rope_dim as u32,
+                                f(c.rope_base),
+                                at.offset,
+                                at.stride,
+                            ],
+                        }),
                     },
                 );
             } else {
@@ -1084,17 +1114,14 @@ impl Decoder<'_> {
                             tokens,
                             n_prompt: 0,
                             extra,
+                            rope: None,
                             norm: None,
                         },
                     );
                     yoff += rows;
                 }
             }
-            // RoPE, KV cache append.
-            let kv_range = BufferRange {
-                offset: l as u64 * ctx * kvd * 4,
-                size: ctx * kvd * 4,
-            };
+            // RoPE, KV cache append (done already where the q, k, v matvec fused them).
             let neox = u32::from(c.rope_style == RopeStyle::Neox);
             let scale = 1.0 / (hd as f32).sqrt();
             // Attention's parameters; with RoPE inside it, the RoPE's after them.
@@ -1109,7 +1136,11 @@ impl Decoder<'_> {
                 (qd / 4) as u32,
                 at.stride,
             ];
-            let q_bind = if let Some(rope_sh) = rope_sh {
+            let q_bind = if rope_fused {
+                q_binding
+            } else if !rope_in_attention {
+                let rope_sh =
+                    *rope_sh.get_or_insert_with(|| b.shader("rope_store", kernels::rope_store));
                 let p = b.param(
                     3,
                     &[
@@ -1187,6 +1218,7 @@ impl Decoder<'_> {
                             tokens,
                             n_prompt: 0,
                             extra: None,
+                            rope: None,
                             norm: None,
                         },
                     );
@@ -1220,6 +1252,7 @@ impl Decoder<'_> {
                         tokens,
                         n_prompt: 0,
                         extra: None,
+                        rope: None,
                         norm: fuse.then(|| (ranged(5, blk, lay.ffn_norm.range()), c.rms_eps)),
                     },
                 );
@@ -1266,6 +1299,19 @@ pub(crate) struct MatvecPass<'a> {
     /// The RMS norm to fuse in (`x` is then the raw residual): its weights as binding 5 and
     /// its epsilon. Only where [`fusable`] says the kernel can.
     pub(crate) norm: Option<(Binding, f32)>,
+    /// RoPE and the KV-cache append to fuse into a q, k, v matvec with a fused norm
+    /// ([`kernels::matvec_norm_rope`]).
+    pub(crate) rope: Option<RopeFuse>,
+}
+
+/// What [`kernels::matvec_norm_rope`] needs beyond a matvec: the layer's K and V caches
+/// (bindings 6 and 7), the step counter (binding 8) and its parameters
+/// `[q rows, kv rows, head_dim, rope_dim, base as f32 bits, offset, step_stride]`.
+pub(crate) struct RopeFuse {
+    pub(crate) kc: Binding,
+    pub(crate) vc: Binding,
+    pub(crate) step: Binding,
+    pub(crate) params: [u32; 7],
 }
 
 /// Whether a one-token matvec over `ty` with rows of `cols` can fuse the RMS norm before it
@@ -1296,6 +1342,11 @@ pub(crate) fn matvec_pass(b: &mut Builder, m: MatvecPass<'_>) {
     let norm = m.norm;
     if let Some((_, eps)) = norm {
         pv.push(eps.to_bits());
+    }
+    // Only with the norm fused, on the CPU shape's one-token kernel (the caller checks).
+    let rope = m.rope.filter(|_| norm.is_some() && b.target == Target::Cpu);
+    if let Some(r) = &rope {
+        pv.extend(r.params);
     }
     let p = b.param(3, &pv);
     let (kind, ty) = (m.kind, m.ty);
@@ -1356,6 +1407,9 @@ pub(crate) fn matvec_pass(b: &mut Builder, m: MatvecPass<'_>) {
         return;
     }
     let sh = match (norm, uniform_x) {
+        (Some(_), Some(n)) if rope.is_some() => b.shader(&format!("{name}_norm_rope"), || {
+            kernels::matvec_norm_rope(ty, kind, (n / 16) as u32)
+        }),
         (Some(_), Some(n)) => b.shader(&format!("{name}_norm"), || {
             kernels::matvec_norm(ty, kind, (n / 16) as u32)
         }),
@@ -1366,6 +1420,9 @@ pub(crate) fn matvec_pass(b: &mut Builder, m: MatvecPass<'_>) {
     let mut bind = vec![m.weights, x, whole(2, m.y), p];
     bind.extend(m.extra);
     bind.extend(norm.map(|(w, _)| w));
+    if let Some(r) = rope {
+        bind.extend([r.kc, r.vc, r.step]);
+    }
     b.pass_xy(
         sh,
         kind.entry(),
@@ -1405,6 +1462,7 @@ fn matvec_add(
             tokens,
             n_prompt: 0,
             extra: None,
+            rope: None,
             norm: None,
         },
     );

@@ -105,7 +105,7 @@ pub fn matvec(ty: GgmlType, kind: Matvec) -> String {
 /// bound bytes as `rgba32uint` texels), whose fetches cost lavapipe far less than storage
 /// loads; other types read `w: array<u32>`.
 pub fn matvec_x(ty: GgmlType, kind: Matvec, uniform_x: Option<u32>) -> String {
-    matvec_gen(ty, kind, uniform_x, false)
+    matvec_gen(ty, kind, uniform_x, false, false)
 }
 
 /// [`matvec_x`] with the RMS norm that precedes every decoder matvec fused in, for one token
@@ -116,11 +116,31 @@ pub fn matvec_x(ty: GgmlType, kind: Matvec, uniform_x: Option<u32>) -> String {
 /// (`x · scale · g`). One dispatch fewer per norm: on lavapipe a dispatch costs ~100 µs, and
 /// summing 4n squares per invocation costs about 1% of the matvec.
 pub fn matvec_norm(ty: GgmlType, kind: Matvec, n: u32) -> String {
-    matvec_gen(ty, kind, Some(n), true)
+    matvec_gen(ty, kind, Some(n), true, false)
 }
 
-fn matvec_gen(ty: GgmlType, kind: Matvec, uniform_x: Option<u32>, norm: bool) -> String {
+/// [`matvec_norm`] for one token's q, k and v rows (`Plain` or `Bias`), with [`rope_store`]'s
+/// work done as the rows are stored, for RoPE over adjacent pairs (not NeoX): an invocation's
+/// 8 rows are 4 whole pairs of one head (q, k and v each a multiple of 8 rows), so it rotates
+/// q and k in registers, writes q to `y` and k and v to the caches
+/// (`@binding(6) kc`, `@binding(7) vc`, `array<f32>`) at the token's position, with the same
+/// arithmetic as `rope_store`. `p` is [`matvec`]'s fourteen slots (eps in `p[13]`) then
+/// `[q rows, kv rows, head_dim, rope_dim, base as f32 bits, offset, step_stride]`; the position
+/// is `step · step_stride + offset` (`@binding(8) step`). One dispatch a layer fewer where a
+/// dispatch costs most (lavapipe: ~60 µs, a sixth of a layer's).
+pub fn matvec_norm_rope(ty: GgmlType, kind: Matvec, n: u32) -> String {
+    matvec_gen(ty, kind, Some(n), true, true)
+}
+
+fn matvec_gen(
+    ty: GgmlType,
+    kind: Matvec,
+    uniform_x: Option<u32>,
+    norm: bool,
+    rope: bool,
+) -> String {
     let norm = norm && uniform_x.is_some() && quant::is_packed(ty);
+    let rope = rope && norm && matches!(kind, Matvec::Plain | Matvec::Bias);
     let extra = match kind {
         Matvec::Bias => "@group(0) @binding(4) var<storage, read> bias: array<f32>;\n",
         Matvec::Logits => "@group(0) @binding(4) var<storage, read> step: array<u32>;\n",
@@ -189,7 +209,61 @@ fn matvec_gen(ty: GgmlType, kind: Matvec, uniform_x: Option<u32>, norm: bool) ->
     body.push_str("    }\n");
     // Stores.
     let mut store = String::new();
-    if kind == Matvec::GateUp {
+    if rope {
+        store.push_str(
+            "    let pos = step[0] * p[20] + p[19];\n    let qd = p[14];\n    let kvd = p[15];\n    let rscale = pow(bitcast<f32>(p[18]), -2.0 / f32(p[17]));\n    // theta of pair ti, multiplied up from pair 0 as rope_store does (and carried from\n    // one pair to the next: the same products).\n    var theta = f32(pos);\n    var ti = 0u;\n",
+        );
+        for k in (0..r).step_by(2) {
+            let add = |j: usize| {
+                if kind == Matvec::Bias {
+                    format!("a{j} + bias[r0 + {j}u]")
+                } else {
+                    format!("a{j}")
+                }
+            };
+            store.push_str(&format!(
+                r#"    if (r0 + {k1}u <= last) {{
+        let rk = r0 + {k}u;
+        var v0 = {v0};
+        var v1 = {v1};
+        if (rk < qd + kvd) {{
+            let i = (select(rk, rk - qd, rk >= qd) % p[16]) / 2u;
+            if (i < p[17] / 2u) {{
+                if (i < ti) {{
+                    theta = f32(pos);
+                    ti = 0u;
+                }}
+                for (; ti < i; ti++) {{
+                    theta *= rscale;
+                }}
+                let c = cos(theta);
+                let s = sin(theta);
+                let y0 = v0 * c - v1 * s;
+                let y1 = v0 * s + v1 * c;
+                v0 = y0;
+                v1 = y1;
+            }}
+        }}
+        if (rk < qd) {{
+            y[yb + rk] = v0;
+            y[yb + rk + 1u] = v1;
+        }} else if (rk < qd + kvd) {{
+            let o = pos * kvd + rk - qd;
+            kc[o] = v0;
+            kc[o + 1u] = v1;
+        }} else {{
+            let o = pos * kvd + rk - qd - kvd;
+            vc[o] = v0;
+            vc[o + 1u] = v1;
+        }}
+    }}
+"#,
+                k1 = k + 1,
+                v0 = add(k),
+                v1 = add(k + 1),
+            ));
+        }
+    } else if kind == Matvec::GateUp {
         let h = r / 2;
         for k in 0..h {
             store.push_str(&format!(
@@ -231,13 +305,22 @@ fn matvec_gen(ty: GgmlType, kind: Matvec, uniform_x: Option<u32>, norm: bool) ->
         Some(n) => format!("var<uniform> xv: array<vec4<f32>, {n}>"),
         None => "var<storage, read> xv: array<vec4<f32>>".to_string(),
     };
-    let extra = match (norm, uniform_x) {
+    let mut extra = match (norm, uniform_x) {
         (true, Some(n)) => {
             format!("{extra}@group(0) @binding(5) var<uniform> gn: array<vec4<f32>, {n}>;\n")
         }
         _ => extra.to_string(),
     };
-    let fused = if norm { ", RMS norm fused" } else { "" };
+    if rope {
+        extra.push_str(
+            "@group(0) @binding(6) var<storage, read_write> kc: array<f32>;\n@group(0) @binding(7) var<storage, read_write> vc: array<f32>;\n@group(0) @binding(8) var<storage, read> step: array<u32>;\n",
+        );
+    }
+    let fused = match (norm, rope) {
+        (true, true) => ", RMS norm and RoPE fused",
+        (true, false) => ", RMS norm fused",
+        _ => "",
+    };
     format!(
         r#"// {entry} over {ty} weights, {r} rows per invocation{fused} (hashgrid-infer).
 @group(0) @binding(0) {w_decl};
