@@ -1,7 +1,8 @@
 //! Order book benchmark: a mixed stream of adds, cancels and matches at 10k and 100k resting
 //! orders; operations per second and match latency percentiles.
 //!
-//! `cargo bench -p hashgrid-market --bench book [-- --json] [--ops N] [--runs N] [--breakdown]`
+//! `cargo bench -p hashgrid-market --bench book [-- --json] [--ops N] [--runs N] [--breakdown]
+//! [--whole-stream]`
 
 use std::time::Instant;
 
@@ -183,7 +184,11 @@ struct RunResult {
     final_orders: usize,
 }
 
-fn run(resting: usize, ops: usize, seed: u64, breakdown: bool) -> RunResult {
+/// Operations built and then timed together (a few hundred KiB of them: they are in the cache
+/// when the book takes them, as a node's freshly received messages are).
+const CHUNK: usize = 1024;
+
+fn run(resting: usize, ops: usize, seed: u64, breakdown: bool, whole: bool) -> RunResult {
     let mut w = Workload::new(seed);
     let mut book = OrderBook::new();
     let mut now = 1_000_000u64;
@@ -196,22 +201,11 @@ fn run(resting: usize, ops: usize, seed: u64, breakdown: bool) -> RunResult {
         book.submit_ask(a, now, &NoReputation)
             .expect("fill the book");
     }
-    // Pre-build the stream so that only the book is timed. Adds and cancels balance, so the
-    // book stays near `resting` orders while matches consume units.
-    let mut stream = Vec::with_capacity(ops);
-    for i in 0..ops {
-        if i % 100 == 0 {
-            now += 1;
-        }
-        match w.rng.below(10) {
-            0..=3 => stream.push((now, Op::Ask(w.ask(now)))),
-            4..=6 => match w.cancel(now) {
-                Some(c) => stream.push((now, Op::Cancel(c))),
-                None => stream.push((now, Op::Ask(w.ask(now)))),
-            },
-            _ => stream.push((now, Op::Bid(w.bid(now)))),
-        }
-    }
+    // The stream is built ahead of the clock, so that only the book is timed: a chunk of
+    // `CHUNK` operations at a time (with `whole`, all of them first, as before 2026-12-04:
+    // 300,000 operations are ~90 MB, and taking each from memory was timed too). The same
+    // operations either way. Adds and cancels balance, so the book stays near `resting`
+    // orders while matches consume units.
     let mut lat = Vec::with_capacity(ops / 3);
     let mut fills = 0usize;
     // Time spent in adds, cancels and expiry (bids are `lat`), when asked for.
@@ -219,36 +213,57 @@ fn run(resting: usize, ops: usize, seed: u64, breakdown: bool) -> RunResult {
     let mut clock = |t: Option<Instant>, i: usize| {
         spent[i] += t.map_or(0, |t| t.elapsed().as_nanos() as u64);
     };
-    let start = Instant::now();
-    for (i, (now, op)) in stream.into_iter().enumerate() {
-        match op {
-            Op::Ask(a) => {
-                let t = breakdown.then(Instant::now);
-                fills += book
-                    .submit_ask(a, now, &NoReputation)
-                    .map_or(0, |f| f.len());
-                clock(t, 0);
+    let mut secs = 0.0;
+    let mut done = 0;
+    while done < ops {
+        let n = if whole { ops } else { CHUNK.min(ops - done) };
+        let mut stream = Vec::with_capacity(n);
+        for i in done..done + n {
+            if i % 100 == 0 {
+                now += 1;
             }
-            Op::Cancel(c) => {
-                let t = breakdown.then(Instant::now);
-                let _ = book.cancel(&c, now);
-                clock(t, 1);
-            }
-            Op::Bid(b) => {
-                let t = Instant::now();
-                fills += book
-                    .submit_bid(b, now, &NoReputation)
-                    .map_or(0, |f| f.len());
-                lat.push(t.elapsed().as_nanos() as u64);
+            match w.rng.below(10) {
+                0..=3 => stream.push((now, Op::Ask(w.ask(now)))),
+                4..=6 => match w.cancel(now) {
+                    Some(c) => stream.push((now, Op::Cancel(c))),
+                    None => stream.push((now, Op::Ask(w.ask(now)))),
+                },
+                _ => stream.push((now, Op::Bid(w.bid(now)))),
             }
         }
-        if i % 1_000 == 0 {
-            let t = breakdown.then(Instant::now);
-            book.expire(now);
-            clock(t, 2);
+        let start = Instant::now();
+        for (j, (now, op)) in stream.into_iter().enumerate() {
+            let i = done + j;
+            match op {
+                Op::Ask(a) => {
+                    let t = breakdown.then(Instant::now);
+                    fills += book
+                        .submit_ask(a, now, &NoReputation)
+                        .map_or(0, |f| f.len());
+                    clock(t, 0);
+                }
+                Op::Cancel(c) => {
+                    let t = breakdown.then(Instant::now);
+                    let _ = book.cancel(&c, now);
+                    clock(t, 1);
+                }
+                Op::Bid(b) => {
+                    let t = Instant::now();
+                    fills += book
+                        .submit_bid(b, now, &NoReputation)
+                        .map_or(0, |f| f.len());
+                    lat.push(t.elapsed().as_nanos() as u64);
+                }
+            }
+            if i % 1_000 == 0 {
+                let t = breakdown.then(Instant::now);
+                book.expire(now);
+                clock(t, 2);
+            }
         }
+        secs += start.elapsed().as_secs_f64();
+        done += n;
     }
-    let secs = start.elapsed().as_secs_f64();
     if breakdown {
         let ms = |ns: u64| ns as f64 / 1e6;
         eprintln!(
@@ -281,6 +296,8 @@ fn main() {
     let json = args.iter().any(|a| a == "--json");
     // Time each kind of operation (adds two clock reads to each, so the total grows a little).
     let breakdown = args.iter().any(|a| a == "--breakdown");
+    // Build the whole stream before the clock starts (the harness before 2026-12-04).
+    let whole = args.iter().any(|a| a == "--whole-stream");
     let arg = |name: &str, default: usize| {
         args.iter()
             .position(|a| a == name)
@@ -293,7 +310,7 @@ fn main() {
     let mut rows = Vec::new();
     for resting in [10_000usize, 100_000] {
         let results: Vec<RunResult> = (0..runs)
-            .map(|i| run(resting, ops, 42 + i as u64, breakdown))
+            .map(|i| run(resting, ops, 42 + i as u64, breakdown, whole))
             .collect();
         let row = (
             resting,
@@ -317,7 +334,8 @@ fn main() {
             })
             .collect();
         println!(
-            "{{\"bench\":\"market/book\",\"ops_per_run\":{ops},\"runs\":{runs},\"statistic\":\"median of runs\",\"results\":[{}]}}",
+            "{{\"bench\":\"market/book\",\"ops_per_run\":{ops},\"runs\":{runs},\"stream\":\"{}\",\"statistic\":\"median of runs\",\"results\":[{}]}}",
+            if whole { "whole" } else { "chunks of 1024" },
             items.join(",")
         );
     } else {
