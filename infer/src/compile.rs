@@ -972,8 +972,8 @@ impl Decoder<'_> {
         let rope_in_matvec = one
             && b.target == Target::Cpu
             && c.rope_style != RopeStyle::Neox
-            && qd.is_multiple_of(u64::from(kernels::ROWS_PER_LANE))
-            && kvd.is_multiple_of(u64::from(kernels::ROWS_PER_LANE))
+            && qd.is_multiple_of(u64::from(kernels::rows_per_lane(Matvec::Plain)))
+            && kvd.is_multiple_of(u64::from(kernels::rows_per_lane(Matvec::Plain)))
             && hd.is_multiple_of(2);
         let mut rope_sh: Option<u32> = None;
         // One token's q (the first `qd` floats of qkv) as a uniform array when it fits.
@@ -1343,7 +1343,12 @@ pub(crate) fn matvec_pass(b: &mut Builder, m: MatvecPass<'_>) {
     if let Some((_, eps)) = norm {
         pv.push(eps.to_bits());
     }
-    // Only with the norm fused, on the CPU shape's one-token kernel (the caller checks).
+    // Only with the norm fused, on the CPU shape's one-token kernel: the caller, which then
+    // runs no `rope_store` pass, checks that.
+    debug_assert!(
+        m.rope.is_none() || (norm.is_some() && b.target == Target::Cpu && m.tokens == 1),
+        "RoPE fused where the kernel cannot take it"
+    );
     let rope = m.rope.filter(|_| norm.is_some() && b.target == Target::Cpu);
     if let Some(r) = &rope {
         pv.extend(r.params);
