@@ -2094,6 +2094,22 @@ mod tests {
         }
     }
 
+    /// A bid for one unit at up to `max_price`, any GPU, live for a minute.
+    fn test_bid(owner: u8, id: u64, max_price: u64) -> Bid {
+        Bid {
+            buyer: PublicKey([owner; 32]),
+            order_id: id,
+            seq: 1,
+            units: 1,
+            requirements: Requirements::default(),
+            max_price: Msat(max_price),
+            max_seconds: 60,
+            created_at: Timestamp(NOW),
+            expires_at: Timestamp(NOW + 60_000),
+            model: None,
+        }
+    }
+
     fn cancel(owner: u8, id: u64, seq: u64, expires_in: u64) -> Cancel {
         Cancel {
             owner: PublicKey([owner; 32]),
@@ -2108,18 +2124,7 @@ mod tests {
     /// leaves at most its memory in the index by identity, and expiry forgets that too.
     #[test]
     fn orders_that_leave_keep_only_their_memory_until_it_is_due() {
-        let bid = |owner: u8, id: u64| Bid {
-            buyer: PublicKey([owner; 32]),
-            order_id: id,
-            seq: 1,
-            units: 1,
-            requirements: Requirements::default(),
-            max_price: Msat(100),
-            max_seconds: 60,
-            created_at: Timestamp(NOW),
-            expires_at: Timestamp(NOW + 60_000),
-            model: None,
-        };
+        let bid = |owner: u8, id: u64| test_bid(owner, id, 100);
         let mut b = OrderBook::new();
         // A resting ask filled by an arriving bid.
         b.submit_ask(ask(1, 1, 1, 60_000), NOW, &NoReputation)
@@ -2267,20 +2272,12 @@ mod tests {
         }
         let found = |regions: &[&str], backends: &[Backend]| -> Vec<u8> {
             let bid = Bid {
-                buyer: PublicKey([200; 32]),
-                order_id: 1,
-                seq: 1,
-                units: 1,
                 requirements: Requirements {
                     regions: regions.iter().map(|r| r.to_string()).collect(),
                     backends: backends.to_vec(),
                     ..Requirements::default()
                 },
-                max_price: Msat(1_000),
-                max_seconds: 60,
-                created_at: Timestamp(NOW),
-                expires_at: Timestamp(NOW + 60_000),
-                model: None,
+                ..test_bid(200, 1, 1_000)
             };
             b.candidates(&bid, NOW, &NoReputation, 100)
                 .iter()
@@ -2300,20 +2297,13 @@ mod tests {
         // A resting bid in 3 regions × 2 backends (six buckets, past the two kept inline) is
         // found by an ask of any of them, and leaves every bucket when filled.
         let bid = Bid {
-            buyer: PublicKey([201; 32]),
-            order_id: 2,
-            seq: 1,
             units: 2,
             requirements: Requirements {
                 regions: vec!["r80".into(), "r81".into(), "r3".into()],
                 backends: vec![Backend::Vulkan, Backend::Dx12],
                 ..Requirements::default()
             },
-            max_price: Msat(1_000),
-            max_seconds: 60,
-            created_at: Timestamp(NOW),
-            expires_at: Timestamp(NOW + 60_000),
-            model: None,
+            ..test_bid(201, 2, 1_000)
         };
         b.rest_bid(bid, NOW).unwrap();
         let mut a = ask(150, 1, 1, 60_000);
@@ -2339,18 +2329,7 @@ mod tests {
         b.rest_ask(ask(2, 1, 1, 60_000), NOW).unwrap();
         let order: Vec<u8> = b.asks().iter().map(|a| a.ask.provider.0[0]).collect();
         assert_eq!(order, vec![1, 2]);
-        let bid = Bid {
-            buyer: PublicKey([9; 32]),
-            order_id: 1,
-            seq: 1,
-            units: 1,
-            requirements: Requirements::default(),
-            max_price: Msat(100),
-            max_seconds: 60,
-            created_at: Timestamp(NOW),
-            expires_at: Timestamp(NOW + 60_000),
-            model: None,
-        };
+        let bid = test_bid(9, 1, 100);
         // Provider 2 has the better reputation: at equal time it is served first.
         let rep = |pk: &PublicKey| i64::from(pk.0[0]);
         let fills = b.submit_bid(bid, NOW + 11, &rep).unwrap();

@@ -22,6 +22,16 @@ fn cpu(name: &str) -> GpuProfile {
     }
 }
 
+/// An ask for one unit of `cpu(name)` at `price`.
+fn cpu_ask(name: &str, price: u64) -> AskSpec {
+    AskSpec {
+        gpu: cpu(name),
+        units: 1,
+        price: Msat(price),
+        max_seconds: 3600,
+    }
+}
+
 async fn asks_in_book(node: &NodeHandle, n: usize) -> anyhow::Result<()> {
     wait_for_book(node, WAIT, &format!("{n} asks"), |b| b.asks.len() == n).await?;
     Ok(())
@@ -56,15 +66,7 @@ async fn market_jobs_take_the_shape_of_the_cheapest_ask() -> anyhow::Result<()> 
 
     // A GPU at 50 and a CPU adapter at 20: the CPU adapter is the cheapest.
     gpu_site.market().post_ask(ask_spec("h100", 50)).await?;
-    let cheap = cpu_site
-        .market()
-        .post_ask(AskSpec {
-            gpu: cpu("llvmpipe"),
-            units: 1,
-            price: Msat(20),
-            max_seconds: 3600,
-        })
-        .await?;
+    let cheap = cpu_site.market().post_ask(cpu_ask("llvmpipe", 20)).await?;
     asks_in_book(&buyer, 2).await?;
     assert_eq!(
         buyer.market().likely_device(&any, None).await?,
@@ -87,15 +89,7 @@ async fn market_jobs_take_the_shape_of_the_cheapest_ask() -> anyhow::Result<()> 
     assert_eq!(backend.target().await, Target::Gpu);
 
     // The buyer's own ask, cheaper still, is not where its jobs go.
-    buyer
-        .market()
-        .post_ask(AskSpec {
-            gpu: cpu("buyer-cpu"),
-            units: 1,
-            price: Msat(1),
-            max_seconds: 3600,
-        })
-        .await?;
+    buyer.market().post_ask(cpu_ask("buyer-cpu", 1)).await?;
     asks_in_book(&buyer, 2).await?;
     assert_eq!(backend.target().await, Target::Gpu);
 
