@@ -74,7 +74,7 @@ impl NodeBuilder {
                 (key, Store::temporary()?)
             }
         };
-        let libp2p_key = libp2p_keypair(&key)?;
+        let libp2p_key = key.to_libp2p();
         let peer_id = libp2p_key.public().to_peer_id();
         let span = info_span!("node", peer = %short_peer(&peer_id));
         let inbound = Arc::new(crate::network::exchange::InboundBudget::default());
@@ -392,14 +392,6 @@ impl NodeBuilder {
             }),
         })
     }
-}
-
-/// The node key as a libp2p identity. The protocol crate's `Keypair::to_libp2p` targets
-/// libp2p-identity 0.2 while libp2p 0.57 uses 0.3, so the 32-byte secret is converted here
-/// (the PeerId is the same).
-pub(super) fn libp2p_keypair(key: &Keypair) -> Result<libp2p::identity::Keypair, StartError> {
-    libp2p::identity::Keypair::ed25519_from_bytes(key.secret_bytes())
-        .map_err(|e| StartError::Network(format!("identity: {e}")))
 }
 
 /// libp2p's TCP listeners set `SO_REUSEPORT`, so a second node could silently share a port
