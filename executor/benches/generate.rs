@@ -6,10 +6,11 @@
 //! Reports, as medians of `--runs` runs (after one warm-up that also makes the weights
 //! resident): time to first token, prompt tokens/s (prompt tokens over the time to the first
 //! token, weights already resident) and decode tokens/s (generated tokens after the first over
-//! the time they took, from the streamed updates). `--profile` adds where a token's time goes:
-//! each kernel of the decoder step run alone in a loop, its time per dispatch and its share of a
-//! token. llama.cpp's figures come from `llama-cpp-python` when it is installed (2 threads,
-//! the same prompt and token counts).
+//! the time they took, from the streamed updates: after the first token, one every
+//! `--check-every` tokens, by default the target's as `hashgrid generate` has it). `--profile`
+//! adds where a token's time goes: each kernel of the decoder step run alone in a loop, its
+//! time per dispatch and its share of a token. llama.cpp's figures come from
+//! `llama-cpp-python` when it is installed (2 threads, the same prompt and token counts).
 //!
 //! The model defaults to `$HASHGRID_SMOLLM2`. `--target` picks the kernels' shape (`auto`: the
 //! adapter's, as `hashgrid generate --local` does).
@@ -32,7 +33,8 @@ struct Args {
     new_tokens: u32,
     runs: usize,
     profile: bool,
-    check_every: u32,
+    /// `None`: the target's ([`Target::check_every`]), as `hashgrid generate` does.
+    check_every: Option<u32>,
     /// `None`: the adapter's.
     target: Option<Target>,
     llama_cpp: bool,
@@ -46,7 +48,7 @@ fn args() -> anyhow::Result<Args> {
         new_tokens: 64,
         runs: 3,
         profile: false,
-        check_every: 1,
+        check_every: None,
         target: None,
         llama_cpp: true,
         json: None,
@@ -60,7 +62,7 @@ fn args() -> anyhow::Result<Args> {
             "--new-tokens" => a.new_tokens = val()?.parse()?,
             "--runs" => a.runs = val()?.parse()?,
             "--profile" => a.profile = true,
-            "--check-every" => a.check_every = val()?.parse()?,
+            "--check-every" => a.check_every = Some(val()?.parse()?),
             "--target" => {
                 a.target = match val()?.as_str() {
                     "auto" => None,
@@ -114,16 +116,17 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let prompt = prompt(a.prompt_tokens, model.config.vocab);
+    let target = a
+        .target
+        .unwrap_or(Target::for_device(exec.profile().device_type));
     let req = GenerateRequest {
         prompt: prompt.clone(),
         max_new_tokens: a.new_tokens,
         sampling: Sampling::default(),
         // No end-of-generation token: always generate the full count.
         eog: Vec::new(),
-        check_every: a.check_every,
-        target: a
-            .target
-            .unwrap_or(Target::for_device(exec.profile().device_type)),
+        check_every: a.check_every.unwrap_or(target.check_every()),
+        target,
     };
     let job = compile_generate(&model, &weights, &req)?;
     // The generation loop is the job's last: its passes run once per token.
@@ -205,6 +208,7 @@ fn main() -> anyhow::Result<()> {
         "target".into(),
         format!("{:?}", req.target).to_lowercase().into(),
     );
+    report.insert("check_every".into(), req.check_every.into());
     report.insert("prompt_tokens".into(), a.prompt_tokens.into());
     report.insert("new_tokens".into(), a.new_tokens.into());
     report.insert("runs".into(), a.runs.into());

@@ -1767,8 +1767,21 @@ fn minilm_embeddings_match_the_reference_and_published_similarity() {
 // the CPU reference decoder.
 
 fn tiny_model(dir: &Path, ty: GgmlType, arch: &str, tied: bool, seed: u64) -> PathBuf {
+    tiny_model_shaped(dir, ty, arch, tied, seed, (2, 256, 4, 2))
+}
+
+/// A random-weight model of `(layers, width, heads, kv heads)`, heads of 64 and an FFN twice
+/// the width.
+fn tiny_model_shaped(
+    dir: &Path,
+    ty: GgmlType,
+    arch: &str,
+    tied: bool,
+    seed: u64,
+    (layers, d, nh, nkv): (usize, u64, u32, u32),
+) -> PathBuf {
     use hashgrid_infer::gguf::{GgufWriter, Value};
-    let (d, ff, vocab, layers, nh, nkv, hd) = (256u64, 512u64, 320u64, 2usize, 4u32, 2u32, 64u64);
+    let (ff, vocab, hd) = (2 * d, 320u64, 64u64);
     let mut rng = Rng(seed);
     let mut g = GgufWriter::new();
     let meta = |g: &mut GgufWriter, k: &str, v: Value| g.add_metadata(k, v).unwrap();
@@ -1846,7 +1859,7 @@ fn tiny_model(dir: &Path, ty: GgmlType, arch: &str, tied: bool, seed: u64) -> Pa
         mat(&mut g, &n("ffn_up.weight"), d, ff, ty, 0.1);
         mat(&mut g, &n("ffn_down.weight"), ff, d, ty, 0.1);
     }
-    let path = dir.join(format!("tiny-{arch}-{}.gguf", ty.name()));
+    let path = dir.join(format!("tiny-{arch}-{}-{layers}x{d}.gguf", ty.name()));
     g.write_file(&path).unwrap();
     path
 }
@@ -1937,6 +1950,159 @@ fn tiny_models_of_every_type_match_the_cpu_reference() {
                     );
                 }
             }
+        }
+    }
+}
+
+/// The first new token is checked alone and the rest `check_every` at a time; whatever the
+/// cadence, the outputs are byte for byte those of a check at every token, also when the very
+/// first token ends generation (the second loop then runs a few steps that change nothing).
+#[test]
+fn generation_outputs_do_not_depend_on_how_often_the_executor_checks() {
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    let exec = executor();
+    let rt = rt();
+    let path = tiny_model(dir.path(), GgmlType::Q4_1, "llama", true, 7);
+    let model = LlamaModel::open(&path).unwrap();
+    let weights = ModelWeights::load(&model).unwrap();
+    let prompt: Vec<u32> = (0..11).map(|k| (9 + 53 * k) % 300).collect();
+    let run = |check_every: u32, eog: Vec<u32>, target: Target| {
+        let job = compile_generate(
+            &model,
+            &weights,
+            &GenerateRequest {
+                prompt: prompt.clone(),
+                max_new_tokens: 14,
+                sampling: Sampling {
+                    temperature: 0.8,
+                    top_k: 40,
+                    top_p: 0.95,
+                    seed: 5,
+                },
+                eog,
+                check_every,
+                target,
+            },
+        )
+        .unwrap();
+        // Generated counts at each streamed update.
+        let seen: Arc<Mutex<Vec<u32>>> = Arc::default();
+        let sink = seen.clone();
+        let out = rt
+            .block_on(exec.run_streaming(
+                "test",
+                job.spec.clone(),
+                job.inputs.clone(),
+                Some(Box::new(move |u: hashgrid_executor::StreamUpdate| {
+                    let status = u.buffers.iter().find(|b| b.name == "status").unwrap();
+                    let g = u32::from_le_bytes(status.bytes[4..8].try_into().unwrap());
+                    sink.lock().unwrap().push(g);
+                    true
+                })),
+            ))
+            .unwrap();
+        let outputs: Vec<(String, Vec<u8>)> = out
+            .outputs
+            .iter()
+            .map(|o| (o.name.clone(), o.bytes.clone()))
+            .collect();
+        let seen = seen.lock().unwrap().clone();
+        (job, outputs, seen)
+    };
+    for target in [Target::Cpu, Target::Gpu] {
+        let (one, every_token, seen_one) = run(1, Vec::new(), target);
+        assert_eq!(one.spec.loops.last().unwrap().check_every, 1);
+        assert_eq!(seen_one, (1..=14).collect::<Vec<u32>>(), "{target:?}");
+        for check_every in [3, 5, 16] {
+            let (job, outputs, seen) = run(check_every, Vec::new(), target);
+            let what = format!("{target:?}, every {check_every}");
+            assert_eq!(outputs, every_token, "{what}");
+            // The generation loop in two: one iteration checked at once, then the rest.
+            let n = job.spec.loops.len();
+            let (a, b) = (&job.spec.loops[n - 2], &job.spec.loops[n - 1]);
+            assert_eq!((a.max_iters, a.check_every), (1, 1), "{what}");
+            assert_eq!(b.max_iters, 13, "{what}");
+            assert_eq!(b.check_every, check_every.min(13), "{what}");
+            assert_eq!(
+                seen.first(),
+                Some(&1),
+                "{what}: the first token comes alone"
+            );
+            assert_eq!(seen.last(), Some(&14), "{what}");
+            assert!(seen.len() < 14, "{what}: fewer updates than tokens");
+        }
+        // The first token ends generation: one token, whatever the checks.
+        let first = read_generation(
+            one.n_prompt,
+            &every_token.iter().find(|o| o.0 == "tokens").unwrap().1,
+            &every_token.iter().find(|o| o.0 == "status").unwrap().1,
+            None,
+        )
+        .tokens[0];
+        let (_, stop_one, _) = run(1, vec![first], target);
+        let (_, stop_eight, _) = run(8, vec![first], target);
+        assert_eq!(stop_one, stop_eight, "{target:?}");
+        let status = &stop_eight.iter().find(|o| o.0 == "status").unwrap().1;
+        assert_eq!(
+            &status[..8],
+            &[1, 0, 0, 0, 1, 0, 0, 0],
+            "{target:?}: done after one"
+        );
+    }
+}
+
+/// A model deep enough that its decoder step twice would pass the job's limit on passes keeps
+/// one generation loop (its first token then waits for the first check); a shallow one splits.
+#[test]
+fn a_deep_model_keeps_one_generation_loop_within_the_pass_limit() {
+    use hashgrid_protocol::job::DEFAULT_MAX_PASSES;
+    let dir = tempfile::tempdir().unwrap();
+    for (layers, split) in [(2usize, true), (120, false)] {
+        let path = tiny_model_shaped(
+            dir.path(),
+            GgmlType::Q8_0,
+            "llama",
+            true,
+            3,
+            (layers, 64, 1, 1),
+        );
+        let model = LlamaModel::open(&path).unwrap();
+        let weights = ModelWeights::load(&model).unwrap();
+        for target in [Target::Cpu, Target::Gpu] {
+            let job = compile_generate(
+                &model,
+                &weights,
+                &GenerateRequest {
+                    prompt: vec![1],
+                    max_new_tokens: 9,
+                    sampling: Sampling::default(),
+                    eog: Vec::new(),
+                    check_every: 8,
+                    target,
+                },
+            )
+            .unwrap();
+            let what = format!("{layers} layers, {target:?}");
+            assert!(
+                job.spec.passes.len() <= DEFAULT_MAX_PASSES as usize,
+                "{what}"
+            );
+            let loops: Vec<(u32, u32)> = job
+                .spec
+                .loops
+                .iter()
+                .filter(|l| l.stop.is_some())
+                .map(|l| (l.max_iters, l.check_every))
+                .collect();
+            if split {
+                assert_eq!(loops, [(1, 1), (8, 8)], "{what}");
+            } else {
+                assert_eq!(loops, [(9, 8)], "{what}");
+            }
+            job.spec
+                .validate(&hashgrid_protocol::JobLimits::default())
+                .unwrap();
         }
     }
 }

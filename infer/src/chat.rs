@@ -126,7 +126,7 @@ impl TextModel {
                 max_new_tokens: max_tokens.min(room).max(1),
                 sampling,
                 eog: self.eog.clone(),
-                check_every: 1,
+                check_every: target.check_every(),
                 target,
             },
         )?)

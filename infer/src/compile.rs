@@ -15,24 +15,34 @@
 //! (position `p = n_prompt − 1 + s`) it embeds `tokens[p]`, runs every block, computes the
 //! logits and samples `tokens[p + 1]`, and goes on without the host until the sampler sets the
 //! stop flag (an end-of-generation token or the token limit). The executor streams `tokens`
-//! and `status` back at every check, so text appears as it is generated.
+//! and `status` back at every check, so text appears as it is generated: at every token, or,
+//! with checks every few tokens ([`GenerateRequest::check_every`], 8 in a GPU-shaped job), the
+//! first new token alone (its step then a loop of its own) and the rest a few at a time.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use hashgrid_protocol::{
     Binding, BufferInit, BufferRange, BufferSpec, ContentId, DeviceType, JobSpec, LoopSpec,
-    ModelManifest, PassSpec, ShaderSource, job::RANGE_ALIGN,
+    ModelManifest, PassSpec, ShaderSource,
+    job::{DEFAULT_MAX_PASSES, RANGE_ALIGN},
 };
 
 use crate::kernels::{self, MAX_EOG, Matvec};
 use crate::model::{LlamaModel, ModelError, RopeStyle};
 use crate::quant::GgmlType;
 
-/// Iterations between the executor's checks of the stop flag (and streamed readbacks) unless
-/// the request says otherwise: every token, so text streams token by token. A check costs one
-/// GPU round trip, small next to a token's ~250 dispatches.
-pub const DEFAULT_CHECK_EVERY: u32 = 1;
+/// Tokens between the executor's checks of the stop flag (and streamed readbacks) after the
+/// first token, for a job shaped for a CPU adapter ([`Target::check_every`]): every token. On
+/// lavapipe a token takes ~40 ms and a check is a small part of it (decode with checks every
+/// 4 tokens was the same within noise: docs/PERFORMANCE.md, "Language models"), so text
+/// streams token by token.
+pub const CHECK_EVERY_CPU: u32 = 1;
+
+/// [`CHECK_EVERY_CPU`] for a job shaped for a GPU: 8. There a token takes ~3 ms and a check,
+/// a round trip through the driver, a large share of it: on an H200, 288 decode tokens/s
+/// checking every token against 347 checking every 8 (docs/PERFORMANCE.md, "Language models").
+pub const CHECK_EVERY_GPU: u32 = 8;
 
 /// Most tokens one request may generate.
 pub const MAX_NEW_TOKENS: u32 = 32_768;
@@ -59,6 +69,18 @@ impl Target {
         match t {
             DeviceType::Cpu => Target::Cpu,
             _ => Target::Gpu,
+        }
+    }
+
+    /// Tokens between checks after the first ([`GenerateRequest::check_every`]) that a
+    /// streaming caller wants for this shape ([`CHECK_EVERY_CPU`], [`CHECK_EVERY_GPU`]): the
+    /// first token arrives as soon as it is sampled, then text token by token on a CPU
+    /// adapter, and 8 tokens at a time (every ~25 ms) on a GPU, where a round trip per token
+    /// would cost a sixth of the decode speed.
+    pub fn check_every(self) -> u32 {
+        match self {
+            Target::Cpu => CHECK_EVERY_CPU,
+            Target::Gpu => CHECK_EVERY_GPU,
         }
     }
 }
@@ -98,7 +120,9 @@ pub struct GenerateRequest {
     pub sampling: Sampling,
     /// Token ids that end generation (at most [`MAX_EOG`]).
     pub eog: Vec<u32>,
-    /// Iterations between stop checks ([`DEFAULT_CHECK_EVERY`]).
+    /// Tokens between the executor's stop checks and streamed readbacks after the first
+    /// token, which is always checked alone (1: every token; [`Target::check_every`]: what a
+    /// streaming caller wants). The outputs are the same whatever it is.
     pub check_every: u32,
     /// The adapter kind the kernels are shaped for.
     pub target: Target,
@@ -718,86 +742,115 @@ pub fn compile_generate(
             stream: Vec::new(),
         });
     }
-    let first = b.n_passes();
-    let at = At {
-        counter: step,
-        stride: 1,
-        offset: pre as u32,
-    };
-    dec.positions(&mut b, at, 1)?;
-
-    // Output norm (fused into the logits matvec when it can be), logits, sampling.
+    // The generation loop: positions `pre ..= max_total − 2` each sample the token after them.
+    // With checks less often than every token, its first iteration is a loop of its own,
+    // checked at once, so the first new token reaches the caller as soon as it would with a
+    // check at every token; the rest follow `check_every` at a time. The two loops run the
+    // same passes from two positions on (the step counter restarts at 0 for each), so the
+    // split is made only where the job's passes stay within [`DEFAULT_MAX_PASSES`] (a very
+    // deep model keeps one loop and its first token waits for the first check). Every
+    // iteration the sampler runs after the stop flag is set changes nothing (it writes no
+    // token, and what it leaves in the KV cache is never read), so the outputs are the same
+    // whatever the checks.
+    let iters = (max_total - 1 - pre) as u32;
+    let check_every = req.check_every.max(1);
     let f = |v: f32| v.to_bits();
-    let x = dec.bufs.x;
-    let fuse = fusable(weights.output_ty, d);
-    if !fuse {
-        dec.rms_pass(&mut b, whole(1, out_norm), 1);
-    }
-    matvec_pass(
-        &mut b,
-        MatvecPass {
-            kind: Matvec::Logits,
-            ty: weights.output_ty,
-            weights: whole(0, output),
-            x: if fuse { x } else { dec.bufs.xn },
-            y: logits,
-            rows: vocab,
-            cols: d,
-            segs: &[(vocab, 0)],
-            yoff: 0,
-            y_stride: 0,
-            tokens: 1,
-            // The loop starts at the prompt's last position: every step needs its logits.
-            n_prompt: 0,
-            extra: Some(whole(4, step)),
-            rope: None,
-            norm: fuse.then(|| {
-                let size = d * 4;
-                (
-                    ranged(5, out_norm, BufferRange { offset: 0, size }),
-                    c.rms_eps,
-                )
-            }),
-        },
-    );
-    let sh = b.shader("sample", kernels::sample);
-    let mut sp = vec![
-        n_prompt as u32,
-        max_total as u32,
-        vocab as u32,
-        req.eog.len() as u32,
-    ];
-    let mut eog = [u32::MAX; MAX_EOG];
-    for (e, id) in eog.iter_mut().zip(&req.eog) {
-        *e = *id;
-    }
-    sp.extend_from_slice(&eog);
-    sp.extend_from_slice(&[f(s.temperature), s.top_k, f(s.top_p), s.seed, pre as u32]);
-    let p = b.param(4, &sp);
-    b.pass(
-        sh,
-        "sample",
-        1,
-        vec![
-            whole(0, logits),
-            whole(1, tokens),
-            whole(2, status),
-            whole(3, margins),
-            p,
-            whole(5, step),
-        ],
-    );
+    // The decoder step's passes, for positions `offset + step`.
+    let step_passes = |b: &mut Builder, offset: usize| -> Result<(), CompileError> {
+        let at = At {
+            counter: step,
+            stride: 1,
+            offset: offset as u32,
+        };
+        dec.positions(b, at, 1)?;
 
-    loops.push(LoopSpec {
+        // Output norm (fused into the logits matvec when it can be), logits, sampling.
+        let x = dec.bufs.x;
+        let fuse = fusable(weights.output_ty, d);
+        if !fuse {
+            dec.rms_pass(b, whole(1, out_norm), 1);
+        }
+        matvec_pass(
+            b,
+            MatvecPass {
+                kind: Matvec::Logits,
+                ty: weights.output_ty,
+                weights: whole(0, output),
+                x: if fuse { x } else { dec.bufs.xn },
+                y: logits,
+                rows: vocab,
+                cols: d,
+                segs: &[(vocab, 0)],
+                yoff: 0,
+                y_stride: 0,
+                tokens: 1,
+                // The loop starts at the prompt's last position: every step needs its logits.
+                n_prompt: 0,
+                extra: Some(whole(4, step)),
+                rope: None,
+                norm: fuse.then(|| {
+                    let size = d * 4;
+                    (
+                        ranged(5, out_norm, BufferRange { offset: 0, size }),
+                        c.rms_eps,
+                    )
+                }),
+            },
+        );
+        let sh = b.shader("sample", kernels::sample);
+        let mut sp = vec![
+            n_prompt as u32,
+            max_total as u32,
+            vocab as u32,
+            req.eog.len() as u32,
+        ];
+        let mut eog = [u32::MAX; MAX_EOG];
+        for (e, id) in eog.iter_mut().zip(&req.eog) {
+            *e = *id;
+        }
+        sp.extend_from_slice(&eog);
+        sp.extend_from_slice(&[f(s.temperature), s.top_k, f(s.top_p), s.seed, offset as u32]);
+        let p = b.param(4, &sp);
+        b.pass(
+            sh,
+            "sample",
+            1,
+            vec![
+                whole(0, logits),
+                whole(1, tokens),
+                whole(2, status),
+                whole(3, margins),
+                p,
+                whole(5, step),
+            ],
+        );
+        Ok(())
+    };
+    let gen_loop = |first: u32, len: u32, iters: u32, check_every: u32| LoopSpec {
         first,
-        len: b.n_passes() - first,
-        // Positions `pre ..= max_total − 2` each sample the token after them.
-        max_iters: (max_total - 1 - pre) as u32,
+        len,
+        max_iters: iters,
         counter: Some(step),
         stop: Some(status),
-        check_every: req.check_every.max(1),
+        check_every: check_every.min(iters),
         stream: vec![tokens, status],
-    });
+    };
+    let first = b.n_passes();
+    step_passes(&mut b, pre)?;
+    let len = b.n_passes() - first;
+    if check_every > 1 && iters > 1 && b.n_passes() + len <= DEFAULT_MAX_PASSES {
+        loops.push(gen_loop(first, len, 1, 1));
+        let second = b.n_passes();
+        step_passes(&mut b, pre + 1)?;
+        loops.push(gen_loop(
+            second,
+            b.n_passes() - second,
+            iters - 1,
+            check_every,
+        ));
+    } else {
+        loops.push(gen_loop(first, len, iters, check_every));
+    }
     let (spec, inputs) = b.finish(format!("generate {}", model.name), loops);
     Ok(CompiledJob {
         spec,
