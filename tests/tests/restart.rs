@@ -58,6 +58,48 @@ async fn restarted_node_keeps_identity_and_reannounces_its_asks() -> anyhow::Res
     Ok(())
 }
 
+/// A node restarted without bootstrap peers whose first dials of the peers it remembers fail
+/// (they were down too) dials them again until one answers, instead of staying alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_remembered_peers_were_down_dials_them_again() -> anyhow::Result<()> {
+    hashgrid_tests::init_tracing();
+    let dir = tempfile::tempdir()?;
+    // The other site keeps its key and its port across its own restart.
+    let key = hashgrid_protocol::Keypair::generate()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let listen: hashgrid_node::Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}").parse()?;
+    let other = || {
+        hashgrid_node::Node::builder()
+            .network(hashgrid_tests::test_network())
+            .mdns(false)
+            .heartbeat(hashgrid_tests::TEST_HEARTBEAT)
+            .keypair(key.clone())
+            .listen(listen.clone())
+    };
+    let first_other = other().start().await?;
+    let boot = addr_of(&first_other).await?;
+    let site = test_builder(std::slice::from_ref(&boot))
+        .data_dir(dir.path())
+        .start()
+        .await?;
+    hashgrid_tests::wait_for_peers(&site, 1, LIMIT).await?;
+    // Both go down; the site comes back first, with no bootstrap peer: its dial of the peer
+    // it remembers finds nobody listening.
+    site.shutdown().await;
+    first_other.shutdown().await;
+    let site = test_builder(&[]).data_dir(dir.path()).start().await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(site.peers().connected().await?.is_empty());
+    // The other site comes back on its old address; the site finds it by itself.
+    let second_other = other().start().await?;
+    hashgrid_tests::wait_for_peers(&site, 1, 4 * LIMIT).await?;
+    site.shutdown().await;
+    second_other.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn taken_port_is_a_clear_error() -> anyhow::Result<()> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;

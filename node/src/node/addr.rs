@@ -2,7 +2,7 @@
 
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId, Swarm};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::network::Behaviour;
 
@@ -12,6 +12,32 @@ pub(super) fn dial_addr(swarm: &mut Swarm<Behaviour>, addr: Multiaddr) {
     }
     if let Err(e) = swarm.dial(addr.clone()) {
         warn!(%addr, error = %e, "cannot dial bootstrap peer");
+    }
+}
+
+/// Dials the peers this node met before (`known`, from the store: at most
+/// [`MAX_KNOWN_PEER_DIALS`](super::settings::MAX_KNOWN_PEER_DIALS) of them), except itself,
+/// and lets the DHT know their addresses.
+pub(super) fn dial_known(
+    swarm: &mut Swarm<Behaviour>,
+    own: PeerId,
+    known: Vec<(PeerId, Vec<Multiaddr>)>,
+) {
+    for (peer, addrs) in known
+        .into_iter()
+        .filter(|(p, _)| *p != own)
+        .take(super::settings::MAX_KNOWN_PEER_DIALS)
+    {
+        for a in &addrs {
+            swarm.behaviour_mut().kad.add_address(&peer, a.clone());
+        }
+        let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(libp2p::swarm::dial_opts::PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        if let Err(e) = swarm.dial(opts) {
+            debug!(%peer, error = %e, "dial of known peer failed");
+        }
     }
 }
 

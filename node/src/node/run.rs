@@ -9,7 +9,7 @@ use tracing::{debug, info, warn};
 use crate::event::NodeEvent;
 use crate::network::{HEARTBEAT_INITIAL_DELAY, MAX_SYNC_MESSAGES, SyncRequest};
 
-use super::addr::dial_addr;
+use super::addr::{dial_addr, dial_known};
 use super::command::Command;
 use super::lag::LAG_PROBE_EVERY;
 use super::settings::{
@@ -86,7 +86,7 @@ impl NodeLoop {
                 }
                 _ = reannounce.tick() => self.announce_all(),
                 _ = entropy.tick() => {
-                    self.redial_bootstrap();
+                    self.redial();
                     self.fill_peers();
                     self.pull_random_peer();
                     if !entropy_slow && started.elapsed() >= ANTI_ENTROPY_FAST_FOR {
@@ -211,8 +211,9 @@ impl NodeLoop {
         }
     }
 
-    /// Dials the bootstrap peers again if this node has no peer (see [`Redial`]).
-    pub(super) fn redial_bootstrap(&mut self) {
+    /// Dials the bootstrap peers and the peers met before (from the store) again if this node
+    /// has no peer (see [`Redial`]).
+    pub(super) fn redial(&mut self) {
         let now = tokio::time::Instant::now();
         if self.swarm.connected_peers().next().is_some() {
             self.redial = Redial::default();
@@ -224,15 +225,24 @@ impl NodeLoop {
             .connection_counters()
             .num_pending_outgoing()
             > 0;
-        if self.settings.bootstrap.is_empty() || dialling || now < self.redial.next {
+        if dialling || now < self.redial.next {
             return;
         }
-        debug!(after = ?self.redial.backoff, "no peers: dialling the bootstrap peers again");
+        let known = self.store.known_peers().unwrap_or_else(|e| {
+            warn!(error = %e, "cannot read the peers met before");
+            Vec::new()
+        });
+        let own = *self.swarm.local_peer_id();
+        if self.settings.bootstrap.is_empty() && known.iter().all(|(p, _)| *p == own) {
+            return;
+        }
+        debug!(after = ?self.redial.backoff, "no peers: dialling the bootstrap and known peers again");
         self.redial.backoff = (self.redial.backoff * 2).min(REDIAL_MAX);
         self.redial.next = now + self.redial.backoff;
         for addr in self.settings.bootstrap.clone() {
             dial_addr(&mut self.swarm, addr);
         }
+        dial_known(&mut self.swarm, own, known);
     }
 
     pub(super) fn pull_random_peer(&mut self) {

@@ -10,7 +10,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, noise, tcp, yamux};
 use tokio::sync::{broadcast, mpsc};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::DataDir;
 use crate::error::StartError;
@@ -24,12 +24,10 @@ use crate::settle::Settlement;
 use crate::store::{JobTree, OwnOrder, Store, StoreSlot};
 use hashgrid_protocol::ContentId;
 
-use super::addr::{dial_addr, short_peer, with_peer};
+use super::addr::{dial_addr, dial_known, short_peer, with_peer};
 use super::builder::NodeBuilder;
 use super::handle::{Inner, NodeHandle};
-use super::settings::{
-    COMMAND_QUEUE, EVENT_QUEUE, INTERNAL_QUEUE, LISTEN_TIMEOUT, MAX_KNOWN_PEER_DIALS, MIN_ORDER_TTL,
-};
+use super::settings::{COMMAND_QUEUE, EVENT_QUEUE, INTERNAL_QUEUE, LISTEN_TIMEOUT, MIN_ORDER_TTL};
 use super::state::{NodeLoop, Redial};
 
 impl NodeBuilder {
@@ -203,20 +201,7 @@ impl NodeBuilder {
         for addr in &self.bootstrap {
             dial_addr(&mut swarm, addr.clone());
         }
-        for (peer, addrs) in known.into_iter().take(MAX_KNOWN_PEER_DIALS) {
-            if peer == peer_id {
-                continue;
-            }
-            for a in &addrs {
-                swarm.behaviour_mut().kad.add_address(&peer, a.clone());
-            }
-            let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
-                .addresses(addrs)
-                .build();
-            if let Err(e) = swarm.dial(opts) {
-                span.in_scope(|| debug!(%peer, error = %e, "dial of known peer failed"));
-            }
-        }
+        span.in_scope(|| dial_known(&mut swarm, peer_id, known));
 
         let own: HashMap<u64, OwnOrder> = store
             .own_orders()?

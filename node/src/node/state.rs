@@ -90,19 +90,20 @@ pub(super) struct NodeLoop {
     pub(super) settings: NodeBuilder,
 }
 
-/// Dialling the bootstrap peers again while a node has no connection at all (the first dial
-/// failed: the peer was restarting, a handshake timed out on a loaded host), backing off from
-/// [`REDIAL_FIRST`] to [`REDIAL_MAX`]. Without it a node whose first dials failed would stay
-/// alone until something dialled it.
+/// Dialling the bootstrap peers and the peers met before (the store's, as at start) again
+/// while a node has no connection at all (the first dials failed: the peers were restarting,
+/// a handshake timed out on a loaded host), backing off from [`REDIAL_FIRST`] to
+/// [`REDIAL_MAX`]. Without it a node whose first dials failed would stay alone until
+/// something dialled it.
 pub(super) struct Redial {
     pub(super) next: tokio::time::Instant,
     pub(super) backoff: Duration,
 }
 
-/// First wait before dialling the bootstrap peers again.
+/// First wait before dialling the bootstrap and known peers again.
 pub const REDIAL_FIRST: Duration = Duration::from_secs(1);
 
-/// Longest wait between dials of the bootstrap peers by a node that has no peer.
+/// Longest wait between dials of the bootstrap and known peers by a node that has no peer.
 pub const REDIAL_MAX: Duration = Duration::from_secs(60);
 
 impl Default for Redial {
