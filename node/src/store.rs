@@ -758,6 +758,26 @@ impl Store {
         Ok(())
     }
 
+    /// Adds `addr` to what is remembered of `peer` (an address this node reached it at: the
+    /// peer's identify info may never arrive if the connection is short), unless it is there
+    /// or the peer already has [`MAX_ADDRS_PER_PEER`]. Not flushed, as
+    /// [`put_peer_addrs`](Self::put_peer_addrs).
+    pub fn add_peer_addr(&self, peer: &PeerId, addr: &Multiaddr) -> Result<(), StoreError> {
+        let mut addrs = self
+            .peers
+            .get(peer.to_bytes())?
+            .and_then(|v| postcard::from_bytes::<Vec<String>>(&v).ok())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|a| a.parse::<Multiaddr>().ok())
+            .collect::<Vec<_>>();
+        if addrs.contains(addr) || addrs.len() >= MAX_ADDRS_PER_PEER {
+            return Ok(());
+        }
+        addrs.push(addr.clone());
+        self.put_peer_addrs(peer, &addrs)
+    }
+
     /// Peers met before, with their addresses (undecodable entries are skipped).
     pub fn known_peers(&self) -> Result<Vec<(PeerId, Vec<Multiaddr>)>, StoreError> {
         let mut out = Vec::new();

@@ -84,7 +84,21 @@ async fn a_node_whose_remembered_peers_were_down_dials_them_again() -> anyhow::R
         .data_dir(dir.path())
         .start()
         .await?;
-    hashgrid_tests::wait_for_peers(&site, 1, LIMIT).await?;
+    // Connected, and the other's addresses in the site's store (from its identify info).
+    let start = std::time::Instant::now();
+    while !site
+        .peers()
+        .known()
+        .await?
+        .iter()
+        .any(|(p, _)| *p == first_other.peer_id())
+    {
+        anyhow::ensure!(
+            start.elapsed() < LIMIT,
+            "the site never stored the other's address"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // Both go down; the site comes back first, with no bootstrap peer: its dial of the peer
     // it remembers finds nobody listening.
     site.shutdown().await;

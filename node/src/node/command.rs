@@ -52,6 +52,9 @@ pub struct BidSpec {
     pub model: Option<ContentId>,
 }
 
+/// A peer met before and the addresses it was met at.
+pub type KnownPeer = (PeerId, Vec<Multiaddr>);
+
 pub(crate) enum Command {
     Negotiate(
         PeerId,
@@ -89,6 +92,7 @@ pub(crate) enum Command {
     Book(oneshot::Sender<BookSnapshot>),
     Stats(oneshot::Sender<NodeStats>),
     Peers(oneshot::Sender<Vec<PeerId>>),
+    KnownPeers(oneshot::Sender<Result<Vec<KnownPeer>, NodeError>>),
     OwnOrders(oneshot::Sender<Vec<OwnOrder>>),
     GossipPeers(oneshot::Sender<Vec<PeerId>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),

@@ -211,6 +211,9 @@ impl NodeLoop {
             Command::Peers(r) => {
                 let _ = r.send(self.swarm.connected_peers().copied().collect());
             }
+            Command::KnownPeers(r) => {
+                let _ = r.send(self.store.known_peers().map_err(NodeError::from));
+            }
             Command::ListenAddrs(r) => {
                 let addrs = self
                     .listen_addrs

@@ -40,7 +40,7 @@ mod swarm;
 pub use builder::{Node, NodeBuilder};
 #[cfg(feature = "testing")]
 pub use command::RawTopic;
-pub use command::{AskSpec, BidSpec, NodeStats};
+pub use command::{AskSpec, BidSpec, KnownPeer, NodeStats};
 #[cfg(feature = "testing")]
 pub use handle::TestingHandle;
 pub use handle::{

@@ -55,6 +55,17 @@ impl NodeLoop {
                     debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
                     self.emit(NodeEvent::PeerConnected(peer_id));
                 }
+                // An address this node dialled and reached is one to dial again after a
+                // restart, whether or not the peer's identify info arrives before it goes.
+                if let libp2p::core::ConnectedPoint::Dialer { address, .. } = &endpoint {
+                    let addr: libp2p::Multiaddr = address
+                        .iter()
+                        .filter(|p| !matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
+                        .collect();
+                    if let Err(e) = self.store.add_peer_addr(&peer_id, &addr) {
+                        warn!(error = %e, "cannot store a peer address");
+                    }
+                }
                 if self.synced.insert(peer_id) {
                     self.swarm.behaviour_mut().sync.send_request(
                         &peer_id,

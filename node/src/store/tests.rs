@@ -25,6 +25,24 @@ fn counters_and_peers_survive_reopen() {
 }
 
 #[test]
+fn a_reached_address_is_added_once_and_within_the_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&dir.path().join("store")).unwrap();
+    let peer = PeerId::random();
+    let a: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().unwrap();
+    s.add_peer_addr(&peer, &a).unwrap();
+    s.add_peer_addr(&peer, &a).unwrap();
+    assert_eq!(s.known_peers().unwrap(), vec![(peer, vec![a.clone()])]);
+    for port in 2..20 {
+        let b: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap();
+        s.add_peer_addr(&peer, &b).unwrap();
+    }
+    let known = s.known_peers().unwrap();
+    assert_eq!(known[0].1.len(), MAX_ADDRS_PER_PEER);
+    assert_eq!(known[0].1[0], a);
+}
+
+#[test]
 fn a_new_store_records_its_schema_and_a_newer_one_is_refused_untouched() {
     assert_eq!(MIGRATIONS.len() as u32, SCHEMA_VERSION);
     assert!(

@@ -10,9 +10,9 @@ use libp2p::{Multiaddr, PeerId};
 
 use crate::error::NodeError;
 
-use super::super::command::Command;
 #[cfg(feature = "testing")]
 use super::super::command::RawTopic;
+use super::super::command::{Command, KnownPeer};
 use super::NodeHandle;
 
 /// This node's connections ([`PeersHandle::connected`]).
@@ -30,6 +30,12 @@ impl<'a> PeersHandle<'a> {
     /// Peers with at least one open connection.
     pub async fn connected(&self) -> Result<Vec<PeerId>, NodeError> {
         self.node.request(Command::Peers).await
+    }
+
+    /// The peers this node has met (their identify info, kept in the store): what a restarted
+    /// node dials, and dials again while it has no peer.
+    pub async fn known(&self) -> Result<Vec<KnownPeer>, NodeError> {
+        self.node.request(Command::KnownPeers).await?
     }
 
     /// Peers known to be subscribed to this network's `orders` topic: those a publish reaches
