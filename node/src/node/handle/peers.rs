@@ -32,8 +32,9 @@ impl<'a> PeersHandle<'a> {
         self.node.request(Command::Peers).await
     }
 
-    /// The peers this node has met (their identify info, kept in the store): what a restarted
-    /// node dials, and dials again while it has no peer.
+    /// The peers this node has met, with their addresses (from their identify info and the
+    /// addresses its dials reached, kept in the store): what a restarted node dials, and dials
+    /// again while it has no peer.
     pub async fn known(&self) -> Result<Vec<KnownPeer>, NodeError> {
         self.node.request(Command::KnownPeers).await?
     }
