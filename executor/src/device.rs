@@ -330,7 +330,8 @@ impl GpuDevice {
         Ok(())
     }
 
-    /// The textures the job reads (every distinct buffer range bound as `texture_2d<u32>`):
+    /// The textures the job reads (every distinct buffer range bound as a texture, sampled or
+    /// read-only storage: one texture serves both):
     /// copied from their buffers as the job starts, or, for resident blobs, kept from an
     /// earlier job that read the same range.
     fn textures(
@@ -376,7 +377,9 @@ impl GpuDevice {
                 sample_count: 1,
                 dimension: wgpu::TextureDimension::D2,
                 format: wgpu::TextureFormat::Rgba32Uint,
-                usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+                usage: wgpu::TextureUsages::TEXTURE_BINDING
+                    | wgpu::TextureUsages::STORAGE_BINDING
+                    | wgpu::TextureUsages::COPY_DST,
                 view_formats: &[],
             });
             let enc = encoder.get_or_insert_with(|| {

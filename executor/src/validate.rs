@@ -4,7 +4,9 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use hashgrid_protocol::job::{MAX_TEXTURE_ROWS, MAX_TEXTURES_PER_PASS, TEXTURE_ROW_TEXELS};
+use hashgrid_protocol::job::{
+    MAX_STORAGE_TEXTURES_PER_PASS, MAX_TEXTURE_ROWS, MAX_TEXTURES_PER_PASS, TEXTURE_ROW_TEXELS,
+};
 use hashgrid_protocol::{BufferInit, BufferRange, ContentId, GpuLimits, JobLimits, JobSpec};
 use naga::{AddressSpace, ShaderStage};
 
@@ -22,6 +24,10 @@ pub(crate) enum BindKind {
     /// `texture_2d<u32>`: the bound bytes as an `rgba32uint` texture
     /// ([`TEXTURE_ROW_TEXELS`] texels per row).
     Texture,
+    /// `texture_storage_2d<rgba32uint, read>`: the same texture read as a read-only storage
+    /// texture (no mip levels: lavapipe compiles its loads to a few instructions inline where a
+    /// sampled texel fetch is a call of ~170).
+    StorageTexture,
 }
 
 impl BindKind {
@@ -31,7 +37,13 @@ impl BindKind {
             BindKind::StorageReadWrite => "var<storage, read_write>",
             BindKind::Uniform => "var<uniform>",
             BindKind::Texture => "texture_2d<u32>",
+            BindKind::StorageTexture => "texture_storage_2d<rgba32uint, read>",
         }
+    }
+
+    /// Whether the binding reads the bytes as a texture (of either kind).
+    fn is_texture(self) -> bool {
+        matches!(self, BindKind::Texture | BindKind::StorageTexture)
     }
 }
 
@@ -256,6 +268,9 @@ pub(crate) fn check_job<V: super::InputBytes>(
                 AddressSpace::Handle if is_u32_texture_2d(&module.types[g.ty].inner) => {
                     BindKind::Texture
                 }
+                AddressSpace::Handle if is_read_only_rgba32uint(&module.types[g.ty].inner) => {
+                    BindKind::StorageTexture
+                }
                 AddressSpace::Storage { access } => {
                     if access.contains(naga::StorageAccess::STORE) {
                         BindKind::StorageReadWrite
@@ -266,7 +281,7 @@ pub(crate) fn check_job<V: super::InputBytes>(
                 _ => {
                     if used {
                         return Err(berr(format!(
-                            "@group({}) @binding({}) is a texture or sampler other than texture_2d<u32>; jobs bind buffers, read as storage, uniform or texture_2d<u32>",
+                            "@group({}) @binding({}) is a texture or sampler other than texture_2d<u32> or texture_storage_2d<rgba32uint, read>; jobs bind buffers, read as storage, uniform or one of those two textures",
                             rb.group, rb.binding
                         )));
                     }
@@ -282,7 +297,7 @@ pub(crate) fn check_job<V: super::InputBytes>(
                 }
                 continue;
             }
-            let min = if kind == BindKind::Texture {
+            let min = if kind.is_texture() {
                 16
             } else {
                 u64::from(module.types[g.ty].inner.size(module.to_ctx()))
@@ -315,13 +330,14 @@ pub(crate) fn check_job<V: super::InputBytes>(
                     b.binding, buf.name
                 )));
             }
-            if kind == BindKind::Texture {
+            if kind.is_texture() {
                 let rows = (bound / 16).div_ceil(TEXTURE_ROW_TEXELS);
                 if bound % 16 != 0 || rows > MAX_TEXTURE_ROWS {
                     return Err(berr(format!(
-                        "binding {} (buffer {:?}) binds {bound} bytes as texture_2d<u32>: a texture binding must be a multiple of 16 bytes (one rgba32uint texel) and at most {} bytes ({MAX_TEXTURE_ROWS} rows of {TEXTURE_ROW_TEXELS} texels)",
+                        "binding {} (buffer {:?}) binds {bound} bytes as {}: a texture binding must be a multiple of 16 bytes (one rgba32uint texel) and at most {} bytes ({MAX_TEXTURE_ROWS} rows of {TEXTURE_ROW_TEXELS} texels)",
                         b.binding,
                         buf.name,
+                        kind.describe(),
                         MAX_TEXTURE_ROWS * TEXTURE_ROW_TEXELS * 16
                     )));
                 }
@@ -329,7 +345,7 @@ pub(crate) fn check_job<V: super::InputBytes>(
             let alloc = b.range.map_or(alloc_sizes[b.buffer as usize], |r| r.size);
             let max = match kind {
                 BindKind::Uniform => gpu.max_uniform_buffer_binding_size,
-                BindKind::Texture => u64::MAX,
+                BindKind::Texture | BindKind::StorageTexture => u64::MAX,
                 _ => gpu.max_storage_buffer_binding_size,
             };
             if alloc > max {
@@ -362,7 +378,7 @@ pub(crate) fn check_job<V: super::InputBytes>(
                     binding: b.binding,
                     buffer: b.buffer as usize,
                     range: b.range,
-                    texture: kind == BindKind::Texture,
+                    texture: kind.is_texture(),
                 });
                 if kind == BindKind::StorageReadWrite {
                     written[b.buffer as usize] = true;
@@ -383,6 +399,15 @@ pub(crate) fn check_job<V: super::InputBytes>(
                 "the pass binds {textures} buffers as textures, over the {MAX_TEXTURES_PER_PASS} every adapter allows"
             )));
         }
+        let storage_textures = declared
+            .values()
+            .filter(|(k, _, used)| *used && *k == BindKind::StorageTexture)
+            .count();
+        if storage_textures > MAX_STORAGE_TEXTURES_PER_PASS {
+            return Err(berr(format!(
+                "the shader reads {storage_textures} buffers as texture_storage_2d, over the {MAX_STORAGE_TEXTURES_PER_PASS} every adapter allows"
+            )));
+        }
         passes.push(CheckedPass { bindings });
     }
     // A texture is a snapshot of its buffer as the job starts: nothing may write that buffer.
@@ -395,7 +420,7 @@ pub(crate) fn check_job<V: super::InputBytes>(
                     file: spec.shaders[pass.shader as usize].name.clone(),
                     entry: pass.entry.clone(),
                     message: format!(
-                        "buffer {:?} is read as texture_2d<u32> at binding {}, but a pass writes it (or a loop counts into it): a texture is a read-only snapshot of the buffer as the job starts",
+                        "buffer {:?} is read as a texture at binding {}, but a pass writes it (or a loop counts into it): a texture is a read-only snapshot of the buffer as the job starts",
                         spec.buffers[b.buffer].name, b.binding
                     ),
                 });
@@ -408,6 +433,21 @@ pub(crate) fn check_job<V: super::InputBytes>(
         alloc_sizes,
         written,
     })
+}
+
+/// Whether `ty` is `texture_storage_2d<rgba32uint, read>` (not an array).
+fn is_read_only_rgba32uint(ty: &naga::TypeInner) -> bool {
+    matches!(
+        ty,
+        naga::TypeInner::Image {
+            dim: naga::ImageDimension::D2,
+            arrayed: false,
+            class: naga::ImageClass::Storage {
+                format: naga::StorageFormat::Rgba32Uint,
+                access: naga::StorageAccess::LOAD,
+            },
+        }
+    )
 }
 
 /// Whether `ty` is `texture_2d<u32>` (sampled, not multisampled, not an array).

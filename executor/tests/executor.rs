@@ -764,12 +764,27 @@ fn a_stream_reader_can_end_the_loop() {
 /// A job that copies `texels` texels of buffer `w`, read as `texture_2d<u32>` through `range`,
 /// into `out`.
 fn texture_copy_job(data: &[u8], range: hashgrid_protocol::BufferRange, texels: u32) -> LoadedJob {
+    texture_copy_job_as(data, range, texels, "texture_2d<u32>")
+}
+
+/// [`texture_copy_job`] with `w` declared as `decl` (`texture_2d<u32>` is read with a level).
+fn texture_copy_job_as(
+    data: &[u8],
+    range: hashgrid_protocol::BufferRange,
+    texels: u32,
+    decl: &str,
+) -> LoadedJob {
     let id = ContentId::of(data);
+    let level = if decl.starts_with("texture_2d") {
+        ", 0"
+    } else {
+        ""
+    };
     let wgsl = format!(
-        "@group(0) @binding(0) var w: texture_2d<u32>;\n\
+        "@group(0) @binding(0) var w: {decl};\n\
          @group(0) @binding(1) var<storage, read_write> out: array<vec4<u32>>;\n\
          @compute @workgroup_size(64) fn main(@builtin(global_invocation_id) g: vec3<u32>) {{\n\
-           if (g.x < {texels}u) {{ out[g.x] = textureLoad(w, vec2<u32>(g.x % {row}u, g.x / {row}u), 0); }}\n\
+           if (g.x < {texels}u) {{ out[g.x] = textureLoad(w, vec2<u32>(g.x % {row}u, g.x / {row}u){level}); }}\n\
          }}",
         row = hashgrid_protocol::job::TEXTURE_ROW_TEXELS
     );
@@ -840,6 +855,37 @@ fn buffers_read_as_textures_see_their_bytes_and_stay_resident() {
         "the blob and its texture were kept"
     );
     assert!(second.resident_hits >= 1);
+}
+
+#[test]
+fn a_buffer_read_as_a_read_only_storage_texture_sees_the_same_texels() {
+    let exec = start(ExecConfig::default());
+    let row = hashgrid_protocol::job::TEXTURE_ROW_TEXELS as u32;
+    let texels = row + 37;
+    let data: Vec<u8> = (0..(texels as usize * 16 + 256))
+        .map(|i| (i.wrapping_mul(31) % 251) as u8)
+        .collect();
+    let range = hashgrid_protocol::BufferRange {
+        offset: 256,
+        size: u64::from(texels) * 16,
+    };
+    let want = &data[256..256 + texels as usize * 16];
+    let storage = "texture_storage_2d<rgba32uint, read>";
+    let first = run(&exec, texture_copy_job_as(&data, range, texels, storage)).expect("runs");
+    assert_eq!(
+        first.outputs[0].bytes, want,
+        "texel i is bytes 16i.. of the range"
+    );
+    // The sampled view of the same range is the same texture, kept from the first job.
+    let second = run(&exec, texture_copy_job(&data, range, texels)).expect("runs");
+    assert_eq!(second.outputs[0].bytes, want);
+    assert_eq!(second.uploaded_bytes, 0, "the texture was kept");
+    // A storage texture the job could write is not a way to read bytes.
+    let decl = "texture_storage_2d<rgba32uint, read_write>";
+    let err = run(&exec, texture_copy_job_as(&data, range, texels, decl))
+        .expect_err(decl)
+        .to_string();
+    assert!(err.contains("texture or sampler other than"), "{err}");
 }
 
 #[test]

@@ -50,7 +50,8 @@ pub const MAX_STREAMED: usize = 8;
 pub const RANGE_ALIGN: u64 = 256;
 
 /// Texels per row when a shader reads a buffer as a texture. A binding the shader declares as
-/// `texture_2d<u32>` sees the bound bytes as an `rgba32uint` texture, 16 bytes per texel,
+/// `texture_2d<u32>` (or `texture_storage_2d<rgba32uint, read>`, the same texture without mip
+/// levels or a sampler) sees the bound bytes as an `rgba32uint` texture, 16 bytes per texel,
 /// [`TEXTURE_ROW_TEXELS`] texels per row (fewer when the whole binding is shorter than a row):
 /// texel `i` (bytes `16·i..16·i + 16`) is at `(i % TEXTURE_ROW_TEXELS, i / TEXTURE_ROW_TEXELS)`.
 /// It is a read-only snapshot of the bytes as the job starts, so no pass may write a buffer
@@ -65,6 +66,10 @@ pub const MAX_TEXTURE_ROWS: u64 = 8192;
 /// Most buffer-as-texture bindings in one pass: WebGPU's guaranteed
 /// `maxSampledTexturesPerShaderStage`.
 pub const MAX_TEXTURES_PER_PASS: usize = 16;
+
+/// Most buffers one pass reads as `texture_storage_2d<rgba32uint, read>`: WebGPU's
+/// guaranteed `maxStorageTexturesPerShaderStage`.
+pub const MAX_STORAGE_TEXTURES_PER_PASS: usize = 4;
 
 /// Default most workgroups in one dimension of a dispatch: WebGPU's guaranteed minimum.
 pub const DEFAULT_MAX_WORKGROUPS_PER_DIM: u32 = 65_535;
