@@ -169,21 +169,26 @@ fn matvec_gen(
         let h = r / 2;
         setup.push_str(&format!("let r0 = gid.x * {h}u;\n    if (r0 >= p[0]) {{\n        return;\n    }}\n    let last = p[0] - 1u;\n    let yb = gid.y * p[12];\n"));
         for k in 0..h {
-            setup.push_str(&format!(
-                "    let o{k} = p[6] + min(r0 + {k}u, last) * p[2];\n"
-            ));
-            setup.push_str(&format!(
-                "    let o{} = p[8] + min(r0 + {k}u, last) * p[2];\n",
-                k + h
-            ));
+            if packed {
+                setup.push_str(&format!(
+                    "    let o{k} = wrow(p[6], min(r0 + {k}u, last), p[2] >> 4u);\n    let o{} = wrow(p[8], min(r0 + {k}u, last), p[2] >> 4u);\n",
+                    k + h
+                ));
+            } else {
+                setup.push_str(&format!(
+                    "    let o{k} = p[6] + min(r0 + {k}u, last) * p[2];\n    let o{} = p[8] + min(r0 + {k}u, last) * p[2];\n",
+                    k + h
+                ));
+            }
         }
     } else {
         if kind == Matvec::Logits {
             setup.push_str("if (step[0] + 1u < p[11]) {\n        return;\n    }\n    ");
         }
         setup.push_str(&format!("let r0 = gid.x * {r}u;\n    if (r0 >= p[0]) {{\n        return;\n    }}\n    let last = p[0] - 1u;\n    let yb = p[3] + gid.y * p[12];\n"));
+        let seg = if packed { "seg_row" } else { "seg_off" };
         for k in 0..r {
-            setup.push_str(&format!("    let o{k} = seg_off(min(r0 + {k}u, last));\n"));
+            setup.push_str(&format!("    let o{k} = {seg}(min(r0 + {k}u, last));\n"));
         }
     }
     if let (true, Some(n)) = (norm, uniform_x) {
@@ -213,7 +218,7 @@ fn matvec_gen(
         body.push_str("        let sx = hsum(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7);\n");
         for k in 0..r {
             body.push_str(&format!(
-                "        a{k} += wrowp(o{k} >> 4u, b, nb, x0, x1, x2, x3, x4, x5, x6, x7, sx);\n"
+                "        a{k} += wrowp(o{k}, b, nb, x0, x1, x2, x3, x4, x5, x6, x7, sx);\n"
             ));
         }
     } else {
@@ -299,21 +304,24 @@ fn matvec_gen(
             ));
         }
     }
-    let (w_decl, helpers, blk) = if packed {
+    let (w_decl, helpers, blk, seg) = if packed {
         (
-            "var w: texture_2d<u32>".to_string(),
+            quant::WeightRead::Storage.decl(),
             format!(
-                "{}{}\nconst BE: u32 = 32u;\nconst BB: u32 = 0u;\n",
-                quant::texture_loader(),
+                "{}{}{}\nconst BE: u32 = 32u;\nconst BB: u32 = 0u;\n",
+                quant::texture_loader(quant::WeightRead::Storage),
+                quant::row_handle_fn(),
                 quant::HELPERS
             ),
             quant::packed_row_fn(ty).unwrap_or(""),
+            SEG_ROW,
         )
     } else {
         (
-            "var<storage, read> w: array<u32>".to_string(),
+            "@group(0) @binding(0) var<storage, read> w: array<u32>;",
             format!("{}{}", quant::LOADS, quant::HELPERS),
             quant::dot(ty),
+            SEG_OFF,
         )
     };
     let x_decl = match uniform_x {
@@ -338,19 +346,18 @@ fn matvec_gen(
     };
     format!(
         r#"// {entry} over {ty} weights, {r} rows per invocation{fused} (hashgrid-infer).
-@group(0) @binding(0) {w_decl};
+{w_decl}
 @group(0) @binding(1) {x_decl};
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(3) var<storage, read> p: array<u32>;
 {extra}{common}{blk}
-{seg_off}@compute @workgroup_size({lanes})
+{seg}@compute @workgroup_size({lanes})
 fn {entry}(@builtin(global_invocation_id) gid: vec3<u32>) {{
     {setup}{body}{store}}}
 "#,
         entry = kind.entry(),
         ty = ty.name(),
         common = helpers,
-        seg_off = SEG_OFF,
         lanes = MATVEC_LANES,
     )
 }
@@ -430,9 +437,9 @@ pub fn matvec_split(
         "    let sub = lid % {s}u;\n    let r = wid.x * {rg}u + lid / {s}u;\n    let last = p[0] - 1u;\n    let rr = min(r, last);\n"
     ));
     if gate_up {
-        body.push_str("    let og = (p[6] + rr * p[2]) >> 4u;\n    let ou = (p[8] + rr * p[2]) >> 4u;\n    let yb = wid.y * p[12];\n");
+        body.push_str("    let og = wrow(p[6], rr, p[2] >> 4u);\n    let ou = wrow(p[8], rr, p[2] >> 4u);\n    let yb = wid.y * p[12];\n");
     } else {
-        body.push_str("    let o = seg_off(rr) >> 4u;\n    let yb = p[3] + wid.y * p[12];\n");
+        body.push_str("    let o = seg_row(rr);\n    let yb = p[3] + wid.y * p[12];\n");
     }
     body.push_str("    let nb = p[1] / BE;\n    var a = 0.0;\n");
     if gate_up {
@@ -477,14 +484,14 @@ pub fn matvec_split(
     let fused = if norm { ", RMS norm fused" } else { "" };
     format!(
         r#"// {entry} over {ty} weights, {s} invocations per row, {rg} rows per workgroup{fused} (hashgrid-infer).
-@group(0) @binding(0) var w: texture_2d<u32>;
+{w_decl}
 @group(0) @binding(1) {x_decl};
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(3) var<storage, read> p: array<u32>;
-{extra}{loader}{helpers}
+{extra}{loader}{wrow}{helpers}
 const BE: u32 = 32u;
 {row}
-{seg_off}
+{seg_row}
 var<workgroup> xs: array<vec4<f32>, {cols4}>;
 var<workgroup> red: array<f32, {red}>;
 var<workgroup> flag: u32;
@@ -495,10 +502,12 @@ fn {entry}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
 "#,
         entry = kind.entry(),
         ty = ty.name(),
-        loader = quant::texture_loader(),
+        w_decl = quant::WeightRead::Sampled.decl(),
+        loader = quant::texture_loader(quant::WeightRead::Sampled),
+        wrow = quant::row_handle_fn(),
         helpers = quant::HELPERS,
         row = quant::packed_row_fn(ty).unwrap_or(""),
-        seg_off = SEG_OFF,
+        seg_row = SEG_ROW,
         red = 2 * t,
         x_decl = match uniform_n {
             Some(n) => format!("var<uniform> xv: array<vec4<f32>, {n}>"),
@@ -508,7 +517,7 @@ fn {entry}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
 }
 
 /// `seg_off(r)`: the byte offset of row `r`'s weights across the matvec parameters' up to three
-/// segments (shared by [`matvec`] and [`matmul`]).
+/// segments, for weights in the file's layout (packed ones use [`SEG_ROW`]).
 const SEG_OFF: &str = r#"// Byte offset of row r's weights, across the segments.
 fn seg_off(r: u32) -> u32 {
     if (r < p[5] || p[4] < 2u) {
@@ -518,6 +527,22 @@ fn seg_off(r: u32) -> u32 {
         return p[8] + (r - p[5]) * p[2];
     }
     return p[10] + (r - p[5] - p[7]) * p[2];
+}
+"#;
+
+/// `seg_row(r)`: the handle ([`quant::row_handle_fn`]) of row `r` of packed weights across
+/// the matvec parameters' up to three segments, each a packed matrix of its own (shared by
+/// [`matvec`], [`matvec_split`] and [`matmul`]).
+const SEG_ROW: &str = r#"// Handle of row r of the packed weights, across the segments.
+fn seg_row(r: u32) -> u32 {
+    let rt = p[2] >> 4u;
+    if (r < p[5] || p[4] < 2u) {
+        return wrow(p[6], r, rt);
+    }
+    if (r < p[5] + p[7] || p[4] < 3u) {
+        return wrow(p[8], r - p[5], rt);
+    }
+    return wrow(p[10], r - p[5] - p[7], rt);
 }
 "#;
 
@@ -552,7 +577,7 @@ pub fn matmul(ty: GgmlType, kind: Matvec, tokens: u32, n: u32) -> String {
         ));
         for k in 0..h {
             setup.push_str(&format!(
-                "    let o{k} = (p[6] + min(r0 + {k}u, last) * p[2]) >> 4u;\n    let o{} = (p[8] + min(r0 + {k}u, last) * p[2]) >> 4u;\n",
+                "    let o{k} = wrow(p[6], min(r0 + {k}u, last), p[2] >> 4u);\n    let o{} = wrow(p[8], min(r0 + {k}u, last), p[2] >> 4u);\n",
                 k + h
             ));
         }
@@ -561,9 +586,7 @@ pub fn matmul(ty: GgmlType, kind: Matvec, tokens: u32, n: u32) -> String {
             "let r0 = gid.x * {r}u;\n    if (r0 >= p[0]) {{\n        return;\n    }}\n    let last = p[0] - 1u;\n"
         ));
         for k in 0..r {
-            setup.push_str(&format!(
-                "    let o{k} = seg_off(min(r0 + {k}u, last)) >> 4u;\n"
-            ));
+            setup.push_str(&format!("    let o{k} = seg_row(min(r0 + {k}u, last));\n"));
         }
     }
     setup.push_str("    let xs = p[1] >> 2u;\n");
@@ -579,10 +602,10 @@ pub fn matmul(ty: GgmlType, kind: Matvec, tokens: u32, n: u32) -> String {
     for k in 0..r {
         body.push_str(&match ty {
             GgmlType::Q4_1 => format!(
-                "        let q{k} = wl(o{k} + b);\n        let s{k} = f16x2(wl(o{k} + nb + (b >> 2u))[b & 3u]);\n"
+                "        let q{k} = wl(o{k} + 8u * b);\n        let s{k} = f16x2(wl(o{k} + 8u * (nb + (b >> 2u)))[b & 3u]);\n"
             ),
             _ => format!(
-                "        let q{k} = wl(o{k} + 2u * b);\n        let c{k} = wl(o{k} + 2u * b + 1u);\n        let s{k} = f16((wl(o{k} + 2u * nb + (b >> 3u))[(b >> 1u) & 3u] >> ((b & 1u) * 16u)) & 0xFFFFu);\n"
+                "        let q{k} = wl(o{k} + 16u * b);\n        let c{k} = wl(o{k} + 16u * b + 8u);\n        let s{k} = f16((wl(o{k} + 8u * (2u * nb + (b >> 3u)))[(b >> 1u) & 3u] >> ((b & 1u) * 16u)) & 0xFFFFu);\n"
             ),
         });
     }
@@ -641,20 +664,22 @@ pub fn matmul(ty: GgmlType, kind: Matvec, tokens: u32, n: u32) -> String {
     };
     format!(
         r#"// {entry} over {ty} weights for {t} tokens, {r} rows per invocation (hashgrid-infer).
-@group(0) @binding(0) var w: texture_2d<u32>;
+{w_decl}
 @group(0) @binding(1) var<uniform> xv: array<vec4<f32>, {n}>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(3) var<storage, read> p: array<u32>;
-{extra}{loader}{helpers}
-{seg_off}@compute @workgroup_size({lanes})
+{extra}{loader}{wrow}{helpers}
+{seg_row}@compute @workgroup_size({lanes})
 fn {entry}(@builtin(global_invocation_id) gid: vec3<u32>) {{
     {setup}{body}{store}}}
 "#,
         entry = kind.entry(),
         ty = ty.name(),
-        loader = quant::texture_loader(),
+        w_decl = quant::WeightRead::Storage.decl(),
+        loader = quant::texture_loader(quant::WeightRead::Storage),
+        wrow = quant::row_handle_fn(),
         helpers = quant::HELPERS,
-        seg_off = SEG_OFF,
+        seg_row = SEG_ROW,
         lanes = MATVEC_LANES,
     )
 }
@@ -671,7 +696,7 @@ pub fn embed(ty: GgmlType) -> String {
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
 @group(0) @binding(3) var<storage, read> p: array<u32>;
 @group(0) @binding(4) var<storage, read> step: array<u32>;
-{helpers}{deq}
+{wrow}{helpers}{deq}
 @compute @workgroup_size({rows})
 fn embed(@builtin(global_invocation_id) gid: vec3<u32>) {{
     let b = gid.x;
@@ -683,10 +708,11 @@ fn embed(@builtin(global_invocation_id) gid: vec3<u32>) {{
     if (tok >= p[2]) {{
         tok = 0u;
     }}
-    wdeqp(tok * (p[1] >> 4u), b, nb, gid.y * p[0] + b * 32u);
+    wdeqp(wrow(0u, tok, p[1] >> 4u), b, nb, gid.y * p[0] + b * 32u);
 }}
 "#,
             ty = ty.name(),
+            wrow = quant::row_handle_fn(),
             helpers = quant::HELPERS,
             deq = quant::packed_deq_fn(ty).unwrap_or(""),
             rows = ROWS_PER_GROUP,
