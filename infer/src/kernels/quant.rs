@@ -67,6 +67,11 @@ fn i8x4(q: u32) -> vec4<f32> {
     let v = vec4<i32>(bitcast<i32>(q << 24u), bitcast<i32>(q << 16u), bitcast<i32>(q << 8u), bitcast<i32>(q));
     return vec4<f32>(v >> vec4<u32>(24u));
 }
+// acc + a·b in fused multiply-adds: llvmpipe keeps a multiply and an add apart (two
+// instructions where one does).
+fn fdot(a: vec4<f32>, b: vec4<f32>, acc: f32) -> f32 {
+    return fma(a.w, b.w, fma(a.z, b.z, fma(a.y, b.y, fma(a.x, b.x, acc))));
+}
 fn hsum(v: vec4<f32>) -> f32 {
     return v.x + v.y + v.z + v.w;
 }
@@ -525,8 +530,14 @@ fn wrowp(ro: u32, b: u32, nb: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, 
     let c = wl(ro + 16u * b + 8u);
     let dw = wl(ro + 8u * (2u * nb + (b >> 3u)))[(b >> 1u) & 3u];
     let d = f16((dw >> ((b & 1u) * 16u)) & 0xFFFFu);
-    let acc = dot(i8x4(a.x), x0) + dot(i8x4(a.y), x1) + dot(i8x4(a.z), x2) + dot(i8x4(a.w), x3)
-        + dot(i8x4(c.x), x4) + dot(i8x4(c.y), x5) + dot(i8x4(c.z), x6) + dot(i8x4(c.w), x7);
+    var acc = fdot(i8x4(a.x), x0, 0.0);
+    acc = fdot(i8x4(a.y), x1, acc);
+    acc = fdot(i8x4(a.z), x2, acc);
+    acc = fdot(i8x4(a.w), x3, acc);
+    acc = fdot(i8x4(c.x), x4, acc);
+    acc = fdot(i8x4(c.y), x5, acc);
+    acc = fdot(i8x4(c.z), x6, acc);
+    acc = fdot(i8x4(c.w), x7, acc);
     return d * acc;
 }
 "#,
@@ -536,9 +547,15 @@ fn wrowp(ro: u32, b: u32, nb: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, 
 fn wrowp(ro: u32, b: u32, nb: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>, x4: vec4<f32>, x5: vec4<f32>, x6: vec4<f32>, x7: vec4<f32>, sx: f32) -> f32 {
     let q = wl(ro + 8u * b);
     let dm = f16x2(wl(ro + 8u * (nb + (b >> 2u)))[b & 3u]);
-    let acc = dot(nib_lo(q.x), x0) + dot(nib_lo(q.y), x1) + dot(nib_lo(q.z), x2) + dot(nib_lo(q.w), x3)
-        + dot(nib_hi(q.x), x4) + dot(nib_hi(q.y), x5) + dot(nib_hi(q.z), x6) + dot(nib_hi(q.w), x7);
-    return dm.x * acc + dm.y * sx;
+    var acc = fdot(nib_lo(q.x), x0, 0.0);
+    acc = fdot(nib_lo(q.y), x1, acc);
+    acc = fdot(nib_lo(q.z), x2, acc);
+    acc = fdot(nib_lo(q.w), x3, acc);
+    acc = fdot(nib_hi(q.x), x4, acc);
+    acc = fdot(nib_hi(q.y), x5, acc);
+    acc = fdot(nib_hi(q.z), x6, acc);
+    acc = fdot(nib_hi(q.w), x7, acc);
+    return fma(dm.x, acc, dm.y * sx);
 }
 "#,
         ),
