@@ -602,10 +602,10 @@ pub fn matmul(ty: GgmlType, kind: Matvec, tokens: u32, n: u32) -> String {
     for k in 0..r {
         body.push_str(&match ty {
             GgmlType::Q4_1 => format!(
-                "        let q{k} = wl(o{k} + 8u * b);\n        let s{k} = f16x2(wl(o{k} + 8u * (nb + (b >> 2u)))[b & 3u]);\n"
+                "        let q{k} = wl(o{k} + TR * b);\n        let s{k} = f16x2(wl(o{k} + TR * (nb + (b >> 2u)))[b & 3u]);\n"
             ),
             _ => format!(
-                "        let q{k} = wl(o{k} + 16u * b);\n        let c{k} = wl(o{k} + 16u * b + 8u);\n        let s{k} = f16((wl(o{k} + 8u * (2u * nb + (b >> 3u)))[(b >> 1u) & 3u] >> ((b & 1u) * 16u)) & 0xFFFFu);\n"
+                "        let q{k} = wl(o{k} + TR * 2u * b);\n        let c{k} = wl(o{k} + TR * (2u * b + 1u));\n        let s{k} = f16((wl(o{k} + TR * (2u * nb + (b >> 3u)))[(b >> 1u) & 3u] >> ((b & 1u) * 16u)) & 0xFFFFu);\n"
             ),
         });
     }
