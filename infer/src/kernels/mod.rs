@@ -308,9 +308,10 @@ fn matvec_gen(
         (
             quant::WeightRead::Storage.decl(),
             format!(
-                "{}{}{}\nconst BE: u32 = 32u;\nconst BB: u32 = 0u;\n",
+                "{}{}{}{}\nconst BE: u32 = 32u;\nconst BB: u32 = 0u;\n",
                 quant::texture_loader(quant::WeightRead::Storage),
                 quant::row_handle_fn(),
+                quant::packed_layout_fn(ty).unwrap_or(""),
                 quant::HELPERS
             ),
             quant::packed_row_fn(ty).unwrap_or(""),
@@ -488,7 +489,7 @@ pub fn matvec_split(
 @group(0) @binding(1) {x_decl};
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(3) var<storage, read> p: array<u32>;
-{extra}{loader}{wrow}{helpers}
+{extra}{loader}{wrow}{layout}{helpers}
 const BE: u32 = 32u;
 {row}
 {seg_row}
@@ -505,6 +506,7 @@ fn {entry}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
         w_decl = quant::WeightRead::Sampled.decl(),
         loader = quant::texture_loader(quant::WeightRead::Sampled),
         wrow = quant::row_handle_fn(),
+        layout = quant::packed_layout_fn(ty).unwrap_or(""),
         helpers = quant::HELPERS,
         row = quant::packed_row_fn(ty).unwrap_or(""),
         seg_row = SEG_ROW,
@@ -602,10 +604,10 @@ pub fn matmul(ty: GgmlType, kind: Matvec, tokens: u32, n: u32) -> String {
     for k in 0..r {
         body.push_str(&match ty {
             GgmlType::Q4_1 => format!(
-                "        let q{k} = wl(o{k} + TR * b);\n        let s{k} = f16x2(wl(o{k} + TR * (nb + (b >> 2u)))[b & 3u]);\n"
+                "        let q{k} = wl(wqt(o{k}, b, nb));\n        let s{k} = f16x2(wl(wst(o{k}, b, nb))[b & 3u]);\n"
             ),
             _ => format!(
-                "        let q{k} = wl(o{k} + TR * 2u * b);\n        let c{k} = wl(o{k} + TR * (2u * b + 1u));\n        let s{k} = f16((wl(o{k} + TR * (2u * nb + (b >> 3u)))[(b >> 1u) & 3u] >> ((b & 1u) * 16u)) & 0xFFFFu);\n"
+                "        let q{k} = wl(wqt(o{k}, b, nb));\n        let c{k} = wl(wqt(o{k}, b, nb) + TR);\n        let s{k} = f16((wl(wst(o{k}, b, nb))[(b >> 1u) & 3u] >> ((b & 1u) * 16u)) & 0xFFFFu);\n"
             ),
         });
     }
@@ -668,7 +670,7 @@ pub fn matmul(ty: GgmlType, kind: Matvec, tokens: u32, n: u32) -> String {
 @group(0) @binding(1) var<uniform> xv: array<vec4<f32>, {n}>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(3) var<storage, read> p: array<u32>;
-{extra}{loader}{wrow}{helpers}
+{extra}{loader}{wrow}{layout}{helpers}
 {seg_row}@compute @workgroup_size({lanes})
 fn {entry}(@builtin(global_invocation_id) gid: vec3<u32>) {{
     {setup}{body}{store}}}
@@ -678,6 +680,7 @@ fn {entry}(@builtin(global_invocation_id) gid: vec3<u32>) {{
         w_decl = quant::WeightRead::Storage.decl(),
         loader = quant::texture_loader(quant::WeightRead::Storage),
         wrow = quant::row_handle_fn(),
+        layout = quant::packed_layout_fn(ty).unwrap_or(""),
         helpers = quant::HELPERS,
         seg_row = SEG_ROW,
         lanes = MATVEC_LANES,
@@ -696,7 +699,7 @@ pub fn embed(ty: GgmlType) -> String {
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
 @group(0) @binding(3) var<storage, read> p: array<u32>;
 @group(0) @binding(4) var<storage, read> step: array<u32>;
-{wrow}{helpers}{deq}
+{wrow}{layout}{helpers}{deq}
 @compute @workgroup_size({rows})
 fn embed(@builtin(global_invocation_id) gid: vec3<u32>) {{
     let b = gid.x;
@@ -713,6 +716,7 @@ fn embed(@builtin(global_invocation_id) gid: vec3<u32>) {{
 "#,
             ty = ty.name(),
             wrow = quant::row_handle_fn(),
+            layout = quant::packed_layout_fn(ty).unwrap_or(""),
             helpers = quant::HELPERS,
             deq = quant::packed_deq_fn(ty).unwrap_or(""),
             rows = ROWS_PER_GROUP,

@@ -452,7 +452,8 @@ pub fn pack(ty: GgmlType, bytes: &[u8], cols: u64) -> Vec<u8> {
     let mut out = vec![0u8; packed_bytes(ty, rows as u64, cols) as usize];
     let mut row = vec![0u8; stride];
     for (r, src) in bytes.chunks_exact(raw_row).enumerate() {
-        // The row as one run: quants, then scales.
+        // The row as one run of texels (`packed_layout_fn`): its blocks' quants, then their
+        // scales.
         row.fill(0);
         for (b, blk) in src.chunks_exact(bb).enumerate() {
             // Q8_0: [d: f16][qs: 32]; Q4_1: [d: f16][m: f16][qs: 16].
@@ -520,6 +521,37 @@ pub fn texture_loader(read: WeightRead) -> String {
     )
 }
 
+/// For packed types: where a row's texels are, given its handle `ro` ([`row_handle_fn`]) and
+/// its `nb` blocks: `wqt(ro, b, nb)`, the texel of block `b`'s quants (Q8_0: the first of two,
+/// the second at `+ TR`), and `wst(ro, b, nb)`, the texel of its scales (Q4_1: `d, m` as two f16
+/// in component `b % 4`; Q8_0: `d` as f16 in half `b % 2` of component `(b / 2) % 4`). The
+/// layout [`pack`] writes, in one place for every kernel.
+pub fn packed_layout_fn(ty: GgmlType) -> Option<&'static str> {
+    match ty {
+        GgmlType::Q8_0 => Some(
+            r#"
+fn wqt(ro: u32, b: u32, nb: u32) -> u32 {
+    return ro + TR * 2u * b;
+}
+fn wst(ro: u32, b: u32, nb: u32) -> u32 {
+    return ro + TR * (2u * nb + (b >> 3u));
+}
+"#,
+        ),
+        GgmlType::Q4_1 => Some(
+            r#"
+fn wqt(ro: u32, b: u32, nb: u32) -> u32 {
+    return ro + TR * b;
+}
+fn wst(ro: u32, b: u32, nb: u32) -> u32 {
+    return ro + TR * (nb + (b >> 2u));
+}
+"#,
+        ),
+        _ => None,
+    }
+}
+
 /// For packed types: `wrowp(ro, b, nb, x0..x7, sx)`, one row's dot product with block `b`'s
 /// activations, `ro` being the row's handle ([`row_handle_fn`]; its texel `j` is at
 /// `ro + TR · j`), read with `wl` (see [`texture_loader`]).
@@ -528,9 +560,9 @@ pub fn packed_row_fn(ty: GgmlType) -> Option<&'static str> {
         GgmlType::Q8_0 => Some(
             r#"
 fn wrowp(ro: u32, b: u32, nb: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>, x4: vec4<f32>, x5: vec4<f32>, x6: vec4<f32>, x7: vec4<f32>, sx: f32) -> f32 {
-    let a = wl(ro + TR * 2u * b);
-    let c = wl(ro + TR * (2u * b + 1u));
-    let dw = wl(ro + TR * (2u * nb + (b >> 3u)))[(b >> 1u) & 3u];
+    let a = wl(wqt(ro, b, nb));
+    let c = wl(wqt(ro, b, nb) + TR);
+    let dw = wl(wst(ro, b, nb))[(b >> 1u) & 3u];
     let d = f16((dw >> ((b & 1u) * 16u)) & 0xFFFFu);
     var acc = fdot(i8x4(a.x), x0, 0.0);
     acc = fdot(i8x4(a.y), x1, acc);
@@ -547,8 +579,8 @@ fn wrowp(ro: u32, b: u32, nb: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, 
         GgmlType::Q4_1 => Some(
             r#"
 fn wrowp(ro: u32, b: u32, nb: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, x3: vec4<f32>, x4: vec4<f32>, x5: vec4<f32>, x6: vec4<f32>, x7: vec4<f32>, sx: f32) -> f32 {
-    let q = wl(ro + TR * b);
-    let dm = f16x2(wl(ro + TR * (nb + (b >> 2u)))[b & 3u]);
+    let q = wl(wqt(ro, b, nb));
+    let dm = f16x2(wl(wst(ro, b, nb))[b & 3u]);
     var acc = fdot(nib_lo(q.x), x0, 0.0);
     acc = fdot(nib_lo(q.y), x1, acc);
     acc = fdot(nib_lo(q.z), x2, acc);
@@ -573,10 +605,10 @@ pub fn packed_deq_fn(ty: GgmlType) -> Option<&'static str> {
         GgmlType::Q8_0 => Some(
             r#"
 fn wdeqp(ro: u32, b: u32, nb: u32, oo: u32) {
-    let dw = w[ro + TR * (2u * nb + (b >> 3u))][(b >> 1u) & 3u];
+    let dw = w[wst(ro, b, nb)][(b >> 1u) & 3u];
     let d = f16((dw >> ((b & 1u) * 16u)) & 0xFFFFu);
     for (var h = 0u; h < 2u; h++) {
-        let q = w[ro + TR * (2u * b + h)];
+        let q = w[wqt(ro, b, nb) + TR * h];
         for (var k = 0u; k < 4u; k++) {
             let v = i8x4(q[k]) * d;
             let o = oo + 16u * h + 4u * k;
@@ -592,8 +624,8 @@ fn wdeqp(ro: u32, b: u32, nb: u32, oo: u32) {
         GgmlType::Q4_1 => Some(
             r#"
 fn wdeqp(ro: u32, b: u32, nb: u32, oo: u32) {
-    let q = w[ro + TR * b];
-    let dm = f16x2(w[ro + TR * (nb + (b >> 2u))][b & 3u]);
+    let q = w[wqt(ro, b, nb)];
+    let dm = f16x2(w[wst(ro, b, nb)][b & 3u]);
     for (var k = 0u; k < 4u; k++) {
         let lo = nib_lo(q[k]) * dm.x + dm.y;
         let hi = nib_hi(q[k]) * dm.x + dm.y;
@@ -627,17 +659,19 @@ mod tests {
             let at = ((r / tile) * tile * rt + j * tile + r % tile) * 16;
             &packed[at..at + 16]
         };
-        let (quant_texels, scale_bytes) = match ty {
-            GgmlType::Q8_0 => (2, 2),
-            _ => (1, 4),
+        let (quants, scales) = match ty {
+            // Two texels of quants a block, then every block's f16 `d`, 8 a texel.
+            GgmlType::Q8_0 => {
+                let d = &texel(2 * nb + b / 8)[2 * (b % 8)..2 * (b % 8) + 2];
+                ([texel(2 * b), texel(2 * b + 1)].concat(), d.to_vec())
+            }
+            // A texel of quants a block, then every block's `d, m`, 4 a texel.
+            _ => {
+                let dm = &texel(nb + b / 4)[4 * (b % 4)..4 * (b % 4) + 4];
+                (texel(b).to_vec(), dm.to_vec())
+            }
         };
-        let mut quants = Vec::new();
-        for j in 0..quant_texels {
-            quants.extend_from_slice(texel(b * quant_texels + j));
-        }
-        let s = b * scale_bytes;
-        let scales = &texel(nb * quant_texels + s / 16)[s % 16..s % 16 + scale_bytes];
-        [scales, &quants[..]].concat()
+        [scales, quants].concat()
     }
 
     #[test]
