@@ -308,10 +308,9 @@ fn matvec_gen(
         (
             quant::WeightRead::Storage.decl(),
             format!(
-                "{}{}{}{}\nconst BE: u32 = 32u;\nconst BB: u32 = 0u;\n",
+                "{}{}{}\nconst BE: u32 = 32u;\nconst BB: u32 = 0u;\n",
                 quant::texture_loader(quant::WeightRead::Storage),
-                quant::row_handle_fn(),
-                quant::packed_layout_fn(ty).unwrap_or(""),
+                quant::packed_addressing(ty),
                 quant::HELPERS
             ),
             quant::packed_row_fn(ty).unwrap_or(""),
@@ -489,7 +488,7 @@ pub fn matvec_split(
 @group(0) @binding(1) {x_decl};
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(3) var<storage, read> p: array<u32>;
-{extra}{loader}{wrow}{layout}{helpers}
+{extra}{loader}{addressing}{helpers}
 const BE: u32 = 32u;
 {row}
 {seg_row}
@@ -505,8 +504,7 @@ fn {entry}(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
         ty = ty.name(),
         w_decl = quant::WeightRead::Sampled.decl(),
         loader = quant::texture_loader(quant::WeightRead::Sampled),
-        wrow = quant::row_handle_fn(),
-        layout = quant::packed_layout_fn(ty).unwrap_or(""),
+        addressing = quant::packed_addressing(ty),
         helpers = quant::HELPERS,
         row = quant::packed_row_fn(ty).unwrap_or(""),
         seg_row = SEG_ROW,
@@ -532,7 +530,7 @@ fn seg_off(r: u32) -> u32 {
 }
 "#;
 
-/// `seg_row(r)`: the handle ([`quant::row_handle_fn`]) of row `r` of packed weights across
+/// `seg_row(r)`: the handle ([`quant::packed_addressing`]) of row `r` of packed weights across
 /// the matvec parameters' up to three segments, each a packed matrix of its own (shared by
 /// [`matvec`], [`matvec_split`] and [`matmul`]).
 const SEG_ROW: &str = r#"// Handle of row r of the packed weights, across the segments.
@@ -670,7 +668,7 @@ pub fn matmul(ty: GgmlType, kind: Matvec, tokens: u32, n: u32) -> String {
 @group(0) @binding(1) var<uniform> xv: array<vec4<f32>, {n}>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(3) var<storage, read> p: array<u32>;
-{extra}{loader}{wrow}{layout}{helpers}
+{extra}{loader}{addressing}{helpers}
 {seg_row}@compute @workgroup_size({lanes})
 fn {entry}(@builtin(global_invocation_id) gid: vec3<u32>) {{
     {setup}{body}{store}}}
@@ -679,8 +677,7 @@ fn {entry}(@builtin(global_invocation_id) gid: vec3<u32>) {{
         ty = ty.name(),
         w_decl = quant::WeightRead::Storage.decl(),
         loader = quant::texture_loader(quant::WeightRead::Storage),
-        wrow = quant::row_handle_fn(),
-        layout = quant::packed_layout_fn(ty).unwrap_or(""),
+        addressing = quant::packed_addressing(ty),
         helpers = quant::HELPERS,
         seg_row = SEG_ROW,
         lanes = MATVEC_LANES,
@@ -699,7 +696,7 @@ pub fn embed(ty: GgmlType) -> String {
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
 @group(0) @binding(3) var<storage, read> p: array<u32>;
 @group(0) @binding(4) var<storage, read> step: array<u32>;
-{wrow}{layout}{helpers}{deq}
+{addressing}{helpers}{deq}
 @compute @workgroup_size({rows})
 fn embed(@builtin(global_invocation_id) gid: vec3<u32>) {{
     let b = gid.x;
@@ -715,8 +712,7 @@ fn embed(@builtin(global_invocation_id) gid: vec3<u32>) {{
 }}
 "#,
             ty = ty.name(),
-            wrow = quant::row_handle_fn(),
-            layout = quant::packed_layout_fn(ty).unwrap_or(""),
+            addressing = quant::packed_addressing(ty),
             helpers = quant::HELPERS,
             deq = quant::packed_deq_fn(ty).unwrap_or(""),
             rows = ROWS_PER_GROUP,

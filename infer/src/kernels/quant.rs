@@ -452,7 +452,7 @@ pub fn pack(ty: GgmlType, bytes: &[u8], cols: u64) -> Vec<u8> {
     let mut out = vec![0u8; packed_bytes(ty, rows as u64, cols) as usize];
     let mut row = vec![0u8; stride];
     for (r, src) in bytes.chunks_exact(raw_row).enumerate() {
-        // The row as one run of texels (`packed_layout_fn`): its blocks' quants, then their
+        // The row as one run of texels (`packed_addressing`): its blocks' quants, then their
         // scales.
         row.fill(0);
         for (b, blk) in src.chunks_exact(bb).enumerate() {
@@ -470,12 +470,23 @@ pub fn pack(ty: GgmlType, bytes: &[u8], cols: u64) -> Vec<u8> {
     out
 }
 
-/// WGSL `TR` ([`TILE_ROWS`]) and `wrow(o, r, rt) -> u32`: the handle of row `r` of the packed
-/// matrix that starts at byte `o` (a multiple of `16 · TILE_ROWS`) with `rt` texels a row: its
-/// first texel, texel `j` of the row being at handle `+ j · TR`.
-pub fn row_handle_fn() -> String {
+/// The WGSL that finds texels in a packed matrix of `ty` (the layout [`pack`] writes, in one
+/// place for every kernel):
+/// - `TR` ([`TILE_ROWS`]) and `wrow(o, r, rt) -> u32`: the handle of row `r` of the packed
+///   matrix that starts at byte `o` (a multiple of `16 · TILE_ROWS`) with `rt` texels a row:
+///   its first texel, texel `j` of the row being at handle `+ j · TR`;
+/// - for packed types, given a row's handle `ro` and its `nb` blocks: `wqt(ro, b, nb)`, the
+///   texel of block `b`'s quants (Q8_0: the first of two, the second at `+ TR`), and
+///   `wst(ro, b, nb)`, the texel of its scales (Q4_1: `d, m` as two f16 in component `b % 4`;
+///   Q8_0: `d` as f16 in half `b % 2` of component `(b / 2) % 4`).
+pub fn packed_addressing(ty: GgmlType) -> String {
+    let blocks = match ty {
+        GgmlType::Q8_0 => Q8_0_TEXELS,
+        GgmlType::Q4_1 => Q4_1_TEXELS,
+        _ => "",
+    };
     format!(
-        "const TR: u32 = {t}u;\nfn wrow(o: u32, r: u32, rt: u32) -> u32 {{\n    return (o >> 4u) + (r & ~{m}u) * rt + (r & {m}u);\n}}\n",
+        "const TR: u32 = {t}u;\nfn wrow(o: u32, r: u32, rt: u32) -> u32 {{\n    return (o >> 4u) + (r & ~{m}u) * rt + (r & {m}u);\n}}\n{blocks}",
         t = TILE_ROWS,
         m = TILE_ROWS - 1
     )
@@ -521,39 +532,26 @@ pub fn texture_loader(read: WeightRead) -> String {
     )
 }
 
-/// For packed types: where a row's texels are, given its handle `ro` ([`row_handle_fn`]) and
-/// its `nb` blocks: `wqt(ro, b, nb)`, the texel of block `b`'s quants (Q8_0: the first of two,
-/// the second at `+ TR`), and `wst(ro, b, nb)`, the texel of its scales (Q4_1: `d, m` as two f16
-/// in component `b % 4`; Q8_0: `d` as f16 in half `b % 2` of component `(b / 2) % 4`). The
-/// layout [`pack`] writes, in one place for every kernel.
-pub fn packed_layout_fn(ty: GgmlType) -> Option<&'static str> {
-    match ty {
-        GgmlType::Q8_0 => Some(
-            r#"
-fn wqt(ro: u32, b: u32, nb: u32) -> u32 {
+/// Q8_0's `wqt`, `wst` ([`packed_addressing`]).
+const Q8_0_TEXELS: &str = r#"fn wqt(ro: u32, b: u32, nb: u32) -> u32 {
     return ro + TR * 2u * b;
 }
 fn wst(ro: u32, b: u32, nb: u32) -> u32 {
     return ro + TR * (2u * nb + (b >> 3u));
 }
-"#,
-        ),
-        GgmlType::Q4_1 => Some(
-            r#"
-fn wqt(ro: u32, b: u32, nb: u32) -> u32 {
+"#;
+
+/// Q4_1's `wqt`, `wst` ([`packed_addressing`]).
+const Q4_1_TEXELS: &str = r#"fn wqt(ro: u32, b: u32, nb: u32) -> u32 {
     return ro + TR * b;
 }
 fn wst(ro: u32, b: u32, nb: u32) -> u32 {
     return ro + TR * (nb + (b >> 2u));
 }
-"#,
-        ),
-        _ => None,
-    }
-}
+"#;
 
 /// For packed types: `wrowp(ro, b, nb, x0..x7, sx)`, one row's dot product with block `b`'s
-/// activations, `ro` being the row's handle ([`row_handle_fn`]; its texel `j` is at
+/// activations, `ro` being the row's handle ([`packed_addressing`]; its texel `j` is at
 /// `ro + TR · j`), read with `wl` (see [`texture_loader`]).
 pub fn packed_row_fn(ty: GgmlType) -> Option<&'static str> {
     match ty {
@@ -598,7 +596,7 @@ fn wrowp(ro: u32, b: u32, nb: u32, x0: vec4<f32>, x1: vec4<f32>, x2: vec4<f32>, 
 }
 
 /// For packed types: `wdeqp(ro, b, nb, oo)` writes block `b` of the row whose handle
-/// ([`row_handle_fn`]) is `ro`, read from `w: array<vec4<u32>>`, to `out[oo..oo + 32]`
+/// ([`packed_addressing`]) is `ro`, read from `w: array<vec4<u32>>`, to `out[oo..oo + 32]`
 /// (embedding lookups).
 pub fn packed_deq_fn(ty: GgmlType) -> Option<&'static str> {
     match ty {
