@@ -365,7 +365,14 @@ fn matvec_every_type_and_segments_match_cpu() {
             offs[1],
             21,
             offs[2],
+            0,
+            0,
+            0,
         ];
+        assert_eq!(
+            p.len(),
+            kernels::matvec_zero_slot(false, false) as usize + 1
+        );
         let out = run_one(
             kernels::matvec(ty, Matvec::Plain),
             "matvec",
@@ -425,7 +432,9 @@ fn matvec_with_the_rms_norm_fused_matches_norm_then_matvec() {
                 0,
                 0,
                 eps.to_bits(),
+                0,
             ];
+            assert_eq!(p.len(), kernels::matvec_zero_slot(true, false) as usize + 1);
             let out = run_one(
                 kernels::matvec_norm(ty, kind, n),
                 kind.entry(),
@@ -1296,7 +1305,9 @@ fn matvec_with_norm_and_rope_fused_matches_norm_matvec_then_rope() {
                 base.to_bits(),
                 offset,
                 stride,
+                0,
             ]);
+            assert_eq!(p.len(), kernels::matvec_zero_slot(true, true) as usize + 1);
             let mut bufs = vec![
                 ("w", Init::Bytes(blob.clone())),
                 ("x", f32s(&x)),

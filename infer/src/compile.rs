@@ -1406,6 +1406,12 @@ pub(crate) fn matvec_pass(b: &mut Builder, m: MatvecPass<'_>) {
     if let Some(r) = &rope {
         pv.extend(r.params);
     }
+    // The slot the CPU-shaped kernels over packed weights mask their prefetch with: 0.
+    debug_assert_eq!(
+        pv.len(),
+        kernels::matvec_zero_slot(norm.is_some(), rope.is_some()) as usize
+    );
+    pv.push(0);
     let p = b.param(3, &pv);
     let (kind, ty) = (m.kind, m.ty);
     // The activations as a uniform array when they fit the 64 KiB every adapter allows.

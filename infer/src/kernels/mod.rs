@@ -108,6 +108,8 @@ pub fn matvec_rows_per_group(kind: Matvec) -> u32 {
 /// segment `i` has `r_i` rows whose weights start at byte `o_i` of the bound range. The
 /// dispatch's y dimension is the token: token `t` reads `x[t · cols..]` and writes
 /// `y[t · y_stride..]` (a batch of vectors through the same weights, as an encoder needs).
+/// After these (and eps and RoPE's slots where fused) comes one slot that must hold 0
+/// ([`matvec_zero_slot`]).
 pub fn matvec(ty: GgmlType, kind: Matvec) -> String {
     matvec_x(ty, kind, None)
 }
@@ -145,6 +147,31 @@ pub fn matvec_norm(ty: GgmlType, kind: Matvec, n: u32) -> String {
 /// dispatch costs most (lavapipe: ~60 µs, a sixth of a layer's).
 pub fn matvec_norm_rope(ty: GgmlType, kind: Matvec, n: u32) -> String {
     matvec_gen(ty, kind, Some(n), true, true)
+}
+
+/// Index of the slot after a [`matvec`]'s parameters (fourteen, eps and RoPE's seven when
+/// fused), which must hold 0: the CPU-shaped kernels over packed weights add the words their
+/// prefetch read, masked by it ([`tile_prefetch`]).
+pub fn matvec_zero_slot(norm: bool, rope: bool) -> u32 {
+    13 + u32::from(norm) + 7 * u32::from(rope)
+}
+
+/// The start of a CPU-shaped matvec over packed weights: each invocation reads one word of
+/// every 64-byte line of its row tiles (`TR` rows each, [`quant::packed_addressing`]: one
+/// contiguous run of `TR · p[2] / 16` texels, quants and scales) into `tv`, before its loop
+/// over blocks. Those loads depend on nothing, so a core keeps dozens of cache misses in
+/// flight, where the dot products' loads come a few at a time between hundreds of
+/// instructions of arithmetic and each waits for memory in turn. In a decode step every
+/// matrix comes from memory (a model is larger than the caches); on lavapipe this took
+/// SmolLM2's decode from ~36 to ~43 tokens/s. `r` is the invocation's rows (whole tiles).
+fn tile_prefetch(r: usize) -> String {
+    let mut s = String::from("    var tv = 0u;\n    let rt = p[2] >> 4u;\n");
+    for k in (0..r).step_by(quant::TILE_ROWS as usize) {
+        s.push_str(&format!(
+            "    for (var t = 0u; t < TR * rt; t += 4u) {{\n        tv ^= wl(o{k} + t).x;\n    }}\n"
+        ));
+    }
+    s
 }
 
 fn matvec_gen(
@@ -197,6 +224,9 @@ fn matvec_gen(
         ));
     }
     setup.push_str("    let xb = gid.y * p[1];\n");
+    if packed {
+        setup.push_str(&tile_prefetch(r));
+    }
     for k in 0..r {
         setup.push_str(&format!("    var a{k} = 0.0;\n"));
     }
@@ -227,6 +257,14 @@ fn matvec_gen(
         }
     }
     body.push_str("    }\n");
+    if packed {
+        // The prefetched words, times the zero slot: +0.0, and a0 is never -0.0 (a sum that
+        // starts at +0.0), so this adds nothing; the compiler cannot know it and keeps the loads.
+        body.push_str(&format!(
+            "    a0 += bitcast<f32>(tv & p[{}u]);\n",
+            matvec_zero_slot(norm, rope)
+        ));
+    }
     // Stores.
     let mut store = String::new();
     if rope {
