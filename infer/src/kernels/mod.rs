@@ -127,11 +127,12 @@ pub fn matvec_x(ty: GgmlType, kind: Matvec, uniform_x: Option<u32>) -> String {
 
 /// [`matvec_x`] with the RMS norm that precedes every decoder matvec fused in, for one token
 /// of a packed type read as a uniform array of `n` vec4s (`cols = 4n`): each invocation
-/// computes `scale = 1 / sqrt(mean(x²) + eps)` from the raw `x` (eps as f32 bits in `p[13]`)
-/// and multiplies every activation by `scale` and the norm weights
-/// (`@binding(5) var<uniform> gn: array<vec4<f32>, n>`), in the order of the `rmsnorm` kernel
-/// (`x · scale · g`). One dispatch fewer per norm: on lavapipe a dispatch costs ~100 µs, and
-/// summing 4n squares per invocation costs about 1% of the matvec.
+/// computes `scale = 1 / sqrt(mean(x²) + eps)` from the raw `x` (eps as f32 bits in `p[13]`),
+/// summing the squares as its loop over blocks loads the activations, takes the dot products
+/// with `x · g` (the norm weights, `@binding(5) var<uniform> gn: array<vec4<f32>, n>`) and
+/// multiplies each row's sum by `scale` at the end: `W (x · scale · g)` as `scale · W (x · g)`,
+/// the same up to rounding. One dispatch fewer per norm, and no pass of its own over the
+/// activations.
 pub fn matvec_norm(ty: GgmlType, kind: Matvec, n: u32) -> String {
     matvec_gen(ty, kind, Some(n), true, false)
 }
@@ -218,10 +219,13 @@ fn matvec_gen(
             setup.push_str(&format!("    let o{k} = {seg}(min(r0 + {k}u, last));\n"));
         }
     }
-    if let (true, Some(n)) = (norm, uniform_x) {
-        setup.push_str(&format!(
-            "    var ss = 0.0;\n    for (var i = 0u; i < {n}u; i++) {{\n        let v = xv[i];\n        ss += dot(v, v);\n    }}\n    let scale = 1.0 / sqrt(ss / f32(p[1]) + bitcast<f32>(p[13]));\n"
-        ));
+    if norm {
+        // The sum of squares is taken in the loop over blocks from the activations it loads
+        // anyway, and the rows' sums are scaled after it (the norm's scale is common to a
+        // row's products). A loop of its own over the activations is a gather of every
+        // vec4 on lavapipe (its index is a loop counter): for the logits' 384 SIMD vectors
+        // of invocations, more than the dot products' own activation loads.
+        setup.push_str("    var ss = 0.0;\n");
     }
     setup.push_str("    let xb = gid.y * p[1];\n");
     if packed {
@@ -239,7 +243,7 @@ fn matvec_gen(
         for k in 0..8 {
             if norm {
                 body.push_str(&format!(
-                    "        let x{k} = xv[xi + {k}u] * scale * gn[xi + {k}u];\n"
+                    "        let v{k} = xv[xi + {k}u];\n        ss += dot(v{k}, v{k});\n        let x{k} = v{k} * gn[xi + {k}u];\n"
                 ));
             } else {
                 body.push_str(&format!("        let x{k} = xv[xi + {k}u];\n"));
@@ -257,6 +261,12 @@ fn matvec_gen(
         }
     }
     body.push_str("    }\n");
+    if norm {
+        body.push_str("    let scale = 1.0 / sqrt(ss / f32(p[1]) + bitcast<f32>(p[13]));\n");
+        for k in 0..r {
+            body.push_str(&format!("    a{k} *= scale;\n"));
+        }
+    }
     if packed {
         // The prefetched words, times the zero slot: +0.0, and a0 is never -0.0 (a sum that
         // starts at +0.0), so this adds nothing; the compiler cannot know it and keeps the loads.
