@@ -157,19 +157,35 @@ pub fn matvec_zero_slot(norm: bool, rope: bool) -> u32 {
     13 + u32::from(norm) + 7 * u32::from(rope)
 }
 
-/// The start of a CPU-shaped matvec over packed weights: each invocation reads one word of
-/// every 64-byte line of its row tiles (`TR` rows each, [`quant::packed_addressing`]: one
-/// contiguous run of `TR · p[2] / 16` texels, quants and scales) into `tv`, before its loop
-/// over blocks. Those loads depend on nothing, so a core keeps dozens of cache misses in
-/// flight, where the dot products' loads come a few at a time between hundreds of
-/// instructions of arithmetic and each waits for memory in turn. In a decode step every
-/// matrix comes from memory (a model is larger than the caches); on lavapipe this took
-/// SmolLM2's decode from ~36 to ~43 tokens/s. `r` is the invocation's rows (whole tiles).
-fn tile_prefetch(r: usize) -> String {
-    let mut s = String::from("    var tv = 0u;\n    let rt = p[2] >> 4u;\n");
-    for k in (0..r).step_by(quant::TILE_ROWS as usize) {
+/// Invocations that read their row tiles together in [`tile_prefetch`]: lavapipe's SIMD
+/// vector (a workgroup of [`MATVEC_LANES`] is two).
+const PREFETCH_LANES: u32 = 8;
+
+/// The start of a CPU-shaped matvec over packed weights: before its loop over blocks, each
+/// group of [`PREFETCH_LANES`] consecutive invocations reads one word of every 64-byte line
+/// of their rows (`per` rows each, whole tiles of `TR` rows, [`quant::packed_addressing`]: one
+/// ascending run of texels from the group's first row), lane `k` taking lines `k`,
+/// `k + PREFETCH_LANES`, …, into `tv`. Those loads depend on nothing, so a core keeps dozens
+/// of cache misses in flight, where the dot products' loads come a few at a time between
+/// hundreds of instructions of arithmetic and each waits for memory in turn; and the group's
+/// lines are read in ascending order. In a decode step every matrix comes from memory (a
+/// model is larger than the caches). lavapipe, SmolLM2 decode: ~36 → ~43 tokens/s with each
+/// invocation reading its own tiles, +9% more read together in order (medians of 5 runs).
+/// `gate_up`: two matrices (gate rows at `p[6]`, up rows at `p[8]`).
+fn tile_prefetch(per: usize, gate_up: bool) -> String {
+    let v = PREFETCH_LANES;
+    let handles: &[&str] = if gate_up {
+        &["wrow(p[6], vr, rt)", "wrow(p[8], vr, rt)"]
+    } else {
+        &["seg_row(vr)"]
+    };
+    let mut s = format!(
+        "    var tv = 0u;\n    let rt = p[2] >> 4u;\n    let lane = gid.x % {v}u;\n    let vr = min(r0 - lane * {per}u, last);\n"
+    );
+    for h in handles {
         s.push_str(&format!(
-            "    for (var t = 0u; t < TR * rt; t += 4u) {{\n        tv ^= wl(o{k} + t).x;\n    }}\n"
+            "    {{\n        let vo = {h};\n        for (var t = lane * 4u; t < {v}u * {per}u * rt; t += {}u) {{\n            tv ^= wl(vo + t).x;\n        }}\n    }}\n",
+            4 * v
         ));
     }
     s
@@ -229,7 +245,8 @@ fn matvec_gen(
     }
     setup.push_str("    let xb = gid.y * p[1];\n");
     if packed {
-        setup.push_str(&tile_prefetch(r));
+        let gate_up = kind == Matvec::GateUp;
+        setup.push_str(&tile_prefetch(if gate_up { r / 2 } else { r }, gate_up));
     }
     for k in 0..r {
         setup.push_str(&format!("    var a{k} = 0.0;\n"));
