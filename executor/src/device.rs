@@ -35,6 +35,8 @@ pub(crate) struct DeviceConfig {
     pub(crate) resident_bytes: u64,
     /// Bytes of idle buffers kept for reuse.
     pub(crate) pool_bytes: u64,
+    /// Hold a low wake-up latency request while a job runs, on a CPU adapter.
+    pub(crate) low_wake_latency: bool,
 }
 
 /// A job's buffers, and which of them go back to the pool when it ends.
@@ -70,6 +72,8 @@ pub(crate) struct GpuDevice {
     /// into mapped buffers and outputs read straight from them (`MAPPABLE_PRIMARY_BUFFERS`),
     /// one copy each way instead of wgpu's staging copies.
     host_mapped: bool,
+    /// A CPU adapter whose jobs hold a low wake-up latency request ([`crate::wake`]).
+    low_wake_latency: bool,
 }
 
 impl GpuDevice {
@@ -118,6 +122,8 @@ impl GpuDevice {
             resident: Resident::new(config.resident_bytes),
             pool: Pool::new(config.pool_bytes),
             host_mapped,
+            low_wake_latency: config.low_wake_latency
+                && adapter.get_info().device_type == wgpu::DeviceType::Cpu,
         })
     }
 
@@ -571,6 +577,12 @@ impl GpuDevice {
         limit: Duration,
         stream: Option<&StreamSink>,
     ) -> Result<JobOutput, ExecError> {
+        // Held until the job returns (see `wake.rs`).
+        let _wake = if self.low_wake_latency {
+            crate::wake::LowWakeLatency::request()
+        } else {
+            None
+        };
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let mut upload = UploadStats::default();
         let JobBuffers {

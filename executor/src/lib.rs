@@ -20,6 +20,7 @@ mod pool;
 mod queue;
 mod resident;
 mod validate;
+mod wake;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -80,6 +81,11 @@ pub struct ExecConfig {
     pub resident_bytes: u64,
     /// Bytes of idle buffers kept per device for reuse ([`DEFAULT_POOL_BYTES`]).
     pub pool_bytes: u64,
+    /// While a job runs on a CPU adapter (lavapipe), ask Linux for a 0 µs CPU wake-up latency
+    /// (`/dev/cpu_dma_latency`, which needs root): idle cores then poll instead of halting
+    /// between the adapter's dispatches, each of which wakes its worker threads. On by
+    /// default; without the permission it does nothing. See `wake.rs`.
+    pub cpu_low_wake_latency: bool,
 }
 
 impl Default for ExecConfig {
@@ -93,6 +99,7 @@ impl Default for ExecConfig {
             memory_bytes: None,
             resident_bytes: DEFAULT_RESIDENT_BYTES,
             pool_bytes: DEFAULT_POOL_BYTES,
+            cpu_low_wake_latency: true,
         }
     }
 }
@@ -324,6 +331,7 @@ impl Executor {
                 pipeline_cache: config.pipeline_cache,
                 resident_bytes: config.resident_bytes,
                 pool_bytes: config.pool_bytes,
+                low_wake_latency: config.cpu_low_wake_latency,
             };
             let dev = GpuDevice::open(&adapter, dev_config)?;
             let shared = shared.clone();
