@@ -150,9 +150,11 @@ pub fn matvec_norm_rope(ty: GgmlType, kind: Matvec, n: u32) -> String {
     matvec_gen(ty, kind, Some(n), true, true)
 }
 
-/// Index of the slot after a [`matvec`]'s parameters (fourteen, eps and RoPE's seven when
-/// fused), which must hold 0: the CPU-shaped kernels over packed weights add the words their
-/// prefetch read, masked by it ([`tile_prefetch`]).
+/// Index of the slot after a [`matvec`]'s parameters (thirteen, then eps and RoPE's seven
+/// when fused), which must hold 0: the CPU-shaped kernels over packed weights first read one
+/// word of every cache line of their rows (a prefetch: those loads are all in flight at once)
+/// and add those words to a row's sum masked by this slot, so that the compiler keeps the
+/// loads and the sum is unchanged.
 pub fn matvec_zero_slot(norm: bool, rope: bool) -> u32 {
     13 + u32::from(norm) + 7 * u32::from(rope)
 }
