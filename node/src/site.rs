@@ -8,7 +8,7 @@ use tracing::{info, warn};
 
 use crate::config::{ConfigError, SiteConfig};
 use crate::error::{NodeError, StartError};
-use crate::executor::{ExecConfig, ExecError, Executor, bench};
+use crate::executor::{ExecError, Executor, bench};
 
 /// Running the site daemon failed.
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +92,8 @@ fn preload_blobs(paths: &[std::path::PathBuf]) -> Result<Vec<ModelBlobs>, SiteEr
 
 /// Opens this machine's best GPU adapter and benchmarks it (cached per adapter in the data dir).
 async fn detect_gpu(config: &SiteConfig) -> Result<Executor, SiteError> {
-    let exec = tokio::task::spawn_blocking(|| Executor::start(ExecConfig::default()))
+    let exec_config = config.executor.exec_config();
+    let exec = tokio::task::spawn_blocking(move || Executor::start(exec_config))
         .await
         .map_err(|e| ExecError::NoAdapter(format!(" (adapter probe failed: {e})")))??;
     let dir = crate::DataDir::new(
@@ -140,7 +141,8 @@ pub async fn run_site_with(
         Some(exec)
     } else if !config.gpus.is_empty() && config.detect_gpu {
         // Declared [[gpus]] are advertised as written; jobs still run on this machine's GPU.
-        let exec = tokio::task::spawn_blocking(|| Executor::start(ExecConfig::default()))
+        let exec_config = config.executor.exec_config();
+        let exec = tokio::task::spawn_blocking(move || Executor::start(exec_config))
             .await
             .map_err(|e| ExecError::NoAdapter(format!(" (adapter probe failed: {e})")))??;
         Some(exec)
