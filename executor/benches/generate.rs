@@ -1,7 +1,7 @@
 //! Token generation on this machine's adapter, against llama.cpp on the same machine:
 //! `cargo bench -p hashgrid-executor --bench generate -- [--model FILE.gguf] [--prompt-tokens N]
 //! [--new-tokens N] [--runs N] [--check-every N] [--target auto|cpu|gpu] [--profile]
-//! [--no-llama-cpp] [--json FILE]`.
+//! [--no-pin] [--no-wake-request] [--no-llama-cpp] [--json FILE]`.
 //!
 //! Reports, as medians of `--runs` runs (after one warm-up that also makes the weights
 //! resident): time to first token, prompt tokens/s (prompt tokens over the time to the first
@@ -11,6 +11,9 @@
 //! adds where a token's time goes: each kernel of the decoder step run alone in a loop, its
 //! time per dispatch and its share of a token. llama.cpp's figures come from
 //! `llama-cpp-python` when it is installed (2 threads, the same prompt and token counts).
+//!
+//! `--no-pin` and `--no-wake-request` turn off the executor's CPU-adapter settings
+//! (`ExecConfig::cpu_pin_threads`, `ExecConfig::cpu_low_wake_latency`), for comparisons.
 //!
 //! The model defaults to `$HASHGRID_SMOLLM2`. `--target` picks the kernels' shape (`auto`: the
 //! adapter's, as `hashgrid generate --local` does).
@@ -39,6 +42,8 @@ struct Args {
     target: Option<Target>,
     llama_cpp: bool,
     json: Option<PathBuf>,
+    pin: bool,
+    wake_request: bool,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -52,6 +57,8 @@ fn args() -> anyhow::Result<Args> {
         target: None,
         llama_cpp: true,
         json: None,
+        pin: true,
+        wake_request: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -72,6 +79,8 @@ fn args() -> anyhow::Result<Args> {
                 }
             }
             "--no-llama-cpp" => a.llama_cpp = false,
+            "--no-pin" => a.pin = false,
+            "--no-wake-request" => a.wake_request = false,
             "--json" => a.json = Some(val()?.into()),
             "--bench" => {}
             other => bail!("unknown argument {other}"),
@@ -110,7 +119,11 @@ fn main() -> anyhow::Result<()> {
     let a = args()?;
     let model = LlamaModel::open(&a.model)?;
     let weights = ModelWeights::load(&model)?;
-    let exec = Executor::start(ExecConfig::default())?;
+    let exec = Executor::start(ExecConfig {
+        cpu_pin_threads: a.pin,
+        cpu_low_wake_latency: a.wake_request,
+        ..ExecConfig::default()
+    })?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -209,6 +222,8 @@ fn main() -> anyhow::Result<()> {
         format!("{:?}", req.target).to_lowercase().into(),
     );
     report.insert("check_every".into(), req.check_every.into());
+    report.insert("cpu_pin_threads".into(), a.pin.into());
+    report.insert("cpu_low_wake_latency".into(), a.wake_request.into());
     report.insert("prompt_tokens".into(), a.prompt_tokens.into());
     report.insert("new_tokens".into(), a.new_tokens.into());
     report.insert("runs".into(), a.runs.into());

@@ -37,6 +37,8 @@ pub(crate) struct DeviceConfig {
     pub(crate) pool_bytes: u64,
     /// Hold a low wake-up latency request while a job runs, on a CPU adapter.
     pub(crate) low_wake_latency: bool,
+    /// Pin the driver's threads to cores when opening a device on a CPU adapter ([`crate::pin`]).
+    pub(crate) pin_threads: bool,
 }
 
 /// A job's buffers, and which of them go back to the pool when it ends.

@@ -16,6 +16,7 @@ mod adapter;
 pub mod bench;
 mod device;
 mod error;
+mod pin;
 mod pool;
 mod queue;
 mod resident;
@@ -86,6 +87,10 @@ pub struct ExecConfig {
     /// between the adapter's dispatches, each of which wakes its worker threads. On by
     /// default; without the permission it does nothing. See `wake.rs`.
     pub cpu_low_wake_latency: bool,
+    /// On a CPU adapter (lavapipe), pin the driver's threads to the cores, one after another
+    /// (its compute workers each on a core of their own): left to the scheduler, a dispatch's
+    /// wake-ups often stack two workers on one core. On by default (Linux only). See `pin.rs`.
+    pub cpu_pin_threads: bool,
 }
 
 impl Default for ExecConfig {
@@ -100,6 +105,7 @@ impl Default for ExecConfig {
             resident_bytes: DEFAULT_RESIDENT_BYTES,
             pool_bytes: DEFAULT_POOL_BYTES,
             cpu_low_wake_latency: true,
+            cpu_pin_threads: true,
         }
     }
 }
@@ -305,7 +311,26 @@ impl Executor {
     /// Opens the configured adapter and starts the workers. Blocking (opens devices); call it
     /// before or outside the async runtime, or in `spawn_blocking`.
     pub fn start(config: ExecConfig) -> Result<Executor, ExecError> {
-        let adapter = adapter::select_adapter(&config.adapter)?;
+        let dev_config = DeviceConfig {
+            pipeline_cache: config.pipeline_cache,
+            resident_bytes: config.resident_bytes,
+            pool_bytes: config.pool_bytes,
+            low_wake_latency: config.cpu_low_wake_latency,
+            pin_threads: config.cpu_pin_threads,
+        };
+        // Opened on a thread of their own, so the driver's threads can be told apart (`pin`).
+        let choice = config.adapter.clone();
+        let n_devices = config.max_concurrent.max(1);
+        let (adapter, devices) = pin::on_init_thread(move || {
+            let adapter = adapter::select_adapter(&choice)?;
+            let devices = (0..n_devices)
+                .map(|_| GpuDevice::open(&adapter, dev_config))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok::<_, ExecError>((adapter, devices))
+        })??;
+        if dev_config.pin_threads && adapter.get_info().device_type == wgpu::DeviceType::Cpu {
+            pin::spread();
+        }
         let profile = adapter::profile(&adapter, config.memory_bytes, Benchmark::default());
         let shared = Arc::new(Shared {
             queue: Mutex::new(FairQueue::new(config.queue_depth.max(1))),
@@ -326,14 +351,7 @@ impl Executor {
         // Counted from when a worker starts the job, not from when it was queued.
         let limit = Duration::from_millis(limits.max_job_ms);
         let shared_for_join = shared.clone();
-        for i in 0..config.max_concurrent.max(1) {
-            let dev_config = DeviceConfig {
-                pipeline_cache: config.pipeline_cache,
-                resident_bytes: config.resident_bytes,
-                pool_bytes: config.pool_bytes,
-                low_wake_latency: config.cpu_low_wake_latency,
-            };
-            let dev = GpuDevice::open(&adapter, dev_config)?;
+        for (i, dev) in devices.into_iter().enumerate() {
             let shared = shared.clone();
             let adapter = adapter.clone();
             let handle = std::thread::Builder::new()
@@ -497,6 +515,17 @@ fn shared_workers(
     shared.workers.lock().map_err(|_| ())
 }
 
+/// A new device on `adapter`, opened like the first ones (its driver threads pinned on a CPU
+/// adapter).
+fn open_replacement(adapter: &wgpu::Adapter, config: DeviceConfig) -> Result<GpuDevice, ExecError> {
+    let a = adapter.clone();
+    let dev = pin::on_init_thread(move || GpuDevice::open(&a, config))??;
+    if config.pin_threads && adapter.get_info().device_type == wgpu::DeviceType::Cpu {
+        pin::spread();
+    }
+    Ok(dev)
+}
+
 fn worker(
     shared: Arc<Shared>,
     adapter: wgpu::Adapter,
@@ -536,7 +565,7 @@ fn worker(
         if matches!(result, Err(ExecError::Timeout { .. } | ExecError::Gpu(_))) {
             shared.devices_replaced.fetch_add(1, Ordering::SeqCst);
             // Open the replacement first so a failure leaves the old one in place.
-            match GpuDevice::open(&adapter, config) {
+            match open_replacement(&adapter, config) {
                 Ok(fresh) => std::mem::replace(&mut dev, fresh).abandon(),
                 Err(e) => {
                     let _ = job.reply.send(Err(e));
