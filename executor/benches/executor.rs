@@ -1,7 +1,8 @@
 //! Executor benchmarks on this machine's adapter:
-//! `cargo bench -p hashgrid-executor --bench executor -- [--json]`.
+//! `cargo bench -p hashgrid-executor --bench executor -- [--json] [--no-pin]`.
 //!
-//! Reports matmul GFLOP/s at 512 and 1024, per-dispatch overhead (an empty kernel), upload and
+//! Reports matmul GFLOP/s at 512 and 1024, per-dispatch overhead (an empty kernel, in passes of
+//! their own and in a loop as a decode step runs them), upload and
 //! readback GB/s, and each job's overhead: wall time beyond the sum of its kernel times, next
 //! to the goal of 1 ms plus host memory-bandwidth time for its bytes. Medians of RUNS runs.
 
@@ -10,9 +11,14 @@ use std::time::Instant;
 use anyhow::Context;
 use hashgrid_executor::bench::{BenchJob, Data, copy_job, matmul_job, median_run, single_pass_job};
 use hashgrid_executor::{ExecConfig, Executor, JobOutput};
+use hashgrid_protocol::LoopSpec;
 
 /// Timed runs per figure (after one warm-up); the median is reported.
 const RUNS: usize = 5;
+
+/// Passes and iterations of the looped per-dispatch overhead figure.
+const LOOP_PASSES: u32 = 100;
+const LOOP_ITERS: u32 = 20;
 
 /// Bytes moved by the upload and readback figures: 64 MiB.
 const TRANSFER_BYTES: u64 = 64 << 20;
@@ -75,7 +81,12 @@ async fn upload_walls(exec: &Executor) -> anyhow::Result<(f64, f64)> {
 
 fn main() -> anyhow::Result<()> {
     let json = std::env::args().any(|a| a == "--json");
-    let exec = Executor::start(ExecConfig::default())?;
+    // `--no-pin`: leave a CPU adapter's driver threads to the scheduler (for comparisons).
+    let pin = !std::env::args().any(|a| a == "--no-pin");
+    let exec = Executor::start(ExecConfig {
+        cpu_pin_threads: pin,
+        ..ExecConfig::default()
+    })?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -125,6 +136,31 @@ fn main() -> anyhow::Result<()> {
             ((w101 - w1) / 100.0 * 1e3).into(),
         );
         r.insert("empty_job_wall_ms".into(), w1.into());
+        // The same inside a loop, as a decode step runs its passes: 100 passes of an empty
+        // kernel of 5 workgroups (a 576-row matvec's count), 20 iterations, one submission
+        // each; wall time per dispatch beyond the single-pass job's.
+        let mut looped = single_pass_job(
+            "empty",
+            EMPTY_WGSL,
+            vec![("o", Data::Zeroed(4), true)],
+            [5, 1, 1],
+        );
+        let pass = looped.0.passes[0].clone();
+        looped.0.passes = vec![pass; LOOP_PASSES as usize];
+        looped.0.loops = vec![LoopSpec {
+            first: 0,
+            len: LOOP_PASSES,
+            max_iters: LOOP_ITERS,
+            counter: None,
+            stop: None,
+            check_every: 1,
+            stream: Vec::new(),
+        }];
+        let (wl, _) = wall_median(&exec, &looped).await?;
+        r.insert(
+            "loop_dispatch_overhead_us".into(),
+            ((wl - w1) / f64::from(LOOP_PASSES * LOOP_ITERS) * 1e3).into(),
+        );
         r.insert(
             "empty_job_overhead_ms".into(),
             (o1.wall_ms - o1.gpu_ms).into(),
@@ -135,6 +171,7 @@ fn main() -> anyhow::Result<()> {
         // the pool (weights stay resident instead: their first upload is the fresh figure).
         let uploader = Executor::start(ExecConfig {
             resident_bytes: 0,
+            cpu_pin_threads: pin,
             ..ExecConfig::default()
         })?;
         let (wu_cold, wu) = upload_walls(&uploader).await?;
