@@ -549,7 +549,10 @@ impl GpuDevice {
                     .slice(..)
                     .get_mapped_range()
                     .map_err(|e| ExecError::Gpu(format!("reading back: {e}")))?;
-                view[..*len as usize].to_vec()
+                // Zeroed memory from the allocator is fresh pages, faulted in by the copy.
+                let mut v = vec![0u8; *len as usize];
+                crate::copy_parallel(&mut v, &view[..*len as usize]);
+                v
             };
             s.unmap();
             out.push(bytes);
