@@ -362,11 +362,16 @@ impl GpuDevice {
             if out.iter().any(|(k, _)| *k == (b.buffer, range)) {
                 continue;
             }
+            // A texture a pass writes is this job's alone: never from or into the resident set.
             let key = match &buf.init {
-                BufferInit::Blob(id) if buf.size >= RESIDENT_MIN_BYTES => Some(Key {
-                    blob: *id,
-                    texture: Some(range),
-                }),
+                BufferInit::Blob(id)
+                    if buf.size >= RESIDENT_MIN_BYTES && !checked.written[b.buffer] =>
+                {
+                    Some(Key {
+                        blob: *id,
+                        texture: Some(range),
+                    })
+                }
                 _ => None,
             };
             if let Some(Kept::Texture(view)) = key.and_then(|k| self.resident.get(&k)) {
@@ -387,7 +392,8 @@ impl GpuDevice {
                 format: wgpu::TextureFormat::Rgba32Uint,
                 usage: wgpu::TextureUsages::TEXTURE_BINDING
                     | wgpu::TextureUsages::STORAGE_BINDING
-                    | wgpu::TextureUsages::COPY_DST,
+                    | wgpu::TextureUsages::COPY_DST
+                    | wgpu::TextureUsages::COPY_SRC,
                 view_formats: &[],
             });
             let enc = encoder.get_or_insert_with(|| {
@@ -815,6 +821,12 @@ impl GpuDevice {
             i += 1;
         }
 
+        // Outputs written as textures: their textures' texels back into the buffer first.
+        for ((bi, range), view) in &textures {
+            if spec.buffers[*bi].output && checked.texture_written[*bi] {
+                texture_to_buffer(&mut enc, view.texture(), &buffers[*bi], *range);
+            }
+        }
         // Outputs, and the once-passes' timestamps.
         // On a CPU adapter outputs are mapped where they are; elsewhere copied to staging.
         let mut staging = Vec::new();
@@ -900,5 +912,52 @@ impl GpuDevice {
             resident_bytes: upload.resident_bytes,
             reused_buffers: upload.reused_buffers,
         })
+    }
+}
+
+/// Copies the texels of `texture`, made from `range` of `buffer` (whole rows of
+/// [`texture_shape`]'s width, then a partial last row), back into that range.
+fn texture_to_buffer(
+    enc: &mut wgpu::CommandEncoder,
+    texture: &wgpu::Texture,
+    buffer: &wgpu::Buffer,
+    range: BufferRange,
+) {
+    let (width, _) = texture_shape(range.size);
+    let row_bytes = u64::from(width) * 16;
+    let full = (range.size / row_bytes) as u32;
+    let tail = ((range.size % row_bytes) / 16) as u32;
+    for (offset, origin_y, w, h) in [
+        (range.offset, 0, width, full),
+        (range.offset + u64::from(full) * row_bytes, full, tail, 1),
+    ] {
+        if w == 0 || h == 0 {
+            continue;
+        }
+        enc.copy_texture_to_buffer(
+            wgpu::TexelCopyTextureInfo {
+                texture,
+                mip_level: 0,
+                origin: wgpu::Origin3d {
+                    x: 0,
+                    y: origin_y,
+                    z: 0,
+                },
+                aspect: wgpu::TextureAspect::All,
+            },
+            wgpu::TexelCopyBufferInfo {
+                buffer,
+                layout: wgpu::TexelCopyBufferLayout {
+                    offset,
+                    bytes_per_row: (h > 1).then_some(width * 16),
+                    rows_per_image: None,
+                },
+            },
+            wgpu::Extent3d {
+                width: w,
+                height: h,
+                depth_or_array_layers: 1,
+            },
+        );
     }
 }

@@ -28,6 +28,11 @@ pub(crate) enum BindKind {
     /// texture (no mip levels: lavapipe compiles its loads to a few instructions inline where a
     /// sampled texel fetch is a call of ~170).
     StorageTexture,
+    /// `texture_storage_2d<rgba32uint, write>`: the bound bytes as a texture that the pass
+    /// writes. A buffer any pass binds this way is a texture for the whole job: every pass
+    /// must bind it as a texture (ranges identical or disjoint), later passes see what earlier
+    /// ones wrote, and as an output it is copied back into the buffer at the end.
+    TextureWrite,
 }
 
 impl BindKind {
@@ -38,12 +43,16 @@ impl BindKind {
             BindKind::Uniform => "var<uniform>",
             BindKind::Texture => "texture_2d<u32>",
             BindKind::StorageTexture => "texture_storage_2d<rgba32uint, read>",
+            BindKind::TextureWrite => "texture_storage_2d<rgba32uint, write>",
         }
     }
 
-    /// Whether the binding reads the bytes as a texture (of either kind).
+    /// Whether the binding sees the bytes as a texture (of any kind).
     fn is_texture(self) -> bool {
-        matches!(self, BindKind::Texture | BindKind::StorageTexture)
+        matches!(
+            self,
+            BindKind::Texture | BindKind::StorageTexture | BindKind::TextureWrite
+        )
     }
 }
 
@@ -120,6 +129,9 @@ pub(crate) struct CheckedJob {
     /// Per buffer: whether a pass may write it. Read-only blob buffers can stay resident on
     /// the device and serve later jobs that name the same blob.
     pub(crate) written: Vec<bool>,
+    /// Per buffer: whether a pass writes it as a texture (`texture_storage_2d<rgba32uint,
+    /// write>`): its textures live for the whole job, and an output is copied back from them.
+    pub(crate) texture_written: Vec<bool>,
 }
 
 /// Rounding for buffer allocations: uniform buffers need sizes in multiples of 16.
@@ -217,6 +229,7 @@ pub(crate) fn check_job<V: super::InputBytes>(
 
     // Buffers some pass writes (or a loop counts into): never shared between jobs.
     let mut written = vec![false; spec.buffers.len()];
+    let mut texture_written = vec![false; spec.buffers.len()];
     for l in &spec.loops {
         if let Some(c) = l.counter {
             written[c as usize] = true;
@@ -268,8 +281,21 @@ pub(crate) fn check_job<V: super::InputBytes>(
                 AddressSpace::Handle if is_u32_texture_2d(&module.types[g.ty].inner) => {
                     BindKind::Texture
                 }
-                AddressSpace::Handle if is_read_only_rgba32uint(&module.types[g.ty].inner) => {
+                AddressSpace::Handle
+                    if is_rgba32uint_storage(
+                        &module.types[g.ty].inner,
+                        naga::StorageAccess::LOAD,
+                    ) =>
+                {
                     BindKind::StorageTexture
+                }
+                AddressSpace::Handle
+                    if is_rgba32uint_storage(
+                        &module.types[g.ty].inner,
+                        naga::StorageAccess::STORE,
+                    ) =>
+                {
+                    BindKind::TextureWrite
                 }
                 AddressSpace::Storage { access } => {
                     if access.contains(naga::StorageAccess::STORE) {
@@ -281,7 +307,7 @@ pub(crate) fn check_job<V: super::InputBytes>(
                 _ => {
                     if used {
                         return Err(berr(format!(
-                            "@group({}) @binding({}) is a texture or sampler other than texture_2d<u32> or texture_storage_2d<rgba32uint, read>; jobs bind buffers, read as storage, uniform or one of those two textures",
+                            "@group({}) @binding({}) is a texture or sampler other than texture_2d<u32> or texture_storage_2d<rgba32uint, read or write>; jobs bind buffers, as storage, uniform or one of those textures",
                             rb.group, rb.binding
                         )));
                     }
@@ -305,8 +331,8 @@ pub(crate) fn check_job<V: super::InputBytes>(
             declared.insert(rb.binding, (kind, min, used));
         }
         let mut bindings = Vec::new();
-        // buffer index -> (binding, kind) of its first use in this pass.
-        let mut seen: HashMap<u32, (u32, BindKind)> = HashMap::new();
+        // buffer index -> (binding, kind, range) of its uses in this pass.
+        let mut seen: HashMap<u32, Vec<(u32, BindKind, BufferRange)>> = HashMap::new();
         for b in &p.bindings {
             let buf = &spec.buffers[b.buffer as usize];
             let Some(&(kind, min, used)) = declared.get(&b.binding) else {
@@ -345,7 +371,7 @@ pub(crate) fn check_job<V: super::InputBytes>(
             let alloc = b.range.map_or(alloc_sizes[b.buffer as usize], |r| r.size);
             let max = match kind {
                 BindKind::Uniform => gpu.max_uniform_buffer_binding_size,
-                BindKind::Texture | BindKind::StorageTexture => u64::MAX,
+                BindKind::Texture | BindKind::StorageTexture | BindKind::TextureWrite => u64::MAX,
                 _ => gpu.max_storage_buffer_binding_size,
             };
             if alloc > max {
@@ -360,11 +386,19 @@ pub(crate) fn check_job<V: super::InputBytes>(
             // The job spec names no kinds, so the shader decides; what can conflict is one buffer
             // bound twice in a pass where one binding writes (WebGPU forbids a writable storage
             // usage alongside any other usage of the same buffer in one dispatch).
+            // A texture written in a pass likewise, where the ranges (textures) overlap.
             if used {
-                if let Some(&(other, other_kind)) = seen.get(&b.buffer)
-                    && (kind == BindKind::StorageReadWrite
-                        || other_kind == BindKind::StorageReadWrite)
-                {
+                let range = b.range.unwrap_or(BufferRange {
+                    offset: 0,
+                    size: buf.size,
+                });
+                let uses = seen.entry(b.buffer).or_default();
+                if let Some(&(other, other_kind, _)) = uses.iter().find(|(_, k, r)| {
+                    kind == BindKind::StorageReadWrite
+                        || *k == BindKind::StorageReadWrite
+                        || ((kind == BindKind::TextureWrite || *k == BindKind::TextureWrite)
+                            && overlap(*r, range))
+                }) {
                     return Err(berr(format!(
                         "buffer {:?} is bound at binding {other} as {} and at binding {} as {}: a buffer written in a pass cannot be bound twice in it; use a separate buffer",
                         buf.name,
@@ -373,7 +407,7 @@ pub(crate) fn check_job<V: super::InputBytes>(
                         kind.describe()
                     )));
                 }
-                seen.entry(b.buffer).or_insert((b.binding, kind));
+                uses.push((b.binding, kind, range));
                 bindings.push(CheckedBinding {
                     binding: b.binding,
                     buffer: b.buffer as usize,
@@ -382,6 +416,9 @@ pub(crate) fn check_job<V: super::InputBytes>(
                 });
                 if kind == BindKind::StorageReadWrite {
                     written[b.buffer as usize] = true;
+                }
+                if kind == BindKind::TextureWrite {
+                    texture_written[b.buffer as usize] = true;
                 }
             }
         }
@@ -401,18 +438,25 @@ pub(crate) fn check_job<V: super::InputBytes>(
         }
         let storage_textures = declared
             .values()
-            .filter(|(k, _, used)| *used && *k == BindKind::StorageTexture)
+            .filter(|(k, _, used)| {
+                *used && matches!(k, BindKind::StorageTexture | BindKind::TextureWrite)
+            })
             .count();
         if storage_textures > MAX_STORAGE_TEXTURES_PER_PASS {
             return Err(berr(format!(
-                "the shader reads {storage_textures} buffers as texture_storage_2d, over the {MAX_STORAGE_TEXTURES_PER_PASS} every adapter allows"
+                "the shader binds {storage_textures} buffers as texture_storage_2d, over the {MAX_STORAGE_TEXTURES_PER_PASS} every adapter allows"
             )));
         }
         passes.push(CheckedPass { bindings });
     }
     // A texture is a snapshot of its buffer as the job starts: nothing may write that buffer.
     for (pi, p) in passes.iter().enumerate() {
-        for b in p.bindings.iter().filter(|b| b.texture) {
+        // (A buffer written as a texture is checked below, with its own rules.)
+        for b in p
+            .bindings
+            .iter()
+            .filter(|b| b.texture && !texture_written[b.buffer])
+        {
             if written[b.buffer] {
                 let pass = &spec.passes[pi];
                 return Err(ExecError::Binding {
@@ -427,16 +471,73 @@ pub(crate) fn check_job<V: super::InputBytes>(
             }
         }
     }
+    // A buffer written as a texture is a texture for the whole job: only texture bindings,
+    // each range one texture (identical or disjoint), nothing that reads or writes its bytes
+    // as a buffer while the job runs.
+    let mut ranges: Vec<Vec<BufferRange>> = vec![Vec::new(); spec.buffers.len()];
+    for (pi, p) in passes.iter().enumerate() {
+        let pass = &spec.passes[pi];
+        let perr = |message: String| ExecError::Binding {
+            pass: pi,
+            file: spec.shaders[pass.shader as usize].name.clone(),
+            entry: pass.entry.clone(),
+            message,
+        };
+        for b in p.bindings.iter().filter(|b| texture_written[b.buffer]) {
+            let name = &spec.buffers[b.buffer].name;
+            if !b.texture {
+                return Err(perr(format!(
+                    "buffer {name:?} is written as a texture by a pass, so every pass must bind it as a texture, but binding {} is not one",
+                    b.binding
+                )));
+            }
+            let r = b.range.unwrap_or(BufferRange {
+                offset: 0,
+                size: spec.buffers[b.buffer].size,
+            });
+            if ranges[b.buffer].iter().any(|&o| o != r && overlap(o, r)) {
+                return Err(perr(format!(
+                    "buffer {name:?} is written as a texture, and binding {} binds bytes {}..{} of it, which overlap another of its ranges: each range is its own texture, so ranges must be identical or disjoint",
+                    b.binding,
+                    r.offset,
+                    r.offset + r.size
+                )));
+            }
+            if !ranges[b.buffer].contains(&r) {
+                ranges[b.buffer].push(r);
+            }
+        }
+    }
+    for (li, l) in spec.loops.iter().enumerate() {
+        for b in l.counter.iter().chain(l.stop.iter()).chain(l.stream.iter()) {
+            if texture_written[*b as usize] {
+                return Err(ExecError::Limit(format!(
+                    "loop {li} counts into, stops on or streams buffer {:?}, which a pass writes as a texture: its bytes exist only when the job ends",
+                    spec.buffers[*b as usize].name
+                )));
+            }
+        }
+    }
+    for (w, t) in written.iter_mut().zip(&texture_written) {
+        *w |= *t;
+    }
     Ok(CheckedJob {
         shader_hashes,
         passes,
         alloc_sizes,
         written,
+        texture_written,
     })
 }
 
-/// Whether `ty` is `texture_storage_2d<rgba32uint, read>` (not an array).
-fn is_read_only_rgba32uint(ty: &naga::TypeInner) -> bool {
+/// Whether two byte ranges share a byte.
+fn overlap(a: BufferRange, b: BufferRange) -> bool {
+    a.offset < b.offset + b.size && b.offset < a.offset + a.size
+}
+
+/// Whether `ty` is `texture_storage_2d<rgba32uint, ...>` with exactly `access` (`LOAD`: read,
+/// `STORE`: write), not an array.
+fn is_rgba32uint_storage(ty: &naga::TypeInner, access: naga::StorageAccess) -> bool {
     matches!(
         ty,
         naga::TypeInner::Image {
@@ -444,9 +545,9 @@ fn is_read_only_rgba32uint(ty: &naga::TypeInner) -> bool {
             arrayed: false,
             class: naga::ImageClass::Storage {
                 format: naga::StorageFormat::Rgba32Uint,
-                access: naga::StorageAccess::LOAD,
+                access: a,
             },
-        }
+        } if *a == access
     )
 }
 

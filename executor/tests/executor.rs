@@ -934,6 +934,145 @@ fn texture_bindings_are_checked() {
     assert!(err.contains("snapshot"), "{err}");
 }
 
+/// A job whose loop writes buffer `kv` as a texture, `n` texels an iteration at texel
+/// `step · n + i` (`[step + 1, i, 7, 9]`), for `iters` iterations, then a pass after the loop
+/// that reads the texture back into `out`. `kv` is an output too.
+fn texture_write_job(n: u32, iters: u32) -> LoadedJob {
+    let row = hashgrid_protocol::job::TEXTURE_ROW_TEXELS;
+    let texels = u64::from(n * iters);
+    let coord = format!("vec2<u32>(i % {row}u, i / {row}u)");
+    let writer = format!(
+        "@group(0) @binding(0) var t: texture_storage_2d<rgba32uint, write>;\n\
+         @group(0) @binding(1) var<storage, read> step: array<u32>;\n\
+         @compute @workgroup_size(64) fn main(@builtin(global_invocation_id) g: vec3<u32>) {{\n\
+           if (g.x < {n}u) {{ let i = step[0] * {n}u + g.x; textureStore(t, {coord}, vec4<u32>(step[0] + 1u, g.x, 7u, 9u)); }}\n\
+         }}"
+    );
+    let reader = format!(
+        "@group(0) @binding(0) var t: texture_storage_2d<rgba32uint, read>;\n\
+         @group(0) @binding(1) var<storage, read_write> out: array<vec4<u32>>;\n\
+         @compute @workgroup_size(64) fn main(@builtin(global_invocation_id) g: vec3<u32>) {{\n\
+           let i = g.x;\n\
+           if (i < {texels}u) {{ out[i] = textureLoad(t, {coord}); }}\n\
+         }}"
+    );
+    let buf = |name: &str, size: u64, output: bool| BufferSpec {
+        name: name.into(),
+        size,
+        init: BufferInit::Zeroed,
+        output,
+    };
+    LoadedJob {
+        spec: JobSpec {
+            name: "texture-write".into(),
+            buffers: vec![
+                buf("kv", texels * 16, true),
+                buf("step", 4, false),
+                buf("out", texels * 16, true),
+            ],
+            shaders: vec![
+                ShaderSource {
+                    name: "write.wgsl".into(),
+                    wgsl: writer,
+                },
+                ShaderSource {
+                    name: "read.wgsl".into(),
+                    wgsl: reader,
+                },
+            ],
+            passes: vec![
+                PassSpec {
+                    shader: 0,
+                    entry: "main".into(),
+                    workgroups: [n.div_ceil(64), 1, 1],
+                    bindings: vec![Binding::whole(0, 0), Binding::whole(1, 1)],
+                },
+                PassSpec {
+                    shader: 1,
+                    entry: "main".into(),
+                    workgroups: [(texels as u32).div_ceil(64), 1, 1],
+                    bindings: vec![Binding::whole(0, 0), Binding::whole(1, 2)],
+                },
+            ],
+            loops: vec![hashgrid_protocol::LoopSpec {
+                first: 0,
+                len: 1,
+                max_iters: iters,
+                counter: Some(1),
+                stop: None,
+                check_every: 1,
+                stream: Vec::new(),
+            }],
+        },
+        inputs: BTreeMap::new(),
+        verify: Default::default(),
+    }
+}
+
+#[test]
+fn a_buffer_written_as_a_texture_is_one_texture_for_the_whole_job() {
+    let exec = start(ExecConfig::default());
+    // 3 × 1400 texels: a full row of 4096 and a partial second one.
+    let (n, iters) = (1400u32, 3u32);
+    let out = run(&exec, texture_write_job(n, iters)).expect("runs");
+    let want: Vec<u8> = (0..iters)
+        .flat_map(|s| (0..n).flat_map(move |i| [s + 1, i, 7, 9]))
+        .flat_map(u32::to_le_bytes)
+        .collect();
+    let get = |name: &str| &out.outputs.iter().find(|o| o.name == name).unwrap().bytes;
+    assert!(
+        *get("out") == want,
+        "a later pass reads what every iteration wrote"
+    );
+    assert!(
+        *get("kv") == want,
+        "the output is copied back from the texture"
+    );
+    // Run again: nothing of the first job's texture is left (a fresh zeroed texture, so a job
+    // writing fewer iterations sees zeros beyond them).
+    let out = run(&exec, texture_write_job(n, 1)).expect("runs");
+    let get = |name: &str| &out.outputs.iter().find(|o| o.name == name).unwrap().bytes;
+    assert_eq!(&get("out")[..want.len() / 3], &want[..want.len() / 3]);
+}
+
+#[test]
+fn a_buffer_written_as_a_texture_is_only_ever_a_texture() {
+    let exec = start(ExecConfig::default());
+    // Bound as a storage buffer by another pass.
+    let mut job = texture_write_job(64, 2);
+    job.spec.shaders.push(ShaderSource {
+        name: "poke.wgsl".into(),
+        wgsl: "@group(0) @binding(0) var<storage, read_write> w: array<u32>;\n\
+               @compute @workgroup_size(1) fn main() { w[0] = 1u; }"
+            .into(),
+    });
+    job.spec.passes.push(PassSpec {
+        shader: 2,
+        entry: "main".into(),
+        workgroups: [1, 1, 1],
+        bindings: vec![Binding::whole(0, 0)],
+    });
+    let err = run(&exec, job).expect_err("bound as a buffer").to_string();
+    assert!(err.contains("must bind it as a texture"), "{err}");
+    // Streamed from the loop (its bytes exist only at the end).
+    let mut job = texture_write_job(64, 2);
+    job.spec.loops[0].stream = vec![0];
+    let err = run(&exec, job).expect_err("streamed").to_string();
+    assert!(err.contains("writes as a texture"), "{err}");
+    // Two overlapping ranges (two textures of the same bytes).
+    let mut job = texture_write_job(64, 2);
+    job.spec.passes[1].bindings[0] = Binding {
+        binding: 0,
+        buffer: 0,
+        range: Some(hashgrid_protocol::BufferRange {
+            offset: 256,
+            size: 1024,
+        }),
+    };
+    let err = run(&exec, job).expect_err("overlapping ranges").to_string();
+    assert!(err.contains("identical or disjoint"), "{err}");
+}
+
 /// A job of one input blob (`input_len` bytes of `fill`), one scratch buffer and one output:
 /// `mode` "copy" copies every word of the input's buffer (padding included) to the output,
 /// "dirty" writes 0xdeadbeef over the scratch and the output, "peek" copies the scratch.

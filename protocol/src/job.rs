@@ -55,7 +55,11 @@ pub const RANGE_ALIGN: u64 = 256;
 /// [`TEXTURE_ROW_TEXELS`] texels per row (fewer when the whole binding is shorter than a row):
 /// texel `i` (bytes `16·i..16·i + 16`) is at `(i % TEXTURE_ROW_TEXELS, i / TEXTURE_ROW_TEXELS)`.
 /// It is a read-only snapshot of the bytes as the job starts, so no pass may write a buffer
-/// that a pass reads as a texture. On CPU adapters (lavapipe) a texel fetch costs a fraction
+/// that a pass reads as a texture, except as a texture: a buffer some pass binds as
+/// `texture_storage_2d<rgba32uint, write>` is a texture for the whole job (every pass binds it
+/// as one, each bound range its own texture, ranges identical or disjoint; later passes see
+/// earlier writes; not a loop's counter, stop flag or stream; as an output, copied back at
+/// the end). On CPU adapters (lavapipe) a texel fetch costs a fraction
 /// of a storage-buffer load, which makes weight-bound kernels several times faster.
 pub const TEXTURE_ROW_TEXELS: u64 = 4096;
 
