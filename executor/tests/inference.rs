@@ -1180,17 +1180,30 @@ fn rope_cpu(v: &mut [f32], pos: u32, rope_dim: usize, base: f32, neox: bool) {
     }
 }
 
+/// `rope_store`, and `rope_store_tex` (the caches as textures, copied back as outputs).
 #[test]
 fn rope_store_rotates_q_and_appends_kv() {
     let mut rng = Rng(5);
     let (nh, nkv, hd, pos, ctx) = (4usize, 2usize, 64usize, 37u32, 64usize);
-    for (neox, rope_dim) in [(false, 64usize), (true, 64), (false, 32), (true, 32)] {
+    for (tex, neox, rope_dim) in [false, true].into_iter().flat_map(|t| {
+        [
+            (t, false, 64usize),
+            (t, true, 64),
+            (t, false, 32),
+            (t, true, 32),
+        ]
+    }) {
         let qkv = rng.vec((nh + 2 * nkv) * hd);
         let base = 10_000f32;
+        let (wgsl, threads) = if tex {
+            (kernels::rope_store_tex(), nh * hd / 2 + nkv * hd / 4)
+        } else {
+            (kernels::rope_store(), (nh + nkv) * hd / 2)
+        };
         let out = run_one(
-            kernels::rope_store(),
+            wgsl,
             "rope_store",
-            ((nh + nkv) * hd / 2).div_ceil(64) as u32,
+            threads.div_ceil(64) as u32,
             vec![
                 ("qkv", f32s(&qkv)),
                 ("kc", Init::Zero((4 * ctx * nkv * hd) as u64)),
@@ -1222,7 +1235,7 @@ fn rope_store_rotates_q_and_appends_kv() {
         let got_q = to_f32(&out[0]);
         let kc = to_f32(&out[1]);
         let vc = to_f32(&out[2]);
-        let what = format!("rope neox={neox} dim={rope_dim}");
+        let what = format!("rope tex={tex} neox={neox} dim={rope_dim}");
         for h in 0..nh {
             let mut want = qkv[h * hd..(h + 1) * hd].to_vec();
             rope_cpu(&mut want, pos, rope_dim, base, neox);
@@ -1276,11 +1289,14 @@ fn matvec_with_norm_and_rope_fused_matches_norm_matvec_then_rope() {
         let blob = kernels::quant::pack(ty, &wb, cols as u64);
         let bias = rng.vec(rows);
         let n = (cols / 4) as u32;
-        for (kind, rope_dim) in [
-            (Matvec::Plain, hd),
-            (Matvec::Bias, hd),
-            (Matvec::Plain, hd / 2),
-        ] {
+        // `tex`: `matvec_norm_rope_tex`, the caches as textures (copied back as outputs).
+        for (tex, kind, rope_dim) in [false, true].into_iter().flat_map(|t| {
+            [
+                (t, Matvec::Plain, hd),
+                (t, Matvec::Bias, hd),
+                (t, Matvec::Plain, hd / 2),
+            ]
+        }) {
             let mut p = vec![
                 rows as u32,
                 cols as u32,
@@ -1332,8 +1348,13 @@ fn matvec_with_norm_and_rope_fused_matches_norm_matvec_then_rope() {
                 bufs.push(("bias", f32s(&bias)));
                 binds.push((4, 8, None));
             }
+            let wgsl = if tex {
+                kernels::matvec_norm_rope_tex(ty, kind, n)
+            } else {
+                kernels::matvec_norm_rope(ty, kind, n)
+            };
             let out = run_one(
-                kernels::matvec_norm_rope(ty, kind, n),
+                wgsl,
                 kind.entry(),
                 (rows as u32).div_ceil(kernels::matvec_rows_per_group(kind)),
                 bufs,
@@ -1348,7 +1369,7 @@ fn matvec_with_norm_and_rope_fused_matches_norm_matvec_then_rope() {
             for h in 0..nh + nkv {
                 rope_cpu(&mut want[h * hd..(h + 1) * hd], pos, rope_dim, base, false);
             }
-            let what = format!("{} {ty:?} rope dim {rope_dim}", kind.entry());
+            let what = format!("{} {ty:?} rope dim {rope_dim} tex {tex}", kind.entry());
             let (y, kc, vc) = (to_f32(&out[2]), to_f32(&out[5]), to_f32(&out[6]));
             close(&y[..qd], &want[..qd], 1e-3, &format!("q of {what}"));
             let row = pos as usize * kvd;
@@ -1426,10 +1447,13 @@ fn attention_matches_cpu_with_grouped_heads() {
         size: (ctx * kvd * 4) as u64,
     });
     // q from a storage buffer and from a uniform one (as the compiler binds it), in the CPU
-    // shape and the GPU shape (V summed over positions split between threads).
+    // shape (caches as buffers, and as textures) and the GPU shape (V summed over positions
+    // split between threads).
     for kernel in [
         kernels::attention(),
         kernels::attention_q(Some((nh * hd / 4) as u32)),
+        kernels::attention_q_tex(None),
+        kernels::attention_q_tex(Some((nh * hd / 4) as u32)),
         kernels::attention_split(None),
         kernels::attention_split(Some((nh * hd / 4) as u32)),
     ] {

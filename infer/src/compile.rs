@@ -1033,12 +1033,21 @@ impl Decoder<'_> {
         let q_bytes = qd * 4;
         let uniform_q = one && q_bytes <= MAX_UNIFORM_X;
         let uq = uniform_q.then_some((q_bytes / 16) as u32);
+        // A CPU-shaped job keeps the K and V caches as textures: every pass that touches them
+        // binds them so (`kernels::KV_TEXTURE`); lavapipe reads texels far faster than
+        // storage buffers. GPUs read them as buffers.
+        let kv_tex = b.target == Target::Cpu;
         let attn_sh = if rope_in_attention {
             b.shader("attention_rope", kernels::attention_rope)
         } else if b.target == Target::Gpu && c.head_dim / 4 <= kernels::ATTN_SPLIT_THREADS as usize
         {
             let key = format!("attention_split_q{}", uq.unwrap_or(0));
             b.shader(&key, || kernels::attention_split(uq))
+        } else if kv_tex {
+            let n = uq.unwrap_or(0);
+            b.shader(&format!("attention_q{n}_tex"), || {
+                kernels::attention_q_tex(uq)
+            })
         } else if let Some(n) = uq {
             b.shader(&format!("attention_q{n}"), || kernels::attention_q(Some(n)))
         } else {
@@ -1192,8 +1201,19 @@ impl Decoder<'_> {
             let q_bind = if rope_fused {
                 q_binding
             } else if !rope_in_attention {
-                let rope_sh =
-                    *rope_sh.get_or_insert_with(|| b.shader("rope_store", kernels::rope_store));
+                let rope_sh = *rope_sh.get_or_insert_with(|| {
+                    if kv_tex {
+                        b.shader("rope_store_tex", kernels::rope_store_tex)
+                    } else {
+                        b.shader("rope_store", kernels::rope_store)
+                    }
+                });
+                // The texture variant: q's pairs, then one thread per texel of k and v.
+                let threads = if kv_tex {
+                    nh * (hd / 2) + nkv * (hd / 4)
+                } else {
+                    (nh + nkv) * (hd / 2)
+                };
                 let p = b.param(
                     3,
                     &[
@@ -1211,10 +1231,7 @@ impl Decoder<'_> {
                 b.pass_xy(
                     rope_sh,
                     "rope_store",
-                    [
-                        groups((nh + nkv) * (hd / 2), kernels::ROWS_PER_GROUP),
-                        tokens,
-                    ],
+                    [groups(threads, kernels::ROWS_PER_GROUP), tokens],
                     vec![
                         whole(0, a.qkv),
                         ranged(1, a.kcache, kv_range),
@@ -1471,8 +1488,9 @@ pub(crate) fn matvec_pass(b: &mut Builder, m: MatvecPass<'_>) {
         return;
     }
     let sh = match (norm, uniform_x) {
-        (Some(_), Some(n)) if rope.is_some() => b.shader(&format!("{name}_norm_rope"), || {
-            kernels::matvec_norm_rope(ty, kind, (n / 16) as u32)
+        // Only CPU-shaped jobs fuse RoPE here, and they keep the caches as textures.
+        (Some(_), Some(n)) if rope.is_some() => b.shader(&format!("{name}_norm_rope_tex"), || {
+            kernels::matvec_norm_rope_tex(ty, kind, (n / 16) as u32)
         }),
         (Some(_), Some(n)) => b.shader(&format!("{name}_norm"), || {
             kernels::matvec_norm(ty, kind, (n / 16) as u32)

@@ -127,7 +127,7 @@ pub fn matvec(ty: GgmlType, kind: Matvec) -> String {
 /// bound bytes as `rgba32uint` texels), whose fetches cost lavapipe far less than storage
 /// loads; other types read `w: array<u32>`.
 pub fn matvec_x(ty: GgmlType, kind: Matvec, uniform_x: Option<u32>) -> String {
-    matvec_gen(ty, kind, uniform_x, false, false)
+    matvec_gen(ty, kind, uniform_x, false, false, false)
 }
 
 /// [`matvec_x`] with the RMS norm that precedes every decoder matvec fused in, for one token
@@ -139,7 +139,7 @@ pub fn matvec_x(ty: GgmlType, kind: Matvec, uniform_x: Option<u32>) -> String {
 /// the same up to rounding. One dispatch fewer per norm, and no pass of its own over the
 /// activations.
 pub fn matvec_norm(ty: GgmlType, kind: Matvec, n: u32) -> String {
-    matvec_gen(ty, kind, Some(n), true, false)
+    matvec_gen(ty, kind, Some(n), true, false, false)
 }
 
 /// [`matvec_norm`] for one token's q, k and v rows (`Plain` or `Bias`), with [`rope_store`]'s
@@ -152,7 +152,13 @@ pub fn matvec_norm(ty: GgmlType, kind: Matvec, n: u32) -> String {
 /// is `step · step_stride + offset` (`@binding(8) step`). One dispatch a layer fewer where a
 /// dispatch costs most (lavapipe: ~60 µs, a sixth of a layer's).
 pub fn matvec_norm_rope(ty: GgmlType, kind: Matvec, n: u32) -> String {
-    matvec_gen(ty, kind, Some(n), true, true)
+    matvec_gen(ty, kind, Some(n), true, true, false)
+}
+
+/// [`matvec_norm_rope`] with the K and V caches kept as textures ([`KV_TEXTURE`], `write`
+/// access at bindings 6 and 7): an invocation's 8 rows are two whole texels of k or of v.
+pub fn matvec_norm_rope_tex(ty: GgmlType, kind: Matvec, n: u32) -> String {
+    matvec_gen(ty, kind, Some(n), true, true, true)
 }
 
 /// Index of the slot after a [`matvec`]'s parameters (thirteen, then eps and RoPE's seven
@@ -204,9 +210,11 @@ fn matvec_gen(
     uniform_x: Option<u32>,
     norm: bool,
     rope: bool,
+    tex_kv: bool,
 ) -> String {
     let norm = norm && uniform_x.is_some() && quant::is_packed(ty);
     let rope = rope && norm && matches!(kind, Matvec::Plain | Matvec::Bias);
+    let tex_kv = tex_kv && rope;
     let extra = match kind {
         Matvec::Bias => "@group(0) @binding(4) var<storage, read> bias: array<f32>;\n",
         Matvec::Logits => "@group(0) @binding(4) var<storage, read> step: array<u32>;\n",
@@ -305,6 +313,11 @@ fn matvec_gen(
         store.push_str(
             "    let pos = step[0] * p[20] + p[19];\n    let qd = p[14];\n    let kvd = p[15];\n    let rscale = pow(bitcast<f32>(p[18]), -2.0 / f32(p[17]));\n    // theta of pair ti, multiplied up from pair 0 as rope_store does (and carried from\n    // one pair to the next: the same products).\n    var theta = f32(pos);\n    var ti = 0u;\n",
         );
+        if tex_kv {
+            for k in 0..r {
+                store.push_str(&format!("    var w{k} = 0.0;\n"));
+            }
+        }
         for k in (0..r).step_by(2) {
             let add = |j: usize| {
                 if kind == Matvec::Bias {
@@ -336,24 +349,37 @@ fn matvec_gen(
                 v1 = y1;
             }}
         }}
-        if (rk < qd) {{
-            y[yb + rk] = v0;
-            y[yb + rk + 1u] = v1;
-        }} else if (rk < qd + kvd) {{
-            let o = pos * kvd + rk - qd;
-            kc[o] = v0;
-            kc[o + 1u] = v1;
-        }} else {{
-            let o = pos * kvd + rk - qd - kvd;
-            vc[o] = v0;
-            vc[o + 1u] = v1;
-        }}
-    }}
+{kv_store}    }}
 "#,
                 k1 = k + 1,
                 v0 = add(k),
                 v1 = add(k + 1),
+                kv_store = if tex_kv {
+                    format!(
+                        "        if (rk < qd) {{\n            y[yb + rk] = v0;\n            y[yb + rk + 1u] = v1;\n        }}\n        w{k} = v0;\n        w{} = v1;\n",
+                        k + 1
+                    )
+                } else {
+                    "        if (rk < qd) {\n            y[yb + rk] = v0;\n            y[yb + rk + 1u] = v1;\n        } else if (rk < qd + kvd) {\n            let o = pos * kvd + rk - qd;\n            kc[o] = v0;\n            kc[o + 1u] = v1;\n        } else {\n            let o = pos * kvd + rk - qd - kvd;\n            vc[o] = v0;\n            vc[o + 1u] = v1;\n        }\n".to_string()
+                },
             ));
+        }
+        if tex_kv {
+            // The invocation's rows are all q, all k or all v (q and k, v are multiples of 8
+            // rows): k and v go out as two whole texels.
+            store.push_str(&format!(
+                "    if (r0 >= qd && r0 + {r}u <= last + 1u) {{\n        let kv = r0 >= qd + kvd;\n        let t = (pos * kvd + r0 - qd - select(0u, kvd, kv)) / 4u;\n"
+            ));
+            for (half, (a, b)) in [(0usize, (0usize, 3usize)), (1, (4, 7))] {
+                let vals = (a..=b)
+                    .map(|j| format!("w{j}"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                store.push_str(&format!(
+                    "        let t{half} = bitcast<vec4<u32>>(vec4<f32>({vals}));\n        if (kv) {{\n            textureStore(vc, kvt(t + {half}u), t{half});\n        }} else {{\n            textureStore(kc, kvt(t + {half}u), t{half});\n        }}\n"
+                ));
+            }
+            store.push_str("    }\n");
         }
     } else if kind == Matvec::GateUp {
         let h = r / 2;
@@ -406,7 +432,12 @@ fn matvec_gen(
         }
         _ => extra.to_string(),
     };
-    if rope {
+    if rope && tex_kv {
+        extra.push_str(&format!(
+            "@group(0) @binding(6) var kc: {KV_TEXTURE}, write>;\n@group(0) @binding(7) var vc: {KV_TEXTURE}, write>;\n@group(0) @binding(8) var<storage, read> step: array<u32>;\n{}",
+            kv_coord_fn()
+        ));
+    } else if rope {
         extra.push_str(
             "@group(0) @binding(6) var<storage, read_write> kc: array<f32>;\n@group(0) @binding(7) var<storage, read_write> vc: array<f32>;\n@group(0) @binding(8) var<storage, read> step: array<u32>;\n",
         );
@@ -961,6 +992,104 @@ fn rope_store(@builtin(global_invocation_id) gid: vec3<u32>) {{
     )
 }
 
+/// [`rope_store`] with the K and V caches kept as textures ([`KV_TEXTURE`], `write` access),
+/// the same parameters and arithmetic: a texel store writes 4 floats, so after the
+/// `n_heads · head_dim / 2` threads of q's pairs (as `rope_store`), each thread makes one
+/// texel: 4 consecutive dimensions of one KV head's k (each rotated with its pair's
+/// partner) and the same 4 of its v. Dispatch `n_heads · head_dim / 2 + n_kv · head_dim / 4`
+/// threads (`head_dim` a multiple of 4).
+pub fn rope_store_tex() -> String {
+    format!(
+        r#"// rope_store_tex (hashgrid-infer).
+@group(0) @binding(0) var<storage, read_write> qkv: array<f32>;
+@group(0) @binding(1) var kc: {KV_TEXTURE}, write>;
+@group(0) @binding(2) var vc: {KV_TEXTURE}, write>;
+@group(0) @binding(3) var<storage, read> p: array<u32>;
+@group(0) @binding(4) var<storage, read> step: array<u32>;
+{coord}// cos and sin of pair i's angle at position pos, as rope_store computes them.
+fn rot(i: u32, pos: u32) -> vec2<f32> {{
+    let rd = p[3];
+    if (i >= rd / 2u) {{
+        return vec2<f32>(1.0, 0.0);
+    }}
+    let scale = pow(bitcast<f32>(p[5]), -2.0 / f32(rd));
+    var theta = f32(pos);
+    for (var k = 0u; k < i; k++) {{
+        theta *= scale;
+    }}
+    return vec2<f32>(cos(theta), sin(theta));
+}}
+// Dimension d of the head at `base` after RoPE.
+fn rope_dim(base: u32, d: u32, pos: u32) -> f32 {{
+    let hd = p[2];
+    let rd = p[3];
+    var i = d / 2u;
+    var a = d & ~1u;
+    var b = a + 1u;
+    if (p[4] != 0u && d < rd) {{
+        i = d % (rd / 2u);
+        a = i;
+        b = i + rd / 2u;
+    }}
+    if (i >= rd / 2u) {{
+        return qkv[base + d];
+    }}
+    let cs = rot(i, pos);
+    let x0 = qkv[base + a];
+    let x1 = qkv[base + b];
+    if (d == a) {{
+        return x0 * cs.x - x1 * cs.y;
+    }}
+    return x0 * cs.y + x1 * cs.x;
+}}
+@compute @workgroup_size({rows})
+fn rope_store(@builtin(global_invocation_id) gid: vec3<u32>) {{
+    let nh = p[0];
+    let nkv = p[1];
+    let hd = p[2];
+    let half = hd / 2u;
+    let pos = step[0] * p[8] + p[6] + gid.y;
+    let tb = gid.y * p[7];
+    let id = gid.x;
+    if (id < nh * half) {{
+        let head = id / half;
+        let i = id % half;
+        let rd = p[3];
+        var a = 2u * i;
+        var b = a + 1u;
+        if (i < rd / 2u && p[4] != 0u) {{
+            a = i;
+            b = i + rd / 2u;
+        }}
+        let cs = rot(i, pos);
+        let base = tb + head * hd;
+        let x0 = qkv[base + a];
+        let x1 = qkv[base + b];
+        qkv[base + a] = x0 * cs.x - x1 * cs.y;
+        qkv[base + b] = x0 * cs.y + x1 * cs.x;
+        return;
+    }}
+    let t = id - nh * half;
+    let hd4 = hd / 4u;
+    if (t >= nkv * hd4) {{
+        return;
+    }}
+    let g = t / hd4;
+    let d = 4u * (t % hd4);
+    let kb = tb + nh * hd + g * hd;
+    let k = vec4<f32>(rope_dim(kb, d, pos), rope_dim(kb, d + 1u, pos), rope_dim(kb, d + 2u, pos), rope_dim(kb, d + 3u, pos));
+    let vb = kb + nkv * hd + d;
+    let v = vec4<f32>(qkv[vb], qkv[vb + 1u], qkv[vb + 2u], qkv[vb + 3u]);
+    let texel = (pos * nkv * hd + g * hd + d) / 4u;
+    textureStore(kc, kvt(texel), bitcast<vec4<u32>>(k));
+    textureStore(vc, kvt(texel), bitcast<vec4<u32>>(v));
+}}
+"#,
+        rows = ROWS_PER_GROUP,
+        coord = kv_coord_fn(),
+    )
+}
+
 /// `attention`: `p = [n_heads, n_kv, head_dim, ctx, scale as f32 bits, offset, q_stride,
 /// out_stride, step_stride]`; one workgroup per head and token (the y index `t`: its query
 /// is `q[t · q_stride..]` in vec4s, its output `out[t · out_stride..]`, its position
@@ -974,7 +1103,33 @@ pub fn attention() -> String {
 /// [`attention`] with q read as `var<uniform> q: array<vec4<f32>, n>` when `uniform_q` is
 /// `Some(n)` (the bound q must then be exactly `16 · n` bytes, at most 64 KiB).
 pub fn attention_q(uniform_q: Option<u32>) -> String {
-    attention_gen(uniform_q, ATTN_THREADS, false)
+    attention_gen(uniform_q, ATTN_THREADS, false, false)
+}
+
+/// [`attention_q`] with the K and V caches read as textures
+/// (`texture_storage_2d<rgba32uint, read>`, the floats' bits; vec4 `i` of a cache is texel
+/// `i`), as the CPU shape keeps them ([`KV_TEXTURE`]). On lavapipe a storage-buffer load is a
+/// bounds check, a scalar load and an insert per lane and component, a texel load ~50
+/// instructions for 8 lanes' 4 components: at a ~400-token context each head's positions
+/// cost ~300 ns each through buffers.
+pub fn attention_q_tex(uniform_q: Option<u32>) -> String {
+    attention_gen(uniform_q, ATTN_THREADS, false, true)
+}
+
+/// How the CPU-shaped kernels declare and address a K or V cache kept as a texture: vec4 `i`
+/// of the cache is texel `(i % TEXTURE_ROW_TEXELS, i / TEXTURE_ROW_TEXELS)` of an
+/// `rgba32uint` texture holding the floats' bits (the executor's layout for a buffer bound as
+/// a texture).
+pub const KV_TEXTURE: &str = "texture_storage_2d<rgba32uint";
+
+/// `kvt(i)`: the texel coordinates of a K/V cache's vec4 `i` ([`KV_TEXTURE`]).
+fn kv_coord_fn() -> String {
+    let w = hashgrid_protocol::job::TEXTURE_ROW_TEXELS;
+    format!(
+        "fn kvt(i: u32) -> vec2<u32> {{\n    return vec2<u32>(i & {}u, i >> {}u);\n}}\n",
+        w - 1,
+        w.trailing_zeros()
+    )
 }
 
 /// Threads per workgroup of [`attention_split`].
@@ -987,7 +1142,7 @@ pub const ATTN_SPLIT_THREADS: u32 = 256;
 /// every position for that sum (one vec4 of the head each, in turns): on a GPU, at a long
 /// context, the whole decoder would then wait on a handful of threads a head. Needs `head_dim / 4 ≤ ATTN_SPLIT_THREADS`.
 pub fn attention_split(uniform_q: Option<u32>) -> String {
-    attention_gen(uniform_q, ATTN_SPLIT_THREADS, true)
+    attention_gen(uniform_q, ATTN_SPLIT_THREADS, true, false)
 }
 
 /// Largest head (in floats) [`attention_rope`] holds in workgroup memory.
@@ -1157,17 +1312,23 @@ fn attention_softmax(threads: u32) -> String {
     )
 }
 
-fn attention_gen(uniform_q: Option<u32>, threads: u32, split_v: bool) -> String {
+fn attention_gen(uniform_q: Option<u32>, threads: u32, split_v: bool, tex_kv: bool) -> String {
     let q_decl = match uniform_q {
         Some(n) => format!("var<uniform> q: array<vec4<f32>, {n}>"),
         None => "var<storage, read> q: array<vec4<f32>>".to_string(),
     };
+    let kv_decl = if tex_kv {
+        format!(
+            "@group(0) @binding(1) var kc: {KV_TEXTURE}, read>;\n@group(0) @binding(2) var vc: {KV_TEXTURE}, read>;\n{}fn kl(i: u32) -> vec4<f32> {{\n    return bitcast<vec4<f32>>(textureLoad(kc, kvt(i)));\n}}\nfn vl(i: u32) -> vec4<f32> {{\n    return bitcast<vec4<f32>>(textureLoad(vc, kvt(i)));\n}}\n",
+            kv_coord_fn()
+        )
+    } else {
+        "@group(0) @binding(1) var<storage, read> kc: array<vec4<f32>>;\n@group(0) @binding(2) var<storage, read> vc: array<vec4<f32>>;\nfn kl(i: u32) -> vec4<f32> {\n    return kc[i];\n}\nfn vl(i: u32) -> vec4<f32> {\n    return vc[i];\n}\n".to_string()
+    };
     format!(
         r#"// attention (hashgrid-infer).
 @group(0) @binding(0) {q_decl};
-@group(0) @binding(1) var<storage, read> kc: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> vc: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> out: array<vec4<f32>>;
+{kv_decl}@group(0) @binding(3) var<storage, read_write> out: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read_write> sc: array<f32>;
 @group(0) @binding(5) var<storage, read> p: array<u32>;
 @group(0) @binding(6) var<storage, read> step: array<u32>;
@@ -1190,7 +1351,7 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
         let kb = t * kvd4 + g * hd4;
         var s = 0.0;
         for (var d = 0u; d < hd4; d++) {{
-            s += dot(q[qb + d], kc[kb + d]);
+            s += dot(q[qb + d], kl(kb + d));
         }}
         s *= scale;
         sc[sb + t] = s;
@@ -1213,7 +1374,7 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
     var acc = vec4<f32>(0.0);
     if (sl < ns) {{
         for (var t = sl; t <= pos; t += ns) {{
-            acc += sc[sb + t] * vc[t * kvd4 + g * hd4 + d];
+            acc += sc[sb + t] * vl(t * kvd4 + g * hd4 + d);
         }}
     }}
     redv[lid] = acc;
@@ -1232,7 +1393,7 @@ fn attention(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
                 r#"    for (var d = lid; d < hd4; d += {threads}u) {{
         var acc = vec4<f32>(0.0);
         for (var t = 0u; t <= pos; t++) {{
-            acc += sc[sb + t] * vc[t * kvd4 + g * hd4 + d];
+            acc += sc[sb + t] * vl(t * kvd4 + g * hd4 + d);
         }}
         out[ob + d] = acc * inv;
     }}
