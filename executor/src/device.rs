@@ -400,17 +400,7 @@ impl GpuDevice {
                 self.device
                     .create_command_encoder(&wgpu::CommandEncoderDescriptor::default())
             });
-            // Whole rows, then the partial last row.
-            let row_bytes = u64::from(width) * 16;
-            let full = (range.size / row_bytes) as u32;
-            let tail = ((range.size % row_bytes) / 16) as u32;
-            for (offset, origin_y, w, h) in [
-                (range.offset, 0, width, full),
-                (range.offset + u64::from(full) * row_bytes, full, tail, 1),
-            ] {
-                if w == 0 || h == 0 {
-                    continue;
-                }
+            for (offset, origin_y, w, h) in texel_runs(range) {
                 enc.copy_buffer_to_texture(
                     wgpu::TexelCopyBufferInfo {
                         buffer: &buffers[b.buffer],
@@ -924,16 +914,7 @@ fn texture_to_buffer(
     range: BufferRange,
 ) {
     let (width, _) = texture_shape(range.size);
-    let row_bytes = u64::from(width) * 16;
-    let full = (range.size / row_bytes) as u32;
-    let tail = ((range.size % row_bytes) / 16) as u32;
-    for (offset, origin_y, w, h) in [
-        (range.offset, 0, width, full),
-        (range.offset + u64::from(full) * row_bytes, full, tail, 1),
-    ] {
-        if w == 0 || h == 0 {
-            continue;
-        }
+    for (offset, origin_y, w, h) in texel_runs(range) {
         enc.copy_texture_to_buffer(
             wgpu::TexelCopyTextureInfo {
                 texture,
@@ -960,4 +941,20 @@ fn texture_to_buffer(
             },
         );
     }
+}
+
+/// The copies between `range` of a buffer and the texture made from it: (buffer offset, first
+/// texture row, texels a row, rows): the whole rows of [`texture_shape`]'s width, then the
+/// partial last row, skipping either when empty.
+fn texel_runs(range: BufferRange) -> impl Iterator<Item = (u64, u32, u32, u32)> {
+    let (width, _) = texture_shape(range.size);
+    let row_bytes = u64::from(width) * 16;
+    let full = (range.size / row_bytes) as u32;
+    let tail = ((range.size % row_bytes) / 16) as u32;
+    [
+        (range.offset, 0, width, full),
+        (range.offset + u64::from(full) * row_bytes, full, tail, 1),
+    ]
+    .into_iter()
+    .filter(|&(_, _, w, h)| w != 0 && h != 0)
 }
