@@ -200,6 +200,13 @@ impl GpuDevice {
         let mut recyclable = Vec::new();
         let mut clear = Vec::new();
         for (i, (b, &alloc)) in spec.buffers.iter().zip(&checked.alloc_sizes).enumerate() {
+            // Only ever a texture, which starts as zeros: its bytes are never needed as a
+            // buffer (a K/V cache), so a placeholder stands in for them.
+            let alloc = if texture_only(spec, checked, i) {
+                BUFFER_PLACEHOLDER
+            } else {
+                alloc
+            };
             let shareable = matches!(b.init, BufferInit::Blob(_))
                 && !checked.written.get(i).copied().unwrap_or(true)
                 && b.size >= RESIDENT_MIN_BYTES;
@@ -396,6 +403,14 @@ impl GpuDevice {
                     | wgpu::TextureUsages::COPY_SRC,
                 view_formats: &[],
             });
+            if texture_only(spec, checked, b.buffer) {
+                // Nothing to copy: wgpu clears a texture before its first use.
+                out.push((
+                    (b.buffer, range),
+                    texture.create_view(&wgpu::TextureViewDescriptor::default()),
+                ));
+                continue;
+            }
             let enc = encoder.get_or_insert_with(|| {
                 self.device
                     .create_command_encoder(&wgpu::CommandEncoderDescriptor::default())
@@ -957,4 +972,14 @@ fn texel_runs(range: BufferRange) -> impl Iterator<Item = (u64, u32, u32, u32)> 
     ]
     .into_iter()
     .filter(|&(_, _, w, h)| w != 0 && h != 0)
+}
+
+/// Size of the buffer that stands in for one only ever used as a texture ([`texture_only`]).
+const BUFFER_PLACEHOLDER: u64 = 16;
+
+/// Whether buffer `i` is only ever a zero-initialised texture: written as a texture (so every
+/// pass binds it as one), zeroed at the start and not an output.
+fn texture_only(spec: &JobSpec, checked: &CheckedJob, i: usize) -> bool {
+    let b = &spec.buffers[i];
+    checked.texture_written[i] && matches!(b.init, BufferInit::Zeroed) && !b.output
 }
