@@ -415,34 +415,11 @@ impl GpuDevice {
                 self.device
                     .create_command_encoder(&wgpu::CommandEncoderDescriptor::default())
             });
-            for (offset, origin_y, w, h) in texel_runs(range) {
+            for run in texel_runs(range) {
                 enc.copy_buffer_to_texture(
-                    wgpu::TexelCopyBufferInfo {
-                        buffer: &buffers[b.buffer],
-                        layout: wgpu::TexelCopyBufferLayout {
-                            offset,
-                            // Needed (and 256-aligned, as `width · 16` is once a binding
-                            // fills a row) only for several rows; a binding shorter than one
-                            // row is one row of any width.
-                            bytes_per_row: (h > 1).then_some(width * 16),
-                            rows_per_image: None,
-                        },
-                    },
-                    wgpu::TexelCopyTextureInfo {
-                        texture: &texture,
-                        mip_level: 0,
-                        origin: wgpu::Origin3d {
-                            x: 0,
-                            y: origin_y,
-                            z: 0,
-                        },
-                        aspect: wgpu::TextureAspect::All,
-                    },
-                    wgpu::Extent3d {
-                        width: w,
-                        height: h,
-                        depth_or_array_layers: 1,
-                    },
+                    run.buffer_side(&buffers[b.buffer]),
+                    run.texture_side(&texture),
+                    run.extent(),
                 );
             }
             let view = texture.create_view(&wgpu::TextureViewDescriptor::default());
@@ -928,40 +905,69 @@ fn texture_to_buffer(
     buffer: &wgpu::Buffer,
     range: BufferRange,
 ) {
-    let (width, _) = texture_shape(range.size);
-    for (offset, origin_y, w, h) in texel_runs(range) {
+    for run in texel_runs(range) {
         enc.copy_texture_to_buffer(
-            wgpu::TexelCopyTextureInfo {
-                texture,
-                mip_level: 0,
-                origin: wgpu::Origin3d {
-                    x: 0,
-                    y: origin_y,
-                    z: 0,
-                },
-                aspect: wgpu::TextureAspect::All,
-            },
-            wgpu::TexelCopyBufferInfo {
-                buffer,
-                layout: wgpu::TexelCopyBufferLayout {
-                    offset,
-                    bytes_per_row: (h > 1).then_some(width * 16),
-                    rows_per_image: None,
-                },
-            },
-            wgpu::Extent3d {
-                width: w,
-                height: h,
-                depth_or_array_layers: 1,
-            },
+            run.texture_side(texture),
+            run.buffer_side(buffer),
+            run.extent(),
         );
     }
 }
 
-/// The copies between `range` of a buffer and the texture made from it: (buffer offset, first
-/// texture row, texels a row, rows): the whole rows of [`texture_shape`]'s width, then the
-/// partial last row, skipping either when empty.
-fn texel_runs(range: BufferRange) -> impl Iterator<Item = (u64, u32, u32, u32)> {
+/// One copy between a buffer range and the texture made from it ([`texel_runs`]).
+#[derive(Debug, Clone, Copy)]
+struct TexelRun {
+    /// Byte offset in the buffer.
+    offset: u64,
+    /// First texture row.
+    y: u32,
+    /// Texels a row (the texture's width).
+    width: u32,
+    /// Texels of each copied row.
+    texels: u32,
+    /// Rows copied.
+    rows: u32,
+}
+
+impl TexelRun {
+    fn buffer_side<'a>(&self, buffer: &'a wgpu::Buffer) -> wgpu::TexelCopyBufferInfo<'a> {
+        wgpu::TexelCopyBufferInfo {
+            buffer,
+            layout: wgpu::TexelCopyBufferLayout {
+                offset: self.offset,
+                // Needed (and 256-aligned, as `width · 16` is once a binding fills a row) only
+                // for several rows; a binding shorter than one row is one row of any width.
+                bytes_per_row: (self.rows > 1).then_some(self.width * 16),
+                rows_per_image: None,
+            },
+        }
+    }
+
+    fn texture_side<'a>(&self, texture: &'a wgpu::Texture) -> wgpu::TexelCopyTextureInfo<'a> {
+        wgpu::TexelCopyTextureInfo {
+            texture,
+            mip_level: 0,
+            origin: wgpu::Origin3d {
+                x: 0,
+                y: self.y,
+                z: 0,
+            },
+            aspect: wgpu::TextureAspect::All,
+        }
+    }
+
+    fn extent(&self) -> wgpu::Extent3d {
+        wgpu::Extent3d {
+            width: self.texels,
+            height: self.rows,
+            depth_or_array_layers: 1,
+        }
+    }
+}
+
+/// The copies between `range` of a buffer and the texture made from it: the whole rows of
+/// [`texture_shape`]'s width, then the partial last row, skipping either when empty.
+fn texel_runs(range: BufferRange) -> impl Iterator<Item = TexelRun> {
     let (width, _) = texture_shape(range.size);
     let row_bytes = u64::from(width) * 16;
     let full = (range.size / row_bytes) as u32;
@@ -971,9 +977,15 @@ fn texel_runs(range: BufferRange) -> impl Iterator<Item = (u64, u32, u32, u32)> 
         (range.offset + u64::from(full) * row_bytes, full, tail, 1),
     ]
     .into_iter()
-    .filter(|&(_, _, w, h)| w != 0 && h != 0)
+    .filter(|&(_, _, texels, rows)| texels != 0 && rows != 0)
+    .map(move |(offset, y, texels, rows)| TexelRun {
+        offset,
+        y,
+        width,
+        texels,
+        rows,
+    })
 }
-
 /// Size of the buffer that stands in for one only ever used as a texture ([`texture_only`]).
 const BUFFER_PLACEHOLDER: u64 = 16;
 

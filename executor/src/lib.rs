@@ -345,9 +345,7 @@ impl Executor {
                 .collect::<Result<Vec<_>, _>>()?;
             Ok::<_, ExecError>((adapter, devices))
         })??;
-        if dev_config.pin_threads && adapter.get_info().device_type == wgpu::DeviceType::Cpu {
-            pin::spread();
-        }
+        pin_driver_threads(&adapter, dev_config);
         let profile = adapter::profile(&adapter, config.memory_bytes, Benchmark::default());
         let shared = Arc::new(Shared {
             queue: Mutex::new(FairQueue::new(config.queue_depth.max(1))),
@@ -532,14 +530,19 @@ fn shared_workers(
     shared.workers.lock().map_err(|_| ())
 }
 
+/// Pins the driver's threads ([`pin`]) when `config` asks and `adapter` is a CPU adapter.
+fn pin_driver_threads(adapter: &wgpu::Adapter, config: DeviceConfig) {
+    if config.pin_threads && adapter.get_info().device_type == wgpu::DeviceType::Cpu {
+        pin::spread();
+    }
+}
+
 /// A new device on `adapter`, opened like the first ones (its driver threads pinned on a CPU
 /// adapter).
 fn open_replacement(adapter: &wgpu::Adapter, config: DeviceConfig) -> Result<GpuDevice, ExecError> {
     let a = adapter.clone();
     let dev = pin::on_init_thread(move || GpuDevice::open(&a, config))??;
-    if config.pin_threads && adapter.get_info().device_type == wgpu::DeviceType::Cpu {
-        pin::spread();
-    }
+    pin_driver_threads(adapter, config);
     Ok(dev)
 }
 
