@@ -2,9 +2,10 @@
 //! `cargo bench -p hashgrid-executor --bench executor -- [--json] [--no-pin]`.
 //!
 //! Reports matmul GFLOP/s at 512 and 1024, per-dispatch overhead (an empty kernel, in passes of
-//! their own and in a loop as a decode step runs them), upload and
-//! readback GB/s, and each job's overhead: wall time beyond the sum of its kernel times, next
-//! to the goal of 1 ms plus host memory-bandwidth time for its bytes. Medians of RUNS runs.
+//! their own and in a loop as a decode step runs them), upload and readback GB/s (next to a host
+//! copy into new memory, the floor under a first upload), and each job's overhead: wall time
+//! beyond the sum of its kernel times, next to the goal of 1 ms plus host memory-bandwidth time
+//! for its bytes. Medians of RUNS runs.
 
 use std::time::Instant;
 
@@ -105,8 +106,24 @@ fn main() -> anyhow::Result<()> {
         copies.push(2.0 * TRANSFER_BYTES as f64 / t.elapsed().as_secs_f64() / 1e9);
     }
     let host_gbps = median(copies);
-    drop((host, dst));
+    drop(dst);
     r.insert("host_memcpy_gbps".into(), host_gbps.into());
+    // The floor under a first upload: copying 64 MiB into memory nothing has touched yet (a
+    // new allocation), on one thread, as wgpu's zero fill of a new buffer does. Counted like
+    // the upload figures (bytes copied per second), not like the memcpy above.
+    let mut fresh = Vec::new();
+    for _ in 0..RUNS {
+        let t = Instant::now();
+        let mut new = vec![0u8; TRANSFER_BYTES as usize];
+        new.copy_from_slice(std::hint::black_box(&host));
+        std::hint::black_box(&mut new);
+        fresh.push(TRANSFER_BYTES as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    drop(host);
+    r.insert(
+        "host_copy_into_new_memory_gbps".into(),
+        median(fresh).into(),
+    );
     rt.block_on(async {
         // 1024 takes ~9 s per run on lavapipe: 3 runs; the pipeline is warm from 512.
         for (n, runs) in [(512u32, RUNS), (1024, 3)] {
