@@ -1964,14 +1964,19 @@ fn tiny_models_of_every_type_match_the_cpu_reference() {
                         w.name
                     );
                 }
-                let out = rt.block_on(exec.run("test", job.spec, job.inputs)).unwrap();
+                let what = format!("{arch} {ty:?} tied={tied} {target:?} kernels");
+                let started = std::time::Instant::now();
+                let out = rt
+                    .block_on(exec.run("test", job.spec, job.inputs))
+                    .unwrap_or_else(|e| {
+                        panic!("{what}: {e} after {:.1} s", started.elapsed().as_secs_f64())
+                    });
                 let g = read_generation(
                     job.n_prompt,
                     output(&out, "tokens"),
                     output(&out, "status"),
                     Some(output(&out, "margins")),
                 );
-                let what = format!("{arch} {ty:?} tied={tied} {target:?} kernels");
                 assert!(g.done, "{what}: stopped at the token limit");
                 // Tokens agree up to the first near-tie of the CPU reference.
                 let n = margins.iter().position(|m| *m < 1e-3).unwrap_or(n_new);
