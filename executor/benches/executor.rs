@@ -49,31 +49,27 @@ async fn wall_median(exec: &Executor, job: &BenchJob) -> anyhow::Result<(f64, Jo
     Ok((median(walls), last.context("no runs")?))
 }
 
-/// Wall time of jobs that each upload a new 64 MiB blob (new bytes, so never resident): the
-/// first run (fresh buffers) and the median of the rest (buffers reused from the pool).
-async fn upload_walls(exec: &Executor) -> anyhow::Result<(f64, f64)> {
+/// Wall time of jobs that each upload 64 MiB of new bytes (so never resident) as `pieces`
+/// blobs: the first run (fresh buffers) and the median of the rest (buffers reused from the
+/// pool).
+async fn upload_walls(exec: &Executor, pieces: usize) -> anyhow::Result<(f64, f64)> {
+    let piece = TRANSFER_BYTES as usize / pieces;
     let mut walls = Vec::new();
     for k in 0..=RUNS {
-        let mut job = single_pass_job(
-            "upload",
-            EMPTY_WGSL,
-            vec![
-                ("o", Data::Zeroed(4), true),
-                (
-                    "big",
-                    Data::Bytes(vec![k as u8 + 1; TRANSFER_BYTES as usize]),
-                    false,
-                ),
-            ],
-            [1, 1, 1],
-        );
+        let names: Vec<String> = (0..pieces).map(|p| format!("in{p}")).collect();
+        let mut buffers = vec![("o", Data::Zeroed(4), true)];
+        for (p, name) in names.iter().enumerate() {
+            let byte = (k * pieces + p + 1) as u8;
+            buffers.push((name.as_str(), Data::Bytes(vec![byte; piece]), false));
+        }
+        let mut job = single_pass_job("upload", EMPTY_WGSL, buffers, [1, 1, 1]);
         job.0.passes[0].bindings.truncate(1);
         let t = Instant::now();
         let out = exec.run("bench", job.0, job.1).await?;
         walls.push(t.elapsed().as_secs_f64() * 1e3);
         anyhow::ensure!(
             out.uploaded_bytes == TRANSFER_BYTES,
-            "the blob was not uploaded"
+            "the blobs were not uploaded"
         );
     }
     let first = walls.remove(0);
@@ -186,13 +182,21 @@ fn main() -> anyhow::Result<()> {
         // 64 MiB output.
         // On an executor that keeps no blobs resident, so each upload's buffer goes back to
         // the pool (weights stay resident instead: their first upload is the fresh figure).
-        let uploader = Executor::start(ExecConfig {
-            resident_bytes: 0,
-            cpu_pin_threads: pin,
-            ..ExecConfig::default()
-        })?;
-        let (wu_cold, wu) = upload_walls(&uploader).await?;
-        uploader.shutdown();
+        let uploader = || {
+            Executor::start(ExecConfig {
+                resident_bytes: 0,
+                cpu_pin_threads: pin,
+                ..ExecConfig::default()
+            })
+        };
+        let one = uploader()?;
+        let (wu_cold, wu) = upload_walls(&one, 1).await?;
+        one.shutdown();
+        // A model's weights are many blobs (one per tensor or layer): 16 of 4 MiB, into fresh
+        // buffers (created on all cores) and into pooled ones.
+        let many = uploader()?;
+        let (wm_cold, wm) = upload_walls(&many, 16).await?;
+        many.shutdown();
         let down = single_pass_job(
             "readback",
             EMPTY_WGSL,
@@ -203,6 +207,11 @@ fn main() -> anyhow::Result<()> {
         let gbps = |wall: f64| TRANSFER_BYTES as f64 / ((wall - w1) * 1e-3) / 1e9;
         r.insert("upload_gbps".into(), gbps(wu).into());
         r.insert("upload_fresh_buffer_gbps".into(), gbps(wu_cold).into());
+        r.insert("upload_16_blobs_gbps".into(), gbps(wm).into());
+        r.insert(
+            "upload_16_blobs_fresh_buffers_gbps".into(),
+            gbps(wm_cold).into(),
+        );
         r.insert("readback_gbps".into(), gbps(wd).into());
         // Overhead goal on the 16 MiB copy job: in + out bytes on the host at memcpy speed.
         let cp = copy_job(16 << 20);

@@ -192,10 +192,7 @@ impl GpuDevice {
         inputs: &crate::SharedInputs,
         stats: &mut UploadStats,
     ) -> Result<JobBuffers, ExecError> {
-        let base = wgpu::BufferUsages::STORAGE
-            | wgpu::BufferUsages::UNIFORM
-            | wgpu::BufferUsages::COPY_SRC
-            | wgpu::BufferUsages::COPY_DST;
+        let mut created = self.create_blob_buffers(spec, checked, inputs)?;
         let mut buffers = Vec::with_capacity(spec.buffers.len());
         let mut recyclable = Vec::new();
         let mut clear = Vec::new();
@@ -223,19 +220,19 @@ impl GpuDevice {
                 BufferInit::Blob(id) => inputs.get(id).map(|bytes| (id, bytes.as_slice())),
                 _ => None,
             };
-            let mut usage = base;
-            if self.host_mapped && b.output {
-                usage |= wgpu::BufferUsages::MAP_READ;
-            }
-            if self.host_mapped && blob.is_some() {
-                usage |= wgpu::BufferUsages::MAP_WRITE;
-            }
-            let reused = self.pool.take(alloc, usage);
+            let usage = self.usage(b.output, blob.is_some());
+            let written = created[i].take();
+            let reused = if written.is_some() {
+                None
+            } else {
+                self.pool.take(alloc, usage)
+            };
             let fresh = reused.is_none();
             if !fresh {
                 stats.reused_buffers += 1;
             }
-            let buf = reused.unwrap_or_else(|| {
+            let already = written.is_some();
+            let buf = written.or(reused).unwrap_or_else(|| {
                 self.device.create_buffer(&wgpu::BufferDescriptor {
                     label: Some(&b.name),
                     size: alloc,
@@ -245,7 +242,9 @@ impl GpuDevice {
             });
             match blob {
                 Some((id, bytes)) => {
-                    self.write_blob(&buf, &b.name, bytes, alloc, fresh)?;
+                    if !already {
+                        self.write_blob(&buf, &b.name, bytes, alloc, fresh)?;
+                    }
                     stats.uploaded_bytes += bytes.len() as u64;
                     let kept = shareable
                         && self.resident.insert(
@@ -283,6 +282,82 @@ impl GpuDevice {
             buffers,
             recyclable,
         })
+    }
+
+    /// The usage of a job buffer: host-mapped adapters map outputs for reading and blob
+    /// buffers for writing.
+    fn usage(&self, output: bool, blob: bool) -> wgpu::BufferUsages {
+        let mut usage = wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::UNIFORM
+            | wgpu::BufferUsages::COPY_SRC
+            | wgpu::BufferUsages::COPY_DST;
+        if self.host_mapped && output {
+            usage |= wgpu::BufferUsages::MAP_READ;
+        }
+        if self.host_mapped && blob {
+            usage |= wgpu::BufferUsages::MAP_WRITE;
+        }
+        usage
+    }
+
+    /// On a host-mapped adapter, the new buffers a job's blobs need, created and written on
+    /// all cores; `None` for every other buffer, which [`Self::buffers`] makes as before. wgpu
+    /// zero-fills a new buffer's mapping on the thread that creates it, and on a CPU adapter
+    /// that fill is the first touch of fresh memory (page faults, ~2 GB/s on one core of the
+    /// 2-core VM), so creating several at once spreads it over the cores. Taken: a blob's
+    /// first buffer when the job has two or more such blobs, none of them resident and no
+    /// pooled buffer of its size and usage idle (a later buffer naming the same blob still
+    /// finds it resident, in order, as before).
+    fn create_blob_buffers(
+        &self,
+        spec: &JobSpec,
+        checked: &CheckedJob,
+        inputs: &crate::SharedInputs,
+    ) -> Result<Vec<Option<wgpu::Buffer>>, ExecError> {
+        use rayon::prelude::*;
+        let mut out = vec![None; spec.buffers.len()];
+        if !self.host_mapped {
+            return Ok(out);
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut todo = Vec::new();
+        for (i, (b, &alloc)) in spec.buffers.iter().zip(&checked.alloc_sizes).enumerate() {
+            let BufferInit::Blob(id) = &b.init else {
+                continue;
+            };
+            if !seen.insert(*id) || texture_only(spec, checked, i) || self.resident.holds(id) {
+                continue;
+            }
+            let Some(bytes) = inputs.get(id) else {
+                continue;
+            };
+            let usage = self.usage(b.output, true);
+            if self.pool.holds(alloc, usage) {
+                continue;
+            }
+            todo.push((i, &b.name, alloc, usage, bytes.as_slice()));
+        }
+        if todo.len() < 2 {
+            return Ok(out);
+        }
+        let made: Vec<Result<(usize, wgpu::Buffer), ExecError>> = todo
+            .into_par_iter()
+            .map(|(i, name, alloc, usage, bytes)| {
+                let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(name),
+                    size: alloc,
+                    usage,
+                    mapped_at_creation: true,
+                });
+                self.write_blob(&buf, name, bytes, alloc, true)?;
+                Ok((i, buf))
+            })
+            .collect();
+        for r in made {
+            let (i, buf) = r?;
+            out[i] = Some(buf);
+        }
+        Ok(out)
     }
 
     /// Writes blob `bytes` into `buf` (`alloc` bytes) and zeroes the rest: one copy into the

@@ -38,6 +38,11 @@ impl Pool {
         Some(buf)
     }
 
+    /// Whether an idle buffer of exactly `size` bytes and `usage` is here.
+    pub(crate) fn holds(&self, size: u64, usage: wgpu::BufferUsages) -> bool {
+        self.idle.iter().any(|(s, u, _)| *s == size && *u == usage)
+    }
+
     /// Returns a buffer that no pending work uses, evicting the oldest idle buffers until it
     /// fits. A buffer larger than the whole budget is dropped.
     pub(crate) fn put(&mut self, size: u64, usage: wgpu::BufferUsages, buf: wgpu::Buffer) {

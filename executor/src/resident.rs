@@ -44,6 +44,13 @@ impl Resident {
         }
     }
 
+    /// Whether blob `id` is kept as a buffer (without marking it used).
+    pub(crate) fn holds(&self, id: &ContentId) -> bool {
+        self.entries.iter().any(|(k, kept, _)| {
+            k.blob == *id && k.texture.is_none() && matches!(kept, Kept::Buffer(_))
+        })
+    }
+
     /// The entry for `key`, marking it most recently used.
     pub(crate) fn get(&mut self, key: &Key) -> Option<Kept> {
         let i = self.entries.iter().position(|(k, _, _)| k == key)?;

@@ -1276,3 +1276,134 @@ fn a_texture_binding_shorter_than_a_row_may_have_any_number_of_texels() {
     let out = run(&exec, texture_copy_job(&data, range, 100)).expect("runs");
     assert_eq!(out.outputs[0].bytes, data);
 }
+
+/// A job whose blobs all need new buffers (the first job of an executor) has them created and
+/// written on all cores on a CPU adapter: each buffer holds exactly its own blob, a second
+/// buffer naming the same blob still shares the first one's, and a blob the kernel writes is
+/// still uploaded for every job while the read-only ones stay resident.
+#[test]
+fn several_blobs_in_new_buffers_each_hold_their_bytes() {
+    let exec = start(ExecConfig::default());
+    let pattern = |len: usize, m: u32, k: u32| -> Vec<u8> {
+        (0..len as u32).map(|i| ((i * m) % k) as u8).collect()
+    };
+    let a = pattern(256 * 1024, 7, 251);
+    let b = pattern(256 * 1024, 13, 241);
+    let c = pattern(300 * 1024, 1, 199);
+    let d = pattern(80 * 1024, 3, 97);
+    // (buffer, blob, written by the kernel)
+    let layout = [
+        (&a, false),
+        (&b, false),
+        (&a, false),
+        (&c, false),
+        (&d, true),
+    ];
+    // lavapipe caps a shader invocation at 65535 loop iterations, so each invocation sums
+    // one chunk of CHUNK words of every buffer.
+    const CHUNK: usize = 4096;
+    let chunks = layout
+        .iter()
+        .map(|(v, _)| v.len() / 4)
+        .max()
+        .unwrap()
+        .div_ceil(CHUNK);
+    let mut wgsl = String::new();
+    for (i, (_, written)) in layout.iter().enumerate() {
+        let access = if *written { "read_write" } else { "read" };
+        wgsl.push_str(&format!(
+            "@group(0) @binding({i}) var<storage, {access}> w{i}: array<u32>;\n"
+        ));
+    }
+    wgsl.push_str("@group(0) @binding(5) var<storage, read_write> out: array<u32>;\n");
+    wgsl.push_str(
+        "@compute @workgroup_size(1) fn main(@builtin(global_invocation_id) id: vec3<u32>) {\n",
+    );
+    wgsl.push_str(&format!("  let c = id.x;\n  let lo = c * {CHUNK}u;\n"));
+    for i in 0..layout.len() {
+        wgsl.push_str(&format!(
+            "  var s{i} = 0u;\n  for (var j = lo; j < min(lo + {CHUNK}u, arrayLength(&w{i})); j++) {{ s{i} = s{i} + w{i}[j] * (j + 1u); }}\n  out[{i}u * {chunks}u + c] = s{i};\n"
+        ));
+    }
+    wgsl.push_str("  if (c == 0u) { w4[0] = 7u; }\n}\n");
+    let ids: Vec<ContentId> = layout
+        .iter()
+        .map(|(bytes, _)| ContentId::of(bytes))
+        .collect();
+    let job = || {
+        let mut buffers: Vec<BufferSpec> = layout
+            .iter()
+            .zip(&ids)
+            .enumerate()
+            .map(|(i, ((bytes, _), id))| BufferSpec {
+                name: format!("w{i}"),
+                size: bytes.len() as u64,
+                init: BufferInit::Blob(*id),
+                output: false,
+            })
+            .collect();
+        buffers.push(BufferSpec {
+            name: "out".into(),
+            size: (4 * layout.len() * chunks) as u64,
+            init: BufferInit::Zeroed,
+            output: true,
+        });
+        LoadedJob {
+            spec: JobSpec {
+                name: "blobs".into(),
+                buffers,
+                shaders: vec![ShaderSource {
+                    name: "blobs.wgsl".into(),
+                    wgsl: wgsl.clone(),
+                }],
+                passes: vec![PassSpec {
+                    shader: 0,
+                    entry: "main".into(),
+                    workgroups: [chunks as u32, 1, 1],
+                    bindings: (0..=layout.len() as u32)
+                        .map(|i| Binding::whole(i, i))
+                        .collect(),
+                }],
+                loops: Vec::new(),
+            },
+            inputs: layout
+                .iter()
+                .zip(&ids)
+                .map(|((bytes, _), id)| (*id, (*bytes).clone()))
+                .collect(),
+            verify: Default::default(),
+        }
+    };
+    // Each chunk's words weighted by position: a byte out of place changes its sum.
+    let want: Vec<u32> = layout
+        .iter()
+        .flat_map(|(bytes, _)| {
+            let words: Vec<u32> = bytes
+                .chunks_exact(4)
+                .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+                .collect();
+            (0..chunks).map(move |c| {
+                let hi = ((c + 1) * CHUNK).min(words.len());
+                (c * CHUNK..hi.max(c * CHUNK)).fold(0u32, |s, j| {
+                    s.wrapping_add(words[j].wrapping_mul(j as u32 + 1))
+                })
+            })
+        })
+        .collect();
+    let total: u64 = [&a, &b, &c, &d].iter().map(|v| v.len() as u64).sum();
+    let first = run(&exec, job()).expect("first");
+    assert_eq!(output_u32(&first, "out"), want);
+    assert_eq!(
+        first.resident_hits, 1,
+        "the second buffer of blob a shares the first"
+    );
+    assert_eq!(first.uploaded_bytes, total);
+    let second = run(&exec, job()).expect("second");
+    assert_eq!(
+        output_u32(&second, "out"),
+        want,
+        "the written blob was uploaded afresh"
+    );
+    assert_eq!(second.resident_hits, 4);
+    assert_eq!(second.uploaded_bytes, d.len() as u64);
+}
