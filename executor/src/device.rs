@@ -343,13 +343,21 @@ impl GpuDevice {
         let made: Vec<Result<(usize, wgpu::Buffer), ExecError>> = todo
             .into_par_iter()
             .map(|(i, name, alloc, usage, bytes)| {
+                // Error scopes are per thread: this one catches what the job's would have.
+                let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
                 let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
                     label: Some(name),
                     size: alloc,
                     usage,
                     mapped_at_creation: true,
                 });
-                self.write_blob(&buf, name, bytes, alloc, true)?;
+                let written = self.write_blob(&buf, name, bytes, alloc, true);
+                if let Some(e) = super::adapter::block_on(scope.pop())? {
+                    return Err(ExecError::Gpu(format!(
+                        "creating input buffer {name:?}: {e}"
+                    )));
+                }
+                written?;
                 Ok((i, buf))
             })
             .collect();
