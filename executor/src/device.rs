@@ -221,28 +221,28 @@ impl GpuDevice {
                 _ => None,
             };
             let usage = self.usage(b.output, blob.is_some());
-            let written = created[i].take();
-            let reused = if written.is_some() {
-                None
-            } else {
-                self.pool.take(alloc, usage)
+            // (buffer, new rather than pooled, blob already written into it)
+            let (buf, fresh, written) = match created[i].take() {
+                Some(buf) => (buf, true, true),
+                None => match self.pool.take(alloc, usage) {
+                    Some(buf) => {
+                        stats.reused_buffers += 1;
+                        (buf, false, false)
+                    }
+                    None => {
+                        let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
+                            label: Some(&b.name),
+                            size: alloc,
+                            usage,
+                            mapped_at_creation: self.host_mapped && blob.is_some(),
+                        });
+                        (buf, true, false)
+                    }
+                },
             };
-            let fresh = reused.is_none();
-            if !fresh {
-                stats.reused_buffers += 1;
-            }
-            let already = written.is_some();
-            let buf = written.or(reused).unwrap_or_else(|| {
-                self.device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some(&b.name),
-                    size: alloc,
-                    usage,
-                    mapped_at_creation: self.host_mapped && blob.is_some(),
-                })
-            });
             match blob {
                 Some((id, bytes)) => {
-                    if !already {
+                    if !written {
                         self.write_blob(&buf, &b.name, bytes, alloc, fresh)?;
                     }
                     stats.uploaded_bytes += bytes.len() as u64;
