@@ -124,6 +124,16 @@ fn upto(p: &FixturePrompt, tie: f32) -> usize {
         .min(p.generated.len())
 }
 
+/// Our first `n` greedy tokens are the reference's.
+fn same_tokens(tokens: &[u32], p: &FixturePrompt, n: usize, what: &str) {
+    assert_eq!(
+        &tokens[..n.min(tokens.len())],
+        &p.generated[..n],
+        "{}: greedy tokens differ from {what}",
+        p.name
+    );
+}
+
 /// The largest |our top-2 margin - the reference's| over the first `n` steps, each under
 /// `bound`.
 fn margin_deviation(margins: &[f32], p: &FixturePrompt, n: usize, bound: f32, what: &str) -> f32 {
@@ -184,12 +194,7 @@ fn smollm2_greedy_matches_the_exact_reference_and_llama_cpp() {
             .zip(&got)
         {
             let n = upto(p, NEAR_TIE);
-            assert_eq!(
-                &tokens[..n.min(tokens.len())],
-                &p.generated[..n],
-                "{}: greedy tokens differ from the float64 reference",
-                p.name
-            );
+            same_tokens(tokens, p, n, "the float64 reference");
             // Our top-1 minus top-2 logit is the reference's, to f32 accuracy.
             worst = worst.max(margin_deviation(
                 margins,
@@ -202,12 +207,7 @@ fn smollm2_greedy_matches_the_exact_reference_and_llama_cpp() {
 
             // llama.cpp (Vulkan): equal tokens up to its first top-2 gap under 0.05.
             let nv = upto(v, NEAR_TIE);
-            assert_eq!(
-                &tokens[..nv.min(tokens.len())],
-                &v.generated[..nv],
-                "{}: greedy tokens differ from llama.cpp {version} (Vulkan, f32)",
-                v.name
-            );
+            same_tokens(tokens, v, nv, &format!("llama.cpp {version} (Vulkan, f32)"));
             worst_vulkan = worst_vulkan.max(margin_deviation(
                 margins,
                 v,
@@ -219,13 +219,8 @@ fn smollm2_greedy_matches_the_exact_reference_and_llama_cpp() {
 
             // llama.cpp (CPU): equal tokens up to its first top-2 gap under 0.5.
             let nc = upto(c, LLAMA_CPP_CPU_TIE).min(n.max(nv));
-            assert_eq!(
-                &tokens[..nc.min(tokens.len())],
-                &c.generated[..nc],
-                "{}: greedy tokens differ from llama.cpp {} (CPU)",
-                c.name,
-                cpu.llama_cpp_version
-            );
+            let what = format!("llama.cpp {} (CPU)", cpu.llama_cpp_version);
+            same_tokens(tokens, c, nc, &what);
             cpu_n += nc;
         }
         eprintln!(
